@@ -1,0 +1,1 @@
+//! Config loading, telemetry, shutdown and the gRPC serve scaffold every qvirt service shares

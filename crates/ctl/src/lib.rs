@@ -1,0 +1,1 @@
+//! A virsh-like command-line client of the qvirt gateway

@@ -1,0 +1,1 @@
+//! Event fan-out with name filters, bounded queues and replay

@@ -1,0 +1,1 @@
+//! A qemu-ga compatible guest agent

@@ -1,0 +1,1 @@
+//! The public endpoint: authentication, per-method roles, audit, forwarding

@@ -1,0 +1,1 @@
+//! Runs operator hook scripts with libvirt's argv, stdin and failure semantics

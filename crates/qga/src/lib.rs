@@ -1,0 +1,1 @@
+//! The QEMU guest agent wire protocol: streaming JSON framing, values, encoding

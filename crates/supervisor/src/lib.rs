@@ -1,0 +1,1 @@
+//! The QEMU driver: domain definitions, QEMU processes, QMP, lifecycle
