@@ -1,0 +1,269 @@
+//! The gRPC serving scaffold: bind, health, reflection, graceful stop.
+//!
+//! A service collects its tonic services in a [`Services`] set and calls
+//! [`serve`] with a [`Listener`] bound by its caller (so tests can bind port
+//! 0 or a temp-dir socket). Every service then answers
+//! `grpc.health.v1.Health` (SERVING for each of its services while it runs,
+//! NOT_SERVING once shutdown starts) and server reflection (v1 and v1alpha,
+//! for grpcurl of any age), listing exactly its own services.
+
+use std::convert::Infallible;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ListenAddr;
+
+/// How long in-flight calls and streams may run on after shutdown starts
+/// before the server stops waiting for them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The reflection service names, listed alongside a service's own.
+const REFLECTION_SERVICES: [&str; 2] = [
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address asked for.
+        addr: ListenAddr,
+        /// Why binding failed.
+        #[source]
+        source: io::Error,
+    },
+    /// A unix socket path is taken by a live server or by something that
+    /// is not a socket.
+    #[error("cannot listen on unix:{}: {reason}", path.display())]
+    SocketInUse {
+        /// The socket path.
+        path: PathBuf,
+        /// What holds it.
+        reason: &'static str,
+    },
+    /// The reflection service could not be built from the descriptor set.
+    #[error("cannot build the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The transport failed while serving.
+    #[error("gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// A bound listening socket, TCP or unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A unix listener and the path it owns (removed when serving ends).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file (nobody accepting on it) is
+    /// replaced; a live one, or a non-socket file, is an error.
+    pub async fn bind(addr: &ListenAddr) -> Result<Self, ServeError> {
+        let bind_err = |source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Self::Tcp).map_err(bind_err),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path).await?;
+                UnixListener::bind(path)
+                    .map(|l| Self::Unix(l, path.clone()))
+                    .map_err(bind_err)
+            }
+        }
+    }
+
+    /// The address actually bound (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().map(ListenAddr::Tcp),
+            Self::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
+    let Ok(meta) = tokio::fs::symlink_metadata(path).await else {
+        return Ok(());
+    };
+    let in_use = |reason| ServeError::SocketInUse {
+        path: path.to_owned(),
+        reason,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(in_use("the path exists and is not a socket"));
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(in_use("another server is accepting on it"));
+    }
+    tokio::fs::remove_file(path)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: ListenAddr::Unix(path.to_owned()),
+            source,
+        })
+}
+
+/// The set of tonic services one server offers, remembered by name for
+/// health and reflection.
+#[derive(Default)]
+pub struct Services {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+}
+
+impl Services {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a generated tonic server (e.g. `SupervisorServer::new(svc)`).
+    pub fn add<S>(mut self, svc: S) -> Self
+    where
+        S: tower_service::Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(svc);
+        self.names.push(S::NAME);
+        self
+    }
+
+    /// The fully-qualified names of the services added so far.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// Adds health and reflection and returns the routes to serve, plus the
+    /// health reporter (every service already marked SERVING).
+    pub async fn finish(self) -> Result<(Routes, HealthReporter), ServeError> {
+        let Services { mut routes, names } = self;
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in &names {
+            reporter
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        let listed = names
+            .iter()
+            .copied()
+            .chain(["grpc.health.v1.Health"])
+            .chain(REFLECTION_SERVICES);
+        let mut v1 = reflection_builder();
+        let mut v1alpha = reflection_builder();
+        for name in listed {
+            v1 = v1.with_service_name(name);
+            v1alpha = v1alpha.with_service_name(name);
+        }
+        routes
+            .add_service(health)
+            .add_service(v1.build_v1().map_err(ServeError::Reflection)?)
+            .add_service(v1alpha.build_v1alpha().map_err(ServeError::Reflection)?);
+        Ok((routes.routes(), reporter))
+    }
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qvirt_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Serves `services` on `listener` until `shutdown` is cancelled, then marks
+/// every service NOT_SERVING, stops accepting, and waits up to
+/// [`SHUTDOWN_GRACE`] for calls in flight.
+pub async fn serve(
+    listener: Listener,
+    services: Services,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let names = services.names().to_vec();
+    let (routes, reporter) = services.finish().await?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(listen = %addr.map(|a| a.to_string()).unwrap_or_default(), services = ?names, "serving");
+
+    let stopping = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in names {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+    let result = match listener {
+        Listener::Tcp(l) => {
+            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+            run_until(routes, incoming, stopping, &shutdown).await
+        }
+        Listener::Unix(l, path) => {
+            let incoming = UnixListenerStream::new(l);
+            let r = run_until(routes, incoming, stopping, &shutdown).await;
+            // Best effort: the socket file is ours and useless now.
+            let _ = std::fs::remove_file(&path);
+            r
+        }
+    };
+    tracing::info!("stopped");
+    result
+}
+
+async fn run_until<I, IO, IE>(
+    routes: Routes,
+    incoming: I,
+    stopping: impl Future<Output = ()>,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let server = Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stopping);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(ServeError::Transport),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
+}
