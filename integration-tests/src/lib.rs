@@ -1,1 +1,264 @@
-//! Harness
+//! The integration-test harness: runs the real qvirt binaries (and the real
+//! tools beside them: grpcurl, QEMU, qemu-ga) the way an operator would.
+//!
+//! - [`bin_path`] finds a built binary (`QVIRT_BIN_DIR`, else the workspace's
+//!   `target/debug`; `make test` builds them first).
+//! - [`Service::start`] runs a service on an ephemeral loopback port in its
+//!   own temp dir and process group, captures its logs, and
+//!   [`Service::wait_serving`] polls its health check with a deadline.
+//!   Dropping a [`Service`] stops it by pid (SIGTERM, then SIGKILL) and, if
+//!   the test is failing, prints its logs.
+//! - [`run`] runs any command with a timeout; [`grpcurl`] runs the real
+//!   grpcurl.
+//!
+//! A missing binary or tool fails the test loudly with the command that
+//! installs it: nothing here silently skips.
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsStr;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How long a service may take to report SERVING.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopping service gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Default timeout for one external command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The path of a built qvirt binary; panics with the build command if it
+/// is missing.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("QVIRT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the binaries first with `make build-debug` \
+         (`make test` does), or point QVIRT_BIN_DIR at them",
+        path.display()
+    );
+    path
+}
+
+/// The path of an external tool: the project's `.tools/bin` first, then
+/// PATH; panics naming `make deps` if it is missing.
+pub fn tool_path(name: &str) -> PathBuf {
+    let local = workspace_root().join(".tools/bin").join(name);
+    if local.is_file() {
+        return local;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| panic!("{name} not found: run `make deps` to install it"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released: a tiny race with
+/// other processes remains, as with every such helper).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `program args` with stdin closed, killing it after `timeout`.
+pub fn run<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Duration) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    run_command(&mut cmd, timeout)
+}
+
+/// Runs a prepared command with stdin closed, output captured, killing it
+/// (by pid) after `timeout`.
+pub fn run_command(cmd: &mut Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// Runs the real grpcurl with `args` (e.g. `["-plaintext", addr, "list"]`).
+pub fn grpcurl<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run(&tool_path("grpcurl"), args, COMMAND_TIMEOUT)
+}
+
+/// Text of an output stream, for assertions and messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A qvirt service process started by a test.
+pub struct Service {
+    name: String,
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its private temp dir (config, logs, sockets).
+    pub dir: tempfile::TempDir,
+}
+
+impl Service {
+    /// Starts binary `name` on a free loopback port with `extra` arguments,
+    /// in a fresh temp dir and its own process group; stdout and stderr go
+    /// to `stdout.log` and `stderr.log` there.
+    pub fn start(name: &str, extra: &[&str]) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(bin_path(name));
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .args(extra)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Service {
+            name: name.to_owned(),
+            child,
+            addr,
+            dir,
+        }
+    }
+
+    /// `http://ADDR`, for tonic clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the service has logged on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Polls `grpc.health.v1.Health/Check` for `service` ("" = the whole
+    /// server) until SERVING; panics with the logs if the process exits or
+    /// [`READY_TIMEOUT`] passes.
+    pub async fn wait_serving(&mut self, service: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status} before serving; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            match self.health(service).await {
+                Ok(ServingStatus::Serving) => return,
+                Ok(other) => last = format!("status {other:?}"),
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{} not SERVING within {READY_TIMEOUT:?} ({last}); stderr:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
+    /// One health check of `service` ("" = the whole server).
+    pub async fn health(&self, service: &str) -> Result<ServingStatus, String> {
+        let mut client = HealthClient::connect(self.url())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .map_err(|s| s.to_string())?;
+        Ok(reply.into_inner().status())
+    }
+
+    /// Sends SIGTERM and waits (up to [`STOP_GRACE`]) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "{} still running {STOP_GRACE:?} after SIGTERM; stderr:\n{}",
+            self.name,
+            self.stderr()
+        );
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; at worst ESRCH.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.stderr());
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // Whatever is left of the process group goes too.
+        // SAFETY: kill(2) on the process group this harness created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}

