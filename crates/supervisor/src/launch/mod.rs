@@ -1,0 +1,553 @@
+//! Starting QEMU with a monitor socket the supervisor opened itself, and
+//! finding it again after a supervisor restart.
+//!
+//! [`launch`]: create the per-domain run dir (0700), bind and listen on
+//! `RUN_DIR/monitor.sock`, spawn QEMU in its own process group with the
+//! listening fd inherited and named on its command line
+//! ([`monitor_args`]: `-chardev socket,id=mon,fd=N,server=on,wait=off -mon
+//! chardev=mon,mode=control -S`), stdout and stderr appended to the log file.
+//! The parent closes its copy of the listener right after the spawn (else a
+//! QEMU that dies at startup leaves our read blocked forever), connects
+//! exactly once (the kernel queues the connection in the listen backlog until
+//! QEMU accepts it: no retry, no sleep), and reads the greeting with a
+//! timeout while watching the child's exit. Any failure there means QEMU
+//! failed: the error carries its exit status and the tail of its log.
+//!
+//! After a supervisor restart: [`ProcessIdentity::verify`] tells whether a
+//! recorded pid is still the same QEMU, and [`connect_existing`] opens a new
+//! QMP session on its monitor socket. Measured on QEMU 7.2 (see the tests):
+//! QEMU serves one monitor client at a time and keeps listening, so a new
+//! connection gets its greeting as soon as the previous one is closed; a
+//! client that connects while another is attached waits in the backlog (no
+//! greeting, no error) and is served when the first one goes away.
+//!
+//! Not here: building the QEMU command line from a domain definition, log
+//! rotation, domain state.
+
+mod identity;
+mod log;
+mod sys;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::qmp::{EventReceiver, Greeting, QmpClient, QmpConnection, QmpError};
+
+pub use identity::{IdentityError, ProcessIdentity};
+pub use log::LOG_TAIL_BYTES;
+pub use sys::{signal_process, signal_process_group};
+
+/// File name of the monitor socket inside the run dir.
+pub const MONITOR_SOCKET_NAME: &str = "monitor.sock";
+
+/// Default bound on spawn → greeting → `qmp_capabilities` (about 26 ms on
+/// TCG on a 2-core machine; the margin is for loaded CI machines).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for QEMU's exit status once its monitor closed during
+/// startup, before killing it.
+pub const STARTUP_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// How long to wait for a process group to die after SIGKILL.
+pub const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The arguments that attach QMP to the inherited listening socket `fd`
+/// and keep the guest paused (`-S`) until the caller sends `cont`.
+pub fn monitor_args(fd: i32) -> [OsString; 5] {
+    [
+        "-chardev".into(),
+        format!("socket,id=mon,fd={fd},server=on,wait=off").into(),
+        "-mon".into(),
+        "chardev=mon,mode=control".into(),
+        "-S".into(),
+    ]
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// The QEMU binary, e.g. `qemu-system-x86_64` (looked up on PATH when
+    /// it has no slash).
+    pub binary: PathBuf,
+    /// QEMU's arguments, without the monitor ones ([`monitor_args`] are
+    /// appended).
+    pub args: Vec<OsString>,
+    /// The domain's run dir, created mode 0700; the monitor socket goes
+    /// there.
+    pub run_dir: PathBuf,
+    /// The log file QEMU's stdout and stderr are appended to.
+    pub log_path: PathBuf,
+    /// Bound on the monitor handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Errors of the launcher, named after the failed step.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// Creating the run dir failed.
+    #[error("creating run dir {path}")]
+    CreateRunDir {
+        /// The dir.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening the log file failed.
+    #[error("opening QEMU log {path}")]
+    OpenLog {
+        /// The log file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding the monitor socket failed.
+    #[error("binding monitor socket {path}")]
+    BindMonitor {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The QEMU process could not be started at all.
+    #[error("spawning {binary}")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// QEMU exited before its monitor answered.
+    #[error("QEMU exited during startup ({status}): {log_tail}")]
+    Exited {
+        /// QEMU's exit status.
+        status: ExitStatus,
+        /// The end of its stdout/stderr (e.g.
+        /// `qemu-system-x86_64: -bogus-option: invalid option`).
+        log_tail: String,
+    },
+    /// QEMU kept running but its monitor did not complete the handshake;
+    /// it was killed.
+    #[error("QEMU monitor handshake failed, QEMU killed (status {status:?}); log: {log_tail}")]
+    Handshake {
+        /// The exit status after the kill, when it was seen.
+        status: Option<ExitStatus>,
+        /// The end of its stdout/stderr.
+        log_tail: String,
+        /// What went wrong on the monitor.
+        #[source]
+        source: QmpError,
+    },
+    /// The process did not exit after SIGKILL within [`KILL_WAIT`].
+    #[error("QEMU pid {pid} still running {after:?} after SIGKILL")]
+    KillTimeout {
+        /// The pid.
+        pid: u32,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// Sending a signal failed.
+    #[error("signalling QEMU process group {pid}")]
+    Signal {
+        /// The pid (= process group id).
+        pid: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The task watching the child ended without an exit status.
+    #[error("lost track of QEMU pid {pid}'s exit")]
+    ExitLost {
+        /// The pid.
+        pid: u32,
+    },
+}
+
+/// Tells when a spawned QEMU exits. Clone it freely.
+#[derive(Debug, Clone)]
+pub struct ExitWatch {
+    rx: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl ExitWatch {
+    /// Start a task that reaps `child` and publishes its exit status.
+    fn spawn(mut child: tokio::process::Child, pid: u32) -> Self {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => {
+                    debug!(pid, %status, "QEMU exited");
+                    tx.send_replace(Some(status));
+                }
+                Err(error) => warn!(pid, %error, "waiting for QEMU failed"),
+            }
+        });
+        ExitWatch { rx }
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn status(&self) -> Option<ExitStatus> {
+        *self.rx.borrow()
+    }
+
+    /// Wait for the exit. `None` when the watching task ended without a
+    /// status (its runtime shut down, or `wait` failed).
+    pub async fn wait(&mut self) -> Option<ExitStatus> {
+        match self.rx.wait_for(Option::is_some).await {
+            Ok(status) => *status,
+            Err(_) => None,
+        }
+    }
+}
+
+/// A running QEMU started by [`launch`].
+#[derive(Debug)]
+pub struct QemuProcess {
+    pid: u32,
+    identity: ProcessIdentity,
+    monitor_path: PathBuf,
+    greeting: Greeting,
+    qmp: Arc<QmpClient>,
+    events: Option<EventReceiver>,
+    exit: ExitWatch,
+    spawn_to_greeting: Duration,
+}
+
+impl QemuProcess {
+    /// QEMU's pid, also its process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Start time and command line, to record for [`ProcessIdentity::verify`].
+    pub fn identity(&self) -> &ProcessIdentity {
+        &self.identity
+    }
+
+    /// The monitor socket (for [`connect_existing`] after a restart).
+    pub fn monitor_path(&self) -> &Path {
+        &self.monitor_path
+    }
+
+    /// QEMU's QMP greeting.
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    /// The QMP client.
+    pub fn qmp(&self) -> &Arc<QmpClient> {
+        &self.qmp
+    }
+
+    /// The event receiver; `None` once taken.
+    pub fn take_events(&mut self) -> Option<EventReceiver> {
+        self.events.take()
+    }
+
+    /// A watch on the child's exit.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
+    }
+
+    /// Time from the spawn to the greeting line.
+    pub fn spawn_to_greeting(&self) -> Duration {
+        self.spawn_to_greeting
+    }
+
+    /// Stop QEMU: SIGTERM to its process group, SIGKILL after `grace`, and
+    /// wait for the exit (at most [`KILL_WAIT`] after SIGKILL). Returns the
+    /// exit status; an already exited QEMU is not signalled again (its pid
+    /// may have been reused).
+    pub async fn kill(&self, grace: Duration) -> Result<ExitStatus, LaunchError> {
+        kill_child(self.pid, &mut self.exit.clone(), grace).await
+    }
+}
+
+async fn kill_child(
+    pid: u32,
+    exit: &mut ExitWatch,
+    grace: Duration,
+) -> Result<ExitStatus, LaunchError> {
+    if let Some(status) = exit.status() {
+        return Ok(status);
+    }
+    for (signal, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, KILL_WAIT)] {
+        match signal_process_group(pid, signal) {
+            // ESRCH: the group is gone; the exit watch reports the status.
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(source) => return Err(LaunchError::Signal { pid, source }),
+            Ok(()) => debug!(pid, signal, "signalled QEMU process group"),
+        }
+        match tokio::time::timeout(wait, exit.wait()).await {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => return Err(LaunchError::ExitLost { pid }),
+            Err(_) if signal == libc::SIGTERM => {
+                info!(pid, ?grace, "QEMU ignored SIGTERM; sending SIGKILL");
+            }
+            Err(_) => {}
+        }
+    }
+    Err(LaunchError::KillTimeout {
+        pid,
+        after: KILL_WAIT,
+    })
+}
+
+/// Create `dir` (and parents) with mode 0700, and force 0700 on `dir`
+/// itself if it already existed.
+async fn create_run_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder.create(dir).await?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
+}
+
+/// Bind and listen on `path` (removing a stale socket file left by a QEMU
+/// that exited with an error). The fd is moved above 2 if needed, so that
+/// the child's stdio setup cannot replace it.
+async fn bind_monitor(path: &Path) -> io::Result<OwnedFd> {
+    match tokio::fs::remove_file(path).await {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let fd = OwnedFd::from(UnixListener::bind(path)?);
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // try_clone uses F_DUPFD_CLOEXEC with a minimum of 3.
+    fd.try_clone()
+}
+
+fn header(config: &LaunchConfig, args: &[OsString]) -> String {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut line = format!(
+        "qvirt: {}.{:03}: starting {}",
+        since_epoch.as_secs(),
+        since_epoch.subsec_millis(),
+        config.binary.display()
+    );
+    for arg in args {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line.push('\n');
+    line
+}
+
+/// Start QEMU as described in the module docs and return it running,
+/// paused (`-S`), with a negotiated QMP session.
+pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
+    create_run_dir(&config.run_dir)
+        .await
+        .map_err(|source| LaunchError::CreateRunDir {
+            path: config.run_dir.clone(),
+            source,
+        })?;
+    let monitor_path = config.run_dir.join(MONITOR_SOCKET_NAME);
+    let listener = bind_monitor(&monitor_path)
+        .await
+        .map_err(|source| LaunchError::BindMonitor {
+            path: monitor_path.clone(),
+            source,
+        })?;
+    let mut args = config.args.clone();
+    args.extend(monitor_args(listener.as_raw_fd()));
+    let log = log::open(&config.log_path, &header(config, &args))
+        .await
+        .map_err(|source| LaunchError::OpenLog {
+            path: config.log_path.clone(),
+            source,
+        })?;
+    let open_log_error = |source| LaunchError::OpenLog {
+        path: config.log_path.clone(),
+        source,
+    };
+    let stderr = log.file.try_clone().map_err(open_log_error)?;
+
+    let mut command = tokio::process::Command::new(&config.binary);
+    command
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.file))
+        .stderr(Stdio::from(stderr))
+        .process_group(0);
+    sys::inherit_fd(&mut command, listener.as_raw_fd());
+    let spawned_at = Instant::now();
+    let spawn_error = |source| LaunchError::Spawn {
+        binary: config.binary.clone(),
+        source,
+    };
+    let child = command.spawn().map_err(spawn_error)?;
+    // Ours must go now: with it open, a QEMU that dies at startup would
+    // leave the connection below waiting forever instead of reset.
+    drop(listener);
+    let pid = child.id().ok_or_else(|| {
+        spawn_error(io::Error::other("spawned QEMU has no pid"))
+    })?;
+    let mut exit = ExitWatch::spawn(child, pid);
+    debug!(pid, "QEMU spawned");
+
+    let handshake = async {
+        let stream = UnixStream::connect(&monitor_path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: monitor_path.clone(),
+                source,
+            })?;
+        QmpClient::handshake(stream, config.handshake_timeout).await
+    };
+    let watch_exit = async { exit.clone().wait().await };
+    let outcome = tokio::select! {
+        result = handshake => result.map_err(Some),
+        _ = watch_exit => Err(None),
+    };
+    let conn = match outcome {
+        Ok(conn) => conn,
+        Err(qmp_error) => {
+            return Err(startup_failure(pid, &mut exit, qmp_error, config, log.start).await);
+        }
+    };
+    let QmpConnection {
+        client,
+        greeting,
+        events,
+        greeted_at,
+    } = conn;
+    let spawn_to_greeting = greeted_at.saturating_duration_since(spawned_at);
+    let identity = match ProcessIdentity::read(pid).await {
+        Ok(identity) => identity,
+        Err(error) => {
+            warn!(pid, %error, "QEMU vanished right after its handshake");
+            return Err(startup_failure(
+                pid,
+                &mut exit,
+                Some(QmpError::MonitorClosed),
+                config,
+                log.start,
+            )
+            .await);
+        }
+    };
+    info!(pid, ?spawn_to_greeting, "QEMU started");
+    Ok(QemuProcess {
+        pid,
+        identity,
+        monitor_path,
+        greeting,
+        qmp: Arc::new(client),
+        events: Some(events),
+        exit,
+        spawn_to_greeting,
+    })
+}
+
+/// Build the startup error: wait a little for QEMU's own exit, kill it if
+/// it is still running, and quote its log.
+async fn startup_failure(
+    pid: u32,
+    exit: &mut ExitWatch,
+    qmp_error: Option<QmpError>,
+    config: &LaunchConfig,
+    log_start: u64,
+) -> LaunchError {
+    let exited = match tokio::time::timeout(STARTUP_EXIT_WAIT, exit.wait()).await {
+        Ok(status) => status,
+        Err(_) => None,
+    };
+    let killed = match exited {
+        Some(_) => None,
+        None => Some(kill_child(pid, exit, Duration::ZERO).await),
+    };
+    let log_tail = match log::tail(&config.log_path, log_start).await {
+        Ok(tail) => tail,
+        Err(error) => format!("(log unreadable: {error})"),
+    };
+    match (exited, killed, qmp_error) {
+        (Some(status), _, _) => LaunchError::Exited { status, log_tail },
+        (None, killed, source) => {
+            let status = killed.and_then(Result::ok);
+            LaunchError::Handshake {
+                status,
+                log_tail,
+                source: source.unwrap_or(QmpError::MonitorClosed),
+            }
+        }
+    }
+}
+
+/// Open a new QMP session on the monitor socket of a QEMU that is already
+/// running (after a supervisor restart). `timeout` bounds the connect and
+/// the handshake. If another client is still attached, QEMU serves this one
+/// only after that one closes, so the handshake times out meanwhile.
+pub async fn connect_existing(socket: &Path, timeout: Duration) -> Result<QmpConnection, QmpError> {
+    let connect = UnixStream::connect(socket);
+    let stream = match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(QmpError::Connect {
+                path: socket.to_owned(),
+                source,
+            });
+        }
+        Err(_) => return Err(QmpError::GreetingTimeout { after: timeout }),
+    };
+    QmpClient::handshake(stream, timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_monitor_args_name_the_fd() {
+        let args = monitor_args(7);
+        assert_eq!(args[1], "socket,id=mon,fd=7,server=on,wait=off");
+        assert_eq!(args[3], "chardev=mon,mode=control");
+        assert_eq!(args[4], "-S");
+    }
+
+    #[tokio::test]
+    async fn test_run_dir_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = dir.path().join("a/b");
+        create_run_dir(&run).await.expect("create");
+        tokio::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))
+            .await
+            .expect("chmod");
+        create_run_dir(&run).await.expect("again");
+        let mode = tokio::fs::metadata(&run).await.expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[tokio::test]
+    async fn test_spawn_failure_names_the_binary() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LaunchConfig {
+            binary: dir.path().join("no-such-qemu"),
+            args: Vec::new(),
+            run_dir: dir.path().join("run"),
+            log_path: dir.path().join("qemu.log"),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        };
+        match launch(&config).await {
+            Err(LaunchError::Spawn { binary, .. }) => assert_eq!(binary, config.binary),
+            other => panic!("expected Spawn error, got {other:?}"),
+        }
+    }
+}

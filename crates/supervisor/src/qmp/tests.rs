@@ -1,0 +1,354 @@
+//! Fault tests against a fake QEMU on a socket pair: what real QEMU cannot be
+//! made to do on demand.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::*;
+
+const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "fake"}, "capabilities": ["oob"]}}"#;
+
+/// Every wait in these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The QEMU side of a socket pair.
+struct FakeQemu {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl FakeQemu {
+    async fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("fake write");
+    }
+
+    /// Read one request; panic on EOF.
+    async fn request(&mut self) -> Value {
+        let mut line = String::new();
+        let n = tokio::time::timeout(WAIT, self.reader.read_line(&mut line))
+            .await
+            .expect("request in time")
+            .expect("fake read");
+        assert!(n > 0, "client closed");
+        serde_json::from_str(&line).expect("request is JSON")
+    }
+
+    /// Answer `qmp_capabilities`.
+    async fn negotiate(&mut self) {
+        let request = self.request().await;
+        assert_eq!(request["execute"], "qmp_capabilities");
+        self.reply(&request, json!({})).await;
+    }
+
+    async fn reply(&mut self, request: &Value, ret: Value) {
+        let line = json!({"return": ret, "id": request["id"]}).to_string();
+        self.send(&line).await;
+    }
+}
+
+fn pair() -> (UnixStream, FakeQemu) {
+    let (client, server) = UnixStream::pair().expect("socket pair");
+    let (reader, writer) = server.into_split();
+    (
+        client,
+        FakeQemu {
+            reader: BufReader::new(reader),
+            writer,
+        },
+    )
+}
+
+/// A negotiated client and its fake QEMU.
+async fn connected() -> (QmpConnection, FakeQemu) {
+    let (client, mut fake) = pair();
+    let fake_side = async {
+        fake.send(GREETING).await;
+        fake.negotiate().await;
+    };
+    let (conn, ()) = tokio::join!(QmpClient::handshake(client, WAIT), fake_side);
+    (conn.expect("handshake"), fake)
+}
+
+fn event_line(name: &str, data: &str) -> String {
+    format!(r#"{{"timestamp": {{"seconds": 1700000000, "microseconds": 42}}, "event": "{name}", "data": {data}}}"#)
+}
+
+#[tokio::test]
+async fn test_handshake_reads_greeting_and_negotiates() {
+    let (conn, _fake) = connected().await;
+    assert_eq!(conn.greeting.version.major, 7);
+    assert_eq!(conn.greeting.package, "fake");
+    assert!(!conn.client.is_closed());
+}
+
+#[tokio::test]
+async fn test_bad_greeting_is_rejected() {
+    let (client, mut fake) = pair();
+    fake.send(r#"{"hello": "world"}"#).await;
+    match QmpClient::handshake(client, WAIT).await {
+        Err(QmpError::BadGreeting { line, .. }) => assert!(line.contains("hello"), "{line}"),
+        other => panic!("expected BadGreeting, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn test_greeting_timeout_when_peer_is_silent() {
+    let (client, _fake) = pair();
+    // A negative wait: nothing will ever come, so a short timeout is the test.
+    let after = Duration::from_millis(100);
+    match QmpClient::handshake(client, after).await {
+        Err(QmpError::GreetingTimeout { after: got }) => assert_eq!(got, after),
+        other => panic!("expected GreetingTimeout, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn test_eof_before_greeting_is_monitor_closed() {
+    let (client, fake) = pair();
+    drop(fake);
+    assert!(matches!(
+        QmpClient::handshake(client, WAIT).await,
+        Err(QmpError::MonitorClosed)
+    ));
+}
+
+#[tokio::test]
+async fn test_eof_mid_greeting_is_monitor_closed() {
+    let (client, mut fake) = pair();
+    fake.writer
+        .write_all(br#"{"QMP": {"vers"#)
+        .await
+        .expect("write");
+    drop(fake);
+    assert!(matches!(
+        QmpClient::handshake(client, WAIT).await,
+        Err(QmpError::MonitorClosed)
+    ));
+}
+
+#[tokio::test]
+async fn test_capabilities_error_is_reported() {
+    let (client, mut fake) = pair();
+    let fake_side = async {
+        fake.send(GREETING).await;
+        let request = fake.request().await;
+        let line = json!({"error": {"class": "GenericError", "desc": "nope"}, "id": request["id"]});
+        fake.send(&line.to_string()).await;
+    };
+    let (result, ()) = tokio::join!(QmpClient::handshake(client, WAIT), fake_side);
+    match result {
+        Err(QmpError::Capabilities { source }) => {
+            assert!(matches!(*source, QmpError::Command { ref class, .. } if class == "GenericError"));
+        }
+        other => panic!("expected Capabilities error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn test_eof_mid_reply_fails_waiter_and_ends_events() {
+    let (mut conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let _request = fake.request().await;
+        fake.writer
+            .write_all(br#"{"return": {"sta"#)
+            .await
+            .expect("write");
+        drop(fake);
+    };
+    let (result, ()) = tokio::join!(conn.client.execute("query-status", None), fake_side);
+    assert!(matches!(result, Err(QmpError::MonitorClosed)), "{result:?}");
+    let end = tokio::time::timeout(WAIT, conn.events.recv()).await.expect("events end");
+    assert!(end.is_none());
+    tokio::time::timeout(WAIT, conn.client.closed())
+        .await
+        .expect("closed");
+    assert!(matches!(
+        conn.client.execute("query-status", None).await,
+        Err(QmpError::MonitorClosed)
+    ));
+}
+
+#[tokio::test]
+async fn test_connection_reset_fails_every_waiter() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let _first = fake.request().await;
+        let _second = fake.request().await;
+        drop(fake);
+    };
+    let (a, b, ()) = tokio::join!(
+        conn.client.execute("query-status", None),
+        conn.client.execute("query-version", None),
+        fake_side
+    );
+    assert!(matches!(a, Err(QmpError::MonitorClosed)), "{a:?}");
+    assert!(matches!(b, Err(QmpError::MonitorClosed)), "{b:?}");
+}
+
+#[tokio::test]
+async fn test_event_before_reply_is_delivered_and_reply_matched() {
+    let (mut conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let request = fake.request().await;
+        fake.send(&event_line("RESUME", "{}")).await;
+        fake.send(&event_line("BIG", r#"{"n": 18446744073709551615}"#))
+            .await;
+        fake.reply(&request, json!({})).await;
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("cont", None), fake_side);
+    assert_eq!(result.expect("cont"), json!({}));
+    let first = conn.events.recv().await.expect("event");
+    assert_eq!(first.name, "RESUME");
+    assert_eq!((first.seconds, first.microseconds), (1_700_000_000, 42));
+    let second = conn.events.recv().await.expect("event");
+    assert_eq!(second.name, "BIG");
+    assert_eq!(second.data, r#"{"n":18446744073709551615}"#);
+}
+
+#[tokio::test]
+async fn test_unknown_id_reply_is_dropped() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let request = fake.request().await;
+        fake.send(r#"{"return": {"wrong": true}, "id": 999999}"#).await;
+        fake.send(r#"{"return": {"wrong": true}}"#).await;
+        fake.send("this is not json").await;
+        fake.reply(&request, json!({"right": true})).await;
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("query-status", None), fake_side);
+    assert_eq!(result.expect("reply"), json!({"right": true}));
+}
+
+#[tokio::test]
+async fn test_replies_out_of_order_reach_their_commands() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let first = fake.request().await;
+        let second = fake.request().await;
+        fake.reply(&second, json!({"for": second["execute"]})).await;
+        fake.reply(&first, json!({"for": first["execute"]})).await;
+        fake
+    };
+    let (a, b, _fake) = tokio::join!(
+        conn.client.execute("query-status", None),
+        conn.client.execute("query-version", None),
+        fake_side
+    );
+    assert_eq!(a.expect("a"), json!({"for": "query-status"}));
+    assert_eq!(b.expect("b"), json!({"for": "query-version"}));
+}
+
+#[tokio::test]
+async fn test_raw_reply_keeps_big_integers() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let request = fake.request().await;
+        assert_eq!(request["execute"], "query-big");
+        let line = format!(
+            r#"{{"return": {{"max": 9223372036854775807, "u": 18446744073709551615}}, "id": {}}}"#,
+            request["id"]
+        );
+        fake.send(&line).await;
+        let request = fake.request().await;
+        let line = format!(
+            r#"{{"return": {{"max": 9223372036854775807}}, "id": {}}}"#,
+            request["id"]
+        );
+        fake.send(&line).await;
+        fake
+    };
+    let client = &conn.client;
+    let both = async {
+        let raw = client
+            .execute_raw(r#"{"execute": "query-big"}"#)
+            .await
+            .expect("raw");
+        let typed = client.execute("query-big", None).await.expect("typed");
+        (raw, typed)
+    };
+    let ((raw, typed), _fake) = tokio::join!(both, fake_side);
+    assert!(raw.contains("9223372036854775807"), "{raw}");
+    assert!(raw.contains("18446744073709551615"), "{raw}");
+    assert!(!raw.contains("\"id\""), "{raw}");
+    assert_eq!(typed["max"].as_i64(), Some(i64::MAX));
+}
+
+#[tokio::test]
+async fn test_raw_error_reply_is_text_not_err() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let request = fake.request().await;
+        let line = json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": request["id"]});
+        fake.send(&line.to_string()).await;
+        fake
+    };
+    let (raw, _fake) = tokio::join!(conn.client.execute_raw(r#"{"execute": "nope"}"#), fake_side);
+    let raw: Value = serde_json::from_str(&raw.expect("raw")).expect("json");
+    assert_eq!(raw["error"]["class"], "CommandNotFound");
+}
+
+#[tokio::test]
+async fn test_full_event_queue_drops_and_counts_but_replies_flow() {
+    let (mut conn, mut fake) = connected().await;
+    let extra = 5;
+    let fake_side = async move {
+        let request = fake.request().await;
+        for i in 0..EVENT_QUEUE_CAPACITY + extra {
+            fake.send(&event_line("TICK", &format!(r#"{{"i": {i}}}"#)))
+                .await;
+        }
+        fake.reply(&request, json!({})).await;
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("query-status", None), fake_side);
+    result.expect("reply not blocked by full event queue");
+    assert_eq!(conn.client.events_lost(), u64::try_from(extra).expect("small"));
+    let first = conn.events.recv().await.expect("event");
+    assert_eq!(first.data, r#"{"i":0}"#);
+}
+
+#[tokio::test]
+async fn test_cancelled_command_does_not_disturb_the_next() {
+    let (conn, mut fake) = connected().await;
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        conn.client.execute("slow", None),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the fake never answered");
+    let slow = fake.request().await;
+    let fake_side = async move {
+        let next = fake.request().await;
+        fake.reply(&slow, json!({"late": true})).await;
+        fake.reply(&next, json!({"next": true})).await;
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("next", None), fake_side);
+    assert_eq!(result.expect("next"), json!({"next": true}));
+}
+
+#[tokio::test]
+async fn test_close_fails_commands_and_peer_sees_eof() {
+    let (conn, mut fake) = connected().await;
+    conn.client.close();
+    assert!(conn.client.is_closed());
+    assert!(matches!(
+        conn.client.execute("query-status", None).await,
+        Err(QmpError::MonitorClosed)
+    ));
+    let mut line = String::new();
+    let n = tokio::time::timeout(WAIT, fake.reader.read_line(&mut line))
+        .await
+        .expect("eof in time")
+        .expect("read");
+    assert_eq!(n, 0, "peer sees EOF after close");
+}
