@@ -1,0 +1,670 @@
+//! The in-memory event hub: sequence numbers, the replay ring, fan-out to
+//! bounded per-subscriber queues, and the caps on subscriptions. It knows
+//! nothing of gRPC; the `qvirt.v1.EventBus` service wraps it.
+//!
+//! - [`Hub::publish`] gives each event the next bus-wide sequence number
+//!   (strictly increasing from 1 within a run; nothing is persisted, so a
+//!   restarted bus starts again at 1), stores it in a ring bounded by count
+//!   and optionally by bytes, and offers it to every subscriber whose
+//!   predicate matches. It never waits: a subscriber whose queue is full loses
+//!   the event (and is told how many it lost) or is cut off, by its
+//!   [`OverflowPolicy`].
+//! - [`Hub::subscribe`] registers a subscriber and returns a [`Subscription`]
+//!   whose first item is [`SubscriptionItem::Established`] with the last
+//!   sequence number published so far; with `since`, the events the ring
+//!   still holds after `since` come next, then live events, with no gap and no
+//!   duplicate (see [`Subscription`] for how).
+//! - Caps ([`Caps`]) bound the subscriptions per principal and in all, per
+//!   [`SubscriberKind`]; dropping a [`Subscription`] frees its slot at once.
+//!
+//! Memory is bounded whatever subscribers do: the ring holds at most
+//! [`HubConfig::ring_capacity`] events, each subscriber's queue at most
+//! [`HubConfig::queue_capacity`], and there are at most [`Caps::total`]
+//! subscribers of each kind.
+//!
+//! Locking: one `std::sync::Mutex` guards the hub's state. It is held only
+//! for short, synchronous sections (publish, subscribe, a replay batch, drop)
+//! and never across an `.await`; as tokio's docs advise for such data, it is
+//! not an async mutex (a `Drop` must be able to take it). Waiting for events
+//! is a `tokio::sync::mpsc` receive.
+
+mod subscription;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::mpsc;
+
+pub use subscription::{LossReason, RecvError, Subscription, SubscriptionItem};
+
+/// How many events the replay ring holds by default.
+pub const DEFAULT_RING_CAPACITY: usize = 4096;
+/// How many events a subscriber's queue holds by default before it overflows.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
+/// The largest per-subscriber queue a config may ask for.
+pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// Default cap on concurrent subscriptions of one kind, bus-wide.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16_384;
+/// Default cap on concurrent subscriptions of one kind per principal.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 1024;
+/// How many matching events a replaying subscriber takes from the ring per
+/// lock.
+pub(crate) const REPLAY_BATCH: usize = 64;
+/// How many ring entries a replaying subscriber tests per lock at most.
+pub(crate) const REPLAY_SCAN_LIMIT: usize = 1024;
+
+/// Caps on concurrent subscriptions of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// At most this many in all.
+    pub total: usize,
+    /// At most this many per principal (exact duplicates count too).
+    pub per_principal: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            total: DEFAULT_MAX_SUBSCRIPTIONS,
+            per_principal: DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+        }
+    }
+}
+
+/// Hub settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// The replay ring keeps at most this many of the latest events (0: no
+    /// replay).
+    pub ring_capacity: usize,
+    /// If set, the ring also keeps at most this many bytes of events, as
+    /// measured by the size function given to [`Hub::with_size_fn`].
+    pub ring_max_bytes: Option<usize>,
+    /// Each subscriber's queue holds at most this many events.
+    pub queue_capacity: usize,
+    /// Caps on monitor-event subscriptions.
+    pub monitor_caps: Caps,
+    /// Caps on domain (lifecycle) event subscriptions.
+    pub domain_caps: Caps,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            ring_max_bytes: None,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            monitor_caps: Caps::default(),
+            domain_caps: Caps::default(),
+        }
+    }
+}
+
+/// A [`HubConfig`] the hub cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubConfigError {
+    /// `queue_capacity` is 0 or above [`MAX_QUEUE_CAPACITY`].
+    #[error("queue_capacity {value} is out of range 1..={max}")]
+    QueueCapacity {
+        /// The refused value.
+        value: usize,
+        /// [`MAX_QUEUE_CAPACITY`].
+        max: usize,
+    },
+}
+
+impl HubConfig {
+    /// Checks the values the hub cannot work with.
+    pub fn validate(&self) -> Result<(), HubConfigError> {
+        if self.queue_capacity == 0 || self.queue_capacity > MAX_QUEUE_CAPACITY {
+            return Err(HubConfigError::QueueCapacity {
+                value: self.queue_capacity,
+                max: MAX_QUEUE_CAPACITY,
+            });
+        }
+        Ok(())
+    }
+
+    fn caps(&self, kind: SubscriberKind) -> Caps {
+        match kind {
+            SubscriberKind::Monitor => self.monitor_caps,
+            SubscriberKind::Domain => self.domain_caps,
+        }
+    }
+}
+
+/// What a subscription is for; each kind has its own [`Caps`] and counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SubscriberKind {
+    /// Raw QMP monitor events (`SubscribeMonitorEvents`).
+    #[default]
+    Monitor,
+    /// Typed lifecycle events (`SubscribeDomainEvents`).
+    Domain,
+}
+
+impl SubscriberKind {
+    /// A short label, for messages and metrics (`monitor`, `domain`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriberKind::Monitor => "monitor",
+            SubscriberKind::Domain => "domain",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            SubscriberKind::Monitor => 0,
+            SubscriberKind::Domain => 1,
+        }
+    }
+}
+
+impl fmt::Display for SubscriberKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happens when a subscriber's queue is full as an event arrives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum OverflowPolicy {
+    /// Drop the event; the subscriber receives [`SubscriptionItem::Lost`]
+    /// with the number of events dropped in a row before its next event.
+    #[default]
+    MarkLost,
+    /// Cut the subscriber off: it receives what its queue holds, then
+    /// [`RecvError::CutOff`].
+    CutOff,
+}
+
+/// What a subscriber asks for, besides its predicate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Who subscribes (the gateway's principal, or the peer); the key of the
+    /// per-principal cap.
+    pub principal: String,
+    /// Which caps and counters the subscription counts against.
+    pub kind: SubscriberKind,
+    /// Replay the events after this sequence number that the ring still
+    /// holds; `None`: live events only.
+    pub since: Option<u64>,
+    /// What to do when the subscriber's queue overflows.
+    pub policy: OverflowPolicy,
+}
+
+/// Why [`Hub::subscribe`] refused (the service answers `RESOURCE_EXHAUSTED`
+/// for the caps, `UNAVAILABLE` once closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The principal already holds as many subscriptions of this kind as the
+    /// per-principal cap allows.
+    #[error("too many {kind}-event subscriptions for principal {principal:?}: per-principal cap of {limit} reached")]
+    PrincipalCap {
+        /// The kind of subscription refused.
+        kind: SubscriberKind,
+        /// The principal at its cap.
+        principal: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// The bus holds as many subscriptions of this kind as the total cap
+    /// allows.
+    #[error("too many {kind}-event subscriptions on the bus: total cap of {limit} reached")]
+    TotalCap {
+        /// The kind of subscription refused.
+        kind: SubscriberKind,
+        /// The cap.
+        limit: usize,
+    },
+    /// The hub was closed ([`Hub::close`]).
+    #[error("event bus is shutting down")]
+    Closed,
+}
+
+/// An event as the hub stores and delivers it: shared, never copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope<E> {
+    /// Its bus-wide sequence number.
+    pub seq: u64,
+    /// The event.
+    pub event: E,
+}
+
+/// Counters and gauges of a hub, read at one instant ([`Hub::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// The last sequence number given (0 before the first event).
+    pub last_seq: u64,
+    /// Events published.
+    pub published: u64,
+    /// Events handed to subscribers: put in a live queue or replayed.
+    pub delivered: u64,
+    /// Events a subscriber did not get because its queue was full
+    /// ([`OverflowPolicy::MarkLost`]).
+    pub dropped_queue_full: u64,
+    /// Events that overflowed a queue and cut its subscriber off
+    /// ([`OverflowPolicy::CutOff`]); one per cut-off subscriber.
+    pub dropped_cut_off: u64,
+    /// Events a replaying subscriber asked for that the ring no longer held.
+    pub dropped_ring_evicted: u64,
+    /// Events the ring has evicted to stay in its bounds.
+    pub ring_evicted: u64,
+    /// Events in the ring now.
+    pub ring_len: usize,
+    /// Bytes of events in the ring now (0 without a size function).
+    pub ring_bytes: usize,
+    /// Live monitor-event subscriptions now.
+    pub subscribers_monitor: usize,
+    /// Live domain-event subscriptions now.
+    pub subscribers_domain: usize,
+    /// Live subscriptions with [`OverflowPolicy::CutOff`] now.
+    pub subscribers_cut_off_policy: usize,
+    /// Subscriptions refused by a cap.
+    pub rejected_subscriptions: u64,
+}
+
+type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
+type SizeFn<E> = Box<dyn Fn(&E) -> usize + Send + Sync>;
+
+/// One queued event, with how many events were dropped just before it.
+struct Delivery<E> {
+    lost_before: u64,
+    env: Arc<Envelope<E>>,
+}
+
+/// State shared by a subscriber's hub entry and its [`Subscription`].
+#[derive(Default)]
+struct SubShared {
+    /// Events dropped since the last one queued (lossy policy).
+    pending_lost: AtomicU64,
+    /// Set when the hub cut the subscriber off.
+    cut_off: AtomicBool,
+}
+
+/// A subscriber as the publisher sees it.
+struct Entry<E> {
+    tx: mpsc::Sender<Delivery<E>>,
+    shared: Arc<SubShared>,
+    predicate: Predicate<E>,
+    policy: OverflowPolicy,
+}
+
+struct Slot<E> {
+    env: Arc<Envelope<E>>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct KindSlots {
+    total: usize,
+    per_principal: HashMap<Arc<str>, usize>,
+}
+
+struct State<E> {
+    next_seq: u64,
+    /// Consecutive sequence numbers, oldest first.
+    ring: VecDeque<Slot<E>>,
+    ring_bytes: usize,
+    subscribers: HashMap<u64, Entry<E>>,
+    next_id: u64,
+    slots: [KindSlots; 2],
+    cut_off_policy: usize,
+    closed: bool,
+}
+
+impl<E> State<E> {
+    /// The sequence number of the oldest event in the ring, or the next one
+    /// to be given when the ring is empty.
+    fn ring_front_seq(&self) -> u64 {
+        self.ring.front().map_or(self.next_seq, |s| s.env.seq)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    delivered: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_cut_off: AtomicU64,
+    dropped_ring_evicted: AtomicU64,
+    ring_evicted: AtomicU64,
+    rejected_subscriptions: AtomicU64,
+}
+
+struct Inner<E> {
+    config: HubConfig,
+    size_fn: Option<SizeFn<E>>,
+    state: Mutex<State<E>>,
+    counters: Counters,
+}
+
+impl<E> Inner<E> {
+    fn lock(&self) -> MutexGuard<'_, State<E>> {
+        // The state stays consistent at every unlock point; a panic in a
+        // predicate must not take the whole bus down with poisoning.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The event hub. Cheap to clone: clones share one hub.
+pub struct Hub<E> {
+    inner: Arc<Inner<E>>,
+}
+
+impl<E> Clone for Hub<E> {
+    fn clone(&self) -> Self {
+        Hub {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<E> fmt::Debug for Hub<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Clone + Send + Sync + 'static> Hub<E> {
+    /// A hub whose ring is bounded by count only.
+    pub fn new(config: HubConfig) -> Result<Self, HubConfigError> {
+        Self::build(config, None)
+    }
+
+    /// A hub whose ring is also bounded by [`HubConfig::ring_max_bytes`],
+    /// each event weighing `size(&event)` bytes.
+    pub fn with_size_fn(
+        config: HubConfig,
+        size: impl Fn(&E) -> usize + Send + Sync + 'static,
+    ) -> Result<Self, HubConfigError> {
+        Self::build(config, Some(Box::new(size)))
+    }
+
+    fn build(config: HubConfig, size_fn: Option<SizeFn<E>>) -> Result<Self, HubConfigError> {
+        config.validate()?;
+        let state = State {
+            next_seq: 1,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            subscribers: HashMap::new(),
+            next_id: 0,
+            slots: Default::default(),
+            cut_off_policy: 0,
+            closed: false,
+        };
+        Ok(Hub {
+            inner: Arc::new(Inner {
+                config,
+                size_fn,
+                state: Mutex::new(state),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The hub's settings.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// Stores `event` under the next sequence number, offers it to every
+    /// matching subscriber without waiting, and returns that number.
+    pub fn publish(&self, event: E) -> u64 {
+        let inner = &*self.inner;
+        let bytes = inner.size_fn.as_ref().map_or(0, |size| size(&event));
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let env = Arc::new(Envelope { seq, event });
+
+        st.ring.push_back(Slot {
+            env: Arc::clone(&env),
+            bytes,
+        });
+        st.ring_bytes += bytes;
+        let max_bytes = inner.config.ring_max_bytes.unwrap_or(usize::MAX);
+        let mut evicted = 0u64;
+        while st.ring.len() > inner.config.ring_capacity || st.ring_bytes > max_bytes {
+            let Some(old) = st.ring.pop_front() else {
+                break;
+            };
+            st.ring_bytes -= old.bytes;
+            evicted += 1;
+        }
+
+        let (mut delivered, mut dropped_full, mut cut) = (0u64, 0u64, 0u64);
+        st.subscribers.retain(|_, entry| {
+            if !(entry.predicate)(&env.event) {
+                return true;
+            }
+            let lost_before = entry.shared.pending_lost.swap(0, Ordering::AcqRel);
+            let delivery = Delivery {
+                lost_before,
+                env: Arc::clone(&env),
+            };
+            match entry.tx.try_send(delivery) {
+                Ok(()) => {
+                    delivered += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(d)) => match entry.policy {
+                    OverflowPolicy::MarkLost => {
+                        entry
+                            .shared
+                            .pending_lost
+                            .fetch_add(d.lost_before + 1, Ordering::AcqRel);
+                        dropped_full += 1;
+                        true
+                    }
+                    OverflowPolicy::CutOff => {
+                        entry.shared.cut_off.store(true, Ordering::Release);
+                        cut += 1;
+                        false
+                    }
+                },
+                // The subscription is being dropped; its `Drop` finds the
+                // entry already gone.
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        drop(guard);
+
+        let c = &inner.counters;
+        c.published.fetch_add(1, Ordering::Relaxed);
+        c.ring_evicted.fetch_add(evicted, Ordering::Relaxed);
+        c.delivered.fetch_add(delivered, Ordering::Relaxed);
+        c.dropped_queue_full
+            .fetch_add(dropped_full, Ordering::Relaxed);
+        c.dropped_cut_off.fetch_add(cut, Ordering::Relaxed);
+        if cut > 0 {
+            tracing::debug!(seq, subscribers = cut, "cut off slow subscribers");
+        }
+        seq
+    }
+
+    /// Registers a subscriber for the events `predicate` accepts.
+    ///
+    /// Past a cap of `options.kind`, a [`SubscribeError`] naming the cap.
+    pub fn subscribe(
+        &self,
+        options: SubscribeOptions,
+        predicate: impl Fn(&E) -> bool + Send + Sync + 'static,
+    ) -> Result<Subscription<E>, SubscribeError> {
+        let inner = &*self.inner;
+        let predicate: Predicate<E> = Arc::new(predicate);
+        let caps = inner.config.caps(options.kind);
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        if st.closed {
+            return Err(SubscribeError::Closed);
+        }
+        let slots = &mut st.slots[options.kind.index()];
+        if slots.total >= caps.total {
+            drop(guard);
+            inner
+                .counters
+                .rejected_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SubscribeError::TotalCap {
+                kind: options.kind,
+                limit: caps.total,
+            });
+        }
+        let (principal, held) = match slots.per_principal.get_key_value(options.principal.as_str())
+        {
+            Some((key, held)) => (Arc::clone(key), *held),
+            None => (Arc::from(options.principal.as_str()), 0),
+        };
+        if held >= caps.per_principal {
+            drop(guard);
+            inner
+                .counters
+                .rejected_subscriptions
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(SubscribeError::PrincipalCap {
+                kind: options.kind,
+                principal: options.principal,
+                limit: caps.per_principal,
+            });
+        }
+        slots.total += 1;
+        slots.per_principal.insert(Arc::clone(&principal), held + 1);
+        if options.policy == OverflowPolicy::CutOff {
+            st.cut_off_policy += 1;
+        }
+
+        // Everything below `live_start` comes from the ring, everything from
+        // it on through the queue: both bounds are read, and the entry
+        // registered, under this one lock, which `publish` also holds.
+        let last_seq = st.next_seq - 1;
+        let live_start = st.next_seq;
+        let (cursor, lost) = match options.since {
+            None => (live_start, 0),
+            Some(since) => {
+                let wanted = since.saturating_add(1).min(live_start);
+                let start = wanted.max(st.ring_front_seq());
+                (start, start - wanted)
+            }
+        };
+        if lost > 0 {
+            inner
+                .counters
+                .dropped_ring_evicted
+                .fetch_add(lost, Ordering::Relaxed);
+        }
+        let (tx, rx) = mpsc::channel(inner.config.queue_capacity);
+        let shared = Arc::new(SubShared::default());
+        let id = st.next_id;
+        st.next_id += 1;
+        st.subscribers.insert(
+            id,
+            Entry {
+                tx,
+                shared: Arc::clone(&shared),
+                predicate: Arc::clone(&predicate),
+                policy: options.policy,
+            },
+        );
+        drop(guard);
+
+        Ok(Subscription::new(subscription::Parts {
+            hub: Arc::clone(&self.inner),
+            id,
+            kind: options.kind,
+            principal,
+            policy: options.policy,
+            rx,
+            shared,
+            predicate,
+            last_seq,
+            lost,
+            cursor,
+            live_start,
+        }))
+    }
+
+    /// The last sequence number given (0 before the first event).
+    pub fn last_seq(&self) -> u64 {
+        self.inner.lock().next_seq - 1
+    }
+
+    /// Ends every subscription (each receives what its queue holds, then
+    /// [`RecvError::Closed`]) and refuses new ones; for shutdown. Publishing
+    /// still works.
+    pub fn close(&self) {
+        let mut st = self.inner.lock();
+        st.closed = true;
+        st.subscribers.clear();
+        st.subscribers.shrink_to_fit();
+    }
+
+    /// The counters and gauges now.
+    pub fn stats(&self) -> HubStats {
+        let (last_seq, ring_len, ring_bytes, monitor, domain, cut_off_policy) = {
+            let st = self.inner.lock();
+            (
+                st.next_seq - 1,
+                st.ring.len(),
+                st.ring_bytes,
+                st.slots[SubscriberKind::Monitor.index()].total,
+                st.slots[SubscriberKind::Domain.index()].total,
+                st.cut_off_policy,
+            )
+        };
+        let c = &self.inner.counters;
+        HubStats {
+            last_seq,
+            published: c.published.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
+            dropped_cut_off: c.dropped_cut_off.load(Ordering::Relaxed),
+            dropped_ring_evicted: c.dropped_ring_evicted.load(Ordering::Relaxed),
+            ring_evicted: c.ring_evicted.load(Ordering::Relaxed),
+            ring_len,
+            ring_bytes,
+            subscribers_monitor: monitor,
+            subscribers_domain: domain,
+            subscribers_cut_off_policy: cut_off_policy,
+            rejected_subscriptions: c.rejected_subscriptions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<E> Inner<E> {
+    /// Frees what subscription `id` holds in the hub: its entry (if still
+    /// there) and its slots.
+    fn release(&self, id: u64, kind: SubscriberKind, principal: &str, policy: OverflowPolicy) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.subscribers.remove(&id);
+        shrink_if_sparse(&mut st.subscribers);
+        let slots = &mut st.slots[kind.index()];
+        slots.total = slots.total.saturating_sub(1);
+        if let Some(held) = slots.per_principal.get_mut(principal) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                slots.per_principal.remove(principal);
+                shrink_if_sparse(&mut slots.per_principal);
+            }
+        }
+        if policy == OverflowPolicy::CutOff {
+            st.cut_off_policy = st.cut_off_policy.saturating_sub(1);
+        }
+    }
+}
+
+/// Gives memory back once a map is mostly empty, so that a burst of
+/// subscriptions does not pin its peak forever.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
