@@ -169,6 +169,20 @@ pub enum LaunchError {
         #[source]
         source: io::Error,
     },
+    /// The pid no longer runs the recorded QEMU; it was not signalled.
+    #[error("refusing to signal a process that is not the recorded QEMU")]
+    Identity {
+        /// How it differs.
+        #[source]
+        source: IdentityError,
+    },
+    /// [`terminate_adopted`] was given a closed monitor session, so it could
+    /// not notice the exit.
+    #[error("monitor session of adopted QEMU pid {pid} is already closed")]
+    AdoptedMonitorClosed {
+        /// The pid.
+        pid: u32,
+    },
     /// The task watching the child ended without an exit status.
     #[error("lost track of QEMU pid {pid}'s exit")]
     ExitLost {
@@ -360,12 +374,13 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
             source,
         })?;
     let monitor_path = config.run_dir.join(MONITOR_SOCKET_NAME);
-    let listener = bind_monitor(&monitor_path)
-        .await
-        .map_err(|source| LaunchError::BindMonitor {
-            path: monitor_path.clone(),
-            source,
-        })?;
+    let listener =
+        bind_monitor(&monitor_path)
+            .await
+            .map_err(|source| LaunchError::BindMonitor {
+                path: monitor_path.clone(),
+                source,
+            })?;
     let mut args = config.args.clone();
     args.extend(monitor_args(listener.as_raw_fd()));
     let log = log::open(&config.log_path, &header(config, &args))
@@ -397,19 +412,20 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
     // Ours must go now: with it open, a QEMU that dies at startup would
     // leave the connection below waiting forever instead of reset.
     drop(listener);
-    let pid = child.id().ok_or_else(|| {
-        spawn_error(io::Error::other("spawned QEMU has no pid"))
-    })?;
+    let pid = child
+        .id()
+        .ok_or_else(|| spawn_error(io::Error::other("spawned QEMU has no pid")))?;
     let mut exit = ExitWatch::spawn(child, pid);
     debug!(pid, "QEMU spawned");
 
     let handshake = async {
-        let stream = UnixStream::connect(&monitor_path)
-            .await
-            .map_err(|source| QmpError::Connect {
-                path: monitor_path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&monitor_path)
+                .await
+                .map_err(|source| QmpError::Connect {
+                    path: monitor_path.clone(),
+                    source,
+                })?;
         QmpClient::handshake(stream, config.handshake_timeout).await
     };
     let watch_exit = async { exit.clone().wait().await };
@@ -466,10 +482,15 @@ async fn startup_failure(
     config: &LaunchConfig,
     log_start: u64,
 ) -> LaunchError {
-    let exited = match tokio::time::timeout(STARTUP_EXIT_WAIT, exit.wait()).await {
-        Ok(status) => status,
-        Err(_) => None,
+    // A monitor that closed means QEMU is exiting: give it time to report
+    // its status. A monitor that stayed silent means a QEMU stuck alive.
+    let wait = match &qmp_error {
+        Some(QmpError::GreetingTimeout { .. } | QmpError::CapabilitiesTimeout { .. }) => {
+            Duration::ZERO
+        }
+        _ => STARTUP_EXIT_WAIT,
     };
+    let exited = tokio::time::timeout(wait, exit.wait()).await.ok().flatten();
     let killed = match exited {
         Some(_) => None,
         None => Some(kill_child(pid, exit, Duration::ZERO).await),
@@ -489,6 +510,42 @@ async fn startup_failure(
             }
         }
     }
+}
+
+/// Stop a QEMU this supervisor did not spawn (adopted after a restart, so
+/// it cannot be waited for): check it is still the recorded process, SIGTERM
+/// its process group, SIGKILL after `grace`. Its exit is noticed through
+/// `qmp`, which must be an open session on its monitor (the kernel closes
+/// the socket when the process exits). A pid that no longer runs the
+/// recorded QEMU is never signalled.
+pub async fn terminate_adopted(
+    identity: &ProcessIdentity,
+    qmp: &QmpClient,
+    grace: Duration,
+) -> Result<(), LaunchError> {
+    let pid = identity.pid;
+    if qmp.is_closed() {
+        return Err(LaunchError::AdoptedMonitorClosed { pid });
+    }
+    for (signal, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, KILL_WAIT)] {
+        match identity.verify().await {
+            Ok(()) => {}
+            Err(IdentityError::NotRunning { .. }) => return Ok(()),
+            Err(source) => return Err(LaunchError::Identity { source }),
+        }
+        match signal_process_group(pid, signal) {
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+            Err(source) => return Err(LaunchError::Signal { pid, source }),
+            Ok(()) => debug!(pid, signal, "signalled adopted QEMU process group"),
+        }
+        if tokio::time::timeout(wait, qmp.closed()).await.is_ok() {
+            return Ok(());
+        }
+    }
+    Err(LaunchError::KillTimeout {
+        pid,
+        after: KILL_WAIT,
+    })
 }
 
 /// Open a new QMP session on the monitor socket of a QEMU that is already
@@ -531,8 +588,50 @@ mod tests {
             .await
             .expect("chmod");
         create_run_dir(&run).await.expect("again");
-        let mode = tokio::fs::metadata(&run).await.expect("stat").permissions().mode();
+        let mode = tokio::fs::metadata(&run)
+            .await
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// A stand-in "QEMU" that inherits the monitor fd but never greets: the
+    /// handshake times out, the launcher kills it and quotes its output.
+    #[tokio::test]
+    async fn test_silent_child_is_killed_after_handshake_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LaunchConfig {
+            binary: PathBuf::from("sh"),
+            // The monitor arguments land in $1.. and are ignored.
+            args: ["-c", "echo 'fake qemu: hanging' >&2; exec sleep 600", "sh"]
+                .into_iter()
+                .map(OsString::from)
+                .collect(),
+            run_dir: dir.path().join("run"),
+            log_path: dir.path().join("qemu.log"),
+            handshake_timeout: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        match launch(&config).await {
+            Err(LaunchError::Handshake {
+                status,
+                log_tail,
+                source: QmpError::GreetingTimeout { .. },
+            }) => {
+                let status = status.expect("status after kill");
+                assert_eq!(
+                    std::os::unix::process::ExitStatusExt::signal(&status),
+                    Some(libc::SIGTERM)
+                );
+                assert_eq!(log_tail, "fake qemu: hanging");
+            }
+            other => panic!("expected a Handshake timeout, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < STARTUP_EXIT_WAIT,
+            "no wait for a silent child"
+        );
     }
 
     #[tokio::test]

@@ -252,7 +252,10 @@ impl QmpClient {
     /// Read the greeting on a fresh connection, start the reader and writer
     /// tasks, and negotiate capabilities; `timeout` bounds the whole
     /// handshake. Must be called inside a tokio runtime.
-    pub async fn handshake(stream: UnixStream, timeout: Duration) -> Result<QmpConnection, QmpError> {
+    pub async fn handshake(
+        stream: UnixStream,
+        timeout: Duration,
+    ) -> Result<QmpConnection, QmpError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
@@ -310,7 +313,11 @@ impl QmpClient {
     /// QEMU's `return` value. A QMP error reply gives [`QmpError::Command`].
     /// Cancel-safe: dropping the future forgets the command (a late reply is
     /// discarded). The caller bounds the wait with its own timeout.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let line = wire::request_line(command, arguments, id);
         let body = self.round_trip(id, line).await?;

@@ -77,7 +77,9 @@ async fn connected() -> (QmpConnection, FakeQemu) {
 }
 
 fn event_line(name: &str, data: &str) -> String {
-    format!(r#"{{"timestamp": {{"seconds": 1700000000, "microseconds": 42}}, "event": "{name}", "data": {data}}}"#)
+    format!(
+        r#"{{"timestamp": {{"seconds": 1700000000, "microseconds": 42}}, "event": "{name}", "data": {data}}}"#
+    )
 }
 
 #[tokio::test]
@@ -145,7 +147,9 @@ async fn test_capabilities_error_is_reported() {
     let (result, ()) = tokio::join!(QmpClient::handshake(client, WAIT), fake_side);
     match result {
         Err(QmpError::Capabilities { source }) => {
-            assert!(matches!(*source, QmpError::Command { ref class, .. } if class == "GenericError"));
+            assert!(
+                matches!(*source, QmpError::Command { ref class, .. } if class == "GenericError")
+            );
         }
         other => panic!("expected Capabilities error, got {other:?}"),
     }
@@ -164,7 +168,9 @@ async fn test_eof_mid_reply_fails_waiter_and_ends_events() {
     };
     let (result, ()) = tokio::join!(conn.client.execute("query-status", None), fake_side);
     assert!(matches!(result, Err(QmpError::MonitorClosed)), "{result:?}");
-    let end = tokio::time::timeout(WAIT, conn.events.recv()).await.expect("events end");
+    let end = tokio::time::timeout(WAIT, conn.events.recv())
+        .await
+        .expect("events end");
     assert!(end.is_none());
     tokio::time::timeout(WAIT, conn.client.closed())
         .await
@@ -218,7 +224,8 @@ async fn test_unknown_id_reply_is_dropped() {
     let (conn, mut fake) = connected().await;
     let fake_side = async move {
         let request = fake.request().await;
-        fake.send(r#"{"return": {"wrong": true}, "id": 999999}"#).await;
+        fake.send(r#"{"return": {"wrong": true}, "id": 999999}"#)
+            .await;
         fake.send(r#"{"return": {"wrong": true}}"#).await;
         fake.send("this is not json").await;
         fake.reply(&request, json!({"right": true})).await;
@@ -287,7 +294,8 @@ async fn test_raw_error_reply_is_text_not_err() {
     let (conn, mut fake) = connected().await;
     let fake_side = async move {
         let request = fake.request().await;
-        let line = json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": request["id"]});
+        let line =
+            json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": request["id"]});
         fake.send(&line.to_string()).await;
         fake
     };
@@ -311,7 +319,10 @@ async fn test_full_event_queue_drops_and_counts_but_replies_flow() {
     };
     let (result, _fake) = tokio::join!(conn.client.execute("query-status", None), fake_side);
     result.expect("reply not blocked by full event queue");
-    assert_eq!(conn.client.events_lost(), u64::try_from(extra).expect("small"));
+    assert_eq!(
+        conn.client.events_lost(),
+        u64::try_from(extra).expect("small")
+    );
     let first = conn.events.recv().await.expect("event");
     assert_eq!(first.data, r#"{"i":0}"#);
 }
@@ -319,11 +330,8 @@ async fn test_full_event_queue_drops_and_counts_but_replies_flow() {
 #[tokio::test]
 async fn test_cancelled_command_does_not_disturb_the_next() {
     let (conn, mut fake) = connected().await;
-    let abandoned = tokio::time::timeout(
-        Duration::from_millis(50),
-        conn.client.execute("slow", None),
-    )
-    .await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(50), conn.client.execute("slow", None)).await;
     assert!(abandoned.is_err(), "the fake never answered");
     let slow = fake.request().await;
     let fake_side = async move {

@@ -135,7 +135,10 @@ pub(crate) fn parse_incoming(line: &[u8]) -> Result<Incoming, &'static str> {
         return Err("not a JSON object");
     };
     if let Some(name) = body.get("event") {
-        let name = name.as_str().ok_or("event name is not a string")?.to_owned();
+        let name = name
+            .as_str()
+            .ok_or("event name is not a string")?
+            .to_owned();
         let stamp = body.get("timestamp");
         let part = |key: &str| {
             stamp
@@ -304,8 +307,15 @@ mod tests {
             panic!("not an event");
         };
         assert_eq!(event.name, "BLOCK_IO_ERROR");
-        assert_eq!((event.seconds, event.microseconds), (1_700_000_000, 123_456));
-        assert!(event.data.contains("18446744073709551615"), "{}", event.data);
+        assert_eq!(
+            (event.seconds, event.microseconds),
+            (1_700_000_000, 123_456)
+        );
+        assert!(
+            event.data.contains("18446744073709551615"),
+            "{}",
+            event.data
+        );
         assert!(event.data.contains("9223372036854775807"), "{}", event.data);
     }
 
@@ -320,9 +330,13 @@ mod tests {
 
     #[test]
     fn test_incoming_classification_table() {
-        let table: [(&[u8], Result<Option<u64>, &str>); 6] = [
+        type Want = Result<Option<u64>, &'static str>;
+        let table: [(&[u8], Want); 6] = [
             (br#"{"return": {}, "id": 7}"#, Ok(Some(7))),
-            (br#"{"error": {"class": "X", "desc": "y"}, "id": 8}"#, Ok(Some(8))),
+            (
+                br#"{"error": {"class": "X", "desc": "y"}, "id": 8}"#,
+                Ok(Some(8)),
+            ),
             (br#"{"return": {}}"#, Ok(None)),
             (br#"{"return": {}, "id": "libvirt-1"}"#, Ok(None)),
             (br#"{"foo": 1}"#, Err("neither a reply nor an event")),
