@@ -416,6 +416,11 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
         .id()
         .ok_or_else(|| spawn_error(io::Error::other("spawned QEMU has no pid")))?;
     let mut exit = ExitWatch::spawn(child, pid);
+    let mut cancel_guard = KillIfCancelled {
+        pid,
+        exit: exit.clone(),
+        armed: true,
+    };
     debug!(pid, "QEMU spawned");
 
     let handshake = async {
@@ -461,6 +466,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
         }
     };
     info!(pid, ?spawn_to_greeting, "QEMU started");
+    cancel_guard.armed = false;
     Ok(QemuProcess {
         pid,
         identity,
@@ -471,6 +477,26 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
         exit,
         spawn_to_greeting,
     })
+}
+
+/// Kills a QEMU whose [`launch`] future was dropped half-way, so that a
+/// cancelled start leaves no untracked process behind.
+struct KillIfCancelled {
+    pid: u32,
+    exit: ExitWatch,
+    armed: bool,
+}
+
+impl Drop for KillIfCancelled {
+    fn drop(&mut self) {
+        // Once reaped, the pid may be reused: only signal a live child.
+        if self.armed && self.exit.status().is_none() {
+            warn!(pid = self.pid, "QEMU start cancelled; killing it");
+            if let Err(error) = signal_process_group(self.pid, libc::SIGKILL) {
+                debug!(pid = self.pid, %error, "killing a cancelled QEMU start failed");
+            }
+        }
+    }
 }
 
 /// Build the startup error: wait a little for QEMU's own exit, kill it if
@@ -632,6 +658,49 @@ mod tests {
             started.elapsed() < STARTUP_EXIT_WAIT,
             "no wait for a silent child"
         );
+    }
+
+    #[tokio::test]
+    async fn test_cancelled_launch_kills_the_child() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+        let config = LaunchConfig {
+            binary: PathBuf::from("sh"),
+            args: ["-c", &script, "sh"]
+                .into_iter()
+                .map(OsString::from)
+                .collect(),
+            run_dir: dir.path().join("run"),
+            log_path: dir.path().join("qemu.log"),
+            handshake_timeout: Duration::from_secs(60),
+        };
+        let mut start = Box::pin(launch(&config));
+        // Poll the launch until the child has written its pid, then drop it.
+        let pid = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    result = &mut start => panic!("launch ended: {result:?}"),
+                    () = tokio::task::yield_now() => {}
+                }
+                if let Ok(text) = tokio::fs::read_to_string(&pid_file).await
+                    && let Ok(pid) = text.trim().parse::<u32>()
+                {
+                    return pid;
+                }
+            }
+        })
+        .await
+        .expect("child started");
+        let identity = ProcessIdentity::read(pid).await.expect("child identity");
+        drop(start);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while identity.verify().await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("cancelled child killed");
     }
 
     #[tokio::test]
