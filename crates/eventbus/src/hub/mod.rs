@@ -22,11 +22,13 @@
 //! [`HubConfig::queue_capacity`], and there are at most [`Caps::total`]
 //! subscribers of each kind.
 //!
-//! Locking: one `std::sync::Mutex` guards the hub's state. It is held only
-//! for short, synchronous sections (publish, subscribe, a replay batch, drop)
-//! and never across an `.await`; as tokio's docs advise for such data, it is
-//! not an async mutex (a `Drop` must be able to take it). Waiting for events
-//! is a `tokio::sync::mpsc` receive.
+//! Locking: one `std::sync::Mutex` guards the hub's state, and one each
+//! subscriber's queue (taken inside the hub's, never the other way round).
+//! They are held only for short, synchronous sections (publish, subscribe, a
+//! replay batch, a queue push or pop, drop) and never across an `.await`; as
+//! tokio's docs advise for such data, they are not async mutexes (a `Drop`
+//! must be able to take them). A subscriber waits for events on a
+//! `tokio::sync::Notify`.
 
 mod subscription;
 #[cfg(test)]
@@ -34,10 +36,10 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 pub use subscription::{LossReason, RecvError, Subscription, SubscriptionItem};
 
@@ -203,7 +205,9 @@ pub struct SubscribeOptions {
 pub enum SubscribeError {
     /// The principal already holds as many subscriptions of this kind as the
     /// per-principal cap allows.
-    #[error("too many {kind}-event subscriptions for principal {principal:?}: per-principal cap of {limit} reached")]
+    #[error(
+        "too many {kind}-event subscriptions for principal {principal:?}: per-principal cap of {limit} reached"
+    )]
     PrincipalCap {
         /// The kind of subscription refused.
         kind: SubscriberKind,
@@ -277,21 +281,91 @@ struct Delivery<E> {
     env: Arc<Envelope<E>>,
 }
 
-/// State shared by a subscriber's hub entry and its [`Subscription`].
-#[derive(Default)]
-struct SubShared {
-    /// Events dropped since the last one queued (lossy policy).
-    pending_lost: AtomicU64,
-    /// Set when the hub cut the subscriber off.
-    cut_off: AtomicBool,
+/// A subscriber's bounded queue, shared by its hub entry (the producer)
+/// and its [`Subscription`] (the consumer). Events dropped on overflow are
+/// counted in `pending_lost` and attached to the next queued event, so a
+/// loss is always reported exactly where it happened.
+struct SubShared<E> {
+    queue: Mutex<SubQueue<E>>,
+    /// Woken when an event lands in an empty queue or the queue ends.
+    notify: Notify,
+}
+
+struct SubQueue<E> {
+    items: VecDeque<Delivery<E>>,
+    /// Events dropped since the last one queued.
+    pending_lost: u64,
+    /// Set when the hub cut the subscriber off or closed.
+    end: Option<RecvError>,
+}
+
+impl<E> SubShared<E> {
+    fn new() -> Self {
+        SubShared {
+            queue: Mutex::new(SubQueue {
+                items: VecDeque::new(),
+                pending_lost: 0,
+                end: None,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SubQueue<E>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the queue: the consumer gets what it holds, then `why`.
+    fn end(&self, why: RecvError) {
+        self.lock().end.get_or_insert(why);
+        self.notify.notify_one();
+    }
+}
+
+/// What happened to one event offered to one subscriber.
+enum Offer {
+    Queued,
+    Dropped,
+    CutOff,
 }
 
 /// A subscriber as the publisher sees it.
 struct Entry<E> {
-    tx: mpsc::Sender<Delivery<E>>,
-    shared: Arc<SubShared>,
+    shared: Arc<SubShared<E>>,
     predicate: Predicate<E>,
     policy: OverflowPolicy,
+}
+
+impl<E> Entry<E> {
+    fn offer(&self, env: &Arc<Envelope<E>>, capacity: usize) -> Offer {
+        let mut q = self.shared.lock();
+        if q.items.len() < capacity {
+            let was_empty = q.items.is_empty();
+            let lost_before = std::mem::take(&mut q.pending_lost);
+            q.items.push_back(Delivery {
+                lost_before,
+                env: Arc::clone(env),
+            });
+            drop(q);
+            // The consumer only waits on an empty queue.
+            if was_empty {
+                self.shared.notify.notify_one();
+            }
+            return Offer::Queued;
+        }
+        match self.policy {
+            OverflowPolicy::MarkLost => {
+                q.pending_lost += 1;
+                Offer::Dropped
+            }
+            OverflowPolicy::CutOff => {
+                q.end = Some(RecvError::CutOff { capacity });
+                drop(q);
+                self.shared.notify.notify_one();
+                Offer::CutOff
+            }
+        }
+    }
 }
 
 struct Slot<E> {
@@ -441,38 +515,24 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         }
 
         let (mut delivered, mut dropped_full, mut cut) = (0u64, 0u64, 0u64);
+        let capacity = inner.config.queue_capacity;
         st.subscribers.retain(|_, entry| {
             if !(entry.predicate)(&env.event) {
                 return true;
             }
-            let lost_before = entry.shared.pending_lost.swap(0, Ordering::AcqRel);
-            let delivery = Delivery {
-                lost_before,
-                env: Arc::clone(&env),
-            };
-            match entry.tx.try_send(delivery) {
-                Ok(()) => {
+            match entry.offer(&env, capacity) {
+                Offer::Queued => {
                     delivered += 1;
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(d)) => match entry.policy {
-                    OverflowPolicy::MarkLost => {
-                        entry
-                            .shared
-                            .pending_lost
-                            .fetch_add(d.lost_before + 1, Ordering::AcqRel);
-                        dropped_full += 1;
-                        true
-                    }
-                    OverflowPolicy::CutOff => {
-                        entry.shared.cut_off.store(true, Ordering::Release);
-                        cut += 1;
-                        false
-                    }
-                },
-                // The subscription is being dropped; its `Drop` finds the
-                // entry already gone.
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Offer::Dropped => {
+                    dropped_full += 1;
+                    true
+                }
+                Offer::CutOff => {
+                    cut += 1;
+                    false
+                }
             }
         });
         drop(guard);
@@ -518,7 +578,9 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
                 limit: caps.total,
             });
         }
-        let (principal, held) = match slots.per_principal.get_key_value(options.principal.as_str())
+        let (principal, held) = match slots
+            .per_principal
+            .get_key_value(options.principal.as_str())
         {
             Some((key, held)) => (Arc::clone(key), *held),
             None => (Arc::from(options.principal.as_str()), 0),
@@ -560,14 +622,12 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
                 .dropped_ring_evicted
                 .fetch_add(lost, Ordering::Relaxed);
         }
-        let (tx, rx) = mpsc::channel(inner.config.queue_capacity);
-        let shared = Arc::new(SubShared::default());
+        let shared = Arc::new(SubShared::new());
         let id = st.next_id;
         st.next_id += 1;
         st.subscribers.insert(
             id,
             Entry {
-                tx,
                 shared: Arc::clone(&shared),
                 predicate: Arc::clone(&predicate),
                 policy: options.policy,
@@ -581,7 +641,6 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             kind: options.kind,
             principal,
             policy: options.policy,
-            rx,
             shared,
             predicate,
             last_seq,
@@ -602,6 +661,9 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
     pub fn close(&self) {
         let mut st = self.inner.lock();
         st.closed = true;
+        for entry in st.subscribers.values() {
+            entry.shared.end(RecvError::Closed);
+        }
         st.subscribers.clear();
         st.subscribers.shrink_to_fit();
     }

@@ -5,12 +5,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
-
 use super::{
     Delivery, Envelope, Inner, OverflowPolicy, Predicate, REPLAY_BATCH, REPLAY_SCAN_LIMIT,
     SubShared, SubscriberKind,
 };
+
+/// An emptied queue keeps room for this many events; beyond, it gives the
+/// memory back.
+const QUEUE_KEEP: usize = 32;
 
 /// Why events were lost before the next item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,8 +71,7 @@ pub(super) struct Parts<E> {
     pub(super) kind: SubscriberKind,
     pub(super) principal: Arc<str>,
     pub(super) policy: OverflowPolicy,
-    pub(super) rx: mpsc::Receiver<Delivery<E>>,
-    pub(super) shared: Arc<SubShared>,
+    pub(super) shared: Arc<SubShared<E>>,
     pub(super) predicate: Predicate<E>,
     pub(super) last_seq: u64,
     pub(super) lost: u64,
@@ -96,8 +97,7 @@ pub struct Subscription<E> {
     kind: SubscriberKind,
     principal: Arc<str>,
     policy: OverflowPolicy,
-    rx: mpsc::Receiver<Delivery<E>>,
-    shared: Arc<SubShared>,
+    shared: Arc<SubShared<E>>,
     predicate: Predicate<E>,
     last_seq: u64,
     lost: u64,
@@ -131,7 +131,6 @@ impl<E> Subscription<E> {
             kind: p.kind,
             principal: p.principal,
             policy: p.policy,
-            rx: p.rx,
             shared: p.shared,
             predicate: p.predicate,
             last_seq: p.last_seq,
@@ -164,18 +163,17 @@ impl<E> Subscription<E> {
     /// The next item, waiting for one if need be. Cancel-safe: an item is
     /// consumed only when returned.
     pub async fn recv(&mut self) -> Result<SubscriptionItem<E>, RecvError> {
+        let shared = Arc::clone(&self.shared);
         loop {
+            let notified = shared.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking at the queue: a push after the look
+            // wakes this waiter.
+            notified.as_mut().enable();
             if let Some(item) = self.try_recv()? {
                 return Ok(item);
             }
-            match self.rx.recv().await {
-                Some(delivery) => {
-                    if let Some(item) = self.accept(delivery) {
-                        return Ok(item);
-                    }
-                }
-                None => return Err(self.end()),
-            }
+            notified.await;
         }
     }
 
@@ -208,20 +206,34 @@ impl<E> Subscription<E> {
             }
         }
         loop {
-            match self.rx.try_recv() {
+            let popped = {
+                let mut q = self.shared.lock();
+                match q.items.pop_front() {
+                    Some(delivery) => Ok(delivery),
+                    None => {
+                        if q.items.capacity() > QUEUE_KEEP {
+                            q.items.shrink_to(QUEUE_KEEP);
+                        }
+                        Err((std::mem::take(&mut q.pending_lost), q.end))
+                    }
+                }
+            };
+            match popped {
                 Ok(delivery) => {
                     if let Some(item) = self.accept(delivery) {
                         return Ok(Some(item));
                     }
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    let lost = self.shared.pending_lost.swap(0, Ordering::AcqRel);
-                    return Ok((lost > 0).then_some(SubscriptionItem::Lost {
+                // Drops only happen on a full queue and are attached to the
+                // next push, so a count left here follows every queued event.
+                Err((lost, _)) if lost > 0 => {
+                    return Ok(Some(SubscriptionItem::Lost {
                         count: lost,
                         reason: LossReason::QueueFull,
                     }));
                 }
-                Err(mpsc::error::TryRecvError::Disconnected) => return Err(self.end()),
+                Err((_, Some(end))) => return Err(end),
+                Err((_, None)) => return Ok(None),
             }
         }
     }
@@ -288,16 +300,6 @@ impl<E> Subscription<E> {
             c.dropped_ring_evicted.fetch_add(lost, Ordering::Relaxed);
         }
         lost
-    }
-
-    fn end(&self) -> RecvError {
-        if self.shared.cut_off.load(Ordering::Acquire) {
-            RecvError::CutOff {
-                capacity: self.hub.config.queue_capacity,
-            }
-        } else {
-            RecvError::Closed
-        }
     }
 }
 
