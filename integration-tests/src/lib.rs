@@ -123,10 +123,83 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A process started by a test, in its own process group: dropping it stops
+/// it by pid (SIGTERM, then SIGKILL after [`STOP_GRACE`]) together with
+/// anything left in its group.
+pub struct ChildGuard {
+    child: Child,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        ChildGuard { child }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; at worst ESRCH.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the exit status.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status; panics if the process is
+    /// still running [`STOP_GRACE`] later.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_timeout(STOP_GRACE).unwrap_or_else(|| {
+            panic!(
+                "pid {} still running {STOP_GRACE:?} after SIGTERM",
+                self.id()
+            )
+        })
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.signal(libc::SIGTERM);
+            let _ = self.wait_timeout(STOP_GRACE);
+        }
+        // Whatever is left of the process group goes too.
+        // SAFETY: kill(2) on the process group this guard created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
 /// A qvirt service process started by a test.
 pub struct Service {
     name: String,
-    child: Child,
+    child: ChildGuard,
     /// Where it listens.
     pub addr: SocketAddr,
     /// Its private temp dir (config, logs, sockets).
@@ -145,14 +218,11 @@ impl Service {
             .arg(addr.to_string())
             .args(extra)
             .current_dir(dir.path())
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
+        let child = ChildGuard::spawn(&mut cmd);
         Service {
             name: name.to_owned(),
             child,
@@ -183,7 +253,7 @@ impl Service {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait() {
                 panic!(
                     "{} exited with {status} before serving; stderr:\n{}",
                     self.name,
@@ -206,9 +276,13 @@ impl Service {
 
     /// One health check of `service` ("" = the whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, String> {
-        let mut client = HealthClient::connect(self.url())
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
             .await
             .map_err(|e| e.to_string())?;
+        let mut client = HealthClient::new(channel);
         let reply = client
             .check(HealthCheckRequest {
                 service: service.to_owned(),
@@ -220,24 +294,15 @@ impl Service {
 
     /// Sends SIGTERM and waits (up to [`STOP_GRACE`]) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        self.child.signal(libc::SIGTERM);
+        match self.child.wait_timeout(STOP_GRACE) {
+            Some(status) => status,
+            None => panic!(
+                "{} still running {STOP_GRACE:?} after SIGTERM; stderr:\n{}",
+                self.name,
+                self.stderr()
+            ),
         }
-        panic!(
-            "{} still running {STOP_GRACE:?} after SIGTERM; stderr:\n{}",
-            self.name,
-            self.stderr()
-        );
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid; at worst ESRCH.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 }
 
@@ -246,19 +311,6 @@ impl Drop for Service {
         if std::thread::panicking() {
             eprintln!("--- {} stderr ---\n{}", self.name, self.stderr());
         }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal(libc::SIGTERM);
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline {
-                if !matches!(self.child.try_wait(), Ok(None)) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        // Whatever is left of the process group goes too.
-        // SAFETY: kill(2) on the process group this harness created.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
+        // The ChildGuard stops the process.
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{COMMAND_TIMEOUT, Service, bin_path, grpcurl, run, text};
+use qvirt_integration_tests::{COMMAND_TIMEOUT, ChildGuard, Service, bin_path, grpcurl, run, text};
 
 /// Each service binary and the qvirt services it serves.
 const SERVICES: [(&str, &[&str]); 5] = [
@@ -16,7 +16,11 @@ const SERVICES: [(&str, &[&str]); 5] = [
     ("qvirt-agentd", &["qvirt.v1.GuestAgent"]),
     (
         "qvirt-gateway",
-        &["qvirt.v1.EventBus", "qvirt.v1.GuestAgent", "qvirt.v1.Supervisor"],
+        &[
+            "qvirt.v1.EventBus",
+            "qvirt.v1.GuestAgent",
+            "qvirt.v1.Supervisor",
+        ],
     ),
 ];
 
@@ -27,7 +31,7 @@ const INFRA: [&str; 3] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_every_service_serves_health_and_lists_exactly_its_services() {
     let mut running: Vec<(Service, &[&str])> = SERVICES
         .iter()
@@ -42,21 +46,28 @@ async fn test_every_service_serves_health_and_lists_exactly_its_services() {
         assert!(out.status.success(), "grpcurl list: {}", text(&out.stderr));
         let mut listed: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
         listed.sort();
-        let mut want: Vec<String> = names.iter().chain(INFRA.iter()).map(|s| s.to_string()).collect();
+        let mut want: Vec<String> = names
+            .iter()
+            .chain(INFRA.iter())
+            .map(|s| s.to_string())
+            .collect();
         want.sort();
         assert_eq!(listed, want, "services listed by {}", svc.addr);
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_unknown_service_health_is_not_found() {
     let mut svc = Service::start("qvirt-eventbus", &[]);
     svc.wait_serving("").await;
     let err = svc.health("qvirt.v1.NoSuchService").await.unwrap_err();
-    assert!(err.contains("NotFound") || err.contains("not found"), "{err}");
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_grpcurl_describes_services_and_messages() {
     let mut svc = Service::start("qvirt-supervisor", &[]);
     svc.wait_serving("").await;
@@ -76,7 +87,7 @@ async fn test_grpcurl_describes_services_and_messages() {
     assert!(described.contains("name ="), "{described}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_gateway_does_not_expose_internal_services() {
     let mut gw = Service::start("qvirt-gateway", &[]);
     gw.wait_serving("").await;
@@ -89,7 +100,7 @@ async fn test_gateway_does_not_expose_internal_services() {
     assert!(!out.status.success(), "{}", text(&out.stdout));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_sigterm_stops_every_service_cleanly() {
     for (bin, _) in SERVICES {
         let mut svc = Service::start(bin, &[]);
@@ -99,31 +110,42 @@ async fn test_sigterm_stops_every_service_cleanly() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("bus.sock");
-    let mut child = std::process::Command::new(bin_path("qvirt-eventbus"))
-        .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGuard::spawn(
+        std::process::Command::new(bin_path("qvirt-eventbus"))
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .stderr(std::process::Stdio::null()),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let listed = loop {
-        assert!(std::time::Instant::now() < deadline, "no answer on {}", sock.display());
-        assert!(child.try_wait().unwrap().is_none(), "qvirt-eventbus exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer on {}",
+            sock.display()
+        );
+        assert!(child.try_wait().is_none(), "qvirt-eventbus exited");
         if sock.exists() {
-            let out = grpcurl(&["-plaintext", "-unix", sock.to_str().unwrap(), "list"]);
+            // Over a unix socket grpcurl must be told a valid :authority; by
+            // default it sends the path, which HTTP/2 servers reject.
+            let out = grpcurl(&[
+                "-plaintext",
+                "-unix",
+                "-authority",
+                "localhost",
+                sock.to_str().unwrap(),
+                "list",
+            ]);
             if out.status.success() {
                 break text(&out.stdout);
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let status = child.terminate();
     assert!(listed.lines().any(|l| l == "qvirt.v1.EventBus"), "{listed}");
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket file left behind after a clean stop");
@@ -135,7 +157,11 @@ fn assert_config_error(bin: &str, args: &[&str], needle: &str) {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr}"
+    );
     assert!(stderr.starts_with(&format!("{bin}: ")), "{stderr}");
     assert!(stderr.contains(needle), "want {needle:?} in: {stderr}");
 }
@@ -149,7 +175,10 @@ fn test_bad_config_exits_2_with_one_line() {
         p.to_str().unwrap().to_owned()
     };
     let malformed = write("malformed.yaml", "listen: [127.0.0.1:1\n");
-    let unknown = write("unknown.yaml", "log_format: json\nlisten_addr: 127.0.0.1:1\n");
+    let unknown = write(
+        "unknown.yaml",
+        "log_format: json\nlisten_addr: 127.0.0.1:1\n",
+    );
     let bad_addr = write("badaddr.yaml", "listen: somewhere\n");
     let bad_format = write("badfmt.yaml", "log_format: xml\n");
     let missing = dir.path().join("absent.yaml");
@@ -159,7 +188,11 @@ fn test_bad_config_exits_2_with_one_line() {
         assert_config_error(bin, &["--config", &malformed], "invalid config file");
         assert_config_error(bin, &["--config", &unknown], "unknown field `listen_addr`");
         assert_config_error(bin, &["--config", &unknown], "line 2 column 1");
-        assert_config_error(bin, &["--config", &bad_addr], "invalid listen address \"somewhere\"");
+        assert_config_error(
+            bin,
+            &["--config", &bad_addr],
+            "invalid listen address \"somewhere\"",
+        );
         assert_config_error(bin, &["--config", &bad_format], "unknown variant `xml`");
         assert_config_error(bin, &["--config", missing], "cannot read config file");
         assert_config_error(bin, &["--config", missing], "absent.yaml");
@@ -177,12 +210,16 @@ fn test_bad_flags_exit_2_naming_the_flag() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_port_in_use_exits_1_with_one_line() {
     let mut first = Service::start("qvirt-hookexec", &[]);
     first.wait_serving("").await;
     let addr = first.addr.to_string();
-    let out = run(&bin_path("qvirt-hookexec"), &["--listen", &addr], COMMAND_TIMEOUT);
+    let out = run(
+        &bin_path("qvirt-hookexec"),
+        &["--listen", &addr],
+        COMMAND_TIMEOUT,
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -210,7 +247,7 @@ fn test_help_and_version() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn test_json_logs_are_json_lines() {
     let mut svc = Service::start("qvirt-agentd", &["--log-format", "json"]);
     svc.wait_serving("").await;

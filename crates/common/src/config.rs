@@ -171,7 +171,10 @@ mod tests {
             ("127.0.0.1:50051", Some(ListenAddr::loopback(50051))),
             ("localhost:7", Some(ListenAddr::loopback(7))),
             ("[::1]:0", Some(ListenAddr::Tcp("[::1]:0".parse().unwrap()))),
-            ("unix:/run/q.sock", Some(ListenAddr::Unix("/run/q.sock".into()))),
+            (
+                "unix:/run/q.sock",
+                Some(ListenAddr::Unix("/run/q.sock".into())),
+            ),
             ("unix:", None),
             ("0.0.0.0", None),
             ("example.org:80", None),
@@ -192,7 +195,8 @@ mod tests {
 
     #[test]
     fn test_unknown_field_names_field_line_and_column() {
-        let err = parse::<Sample>(Path::new("svc.yaml"), "depth: 3\nlisten_adress: x\n").unwrap_err();
+        let err =
+            parse::<Sample>(Path::new("svc.yaml"), "depth: 3\nlisten_adress: x\n").unwrap_err();
         let line = error_chain(&err);
         assert!(line.starts_with("invalid config file svc.yaml: "), "{line}");
         assert!(line.contains("unknown field `listen_adress`"), "{line}");
@@ -203,7 +207,10 @@ mod tests {
     fn test_bad_listen_address_is_named() {
         let err = parse::<Sample>(Path::new("s.yaml"), "listen: nowhere\n").unwrap_err();
         let line = error_chain(&err);
-        assert!(line.contains("invalid listen address \"nowhere\""), "{line}");
+        assert!(
+            line.contains("invalid listen address \"nowhere\""),
+            "{line}"
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use prost::Message;
+use prost_types::{FileDescriptorProto, FileDescriptorSet};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +62,9 @@ pub enum ServeError {
     /// The reflection service could not be built from the descriptor set.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The embedded descriptor set does not decode (a build defect).
+    #[error("cannot decode the embedded protobuf descriptor set")]
+    Descriptors(#[source] prost::DecodeError),
     /// The transport failed while serving.
     #[error("gRPC server failed")]
     Transport(#[source] tonic::transport::Error),
@@ -139,7 +144,7 @@ impl Services {
     }
 
     /// Adds a generated tonic server (e.g. `SupervisorServer::new(svc)`).
-    pub fn add<S>(mut self, svc: S) -> Self
+    pub fn with<S>(mut self, svc: S) -> Self
     where
         S: tower_service::Service<http::Request<Body>, Error = Infallible>
             + NamedService
@@ -170,13 +175,14 @@ impl Services {
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
         }
+        let files = descriptors_for(qvirt_proto::FILE_DESCRIPTOR_SET, &names)?;
         let listed = names
             .iter()
             .copied()
             .chain(["grpc.health.v1.Health"])
             .chain(REFLECTION_SERVICES);
-        let mut v1 = reflection_builder();
-        let mut v1alpha = reflection_builder();
+        let mut v1 = reflection_builder(files.clone());
+        let mut v1alpha = reflection_builder(files);
         for name in listed {
             v1 = v1.with_service_name(name);
             v1alpha = v1alpha.with_service_name(name);
@@ -189,10 +195,47 @@ impl Services {
     }
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+fn reflection_builder(files: FileDescriptorSet) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(qvirt_proto::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The files of the encoded set `encoded` that define one of `services`,
+/// with everything they import: what reflection may describe. Files of
+/// services this server does not offer (e.g. internal ones at the gateway)
+/// stay out, so they cannot be looked up by symbol either.
+fn descriptors_for(encoded: &[u8], services: &[&str]) -> Result<FileDescriptorSet, ServeError> {
+    let all = FileDescriptorSet::decode(encoded).map_err(ServeError::Descriptors)?;
+    let defines = |f: &FileDescriptorProto, svc: &str| {
+        f.service
+            .iter()
+            .any(|s| format!("{}.{}", f.package(), s.name()) == svc)
+    };
+    let mut wanted: Vec<&str> = all
+        .file
+        .iter()
+        .filter(|f| services.iter().any(|svc| defines(f, svc)))
+        .map(|f| f.name())
+        .collect();
+    let mut i = 0;
+    while let Some(name) = wanted.get(i).copied() {
+        if let Some(file) = all.file.iter().find(|f| f.name() == name) {
+            for dep in &file.dependency {
+                if !wanted.contains(&dep.as_str()) {
+                    wanted.push(dep);
+                }
+            }
+        }
+        i += 1;
+    }
+    let file = all
+        .file
+        .iter()
+        .filter(|f| wanted.contains(&f.name()))
+        .cloned()
+        .collect();
+    Ok(FileDescriptorSet { file })
 }
 
 /// Serves `services` on `listener` until `shutdown` is cancelled, then marks
@@ -265,5 +308,33 @@ where
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the grace period; stopping anyway");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(set: &FileDescriptorSet) -> Vec<&str> {
+        let mut v: Vec<&str> = set.file.iter().map(|f| f.name()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn test_descriptors_hold_only_served_services_and_their_imports() {
+        let set =
+            descriptors_for(qvirt_proto::FILE_DESCRIPTOR_SET, &["qvirt.v1.Supervisor"]).unwrap();
+        let files = names(&set);
+        assert!(files.contains(&"qvirt/v1/supervisor.proto"), "{files:?}");
+        assert!(files.contains(&"qvirt/v1/common.proto"), "{files:?}");
+        assert!(!files.contains(&"qvirt/v1/hookexec.proto"), "{files:?}");
+        assert!(!files.contains(&"qvirt/v1/agent.proto"), "{files:?}");
+    }
+
+    #[test]
+    fn test_descriptors_for_nothing_is_empty() {
+        let set = descriptors_for(qvirt_proto::FILE_DESCRIPTOR_SET, &[]).unwrap();
+        assert!(set.file.is_empty());
     }
 }
