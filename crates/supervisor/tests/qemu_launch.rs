@@ -338,6 +338,13 @@ async fn test_kill_9_is_noticed_by_exit_watch_and_qmp() {
         guest.process.identity().verify().await,
         Err(IdentityError::NotRunning { .. })
     ));
+    // After a restart, a dead QEMU's leftover socket refuses connections.
+    match launch::connect_existing(guest.process.monitor_path(), WAIT).await {
+        Err(QmpError::Connect { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+        other => panic!("expected a refused connect, got {other:?}"),
+    }
     // kill() of an exited QEMU just reports its status.
     let again = within(guest.process.kill(Duration::from_secs(1)))
         .await
@@ -484,4 +491,23 @@ async fn test_adopted_qemu_is_terminated_after_identity_check() {
         status.success(),
         "SIGTERM is a clean QEMU shutdown: {status}"
     );
+}
+
+#[tokio::test]
+async fn test_quit_is_noticed_with_shutdown_event_and_clean_exit() {
+    let mut guest = start(&[]).await;
+    let mut exit = guest.process.exit_watch();
+    // QEMU may close the socket right after (or instead of) its reply.
+    match within(guest.process.qmp().execute("quit", None)).await {
+        Ok(_) | Err(QmpError::MonitorClosed) => {}
+        Err(other) => panic!("quit: {other}"),
+    }
+    let shutdown = next_event(&mut guest.events, "SHUTDOWN").await;
+    assert!(shutdown.data.contains("host-qmp-quit"), "{}", shutdown.data);
+    assert!(within(guest.events.recv()).await.is_none(), "events end");
+    within(guest.process.qmp().closed()).await;
+    let status = within(exit.wait()).await.expect("exit status");
+    assert!(status.success(), "{status}");
+    // On a clean quit QEMU removes the socket file it was told about.
+    assert!(!guest.process.monitor_path().exists());
 }

@@ -360,3 +360,130 @@ async fn test_close_fails_commands_and_peer_sees_eof() {
         .expect("read");
     assert_eq!(n, 0, "peer sees EOF after close");
 }
+
+mod framing {
+    //! Property: whatever the interleaving of events and (reordered)
+    //! replies, every command gets its own reply and events arrive in order
+    //! with their numbers' text intact.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// One scenario: how many commands, the order their replies go out, and
+    /// where events (with a number each) are slipped in.
+    #[derive(Debug, Clone)]
+    struct Scenario {
+        commands: usize,
+        reply_order: Vec<usize>,
+        events_before: Vec<Vec<String>>,
+    }
+
+    fn number_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[1-9][0-9]{19,30}",
+            "-?[1-9][0-9]{0,5}\\.[0-9]{1,25}",
+        ]
+    }
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
+        (1usize..6).prop_flat_map(|commands| {
+            (
+                Just(commands),
+                Just((0..commands).collect::<Vec<_>>()).prop_shuffle(),
+                prop::collection::vec(prop::collection::vec(number_text(), 0..4), commands + 1),
+            )
+                .prop_map(|(commands, reply_order, events_before)| Scenario {
+                    commands,
+                    reply_order,
+                    events_before,
+                })
+        })
+    }
+
+    async fn run(scenario: Scenario) -> Result<(), TestCaseError> {
+        let (mut conn, mut fake) = connected().await;
+        let expected_events: Vec<String> = scenario.events_before.concat();
+        let fake_side = async move {
+            let mut requests = Vec::new();
+            for _ in 0..scenario.commands {
+                requests.push(fake.request().await);
+            }
+            for (slot, index) in scenario.reply_order.iter().enumerate() {
+                for number in &scenario.events_before[slot] {
+                    fake.send(&event_line("NUM", &format!(r#"{{"n": {number}}}"#)))
+                        .await;
+                }
+                let request = &requests[*index];
+                fake.reply(request, json!({"echo": request["execute"]}))
+                    .await;
+            }
+            for number in &scenario.events_before[scenario.commands] {
+                fake.send(&event_line("NUM", &format!(r#"{{"n": {number}}}"#)))
+                    .await;
+            }
+            fake
+        };
+        let client = &conn.client;
+        let calls = (0..scenario.commands)
+            .map(|i| async move {
+                let name = format!("cmd-{i}");
+                let reply = client.execute(&name, None).await;
+                (name, reply)
+            })
+            .collect();
+        let commands = join_all(calls);
+        let (results, _fake) = tokio::join!(commands, fake_side);
+        for (name, reply) in results {
+            let reply = reply.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(reply, json!({"echo": name}));
+        }
+        for number in expected_events {
+            let event = conn.events.recv().await.expect("event");
+            prop_assert_eq!(event.data, format!(r#"{{"n":{number}}}"#));
+        }
+        Ok(())
+    }
+
+    /// Poll a set of futures together (no extra dependency for join_all).
+    async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+        let mut set = Vec::new();
+        for future in futures {
+            set.push(Box::pin(future));
+        }
+        let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (future, output) in set.iter_mut().zip(outputs.iter_mut()) {
+                if output.is_none() {
+                    match future.as_mut().poll(cx) {
+                        std::task::Poll::Ready(value) => *output = Some(value),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        outputs.into_iter().flatten().collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn prop_replies_match_ids_and_events_keep_order(scenario in scenario()) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async { tokio::time::timeout(WAIT, run(scenario)).await })
+                .map_err(|_| TestCaseError::fail("scenario timed out"))??;
+        }
+    }
+}
