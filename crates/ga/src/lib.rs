@@ -1,1 +1,163 @@
-//! A qemu-ga compatible guest agent
+//! qvirt-ga: a qemu-ga 7.2 compatible guest agent (same wire bytes, same
+//! CLI, same state files). Single-threaded and blocking like qemu-ga: one
+//! client at a time, requests answered in order.
+//!
+//! Entry point: [`run`] with the argv after the program name; `main.rs`
+//! only maps its result to an exit status.
+//!
+//! - [`cli`]: options and the `[general]` key file, `-D`.
+//! - [`channel`]: unix-listen, virtio-serial, isa-serial.
+//! - [`server`]: the read → parse → dispatch → write loop, signals.
+//! - [`agent`]: the command table, blocking/frozen rules, dispatch.
+//! - [`args`] (+ [`ghash`]): QAPI-style argument checking.
+//! - [`commands`]: the commands; [`state`]: the state directory.
+//!
+//! The wire protocol itself (JSON dialect, writer, envelope) is
+//! `qvirt-qga`.
+
+pub mod agent;
+pub mod args;
+pub mod b64;
+pub mod channel;
+pub mod cli;
+pub mod commands;
+pub mod ghash;
+pub mod server;
+pub mod state;
+
+use std::path::PathBuf;
+
+use agent::{Agent, AgentOptions, COMMANDS};
+use channel::{ChannelError, Device, Method};
+use cli::{Action, Config};
+
+/// Version line printed by `-V`: qemu-ga's text and version, then ours.
+pub fn version_line() -> String {
+    format!(
+        "QEMU Guest Agent {} (qvirt-ga {})",
+        commands::basic::QGA_VERSION,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Fatal errors (exit status 1, as qemu-ga).
+#[derive(Debug, thiserror::Error)]
+pub enum GaError {
+    /// Bad command line or config.
+    #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    /// The channel could not be opened.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The state directory is unusable.
+    #[error("failed to load persistent state")]
+    State(#[source] std::io::Error),
+    /// Daemonizing failed.
+    #[error("failed to daemonize")]
+    Daemonize(#[source] std::io::Error),
+    /// The main loop failed.
+    #[error("channel failure")]
+    Io(#[source] std::io::Error),
+}
+
+/// Runs the agent as the command line says.
+pub fn run(args: &[String]) -> Result<(), GaError> {
+    let config = match cli::parse(args, std::env::var("QGA_CONF").ok())? {
+        Action::Version => {
+            println!("{}", version_line());
+            return Ok(());
+        }
+        Action::Help => {
+            print!("{}", cli::HELP);
+            return Ok(());
+        }
+        Action::ListRpcs => {
+            for c in COMMANDS.iter() {
+                println!("{}", c.name);
+            }
+            return Ok(());
+        }
+        Action::Dump(c) => {
+            print!("{}", c.dump());
+            return Ok(());
+        }
+        Action::Run(c) => c,
+    };
+    serve(config)
+}
+
+fn serve(config: Config) -> Result<(), GaError> {
+    let method = Method::parse(&config.method);
+    let path = config.channel_path().ok_or(ChannelError::NoPath)?;
+    if let Some(log) = &config.logfile {
+        // qemu-ga opens (creates) its log file at start.
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+    }
+    let options = AgentOptions {
+        statedir: PathBuf::from(&config.statedir),
+        blocked: config.block_rpcs.clone(),
+        fsfreeze_hook: config.fsfreeze_hook.as_ref().map(PathBuf::from),
+        allowed: config.allow_rpcs.clone(),
+    };
+    server::install_signals();
+    enum Chan {
+        Listener(std::os::unix::net::UnixListener),
+        Device(Device),
+    }
+    let chan = match method {
+        Some(Method::UnixListen) => Chan::Listener(channel::bind_unix(&path)?),
+        Some(Method::VirtioSerial) => Chan::Device(Device::open(&path, false)?),
+        Some(Method::IsaSerial) => Chan::Device(Device::open(&path, true)?),
+        Some(Method::VsockListen) => return Err(ChannelError::Unsupported("vsock-listen").into()),
+        None => return Err(ChannelError::NoPath.into()),
+    };
+    if config.daemonize {
+        daemonize(&config.pidfile).map_err(GaError::Daemonize)?;
+    }
+    let agent = Agent::new(options).map_err(GaError::State)?;
+    let mut server = server::Server::new(agent);
+    match chan {
+        Chan::Listener(l) => server.serve_listener(&l).map_err(GaError::Io),
+        Chan::Device(mut d) => loop {
+            if !server.serve_conn(&mut d).map_err(GaError::Io)? {
+                return Ok(());
+            }
+        },
+    }
+}
+
+/// Forks into the background as qemu-ga's `become_daemon`: the child
+/// writes the pidfile, starts a session, `chdir /`, umask 077, stdio to
+/// /dev/null.
+fn daemonize(pidfile: &str) -> std::io::Result<()> {
+    // SAFETY: the process is still single-threaded here; the parent exits
+    // at once without touching shared state.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        // SAFETY: plain exit of the parent.
+        unsafe { libc::_exit(0) };
+    }
+    std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
+    // SAFETY: plain syscalls on our own process.
+    unsafe {
+        libc::setsid();
+        libc::umask(0o077);
+    }
+    std::env::set_current_dir("/")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+    Ok(())
+}

@@ -264,7 +264,8 @@ mod tests {
     fn test_lexer_tokens_table() {
         use Lexeme::*;
         use TokenKind::*;
-        let cases: &[(&[u8], &[(Lexeme, &str)])] = &[
+        type Case<'a> = (&'a [u8], &'a [(Lexeme, &'a str)]);
+        let cases: &[Case] = &[
             (
                 b"{'a':1}",
                 &[

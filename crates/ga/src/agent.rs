@@ -1,0 +1,238 @@
+//! The agent's dispatcher: qemu-ga's command table (schema order, the
+//! `success-response` flags), enabling and disabling (the `-b` list, the
+//! platform block list, the frozen allow-list), and the path of one message
+//! from parsed JSON to response bytes.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use qvirt_qga::{
+    Message, QgaError, Value, check_request, error_response, success_response, write_response,
+};
+
+use crate::args::Args;
+use crate::commands;
+use crate::state::PersistentState;
+
+/// What a command handler returns: `Ok(None)` for commands without a
+/// return value (answered `{}`).
+pub type CmdResult = Result<Option<Value>, QgaError>;
+
+type Handler = fn(&mut Agent, &mut Args) -> CmdResult;
+
+/// One registered command.
+pub struct Command {
+    /// Its name.
+    pub name: &'static str,
+    /// False for commands that answer nothing on success.
+    pub success_response: bool,
+    handler: Handler,
+}
+
+const fn cmd(name: &'static str, handler: Handler) -> Command {
+    Command {
+        name,
+        success_response: true,
+        handler,
+    }
+}
+
+const fn quiet(name: &'static str, handler: Handler) -> Command {
+    Command {
+        name,
+        success_response: false,
+        handler,
+    }
+}
+
+/// qemu-ga 7.2's commands on Linux, in schema (registration) order.
+pub static COMMANDS: &[Command] = {
+    use commands::*;
+    &[
+        cmd("guest-sync-delimited", basic::sync_delimited),
+        cmd("guest-sync", basic::sync),
+        cmd("guest-ping", basic::ping),
+        cmd("guest-get-time", basic::get_time),
+        cmd("guest-set-time", unsupported::set_time),
+        cmd("guest-info", basic::info),
+        quiet("guest-shutdown", sysinfo::shutdown),
+        cmd("guest-file-open", file::open),
+        cmd("guest-file-close", file::close),
+        cmd("guest-file-read", file::read),
+        cmd("guest-file-write", file::write),
+        cmd("guest-file-seek", file::seek),
+        cmd("guest-file-flush", file::flush),
+        cmd("guest-fsfreeze-status", fsfreeze::status),
+        cmd("guest-fsfreeze-freeze", fsfreeze::freeze),
+        cmd("guest-fsfreeze-freeze-list", fsfreeze::freeze_list),
+        cmd("guest-fsfreeze-thaw", fsfreeze::thaw),
+        cmd("guest-fstrim", unsupported::fstrim),
+        quiet("guest-suspend-disk", unsupported::no_args),
+        quiet("guest-suspend-ram", unsupported::no_args),
+        quiet("guest-suspend-hybrid", unsupported::no_args),
+        cmd("guest-network-get-interfaces", network::interfaces),
+        cmd("guest-get-vcpus", unsupported::no_args),
+        cmd("guest-set-vcpus", unsupported::set_vcpus),
+        cmd("guest-get-disks", unsupported::no_args),
+        cmd("guest-get-fsinfo", unsupported::no_args),
+        cmd("guest-set-user-password", unsupported::set_user_password),
+        cmd("guest-get-memory-blocks", unsupported::no_args),
+        cmd("guest-set-memory-blocks", unsupported::set_memory_blocks),
+        cmd("guest-get-memory-block-info", unsupported::no_args),
+        cmd("guest-exec-status", exec::status),
+        cmd("guest-exec", exec::exec),
+        cmd("guest-get-host-name", sysinfo::host_name),
+        cmd("guest-get-users", sysinfo::users),
+        cmd("guest-get-timezone", sysinfo::timezone),
+        cmd("guest-get-osinfo", sysinfo::osinfo),
+        cmd("guest-get-devices", unsupported::no_args),
+        cmd("guest-ssh-get-authorized-keys", unsupported::ssh_get),
+        cmd("guest-ssh-add-authorized-keys", unsupported::ssh_add),
+        cmd("guest-ssh-remove-authorized-keys", unsupported::ssh_remove),
+        cmd("guest-get-diskstats", unsupported::no_args),
+        cmd("guest-get-cpustats", unsupported::no_args),
+    ]
+};
+
+/// Commands qemu-ga blocks on every POSIX build.
+pub const PLATFORM_BLOCKED: &[&str] = &["guest-get-devices"];
+
+/// The commands that still run while filesystems are frozen.
+pub const FREEZE_ALLOWLIST: &[&str] = &[
+    "guest-ping",
+    "guest-info",
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-fsfreeze-status",
+    "guest-fsfreeze-thaw",
+];
+
+/// Static settings the agent runs with.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// The state directory.
+    pub statedir: PathBuf,
+    /// Commands blocked with `-b` (unknown names are ignored).
+    pub blocked: Vec<String>,
+    /// The fsfreeze hook script, if `-F` was given.
+    pub fsfreeze_hook: Option<PathBuf>,
+    /// `-a`: if not empty, only these commands are enabled.
+    pub allowed: Vec<String>,
+}
+
+/// The running agent: its state and the one-shot delimiter flag.
+pub struct Agent {
+    /// Settings.
+    pub options: AgentOptions,
+    /// Persistent state (file handle counter, frozen marker).
+    pub state: PersistentState,
+    /// Whether the agent is in frozen mode.
+    pub frozen: bool,
+    /// Set by guest-sync-delimited: the next response gets a 0xFF.
+    pub delimit_next: bool,
+    blocked: HashSet<String>,
+    /// Open files.
+    pub files: commands::file::Files,
+    /// Processes started by guest-exec.
+    pub execs: commands::exec::Execs,
+}
+
+impl Agent {
+    /// Sets the agent up from `options`; starts frozen if the marker is in
+    /// the state directory.
+    pub fn new(options: AgentOptions) -> std::io::Result<Self> {
+        let state = PersistentState::load(&options.statedir)?;
+        let frozen = state.marker_exists();
+        let mut blocked: HashSet<String> = options
+            .blocked
+            .iter()
+            .filter(|b| COMMANDS.iter().any(|c| c.name == b.as_str()))
+            .cloned()
+            .collect();
+        blocked.extend(PLATFORM_BLOCKED.iter().map(|s| s.to_string()));
+        Ok(Agent {
+            options,
+            state,
+            frozen,
+            delimit_next: false,
+            blocked,
+            files: Default::default(),
+            execs: Default::default(),
+        })
+    }
+
+    /// Why `name` is disabled: `None` if enabled, `Some("")` if blocked
+    /// without a reason, `Some(reason)` otherwise.
+    pub fn disabled_reason(&self, name: &str) -> Option<&'static str> {
+        if self.frozen && !FREEZE_ALLOWLIST.contains(&name) {
+            return Some("the agent is in frozen state");
+        }
+        if self.blocked.contains(name) {
+            return Some("");
+        }
+        if !self.options.allowed.is_empty() && !self.options.allowed.iter().any(|a| a == name) {
+            return Some("the command is not allowed");
+        }
+        None
+    }
+
+    /// Enters frozen mode (ga_set_frozen).
+    pub fn set_frozen(&mut self) -> std::io::Result<()> {
+        if self.frozen {
+            return Ok(());
+        }
+        self.frozen = true;
+        self.state.set_marker(true)
+    }
+
+    /// Leaves frozen mode (ga_unset_frozen).
+    pub fn unset_frozen(&mut self) -> std::io::Result<()> {
+        if !self.frozen {
+            return Ok(());
+        }
+        self.frozen = false;
+        self.state.set_marker(false)
+    }
+
+    /// Handles one message from the stream, appending the response (if
+    /// any) to `out`.
+    pub fn handle(&mut self, message: Message, out: &mut Vec<u8>) {
+        let response = match message {
+            Err(e) => Some(error_response(&QgaError::generic(e.desc), None)),
+            Ok(value) => match check_request(value) {
+                Err(rejected) => Some(error_response(&rejected.error, rejected.id)),
+                Ok(req) => self.dispatch(req.execute, req.arguments, req.id),
+            },
+        };
+        if let Some(response) = response {
+            let delimited = std::mem::take(&mut self.delimit_next);
+            write_response(out, &response, delimited);
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        name: String,
+        arguments: qvirt_qga::Dict,
+        id: Option<Value>,
+    ) -> Option<Value> {
+        let Some(command) = COMMANDS.iter().find(|c| c.name == name) else {
+            let err = QgaError::not_found(format!("The command {name} has not been found"));
+            return Some(error_response(&err, id));
+        };
+        if let Some(reason) = self.disabled_reason(command.name) {
+            let sep = if reason.is_empty() { "" } else { ": " };
+            let err = QgaError::not_found(format!("Command {name} has been disabled{sep}{reason}"));
+            return Some(error_response(&err, id));
+        }
+        let mut args = Args::new(arguments);
+        match (command.handler)(self, &mut args) {
+            Err(err) => Some(error_response(&err, id)),
+            Ok(_) if !command.success_response => None,
+            Ok(ret) => Some(success_response(
+                ret.unwrap_or_else(|| Value::Object(qvirt_qga::Dict::new())),
+                id,
+            )),
+        }
+    }
+}

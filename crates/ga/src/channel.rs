@@ -1,0 +1,196 @@
+//! Transports, as qemu-ga's `channel-posix.c`: `unix-listen` (backlog 1,
+//! one client at a time), `virtio-serial` (one permanent port; EOF means no
+//! host: sleep 100 ms and poll again, never spin) and `isa-serial` (raw
+//! 38400 baud). The JSON parser's state lives in the caller and survives
+//! reconnects.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Read size per call (`QGA_READ_COUNT_DEFAULT`).
+pub const READ_SIZE: usize = 4096;
+/// Default virtio-serial port.
+pub const VIRTIO_SERIAL_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
+/// Default isa-serial device.
+pub const ISA_SERIAL_PATH: &str = "/dev/ttyS0";
+
+/// The transport method (`-m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// A virtio-serial port (default).
+    VirtioSerial,
+    /// A serial port.
+    IsaSerial,
+    /// A unix socket the agent listens on.
+    UnixListen,
+    /// vsock (not supported yet).
+    VsockListen,
+}
+
+impl Method {
+    /// Parses `-m`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "virtio-serial" => Method::VirtioSerial,
+            "isa-serial" => Method::IsaSerial,
+            "unix-listen" => Method::UnixListen,
+            "vsock-listen" => Method::VsockListen,
+            _ => return None,
+        })
+    }
+
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::VirtioSerial => "virtio-serial",
+            Method::IsaSerial => "isa-serial",
+            Method::UnixListen => "unix-listen",
+            Method::VsockListen => "vsock-listen",
+        }
+    }
+}
+
+/// Failures opening a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// unix-listen without `-p`.
+    #[error("must specify a path for this channel")]
+    NoPath,
+    /// The method is not implemented.
+    #[error("channel method {0} is not supported by qvirt-ga yet")]
+    Unsupported(&'static str),
+    /// Opening or binding failed.
+    #[error("error opening channel {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Something that can be read and written, one peer at a time.
+pub trait Conn {
+    /// Reads some bytes; `Ok(0)` means the peer went away.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes all bytes.
+    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()>;
+}
+
+fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pfd.revents)
+}
+
+/// A device opened non-blocking (virtio-serial or isa-serial).
+pub struct Device {
+    file: File,
+}
+
+impl Device {
+    /// Opens `path` O_RDWR | O_NONBLOCK; for isa-serial also sets raw
+    /// 38400 baud and flushes pending input.
+    pub fn open(path: &Path, serial: bool) -> Result<Self, ChannelError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|source| ChannelError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        if serial {
+            let fd = file.as_raw_fd();
+            // SAFETY: termios is plain data; the calls get a valid fd and pointer.
+            unsafe {
+                let mut tio: libc::termios = std::mem::zeroed();
+                if libc::tcgetattr(fd, &mut tio) == 0 {
+                    libc::cfmakeraw(&mut tio);
+                    libc::cfsetispeed(&mut tio, libc::B38400);
+                    libc::cfsetospeed(&mut tio, libc::B38400);
+                    libc::tcsetattr(fd, libc::TCSANOW, &tio);
+                }
+                libc::tcflush(fd, libc::TCIFLUSH);
+            }
+        }
+        Ok(Device { file })
+    }
+}
+
+impl Conn for Device {
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.file.read(buf) {
+                // No host side: qemu-ga sleeps 100 ms and polls again.
+                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let rev = wait_fd(self.file.as_raw_fd(), libc::POLLIN, -1)?;
+                    if rev & (libc::POLLHUP | libc::POLLERR) != 0 && rev & libc::POLLIN == 0 {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn write_all_bytes(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.file.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_fd(self.file.as_raw_fd(), libc::POLLOUT, -1)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+
+    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data)
+    }
+}
+
+/// Binds the unix-listen socket: removes a stale file, listens with
+/// backlog 1.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ChannelError> {
+    let open_err = |source| ChannelError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(open_err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(open_err)?;
+    // SAFETY: re-listening on our own bound socket only changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0 {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    Ok(listener)
+}

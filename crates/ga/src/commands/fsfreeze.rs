@@ -1,0 +1,167 @@
+//! guest-fsfreeze-status/freeze/freeze-list/thaw: the frozen mode and its
+//! marker, the optional hook, FIFREEZE/FITHAW on the mounted block-device
+//! filesystems (reverse mount order for freezing).
+
+use std::os::fd::AsRawFd;
+
+use qvirt_qga::{QgaError, Value};
+
+use crate::agent::{Agent, CmdResult};
+use crate::args::Args;
+
+// _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// guest-fsfreeze-status: the agent's own flag.
+pub fn status(agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    Ok(Some(Value::from(if agent.frozen {
+        "frozen"
+    } else {
+        "thawed"
+    })))
+}
+
+/// Mount points of block-device filesystems, in mount order.
+fn mounts() -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(devno), Some(dir), Some(fstype)) =
+            (fields.get(2), fields.get(4), fields.get(sep + 1))
+        else {
+            continue;
+        };
+        let major: u32 = devno
+            .split(':')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major == 0 || *fstype == "smbfs" || *fstype == "cifs" {
+            continue;
+        }
+        out.push(unescape_mount(dir));
+    }
+    out
+}
+
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 0
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn ioctl_path(path: &str, request: libc::c_ulong) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: FIFREEZE/FITHAW take an int argument that the kernel ignores.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, 0) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
+    let Some(hook) = &agent.options.fsfreeze_hook else {
+        return Ok(());
+    };
+    let status = std::process::Command::new(hook)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| crate::commands::with_errno("can't execute fsfreeze hook", &e))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(QgaError::generic(format!(
+            "fsfreeze hook has failed with status {code}"
+        ))),
+        None => Err(QgaError::generic(
+            "fsfreeze hook was terminated by a signal",
+        )),
+    }
+}
+
+fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
+    run_hook(agent, "freeze")?;
+    let mut list = mounts();
+    if let Some(only) = &only {
+        list.retain(|m| only.contains(m));
+    }
+    agent
+        .set_frozen()
+        .map_err(|e| crate::commands::with_errno("failed to set frozen state", &e))?;
+    let mut count = 0;
+    for m in list.iter().rev() {
+        match ioctl_path(m, FIFREEZE) {
+            Ok(()) => count += 1,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EBUSY)) => {}
+            Err(e) => {
+                let err = crate::commands::with_errno(&format!("failed to freeze {m}"), &e);
+                thaw_all();
+                let _ = agent.unset_frozen();
+                return Err(err);
+            }
+        }
+    }
+    if count == 0 {
+        let _ = agent.unset_frozen();
+    }
+    Ok(Some(Value::Int(count)))
+}
+
+fn thaw_all() -> i64 {
+    let mut count = 0;
+    for m in mounts() {
+        let mut thawed = false;
+        while ioctl_path(&m, FITHAW).is_ok() {
+            thawed = true;
+        }
+        if thawed {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// guest-fsfreeze-freeze.
+pub fn freeze(agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    do_freeze(agent, None)
+}
+
+/// guest-fsfreeze-freeze-list.
+pub fn freeze_list(agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let only = args.opt_str_list("mountpoints")?;
+    args.done()?;
+    do_freeze(agent, only)
+}
+
+/// guest-fsfreeze-thaw.
+pub fn thaw(agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let count = thaw_all();
+    let _ = agent.unset_frozen();
+    run_hook(agent, "thaw")?;
+    Ok(Some(Value::Int(count)))
+}

@@ -1,0 +1,264 @@
+//! guest-get-host-name, guest-get-users, guest-get-timezone,
+//! guest-get-osinfo and guest-shutdown.
+
+use std::ffi::CStr;
+
+use qvirt_qga::unicode::lossy;
+use qvirt_qga::{Dict, QgaError, Value};
+
+use crate::agent::{Agent, CmdResult};
+use crate::args::Args;
+
+/// guest-get-host-name: `gethostname()`, or "localhost" if it fails.
+pub fn host_name(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; gethostname NUL-terminates
+    // or truncates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    let name = if rc == 0 {
+        lossy(&buf)
+    } else {
+        "localhost".to_owned()
+    };
+    let mut d = Dict::new();
+    d.insert("host-name", name);
+    Ok(Some(Value::Object(d)))
+}
+
+/// guest-get-timezone: zone abbreviation and offset east of UTC now.
+pub fn timezone(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let (offset, zone) = local_zone();
+    let mut d = Dict::new();
+    if !zone.is_empty() {
+        d.insert("zone", zone);
+    }
+    d.insert("offset", offset);
+    Ok(Some(Value::Object(d)))
+}
+
+fn local_zone() -> (i64, String) {
+    // SAFETY: time(NULL) only reads the clock.
+    let now = unsafe { libc::time(std::ptr::null_mut()) };
+    // SAFETY: tm is plain data; localtime_r fills it from valid pointers.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
+    if !ok {
+        return (0, "UTC".to_owned());
+    }
+    let zone = if tm.tm_zone.is_null() {
+        String::new()
+    } else {
+        // SAFETY: tm_zone points at a NUL-terminated static string.
+        lossy(unsafe { CStr::from_ptr(tm.tm_zone) }.to_bytes())
+    };
+    (tm.tm_gmtoff, zone)
+}
+
+/// guest-get-users: one entry per user with its earliest login (utmpx
+/// USER_PROCESS records).
+pub fn users(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let mut order: Vec<String> = Vec::new();
+    let mut first: std::collections::HashMap<String, f64> = Default::default();
+    // SAFETY: the agent is single-threaded; getutxent's static buffer is
+    // read before the next call.
+    unsafe {
+        libc::setutxent();
+        loop {
+            let ent = libc::getutxent();
+            if ent.is_null() {
+                break;
+            }
+            let ent = &*ent;
+            if ent.ut_type != libc::USER_PROCESS {
+                continue;
+            }
+            let raw: Vec<u8> = ent
+                .ut_user
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            let user = lossy(&raw);
+            let t = ent.ut_tv.tv_sec as f64 + ent.ut_tv.tv_usec as f64 / 1_000_000.0;
+            match first.get_mut(&user) {
+                Some(old) => {
+                    if t < *old {
+                        *old = t;
+                    }
+                }
+                None => {
+                    order.push(user.clone());
+                    first.insert(user, t);
+                }
+            }
+        }
+        libc::endutxent();
+    }
+    let list = order
+        .into_iter()
+        .map(|user| {
+            let t = first.get(&user).copied().unwrap_or(0.0);
+            let mut d = Dict::new();
+            d.insert("user", user);
+            d.insert("login-time", Value::Double(t));
+            Value::Object(d)
+        })
+        .collect::<Vec<_>>();
+    Ok(Some(Value::Array(list)))
+}
+
+/// guest-get-osinfo: uname plus os-release (`$QGA_OS_RELEASE`, else
+/// /etc/os-release, else /usr/lib/os-release).
+pub fn osinfo(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let mut d = Dict::new();
+    // SAFETY: utsname is plain data filled by uname.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    if unsafe { libc::uname(&mut uts) } == 0 {
+        let field = |f: &[libc::c_char]| {
+            let raw: Vec<u8> = f
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            lossy(&raw)
+        };
+        d.insert("kernel-release", field(&uts.release));
+        d.insert("kernel-version", field(&uts.version));
+        d.insert("machine", field(&uts.machine));
+    }
+    let text = match std::env::var_os("QGA_OS_RELEASE") {
+        Some(p) => std::fs::read(p).ok(),
+        None => std::fs::read("/etc/os-release")
+            .or_else(|_| std::fs::read("/usr/lib/os-release"))
+            .ok(),
+    };
+    if let Some(text) = text.and_then(|t| String::from_utf8(t).ok()) {
+        let values = parse_os_release(&text);
+        for (key, member) in [
+            ("ID", "id"),
+            ("NAME", "name"),
+            ("PRETTY_NAME", "pretty-name"),
+            ("VERSION", "version"),
+            ("VERSION_ID", "version-id"),
+            ("VARIANT", "variant"),
+            ("VARIANT_ID", "variant-id"),
+        ] {
+            if let Some(v) = values.get(key) {
+                d.insert(member, v.clone());
+            }
+        }
+    }
+    Ok(Some(Value::Object(d)))
+}
+
+/// Parses os-release lines `KEY=value`: quoted values are shell-unquoted,
+/// unquoted ones end at the first space or `;`.
+pub fn parse_os_release(text: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim_start();
+        let value = if value.starts_with('"') || value.starts_with('\'') {
+            match shell_unquote(value) {
+                Some(v) => v,
+                None => continue,
+            }
+        } else {
+            value
+                .split([' ', ';'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        out.insert(key.trim().to_owned(), value);
+    }
+    out
+}
+
+/// GLib's `g_shell_unquote`: single quotes literal, double quotes with
+/// `\` escaping only `$ \` " \\` and newline, backslash outside quotes.
+fn shell_unquote(s: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => loop {
+                match chars.next()? {
+                    '\'' => break,
+                    x => out.push(x),
+                }
+            },
+            '"' => loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => match chars.next()? {
+                        x @ ('"' | '\\' | '`' | '$' | '\n') => out.push(x),
+                        x => {
+                            out.push('\\');
+                            out.push(x);
+                        }
+                    },
+                    x => out.push(x),
+                }
+            },
+            '\\' => match chars.next() {
+                Some('\n') | None => {}
+                Some(x) => out.push(x),
+            },
+            x => out.push(x),
+        }
+    }
+    Some(out)
+}
+
+/// guest-shutdown: runs `/sbin/shutdown` and sends nothing on success.
+pub fn shutdown(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let mode = args.opt_str("mode")?;
+    args.done()?;
+    let flag = match mode.as_deref() {
+        None | Some("powerdown") => "-P",
+        Some("halt") => "-H",
+        Some("reboot") => "-r",
+        Some(_) => {
+            return Err(QgaError::generic(
+                "mode is invalid (valid values are: halt|powerdown|reboot",
+            ));
+        }
+    };
+    let status = std::process::Command::new("/sbin/shutdown")
+        .args([flag, "+0", "hypervisor initiated shutdown"])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| crate::commands::with_errno("failed to create child process", &e))?;
+    if !status.success() {
+        return Err(QgaError::generic("child process has failed to shutdown"));
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_os_release_parsing_matches_test_qga() {
+        let text = "ID=qemu-ga-test\nNAME=QEMU-GA\nPRETTY_NAME=\"QEMU Guest Agent test\"\nVERSION=\"Test 1\"\nVERSION_ID=1\nVARIANT=\"Unit test \\\"'$\\`\\\\ and \\\\\\\\ etc.\"\nVARIANT_ID=\"unit-test\"\n";
+        let v = parse_os_release(text);
+        assert_eq!(v["ID"], "qemu-ga-test");
+        assert_eq!(v["PRETTY_NAME"], "QEMU Guest Agent test");
+        assert_eq!(v["VERSION_ID"], "1");
+        assert_eq!(v["VARIANT"], "Unit test \"'$`\\ and \\\\ etc.");
+    }
+}

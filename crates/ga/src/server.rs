@@ -1,0 +1,112 @@
+//! The agent's main loop: read up to 4096 bytes, feed the parser, answer
+//! each message in order, one client at a time. Single-threaded, blocking,
+//! no busy waiting. SIGTERM/SIGINT end it with status 0 unless frozen.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use qvirt_qga::StreamParser;
+
+use crate::agent::Agent;
+use crate::channel::{Conn, READ_SIZE};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGTERM/SIGINT handlers (no SA_RESTART, so blocking calls
+/// return EINTR) and ignores SIGPIPE.
+pub fn install_signals() {
+    // SAFETY: the handler only stores to an atomic; sigaction gets valid
+    // pointers.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// Whether a stop signal arrived (and the agent may stop: not frozen).
+fn should_stop(agent: &Agent) -> bool {
+    if !STOP.load(Ordering::SeqCst) {
+        return false;
+    }
+    if agent.frozen {
+        // qemu-ga ignores SIGTERM/SIGINT while frozen.
+        STOP.store(false, Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+/// The agent plus its parser: everything that outlives a connection.
+pub struct Server {
+    /// The agent.
+    pub agent: Agent,
+    parser: StreamParser,
+    out: Vec<u8>,
+}
+
+impl Server {
+    /// A server around `agent` with a fresh parser.
+    pub fn new(agent: Agent) -> Self {
+        Server {
+            agent,
+            parser: StreamParser::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Serves one peer until it goes away (`Ok(true)`) or a stop signal
+    /// arrives (`Ok(false)`).
+    pub fn serve_conn(&mut self, conn: &mut impl Conn) -> io::Result<bool> {
+        let mut buf = vec![0u8; READ_SIZE];
+        loop {
+            if should_stop(&self.agent) {
+                return Ok(false);
+            }
+            let n = match conn.read_some(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Ok(true),
+            };
+            let Server { agent, parser, out } = self;
+            parser.feed(&buf[..n], &mut |m| agent.handle(m, out));
+            if !self.out.is_empty() {
+                let result = conn.write_all_bytes(&self.out);
+                self.out.clear();
+                if self.out.capacity() > 1 << 20 {
+                    self.out = Vec::new();
+                }
+                if result.is_err() {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    /// unix-listen: accept one client at a time, forever.
+    pub fn serve_listener(&mut self, listener: &UnixListener) -> io::Result<()> {
+        loop {
+            if should_stop(&self.agent) {
+                return Ok(());
+            }
+            let mut stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if !self.serve_conn(&mut stream)? {
+                return Ok(());
+            }
+        }
+    }
+}
