@@ -511,3 +511,80 @@ async fn test_quit_is_noticed_with_shutdown_event_and_clean_exit() {
     // On a clean quit QEMU removes the socket file it was told about.
     assert!(!guest.process.monitor_path().exists());
 }
+
+/// The `socket:[inode]` link of the monitor listener QEMU was given.
+async fn monitor_listener_inode(process: &QemuProcess) -> String {
+    let fd = process
+        .identity()
+        .cmdline
+        .iter()
+        .find_map(|arg| arg.strip_prefix("socket,id=mon,fd="))
+        .and_then(|rest| rest.split(',').next())
+        .expect("monitor fd on the command line")
+        .to_owned();
+    let link = tokio::fs::read_link(format!("/proc/{}/fd/{fd}", process.pid()))
+        .await
+        .expect("monitor fd link");
+    link.to_string_lossy().into_owned()
+}
+
+/// Every `socket:[inode]` link in a process's fd table.
+async fn socket_inodes(pid: u32) -> Vec<String> {
+    let mut dir = tokio::fs::read_dir(format!("/proc/{pid}/fd"))
+        .await
+        .expect("fd dir");
+    let mut links = Vec::new();
+    while let Some(entry) = dir.next_entry().await.expect("fd entry") {
+        if let Ok(link) = tokio::fs::read_link(entry.path()).await {
+            let link = link.to_string_lossy().into_owned();
+            if link.starts_with("socket:") {
+                links.push(link);
+            }
+        }
+    }
+    links
+}
+
+/// Twenty QEMUs started at once (each with its own run dir and socket):
+/// no fd leaks between them, every one answers its own monitor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_twenty_launches_at_once() {
+    let starts: Vec<_> = (0..20).map(|_| tokio::spawn(start(&[]))).collect();
+    let mut guests = Vec::new();
+    for started in starts {
+        guests.push(within(started).await.expect("launch task"));
+    }
+    let mut slowest = Duration::ZERO;
+    let mut listeners = Vec::new();
+    for guest in &guests {
+        slowest = slowest.max(guest.process.spawn_to_greeting());
+        assert_eq!(status(guest).await["status"], "prelaunch");
+        listeners.push(monitor_listener_inode(&guest.process).await);
+    }
+    // The launcher kept no copy of any listener (a kept copy turns a QEMU
+    // startup failure into a read blocked forever)...
+    let own = socket_inodes(std::process::id()).await;
+    assert!(
+        listeners.iter().all(|l| !own.contains(l)),
+        "parent kept a listener"
+    );
+    // ...and no QEMU inherited another one's listener.
+    for guest in &guests {
+        let held = socket_inodes(guest.process.pid()).await;
+        let foreign = listeners.iter().filter(|l| held.contains(*l)).count();
+        assert_eq!(
+            foreign,
+            1,
+            "pid {} holds {foreign} monitor listeners",
+            guest.process.pid()
+        );
+    }
+    println!("20 concurrent launches: slowest spawn -> greeting {slowest:?}");
+    let kills: Vec<_> = guests
+        .iter()
+        .map(|guest| guest.process.kill(Duration::from_secs(10)))
+        .collect();
+    for kill in kills {
+        within(kill).await.expect("kill");
+    }
+}

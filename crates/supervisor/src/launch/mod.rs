@@ -13,9 +13,15 @@
 //! timeout while watching the child's exit. Any failure there means QEMU
 //! failed: the error carries its exit status and the tail of its log.
 //!
+//! A [`QemuProcess`] notices its QEMU's exit at once ([`ExitWatch`], fed by
+//! the task that reaps the child; the QMP client also sees EOF) and stops it
+//! with [`QemuProcess::kill`] (SIGTERM, SIGKILL after a grace period, to the
+//! process group). Dropping a half-done [`launch`] kills the child.
+//!
 //! After a supervisor restart: [`ProcessIdentity::verify`] tells whether a
-//! recorded pid is still the same QEMU, and [`connect_existing`] opens a new
-//! QMP session on its monitor socket. Measured on QEMU 7.2 (see the tests):
+//! recorded pid is still the same QEMU, [`connect_existing`] opens a new
+//! QMP session on its monitor socket, and [`terminate_adopted`] stops such a
+//! QEMU (its exit is seen as the monitor's EOF, since it is not our child). Measured on QEMU 7.2 (see the tests):
 //! QEMU serves one monitor client at a time and keeps listening, so a new
 //! connection gets its greeting as soon as the previous one is closed; a
 //! client that connects while another is attached waits in the backlog (no
@@ -142,7 +148,10 @@ pub enum LaunchError {
     },
     /// QEMU kept running but its monitor did not complete the handshake;
     /// it was killed.
-    #[error("QEMU monitor handshake failed, QEMU killed (status {status:?}); log: {log_tail}")]
+    #[error(
+        "QEMU monitor handshake failed; QEMU killed ({}): {log_tail}",
+        describe_status(status.as_ref())
+    )]
     Handshake {
         /// The exit status after the kill, when it was seen.
         status: Option<ExitStatus>,
@@ -189,6 +198,10 @@ pub enum LaunchError {
         /// The pid.
         pid: u32,
     },
+}
+
+fn describe_status(status: Option<&ExitStatus>) -> String {
+    status.map_or_else(|| "exit not seen".to_owned(), ToString::to_string)
 }
 
 /// Tells when a spawned QEMU exits. Clone it freely.
@@ -639,7 +652,15 @@ mod tests {
             handshake_timeout: Duration::from_millis(300),
         };
         let started = Instant::now();
-        match launch(&config).await {
+        let result = launch(&config).await;
+        if let Err(error) = &result {
+            let message = error.to_string();
+            assert_eq!(
+                message,
+                "QEMU monitor handshake failed; QEMU killed (signal: 15 (SIGTERM)): fake qemu: hanging"
+            );
+        }
+        match result {
             Err(LaunchError::Handshake {
                 status,
                 log_tail,
