@@ -5,6 +5,9 @@
 //! set that servers register for reflection. No hand-written copies of these
 //! types exist anywhere else in the workspace.
 //!
+//! The domain spec messages also derive serde, so a YAML domain file is the
+//! `DomainSpec` message itself ([`yaml`]).
+//!
 //! Server traits are generated with default methods that answer
 //! `UNIMPLEMENTED`, so a service implements only the RPCs it supports.
 #![allow(missing_docs, clippy::all)]
@@ -14,6 +17,8 @@
 pub mod v1 {
     tonic::include_proto!("qvirt.v1");
 }
+
+pub mod yaml;
 
 /// The encoded `FileDescriptorSet` of every `qvirt.v1` file, for
 /// `tonic_reflection`.

@@ -1,0 +1,377 @@
+//! YAML domain files: the generated [`DomainSpec`] and its nested messages
+//! derive serde (see `build.rs`), and this module holds the small adapters
+//! those derives name:
+//!
+//! - enum fields read and write as short lowercase names (`accel: tcg`,
+//!   `format: qcow2`, `protocol: udp`) instead of numbers;
+//! - a network (hand-written serde for [`NetworkSpec`]) has its backend
+//!   (the `backend` oneof) as its own key beside `mac`, as in protobuf's
+//!   JSON mapping:
+//!   `{user: {port_forwards: [...]}, mac: ...}` or `{tap: {ifname: tap0}}`.
+//!
+//! Unknown keys are errors carrying line and column. Entry points:
+//! [`DomainSpec::from_yaml`] and [`DomainSpec::to_yaml`].
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::v1::network_spec::Backend;
+use crate::v1::{
+    Accel, DiskFormat, DomainSpec, NetworkSpec, PortForwardProtocol, TapNetwork, UserNetwork,
+};
+
+impl DomainSpec {
+    /// Parses a YAML domain document. Fields left out take their zero value
+    /// (the supervisor fills defaults); unknown fields, wrong types and
+    /// unknown enum names are errors naming the field, line and column.
+    pub fn from_yaml(text: &str) -> Result<DomainSpec, serde_yaml::Error> {
+        serde_yaml::from_str(text)
+    }
+
+    /// Writes the spec as a YAML document that [`DomainSpec::from_yaml`]
+    /// reads back to the same value.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
+    }
+}
+
+/// Defines a `serde(with = ...)` module for an `i32` enum field: the value
+/// is written as the enum's protobuf name without its prefix, lowercased.
+macro_rules! short_enum_names {
+    ($(#[$doc:meta])* $module:ident, $enum:ty, $prefix:literal) => {
+        $(#[$doc])*
+        pub mod $module {
+            use super::*;
+
+            /// The short name of `value` (`"unspecified"` for 0), or the
+            /// number itself when it is not a known value.
+            pub fn name(value: i32) -> String {
+                match <$enum>::try_from(value) {
+                    Ok(v) => v
+                        .as_str_name()
+                        .trim_start_matches($prefix)
+                        .to_ascii_lowercase(),
+                    Err(_) => value.to_string(),
+                }
+            }
+
+            /// Every accepted short name.
+            pub fn names() -> Vec<String> {
+                (0..64)
+                    .filter(|v| <$enum>::try_from(*v).is_ok())
+                    .map(name)
+                    .collect()
+            }
+
+            /// Writes the short name.
+            pub fn serialize<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&name(*value))
+            }
+
+            /// Reads a short name (any case). The check runs inside the
+            /// YAML scalar's visit, so an error carries line and column.
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+                struct NameVisitor;
+
+                impl Visitor<'_> for NameVisitor {
+                    type Value = i32;
+
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        write!(f, "one of: {}", names().join(", "))
+                    }
+
+                    fn visit_str<E: de::Error>(self, text: &str) -> Result<i32, E> {
+                        let full = format!("{}{}", $prefix, text.to_ascii_uppercase());
+                        match <$enum>::from_str_name(&full) {
+                            Some(v) => Ok(v as i32),
+                            None => Err(E::custom(format_args!(
+                                "unknown value `{text}`, expected one of: {}",
+                                names().join(", ")
+                            ))),
+                        }
+                    }
+                }
+
+                d.deserialize_str(NameVisitor)
+            }
+        }
+    };
+}
+
+short_enum_names!(
+    /// `accel: kvm | tcg | auto`.
+    accel,
+    Accel,
+    "ACCEL_"
+);
+short_enum_names!(
+    /// `format: raw | qcow2`.
+    disk_format,
+    DiskFormat,
+    "DISK_FORMAT_"
+);
+short_enum_names!(
+    /// `protocol: tcp | udp`.
+    port_forward_protocol,
+    PortForwardProtocol,
+    "PORT_FORWARD_PROTOCOL_"
+);
+
+/// The keys of a network entry.
+const NETWORK_FIELDS: &[&str] = &["user", "tap", "mac"];
+
+/// A network entry is a map with one backend key (`user` or `tap`) and an
+/// optional `mac`, as protobuf's JSON mapping writes a oneof. Hand-written
+/// (the derives cannot put a oneof's variants beside the other fields
+/// without losing the unknown-field check); no type is copied.
+impl<'de> Deserialize<'de> for NetworkSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NetworkVisitor;
+
+        impl<'de> Visitor<'de> for NetworkVisitor {
+            type Value = NetworkSpec;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a network: a map with `user` or `tap`, and optionally `mac`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NetworkSpec, A::Error> {
+                let mut spec = NetworkSpec::default();
+                let mut seen_mac = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    let backend = match key.as_str() {
+                        "user" => Backend::User(map.next_value::<UserNetwork>()?),
+                        "tap" => Backend::Tap(map.next_value::<TapNetwork>()?),
+                        "mac" if seen_mac => return Err(de::Error::duplicate_field("mac")),
+                        "mac" => {
+                            seen_mac = true;
+                            spec.mac = map.next_value()?;
+                            continue;
+                        }
+                        other => return Err(de::Error::unknown_field(other, NETWORK_FIELDS)),
+                    };
+                    if spec.backend.is_some() {
+                        return Err(de::Error::custom(
+                            "a network has exactly one backend: `user` or `tap`, not both",
+                        ));
+                    }
+                    spec.backend = Some(backend);
+                }
+                Ok(spec)
+            }
+        }
+
+        d.deserialize_struct("NetworkSpec", NETWORK_FIELDS, NetworkVisitor)
+    }
+}
+
+impl Serialize for NetworkSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        match &self.backend {
+            Some(Backend::User(user)) => map.serialize_entry("user", user)?,
+            Some(Backend::Tap(tap)) => map.serialize_entry("tap", tap)?,
+            None => {}
+        }
+        map.serialize_entry("mac", &self.mac)?;
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::v1::{DiskSpec, PortForward};
+
+    const FULL: &str = r#"
+name: web1
+uuid: 4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f
+memory_mib: 256
+vcpus: 2
+machine: pc
+accel: tcg
+kernel: /srv/vmlinuz
+initrd: /srv/initrd.gz
+cmdline: console=ttyS0
+disks:
+  - path: /srv/root.qcow2
+    format: qcow2
+    serial: root
+  - path: /srv/seed.img
+    read_only: true
+networks:
+  - user:
+      port_forwards:
+        - host_port: 2222
+          guest_port: 22
+        - protocol: udp
+          host_address: 0.0.0.0
+          host_port: 5353
+          guest_port: 53
+    mac: "52:54:00:12:34:56"
+  - tap:
+      ifname: tap0
+serial_log: /var/log/web1.serial
+agent: true
+extra_args: ["-device", "virtio-rng-pci"]
+"#;
+
+    #[test]
+    fn test_full_document_reads_every_field() {
+        let spec = DomainSpec::from_yaml(FULL).unwrap();
+        assert_eq!(spec.name, "web1");
+        assert_eq!(spec.memory_mib, 256);
+        assert_eq!(spec.vcpus, 2);
+        assert_eq!(spec.accel(), Accel::Tcg);
+        assert!(spec.agent);
+        assert_eq!(
+            spec.disks,
+            vec![
+                DiskSpec {
+                    path: "/srv/root.qcow2".into(),
+                    format: DiskFormat::Qcow2 as i32,
+                    read_only: false,
+                    serial: "root".into(),
+                },
+                DiskSpec {
+                    path: "/srv/seed.img".into(),
+                    format: 0,
+                    read_only: true,
+                    serial: String::new(),
+                },
+            ]
+        );
+        assert_eq!(
+            spec.networks[0],
+            NetworkSpec {
+                backend: Some(Backend::User(UserNetwork {
+                    port_forwards: vec![
+                        PortForward {
+                            protocol: 0,
+                            host_address: String::new(),
+                            host_port: 2222,
+                            guest_port: 22,
+                        },
+                        PortForward {
+                            protocol: PortForwardProtocol::Udp as i32,
+                            host_address: "0.0.0.0".into(),
+                            host_port: 5353,
+                            guest_port: 53,
+                        },
+                    ],
+                })),
+                mac: "52:54:00:12:34:56".into(),
+            }
+        );
+        assert_eq!(
+            spec.networks[1].backend,
+            Some(Backend::Tap(TapNetwork {
+                ifname: "tap0".into()
+            }))
+        );
+        assert_eq!(spec.extra_args, ["-device", "virtio-rng-pci"]);
+    }
+
+    #[test]
+    fn test_yaml_round_trips() {
+        let spec = DomainSpec::from_yaml(FULL).unwrap();
+        let text = spec.to_yaml().unwrap();
+        assert!(text.contains("accel: tcg"), "{text}");
+        assert!(text.contains("format: qcow2"), "{text}");
+        assert!(text.contains("tap:"), "{text}");
+        assert_eq!(DomainSpec::from_yaml(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn test_good_documents() {
+        let cases: &[(&str, fn(&DomainSpec) -> bool)] = &[
+            ("name: a", |s| s.name == "a" && s.accel == 0),
+            ("name: a\naccel: KVM", |s| s.accel() == Accel::Kvm),
+            ("name: a\naccel: auto", |s| s.accel() == Accel::Auto),
+            ("name: a\naccel: unspecified", |s| s.accel == 0),
+            ("{}", |s| s.name.is_empty()),
+            ("name: a\nnetworks: [{}]", |s| {
+                s.networks[0].backend.is_none()
+            }),
+            ("name: a\nnetworks: [{user: {}}]", |s| {
+                s.networks[0].backend == Some(Backend::User(UserNetwork::default()))
+            }),
+            ("name: a\ndisks: [{path: /x, format: raw}]", |s| {
+                s.disks[0].format() == DiskFormat::Raw
+            }),
+        ];
+        for (text, check) in cases {
+            let spec = DomainSpec::from_yaml(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(check(&spec), "{text}: {spec:?}");
+        }
+    }
+
+    #[test]
+    fn test_bad_documents_name_the_problem_and_place() {
+        let cases = [
+            (
+                "name: a\nmemroy_mib: 5\n",
+                "unknown field `memroy_mib`",
+                Some("line 2"),
+            ),
+            (
+                "name: a\naccel: fast\n",
+                "unknown value `fast`, expected one of: unspecified, kvm, tcg, auto",
+                Some("line 2"),
+            ),
+            (
+                "name: a\ndisks:\n  - path: /x\n    fromat: raw\n",
+                "unknown field `fromat`",
+                Some("line 4"),
+            ),
+            (
+                "name: a\ndisks:\n  - path: /x\n    format: vmdk\n",
+                "unknown value `vmdk`",
+                Some("line 4"),
+            ),
+            (
+                "name: a\nnetworks:\n  - user: {}\n    tap: {ifname: t}\n",
+                "exactly one backend",
+                Some("line 3"),
+            ),
+            (
+                "name: a\nnetworks:\n  - bridge: br0\n",
+                "unknown field `bridge`, expected one of `user`, `tap`, `mac`",
+                Some("line 3"),
+            ),
+            (
+                "name: a\nnetworks:\n  - mac: x\n    mac: y\n",
+                "duplicate field `mac`",
+                Some("line 3"),
+            ),
+            ("name: a\nnetworks: [5]\n", "a network", Some("line 2")),
+            (
+                "name: a\nnetworks:\n  - user: {port_forwards: [{host_port: 1, guest_port: 2, proto: tcp}]}\n",
+                "unknown field `proto`",
+                Some("line 3"),
+            ),
+            ("name: a\nmemory_mib: lots\n", "memory_mib", Some("line 2")),
+            ("name: a\nvcpus: -1\n", "vcpus", Some("line 2")),
+            ("name: [a\n", "", None),
+            ("- a\n- b\n", "struct DomainSpec", None),
+        ];
+        for (text, want, place) in cases {
+            let err = DomainSpec::from_yaml(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            if let Some(place) = place {
+                assert!(err.contains(place), "{text:?}: {err}");
+                assert!(err.contains("column"), "{text:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_short_names_list() {
+        assert_eq!(accel::names(), ["unspecified", "kvm", "tcg", "auto"]);
+        assert_eq!(disk_format::name(2), "qcow2");
+        assert_eq!(port_forward_protocol::name(99), "99");
+    }
+}
