@@ -164,11 +164,13 @@ impl Agent {
     /// Why `name` is disabled: `None` if enabled, `Some("")` if blocked
     /// without a reason, `Some(reason)` otherwise.
     pub fn disabled_reason(&self, name: &str) -> Option<&'static str> {
-        if self.frozen && !FREEZE_ALLOWLIST.contains(&name) {
-            return Some("the agent is in frozen state");
-        }
+        // A blocked command keeps its reason-less error even while frozen,
+        // as in qemu-ga (checked against it).
         if self.blocked.contains(name) {
             return Some("");
+        }
+        if self.frozen && !FREEZE_ALLOWLIST.contains(&name) {
+            return Some("the agent is in frozen state");
         }
         if !self.options.allowed.is_empty() && !self.options.allowed.iter().any(|a| a == name) {
             return Some("the command is not allowed");

@@ -378,16 +378,18 @@ mod tests {
 
     #[test]
     fn test_cli_table() {
-        let mut want = Config::default();
-        want.method = "unix-listen".into();
-        want.path = Some("/s".into());
-        want.statedir = "/st".into();
-        want.block_rpcs = vec![
-            "guest-ping".into(),
-            "guest-info".into(),
-            "guest-exec".into(),
-        ];
-        want.fsfreeze_hook = Some(DEFAULT_HOOK.into());
+        let want = Config {
+            method: "unix-listen".into(),
+            path: Some("/s".into()),
+            statedir: "/st".into(),
+            block_rpcs: vec![
+                "guest-ping".into(),
+                "guest-info".into(),
+                "guest-exec".into(),
+            ],
+            fsfreeze_hook: Some(DEFAULT_HOOK.into()),
+            ..Config::default()
+        };
         assert_eq!(
             p(&[
                 "-m",

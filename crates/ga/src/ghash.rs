@@ -33,6 +33,12 @@ pub struct StrSet {
     noccupied: usize,
 }
 
+impl Default for StrSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl StrSet {
     /// An empty table (8 slots).
     pub fn new() -> Self {

@@ -71,6 +71,8 @@ pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
     let input = input.map(|s| b64::decode(&s)).transpose()?;
     let mut cmd = Command::new(&path);
     cmd.args(arg.unwrap_or_default());
+    let env_given = env.is_some();
+    let has_input = input.is_some();
     if let Some(env) = env {
         cmd.env_clear();
         for kv in env {
@@ -90,7 +92,35 @@ pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
     } else {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
     }
-    let mut child = cmd.spawn().map_err(|e| {
+    let spawned = match cmd.spawn() {
+        // GLib runs a file the kernel cannot execute with /bin/sh.
+        Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+            let mut sh = Command::new("/bin/sh");
+            sh.arg(&path);
+            sh.args(cmd.get_args());
+            if env_given {
+                sh.env_clear();
+            }
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    sh.env(k, v);
+                }
+            }
+            sh.stdin(if has_input {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+            if capture {
+                sh.stdout(Stdio::piped()).stderr(Stdio::piped());
+            } else {
+                sh.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+            sh.spawn()
+        }
+        other => other,
+    };
+    let mut child = spawned.map_err(|e| {
         QgaError::generic(format!(
             "Guest agent command failed, error was 'Failed to execute child process \u{201C}{path}\u{201D} ({})'",
             strerror(&e)

@@ -67,7 +67,7 @@ pub fn open(agent: &mut Agent, args: &mut Args) -> CmdResult {
         .append(append);
     let mut created = false;
     let result = if create {
-        let first = opts.clone().create_new(true).mode(0).open(&cpath);
+        let first = opts.clone().create_new(true).mode(0o000).open(&cpath);
         match first {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => opts.open(&cpath),
             other => {

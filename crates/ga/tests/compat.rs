@@ -1,0 +1,471 @@
+//! Byte-for-byte comparison of qvirt-ga with the real qemu-ga 7.2.
+//!
+//! Every scenario starts both agents in unix-listen mode, each with its own
+//! temporary state directory (also its working directory), sends the same
+//! bytes to both and compares what comes back. Each exchange ends with a
+//! marker (`\xff` + a ping with id `__end__`), read until its response, so
+//! no test sleeps for a fixed time. Where answers naturally differ (time,
+//! pids, traffic counters) the comparison is on a normalised form and the
+//! scenario says so.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+// An unknown command, so it answers the same whatever is blocked or frozen.
+const END: &[u8] = b"\xff{\"execute\":\"__end__\",\"id\":\"__end__\"}";
+const END_LINE: &[u8] =
+    b"{\"id\": \"__end__\", \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command __end__ has not been found\"}}\n";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn qemu_ga() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.push("/usr/sbin".into());
+    for d in dirs {
+        let p = d.join("qemu-ga");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("qemu-ga (the reference agent) is not installed: run `make deps`");
+}
+
+/// A running agent; killed by pid (SIGKILL: a frozen agent ignores
+/// SIGTERM) and reaped on drop.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Qemu,
+    Qvirt,
+}
+
+fn start(which: Which, extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    prepare(dir.path());
+    let sock = dir.path().join("sock");
+    let bin = match which {
+        Which::Qemu => qemu_ga(),
+        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(["-m", "unix-listen", "-p"])
+        .arg(&sock)
+        .arg("-t")
+        .arg(dir.path())
+        .args(extra)
+        .current_dir(dir.path())
+        .env_remove("QGA_CONF")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn agent");
+    let agent = Agent { child, dir, sock };
+    let deadline = Instant::now() + DEADLINE;
+    while UnixStream::connect(&agent.sock).is_err() {
+        assert!(Instant::now() < deadline, "agent socket never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The probe connection above was accepted and closed; that is harmless.
+    agent
+}
+
+fn both(extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> (Agent, Agent) {
+    (
+        start(Which::Qemu, extra, env, &prepare),
+        start(Which::Qvirt, extra, env, &prepare),
+    )
+}
+
+fn read_until_end(s: &mut UnixStream) -> Vec<u8> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    while !out.ends_with(END_LINE) {
+        assert!(
+            Instant::now() < deadline,
+            "no end marker; got {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        match s.read(&mut buf) {
+            Ok(0) => panic!("agent closed; got {:?}", String::from_utf8_lossy(&out)),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    out.truncate(out.len() - END_LINE.len());
+    // Drop the marker's own lines: the "stray" error and the ping.
+    let text = out;
+    let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    lines.pop(); // the error for the marker's 0xFF
+    lines.concat()
+}
+
+/// Sends `chunks` (one write each) on a fresh connection and returns
+/// everything answered before the end marker.
+fn exchange(agent: &Agent, chunks: &[&[u8]]) -> Vec<u8> {
+    let mut s = UnixStream::connect(&agent.sock).expect("connect");
+    for c in chunks {
+        s.write_all(c).expect("write");
+    }
+    s.write_all(END).expect("write end");
+    read_until_end(&mut s)
+}
+
+fn same(agents: &(Agent, Agent), chunks: &[&[u8]]) -> Vec<u8> {
+    let a = exchange(&agents.0, chunks);
+    let b = exchange(&agents.1, chunks);
+    assert_eq!(
+        String::from_utf8_lossy(&b),
+        String::from_utf8_lossy(&a),
+        "qvirt-ga (left) differs from qemu-ga (right)"
+    );
+    assert_eq!(a, b);
+    a
+}
+
+#[test]
+fn test_sync_delimited_handshake() {
+    let agents = both(&[], &[], |_| {});
+    let out = same(
+        &agents,
+        &[b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":872489562}}"],
+    );
+    assert!(out.ends_with(b"\xff{\"return\": 872489562}\n"));
+    same(&agents, &[b"{'execute':'guest-sync-delimited','arguments':{'id':7},'id':'req-7'}{'execute':'guest-sync','arguments':{'id':8}}"]);
+    // Invalid arguments: no 0xFF.
+    same(
+        &agents,
+        &[b"{'execute':'guest-sync-delimited','arguments':{'id':'x'}}"],
+    );
+}
+
+#[test]
+fn test_ping_ids_of_every_type() {
+    let agents = both(&[], &[], |_| {});
+    for id in [
+        "\"abc\"",
+        "'single'",
+        "1",
+        "-1",
+        "0",
+        "-0",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551616",
+        "0.1",
+        "1e3",
+        "-2.5E-7",
+        "1e400",
+        "null",
+        "true",
+        "false",
+        "[]",
+        "{}",
+        "[1,[2,{\"a\":null}]]",
+        "{\"z\":1,\"a\":2,\"id\":3}",
+        "\"\\u00e9\\ud83d\\ude00\\u0000\\u001f\"",
+        "\"\u{e9}\u{20ac}\"",
+        "\"\\\"\\\\\\/\\b\\f\\n\\r\\t\"",
+    ] {
+        let msg = format!("{{\"execute\":\"guest-ping\",\"id\":{id}}}");
+        same(&agents, &[msg.as_bytes()]);
+    }
+}
+
+#[test]
+fn test_pipelined_and_split_writes() {
+    let agents = both(&[], &[], |_| {});
+    let batch: &[u8] = b"{'execute':'guest-ping','id':1}{'execute':'nope','id':2}\n{'execute':'guest-ping','id':3} {'execute':'guest-sync','arguments':{'id':4}}";
+    same(&agents, &[batch]);
+    // Byte at a time.
+    let bytes: Vec<&[u8]> = batch.chunks(1).collect();
+    same(&agents, &bytes);
+    // Arbitrary splits.
+    same(&agents, &[&batch[..7], &batch[7..40], &batch[40..]]);
+}
+
+#[test]
+fn test_0xff_mid_message_and_reconnect_keeps_parser_state() {
+    let agents = both(&[], &[], |_| {});
+    same(
+        &agents,
+        &[b"{\"execute\":\"guest-pi\xffng\"}{'execute':'guest-ping'}"],
+    );
+    same(&agents, &[b"\xff\xff{'execute':'guest-ping'}"]);
+    same(&agents, &[b"43\xff"]);
+    // Client A leaves half a request; client B completes it.
+    for agent in [&agents.0, &agents.1] {
+        let mut a = UnixStream::connect(&agent.sock).expect("connect");
+        a.write_all(b"{\"execute\":\"guest-ping\",").expect("write");
+        drop(a);
+    }
+    let out = same(&agents, &[b"\"id\":\"completed-by-B\"}"]);
+    assert_eq!(out, b"{\"return\": {}, \"id\": \"completed-by-B\"}\n");
+}
+
+#[test]
+fn test_invalid_json_kinds() {
+    let agents = both(&[], &[], |_| {});
+    for bad in [
+        &b"{\"execute\":\"guest-ping\",\"id\":TRUE}"[..],
+        b"{'a' 1}",
+        b"{1:2}",
+        b"{'a':1,'a':2}",
+        b"{'a':nul}",
+        b"[01]",
+        b"[\"\\ud800\"]",
+        b"[\"\\u12\"]",
+        b"[\"\\uFFFF\"]",
+        b"[\"\\x\"]",
+        b"[1}",
+        b"}",
+        b"]",
+        b"{\"a\":1}}",
+        b"\x00",
+        b"[\"a\nb\"]",
+        b"[\"\xc3\x28\"]",
+        b"[\"\xc0\x80\"]",
+        b"%",
+        b"[1,]",
+        b"{,}",
+        b"[1.e5]",
+        b"[-]",
+    ] {
+        same(&agents, &[bad]);
+    }
+}
+
+#[test]
+fn test_limits() {
+    let agents = both(&[], &[], |_| {});
+    let ok = format!(
+        "{{'execute':'guest-ping','id':{}{}}}",
+        "[".repeat(1023),
+        "]".repeat(1023)
+    );
+    same(&agents, &[ok.as_bytes()]);
+    let deep = format!(
+        "{{'execute':'guest-ping','id':{}{}}}",
+        "[".repeat(1024),
+        "]".repeat(1024)
+    );
+    same(&agents, &[deep.as_bytes()]);
+    let big = format!("{{'execute':'guest-ping','id':'{}'}}", "x".repeat(1 << 20));
+    same(&agents, &[big.as_bytes()]);
+}
+
+#[test]
+fn test_envelope_errors_unknown_command_and_invalid_args() {
+    let agents = both(&[], &[], |_| {});
+    for msg in [
+        &b"[]"[..],
+        b"\"str\" ",
+        b"{'id':5}",
+        b"{'execute':1,'id':'a'}",
+        b"{'execute':'guest-ping','arguments':[]}",
+        b"{'exec-oob':'guest-ping'}",
+        b"{'execute':'guest-ping','control':1,'id':[1]}",
+        b"{'execute':'guest-invalid-cmd','id':99}",
+        b"{'execute':'guest-get-hostname'}",
+        b"{'execute':'guest-ping','arguments':{'foo':42}}",
+        b"{'execute':'guest-ping','arguments':{'a':1,'b':2,'c':3}}",
+        b"{'execute':'guest-ping','arguments':{'k1':1,'k2':2,'k3':3,'k4':4,'k5':5,'k6':6,'k7':7,'k8':8,'k9':9}}",
+        b"{'execute':'guest-sync'}",
+        b"{'execute':'guest-sync','arguments':{'id':9223372036854775808}}",
+        b"{'execute':'guest-sync','arguments':{'id':1.0}}",
+        b"{'execute':'guest-file-read','arguments':{'count':1,'x':2}}",
+        b"{'execute':'guest-file-seek','arguments':{'handle':1,'offset':0,'whence':'middle'}}",
+        b"{'execute':'guest-file-seek','arguments':{'handle':1,'offset':0,'whence':true}}",
+        b"{'execute':'guest-file-seek','arguments':{'handle':1,'offset':0,'whence':1.5}}",
+        b"{'execute':'guest-exec','arguments':{'path':'x','arg':[1]}}",
+        b"{'execute':'guest-exec','arguments':{'path':'x','arg':'y'}}",
+        b"{'execute':'guest-exec','arguments':{'path':'x','capture-output':1}}",
+        b"{'execute':'guest-get-devices','id':1}",
+        b"{'execute':'guest-shutdown','arguments':{'mode':'sideways'}}",
+    ] {
+        same(&agents, &[msg]);
+    }
+}
+
+#[test]
+fn test_blocked_rpcs() {
+    let agents = both(
+        &[
+            "-b",
+            "guest-ping,guest-get-time",
+            "--block-rpcs=guest-nonexistent",
+        ],
+        &[],
+        |_| {},
+    );
+    same(&agents, &[b"{'execute':'guest-ping','id':1}{'execute':'guest-get-time'}{'execute':'guest-sync','arguments':{'id':1}}"]);
+    same(&agents, &[b"{'execute':'guest-info'}"]);
+}
+
+#[test]
+fn test_frozen_marker() {
+    let agents = both(&[], &[], |d| {
+        std::fs::write(d.join("qga.state.isfrozen"), b"").expect("marker");
+    });
+    same(&agents, &[b"{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-time','id':1}{'execute':'guest-exec','arguments':{'path':'true'}}{'execute':'guest-file-open','arguments':{'path':'foo'}}{'execute':'guest-fsfreeze-freeze'}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo'}"]);
+    same(
+        &agents,
+        &[b"{'execute':'guest-info'}{'execute':'guest-ping'}"],
+    );
+    // Frozen: no state file was written.
+    for a in [&agents.0, &agents.1] {
+        assert!(!a.dir.path().join("qga.state").exists());
+    }
+    same(&agents, &[b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}"]);
+    for a in [&agents.0, &agents.1] {
+        assert!(!a.dir.path().join("qga.state.isfrozen").exists());
+    }
+}
+
+#[test]
+fn test_file_ops_round_trip() {
+    let agents = both(&[], &[], |_| {});
+    // "Hello World!\n" plus its NUL, as test-qga.
+    same(
+        &agents,
+        &[b"{'execute':'guest-file-open','arguments':{'path':'foo','mode':'w+'}}"],
+    );
+    same(&agents, &[b"{'execute':'guest-file-write','arguments':{'handle':1000,'buf-b64':'SGVsbG8gV29ybGQhCgA='}}{'execute':'guest-file-read','arguments':{'handle':1000}}{'execute':'guest-file-seek','arguments':{'handle':1000,'offset':0,'whence':'set'}}{'execute':'guest-file-read','arguments':{'handle':1000}}{'execute':'guest-file-flush','arguments':{'handle':1000}}{'execute':'guest-file-close','arguments':{'handle':1000}}"]);
+    same(&agents, &[b"{'execute':'guest-file-open','arguments':{'path':'foo'}}{'execute':'guest-file-read','arguments':{'handle':1001,'count':5}}{'execute':'guest-file-read','arguments':{'handle':1001,'count':9}}{'execute':'guest-file-read','arguments':{'handle':1001}}{'execute':'guest-file-seek','arguments':{'handle':1001,'offset':6,'whence':0}}{'execute':'guest-file-read','arguments':{'handle':1001}}{'execute':'guest-file-seek','arguments':{'handle':1001,'offset':-2,'whence':'end'}}{'execute':'guest-file-seek','arguments':{'handle':1001,'offset':-100,'whence':'cur'}}{'execute':'guest-file-seek','arguments':{'handle':1001,'offset':0,'whence':7}}"]);
+    // Error paths.
+    same(&agents, &[b"{'execute':'guest-file-write','arguments':{'handle':1001,'buf-b64':'QUJD'}}{'execute':'guest-file-read','arguments':{'handle':1001,'count':-1}}{'execute':'guest-file-write','arguments':{'handle':1001,'buf-b64':'Q!!'}}{'execute':'guest-file-read','arguments':{'handle':4242}}{'execute':'guest-file-close','arguments':{'handle':1001}}{'execute':'guest-file-close','arguments':{'handle':1001}}"]);
+    same(&agents, &[b"{'execute':'guest-file-open','arguments':{'path':'bar','mode':'z'}}{'execute':'guest-file-open','arguments':{'path':'/nonexistent/x'}}{'execute':'guest-file-open','arguments':{'path':'.'}}{'execute':'guest-file-read','arguments':{'handle':1002}}{'execute':'guest-file-open','arguments':{'path':'baz','mode':'a'}}{'execute':'guest-file-write','arguments':{'handle':1003,'buf-b64':'QUJ'}}{'execute':'guest-file-write','arguments':{'handle':1003,'buf-b64':'QUJD','count':4}}"]);
+    for a in [&agents.0, &agents.1] {
+        let data = std::fs::read(a.dir.path().join("foo")).expect("foo");
+        assert_eq!(data, b"Hello World!\n\0");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(a.dir.path().join("foo"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o666);
+        let state = std::fs::read_to_string(a.dir.path().join("qga.state")).expect("state");
+        assert_eq!(state, "[global]\nfd_counter=1004\n");
+    }
+}
+
+/// Runs guest-exec on one agent and polls guest-exec-status until it
+/// reports exited; returns (exec response with the pid masked, final
+/// status response). Pids differ between agents, so they are masked.
+fn exec_and_wait(agent: &Agent, exec: &str) -> (String, Vec<u8>) {
+    let out = exchange(agent, &[exec.as_bytes()]);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let Some(rest) = text.strip_prefix("{\"return\": {\"pid\": ") else {
+        return (text, Vec::new());
+    };
+    let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let masked = text.replacen(&pid, "PID", 1);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let req = format!("{{'execute':'guest-exec-status','arguments':{{'pid':{pid}}}}}");
+        let st = exchange(agent, &[req.as_bytes()]);
+        if st.windows(14).any(|w| w == b"\"exited\": true") {
+            // Once reported exited the pid is forgotten.
+            let again = exchange(agent, &[req.as_bytes()]);
+            let mut all = st;
+            all.extend_from_slice(&again);
+            return (masked, all);
+        }
+        assert!(Instant::now() < deadline, "process never exited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn test_exec() {
+    let agents = both(&[], &[], |d| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(d.join("noexec"), "echo no\n").expect("write");
+        std::fs::set_permissions(d.join("noexec"), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        // No shebang: GLib falls back to /bin/sh.
+        std::fs::write(d.join("script"), "echo \"script $1\"\n").expect("write");
+        std::fs::set_permissions(d.join("script"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    });
+    for exec in [
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/echo","arg":["-n","\" test_str \""],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","echo out; echo err >&2; exit 3"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","kill -9 $$"]}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/cat","input-data":"aGVsbG8=","capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/usr/bin/env","env":["A=1","B=two"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/invalid-cmd42"}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"./noexec"}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"./script","arg":["a b"],"capture-output":true}}"#,
+    ] {
+        let a = exec_and_wait(&agents.0, exec);
+        let b = exec_and_wait(&agents.1, exec);
+        assert_eq!(b.0, a.0, "exec answer for {exec}");
+        assert_eq!(
+            String::from_utf8_lossy(&b.1),
+            String::from_utf8_lossy(&a.1),
+            "status for {exec}"
+        );
+    }
+    same(
+        &agents,
+        &[b"{'execute':'guest-exec-status','arguments':{'pid':0}}"],
+    );
+}
+
+#[test]
+fn test_osinfo_with_qga_os_release() {
+    let release = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(
+        release.path(),
+        "ID=qemu-ga-test\nNAME=QEMU-GA\nPRETTY_NAME=\"QEMU Guest Agent test\"\nVERSION=\"Test 1\"\nVERSION_ID=1\nVARIANT=\"Unit test \\\"'$\\`\\\\ and \\\\\\\\ etc.\"\nVARIANT_ID=\"unit-test\"\n",
+    )
+    .expect("write");
+    let path = release.path().to_string_lossy().into_owned();
+    let agents = both(&[], &[("QGA_OS_RELEASE", &path)], |_| {});
+    let out = same(&agents, &[b"{'execute':'guest-get-osinfo'}"]);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("\"variant\": \"Unit test \\\"'$`\\\\ and \\\\\\\\ etc.\""),
+        "{text}"
+    );
+}
+
+/// Host facts: same machine, so host name, timezone, users and interfaces
+/// agree byte for byte, except traffic counters (digits masked) and the
+/// time (only its shape is compared).
+#[test]
+fn test_host_facts() {
+    let agents = both(&[], &[], |_| {});
+    same(&agents, &[b"{'execute':'guest-get-host-name'}{'execute':'guest-get-timezone'}{'execute':'guest-get-users'}{'execute':'guest-fsfreeze-status'}"]);
+    let mask = |v: Vec<u8>| -> Vec<u8> {
+        v.into_iter()
+            .map(|b| if b.is_ascii_digit() { b'0' } else { b })
+            .collect()
+    };
+    let req: &[&[u8]] =
+        &[b"{'execute':'guest-network-get-interfaces'}{'execute':'guest-get-time'}"];
+    let a = mask(exchange(&agents.0, req));
+    let b = mask(exchange(&agents.1, req));
+    assert_eq!(String::from_utf8_lossy(&b), String::from_utf8_lossy(&a));
+}
