@@ -31,13 +31,14 @@ check qemu-system-x86_64 qemu-system-x86
 check qemu-ga qemu-guest-agent
 check qemu-img qemu-utils
 check python3 python3
+check docker-compose docker-compose
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
     # The machine image may carry a newer qemu-utils from backports that
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
-    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3)
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 docker-compose)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then
         say "missing: ${need_pkgs[*]}; run as root:"

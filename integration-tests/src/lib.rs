@@ -211,7 +211,22 @@ impl Service {
     /// in a fresh temp dir and its own process group; stdout and stderr go
     /// to `stdout.log` and `stderr.log` there.
     pub fn start(name: &str, extra: &[&str]) -> Service {
+        Self::start_in(tempfile::tempdir().unwrap(), name, extra)
+    }
+
+    /// As [`Service::start`], with `yaml` written to `config.yaml` in the
+    /// service's temp dir and passed with `--config`.
+    pub fn start_with_config(name: &str, yaml: &str, extra: &[&str]) -> Service {
         let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let config = config.to_str().unwrap().to_owned();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        Self::start_in(dir, name, &args)
+    }
+
+    fn start_in(dir: tempfile::TempDir, name: &str, extra: &[&str]) -> Service {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut cmd = Command::new(bin_path(name));
         cmd.arg("--listen")

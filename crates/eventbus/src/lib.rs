@@ -9,28 +9,50 @@
 pub mod config;
 pub mod filter;
 pub mod hub;
+pub mod service;
+mod status;
 
 use qvirt_common::serve::{self, Listener, ServeError, Services};
-use qvirt_proto::v1::event_bus_server::{EventBus, EventBusServer};
+use qvirt_proto::v1::event_bus_server::EventBusServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use service::{BusEvent, EventBusService};
 
-/// The `qvirt.v1.EventBus` service. RPCs not implemented yet answer
-/// `UNIMPLEMENTED` (the generated trait's default).
-#[derive(Debug, Default)]
-pub struct EventBusService;
-
-impl EventBus for EventBusService {}
+/// Why the event bus stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The hub settings are unusable.
+    #[error("invalid event bus settings")]
+    Hub(#[from] hub::HubConfigError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
 
 /// Serves `qvirt.v1.EventBus`, health and reflection on `listener` until
-/// `shutdown` fires.
+/// `shutdown` fires; then every subscription ends with UNAVAILABLE.
 pub async fn run(
     config: Config,
     listener: Listener,
     shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    tracing::debug!(?config, "starting");
-    let services = Services::new().with(EventBusServer::new(EventBusService));
-    serve::serve(listener, services, shutdown).await
+) -> Result<(), RunError> {
+    let hub = hub::Hub::with_size_fn(config.hub(), BusEvent::weight)?;
+    let epoch = new_epoch();
+    tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
+    let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone());
+    let services = Services::new().with(EventBusServer::new(service));
+    let result = serve::serve(listener, services, shutdown).await;
+    hub.close();
+    Ok(result?)
+}
+
+/// A fresh name for this run's sequence space: sequence numbers restart at 1
+/// whenever the bus restarts (the ring is not persisted).
+fn new_epoch() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{:x}", nanos, std::process::id())
 }

@@ -1,0 +1,433 @@
+//! The real `qvirt-eventbus` through its gRPC API: libvirt's monitor-event
+//! filters (literal, NOCASE, REGEX), replay by sequence number, loss
+//! markers, caps, and details that keep QEMU's numbers exact.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use qvirt_integration_tests::{Service, grpcurl, text};
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
+use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
+use qvirt_proto::v1::{
+    DomainEvent, DomainEventType, EventsLostReason, MonitorEvent, MonitorEventFilterFlag,
+    PublishRequest, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
+    SubscribeMonitorEventsResponse,
+};
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// How long one stream message may take to arrive.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+const UUID_A: &str = "6f9619ff-8b86-d011-b42d-00c04fc964ff";
+
+fn monitor(domain: &str, event: &str, details: &str) -> MonitorEvent {
+    MonitorEvent {
+        host: "node-1".into(),
+        domain_name: domain.into(),
+        domain_uuid: if domain == "a" {
+            UUID_A.into()
+        } else {
+            String::new()
+        },
+        event: event.into(),
+        timestamp_seconds: 1_700_000_000,
+        timestamp_microseconds: 123_456,
+        details_json: details.into(),
+        ..Default::default()
+    }
+}
+
+async fn bus(yaml: &str) -> (Service, EventBusClient<Channel>) {
+    let mut svc = Service::start_with_config("qvirt-eventbus", yaml, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let client = EventBusClient::connect(svc.url()).await.unwrap();
+    (svc, client)
+}
+
+async fn publish(client: &mut EventBusClient<Channel>, events: Vec<Event>) -> u64 {
+    let reqs: Vec<PublishRequest> = events
+        .into_iter()
+        .map(|e| PublishRequest { event: Some(e) })
+        .collect();
+    let n = reqs.len() as u64;
+    let reply = client
+        .publish(tokio_stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, n);
+    reply.last_sequence
+}
+
+async fn next(stream: &mut Streaming<SubscribeMonitorEventsResponse>) -> MonitorKind {
+    tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .expect("no message in time")
+        .unwrap()
+        .expect("stream ended")
+        .kind
+        .unwrap()
+}
+
+async fn subscribe(
+    client: &mut EventBusClient<Channel>,
+    req: SubscribeMonitorEventsRequest,
+) -> (Streaming<SubscribeMonitorEventsResponse>, u64) {
+    let mut stream = client
+        .subscribe_monitor_events(req)
+        .await
+        .unwrap()
+        .into_inner();
+    match next(&mut stream).await {
+        MonitorKind::Established(e) => (stream, e.last_sequence),
+        other => panic!("first message must be established, got {other:?}"),
+    }
+}
+
+fn event_of(kind: MonitorKind) -> MonitorEvent {
+    match kind {
+        MonitorKind::Event(e) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn flags(f: &[MonitorEventFilterFlag]) -> Vec<i32> {
+    f.iter().map(|f| *f as i32).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_literal_nocase_and_regex_filters_as_libvirt() {
+    let (_svc, mut client) = bus("").await;
+    let literal = SubscribeMonitorEventsRequest {
+        event: "STOP".into(),
+        ..Default::default()
+    };
+    let nocase = SubscribeMonitorEventsRequest {
+        event: "stop".into(),
+        flags: flags(&[MonitorEventFilterFlag::Nocase]),
+        ..Default::default()
+    };
+    let regex = SubscribeMonitorEventsRequest {
+        event: "^BLOCK_JOB_".into(),
+        flags: flags(&[MonitorEventFilterFlag::Regex]),
+        ..Default::default()
+    };
+    let regex_nocase = SubscribeMonitorEventsRequest {
+        event: "resume$".into(),
+        flags: flags(&[
+            MonitorEventFilterFlag::Regex,
+            MonitorEventFilterFlag::Nocase,
+        ]),
+        ..Default::default()
+    };
+    let (mut s_literal, _) = subscribe(&mut client, literal).await;
+    let (mut s_nocase, _) = subscribe(&mut client, nocase).await;
+    let (mut s_regex, _) = subscribe(&mut client, regex).await;
+    let (mut s_regex_nocase, _) = subscribe(&mut client, regex_nocase).await;
+
+    let names = [
+        "STOP",
+        "Stop",
+        "STOPPED",
+        "RESUME",
+        "BLOCK_JOB_COMPLETED",
+        "XBLOCK_JOB_",
+    ];
+    let events = names
+        .iter()
+        .map(|n| Event::MonitorEvent(monitor("a", n, "{}")))
+        .collect();
+    publish(&mut client, events).await;
+    // A marker event every subscription matches ends each read loop below.
+    let marker = ["STOP", "STOP", "BLOCK_JOB_END", "RESUME"];
+    let mut collected = Vec::new();
+    for (stream, last) in [
+        (&mut s_literal, marker[0]),
+        (&mut s_nocase, marker[1]),
+        (&mut s_regex, marker[2]),
+        (&mut s_regex_nocase, marker[3]),
+    ] {
+        publish(
+            &mut client,
+            vec![Event::MonitorEvent(monitor("b", last, "\"end\""))],
+        )
+        .await;
+        let mut got = Vec::new();
+        loop {
+            let e = event_of(next(stream).await);
+            if e.details_json == "\"end\"" {
+                break;
+            }
+            got.push(e.event);
+        }
+        collected.push(got);
+    }
+    assert_eq!(collected[0], ["STOP"]);
+    assert_eq!(collected[1], ["STOP", "Stop"]);
+    assert_eq!(collected[2], ["BLOCK_JOB_COMPLETED"]);
+    assert_eq!(collected[3], ["RESUME"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_event_carries_qemu_fields_exactly() {
+    let (_svc, mut client) = bus("").await;
+    let (mut stream, established) = subscribe(&mut client, Default::default()).await;
+    let details = r#"{"offset": 9223372036854775807, "big": 18446744073709551615, "f": 0.1}"#;
+    let seq = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "RTC_CHANGE", details))],
+    )
+    .await;
+    let e = event_of(next(&mut stream).await);
+    assert!(seq > established);
+    assert_eq!(e.sequence, seq);
+    assert_eq!(e.details_json, details);
+    assert_eq!(
+        (e.timestamp_seconds, e.timestamp_microseconds),
+        (1_700_000_000, 123_456)
+    );
+    assert_eq!(
+        (e.domain_name.as_str(), e.domain_uuid.as_str()),
+        ("a", UUID_A)
+    );
+    assert_eq!(e.host, "node-1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_domain_filter_by_name_or_uuid() {
+    let (_svc, mut client) = bus("").await;
+    let by_uuid = SubscribeMonitorEventsRequest {
+        domain: UUID_A.to_uppercase(),
+        ..Default::default()
+    };
+    let (mut stream, _) = subscribe(&mut client, by_uuid).await;
+    publish(
+        &mut client,
+        vec![
+            Event::MonitorEvent(monitor("b", "STOP", "1")),
+            Event::MonitorEvent(monitor("a", "STOP", "2")),
+        ],
+    )
+    .await;
+    assert_eq!(event_of(next(&mut stream).await).details_json, "2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_invalid_and_pathological_filters() {
+    let (svc, mut client) = bus("").await;
+    let err = client
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            event: "(unclosed".into(),
+            flags: flags(&[MonitorEventFilterFlag::Regex]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("regex"), "{}", err.message());
+
+    // The same through grpcurl, as an operator would see it.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"event": "(", "flags": ["MONITOR_EVENT_FILTER_FLAG_REGEX"]}"#,
+        &svc.addr.to_string(),
+        "qvirt.v1.EventBus/SubscribeMonitorEvents",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("InvalidArgument"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A backtracking-killer pattern over a long name still answers.
+    let (mut stream, _) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            event: "(a+)+$".into(),
+            flags: flags(&[MonitorEventFilterFlag::Regex]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let long = format!("{}!", "a".repeat(100_000));
+    publish(
+        &mut client,
+        vec![
+            Event::MonitorEvent(monitor("a", &long, "1")),
+            Event::MonitorEvent(monitor("a", "aaaa", "2")),
+        ],
+    )
+    .await;
+    assert_eq!(event_of(next(&mut stream).await).details_json, "2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_replay_since_then_live_without_gap_or_duplicate() {
+    let (_svc, mut client) = bus("").await;
+    let first = (1..=5)
+        .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
+        .collect();
+    let last = publish(&mut client, first).await;
+    let (mut stream, established) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            since: Some(last - 3),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(established, last);
+    publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "E", "6"))],
+    )
+    .await;
+    let got: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(event_of(next(&mut stream).await).details_json);
+        }
+        v
+    };
+    assert_eq!(got, ["3", "4", "5", "6"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_replay_beyond_the_ring_reports_the_loss() {
+    let (_svc, mut client) = bus("ring_capacity: 3\n").await;
+    let events = (1..=10)
+        .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
+        .collect();
+    publish(&mut client, events).await;
+    let (mut stream, _) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            since: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    match next(&mut stream).await {
+        MonitorKind::Lost(lost) => {
+            assert_eq!(lost.reason, EventsLostReason::ReplayExpired as i32);
+            assert_eq!(
+                (lost.count, lost.first_sequence, lost.last_sequence),
+                (7, 1, 7)
+            );
+        }
+        other => panic!("expected a loss marker, got {other:?}"),
+    }
+    for want in ["8", "9", "10"] {
+        assert_eq!(event_of(next(&mut stream).await).details_json, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_slow_consumer_gets_exact_loss_counts() {
+    let (_svc, mut client) = bus("queue_capacity: 4\n").await;
+    let (mut stream, _) = subscribe(&mut client, Default::default()).await;
+    const N: u64 = 20_000;
+    let events = (0..N)
+        .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
+        .collect();
+    publish(&mut client, events).await;
+    publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "END", "0"))],
+    )
+    .await;
+    let (mut received, mut lost) = (0u64, 0u64);
+    loop {
+        match next(&mut stream).await {
+            MonitorKind::Event(e) if e.event == "END" => break,
+            MonitorKind::Event(_) => received += 1,
+            MonitorKind::Lost(l) => {
+                assert_eq!(l.reason, EventsLostReason::SlowConsumer as i32);
+                lost += l.count;
+            }
+            MonitorKind::Established(_) => panic!("established twice"),
+        }
+    }
+    assert!(lost > 0, "a queue of 4 cannot take {N} events unread");
+    assert_eq!(received + lost, N, "every event delivered or counted lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_subscription_caps_and_freeing() {
+    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 2\n").await;
+    let (s1, _) = subscribe(&mut client, Default::default()).await;
+    let (_s2, _) = subscribe(&mut client, Default::default()).await;
+    let err = client
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        err.message().contains("per-principal cap of 2"),
+        "{}",
+        err.message()
+    );
+    drop(s1);
+    // The slot is freed once the server sees the stream go.
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        match client
+            .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_domain_events_are_filtered_and_typed() {
+    let (_svc, mut client) = bus("").await;
+    let mut stream = client
+        .subscribe_domain_events(SubscribeDomainEventsRequest {
+            domain: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(DomainKind::Established(_))));
+    let domain_event = |name: &str, t: DomainEventType| DomainEvent {
+        domain_name: name.into(),
+        r#type: t as i32,
+        ..Default::default()
+    };
+    publish(
+        &mut client,
+        vec![
+            Event::MonitorEvent(monitor("a", "STOP", "{}")),
+            Event::DomainEvent(domain_event("b", DomainEventType::Suspended)),
+            Event::DomainEvent(domain_event("a", DomainEventType::Suspended)),
+        ],
+    )
+    .await;
+    let msg = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match msg.kind {
+        Some(DomainKind::Event(e)) => {
+            assert_eq!(e.domain_name, "a");
+            assert_eq!(e.r#type, DomainEventType::Suspended as i32);
+            assert_eq!(e.sequence, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+}
