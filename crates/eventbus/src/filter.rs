@@ -22,12 +22,12 @@ pub const MAX_PATTERN_LEN: usize = 1024;
 
 /// The most memory a compiled event-name regex may take, in bytes
 /// (`RegexBuilder::size_limit`). Past it, [`FilterError::RegexTooBig`].
-pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+pub const REGEX_SIZE_LIMIT: usize = 64 * 1024;
 
 /// The most memory the lazy DFA cache of one regex may take, in bytes
 /// (`RegexBuilder::dfa_size_limit`). Past it the engine slows down, but stays
 /// linear; it never grows further.
-pub const REGEX_DFA_SIZE_LIMIT: usize = 256 * 1024;
+pub const REGEX_DFA_SIZE_LIMIT: usize = 64 * 1024;
 
 /// How deeply groups and repetitions may nest in an event-name regex.
 pub const REGEX_NEST_LIMIT: u32 = 64;
@@ -310,9 +310,22 @@ mod tests {
             ("^(STOP|RESUME)$", RE, "RESUMED", false),
             ("^(stop|resume)$", RE_NOCASE, "RESUME", true),
             ("ST.P", RE, "STOP", true),
+            // Realistic filters fit the size limit, Unicode classes included.
+            (r"^\w+$", RE_NOCASE, "BLOCK_JOB_READY", true),
+            (r"(?i)^block_job_\w+$", RE, "BLOCK_JOB_READY", true),
+            (r"\p{L}+_\d+", RE_NOCASE, "xx_12", true),
+            ("[[:alpha:]_]+", RE, "STOP", true),
+            (".*", RE, "", true),
+            (
+                "^(STOP|RESUME|SHUTDOWN|RESET|POWERDOWN|SUSPEND|WAKEUP|GUEST_PANICKED)$",
+                RE_NOCASE,
+                "guest_panicked",
+                true,
+            ),
         ];
         for &(pattern, flags, name, expected) in table {
-            let f = EventNameFilter::new(pattern, flags).expect("valid filter");
+            let f = EventNameFilter::new(pattern, flags)
+                .unwrap_or_else(|e| panic!("{pattern:?} {flags:?}: {e}"));
             assert_eq!(
                 f.matches(name),
                 expected,
