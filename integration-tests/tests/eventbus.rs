@@ -431,3 +431,44 @@ async fn test_domain_events_are_filtered_and_typed() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_metrics_endpoint_counts_published_and_subscribers() {
+    let port = qvirt_integration_tests::free_port();
+    let mut svc = Service::start(
+        "qvirt-eventbus",
+        &["--metrics-listen", &format!("127.0.0.1:{port}")],
+    );
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let mut client = EventBusClient::connect(svc.url()).await.unwrap();
+    let (_stream, _) = subscribe(&mut client, Default::default()).await;
+    publish(
+        &mut client,
+        vec![
+            Event::MonitorEvent(monitor("a", "STOP", "{}")),
+            Event::MonitorEvent(monitor("a", "RESUME", "{}")),
+        ],
+    )
+    .await;
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(MESSAGE_TIMEOUT)).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
+    assert!(
+        body.contains("\nqvirt_eventbus_events_published_total 2\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\nqvirt_eventbus_subscribers{kind=\"monitor\"} 1\n"),
+        "{body}"
+    );
+}

@@ -44,6 +44,9 @@ pub struct Config {
     pub max_domain_subscriptions: usize,
     /// Concurrent domain-event subscriptions per principal.
     pub max_domain_subscriptions_per_principal: usize,
+    /// Where to serve Prometheus metrics over HTTP (`IP:PORT`, path
+    /// `/metrics`). Absent: no metrics endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             max_monitor_subscriptions_per_principal: 64,
             max_domain_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
             max_domain_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            metrics_listen: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod filter;
 pub mod hub;
+pub mod metrics;
 pub mod service;
 mod status;
 
@@ -28,6 +29,15 @@ pub enum RunError {
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The metrics address could not be bound.
+    #[error("cannot listen on metrics_listen {addr}")]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Serves `qvirt.v1.EventBus`, health and reflection on `listener` until
@@ -40,6 +50,12 @@ pub async fn run(
     let hub = hub::Hub::with_size_fn(config.hub(), BusEvent::weight)?;
     let epoch = new_epoch();
     tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr, source })?;
+        tokio::spawn(metrics::serve(listener, hub.clone(), shutdown.clone()));
+    }
     let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone());
     let services = Services::new().with(EventBusServer::new(service));
     let result = serve::serve(listener, services, shutdown).await;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use qvirt_common::cli::CommonArgs;
+use qvirt_common::cli::{CommonArgs, override_with};
 
 /// qvirt event bus: fans QEMU monitor events and domain lifecycle events out to subscribers, with filters and replay.
 #[derive(Debug, Parser)]
@@ -11,9 +11,22 @@ use qvirt_common::cli::CommonArgs;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Serve Prometheus metrics on IP:PORT (path /metrics). Overrides
+    /// `metrics_listen` in the file.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// What happens to a subscriber that cannot keep up. Overrides
+    /// `slow_consumer` in the file.
+    #[arg(long, value_enum)]
+    slow_consumer: Option<qvirt_eventbus::config::SlowConsumer>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    qvirt_common::service::main("qvirt-eventbus", args.common.load(), qvirt_eventbus::run)
+    let config = args.common.load().map(|mut c: qvirt_eventbus::Config| {
+        override_with(&mut c.metrics_listen, args.metrics_listen.map(Some));
+        override_with(&mut c.slow_consumer, args.slow_consumer);
+        c
+    });
+    qvirt_common::service::main("qvirt-eventbus", config, qvirt_eventbus::run)
 }
