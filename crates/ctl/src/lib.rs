@@ -92,10 +92,13 @@ async fn connect(url: &str) -> Result<Channel, CtlError> {
             source,
         })?
         .connect_timeout(CONNECT_TIMEOUT);
-    endpoint.connect().await.map_err(|source| CtlError::Connect {
-        url: url.to_owned(),
-        source,
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| CtlError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 async fn health(channel: Channel, service: String) -> Result<(), CtlError> {

@@ -1,0 +1,297 @@
+//! The [`EventSink`] that feeds the event bus: events go into a bounded
+//! buffer at once (a guest's watcher never waits on the bus), and one task
+//! streams them to `qvirt.v1.EventBus/Publish`, reconnecting with backoff
+//! while the bus is away. When the buffer is full the newest event is
+//! dropped and counted ([`BusPublisher::lost`]), never queued without end.
+//! If the bus dies in the middle of a stream, the few events already handed
+//! to that stream (at most `STREAM_WINDOW`) may be lost uncounted: the
+//! Publish reply that would confirm them never comes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::{DomainEvent, DomainEventType, MonitorEvent, PublishRequest, domain_event};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::qmp::QmpEvent;
+use crate::seams::{DomainRef, EventSink, Lifecycle};
+
+/// Events buffered for the bus while it is slow or away.
+pub const PUBLISH_BUFFER: usize = 4096;
+/// Events handed to one Publish stream ahead of the bus's reading.
+const STREAM_WINDOW: usize = 64;
+/// How long connecting to the bus may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect backoff: first and largest delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Publishes to the event bus at `endpoint`; see the module docs.
+#[derive(Debug, Clone)]
+pub struct BusPublisher {
+    tx: mpsc::Sender<Event>,
+    lost: Arc<AtomicU64>,
+}
+
+impl BusPublisher {
+    /// Starts the publishing task for the bus at `endpoint` (a URL such as
+    /// `http://127.0.0.1:50053`); it stops when `shutdown` fires.
+    pub fn spawn(endpoint: Endpoint, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(PUBLISH_BUFFER);
+        tokio::spawn(forward(endpoint, rx, shutdown));
+        BusPublisher {
+            tx,
+            lost: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Events dropped because the buffer was full.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn push(&self, event: Event) {
+        if self.tx.try_send(event).is_err() {
+            let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+            // One line per power of two keeps a long outage from flooding the log.
+            if lost.is_power_of_two() {
+                tracing::warn!(lost, "event bus buffer full: dropping events");
+            }
+        }
+    }
+}
+
+impl EventSink for BusPublisher {
+    fn monitor_event(&self, domain: &DomainRef, event: &QmpEvent) {
+        self.push(Event::MonitorEvent(MonitorEvent {
+            sequence: 0,
+            host: domain.host.clone(),
+            domain_name: domain.name.clone(),
+            domain_uuid: domain.uuid.clone(),
+            event: event.name.clone(),
+            timestamp_seconds: event.seconds,
+            timestamp_microseconds: event.microseconds,
+            details_json: event.data.clone(),
+        }));
+    }
+
+    fn lifecycle(&self, domain: &DomainRef, event: Lifecycle) {
+        self.push(Event::DomainEvent(DomainEvent {
+            host: domain.host.clone(),
+            domain_name: domain.name.clone(),
+            domain_uuid: domain.uuid.clone(),
+            time: Some(prost_types::Timestamp::from(SystemTime::now())),
+            r#type: event.kind as i32,
+            detail: detail(event),
+            ..Default::default()
+        }));
+    }
+}
+
+/// The `detail` oneof member that goes with the event's type.
+fn detail(event: Lifecycle) -> Option<domain_event::Detail> {
+    use domain_event::Detail;
+    let d = event.detail;
+    Some(match event.kind {
+        DomainEventType::Defined => Detail::Defined(d),
+        DomainEventType::Undefined => Detail::Undefined(d),
+        DomainEventType::Started => Detail::Started(d),
+        DomainEventType::Suspended => Detail::Suspended(d),
+        DomainEventType::Resumed => Detail::Resumed(d),
+        DomainEventType::Stopped => Detail::Stopped(d),
+        DomainEventType::Shutdown => Detail::Shutdown(d),
+        DomainEventType::Pmsuspended => Detail::Pmsuspended(d),
+        DomainEventType::Crashed => Detail::Crashed(d),
+        DomainEventType::Unspecified => return None,
+    })
+}
+
+/// Streams buffered events to the bus, one Publish call per connection, and
+/// reconnects when a call ends. An event taken from the buffer but not
+/// accepted by the call in progress is kept and sent first on the next one.
+async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+    let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
+    let mut pending: Option<Event> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let channel = tokio::select! {
+            c = endpoint.connect() => c,
+            () = shutdown.cancelled() => return,
+        };
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, uri = %endpoint.uri(), "event bus not reachable");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        tracing::info!(uri = %endpoint.uri(), "publishing to the event bus");
+        backoff = BACKOFF_MIN;
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_WINDOW);
+        let requests = tokio_stream::StreamExt::map(ReceiverStream::new(stream_rx), |event| {
+            PublishRequest { event: Some(event) }
+        });
+        let mut call = tokio::spawn(async move { EventBusClient::new(channel).publish(requests).await });
+        let ended = loop {
+            let event = match pending.take() {
+                Some(e) => e,
+                None => tokio::select! {
+                    e = rx.recv() => match e {
+                        Some(e) => e,
+                        None => return,
+                    },
+                    () = shutdown.cancelled() => {
+                        // Closing the request stream ends the call cleanly.
+                        drop(stream_tx);
+                        let _ = tokio::time::timeout(CONNECT_TIMEOUT, call).await;
+                        return;
+                    }
+                    r = &mut call => break Some(r),
+                },
+            };
+            if let Err(mpsc::error::SendError(event)) = stream_tx.send(event).await {
+                pending = Some(event);
+                break None;
+            }
+        };
+        let result = match ended {
+            Some(r) => r,
+            None => call.await,
+        };
+        match result {
+            Ok(Ok(reply)) => tracing::info!(last = reply.into_inner().last_sequence, "event bus stream ended"),
+            Ok(Err(status)) => tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed"),
+            Err(e) => tracing::warn!(error = %e, "event bus stream task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use qvirt_proto::v1::event_bus_server::{EventBus, EventBusServer};
+    use qvirt_proto::v1::{PublishResponse, publish_request};
+    use tonic::transport::server::TcpIncoming;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// A bus that only records what is published (the fault here, a bus
+    /// that is away and comes back, is what the test controls).
+    struct Recorder(mpsc::UnboundedSender<Event>);
+
+    #[tonic::async_trait]
+    impl EventBus for Recorder {
+        async fn publish(
+            &self,
+            request: Request<Streaming<PublishRequest>>,
+        ) -> Result<Response<PublishResponse>, Status> {
+            let mut stream = request.into_inner();
+            while let Some(req) = stream.message().await? {
+                if let Some(e) = req.event {
+                    let _ = self.0.send(e);
+                }
+            }
+            Ok(Response::new(PublishResponse::default()))
+        }
+    }
+
+    fn domain() -> DomainRef {
+        DomainRef {
+            name: "vm".into(),
+            uuid: "6f9619ff-8b86-d011-b42d-00c04fc964ff".into(),
+            host: "node".into(),
+        }
+    }
+
+    fn qmp_event(name: &str) -> QmpEvent {
+        QmpEvent {
+            name: name.into(),
+            seconds: 1,
+            microseconds: 2,
+            data: r#"{"big": 18446744073709551615}"#.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn test_events_wait_for_a_late_bus_then_arrive_in_order() {
+        // Bound but not served yet: the bus is "away".
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        publisher.monitor_event(&domain(), &qmp_event("STOP"));
+        publisher.lifecycle(
+            &domain(),
+            Lifecycle {
+                kind: DomainEventType::Suspended,
+                detail: 1,
+            },
+        );
+        publisher.monitor_event(&domain(), &qmp_event("RESUME"));
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(EventBusServer::new(Recorder(tx)))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let e = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("event not delivered in time")
+                .unwrap();
+            got.push(e);
+        }
+        match &got[0] {
+            publish_request::Event::MonitorEvent(m) => {
+                assert_eq!(m.event, "STOP");
+                assert_eq!(m.details_json, r#"{"big": 18446744073709551615}"#);
+                assert_eq!((m.timestamp_seconds, m.timestamp_microseconds), (1, 2));
+                assert_eq!((m.domain_name.as_str(), m.host.as_str()), ("vm", "node"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &got[1] {
+            publish_request::Event::DomainEvent(d) => {
+                assert_eq!(d.r#type, DomainEventType::Suspended as i32);
+                assert_eq!(d.detail, Some(domain_event::Detail::Suspended(1)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&got[2], publish_request::Event::MonitorEvent(m) if m.event == "RESUME"));
+        assert_eq!(publisher.lost(), 0);
+        shutdown.cancel();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn test_a_full_buffer_drops_and_counts_never_blocks() {
+        // Nothing ever listens here; every event beyond the buffer is lost.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let shutdown = CancellationToken::new();
+        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        let extra = 10;
+        for _ in 0..PUBLISH_BUFFER + extra {
+            publisher.monitor_event(&domain(), &qmp_event("E"));
+        }
+        // The forwarding task may hold one event of its own while it waits
+        // to send it, so at least `extra - 1` are lost.
+        assert!(publisher.lost() >= extra as u64 - 1, "{}", publisher.lost());
+        assert!(publisher.lost() <= extra as u64, "{}", publisher.lost());
+        shutdown.cancel();
+    }
+}
