@@ -122,8 +122,11 @@ impl Device {
                 let mut tio: libc::termios = std::mem::zeroed();
                 if libc::tcgetattr(fd, &mut tio) == 0 {
                     libc::cfmakeraw(&mut tio);
-                    libc::cfsetispeed(&mut tio, libc::B38400);
-                    libc::cfsetospeed(&mut tio, libc::B38400);
+                    // What cfsetispeed/cfsetospeed do on Linux; those two
+                    // symbols do not link in a static glibc build.
+                    tio.c_cflag = (tio.c_cflag & !libc::CBAUD) | libc::B38400;
+                    tio.c_ispeed = libc::B38400;
+                    tio.c_ospeed = libc::B38400;
                     libc::tcsetattr(fd, libc::TCSANOW, &tio);
                 }
                 libc::tcflush(fd, libc::TCIFLUSH);
