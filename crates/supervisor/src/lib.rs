@@ -1,36 +1,66 @@
 //! qvirt-supervisor: the QEMU driver (`qvirt.v1.Supervisor`). It owns
 //! domain definitions, launches QEMU with a monitor socket it opened itself,
-//! drives QMP, publishes events to the bus and calls hooks. It does not fan
-//! events out (the event bus does) nor talk to guest agents (agentd does).
+//! drives QMP, follows each guest's state, and survives its own restart by
+//! re-attaching to the QEMUs still running. It does not fan events out (the
+//! event bus does) nor talk to guest agents (agentd does); events and hooks
+//! go through the seams in [`seams`].
+//!
+//! Modules: [`config`]; [`domain`] (spec checks, QEMU argv, on-disk store,
+//! the domain table and lifecycle); [`service`] and [`status`] (the gRPC
+//! face and its error table); [`launch`] and [`qmp`] (spawning QEMU, the QMP
+//! client).
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
 pub mod config;
+pub mod domain;
 pub mod launch;
+pub mod publisher;
 pub mod qmp;
+pub mod seams;
+pub mod service;
+pub mod status;
+
+use std::sync::Arc;
 
 use qvirt_common::serve::{self, Listener, ServeError, Services};
-use qvirt_proto::v1::supervisor_server::{Supervisor, SupervisorServer};
+use qvirt_proto::v1::supervisor_server::SupervisorServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use service::SupervisorService;
 
-/// The `qvirt.v1.Supervisor` service. RPCs not implemented yet answer
-/// `UNIMPLEMENTED` (the generated trait's default).
-#[derive(Debug, Default)]
-pub struct SupervisorService;
+use domain::{DomainError, Manager};
+use seams::{LogEvents, NoHooks};
 
-impl Supervisor for SupervisorService {}
+/// Why the supervisor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Loading the state dir (or re-attaching to guests) failed.
+    #[error("opening the domain store")]
+    Open(#[source] DomainError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
 
-/// Serves `qvirt.v1.Supervisor`, health and reflection on `listener` until
-/// `shutdown` fires.
+/// Loads the domains (re-attaching to running QEMUs), then serves
+/// `qvirt.v1.Supervisor`, health and reflection on `listener` until
+/// `shutdown` fires. QEMUs keep running after the supervisor stops.
 pub async fn run(
     config: Config,
     listener: Listener,
     shutdown: CancellationToken,
-) -> Result<(), ServeError> {
+) -> Result<(), RunError> {
     tracing::debug!(?config, "starting");
-    let services = Services::new().with(SupervisorServer::new(SupervisorService));
-    serve::serve(listener, services, shutdown).await
+    let manager = Manager::open(config, Arc::new(LogEvents), Arc::new(NoHooks))
+        .await
+        .map_err(RunError::Open)?;
+    let services = Services::new().with(SupervisorServer::new(SupervisorService::new(
+        manager.clone(),
+    )));
+    let served = serve::serve(listener, services, shutdown).await;
+    manager.close().await;
+    served.map_err(RunError::from)
 }

@@ -1,9 +1,11 @@
 //! `qvirt-supervisor`: flags and config only; the service lives in the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use qvirt_common::cli::CommonArgs;
+use qvirt_common::cli::{CommonArgs, override_with};
+use qvirt_supervisor::config::DefaultAccel;
 
 /// qvirt supervisor: defines domains and runs them as QEMU processes driven over QMP.
 #[derive(Debug, Parser)]
@@ -11,13 +13,32 @@ use qvirt_common::cli::CommonArgs;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Persistent state dir (domain definitions, QEMU logs). Overrides `state_dir`.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Runtime dir (status files, monitor and agent sockets). Overrides `run_dir`.
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// QEMU binary. Overrides `qemu_binary`.
+    #[arg(long, value_name = "PATH")]
+    qemu_binary: Option<PathBuf>,
+    /// Node name in domain records and events. Overrides `node_name`.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Accelerator for specs without one. Overrides `default_accel`.
+    #[arg(long, value_enum, value_name = "ACCEL")]
+    default_accel: Option<DefaultAccel>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    qvirt_common::service::main(
-        "qvirt-supervisor",
-        args.common.load(),
-        qvirt_supervisor::run,
-    )
+    let config = args.common.load().map(|mut c: qvirt_supervisor::Config| {
+        override_with(&mut c.state_dir, args.state_dir);
+        override_with(&mut c.run_dir, args.run_dir);
+        override_with(&mut c.qemu_binary, args.qemu_binary);
+        override_with(&mut c.node_name, args.node_name);
+        override_with(&mut c.default_accel, args.default_accel);
+        c
+    });
+    qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)
 }

@@ -1,0 +1,120 @@
+//! The errors of domain operations; `crate::status` maps them to gRPC codes.
+
+use crate::domain::spec::SpecError;
+use crate::domain::store::StoreError;
+use crate::launch::LaunchError;
+use crate::qmp::QmpError;
+
+/// Why a domain operation failed, named after what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// No domain has that name or UUID.
+    #[error("domain {0:?} not found")]
+    NotFound(String),
+    /// A domain with that name or UUID exists.
+    #[error("a domain with {field} {value:?} already exists")]
+    AlreadyExists {
+        /// `name` or `uuid`.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The YAML document does not parse as a domain spec.
+    #[error("invalid domain YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
+    /// Some other argument is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The domain is in the wrong state for the call.
+    #[error("domain {domain:?} is {state}: {what}")]
+    WrongState {
+        /// The domain.
+        domain: String,
+        /// Its state, lowercase (`running`, `shut off`, ...).
+        state: &'static str,
+        /// What cannot be done.
+        what: &'static str,
+    },
+    /// QEMU could not be started; the cause has its exit status and output.
+    #[error("starting domain {domain:?} failed")]
+    Start {
+        /// The domain.
+        domain: String,
+        /// What the launcher saw.
+        #[source]
+        source: LaunchError,
+    },
+    /// A start hook refused the start.
+    #[error("starting domain {domain:?} refused by a hook: {message}")]
+    HookRefused {
+        /// The domain.
+        domain: String,
+        /// The hook's message.
+        message: String,
+    },
+    /// A QMP command failed: QEMU answered with an error.
+    #[error("QEMU refused {command}: {class}: {desc}")]
+    QemuRefused {
+        /// The command.
+        command: String,
+        /// QEMU's error class.
+        class: String,
+        /// QEMU's message.
+        desc: String,
+    },
+    /// The monitor is not reachable (QEMU gone or closing).
+    #[error("QEMU monitor of domain {domain:?} unavailable")]
+    Monitor {
+        /// The domain.
+        domain: String,
+        /// The QMP error.
+        #[source]
+        source: QmpError,
+    },
+    /// Stopping QEMU failed.
+    #[error("stopping QEMU of domain {domain:?} failed")]
+    Stop {
+        /// The domain.
+        domain: String,
+        /// The error.
+        #[source]
+        source: LaunchError,
+    },
+    /// A wait of ours expired.
+    #[error("{0}")]
+    Timeout(String),
+    /// Not available in this version.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// Persisting state failed.
+    #[error("saving domain state failed")]
+    Store(#[from] StoreError),
+    /// A bug: a task died or a lock was lost.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl DomainError {
+    /// Wrap a QMP error of `command` on `domain`.
+    pub fn qmp(domain: &str, source: QmpError) -> Self {
+        match source {
+            QmpError::Command {
+                command,
+                class,
+                desc,
+            } => DomainError::QemuRefused {
+                command,
+                class,
+                desc,
+            },
+            QmpError::BadRequest { reason } => DomainError::InvalidArgument(reason),
+            source => DomainError::Monitor {
+                domain: domain.to_owned(),
+                source,
+            },
+        }
+    }
+}

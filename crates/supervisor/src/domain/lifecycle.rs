@@ -1,0 +1,426 @@
+//! Starting and stopping QEMU for a domain, and re-attaching after a
+//! supervisor restart.
+//!
+//! Reboot choice: like libvirt's QEMU driver, QEMU runs with
+//! `-no-shutdown`. An ACPI reboot marks the run "reboot pending" and presses
+//! the power button (`system_powerdown`); when the guest has powered off
+//! (QMP SHUTDOWN with `guest: true`) the watcher issues `system_reset` and
+//! `cont` instead of `quit`, so QEMU stays up and the guest boots again.
+//! A plain guest power-off makes the watcher `quit` QEMU.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use qvirt_proto::v1::{
+    Accel, Domain, DomainEventStartedDetail, DomainEventType, DomainState, DomainStateReason,
+    ShutdownMode,
+};
+use tracing::{info, warn};
+
+use super::argv::{self, Paths};
+use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
+use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
+use crate::seams::HookOp;
+
+/// How long Destroy waits for the watcher to record the exit.
+const EXIT_RECORD_WAIT: Duration = Duration::from_secs(15);
+
+impl Manager {
+    /// Start a SHUTOFF domain, optionally leaving its vCPUs paused.
+    pub async fn start(&self, key: &str, paused: bool) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let (spec, state) = {
+            let data = entry.data();
+            (data.spec.clone(), data.status.state)
+        };
+        if state != DomainState::Shutoff as i32 {
+            return Err(DomainError::WrongState {
+                domain: spec.name,
+                state: state_name(state),
+                what: "start needs a shut off domain",
+            });
+        }
+        for op in [HookOp::Prepare, HookOp::Start] {
+            if let Err(failure) = self.inner.hooks.run(&spec, op).await {
+                self.fail_start(&entry).await;
+                return Err(DomainError::HookRefused {
+                    domain: spec.name,
+                    message: failure.to_string(),
+                });
+            }
+        }
+        let paths = self.inner.store.paths(&spec.name);
+        let auto_uses_kvm = self.config().auto_uses_kvm;
+        let accel = spec.accel();
+        let resolved =
+            match tokio::task::spawn_blocking(move || argv::resolve_accel(accel, auto_uses_kvm))
+                .await
+            {
+                Ok(a) => a,
+                Err(_) => argv::ResolvedAccel::Tcg,
+            };
+        if accel == Accel::Auto {
+            info!(domain = %spec.name, accel = ?resolved, "accel auto resolved");
+        }
+        let args = argv::build(
+            &spec,
+            resolved,
+            &Paths {
+                agent_socket: &paths.agent_socket,
+            },
+        );
+        if spec.agent {
+            // A stale socket file from a QEMU that died would make QEMU's
+            // bind fail.
+            let _ = tokio::fs::remove_file(&paths.agent_socket).await;
+        }
+        let launch_config = LaunchConfig {
+            binary: self.config().qemu_binary.clone(),
+            args,
+            run_dir: paths.run_dir.clone(),
+            log_path: paths.qemu_log.clone(),
+            handshake_timeout: Duration::from_secs(self.config().start_timeout_secs),
+        };
+        let mut process = match launch::launch(&launch_config).await {
+            Ok(p) => p,
+            Err(source) => {
+                warn!(domain = %spec.name, error = %qvirt_common::error_chain(&source), "QEMU failed to start");
+                self.fail_start(&entry).await;
+                return Err(DomainError::Start {
+                    domain: spec.name,
+                    source,
+                });
+            }
+        };
+        let events = process.take_events();
+        let process = Arc::new(process);
+        let qmp = Arc::clone(process.qmp());
+        let flags = Arc::new(RunFlags::default());
+        let kill = |process: Arc<launch::QemuProcess>| async move {
+            if let Err(error) = process.kill(Duration::ZERO).await {
+                warn!(error = %error, "killing a half-started QEMU failed");
+            }
+        };
+        if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Started).await {
+            kill(process).await;
+            self.fail_start(&entry).await;
+            return Err(DomainError::HookRefused {
+                domain: spec.name,
+                message: failure.to_string(),
+            });
+        }
+        if !paused && let Err(error) = self.qmp(&entry, &qmp, "cont").await {
+            kill(process).await;
+            self.fail_start(&entry).await;
+            return Err(error);
+        }
+        let (state, reason) = if paused {
+            (DomainState::Paused, DomainStateReason::PausedStartingUp)
+        } else {
+            (DomainState::Running, DomainStateReason::RunningBooted)
+        };
+        let now = millis(SystemTime::now());
+        let status = {
+            let mut data = entry.data();
+            let s = &mut data.status;
+            s.state = state as i32;
+            s.reason = reason as i32;
+            s.pid = process.pid();
+            s.identity = Some(process.identity().clone());
+            s.monitor_socket = process.monitor_path().display().to_string();
+            s.agent_socket = if spec.agent {
+                paths.agent_socket.display().to_string()
+            } else {
+                String::new()
+            };
+            s.started_at_ms = Some(now);
+            s.state_changed_at_ms = Some(now);
+            data.run = Some(Run {
+                qmp: Arc::clone(&qmp),
+                proc: Proc::Owned(Arc::clone(&process)),
+                flags: Arc::clone(&flags),
+            });
+            data.status.clone()
+        };
+        self.save_status(spec.name.clone(), status).await;
+        entry.notify();
+        self.emit(
+            &spec,
+            DomainEventType::Started,
+            DomainEventStartedDetail::Booted as i32,
+        );
+        if paused {
+            self.emit(&spec, DomainEventType::Suspended, 1);
+        }
+        self.spawn_watcher(
+            Arc::clone(&entry),
+            qmp,
+            events,
+            Some(process.exit_watch()),
+            flags,
+        );
+        Ok(self.snapshot(&entry))
+    }
+
+    /// Record a failed start: SHUTOFF, reason FAILED.
+    async fn fail_start(&self, entry: &Entry) {
+        self.transition(
+            entry,
+            DomainState::Shutoff,
+            DomainStateReason::ShutoffFailed,
+        )
+        .await;
+    }
+
+    /// Stop QEMU at once (SIGTERM, SIGKILL after the grace period, unless
+    /// `graceful`).
+    pub async fn destroy(&self, key: &str, graceful: bool) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        self.destroy_locked(&entry, graceful).await?;
+        Ok(self.snapshot(&entry))
+    }
+
+    /// Destroy with the domain's op lock held by the caller.
+    pub(super) async fn destroy_locked(
+        &self,
+        entry: &Arc<Entry>,
+        graceful: bool,
+    ) -> Result<(), DomainError> {
+        let (name, qmp, flags, proc) = {
+            let data = entry.data();
+            let Some(run) = &data.run else {
+                return Err(DomainError::WrongState {
+                    domain: data.spec.name.clone(),
+                    state: state_name(data.status.state),
+                    what: "destroy needs a running domain",
+                });
+            };
+            let proc = match &run.proc {
+                Proc::Owned(p) => Proc::Owned(Arc::clone(p)),
+                Proc::Adopted(identity) => Proc::Adopted(identity.clone()),
+            };
+            (
+                data.spec.name.clone(),
+                Arc::clone(&run.qmp),
+                Arc::clone(&run.flags),
+                proc,
+            )
+        };
+        let grace = Duration::from_secs(self.config().destroy_grace_secs);
+        flags.destroying.store(true, Ordering::SeqCst);
+        let stopped = match (&proc, graceful) {
+            (Proc::Owned(p), false) => p.kill(grace).await.map(drop),
+            (Proc::Adopted(identity), false) => {
+                launch::terminate_adopted(identity, &qmp, grace).await
+            }
+            (proc, true) => {
+                let pid = match proc {
+                    Proc::Owned(p) => p.pid(),
+                    Proc::Adopted(identity) => identity.pid,
+                };
+                let verified = match proc {
+                    Proc::Adopted(identity) => match identity.verify().await {
+                        Ok(()) => true,
+                        Err(IdentityError::NotRunning { .. }) => false,
+                        Err(source) => {
+                            flags.destroying.store(false, Ordering::SeqCst);
+                            return Err(DomainError::Stop {
+                                domain: name,
+                                source: launch::LaunchError::Identity { source },
+                            });
+                        }
+                    },
+                    Proc::Owned(p) => p.exit_watch().status().is_none(),
+                };
+                if verified && let Err(error) = signal_process_group(pid, libc::SIGTERM) {
+                    warn!(pid, %error, "SIGTERM to QEMU failed");
+                }
+                if !entry.wait_until(grace, |d| d.run.is_none()).await {
+                    flags.destroying.store(false, Ordering::SeqCst);
+                    return Err(DomainError::Timeout(format!(
+                        "domain {name:?}: QEMU still running {grace:?} after SIGTERM (graceful destroy)"
+                    )));
+                }
+                Ok(())
+            }
+        };
+        if let Err(source) = stopped {
+            flags.destroying.store(false, Ordering::SeqCst);
+            return Err(DomainError::Stop {
+                domain: name,
+                source,
+            });
+        }
+        if !entry
+            .wait_until(EXIT_RECORD_WAIT, |d| d.run.is_none())
+            .await
+        {
+            return Err(DomainError::Internal(format!(
+                "domain {name:?}: QEMU stopped but its exit was not recorded"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ask the guest to power off; with a timeout, wait for SHUTOFF.
+    pub async fn shutdown(
+        &self,
+        key: &str,
+        mode: ShutdownMode,
+        timeout: Option<Duration>,
+    ) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        {
+            let _op = entry.op.lock().await;
+            let qmp = Self::running_qmp(&entry, "shutdown needs a running domain")?;
+            if mode == ShutdownMode::Agent {
+                return Err(DomainError::Unsupported(
+                    "shutdown through the guest agent is not available yet; use ACPI",
+                ));
+            }
+            if let Some(run) = &entry.data().run {
+                run.flags.shutdown_requested.store(true, Ordering::SeqCst);
+            }
+            self.qmp(&entry, &qmp, "system_powerdown").await?;
+        }
+        // The op lock is released: Destroy may come while we wait.
+        if let Some(timeout) = timeout.filter(|t| !t.is_zero())
+            && !entry.wait_until(timeout, |d| d.run.is_none()).await
+        {
+            return Err(DomainError::Timeout(format!(
+                "domain {:?} did not shut down within {timeout:?}; it keeps running",
+                entry.name()
+            )));
+        }
+        Ok(self.snapshot(&entry))
+    }
+
+    /// Ask the guest to reboot (ACPI power button, then reset; see the
+    /// module docs).
+    pub async fn reboot(&self, key: &str, mode: ShutdownMode) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let qmp = Self::running_qmp(&entry, "reboot needs a running domain")?;
+        let state = entry.data().status.state;
+        if state != DomainState::Running as i32 {
+            return Err(DomainError::WrongState {
+                domain: entry.name(),
+                state: state_name(state),
+                what: "reboot needs a running domain",
+            });
+        }
+        if mode == ShutdownMode::Agent {
+            return Err(DomainError::Unsupported(
+                "reboot through the guest agent is not available yet; use ACPI",
+            ));
+        }
+        if let Some(run) = &entry.data().run {
+            run.flags.reboot_pending.store(true, Ordering::SeqCst);
+        }
+        self.qmp(&entry, &qmp, "system_powerdown").await?;
+        Ok(self.snapshot(&entry))
+    }
+
+    /// After a restart: re-attach to the QEMU a status file says is
+    /// running, or record that it died.
+    pub(super) async fn recover(&self, entry: &Arc<Entry>) {
+        let (spec, status) = {
+            let data = entry.data();
+            (data.spec.clone(), data.status.clone())
+        };
+        let Some(identity) = status.identity.clone().filter(|_| status.pid != 0) else {
+            return;
+        };
+        let name = spec.name.clone();
+        let clear = |entry: &Entry| {
+            let mut data = entry.data();
+            data.status.pid = 0;
+            data.status.identity = None;
+            data.status.monitor_socket.clear();
+            data.status.agent_socket.clear();
+            data.status.started_at_ms = None;
+        };
+        if let Err(error) = identity.verify().await {
+            info!(domain = %name, %error, "QEMU died while the supervisor was away");
+            clear(entry);
+            self.transition(
+                entry,
+                DomainState::Shutoff,
+                DomainStateReason::ShutoffCrashed,
+            )
+            .await;
+            self.emit(&spec, DomainEventType::Stopped, 3);
+            return;
+        }
+        let timeout = Duration::from_secs(self.config().start_timeout_secs);
+        let socket = std::path::PathBuf::from(&status.monitor_socket);
+        let conn = match launch::connect_existing(&socket, timeout).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                warn!(domain = %name, error = %qvirt_common::error_chain(&error),
+                    "running QEMU's monitor unreachable; killing it");
+                if identity.verify().await.is_ok() {
+                    let _ = signal_process_group(identity.pid, libc::SIGKILL);
+                }
+                clear(entry);
+                self.transition(
+                    entry,
+                    DomainState::Shutoff,
+                    DomainStateReason::ShutoffDaemon,
+                )
+                .await;
+                self.emit(&spec, DomainEventType::Stopped, 6);
+                return;
+            }
+        };
+        let qmp = Arc::new(conn.client);
+        let flags = Arc::new(RunFlags::default());
+        entry.data().run = Some(Run {
+            qmp: Arc::clone(&qmp),
+            proc: Proc::Adopted(identity),
+            flags: Arc::clone(&flags),
+        });
+        // QEMU's own view wins over the recorded state.
+        let (state, reason) = match self.qmp(entry, &qmp, "query-status").await {
+            Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
+                Some("running") => (DomainState::Running, None),
+                Some("prelaunch" | "paused" | "suspended") => (DomainState::Paused, None),
+                Some("shutdown") => (DomainState::Shutdown, None),
+                Some("guest-panicked") => (
+                    DomainState::Crashed,
+                    Some(DomainStateReason::CrashedPanicked),
+                ),
+                _ => (DomainState::Paused, Some(DomainStateReason::PausedUnknown)),
+            },
+            Err(error) => {
+                warn!(domain = %name, %error, "query-status after reconnect failed");
+                (
+                    DomainState::Running,
+                    Some(DomainStateReason::RunningUnknown),
+                )
+            }
+        };
+        if status.state != state as i32 {
+            let reason = reason.unwrap_or(match state {
+                DomainState::Running => DomainStateReason::RunningUnknown,
+                DomainState::Shutdown => DomainStateReason::ShutdownUnknown,
+                _ => DomainStateReason::PausedUnknown,
+            });
+            self.transition(entry, state, reason).await;
+        }
+        info!(domain = %name, pid = status.pid, state = state_name(state as i32), "re-attached to running QEMU");
+        if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Reconnect).await {
+            warn!(domain = %name, %failure, "reconnect hook failed; destroying the domain");
+            self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
+            let _op = entry.op.lock().await;
+            if let Err(error) = self.destroy_locked(entry, false).await {
+                warn!(domain = %name, %error, "destroying after a failed reconnect hook failed");
+            }
+            return;
+        }
+        self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
+    }
+}

@@ -1,0 +1,632 @@
+//! The domain model: definitions, runtime state, and the operations the
+//! gRPC service exposes.
+//!
+//! - [`spec`]: checking a spec and filling defaults.
+//! - [`argv`]: QEMU's command line for a spec.
+//! - [`store`]: definitions and status files on disk, written atomically.
+//! - [`Manager`] (this file, with the start/stop paths in `lifecycle` and
+//!   the per-guest watcher in `watcher`): the in-memory table of domains.
+//!
+//! Concurrency: each domain has an async mutex (`op`) that serialises the
+//! calls on it (held across awaits, it is a tokio mutex); its data sit
+//! behind a plain mutex that is only held for short, await-free sections.
+//! Define and undefine also take one manager-wide async mutex, so name and
+//! UUID uniqueness is checked and claimed in one step. Calls on different
+//! domains run in parallel.
+
+pub mod argv;
+mod error;
+mod lifecycle;
+pub mod spec;
+pub mod store;
+mod watcher;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qvirt_proto::v1::{
+    Domain, DomainEventDefinedDetail, DomainEventType, DomainEventUndefinedDetail, DomainSpec,
+    DomainState, DomainStateReason,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::DomainError;
+
+use crate::config::Config;
+use crate::launch::{ProcessIdentity, QemuProcess};
+use crate::qmp::QmpClient;
+use crate::seams::{DomainRef, EventSink, Hooks, Lifecycle};
+use spec::is_canonical_uuid;
+use store::{Status, Store};
+
+/// How a running QEMU is held.
+#[derive(Debug)]
+enum Proc {
+    /// Spawned by this supervisor: its exit is watched directly.
+    Owned(Arc<QemuProcess>),
+    /// Found running after a restart: known by its identity, its exit is
+    /// seen as the monitor's EOF.
+    Adopted(ProcessIdentity),
+}
+
+/// Flags the RPCs set for the watcher of one QEMU run.
+#[derive(Debug, Default)]
+struct RunFlags {
+    /// DestroyDomain (or undefine with destroy) is stopping it.
+    destroying: AtomicBool,
+    /// ShutdownDomain asked the guest to power off.
+    shutdown_requested: AtomicBool,
+    /// RebootDomain (ACPI) asked for a power-off to turn into a reset.
+    reboot_pending: AtomicBool,
+    /// QEMU reported SHUTDOWN (guest power-off or host quit).
+    shutdown_seen: AtomicBool,
+}
+
+/// One running QEMU.
+#[derive(Debug)]
+struct Run {
+    qmp: Arc<QmpClient>,
+    proc: Proc,
+    flags: Arc<RunFlags>,
+}
+
+/// A domain's mutable data.
+#[derive(Debug)]
+struct Data {
+    spec: DomainSpec,
+    status: Status,
+    defined_at: SystemTime,
+    updated_at: SystemTime,
+    run: Option<Run>,
+}
+
+/// One domain in the table.
+#[derive(Debug)]
+struct Entry {
+    /// Serialises the calls on this domain.
+    op: tokio::sync::Mutex<()>,
+    data: Mutex<Data>,
+    /// Bumped on every state change, for callers that wait for one.
+    changed: watch::Sender<u64>,
+}
+
+impl Entry {
+    fn new(data: Data) -> Arc<Self> {
+        Arc::new(Entry {
+            op: tokio::sync::Mutex::new(()),
+            data: Mutex::new(data),
+            changed: watch::channel(0).0,
+        })
+    }
+
+    fn data(&self) -> MutexGuard<'_, Data> {
+        self.data.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn name(&self) -> String {
+        self.data().spec.name.clone()
+    }
+
+    /// Wait (at most `timeout`) until `done` holds for the data.
+    async fn wait_until(&self, timeout: Duration, done: impl Fn(&Data) -> bool) -> bool {
+        let mut rx = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if done(&self.data()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && done(&self.data())
+    }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Lowercase state name for messages, as virsh prints it.
+pub fn state_name(state: i32) -> &'static str {
+    match DomainState::try_from(state) {
+        Ok(DomainState::Running) => "running",
+        Ok(DomainState::Blocked) => "blocked",
+        Ok(DomainState::Paused) => "paused",
+        Ok(DomainState::Shutdown) => "in shutdown",
+        Ok(DomainState::Shutoff) => "shut off",
+        Ok(DomainState::Crashed) => "crashed",
+        Ok(DomainState::Pmsuspended) => "pmsuspended",
+        _ => "in no state",
+    }
+}
+
+/// Shared state behind [`Manager`].
+struct Inner {
+    config: Config,
+    host: String,
+    store: Store,
+    events: Arc<dyn EventSink>,
+    hooks: Arc<dyn Hooks>,
+    domains: Mutex<BTreeMap<String, Arc<Entry>>>,
+    /// Serialises define and undefine.
+    define_lock: tokio::sync::Mutex<()>,
+    /// Watcher tasks.
+    tasks: TaskTracker,
+    /// Stops the watchers (supervisor shutdown: QEMUs keep running).
+    stop: CancellationToken,
+}
+
+/// The table of domains and their operations. Cheap to clone.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+/// Run blocking store I/O off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::StoreError> + Send + 'static,
+) -> Result<T, DomainError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(DomainError::from),
+        Err(e) => Err(DomainError::Internal(format!("store task failed: {e}"))),
+    }
+}
+
+impl Manager {
+    /// Open the store (creating the dirs), load every definition, and
+    /// re-attach to the QEMUs that survived a supervisor restart.
+    pub async fn open(
+        config: Config,
+        events: Arc<dyn EventSink>,
+        hooks: Arc<dyn Hooks>,
+    ) -> Result<Manager, DomainError> {
+        let store = Store::new(&config.state_dir, &config.run_dir);
+        let host = config.node_name();
+        let loaded = {
+            let store = store.clone();
+            blocking(move || {
+                store.init()?;
+                store.load_all()
+            })
+            .await?
+        };
+        let manager = Manager {
+            inner: Arc::new(Inner {
+                config,
+                host,
+                store,
+                events,
+                hooks,
+                domains: Mutex::new(BTreeMap::new()),
+                define_lock: tokio::sync::Mutex::new(()),
+                tasks: TaskTracker::new(),
+                stop: CancellationToken::new(),
+            }),
+        };
+        for item in loaded {
+            let name = item.spec.name.clone();
+            let mut status = item.status.unwrap_or_default();
+            if status.state == 0 {
+                status.state = DomainState::Shutoff as i32;
+                status.reason = DomainStateReason::ShutoffUnknown as i32;
+            }
+            let entry = Entry::new(Data {
+                spec: item.spec,
+                status,
+                defined_at: item.defined_at,
+                updated_at: item.updated_at,
+                run: None,
+            });
+            manager.domains().insert(name, Arc::clone(&entry));
+            manager.recover(&entry).await;
+        }
+        Ok(manager)
+    }
+
+    /// Stop the watcher tasks and wait for them (QEMUs keep running; the
+    /// next supervisor re-attaches).
+    pub async fn close(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn domains(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Entry>>> {
+        self.inner
+            .domains
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Find a domain by UUID (when `key` has UUID form) or name.
+    fn find(&self, key: &str) -> Result<Arc<Entry>, DomainError> {
+        let domains = self.domains();
+        if is_canonical_uuid(key) {
+            let uuid = key.to_ascii_lowercase();
+            if let Some(e) = domains.values().find(|e| e.data().spec.uuid == uuid) {
+                return Ok(Arc::clone(e));
+            }
+        }
+        domains
+            .get(key)
+            .cloned()
+            .ok_or_else(|| DomainError::NotFound(key.to_owned()))
+    }
+
+    fn domain_ref(&self, spec: &DomainSpec) -> DomainRef {
+        DomainRef {
+            name: spec.name.clone(),
+            uuid: spec.uuid.clone(),
+            host: self.inner.host.clone(),
+        }
+    }
+
+    fn emit(&self, spec: &DomainSpec, kind: DomainEventType, detail: i32) {
+        self.inner
+            .events
+            .lifecycle(&self.domain_ref(spec), Lifecycle { kind, detail });
+    }
+
+    /// The API record of a domain.
+    fn record(&self, data: &Data) -> Domain {
+        let s = &data.status;
+        Domain {
+            spec: Some(data.spec.clone()),
+            state: s.state,
+            reason: s.reason,
+            host: self.inner.host.clone(),
+            pid: s.pid,
+            monitor_socket: s.monitor_socket.clone(),
+            agent_socket: s.agent_socket.clone(),
+            qemu_log: self
+                .inner
+                .store
+                .paths(&data.spec.name)
+                .qemu_log
+                .display()
+                .to_string(),
+            defined_at: Some(data.defined_at.into()),
+            updated_at: Some(data.updated_at.into()),
+            started_at: s.started_at_ms.map(|ms| from_millis(ms).into()),
+            state_changed_at: s.state_changed_at_ms.map(|ms| from_millis(ms).into()),
+        }
+    }
+
+    fn snapshot(&self, entry: &Entry) -> Domain {
+        self.record(&entry.data())
+    }
+
+    /// Set state and reason in memory; returns the status to persist and
+    /// whether the state changed.
+    fn set_state(
+        entry: &Entry,
+        state: DomainState,
+        reason: DomainStateReason,
+    ) -> (String, Status, bool) {
+        let mut data = entry.data();
+        let changed = data.status.state != state as i32;
+        if changed || data.status.reason != reason as i32 {
+            data.status.state = state as i32;
+            data.status.reason = reason as i32;
+            data.status.state_changed_at_ms = Some(millis(SystemTime::now()));
+        }
+        (data.spec.name.clone(), data.status.clone(), changed)
+    }
+
+    /// Persist a status; a failure is logged (the in-memory state is
+    /// authoritative while the supervisor runs).
+    async fn save_status(&self, name: String, status: Status) {
+        let store = self.inner.store.clone();
+        let n = name.clone();
+        if let Err(error) = blocking(move || store.save_status(&n, &status)).await {
+            tracing::error!(domain = %name, error = %qvirt_common::error_chain(&error), "cannot save domain status");
+        }
+    }
+
+    /// Change state, persist, notify waiters.
+    async fn transition(
+        &self,
+        entry: &Entry,
+        state: DomainState,
+        reason: DomainStateReason,
+    ) -> bool {
+        let (name, status, changed) = Self::set_state(entry, state, reason);
+        self.save_status(name, status).await;
+        entry.notify();
+        changed
+    }
+
+    /// Define (or, with `allow_update`, redefine) a domain.
+    pub async fn define(
+        &self,
+        spec: DomainSpec,
+        allow_update: bool,
+    ) -> Result<Domain, DomainError> {
+        let uuid_given = !spec.uuid.is_empty();
+        let mut spec = spec::normalize(spec, self.config().default_accel)?;
+        let _define = self.inner.define_lock.lock().await;
+        let existing = self.domains().get(&spec.name).cloned();
+        let clash = self
+            .domains()
+            .values()
+            .find(|e| {
+                let d = e.data();
+                d.spec.uuid == spec.uuid && d.spec.name != spec.name
+            })
+            .map(|_| spec.uuid.clone());
+        if let Some(uuid) = clash {
+            return Err(DomainError::AlreadyExists {
+                field: "uuid",
+                value: uuid,
+            });
+        }
+        if let Some(entry) = existing {
+            if !allow_update {
+                return Err(DomainError::AlreadyExists {
+                    field: "name",
+                    value: spec.name,
+                });
+            }
+            let _op = entry.op.lock().await;
+            let old_uuid = entry.data().spec.uuid.clone();
+            if !uuid_given {
+                spec.uuid = old_uuid;
+            } else if spec.uuid != old_uuid {
+                return Err(DomainError::AlreadyExists {
+                    field: "name",
+                    value: spec.name,
+                });
+            }
+            let store = self.inner.store.clone();
+            let saved = spec.clone();
+            blocking(move || store.save_spec(&saved)).await?;
+            let domain = {
+                let mut data = entry.data();
+                data.spec = spec.clone();
+                data.updated_at = SystemTime::now();
+                self.record(&data)
+            };
+            self.emit(
+                &spec,
+                DomainEventType::Defined,
+                DomainEventDefinedDetail::Updated as i32,
+            );
+            return Ok(domain);
+        }
+        let store = self.inner.store.clone();
+        let saved = spec.clone();
+        let now = SystemTime::now();
+        let status = Status {
+            state: DomainState::Shutoff as i32,
+            reason: DomainStateReason::ShutoffUnknown as i32,
+            state_changed_at_ms: Some(millis(now)),
+            ..Status::default()
+        };
+        let saved_status = status.clone();
+        blocking(move || {
+            store.save_spec(&saved)?;
+            store.save_status(&saved.name, &saved_status)
+        })
+        .await?;
+        let entry = Entry::new(Data {
+            spec: spec.clone(),
+            status,
+            defined_at: now,
+            updated_at: now,
+            run: None,
+        });
+        let domain = self.snapshot(&entry);
+        self.domains().insert(spec.name.clone(), entry);
+        self.emit(
+            &spec,
+            DomainEventType::Defined,
+            DomainEventDefinedDetail::Added as i32,
+        );
+        Ok(domain)
+    }
+
+    /// Remove a definition; a running domain is refused unless `destroy`.
+    pub async fn undefine(&self, key: &str, destroy: bool) -> Result<(), DomainError> {
+        let _define = self.inner.define_lock.lock().await;
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        if entry.data().run.is_some() {
+            if !destroy {
+                let state = entry.data().status.state;
+                return Err(DomainError::WrongState {
+                    domain: entry.name(),
+                    state: state_name(state),
+                    what: "undefine a running domain needs `destroy`",
+                });
+            }
+            self.destroy_locked(&entry, false).await?;
+        }
+        let spec = entry.data().spec.clone();
+        let store = self.inner.store.clone();
+        let name = spec.name.clone();
+        blocking(move || store.remove(&name)).await?;
+        self.domains().remove(&spec.name);
+        self.emit(
+            &spec,
+            DomainEventType::Undefined,
+            DomainEventUndefinedDetail::Removed as i32,
+        );
+        Ok(())
+    }
+
+    /// Every domain, sorted by name, optionally only in `states`.
+    pub fn list(&self, states: &[i32]) -> Vec<Domain> {
+        let entries: Vec<Arc<Entry>> = self.domains().values().cloned().collect();
+        entries
+            .iter()
+            .map(|e| self.snapshot(e))
+            .filter(|d| states.is_empty() || states.contains(&d.state))
+            .collect()
+    }
+
+    /// One domain.
+    pub fn get(&self, key: &str) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        Ok(self.snapshot(&entry))
+    }
+
+    /// The monitor of a domain that runs, or FAILED_PRECONDITION.
+    fn running_qmp(entry: &Entry, what: &'static str) -> Result<Arc<QmpClient>, DomainError> {
+        let data = entry.data();
+        match &data.run {
+            Some(run) => Ok(Arc::clone(&run.qmp)),
+            None => Err(DomainError::WrongState {
+                domain: data.spec.name.clone(),
+                state: state_name(data.status.state),
+                what,
+            }),
+        }
+    }
+
+    /// Run one QMP command with the configured timeout.
+    async fn qmp(
+        &self,
+        entry: &Entry,
+        qmp: &QmpClient,
+        command: &str,
+    ) -> Result<serde_json::Value, DomainError> {
+        let timeout = Duration::from_secs(self.config().command_timeout_secs);
+        match tokio::time::timeout(timeout, qmp.execute(command, None)).await {
+            Ok(result) => result.map_err(|e| DomainError::qmp(&entry.name(), e)),
+            Err(_) => Err(DomainError::Timeout(format!(
+                "QMP {command} on domain {:?}: no reply within {timeout:?}",
+                entry.name()
+            ))),
+        }
+    }
+
+    /// Pause the vCPUs (`stop`).
+    pub async fn suspend(&self, key: &str) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let qmp = Self::running_qmp(&entry, "suspend needs a running domain")?;
+        let state = entry.data().status.state;
+        if state == DomainState::Paused as i32 {
+            return Ok(self.snapshot(&entry));
+        }
+        if state != DomainState::Running as i32 {
+            return Err(DomainError::WrongState {
+                domain: entry.name(),
+                state: state_name(state),
+                what: "suspend needs a running domain",
+            });
+        }
+        self.qmp(&entry, &qmp, "stop").await?;
+        if self
+            .transition(&entry, DomainState::Paused, DomainStateReason::PausedUser)
+            .await
+        {
+            let spec = entry.data().spec.clone();
+            self.emit(&spec, DomainEventType::Suspended, 1);
+        }
+        Ok(self.snapshot(&entry))
+    }
+
+    /// Resume the vCPUs (`cont`).
+    pub async fn resume(&self, key: &str) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let qmp = Self::running_qmp(&entry, "resume needs a paused domain")?;
+        let state = entry.data().status.state;
+        if state != DomainState::Paused as i32 {
+            return Err(DomainError::WrongState {
+                domain: entry.name(),
+                state: state_name(state),
+                what: "resume needs a paused domain",
+            });
+        }
+        self.qmp(&entry, &qmp, "cont").await?;
+        if self
+            .transition(
+                &entry,
+                DomainState::Running,
+                DomainStateReason::RunningUnpaused,
+            )
+            .await
+        {
+            let spec = entry.data().spec.clone();
+            self.emit(&spec, DomainEventType::Resumed, 1);
+        }
+        Ok(self.snapshot(&entry))
+    }
+
+    /// Hard reset (`system_reset`).
+    pub async fn reset(&self, key: &str) -> Result<Domain, DomainError> {
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let qmp = Self::running_qmp(&entry, "reset needs a running domain")?;
+        self.qmp(&entry, &qmp, "system_reset").await?;
+        Ok(self.snapshot(&entry))
+    }
+
+    /// One raw QMP command; QEMU's reply as JSON text (without `id`).
+    pub async fn monitor_command(
+        &self,
+        key: &str,
+        command_json: &str,
+    ) -> Result<String, DomainError> {
+        let mut request: serde_json::Value = serde_json::from_str(command_json)
+            .map_err(|e| DomainError::InvalidArgument(format!("command_json is not JSON: {e}")))?;
+        let Some(object) = request.as_object_mut() else {
+            return Err(DomainError::InvalidArgument(
+                "command_json must be a JSON object with `execute`".into(),
+            ));
+        };
+        if !object
+            .get("execute")
+            .is_some_and(serde_json::Value::is_string)
+        {
+            return Err(DomainError::InvalidArgument(
+                "command_json must have a string member `execute`".into(),
+            ));
+        }
+        // Our own id goes on the wire; the reply carries none.
+        object.remove("id");
+        let request = request.to_string();
+        let entry = self.find(key)?;
+        let _op = entry.op.lock().await;
+        let qmp = Self::running_qmp(&entry, "monitor commands need a running domain")?;
+        let timeout = Duration::from_secs(self.config().command_timeout_secs);
+        match tokio::time::timeout(timeout, qmp.execute_raw(&request)).await {
+            Ok(result) => result.map_err(|e| DomainError::qmp(&entry.name(), e)),
+            Err(_) => Err(DomainError::Timeout(format!(
+                "monitor command on domain {:?}: no reply within {timeout:?}",
+                entry.name()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,421 @@
+//! Where domains live on disk.
+//!
+//! - `STATE_DIR/domains/NAME.yaml`: the definition, a YAML `DomainSpec`
+//!   (the same format `qvirtctl define` reads), with every default filled.
+//! - `STATE_DIR/logs/NAME.log`: QEMU's stdout and stderr.
+//! - `RUN_DIR/NAME/` (mode 0700): `status.yaml` (state, reason, pid, process
+//!   identity, socket paths, times), `monitor.sock`, `agent.sock`.
+//!
+//! Every file is written atomically: a temp file in the same dir, fsync,
+//! rename over the old one, fsync the dir. A crash leaves the old or the new
+//! content, never a mix. The functions here block (file I/O): the service
+//! calls them through `spawn_blocking`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use qvirt_proto::v1::DomainSpec;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::launch::{MONITOR_SOCKET_NAME, ProcessIdentity};
+
+/// File name of the status file inside a domain's run dir.
+pub const STATUS_FILE_NAME: &str = "status.yaml";
+/// File name of the agent socket inside a domain's run dir.
+pub const AGENT_SOCKET_NAME: &str = "agent.sock";
+
+/// Errors of the store, named after the step.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Creating a directory failed.
+    #[error("creating {path}")]
+    CreateDir {
+        /// The dir.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a file atomically failed.
+    #[error("writing {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Removing a file failed.
+    #[error("removing {path}")]
+    Remove {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Listing the definitions failed.
+    #[error("reading {path}")]
+    ReadDir {
+        /// The dir.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Serializing a record failed.
+    #[error("encoding {what} as YAML")]
+    Encode {
+        /// What was encoded.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: serde_yaml::Error,
+    },
+}
+
+/// A domain's runtime status, as kept in `RUN_DIR/NAME/status.yaml`.
+/// `state` and `reason` are `DomainState` / `DomainStateReason` numbers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Status {
+    /// `DomainState` number.
+    pub state: i32,
+    /// `DomainStateReason` number.
+    pub reason: i32,
+    /// QEMU's pid while it runs, else 0.
+    pub pid: u32,
+    /// QEMU's identity (start time, cmdline) while it runs.
+    pub identity: Option<ProcessIdentity>,
+    /// The monitor socket while QEMU runs.
+    pub monitor_socket: String,
+    /// The agent socket while QEMU runs with an agent.
+    pub agent_socket: String,
+    /// When QEMU was started, ms since the epoch.
+    pub started_at_ms: Option<u64>,
+    /// When state or reason last changed, ms since the epoch.
+    pub state_changed_at_ms: Option<u64>,
+}
+
+/// A definition read back at start.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The stored spec.
+    pub spec: DomainSpec,
+    /// The runtime status, if a status file exists.
+    pub status: Option<Status>,
+    /// When the definition file was created.
+    pub defined_at: SystemTime,
+    /// When it was last written.
+    pub updated_at: SystemTime,
+}
+
+/// One domain's paths.
+#[derive(Debug, Clone)]
+pub struct DomainPaths {
+    /// `RUN_DIR/NAME`.
+    pub run_dir: PathBuf,
+    /// `RUN_DIR/NAME/monitor.sock`.
+    pub monitor_socket: PathBuf,
+    /// `RUN_DIR/NAME/agent.sock`.
+    pub agent_socket: PathBuf,
+    /// `STATE_DIR/logs/NAME.log`.
+    pub qemu_log: PathBuf,
+}
+
+/// The on-disk layout under the state and run dirs.
+#[derive(Debug, Clone)]
+pub struct Store {
+    state_dir: PathBuf,
+    run_dir: PathBuf,
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
+    let err = |source| StoreError::CreateDir {
+        path: path.to_owned(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// Write `data` to `path` atomically: temp file in the same dir, fsync,
+/// rename, fsync the dir.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let err = |source| StoreError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .ok_or_else(|| err(io::Error::other("no parent dir")))?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Remove {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Store {
+    /// A store over `state_dir` and `run_dir`; [`Store::init`] creates them.
+    pub fn new(state_dir: &Path, run_dir: &Path) -> Self {
+        Store {
+            state_dir: state_dir.to_owned(),
+            run_dir: run_dir.to_owned(),
+        }
+    }
+
+    /// Create the dirs (state subdirs 0755, run dir 0700).
+    pub fn init(&self) -> Result<(), StoreError> {
+        create_dir(&self.domains_dir(), 0o755)?;
+        create_dir(&self.state_dir.join("logs"), 0o750)?;
+        create_dir(&self.run_dir, 0o700)
+    }
+
+    fn domains_dir(&self) -> PathBuf {
+        self.state_dir.join("domains")
+    }
+
+    fn spec_path(&self, name: &str) -> PathBuf {
+        self.domains_dir().join(format!("{name}.yaml"))
+    }
+
+    /// The paths of domain `name`.
+    pub fn paths(&self, name: &str) -> DomainPaths {
+        let run_dir = self.run_dir.join(name);
+        DomainPaths {
+            monitor_socket: run_dir.join(MONITOR_SOCKET_NAME),
+            agent_socket: run_dir.join(AGENT_SOCKET_NAME),
+            qemu_log: self.state_dir.join("logs").join(format!("{name}.log")),
+            run_dir,
+        }
+    }
+
+    /// Persist a definition.
+    pub fn save_spec(&self, spec: &DomainSpec) -> Result<(), StoreError> {
+        let text = spec.to_yaml().map_err(|source| StoreError::Encode {
+            what: "domain spec",
+            source,
+        })?;
+        write_atomic(&self.spec_path(&spec.name), text.as_bytes())
+    }
+
+    /// Remove a definition and the domain's run dir.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        remove_if_exists(&self.spec_path(name))?;
+        File::open(self.domains_dir())
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::Write {
+                path: self.domains_dir(),
+                source,
+            })?;
+        let run_dir = self.run_dir.join(name);
+        match fs::remove_dir_all(&run_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Remove {
+                path: run_dir,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Persist a domain's runtime status (creating its run dir, 0700).
+    pub fn save_status(&self, name: &str, status: &Status) -> Result<(), StoreError> {
+        let dir = self.run_dir.join(name);
+        create_dir(&dir, 0o700)?;
+        let text = serde_yaml::to_string(status).map_err(|source| StoreError::Encode {
+            what: "domain status",
+            source,
+        })?;
+        write_atomic(&dir.join(STATUS_FILE_NAME), text.as_bytes())
+    }
+
+    fn load_status(&self, name: &str) -> Option<Status> {
+        let path = self.run_dir.join(name).join(STATUS_FILE_NAME);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                warn!(path = %path.display(), %error, "unreadable status file ignored");
+                return None;
+            }
+        };
+        match serde_yaml::from_str(&text) {
+            Ok(status) => Some(status),
+            Err(error) => {
+                warn!(path = %path.display(), %error, "invalid status file ignored");
+                None
+            }
+        }
+    }
+
+    /// Read every definition (and its status). A file that cannot be read
+    /// or parsed, or whose `name` is not its file name, is logged and
+    /// skipped, so one bad file does not stop the supervisor.
+    pub fn load_all(&self) -> Result<Vec<Loaded>, StoreError> {
+        let dir = self.domains_dir();
+        let entries = fs::read_dir(&dir).map_err(|source| StoreError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut loaded = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::ReadDir {
+                path: dir.clone(),
+                source,
+            })?;
+            let path = entry.path();
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = file_name.strip_suffix(".yaml") else {
+                continue;
+            };
+            let read = fs::read_to_string(&path).map_err(|e| e.to_string());
+            let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
+            let spec = match spec {
+                Ok(spec) if spec.name == stem => spec,
+                Ok(spec) => {
+                    warn!(path = %path.display(), name = %spec.name, "definition name differs from its file name; skipped");
+                    continue;
+                }
+                Err(error) => {
+                    warn!(path = %path.display(), %error, "unreadable definition skipped");
+                    continue;
+                }
+            };
+            let meta = entry.metadata().ok();
+            let updated_at = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .unwrap_or_else(SystemTime::now);
+            let defined_at = meta
+                .as_ref()
+                .and_then(|m| m.created().ok())
+                .unwrap_or(updated_at);
+            let status = self.load_status(stem);
+            loaded.push(Loaded {
+                spec,
+                status,
+                defined_at,
+                updated_at,
+            });
+        }
+        loaded.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn spec(name: &str) -> DomainSpec {
+        DomainSpec {
+            name: name.into(),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            memory_mib: 128,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn test_specs_and_status_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        store.save_spec(&spec("b")).unwrap();
+        let a = spec("a x");
+        store.save_spec(&a).unwrap();
+        let status = Status {
+            state: 1,
+            reason: 101,
+            pid: 42,
+            identity: Some(ProcessIdentity {
+                pid: 42,
+                start_time: 7,
+                cmdline: vec!["qemu".into()],
+            }),
+            monitor_socket: "/run/m.sock".into(),
+            ..Default::default()
+        };
+        store.save_status("a x", &status).unwrap();
+        let mode = fs::metadata(dir.path().join("run/a x"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded[0].spec, a);
+        assert_eq!(loaded[0].status.as_ref(), Some(&status));
+        assert!(loaded[1].status.is_none());
+
+        store.remove("a x").unwrap();
+        assert!(!dir.path().join("run/a x").exists());
+        assert_eq!(store.load_all().unwrap().len(), 1);
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join("state/domains"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["b.yaml"]);
+    }
+
+    #[test]
+    fn test_bad_and_misnamed_files_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        let domains = dir.path().join("state/domains");
+        fs::write(domains.join("junk.yaml"), "name: junk\nbogus: 1\n").unwrap();
+        fs::write(domains.join("other.yaml"), "name: notother\n").unwrap();
+        fs::write(domains.join("ok.yaml.tmp-123"), "name: ok\n").unwrap();
+        store.save_spec(&spec("ok")).unwrap();
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].spec.name, "ok");
+    }
+
+    #[test]
+    fn test_write_atomic_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

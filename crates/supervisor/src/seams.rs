@@ -1,0 +1,108 @@
+//! The seams where the event bus and the hook executor plug in. Neither
+//! client exists yet: the supervisor runs with [`LogEvents`] (events go to
+//! the log at debug level) and [`NoHooks`] (every hook succeeds at once).
+//!
+//! - [`EventSink`]: called, in order, for every QMP event read from a
+//!   domain's monitor and for every lifecycle change. It must not block
+//!   (the watcher of a guest calls it): a bus publisher pushes into a
+//!   bounded queue and counts what it drops.
+//! - [`Hooks`]: called at libvirt's hook points (prepare, start, started,
+//!   stopped, release, reconnect). A failing prepare/start/started hook
+//!   aborts the start; stopped/release failures are logged.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use qvirt_proto::v1::{DomainEventType, DomainSpec};
+use tracing::debug;
+
+use crate::qmp::QmpEvent;
+
+/// Which domain an event is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRef {
+    /// The domain's name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// The supervisor's node name.
+    pub host: String,
+}
+
+/// A typed lifecycle event: libvirt's event type and its detail (the
+/// number of the matching `DomainEvent*Detail` enum value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The event type.
+    pub kind: DomainEventType,
+    /// The detail, a value of the enum that goes with `kind`.
+    pub detail: i32,
+}
+
+/// Where the supervisor's events go; see the module docs.
+pub trait EventSink: Send + Sync + 'static {
+    /// A raw QMP event from `domain`'s monitor.
+    fn monitor_event(&self, domain: &DomainRef, event: &QmpEvent);
+    /// A lifecycle change of `domain`.
+    fn lifecycle(&self, domain: &DomainRef, event: Lifecycle);
+}
+
+/// The stand-in [`EventSink`] until the bus client exists: logs at debug.
+#[derive(Debug, Default)]
+pub struct LogEvents;
+
+impl EventSink for LogEvents {
+    fn monitor_event(&self, domain: &DomainRef, event: &QmpEvent) {
+        debug!(domain = %domain.name, event = %event.name, data = %event.data, "monitor event");
+    }
+
+    fn lifecycle(&self, domain: &DomainRef, event: Lifecycle) {
+        debug!(domain = %domain.name, kind = ?event.kind, detail = event.detail, "lifecycle event");
+    }
+}
+
+/// libvirt's hook points for a domain (`qemu NAME OP SUBOP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookOp {
+    /// `prepare begin`, before anything is set up for a start.
+    Prepare,
+    /// `start begin`, right before QEMU is spawned.
+    Start,
+    /// `started begin`, QEMU runs (paused), before the vCPUs start.
+    Started,
+    /// `stopped end`, QEMU has exited.
+    Stopped,
+    /// `release end`, the domain's resources are released.
+    Release,
+    /// `reconnect begin`, a running QEMU was found after a restart.
+    Reconnect,
+}
+
+/// A failed hook, as the hook executor reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("hook {op:?} failed: {message}")]
+pub struct HookFailure {
+    /// The hook point.
+    pub op: HookOp,
+    /// The hook's message (libvirt: the script's stderr).
+    pub message: String,
+}
+
+/// A boxed hook future.
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookFailure>> + Send + 'a>>;
+
+/// Runs hooks; see the module docs.
+pub trait Hooks: Send + Sync + 'static {
+    /// Run hook `op` for `spec`.
+    fn run<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> HookFuture<'a>;
+}
+
+/// The stand-in [`Hooks`] until the hook executor client exists.
+#[derive(Debug, Default)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn run<'a>(&'a self, _spec: &'a DomainSpec, _op: HookOp) -> HookFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+}

@@ -1,0 +1,132 @@
+//! The RPC edge: one table from [`DomainError`] to a gRPC status.
+//!
+//! | error | code |
+//! |---|---|
+//! | `NotFound` | NOT_FOUND |
+//! | `AlreadyExists` | ALREADY_EXISTS |
+//! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
+//! | `WrongState`, `Start` (QEMU refused to start), `HookRefused`, `QemuRefused` | FAILED_PRECONDITION |
+//! | `Monitor` (QEMU or its monitor gone), `Start` (binary cannot be spawned) | UNAVAILABLE |
+//! | `Timeout` | DEADLINE_EXCEEDED |
+//! | `Unsupported` | UNIMPLEMENTED |
+//! | `Stop`, `Store`, `Internal` | INTERNAL (generic text; the detail is logged) |
+//!
+//! Messages carry the error's whole cause chain on one line (QEMU's exit
+//! status and the tail of its output for a failed start), never `{:?}`.
+
+use qvirt_common::error_chain;
+use tonic::{Code, Status};
+
+use crate::domain::DomainError;
+use crate::launch::LaunchError;
+
+/// The gRPC code for `error`.
+pub fn code(error: &DomainError) -> Code {
+    match error {
+        DomainError::NotFound(_) => Code::NotFound,
+        DomainError::AlreadyExists { .. } => Code::AlreadyExists,
+        DomainError::Spec(_) | DomainError::Yaml(_) | DomainError::InvalidArgument(_) => {
+            Code::InvalidArgument
+        }
+        DomainError::Start {
+            source: LaunchError::Spawn { .. },
+            ..
+        }
+        | DomainError::Monitor { .. } => Code::Unavailable,
+        DomainError::WrongState { .. }
+        | DomainError::Start { .. }
+        | DomainError::HookRefused { .. }
+        | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
+        DomainError::Timeout(_) => Code::DeadlineExceeded,
+        DomainError::Unsupported(_) => Code::Unimplemented,
+        DomainError::Stop { .. } | DomainError::Store(_) | DomainError::Internal(_) => {
+            Code::Internal
+        }
+    }
+}
+
+/// Convert a domain error to the status the client sees.
+pub fn to_status(error: &DomainError) -> Status {
+    let code = code(error);
+    let line = error_chain(error);
+    if code == Code::Internal {
+        tracing::error!(error = %line, "internal error");
+        return Status::internal(
+            "internal error in the supervisor (details in its log)".to_owned(),
+        );
+    }
+    Status::new(code, line)
+}
+
+impl From<DomainError> for Status {
+    fn from(error: DomainError) -> Status {
+        to_status(&error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::spec::SpecError;
+
+    #[test]
+    fn test_table() {
+        let cases = [
+            (DomainError::NotFound("x".into()), Code::NotFound),
+            (
+                DomainError::AlreadyExists {
+                    field: "name",
+                    value: "x".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                DomainError::Spec(SpecError {
+                    field: "name".into(),
+                    reason: "is required".into(),
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                DomainError::WrongState {
+                    domain: "x".into(),
+                    state: "running",
+                    what: "w",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                DomainError::Start {
+                    domain: "x".into(),
+                    source: LaunchError::Spawn {
+                        binary: "q".into(),
+                        source: std::io::Error::other("nope"),
+                    },
+                },
+                Code::Unavailable,
+            ),
+            (DomainError::Timeout("t".into()), Code::DeadlineExceeded),
+            (DomainError::Unsupported("u"), Code::Unimplemented),
+            (DomainError::Internal("secret".into()), Code::Internal),
+        ];
+        for (error, want) in cases {
+            let status = to_status(&error);
+            assert_eq!(status.code(), want, "{error}");
+            if want == Code::Internal {
+                assert!(!status.message().contains("secret"));
+            }
+        }
+    }
+
+    #[test]
+    fn test_message_names_the_field() {
+        let status = to_status(&DomainError::Spec(SpecError {
+            field: "disks[0].path".into(),
+            reason: "is required".into(),
+        }));
+        assert_eq!(
+            status.message(),
+            "invalid domain spec: disks[0].path: is required"
+        );
+    }
+}
