@@ -1,0 +1,556 @@
+//! `qvirt-supervisor` with real QEMU (TCG, no guest OS: QMP works without
+//! one): define from YAML, start, state, suspend/resume, monitor commands,
+//! destroy, a QEMU killed behind the supervisor's back, QEMU refusing to
+//! start, a kill -9 of the supervisor itself, and many guests at once.
+//!
+//! Every QEMU a test starts is destroyed by the test or, if it fails
+//! half-way, killed by pid on drop ([`Reaper`], which checks the pid still
+//! runs that domain's UUID first). Every wait has a deadline.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qvirt_integration_tests::{Service, grpcurl, text, tool_path};
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
+    GetDomainRequest, ListDomainsRequest, MonitorCommandRequest, ResumeDomainRequest,
+    StartDomainRequest, SuspendDomainRequest, UndefineDomainRequest, define_domain_request,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Bound on waiting for a state the supervisor reports.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills, when the last clone is dropped, every QEMU a test started that
+/// is still running.
+#[derive(Clone, Default)]
+struct Reaper(Arc<Tracked>);
+
+/// The (pid, uuid) of every QEMU started.
+#[derive(Default)]
+struct Tracked(Mutex<Vec<(u32, String)>>);
+
+impl Reaper {
+    fn track(&self, d: &Domain) {
+        let uuid = d.spec.as_ref().unwrap().uuid.clone();
+        if d.pid != 0 {
+            self.0.0.lock().unwrap().push((d.pid, uuid));
+        }
+    }
+}
+
+/// Whether `pid` runs a QEMU started with `-uuid uuid`.
+fn runs_domain(pid: u32, uuid: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(uuid))
+        .unwrap_or(false)
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        for (pid, uuid) in self.0.lock().unwrap().iter() {
+            if runs_domain(*pid, uuid) {
+                // SAFETY: kill(2) on a pid checked to run our test's QEMU.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// A supervisor over state and run dirs that outlive it (for restarts).
+struct Sup {
+    svc: Service,
+    client: SupervisorClient<Channel>,
+}
+
+/// The dirs a test's supervisors share.
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+    run: PathBuf,
+}
+
+impl Dirs {
+    fn new() -> Dirs {
+        // Fail loudly, naming `make deps`, when QEMU is missing.
+        tool_path("qemu-system-x86_64");
+        let tmp = tempfile::tempdir().unwrap();
+        Dirs {
+            state: tmp.path().join("state"),
+            run: tmp.path().join("run"),
+            _tmp: tmp,
+        }
+    }
+}
+
+impl Sup {
+    async fn start(dirs: &Dirs) -> Sup {
+        let state = dirs.state.to_str().unwrap();
+        let run = dirs.run.to_str().unwrap();
+        let mut svc = Service::start(
+            "qvirt-supervisor",
+            &["--state-dir", state, "--run-dir", run, "--node-name", "it-node"],
+        );
+        svc.wait_serving("qvirt.v1.Supervisor").await;
+        let client = SupervisorClient::connect(svc.url()).await.unwrap();
+        Sup { svc, client }
+    }
+
+    async fn define(&mut self, yaml: &str) -> Result<Domain, tonic::Status> {
+        self.client
+            .define_domain(DefineDomainRequest {
+                source: Some(define_domain_request::Source::SpecYaml(yaml.to_owned())),
+                allow_update: false,
+            })
+            .await
+            .map(|r| r.into_inner().domain.unwrap())
+    }
+
+    async fn get(&mut self, name: &str) -> Result<Domain, tonic::Status> {
+        self.client
+            .get_domain(GetDomainRequest {
+                domain: name.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().domain.unwrap())
+    }
+
+    async fn start_domain(
+        &mut self,
+        name: &str,
+        paused: bool,
+        reaper: &Reaper,
+    ) -> Result<Domain, tonic::Status> {
+        let d = self
+            .client
+            .start_domain(StartDomainRequest {
+                domain: name.to_owned(),
+                paused,
+            })
+            .await
+            .map(|r| r.into_inner().domain.unwrap())?;
+        reaper.track(&d);
+        Ok(d)
+    }
+
+    async fn destroy(&mut self, name: &str) -> Domain {
+        self.client
+            .destroy_domain(DestroyDomainRequest {
+                domain: name.to_owned(),
+                graceful: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .domain
+            .unwrap()
+    }
+
+    async fn monitor(&mut self, name: &str, json: &str) -> String {
+        self.client
+            .monitor_command(MonitorCommandRequest {
+                domain: name.to_owned(),
+                command_json: json.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .reply_json
+    }
+
+    /// Poll GetDomain until `state`, with a deadline.
+    async fn wait_state(&mut self, name: &str, state: DomainState) -> Domain {
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        loop {
+            let d = self.get(name).await.unwrap();
+            if d.state() == state {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not {state:?} within {STATE_TIMEOUT:?}: {:?}/{:?}; stderr:\n{}",
+                d.state(),
+                d.reason(),
+                self.svc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn yaml(name: &str) -> String {
+    format!("name: {name}\nmemory_mib: 64\naccel: tcg\n")
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// Wait (with a deadline) until `pid` is gone.
+async fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "pid {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+
+    let spec_yaml = "name: vm1\nuuid: 3f0c4a8e-1b2d-4c5e-8f90-a1b2c3d4e5f6\nmemory_mib: 64\naccel: tcg\nagent: true\n";
+    let d = sup.define(spec_yaml).await.unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.host, "it-node");
+    assert_eq!(d.spec.as_ref().unwrap().machine, "q35");
+    assert!(dirs.state.join("domains/vm1.yaml").is_file());
+
+    // Duplicates: same name; same UUID under another name.
+    let err = sup.define(&yaml("vm1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = sup
+        .define("name: vm2\nuuid: 3F0C4A8E-1B2D-4C5E-8F90-A1B2C3D4E5F6\n")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("uuid"), "{}", err.message());
+    // An unknown field names itself, its line and column.
+    let err = sup.define("name: vm3\nmemroy_mib: 5\n").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown field `memroy_mib`") && err.message().contains("line 2"),
+        "{}",
+        err.message()
+    );
+    let err = sup.define("name: \"a/b\"\n").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("name"), "{}", err.message());
+
+    let d = sup.start_domain("vm1", false, &reaper).await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    assert_eq!(d.reason(), DomainStateReason::RunningBooted);
+    assert!(d.pid > 0 && pid_alive(d.pid));
+    assert!(d.agent_socket.ends_with("vm1/agent.sock"), "{}", d.agent_socket);
+    assert!(Path::new(&d.agent_socket).exists());
+    let pid = d.pid;
+    // By UUID too.
+    let by_uuid = sup.get("3f0c4a8e-1b2d-4c5e-8f90-a1b2c3d4e5f6").await.unwrap();
+    assert_eq!(by_uuid.pid, pid);
+    let err = sup.start_domain("vm1", false, &reaper).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let d = sup
+        .client
+        .suspend_domain(SuspendDomainRequest {
+            domain: "vm1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!(d.state(), DomainState::Paused);
+    assert_eq!(d.reason(), DomainStateReason::PausedUser);
+    let reply = sup.monitor("vm1", r#"{"execute":"query-status"}"#).await;
+    assert!(reply.contains(r#""status":"paused""#), "{reply}");
+
+    let d = sup
+        .client
+        .resume_domain(ResumeDomainRequest {
+            domain: "vm1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    assert_eq!(d.reason(), DomainStateReason::RunningUnpaused);
+
+    // The raw monitor command through grpcurl, as an operator would.
+    let addr = sup.svc.addr.to_string();
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"domain":"vm1","command_json":"{\"execute\":\"query-status\",\"id\":\"mine\"}"}"#,
+        &addr,
+        "qvirt.v1.Supervisor/MonitorCommand",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let body = text(&out.stdout);
+    assert!(body.contains(r#"\"status\":\"running\""#), "{body}");
+    assert!(!body.contains("mine"), "the caller's id is not echoed: {body}");
+    // A QMP error is a reply, not a failed call; bad JSON is INVALID_ARGUMENT.
+    let reply = sup.monitor("vm1", r#"{"execute":"no-such-command"}"#).await;
+    assert!(reply.contains("CommandNotFound"), "{reply}");
+    let err = sup
+        .client
+        .monitor_command(MonitorCommandRequest {
+            domain: "vm1".into(),
+            command_json: "[1]".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A shutdown request a guest without an OS ignores: DEADLINE_EXCEEDED,
+    // and the guest is left running.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"domain":"vm1","timeout":"0.3s"}"#,
+        &addr,
+        "qvirt.v1.Supervisor/ShutdownDomain",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("DeadlineExceeded"), "{}", text(&out.stderr));
+    assert_eq!(sup.get("vm1").await.unwrap().state(), DomainState::Running);
+    assert!(pid_alive(pid));
+
+    let err = sup
+        .client
+        .undefine_domain(UndefineDomainRequest {
+            domain: "vm1".into(),
+            destroy: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let d = sup.destroy("vm1").await;
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffDestroyed);
+    assert_eq!(d.pid, 0);
+    wait_gone(pid).await;
+
+    sup.client
+        .undefine_domain(UndefineDomainRequest {
+            domain: "vm1".into(),
+            destroy: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(sup.get("vm1").await.unwrap_err().code(), Code::NotFound);
+    assert!(!dirs.state.join("domains/vm1.yaml").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_qemu_killed_behind_our_back_is_shutoff_crashed() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    sup.define(&yaml("victim")).await.unwrap();
+    let d = sup.start_domain("victim", true, &reaper).await.unwrap();
+    assert_eq!(d.state(), DomainState::Paused);
+    assert_eq!(d.reason(), DomainStateReason::PausedStartingUp);
+    // SAFETY: kill(2) on the QEMU this test just started.
+    unsafe { libc::kill(d.pid as i32, libc::SIGKILL) };
+    let d = sup.wait_state("victim", DomainState::Shutoff).await;
+    assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
+    assert_eq!(d.pid, 0);
+    // It starts again.
+    let d = sup.start_domain("victim", false, &reaper).await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    let pid = d.pid;
+    // Undefine with destroy stops it.
+    sup.client
+        .undefine_domain(UndefineDomainRequest {
+            domain: "victim".into(),
+            destroy: true,
+        })
+        .await
+        .unwrap();
+    wait_gone(pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_qemu_start_failures_carry_qemu_message() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+
+    sup.define("name: nodisk\nmemory_mib: 64\ndisks: [{path: /nonexistent/qvirt-test.img}]\n")
+        .await
+        .unwrap();
+    let err = sup.start_domain("nodisk", false, &reaper).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("/nonexistent/qvirt-test.img")
+            && err.message().contains("No such file or directory")
+            && err.message().contains("exit status: 1"),
+        "{}",
+        err.message()
+    );
+    let d = sup.get("nodisk").await.unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffFailed);
+
+    sup.define("name: badarg\nmemory_mib: 64\nextra_args: [\"-bogus-option\"]\n")
+        .await
+        .unwrap();
+    let err = sup.start_domain("badarg", false, &reaper).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("-bogus-option: invalid option"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_supervisor_kill9_and_restart_loses_no_guest() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    for name in ["keep-running", "keep-paused", "dies-meanwhile", "never-started"] {
+        sup.define(&yaml(name)).await.unwrap();
+    }
+    let running = sup.start_domain("keep-running", false, &reaper).await.unwrap();
+    let paused = sup.start_domain("keep-paused", true, &reaper).await.unwrap();
+    let dies = sup.start_domain("dies-meanwhile", false, &reaper).await.unwrap();
+
+    // kill -9 the supervisor, then one QEMU while nobody watches.
+    let sup_pid = sup.svc.pid();
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup_pid as i32, libc::SIGKILL) };
+    wait_gone(sup_pid).await;
+    drop(sup);
+    // SAFETY: kill(2) on a QEMU this test started.
+    unsafe { libc::kill(dies.pid as i32, libc::SIGKILL) };
+    wait_gone(dies.pid).await;
+    assert!(pid_alive(running.pid) && pid_alive(paused.pid));
+
+    let mut sup = Sup::start(&dirs).await;
+    let d = sup.get("keep-running").await.unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Running, running.pid));
+    assert_eq!(d.reason(), DomainStateReason::RunningBooted);
+    let d = sup.get("keep-paused").await.unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Paused, paused.pid));
+    let d = sup.get("dies-meanwhile").await.unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
+    let d = sup.get("never-started").await.unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    let all = sup
+        .client
+        .list_domains(ListDomainsRequest {
+            states: vec![DomainState::Running as i32, DomainState::Paused as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domains;
+    let names: Vec<_> = all.iter().map(|d| d.spec.as_ref().unwrap().name.as_str()).collect();
+    assert_eq!(names, ["keep-paused", "keep-running"]);
+
+    // Still controllable: suspend/resume, monitor, and its events followed.
+    sup.client
+        .resume_domain(ResumeDomainRequest {
+            domain: "keep-paused".into(),
+        })
+        .await
+        .unwrap();
+    let reply = sup.monitor("keep-paused", r#"{"execute":"query-status"}"#).await;
+    assert!(reply.contains(r#""running":true"#), "{reply}");
+    // A `stop` behind the supervisor's back shows up through the STOP event.
+    sup.monitor("keep-running", r#"{"execute":"stop"}"#).await;
+    let d = sup.wait_state("keep-running", DomainState::Paused).await;
+    assert_eq!(d.reason(), DomainStateReason::PausedUnknown);
+
+    // An adopted QEMU killed behind our back is noticed (monitor EOF).
+    // SAFETY: kill(2) on a QEMU this test started.
+    unsafe { libc::kill(paused.pid as i32, libc::SIGKILL) };
+    let d = sup.wait_state("keep-paused", DomainState::Shutoff).await;
+    assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
+
+    // Destroying an adopted QEMU.
+    let d = sup.destroy("keep-running").await;
+    assert_eq!(d.reason(), DomainStateReason::ShutoffDestroyed);
+    wait_gone(running.pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_twenty_guests_at_once() {
+    const GUESTS: usize = 20;
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    let names: Vec<String> = (0..GUESTS).map(|i| format!("many-{i:02}")).collect();
+    for name in &names {
+        sup.define(&yaml(name)).await.unwrap();
+    }
+    let starts = names.iter().enumerate().map(|(i, name)| {
+        let mut client = sup.client.clone();
+        let name = name.clone();
+        let reaper = reaper.clone();
+        tokio::spawn(async move {
+            let d = client
+                .start_domain(StartDomainRequest {
+                    domain: name,
+                    paused: i % 2 == 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .domain
+                .unwrap();
+            reaper.track(&d);
+            d
+        })
+    });
+    let started: Vec<Domain> = futures_join(starts).await;
+    let mut pids: Vec<u32> = started.iter().map(|d| d.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), GUESTS);
+    for (i, d) in started.iter().enumerate() {
+        let want = if i % 2 == 0 {
+            DomainState::Paused
+        } else {
+            DomainState::Running
+        };
+        assert_eq!(d.state(), want, "{}", d.spec.as_ref().unwrap().name);
+    }
+    let destroys = names.iter().map(|name| {
+        let mut client = sup.client.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            client
+                .destroy_domain(DestroyDomainRequest {
+                    domain: name,
+                    graceful: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .domain
+                .unwrap()
+        })
+    });
+    for d in futures_join(destroys).await {
+        assert_eq!(d.reason(), DomainStateReason::ShutoffDestroyed);
+    }
+    for pid in pids {
+        wait_gone(pid).await;
+    }
+}
+
+/// Join spawned tasks in order.
+async fn futures_join<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let handles: Vec<_> = tasks.collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
