@@ -97,6 +97,11 @@ fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc
     Ok(pfd.revents)
 }
 
+/// Waits until `fd` is readable (or a signal interrupts the wait).
+pub fn wait_readable(fd: &impl AsRawFd) -> io::Result<()> {
+    wait_fd(fd.as_raw_fd(), libc::POLLIN, -1).map(|_| ())
+}
+
 /// A device opened non-blocking (virtio-serial or isa-serial).
 pub struct Device {
     file: File,

@@ -60,25 +60,32 @@ pub enum GaError {
     Io(#[source] std::io::Error),
 }
 
+/// Prints to stdout, ignoring a closed pipe (`qvirt-ga -b help | head`).
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
 /// Runs the agent as the command line says.
 pub fn run(args: &[String]) -> Result<(), GaError> {
     let config = match cli::parse(args, std::env::var("QGA_CONF").ok())? {
         Action::Version => {
-            println!("{}", version_line());
+            print_out(&format!("{}\n", version_line()));
             return Ok(());
         }
         Action::Help => {
-            print!("{}", cli::HELP);
+            print_out(cli::HELP);
             return Ok(());
         }
         Action::ListRpcs => {
-            for c in COMMANDS.iter() {
-                println!("{}", c.name);
-            }
+            let names: String = COMMANDS.iter().map(|c| format!("{}\n", c.name)).collect();
+            print_out(&names);
             return Ok(());
         }
         Action::Dump(c) => {
-            print!("{}", c.dump());
+            print_out(&c.dump());
             return Ok(());
         }
         Action::Run(c) => c,

@@ -99,6 +99,13 @@ impl Server {
             if should_stop(&self.agent) {
                 return Ok(());
             }
+            // std's accept retries EINTR; poll first so a stop signal is
+            // seen while idle.
+            match crate::channel::wait_readable(listener) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
             let mut stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 const END: &[u8] = b"\xff{\"execute\":\"__end__\",\"id\":\"__end__\"}";
 const END_LINE: &[u8] =
     b"{\"id\": \"__end__\", \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command __end__ has not been found\"}}\n";
-const DEADLINE: Duration = Duration::from_secs(20);
+const DEADLINE: Duration = Duration::from_secs(120);
 
 fn qemu_ga() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -98,7 +98,7 @@ fn read_until_end(s: &mut UnixStream) -> Vec<u8> {
     let deadline = Instant::now() + DEADLINE;
     let mut out = Vec::new();
     let mut buf = [0u8; 65536];
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     while !out.ends_with(END_LINE) {
         assert!(
@@ -468,4 +468,223 @@ fn test_host_facts() {
     let a = mask(exchange(&agents.0, req));
     let b = mask(exchange(&agents.1, req));
     assert_eq!(String::from_utf8_lossy(&b), String::from_utf8_lossy(&a));
+}
+
+#[test]
+fn test_large_messages_at_and_past_the_limits() {
+    let agents = both(&[], &[], |_| {});
+    // A 64 MiB string: the size error, then the rest lexed as new input
+    // (a huge keyword whose error text QEMU cuts at 1023 bytes).
+    let mut huge = b"{'execute':'guest-ping','id':'".to_vec();
+    huge.resize(huge.len() + (64 << 20), b'x');
+    huge.extend_from_slice(b"'}");
+    same(&agents, &[&huge]);
+    // One byte under the limit is echoed.
+    let mut fits = b"{'execute':'guest-ping','id':'".to_vec();
+    fits.resize((64 << 20) - 64, b'y');
+    fits.extend_from_slice(b"'}");
+    let a = exchange(&agents.0, &[&fits]);
+    let b = exchange(&agents.1, &[&fits]);
+    assert!(a == b && a.starts_with(b"{\"return\": {}, \"id\": \"yyy"));
+    // 2,097,152 tokens is the most a message may have.
+    let tokens = |n: usize| {
+        let mut s = b"{'execute':'guest-ping','id':[".to_vec();
+        let items = (n - 11).div_ceil(2);
+        for i in 0..items {
+            s.extend_from_slice(if i == 0 { b"1" } else { b",1" });
+        }
+        s.extend_from_slice(b"]}");
+        s
+    };
+    let a = exchange(&agents.0, &[&tokens(2 << 20)]);
+    let b = exchange(&agents.1, &[&tokens(2 << 20)]);
+    assert!(
+        a == b && a.starts_with(b"{\"return\": {}"),
+        "{}",
+        String::from_utf8_lossy(&a[..a.len().min(200)])
+    );
+    same(&agents, &[&tokens((2 << 20) + 2)]);
+    // 8 MiB of whitespace before a request is not counted.
+    let mut spaced = vec![b' '; 8 << 20];
+    spaced.extend_from_slice(b"{'execute':'guest-ping','id':'spaced'}");
+    same(&agents, &[&spaced]);
+}
+
+#[test]
+fn test_half_close_gets_response_then_eof() {
+    let agents = both(&[], &[], |_| {});
+    let run = |agent: &Agent| {
+        let mut s = UnixStream::connect(&agent.sock).expect("connect");
+        s.write_all(b"{'execute':'guest-ping','id':'half'}")
+            .expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read to EOF");
+        out
+    };
+    let a = run(&agents.0);
+    assert_eq!(run(&agents.1), a);
+    assert_eq!(a, b"{\"return\": {}, \"id\": \"half\"}\n");
+}
+
+#[test]
+fn test_second_client_waits_for_the_first() {
+    let agents = both(&[], &[], |_| {});
+    let run = |agent: &Agent| {
+        let mut first = UnixStream::connect(&agent.sock).expect("connect A");
+        first
+            .write_all(b"{'execute':'guest-ping','id':'A'}")
+            .expect("write A");
+        let mut a = Vec::new();
+        first
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        while !a.ends_with(b"\n") {
+            let n = first.read(&mut buf).expect("read A");
+            assert!(n > 0);
+            a.extend_from_slice(&buf[..n]);
+        }
+        // B connects while A is being served: it sits in the backlog.
+        let mut second = UnixStream::connect(&agent.sock).expect("connect B");
+        second
+            .write_all(b"{'execute':'guest-ping','id':'B'}")
+            .expect("write B");
+        drop(first);
+        second.write_all(END).expect("end");
+        (a, read_until_end(&mut second))
+    };
+    let a = run(&agents.0);
+    assert_eq!(run(&agents.1), a);
+    assert_eq!(a.1, b"{\"return\": {}, \"id\": \"B\"}\n");
+}
+
+fn wait_exit(agent: &mut Agent) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(st) = agent.child.try_wait().expect("try_wait") {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn sigterm(agent: &Agent) {
+    let pid = agent.child.id() as libc::pid_t;
+    // SAFETY: signalling a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[test]
+fn test_sigterm_exits_zero_unless_frozen() {
+    let (mut q, mut v) = both(&[], &[], |_| {});
+    for a in [&mut q, &mut v] {
+        sigterm(a);
+        let st = wait_exit(a).expect("agent did not exit on SIGTERM");
+        assert_eq!(st.code(), Some(0));
+    }
+    let frozen = both(&[], &[], |d| {
+        std::fs::write(d.join("qga.state.isfrozen"), b"").expect("marker");
+    });
+    for a in [&frozen.0, &frozen.1] {
+        sigterm(a);
+    }
+    // Still serving after SIGTERM (killed with SIGKILL on drop).
+    same(&frozen, &[b"{'execute':'guest-fsfreeze-status'}"]);
+}
+
+fn cli_output(which: Which, args: &[&str], conf: Option<&Path>) -> (Option<i32>, Vec<u8>) {
+    let bin = match which {
+        Which::Qemu => qemu_ga(),
+        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
+    match conf {
+        Some(c) => cmd.env("QGA_CONF", c),
+        None => cmd.env("QGA_CONF", "/nonexistent/qemu-ga.conf"),
+    };
+    let out = cmd.output().expect("run");
+    (out.status.code(), out.stdout)
+}
+
+#[test]
+fn test_cli_dump_conf_and_rpc_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("test-qga-config");
+    // tests/data/test-qga-config of QEMU.
+    std::fs::write(
+        &conf,
+        "[general]\ndaemon=false\nmethod=virtio-serial\npath=/path/to/org.qemu.guest_agent.0\npidfile=/var/foo/qemu-ga.pid\nstatedir=/var/state\nverbose=true\nblock-rpcs=guest-ping;guest-get-time\n",
+    )
+    .expect("conf");
+    let cases: &[(&[&str], Option<&Path>)] = &[
+        (&["-D"], None),
+        (&["-D"], Some(&conf)),
+        (
+            &[
+                "-m",
+                "unix-listen",
+                "-p",
+                "/tmp/x",
+                "-D",
+                "-b",
+                "guest-ping",
+                "-b",
+                "guest-info",
+                "-F",
+                "-l",
+                "/tmp/l",
+                "-v",
+            ],
+            None,
+        ),
+        (
+            &[
+                "--method=isa-serial",
+                "-D",
+                "-F/my/hook",
+                "--statedir",
+                "/st",
+                "-f/p.pid",
+                "-d",
+                "-r",
+            ],
+            None,
+        ),
+        (&["-m", "unix-listen", "-D"], Some(&conf)),
+        (&["-b", "help"], None),
+        (&["--block-rpcs=?"], None),
+    ];
+    for (args, conf) in cases {
+        let q = cli_output(Which::Qemu, args, *conf);
+        let v = cli_output(Which::Qvirt, args, *conf);
+        assert_eq!(
+            (v.0, String::from_utf8_lossy(&v.1)),
+            (q.0, String::from_utf8_lossy(&q.1)),
+            "{args:?}"
+        );
+    }
+    // -V names the qemu-ga release; qvirt-ga adds its own version.
+    let q = cli_output(Which::Qemu, &["-V"], None);
+    let v = cli_output(Which::Qvirt, &["-V"], None);
+    assert!(
+        v.1.starts_with(q.1.trim_ascii_end()),
+        "{:?}",
+        String::from_utf8_lossy(&v.1)
+    );
+    // unix-listen without a path: exit 1 for both.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let st = dir2.path().to_string_lossy().into_owned();
+    assert_eq!(
+        cli_output(Which::Qemu, &["-m", "unix-listen", "-t", &st], None).0,
+        Some(1)
+    );
+    assert_eq!(
+        cli_output(Which::Qvirt, &["-m", "unix-listen", "-t", &st], None).0,
+        Some(1)
+    );
 }
