@@ -93,7 +93,14 @@ impl Sup {
         let run = dirs.run.to_str().unwrap();
         let mut svc = Service::start(
             "qvirt-supervisor",
-            &["--state-dir", state, "--run-dir", run, "--node-name", "it-node"],
+            &[
+                "--state-dir",
+                state,
+                "--run-dir",
+                run,
+                "--node-name",
+                "it-node",
+            ],
         );
         svc.wait_serving("qvirt.v1.Supervisor").await;
         let client = SupervisorClient::connect(svc.url()).await.unwrap();
@@ -240,11 +247,18 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
     assert_eq!(d.state(), DomainState::Running);
     assert_eq!(d.reason(), DomainStateReason::RunningBooted);
     assert!(d.pid > 0 && pid_alive(d.pid));
-    assert!(d.agent_socket.ends_with("vm1/agent.sock"), "{}", d.agent_socket);
+    assert!(
+        d.agent_socket.ends_with("vm1/agent.sock"),
+        "{}",
+        d.agent_socket
+    );
     assert!(Path::new(&d.agent_socket).exists());
     let pid = d.pid;
     // By UUID too.
-    let by_uuid = sup.get("3f0c4a8e-1b2d-4c5e-8f90-a1b2c3d4e5f6").await.unwrap();
+    let by_uuid = sup
+        .get("3f0c4a8e-1b2d-4c5e-8f90-a1b2c3d4e5f6")
+        .await
+        .unwrap();
     assert_eq!(by_uuid.pid, pid);
     let err = sup.start_domain("vm1", false, &reaper).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -289,7 +303,10 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let body = text(&out.stdout);
     assert!(body.contains(r#"\"status\":\"running\""#), "{body}");
-    assert!(!body.contains("mine"), "the caller's id is not echoed: {body}");
+    assert!(
+        !body.contains("mine"),
+        "the caller's id is not echoed: {body}"
+    );
     // A QMP error is a reply, not a failed call; bad JSON is INVALID_ARGUMENT.
     let reply = sup.monitor("vm1", r#"{"execute":"no-such-command"}"#).await;
     assert!(reply.contains("CommandNotFound"), "{reply}");
@@ -313,7 +330,11 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         "qvirt.v1.Supervisor/ShutdownDomain",
     ]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("DeadlineExceeded"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("DeadlineExceeded"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(sup.get("vm1").await.unwrap().state(), DomainState::Running);
     assert!(pid_alive(pid));
 
@@ -382,7 +403,10 @@ async fn test_qemu_start_failures_carry_qemu_message() {
     sup.define("name: nodisk\nmemory_mib: 64\ndisks: [{path: /nonexistent/qvirt-test.img}]\n")
         .await
         .unwrap();
-    let err = sup.start_domain("nodisk", false, &reaper).await.unwrap_err();
+    let err = sup
+        .start_domain("nodisk", false, &reaper)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
         err.message().contains("/nonexistent/qvirt-test.img")
@@ -398,7 +422,10 @@ async fn test_qemu_start_failures_carry_qemu_message() {
     sup.define("name: badarg\nmemory_mib: 64\nextra_args: [\"-bogus-option\"]\n")
         .await
         .unwrap();
-    let err = sup.start_domain("badarg", false, &reaper).await.unwrap_err();
+    let err = sup
+        .start_domain("badarg", false, &reaper)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("-bogus-option: invalid option"),
@@ -412,12 +439,26 @@ async fn test_supervisor_kill9_and_restart_loses_no_guest() {
     let dirs = Dirs::new();
     let reaper = Reaper::default();
     let mut sup = Sup::start(&dirs).await;
-    for name in ["keep-running", "keep-paused", "dies-meanwhile", "never-started"] {
+    for name in [
+        "keep-running",
+        "keep-paused",
+        "dies-meanwhile",
+        "never-started",
+    ] {
         sup.define(&yaml(name)).await.unwrap();
     }
-    let running = sup.start_domain("keep-running", false, &reaper).await.unwrap();
-    let paused = sup.start_domain("keep-paused", true, &reaper).await.unwrap();
-    let dies = sup.start_domain("dies-meanwhile", false, &reaper).await.unwrap();
+    let running = sup
+        .start_domain("keep-running", false, &reaper)
+        .await
+        .unwrap();
+    let paused = sup
+        .start_domain("keep-paused", true, &reaper)
+        .await
+        .unwrap();
+    let dies = sup
+        .start_domain("dies-meanwhile", false, &reaper)
+        .await
+        .unwrap();
 
     // kill -9 the supervisor, then one QEMU while nobody watches.
     let sup_pid = sup.svc.pid();
@@ -450,7 +491,10 @@ async fn test_supervisor_kill9_and_restart_loses_no_guest() {
         .unwrap()
         .into_inner()
         .domains;
-    let names: Vec<_> = all.iter().map(|d| d.spec.as_ref().unwrap().name.as_str()).collect();
+    let names: Vec<_> = all
+        .iter()
+        .map(|d| d.spec.as_ref().unwrap().name.as_str())
+        .collect();
     assert_eq!(names, ["keep-paused", "keep-running"]);
 
     // Still controllable: suspend/resume, monitor, and its events followed.
@@ -460,7 +504,9 @@ async fn test_supervisor_kill9_and_restart_loses_no_guest() {
         })
         .await
         .unwrap();
-    let reply = sup.monitor("keep-paused", r#"{"execute":"query-status"}"#).await;
+    let reply = sup
+        .monitor("keep-paused", r#"{"execute":"query-status"}"#)
+        .await;
     assert!(reply.contains(r#""running":true"#), "{reply}");
     // A `stop` behind the supervisor's back shows up through the STOP event.
     sup.monitor("keep-running", r#"{"execute":"stop"}"#).await;

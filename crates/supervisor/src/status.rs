@@ -28,11 +28,10 @@ pub fn code(error: &DomainError) -> Code {
         DomainError::Spec(_) | DomainError::Yaml(_) | DomainError::InvalidArgument(_) => {
             Code::InvalidArgument
         }
-        DomainError::Start {
-            source: LaunchError::Spawn { .. },
-            ..
+        DomainError::Start { source, .. } if matches!(**source, LaunchError::Spawn { .. }) => {
+            Code::Unavailable
         }
-        | DomainError::Monitor { .. } => Code::Unavailable,
+        DomainError::Monitor { .. } => Code::Unavailable,
         DomainError::WrongState { .. }
         | DomainError::Start { .. }
         | DomainError::HookRefused { .. }
@@ -98,10 +97,10 @@ mod tests {
             (
                 DomainError::Start {
                     domain: "x".into(),
-                    source: LaunchError::Spawn {
+                    source: Box::new(LaunchError::Spawn {
                         binary: "q".into(),
                         source: std::io::Error::other("nope"),
-                    },
+                    }),
                 },
                 Code::Unavailable,
             ),

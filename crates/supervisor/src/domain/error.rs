@@ -45,7 +45,7 @@ pub enum DomainError {
         domain: String,
         /// What the launcher saw.
         #[source]
-        source: LaunchError,
+        source: Box<LaunchError>,
     },
     /// A start hook refused the start.
     #[error("starting domain {domain:?} refused by a hook: {message}")]
@@ -81,7 +81,7 @@ pub enum DomainError {
         domain: String,
         /// The error.
         #[source]
-        source: LaunchError,
+        source: Box<LaunchError>,
     },
     /// A wait of ours expired.
     #[error("{0}")]

@@ -90,7 +90,7 @@ impl Manager {
                 self.fail_start(&entry).await;
                 return Err(DomainError::Start {
                     domain: spec.name,
-                    source,
+                    source: Box::new(source),
                 });
             }
         };
@@ -229,7 +229,7 @@ impl Manager {
                             flags.destroying.store(false, Ordering::SeqCst);
                             return Err(DomainError::Stop {
                                 domain: name,
-                                source: launch::LaunchError::Identity { source },
+                                source: Box::new(launch::LaunchError::Identity { source }),
                             });
                         }
                     },
@@ -251,7 +251,7 @@ impl Manager {
             flags.destroying.store(false, Ordering::SeqCst);
             return Err(DomainError::Stop {
                 domain: name,
-                source,
+                source: Box::new(source),
             });
         }
         if !entry

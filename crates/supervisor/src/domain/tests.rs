@@ -1,1 +1,144 @@
-//! Manager tests (no QEMU needed).
+//! Manager tests that need no QEMU: definitions, uniqueness, updates,
+//! lookups, persistence across a reopen, state checks, status on restart.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use qvirt_proto::v1::{DomainSpec, DomainState, DomainStateReason};
+
+use super::store::{Status, Store};
+use super::{DomainError, Manager};
+use crate::config::Config;
+use crate::launch::ProcessIdentity;
+use crate::seams::{LogEvents, NoHooks};
+
+fn config(dir: &tempfile::TempDir) -> Config {
+    Config {
+        state_dir: dir.path().join("state"),
+        run_dir: dir.path().join("run"),
+        node_name: "test-node".into(),
+        ..Config::default()
+    }
+}
+
+async fn open(dir: &tempfile::TempDir) -> Manager {
+    Manager::open(config(dir), Arc::new(LogEvents), Arc::new(NoHooks))
+        .await
+        .unwrap()
+}
+
+fn spec(yaml: &str) -> DomainSpec {
+    DomainSpec::from_yaml(yaml).unwrap()
+}
+
+#[tokio::test]
+async fn test_define_fills_defaults_and_refuses_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    let d = m.define(spec("name: a"), false).await.unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.host, "test-node");
+    let uuid = d.spec.unwrap().uuid;
+    match m.define(spec("name: a"), false).await {
+        Err(DomainError::AlreadyExists { field: "name", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match m
+        .define(spec(&format!("name: b\nuuid: {uuid}")), false)
+        .await
+    {
+        Err(DomainError::AlreadyExists { field: "uuid", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match m.define(spec("name: \"..\""), false).await {
+        Err(DomainError::Spec(e)) => assert_eq!(e.field, "name"),
+        other => panic!("{other:?}"),
+    }
+    // Update keeps the UUID when none is given.
+    let d = m
+        .define(spec("name: a\nmemory_mib: 256"), true)
+        .await
+        .unwrap();
+    let s = d.spec.unwrap();
+    assert_eq!((s.uuid.as_str(), s.memory_mib), (uuid.as_str(), 256));
+    // By UUID (any case) or name.
+    assert_eq!(m.get(&uuid.to_uppercase()).unwrap().spec.unwrap().name, "a");
+    assert!(matches!(m.get("zz"), Err(DomainError::NotFound(_))));
+}
+
+#[tokio::test]
+async fn test_definitions_survive_a_reopen_and_undefine_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: b\nvcpus: 2"), false).await.unwrap();
+    m.define(spec("name: a"), false).await.unwrap();
+    m.close().await;
+    let m = open(&dir).await;
+    let names: Vec<_> = m
+        .list(&[])
+        .into_iter()
+        .map(|d| d.spec.unwrap().name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(m.get("b").unwrap().spec.unwrap().vcpus, 2);
+    m.undefine("a", false).await.unwrap();
+    assert!(!dir.path().join("state/domains/a.yaml").exists());
+    let m = open(&dir).await;
+    assert_eq!(m.list(&[]).len(), 1);
+    assert!(m.list(&[DomainState::Running as i32]).is_empty());
+}
+
+#[tokio::test]
+async fn test_calls_on_a_shut_off_domain_are_failed_precondition() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: off"), false).await.unwrap();
+    let results = [
+        m.suspend("off").await.map(drop),
+        m.resume("off").await.map(drop),
+        m.reset("off").await.map(drop),
+        m.destroy("off", false).await.map(drop),
+        m.monitor_command("off", r#"{"execute":"query-status"}"#)
+            .await
+            .map(drop),
+    ];
+    for r in results {
+        assert!(matches!(r, Err(DomainError::WrongState { .. })), "{r:?}");
+    }
+    for bad in ["nope", "[1]", r#"{"arguments":{}}"#] {
+        let r = m.monitor_command("off", bad).await;
+        assert!(
+            matches!(r, Err(DomainError::InvalidArgument(_))),
+            "{bad}: {r:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn test_recorded_qemu_that_is_gone_is_shutoff_crashed_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: gone"), false).await.unwrap();
+    m.close().await;
+    // A status file left by a supervisor whose QEMU has since died: the
+    // recorded start time cannot match the pid's (our own process).
+    let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+    let status = Status {
+        state: DomainState::Running as i32,
+        reason: DomainStateReason::RunningBooted as i32,
+        pid: std::process::id(),
+        identity: Some(ProcessIdentity {
+            pid: std::process::id(),
+            start_time: 1,
+            cmdline: vec!["qemu-system-x86_64".into()],
+        }),
+        monitor_socket: "/nonexistent.sock".into(),
+        ..Status::default()
+    };
+    store.save_status("gone", &status).unwrap();
+    let m = open(&dir).await;
+    let d = m.get("gone").unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
+    assert_eq!(d.pid, 0);
+}

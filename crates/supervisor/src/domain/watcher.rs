@@ -123,26 +123,26 @@ impl Manager {
                 }
             }
             "RESUME" if state == paused => {
-                if self
+                let changed = self
                     .transition(
                         entry,
                         DomainState::Running,
                         DomainStateReason::RunningUnpaused,
                     )
-                    .await
-                {
+                    .await;
+                if changed {
                     self.emit(&spec, DomainEventType::Resumed, 1);
                 }
             }
             "GUEST_PANICKED" => {
-                if self
+                let changed = self
                     .transition(
                         entry,
                         DomainState::Crashed,
                         DomainStateReason::CrashedPanicked,
                     )
-                    .await
-                {
+                    .await;
+                if changed {
                     self.emit(&spec, DomainEventType::Crashed, 1);
                 }
             }
