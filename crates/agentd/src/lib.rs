@@ -1,34 +1,83 @@
 //! qvirt-agentd: the gRPC face of guest agents (`qvirt.v1.GuestAgent`). It
-//! finds a domain's agent socket, resynchronises the channel, and sends
-//! qemu-ga commands with timeouts. It does not run guests (the supervisor
-//! does) and does not run inside them (`qvirt-ga` does).
+//! finds a domain's agent socket ([`locate`]: a static map or the
+//! supervisor), keeps one connection per guest that it resynchronises
+//! before first use and after any timeout or error ([`channel`] over the
+//! qemu-ga framing of [`wire`]), runs that guest's commands one at a time
+//! with a timeout each, and maps qemu-ga's replies to the typed messages
+//! ([`convert`]) and its errors to gRPC codes (the table in `status.rs`).
+//! It does not run guests (the supervisor does) and does not run inside
+//! them (`qvirt-ga` does).
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
+pub mod channel;
 pub mod config;
+pub mod convert;
+pub mod locate;
+mod ops;
+pub mod service;
+mod status;
+pub mod wire;
+
+use std::time::Duration;
 
 use qvirt_common::serve::{self, Listener, ServeError, Services};
-use qvirt_proto::v1::guest_agent_server::{GuestAgent, GuestAgentServer};
+use qvirt_proto::v1::guest_agent_server::GuestAgentServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use service::GuestAgentService;
 
-/// The `qvirt.v1.GuestAgent` service. RPCs not implemented yet answer
-/// `UNIMPLEMENTED` (the generated trait's default).
-#[derive(Debug, Default)]
-pub struct GuestAgentService;
+/// gRPC framing room on top of `max_file_bytes` in a message.
+const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
-impl GuestAgent for GuestAgentService {}
+/// Why the agent service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The supervisor endpoint is unusable.
+    #[error("invalid supervisor endpoint")]
+    Supervisor(#[source] tonic::transport::Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
 
 /// Serves `qvirt.v1.GuestAgent`, health and reflection on `listener` until
-/// `shutdown` fires.
+/// `shutdown` fires; then every guest channel closes.
 pub async fn run(
     config: Config,
     listener: Listener,
     shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    tracing::debug!(?config, "starting");
-    let services = Services::new().with(GuestAgentServer::new(GuestAgentService));
-    serve::serve(listener, services, shutdown).await
+) -> Result<(), RunError> {
+    let locator = locate::Locator::new(config.agents.clone(), config.supervisor.as_deref())
+        .map_err(RunError::Supervisor)?;
+    let channels = channel::Channels::new(
+        channel::ChannelSettings {
+            sync_timeout: Duration::from_millis(config.sync_timeout_ms),
+            max_reply_bytes: config.max_reply_bytes,
+            queue_depth: config.queue_depth,
+            idle_close: (config.idle_close_secs > 0)
+                .then(|| Duration::from_secs(config.idle_close_secs)),
+        },
+        shutdown.child_token(),
+    );
+    let limits = service::Limits {
+        default_timeout: config.command_timeout(),
+        max_file_bytes: config.max_file_bytes,
+        file_chunk_bytes: config.file_chunk_bytes,
+        exec_poll_max: Duration::from_millis(config.exec_poll_max_ms),
+    };
+    tracing::info!(
+        static_agents = config.agents.len(),
+        supervisor = config.supervisor.as_deref().unwrap_or("none"),
+        command_timeout_ms = config.command_timeout_ms,
+        "agent service ready"
+    );
+    let message_limit = config.max_file_bytes + MESSAGE_OVERHEAD;
+    let server = GuestAgentServer::new(GuestAgentService::new(locator, channels, limits))
+        .max_decoding_message_size(message_limit)
+        .max_encoding_message_size(message_limit);
+    let services = Services::new().with(server);
+    Ok(serve::serve(listener, services, shutdown).await?)
 }

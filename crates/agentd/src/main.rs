@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use qvirt_common::cli::CommonArgs;
+use qvirt_common::cli::{CommonArgs, override_with};
 
 /// qvirt agent service: the gRPC face of the guest agents inside qvirt's domains.
 #[derive(Debug, Parser)]
@@ -11,9 +11,37 @@ use qvirt_common::cli::CommonArgs;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Supervisor endpoint (http://HOST:PORT) asked for agent sockets of
+    /// domains not in `agents`. Overrides `supervisor`.
+    #[arg(long, value_name = "URL")]
+    supervisor: Option<String>,
+    /// Default limit for one agent command, milliseconds. Overrides
+    /// `command_timeout_ms`.
+    #[arg(long, value_name = "MS")]
+    command_timeout_ms: Option<u64>,
+    /// Limit for the resynchronisation handshake, milliseconds. Overrides
+    /// `sync_timeout_ms`.
+    #[arg(long, value_name = "MS")]
+    sync_timeout_ms: Option<u64>,
+    /// Largest FileRead result and FileWrite payload, bytes. Overrides
+    /// `max_file_bytes`.
+    #[arg(long, value_name = "BYTES")]
+    max_file_bytes: Option<usize>,
+    /// Close idle agent connections after this many seconds (0: never).
+    /// Overrides `idle_close_secs`.
+    #[arg(long, value_name = "SECS")]
+    idle_close_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    qvirt_common::service::main("qvirt-agentd", args.common.load(), qvirt_agentd::run)
+    let config = args.common.load().map(|mut c: qvirt_agentd::Config| {
+        override_with(&mut c.supervisor, args.supervisor.map(Some));
+        override_with(&mut c.command_timeout_ms, args.command_timeout_ms);
+        override_with(&mut c.sync_timeout_ms, args.sync_timeout_ms);
+        override_with(&mut c.max_file_bytes, args.max_file_bytes);
+        override_with(&mut c.idle_close_secs, args.idle_close_secs);
+        c
+    });
+    qvirt_common::service::main("qvirt-agentd", config, qvirt_agentd::run)
 }

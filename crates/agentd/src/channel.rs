@@ -1,0 +1,405 @@
+//! One agent channel per guest: a task that owns the connection to the
+//! guest agent's unix socket and runs that guest's commands one at a time,
+//! from a bounded queue ([`AgentChannel`]); and the registry of channels
+//! by socket path ([`Channels`]).
+//!
+//! Connection life cycle, per command:
+//! 1. An idle connection with unread input is out of sync; one at EOF is
+//!    dropped. No connection: connect (refused or missing: UNAVAILABLE).
+//! 2. Not known to be in sync (new connection, or after a timeout or any
+//!    error): the handshake of [`Conn::sync`], bounded by `sync_timeout`
+//!    (no answer: the agent is not responding, UNAVAILABLE).
+//! 3. The command is written with a fresh `id` and replies are read until
+//!    the one with that id, all within the command's timeout (expired:
+//!    DEADLINE_EXCEEDED, and the next command resynchronises first).
+//!
+//! Commands with no success response (guest-shutdown, guest-suspend-*):
+//! qemu-ga answers them only on error, and runs one request at a time in
+//! order. So the command is followed at once by a `guest-ping` marker with
+//! its own id: an error reply for the command means failure; the marker's
+//! reply (whatever it says), EOF (the guest went down) or the timeout
+//! expiring with neither means the agent accepted it ([`Outcome::Accepted`];
+//! after a timeout or EOF the channel resynchronises before its next use).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::{self, Conn, Reply, WireError};
+
+/// Commands that send no reply on success (qemu-ga's `success-response:
+/// false`).
+pub const NO_SUCCESS_RESPONSE: [&str; 4] = [
+    "guest-shutdown",
+    "guest-suspend-disk",
+    "guest-suspend-ram",
+    "guest-suspend-hybrid",
+];
+
+/// How a channel behaves.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    /// Bound on the resynchronisation handshake.
+    pub sync_timeout: Duration,
+    /// Largest reply line accepted.
+    pub max_reply_bytes: usize,
+    /// Commands that may wait in the queue.
+    pub queue_depth: usize,
+    /// Close an idle connection after this long; `None`: never.
+    pub idle_close: Option<Duration>,
+}
+
+/// Why a command did not get a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The agent socket could not be connected.
+    #[error("cannot connect to the guest agent socket {}", path.display())]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// Why connecting failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The resynchronisation handshake got no answer in time.
+    #[error("the guest agent is not responding (no answer to guest-sync-delimited within {0:?})")]
+    NotResponding(Duration),
+    /// The connection failed or the agent's output is unusable.
+    #[error("guest agent channel failed")]
+    Wire(#[source] WireError),
+    /// The command got no reply within its timeout.
+    #[error("guest agent command {command} timed out after {after:?}")]
+    Timeout {
+        /// The command name.
+        command: String,
+        /// Its timeout.
+        after: Duration,
+    },
+    /// Too many commands are waiting for this guest.
+    #[error("too many commands queued for this guest agent (queue depth {depth})")]
+    QueueFull {
+        /// The queue's capacity.
+        depth: usize,
+    },
+    /// The service is shutting down.
+    #[error("the agent service is shutting down")]
+    Closed,
+}
+
+/// The result of one command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The agent's reply.
+    Reply(Reply),
+    /// A command without a success response: no error came back.
+    Accepted,
+}
+
+struct Job {
+    command: String,
+    request: Map<String, Value>,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Outcome, ChannelError>>,
+}
+
+/// A handle on one guest's channel task. Cloning it shares the channel.
+#[derive(Debug, Clone)]
+pub struct AgentChannel {
+    tx: mpsc::Sender<Job>,
+    depth: usize,
+}
+
+impl AgentChannel {
+    /// Starts the channel task for the agent socket at `path`. It runs
+    /// until `shutdown` fires or every handle is dropped; it connects
+    /// lazily, on the first command.
+    pub fn spawn(path: PathBuf, settings: ChannelSettings, shutdown: CancellationToken) -> Self {
+        let depth = settings.queue_depth.max(1);
+        let (tx, rx) = mpsc::channel(depth);
+        let actor = Actor {
+            path,
+            settings,
+            conn: None,
+            in_sync: false,
+            id_prefix: format!("qa{:x}", wire::random_id()),
+            next_id: 0,
+        };
+        tokio::spawn(actor.run(rx, shutdown));
+        AgentChannel { tx, depth }
+    }
+
+    /// Sends one command (an object with `execute` and optional
+    /// `arguments`; any `id` is replaced) and waits for its outcome.
+    /// Abandoning the future does not disturb the channel: the task
+    /// finishes the command (or its timeout) on its own.
+    pub async fn call(
+        &self,
+        request: Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Outcome, ChannelError> {
+        let command = request
+            .get("execute")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            command,
+            request,
+            timeout,
+            reply,
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ChannelError::QueueFull { depth: self.depth },
+            mpsc::error::TrySendError::Closed(_) => ChannelError::Closed,
+        })?;
+        rx.await.unwrap_or(Err(ChannelError::Closed))
+    }
+
+    /// Sends `execute` with `arguments` (`None`: no arguments member).
+    pub async fn execute(
+        &self,
+        execute: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Outcome, ChannelError> {
+        let mut request = Map::new();
+        request.insert("execute".into(), Value::String(execute.to_owned()));
+        if let Some(args) = arguments {
+            request.insert("arguments".into(), args);
+        }
+        self.call(request, timeout).await
+    }
+}
+
+/// The channels of all guests, keyed by agent socket path (so a domain
+/// reached by name and by UUID shares one connection).
+#[derive(Debug)]
+pub struct Channels {
+    settings: ChannelSettings,
+    shutdown: CancellationToken,
+    map: Mutex<HashMap<PathBuf, AgentChannel>>,
+}
+
+impl Channels {
+    /// An empty registry; channels stop when `shutdown` fires.
+    pub fn new(settings: ChannelSettings, shutdown: CancellationToken) -> Self {
+        Channels {
+            settings,
+            shutdown,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The channel for the socket at `path`, started on first use.
+    pub fn get(&self, path: &Path) -> AgentChannel {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = map.get(path).filter(|ch| !ch.tx.is_closed()) {
+            return ch.clone();
+        }
+        let ch = AgentChannel::spawn(
+            path.to_owned(),
+            self.settings.clone(),
+            self.shutdown.child_token(),
+        );
+        map.insert(path.to_owned(), ch.clone());
+        ch
+    }
+}
+
+type UnixConn = Conn<OwnedReadHalf, OwnedWriteHalf>;
+
+struct Actor {
+    path: PathBuf,
+    settings: ChannelSettings,
+    conn: Option<UnixConn>,
+    in_sync: bool,
+    id_prefix: String,
+    next_id: u64,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        loop {
+            let idle = match (self.conn.is_some(), self.settings.idle_close) {
+                (true, Some(d)) => d,
+                _ => Duration::MAX,
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                job = rx.recv() => match job {
+                    Some(job) => self.handle(job).await,
+                    None => break,
+                },
+                () = sleep_or_forever(idle) => {
+                    tracing::debug!(socket = %self.path.display(), "closing idle agent connection");
+                    self.disconnect();
+                }
+            }
+        }
+        rx.close();
+        while let Ok(job) = rx.try_recv() {
+            let _ = job.reply.send(Err(ChannelError::Closed));
+        }
+    }
+
+    async fn handle(&mut self, job: Job) {
+        if job.reply.is_closed() {
+            return;
+        }
+        let result = self.execute(&job).await;
+        if let Err(e) = &result {
+            tracing::debug!(socket = %self.path.display(), command = %job.command, error = %e, "agent command failed");
+        }
+        let _ = job.reply.send(result);
+    }
+
+    fn disconnect(&mut self) {
+        self.conn = None;
+        self.in_sync = false;
+    }
+
+    fn fresh_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("{}-{}", self.id_prefix, self.next_id)
+    }
+
+    async fn connected(&mut self, deadline: Instant) -> Result<&mut UnixConn, ChannelError> {
+        if let Some(conn) = &mut self.conn {
+            match conn.poll_idle() {
+                Some(false) => self.disconnect(),
+                Some(true) => self.in_sync = false,
+                None => {}
+            }
+        }
+        if self.conn.is_none() {
+            self.in_sync = false;
+            let connect = tokio::time::timeout_at(deadline, UnixStream::connect(&self.path));
+            let stream = match connect.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
+                    return Err(ChannelError::Connect {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(ChannelError::Connect {
+                        path: self.path.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connect timed out",
+                        ),
+                    });
+                }
+            };
+            let (r, w) = stream.into_split();
+            self.conn = Some(Conn::new(r, w, self.settings.max_reply_bytes));
+        }
+        match &mut self.conn {
+            Some(conn) => Ok(conn),
+            None => Err(ChannelError::Closed),
+        }
+    }
+
+    async fn execute(&mut self, job: &Job) -> Result<Outcome, ChannelError> {
+        let deadline = Instant::now() + job.timeout;
+        let sync_budget = self
+            .settings
+            .sync_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let id = self.fresh_id();
+        let marker = self.fresh_id();
+        self.connected(deadline).await?;
+        if !self.in_sync {
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(ChannelError::Closed);
+            };
+            let synced = tokio::time::timeout(sync_budget, conn.sync()).await;
+            match synced {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    self.disconnect();
+                    return Err(ChannelError::Wire(e));
+                }
+                Err(_) => {
+                    self.disconnect();
+                    return Err(ChannelError::NotResponding(sync_budget));
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(ChannelError::Closed);
+        };
+        self.in_sync = true;
+        let no_reply = NO_SUCCESS_RESPONSE.contains(&job.command.as_str());
+        let mut bytes = wire::encode_request(job.request.clone(), &id);
+        if no_reply {
+            let mut ping = Map::new();
+            ping.insert("execute".into(), Value::String("guest-ping".into()));
+            bytes.extend(wire::encode_request(ping, &marker));
+        }
+        let exchange = async {
+            conn.write(&bytes).await?;
+            if no_reply {
+                let (which, reply) = conn.read_reply(&[id.as_str(), marker.as_str()]).await?;
+                if which == 1 {
+                    return Ok(Outcome::Accepted);
+                }
+                // The command answered (an error); its marker's reply
+                // follows: consume it so the channel stays in step.
+                conn.read_reply(&[marker.as_str()]).await?;
+                Ok(Outcome::Reply(reply))
+            } else {
+                let (_, reply) = conn.read_reply(&[id.as_str()]).await?;
+                Ok(Outcome::Reply(reply))
+            }
+        };
+        let result = tokio::time::timeout_at(deadline, exchange).await;
+        match result {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(WireError::Eof)) if no_reply => {
+                self.disconnect();
+                Ok(Outcome::Accepted)
+            }
+            Ok(Err(e)) => {
+                match e {
+                    WireError::BadReply { .. } => self.in_sync = false,
+                    _ => self.disconnect(),
+                }
+                Err(ChannelError::Wire(e))
+            }
+            Err(_) => {
+                self.in_sync = false;
+                if no_reply {
+                    Ok(Outcome::Accepted)
+                } else {
+                    Err(ChannelError::Timeout {
+                        command: job.command.clone(),
+                        after: job.timeout,
+                    })
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_or_forever(d: Duration) {
+    if d == Duration::MAX {
+        std::future::pending::<()>().await;
+    } else {
+        tokio::time::sleep(d).await;
+    }
+}
+
+#[cfg(test)]
+#[path = "channel_tests.rs"]
+mod tests;

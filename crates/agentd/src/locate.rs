@@ -1,0 +1,184 @@
+//! Finding a guest's agent socket: first the static `agents` map of the
+//! config (domain name or UUID -> socket path), then, when a supervisor
+//! endpoint is configured, `Supervisor.GetDomain` -> `Domain.agent_socket`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qvirt_proto::v1::GetDomainRequest;
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a domain's agent socket is not known.
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    /// The request names no domain.
+    #[error("domain is required (a name or UUID)")]
+    Empty,
+    /// Neither the static map nor the supervisor knows the domain.
+    #[error("domain {0:?} not found")]
+    Unknown(String),
+    /// The domain is defined without an agent channel.
+    #[error("domain {0:?} has no guest agent channel (define it with agent: true)")]
+    NoAgent(String),
+    /// The domain has an agent channel but is not running.
+    #[error("domain {0:?} is not running")]
+    NotRunning(String),
+    /// The supervisor could not be asked.
+    #[error("cannot ask the supervisor about domain {domain:?}: {message}")]
+    Supervisor {
+        /// The domain asked about.
+        domain: String,
+        /// The supervisor's (or the transport's) status code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// Resolves domains to agent socket paths.
+#[derive(Debug, Clone)]
+pub struct Locator {
+    agents: BTreeMap<String, PathBuf>,
+    supervisor: Option<SupervisorClient<Channel>>,
+}
+
+impl Locator {
+    /// A locator over the static map and, if given, the supervisor at
+    /// `supervisor` (connected lazily, on first use).
+    pub fn new(
+        agents: BTreeMap<String, PathBuf>,
+        supervisor: Option<&str>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let supervisor = match supervisor {
+            Some(url) => {
+                let channel = Endpoint::from_shared(url.to_owned())?
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                Some(SupervisorClient::new(channel))
+            }
+            None => None,
+        };
+        Ok(Locator { agents, supervisor })
+    }
+
+    /// The agent socket of `domain` (a name or UUID). `timeout` bounds the
+    /// supervisor call.
+    pub async fn locate(&self, domain: &str, timeout: Duration) -> Result<PathBuf, LocateError> {
+        if domain.is_empty() {
+            return Err(LocateError::Empty);
+        }
+        if let Some(path) = self.lookup_static(domain) {
+            return Ok(path);
+        }
+        let Some(client) = &self.supervisor else {
+            return Err(LocateError::Unknown(domain.to_owned()));
+        };
+        let mut request = tonic::Request::new(GetDomainRequest {
+            domain: domain.to_owned(),
+        });
+        request.set_timeout(timeout);
+        let reply = client
+            .clone()
+            .get_domain(request)
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => LocateError::Unknown(domain.to_owned()),
+                code => LocateError::Supervisor {
+                    domain: domain.to_owned(),
+                    code,
+                    message: s.message().to_owned(),
+                },
+            })?;
+        let Some(d) = reply.into_inner().domain else {
+            return Err(LocateError::Unknown(domain.to_owned()));
+        };
+        if !d.agent_socket.is_empty() {
+            return Ok(PathBuf::from(d.agent_socket));
+        }
+        if d.spec.as_ref().is_some_and(|s| s.agent) {
+            Err(LocateError::NotRunning(domain.to_owned()))
+        } else {
+            Err(LocateError::NoAgent(domain.to_owned()))
+        }
+    }
+
+    /// The static map: an exact key, or a UUID key in any letter case.
+    fn lookup_static(&self, domain: &str) -> Option<PathBuf> {
+        if let Some(p) = self.agents.get(domain) {
+            return Some(p.clone());
+        }
+        if looks_like_uuid(domain) {
+            return self
+                .agents
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(domain))
+                .map(|(_, p)| p.clone());
+        }
+        None
+    }
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn locator() -> Locator {
+        let mut agents = BTreeMap::new();
+        agents.insert("web1".to_owned(), PathBuf::from("/run/web1.sock"));
+        agents.insert(
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff".to_owned(),
+            PathBuf::from("/run/uuid.sock"),
+        );
+        Locator::new(agents, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn test_static_map_by_name_and_uuid_any_case() {
+        let l = locator();
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            l.locate("web1", t).await.unwrap(),
+            PathBuf::from("/run/web1.sock")
+        );
+        assert_eq!(
+            l.locate("6F9619FF-8B86-D011-B42D-00C04FC964FF", t)
+                .await
+                .unwrap(),
+            PathBuf::from("/run/uuid.sock")
+        );
+        assert!(matches!(
+            l.locate("WEB1", t).await,
+            Err(LocateError::Unknown(_))
+        ));
+        assert!(matches!(l.locate("", t).await, Err(LocateError::Empty)));
+    }
+
+    #[tokio::test]
+    async fn test_unreachable_supervisor_is_a_supervisor_error() {
+        // Port 1 on loopback: nothing listens there.
+        let l = Locator::new(BTreeMap::new(), Some("http://127.0.0.1:1")).unwrap();
+        let err = l.locate("vm", Duration::from_secs(2)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LocateError::Supervisor {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! The `qvirt.v1.GuestAgent` RPCs: each finds the domain's channel
+//! ([`crate::locate`], [`crate::channel`]), sends qemu-ga commands with the
+//! request's timeout (or the configured default) and maps the replies
+//! ([`crate::convert`]) and errors ([`crate::status`]). The multi-command
+//! calls (Exec with wait, FileRead, FileWrite) live in [`crate::ops`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qvirt_proto::v1 as pb;
+use qvirt_proto::v1::guest_agent_server::GuestAgent;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tonic::{Request, Response, Status};
+
+use crate::channel::{AgentChannel, Channels, Outcome};
+use crate::convert;
+use crate::locate::Locator;
+use crate::status;
+use crate::wire::Reply;
+
+/// The longest per-command timeout a request may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Limits of the multi-command calls.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Per-command timeout when the request has none.
+    pub default_timeout: Duration,
+    /// Largest FileRead result / FileWrite payload.
+    pub max_file_bytes: usize,
+    /// Bytes per guest-file-read / guest-file-write.
+    pub file_chunk_bytes: usize,
+    /// Longest pause between guest-exec-status polls.
+    pub exec_poll_max: Duration,
+}
+
+/// The `qvirt.v1.GuestAgent` service.
+#[derive(Debug, Clone)]
+pub struct GuestAgentService {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    locator: Locator,
+    channels: Channels,
+    pub(crate) limits: Limits,
+}
+
+/// One call's target: the guest's channel and the per-command timeout.
+pub(crate) struct Target {
+    pub(crate) channel: AgentChannel,
+    pub(crate) timeout: Duration,
+}
+
+impl Target {
+    /// Sends one command; an agent error becomes a status, a command
+    /// without a success response yields `Value::Null`.
+    pub(crate) async fn call(&self, execute: &str, args: Option<Value>) -> Result<Value, Status> {
+        match self
+            .channel
+            .execute(execute, args, self.timeout)
+            .await
+            .map_err(status::channel)?
+        {
+            Outcome::Reply(Reply::Return(v)) => Ok(v),
+            Outcome::Reply(Reply::Error(e)) => Err(status::agent(&e)),
+            Outcome::Accepted => Ok(Value::Null),
+        }
+    }
+
+    /// Sends one command and decodes its `return` as `T`.
+    pub(crate) async fn get<T: DeserializeOwned>(
+        &self,
+        execute: &str,
+        args: Option<Value>,
+    ) -> Result<T, Status> {
+        let v = self.call(execute, args).await?;
+        serde_json::from_value(v).map_err(|e| status::bad_shape(execute, &e))
+    }
+}
+
+impl GuestAgentService {
+    /// A service over `locator` and `channels`.
+    pub fn new(locator: Locator, channels: Channels, limits: Limits) -> Self {
+        GuestAgentService {
+            inner: Arc::new(Inner {
+                locator,
+                channels,
+                limits,
+            }),
+        }
+    }
+
+    /// The channel of `domain` and the timeout a request asked for.
+    pub(crate) async fn target(
+        &self,
+        domain: &str,
+        timeout: Option<prost_types::Duration>,
+    ) -> Result<Target, Status> {
+        let timeout = match timeout {
+            None => self.inner.limits.default_timeout,
+            Some(d) => match Duration::try_from(d) {
+                Ok(d) if !d.is_zero() => d.min(MAX_TIMEOUT),
+                _ => return Err(Status::invalid_argument("timeout must be positive")),
+            },
+        };
+        let path = self
+            .inner
+            .locator
+            .locate(domain, timeout)
+            .await
+            .map_err(status::locate)?;
+        Ok(Target {
+            channel: self.inner.channels.get(&path),
+            timeout,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GuestAgent for GuestAgentService {
+    async fn ping(
+        &self,
+        req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        t.call("guest-ping", None).await?;
+        Ok(Response::new(pb::PingResponse {}))
+    }
+
+    async fn info(
+        &self,
+        req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let info: convert::AgentInfo = t.get("guest-info", None).await?;
+        Ok(Response::new(info.into()))
+    }
+
+    async fn get_time(
+        &self,
+        req: Request<pb::GetTimeRequest>,
+    ) -> Result<Response<pb::GetTimeResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let ns: i64 = t.get("guest-get-time", None).await?;
+        Ok(Response::new(pb::GetTimeResponse {
+            time: Some(convert::timestamp_from_nanos(ns)),
+        }))
+    }
+
+    async fn os_info(
+        &self,
+        req: Request<pb::OsInfoRequest>,
+    ) -> Result<Response<pb::OsInfoResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let os: convert::OsInfo = t.get("guest-get-osinfo", None).await?;
+        Ok(Response::new(os.into()))
+    }
+
+    async fn host_name(
+        &self,
+        req: Request<pb::HostNameRequest>,
+    ) -> Result<Response<pb::HostNameResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let h: convert::HostName = t.get("guest-get-host-name", None).await?;
+        Ok(Response::new(pb::HostNameResponse {
+            host_name: h.host_name,
+        }))
+    }
+
+    async fn timezone(
+        &self,
+        req: Request<pb::TimezoneRequest>,
+    ) -> Result<Response<pb::TimezoneResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let tz: convert::Timezone = t.get("guest-get-timezone", None).await?;
+        Ok(Response::new(tz.into()))
+    }
+
+    async fn users(
+        &self,
+        req: Request<pb::UsersRequest>,
+    ) -> Result<Response<pb::UsersResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let users: Vec<convert::User> = t.get("guest-get-users", None).await?;
+        Ok(Response::new(pb::UsersResponse {
+            users: users.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn network_interfaces(
+        &self,
+        req: Request<pb::NetworkInterfacesRequest>,
+    ) -> Result<Response<pb::NetworkInterfacesResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let ifs: Vec<convert::Interface> = t.get("guest-network-get-interfaces", None).await?;
+        Ok(Response::new(pb::NetworkInterfacesResponse {
+            interfaces: ifs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn fs_info(
+        &self,
+        req: Request<pb::FsInfoRequest>,
+    ) -> Result<Response<pb::FsInfoResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let fs: Vec<convert::Filesystem> = t.get("guest-get-fsinfo", None).await?;
+        Ok(Response::new(pb::FsInfoResponse {
+            filesystems: fs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn fs_freeze(
+        &self,
+        req: Request<pb::FsFreezeRequest>,
+    ) -> Result<Response<pb::FsFreezeResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let n: i64 = if req.mountpoints.is_empty() {
+            t.get("guest-fsfreeze-freeze", None).await?
+        } else {
+            let args = json!({ "mountpoints": req.mountpoints });
+            t.get("guest-fsfreeze-freeze-list", Some(args)).await?
+        };
+        Ok(Response::new(pb::FsFreezeResponse {
+            frozen: u32::try_from(n).unwrap_or(0),
+        }))
+    }
+
+    async fn fs_thaw(
+        &self,
+        req: Request<pb::FsThawRequest>,
+    ) -> Result<Response<pb::FsThawResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let n: i64 = t.get("guest-fsfreeze-thaw", None).await?;
+        Ok(Response::new(pb::FsThawResponse {
+            thawed: u32::try_from(n).unwrap_or(0),
+        }))
+    }
+
+    async fn fs_freeze_status(
+        &self,
+        req: Request<pb::FsFreezeStatusRequest>,
+    ) -> Result<Response<pb::FsFreezeStatusResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let s: String = t.get("guest-fsfreeze-status", None).await?;
+        let state = match s.as_str() {
+            "thawed" => pb::FsFreezeState::Thawed,
+            "frozen" => pb::FsFreezeState::Frozen,
+            other => {
+                return Err(Status::internal(format!(
+                    "guest agent reported an unknown fsfreeze state {other:?}"
+                )));
+            }
+        };
+        Ok(Response::new(pb::FsFreezeStatusResponse {
+            state: state as i32,
+        }))
+    }
+
+    async fn exec(
+        &self,
+        req: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        Ok(Response::new(
+            crate::ops::exec(&t, &self.inner.limits, req).await?,
+        ))
+    }
+
+    async fn exec_status(
+        &self,
+        req: Request<pb::ExecStatusRequest>,
+    ) -> Result<Response<pb::ExecStatusResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        let status = crate::ops::exec_status(&t, req.pid).await?;
+        Ok(Response::new(pb::ExecStatusResponse {
+            status: Some(status),
+        }))
+    }
+
+    async fn file_read(
+        &self,
+        req: Request<pb::FileReadRequest>,
+    ) -> Result<Response<pb::FileReadResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        Ok(Response::new(
+            crate::ops::file_read(&t, &self.inner.limits, req).await?,
+        ))
+    }
+
+    async fn file_write(
+        &self,
+        req: Request<pb::FileWriteRequest>,
+    ) -> Result<Response<pb::FileWriteResponse>, Status> {
+        let req = req.into_inner();
+        let t = self.target(&req.domain, req.timeout).await?;
+        Ok(Response::new(
+            crate::ops::file_write(&t, &self.inner.limits, req).await?,
+        ))
+    }
+
+    async fn shutdown(
+        &self,
+        req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        let req = req.into_inner();
+        let mode = match pb::GuestShutdownMode::try_from(req.mode) {
+            Ok(pb::GuestShutdownMode::Unspecified | pb::GuestShutdownMode::Powerdown) => {
+                "powerdown"
+            }
+            Ok(pb::GuestShutdownMode::Halt) => "halt",
+            Ok(pb::GuestShutdownMode::Reboot) => "reboot",
+            Err(_) => return Err(Status::invalid_argument("mode: unknown shutdown mode")),
+        };
+        let t = self.target(&req.domain, req.timeout).await?;
+        t.call("guest-shutdown", Some(json!({ "mode": mode })))
+            .await?;
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    async fn command(
+        &self,
+        req: Request<pb::CommandRequest>,
+    ) -> Result<Response<pb::CommandResponse>, Status> {
+        let req = req.into_inner();
+        let value: Value = serde_json::from_str(&req.command_json)
+            .map_err(|e| Status::invalid_argument(format!("command_json is not JSON: {e}")))?;
+        let Value::Object(mut request) = value else {
+            return Err(Status::invalid_argument(
+                "command_json must be a JSON object",
+            ));
+        };
+        if !request.get("execute").is_some_and(Value::is_string) {
+            return Err(Status::invalid_argument(
+                "command_json must have an \"execute\" string member",
+            ));
+        }
+        request.remove("id");
+        let t = self.target(&req.domain, req.timeout).await?;
+        let outcome = t
+            .channel
+            .call(request, t.timeout)
+            .await
+            .map_err(status::channel)?;
+        let reply_json = match outcome {
+            Outcome::Reply(r) => r.to_json(),
+            Outcome::Accepted => String::new(),
+        };
+        Ok(Response::new(pb::CommandResponse { reply_json }))
+    }
+}
