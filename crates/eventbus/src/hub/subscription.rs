@@ -163,6 +163,10 @@ impl<E> Subscription<E> {
     /// The next item, waiting for one if need be. Cancel-safe: an item is
     /// consumed only when returned.
     pub async fn recv(&mut self) -> Result<SubscriptionItem<E>, RecvError> {
+        // Fast path: no waiter registration when an item is ready.
+        if let Some(item) = self.try_recv()? {
+            return Ok(item);
+        }
         let shared = Arc::clone(&self.shared);
         loop {
             let notified = shared.notify.notified();
