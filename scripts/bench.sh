@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every benchmark; each prints its figure beside the reference it is
-# measured against in the same run (see docs/ARCHITECTURE.md, "Benchmarks").
+# Runs every benchmark against release builds; each prints its figures
+# beside the reference measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo bench --workspace
+export QVIRT_BIN_DIR="$PWD/target/release"
+cargo bench -p qvirt-integration-tests --bench eventbus
+cargo bench -p qvirt-eventbus
