@@ -16,8 +16,9 @@ use qvirt_integration_tests::{Service, grpcurl, text, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
-    GetDomainRequest, ListDomainsRequest, MonitorCommandRequest, ResumeDomainRequest,
-    StartDomainRequest, SuspendDomainRequest, UndefineDomainRequest, define_domain_request,
+    GetDomainRequest, ListDomainsRequest, MonitorCommandRequest, RebootDomainRequest,
+    ResetDomainRequest, ResumeDomainRequest, StartDomainRequest, SuspendDomainRequest,
+    UndefineDomainRequest, define_domain_request,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -290,6 +291,31 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .unwrap();
     assert_eq!(d.state(), DomainState::Running);
     assert_eq!(d.reason(), DomainStateReason::RunningUnpaused);
+
+    // Reset and (ACPI) reboot are delivered; QEMU keeps running.
+    let d = sup
+        .client
+        .reset_domain(ResetDomainRequest {
+            domain: "vm1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Running, pid));
+    let d = sup
+        .client
+        .reboot_domain(RebootDomainRequest {
+            domain: "vm1".into(),
+            mode: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Running, pid));
 
     // The raw monitor command through grpcurl, as an operator would.
     let addr = sup.svc.addr.to_string();

@@ -283,6 +283,8 @@ impl Manager {
             }
             if let Some(run) = &entry.data().run {
                 run.flags.shutdown_requested.store(true, Ordering::SeqCst);
+                // A shutdown request wins over an earlier reboot request.
+                run.flags.reboot_pending.store(false, Ordering::SeqCst);
             }
             self.qmp(&entry, &qmp, "system_powerdown").await?;
         }
