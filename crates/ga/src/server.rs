@@ -64,8 +64,10 @@ impl Server {
         }
     }
 
-    /// Serves one peer until it goes away (`Ok(true)`) or a stop signal
-    /// arrives (`Ok(false)`).
+    /// Serves one peer until it goes away (`Ok(true)`), a stop signal
+    /// arrives (`Ok(false)`) or reading or writing fails (`Err`: for a
+    /// device that ends the agent, as in qemu-ga; a socket client is just
+    /// dropped).
     pub fn serve_conn(&mut self, conn: &mut impl Conn) -> io::Result<bool> {
         let mut buf = vec![0u8; READ_SIZE];
         loop {
@@ -76,7 +78,7 @@ impl Server {
                 Ok(0) => return Ok(true),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Ok(true),
+                Err(e) => return Err(e),
             };
             let Server { agent, parser, out } = self;
             parser.feed(&buf[..n], &mut |m| agent.handle(m, out));
@@ -86,9 +88,7 @@ impl Server {
                 if self.out.capacity() > 1 << 20 {
                     self.out = Vec::new();
                 }
-                if result.is_err() {
-                    return Ok(true);
-                }
+                result?;
             }
         }
     }
@@ -111,7 +111,8 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if !self.serve_conn(&mut stream)? {
+            // A client that errors out (reset, broken pipe) is just gone.
+            if let Ok(false) = self.serve_conn(&mut stream) {
                 return Ok(());
             }
         }

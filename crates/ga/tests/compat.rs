@@ -8,140 +8,14 @@
 //! pids, traffic counters) the comparison is on a normalised form and the
 //! scenario says so.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-// An unknown command, so it answers the same whatever is blocked or frozen.
-const END: &[u8] = b"\xff{\"execute\":\"__end__\",\"id\":\"__end__\"}";
-const END_LINE: &[u8] =
-    b"{\"id\": \"__end__\", \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command __end__ has not been found\"}}\n";
-const DEADLINE: Duration = Duration::from_secs(120);
-
-fn qemu_ga() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.push("/usr/sbin".into());
-    for d in dirs {
-        let p = d.join("qemu-ga");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("qemu-ga (the reference agent) is not installed: run `make deps`");
-}
-
-/// A running agent; killed by pid (SIGKILL: a frozen agent ignores
-/// SIGTERM) and reaped on drop.
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Which {
-    Qemu,
-    Qvirt,
-}
-
-fn start(which: Which, extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> Agent {
-    let dir = tempfile::tempdir().expect("tempdir");
-    prepare(dir.path());
-    let sock = dir.path().join("sock");
-    let bin = match which {
-        Which::Qemu => qemu_ga(),
-        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
-    };
-    let mut cmd = Command::new(bin);
-    cmd.args(["-m", "unix-listen", "-p"])
-        .arg(&sock)
-        .arg("-t")
-        .arg(dir.path())
-        .args(extra)
-        .current_dir(dir.path())
-        .env_remove("QGA_CONF")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn agent");
-    let agent = Agent { child, dir, sock };
-    let deadline = Instant::now() + DEADLINE;
-    while UnixStream::connect(&agent.sock).is_err() {
-        assert!(Instant::now() < deadline, "agent socket never came up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    // The probe connection above was accepted and closed; that is harmless.
-    agent
-}
-
-fn both(extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> (Agent, Agent) {
-    (
-        start(Which::Qemu, extra, env, &prepare),
-        start(Which::Qvirt, extra, env, &prepare),
-    )
-}
-
-fn read_until_end(s: &mut UnixStream) -> Vec<u8> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    while !out.ends_with(END_LINE) {
-        assert!(
-            Instant::now() < deadline,
-            "no end marker; got {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        match s.read(&mut buf) {
-            Ok(0) => panic!("agent closed; got {:?}", String::from_utf8_lossy(&out)),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) => panic!("read: {e}; got {:?}", String::from_utf8_lossy(&out)),
-        }
-    }
-    out.truncate(out.len() - END_LINE.len());
-    // Drop the marker's own lines: the "stray" error and the ping.
-    let text = out;
-    let mut lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
-    lines.pop(); // the error for the marker's 0xFF
-    lines.concat()
-}
-
-/// Sends `chunks` (one write each) on a fresh connection and returns
-/// everything answered before the end marker.
-fn exchange(agent: &Agent, chunks: &[&[u8]]) -> Vec<u8> {
-    let mut s = UnixStream::connect(&agent.sock).expect("connect");
-    for c in chunks {
-        s.write_all(c).expect("write");
-    }
-    s.write_all(END).expect("write end");
-    read_until_end(&mut s)
-}
-
-fn same(agents: &(Agent, Agent), chunks: &[&[u8]]) -> Vec<u8> {
-    let a = exchange(&agents.0, chunks);
-    let b = exchange(&agents.1, chunks);
-    assert_eq!(
-        String::from_utf8_lossy(&b),
-        String::from_utf8_lossy(&a),
-        "qvirt-ga (left) differs from qemu-ga (right)"
-    );
-    assert_eq!(a, b);
-    a
-}
+use common::*;
 
 #[test]
 fn test_sync_delimited_handshake() {
@@ -561,23 +435,6 @@ fn test_second_client_waits_for_the_first() {
     assert_eq!(a.1, b"{\"return\": {}, \"id\": \"B\"}\n");
 }
 
-fn wait_exit(agent: &mut Agent) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Some(st) = agent.child.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    None
-}
-
-fn sigterm(agent: &Agent) {
-    let pid = agent.child.id() as libc::pid_t;
-    // SAFETY: signalling a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-}
-
 #[test]
 fn test_sigterm_exits_zero_unless_frozen() {
     let (mut q, mut v) = both(&[], &[], |_| {});
@@ -594,21 +451,6 @@ fn test_sigterm_exits_zero_unless_frozen() {
     }
     // Still serving after SIGTERM (killed with SIGKILL on drop).
     same(&frozen, &[b"{'execute':'guest-fsfreeze-status'}"]);
-}
-
-fn cli_output(which: Which, args: &[&str], conf: Option<&Path>) -> (Option<i32>, Vec<u8>) {
-    let bin = match which {
-        Which::Qemu => qemu_ga(),
-        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
-    };
-    let mut cmd = Command::new(bin);
-    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::null());
-    match conf {
-        Some(c) => cmd.env("QGA_CONF", c),
-        None => cmd.env("QGA_CONF", "/nonexistent/qemu-ga.conf"),
-    };
-    let out = cmd.output().expect("run");
-    (out.status.code(), out.stdout)
 }
 
 #[test]
@@ -687,4 +529,31 @@ fn test_cli_dump_conf_and_rpc_list() {
         cli_output(Which::Qvirt, &["-m", "unix-listen", "-t", &st], None).0,
         Some(1)
     );
+}
+
+#[test]
+fn test_serial_channels_on_a_pty() {
+    for method in ["isa-serial", "virtio-serial"] {
+        let mut outs = Vec::new();
+        for which in [Which::Qemu, Which::Qvirt] {
+            let (_agent, mut pty) = start_on_pty(which, method);
+            pty.master
+                .write_all(b"{'execute':'guest-ping','id':1}{'execute':'nope'}\xff{'execute':'guest-sync-delimited','arguments':{'id':5}}")
+                .expect("write");
+            pty.master.write_all(END).expect("end");
+            let out = pty_read(&mut pty, DEADLINE, |o| o.ends_with(END_LINE));
+            assert!(
+                out.ends_with(END_LINE),
+                "{method}: {:?}",
+                String::from_utf8_lossy(&out)
+            );
+            outs.push(out);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&outs[1]),
+            String::from_utf8_lossy(&outs[0]),
+            "{method}"
+        );
+        assert_eq!(outs[0], outs[1]);
+    }
 }
