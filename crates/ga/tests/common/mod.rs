@@ -298,3 +298,62 @@ pub fn start_on_pty(which: Which, method: &str) -> (Agent, Pty) {
     }
     (agent, pty)
 }
+
+/// Serialises the tests that freeze or thaw filesystems (a thaw in one
+/// test would undo another test's real freeze).
+pub static FREEZE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A scratch ext4 filesystem on a loop device, thawed and unmounted on
+/// drop.
+pub struct LoopFs {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+}
+
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl LoopFs {
+    /// Makes and mounts the filesystem, or says why it cannot.
+    pub fn new() -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let img = dir.path().join("img");
+        let mnt = dir.path().join("mnt");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(16 << 20))
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir(&mnt).map_err(|e| e.to_string())?;
+        run_tool(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
+        run_tool(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt),
+        )?;
+        Ok(LoopFs { dir, mnt })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        if let Ok(f) = std::fs::File::open(&self.mnt) {
+            // SAFETY: FITHAW on our own mount point; the int argument is
+            // ignored by the kernel.
+            unsafe { libc::ioctl(f.as_raw_fd(), 0xC004_5878, 0) };
+        }
+        let _ = run_tool(Command::new("umount").arg(&self.mnt));
+    }
+}
