@@ -292,6 +292,9 @@ fn test_exec() {
         r#"{"execute":"guest-exec","arguments":{"path":"/usr/bin/env","env":["A=1","B=two"],"capture-output":true}}"#,
         r#"{"execute":"guest-exec","arguments":{"path":"/bin/invalid-cmd42"}}"#,
         r#"{"execute":"guest-exec","arguments":{"path":"./noexec"}}"#,
+        // Capture caps: exactly 16 MiB is kept whole, more is truncated.
+        r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","head -c 16777216 /dev/zero"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","head -c 17000000 /dev/zero >&2"],"capture-output":true}}"#,
         r#"{"execute":"guest-exec","arguments":{"path":"./script","arg":["a b"],"capture-output":true}}"#,
     ] {
         let a = exec_and_wait(&agents.0, exec);
