@@ -240,6 +240,13 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         "{}",
         err.message()
     );
+    let err = sup.define("nmae: vm3\n").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown field `nmae`") && err.message().contains("line 1 column 1"),
+        "{}",
+        err.message()
+    );
     let err = sup.define("name: \"a/b\"\n").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("name"), "{}", err.message());

@@ -36,6 +36,19 @@ impl DomainSpec {
     }
 }
 
+/// The text of a YAML error, always with its place: serde_yaml leaves out
+/// "at line 1 column 1" when the error is at the very start of the
+/// document; this puts it back.
+pub fn error_text(error: &serde_yaml::Error) -> String {
+    let text = error.to_string();
+    match error.location() {
+        Some(loc) if !text.contains(" at line ") => {
+            format!("{text} at line {} column {}", loc.line(), loc.column())
+        }
+        _ => text,
+    }
+}
+
 /// Defines a `serde(with = ...)` module for an `i32` enum field: the value
 /// is written as the enum's protobuf name without its prefix, lowercased.
 macro_rules! short_enum_names {
@@ -366,6 +379,16 @@ extra_args: ["-device", "virtio-rng-pci"]
                 assert!(err.contains("column"), "{text:?}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn test_error_at_the_start_still_has_its_place() {
+        let err = DomainSpec::from_yaml("nmae: a\n").unwrap_err();
+        let text = error_text(&err);
+        assert!(text.contains("unknown field `nmae`"), "{text}");
+        assert!(text.ends_with("at line 1 column 1"), "{text}");
+        let err = DomainSpec::from_yaml("name: a\nnmae: b\n").unwrap_err();
+        assert_eq!(error_text(&err), err.to_string());
     }
 
     #[test]

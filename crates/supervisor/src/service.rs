@@ -53,9 +53,8 @@ impl Supervisor for SupervisorService {
         let request = request.into_inner();
         let spec = match request.source {
             Some(Source::Spec(spec)) => spec,
-            Some(Source::SpecYaml(text)) => {
-                DomainSpec::from_yaml(&text).map_err(DomainError::Yaml)?
-            }
+            Some(Source::SpecYaml(text)) => DomainSpec::from_yaml(&text)
+                .map_err(|e| DomainError::Yaml(qvirt_proto::yaml::error_text(&e)))?,
             None => {
                 return Err(Status::invalid_argument(
                     "one of spec or spec_yaml is required",

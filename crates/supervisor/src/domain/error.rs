@@ -22,9 +22,10 @@ pub enum DomainError {
     /// The spec is invalid.
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// The YAML document does not parse as a domain spec.
+    /// The YAML document does not parse as a domain spec (the text names
+    /// the field, line and column).
     #[error("invalid domain YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(String),
     /// Some other argument is invalid.
     #[error("{0}")]
     InvalidArgument(String),

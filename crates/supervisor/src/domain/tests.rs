@@ -142,3 +142,73 @@ async fn test_recorded_qemu_that_is_gone_is_shutoff_crashed_after_restart() {
     assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
     assert_eq!(d.pid, 0);
 }
+
+/// Records what the supervisor publishes.
+#[derive(Default)]
+struct Recorder {
+    monitor: std::sync::Mutex<Vec<String>>,
+    lifecycle: std::sync::Mutex<Vec<(qvirt_proto::v1::DomainEventType, i32)>>,
+}
+
+impl crate::seams::EventSink for Recorder {
+    fn monitor_event(&self, _domain: &crate::seams::DomainRef, event: &crate::qmp::QmpEvent) {
+        self.monitor.lock().unwrap().push(event.name.clone());
+    }
+
+    fn lifecycle(&self, _domain: &crate::seams::DomainRef, event: crate::seams::Lifecycle) {
+        self.lifecycle
+            .lock()
+            .unwrap()
+            .push((event.kind, event.detail));
+    }
+}
+
+/// Real QEMU (TCG): the event sink sees QMP events in order and one
+/// lifecycle event per state change.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_events_reach_the_sink_in_order() {
+    use qvirt_proto::v1::DomainEventType as T;
+
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let m = Manager::open(config(&dir), recorder.clone(), Arc::new(NoHooks))
+        .await
+        .unwrap();
+    m.define(spec("name: ev\nmemory_mib: 64"), false)
+        .await
+        .unwrap();
+    let d = m.start("ev", true).await.unwrap();
+    assert_eq!(d.state(), DomainState::Paused);
+    m.resume("ev").await.unwrap();
+    m.suspend("ev").await.unwrap();
+    let d = m.destroy("ev", false).await.unwrap();
+    assert_eq!(d.reason(), DomainStateReason::ShutoffDestroyed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !recorder
+        .lifecycle
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(k, _)| *k == T::Stopped)
+    {
+        assert!(std::time::Instant::now() < deadline, "no STOPPED event");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let lifecycle = recorder.lifecycle.lock().unwrap().clone();
+    assert_eq!(
+        lifecycle,
+        [
+            (T::Defined, 1),
+            (T::Started, 1),
+            (T::Suspended, 1),
+            (T::Resumed, 1),
+            (T::Suspended, 1),
+            (T::Stopped, 2),
+        ]
+    );
+    let monitor = recorder.monitor.lock().unwrap().clone();
+    let resume = monitor.iter().position(|n| n == "RESUME").unwrap();
+    let stop = monitor.iter().position(|n| n == "STOP").unwrap();
+    assert!(resume < stop, "{monitor:?}");
+    m.close().await;
+}

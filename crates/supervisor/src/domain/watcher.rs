@@ -148,6 +148,11 @@ impl Manager {
             }
             "SHUTDOWN" => {
                 flags.shutdown_seen.store(true, Ordering::SeqCst);
+                if flags.destroying.load(Ordering::SeqCst) {
+                    // Our own SIGTERM (reason host-signal): the exit that
+                    // follows is reported as DESTROYED, nothing else.
+                    return;
+                }
                 let guest = serde_json::from_str::<serde_json::Value>(&event.data)
                     .ok()
                     .and_then(|d| d.get("guest").and_then(serde_json::Value::as_bool))
