@@ -47,6 +47,7 @@ fn fake_agent(dir: &Path, script: Script) -> (PathBuf, Arc<Mutex<Vec<String>>>) 
             loop {
                 let mut line = Vec::new();
                 if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                    log2.lock().unwrap().push("eof".to_owned());
                     break;
                 }
                 let ffs = line.iter().take_while(|&&b| b == 0xFF).count();
@@ -290,4 +291,37 @@ async fn test_channels_share_one_task_per_socket_path() {
         .await
         .unwrap();
     assert_eq!(log_of(&log).iter().filter(|l| *l == "accept").count(), 1);
+}
+
+#[tokio::test]
+async fn test_idle_connection_is_closed_and_reopened_with_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = fake_agent(dir.path(), Arc::new(|_, _| Action::Return(json!({}))));
+    let ch = AgentChannel::spawn(
+        path,
+        ChannelSettings {
+            idle_close: Some(Duration::from_millis(50)),
+            ..settings()
+        },
+        CancellationToken::new(),
+    );
+    ch.execute("guest-ping", None, T).await.unwrap();
+    let deadline = Instant::now() + T;
+    while !log_of(&log).contains(&"eof".to_owned()) {
+        assert!(Instant::now() < deadline, "idle connection never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ch.execute("guest-ping", None, T).await.unwrap();
+    assert_eq!(
+        log_of(&log),
+        [
+            "accept",
+            "guest-sync-delimited",
+            "guest-ping",
+            "eof",
+            "accept",
+            "guest-sync-delimited",
+            "guest-ping"
+        ]
+    );
 }

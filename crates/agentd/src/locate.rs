@@ -181,4 +181,87 @@ mod tests {
             "{err:?}"
         );
     }
+
+    /// A supervisor that knows three domains: "run" (running with an
+    /// agent), "off" (agent, shut off) and "bare" (no agent).
+    struct FakeSupervisor;
+
+    #[tonic::async_trait]
+    impl qvirt_proto::v1::supervisor_server::Supervisor for FakeSupervisor {
+        async fn get_domain(
+            &self,
+            req: tonic::Request<GetDomainRequest>,
+        ) -> Result<tonic::Response<qvirt_proto::v1::GetDomainResponse>, tonic::Status> {
+            use qvirt_proto::v1::{Domain, DomainSpec, GetDomainResponse};
+            let name = req.into_inner().domain;
+            let (agent, socket) = match name.as_str() {
+                "run" => (true, "/run/qvirt/run/agent.sock"),
+                "off" => (true, ""),
+                "bare" => (false, ""),
+                "bad/name" => return Err(tonic::Status::invalid_argument("bad name")),
+                _ => return Err(tonic::Status::not_found("no such domain")),
+            };
+            Ok(tonic::Response::new(GetDomainResponse {
+                domain: Some(Domain {
+                    spec: Some(DomainSpec {
+                        name,
+                        agent,
+                        ..Default::default()
+                    }),
+                    agent_socket: socket.into(),
+                    ..Default::default()
+                }),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn test_supervisor_lookup_maps_every_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let server = tonic::transport::Server::builder()
+            .add_service(qvirt_proto::v1::supervisor_server::SupervisorServer::new(
+                FakeSupervisor,
+            ))
+            .serve_with_incoming(incoming);
+        let task = tokio::spawn(server);
+        let mut agents = BTreeMap::new();
+        agents.insert("run".to_owned(), PathBuf::from("/static/wins.sock"));
+        let l = Locator::new(agents, Some(&format!("http://{addr}"))).unwrap();
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            l.locate("run", t).await.unwrap(),
+            PathBuf::from("/static/wins.sock")
+        );
+        let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
+        assert_eq!(
+            l.locate("run", t).await.unwrap(),
+            PathBuf::from("/run/qvirt/run/agent.sock")
+        );
+        assert!(matches!(
+            l.locate("off", t).await,
+            Err(LocateError::NotRunning(_))
+        ));
+        assert!(matches!(
+            l.locate("bare", t).await,
+            Err(LocateError::NoAgent(_))
+        ));
+        assert!(matches!(
+            l.locate("ghost", t).await,
+            Err(LocateError::Unknown(_))
+        ));
+        let err = l.locate("bad/name", t).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LocateError::Supervisor {
+                    code: tonic::Code::InvalidArgument,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        task.abort();
+    }
 }
