@@ -633,3 +633,73 @@ async fn futures_join<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sigterm_leaves_guests_running_for_the_next_supervisor() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    sup.define(&yaml("survivor")).await.unwrap();
+    let d = sup.start_domain("survivor", false, &reaper).await.unwrap();
+    let status = sup.svc.terminate();
+    assert!(status.success(), "{status}");
+    drop(sup);
+    assert!(pid_alive(d.pid));
+    let mut sup = Sup::start(&dirs).await;
+    let again = sup.get("survivor").await.unwrap();
+    assert_eq!((again.state(), again.pid), (DomainState::Running, d.pid));
+    let reply = sup
+        .monitor("survivor", r#"{"execute":"query-status"}"#)
+        .await;
+    assert!(reply.contains(r#""running":true"#), "{reply}");
+    sup.destroy("survivor").await;
+    wait_gone(d.pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_concurrent_calls_on_one_domain_are_serialised() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    sup.define(&yaml("busy")).await.unwrap();
+    let d = sup.start_domain("busy", false, &reaper).await.unwrap();
+    // Interleaved suspends and resumes: each one either does its work or
+    // finds the domain already in the other state (FAILED_PRECONDITION for
+    // a resume of a running domain), never an error from QEMU.
+    let calls = (0..30).map(|i| {
+        let mut client = sup.client.clone();
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                client
+                    .suspend_domain(SuspendDomainRequest {
+                        domain: "busy".into(),
+                    })
+                    .await
+                    .map(drop)
+            } else {
+                client
+                    .resume_domain(ResumeDomainRequest {
+                        domain: "busy".into(),
+                    })
+                    .await
+                    .map(drop)
+            }
+        })
+    });
+    for result in futures_join(calls).await {
+        if let Err(status) = result {
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        }
+    }
+    // The recorded state is QEMU's.
+    let state = sup.get("busy").await.unwrap().state();
+    let reply = sup.monitor("busy", r#"{"execute":"query-status"}"#).await;
+    let running = reply.contains(r#""running":true"#);
+    assert_eq!(
+        state == DomainState::Running,
+        running,
+        "{state:?} vs {reply}"
+    );
+    assert_eq!(sup.destroy("busy").await.state(), DomainState::Shutoff);
+    wait_gone(d.pid).await;
+}
