@@ -1,7 +1,8 @@
 //! Hub benchmarks: one publisher to one subscriber (same thread, and across
 //! threads), fan-out to 1,000 filtered subscribers (half matching), filter
-//! matching; under `cargo bench`, also a publish-to-deliver latency report
-//! for 1,000 subscriber tasks at 10k events/s.
+//! matching; under `cargo bench`, also the RSS of 10,000 idle subscriptions
+//! and a publish-to-deliver latency report for 1,000 subscriber tasks at 10k
+//! events/s.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -276,12 +277,59 @@ fn latency_report() {
     );
 }
 
+/// Resident set size of this process in bytes, if the platform tells.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// RSS growth for 10,000 idle subscriptions (literal filters, one regex
+/// shared by all, a distinct regex each), and what is left once they are
+/// dropped (freed memory the allocator keeps counts as left).
+fn memory_report() {
+    const IDLE: usize = 10_000;
+    let hub = new_hub(hub_default_queue());
+    let lit = FilterFlags::default();
+    let re = FilterFlags {
+        regex: true,
+        nocase: true,
+    };
+    type Pattern = fn(usize) -> String;
+    let cases: [(&str, Pattern, FilterFlags); 3] = [
+        ("literal", |_| "STOP".to_owned(), lit),
+        ("identical-regex", |_| "^(STOP|RESUME)$".to_owned(), re),
+        ("distinct-regex", |i| format!("^(STOP|RESUME)_{i}$"), re),
+    ];
+    for (label, pattern, flags) in cases {
+        let Some(before) = rss_bytes() else {
+            return;
+        };
+        let subs: Vec<_> = (0..IDLE)
+            .map(|i| filtered(&hub, &pattern(i), flags))
+            .collect();
+        // Matching once allocates each regex's search cache.
+        hub.publish(ev("STOP"));
+        let with = rss_bytes().unwrap_or(before);
+        drop(subs);
+        let after = rss_bytes().unwrap_or(before);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!(
+            "memory: {IDLE} idle {label} subscriptions: +{:.1} MiB RSS ({} bytes each), {:.1} MiB still resident after drop",
+            mib(with.saturating_sub(before)),
+            with.saturating_sub(before) / IDLE as u64,
+            mib(after.saturating_sub(before)),
+        );
+    }
+}
+
 fn hub_default_queue() -> usize {
     HubConfig::default().queue_capacity
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--bench") {
+        memory_report();
         latency_report();
     }
     let mut c = Criterion::default().configure_from_args();

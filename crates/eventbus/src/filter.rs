@@ -15,6 +15,9 @@
 //!
 //! Both filters are cheap to clone (a compiled regex is shared).
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
+
 use regex::{Regex, RegexBuilder};
 
 /// The longest event-name filter accepted, in bytes.
@@ -100,7 +103,52 @@ enum NameMatcher {
     All,
     Exact(Box<str>),
     ExactNoCase(Box<str>),
-    Regex(Regex),
+    Regex(Arc<Regex>),
+}
+
+/// A compiled regex takes tens of KiB (the `regex` crate builds several
+/// engines), so identical regex filters share one: the duplicate
+/// subscriptions the seed warns about then cost no compiled memory. Keyed by
+/// pattern and `nocase`; entries die with their last filter.
+type RegexKey = (Box<str>, bool);
+
+static REGEX_CACHE: LazyLock<Mutex<HashMap<RegexKey, Weak<Regex>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn regex_cache() -> std::sync::MutexGuard<'static, HashMap<RegexKey, Weak<Regex>>> {
+    REGEX_CACHE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The compiled regex for `pattern`, shared with every live filter that has
+/// the same pattern and `nocase`.
+fn shared_regex(pattern: &str, nocase: bool) -> Result<Arc<Regex>, FilterError> {
+    let key: RegexKey = (pattern.into(), nocase);
+    if let Some(re) = regex_cache().get(&key).and_then(Weak::upgrade) {
+        return Ok(re);
+    }
+    // Compiled outside the lock; a concurrent twin just wins the race.
+    let re = RegexBuilder::new(pattern)
+        .case_insensitive(nocase)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
+        .nest_limit(REGEX_NEST_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(limit) => FilterError::RegexTooBig { limit },
+            other => FilterError::InvalidRegex(other),
+        })?;
+    let mut cache = regex_cache();
+    if let Some(twin) = cache.get(&key).and_then(Weak::upgrade) {
+        return Ok(twin);
+    }
+    let re = Arc::new(re);
+    cache.insert(key, Arc::downgrade(&re));
+    // Forget dead entries once they could outnumber the live ones.
+    if cache.len() >= 64 && cache.len().is_power_of_two() {
+        cache.retain(|_, weak| weak.strong_count() > 0);
+        cache.shrink_to_fit();
+    }
+    Ok(re)
 }
 
 /// An event-name filter (see the module docs for the semantics).
@@ -135,16 +183,7 @@ impl EventNameFilter {
         let matcher = if pattern.is_empty() {
             NameMatcher::All
         } else if flags.regex {
-            let re = RegexBuilder::new(pattern)
-                .case_insensitive(flags.nocase)
-                .size_limit(REGEX_SIZE_LIMIT)
-                .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
-                .nest_limit(REGEX_NEST_LIMIT)
-                .build()
-                .map_err(|e| match e {
-                    regex::Error::CompiledTooBig(limit) => FilterError::RegexTooBig { limit },
-                    other => FilterError::InvalidRegex(other),
-                })?;
+            let re = shared_regex(pattern, flags.nocase)?;
             NameMatcher::Regex(re)
         } else if flags.nocase {
             NameMatcher::ExactNoCase(pattern.into())
@@ -379,6 +418,26 @@ mod tests {
             start.elapsed()
         );
         assert!(f.matches(&"a".repeat(100_000)));
+    }
+
+    #[test]
+    fn test_identical_regex_filters_share_one_compiled_regex() {
+        let pattern = "^SHARED_(A|B)$";
+        let a = EventNameFilter::new(pattern, RE).expect("valid");
+        let b = EventNameFilter::new(pattern, RE).expect("valid");
+        let c = EventNameFilter::new(pattern, RE_NOCASE).expect("valid");
+        let (NameMatcher::Regex(ra), NameMatcher::Regex(rb), NameMatcher::Regex(rc)) =
+            (&a.matcher, &b.matcher, &c.matcher)
+        else {
+            panic!("regex matchers expected");
+        };
+        assert!(Arc::ptr_eq(ra, rb));
+        assert!(!Arc::ptr_eq(ra, rc));
+        assert!(b.matches("SHARED_B") && !b.matches("shared_b") && c.matches("shared_b"));
+        drop((a, b, c));
+        // Once all are gone, the next one compiles afresh.
+        let d = EventNameFilter::new(pattern, RE).expect("valid");
+        assert!(d.matches("SHARED_A"));
     }
 
     #[test]
