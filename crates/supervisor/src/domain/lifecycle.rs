@@ -54,13 +54,16 @@ impl Manager {
         let paths = self.inner.store.paths(&spec.name);
         let auto_uses_kvm = self.config().auto_uses_kvm;
         let accel = spec.accel();
-        let resolved =
-            match tokio::task::spawn_blocking(move || argv::resolve_accel(accel, auto_uses_kvm))
-                .await
-            {
-                Ok(a) => a,
-                Err(_) => argv::ResolvedAccel::Tcg,
-            };
+        let store = self.inner.store.clone();
+        let log_name = spec.name.clone();
+        let prepare = tokio::task::spawn_blocking(move || {
+            if let Err(error) = store.rotate_log(&log_name) {
+                let error = qvirt_common::error_chain(&error);
+                warn!(domain = %log_name, %error, "QEMU log rotation failed");
+            }
+            argv::resolve_accel(accel, auto_uses_kvm)
+        });
+        let resolved = prepare.await.unwrap_or(argv::ResolvedAccel::Tcg);
         if accel == Accel::Auto {
             info!(domain = %spec.name, accel = ?resolved, "accel auto resolved");
         }

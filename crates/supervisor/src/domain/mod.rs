@@ -203,12 +203,12 @@ impl Manager {
         hooks: Arc<dyn Hooks>,
     ) -> Result<Manager, DomainError> {
         let store = Store::new(&config.state_dir, &config.run_dir);
-        let host = config.node_name();
-        let loaded = {
+        let (host, loaded) = {
             let store = store.clone();
+            let config = config.clone();
             blocking(move || {
                 store.init()?;
-                store.load_all()
+                Ok((config.node_name(), store.load_all()?))
             })
             .await?
         };

@@ -28,6 +28,10 @@ pub const STATUS_FILE_NAME: &str = "status.yaml";
 /// File name of the agent socket inside a domain's run dir.
 pub const AGENT_SOCKET_NAME: &str = "agent.sock";
 
+/// A QEMU log larger than this at start is rotated to `NAME.log.1` (one
+/// old file kept), so logs stay bounded at about twice this size.
+pub const QEMU_LOG_ROTATE_BYTES: u64 = 1024 * 1024;
+
 /// Errors of the store, named after the step.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -222,6 +226,20 @@ impl Store {
         }
     }
 
+    /// Rotate domain `name`'s QEMU log if it has grown past
+    /// [`QEMU_LOG_ROTATE_BYTES`] (called before each start).
+    pub fn rotate_log(&self, name: &str) -> Result<(), StoreError> {
+        let log = self.paths(name).qemu_log;
+        match fs::metadata(&log) {
+            Ok(meta) if meta.len() > QEMU_LOG_ROTATE_BYTES => {
+                let mut old = log.clone().into_os_string();
+                old.push(".1");
+                fs::rename(&log, &old).map_err(|source| StoreError::Write { path: log, source })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Persist a definition.
     pub fn save_spec(&self, spec: &DomainSpec) -> Result<(), StoreError> {
         let text = spec.to_yaml().map_err(|source| StoreError::Encode {
@@ -407,6 +425,23 @@ mod tests {
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].spec.name, "ok");
+    }
+
+    #[test]
+    fn test_big_log_is_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        let log = store.paths("v").qemu_log;
+        store.rotate_log("v").unwrap();
+        fs::write(&log, b"small").unwrap();
+        store.rotate_log("v").unwrap();
+        assert!(log.exists());
+        let big = vec![b'x'; usize::try_from(QEMU_LOG_ROTATE_BYTES).unwrap() + 1];
+        fs::write(&log, big).unwrap();
+        store.rotate_log("v").unwrap();
+        assert!(!log.exists());
+        assert!(dir.path().join("state/logs/v.log.1").exists());
     }
 
     #[test]
