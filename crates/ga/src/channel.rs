@@ -84,23 +84,22 @@ pub trait Conn {
 }
 
 fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(pfd.revents)
+    crate::signals::poll_fd(fd, events, timeout_ms)
 }
 
 /// Waits until `fd` is readable (or a signal interrupts the wait).
 pub fn wait_readable(fd: &impl AsRawFd) -> io::Result<()> {
     wait_fd(fd.as_raw_fd(), libc::POLLIN, -1).map(|_| ())
 }
+
+/// Sleeps 100 ms unless a stop signal arrives first.
+fn idle_100ms() -> io::Result<()> {
+    // A negative fd is ignored by poll: this waits on the signal pipe only.
+    wait_fd(-1, 0, IDLE.as_millis() as i32).map(|_| ())
+}
+
+/// How long a virtio-serial port with no host side is left alone.
+const IDLE: Duration = Duration::from_millis(100);
 
 /// A device opened non-blocking (virtio-serial or isa-serial).
 pub struct Device {
@@ -145,13 +144,15 @@ impl Conn for Device {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match self.file.read(buf) {
-                // No host side: qemu-ga sleeps 100 ms and polls again.
-                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                // No host side: qemu-ga sleeps 100 ms and polls again. The
+                // sleep is a poll on the signal pipe alone, so a stop request
+                // still ends it.
+                Ok(0) => idle_100ms()?,
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let rev = wait_fd(self.file.as_raw_fd(), libc::POLLIN, -1)?;
                     if rev & (libc::POLLHUP | libc::POLLERR) != 0 && rev & libc::POLLIN == 0 {
-                        std::thread::sleep(Duration::from_millis(100));
+                        idle_100ms()?;
                     }
                 }
                 Err(e) => return Err(e),
@@ -176,6 +177,7 @@ impl Conn for Device {
 
 impl Conn for std::os::unix::net::UnixStream {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        wait_fd(self.as_raw_fd(), libc::POLLIN, -1)?;
         self.read(buf)
     }
 

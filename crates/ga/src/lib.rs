@@ -7,7 +7,8 @@
 //!
 //! - [`cli`]: options and the `[general]` key file, `-D`.
 //! - [`channel`]: unix-listen, virtio-serial, isa-serial.
-//! - [`server`]: the read → parse → dispatch → write loop, signals.
+//! - [`server`]: the read → parse → dispatch → write loop.
+//! - [`signals`]: SIGTERM/SIGINT via a self-pipe.
 //! - [`agent`]: the command table, blocking/frozen rules, dispatch.
 //! - [`args`] (+ [`ghash`]): QAPI-style argument checking.
 //! - [`commands`]: the commands; [`state`]: the state directory.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod commands;
 pub mod ghash;
 pub mod server;
+pub mod signals;
 pub mod state;
 
 use std::path::PathBuf;
@@ -109,7 +111,7 @@ fn serve(config: Config) -> Result<(), GaError> {
         fsfreeze_hook: config.fsfreeze_hook.as_ref().map(PathBuf::from),
         allowed: config.allow_rpcs.clone(),
     };
-    server::install_signals();
+    signals::install();
     enum Chan {
         Listener(std::os::unix::net::UnixListener),
         Device(Device),
@@ -126,14 +128,23 @@ fn serve(config: Config) -> Result<(), GaError> {
     }
     let agent = Agent::new(options).map_err(GaError::State)?;
     let mut server = server::Server::new(agent);
-    match chan {
+    let result = match chan {
         Chan::Listener(l) => server.serve_listener(&l).map_err(GaError::Io),
         Chan::Device(mut d) => loop {
-            if !server.serve_conn(&mut d).map_err(GaError::Io)? {
-                return Ok(());
+            match server.serve_conn(&mut d) {
+                Ok(true) => continue,
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(GaError::Io(e)),
             }
         },
+    };
+    // Leaving while frozen (signals are ignored then, so only on a channel
+    // failure): thaw, as qemu-ga's cleanup does.
+    if server.agent.frozen {
+        commands::fsfreeze::thaw_all();
+        let _ = server.agent.unset_frozen();
     }
+    result
 }
 
 /// Forks into the background as qemu-ga's `become_daemon`: the child

@@ -4,43 +4,21 @@
 
 use std::io;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use qvirt_qga::StreamParser;
 
 use crate::agent::Agent;
 use crate::channel::{Conn, READ_SIZE};
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Installs SIGTERM/SIGINT handlers (no SA_RESTART, so blocking calls
-/// return EINTR) and ignores SIGPIPE.
-pub fn install_signals() {
-    // SAFETY: the handler only stores to an atomic; sigaction gets valid
-    // pointers.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        sa.sa_flags = 0;
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
-}
+use crate::signals;
 
 /// Whether a stop signal arrived (and the agent may stop: not frozen).
 fn should_stop(agent: &Agent) -> bool {
-    if !STOP.load(Ordering::SeqCst) {
+    if !signals::stop_requested() {
         return false;
     }
     if agent.frozen {
         // qemu-ga ignores SIGTERM/SIGINT while frozen.
-        STOP.store(false, Ordering::SeqCst);
+        signals::clear();
         return false;
     }
     true

@@ -627,3 +627,30 @@ fn test_real_freeze_of_a_scratch_filesystem() {
     assert_eq!(outs[0].1, b"{\"return\": 1}\n{\"return\": \"thawed\"}\n");
     assert_eq!(outs[0].2, "freeze\nthaw\n");
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the ")" of the command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0)
+}
+
+/// When the host side of a virtio-serial port goes away the agent must
+/// idle, not spin. This needs a measurement window (1 s of wall time), so
+/// it is the one place a test waits for a fixed time.
+#[test]
+fn test_virtio_serial_without_host_does_not_spin() {
+    for which in [Which::Qemu, Which::Qvirt] {
+        let (agent, pty) = start_on_pty(which, "virtio-serial");
+        drop(pty);
+        let before = cpu_ticks(agent.child.id());
+        std::thread::sleep(Duration::from_secs(1));
+        let used = cpu_ticks(agent.child.id()) - before;
+        assert!(
+            used < 20,
+            "agent used {used} ticks of CPU in 1 s with no host"
+        );
+    }
+}

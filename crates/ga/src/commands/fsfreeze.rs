@@ -130,7 +130,8 @@ fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
     Ok(Some(Value::Int(count)))
 }
 
-fn thaw_all() -> i64 {
+/// FITHAW on every block-device mount; returns how many were thawed.
+pub fn thaw_all() -> i64 {
     let mut count = 0;
     for m in mounts() {
         let mut thawed = false;
