@@ -28,6 +28,18 @@ struct Args {
     /// Accelerator for specs without one. Overrides `default_accel`.
     #[arg(long, value_enum, value_name = "ACCEL")]
     default_accel: Option<DefaultAccel>,
+    /// Let `accel: auto` pick KVM when /dev/kvm is usable. Overrides `auto_uses_kvm`.
+    #[arg(long, value_name = "BOOL")]
+    auto_uses_kvm: Option<bool>,
+    /// Bound on QEMU's startup handshake, seconds. Overrides `start_timeout_secs`.
+    #[arg(long, value_name = "SECS")]
+    start_timeout_secs: Option<u64>,
+    /// Bound on one QMP command, seconds. Overrides `command_timeout_secs`.
+    #[arg(long, value_name = "SECS")]
+    command_timeout_secs: Option<u64>,
+    /// Destroy: SIGKILL this many seconds after SIGTERM. Overrides `destroy_grace_secs`.
+    #[arg(long, value_name = "SECS")]
+    destroy_grace_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +50,10 @@ fn main() -> ExitCode {
         override_with(&mut c.qemu_binary, args.qemu_binary);
         override_with(&mut c.node_name, args.node_name);
         override_with(&mut c.default_accel, args.default_accel);
+        override_with(&mut c.auto_uses_kvm, args.auto_uses_kvm);
+        override_with(&mut c.start_timeout_secs, args.start_timeout_secs);
+        override_with(&mut c.command_timeout_secs, args.command_timeout_secs);
+        override_with(&mut c.destroy_grace_secs, args.destroy_grace_secs);
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)
