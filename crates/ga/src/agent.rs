@@ -71,14 +71,14 @@ pub static COMMANDS: &[Command] = {
         quiet("guest-suspend-ram", unsupported::no_args),
         quiet("guest-suspend-hybrid", unsupported::no_args),
         cmd("guest-network-get-interfaces", network::interfaces),
-        cmd("guest-get-vcpus", unsupported::no_args),
+        cmd("guest-get-vcpus", cpu::get_vcpus),
         cmd("guest-set-vcpus", unsupported::set_vcpus),
         cmd("guest-get-disks", unsupported::no_args),
         cmd("guest-get-fsinfo", unsupported::no_args),
         cmd("guest-set-user-password", unsupported::set_user_password),
         cmd("guest-get-memory-blocks", unsupported::no_args),
         cmd("guest-set-memory-blocks", unsupported::set_memory_blocks),
-        cmd("guest-get-memory-block-info", unsupported::no_args),
+        cmd("guest-get-memory-block-info", cpu::get_memory_block_info),
         cmd("guest-exec-status", exec::status),
         cmd("guest-exec", exec::exec),
         cmd("guest-get-host-name", sysinfo::host_name),
@@ -90,7 +90,7 @@ pub static COMMANDS: &[Command] = {
         cmd("guest-ssh-add-authorized-keys", unsupported::ssh_add),
         cmd("guest-ssh-remove-authorized-keys", unsupported::ssh_remove),
         cmd("guest-get-diskstats", unsupported::no_args),
-        cmd("guest-get-cpustats", unsupported::no_args),
+        cmd("guest-get-cpustats", cpu::get_cpustats),
     ]
 };
 

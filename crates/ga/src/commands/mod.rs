@@ -3,6 +3,7 @@
 //! then runs.
 
 pub mod basic;
+pub mod cpu;
 pub mod exec;
 pub mod file;
 pub mod fsfreeze;
