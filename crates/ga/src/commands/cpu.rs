@@ -58,19 +58,6 @@ pub fn get_vcpus(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     Ok(Some(Value::Array(list)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_cpu_id_like_sscanf() {
-        assert_eq!(cpu_id("cpu0"), Some(0));
-        assert_eq!(cpu_id("cpu12"), Some(12));
-        assert_eq!(cpu_id("cpufreq"), None);
-        assert_eq!(cpu_id("online"), None);
-    }
-}
-
 fn clk_tck() -> u64 {
     // SAFETY: sysconf only reads a constant.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -141,4 +128,17 @@ pub fn get_memory_block_info(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     let mut d = Dict::new();
     d.insert("size", size);
     Ok(Some(Value::Object(d)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cpu_id_like_sscanf() {
+        assert_eq!(cpu_id("cpu0"), Some(0));
+        assert_eq!(cpu_id("cpu12"), Some(12));
+        assert_eq!(cpu_id("cpufreq"), None);
+        assert_eq!(cpu_id("online"), None);
+    }
 }
