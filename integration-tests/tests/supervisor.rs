@@ -703,3 +703,26 @@ async fn test_concurrent_calls_on_one_domain_are_serialised() {
     assert_eq!(sup.destroy("busy").await.state(), DomainState::Shutoff);
     wait_gone(d.pid).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_qmp_quit_is_shutoff_shutdown() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    sup.define(&yaml("quitter")).await.unwrap();
+    let d = sup.start_domain("quitter", false, &reaper).await.unwrap();
+    // QEMU may close the monitor before its reply is read: UNAVAILABLE.
+    let sent = sup
+        .client
+        .monitor_command(MonitorCommandRequest {
+            domain: "quitter".into(),
+            command_json: r#"{"execute":"quit"}"#.into(),
+        })
+        .await;
+    if let Err(status) = &sent {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let after = sup.wait_state("quitter", DomainState::Shutoff).await;
+    assert_eq!(after.reason(), DomainStateReason::ShutoffShutdown);
+    wait_gone(d.pid).await;
+}

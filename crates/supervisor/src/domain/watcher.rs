@@ -55,6 +55,9 @@ impl Manager {
         if let Some(mut events) = events {
             loop {
                 let event = tokio::select! {
+                    // Events first: a SHUTDOWN read just before the exit
+                    // decides the reason.
+                    biased;
                     event = events.recv() => event,
                     _ = async {
                         match exit_for_loop.as_mut() {
@@ -65,6 +68,19 @@ impl Manager {
                 };
                 let Some(event) = event else { break };
                 self.on_event(entry, qmp, flags, &event).await;
+            }
+            // The child exited: what QEMU wrote before it died is still in
+            // the socket; read it up to the monitor's EOF (bounded).
+            let drain = async {
+                while let Some(event) = events.recv().await {
+                    self.on_event(entry, qmp, flags, &event).await;
+                }
+            };
+            if tokio::time::timeout(STARTUP_EXIT_WAIT, drain)
+                .await
+                .is_err()
+            {
+                warn!(domain = %entry.name(), "QEMU exited but its monitor stayed open");
             }
         } else {
             qmp.closed().await;
