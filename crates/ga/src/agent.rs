@@ -89,7 +89,7 @@ pub static COMMANDS: &[Command] = {
         cmd("guest-ssh-get-authorized-keys", unsupported::ssh_get),
         cmd("guest-ssh-add-authorized-keys", unsupported::ssh_add),
         cmd("guest-ssh-remove-authorized-keys", unsupported::ssh_remove),
-        cmd("guest-get-diskstats", unsupported::no_args),
+        cmd("guest-get-diskstats", diskstats::get_diskstats),
         cmd("guest-get-cpustats", cpu::get_cpustats),
     ]
 };

@@ -342,8 +342,11 @@ fn test_host_facts() {
             .map(|b| if b.is_ascii_digit() { b'0' } else { b })
             .collect()
     };
-    let req: &[&[u8]] =
-        &[b"{'execute':'guest-network-get-interfaces'}{'execute':'guest-get-time'}"];
+    let req: &[&[u8]] = &[
+        b"{'execute':'guest-network-get-interfaces'}{'execute':'guest-get-time'}",
+        b"{'execute':'guest-get-cpustats'}{'execute':'guest-get-memory-block-info'}",
+        b"{'execute':'guest-get-diskstats'}",
+    ];
     let a = mask(exchange(&agents.0, req));
     let b = mask(exchange(&agents.1, req));
     assert_eq!(String::from_utf8_lossy(&b), String::from_utf8_lossy(&a));
