@@ -156,6 +156,29 @@ pub fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// Check a caller's raw QMP command and drop its `id` (ours goes on the
+/// wire, the reply carries none). Numbers keep their text (serde_json's
+/// `arbitrary_precision`).
+pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
+    let mut request: serde_json::Value = serde_json::from_str(command_json)
+        .map_err(|e| DomainError::InvalidArgument(format!("command_json is not JSON: {e}")))?;
+    let Some(object) = request.as_object_mut() else {
+        return Err(DomainError::InvalidArgument(
+            "command_json must be a JSON object with `execute`".into(),
+        ));
+    };
+    if !object
+        .get("execute")
+        .is_some_and(serde_json::Value::is_string)
+    {
+        return Err(DomainError::InvalidArgument(
+            "command_json must have a string member `execute`".into(),
+        ));
+    }
+    object.remove("id");
+    Ok(request.to_string())
+}
+
 /// Shared state behind [`Manager`].
 struct Inner {
     config: Config,
@@ -596,24 +619,7 @@ impl Manager {
         key: &str,
         command_json: &str,
     ) -> Result<String, DomainError> {
-        let mut request: serde_json::Value = serde_json::from_str(command_json)
-            .map_err(|e| DomainError::InvalidArgument(format!("command_json is not JSON: {e}")))?;
-        let Some(object) = request.as_object_mut() else {
-            return Err(DomainError::InvalidArgument(
-                "command_json must be a JSON object with `execute`".into(),
-            ));
-        };
-        if !object
-            .get("execute")
-            .is_some_and(serde_json::Value::is_string)
-        {
-            return Err(DomainError::InvalidArgument(
-                "command_json must have a string member `execute`".into(),
-            ));
-        }
-        // Our own id goes on the wire; the reply carries none.
-        object.remove("id");
-        let request = request.to_string();
+        let request = raw_request(command_json)?;
         let entry = self.find(key)?;
         let _op = entry.op.lock().await;
         let qmp = Self::running_qmp(&entry, "monitor commands need a running domain")?;

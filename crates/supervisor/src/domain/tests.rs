@@ -212,3 +212,19 @@ async fn test_events_reach_the_sink_in_order() {
     assert!(resume < stop, "{monitor:?}");
     m.close().await;
 }
+
+#[test]
+fn test_raw_request_keeps_numbers_and_drops_the_id() {
+    let text = super::raw_request(
+        r#"{"id":"mine","execute":"x","arguments":{"n":18446744073709551615,"f":1.0000000000000002,"m":-9223372036854775808}}"#,
+    )
+    .unwrap();
+    assert!(!text.contains("mine"), "{text}");
+    for n in [
+        "18446744073709551615",
+        "1.0000000000000002",
+        "-9223372036854775808",
+    ] {
+        assert!(text.contains(n), "{n} in {text}");
+    }
+}
