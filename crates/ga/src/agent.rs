@@ -76,7 +76,7 @@ pub static COMMANDS: &[Command] = {
         cmd("guest-get-disks", unsupported::no_args),
         cmd("guest-get-fsinfo", unsupported::no_args),
         cmd("guest-set-user-password", unsupported::set_user_password),
-        cmd("guest-get-memory-blocks", unsupported::no_args),
+        cmd("guest-get-memory-blocks", cpu::get_memory_blocks),
         cmd("guest-set-memory-blocks", unsupported::set_memory_blocks),
         cmd("guest-get-memory-block-info", cpu::get_memory_block_info),
         cmd("guest-exec-status", exec::status),

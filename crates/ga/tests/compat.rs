@@ -336,7 +336,7 @@ fn test_osinfo_with_qga_os_release() {
 #[test]
 fn test_host_facts() {
     let agents = both(&[], &[], |_| {});
-    same(&agents, &[b"{'execute':'guest-get-host-name'}{'execute':'guest-get-timezone'}{'execute':'guest-get-users'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-vcpus'}"]);
+    same(&agents, &[b"{'execute':'guest-get-host-name'}{'execute':'guest-get-timezone'}{'execute':'guest-get-users'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-vcpus'}{'execute':'guest-get-memory-blocks'}"]);
     let mask = |v: Vec<u8>| -> Vec<u8> {
         v.into_iter()
             .map(|b| if b.is_ascii_digit() { b'0' } else { b })

@@ -1,6 +1,7 @@
 //! guest-get-vcpus (`/sys/devices/system/cpu/cpuN` in directory order, as
 //! qemu-ga lists them; no `online` file: online, cannot go offline),
-//! guest-get-cpustats and guest-get-memory-block-info.
+//! guest-get-cpustats, guest-get-memory-blocks and
+//! guest-get-memory-block-info.
 
 use std::io::Read;
 
@@ -128,6 +129,53 @@ pub fn get_memory_block_info(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     let mut d = Dict::new();
     d.insert("size", size);
     Ok(Some(Value::Object(d)))
+}
+
+/// guest-get-memory-blocks: `/sys/devices/system/memory/memoryN` in
+/// directory order with `state` and `removable`.
+pub fn get_memory_blocks(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let dir = "/sys/devices/system/memory/";
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| with_errno(&format!("Can't open directory\"{dir}\""), &e))?;
+    let mut list = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(index) = name.strip_prefix("memory") else {
+            continue;
+        };
+        if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        let phys: u64 = index
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+        let path = format!("{dir}memory{phys}/");
+        let (online, can_offline) = match std::fs::read(format!("{path}state")) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (true, false),
+            Err(e) => return Err(with_errno(&format!("open(\"{path}/state\")"), &e)),
+            Ok(state) => {
+                let online = state.starts_with(b"online");
+                let can_offline = match std::fs::read(format!("{path}removable")) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(with_errno(&format!("open(\"{path}/removable\")"), &e));
+                    }
+                    Ok(r) => r.first().is_some_and(|&c| c != b'0'),
+                };
+                (online, can_offline)
+            }
+        };
+        let mut d = Dict::new();
+        d.insert("phys-index", phys);
+        d.insert("online", online);
+        d.insert("can-offline", can_offline);
+        list.push(Value::Object(d));
+    }
+    Ok(Some(Value::Array(list)))
 }
 
 #[cfg(test)]
