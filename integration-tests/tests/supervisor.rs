@@ -652,7 +652,20 @@ async fn test_sigterm_leaves_guests_running_for_the_next_supervisor() {
         .monitor("survivor", r#"{"execute":"query-status"}"#)
         .await;
     assert!(reply.contains(r#""running":true"#), "{reply}");
-    sup.destroy("survivor").await;
+    // A graceful destroy (SIGTERM only) of the adopted QEMU.
+    let gone = sup
+        .client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "survivor".into(),
+            graceful: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!(gone.state(), DomainState::Shutoff);
+    assert_eq!(gone.reason(), DomainStateReason::ShutoffDestroyed);
     wait_gone(d.pid).await;
 }
 
