@@ -59,6 +59,9 @@ pub struct Config {
     pub command_timeout_secs: u64,
     /// DestroyDomain: SIGTERM, then SIGKILL after this many seconds.
     pub destroy_grace_secs: u64,
+    /// The event bus to publish QMP and lifecycle events to, as a URL
+    /// (`http://127.0.0.1:50053`). Absent: events are only logged (debug).
+    pub eventbus: Option<String>,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             auto_uses_kvm: false,
             start_timeout_secs: 10,
             command_timeout_secs: 30,
+            eventbus: None,
             destroy_grace_secs: 10,
         }
     }

@@ -32,7 +32,7 @@ pub use config::Config;
 pub use service::SupervisorService;
 
 use domain::{DomainError, Manager};
-use seams::{LogEvents, NoHooks};
+use seams::{EventSink, LogEvents, NoHooks};
 
 /// Why the supervisor stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,15 @@ pub enum RunError {
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The `eventbus` URL is not usable.
+    #[error("invalid eventbus URL {url:?}")]
+    EventBus {
+        /// The URL configured.
+        url: String,
+        /// Why it was refused.
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 /// Loads the domains (re-attaching to running QEMUs), then serves
@@ -54,7 +63,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::debug!(?config, "starting");
-    let manager = Manager::open(config, Arc::new(LogEvents), Arc::new(NoHooks))
+    let events: Arc<dyn EventSink> = match &config.eventbus {
+        Some(url) => {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
+                    RunError::EventBus {
+                        url: url.clone(),
+                        source,
+                    }
+                })?;
+            Arc::new(publisher::BusPublisher::spawn(
+                endpoint,
+                shutdown.child_token(),
+            ))
+        }
+        None => Arc::new(LogEvents),
+    };
+    let manager = Manager::open(config, events, Arc::new(NoHooks))
         .await
         .map_err(RunError::Open)?;
     let services = Services::new().with(SupervisorServer::new(SupervisorService::new(

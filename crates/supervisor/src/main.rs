@@ -40,6 +40,10 @@ struct Args {
     /// Destroy: SIGKILL this many seconds after SIGTERM. Overrides `destroy_grace_secs`.
     #[arg(long, value_name = "SECS")]
     destroy_grace_secs: Option<u64>,
+    /// Publish events to the event bus at URL (e.g. http://127.0.0.1:50053).
+    /// Overrides `eventbus`.
+    #[arg(long, value_name = "URL")]
+    eventbus: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         override_with(&mut c.start_timeout_secs, args.start_timeout_secs);
         override_with(&mut c.command_timeout_secs, args.command_timeout_secs);
         override_with(&mut c.destroy_grace_secs, args.destroy_grace_secs);
+        override_with(&mut c.eventbus, args.eventbus.map(Some));
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)

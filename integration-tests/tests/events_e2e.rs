@@ -1,0 +1,184 @@
+//! The supervisor and the event bus together, with real QEMU: a subscriber
+//! of the bus sees what the guest does, as `virsh qemu-monitor-event` and
+//! `virsh event --event lifecycle` would: suspend and resume produce QMP
+//! STOP and RESUME monitor events and SUSPENDED and RESUMED lifecycle
+//! events, in order, with QEMU's timestamps.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use qvirt_integration_tests::{Service, tool_path};
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
+use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DefineDomainRequest, DestroyDomainRequest, DomainEventType, ResumeDomainRequest,
+    StartDomainRequest, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
+    SuspendDomainRequest, define_domain_request,
+};
+
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills the test's QEMU by pid if the test ends before destroying it
+/// (checking first that the pid still runs that domain's UUID).
+struct QemuGuard(u32, String);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&self.1) {
+            // SAFETY: kill(2) on a pid checked to run this test's QEMU.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_suspend_and_resume_reach_bus_subscribers() {
+    tool_path("qemu-system-x86_64");
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let dirs = tempfile::tempdir().unwrap();
+    let state = dirs.path().join("state");
+    let run = dirs.path().join("run");
+    let mut sup = Service::start(
+        "qvirt-supervisor",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--node-name",
+            "e2e-node",
+            "--eventbus",
+            &bus.url(),
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+
+    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut monitor = events
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            domain: "e2e".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut lifecycle = events
+        .subscribe_domain_events(SubscribeDomainEventsRequest {
+            domain: "e2e".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for first in [
+        monitor.message().await.unwrap().unwrap().kind,
+        lifecycle
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .kind
+            .map(|k| match k {
+                DomainKind::Established(e) => MonitorKind::Established(e),
+                other => panic!("{other:?}"),
+            }),
+    ] {
+        assert!(matches!(first, Some(MonitorKind::Established(_))));
+    }
+
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let yaml = "name: e2e\nmemory_mib: 128\naccel: tcg\n";
+    let defined = client
+        .define_domain(DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(yaml.into())),
+            allow_update: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let uuid = defined.spec.unwrap().uuid;
+    let started = client
+        .start_domain(StartDomainRequest {
+            domain: "e2e".into(),
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let _guard = QemuGuard(started.pid, uuid.clone());
+    client
+        .suspend_domain(SuspendDomainRequest {
+            domain: "e2e".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .resume_domain(ResumeDomainRequest {
+            domain: "e2e".into(),
+        })
+        .await
+        .unwrap();
+
+    // Monitor events: the cont of the start, then STOP, then RESUME.
+    let mut names = Vec::new();
+    while !names.ends_with(&["STOP".to_owned(), "RESUME".to_owned()]) {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, monitor.message())
+            .await
+            .expect("monitor event in time")
+            .unwrap()
+            .unwrap();
+        match msg.kind {
+            Some(MonitorKind::Event(e)) => {
+                assert_eq!(
+                    (e.domain_name.as_str(), e.domain_uuid.as_str()),
+                    ("e2e", uuid.as_str())
+                );
+                assert_eq!(e.host, "e2e-node");
+                assert!(e.timestamp_seconds > 1_600_000_000, "QEMU's own timestamp");
+                names.push(e.event);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Lifecycle events: ... SUSPENDED then RESUMED.
+    let mut kinds = Vec::new();
+    let want = [
+        DomainEventType::Suspended as i32,
+        DomainEventType::Resumed as i32,
+    ];
+    while !kinds.ends_with(&want) {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle.message())
+            .await
+            .expect("lifecycle event in time")
+            .unwrap()
+            .unwrap();
+        match msg.kind {
+            Some(DomainKind::Event(e)) => {
+                assert_eq!(e.domain_uuid, uuid);
+                kinds.push(e.r#type);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        kinds.contains(&(DomainEventType::Started as i32)),
+        "a STARTED event precedes: {kinds:?}"
+    );
+
+    client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "e2e".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+}
