@@ -1,14 +1,14 @@
-//! Transports, as qemu-ga's `channel-posix.c`: `unix-listen` (backlog 1,
-//! one client at a time), `virtio-serial` (one permanent port; EOF means no
+//! Transports, as qemu-ga's `channel-posix.c`: `unix-listen` and
+//! `vsock-listen` (backlog 1, one client at a time), `virtio-serial` (one permanent port; EOF means no
 //! host: sleep 100 ms and poll again, never spin) and `isa-serial` (raw
 //! 38400 baud). The JSON parser's state lives in the caller and survives
 //! reconnects.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ pub enum Method {
     IsaSerial,
     /// A unix socket the agent listens on.
     UnixListen,
-    /// vsock (not supported yet).
+    /// A vsock socket the agent listens on (`<cid>:<port>`).
     VsockListen,
 }
 
@@ -61,9 +61,9 @@ pub enum ChannelError {
     /// unix-listen without `-p`.
     #[error("must specify a path for this channel")]
     NoPath,
-    /// The method is not implemented.
-    #[error("channel method {0} is not supported by qvirt-ga yet")]
-    Unsupported(&'static str),
+    /// A vsock-listen path that is not `<cid>:<port>`.
+    #[error("error parsing vsock address '{0}'")]
+    BadVsockAddress(String),
     /// Opening or binding failed.
     #[error("error opening channel {path}")]
     Open {
@@ -175,7 +175,7 @@ impl Conn for Device {
     }
 }
 
-impl Conn for std::os::unix::net::UnixStream {
+impl Conn for UnixStream {
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         wait_fd(self.as_raw_fd(), libc::POLLIN, -1)?;
         self.read(buf)
@@ -186,9 +186,41 @@ impl Conn for std::os::unix::net::UnixStream {
     }
 }
 
+/// A listening stream socket (unix or vsock); one client at a time.
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Listener {
+    /// Accepts one client. Unix and vsock streams are both plain stream
+    /// sockets, so the client is handled as a `UnixStream`.
+    pub fn accept(&self) -> io::Result<UnixStream> {
+        // SAFETY: accept4 on our listening fd; no address is requested.
+        let fd = unsafe {
+            libc::accept4(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: accept4 returned a new descriptor that we now own.
+        Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
 /// Binds the unix-listen socket: removes a stale file, listens with
 /// backlog 1.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, ChannelError> {
+pub fn bind_unix(path: &Path) -> Result<Listener, ChannelError> {
     let open_err = |source| ChannelError::Open {
         path: path.to_owned(),
         source,
@@ -202,5 +234,66 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ChannelError> {
     if unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0 {
         return Err(open_err(io::Error::last_os_error()));
     }
-    Ok(listener)
+    Ok(Listener {
+        fd: OwnedFd::from(listener),
+    })
+}
+
+/// Parses a vsock-listen address `<cid>:<port>` (both unsigned 32-bit).
+pub fn parse_vsock(addr: &str) -> Option<(u32, u32)> {
+    let (cid, port) = addr.split_once(':')?;
+    Some((cid.parse().ok()?, port.parse().ok()?))
+}
+
+/// Binds the vsock-listen socket at `<cid>:<port>`, backlog 1.
+pub fn bind_vsock(addr: &str) -> Result<Listener, ChannelError> {
+    let path = PathBuf::from(addr);
+    let open_err = |source| ChannelError::Open {
+        path: path.clone(),
+        source,
+    };
+    let (cid, port) = parse_vsock(addr).ok_or(ChannelError::BadVsockAddress(addr.to_owned()))?;
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    // SAFETY: socket returned a new descriptor that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data.
+    let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    sa.svm_cid = cid;
+    sa.svm_port = port;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: sa is a valid sockaddr_vm of length len.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_vm).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    // SAFETY: listen on our bound socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1) } < 0 {
+        return Err(open_err(io::Error::last_os_error()));
+    }
+    Ok(Listener { fd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_vsock_table() {
+        assert_eq!(parse_vsock("3:1234"), Some((3, 1234)));
+        assert_eq!(parse_vsock("4294967295:5000"), Some((u32::MAX, 5000)));
+        assert_eq!(parse_vsock("3"), None);
+        assert_eq!(parse_vsock("x:1"), None);
+        assert_eq!(parse_vsock("3:-1"), None);
+    }
 }

@@ -6,7 +6,7 @@
 //! only maps its result to an exit status.
 //!
 //! - [`cli`]: options and the `[general]` key file, `-D`.
-//! - [`channel`]: unix-listen, virtio-serial, isa-serial.
+//! - [`channel`]: unix-listen, vsock-listen, virtio-serial, isa-serial.
 //! - [`server`]: the read → parse → dispatch → write loop.
 //! - [`signals`]: SIGTERM/SIGINT via a self-pipe.
 //! - [`agent`]: the command table, blocking/frozen rules, dispatch.
@@ -113,14 +113,14 @@ fn serve(config: Config) -> Result<(), GaError> {
     };
     signals::install();
     enum Chan {
-        Listener(std::os::unix::net::UnixListener),
+        Listener(channel::Listener),
         Device(Device),
     }
     let chan = match method {
         Some(Method::UnixListen) => Chan::Listener(channel::bind_unix(&path)?),
         Some(Method::VirtioSerial) => Chan::Device(Device::open(&path, false)?),
         Some(Method::IsaSerial) => Chan::Device(Device::open(&path, true)?),
-        Some(Method::VsockListen) => return Err(ChannelError::Unsupported("vsock-listen").into()),
+        Some(Method::VsockListen) => Chan::Listener(channel::bind_vsock(&path.to_string_lossy())?),
         None => return Err(ChannelError::NoPath.into()),
     };
     if config.daemonize {

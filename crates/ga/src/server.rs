@@ -3,12 +3,11 @@
 //! no busy waiting. SIGTERM/SIGINT end it with status 0 unless frozen.
 
 use std::io;
-use std::os::unix::net::UnixListener;
 
 use qvirt_qga::StreamParser;
 
 use crate::agent::Agent;
-use crate::channel::{Conn, READ_SIZE};
+use crate::channel::{Conn, Listener, READ_SIZE};
 use crate::signals;
 
 /// Whether a stop signal arrived (and the agent may stop: not frozen).
@@ -71,21 +70,20 @@ impl Server {
         }
     }
 
-    /// unix-listen: accept one client at a time, forever.
-    pub fn serve_listener(&mut self, listener: &UnixListener) -> io::Result<()> {
+    /// unix-listen / vsock-listen: accept one client at a time, forever.
+    pub fn serve_listener(&mut self, listener: &Listener) -> io::Result<()> {
         loop {
             if should_stop(&self.agent) {
                 return Ok(());
             }
-            // std's accept retries EINTR; poll first so a stop signal is
-            // seen while idle.
+            // Poll first so a stop signal is seen while idle.
             match crate::channel::wait_readable(listener) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
                 Ok(()) => {}
             }
             let mut stream = match listener.accept() {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };

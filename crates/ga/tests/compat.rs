@@ -657,3 +657,84 @@ fn test_virtio_serial_without_host_does_not_spin() {
         );
     }
 }
+
+/// Tries to bind a vsock port the way the agents do; `Err` carries errno.
+fn vsock_bind(port: u32) -> Result<(), i32> {
+    // SAFETY: plain socket calls on a descriptor closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(*libc::__errno_location());
+        }
+        let mut sa: libc::sockaddr_vm = std::mem::zeroed();
+        sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        sa.svm_cid = libc::VMADDR_CID_ANY;
+        sa.svm_port = port;
+        let rc = libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        );
+        let err = *libc::__errno_location();
+        libc::close(fd);
+        if rc < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+/// vsock-listen binds `<cid>:<port>`; a second agent on a taken port
+/// exits with status 1, as qemu-ga does. Skipped, with the reason
+/// printed, where the kernel has no vsock.
+#[test]
+fn test_vsock_listen_binds_and_conflicts() {
+    let port = 40_000 + std::process::id() % 10_000;
+    if let Err(errno) = vsock_bind(port) {
+        eprintln!(
+            "test_vsock_listen_binds_and_conflicts skipped: vsock bind fails (errno {errno})"
+        );
+        return;
+    }
+    let addr = format!("{}:{port}", libc::VMADDR_CID_ANY);
+    for which in [Which::Qemu, Which::Qvirt] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = match which {
+            Which::Qemu => qemu_ga(),
+            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+        };
+        let spawn = || {
+            std::process::Command::new(&bin)
+                .args(["-m", "vsock-listen", "-p", &addr, "-t"])
+                .arg(dir.path())
+                .env_remove("QGA_CONF")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn")
+        };
+        let mut first = Agent {
+            child: spawn(),
+            sock: dir.path().join("unused"),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vsock_bind(port) != Err(libc::EADDRINUSE) {
+            assert!(
+                first.child.try_wait().expect("wait").is_none(),
+                "agent exited"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "agent never bound the vsock port"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut second = Agent {
+            child: spawn(),
+            sock: dir.path().join("unused"),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let st = wait_exit(&mut second).expect("second agent kept running");
+        assert_eq!(st.code(), Some(1));
+        drop(first);
+    }
+}
