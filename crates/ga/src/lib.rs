@@ -134,7 +134,12 @@ fn serve(config: Config) -> Result<(), GaError> {
             match server.serve_conn(&mut d) {
                 Ok(true) => continue,
                 Ok(false) => break Ok(()),
-                Err(e) => break Err(GaError::Io(e)),
+                Err(e) if !config.retry_path => break Err(GaError::Io(e)),
+                // -r: wait 5 s and reopen, until it works (or a stop).
+                Err(_) => match reopen(&path, method == Some(Method::IsaSerial)) {
+                    Some(dev) => d = dev,
+                    None => break Ok(()),
+                },
             }
         },
     };
@@ -145,6 +150,20 @@ fn serve(config: Config) -> Result<(), GaError> {
         let _ = server.agent.unset_frozen();
     }
     result
+}
+
+/// Reopens a device every 5 s until it opens (`None` if a stop signal
+/// arrives first), as qemu-ga's `-r`.
+fn reopen(path: &std::path::Path, serial: bool) -> Option<Device> {
+    loop {
+        match signals::poll_fd(-1, 0, 5000) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return None,
+            _ => {}
+        }
+        if let Ok(dev) = Device::open(path, serial) {
+            return Some(dev);
+        }
+    }
 }
 
 /// Forks into the background as qemu-ga's `become_daemon`: the child
