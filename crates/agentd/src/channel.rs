@@ -132,7 +132,11 @@ impl AgentChannel {
             id_prefix: format!("qa{:x}", wire::random_id()),
             next_id: 0,
         };
-        tokio::spawn(actor.run(rx, shutdown));
+        let span = tracing::info_span!("agent_channel", socket = %actor.path.display());
+        tokio::spawn(tracing::Instrument::instrument(
+            actor.run(rx, shutdown),
+            span,
+        ));
         AgentChannel { tx, depth }
     }
 
@@ -255,9 +259,13 @@ impl Actor {
         if job.reply.is_closed() {
             return;
         }
+        let started = Instant::now();
         let result = self.execute(&job).await;
-        if let Err(e) = &result {
-            tracing::debug!(socket = %self.path.display(), command = %job.command, error = %e, "agent command failed");
+        match &result {
+            Ok(_) => {
+                tracing::debug!(command = %job.command, elapsed = ?started.elapsed(), "agent command done")
+            }
+            Err(e) => tracing::debug!(command = %job.command, error = %e, "agent command failed"),
         }
         let _ = job.reply.send(result);
     }

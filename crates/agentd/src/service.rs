@@ -121,6 +121,7 @@ impl GuestAgentService {
 
 #[tonic::async_trait]
 impl GuestAgent for GuestAgentService {
+    #[tracing::instrument(name = "ping", skip_all, fields(domain = %req.get_ref().domain))]
     async fn ping(
         &self,
         req: Request<pb::PingRequest>,
@@ -131,6 +132,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(pb::PingResponse {}))
     }
 
+    #[tracing::instrument(name = "info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn info(
         &self,
         req: Request<pb::InfoRequest>,
@@ -141,6 +143,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(info.into()))
     }
 
+    #[tracing::instrument(name = "get_time", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_time(
         &self,
         req: Request<pb::GetTimeRequest>,
@@ -153,6 +156,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "os_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn os_info(
         &self,
         req: Request<pb::OsInfoRequest>,
@@ -163,6 +167,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(os.into()))
     }
 
+    #[tracing::instrument(name = "host_name", skip_all, fields(domain = %req.get_ref().domain))]
     async fn host_name(
         &self,
         req: Request<pb::HostNameRequest>,
@@ -175,6 +180,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "timezone", skip_all, fields(domain = %req.get_ref().domain))]
     async fn timezone(
         &self,
         req: Request<pb::TimezoneRequest>,
@@ -185,6 +191,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(tz.into()))
     }
 
+    #[tracing::instrument(name = "users", skip_all, fields(domain = %req.get_ref().domain))]
     async fn users(
         &self,
         req: Request<pb::UsersRequest>,
@@ -197,6 +204,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
     async fn network_interfaces(
         &self,
         req: Request<pb::NetworkInterfacesRequest>,
@@ -209,6 +217,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "fs_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_info(
         &self,
         req: Request<pb::FsInfoRequest>,
@@ -221,6 +230,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "fs_freeze", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_freeze(
         &self,
         req: Request<pb::FsFreezeRequest>,
@@ -238,6 +248,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "fs_thaw", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_thaw(
         &self,
         req: Request<pb::FsThawRequest>,
@@ -250,6 +261,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "fs_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_freeze_status(
         &self,
         req: Request<pb::FsFreezeStatusRequest>,
@@ -271,6 +283,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "exec", skip_all, fields(domain = %req.get_ref().domain))]
     async fn exec(
         &self,
         req: Request<pb::ExecRequest>,
@@ -282,6 +295,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
+    #[tracing::instrument(name = "exec_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn exec_status(
         &self,
         req: Request<pb::ExecStatusRequest>,
@@ -294,6 +308,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
+    #[tracing::instrument(name = "file_read", skip_all, fields(domain = %req.get_ref().domain))]
     async fn file_read(
         &self,
         req: Request<pb::FileReadRequest>,
@@ -305,6 +320,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
+    #[tracing::instrument(name = "file_write", skip_all, fields(domain = %req.get_ref().domain))]
     async fn file_write(
         &self,
         req: Request<pb::FileWriteRequest>,
@@ -316,6 +332,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
+    #[tracing::instrument(name = "shutdown", skip_all, fields(domain = %req.get_ref().domain))]
     async fn shutdown(
         &self,
         req: Request<pb::ShutdownRequest>,
@@ -335,6 +352,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(pb::ShutdownResponse {}))
     }
 
+    #[tracing::instrument(name = "command", skip_all, fields(domain = %req.get_ref().domain))]
     async fn command(
         &self,
         req: Request<pb::CommandRequest>,
