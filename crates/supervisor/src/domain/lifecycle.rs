@@ -426,6 +426,24 @@ impl Manager {
             }
             return;
         }
-        self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
+        let powered_off = state == DomainState::Shutdown;
+        if powered_off {
+            flags.shutdown_seen.store(true, Ordering::SeqCst);
+        }
+        self.spawn_watcher(
+            Arc::clone(entry),
+            Arc::clone(&qmp),
+            Some(conn.events),
+            None,
+            flags,
+        );
+        if powered_off {
+            // The guest powered off while nobody watched; with -no-shutdown
+            // QEMU waits for the `quit` the previous supervisor never sent.
+            info!(domain = %name, "guest powered off meanwhile; quitting QEMU");
+            if let Err(error) = self.qmp(entry, &qmp, "quit").await {
+                info!(domain = %name, %error, "quit of a powered-off QEMU");
+            }
+        }
     }
 }
