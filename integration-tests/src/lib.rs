@@ -211,7 +211,14 @@ impl Service {
     /// in a fresh temp dir and its own process group; stdout and stderr go
     /// to `stdout.log` and `stderr.log` there.
     pub fn start(name: &str, extra: &[&str]) -> Service {
-        Self::start_in(tempfile::tempdir().unwrap(), name, extra)
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_in(tempfile::tempdir().unwrap(), addr, name, extra)
+    }
+
+    /// As [`Service::start`], on a given address (e.g. to restart a
+    /// service where its clients expect it).
+    pub fn start_at(name: &str, addr: SocketAddr, extra: &[&str]) -> Service {
+        Self::start_in(tempfile::tempdir().unwrap(), addr, name, extra)
     }
 
     /// As [`Service::start`], with `yaml` written to `config.yaml` in the
@@ -223,11 +230,11 @@ impl Service {
         let config = config.to_str().unwrap().to_owned();
         let mut args = vec!["--config", config.as_str()];
         args.extend_from_slice(extra);
-        Self::start_in(dir, name, &args)
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_in(dir, addr, name, &args)
     }
 
-    fn start_in(dir: tempfile::TempDir, name: &str, extra: &[&str]) -> Service {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    fn start_in(dir: tempfile::TempDir, addr: SocketAddr, name: &str, extra: &[&str]) -> Service {
         let mut cmd = Command::new(bin_path(name));
         cmd.arg("--listen")
             .arg(addr.to_string())

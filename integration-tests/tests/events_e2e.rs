@@ -182,3 +182,111 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_supervisor_republishes_to_a_restarted_bus() {
+    tool_path("qemu-system-x86_64");
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let bus_addr = bus.addr;
+    let dirs = tempfile::tempdir().unwrap();
+    let (state, run) = (dirs.path().join("state"), dirs.path().join("run"));
+    let mut sup = Service::start(
+        "qvirt-supervisor",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--eventbus",
+            &bus.url(),
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let defined = client
+        .define_domain(DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(
+                "name: again\naccel: tcg\n".into(),
+            )),
+            allow_update: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let uuid = defined.spec.unwrap().uuid;
+    let started = client
+        .start_domain(StartDomainRequest {
+            domain: "again".into(),
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let _guard = QemuGuard(started.pid, uuid);
+
+    let first_epoch = {
+        let mut c = EventBusClient::connect(bus.url()).await.unwrap();
+        let mut s = c
+            .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        match s.message().await.unwrap().unwrap().kind {
+            Some(MonitorKind::Established(e)) => e.epoch,
+            other => panic!("{other:?}"),
+        }
+    };
+
+    // The bus goes away and comes back on the same address, empty.
+    assert!(bus.terminate().success());
+    drop(bus);
+    let mut bus = Service::start_at("qvirt-eventbus", bus_addr, &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut monitor = events
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            domain: "again".into(),
+            event: "STOP".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match monitor.message().await.unwrap().unwrap().kind {
+        Some(MonitorKind::Established(e)) => {
+            assert_ne!(
+                e.epoch, first_epoch,
+                "a restarted bus is a new sequence space"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    client
+        .suspend_domain(SuspendDomainRequest {
+            domain: "again".into(),
+        })
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(MESSAGE_TIMEOUT, monitor.message())
+        .await
+        .expect("the supervisor reconnects and publishes to the new bus")
+        .unwrap()
+        .unwrap();
+    match msg.kind {
+        Some(MonitorKind::Event(e)) => assert_eq!(e.event, "STOP"),
+        other => panic!("{other:?}"),
+    }
+    client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "again".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+}

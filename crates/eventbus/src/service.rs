@@ -249,7 +249,14 @@ impl EventBus for EventBusService {
     ) -> Result<Response<PublishResponse>, Status> {
         let mut stream = request.into_inner();
         let (mut last_sequence, mut accepted) = (0, 0);
-        while let Some(req) = stream.message().await? {
+        loop {
+            // On shutdown the stream is answered at once, so the publisher
+            // learns where it stands and the server need not wait for it.
+            let next = tokio::select! {
+                m = stream.message() => m?,
+                () = self.shutdown.cancelled() => None,
+            };
+            let Some(req) = next else { break };
             let event = match req.event {
                 Some(PublishedEvent::DomainEvent(e)) => BusEvent::Domain(e),
                 Some(PublishedEvent::MonitorEvent(e)) => BusEvent::Monitor(e),
