@@ -738,3 +738,72 @@ fn test_vsock_listen_binds_and_conflicts() {
         drop(first);
     }
 }
+
+/// Kills a daemonized agent (not our child) by the pid it wrote.
+struct PidGuard(libc::pid_t);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        // SAFETY: signalling the daemon this test started.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+/// `-d`: the parent exits 0, the daemon writes its pidfile and serves.
+#[test]
+fn test_daemonize_writes_pidfile_and_serves() {
+    let mut outs = Vec::new();
+    for which in [Which::Qemu, Which::Qvirt] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("sock");
+        let pidfile = dir.path().join("ga.pid");
+        let bin = match which {
+            Which::Qemu => qemu_ga(),
+            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+        };
+        let mut parent = Agent {
+            child: std::process::Command::new(bin)
+                .args(["-d", "-m", "unix-listen", "-p"])
+                .arg(&sock)
+                .arg("-t")
+                .arg(dir.path())
+                .arg("-f")
+                .arg(&pidfile)
+                .env_remove("QGA_CONF")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn"),
+            sock: sock.clone(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let st = wait_exit(&mut parent).expect("parent did not exit");
+        assert_eq!(st.code(), Some(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no pidfile");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _guard = PidGuard(pid);
+        let mut s = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "daemon socket never came up");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        s.write_all(b"{'execute':'guest-ping','id':'daemon'}")
+            .expect("write");
+        s.write_all(END).expect("end");
+        outs.push(read_until_end(&mut s));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0], b"{\"return\": {}, \"id\": \"daemon\"}\n");
+}
