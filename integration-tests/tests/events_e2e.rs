@@ -34,14 +34,9 @@ impl Drop for QemuGuard {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn test_suspend_and_resume_reach_bus_subscribers() {
-    tool_path("qemu-system-x86_64");
-    let mut bus = Service::start("qvirt-eventbus", &[]);
-    bus.wait_serving("qvirt.v1.EventBus").await;
-    let dirs = tempfile::tempdir().unwrap();
-    let state = dirs.path().join("state");
-    let run = dirs.path().join("run");
+/// A supervisor publishing to the bus at `bus_url`, its state in `dir`.
+async fn supervisor(dir: &std::path::Path, bus_url: &str) -> Service {
+    let (state, run) = (dir.join("state"), dir.join("run"));
     let mut sup = Service::start(
         "qvirt-supervisor",
         &[
@@ -52,10 +47,51 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
             "--node-name",
             "e2e-node",
             "--eventbus",
-            &bus.url(),
+            bus_url,
         ],
     );
     sup.wait_serving("qvirt.v1.Supervisor").await;
+    sup
+}
+
+/// Defines domain `name` (TCG, no OS) and starts it running; returns its
+/// UUID and the guard that kills its QEMU if the test stops half-way.
+async fn define_and_start(
+    client: &mut SupervisorClient<tonic::transport::Channel>,
+    name: &str,
+) -> (String, QemuGuard) {
+    let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
+    let defined = client
+        .define_domain(DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(yaml)),
+            allow_update: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let uuid = defined.spec.unwrap().uuid;
+    let started = client
+        .start_domain(StartDomainRequest {
+            domain: name.into(),
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    (uuid.clone(), QemuGuard(started.pid, uuid))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_suspend_and_resume_reach_bus_subscribers() {
+    tool_path("qemu-system-x86_64");
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let dirs = tempfile::tempdir().unwrap();
+    let sup = supervisor(dirs.path(), &bus.url()).await;
 
     let mut events = EventBusClient::connect(bus.url()).await.unwrap();
     let mut monitor = events
@@ -91,29 +127,7 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
     }
 
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    let yaml = "name: e2e\nmemory_mib: 128\naccel: tcg\n";
-    let defined = client
-        .define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(yaml.into())),
-            allow_update: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .domain
-        .unwrap();
-    let uuid = defined.spec.unwrap().uuid;
-    let started = client
-        .start_domain(StartDomainRequest {
-            domain: "e2e".into(),
-            paused: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .domain
-        .unwrap();
-    let _guard = QemuGuard(started.pid, uuid.clone());
+    let (uuid, _guard) = define_and_start(&mut client, "e2e").await;
     client
         .suspend_domain(SuspendDomainRequest {
             domain: "e2e".into(),
@@ -190,44 +204,9 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     bus.wait_serving("qvirt.v1.EventBus").await;
     let bus_addr = bus.addr;
     let dirs = tempfile::tempdir().unwrap();
-    let (state, run) = (dirs.path().join("state"), dirs.path().join("run"));
-    let mut sup = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--eventbus",
-            &bus.url(),
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let sup = supervisor(dirs.path(), &bus.url()).await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    let defined = client
-        .define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(
-                "name: again\naccel: tcg\n".into(),
-            )),
-            allow_update: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .domain
-        .unwrap();
-    let uuid = defined.spec.unwrap().uuid;
-    let started = client
-        .start_domain(StartDomainRequest {
-            domain: "again".into(),
-            paused: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .domain
-        .unwrap();
-    let _guard = QemuGuard(started.pid, uuid);
+    let (_, _guard) = define_and_start(&mut client, "again").await;
 
     let first_epoch = {
         let mut c = EventBusClient::connect(bus.url()).await.unwrap();
