@@ -6,7 +6,7 @@
 //! | `AlreadyExists` | ALREADY_EXISTS |
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
 //! | `WrongState`, `Start` (QEMU refused to start), `HookRefused`, `QemuRefused` | FAILED_PRECONDITION |
-//! | `Monitor` (QEMU or its monitor gone), `Start` (binary cannot be spawned) | UNAVAILABLE |
+//! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned) | UNAVAILABLE |
 //! | `Timeout` | DEADLINE_EXCEEDED |
 //! | `Unsupported` | UNIMPLEMENTED |
 //! | `Stop`, `Store`, `Internal` | INTERNAL (generic text; the detail is logged) |
@@ -31,7 +31,7 @@ pub fn code(error: &DomainError) -> Code {
         DomainError::Start { source, .. } if matches!(**source, LaunchError::Spawn { .. }) => {
             Code::Unavailable
         }
-        DomainError::Monitor { .. } => Code::Unavailable,
+        DomainError::Monitor { .. } | DomainError::Detached(_) => Code::Unavailable,
         DomainError::WrongState { .. }
         | DomainError::Start { .. }
         | DomainError::HookRefused { .. }

@@ -75,6 +75,13 @@ pub enum DomainError {
         #[source]
         source: QmpError,
     },
+    /// QEMU runs but the supervisor could not re-attach to its monitor
+    /// after a restart (another supervisor may hold it).
+    #[error(
+        "domain {0:?} runs but its QEMU monitor could not be re-attached after a restart \
+         (is another supervisor using the same state and run dirs?); restart the supervisor"
+    )]
+    Detached(String),
     /// Stopping QEMU failed.
     #[error("stopping QEMU of domain {domain:?} failed")]
     Stop {

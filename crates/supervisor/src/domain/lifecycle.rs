@@ -16,7 +16,7 @@ use qvirt_proto::v1::{
     Accel, Domain, DomainEventStartedDetail, DomainEventType, DomainState, DomainStateReason,
     ShutdownMode,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::argv::{self, Paths};
 use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
@@ -195,6 +195,9 @@ impl Manager {
         let (name, qmp, flags, proc) = {
             let data = entry.data();
             let Some(run) = &data.run else {
+                if data.status.pid != 0 {
+                    return Err(DomainError::Detached(data.spec.name.clone()));
+                }
                 return Err(DomainError::WrongState {
                     domain: data.spec.name.clone(),
                     state: state_name(data.status.state),
@@ -365,19 +368,12 @@ impl Manager {
         let conn = match launch::connect_existing(&socket, timeout).await {
             Ok(conn) => conn,
             Err(error) => {
-                warn!(domain = %name, error = %qvirt_common::error_chain(&error),
-                    "running QEMU's monitor unreachable; killing it");
-                if identity.verify().await.is_ok() {
-                    let _ = signal_process_group(identity.pid, libc::SIGKILL);
-                }
-                clear(entry);
-                self.transition(
-                    entry,
-                    DomainState::Shutoff,
-                    DomainStateReason::ShutoffDaemon,
-                )
-                .await;
-                self.emit(&spec, DomainEventType::Stopped, 6);
+                // Never kill it: the likeliest cause is another
+                // supervisor on the same dirs holding the monitor. The
+                // domain stays recorded as running, detached: its calls
+                // answer UNAVAILABLE until a restart re-attaches it.
+                error!(domain = %name, pid = identity.pid, error = %qvirt_common::error_chain(&error),
+                    "running QEMU's monitor unreachable; domain left detached");
                 return;
             }
         };

@@ -479,7 +479,11 @@ impl Manager {
         let _define = self.inner.define_lock.lock().await;
         let entry = self.find(key)?;
         let _op = entry.op.lock().await;
-        if entry.data().run.is_some() {
+        let running = {
+            let data = entry.data();
+            data.run.is_some() || data.status.pid != 0
+        };
+        if running {
             if !destroy {
                 let state = entry.data().status.state;
                 return Err(DomainError::WrongState {
@@ -524,6 +528,7 @@ impl Manager {
         let data = entry.data();
         match &data.run {
             Some(run) => Ok(Arc::clone(&run.qmp)),
+            None if data.status.pid != 0 => Err(DomainError::Detached(data.spec.name.clone())),
             None => Err(DomainError::WrongState {
                 domain: data.spec.name.clone(),
                 state: state_name(data.status.state),

@@ -228,3 +228,43 @@ fn test_raw_request_keeps_numbers_and_drops_the_id() {
         assert!(text.contains(n), "{n} in {text}");
     }
 }
+
+#[tokio::test]
+async fn test_unreachable_monitor_leaves_the_domain_detached_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: held"), false).await.unwrap();
+    m.close().await;
+    // The recorded process is alive and matches (it is this test), but its
+    // monitor cannot be reached: it must not be signalled.
+    let identity = ProcessIdentity::read(std::process::id()).await.unwrap();
+    let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+    let status = Status {
+        state: DomainState::Running as i32,
+        reason: DomainStateReason::RunningBooted as i32,
+        pid: identity.pid,
+        identity: Some(identity),
+        monitor_socket: dir.path().join("none.sock").display().to_string(),
+        ..Status::default()
+    };
+    store.save_status("held", &status).unwrap();
+    let m = open(&dir).await;
+    let d = m.get("held").unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    assert!(matches!(
+        m.suspend("held").await,
+        Err(DomainError::Detached(_))
+    ));
+    assert!(matches!(
+        m.destroy("held", false).await,
+        Err(DomainError::Detached(_))
+    ));
+    assert!(matches!(
+        m.undefine("held", false).await,
+        Err(DomainError::WrongState { .. })
+    ));
+    assert!(matches!(
+        m.start("held", false).await,
+        Err(DomainError::WrongState { .. })
+    ));
+}
