@@ -53,7 +53,7 @@ pub static COMMANDS: &[Command] = {
         cmd("guest-sync", basic::sync),
         cmd("guest-ping", basic::ping),
         cmd("guest-get-time", basic::get_time),
-        cmd("guest-set-time", unsupported::set_time),
+        cmd("guest-set-time", sysinfo::set_time),
         cmd("guest-info", basic::info),
         quiet("guest-shutdown", sysinfo::shutdown),
         cmd("guest-file-open", file::open),

@@ -237,14 +237,102 @@ pub fn shutdown(_agent: &mut Agent, args: &mut Args) -> CmdResult {
             ));
         }
     };
-    let status = std::process::Command::new("/sbin/shutdown")
-        .args([flag, "+0", "hypervisor initiated shutdown"])
-        .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|e| crate::commands::with_errno("failed to create child process", &e))?;
-    if !status.success() {
-        return Err(QgaError::generic("child process has failed to shutdown"));
+    run_helper(
+        "/sbin/shutdown",
+        "shutdown",
+        &["-h", flag, "+0", "hypervisor initiated shutdown"],
+    )
+    .map_err(|e| match e {
+        HelperError::Failed => QgaError::generic("child process has failed to shutdown"),
+        other => other.into(),
+    })?;
+    Ok(None)
+}
+
+/// Why a helper program (shutdown, hwclock) failed.
+pub enum HelperError {
+    /// fork/exec failed.
+    Spawn(std::io::Error),
+    /// It died from a signal.
+    Abnormal,
+    /// It exited non-zero.
+    Failed,
+}
+
+impl From<HelperError> for QgaError {
+    fn from(e: HelperError) -> Self {
+        match e {
+            HelperError::Spawn(e) => {
+                crate::commands::with_errno("failed to create child process", &e)
+            }
+            HelperError::Abnormal => QgaError::generic("child process has terminated abnormally"),
+            HelperError::Failed => QgaError::generic("child process has failed"),
+        }
     }
+}
+
+/// Runs a helper as qemu-ga does: own session, stdio on /dev/null, and
+/// waits for it.
+pub fn run_helper(path: &str, argv0: &str, args: &[&str]) -> Result<(), HelperError> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut cmd = std::process::Command::new(path);
+    cmd.arg0(argv0)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let status = cmd.status().map_err(HelperError::Spawn)?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(_) => Err(HelperError::Failed),
+        None => Err(HelperError::Abnormal),
+    }
+}
+
+const HWCLOCK: &str = "/sbin/hwclock";
+
+/// guest-set-time: with `time` (ns) set the system clock and then the RTC
+/// (`hwclock -w`); without, set the system clock from the RTC
+/// (`hwclock -s`). Unsupported when /sbin/hwclock is not executable.
+pub fn set_time(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let time = args.opt_int("time")?;
+    args.done()?;
+    let c = std::ffi::CString::new(HWCLOCK).unwrap_or_default();
+    // SAFETY: access() with a valid C string.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+        return Err(crate::commands::unsupported_error());
+    }
+    if let Some(ns) = time {
+        let secs = ns / 1_000_000_000;
+        let tv = libc::timeval {
+            tv_sec: secs as libc::time_t,
+            tv_usec: ((ns % 1_000_000_000) / 1000) as libc::suseconds_t,
+        };
+        // Years 1970..2070 only, as qemu-ga (GDate of the seconds).
+        let year = 1970 + secs.div_euclid(31_556_952);
+        if !(1970..2070).contains(&year) {
+            return Err(crate::commands::with_errno(
+                "Invalid time",
+                &std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: tv is a valid timeval; no timezone.
+        if unsafe { libc::settimeofday(&tv, std::ptr::null()) } < 0 {
+            return Err(crate::commands::with_errno(
+                "Failed to set time to guest",
+                &std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    let flag = if time.is_some() { "-w" } else { "-s" };
+    run_helper(HWCLOCK, "hwclock", &[flag]).map_err(|e| match e {
+        HelperError::Failed => {
+            QgaError::generic("hwclock failed to set hardware clock to system time")
+        }
+        other => other.into(),
+    })?;
     Ok(None)
 }
 

@@ -13,13 +13,6 @@ pub fn no_args(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     Err(unsupported_error())
 }
 
-/// guest-set-time `{time?: int}`.
-pub fn set_time(_agent: &mut Agent, args: &mut Args) -> CmdResult {
-    args.opt_int("time")?;
-    args.done()?;
-    Err(unsupported_error())
-}
-
 /// guest-fstrim `{minimum?: int}`.
 pub fn fstrim(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     args.opt_int("minimum")?;
