@@ -155,6 +155,25 @@ fn main() {
         }
         samples
     });
+    let direct = rt.block_on(async {
+        let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        let (r, w) = s.into_split();
+        let mut c = qvirt_agentd::wire::Conn::new(r, w, 1 << 20);
+        c.sync().await.unwrap();
+        let mut samples = Vec::with_capacity(ROUNDS);
+        for i in 0..WARMUP + ROUNDS {
+            let t = Instant::now();
+            c.write(b"{\"execute\":\"guest-ping\",\"id\":\"x\"}\n")
+                .await
+                .unwrap();
+            c.read_reply(&["x"]).await.unwrap();
+            if i >= WARMUP {
+                samples.push(t.elapsed());
+            }
+        }
+        samples
+    });
+    report("tokio Conn direct", direct);
     let raw = report("raw socket guest-ping", raw);
     report("channel task (no gRPC)", chan);
     report("gRPC only (unknown domain)", base);

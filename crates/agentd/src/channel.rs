@@ -8,7 +8,8 @@
 //!    dropped. No connection: connect (refused or missing: UNAVAILABLE).
 //! 2. Not known to be in sync (new connection, or after a timeout or any
 //!    error): the handshake of [`Conn::sync`], bounded by `sync_timeout`
-//!    (no answer: the agent is not responding, UNAVAILABLE).
+//!    (no answer: the agent is not responding, UNAVAILABLE; cut short by
+//!    the command's own shorter timeout: DEADLINE_EXCEEDED).
 //! 3. The command is written with a fresh `id` and replies are read until
 //!    the one with that id, all within the command's timeout (expired:
 //!    DEADLINE_EXCEEDED, and the next command resynchronises first).
@@ -340,6 +341,14 @@ impl Actor {
                 }
                 Err(_) => {
                     self.disconnect();
+                    // Cut short by the command's own timeout: that timeout
+                    // expired; given the full sync budget: no agent answers.
+                    if sync_budget < self.settings.sync_timeout {
+                        return Err(ChannelError::Timeout {
+                            command: job.command.clone(),
+                            after: job.timeout,
+                        });
+                    }
                     return Err(ChannelError::NotResponding(sync_budget));
                 }
             }

@@ -254,6 +254,12 @@ async fn test_missing_socket_is_a_connect_error_and_silent_agent_not_responding(
     );
     let err = ch.execute("guest-ping", None, T).await.unwrap_err();
     assert!(matches!(err, ChannelError::NotResponding(_)), "{err:?}");
+    // A command timeout shorter than the sync budget is that timeout.
+    let err = ch
+        .execute("guest-ping", None, Duration::from_millis(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChannelError::Timeout { .. }), "{err:?}");
     drop(listener);
 }
 
