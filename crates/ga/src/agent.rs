@@ -199,6 +199,9 @@ impl Agent {
     /// Handles one message from the stream, appending the response (if
     /// any) to `out`.
     pub fn handle(&mut self, message: Message, out: &mut Vec<u8>) {
+        if !self.execs.is_empty() {
+            commands::exec::reap(&mut self.execs);
+        }
         let response = match message {
             Err(e) => Some(error_response(&QgaError::generic(e.desc), None)),
             Ok(value) => match check_request(value) {

@@ -152,6 +152,16 @@ pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
     Ok(Some(Value::Object(d)))
 }
 
+/// Reaps children that have exited (qemu-ga's child watch does this as
+/// soon as they exit), so no zombie waits for a guest-exec-status.
+pub fn reap(execs: &mut Execs) {
+    for entry in execs.values_mut() {
+        if entry.status.is_none() {
+            entry.status = entry.child.try_wait().ok().flatten();
+        }
+    }
+}
+
 /// guest-exec-status.
 pub fn status(agent: &mut Agent, args: &mut Args) -> CmdResult {
     let pid = args.int("pid")?;
