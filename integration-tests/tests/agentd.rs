@@ -13,9 +13,9 @@ use qvirt_integration_tests::{ChildGuard, Service, run, text, tool_path};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::{
     CommandRequest, ExecRequest, ExecStatusRequest, FileReadRequest, FileWriteMode,
-    FileWriteRequest, FsFreezeState, FsFreezeStatusRequest, FsInfoRequest, GetTimeRequest,
-    GuestShutdownMode, HostNameRequest, InfoRequest, NetworkInterfacesRequest, OsInfoRequest,
-    PingRequest, ShutdownRequest, TimezoneRequest, UsersRequest, guest_exec_status,
+    FileWriteRequest, FsFreezeState, FsFreezeStatusRequest, FsInfoRequest, FsThawRequest,
+    GetTimeRequest, GuestShutdownMode, HostNameRequest, InfoRequest, NetworkInterfacesRequest,
+    OsInfoRequest, PingRequest, ShutdownRequest, TimezoneRequest, UsersRequest, guest_exec_status,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -645,7 +645,37 @@ async fn test_frozen_agent_refuses_with_failed_precondition() {
         .unwrap();
         assert_eq!(st.state(), FsFreezeState::Frozen, "{who}");
         call(who, c.ping(ping("vm"))).await.unwrap();
-        // A frozen agent ignores SIGTERM.
+        // Nothing was really frozen: FITHAW on the mounted filesystems
+        // fails harmlessly (qga.md §4), and the agent leaves frozen mode.
+        call(
+            who,
+            c.fs_thaw(FsThawRequest {
+                domain: "vm".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        let st = call(
+            who,
+            c.fs_freeze_status(FsFreezeStatusRequest {
+                domain: "vm".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st.state(), FsFreezeState::Thawed, "{who}");
+        call(
+            who,
+            c.get_time(GetTimeRequest {
+                domain: "vm".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        // Had the thaw failed, a frozen agent would ignore SIGTERM.
         s.agent.kill();
     }
 }
