@@ -428,7 +428,8 @@ impl Manager {
             }
             let store = self.inner.store.clone();
             let saved = spec.clone();
-            blocking(move || store.save_spec(&saved)).await?;
+            let defined_at = entry.data().defined_at;
+            blocking(move || store.save_spec(&saved, defined_at)).await?;
             let domain = {
                 let mut data = entry.data();
                 data.spec = spec.clone();
@@ -453,7 +454,7 @@ impl Manager {
         };
         let saved_status = status.clone();
         blocking(move || {
-            store.save_spec(&saved)?;
+            store.save_spec(&saved, now)?;
             store.save_status(&saved.name, &saved_status)
         })
         .await?;

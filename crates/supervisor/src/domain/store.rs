@@ -1,7 +1,8 @@
 //! Where domains live on disk.
 //!
 //! - `STATE_DIR/domains/NAME.yaml`: the definition, a YAML `DomainSpec`
-//!   (the same format `qvirtctl define` reads), with every default filled.
+//!   (the same format `qvirtctl define` reads), with every default filled,
+//!   after a comment line recording when it was first defined.
 //! - `STATE_DIR/logs/NAME.log`: QEMU's stdout and stderr.
 //! - `RUN_DIR/NAME/` (mode 0700): `status.yaml` (state, reason, pid, process
 //!   identity, socket paths, times), `monitor.sock`, `agent.sock`.
@@ -15,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use qvirt_proto::v1::DomainSpec;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,22 @@ pub const AGENT_SOCKET_NAME: &str = "agent.sock";
 /// A QEMU log larger than this at start is rotated to `NAME.log.1` (one
 /// old file kept), so logs stay bounded at about twice this size.
 pub const QEMU_LOG_ROTATE_BYTES: u64 = 1024 * 1024;
+
+/// The leading comment of a definition file that records when the
+/// domain was first defined (ms since the epoch).
+const DEFINED_AT_PREFIX: &str = "# qvirt defined_at_ms: ";
+
+/// The `defined_at` comment of a definition file, if present.
+fn defined_at_of(text: &str) -> Option<SystemTime> {
+    let ms: u64 = text
+        .lines()
+        .next()?
+        .strip_prefix(DEFINED_AT_PREFIX)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
 
 /// Errors of the store, named after the step.
 #[derive(Debug, thiserror::Error)]
@@ -240,12 +257,18 @@ impl Store {
         }
     }
 
-    /// Persist a definition.
-    pub fn save_spec(&self, spec: &DomainSpec) -> Result<(), StoreError> {
+    /// Persist a definition; `defined_at` goes in a leading comment line
+    /// (YAML ignores it), so it survives updates, which replace the file.
+    pub fn save_spec(&self, spec: &DomainSpec, defined_at: SystemTime) -> Result<(), StoreError> {
         let text = spec.to_yaml().map_err(|source| StoreError::Encode {
             what: "domain spec",
             source,
         })?;
+        let ms = defined_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let text = format!("{DEFINED_AT_PREFIX}{ms}\n{text}");
         write_atomic(&self.spec_path(&spec.name), text.as_bytes())
     }
 
@@ -319,6 +342,7 @@ impl Store {
                 continue;
             };
             let read = fs::read_to_string(&path).map_err(|e| e.to_string());
+            let recorded_defined_at = read.as_ref().ok().and_then(|t| defined_at_of(t));
             let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
             let spec = match spec {
                 Ok(spec) if spec.name == stem => spec,
@@ -336,9 +360,8 @@ impl Store {
                 .as_ref()
                 .and_then(|m| m.modified().ok())
                 .unwrap_or_else(SystemTime::now);
-            let defined_at = meta
-                .as_ref()
-                .and_then(|m| m.created().ok())
+            let defined_at = recorded_defined_at
+                .or_else(|| meta.as_ref().and_then(|m| m.created().ok()))
                 .unwrap_or(updated_at);
             let status = self.load_status(stem);
             loaded.push(Loaded {
@@ -373,9 +396,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
         store.init().unwrap();
-        store.save_spec(&spec("b")).unwrap();
+        store.save_spec(&spec("b"), SystemTime::now()).unwrap();
         let a = spec("a x");
-        store.save_spec(&a).unwrap();
+        let defined = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        store.save_spec(&a, defined).unwrap();
         let status = Status {
             state: 1,
             reason: 101,
@@ -398,6 +422,7 @@ mod tests {
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
         assert_eq!(loaded[0].spec, a);
+        assert_eq!(loaded[0].defined_at, defined);
         assert_eq!(loaded[0].status.as_ref(), Some(&status));
         assert!(loaded[1].status.is_none());
 
@@ -421,7 +446,7 @@ mod tests {
         fs::write(domains.join("junk.yaml"), "name: junk\nbogus: 1\n").unwrap();
         fs::write(domains.join("other.yaml"), "name: notother\n").unwrap();
         fs::write(domains.join("ok.yaml.tmp-123"), "name: ok\n").unwrap();
-        store.save_spec(&spec("ok")).unwrap();
+        store.save_spec(&spec("ok"), SystemTime::now()).unwrap();
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].spec.name, "ok");
