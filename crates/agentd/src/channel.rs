@@ -233,18 +233,25 @@ struct Actor {
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        // Built once, not per command: both register with shared state.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let idle_close = self.settings.idle_close.unwrap_or(Duration::MAX);
+        let idle = tokio::time::sleep_until(far_future(idle_close));
+        tokio::pin!(idle);
         loop {
-            let idle = match (self.conn.is_some(), self.settings.idle_close) {
-                (true, Some(d)) => d,
-                _ => Duration::MAX,
-            };
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = &mut cancelled => break,
                 job = rx.recv() => match job {
-                    Some(job) => self.handle(job).await,
+                    Some(job) => {
+                        self.handle(job).await;
+                        if self.conn.is_some() {
+                            idle.as_mut().reset(far_future(idle_close));
+                        }
+                    }
                     None => break,
                 },
-                () = sleep_or_forever(idle) => {
+                () = &mut idle, if self.conn.is_some() => {
                     tracing::debug!(socket = %self.path.display(), "closing idle agent connection");
                     self.disconnect();
                 }
@@ -409,12 +416,11 @@ impl Actor {
     }
 }
 
-async fn sleep_or_forever(d: Duration) {
-    if d == Duration::MAX {
-        std::future::pending::<()>().await;
-    } else {
-        tokio::time::sleep(d).await;
-    }
+/// `now + d`, capped where `Instant` arithmetic stays valid (`Duration::MAX`
+/// means never).
+fn far_future(d: Duration) -> Instant {
+    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    Instant::now() + d.min(NEVER)
 }
 
 #[cfg(test)]
