@@ -142,7 +142,8 @@ async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: Ca
         let requests = tokio_stream::StreamExt::map(ReceiverStream::new(stream_rx), |event| {
             PublishRequest { event: Some(event) }
         });
-        let mut call = tokio::spawn(async move { EventBusClient::new(channel).publish(requests).await });
+        let mut call =
+            tokio::spawn(async move { EventBusClient::new(channel).publish(requests).await });
         let ended = loop {
             let event = match pending.take() {
                 Some(e) => e,
@@ -170,8 +171,13 @@ async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: Ca
             None => call.await,
         };
         match result {
-            Ok(Ok(reply)) => tracing::info!(last = reply.into_inner().last_sequence, "event bus stream ended"),
-            Ok(Err(status)) => tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed"),
+            Ok(Ok(reply)) => tracing::info!(
+                last = reply.into_inner().last_sequence,
+                "event bus stream ended"
+            ),
+            Ok(Err(status)) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed")
+            }
             Err(e) => tracing::warn!(error = %e, "event bus stream task failed"),
         }
     }
