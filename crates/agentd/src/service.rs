@@ -121,7 +121,7 @@ impl GuestAgentService {
 
 #[tonic::async_trait]
 impl GuestAgent for GuestAgentService {
-    #[tracing::instrument(name = "ping", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "ping", skip_all, fields(domain = %req.get_ref().domain))]
     async fn ping(
         &self,
         req: Request<pb::PingRequest>,
@@ -132,7 +132,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(pb::PingResponse {}))
     }
 
-    #[tracing::instrument(name = "info", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn info(
         &self,
         req: Request<pb::InfoRequest>,
@@ -143,7 +143,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(info.into()))
     }
 
-    #[tracing::instrument(name = "get_time", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "get_time", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_time(
         &self,
         req: Request<pb::GetTimeRequest>,
@@ -156,7 +156,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "os_info", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "os_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn os_info(
         &self,
         req: Request<pb::OsInfoRequest>,
@@ -167,7 +167,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(os.into()))
     }
 
-    #[tracing::instrument(name = "host_name", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "host_name", skip_all, fields(domain = %req.get_ref().domain))]
     async fn host_name(
         &self,
         req: Request<pb::HostNameRequest>,
@@ -180,7 +180,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "timezone", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "timezone", skip_all, fields(domain = %req.get_ref().domain))]
     async fn timezone(
         &self,
         req: Request<pb::TimezoneRequest>,
@@ -191,7 +191,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(tz.into()))
     }
 
-    #[tracing::instrument(name = "users", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "users", skip_all, fields(domain = %req.get_ref().domain))]
     async fn users(
         &self,
         req: Request<pb::UsersRequest>,
@@ -204,7 +204,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
     async fn network_interfaces(
         &self,
         req: Request<pb::NetworkInterfacesRequest>,
@@ -217,7 +217,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "fs_info", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "fs_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_info(
         &self,
         req: Request<pb::FsInfoRequest>,
@@ -230,7 +230,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "fs_freeze", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "fs_freeze", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_freeze(
         &self,
         req: Request<pb::FsFreezeRequest>,
@@ -248,7 +248,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "fs_thaw", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "fs_thaw", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_thaw(
         &self,
         req: Request<pb::FsThawRequest>,
@@ -261,7 +261,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "fs_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "fs_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn fs_freeze_status(
         &self,
         req: Request<pb::FsFreezeStatusRequest>,
@@ -283,7 +283,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "exec", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "exec", skip_all, fields(domain = %req.get_ref().domain))]
     async fn exec(
         &self,
         req: Request<pb::ExecRequest>,
@@ -295,7 +295,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
-    #[tracing::instrument(name = "exec_status", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "exec_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn exec_status(
         &self,
         req: Request<pb::ExecStatusRequest>,
@@ -308,7 +308,7 @@ impl GuestAgent for GuestAgentService {
         }))
     }
 
-    #[tracing::instrument(name = "file_read", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "file_read", skip_all, fields(domain = %req.get_ref().domain))]
     async fn file_read(
         &self,
         req: Request<pb::FileReadRequest>,
@@ -320,7 +320,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
-    #[tracing::instrument(name = "file_write", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "file_write", skip_all, fields(domain = %req.get_ref().domain))]
     async fn file_write(
         &self,
         req: Request<pb::FileWriteRequest>,
@@ -332,7 +332,7 @@ impl GuestAgent for GuestAgentService {
         ))
     }
 
-    #[tracing::instrument(name = "shutdown", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "shutdown", skip_all, fields(domain = %req.get_ref().domain))]
     async fn shutdown(
         &self,
         req: Request<pb::ShutdownRequest>,
@@ -352,7 +352,7 @@ impl GuestAgent for GuestAgentService {
         Ok(Response::new(pb::ShutdownResponse {}))
     }
 
-    #[tracing::instrument(name = "command", skip_all, fields(domain = %req.get_ref().domain))]
+    #[tracing::instrument(level = "debug", name = "command", skip_all, fields(domain = %req.get_ref().domain))]
     async fn command(
         &self,
         req: Request<pb::CommandRequest>,
