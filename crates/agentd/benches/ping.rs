@@ -175,7 +175,7 @@ fn main() {
     });
     report("tokio Conn direct", direct);
     let raw = report("raw socket guest-ping", raw);
-    report("channel task (no gRPC)", chan);
+    report("channel (no gRPC)", chan);
     report("gRPC only (unknown domain)", base);
     let grpc = report("agentd gRPC Ping", grpc);
     let added = grpc.saturating_sub(raw);

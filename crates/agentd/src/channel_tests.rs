@@ -331,3 +331,87 @@ async fn test_idle_connection_is_closed_and_reopened_with_a_sync() {
         ]
     );
 }
+
+#[tokio::test]
+async fn test_a_caller_dropped_mid_command_does_not_disturb_the_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = fake_agent(
+        dir.path(),
+        Arc::new(|name, n| match (name, n) {
+            ("guest-get-time", 1) => Action::Silent,
+            _ => Action::Return(json!(n)),
+        }),
+    );
+    let ch = AgentChannel::spawn(path, settings(), CancellationToken::new());
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        ch.execute("guest-get-time", None, Duration::from_millis(300)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the silent agent must outlast the caller");
+    // The task finishes the abandoned command (its timeout), resyncs,
+    // then runs this one.
+    let out = ch.execute("guest-get-time", None, T).await.unwrap();
+    assert_eq!(out, Outcome::Reply(Reply::Return(json!(2))));
+    assert_eq!(
+        log_of(&log),
+        [
+            "accept",
+            "guest-sync-delimited",
+            "guest-get-time",
+            "guest-sync-delimited",
+            "guest-get-time"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn test_commands_beyond_the_queue_depth_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = fake_agent(
+        dir.path(),
+        Arc::new(|name, _| match name {
+            "guest-get-time" => Action::Silent,
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let ch = AgentChannel::spawn(
+        path,
+        ChannelSettings {
+            queue_depth: 1,
+            ..settings()
+        },
+        CancellationToken::new(),
+    );
+    let running = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            ch.execute("guest-get-time", None, Duration::from_millis(300))
+                .await
+        }
+    });
+    let deadline = Instant::now() + T;
+    while !log_of(&log).contains(&"guest-get-time".to_owned()) {
+        assert!(Instant::now() < deadline, "first command never ran");
+        tokio::task::yield_now().await;
+    }
+    let waiting = tokio::spawn({
+        let ch = ch.clone();
+        async move { ch.execute("guest-ping", None, T).await }
+    });
+    while ch.tx.capacity() > 0 {
+        assert!(Instant::now() < deadline, "second command never queued");
+        tokio::task::yield_now().await;
+    }
+    let err = ch.execute("guest-ping", None, T).await.unwrap_err();
+    assert!(
+        matches!(err, ChannelError::QueueFull { depth: 1 }),
+        "{err:?}"
+    );
+    let first = running.await.unwrap().unwrap_err();
+    assert!(matches!(first, ChannelError::Timeout { .. }), "{first:?}");
+    assert_eq!(
+        waiting.await.unwrap().unwrap(),
+        Outcome::Reply(Reply::Return(json!({})))
+    );
+}
