@@ -425,4 +425,4 @@ fn far_future(d: Duration) -> Instant {
 
 #[cfg(test)]
 #[path = "channel_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -13,7 +13,7 @@ use super::*;
 
 /// What the fake agent does with one command.
 #[derive(Debug, Clone)]
-enum Action {
+pub(crate) enum Action {
     /// `{"return": VALUE, "id": ...}`.
     Return(Value),
     /// `{"id": ..., "error": {...}}`.
@@ -24,13 +24,13 @@ enum Action {
     Close,
 }
 
-type Script = Arc<dyn Fn(&str, usize) -> Action + Send + Sync>;
+pub(crate) type Script = Arc<dyn Fn(&str, usize) -> Action + Send + Sync>;
 
 /// A fake qemu-ga: answers 0xFF with the parse error, guest-sync-delimited
 /// with 0xFF and the id, and every other command per `script(name, n)`
 /// where n counts that command's calls. Logs every command name (and
 /// "accept" per connection).
-fn fake_agent(dir: &Path, script: Script) -> (PathBuf, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn fake_agent(dir: &Path, script: Script) -> (PathBuf, Arc<Mutex<Vec<String>>>) {
     let path = dir.join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -83,7 +83,7 @@ fn fake_agent(dir: &Path, script: Script) -> (PathBuf, Arc<Mutex<Vec<String>>>) 
     (path, log)
 }
 
-fn settings() -> ChannelSettings {
+pub(crate) fn settings() -> ChannelSettings {
     ChannelSettings {
         sync_timeout: Duration::from_secs(5),
         max_reply_bytes: 1 << 20,
@@ -92,7 +92,7 @@ fn settings() -> ChannelSettings {
     }
 }
 
-fn log_of(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+pub(crate) fn log_of(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
     log.lock().unwrap().clone()
 }
 

@@ -237,3 +237,7 @@ async fn write_chunks(
     }
     Ok(written)
 }
+
+#[cfg(test)]
+#[path = "ops_tests.rs"]
+mod tests;

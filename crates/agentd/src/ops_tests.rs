@@ -1,0 +1,222 @@
+//! The multi-command calls through the whole service, against a scripted
+//! fake agent: chunking, and the file handle closed even when a read or
+//! write fails half-way; Shutdown's marker.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request};
+
+use qvirt_proto::v1::guest_agent_server::GuestAgent;
+
+use super::*;
+use crate::channel::Channels;
+use crate::channel::tests::{Action, Script, fake_agent, log_of, settings};
+use crate::locate::Locator;
+use crate::service::GuestAgentService;
+
+fn service(
+    dir: &std::path::Path,
+    script: Script,
+) -> (GuestAgentService, Arc<std::sync::Mutex<Vec<String>>>) {
+    let (path, log) = fake_agent(dir, script);
+    let agents: BTreeMap<String, std::path::PathBuf> = [("vm".to_owned(), path)].into();
+    let svc = GuestAgentService::new(
+        Locator::new(agents, None).unwrap(),
+        Channels::new(settings(), CancellationToken::new()),
+        Limits {
+            default_timeout: Duration::from_secs(10),
+            max_file_bytes: 1024,
+            file_chunk_bytes: 2,
+            exec_poll_max: Duration::from_millis(20),
+        },
+    );
+    (svc, log)
+}
+
+fn commands(log: &Arc<std::sync::Mutex<Vec<String>>>) -> Vec<String> {
+    log_of(log)
+        .into_iter()
+        .filter(|l| l.starts_with("guest-file") || l.starts_with("guest-exec"))
+        .collect()
+}
+
+#[tokio::test]
+async fn test_file_read_in_chunks_until_eof() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, n| match (name, n) {
+            ("guest-file-open", _) => Action::Return(json!(1000)),
+            ("guest-file-read", 1) => {
+                Action::Return(json!({"count": 2, "buf-b64": "YWI=", "eof": false}))
+            }
+            ("guest-file-read", 2) => {
+                Action::Return(json!({"count": 1, "buf-b64": "Yw==", "eof": true}))
+            }
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let r = svc
+        .file_read(Request::new(pb::FileReadRequest {
+            domain: "vm".into(),
+            path: "/f".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.data, b"abc");
+    assert!(r.eof);
+    assert_eq!(
+        commands(&log),
+        [
+            "guest-file-open",
+            "guest-file-read",
+            "guest-file-read",
+            "guest-file-close"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn test_file_read_error_half_way_still_closes_the_handle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, n| match (name, n) {
+            ("guest-file-open", _) => Action::Return(json!(1000)),
+            ("guest-file-read", 1) => {
+                Action::Return(json!({"count": 2, "buf-b64": "YWI=", "eof": false}))
+            }
+            ("guest-file-read", _) => {
+                Action::Error("GenericError", "failed to read file: Input/output error")
+            }
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let err = svc
+        .file_read(Request::new(pb::FileReadRequest {
+            domain: "vm".into(),
+            path: "/f".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("Input/output error"), "{err:?}");
+    assert_eq!(
+        commands(&log),
+        [
+            "guest-file-open",
+            "guest-file-read",
+            "guest-file-read",
+            "guest-file-close"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn test_file_write_chunks_and_closes_after_a_failed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, n| match (name, n) {
+            ("guest-file-open", _) => Action::Return(json!(1000)),
+            ("guest-file-write", 1) => Action::Return(json!({"count": 2, "eof": false})),
+            ("guest-file-write", 2) => Action::Return(json!({"count": 1, "eof": false})),
+            ("guest-file-write", _) => Action::Error(
+                "GenericError",
+                "failed to write to file: No space left on device",
+            ),
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let write = |data: &[u8]| pb::FileWriteRequest {
+        domain: "vm".into(),
+        path: "/f".into(),
+        data: data.to_vec(),
+        ..Default::default()
+    };
+    let r = svc.file_write(Request::new(write(b"abc"))).await.unwrap();
+    assert_eq!(r.into_inner().written, 3);
+    let err = svc
+        .file_write(Request::new(write(b"de")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        commands(&log),
+        [
+            "guest-file-open",
+            "guest-file-write",
+            "guest-file-write",
+            "guest-file-close",
+            "guest-file-open",
+            "guest-file-write",
+            "guest-file-close"
+        ]
+    );
+    let err = svc
+        .file_write(Request::new(write(&[0; 2000])))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn test_exec_wait_polls_until_exit_and_shutdown_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, n| match (name, n) {
+            ("guest-exec", _) => Action::Return(json!({"pid": 4242})),
+            ("guest-exec-status", 1 | 2) => Action::Return(json!({"exited": false})),
+            ("guest-exec-status", _) => {
+                Action::Return(json!({"exited": true, "exitcode": 0, "out-data": "aGkK"}))
+            }
+            ("guest-shutdown", _) => Action::Silent,
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let r = svc
+        .exec(Request::new(pb::ExecRequest {
+            domain: "vm".into(),
+            path: "/bin/echo".into(),
+            wait: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.pid, 4242);
+    assert_eq!(r.status.unwrap().stdout, b"hi\n");
+    assert_eq!(
+        commands(&log),
+        [
+            "guest-exec",
+            "guest-exec-status",
+            "guest-exec-status",
+            "guest-exec-status"
+        ]
+    );
+    svc.shutdown(Request::new(pb::ShutdownRequest {
+        domain: "vm".into(),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let reply = svc
+        .command(Request::new(pb::CommandRequest {
+            domain: "vm".into(),
+            command_json: r#"{"execute":"guest-shutdown","arguments":{"mode":"halt"}}"#.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.reply_json, "");
+}
