@@ -89,10 +89,11 @@ async fn grpc_throughput(url: &str) -> (f64, u64) {
     let mut client = EventBusClient::connect(url.to_owned()).await.unwrap();
     let mut sub = subscribe(&mut client, "").await;
     let reader = tokio::spawn(async move {
-        let (mut n, mut lost) = (0u64, 0u64);
-        while n + lost < THROUGHPUT_EVENTS {
+        let mut lost = 0u64;
+        loop {
             match sub.message().await.unwrap().unwrap().kind {
-                Some(Kind::Event(_)) => n += 1,
+                Some(Kind::Event(e)) if e.details_json == "\"END\"" => break,
+                Some(Kind::Event(_)) => {}
                 Some(Kind::Lost(l)) => lost += l.count,
                 other => panic!("unexpected {other:?}"),
             }
@@ -104,11 +105,32 @@ async fn grpc_throughput(url: &str) -> (f64, u64) {
         event: Some(event("E", "{}".into())),
     });
     client.publish(tokio_stream::iter(reqs)).await.unwrap();
-    let lost = reader.await.unwrap();
+    let lost = finish(&mut client, "E", reader).await;
     (
         (THROUGHPUT_EVENTS - lost) as f64 / start.elapsed().as_secs_f64(),
         lost,
     )
+}
+
+/// Waits for `reader` while publishing an END marker every 50 ms: losses
+/// are reported before the next event a subscriber gets, so a reader that
+/// lost the tail of a burst learns it only from a later event.
+async fn finish<T>(
+    client: &mut EventBusClient<Channel>,
+    name: &str,
+    reader: tokio::task::JoinHandle<T>,
+) -> T {
+    let mut reader = reader;
+    loop {
+        let end = PublishRequest {
+            event: Some(event(name, "\"END\"".into())),
+        };
+        client.publish(tokio_stream::iter([end])).await.unwrap();
+        tokio::select! {
+            r = &mut reader => return r.unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
 }
 
 /// The same through the hub in-process: the direct backend call.
@@ -164,8 +186,9 @@ async fn grpc_fanout(url: &str) -> FanOut {
         if matching {
             readers.push(tokio::spawn(async move {
                 let (mut lat, mut lost) = (Vec::with_capacity(total as usize), 0u64);
-                while (lat.len() as u64) + lost < total {
+                loop {
                     match s.message().await.unwrap().unwrap().kind {
+                        Some(Kind::Event(e)) if e.details_json == "\"END\"" => break,
                         Some(Kind::Event(e)) => {
                             let sent: u128 = e.details_json.parse().unwrap();
                             lat.push(((now_ns() - sent) / 1000) as u64);
@@ -208,7 +231,7 @@ async fn grpc_fanout(url: &str) -> FanOut {
     send.await.unwrap();
     let (mut all, mut lost) = (Vec::new(), 0);
     for r in readers {
-        let (l, x) = r.await.unwrap();
+        let (l, x) = finish(&mut clients[0], "MATCH", r).await;
         all.extend(l);
         lost += x;
     }

@@ -472,3 +472,60 @@ async fn test_metrics_endpoint_counts_published_and_subscribers() {
         "{body}"
     );
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Opens `n` idle subscriptions, 100 per connection.
+async fn open_many(url: &str, n: usize) -> Vec<Streaming<SubscribeMonitorEventsResponse>> {
+    let mut streams = Vec::with_capacity(n);
+    let mut client = EventBusClient::connect(url.to_owned()).await.unwrap();
+    for i in 0..n {
+        if i > 0 && i % 100 == 0 {
+            client = EventBusClient::connect(url.to_owned()).await.unwrap();
+        }
+        streams.push(
+            subscribe(&mut client, SubscribeMonitorEventsRequest::default())
+                .await
+                .0,
+        );
+    }
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_dropped_subscriptions_give_their_memory_back() {
+    let config =
+        "max_monitor_subscriptions: 20000\nmax_monitor_subscriptions_per_principal: 20000\n";
+    let (svc, _client) = bus(config).await;
+    let pid = svc.pid();
+    // Warm up the server's allocator and connection machinery first.
+    drop(open_many(&svc.url(), 200).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let baseline = rss_kib(pid);
+
+    let streams = open_many(&svc.url(), 10_000).await;
+    let peak = rss_kib(pid);
+    drop(streams);
+
+    let allowed = baseline + 8 * 1024;
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        let now = rss_kib(pid);
+        if now <= allowed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RSS {now} KiB after dropping 10,000 subscriptions; baseline {baseline} KiB, peak {peak} KiB"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

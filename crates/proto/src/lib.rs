@@ -18,6 +18,7 @@ pub mod v1 {
     tonic::include_proto!("qvirt.v1");
 }
 
+pub mod codec;
 pub mod yaml;
 
 /// The encoded `FileDescriptorSet` of every `qvirt.v1` file, for
