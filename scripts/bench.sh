@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 export QVIRT_BIN_DIR="$PWD/target/release"
 cargo bench -p qvirt-integration-tests --bench eventbus
 cargo bench -p qvirt-eventbus
+cargo bench -p qvirt-agentd --bench ping
