@@ -24,6 +24,28 @@ const SERVICES: [(&str, &[&str]); 5] = [
     ),
 ];
 
+/// A service started with the flags that keep it inside `dir`: the
+/// supervisor's state and run dirs there, instead of the system-wide
+/// defaults.
+fn start_local(bin: &str, dir: &tempfile::TempDir) -> Service {
+    let (state, run) = (
+        dir.path().join(bin).join("state"),
+        dir.path().join(bin).join("run"),
+    );
+    match bin {
+        "qvirt-supervisor" => Service::start(
+            bin,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+            ],
+        ),
+        _ => Service::start(bin, &[]),
+    }
+}
+
 /// What every server lists besides its own services.
 const INFRA: [&str; 3] = [
     "grpc.health.v1.Health",
@@ -33,9 +55,10 @@ const INFRA: [&str; 3] = [
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_every_service_serves_health_and_lists_exactly_its_services() {
+    let dir = tempfile::tempdir().unwrap();
     let mut running: Vec<(Service, &[&str])> = SERVICES
         .iter()
-        .map(|(bin, names)| (Service::start(bin, &[]), *names))
+        .map(|(bin, names)| (start_local(bin, &dir), *names))
         .collect();
     for (svc, names) in &mut running {
         svc.wait_serving("").await;
@@ -69,7 +92,8 @@ async fn test_unknown_service_health_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_grpcurl_describes_services_and_messages() {
-    let mut svc = Service::start("qvirt-supervisor", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = start_local("qvirt-supervisor", &dir);
     svc.wait_serving("").await;
     let addr = svc.addr.to_string();
 
@@ -98,12 +122,26 @@ async fn test_gateway_does_not_expose_internal_services() {
         "qvirt.v1.HookExecutor",
     ]);
     assert!(!out.status.success(), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Symbol not found") || stderr.contains("not found"),
+        "{stderr}"
+    );
+    // The public services are there to describe.
+    let out = grpcurl(&[
+        "-plaintext",
+        &gw.addr.to_string(),
+        "describe",
+        "qvirt.v1.Supervisor",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_sigterm_stops_every_service_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
     for (bin, _) in SERVICES {
-        let mut svc = Service::start(bin, &[]);
+        let mut svc = start_local(bin, &dir);
         svc.wait_serving("").await;
         let status = svc.terminate();
         assert!(status.success(), "{bin} exited with {status} after SIGTERM");

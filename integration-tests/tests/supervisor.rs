@@ -101,6 +101,9 @@ impl Sup {
                 run,
                 "--node-name",
                 "it-node",
+                // Many TCG guests start at once on 2 cores in some tests.
+                "--start-timeout-secs",
+                "60",
             ],
         );
         svc.wait_serving("qvirt.v1.Supervisor").await;

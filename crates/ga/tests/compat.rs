@@ -199,11 +199,14 @@ fn test_blocked_rpcs() {
 #[test]
 fn test_frozen_marker() {
     // Its thaw runs FITHAW on every mount: keep it apart from a real freeze.
+    // A refused freeze is shown with freeze-list on a path that does not
+    // exist, never a bare freeze: if the agent were not frozen after all,
+    // a bare freeze would freeze every filesystem of the host.
     let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let agents = both(&[], &[], |d| {
         std::fs::write(d.join("qga.state.isfrozen"), b"").expect("marker");
     });
-    same(&agents, &[b"{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-time','id':1}{'execute':'guest-exec','arguments':{'path':'true'}}{'execute':'guest-file-open','arguments':{'path':'foo'}}{'execute':'guest-fsfreeze-freeze'}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo'}"]);
+    same(&agents, &[b"{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-time','id':1}{'execute':'guest-exec','arguments':{'path':'true'}}{'execute':'guest-file-open','arguments':{'path':'foo'}}{'execute':'guest-fsfreeze-freeze-list','arguments':{'mountpoints':['/nonexistent-qvirt-test']}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo'}"]);
     same(
         &agents,
         &[b"{'execute':'guest-info'}{'execute':'guest-ping'}"],
@@ -595,7 +598,7 @@ fn test_real_freeze_of_a_scratch_filesystem() {
     let freeze = format!(
         "{{'execute':'guest-fsfreeze-freeze-list','arguments':{{'mountpoints':['{mnt}']}}}}\
          {{'execute':'guest-fsfreeze-status'}}{{'execute':'guest-get-time'}}\
-         {{'execute':'guest-fsfreeze-freeze'}}"
+         {{'execute':'guest-fsfreeze-freeze-list','arguments':{{'mountpoints':['/nonexistent-qvirt-test']}}}}"
     );
     let thaw = "{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}";
     let mut outs = Vec::new();
