@@ -216,7 +216,7 @@ async fn test_event_before_reply_is_delivered_and_reply_matched() {
     assert_eq!((first.seconds, first.microseconds), (1_700_000_000, 42));
     let second = conn.events.recv().await.expect("event");
     assert_eq!(second.name, "BIG");
-    assert_eq!(second.data, r#"{"n":18446744073709551615}"#);
+    assert_eq!(second.data, r#"{"n": 18446744073709551615}"#);
 }
 
 #[tokio::test]
@@ -324,7 +324,7 @@ async fn test_full_event_queue_drops_and_counts_but_replies_flow() {
         u64::try_from(extra).expect("small")
     );
     let first = conn.events.recv().await.expect("event");
-    assert_eq!(first.data, r#"{"i":0}"#);
+    assert_eq!(first.data, r#"{"i": 0}"#);
 }
 
 #[tokio::test]
@@ -442,7 +442,7 @@ mod framing {
         }
         for number in expected_events {
             let event = conn.events.recv().await.expect("event");
-            prop_assert_eq!(event.data, format!(r#"{{"n":{number}}}"#));
+            prop_assert_eq!(event.data, format!(r#"{{"n": {number}}}"#));
         }
         Ok(())
     }

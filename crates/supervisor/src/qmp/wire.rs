@@ -127,11 +127,18 @@ pub(crate) fn parse_greeting(line: &[u8]) -> Result<Greeting, QmpError> {
     })
 }
 
+/// An event line's `data` member, borrowed as the raw text QEMU sent.
+#[derive(serde::Deserialize)]
+struct RawData<'a> {
+    #[serde(borrow, default)]
+    data: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Parse a line after the greeting. `Err` gives the reason it is not a reply
 /// or an event.
 pub(crate) fn parse_incoming(line: &[u8]) -> Result<Incoming, &'static str> {
     let value: Value = serde_json::from_slice(line).map_err(|_| "not JSON")?;
-    let Value::Object(mut body) = value else {
+    let Value::Object(body) = value else {
         return Err("not a JSON object");
     };
     if let Some(name) = body.get("event") {
@@ -147,9 +154,11 @@ pub(crate) fn parse_incoming(line: &[u8]) -> Result<Incoming, &'static str> {
                 .unwrap_or(-1)
         };
         let (seconds, microseconds) = (part("seconds"), part("microseconds"));
-        let data = match body.remove("data") {
-            Some(data) => data.to_string(),
-            None => "{}".to_owned(),
+        // The data member's own bytes, exactly as QEMU wrote them.
+        let data = match serde_json::from_slice::<RawData<'_>>(line) {
+            Ok(RawData { data: Some(raw) }) => raw.get().to_owned(),
+            Ok(RawData { data: None }) => "{}".to_owned(),
+            Err(_) => return Err("event data is not JSON"),
         };
         return Ok(Incoming::Event(QmpEvent {
             name,
@@ -298,6 +307,15 @@ mod tests {
                 other => panic!("{line}: expected BadGreeting, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn test_event_data_is_byte_for_byte_what_qemu_sent() {
+        let line = br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "X", "data": {"z": 1.50, "a": [ 18446744073709551615 ]}}"#;
+        let Ok(Incoming::Event(event)) = parse_incoming(line) else {
+            panic!("not an event");
+        };
+        assert_eq!(event.data, r#"{"z": 1.50, "a": [ 18446744073709551615 ]}"#);
     }
 
     #[test]
