@@ -31,6 +31,7 @@ check qemu-system-x86_64 qemu-system-x86
 check qemu-ga qemu-guest-agent
 check qemu-img qemu-utils
 check python3 python3
+command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 check docker-compose docker-compose
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -38,7 +39,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     # The machine image may carry a newer qemu-utils from backports that
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
-    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 docker-compose)
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip docker-compose)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then
         say "missing: ${need_pkgs[*]}; run as root:"
@@ -49,6 +50,17 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     "${cmd[@]}" >/dev/null
+fi
+
+# --- Rust components `make lint` uses -----------------------------------------
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+        say "adding rustfmt and clippy to the Rust toolchain"
+        rustup component add rustfmt clippy
+    else
+        say "cargo fmt / cargo clippy missing and no rustup to add them"
+        exit 1
+    fi
 fi
 
 # --- grpcurl ----------------------------------------------------------------

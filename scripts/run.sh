@@ -10,12 +10,13 @@ run_dir="$here/.run"
 grpcurl="$here/.tools/bin/grpcurl"
 mkdir -p "$run_dir"
 
-# binary, port
+# binary, port, extra flags (the supervisor publishes to the bus and keeps
+# its state under .run/; agentd finds agent sockets through the supervisor)
 services=(
-    "qvirt-eventbus 50053"
+    "qvirt-eventbus 50053 --metrics-listen 127.0.0.1:9153"
     "qvirt-hookexec 50054"
-    "qvirt-supervisor 50052"
-    "qvirt-agentd 50055"
+    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --eventbus http://127.0.0.1:50053"
+    "qvirt-agentd 50055 --supervisor http://127.0.0.1:50052"
     "qvirt-gateway 50051"
 )
 
@@ -37,7 +38,10 @@ trap 'stop; exit 0' INT TERM
 for entry in "${services[@]}"; do
     set -- $entry
     name=$1 port=$2
-    "$bin/$name" --listen "127.0.0.1:$port" 2>"$run_dir/$name.log" &
+    shift 2
+    # Own session: Ctrl-C reaches this script, which stops the services in
+    # order, rather than every service at once.
+    setsid "$bin/$name" --listen "127.0.0.1:$port" "$@" 2>"$run_dir/$name.log" &
     pids+=("$!")
 done
 
@@ -60,18 +64,23 @@ for entry in "${services[@]}"; do
     fi
 done
 
-cat <<EOF2
+cat <<'EOF2'
 qvirt is running (logs in .run/):
   gateway     127.0.0.1:50051   (the public endpoint)
   supervisor  127.0.0.1:50052
   event bus   127.0.0.1:50053
   hook exec   127.0.0.1:50054
   agentd      127.0.0.1:50055
+  bus metrics http://127.0.0.1:9153/metrics
 
 Talk to it with grpcurl (installed in .tools/bin by make deps):
   .tools/bin/grpcurl -plaintext 127.0.0.1:50051 list
   .tools/bin/grpcurl -plaintext 127.0.0.1:50052 describe qvirt.v1.Supervisor
   .tools/bin/grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
+  .tools/bin/grpcurl -plaintext -d '{"spec_yaml": "name: demo\naccel: tcg\n"}' \
+      127.0.0.1:50052 qvirt.v1.Supervisor/DefineDomain
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/StartDomain
+  .tools/bin/grpcurl -plaintext -d '{}' 127.0.0.1:50053 qvirt.v1.EventBus/SubscribeMonitorEvents
 
 Press Ctrl-C to stop.
 EOF2

@@ -255,7 +255,8 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
-            for name in names {
+            // "" is the whole server: it stops serving too.
+            for name in names.into_iter().chain([""]) {
                 reporter
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;

@@ -95,7 +95,8 @@ async fn trim_memory(hub: hub::Hub<BusEvent>, shutdown: CancellationToken) {
         }
         let now = count(&hub);
         if now < last {
-            release_free_memory();
+            // It walks the whole heap: not on an async worker.
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
         }
         last = now;
     }
