@@ -86,8 +86,11 @@ async fn subscribe(
 /// Events/s delivered from one publisher stream (publishing flat out) to
 /// one subscriber over gRPC, and how many the subscriber lost.
 async fn grpc_throughput(url: &str) -> (f64, u64) {
+    // Publisher and subscriber on their own connections, as the supervisor
+    // and a client would be.
+    let mut sub_client = EventBusClient::connect(url.to_owned()).await.unwrap();
     let mut client = EventBusClient::connect(url.to_owned()).await.unwrap();
-    let mut sub = subscribe(&mut client, "").await;
+    let mut sub = subscribe(&mut sub_client, "").await;
     let reader = tokio::spawn(async move {
         let mut lost = 0u64;
         loop {
@@ -110,6 +113,20 @@ async fn grpc_throughput(url: &str) -> (f64, u64) {
         (THROUGHPUT_EVENTS - lost) as f64 / start.elapsed().as_secs_f64(),
         lost,
     )
+}
+
+/// Bound on one phase of the bench: a phase that stalls ends the bench
+/// with a message instead of hanging `make bench`.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+async fn bounded<T>(phase: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(PHASE_TIMEOUT, f).await {
+        Ok(v) => v,
+        Err(_) => {
+            eprintln!("event bus bench: the {phase} phase did not finish within {PHASE_TIMEOUT:?}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Waits for `reader` while publishing an END marker every 50 ms: losses
@@ -204,11 +221,12 @@ async fn grpc_fanout(url: &str) -> FanOut {
             tokio::spawn(async move { while let Ok(Some(_)) = s.message().await {} });
         }
     }
-    let mut publisher = clients[0].clone();
+    let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
+    let mut streamer = publisher.clone();
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let send = tokio::spawn(async move {
-        publisher
+        streamer
             .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .unwrap()
@@ -231,7 +249,7 @@ async fn grpc_fanout(url: &str) -> FanOut {
     send.await.unwrap();
     let (mut all, mut lost) = (Vec::new(), 0);
     for r in readers {
-        let (l, x) = finish(&mut clients[0], "MATCH", r).await;
+        let (l, x) = finish(&mut publisher, "MATCH", r).await;
         all.extend(l);
         lost += x;
     }
@@ -271,9 +289,9 @@ async fn main() {
     svc.wait_serving("qvirt.v1.EventBus").await;
     let url = svc.url();
 
-    let (grpc, grpc_lost) = grpc_throughput(&url).await;
-    let direct = hub_throughput().await;
-    let fan = grpc_fanout(&url).await;
+    let (grpc, grpc_lost) = bounded("throughput", grpc_throughput(&url)).await;
+    let direct = bounded("direct hub", hub_throughput()).await;
+    let fan = bounded("fan-out", grpc_fanout(&url)).await;
     drop(svc);
     // A fresh bus with default queues, so the figure is about subscriptions.
     let mut idle = Service::start_with_config(
@@ -282,7 +300,7 @@ async fn main() {
         &[],
     );
     idle.wait_serving("qvirt.v1.EventBus").await;
-    let (before, with, after) = idle_rss(&idle).await;
+    let (before, with, after) = bounded("idle RSS", idle_rss(&idle)).await;
 
     println!("\nevent bus (qvirt-eventbus over loopback gRPC vs the hub called in-process)");
     println!(
