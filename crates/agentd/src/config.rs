@@ -148,15 +148,8 @@ impl Config {
                 ));
             }
         }
-        if let Some(url) = &self.supervisor
-            && (tonic::transport::Endpoint::from_shared(url.clone()).is_err()
-                || !(url.starts_with("http://") || url.starts_with("https://")))
-        {
-            return Err(invalid(
-                "supervisor",
-                url.clone(),
-                "expected an endpoint URL such as http://127.0.0.1:50052".into(),
-            ));
+        if let Some(url) = &self.supervisor {
+            qvirt_common::config::check_endpoint("supervisor", url)?;
         }
         Ok(())
     }

@@ -141,6 +141,20 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Checks a config field naming another qvirt service's gRPC endpoint: an
+/// `http://` or `https://` URL tonic can dial, e.g. `http://127.0.0.1:50053`.
+pub fn check_endpoint(field: &'static str, url: &str) -> Result<(), ConfigError> {
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    if scheme_ok && tonic::transport::Endpoint::from_shared(url.to_owned()).is_ok() {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        field,
+        value: url.to_owned(),
+        reason: "expected an endpoint URL such as http://127.0.0.1:50053".into(),
+    })
+}
+
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -229,6 +243,19 @@ mod tests {
         let line = error_chain(&err);
         assert!(line.starts_with("cannot read config file "), "{line}");
         assert!(line.contains("absent.yaml"), "{line}");
+    }
+
+    #[test]
+    fn test_endpoint_urls_are_checked() {
+        assert!(check_endpoint("eventbus", "http://127.0.0.1:50053").is_ok());
+        assert!(check_endpoint("eventbus", "https://bus.example:443").is_ok());
+        for bad in ["127.0.0.1:50053", "unix:/run/bus.sock", "http://", ""] {
+            let err = check_endpoint("eventbus", bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with("invalid config: eventbus = "),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -102,6 +102,9 @@ impl Config {
             value,
             reason: reason.to_owned(),
         };
+        if let Some(url) = &self.eventbus {
+            qvirt_common::config::check_endpoint("eventbus", url)?;
+        }
         for (field, dir) in [("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
             if !dir.is_absolute() {
                 return Err(invalid(
