@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export QVIRT_BIN_DIR="$PWD/target/release"
 cargo bench -p qvirt-integration-tests --bench eventbus
+cargo bench -p qvirt-integration-tests --bench supervisor
 cargo bench -p qvirt-eventbus
 cargo bench -p qvirt-agentd --bench ping
