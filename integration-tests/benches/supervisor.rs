@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{ChildGuard, Service, tool_path};
+use qvirt_integration_tests::{ChildGuard, Service, rss_kib, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, StartDomainRequest, UndefineDomainRequest,
@@ -26,16 +26,6 @@ const GREETING_TIMEOUT: Duration = Duration::from_secs(30);
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Spawns QEMU as the supervisor would for a TCG guest with no OS, with a

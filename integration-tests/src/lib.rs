@@ -118,6 +118,35 @@ pub fn grpcurl<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run(&tool_path("grpcurl"), args, COMMAND_TIMEOUT)
 }
 
+/// Resident memory of process `pid` in KiB (`VmRSS`); panics if the
+/// process is gone, so a dead service never reads as a small one.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("no /proc/{pid}/status: {e}"))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+/// Whether `pid` runs a QEMU started with `-uuid uuid` (pids get reused:
+/// check before signalling a pid a test recorded earlier).
+pub fn runs_domain(pid: u32, uuid: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(uuid))
+        .unwrap_or(false)
+}
+
+/// SIGKILLs `pid` if it still runs domain `uuid`'s QEMU: the clean-up for a
+/// test that stops before destroying its guest.
+pub fn kill_domain_qemu(pid: u32, uuid: &str) {
+    if pid != 0 && runs_domain(pid, uuid) {
+        // SAFETY: kill(2) on a pid just checked to run this test's QEMU.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
 /// Text of an output stream, for assertions and messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, grpcurl, text};
+use qvirt_integration_tests::{Service, grpcurl, rss_kib, text};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
@@ -471,16 +471,6 @@ async fn test_metrics_endpoint_counts_published_and_subscribers() {
         body.contains("\nqvirt_eventbus_subscribers{kind=\"monitor\"} 1\n"),
         "{body}"
     );
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 /// Opens `n` idle subscriptions, 100 per connection.

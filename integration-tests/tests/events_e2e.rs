@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, tool_path};
+use qvirt_integration_tests::{Service, kill_domain_qemu, tool_path};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
@@ -26,11 +26,7 @@ struct QemuGuard(u32, String);
 
 impl Drop for QemuGuard {
     fn drop(&mut self) {
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&self.1) {
-            // SAFETY: kill(2) on a pid checked to run this test's QEMU.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-        }
+        kill_domain_qemu(self.0, &self.1);
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, grpcurl, text, tool_path};
+use qvirt_integration_tests::{Service, grpcurl, kill_domain_qemu, text, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
@@ -44,20 +44,10 @@ impl Reaper {
     }
 }
 
-/// Whether `pid` runs a QEMU started with `-uuid uuid`.
-fn runs_domain(pid: u32, uuid: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(uuid))
-        .unwrap_or(false)
-}
-
 impl Drop for Tracked {
     fn drop(&mut self) {
         for (pid, uuid) in self.0.lock().unwrap().iter() {
-            if runs_domain(*pid, uuid) {
-                // SAFETY: kill(2) on a pid checked to run our test's QEMU.
-                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-            }
+            kill_domain_qemu(*pid, uuid);
         }
     }
 }
