@@ -24,7 +24,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -93,6 +94,10 @@ pub enum ChannelError {
     /// The service is shutting down.
     #[error("the agent service is shutting down")]
     Closed,
+    /// The channel retired after being idle while this command was on
+    /// its way; [`Channels::call`] retries it on a fresh channel.
+    #[error("the guest agent channel was retired while idle")]
+    Retired,
 }
 
 /// The result of one command.
@@ -107,7 +112,13 @@ pub enum Outcome {
 struct Job {
     command: String,
     request: Map<String, Value>,
+    /// When the command must have its reply, counted from the caller's
+    /// start (time spent queued behind other commands counts).
+    deadline: Instant,
+    /// The timeout the caller asked for, for the error message.
     timeout: Duration,
+    /// Set when the task takes the job up.
+    started: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Outcome, ChannelError>>,
 }
 
@@ -116,6 +127,9 @@ struct Job {
 pub struct AgentChannel {
     tx: mpsc::Sender<Job>,
     depth: usize,
+    /// Tells this channel's registry entry from a later one for the same
+    /// socket.
+    serial: u64,
 }
 
 impl AgentChannel {
@@ -123,6 +137,20 @@ impl AgentChannel {
     /// until `shutdown` fires or every handle is dropped; it connects
     /// lazily, on the first command.
     pub fn spawn(path: PathBuf, settings: ChannelSettings, shutdown: CancellationToken) -> Self {
+        Self::spawn_in(path, settings, shutdown, Weak::new())
+    }
+
+    /// [`AgentChannel::spawn`] for an entry of `registry`: when idle for
+    /// two `idle_close` periods (one to close the connection, one more
+    /// with none), the task removes its entry and ends.
+    fn spawn_in(
+        path: PathBuf,
+        settings: ChannelSettings,
+        shutdown: CancellationToken,
+        registry: Weak<Registry>,
+    ) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         let depth = settings.queue_depth.max(1);
         let (tx, rx) = mpsc::channel(depth);
         let actor = Actor {
@@ -132,22 +160,41 @@ impl AgentChannel {
             in_sync: false,
             id_prefix: format!("qa{:x}", wire::random_id()),
             next_id: 0,
+            registry,
+            serial,
         };
         let span = tracing::info_span!("agent_channel", socket = %actor.path.display());
         tokio::spawn(tracing::Instrument::instrument(
             actor.run(rx, shutdown),
             span,
         ));
-        AgentChannel { tx, depth }
+        AgentChannel { tx, depth, serial }
     }
 
     /// Sends one command (an object with `execute` and optional
-    /// `arguments`; any `id` is replaced) and waits for its outcome.
-    /// Abandoning the future does not disturb the channel: the task
-    /// finishes the command (or its timeout) on its own.
+    /// `arguments`; any `id` is replaced) and waits for its outcome, for
+    /// at most `timeout` from now, queueing included.
+    ///
+    /// Abandoning the future frees the channel at once: a queued command
+    /// is skipped, a running one stops waiting for its reply and the
+    /// channel resynchronises before its next command (qemu-ga itself
+    /// cannot be interrupted: a command it already read still runs).
     pub async fn call(
         &self,
         request: Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Outcome, ChannelError> {
+        self.call_until(request, Instant::now() + timeout, timeout)
+            .await
+    }
+
+    /// [`AgentChannel::call`] with a deadline fixed by the caller (e.g.
+    /// at the start of an RPC, so that the domain lookup counts too);
+    /// `timeout` is what the caller asked for, for the error message.
+    pub async fn call_until(
+        &self,
+        request: Map<String, Value>,
+        deadline: Instant,
         timeout: Duration,
     ) -> Result<Outcome, ChannelError> {
         let command = request
@@ -156,17 +203,33 @@ impl AgentChannel {
             .unwrap_or("")
             .to_owned();
         let (reply, rx) = oneshot::channel();
+        let started = Arc::new(AtomicBool::new(false));
         let job = Job {
             command,
             request,
+            deadline,
             timeout,
+            started: started.clone(),
             reply,
         };
+        let command = job.command.clone();
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => ChannelError::QueueFull { depth: self.depth },
             mpsc::error::TrySendError::Closed(_) => ChannelError::Closed,
         })?;
-        rx.await.unwrap_or(Err(ChannelError::Closed))
+        tokio::pin!(rx);
+        match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(r) => r.unwrap_or(Err(ChannelError::Closed)),
+            // Still queued behind other commands when its time is up: give
+            // up (the task skips a job whose caller is gone). Once running,
+            // the task owns the deadline: a command without a success
+            // response counts as accepted when it expires.
+            Err(_) if !started.load(Ordering::Acquire) => Err(ChannelError::Timeout {
+                command,
+                after: timeout,
+            }),
+            Err(_) => rx.await.unwrap_or(Err(ChannelError::Closed)),
+        }
     }
 
     /// Sends `execute` with `arguments` (`None`: no arguments member).
@@ -185,13 +248,17 @@ impl AgentChannel {
     }
 }
 
+type Registry = Mutex<HashMap<PathBuf, AgentChannel>>;
+
 /// The channels of all guests, keyed by agent socket path (so a domain
-/// reached by name and by UUID shares one connection).
+/// reached by name and by UUID shares one connection). A channel idle for
+/// two `idle_close` periods leaves the registry and its task ends, so
+/// guests that come and go do not accumulate tasks.
 #[derive(Debug)]
 pub struct Channels {
     settings: ChannelSettings,
     shutdown: CancellationToken,
-    map: Mutex<HashMap<PathBuf, AgentChannel>>,
+    map: Arc<Registry>,
 }
 
 impl Channels {
@@ -200,7 +267,7 @@ impl Channels {
         Channels {
             settings,
             shutdown,
-            map: Mutex::new(HashMap::new()),
+            map: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -210,13 +277,49 @@ impl Channels {
         if let Some(ch) = map.get(path).filter(|ch| !ch.tx.is_closed()) {
             return ch.clone();
         }
-        let ch = AgentChannel::spawn(
+        let ch = AgentChannel::spawn_in(
             path.to_owned(),
             self.settings.clone(),
             self.shutdown.child_token(),
+            Arc::downgrade(&self.map),
         );
         map.insert(path.to_owned(), ch.clone());
         ch
+    }
+
+    /// How many channels are registered.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no channel is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [`AgentChannel::call_until`] on the channel of `path`, once more
+    /// on a new channel if the first one retired under the command.
+    pub async fn call(
+        &self,
+        path: &Path,
+        request: Map<String, Value>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Outcome, ChannelError> {
+        let first = self
+            .get(path)
+            .call_until(request.clone(), deadline, timeout)
+            .await;
+        match first {
+            Err(ChannelError::Retired) => {
+                self.get(path).call_until(request, deadline, timeout).await
+            }
+            // The channel retired between `get` and sending.
+            Err(ChannelError::Closed) if !self.shutdown.is_cancelled() => {
+                self.get(path).call_until(request, deadline, timeout).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -229,6 +332,8 @@ struct Actor {
     in_sync: bool,
     id_prefix: String,
     next_id: u64,
+    registry: Weak<Registry>,
+    serial: u64,
 }
 
 impl Actor {
@@ -236,39 +341,88 @@ impl Actor {
         // Built once, not per command: both register with shared state.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
-        let idle_close = self.settings.idle_close.unwrap_or(Duration::MAX);
-        let idle = tokio::time::sleep_until(far_future(idle_close));
+        let idle_close = self.settings.idle_close;
+        let idle = tokio::time::sleep_until(far_future(idle_close.unwrap_or(Duration::MAX)));
         tokio::pin!(idle);
+        let mut ending = ChannelError::Closed;
         loop {
             tokio::select! {
                 () = &mut cancelled => break,
                 job = rx.recv() => match job {
-                    Some(job) => {
-                        self.handle(job).await;
-                        if self.conn.is_some() {
-                            idle.as_mut().reset(far_future(idle_close));
-                        }
-                    }
+                    Some(job) => self.handle(job).await,
                     None => break,
                 },
-                () = &mut idle, if self.conn.is_some() => {
-                    tracing::debug!(socket = %self.path.display(), "closing idle agent connection");
-                    self.disconnect();
+                () = &mut idle, if idle_close.is_some() => {
+                    if self.conn.is_some() {
+                        tracing::debug!(socket = %self.path.display(), "closing idle agent connection");
+                        self.disconnect();
+                    } else if self.retire(&rx) {
+                        tracing::debug!(socket = %self.path.display(), "retiring idle agent channel");
+                        ending = ChannelError::Retired;
+                        break;
+                    }
                 }
             }
+            idle.as_mut()
+                .reset(far_future(idle_close.unwrap_or(Duration::MAX)));
         }
         rx.close();
         while let Ok(job) = rx.try_recv() {
-            let _ = job.reply.send(Err(ChannelError::Closed));
+            let e = match ending {
+                ChannelError::Retired => ChannelError::Retired,
+                _ => ChannelError::Closed,
+            };
+            let _ = job.reply.send(Err(e));
         }
     }
 
-    async fn handle(&mut self, job: Job) {
+    /// Removes this channel from its registry if nothing waits for it;
+    /// false for a channel outside any registry or with queued commands.
+    fn retire(&self, rx: &mpsc::Receiver<Job>) -> bool {
+        let Some(registry) = self.registry.upgrade() else {
+            return false;
+        };
+        let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
+        if !rx.is_empty() {
+            return false;
+        }
+        if map
+            .get(&self.path)
+            .is_some_and(|ch| ch.serial == self.serial)
+        {
+            map.remove(&self.path);
+        }
+        true
+    }
+
+    async fn handle(&mut self, mut job: Job) {
+        job.started.store(true, Ordering::Release);
         if job.reply.is_closed() {
             return;
         }
         let started = Instant::now();
-        let result = self.execute(&job).await;
+        let Job {
+            command,
+            request,
+            deadline,
+            timeout,
+            reply,
+            ..
+        } = &mut job;
+        let result = tokio::select! {
+            r = self.execute(command, request, *deadline, *timeout) => Some(r),
+            () = reply.closed() => None,
+        };
+        let Some(result) = result else {
+            // The caller went away (its RPC was cancelled or hit its own
+            // deadline): stop waiting. A reply may still come, or half a
+            // request may have gone out: resynchronise before the next
+            // command (0xFF resets the agent's parser, the delimiter skips
+            // the stale reply).
+            self.in_sync = false;
+            tracing::debug!(command = %job.command, elapsed = ?started.elapsed(), "caller gone, command abandoned");
+            return;
+        };
         match &result {
             Ok(_) => {
                 tracing::debug!(command = %job.command, elapsed = ?started.elapsed(), "agent command done")
@@ -326,8 +480,13 @@ impl Actor {
         }
     }
 
-    async fn execute(&mut self, job: &Job) -> Result<Outcome, ChannelError> {
-        let deadline = Instant::now() + job.timeout;
+    async fn execute(
+        &mut self,
+        command: &str,
+        request: &Map<String, Value>,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Outcome, ChannelError> {
         let sync_budget = self
             .settings
             .sync_timeout
@@ -352,8 +511,8 @@ impl Actor {
                     // expired; given the full sync budget: no agent answers.
                     if sync_budget < self.settings.sync_timeout {
                         return Err(ChannelError::Timeout {
-                            command: job.command.clone(),
-                            after: job.timeout,
+                            command: command.to_owned(),
+                            after: timeout,
                         });
                     }
                     return Err(ChannelError::NotResponding(sync_budget));
@@ -364,8 +523,8 @@ impl Actor {
             return Err(ChannelError::Closed);
         };
         self.in_sync = true;
-        let no_reply = NO_SUCCESS_RESPONSE.contains(&job.command.as_str());
-        let mut bytes = wire::encode_request(job.request.clone(), &id);
+        let no_reply = NO_SUCCESS_RESPONSE.contains(&command);
+        let mut bytes = wire::encode_request(request.clone(), &id);
         if no_reply {
             let mut ping = Map::new();
             ping.insert("execute".into(), Value::String("guest-ping".into()));
@@ -407,8 +566,8 @@ impl Actor {
                     Ok(Outcome::Accepted)
                 } else {
                     Err(ChannelError::Timeout {
-                        command: job.command.clone(),
-                        after: job.timeout,
+                        command: command.to_owned(),
+                        after: timeout,
                     })
                 }
             }

@@ -333,7 +333,7 @@ async fn test_idle_connection_is_closed_and_reopened_with_a_sync() {
 }
 
 #[tokio::test]
-async fn test_a_caller_dropped_mid_command_does_not_disturb_the_channel() {
+async fn test_a_caller_dropped_mid_command_frees_the_channel_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (path, log) = fake_agent(
         dir.path(),
@@ -343,15 +343,21 @@ async fn test_a_caller_dropped_mid_command_does_not_disturb_the_channel() {
         }),
     );
     let ch = AgentChannel::spawn(path, settings(), CancellationToken::new());
+    // The abandoned command asks for an hour: if the task waited for it,
+    // the next command could not finish within the bound below.
+    let hour = Duration::from_secs(3600);
     let dropped = tokio::time::timeout(
         Duration::from_millis(50),
-        ch.execute("guest-get-time", None, Duration::from_millis(300)),
+        ch.execute("guest-get-time", None, hour),
     )
     .await;
     assert!(dropped.is_err(), "the silent agent must outlast the caller");
-    // The task finishes the abandoned command (its timeout), resyncs,
-    // then runs this one.
-    let out = ch.execute("guest-get-time", None, T).await.unwrap();
+    // The task stops waiting, resyncs (skipping a late reply), then runs
+    // this one.
+    let out = tokio::time::timeout(T, ch.execute("guest-get-time", None, hour))
+        .await
+        .expect("the channel stayed busy with the abandoned command")
+        .unwrap();
     assert_eq!(out, Outcome::Reply(Reply::Return(json!(2))));
     assert_eq!(
         log_of(&log),
@@ -363,6 +369,77 @@ async fn test_a_caller_dropped_mid_command_does_not_disturb_the_channel() {
             "guest-get-time"
         ]
     );
+}
+
+#[tokio::test]
+async fn test_time_in_the_queue_counts_against_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = fake_agent(
+        dir.path(),
+        Arc::new(|name, _| match name {
+            "guest-get-time" => Action::Silent,
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let ch = AgentChannel::spawn(path, settings(), CancellationToken::new());
+    let running = tokio::spawn({
+        let ch = ch.clone();
+        async move {
+            ch.execute("guest-get-time", None, Duration::from_secs(2))
+                .await
+        }
+    });
+    let deadline = Instant::now() + T;
+    while !log_of(&log).contains(&"guest-get-time".to_owned()) {
+        assert!(Instant::now() < deadline, "first command never ran");
+        tokio::task::yield_now().await;
+    }
+    // Queued behind a command that holds the channel for 2 s: it times out
+    // on its own deadline while still queued, and is never sent.
+    let err = ch
+        .execute("guest-ping", None, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ChannelError::Timeout { .. }), "{err:?}");
+    assert!(!running.is_finished(), "the first command must still run");
+    let first = running.await.unwrap().unwrap_err();
+    assert!(matches!(first, ChannelError::Timeout { .. }), "{first:?}");
+    ch.execute("guest-info", None, T).await.unwrap();
+    let log = log_of(&log);
+    assert!(!log.contains(&"guest-ping".to_owned()), "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("guest-info"));
+}
+
+#[tokio::test]
+async fn test_an_idle_channel_leaves_the_registry_and_comes_back_on_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = fake_agent(dir.path(), Arc::new(|_, _| Action::Return(json!({}))));
+    let channels = Channels::new(
+        ChannelSettings {
+            idle_close: Some(Duration::from_millis(20)),
+            ..settings()
+        },
+        CancellationToken::new(),
+    );
+    let far = Instant::now() + T;
+    channels.call(&path, ping(), far, T).await.unwrap();
+    assert_eq!(channels.len(), 1);
+    let deadline = Instant::now() + T;
+    while !channels.is_empty() {
+        assert!(Instant::now() < deadline, "idle channel never retired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    channels
+        .call(&path, ping(), Instant::now() + T, T)
+        .await
+        .unwrap();
+    assert_eq!(log_of(&log).iter().filter(|l| *l == "accept").count(), 2);
+}
+
+fn ping() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("execute".into(), json!("guest-ping"));
+    m
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ pub const EXEC_POLL_FIRST: Duration = Duration::from_millis(5);
 /// guest-exec, and with `wait` guest-exec-status until it exits or
 /// `wait_timeout` passes.
 pub async fn exec(
-    t: &Target,
+    t: &Target<'_>,
     limits: &Limits,
     req: pb::ExecRequest,
 ) -> Result<pb::ExecResponse, Status> {
@@ -75,18 +75,16 @@ pub async fn exec(
 }
 
 /// guest-exec-status of `pid`.
-pub async fn exec_status(t: &Target, pid: i64) -> Result<pb::GuestExecStatus, Status> {
+pub async fn exec_status(t: &Target<'_>, pid: i64) -> Result<pb::GuestExecStatus, Status> {
     let st: ExecStatus = t
         .get("guest-exec-status", Some(json!({ "pid": pid })))
         .await?;
     st.into_proto().map_err(|member| {
-        Status::internal(format!(
-            "guest agent sent invalid base64 in guest-exec-status {member}"
-        ))
+        crate::status::untrusted_reply(&format!("invalid base64 in guest-exec-status {member}"))
     })
 }
 
-async fn open(t: &Target, path: &str, mode: &str) -> Result<i64, Status> {
+async fn open(t: &Target<'_>, path: &str, mode: &str) -> Result<i64, Status> {
     t.get(
         "guest-file-open",
         Some(json!({ "path": path, "mode": mode })),
@@ -94,7 +92,7 @@ async fn open(t: &Target, path: &str, mode: &str) -> Result<i64, Status> {
     .await
 }
 
-async fn close(t: &Target, handle: i64) -> Result<(), Status> {
+async fn close(t: &Target<'_>, handle: i64) -> Result<(), Status> {
     t.call("guest-file-close", Some(json!({ "handle": handle })))
         .await
         .map(drop)
@@ -102,7 +100,7 @@ async fn close(t: &Target, handle: i64) -> Result<(), Status> {
 
 /// Reads a file (or a range of it) in chunks.
 pub async fn file_read(
-    t: &Target,
+    t: &Target<'_>,
     limits: &Limits,
     req: pb::FileReadRequest,
 ) -> Result<pb::FileReadResponse, Status> {
@@ -128,7 +126,7 @@ pub async fn file_read(
 }
 
 async fn read_chunks(
-    t: &Target,
+    t: &Target<'_>,
     limits: &Limits,
     handle: i64,
     offset: i64,
@@ -156,7 +154,7 @@ async fn read_chunks(
             )
             .await?;
         let bytes = convert::unb64(&r.buf_b64)
-            .map_err(|_| Status::internal("guest agent sent invalid base64 in guest-file-read"))?;
+            .map_err(|_| crate::status::untrusted_reply("invalid base64 in guest-file-read"))?;
         if usize::try_from(r.count).ok() != Some(bytes.len()) {
             tracing::debug!(
                 count = r.count,
@@ -185,7 +183,7 @@ async fn read_chunks(
 
 /// Writes a whole file in chunks.
 pub async fn file_write(
-    t: &Target,
+    t: &Target<'_>,
     limits: &Limits,
     req: pb::FileWriteRequest,
 ) -> Result<pb::FileWriteResponse, Status> {
@@ -213,7 +211,7 @@ pub async fn file_write(
 }
 
 async fn write_chunks(
-    t: &Target,
+    t: &Target<'_>,
     limits: &Limits,
     handle: i64,
     data: &[u8],

@@ -4,16 +4,19 @@
 //! ([`crate::convert`]) and errors ([`crate::status`]). The multi-command
 //! calls (Exec with wait, FileRead, FileWrite) live in [`crate::ops`].
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use qvirt_proto::v1 as pb;
 use qvirt_proto::v1::guest_agent_server::GuestAgent;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::channel::{AgentChannel, Channels, Outcome};
+use crate::channel::{Channels, Outcome};
 use crate::convert;
 use crate::locate::Locator;
 use crate::status;
@@ -48,22 +51,41 @@ pub(crate) struct Inner {
     pub(crate) limits: Limits,
 }
 
-/// One call's target: the guest's channel and the per-command timeout.
-pub(crate) struct Target {
-    pub(crate) channel: AgentChannel,
+/// One call's target: the guest's agent socket and the per-command
+/// timeout. The first command's deadline counts from the start of the RPC
+/// (the domain lookup and any wait in the guest's queue use it up); each
+/// later command of a multi-command call gets the whole timeout.
+pub(crate) struct Target<'a> {
+    channels: &'a Channels,
+    path: PathBuf,
     pub(crate) timeout: Duration,
+    first_deadline: Instant,
+    first_used: AtomicBool,
 }
 
-impl Target {
+impl Target<'_> {
+    /// Sends one raw command (an object with `execute`).
+    pub(crate) async fn send(&self, request: Map<String, Value>) -> Result<Outcome, Status> {
+        let deadline = if self.first_used.swap(true, Ordering::Relaxed) {
+            Instant::now() + self.timeout
+        } else {
+            self.first_deadline
+        };
+        self.channels
+            .call(&self.path, request, deadline, self.timeout)
+            .await
+            .map_err(status::channel)
+    }
+
     /// Sends one command; an agent error becomes a status, a command
     /// without a success response yields `Value::Null`.
     pub(crate) async fn call(&self, execute: &str, args: Option<Value>) -> Result<Value, Status> {
-        match self
-            .channel
-            .execute(execute, args, self.timeout)
-            .await
-            .map_err(status::channel)?
-        {
+        let mut request = Map::new();
+        request.insert("execute".into(), Value::String(execute.to_owned()));
+        if let Some(args) = args {
+            request.insert("arguments".into(), args);
+        }
+        match self.send(request).await? {
             Outcome::Reply(Reply::Return(v)) => Ok(v),
             Outcome::Reply(Reply::Error(e)) => Err(status::agent(&e)),
             Outcome::Accepted => Ok(Value::Null),
@@ -98,7 +120,8 @@ impl GuestAgentService {
         &self,
         domain: &str,
         timeout: Option<prost_types::Duration>,
-    ) -> Result<Target, Status> {
+    ) -> Result<Target<'_>, Status> {
+        let start = Instant::now();
         let timeout = match timeout {
             None => self.inner.limits.default_timeout,
             Some(d) => match Duration::try_from(d) {
@@ -113,8 +136,11 @@ impl GuestAgentService {
             .await
             .map_err(status::locate)?;
         Ok(Target {
-            channel: self.inner.channels.get(&path),
+            channels: &self.inner.channels,
+            path,
             timeout,
+            first_deadline: start + timeout,
+            first_used: AtomicBool::new(false),
         })
     }
 }
@@ -273,8 +299,8 @@ impl GuestAgent for GuestAgentService {
             "thawed" => pb::FsFreezeState::Thawed,
             "frozen" => pb::FsFreezeState::Frozen,
             other => {
-                return Err(Status::internal(format!(
-                    "guest agent reported an unknown fsfreeze state {other:?}"
+                return Err(status::untrusted_reply(&format!(
+                    "unknown fsfreeze state {other:?}"
                 )));
             }
         };
@@ -372,11 +398,7 @@ impl GuestAgent for GuestAgentService {
         }
         request.remove("id");
         let t = self.target(&req.domain, req.timeout).await?;
-        let outcome = t
-            .channel
-            .call(request, t.timeout)
-            .await
-            .map_err(status::channel)?;
+        let outcome = t.send(request).await?;
         let reply_json = match outcome {
             Outcome::Reply(r) => r.to_json(),
             Outcome::Accepted => String::new(),

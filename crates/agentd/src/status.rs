@@ -9,7 +9,7 @@
 //! | agent socket missing / refused, EOF, I/O error, no answer to the sync handshake, sync ids never match | UNAVAILABLE |
 //! | our per-command timeout expired | DEADLINE_EXCEEDED |
 //! | too many commands queued for the guest, reply over `max_reply_bytes`, file over `max_file_bytes` | RESOURCE_EXHAUSTED |
-//! | agent reply not a qemu-ga response, or not the shape the command promises | INTERNAL |
+//! | agent reply not a qemu-ga response, or not the shape the command promises (guest-controlled: details logged, not returned) | UNKNOWN |
 //! | `CommandNotFound` "The command X has not been found" | UNIMPLEMENTED |
 //! | `CommandNotFound` "Command X has been disabled[: reason]" (blocked with `-b`, or frozen) | FAILED_PRECONDITION, the agent's desc |
 //! | `GenericError` argument errors ("Parameter ...", "Invalid parameter ...", "... is invalid for argument ...", "invalid file open mode", "invalid whence code", "Base64 data ...", "QMP input ...", "JSON parse error ...") | INVALID_ARGUMENT |
@@ -50,11 +50,12 @@ pub fn channel(e: ChannelError) -> Status {
         ChannelError::QueueFull { .. } | ChannelError::Wire(WireError::TooLong { .. }) => {
             Status::resource_exhausted(text)
         }
-        ChannelError::Wire(WireError::BadReply { .. }) => Status::internal(text),
+        ChannelError::Wire(WireError::BadReply { .. }) => untrusted_reply(&text),
         ChannelError::Connect { .. }
         | ChannelError::NotResponding(_)
         | ChannelError::Wire(_)
-        | ChannelError::Closed => Status::unavailable(text),
+        | ChannelError::Closed
+        | ChannelError::Retired => Status::unavailable(text),
     }
 }
 
@@ -101,10 +102,20 @@ fn is_argument_error(desc: &str) -> bool {
 
 /// A reply whose shape does not match the command's schema.
 pub fn bad_shape(command: &str, e: &serde_json::Error) -> Status {
-    tracing::warn!(command, error = %e, "agent reply has an unexpected shape");
-    Status::internal(format!(
+    untrusted_reply(&format!(
         "guest agent reply to {command} has an unexpected shape: {e}"
     ))
+}
+
+/// A guest agent answered something unusable. That is the guest's doing,
+/// not a fault of this service: UNKNOWN, not INTERNAL. What the agent sent
+/// is guest-controlled, so the details go to the log and the caller gets
+/// a fixed text.
+pub fn untrusted_reply(detail: &str) -> Status {
+    tracing::warn!(detail, "unusable reply from a guest agent");
+    Status::unknown(
+        "the guest agent sent a reply this service cannot use (details in the agent service log)",
+    )
 }
 
 #[cfg(test)]
@@ -228,12 +239,18 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (
-                ChannelError::Wire(WireError::BadReply { reason: "x".into() }),
-                Code::Internal,
+                ChannelError::Wire(WireError::BadReply {
+                    reason: "guest text".into(),
+                }),
+                Code::Unknown,
             ),
+            (ChannelError::Retired, Code::Unavailable),
         ];
         for (e, want) in cases {
-            assert_eq!(channel(e).code(), want);
+            let status = channel(e);
+            assert_eq!(status.code(), want);
+            // What a guest agent sent never reaches the caller.
+            assert!(!status.message().contains("guest text"), "{status:?}");
         }
         assert_eq!(
             locate(LocateError::Unknown("x".into())).code(),
