@@ -1,0 +1,409 @@
+//! Running one hook script as libvirt's `virRunScript` does, plus a timeout.
+//!
+//! - argv is `[SCRIPT, OBJECT, OP, SUBOP, EXTRA]`, executed directly (no
+//!   shell); the environment is cleared and rebuilt by [`hook_env`].
+//! - The input document goes to stdin from its own task (a script that
+//!   does not read it gets EPIPE on our side, which is ignored); no input
+//!   is `/dev/null`.
+//! - stdout and stderr are drained to EOF, each kept up to a cap and the
+//!   rest dropped, so a chatty script never blocks on a full pipe.
+//! - The script leads its own process group. It is done when it has exited
+//!   *and* both pipes are closed (as libvirt, which waits for EOF). If that
+//!   takes longer than the timeout, the whole group gets SIGKILL and the
+//!   script counts as timed out. A script that finished normally keeps its
+//!   background children (libvirt kills nothing either).
+//! - When `execve` fails the result is exit status 127 (ENOENT, e.g. a
+//!   missing interpreter) or 126 (anything else, e.g. ENOEXEC), with
+//!   libvirt's "cannot execute binary" text on stderr.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Variables passed through from the executor's own environment when set,
+/// after `LC_ALL=C`, in libvirt's order (`virCommandAddEnvPassCommon`).
+pub const PASSED_ENV: [&str; 9] = [
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "DYLD_INSERT_LIBRARIES",
+    "DYLD_FORCE_FLAT_NAMESPACE",
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "TMPDIR",
+];
+
+/// Exit status reported when the script could not be executed because a
+/// file was missing (its interpreter), as libvirt's child.
+pub const EXIT_ENOENT: i32 = 127;
+/// Exit status reported when the script could not be executed otherwise.
+pub const EXIT_CANNOT_INVOKE: i32 = 126;
+
+/// How long, after the group was killed, readers may take to see EOF
+/// before what they have is taken as is.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// How long a SIGKILLed script may take to be reaped.
+const REAP_GRACE: Duration = Duration::from_secs(5);
+/// Read size for stdout and stderr.
+const READ_CHUNK: usize = 16 << 10;
+
+/// The environment of every hook: `LC_ALL=C`, then each of [`PASSED_ENV`]
+/// that `lookup` knows, in that order.
+pub fn hook_env(lookup: impl Fn(&str) -> Option<OsString>) -> Vec<(String, OsString)> {
+    let mut env = vec![("LC_ALL".to_owned(), OsString::from("C"))];
+    for name in PASSED_ENV {
+        if let Some(value) = lookup(name) {
+            env.push((name.to_owned(), value));
+        }
+    }
+    env
+}
+
+/// One script to run.
+#[derive(Debug, Clone)]
+pub struct Invocation<'a> {
+    /// The script (argv[0]).
+    pub path: &'a Path,
+    /// argv[1..]: object, op, subop, extra.
+    pub args: &'a [String; 4],
+    /// The environment (the rest is cleared).
+    pub env: &'a [(String, OsString)],
+    /// Written to stdin; empty: stdin is `/dev/null`.
+    pub input: &'a [u8],
+    /// After this, the process group is killed.
+    pub timeout: Duration,
+    /// Bytes kept of stdout and of stderr.
+    pub max_output: usize,
+}
+
+/// One captured output stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capture {
+    /// The bytes kept.
+    pub bytes: Vec<u8>,
+    /// More was written than kept.
+    pub truncated: bool,
+}
+
+/// How a script ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// Exited with this status.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+    /// Could not be waited for.
+    Unknown,
+}
+
+/// What running one script gave.
+#[derive(Debug, Clone)]
+pub struct ScriptRun {
+    /// The script.
+    pub path: PathBuf,
+    /// How it ended.
+    pub termination: Termination,
+    /// Its stdout.
+    pub stdout: Capture,
+    /// Its stderr.
+    pub stderr: Capture,
+    /// Spawn to exit (or to the kill, when it had to be killed).
+    pub duration: Duration,
+    /// Killed after the timeout (it, or something holding its output open,
+    /// was still running).
+    pub timed_out: bool,
+    /// Killed because the executor is shutting down.
+    pub cancelled: bool,
+}
+
+impl ScriptRun {
+    /// Exit status 0, not timed out, not cancelled.
+    pub fn success(&self) -> bool {
+        self.termination == Termination::Exited(0) && !self.timed_out && !self.cancelled
+    }
+}
+
+/// Runs one script to completion (or until its timeout, or `shutdown`).
+pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> ScriptRun {
+    let start = Instant::now();
+    let mut cmd = Command::new(inv.path);
+    cmd.args(inv.args.iter())
+        .env_clear()
+        .envs(inv.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if inv.input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return not_executed(inv.path, &e, start.elapsed()),
+    };
+    // The group id is the leader's pid; it stays valid (and is not reused)
+    // as long as any member lives.
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+
+    let writer = child.stdin.take().map(|mut stdin| {
+        let input = inv.input.to_vec();
+        tokio::spawn(async move {
+            // EPIPE (the script did not read it all) is not an error.
+            let _ = stdin.write_all(&input).await;
+        })
+    });
+    let stop_reading = CancellationToken::new();
+    let mut out = spawn_capture(child.stdout.take(), inv.max_output, stop_reading.clone());
+    let mut err = spawn_capture(child.stderr.take(), inv.max_output, stop_reading.clone());
+
+    let deadline = tokio::time::sleep(inv.timeout);
+    tokio::pin!(deadline);
+    let mut status: Option<io::Result<ExitStatus>> = None;
+    let mut exited_at = None;
+    let (mut out_done, mut err_done) = (None, None);
+    let (mut timed_out, mut cancelled) = (false, false);
+    while status.is_none() || out_done.is_none() || err_done.is_none() {
+        tokio::select! {
+            st = child.wait(), if status.is_none() => {
+                exited_at = Some(start.elapsed());
+                status = Some(st);
+            }
+            c = &mut out, if out_done.is_none() => out_done = Some(c),
+            c = &mut err, if err_done.is_none() => err_done = Some(c),
+            () = &mut deadline => { timed_out = true; break; }
+            () = shutdown.cancelled() => { cancelled = true; break; }
+        }
+    }
+    if timed_out || cancelled {
+        if let Some(pgid) = pgid {
+            kill_group(pgid);
+        }
+        if status.is_none() {
+            status = tokio::time::timeout(REAP_GRACE, child.wait()).await.ok();
+            exited_at = Some(start.elapsed());
+        }
+        // Give the readers the bytes already in the pipes, then stop them
+        // (a process outside the group may still hold a pipe open).
+        let _ = tokio::time::timeout(DRAIN_GRACE, async {
+            if out_done.is_none() {
+                out_done = Some((&mut out).await);
+            }
+            if err_done.is_none() {
+                err_done = Some((&mut err).await);
+            }
+        })
+        .await;
+        stop_reading.cancel();
+    }
+    if let Some(w) = writer {
+        w.abort();
+    }
+    let stdout = finish_capture(out_done, out).await;
+    let stderr = finish_capture(err_done, err).await;
+    let termination = match status {
+        Some(Ok(st)) => termination_of(st),
+        _ => Termination::Unknown,
+    };
+    ScriptRun {
+        path: inv.path.to_owned(),
+        termination,
+        stdout,
+        stderr,
+        duration: exited_at.unwrap_or_else(|| start.elapsed()),
+        timed_out,
+        cancelled,
+    }
+}
+
+fn termination_of(st: ExitStatus) -> Termination {
+    match (st.code(), st.signal()) {
+        (Some(code), _) => Termination::Exited(code),
+        (None, Some(sig)) => Termination::Signaled(sig),
+        (None, None) => Termination::Unknown,
+    }
+}
+
+/// The result for a script `execve` refused, as libvirt's child reports
+/// it: 127 for ENOENT, else 126, and the reason on stderr.
+fn not_executed(path: &Path, e: &io::Error, elapsed: Duration) -> ScriptRun {
+    let code = if e.kind() == io::ErrorKind::NotFound {
+        EXIT_ENOENT
+    } else {
+        EXIT_CANNOT_INVOKE
+    };
+    let reason = match e.raw_os_error() {
+        Some(errno) => strip_os_error(&io::Error::from_raw_os_error(errno).to_string()),
+        None => e.to_string(),
+    };
+    ScriptRun {
+        path: path.to_owned(),
+        termination: Termination::Exited(code),
+        stdout: Capture::default(),
+        stderr: Capture {
+            bytes: format!("cannot execute binary {}: {reason}\n", path.display()).into_bytes(),
+            truncated: false,
+        },
+        duration: elapsed,
+        timed_out: false,
+        cancelled: false,
+    }
+}
+
+/// `"No such file or directory (os error 2)"` -> `"No such file or directory"`.
+fn strip_os_error(text: &str) -> String {
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+fn kill_group(pgid: i32) {
+    // SAFETY: kill(2) with a negative pid signals the process group our
+    // spawned script leads; no memory is involved. ESRCH (already gone) is
+    // fine.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+fn spawn_capture<R>(reader: Option<R>, cap: usize, stop: CancellationToken) -> JoinHandle<Capture>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut capture = Capture::default();
+        let Some(mut reader) = reader else {
+            return capture;
+        };
+        let mut chunk = vec![0u8; READ_CHUNK];
+        loop {
+            let n = tokio::select! {
+                r = reader.read(&mut chunk) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                () = stop.cancelled() => break,
+            };
+            let room = cap.saturating_sub(capture.bytes.len());
+            if n > room {
+                capture.truncated = true;
+            }
+            capture.bytes.extend_from_slice(&chunk[..n.min(room)]);
+        }
+        capture
+    })
+}
+
+async fn finish_capture(
+    done: Option<Result<Capture, tokio::task::JoinError>>,
+    handle: JoinHandle<Capture>,
+) -> Capture {
+    let result = match done {
+        Some(r) => r,
+        // Cancelled just before: it returns at once.
+        None => handle.await,
+    };
+    result.unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn args() -> [String; 4] {
+        ["vm1", "prepare", "begin", "-"].map(String::from)
+    }
+
+    async fn run(path: &Path, input: &[u8], timeout: Duration, cap: usize) -> ScriptRun {
+        let env = hook_env(|k| std::env::var_os(k));
+        let args = args();
+        let inv = Invocation {
+            path,
+            args: &args,
+            env: &env,
+            input,
+            timeout,
+            max_output: cap,
+        };
+        run_script(&inv, &CancellationToken::new()).await
+    }
+
+    #[test]
+    fn test_env_is_lc_all_then_passed_vars_in_order() {
+        let env = hook_env(|k| match k {
+            "HOME" => Some("/root".into()),
+            "PATH" => Some("/bin".into()),
+            _ => None,
+        });
+        let names: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["LC_ALL", "PATH", "HOME"]);
+    }
+
+    #[tokio::test]
+    async fn test_large_input_not_read_and_large_output_do_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(
+            dir.path(),
+            "chatty",
+            "#!/bin/sh\nhead -c 200000 /dev/zero\nhead -c 200000 /dev/zero >&2\nexit 0\n",
+        );
+        let input = vec![b'x'; 1 << 20];
+        let r = run(&path, &input, Duration::from_secs(30), 1000).await;
+        assert!(r.success(), "{r:?}");
+        assert_eq!(r.stdout.bytes.len(), 1000);
+        assert!(r.stdout.truncated && r.stderr.truncated);
+    }
+
+    #[tokio::test]
+    async fn test_missing_interpreter_is_127_and_no_shebang_is_126() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(dir.path(), "bad-interp", "#!/nonexistent/sh\nexit 0\n");
+        let r = run(&path, b"", Duration::from_secs(30), 1000).await;
+        assert_eq!(r.termination, Termination::Exited(127));
+        let msg = String::from_utf8(r.stderr.bytes).unwrap();
+        assert!(
+            msg.starts_with("cannot execute binary ")
+                && msg.ends_with(": No such file or directory\n"),
+            "{msg}"
+        );
+        let path = script(dir.path(), "no-shebang", "echo ran\nexit 0\n");
+        let r = run(&path, b"", Duration::from_secs(30), 1000).await;
+        assert_eq!(r.termination, Termination::Exited(126), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn test_timeout_kills_and_reports_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(
+            dir.path(),
+            "hang",
+            "#!/bin/sh\necho started\nexec sleep 600\n",
+        );
+        let r = run(&path, b"", Duration::from_millis(300), 1000).await;
+        assert!(r.timed_out && !r.success());
+        assert_eq!(r.termination, Termination::Signaled(libc::SIGKILL));
+        assert_eq!(r.stdout.bytes, b"started\n");
+    }
+}

@@ -1,0 +1,32 @@
+//! Hook executor errors as gRPC statuses: one table.
+//!
+//! | error | code |
+//! |---|---|
+//! | [`RequestError`] (bad driver, op, argv field, timeout) | INVALID_ARGUMENT |
+//! | [`HookError`] (the executor's own failure) | INTERNAL (generic text; the detail is logged) |
+//!
+//! A failing hook script is not an error: RunHook answers OK with outcome
+//! FAILED.
+
+use tonic::Status;
+
+use crate::run::RequestError;
+
+/// The executor's own failures (never a script's).
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The task running the hooks, or a directory scan, panicked.
+    #[error("hook task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A bad request: INVALID_ARGUMENT naming the field.
+pub fn request(e: RequestError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// An executor failure: INTERNAL with a generic text; the cause is logged.
+pub fn internal(e: HookError) -> Status {
+    tracing::error!(error = %qvirt_common::error_chain(&e), "internal error");
+    Status::internal("internal error in the hook executor (see its log)")
+}
