@@ -810,3 +810,177 @@ fn test_daemonize_writes_pidfile_and_serves() {
     assert_eq!(outs[0], outs[1]);
     assert_eq!(outs[0], b"{\"return\": {}, \"id\": \"daemon\"}\n");
 }
+
+/// The `return` value of each response line in `out`.
+fn returns(out: &[u8]) -> Vec<qvirt_qga::Value> {
+    let mut parser = qvirt_qga::StreamParser::new();
+    parser
+        .feed_collect(out)
+        .into_iter()
+        .map(|m| {
+            let v = m.expect("agent wrote invalid JSON");
+            v.as_object()
+                .and_then(|o| o.get("return"))
+                .cloned()
+                .unwrap_or_else(|| panic!("not a success: {}", String::from_utf8_lossy(out)))
+        })
+        .collect()
+}
+
+fn member_u64(d: &qvirt_qga::Dict, key: &str) -> Option<u64> {
+    match d.get(key)? {
+        qvirt_qga::Value::Int(i) => Some(*i as u64),
+        qvirt_qga::Value::UInt(u) => Some(*u),
+        _ => None,
+    }
+}
+
+/// A mount point with its used-bytes and total-bytes.
+type FsSizes = (String, Option<u64>, Option<u64>);
+
+/// guest-get-fsinfo of both agents, each filesystem's used-bytes and
+/// total-bytes taken out (they move while anything writes to the host's
+/// filesystems, e.g. a build) and returned beside the rest, which must be
+/// byte-identical.
+fn fsinfo_split(out: &[u8]) -> (Vec<u8>, Vec<FsSizes>) {
+    let mut ret = returns(out);
+    assert_eq!(ret.len(), 1, "{}", String::from_utf8_lossy(out));
+    let qvirt_qga::Value::Array(list) = &mut ret[0] else {
+        panic!("not a list: {}", String::from_utf8_lossy(out));
+    };
+    let mut sizes = Vec::new();
+    for fs in list.iter_mut() {
+        let qvirt_qga::Value::Object(d) = fs else {
+            panic!("not an object")
+        };
+        let mnt = d
+            .get("mountpoint")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        sizes.push((
+            mnt,
+            member_u64(d, "used-bytes"),
+            member_u64(d, "total-bytes"),
+        ));
+        d.take_value("used-bytes");
+        d.take_value("total-bytes");
+    }
+    (qvirt_qga::writer::to_json(&ret[0]), sizes)
+}
+
+/// guest-get-fsinfo and guest-get-disks against the same /proc and /sys,
+/// with a scratch loop-mounted ext4 filesystem added where the test can
+/// make one (a virtual block device: no disk address). Everything but the
+/// sizes is compared byte for byte; the sizes of the quiet scratch
+/// filesystem exactly, those of the host's filesystems within 1% (other
+/// processes write to them between the two calls). The mount list can
+/// change under the test (other tests mount scratch filesystems), so a
+/// differing pair is read again a few times before failing.
+#[test]
+fn test_fsinfo_and_disks() {
+    let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let fs = LoopFs::new()
+        .map_err(|reason| eprintln!("test_fsinfo_and_disks: no scratch filesystem ({reason})"))
+        .ok();
+    let agents = both(&[], &[], |_| {});
+    let fsinfo: &[&[u8]] = &[b"{'execute':'guest-get-fsinfo'}"];
+    let mut attempt = 0;
+    let (a, b) = loop {
+        let a = fsinfo_split(&exchange(&agents.0, fsinfo));
+        let b = fsinfo_split(&exchange(&agents.1, fsinfo));
+        attempt += 1;
+        if a.0 == b.0 || attempt == 5 {
+            break (a, b);
+        }
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&b.0),
+        String::from_utf8_lossy(&a.0),
+        "fsinfo without sizes: qvirt-ga (left) differs from qemu-ga (right)"
+    );
+    eprintln!("fsinfo (sizes left out): {}", String::from_utf8_lossy(&a.0));
+    let scratch = fs.as_ref().map(|f| f.mnt.to_string_lossy().into_owned());
+    for ((mnt, qu, qt), (_, vu, vt)) in a.1.iter().zip(&b.1) {
+        assert_eq!(qu.is_some(), vu.is_some(), "{mnt}: used-bytes present");
+        assert_eq!(qt.is_some(), vt.is_some(), "{mnt}: total-bytes present");
+        let (Some(qu), Some(vu), Some(qt), Some(vt)) = (qu, vu, qt, vt) else {
+            continue;
+        };
+        if Some(mnt) == scratch.as_ref() {
+            assert_eq!((vu, vt), (qu, qt), "{mnt}: sizes of the quiet scratch fs");
+        } else {
+            let tol = qt / 100;
+            assert!(qu.abs_diff(*vu) <= tol, "{mnt}: used {vu} vs {qu}");
+            assert!(qt.abs_diff(*vt) <= tol, "{mnt}: total {vt} vs {qt}");
+        }
+    }
+    if let Some(s) = &scratch {
+        let needle = format!("\"mountpoint\": \"{s}\"");
+        assert!(
+            String::from_utf8_lossy(&a.0).contains(&needle),
+            "the scratch filesystem is not listed"
+        );
+    }
+    let out = same(&agents, &[b"{'execute':'guest-get-disks'}"]);
+    eprintln!("disks: {}", String::from_utf8_lossy(&out));
+    // Arguments are checked as for any command without arguments.
+    same(
+        &agents,
+        &[b"{'execute':'guest-get-fsinfo','arguments':{'x':1}}{'execute':'guest-get-disks','arguments':{'x':1}}"],
+    );
+    drop(fs);
+}
+
+/// guest-fstrim: FITRIM on every mounted block-device filesystem (the
+/// host's too: FITRIM only discards free blocks), with a scratch
+/// loop-mounted ext4 filesystem where the test can make one. The byte
+/// counts trimmed depend on what an earlier trim left (the second trim of
+/// an unchanged ext4 group trims nothing), so their digits are masked;
+/// paths, minimum and errors are compared as they are.
+#[test]
+fn test_fstrim() {
+    let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let fs = LoopFs::new()
+        .map_err(|reason| eprintln!("test_fstrim: no scratch filesystem ({reason})"))
+        .ok();
+    let agents = both(&[], &[], |_| {});
+    let mask = |v: Vec<u8>| -> String {
+        let text = String::from_utf8_lossy(&v).into_owned();
+        let mut out = String::new();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("\"trimmed\": ") {
+            let (head, tail) = rest.split_at(i + 11);
+            out.push_str(head);
+            out.push('N');
+            rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+        out.push_str(rest);
+        out
+    };
+    for req in [
+        &b"{'execute':'guest-fstrim'}"[..],
+        b"{'execute':'guest-fstrim','arguments':{'minimum':65536}}",
+    ] {
+        let mut attempt = 0;
+        let (a, b) = loop {
+            let a = mask(exchange(&agents.0, &[req]));
+            let b = mask(exchange(&agents.1, &[req]));
+            attempt += 1;
+            if a == b || attempt == 5 {
+                break (a, b);
+            }
+        };
+        assert_eq!(b, a, "qvirt-ga (left) differs from qemu-ga (right)");
+        eprintln!("{a}");
+        if let Some(fs) = &fs {
+            let needle = format!("\"path\": \"{}\", \"trimmed\": N", fs.mnt.display());
+            assert!(a.contains(&needle), "scratch fs not trimmed: {a}");
+        }
+    }
+    same(
+        &agents,
+        &[b"{'execute':'guest-fstrim','arguments':{'minimum':'x'}}{'execute':'guest-fstrim','arguments':{'minimum':1,'y':2}}"],
+    );
+    drop(fs);
+}

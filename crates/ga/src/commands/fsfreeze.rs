@@ -23,53 +23,15 @@ pub fn status(agent: &mut Agent, args: &mut Args) -> CmdResult {
     })))
 }
 
-/// Mount points of block-device filesystems, in mount order.
+/// Mount points of block-device filesystems, in mount order (network
+/// filesystems left out).
 fn mounts() -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let (Some(devno), Some(dir), Some(fstype)) =
-            (fields.get(2), fields.get(4), fields.get(sep + 1))
-        else {
-            continue;
-        };
-        let major: u32 = devno
-            .split(':')
-            .next()
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0);
-        if major == 0 || *fstype == "smbfs" || *fstype == "cifs" {
-            continue;
-        }
-        out.push(unescape_mount(dir));
-    }
-    out
-}
-
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::commands::disks::mounts()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fstype != "smbfs" && m.fstype != "cifs")
+        .map(|m| m.dir)
+        .collect()
 }
 
 fn ioctl_path(path: &str, request: libc::c_ulong) -> std::io::Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod basic;
 pub mod cpu;
+pub mod disks;
 pub mod diskstats;
 pub mod exec;
 pub mod file;

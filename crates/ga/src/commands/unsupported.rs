@@ -13,13 +13,6 @@ pub fn no_args(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     Err(unsupported_error())
 }
 
-/// guest-fstrim `{minimum?: int}`.
-pub fn fstrim(_agent: &mut Agent, args: &mut Args) -> CmdResult {
-    args.opt_int("minimum")?;
-    args.done()?;
-    Err(unsupported_error())
-}
-
 /// guest-set-vcpus `{vcpus: [...]}` (items not checked).
 pub fn set_vcpus(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     args.any("vcpus")?;

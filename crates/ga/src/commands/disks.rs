@@ -1,0 +1,728 @@
+//! guest-get-fsinfo, guest-get-disks and guest-fstrim, as qemu-ga 7.2 does
+//! them on Linux: the mount list from `/proc/self/mountinfo` (block-device
+//! mounts only; btrfs, which reports major 0, through its source device),
+//! disk addresses from the sysfs path of the device (PCI controller and
+//! driver, SCSI/IDE/SATA host and target numbers), the device node and
+//! serial as libudev reports them (the `uevent` file, then the udev
+//! database), and FITRIM per mounted filesystem. Lists that qemu-ga builds
+//! by prepending come out in reverse, as there.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use qvirt_qga::{Dict, QgaError, Value};
+
+use crate::agent::{Agent, CmdResult};
+use crate::args::Args;
+use crate::commands::{strerror, with_errno};
+
+/// One mounted block-device filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Mount point (octal escapes decoded).
+    pub dir: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Device number of the filesystem.
+    pub major: u32,
+    /// Device number of the filesystem.
+    pub minor: u32,
+}
+
+/// Decodes the `\ooo` escapes of a mountinfo field.
+pub fn decode_mount_name(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u32::from(b[i + 1] - b'0') * 64
+                + u32::from(b[i + 2] - b'0') * 8
+                + u32::from(b[i + 3] - b'0');
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The device number of a block device node.
+fn block_dev_number(path: &str) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = meta.rdev();
+    Some((libc::major(rdev), libc::minor(rdev)))
+}
+
+/// Parses mountinfo text into the block-device mounts, in mount order.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(devno), Some(dir)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        let Some((major, minor)) = devno
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+        else {
+            continue;
+        };
+        let Some(sep) = fields.iter().skip(5).position(|f| *f == "-").map(|p| p + 5) else {
+            continue;
+        };
+        let Some(fstype) = fields.get(sep + 1).filter(|t| !t.is_empty()) else {
+            continue;
+        };
+        let source = fields.get(sep + 2).map(|s| decode_mount_name(s));
+        let (major, minor) = if major == 0 {
+            // btrfs reports major 0: use its source device instead.
+            match (*fstype, source.as_deref().and_then(block_dev_number)) {
+                ("btrfs", Some(dev)) => dev,
+                _ => continue,
+            }
+        } else {
+            (major, minor)
+        };
+        out.push(Mount {
+            dir: decode_mount_name(dir),
+            fstype: (*fstype).to_owned(),
+            major,
+            minor,
+        });
+    }
+    out
+}
+
+/// The block-device mounts of this process's mount namespace.
+pub fn mounts() -> Result<Vec<Mount>, QgaError> {
+    match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(text) => Ok(parse_mountinfo(&text)),
+        Err(_) => mounts_from_mtab(),
+    }
+}
+
+/// The fallback qemu-ga uses without mountinfo: /proc/self/mounts, with
+/// the device number from each source device node.
+fn mounts_from_mtab() -> Result<Vec<Mount>, QgaError> {
+    let text = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| with_errno("failed to open mtab file: '/proc/self/mounts'", &e))?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(src), Some(dir), Some(fstype)) = (f.first(), f.get(1), f.get(2)) else {
+            continue;
+        };
+        if matches!(*fstype, "rootfs" | "devtmpfs") {
+            continue;
+        }
+        let Some((major, minor)) = block_dev_number(&decode_mount_name(src)) else {
+            continue;
+        };
+        out.push(Mount {
+            dir: decode_mount_name(dir),
+            fstype: (*fstype).to_owned(),
+            major,
+            minor,
+        });
+    }
+    Ok(out)
+}
+
+/// What libudev knows of a sysfs device: its node and properties from
+/// `uevent`, then the udev database.
+struct UdevInfo {
+    props: Vec<(String, String)>,
+}
+
+impl UdevInfo {
+    /// `None` where `udev_device_new_from_syspath` fails (no such device).
+    fn new(syspath: &str) -> Option<Self> {
+        let real = std::fs::canonicalize(syspath).ok()?;
+        let uevent = std::fs::read_to_string(real.join("uevent")).ok()?;
+        let mut props: Vec<(String, String)> = uevent
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |k: &str| props.iter().find(|(p, _)| p == k).map(|(_, v)| v.clone());
+        if let (Some(major), Some(minor)) = (get("MAJOR"), get("MINOR")) {
+            let db = format!("/run/udev/data/b{major}:{minor}");
+            if let Ok(text) = std::fs::read_to_string(db) {
+                for line in text.lines() {
+                    if let Some((k, v)) = line.strip_prefix("E:").and_then(|e| e.split_once('=')) {
+                        props.push((k.to_owned(), v.to_owned()));
+                    }
+                }
+            }
+        }
+        Some(UdevInfo { props })
+    }
+
+    fn property(&self, key: &str) -> Option<&str> {
+        self.props
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn devnode(&self) -> Option<String> {
+        self.property("DEVNAME").map(|n| {
+            if n.starts_with('/') {
+                n.to_owned()
+            } else {
+                format!("/dev/{n}")
+            }
+        })
+    }
+}
+
+fn basename(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rsplit_once('/') {
+        Some((_, b)) => b.to_owned(),
+        None => trimmed.to_owned(),
+    }
+}
+
+/// A disk address being built (GuestDiskAddress).
+#[derive(Debug, Clone, PartialEq)]
+struct DiskAddress {
+    pci: [i64; 4],
+    bus_type: &'static str,
+    bus: i64,
+    target: i64,
+    unit: i64,
+    serial: Option<String>,
+    dev: Option<String>,
+}
+
+impl DiskAddress {
+    fn new() -> Self {
+        DiskAddress {
+            pci: [-1; 4],
+            bus_type: "unknown",
+            bus: 0,
+            target: 0,
+            unit: 0,
+            serial: None,
+            dev: None,
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        let mut pci = Dict::new();
+        pci.insert("domain", self.pci[0]);
+        pci.insert("bus", self.pci[1]);
+        pci.insert("slot", self.pci[2]);
+        pci.insert("function", self.pci[3]);
+        let mut d = Dict::new();
+        d.insert("pci-controller", pci);
+        d.insert("bus-type", self.bus_type);
+        d.insert("bus", self.bus);
+        d.insert("target", self.target);
+        d.insert("unit", self.unit);
+        if let Some(s) = &self.serial {
+            d.insert("serial", s.as_str());
+        }
+        if let Some(s) = &self.dev {
+            d.insert("dev", s.as_str());
+        }
+        Value::Object(d)
+    }
+}
+
+/// What build_guest_fsinfo_for_device fills in.
+#[derive(Default)]
+struct DeviceInfo {
+    name: Option<String>,
+    /// In output order (qemu-ga prepends).
+    disks: Vec<DiskAddress>,
+}
+
+/// Reads `%x` (hex digits) from the start of `s`.
+fn hex(s: &str) -> Option<(u32, &str)> {
+    let end = s.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(s.len());
+    if end == 0 {
+        return None;
+    }
+    Some((u32::from_str_radix(&s[..end], 16).ok()?, &s[end..]))
+}
+
+/// Reads `%u` from the start of `s` (leading spaces and `+` as sscanf).
+fn dec(s: &str) -> Option<(u32, &str)> {
+    let s = s.trim_start();
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if end == 0 {
+        return None;
+    }
+    Some((s[..end].parse().ok()?, &s[end..]))
+}
+
+/// `"%x:%x:%x.%x"`: a PCI address; returns it and what follows.
+fn pci_addr(s: &str) -> Option<([u32; 4], &str)> {
+    let (d, s) = hex(s)?;
+    let (b, s) = hex(s.strip_prefix(':')?)?;
+    let (sl, s) = hex(s.strip_prefix(':')?)?;
+    let (f, s) = hex(s.strip_prefix('.')?)?;
+    Some(([d, b, sl, f], s))
+}
+
+/// `"%*x:%*x/"` then a PCI address: the first device under a PCI root
+/// (`pci0000:00/0000:00:02.0`).
+fn pci_root_then_addr(s: &str) -> Option<([u32; 4], &str)> {
+    let (_, s) = hex(s)?;
+    let (_, s) = hex(s.strip_prefix(':')?)?;
+    pci_addr(s.strip_prefix('/')?)
+}
+
+/// `"/target"` then `"%*u:%*u:%*u/%*u:%u:%u:%u"`.
+fn scsi_target(syspath: &str) -> Option<[u32; 3]> {
+    let p = syspath.find("/target")?;
+    let s = &syspath[p + 7..];
+    let (_, s) = dec(s)?;
+    let (_, s) = dec(s.strip_prefix(':')?)?;
+    let (_, s) = dec(s.strip_prefix(':')?)?;
+    let (_, s) = dec(s.strip_prefix('/')?)?;
+    let (a, s) = dec(s.strip_prefix(':')?)?;
+    let (b, s) = dec(s.strip_prefix(':')?)?;
+    let (c, _) = dec(s.strip_prefix(':')?)?;
+    Some([a, b, c])
+}
+
+/// The driver name of the device at `path` (basename of its `driver` link).
+fn driver_of(path: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("{path}/driver")).ok()?;
+    Some(basename(&link.to_string_lossy()))
+}
+
+/// The `ataN` or `hostN` numbers in the directory holding `prefix`'s last
+/// component, sorted.
+fn hosts(dir: &str, ata: bool) -> Result<Vec<u32>, QgaError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| with_errno(&format!("opendir(\"{dir}\")"), &e))?;
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        if out.len() >= 8 {
+            break;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rest = if ata {
+            name.strip_prefix("ata")
+        } else {
+            name.strip_prefix("host")
+        };
+        if let Some((n, _)) = rest.and_then(|r| {
+            // sscanf "%d": an optional sign, then digits.
+            let neg = r.starts_with('-');
+            let r = r.strip_prefix('-').or(Some(r))?;
+            dec(r).map(|(n, rest)| (if neg { n.wrapping_neg() } else { n }, rest))
+        }) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+const PCI_DRIVERS: &[&str] = &["ata_piix", "sym53c8xx", "virtio-pci", "ahci", "nvme"];
+
+/// The address of a disk behind a PCI controller.
+fn fsinfo_for_pci_dev(syspath: &str, disk: &mut DiskAddress) -> Result<bool, QgaError> {
+    let Some(p) = syspath.find("/devices/pci") else {
+        return Ok(false);
+    };
+    let Some((mut pci, mut rest)) = pci_root_then_addr(&syspath[p + 12..]) else {
+        return Ok(false);
+    };
+    // Walk down through bridges to the first device with a known driver.
+    let driver = loop {
+        let upto = syspath.len() - rest.len();
+        if let Some(d) = driver_of(&syspath[..upto])
+            && PCI_DRIVERS.contains(&d.as_str())
+        {
+            break d;
+        }
+        match rest.strip_prefix('/').and_then(pci_addr) {
+            Some((next, r)) => {
+                pci = next;
+                rest = r;
+            }
+            None => return Ok(false),
+        }
+    };
+    let tgt = scsi_target(syspath);
+    let (host_at, ata) = match syspath.find("/ata") {
+        Some(i) => (Some((i, i + 4)), true),
+        None => (syspath.find("/host").map(|i| (i, i + 5)), false),
+    };
+    let mut host = None;
+    let mut host_list = Vec::new();
+    if let Some((at, num)) = host_at
+        && let Some((h, _)) = dec(&syspath[num..])
+    {
+        host = Some(h);
+        host_list = hosts(&syspath[..at], ata)?;
+    }
+    let host_index = || host.and_then(|h| host_list.iter().position(|&x| x == h));
+    disk.pci = pci.map(i64::from);
+    match driver.as_str() {
+        "ata_piix" => {
+            // One host per IDE bus; target*:0:<unit>:0.
+            let (Some(t), Some(i)) = (tgt, host_index()) else {
+                return Ok(false);
+            };
+            disk.bus_type = "ide";
+            disk.bus = i as i64;
+            disk.unit = i64::from(t[1]);
+        }
+        "sym53c8xx" => {
+            let Some(t) = tgt else { return Ok(false) };
+            disk.bus_type = "scsi";
+            disk.unit = i64::from(t[1]);
+        }
+        "virtio-pci" => match tgt {
+            // virtio-scsi: target*:0:0:<unit>.
+            Some(t) => {
+                disk.bus_type = "scsi";
+                disk.unit = i64::from(t[2]);
+            }
+            // virtio-blk: one disk per device.
+            None => disk.bus_type = "virtio",
+        },
+        "ahci" => {
+            // One host per unit.
+            let (Some(_), Some(i)) = (tgt, host_index()) else {
+                return Ok(false);
+            };
+            disk.bus_type = "sata";
+            disk.unit = i as i64;
+        }
+        _ => disk.bus_type = "nvme",
+    }
+    Ok(true)
+}
+
+/// A virtio disk not behind PCI (virtio-mmio).
+fn fsinfo_for_nonpci_virtio(syspath: &str, disk: &mut DiskAddress) -> bool {
+    if !syspath.contains("/virtio") || !syspath.contains("/block") {
+        return false;
+    }
+    match scsi_target(syspath) {
+        Some(t) => {
+            disk.bus_type = "scsi";
+            disk.bus = i64::from(t[0]);
+            disk.target = i64::from(t[1]);
+            disk.unit = i64::from(t[2]);
+        }
+        None => disk.bus_type = "virtio",
+    }
+    true
+}
+
+fn fsinfo_for_real_device(syspath: &str, info: &mut DeviceInfo) -> Result<(), QgaError> {
+    let mut disk = DiskAddress::new();
+    if let Some(udev) = UdevInfo::new(syspath) {
+        disk.dev = udev.devnode();
+        disk.serial = udev
+            .property("ID_SERIAL")
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned);
+    }
+    let has_hwinfo = if syspath.contains("/devices/pci") {
+        fsinfo_for_pci_dev(syspath, &mut disk)?
+    } else if syspath.contains("/virtio") {
+        fsinfo_for_nonpci_virtio(syspath, &mut disk)
+    } else {
+        false
+    };
+    if has_hwinfo || disk.dev.is_some() || disk.serial.is_some() {
+        info.disks.insert(0, disk);
+    }
+    Ok(())
+}
+
+/// A device-mapper or md device: the disks of each of its slaves.
+fn fsinfo_for_virtual_device(syspath: &str, info: &mut DeviceInfo) -> Result<(), QgaError> {
+    let dirpath = format!("{syspath}/slaves");
+    let entries = match std::fs::read_dir(&dirpath) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(with_errno(&format!("opendir(\"{dirpath}\")"), &e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| with_errno(&format!("readdir(\"{dirpath}\")"), &e))?;
+        if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            fsinfo_for_device(&format!("{syspath}/slaves/{name}"), info)?;
+        }
+    }
+    Ok(())
+}
+
+fn fsinfo_for_device(devpath: &str, info: &mut DeviceInfo) -> Result<(), QgaError> {
+    let syspath = match std::fs::canonicalize(devpath) {
+        Ok(p) => p.to_string_lossy().into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Containers may hide the device.
+            info.name.get_or_insert_with(|| basename(devpath));
+            return Ok(());
+        }
+        Err(e) => return Err(with_errno(&format!("realpath(\"{devpath}\")"), &e)),
+    };
+    info.name.get_or_insert_with(|| basename(&syspath));
+    if syspath.contains("/devices/virtual/block/") {
+        fsinfo_for_virtual_device(&syspath, info)
+    } else {
+        fsinfo_for_real_device(&syspath, info)
+    }
+}
+
+fn fsinfo_for_mount(m: &Mount) -> Result<Value, QgaError> {
+    let mut info = DeviceInfo::default();
+    fsinfo_for_device(
+        &format!("/sys/dev/block/{}:{}", m.major, m.minor),
+        &mut info,
+    )?;
+    let mut d = Dict::new();
+    d.insert("name", info.name.unwrap_or_default());
+    d.insert("mountpoint", m.dir.as_str());
+    d.insert("type", m.fstype.as_str());
+    if let Some((used, total)) = usage(&m.dir) {
+        d.insert("used-bytes", used);
+        d.insert("total-bytes", total);
+    }
+    d.insert(
+        "disk",
+        info.disks
+            .iter()
+            .map(DiskAddress::to_value)
+            .collect::<Vec<_>>(),
+    );
+    Ok(Value::Object(d))
+}
+
+/// (used, total for non-root) bytes from statvfs.
+fn usage(dir: &str) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(dir).ok()?;
+    // SAFETY: statvfs is plain data, filled by the call from a valid path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize;
+    let used = st.f_blocks.wrapping_sub(st.f_bfree);
+    let total = used.wrapping_add(st.f_bavail);
+    Some((used.wrapping_mul(frsize), total.wrapping_mul(frsize)))
+}
+
+/// guest-get-fsinfo.
+pub fn get_fsinfo(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let mut list = Vec::new();
+    for m in mounts()?.iter().rev() {
+        list.push(fsinfo_for_mount(m)?);
+    }
+    Ok(Some(Value::Array(list)))
+}
+
+/// The device node of a sysfs device, as libudev gives it.
+fn device_for_syspath(syspath: &str) -> Option<String> {
+    UdevInfo::new(syspath)?.devnode()
+}
+
+/// guest-get-disks.
+pub fn get_disks(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    args.done()?;
+    let dir = std::fs::read_dir("/sys/block")
+        .map_err(|e| with_errno("Can't open directory \"/sys/block\"", &e))?;
+    // Built by prepending, as qemu-ga: reversed at the end.
+    let mut list: Vec<Value> = Vec::new();
+    for entry in dir.flatten() {
+        if !entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match std::fs::read(format!("/sys/block/{name}/size")) {
+            Ok(size) if size != b"0\n" => {}
+            _ => continue,
+        }
+        let disk_dir = format!("/sys/block/{name}");
+        let Some(dev_name) = device_for_syspath(&disk_dir) else {
+            continue;
+        };
+        let mut d = Dict::new();
+        d.insert("name", dev_name.as_str());
+        d.insert("partition", false);
+        if let Ok(deps) = std::fs::read_dir(format!("{disk_dir}/slaves")) {
+            let mut names: Vec<Value> = Vec::new();
+            for dep in deps.flatten() {
+                let dep_dir = format!("{disk_dir}/slaves/{}", dep.file_name().to_string_lossy());
+                if let Some(dev) = device_for_syspath(&dep_dir) {
+                    names.insert(0, Value::from(dev));
+                }
+            }
+            d.insert("dependencies", names);
+        }
+        let mut info = DeviceInfo::default();
+        // An error here only leaves the address out, as in qemu-ga.
+        if fsinfo_for_device(&disk_dir, &mut info).is_ok()
+            && let Some(addr) = info.disks.first()
+        {
+            d.insert("address", addr.to_value());
+        }
+        if let Some(alias) =
+            UdevInfo::new(&disk_dir).and_then(|u| u.property("DM_NAME").map(str::to_owned))
+        {
+            d.insert("alias", alias);
+        }
+        list.push(Value::Object(d));
+        // Partitions: entries of the disk's directory named after it.
+        if let Ok(parts) = std::fs::read_dir(&disk_dir) {
+            for part in parts.flatten() {
+                let part_name = part.file_name().to_string_lossy().into_owned();
+                if !part_name.starts_with(&name) {
+                    continue;
+                }
+                let Some(part_dev) = device_for_syspath(&format!("{disk_dir}/{part_name}")) else {
+                    continue;
+                };
+                let mut p = Dict::new();
+                p.insert("name", part_dev);
+                p.insert("partition", true);
+                p.insert("dependencies", vec![Value::from(dev_name.as_str())]);
+                list.push(Value::Object(p));
+            }
+        }
+    }
+    list.reverse();
+    Ok(Some(Value::Array(list)))
+}
+
+/// `_IOWR('X', 121, struct fstrim_range)`.
+const FITRIM: libc::c_ulong = 0xC018_5879;
+
+#[repr(C)]
+struct FstrimRange {
+    start: u64,
+    len: u64,
+    minlen: u64,
+}
+
+/// guest-fstrim `{minimum?: int}`: FITRIM on every mounted block-device
+/// filesystem; one result per mount, errors per path.
+pub fn fstrim(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let minimum = args.opt_int("minimum")?;
+    args.done()?;
+    let mut paths = Vec::new();
+    for m in mounts()?.iter().rev() {
+        paths.push(Value::Object(trim_one(&m.dir, minimum)));
+    }
+    let mut d = Dict::new();
+    d.insert("paths", paths);
+    Ok(Some(Value::Object(d)))
+}
+
+fn trim_one(dir: &str, minimum: Option<i64>) -> Dict {
+    let mut d = Dict::new();
+    d.insert("path", dir);
+    let file = match open_dir_readonly(Path::new(dir)) {
+        Ok(f) => f,
+        Err(e) => {
+            d.insert("error", format!("failed to open: {}", strerror(&e)));
+            return d;
+        }
+    };
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: minimum.unwrap_or(0) as u64,
+    };
+    // SAFETY: FITRIM reads and updates the fstrim_range we pass.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            FITRIM as _,
+            &mut range as *mut FstrimRange,
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        let msg = match e.raw_os_error() {
+            Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) => "trim not supported".to_owned(),
+            _ => format!("failed to trim: {}", strerror(&e)),
+        };
+        d.insert("error", msg);
+        return d;
+    }
+    d.insert("trimmed", range.len as i64);
+    d.insert("minimum", range.minlen as i64);
+    d
+}
+
+fn open_dir_readonly(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_mountinfo_keeps_block_devices_and_decodes_names() {
+        let text = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    40 27 7:3 / /mnt/a\\040b rw shared:1 - ext4 /dev/loop3 rw\n\
+                    41 27 0:50 / /b rw - btrfs /nonexistent-dev rw\n\
+                    garbage line\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(
+            m,
+            vec![
+                Mount {
+                    dir: "/".into(),
+                    fstype: "ext4".into(),
+                    major: 254,
+                    minor: 0
+                },
+                Mount {
+                    dir: "/mnt/a b".into(),
+                    fstype: "ext4".into(),
+                    major: 7,
+                    minor: 3
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn test_sysfs_path_parsers() {
+        assert_eq!(
+            pci_root_then_addr("0000:00/0000:00:1f.2/ata1/host0"),
+            Some(([0, 0, 0x1f, 2], "/ata1/host0"))
+        );
+        assert_eq!(
+            scsi_target(
+                "/sys/devices/pci0000:00/0000:00:03.0/virtio0/host2/target2:0:1/2:0:1:5/block/sda"
+            ),
+            Some([0, 1, 5])
+        );
+        assert_eq!(scsi_target("/sys/devices/x/target2:0"), None);
+        assert_eq!(basename("/sys/block/vda/"), "vda");
+    }
+}
