@@ -519,3 +519,142 @@ async fn test_dropped_subscriptions_give_their_memory_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A subscription request carrying `principal` and, if given, a gateway
+/// token in its metadata.
+fn as_principal(
+    principal: &str,
+    token: Option<&str>,
+) -> tonic::Request<SubscribeMonitorEventsRequest> {
+    let mut req = tonic::Request::new(SubscribeMonitorEventsRequest::default());
+    let md = req.metadata_mut();
+    md.insert("x-qvirt-principal", principal.parse().unwrap());
+    if let Some(t) = token {
+        md.insert("x-qvirt-gateway-token", t.parse().unwrap());
+    }
+    req
+}
+
+/// Subscribes with `req` and returns the stream (past Established) or the
+/// refusal.
+async fn try_subscribe(
+    client: &mut EventBusClient<Channel>,
+    req: tonic::Request<SubscribeMonitorEventsRequest>,
+) -> Result<Streaming<SubscribeMonitorEventsResponse>, tonic::Status> {
+    let mut stream = client.subscribe_monitor_events(req).await?.into_inner();
+    match next(&mut stream).await {
+        MonitorKind::Established(_) => Ok(stream),
+        other => panic!("first message must be established, got {other:?}"),
+    }
+}
+
+fn refused_for(result: Result<Streaming<SubscribeMonitorEventsResponse>, tonic::Status>) -> String {
+    match result {
+        Ok(_) => panic!("subscription accepted past the per-principal cap"),
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+            e.message().to_owned()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
+    let (_svc, mut client) =
+        bus("max_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n").await;
+    // Without the token the principal metadata is ignored: both count as
+    // the peer, so the second is refused whatever principal it claims.
+    let _peer = try_subscribe(&mut client, as_principal("alice", None))
+        .await
+        .unwrap();
+    let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", None)).await);
+    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
+    // A wrong token is no token.
+    let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", Some("guess"))).await);
+    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
+    // With the token, the gateway's principals have slots of their own.
+    let _alice = try_subscribe(&mut client, as_principal("alice", Some("s3cret")))
+        .await
+        .unwrap();
+    let _bob = try_subscribe(&mut client, as_principal("bob", Some("s3cret")))
+        .await
+        .unwrap();
+    let msg = refused_for(try_subscribe(&mut client, as_principal("alice", Some("s3cret"))).await);
+    assert!(msg.contains("\"alice\""), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_principal_metadata_is_ignored_without_a_configured_token() {
+    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let _first = try_subscribe(&mut client, as_principal("alice", Some("")))
+        .await
+        .unwrap();
+    let msg = refused_for(try_subscribe(&mut client, as_principal("bob", Some("anything"))).await);
+    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
+}
+
+/// Events in the shared-connection test, each with a ~1 KiB payload: about
+/// 20 MiB, far over every HTTP/2 flow-control window on the connection.
+const SHARED_EVENTS: u64 = 20_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_publisher_and_subscriber_share_one_connection() {
+    let (_svc, mut client) = bus("queue_capacity: 65536\n").await;
+    // One channel: the publish stream and the subscription are two streams
+    // of one HTTP/2 connection.
+    let mut publisher = client.clone();
+    let (mut sub, _) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            event: "BIG".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let payload = format!("\"{}\"", "x".repeat(1024));
+    let burst = move |from: u64| {
+        let payload = payload.clone();
+        (from..from + SHARED_EVENTS).map(move |i| PublishRequest {
+            event: Some(Event::MonitorEvent(monitor(
+                "a",
+                "BIG",
+                &format!("[{i},{payload}]"),
+            ))),
+        })
+    };
+    // The subscriber reads nothing while the burst is published: the
+    // publish must still complete (its stream is read and answered while
+    // the subscription's stream is blocked on flow control).
+    let reply = tokio::time::timeout(
+        MESSAGE_TIMEOUT,
+        publisher.publish(tokio_stream::iter(burst(0))),
+    )
+    .await
+    .expect("publish blocked behind an unread subscription on its connection")
+    .unwrap()
+    .into_inner();
+    assert_eq!(reply.accepted, SHARED_EVENTS);
+    // Now both at once: the subscriber drains while a second burst goes
+    // out on the same connection.
+    let second = tokio::spawn(async move {
+        publisher
+            .publish(tokio_stream::iter(burst(SHARED_EVENTS)))
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let mut expected = 0u64;
+    while expected < 2 * SHARED_EVENTS {
+        let e = event_of(next(&mut sub).await);
+        let n: u64 = e.details_json[1..e.details_json.find(',').unwrap()]
+            .parse()
+            .unwrap();
+        assert_eq!(n, expected, "in order, none lost or repeated");
+        expected += 1;
+    }
+    let reply = tokio::time::timeout(MESSAGE_TIMEOUT, second)
+        .await
+        .expect("second publish answered")
+        .unwrap();
+    assert_eq!(reply.accepted, SHARED_EVENTS);
+}

@@ -47,6 +47,12 @@ pub struct Config {
     /// Where to serve Prometheus metrics over HTTP (`IP:PORT`, path
     /// `/metrics`). Absent: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Secret shared with the gateway: a caller whose `x-qvirt-gateway-token`
+    /// metadata equals it is the gateway, and its `x-qvirt-principal` is the
+    /// principal counted by the per-principal caps. Absent (the default):
+    /// `x-qvirt-principal` is ignored and every caller counts as its peer
+    /// address.
+    pub gateway_token: Option<String>,
 }
 
 impl Default for Config {
@@ -63,6 +69,7 @@ impl Default for Config {
             max_domain_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
             max_domain_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
             metrics_listen: None,
+            gateway_token: None,
         }
     }
 }

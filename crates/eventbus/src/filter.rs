@@ -229,6 +229,15 @@ impl EventNameFilter {
         matches!(self.matcher, NameMatcher::All)
     }
 
+    /// The one name the filter accepts, when it is a case-sensitive
+    /// literal: the hub indexes such subscribers by that name.
+    pub fn exact_name(&self) -> Option<&str> {
+        match &self.matcher {
+            NameMatcher::Exact(want) => Some(want),
+            _ => None,
+        }
+    }
+
     /// Whether `name` passes the filter.
     pub fn matches(&self, name: &str) -> bool {
         match &self.matcher {

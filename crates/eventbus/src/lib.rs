@@ -47,7 +47,7 @@ pub async fn run(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let hub = hub::Hub::with_size_fn(config.hub(), BusEvent::weight)?;
+    let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
     let epoch = new_epoch();
     tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
     if let Some(addr) = config.metrics_listen {
@@ -57,7 +57,17 @@ pub async fn run(
         tokio::spawn(metrics::serve(listener, hub.clone(), shutdown.clone()));
     }
     tokio::spawn(trim_memory(hub.clone(), shutdown.clone()));
-    let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone());
+    // On shutdown every subscription stream ends at once (UNAVAILABLE), so
+    // the server need not wait out its grace period for them.
+    tokio::spawn({
+        let (hub, shutdown) = (hub.clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            hub.close();
+        }
+    });
+    let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
+        .with_gateway_token(config.gateway_token.clone());
     let services = Services::new().with(EventBusServer::new(service));
     let result = serve::serve(listener, services, shutdown).await;
     hub.close();

@@ -14,25 +14,27 @@ use qvirt_proto::v1::{
     SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse, SubscriptionEstablished,
     subscribe_domain_events_response, subscribe_monitor_events_response,
 };
-use tokio::sync::mpsc;
+use std::task::{Context, Poll};
+
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::filter::{DomainFilter, EventNameFilter, FilterFlags, MonitorEventFilter};
 use crate::hub::{
-    Hub, LossReason, OverflowPolicy, RecvError, SubscribeOptions, SubscriberKind, SubscriptionItem,
+    Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
+    SubscriptionItem,
 };
 use crate::status;
 
 /// Metadata key in which the gateway passes the authenticated principal.
-/// Without it (a direct, internal caller) the peer address is the principal.
+/// Honoured only beside a valid [`GATEWAY_TOKEN_METADATA`]; otherwise the
+/// peer address is the principal.
 pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
 
-/// Messages buffered between a subscription's hub queue and its gRPC stream;
-/// the hub queue is the real bound, this only decouples the two tasks.
-const STREAM_BUFFER: usize = 16;
+/// Metadata key in which the gateway proves it is the gateway: the shared
+/// secret configured as `gateway_token` in both.
+pub const GATEWAY_TOKEN_METADATA: &str = "x-qvirt-gateway-token";
 
 /// One event on the bus: both kinds share one sequence space.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,15 @@ pub enum BusEvent {
 }
 
 impl BusEvent {
+    /// The hub's index key: a monitor event's name (subscribers with a
+    /// literal name filter are filed under it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            BusEvent::Monitor(e) => Some(&e.event),
+            BusEvent::Domain(_) => None,
+        }
+    }
+
     /// Approximate bytes the event holds, for the ring's byte bound.
     pub fn weight(&self) -> usize {
         let strings = match self {
@@ -68,6 +79,7 @@ pub struct EventBusService {
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
     shutdown: CancellationToken,
+    gateway_token: Option<Arc<str>>,
 }
 
 impl EventBusService {
@@ -86,6 +98,34 @@ impl EventBusService {
             policy,
             next_subscription: Arc::new(AtomicU64::new(1)),
             shutdown,
+            gateway_token: None,
+        }
+    }
+
+    /// Honours [`PRINCIPAL_METADATA`] only from callers that also send
+    /// `token` in [`GATEWAY_TOKEN_METADATA`] (the gateway). `None` (the
+    /// default): the metadata is never honoured and every caller counts as
+    /// its peer address.
+    pub fn with_gateway_token(mut self, token: Option<String>) -> Self {
+        self.gateway_token = token.filter(|t| !t.is_empty()).map(Into::into);
+        self
+    }
+
+    /// Who is asking: the principal the gateway vouches for, else the peer
+    /// address.
+    fn principal<T>(&self, request: &Request<T>) -> String {
+        let md = request.metadata();
+        let text = |key| md.get(key).and_then(|v| v.to_str().ok());
+        let vouched = match (&self.gateway_token, text(GATEWAY_TOKEN_METADATA)) {
+            (Some(want), Some(got)) => same_secret(want.as_bytes(), got.as_bytes()),
+            _ => false,
+        };
+        if vouched && let Some(p) = text(PRINCIPAL_METADATA).filter(|p| !p.is_empty()) {
+            return p.to_owned();
+        }
+        match request.remote_addr() {
+            Some(addr) => format!("peer:{}", addr.ip()),
+            None => "peer:local".to_owned(),
         }
     }
 
@@ -110,8 +150,10 @@ impl EventBusService {
         }
     }
 
-    /// Registers a subscription and spawns the task that turns its hub items
-    /// into stream messages with `wrap`.
+    /// Registers a subscription; its response stream turns hub items into
+    /// messages with `wrap`, polling the subscription directly (no task or
+    /// channel per subscription: an idle one costs its hub entry and its
+    /// HTTP/2 stream, little else).
     fn stream<T, F>(
         &self,
         options: SubscribeOptions,
@@ -119,67 +161,22 @@ impl EventBusService {
         wrap: F,
     ) -> Result<ResponseStream<T>, Status>
     where
-        T: Send + 'static,
-        F: Fn(StreamItem) -> Option<T> + Send + 'static,
+        T: Send + Unpin + 'static,
+        F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
         let since = options.since;
-        let mut sub = self
+        let sub = self
             .hub
             .subscribe(options, predicate)
             .map_err(status::subscribe)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let service = self.clone();
-        let shutdown = self.shutdown.child_token();
-        tokio::spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    item = sub.recv() => item,
-                    () = shutdown.cancelled() => Err(RecvError::Closed),
-                    () = tx.closed() => return,
-                };
-                let message = match item {
-                    Ok(SubscriptionItem::Established { last_seq, lost }) => {
-                        let first = service.established(last_seq);
-                        if let Some(msg) = wrap(StreamItem::Established(first))
-                            && tx.send(Ok(msg)).await.is_err()
-                        {
-                            return;
-                        }
-                        if lost == 0 {
-                            continue;
-                        }
-                        let from = since.unwrap_or(0) + 1;
-                        StreamItem::Lost(EventsLost {
-                            reason: EventsLostReason::ReplayExpired as i32,
-                            count: lost,
-                            first_sequence: from,
-                            last_sequence: from + lost - 1,
-                        })
-                    }
-                    Ok(SubscriptionItem::Event(env)) => {
-                        StreamItem::Event(env.seq, env.event.clone())
-                    }
-                    Ok(SubscriptionItem::Lost { count, reason }) => StreamItem::Lost(EventsLost {
-                        reason: match reason {
-                            LossReason::QueueFull => EventsLostReason::SlowConsumer,
-                            LossReason::RingEvicted => EventsLostReason::ReplayExpired,
-                        } as i32,
-                        count,
-                        first_sequence: 0,
-                        last_sequence: 0,
-                    }),
-                    Err(e) => {
-                        let _ = tx.send(Err(status::recv(e))).await;
-                        return;
-                    }
-                };
-                let Some(msg) = wrap(message) else { continue };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(SubscriptionStream {
+            sub,
+            since,
+            service: self.clone(),
+            wrap,
+            pending: None,
+            done: false,
+        }))
     }
 
     fn options(
@@ -187,13 +184,104 @@ impl EventBusService {
         kind: SubscriberKind,
         principal: String,
         since: Option<u64>,
+        key: Option<&str>,
     ) -> SubscribeOptions {
         SubscribeOptions {
             principal,
             kind,
             since,
             policy: self.policy,
+            key: key.map(Into::into),
         }
+    }
+}
+
+/// One subscription's response stream.
+struct SubscriptionStream<T, F> {
+    sub: Subscription<BusEvent>,
+    since: Option<u64>,
+    service: EventBusService,
+    wrap: F,
+    /// A message due after the one just returned (the replay loss after
+    /// SubscriptionEstablished).
+    pending: Option<T>,
+    done: bool,
+}
+
+impl<T, F> SubscriptionStream<T, F>
+where
+    F: Fn(StreamItem) -> Option<T>,
+{
+    /// The message for one hub item, and the one to follow it, if any.
+    fn message(&self, item: SubscriptionItem<BusEvent>) -> (Option<T>, Option<T>) {
+        match item {
+            SubscriptionItem::Established { last_seq, lost } => {
+                let first =
+                    (self.wrap)(StreamItem::Established(self.service.established(last_seq)));
+                let then = (lost > 0).then(|| {
+                    let from = self.since.unwrap_or(0) + 1;
+                    StreamItem::Lost(EventsLost {
+                        reason: EventsLostReason::ReplayExpired as i32,
+                        count: lost,
+                        first_sequence: from,
+                        last_sequence: from + lost - 1,
+                    })
+                });
+                (first, then.and_then(&self.wrap))
+            }
+            SubscriptionItem::Event(env) => (
+                (self.wrap)(StreamItem::Event(env.seq, env.event.clone())),
+                None,
+            ),
+            SubscriptionItem::Lost { count, reason } => (
+                (self.wrap)(StreamItem::Lost(EventsLost {
+                    reason: match reason {
+                        LossReason::QueueFull => EventsLostReason::SlowConsumer,
+                        LossReason::RingEvicted => EventsLostReason::ReplayExpired,
+                    } as i32,
+                    count,
+                    first_sequence: 0,
+                    last_sequence: 0,
+                })),
+                None,
+            ),
+        }
+    }
+}
+
+impl<T, F> Stream for SubscriptionStream<T, F>
+where
+    T: Unpin,
+    F: Fn(StreamItem) -> Option<T> + Unpin,
+{
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(msg) = this.pending.take() {
+            return Poll::Ready(Some(Ok(msg)));
+        }
+        while !this.done {
+            match this.sub.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status::recv(e))));
+                }
+                Poll::Ready(Ok(item)) => {
+                    let (first, then) = this.message(item);
+                    match (first, then) {
+                        (Some(msg), then) => {
+                            this.pending = then;
+                            return Poll::Ready(Some(Ok(msg)));
+                        }
+                        (None, Some(msg)) => return Poll::Ready(Some(Ok(msg))),
+                        (None, None) => {}
+                    }
+                }
+            }
+        }
+        Poll::Ready(None)
     }
 }
 
@@ -209,20 +297,9 @@ pub enum StreamItem {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Who is asking: the gateway's principal header, else the peer address.
-fn principal<T>(request: &Request<T>) -> String {
-    if let Some(p) = request
-        .metadata()
-        .get(PRINCIPAL_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .filter(|p| !p.is_empty())
-    {
-        return p.to_owned();
-    }
-    match request.remote_addr() {
-        Some(addr) => format!("peer:{}", addr.ip()),
-        None => "peer:local".to_owned(),
-    }
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(want: &[u8], got: &[u8]) -> bool {
+    want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn flags(raw: &[i32]) -> Result<FilterFlags, Status> {
@@ -276,7 +353,7 @@ impl EventBus for EventBusService {
         &self,
         request: Request<SubscribeDomainEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeDomainEventsResponse>>, Status> {
-        let who = principal(&request);
+        let who = self.principal(&request);
         let req = request.into_inner();
         let domain = DomainFilter::new(&req.domain);
         let host = req.host;
@@ -289,7 +366,7 @@ impl EventBus for EventBusService {
         };
         use subscribe_domain_events_response::Kind;
         let stream = self.stream(
-            self.options(SubscriberKind::Domain, who, req.since),
+            self.options(SubscriberKind::Domain, who, req.since, None),
             predicate,
             |item| {
                 let kind = match item {
@@ -311,12 +388,13 @@ impl EventBus for EventBusService {
         &self,
         request: Request<SubscribeMonitorEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
-        let who = principal(&request);
+        let who = self.principal(&request);
         let req = request.into_inner();
         let filter = MonitorEventFilter {
             domain: DomainFilter::new(&req.domain),
             event: EventNameFilter::new(&req.event, flags(&req.flags)?).map_err(status::filter)?,
         };
+        let key = filter.event.exact_name().map(Box::<str>::from);
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
             BusEvent::Monitor(m) => {
@@ -327,7 +405,7 @@ impl EventBus for EventBusService {
         };
         use subscribe_monitor_events_response::Kind;
         let stream = self.stream(
-            self.options(SubscriberKind::Monitor, who, req.since),
+            self.options(SubscriberKind::Monitor, who, req.since, key.as_deref()),
             predicate,
             |item| {
                 let kind = match item {

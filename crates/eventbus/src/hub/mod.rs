@@ -27,8 +27,16 @@
 //! They are held only for short, synchronous sections (publish, subscribe, a
 //! replay batch, a queue push or pop, drop) and never across an `.await`; as
 //! tokio's docs advise for such data, they are not async mutexes (a `Drop`
-//! must be able to take them). A subscriber waits for events on a
-//! `tokio::sync::Notify`.
+//! must be able to take them). A subscriber waits for events by leaving its
+//! task's waker in its queue ([`Subscription::poll_recv`]), so a gRPC
+//! response stream can poll it directly, with no task or channel of its
+//! own.
+//!
+//! Fan-out cost: subscribers whose predicate needs one exact event key
+//! (a literal, case-sensitive event-name filter; see
+//! [`Hub::with_size_and_key_fn`] and [`SubscribeOptions::key`]) are indexed by that
+//! key, so `publish` only visits them for events with that key; the others
+//! are tested one by one.
 
 mod subscription;
 #[cfg(test)]
@@ -39,7 +47,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::Notify;
+use std::task::Waker;
 
 pub use subscription::{LossReason, RecvError, Subscription, SubscriptionItem};
 
@@ -197,6 +205,12 @@ pub struct SubscribeOptions {
     pub since: Option<u64>,
     /// What to do when the subscriber's queue overflows.
     pub policy: OverflowPolicy,
+    /// The predicate can only accept events whose key (by the hub's key
+    /// function, [`Hub::with_size_and_key_fn`]) is exactly this: the hub then offers
+    /// the subscriber only those events, without testing it on the others.
+    /// The predicate still decides among them. Ignored by a hub without a
+    /// key function.
+    pub key: Option<Box<str>>,
 }
 
 /// Why [`Hub::subscribe`] refused (the service answers `RESOURCE_EXHAUSTED`
@@ -274,6 +288,7 @@ pub struct HubStats {
 
 type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
 type SizeFn<E> = Box<dyn Fn(&E) -> usize + Send + Sync>;
+type KeyFn<E> = Box<dyn for<'a> Fn(&'a E) -> Option<&'a str> + Send + Sync>;
 
 /// One queued event, with how many events were dropped just before it.
 struct Delivery<E> {
@@ -287,12 +302,14 @@ struct Delivery<E> {
 /// loss is always reported exactly where it happened.
 struct SubShared<E> {
     queue: Mutex<SubQueue<E>>,
-    /// Woken when an event lands in an empty queue or the queue ends.
-    notify: Notify,
 }
 
 struct SubQueue<E> {
+    /// Allocated on the first event, so an idle subscriber costs no queue.
     items: VecDeque<Delivery<E>>,
+    /// The consumer's waker, left when it found the queue empty; taken and
+    /// woken by the next push or by the end.
+    waker: Option<Waker>,
     /// Events dropped since the last one queued.
     pending_lost: u64,
     /// Set when the hub cut the subscriber off or closed.
@@ -304,10 +321,10 @@ impl<E> SubShared<E> {
         SubShared {
             queue: Mutex::new(SubQueue {
                 items: VecDeque::new(),
+                waker: None,
                 pending_lost: 0,
                 end: None,
             }),
-            notify: Notify::new(),
         }
     }
 
@@ -317,8 +334,14 @@ impl<E> SubShared<E> {
 
     /// Ends the queue: the consumer gets what it holds, then `why`.
     fn end(&self, why: RecvError) {
-        self.lock().end.get_or_insert(why);
-        self.notify.notify_one();
+        let waker = {
+            let mut q = self.lock();
+            q.end.get_or_insert(why);
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -340,16 +363,16 @@ impl<E> Entry<E> {
     fn offer(&self, env: &Arc<Envelope<E>>, capacity: usize) -> Offer {
         let mut q = self.shared.lock();
         if q.items.len() < capacity {
-            let was_empty = q.items.is_empty();
             let lost_before = std::mem::take(&mut q.pending_lost);
             q.items.push_back(Delivery {
                 lost_before,
                 env: Arc::clone(env),
             });
+            // The consumer only leaves a waker on an empty queue.
+            let waker = q.waker.take();
             drop(q);
-            // The consumer only waits on an empty queue.
-            if was_empty {
-                self.shared.notify.notify_one();
+            if let Some(w) = waker {
+                w.wake();
             }
             return Offer::Queued;
         }
@@ -360,8 +383,11 @@ impl<E> Entry<E> {
             }
             OverflowPolicy::CutOff => {
                 q.end = Some(RecvError::CutOff { capacity });
+                let waker = q.waker.take();
                 drop(q);
-                self.shared.notify.notify_one();
+                if let Some(w) = waker {
+                    w.wake();
+                }
                 Offer::CutOff
             }
         }
@@ -384,7 +410,11 @@ struct State<E> {
     /// Consecutive sequence numbers, oldest first.
     ring: VecDeque<Slot<E>>,
     ring_bytes: usize,
+    /// Subscribers without an index key, by id: offered every event.
     subscribers: HashMap<u64, Entry<E>>,
+    /// Subscribers with an index key, by key and id: offered only events
+    /// with that key.
+    keyed: HashMap<Box<str>, HashMap<u64, Entry<E>>>,
     next_id: u64,
     slots: [KindSlots; 2],
     cut_off_policy: usize,
@@ -392,6 +422,27 @@ struct State<E> {
 }
 
 impl<E> State<E> {
+    /// Removes subscriber `id`, filed under `key`, if still there.
+    fn unregister(&mut self, id: u64, key: Option<&str>) {
+        match key {
+            None => {
+                self.subscribers.remove(&id);
+                shrink_if_sparse(&mut self.subscribers);
+            }
+            Some(k) => {
+                if let Some(group) = self.keyed.get_mut(k) {
+                    group.remove(&id);
+                    if group.is_empty() {
+                        self.keyed.remove(k);
+                        shrink_if_sparse(&mut self.keyed);
+                    } else {
+                        shrink_if_sparse(group);
+                    }
+                }
+            }
+        }
+    }
+
     /// The sequence number of the oldest event in the ring, or the next one
     /// to be given when the ring is empty.
     fn ring_front_seq(&self) -> u64 {
@@ -413,6 +464,7 @@ struct Counters {
 struct Inner<E> {
     config: HubConfig,
     size_fn: Option<SizeFn<E>>,
+    key_fn: Option<KeyFn<E>>,
     state: Mutex<State<E>>,
     counters: Counters,
 }
@@ -449,7 +501,7 @@ impl<E> fmt::Debug for Hub<E> {
 impl<E: Clone + Send + Sync + 'static> Hub<E> {
     /// A hub whose ring is bounded by count only.
     pub fn new(config: HubConfig) -> Result<Self, HubConfigError> {
-        Self::build(config, None)
+        Self::build(config, None, None)
     }
 
     /// A hub whose ring is also bounded by [`HubConfig::ring_max_bytes`],
@@ -458,16 +510,31 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         config: HubConfig,
         size: impl Fn(&E) -> usize + Send + Sync + 'static,
     ) -> Result<Self, HubConfigError> {
-        Self::build(config, Some(Box::new(size)))
+        Self::build(config, Some(Box::new(size)), None)
     }
 
-    fn build(config: HubConfig, size_fn: Option<SizeFn<E>>) -> Result<Self, HubConfigError> {
+    /// A hub like [`Hub::with_size_fn`] that also indexes subscribers by
+    /// event key: `key(&event)` is compared with [`SubscribeOptions::key`].
+    pub fn with_size_and_key_fn(
+        config: HubConfig,
+        size: impl Fn(&E) -> usize + Send + Sync + 'static,
+        key: impl for<'a> Fn(&'a E) -> Option<&'a str> + Send + Sync + 'static,
+    ) -> Result<Self, HubConfigError> {
+        Self::build(config, Some(Box::new(size)), Some(Box::new(key)))
+    }
+
+    fn build(
+        config: HubConfig,
+        size_fn: Option<SizeFn<E>>,
+        key_fn: Option<KeyFn<E>>,
+    ) -> Result<Self, HubConfigError> {
         config.validate()?;
         let state = State {
             next_seq: 1,
             ring: VecDeque::new(),
             ring_bytes: 0,
             subscribers: HashMap::new(),
+            keyed: HashMap::new(),
             next_id: 0,
             slots: Default::default(),
             cut_off_policy: 0,
@@ -477,6 +544,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             inner: Arc::new(Inner {
                 config,
                 size_fn,
+                key_fn,
                 state: Mutex::new(state),
                 counters: Counters::default(),
             }),
@@ -514,27 +582,25 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             evicted += 1;
         }
 
-        let (mut delivered, mut dropped_full, mut cut) = (0u64, 0u64, 0u64);
+        let (mut delivered, mut dropped_full) = (0u64, 0u64);
+        let mut cut_ids = Vec::new();
         let capacity = inner.config.queue_capacity;
-        st.subscribers.retain(|_, entry| {
+        let key = inner.key_fn.as_ref().and_then(|k| k(&env.event));
+        let keyed = key.and_then(|k| st.keyed.get(k));
+        for (id, entry) in st.subscribers.iter().chain(keyed.into_iter().flatten()) {
             if !(entry.predicate)(&env.event) {
-                return true;
+                continue;
             }
             match entry.offer(&env, capacity) {
-                Offer::Queued => {
-                    delivered += 1;
-                    true
-                }
-                Offer::Dropped => {
-                    dropped_full += 1;
-                    true
-                }
-                Offer::CutOff => {
-                    cut += 1;
-                    false
-                }
+                Offer::Queued => delivered += 1,
+                Offer::Dropped => dropped_full += 1,
+                Offer::CutOff => cut_ids.push(*id),
             }
-        });
+        }
+        let cut = cut_ids.len() as u64;
+        for id in cut_ids {
+            st.unregister(id, key);
+        }
         drop(guard);
 
         let c = &inner.counters;
@@ -625,19 +691,30 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         let shared = Arc::new(SubShared::new());
         let id = st.next_id;
         st.next_id += 1;
-        st.subscribers.insert(
-            id,
-            Entry {
-                shared: Arc::clone(&shared),
-                predicate: Arc::clone(&predicate),
-                policy: options.policy,
-            },
-        );
+        let key = if inner.key_fn.is_some() {
+            options.key
+        } else {
+            None
+        };
+        let entry = Entry {
+            shared: Arc::clone(&shared),
+            predicate: Arc::clone(&predicate),
+            policy: options.policy,
+        };
+        match &key {
+            Some(k) => {
+                st.keyed.entry(k.clone()).or_default().insert(id, entry);
+            }
+            None => {
+                st.subscribers.insert(id, entry);
+            }
+        }
         drop(guard);
 
         Ok(Subscription::new(subscription::Parts {
             hub: Arc::clone(&self.inner),
             id,
+            key,
             kind: options.kind,
             principal,
             policy: options.policy,
@@ -664,8 +741,12 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         for entry in st.subscribers.values() {
             entry.shared.end(RecvError::Closed);
         }
+        for entry in st.keyed.values().flat_map(HashMap::values) {
+            entry.shared.end(RecvError::Closed);
+        }
         st.subscribers.clear();
         st.subscribers.shrink_to_fit();
+        st.keyed = HashMap::new();
     }
 
     /// The counters and gauges now.
@@ -703,11 +784,17 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
 impl<E> Inner<E> {
     /// Frees what subscription `id` holds in the hub: its entry (if still
     /// there) and its slots.
-    fn release(&self, id: u64, kind: SubscriberKind, principal: &str, policy: OverflowPolicy) {
+    fn release(
+        &self,
+        id: u64,
+        key: Option<&str>,
+        kind: SubscriberKind,
+        principal: &str,
+        policy: OverflowPolicy,
+    ) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        st.subscribers.remove(&id);
-        shrink_if_sparse(&mut st.subscribers);
+        st.unregister(id, key);
         let slots = &mut st.slots[kind.index()];
         slots.total = slots.total.saturating_sub(1);
         if let Some(held) = slots.per_principal.get_mut(principal) {

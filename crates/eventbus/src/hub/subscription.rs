@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use super::{
     Delivery, Envelope, Inner, OverflowPolicy, Predicate, REPLAY_BATCH, REPLAY_SCAN_LIMIT,
@@ -68,6 +69,7 @@ pub enum RecvError {
 pub(super) struct Parts<E> {
     pub(super) hub: Arc<Inner<E>>,
     pub(super) id: u64,
+    pub(super) key: Option<Box<str>>,
     pub(super) kind: SubscriberKind,
     pub(super) principal: Arc<str>,
     pub(super) policy: OverflowPolicy,
@@ -94,6 +96,7 @@ pub(super) struct Parts<E> {
 pub struct Subscription<E> {
     hub: Arc<Inner<E>>,
     id: u64,
+    key: Option<Box<str>>,
     kind: SubscriberKind,
     principal: Arc<str>,
     policy: OverflowPolicy,
@@ -128,6 +131,7 @@ impl<E> Subscription<E> {
         Subscription {
             hub: p.hub,
             id: p.id,
+            key: p.key,
             kind: p.kind,
             principal: p.principal,
             policy: p.policy,
@@ -163,21 +167,30 @@ impl<E> Subscription<E> {
     /// The next item, waiting for one if need be. Cancel-safe: an item is
     /// consumed only when returned.
     pub async fn recv(&mut self) -> Result<SubscriptionItem<E>, RecvError> {
-        // Fast path: no waiter registration when an item is ready.
-        if let Some(item) = self.try_recv()? {
-            return Ok(item);
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next item if one is ready; otherwise `Pending`, and the task in
+    /// `cx` is woken when one may be.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<SubscriptionItem<E>, RecvError>> {
+        if let Some(item) = self.try_recv().transpose() {
+            return Poll::Ready(item);
         }
-        let shared = Arc::clone(&self.shared);
-        loop {
-            let notified = shared.notify.notified();
-            tokio::pin!(notified);
-            // Registered before looking at the queue: a push after the look
-            // wakes this waiter.
-            notified.as_mut().enable();
-            if let Some(item) = self.try_recv()? {
-                return Ok(item);
+        // Left before looking at the queue again: a push after the look
+        // finds the waker.
+        {
+            let mut q = self.shared.lock();
+            match &mut q.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                slot => *slot = Some(cx.waker().clone()),
             }
-            notified.await;
+        }
+        match self.try_recv().transpose() {
+            Some(item) => Poll::Ready(item),
+            None => Poll::Pending,
         }
     }
 
@@ -309,7 +322,12 @@ impl<E> Subscription<E> {
 
 impl<E> Drop for Subscription<E> {
     fn drop(&mut self) {
-        self.hub
-            .release(self.id, self.kind, &self.principal, self.policy);
+        self.hub.release(
+            self.id,
+            self.key.as_deref(),
+            self.kind,
+            &self.principal,
+            self.policy,
+        );
     }
 }

@@ -610,3 +610,70 @@ async fn test_no_gap_no_duplicate_under_concurrent_publish() {
         assert!(mid_stream >= 3, "only {mid_stream} joined mid-stream");
     }
 }
+
+fn keyed_hub(config: HubConfig) -> Hub<Ev> {
+    Hub::with_size_and_key_fn(config, |_| 0, |e: &Ev| Some(e.name.as_str())).expect("valid")
+}
+
+fn keyed(principal: &str, key: &str) -> SubscribeOptions {
+    SubscribeOptions {
+        key: Some(key.into()),
+        ..opts(principal, None)
+    }
+}
+
+#[tokio::test]
+async fn test_keyed_subscribers_get_only_their_key_and_still_filter() {
+    let hub = keyed_hub(HubConfig::default());
+    // Keyed on STOP, and the predicate still decides among STOP events.
+    let mut even_stops = hub
+        .subscribe(keyed("p", "STOP"), |e: &Ev| {
+            e.name == "STOP" && e.n.is_multiple_of(2)
+        })
+        .expect("subscribe");
+    let mut everything = hub.subscribe(opts("p", None), all).expect("subscribe");
+    established(&mut even_stops).await;
+    established(&mut everything).await;
+    for (i, name) in ["STOP", "RESUME", "STOP", "STOP", "RESUME"]
+        .iter()
+        .enumerate()
+    {
+        hub.publish(ev(name, i as u64 + 1));
+    }
+    assert_eq!(seqs(&drain(&mut even_stops)), vec![4]);
+    assert_eq!(seqs(&drain(&mut everything)), vec![1, 2, 3, 4, 5]);
+    assert_eq!(hub.stats().delivered, 6);
+    drop(even_stops);
+    hub.publish(ev("STOP", 6));
+    assert_eq!(seqs(&drain(&mut everything)), vec![6]);
+    assert_eq!(hub.stats().subscribers_monitor, 1);
+}
+
+#[tokio::test]
+async fn test_keyed_subscriber_cut_off_leaves_its_key_group() {
+    let hub = keyed_hub(HubConfig {
+        queue_capacity: 1,
+        ..Default::default()
+    });
+    let options = SubscribeOptions {
+        policy: OverflowPolicy::CutOff,
+        ..keyed("p", "X")
+    };
+    let mut slow = hub.subscribe(options, all).expect("subscribe");
+    let mut twin = hub.subscribe(keyed("q", "X"), all).expect("subscribe");
+    established(&mut slow).await;
+    established(&mut twin).await;
+    for n in 1..=3 {
+        hub.publish(ev("X", n));
+        assert_eq!(seqs(&drain(&mut twin)), vec![n]);
+    }
+    assert_eq!(next_seq(&mut slow).await, 1);
+    assert_eq!(slow.try_recv(), Err(RecvError::CutOff { capacity: 1 }));
+    assert_eq!(hub.stats().dropped_cut_off, 1);
+    // Dropping the cut-off subscription after the hub removed its entry
+    // frees its slot and leaves its twin in the group.
+    drop(slow);
+    assert_eq!(hub.stats().subscribers_monitor, 1);
+    hub.publish(ev("X", 4));
+    assert_eq!(seqs(&drain(&mut twin)), vec![4]);
+}
