@@ -710,6 +710,154 @@ mod tests {
         );
     }
 
+    /// A fake sysfs device tree under a temp dir: `dev` is the block
+    /// device's path below `devices/`, `drivers` the (PCI device dir,
+    /// driver) links, `dirs` extra directories (sibling hosts).
+    fn fake_device(root: &Path, dev: &str, drivers: &[(&str, &str)], dirs: &[&str]) -> String {
+        let path = root.join("devices").join(dev);
+        std::fs::create_dir_all(&path).expect("mkdir");
+        let name = basename(dev);
+        std::fs::write(
+            path.join("uevent"),
+            format!("MAJOR=8\nMINOR=0\nDEVNAME={name}\nDEVTYPE=disk\n"),
+        )
+        .expect("uevent");
+        for (pci, driver) in drivers {
+            let d = root.join("devices").join(pci);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::os::unix::fs::symlink(
+                format!("../../../bus/pci/drivers/{driver}"),
+                d.join("driver"),
+            )
+            .expect("symlink");
+        }
+        for d in dirs {
+            std::fs::create_dir_all(root.join("devices").join(d)).expect("mkdir");
+        }
+        path.to_string_lossy().into_owned()
+    }
+
+    fn address_of(syspath: &str) -> (Option<String>, Vec<DiskAddress>) {
+        let mut info = DeviceInfo::default();
+        fsinfo_for_device(syspath, &mut info).expect("fsinfo");
+        (info.name, info.disks)
+    }
+
+    fn want(
+        pci: [i64; 4],
+        bus_type: &'static str,
+        bus: i64,
+        target: i64,
+        unit: i64,
+        dev: &str,
+    ) -> DiskAddress {
+        DiskAddress {
+            pci,
+            bus_type,
+            bus,
+            target,
+            unit,
+            serial: None,
+            dev: Some(dev.to_owned()),
+        }
+    }
+
+    #[test]
+    fn test_disk_addresses_from_sysfs_paths() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        // IDE (ata_piix): the bus is the host's index among the ataN hosts.
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:01.1/ata2/host1/target1:0:1/1:0:1:0/block/sdb",
+            &[("pci0000:00/0000:00:01.1", "ata_piix")],
+            &["pci0000:00/0000:00:01.1/ata1"],
+        );
+        assert_eq!(
+            address_of(&p),
+            (
+                Some("sdb".into()),
+                vec![want([0, 0, 1, 1], "ide", 1, 0, 1, "/dev/sdb")]
+            )
+        );
+        // SATA (ahci): the unit is the host's index.
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0/block/sdc",
+            &[("pci0000:00/0000:00:1f.2", "ahci")],
+            &[
+                "pci0000:00/0000:00:1f.2/ata1",
+                "pci0000:00/0000:00:1f.2/ata2",
+            ],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([0, 0, 0x1f, 2], "sata", 0, 0, 2, "/dev/sdc")]
+        );
+        // virtio-blk and virtio-scsi (unit is the LUN).
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:05.0/virtio3/block/vdb",
+            &[("pci0000:00/0000:00:05.0", "virtio-pci")],
+            &[],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([0, 0, 5, 0], "virtio", 0, 0, 0, "/dev/vdb")]
+        );
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:06.0/virtio4/host3/target3:0:0/3:0:0:7/block/sdd",
+            &[("pci0000:00/0000:00:06.0", "virtio-pci")],
+            &[],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([0, 0, 6, 0], "scsi", 0, 0, 7, "/dev/sdd")]
+        );
+        // NVMe behind a PCI bridge: the address is the controller's.
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:1c.0/0000:01:00.0/nvme/nvme0/nvme0n1",
+            &[
+                ("pci0000:00/0000:00:1c.0", "pcieport"),
+                ("pci0000:00/0000:00:1c.0/0000:01:00.0", "nvme"),
+            ],
+            &[],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([0, 1, 0, 0], "nvme", 0, 0, 0, "/dev/nvme0n1")]
+        );
+        // An unknown controller: only the device node, address fields unset.
+        let p = fake_device(
+            r,
+            "pci0000:00/0000:00:07.0/host9/block/sde",
+            &[("pci0000:00/0000:00:07.0", "mystery")],
+            &[],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([-1; 4], "unknown", 0, 0, 0, "/dev/sde")]
+        );
+        // virtio-mmio (no PCI).
+        let p = fake_device(
+            r,
+            "platform/a003e00.virtio_mmio/virtio5/block/vdc",
+            &[],
+            &[],
+        );
+        assert_eq!(
+            address_of(&p).1,
+            vec![want([-1; 4], "virtio", 0, 0, 0, "/dev/vdc")]
+        );
+        // A missing device: its name, no disks.
+        assert_eq!(
+            address_of(&r.join("devices/nonexistent/dm-9").to_string_lossy()),
+            (Some("dm-9".into()), vec![])
+        );
+    }
+
     #[test]
     fn test_sysfs_path_parsers() {
         assert_eq!(
