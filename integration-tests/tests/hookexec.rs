@@ -68,6 +68,8 @@ impl Hooks {
              {{ echo \"argc=$#\"; echo \"0=$0\"; for a in \"$@\"; do echo \"arg=$a\"; done; }} > \"$OUT/$T.argv\"\n\
              cat > \"$OUT/$T.stdin\"\n\
              tr '\\0' '\\n' < /proc/$$/environ > \"$OUT/$T.env\"\n\
+             grep -E '^Sig(Blk|Ign):' /proc/self/status > \"$OUT/$T.sig\"\n\
+             ls /proc/self/fd | tr '\\n' ' ' > \"$OUT/$T.fds\"\n\
              echo \"$T\" >> \"$OUT/order\"\n\
              {tail}\n"
         );
@@ -200,11 +202,12 @@ async fn test_argv_stdin_env_and_order_as_the_scripts_saw_them() {
         assert_eq!(hooks.read(&format!("{tag}.stdin")), XML, "{tag}");
     }
 
-    // The environment: LC_ALL=C and only libvirt's pass-through variables
-    // (RUST_LOG is set for the executor and must not leak).
+    // The environment: LC_ALL=C first, then only libvirt's pass-through
+    // variables in its order (RUST_LOG is set for the executor and must not
+    // leak).
     let env = hooks.read("main.env");
     let lines: Vec<&str> = env.lines().collect();
-    assert!(lines.contains(&"LC_ALL=C"), "{env}");
+    assert_eq!(lines[0], "LC_ALL=C", "{env}");
     let allowed = [
         "LC_ALL",
         "LD_PRELOAD",
@@ -228,6 +231,14 @@ async fn test_argv_stdin_env_and_order_as_the_scripts_saw_them() {
     if let Ok(path) = std::env::var("PATH") {
         assert!(lines.contains(&format!("PATH={path}").as_str()), "{env}");
     }
+
+    // Signals as a fresh process (none blocked or ignored), and only
+    // stdin/stdout/stderr inherited (3 is `ls` reading the directory).
+    assert_eq!(
+        hooks.read("main.sig"),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+    assert_eq!(hooks.read("main.fds"), "0 1 2 3 ");
 
     // Empty fields are "-" and no input is /dev/null (the daemon hook).
     hooks.recorder("daemon", "daemon", "exit 0");
@@ -500,6 +511,44 @@ async fn test_timeout_kills_the_whole_process_group() {
     assert!(reply.results[1].success);
     assert!(wait_gone(bg.0), "background sleeper {} survived", bg.0);
     assert!(wait_gone(script), "script {script} survived");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_shutdown_kills_running_hooks_and_answers_unavailable() {
+    let hooks = Hooks::new();
+    hooks.script(
+        "qemu",
+        "sleep 614 &\necho $! > \"$OUT/bg.pid.tmp\"\nmv \"$OUT/bg.pid.tmp\" \"$OUT/bg.pid\"\nwait\n",
+    );
+    hooks.recorder("qemu.d/never", "never", "exit 0");
+    let (mut svc, client) = executor(&hooks, "").await;
+    let mut c = client.clone();
+    let call = tokio::spawn(async move {
+        c.run_hook(call(HookDriver::Qemu, "vm1", "prepare", "begin", ""))
+            .await
+    });
+    let deadline = Instant::now() + POLL_TIMEOUT;
+    while !hooks.exists("bg.pid") {
+        assert!(Instant::now() < deadline, "the hook never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bg = Sleeper(pid_in(&hooks, "bg.pid"), "614");
+    assert!(svc.terminate().success());
+    let status = tokio::time::timeout(POLL_TIMEOUT, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("shutting down: 1 of 2 scripts ran"),
+        "{}",
+        status.message()
+    );
+    assert!(wait_gone(bg.0), "sleeper {} survived the executor", bg.0);
+    assert!(!hooks.exists("never.argv"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

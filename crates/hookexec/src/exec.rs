@@ -16,8 +16,9 @@
 //!   missing interpreter) or 126 (anything else, e.g. ENOEXEC), with
 //!   libvirt's "cannot execute binary" text on stderr.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -135,6 +136,13 @@ impl ScriptRun {
 /// Runs one script to completion (or until its timeout, or `shutdown`).
 pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> ScriptRun {
     let start = Instant::now();
+    let image = match ExecImage::new(inv.path, inv.args, inv.env) {
+        Ok(i) => i,
+        Err(e) => {
+            let e = io::Error::new(io::ErrorKind::InvalidInput, e);
+            return not_executed(inv.path, &e, start.elapsed());
+        }
+    };
     let mut cmd = Command::new(inv.path);
     cmd.args(inv.args.iter())
         .env_clear()
@@ -147,6 +155,17 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: the closure runs in the forked child (after std has set up
+    // stdio, the process group and an empty signal mask) and only makes
+    // async-signal-safe calls on memory prepared before the fork:
+    // sigaction(2) through signal(3), and execve(2). It never returns on
+    // success; on failure std reports its errno to the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            image.exec();
+            Err(io::Error::last_os_error())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return not_executed(inv.path, &e, start.elapsed()),
@@ -223,6 +242,152 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
         timed_out,
         cancelled,
     }
+}
+
+/// `execve(2)`'s arguments, built before the fork: the child may not
+/// allocate. Executing it ourselves (rather than std's `execvp`) keeps
+/// libvirt's behaviour for a script without a shebang (ENOEXEC: exit 126,
+/// no `/bin/sh` fallback) and passes the environment in libvirt's order;
+/// it also means std forks instead of using `posix_spawn`, whose glibc
+/// implementation leaves glibc's internal signals ignored in the child.
+struct ExecImage {
+    path: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// Owns what `argv` and `envp` point to (heap buffers: moving the
+    /// vector does not move them).
+    _strings: Vec<CString>,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by the same
+// value and never written after construction.
+unsafe impl Send for ExecImage {}
+// SAFETY: as for Send: shared access only reads.
+unsafe impl Sync for ExecImage {}
+
+impl ExecImage {
+    fn new(
+        path: &Path,
+        args: &[String; 4],
+        env: &[(String, OsString)],
+    ) -> Result<ExecImage, std::ffi::NulError> {
+        let path = CString::new(path.as_os_str().as_bytes())?;
+        let mut strings = vec![path.clone()];
+        for a in args {
+            strings.push(CString::new(a.as_bytes())?);
+        }
+        let nargs = strings.len();
+        for (k, v) in env {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            strings.push(CString::new(kv)?);
+        }
+        let pointers = |s: &[CString]| {
+            s.iter()
+                .map(|c| c.as_ptr())
+                .chain([std::ptr::null()])
+                .collect::<Vec<_>>()
+        };
+        Ok(ExecImage {
+            argv: pointers(&strings[..nargs]),
+            envp: pointers(&strings[nargs..]),
+            path,
+            _strings: strings,
+        })
+    }
+
+    /// In the forked child: every signal back to its default action (as
+    /// libvirt's child does; an ignored signal would survive exec), every
+    /// descriptor but 0, 1 and 2 closed on exec (libvirt closes them; the
+    /// executor may have inherited some), then execve. Returns only if
+    /// execve failed (errno says why; std's report pipe is still open).
+    fn exec(&self) {
+        for sig in 1..=64 {
+            default_action(sig);
+        }
+        close_inherited_fds();
+        // SAFETY: NUL-terminated strings and NULL-terminated arrays owned
+        // by `self`, alive for the call.
+        unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+    }
+}
+
+/// Marks every descriptor from 3 up close-on-exec, in the child before
+/// exec (closing them now would also close std's exec-error pipe).
+/// Async-signal-safe: system calls only.
+fn close_inherited_fds() {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC changes descriptor
+    // flags only.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if done {
+        return;
+    }
+    // Kernels before 5.11: one fcntl per possible descriptor.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) fills the struct we own.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(1 << 20) as libc::c_int
+    } else {
+        1024
+    };
+    for fd in 3..max {
+        // SAFETY: fcntl(2) on a descriptor number; EBADF when not open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
+/// The kernel's `struct sigaction` (x86_64, aarch64): glibc's wrapper
+/// refuses its own internal signals (32, 33), which the executor may have
+/// inherited as ignored (a parent that used glibc's `posix_spawn`).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets `sig` to its default action in the child before exec.
+/// Async-signal-safe: one system call, no allocation.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn default_action(sig: libc::c_int) {
+    let act = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: rt_sigaction(2) with a valid struct of the kernel's layout
+    // and size 8 for the mask; SIGKILL and SIGSTOP just give EINVAL.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &act as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            std::mem::size_of::<u64>(),
+        );
+    }
+}
+
+/// Sets `sig` to its default action in the child before exec.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn default_action(sig: libc::c_int) {
+    // SAFETY: signal(3) is async-signal-safe; signals it refuses stay as
+    // they are.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
 }
 
 fn termination_of(st: ExitStatus) -> Termination {

@@ -134,6 +134,9 @@ pub struct HookRun {
     pub error: Option<String>,
     /// The chained filter output (empty: keep the input).
     pub output: Vec<u8>,
+    /// The executor began shutting down: the running script was killed and
+    /// the rest were not started.
+    pub interrupted: bool,
 }
 
 /// Settings every call shares.
@@ -158,7 +161,12 @@ pub async fn run_hooks(
     let mut failed = false;
     // The chained document: the last successful non-blank stdout.
     let mut chained: Vec<u8> = Vec::new();
+    let mut interrupted = false;
     for path in scripts {
+        if shutdown.is_cancelled() {
+            interrupted = true;
+            break;
+        }
         let path = path.as_ref();
         // After a failure, later scripts get the original document again.
         let input = if filter && !failed && !chained.is_empty() {
@@ -176,6 +184,7 @@ pub async fn run_hooks(
             max_output: settings.max_output,
         };
         let run = exec::run_script(&inv, shutdown).await;
+        interrupted |= run.cancelled;
         // A cut filter result is not a document: that script fails.
         let cut_filter = filter && run.stdout.truncated;
         if run.success() && !cut_filter {
@@ -195,6 +204,7 @@ pub async fn run_hooks(
         scripts: runs,
         error,
         output: if filter { chained } else { Vec::new() },
+        interrupted,
     }
 }
 

@@ -106,6 +106,12 @@ impl Inner {
             return Ok(no_hooks());
         }
         let run = run_hooks(&call, &now.scripts, &self.settings, &self.shutdown).await;
+        if run.interrupted {
+            return Err(HookError::ShuttingDown {
+                ran: run.scripts.len(),
+                total: now.scripts.len(),
+            });
+        }
         let failed = run.error.is_some();
         tracing::debug!(
             driver = driver.name(),
@@ -207,8 +213,8 @@ impl HookExecutor for HookExecutorService {
         let inner = self.inner.clone();
         let response = tokio::spawn(async move { inner.run(call).await })
             .await
-            .map_err(|e| status::internal(HookError::Task(e)))?
-            .map_err(status::internal)?;
+            .map_err(|e| status::executor(HookError::Task(e)))?
+            .map_err(status::executor)?;
         Ok(Response::new(response))
     }
 
@@ -238,7 +244,7 @@ impl HookExecutor for HookExecutorService {
         &self,
         _request: Request<ReloadHooksRequest>,
     ) -> Result<Response<ReloadHooksResponse>, Status> {
-        let found = self.reload().await.map_err(status::internal)?;
+        let found = self.reload().await.map_err(status::executor)?;
         Ok(Response::new(ReloadHooksResponse {
             hooks_dir: self.inner.config.hooks_dir.to_string_lossy().into_owned(),
             discovered_at: Some(timestamp(&found)),

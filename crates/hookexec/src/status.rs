@@ -3,7 +3,8 @@
 //! | error | code |
 //! |---|---|
 //! | [`RequestError`] (bad driver, op, argv field, timeout) | INVALID_ARGUMENT |
-//! | [`HookError`] (the executor's own failure) | INTERNAL (generic text; the detail is logged) |
+//! | [`HookError::ShuttingDown`] | UNAVAILABLE |
+//! | [`HookError::Task`] (the executor's own failure) | INTERNAL (generic text; the detail is logged) |
 //!
 //! A failing hook script is not an error: RunHook answers OK with outcome
 //! FAILED.
@@ -18,6 +19,17 @@ pub enum HookError {
     /// The task running the hooks, or a directory scan, panicked.
     #[error("hook task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The executor is stopping: scripts still running were killed (their
+    /// process groups), the rest not started.
+    #[error(
+        "the hook executor is shutting down: {ran} of {total} scripts ran, the last one killed"
+    )]
+    ShuttingDown {
+        /// Scripts started (the last one killed).
+        ran: usize,
+        /// Scripts the call had.
+        total: usize,
+    },
 }
 
 /// A bad request: INVALID_ARGUMENT naming the field.
@@ -25,8 +37,14 @@ pub fn request(e: RequestError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-/// An executor failure: INTERNAL with a generic text; the cause is logged.
-pub fn internal(e: HookError) -> Status {
-    tracing::error!(error = %qvirt_common::error_chain(&e), "internal error");
-    Status::internal("internal error in the hook executor (see its log)")
+/// An executor failure: UNAVAILABLE when shutting down, else INTERNAL
+/// with a generic text (the cause is logged).
+pub fn executor(e: HookError) -> Status {
+    match e {
+        HookError::ShuttingDown { .. } => Status::unavailable(e.to_string()),
+        HookError::Task(_) => {
+            tracing::error!(error = %qvirt_common::error_chain(&e), "internal error");
+            Status::internal("internal error in the hook executor (see its log)")
+        }
+    }
 }
