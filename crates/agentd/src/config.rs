@@ -60,6 +60,13 @@ pub struct Config {
     /// connection blocks other clients such as `virsh` or a debugging
     /// session.
     pub idle_close_secs: u64,
+    /// Runtime threads. 1 (the default): the whole service on one thread,
+    /// as qemu-ga itself; the service mostly waits on sockets, and on a
+    /// small VM every cross-thread wake-up costs tens of microseconds per
+    /// call. 0: one worker per core; N: N workers (for many guests with
+    /// large file transfers, whose base64 work would otherwise queue the
+    /// other guests' calls).
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -77,6 +84,7 @@ impl Default for Config {
             exec_poll_max_ms: 500,
             queue_depth: 64,
             idle_close_secs: 60,
+            worker_threads: 1,
         }
     }
 }
@@ -101,6 +109,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "0".into(), "must be at least 1".into()));
             }
+        }
+        if self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                self.worker_threads.to_string(),
+                "must be at most 1024 (0: one per core)".into(),
+            ));
         }
         if self.max_reply_bytes < 4096 || self.max_reply_bytes > MAX_REPLY_BYTES_LIMIT {
             return Err(invalid(
@@ -155,7 +170,7 @@ impl Config {
     }
 }
 
-qvirt_common::impl_service_config!(Config, Config::check);
+qvirt_common::impl_service_config!(Config, Config::check, workers = worker_threads);
 
 #[cfg(test)]
 mod tests {
@@ -169,9 +184,15 @@ mod tests {
 
     #[test]
     fn test_defaults_are_valid() {
+        use qvirt_common::cli::ServiceConfig;
         let c = Config::default();
         assert!(c.validate().is_ok());
         assert_eq!(c.command_timeout(), Duration::from_secs(10));
+        // One runtime thread unless asked otherwise (see the field).
+        assert_eq!(c.worker_threads(), 1);
+        let c: Config =
+            qvirt_common::config::parse(Path::new("a.yaml"), "worker_threads: 0\n").unwrap();
+        assert_eq!(c.worker_threads(), 0);
     }
 
     #[test]
@@ -203,7 +224,8 @@ mod tests {
     #[test]
     fn test_validate_rejects_bad_values() {
         type Edit = fn(&mut Config);
-        let cases: [(&str, Edit); 6] = [
+        let cases: [(&str, Edit); 7] = [
+            ("worker_threads", |c| c.worker_threads = 5000),
             ("command_timeout_ms", |c| c.command_timeout_ms = 0),
             ("sync_timeout_ms", |c| c.sync_timeout_ms = 0),
             ("max_reply_bytes", |c| c.max_reply_bytes = 10),

@@ -31,6 +31,10 @@ struct Args {
     /// Overrides `idle_close_secs`.
     #[arg(long, value_name = "SECS")]
     idle_close_secs: Option<u64>,
+    /// Runtime threads: 1 = one thread, 0 = one per core. Overrides
+    /// `worker_threads`.
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         override_with(&mut c.sync_timeout_ms, args.sync_timeout_ms);
         override_with(&mut c.max_file_bytes, args.max_file_bytes);
         override_with(&mut c.idle_close_secs, args.idle_close_secs);
+        override_with(&mut c.worker_threads, args.worker_threads);
         c
     });
     qvirt_common::service::main("qvirt-agentd", config, qvirt_agentd::run)

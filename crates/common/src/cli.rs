@@ -24,16 +24,34 @@ pub trait ServiceConfig: DeserializeOwned + Default {
     fn validate(&self) -> Result<(), ConfigError> {
         Ok(())
     }
+    /// Runtime threads: 0 = one worker per core (tokio's multi-thread
+    /// runtime), 1 = everything on the main thread (no cross-thread
+    /// wake-ups: the lowest latency for a service that mostly waits on
+    /// sockets), N = N workers.
+    fn worker_threads(&self) -> usize {
+        0
+    }
 }
 
 /// Implements [`ServiceConfig`] for a config struct with `listen` and
-/// `log_format` fields, with an optional `validate` body.
+/// `log_format` fields, with an optional `validate` body and an optional
+/// `worker_threads` field (`workers = field`).
 #[macro_export]
 macro_rules! impl_service_config {
     ($ty:ty) => {
         $crate::impl_service_config!($ty, |_c| Ok(()));
     };
+    ($ty:ty, $validate:expr, workers = $field:ident) => {
+        $crate::impl_service_config!(@impl $ty, $validate,
+            fn worker_threads(&self) -> usize {
+                self.$field
+            }
+        );
+    };
     ($ty:ty, $validate:expr) => {
+        $crate::impl_service_config!(@impl $ty, $validate,);
+    };
+    (@impl $ty:ty, $validate:expr, $($extra:item)*) => {
         impl $crate::cli::ServiceConfig for $ty {
             fn listen(&self) -> &$crate::config::ListenAddr {
                 &self.listen
@@ -51,6 +69,7 @@ macro_rules! impl_service_config {
                 let check: fn(&$ty) -> Result<(), $crate::config::ConfigError> = $validate;
                 check(self)
             }
+            $($extra)*
         }
     };
 }
