@@ -883,6 +883,10 @@ fn test_fsinfo_and_disks() {
     let fs = LoopFs::new()
         .map_err(|reason| eprintln!("test_fsinfo_and_disks: no scratch filesystem ({reason})"))
         .ok();
+    // A mount point with a space (octal-escaped in mountinfo).
+    let spaced = LoopFs::with("mnt with space", "loop,ro")
+        .map_err(|reason| eprintln!("test_fsinfo_and_disks: no second filesystem ({reason})"))
+        .ok();
     let agents = both(&[], &[], |_| {});
     let fsinfo: &[&[u8]] = &[b"{'execute':'guest-get-fsinfo'}"];
     let mut attempt = 0;
@@ -907,7 +911,11 @@ fn test_fsinfo_and_disks() {
         let (Some(qu), Some(vu), Some(qt), Some(vt)) = (qu, vu, qt, vt) else {
             continue;
         };
-        if Some(mnt) == scratch.as_ref() {
+        if Some(mnt) == scratch.as_ref()
+            || spaced
+                .as_ref()
+                .is_some_and(|f| f.mnt.to_string_lossy() == mnt.as_str())
+        {
             assert_eq!((vu, vt), (qu, qt), "{mnt}: sizes of the quiet scratch fs");
         } else {
             let tol = qt / 100;
@@ -915,11 +923,11 @@ fn test_fsinfo_and_disks() {
             assert!(qt.abs_diff(*vt) <= tol, "{mnt}: total {vt} vs {qt}");
         }
     }
-    if let Some(s) = &scratch {
-        let needle = format!("\"mountpoint\": \"{s}\"");
+    for f in [&fs, &spaced].into_iter().flatten() {
+        let needle = format!("\"mountpoint\": \"{}\"", f.mnt.display());
         assert!(
             String::from_utf8_lossy(&a.0).contains(&needle),
-            "the scratch filesystem is not listed"
+            "{needle} is not listed"
         );
     }
     let out = same(&agents, &[b"{'execute':'guest-get-disks'}"]);
@@ -929,6 +937,7 @@ fn test_fsinfo_and_disks() {
         &agents,
         &[b"{'execute':'guest-get-fsinfo','arguments':{'x':1}}{'execute':'guest-get-disks','arguments':{'x':1}}"],
     );
+    drop(spaced);
     drop(fs);
 }
 
@@ -943,6 +952,11 @@ fn test_fstrim() {
     let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let fs = LoopFs::new()
         .map_err(|reason| eprintln!("test_fstrim: no scratch filesystem ({reason})"))
+        .ok();
+    // Read-only without journal replay: ext4 refuses FITRIM with EROFS,
+    // the per-path "failed to trim" error.
+    let norecovery = LoopFs::with("ro mnt", "loop,ro,noload")
+        .map_err(|reason| eprintln!("test_fstrim: no read-only filesystem ({reason})"))
         .ok();
     let agents = both(&[], &[], |_| {});
     let mask = |v: Vec<u8>| -> String {
@@ -977,10 +991,18 @@ fn test_fstrim() {
             let needle = format!("\"path\": \"{}\", \"trimmed\": N", fs.mnt.display());
             assert!(a.contains(&needle), "scratch fs not trimmed: {a}");
         }
+        if let Some(ro) = &norecovery {
+            let needle = format!(
+                "\"path\": \"{}\", \"error\": \"failed to trim: Read-only file system\"",
+                ro.mnt.display()
+            );
+            assert!(a.contains(&needle), "no EROFS error: {a}");
+        }
     }
     same(
         &agents,
         &[b"{'execute':'guest-fstrim','arguments':{'minimum':'x'}}{'execute':'guest-fstrim','arguments':{'minimum':1,'y':2}}"],
     );
+    drop(norecovery);
     drop(fs);
 }

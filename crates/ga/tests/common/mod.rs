@@ -328,9 +328,15 @@ fn run_tool(cmd: &mut Command) -> Result<(), String> {
 impl LoopFs {
     /// Makes and mounts the filesystem, or says why it cannot.
     pub fn new() -> Result<Self, String> {
+        Self::with("mnt", "loop")
+    }
+
+    /// As `new`, mounted on `name` (which may need escaping in
+    /// mountinfo) with mount `options`.
+    pub fn with(name: &str, options: &str) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let img = dir.path().join("img");
-        let mnt = dir.path().join("mnt");
+        let mnt = dir.path().join(name);
         std::fs::File::create(&img)
             .and_then(|f| f.set_len(16 << 20))
             .map_err(|e| e.to_string())?;
@@ -338,7 +344,7 @@ impl LoopFs {
         run_tool(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))?;
         run_tool(
             Command::new("mount")
-                .args(["-o", "loop"])
+                .args(["-o", options])
                 .arg(&img)
                 .arg(&mnt),
         )?;
