@@ -196,6 +196,16 @@ async fn call<T>(
         .map(tonic::Response::into_inner)
 }
 
+/// A request for domain `vm` with every other field at its default.
+macro_rules! vm {
+    ($req:ident) => {
+        $req {
+            domain: "vm".into(),
+            ..Default::default()
+        }
+    };
+}
+
 fn ping(domain: &str) -> PingRequest {
     PingRequest {
         domain: domain.into(),
@@ -223,15 +233,7 @@ async fn test_read_only_rpcs() {
         call(who, c.ping(ping("vm"))).await.unwrap();
         call(who, c.ping(ping(&UUID.to_uppercase()))).await.unwrap();
 
-        let info = call(
-            who,
-            c.info(InfoRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        let info = call(who, c.info(vm!(InfoRequest))).await.unwrap();
         assert!(info.version.starts_with("7.2"), "{who}: {}", info.version);
         if who == "qemu-ga" {
             assert_eq!(info.version, "7.2.22");
@@ -249,17 +251,11 @@ async fn test_read_only_rpcs() {
             .unwrap();
         assert!(!shutdown.success_response, "{who}");
 
-        let t = call(
-            who,
-            c.get_time(GetTimeRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap()
-        .time
-        .unwrap();
+        let t = call(who, c.get_time(vm!(GetTimeRequest)))
+            .await
+            .unwrap()
+            .time
+            .unwrap();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -270,30 +266,14 @@ async fn test_read_only_rpcs() {
             t.seconds
         );
 
-        let host = call(
-            who,
-            c.host_name(HostNameRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        let host = call(who, c.host_name(vm!(HostNameRequest))).await.unwrap();
         assert_eq!(
             host.host_name,
             proc_text("/proc/sys/kernel/hostname"),
             "{who}"
         );
 
-        let os = call(
-            who,
-            c.os_info(OsInfoRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        let os = call(who, c.os_info(vm!(OsInfoRequest))).await.unwrap();
         assert_eq!(
             os.kernel_release,
             proc_text("/proc/sys/kernel/osrelease"),
@@ -301,47 +281,18 @@ async fn test_read_only_rpcs() {
         );
         assert_eq!(os.machine, std::env::consts::ARCH, "{who}");
 
-        call(
-            who,
-            c.timezone(TimezoneRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        call(
-            who,
-            c.users(UsersRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        let ifs = call(
-            who,
-            c.network_interfaces(NetworkInterfacesRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        call(who, c.timezone(vm!(TimezoneRequest))).await.unwrap();
+        call(who, c.users(vm!(UsersRequest))).await.unwrap();
+        let ifs = call(who, c.network_interfaces(vm!(NetworkInterfacesRequest)))
+            .await
+            .unwrap();
         assert!(
             ifs.interfaces.iter().any(|i| i.name == "lo"),
             "{who}: {ifs:?}"
         );
         // qemu-ga answers "not currently supported" where it cannot read
         // the block devices (containers): UNIMPLEMENTED.
-        let fs = call(
-            who,
-            c.fs_info(FsInfoRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await;
+        let fs = call(who, c.fs_info(vm!(FsInfoRequest))).await;
         if let Err(e) = fs {
             assert_eq!(e.code(), Code::Unimplemented, "{who}: {e:?}");
             assert!(
@@ -349,15 +300,9 @@ async fn test_read_only_rpcs() {
                 "{who}: {e:?}"
             );
         }
-        let st = call(
-            who,
-            c.fs_freeze_status(FsFreezeStatusRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+            .await
+            .unwrap();
         assert_eq!(st.state(), FsFreezeState::Thawed, "{who}");
     }
 }
@@ -603,15 +548,7 @@ async fn test_blocked_commands_are_failed_precondition() {
         )
         .await;
         expect_code(r, Code::FailedPrecondition, who);
-        call(
-            who,
-            c.info(InfoRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        call(who, c.info(vm!(InfoRequest))).await.unwrap();
     }
 }
 
@@ -624,57 +561,22 @@ async fn test_frozen_agent_refuses_with_failed_precondition() {
         .await;
         let c = &mut s.client;
         let who = kind.name;
-        let r = call(
-            who,
-            c.get_time(GetTimeRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await;
+        let r = call(who, c.get_time(vm!(GetTimeRequest))).await;
         let msg = expect_code(r, Code::FailedPrecondition, who);
         assert!(msg.contains("frozen state"), "{who}: {msg}");
-        let st = call(
-            who,
-            c.fs_freeze_status(FsFreezeStatusRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+            .await
+            .unwrap();
         assert_eq!(st.state(), FsFreezeState::Frozen, "{who}");
         call(who, c.ping(ping("vm"))).await.unwrap();
         // Nothing was really frozen: FITHAW on the mounted filesystems
         // fails harmlessly (qga.md §4), and the agent leaves frozen mode.
-        call(
-            who,
-            c.fs_thaw(FsThawRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
-        let st = call(
-            who,
-            c.fs_freeze_status(FsFreezeStatusRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        call(who, c.fs_thaw(vm!(FsThawRequest))).await.unwrap();
+        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+            .await
+            .unwrap();
         assert_eq!(st.state(), FsFreezeState::Thawed, "{who}");
-        call(
-            who,
-            c.get_time(GetTimeRequest {
-                domain: "vm".into(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap();
+        call(who, c.get_time(vm!(GetTimeRequest))).await.unwrap();
         // Had the thaw failed, a frozen agent would ignore SIGTERM.
         s.agent.kill();
     }
