@@ -732,3 +732,43 @@ async fn test_qmp_quit_is_shutoff_shutdown() {
     assert_eq!(after.reason(), DomainStateReason::ShutoffShutdown);
     wait_gone(d.pid).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_second_supervisor_on_the_same_dirs_exits_naming_the_lock_holder() {
+    let dirs = Dirs::new();
+    let first = Sup::start(&dirs).await;
+    let port = qvirt_integration_tests::free_port().to_string();
+    let out = qvirt_integration_tests::run(
+        &qvirt_integration_tests::bin_path("qvirt-supervisor"),
+        &[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            dirs.state.to_str().unwrap(),
+            "--run-dir",
+            dirs.run.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lock = dirs.state.join("supervisor.lock");
+    assert_eq!(
+        lines,
+        [format!(
+            "qvirt-supervisor: state dir {} is in use by another qvirt-supervisor (pid {}, lock {})",
+            dirs.state.display(),
+            first.svc.pid(),
+            lock.display()
+        )],
+        "{stderr}"
+    );
+    // Released with the process, even by kill -9: the next one starts.
+    let pid = first.svc.pid();
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid).await;
+    drop(first);
+    let _second = Sup::start(&dirs).await;
+}

@@ -62,6 +62,12 @@ pub struct Config {
     /// The event bus to publish QMP and lifecycle events to, as a URL
     /// (`http://127.0.0.1:50053`). Absent: events are only logged (debug).
     pub eventbus: Option<String>,
+    /// The hook executor to run libvirt-style hooks with, as a URL
+    /// (`http://127.0.0.1:50054`). Absent: no hooks run.
+    pub hookexec: Option<String>,
+    /// Bound on one hook call (all the scripts of one hook point),
+    /// seconds; past it the hook counts as not run (executor unavailable).
+    pub hook_call_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -79,6 +85,8 @@ impl Default for Config {
             command_timeout_secs: 30,
             eventbus: None,
             destroy_grace_secs: 10,
+            hookexec: None,
+            hook_call_timeout_secs: 300,
         }
     }
 }
@@ -105,6 +113,9 @@ impl Config {
         if let Some(url) = &self.eventbus {
             qvirt_common::config::check_endpoint("eventbus", url)?;
         }
+        if let Some(url) = &self.hookexec {
+            qvirt_common::config::check_endpoint("hookexec", url)?;
+        }
         for (field, dir) in [("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
             if !dir.is_absolute() {
                 return Err(invalid(
@@ -120,6 +131,7 @@ impl Config {
         for (field, value) in [
             ("start_timeout_secs", self.start_timeout_secs),
             ("command_timeout_secs", self.command_timeout_secs),
+            ("hook_call_timeout_secs", self.hook_call_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(field, "0".into(), "must be at least 1"));
@@ -177,5 +189,20 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("run_dir"), "{err}");
+    }
+
+    #[test]
+    fn test_hookexec_must_be_an_endpoint_url() {
+        let c = Config {
+            hookexec: Some("127.0.0.1:50054".into()),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("hookexec"), "{err}");
+        let c = Config {
+            hookexec: Some("http://127.0.0.1:50054".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
     }
 }

@@ -5,17 +5,20 @@
 //! event bus does) nor talk to guest agents (agentd does); events and hooks
 //! go through the seams in [`seams`].
 //!
-//! Modules: [`config`]; [`domain`] (spec checks, QEMU argv, on-disk store,
-//! the domain table and lifecycle); [`service`] and [`status`] (the gRPC
-//! face and its error table); [`launch`] and [`qmp`] (spawning QEMU, the QMP
-//! client).
+//! Modules: [`config`]; [`lock`] (one supervisor per state dir);
+//! [`domain`] (spec checks, QEMU argv, on-disk store, the domain table and
+//! lifecycle); [`service`] and [`status`] (the gRPC face and its error
+//! table); [`launch`] and [`qmp`] (spawning QEMU, the QMP client);
+//! [`publisher`] and [`hooks`] (the event bus and hook executor clients).
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
 pub mod config;
 pub mod domain;
+pub mod hooks;
 pub mod launch;
+pub mod lock;
 pub mod publisher;
 pub mod qmp;
 pub mod seams;
@@ -32,11 +35,14 @@ pub use config::Config;
 pub use service::SupervisorService;
 
 use domain::{DomainError, Manager};
-use seams::{EventSink, LogEvents, NoHooks};
+use seams::{DaemonHookOp, EventSink, Hooks, LogEvents, NoHooks};
 
 /// Why the supervisor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// Another supervisor holds the state dir (or the lock failed).
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     /// Loading the state dir (or re-attaching to guests) failed.
     #[error("opening the domain store")]
     Open(#[source] DomainError),
@@ -46,6 +52,15 @@ pub enum RunError {
     /// The `eventbus` URL is not usable.
     #[error("invalid eventbus URL {url:?}")]
     EventBus {
+        /// The URL configured.
+        url: String,
+        /// Why it was refused.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The `hookexec` URL is not usable.
+    #[error("invalid hookexec URL {url:?}")]
+    HookExec {
         /// The URL configured.
         url: String,
         /// Why it was refused.
@@ -63,6 +78,31 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::debug!(?config, "starting");
+    let state_dir = config.state_dir.clone();
+    // Held until this function returns, i.e. for the life of the service.
+    let _lock = tokio::task::spawn_blocking(move || lock::lock_state_dir(&state_dir))
+        .await
+        .map_err(|e| {
+            RunError::Lock(lock::LockError::Io {
+                path: config.state_dir.join(lock::LOCK_FILE_NAME),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
+    let hooks: Arc<dyn Hooks> = match &config.hookexec {
+        Some(url) => {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
+                    RunError::HookExec {
+                        url: url.clone(),
+                        source,
+                    }
+                })?;
+            let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
+            Arc::new(hooks::ExecutorHooks::new(endpoint, timeout))
+        }
+        None => Arc::new(NoHooks),
+    };
+    hooks.daemon(DaemonHookOp::Start).await;
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
             let endpoint =
@@ -79,7 +119,7 @@ pub async fn run(
         }
         None => Arc::new(LogEvents),
     };
-    let manager = Manager::open(config, events, Arc::new(NoHooks))
+    let manager = Manager::open(config, events, Arc::clone(&hooks))
         .await
         .map_err(RunError::Open)?;
     let services = Services::new().with(SupervisorServer::new(SupervisorService::new(
@@ -87,5 +127,6 @@ pub async fn run(
     )));
     let served = serve::serve(listener, services, shutdown).await;
     manager.close().await;
+    hooks.daemon(DaemonHookOp::Shutdown).await;
     served.map_err(RunError::from)
 }

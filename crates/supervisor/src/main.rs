@@ -44,6 +44,13 @@ struct Args {
     /// Overrides `eventbus`.
     #[arg(long, value_name = "URL")]
     eventbus: Option<String>,
+    /// Run hooks through the hook executor at URL (e.g. http://127.0.0.1:50054).
+    /// Overrides `hookexec`.
+    #[arg(long, value_name = "URL")]
+    hookexec: Option<String>,
+    /// Bound on one hook call, seconds. Overrides `hook_call_timeout_secs`.
+    #[arg(long, value_name = "SECS")]
+    hook_call_timeout_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +66,8 @@ fn main() -> ExitCode {
         override_with(&mut c.command_timeout_secs, args.command_timeout_secs);
         override_with(&mut c.destroy_grace_secs, args.destroy_grace_secs);
         override_with(&mut c.eventbus, args.eventbus.map(Some));
+        override_with(&mut c.hookexec, args.hookexec.map(Some));
+        override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)

@@ -1,14 +1,17 @@
-//! The seams where the event bus and the hook executor plug in. Neither
-//! client exists yet: the supervisor runs with [`LogEvents`] (events go to
-//! the log at debug level) and [`NoHooks`] (every hook succeeds at once).
+//! The seams where the event bus and the hook executor plug in. Without
+//! them configured the supervisor runs with [`LogEvents`] (events go to the
+//! log at debug level) and [`NoHooks`] (every hook succeeds at once); the
+//! clients are `crate::publisher` and `crate::hooks`.
 //!
 //! - [`EventSink`]: called, in order, for every QMP event read from a
 //!   domain's monitor and for every lifecycle change. It must not block
 //!   (the watcher of a guest calls it): a bus publisher pushes into a
 //!   bounded queue and counts what it drops.
 //! - [`Hooks`]: called at libvirt's hook points (prepare, start, started,
-//!   stopped, release, reconnect). A failing prepare/start/started hook
-//!   aborts the start; stopped/release failures are logged.
+//!   stopped, release, reconnect) and the daemon's start and shutdown. A
+//!   failing prepare/start/started hook aborts the start, a failing
+//!   reconnect hook destroys the guest; stopped/release failures are
+//!   logged.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,7 +64,7 @@ impl EventSink for LogEvents {
     }
 }
 
-/// libvirt's hook points for a domain (`qemu NAME OP SUBOP`).
+/// libvirt's hook points for a domain (`qemu NAME OP SUBOP -`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookOp {
     /// `prepare begin`, before anything is set up for a start.
@@ -78,26 +81,85 @@ pub enum HookOp {
     Reconnect,
 }
 
-/// A failed hook, as the hook executor reports it.
+impl HookOp {
+    /// The operation argument (`prepare`, ...).
+    pub fn op(self) -> &'static str {
+        match self {
+            HookOp::Prepare => "prepare",
+            HookOp::Start => "start",
+            HookOp::Started => "started",
+            HookOp::Stopped => "stopped",
+            HookOp::Release => "release",
+            HookOp::Reconnect => "reconnect",
+        }
+    }
+
+    /// The sub-operation argument: `end` for stopped and release, else
+    /// `begin`.
+    pub fn sub_op(self) -> &'static str {
+        match self {
+            HookOp::Stopped | HookOp::Release => "end",
+            _ => "begin",
+        }
+    }
+}
+
+impl std::fmt::Display for HookOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.op(), self.sub_op())
+    }
+}
+
+/// The daemon hook points (`daemon - OP SUBOP EXTRA`); their failures are
+/// only logged, as libvirt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonHookOp {
+    /// `- start - start`: the supervisor starts.
+    Start,
+    /// `- shutdown - shutdown`: the supervisor stops (SIGTERM/SIGINT).
+    Shutdown,
+}
+
+/// Why a hook did not succeed.
 #[derive(Debug, thiserror::Error)]
-#[error("hook {op:?} failed: {message}")]
-pub struct HookFailure {
-    /// The hook point.
-    pub op: HookOp,
-    /// The hook's message (libvirt: the script's stderr).
-    pub message: String,
+pub enum HookError {
+    /// A script failed (non-zero exit, signal, timeout); `message` is the
+    /// executor's libvirt-style text, with the script's stderr.
+    #[error("{op} hook failed: {message}")]
+    Failed {
+        /// The hook point.
+        op: HookOp,
+        /// The executor's message.
+        message: String,
+    },
+    /// The hook executor could not be asked (down, unreachable, or it
+    /// answered with an error of its own): nothing is known to have run.
+    #[error("{op} hook not run: hook executor unavailable: {message}")]
+    Unavailable {
+        /// The hook point.
+        op: HookOp,
+        /// What the client saw.
+        message: String,
+    },
 }
 
 /// A boxed hook future.
-pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookFailure>> + Send + 'a>>;
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>>;
 
 /// Runs hooks; see the module docs.
 pub trait Hooks: Send + Sync + 'static {
     /// Run hook `op` for `spec`.
     fn run<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> HookFuture<'a>;
+
+    /// Run the daemon hook `op`; failures are logged by the implementation.
+    fn daemon(&self, op: DaemonHookOp) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let _ = op;
+        Box::pin(async {})
+    }
 }
 
-/// The stand-in [`Hooks`] until the hook executor client exists.
+/// [`Hooks`] when no hook executor is configured: every hook succeeds at
+/// once, nothing runs.
 #[derive(Debug, Default)]
 pub struct NoHooks;
 

@@ -5,8 +5,8 @@
 //! | `NotFound` | NOT_FOUND |
 //! | `AlreadyExists` | ALREADY_EXISTS |
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
-//! | `WrongState`, `Start` (QEMU refused to start), `HookRefused`, `QemuRefused` | FAILED_PRECONDITION |
-//! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned) | UNAVAILABLE |
+//! | `WrongState`, `Start` (QEMU refused to start), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
+//! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
 //! | `Timeout` | DEADLINE_EXCEEDED |
 //! | `Unsupported` | UNIMPLEMENTED |
 //! | `Stop`, `Store`, `Internal` | INTERNAL (generic text; the detail is logged) |
@@ -19,6 +19,7 @@ use tonic::{Code, Status};
 
 use crate::domain::DomainError;
 use crate::launch::LaunchError;
+use crate::seams::HookError;
 
 /// The gRPC code for `error`.
 pub fn code(error: &DomainError) -> Code {
@@ -31,10 +32,15 @@ pub fn code(error: &DomainError) -> Code {
         DomainError::Start { source, .. } if matches!(**source, LaunchError::Spawn { .. }) => {
             Code::Unavailable
         }
-        DomainError::Monitor { .. } | DomainError::Detached(_) => Code::Unavailable,
+        DomainError::Hook {
+            source: HookError::Unavailable { .. },
+            ..
+        }
+        | DomainError::Monitor { .. }
+        | DomainError::Detached(_) => Code::Unavailable,
         DomainError::WrongState { .. }
         | DomainError::Start { .. }
-        | DomainError::HookRefused { .. }
+        | DomainError::Hook { .. }
         | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
         DomainError::Timeout(_) => Code::DeadlineExceeded,
         DomainError::Unsupported(_) => Code::Unimplemented,
@@ -67,6 +73,7 @@ impl From<DomainError> for Status {
 mod tests {
     use super::*;
     use crate::domain::spec::SpecError;
+    use crate::seams::HookOp;
 
     #[test]
     fn test_table() {
@@ -102,6 +109,26 @@ mod tests {
                         source: std::io::Error::other("nope"),
                     }),
                 },
+                Code::Unavailable,
+            ),
+            (
+                DomainError::hook(
+                    "x",
+                    HookError::Failed {
+                        op: HookOp::Prepare,
+                        message: "no".into(),
+                    },
+                ),
+                Code::FailedPrecondition,
+            ),
+            (
+                DomainError::hook(
+                    "x",
+                    HookError::Unavailable {
+                        op: HookOp::Start,
+                        message: "down".into(),
+                    },
+                ),
                 Code::Unavailable,
             ),
             (DomainError::Timeout("t".into()), Code::DeadlineExceeded),

@@ -4,6 +4,7 @@ use crate::domain::spec::SpecError;
 use crate::domain::store::StoreError;
 use crate::launch::LaunchError;
 use crate::qmp::QmpError;
+use crate::seams::HookError;
 
 /// Why a domain operation failed, named after what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +49,15 @@ pub enum DomainError {
         #[source]
         source: Box<LaunchError>,
     },
-    /// A start hook refused the start.
-    #[error("starting domain {domain:?} refused by a hook: {message}")]
-    HookRefused {
+    /// A start hook refused the start (FAILED_PRECONDITION), or could not
+    /// be run because the hook executor is unavailable (UNAVAILABLE).
+    #[error("starting domain {domain:?} refused")]
+    Hook {
         /// The domain.
         domain: String,
-        /// The hook's message.
-        message: String,
+        /// The hook's failure.
+        #[source]
+        source: HookError,
     },
     /// A QMP command failed: QEMU answered with an error.
     #[error("QEMU refused {command}: {class}: {desc}")]
@@ -106,6 +109,14 @@ pub enum DomainError {
 }
 
 impl DomainError {
+    /// A start refused by hook `source`.
+    pub fn hook(domain: &str, source: HookError) -> Self {
+        DomainError::Hook {
+            domain: domain.to_owned(),
+            source,
+        }
+    }
+
     /// Wrap a QMP error of `command` on `domain`.
     pub fn qmp(domain: &str, source: QmpError) -> Self {
         match source {

@@ -10,18 +10,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use qvirt_proto::v1::{
-    Accel, Domain, DomainEventStartedDetail, DomainEventType, DomainState, DomainStateReason,
-    ShutdownMode,
+    Accel, Domain, DomainEventStartedDetail, DomainEventType, DomainSpec, DomainState,
+    DomainStateReason, ShutdownMode,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::argv::{self, Paths};
 use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
-use crate::seams::HookOp;
+use crate::seams::{HookError, HookOp};
 
 /// How long Destroy waits for the watcher to record the exit.
 const EXIT_RECORD_WAIT: Duration = Duration::from_secs(15);
@@ -42,28 +42,43 @@ impl Manager {
                 what: "start needs a shut off domain",
             });
         }
-        for op in [HookOp::Prepare, HookOp::Start] {
-            if let Err(failure) = self.inner.hooks.run(&spec, op).await {
-                self.fail_start(&entry).await;
-                return Err(DomainError::HookRefused {
-                    domain: spec.name,
-                    message: failure.to_string(),
-                });
-            }
+        let began = Instant::now();
+        if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Prepare).await {
+            return Err(self
+                .abort_start(&entry, &spec, None, DomainError::hook(&spec.name, failure))
+                .await);
         }
         let paths = self.inner.store.paths(&spec.name);
         let auto_uses_kvm = self.config().auto_uses_kvm;
         let accel = spec.accel();
         let store = self.inner.store.clone();
         let log_name = spec.name.clone();
+        let stale_agent_socket = spec.agent.then(|| paths.agent_socket.clone());
+        // One blocking hop for the file-system work before the spawn.
         let prepare = tokio::task::spawn_blocking(move || {
             if let Err(error) = store.rotate_log(&log_name) {
                 let error = qvirt_common::error_chain(&error);
                 warn!(domain = %log_name, %error, "QEMU log rotation failed");
             }
+            if let Some(socket) = stale_agent_socket {
+                // A stale socket file from a QEMU that died would make
+                // QEMU's bind fail.
+                let _ = std::fs::remove_file(socket);
+            }
             argv::resolve_accel(accel, auto_uses_kvm)
         });
-        let resolved = prepare.await.unwrap_or(argv::ResolvedAccel::Tcg);
+        let resolved = match prepare.await {
+            Ok(resolved) => resolved,
+            Err(error) => {
+                // Never guess (e.g. TCG) when the probe itself broke.
+                error!(domain = %spec.name, %error, "start preparation task failed");
+                let error = DomainError::Internal(format!(
+                    "domain {:?}: preparing the start failed: {error}",
+                    spec.name
+                ));
+                return Err(self.abort_start(&entry, &spec, None, error).await);
+            }
+        };
         if accel == Accel::Auto {
             info!(domain = %spec.name, accel = ?resolved, "accel auto resolved");
         }
@@ -74,11 +89,6 @@ impl Manager {
                 agent_socket: &paths.agent_socket,
             },
         );
-        if spec.agent {
-            // A stale socket file from a QEMU that died would make QEMU's
-            // bind fail.
-            let _ = tokio::fs::remove_file(&paths.agent_socket).await;
-        }
         let launch_config = LaunchConfig {
             binary: self.config().qemu_binary.clone(),
             args,
@@ -86,39 +96,38 @@ impl Manager {
             log_path: paths.qemu_log.clone(),
             handshake_timeout: Duration::from_secs(self.config().start_timeout_secs),
         };
+        if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Start).await {
+            return Err(self
+                .abort_start(&entry, &spec, None, DomainError::hook(&spec.name, failure))
+                .await);
+        }
+        let prepared = began.elapsed();
         let mut process = match launch::launch(&launch_config).await {
             Ok(p) => p,
             Err(source) => {
                 warn!(domain = %spec.name, error = %qvirt_common::error_chain(&source), "QEMU failed to start");
-                self.fail_start(&entry).await;
-                return Err(DomainError::Start {
-                    domain: spec.name,
+                let error = DomainError::Start {
+                    domain: spec.name.clone(),
                     source: Box::new(source),
-                });
+                };
+                return Err(self.abort_start(&entry, &spec, None, error).await);
             }
         };
+        let launched = began.elapsed();
         let events = process.take_events();
         let process = Arc::new(process);
         let qmp = Arc::clone(process.qmp());
         let flags = Arc::new(RunFlags::default());
-        let kill = |process: Arc<launch::QemuProcess>| async move {
-            if let Err(error) = process.kill(Duration::ZERO).await {
-                warn!(error = %error, "killing a half-started QEMU failed");
-            }
-        };
+        // libvirt runs `started` after the vCPUs run; we run it before
+        // `cont`, so a refusing hook never lets the guest execute.
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Started).await {
-            kill(process).await;
-            self.fail_start(&entry).await;
-            return Err(DomainError::HookRefused {
-                domain: spec.name,
-                message: failure.to_string(),
-            });
+            let error = DomainError::hook(&spec.name, failure);
+            return Err(self.abort_start(&entry, &spec, Some(process), error).await);
         }
         if !paused && let Err(error) = self.qmp(&entry, &qmp, "cont").await {
-            kill(process).await;
-            self.fail_start(&entry).await;
-            return Err(error);
+            return Err(self.abort_start(&entry, &spec, Some(process), error).await);
         }
+        let continued = began.elapsed();
         let (state, reason) = if paused {
             (DomainState::Paused, DomainStateReason::PausedStartingUp)
         } else {
@@ -148,6 +157,15 @@ impl Manager {
             data.status.clone()
         };
         self.save_status(spec.name.clone(), status).await;
+        debug!(
+            domain = %spec.name,
+            prepare_us = prepared.as_micros(),
+            launch_us = (launched - prepared).as_micros(),
+            spawn_to_greeting_us = process.spawn_to_greeting().as_micros(),
+            started_hook_and_cont_us = (continued - launched).as_micros(),
+            save_us = (began.elapsed() - continued).as_micros(),
+            "start timings"
+        );
         entry.notify();
         self.emit(
             &spec,
@@ -167,14 +185,39 @@ impl Manager {
         Ok(self.snapshot(&entry))
     }
 
-    /// Record a failed start: SHUTOFF, reason FAILED.
-    async fn fail_start(&self, entry: &Entry) {
+    /// Undo a start that failed after the prepare hook was called: kill
+    /// the QEMU if one was spawned, record SHUTOFF (FAILED), and run the
+    /// stopped and release hooks as libvirt does (their failures are only
+    /// logged). Returns `error` for the caller.
+    async fn abort_start(
+        &self,
+        entry: &Entry,
+        spec: &DomainSpec,
+        process: Option<Arc<launch::QemuProcess>>,
+        error: DomainError,
+    ) -> DomainError {
+        if let Some(process) = process
+            && let Err(error) = process.kill(Duration::ZERO).await
+        {
+            warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
+        }
         self.transition(
             entry,
             DomainState::Shutoff,
             DomainStateReason::ShutoffFailed,
         )
         .await;
+        self.run_stop_hooks(spec).await;
+        error
+    }
+
+    /// The stopped and release hooks; failures are logged.
+    pub(super) async fn run_stop_hooks(&self, spec: &DomainSpec) {
+        for op in [HookOp::Stopped, HookOp::Release] {
+            if let Err(failure) = self.inner.hooks.run(spec, op).await {
+                warn!(domain = %spec.name, %failure, "hook failed (ignored)");
+            }
+        }
     }
 
     /// Stop QEMU at once (SIGTERM, SIGKILL after the grace period, unless
@@ -413,14 +456,23 @@ impl Manager {
             self.transition(entry, state, reason).await;
         }
         info!(domain = %name, pid = status.pid, state = state_name(state as i32), "re-attached to running QEMU");
-        if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Reconnect).await {
-            warn!(domain = %name, %failure, "reconnect hook failed; destroying the domain");
-            self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
-            let _op = entry.op.lock().await;
-            if let Err(error) = self.destroy_locked(entry, false).await {
-                warn!(domain = %name, %error, "destroying after a failed reconnect hook failed");
+        match self.inner.hooks.run(&spec, HookOp::Reconnect).await {
+            Ok(()) => {}
+            Err(failure @ HookError::Unavailable { .. }) => {
+                // Not a verdict on this guest: killing running guests
+                // because the executor is down (or starts after us) would
+                // lose work for nothing. The guest is kept.
+                error!(domain = %name, %failure, "reconnect hook not run; guest kept running");
             }
-            return;
+            Err(failure @ HookError::Failed { .. }) => {
+                warn!(domain = %name, %failure, "reconnect hook failed; destroying the domain");
+                self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
+                let _op = entry.op.lock().await;
+                if let Err(error) = self.destroy_locked(entry, false).await {
+                    warn!(domain = %name, %error, "destroying after a failed reconnect hook failed");
+                }
+                return;
+            }
         }
         let powered_off = state == DomainState::Shutdown;
         if powered_off {

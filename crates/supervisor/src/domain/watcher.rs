@@ -17,7 +17,6 @@ use tracing::{debug, info, warn};
 use super::{Entry, Manager, RunFlags};
 use crate::launch::{ExitWatch, STARTUP_EXIT_WAIT};
 use crate::qmp::{EventReceiver, QmpClient, QmpEvent};
-use crate::seams::HookOp;
 
 /// How long an adopted QEMU may linger after its monitor closed.
 const ADOPTED_EXIT_WAIT: Duration = Duration::from_secs(5);
@@ -240,10 +239,6 @@ impl Manager {
             _ => 3,
         };
         self.emit(&spec, DomainEventType::Stopped, detail);
-        for op in [HookOp::Stopped, HookOp::Release] {
-            if let Err(failure) = self.inner.hooks.run(&spec, op).await {
-                warn!(domain = %spec.name, %failure, "hook failed");
-            }
-        }
+        self.run_stop_hooks(&spec).await;
     }
 }

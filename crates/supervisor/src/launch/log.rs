@@ -4,7 +4,10 @@
 use std::io::{self, SeekFrom};
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// How much of QEMU's output a startup error quotes, at most.
 pub const LOG_TAIL_BYTES: u64 = 2048;
@@ -19,21 +22,16 @@ pub(crate) struct OpenedLog {
 }
 
 /// Open (create, mode 0600) `path` for append and write a header line
-/// naming the command about to run.
-pub(crate) async fn open(path: &Path, header: &str) -> io::Result<OpenedLog> {
-    let mut file = tokio::fs::OpenOptions::new()
+/// naming the command about to run. Blocking.
+pub(crate) fn open(path: &Path, header: &str) -> io::Result<OpenedLog> {
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(path)
-        .await?;
-    file.write_all(header.as_bytes()).await?;
-    file.flush().await?;
-    let start = file.metadata().await?.len();
-    Ok(OpenedLog {
-        file: file.into_std().await,
-        start,
-    })
+        .open(path)?;
+    file.write_all(header.as_bytes())?;
+    let start = file.metadata()?.len();
+    Ok(OpenedLog { file, start })
 }
 
 /// The last `LOG_TAIL_BYTES` of what was written to `path` after `start`,
@@ -65,7 +63,7 @@ mod tests {
         tokio::fs::write(&path, "old run output\n")
             .await
             .expect("write");
-        let log = open(&path, "starting: qemu\n").await.expect("open");
+        let log = open(&path, "starting: qemu\n").expect("open");
         std::io::Write::write_all(&mut &log.file, b"qemu: boom\n").expect("write");
         assert_eq!(tail(&path, log.start).await.expect("tail"), "qemu: boom");
     }

@@ -37,7 +37,7 @@ mod sys;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -161,6 +161,9 @@ pub enum LaunchError {
         #[source]
         source: QmpError,
     },
+    /// The blocking task that prepares the run dir, socket and log died.
+    #[error("preparing the QEMU launch: {0}")]
+    PrepareTask(String),
     /// The process did not exit after SIGKILL within [`KILL_WAIT`].
     #[error("QEMU pid {pid} still running {after:?} after SIGKILL")]
     KillTimeout {
@@ -335,19 +338,20 @@ async fn kill_child(
 }
 
 /// Create `dir` (and parents) with mode 0700, and force 0700 on `dir`
-/// itself if it already existed.
-async fn create_run_dir(dir: &Path) -> io::Result<()> {
-    let mut builder = tokio::fs::DirBuilder::new();
-    builder.recursive(true).mode(0o700);
-    builder.create(dir).await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await
+/// itself if it already existed. Blocking.
+fn create_run_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Bind and listen on `path` (removing a stale socket file left by a QEMU
 /// that exited with an error). The fd is moved above 2 if needed, so that
-/// the child's stdio setup cannot replace it.
-async fn bind_monitor(path: &Path) -> io::Result<OwnedFd> {
-    match tokio::fs::remove_file(path).await {
+/// the child's stdio setup cannot replace it. Blocking.
+fn bind_monitor(path: &Path) -> io::Result<OwnedFd> {
+    match std::fs::remove_file(path) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
         _ => {}
     }
@@ -357,6 +361,43 @@ async fn bind_monitor(path: &Path) -> io::Result<OwnedFd> {
     }
     // try_clone uses F_DUPFD_CLOEXEC with a minimum of 3.
     fd.try_clone()
+}
+
+/// What the spawn needs, prepared off the async threads in one go.
+struct Prepared {
+    monitor_path: PathBuf,
+    listener: OwnedFd,
+    args: Vec<OsString>,
+    log: log::OpenedLog,
+}
+
+/// Run dir, monitor listener, full argv, opened log. Blocking (a few
+/// quick file-system calls, made in one `spawn_blocking` rather than one
+/// async hop each: the start path is latency-sensitive).
+fn prepare(config: &LaunchConfig) -> Result<Prepared, LaunchError> {
+    create_run_dir(&config.run_dir).map_err(|source| LaunchError::CreateRunDir {
+        path: config.run_dir.clone(),
+        source,
+    })?;
+    let monitor_path = config.run_dir.join(MONITOR_SOCKET_NAME);
+    let listener = bind_monitor(&monitor_path).map_err(|source| LaunchError::BindMonitor {
+        path: monitor_path.clone(),
+        source,
+    })?;
+    let mut args = config.args.clone();
+    args.extend(monitor_args(listener.as_raw_fd()));
+    let log = log::open(&config.log_path, &header(config, &args)).map_err(|source| {
+        LaunchError::OpenLog {
+            path: config.log_path.clone(),
+            source,
+        }
+    })?;
+    Ok(Prepared {
+        monitor_path,
+        listener,
+        args,
+        log,
+    })
 }
 
 fn header(config: &LaunchConfig, args: &[OsString]) -> String {
@@ -380,28 +421,15 @@ fn header(config: &LaunchConfig, args: &[OsString]) -> String {
 /// Start QEMU as described in the module docs and return it running,
 /// paused (`-S`), with a negotiated QMP session.
 pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
-    create_run_dir(&config.run_dir)
+    let prepare_config = config.clone();
+    let Prepared {
+        monitor_path,
+        listener,
+        args,
+        log,
+    } = tokio::task::spawn_blocking(move || prepare(&prepare_config))
         .await
-        .map_err(|source| LaunchError::CreateRunDir {
-            path: config.run_dir.clone(),
-            source,
-        })?;
-    let monitor_path = config.run_dir.join(MONITOR_SOCKET_NAME);
-    let listener =
-        bind_monitor(&monitor_path)
-            .await
-            .map_err(|source| LaunchError::BindMonitor {
-                path: monitor_path.clone(),
-                source,
-            })?;
-    let mut args = config.args.clone();
-    args.extend(monitor_args(listener.as_raw_fd()));
-    let log = log::open(&config.log_path, &header(config, &args))
-        .await
-        .map_err(|source| LaunchError::OpenLog {
-            path: config.log_path.clone(),
-            source,
-        })?;
+        .map_err(|error| LaunchError::PrepareTask(error.to_string()))??;
     let open_log_error = |source| LaunchError::OpenLog {
         path: config.log_path.clone(),
         source,
@@ -618,20 +646,14 @@ mod tests {
         assert_eq!(args[4], "-S");
     }
 
-    #[tokio::test]
-    async fn test_run_dir_is_private() {
+    #[test]
+    fn test_run_dir_is_private() {
         let dir = tempfile::tempdir().expect("tempdir");
         let run = dir.path().join("a/b");
-        create_run_dir(&run).await.expect("create");
-        tokio::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))
-            .await
-            .expect("chmod");
-        create_run_dir(&run).await.expect("again");
-        let mode = tokio::fs::metadata(&run)
-            .await
-            .expect("stat")
-            .permissions()
-            .mode();
+        create_run_dir(&run).expect("create");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        create_run_dir(&run).expect("again");
+        let mode = std::fs::metadata(&run).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 

@@ -1,0 +1,223 @@
+//! The [`Hooks`] that asks the hook executor (`qvirt.v1.HookExecutor/RunHook`)
+//! to run libvirt-style hook scripts, configured by `hookexec`.
+//!
+//! Each domain hook is one RunHook call: driver `qemu`, object the domain
+//! name, op and sub-op as libvirt (`prepare begin`, `start begin`, `started
+//! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-`, and
+//! on stdin the domain definition as YAML (our definition format, the one
+//! `qvirtctl define` reads, where libvirt sends its domain XML). The daemon
+//! hook gets `- start - start` when the supervisor starts and `- shutdown -
+//! shutdown` when it stops, with nothing on stdin; its failures are logged.
+//!
+//! A hook that ran and failed is [`HookError::Failed`] with the executor's
+//! libvirt-style message (it quotes the failing script's stderr). An
+//! executor that cannot be reached, answers with a gRPC error, or does not
+//! answer within `hook_call_timeout_secs` is [`HookError::Unavailable`]:
+//! nothing is known to have run. What the supervisor does with each is
+//! decided by the caller (see `crate::domain`): a begin-type hook of a
+//! start that cannot be run refuses the start, so no guest starts behind
+//! an operator's policy.
+
+use std::time::{Duration, Instant};
+
+use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
+use qvirt_proto::v1::{DomainSpec, HookDriver, HookOutcome, RunHookRequest, RunHookResponse};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, warn};
+
+use crate::seams::{DaemonHookOp, HookError, HookFuture, HookOp, Hooks};
+
+/// How long connecting to the hook executor may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs hooks through the hook executor; see the module docs.
+#[derive(Debug, Clone)]
+pub struct ExecutorHooks {
+    client: HookExecutorClient<Channel>,
+    call_timeout: Duration,
+}
+
+impl ExecutorHooks {
+    /// A client of the executor at `endpoint`. It connects on first use
+    /// (and again after a failure), so the executor may start later.
+    pub fn new(endpoint: Endpoint, call_timeout: Duration) -> Self {
+        let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
+        ExecutorHooks {
+            client: HookExecutorClient::new(channel),
+            call_timeout,
+        }
+    }
+
+    async fn call(&self, request: RunHookRequest) -> Result<RunHookResponse, String> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.call_timeout);
+        match tokio::time::timeout(self.call_timeout, client.run_hook(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {:?}", self.call_timeout)),
+        }
+    }
+
+    async fn run_domain_hook(&self, spec: &DomainSpec, op: HookOp) -> Result<(), HookError> {
+        let input = spec.to_yaml().map_err(|error| HookError::Unavailable {
+            op,
+            message: format!("cannot encode the definition as YAML: {error}"),
+        })?;
+        let request = RunHookRequest {
+            driver: HookDriver::Qemu as i32,
+            object: spec.name.clone(),
+            op: op.op().to_owned(),
+            sub_op: op.sub_op().to_owned(),
+            extra: "-".to_owned(),
+            input,
+            timeout: None,
+        };
+        let began = Instant::now();
+        let response = self
+            .call(request)
+            .await
+            .map_err(|message| HookError::Unavailable { op, message })?;
+        debug!(
+            domain = %spec.name,
+            hook = %op,
+            outcome = response.outcome,
+            scripts = response.results.len(),
+            took_us = began.elapsed().as_micros(),
+            "hook ran"
+        );
+        outcome(op, response)
+    }
+}
+
+/// The verdict of a RunHook answer.
+fn outcome(op: HookOp, response: RunHookResponse) -> Result<(), HookError> {
+    match HookOutcome::try_from(response.outcome) {
+        Ok(HookOutcome::Success | HookOutcome::NoHooks) => Ok(()),
+        Ok(HookOutcome::Failed) => Err(HookError::Failed {
+            op,
+            message: if response.error.is_empty() {
+                "a hook script failed".to_owned()
+            } else {
+                response.error.trim_end().to_owned()
+            },
+        }),
+        Ok(HookOutcome::Unspecified) | Err(_) => Err(HookError::Unavailable {
+            op,
+            message: format!("the executor answered outcome {}", response.outcome),
+        }),
+    }
+}
+
+impl Hooks for ExecutorHooks {
+    fn run<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> HookFuture<'a> {
+        Box::pin(self.run_domain_hook(spec, op))
+    }
+
+    fn daemon(
+        &self,
+        op: DaemonHookOp,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        let (name, extra) = match op {
+            DaemonHookOp::Start => ("start", "start"),
+            DaemonHookOp::Shutdown => ("shutdown", "shutdown"),
+        };
+        let request = RunHookRequest {
+            driver: HookDriver::Daemon as i32,
+            object: "-".to_owned(),
+            op: name.to_owned(),
+            sub_op: "-".to_owned(),
+            extra: extra.to_owned(),
+            input: String::new(),
+            timeout: None,
+        };
+        Box::pin(async move {
+            match self.call(request).await {
+                Ok(response) if response.outcome == HookOutcome::Failed as i32 => {
+                    warn!(hook = name, error = %response.error.trim_end(), "daemon hook failed (ignored)");
+                }
+                Ok(_) => debug!(hook = name, "daemon hook ran"),
+                Err(error) => {
+                    warn!(hook = name, %error, "daemon hook not run: hook executor unavailable");
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(outcome: HookOutcome, error: &str) -> RunHookResponse {
+        RunHookResponse {
+            outcome: outcome as i32,
+            error: error.to_owned(),
+            ..RunHookResponse::default()
+        }
+    }
+
+    #[test]
+    fn test_outcomes_table() {
+        assert!(outcome(HookOp::Prepare, response(HookOutcome::Success, "")).is_ok());
+        assert!(outcome(HookOp::Prepare, response(HookOutcome::NoHooks, "")).is_ok());
+        match outcome(HookOp::Start, response(HookOutcome::Failed, "no way\n")) {
+            Err(HookError::Failed { op, message }) => {
+                assert_eq!(op, HookOp::Start);
+                assert_eq!(message, "no way");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            outcome(HookOp::Start, response(HookOutcome::Unspecified, "")),
+            Err(HookError::Unavailable { .. })
+        ));
+    }
+
+    #[test]
+    fn test_hook_argv_words_are_libvirts() {
+        let words: Vec<String> = [
+            HookOp::Prepare,
+            HookOp::Start,
+            HookOp::Started,
+            HookOp::Stopped,
+            HookOp::Release,
+            HookOp::Reconnect,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        assert_eq!(
+            words,
+            [
+                "prepare begin",
+                "start begin",
+                "started begin",
+                "stopped end",
+                "release end",
+                "reconnect begin"
+            ]
+        );
+    }
+
+    /// Nothing listens on the port: a domain hook is Unavailable, a daemon
+    /// hook only logs.
+    #[tokio::test]
+    async fn test_unreachable_executor_is_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("url");
+        let hooks = ExecutorHooks::new(endpoint, Duration::from_secs(10));
+        let spec = DomainSpec {
+            name: "vm".into(),
+            ..DomainSpec::default()
+        };
+        match hooks.run(&spec, HookOp::Prepare).await {
+            Err(HookError::Unavailable { op, .. }) => assert_eq!(op, HookOp::Prepare),
+            other => panic!("{other:?}"),
+        }
+        hooks.daemon(DaemonHookOp::Start).await;
+    }
+}

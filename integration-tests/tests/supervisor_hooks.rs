@@ -1,0 +1,472 @@
+//! `qvirt-supervisor` running libvirt-style hooks through the real
+//! `qvirt-hookexec`, with real `/bin/sh` hook scripts and real QEMU (TCG):
+//! a refusing prepare or started hook aborts the start with the script's
+//! message; scripts see libvirt's argv and the definition on stdin; stopped
+//! and release run after a destroy, a kill -9 of QEMU and a failed start;
+//! the reconnect hook runs after a kill -9 of the supervisor, and a
+//! refusing one destroys the guest; an unreachable executor refuses starts;
+//! the daemon hook sees the supervisor start and stop.
+//!
+//! The scripts log `OBJECT OP SUBOP EXTRA` lines to `calls`, save their
+//! stdin per op, and fail (exit 3, a message on stderr) when a file
+//! `fail-OBJECT-OP` exists, so one discovery serves every case. Every QEMU
+//! a test starts is killed on drop ([`QemuReaper`], by scanning for its
+//! domain UUID). Every wait has a deadline.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qvirt_integration_tests::{Service, free_port, tool_path};
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DefineDomainRequest, DestroyDomainRequest, Domain, DomainSpec, DomainState, DomainStateReason,
+    GetDomainRequest, StartDomainRequest, define_domain_request,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Bound on waiting for a state or a hook call.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The pids of the QEMUs whose command line holds `uuid`.
+fn qemu_pids(uuid: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let running = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false);
+        if running && qvirt_integration_tests::runs_domain(pid, uuid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs on drop every QEMU still running one of the UUIDs.
+#[derive(Default)]
+struct QemuReaper(std::sync::Mutex<Vec<String>>);
+
+impl QemuReaper {
+    fn track(&self, uuid: &str) {
+        self.0.lock().unwrap().push(uuid.to_owned());
+    }
+}
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for uuid in self.0.lock().unwrap().iter() {
+            for pid in qemu_pids(uuid) {
+                qvirt_integration_tests::kill_domain_qemu(pid, uuid);
+            }
+        }
+    }
+}
+
+/// A hooks dir with logging scripts, a running hook executor over it, and
+/// state/run dirs for supervisors.
+struct World {
+    tmp: tempfile::TempDir,
+    hookexec: Service,
+    reaper: QemuReaper,
+}
+
+/// The hook script: logs its argv to `calls`, keeps its stdin in
+/// `stdin-OBJECT-OP`, fails when `fail-OBJECT-OP` exists.
+fn script(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "#!/bin/sh\n\
+         printf '%s %s %s %s\\n' \"$1\" \"$2\" \"$3\" \"$4\" >> '{d}/calls'\n\
+         cat > '{d}/stdin-'\"$1-$2\"\n\
+         if [ -e '{d}/fail-'\"$1-$2\" ]; then\n\
+         \x20 echo \"policy refuses $2 of $1\" >&2\n\
+         \x20 exit 3\n\
+         fi\n\
+         exit 0\n"
+    )
+}
+
+impl World {
+    async fn new() -> World {
+        tool_path("qemu-system-x86_64");
+        let tmp = tempfile::tempdir().unwrap();
+        let hooks = tmp.path().join("hooks");
+        std::fs::create_dir(&hooks).unwrap();
+        for driver in ["qemu", "daemon"] {
+            let path = hooks.join(driver);
+            std::fs::write(&path, script(tmp.path())).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut hookexec = Service::start(
+            "qvirt-hookexec",
+            &[
+                "--hooks-dir",
+                hooks.to_str().unwrap(),
+                "--timeout-secs",
+                "30",
+            ],
+        );
+        hookexec.wait_serving("").await;
+        World {
+            tmp,
+            hookexec,
+            reaper: QemuReaper::default(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Make hook `op` fail for `object` (or succeed again).
+    fn set_failing(&self, object: &str, op: &str, failing: bool) {
+        let path = self.path(&format!("fail-{object}-{op}"));
+        if failing {
+            std::fs::write(path, "").unwrap();
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// The hook calls logged so far, one `OBJECT OP SUBOP EXTRA` each.
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Forget the calls logged so far.
+    fn clear_calls(&self) {
+        let _ = std::fs::remove_file(self.path("calls"));
+    }
+
+    /// The hook calls logged so far for `object`.
+    fn calls_of(&self, object: &str) -> Vec<String> {
+        let prefix = format!("{object} ");
+        self.calls()
+            .into_iter()
+            .filter(|c| c.starts_with(&prefix))
+            .collect()
+    }
+
+    /// Wait until the calls for `object` (hooks of different domains may
+    /// interleave) are exactly `want`.
+    async fn wait_calls_of(&self, object: &str, want: &[&str]) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let calls = self.calls_of(object);
+            if calls == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hook calls for {object} {calls:?}, not {want:?} within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn supervisor(&self, hookexec_url: &str) -> Sup {
+        let state = self.path("state");
+        let run = self.path("run");
+        let mut svc = Service::start(
+            "qvirt-supervisor",
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--run-dir",
+                run.to_str().unwrap(),
+                "--start-timeout-secs",
+                "60",
+                "--hookexec",
+                hookexec_url,
+            ],
+        );
+        svc.wait_serving("qvirt.v1.Supervisor").await;
+        let client = SupervisorClient::connect(svc.url()).await.unwrap();
+        Sup { svc, client }
+    }
+}
+
+struct Sup {
+    svc: Service,
+    client: SupervisorClient<Channel>,
+}
+
+impl Sup {
+    async fn define(&mut self, world: &World, name: &str) -> Domain {
+        let yaml = format!("name: {name}\nmemory_mib: 64\naccel: tcg\n");
+        let d = self
+            .client
+            .define_domain(DefineDomainRequest {
+                source: Some(define_domain_request::Source::SpecYaml(yaml)),
+                allow_update: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .domain
+            .unwrap();
+        world.reaper.track(&d.spec.as_ref().unwrap().uuid);
+        d
+    }
+
+    async fn start(&mut self, name: &str) -> Result<Domain, tonic::Status> {
+        self.client
+            .start_domain(StartDomainRequest {
+                domain: name.to_owned(),
+                paused: false,
+            })
+            .await
+            .map(|r| r.into_inner().domain.unwrap())
+    }
+
+    async fn get(&mut self, name: &str) -> Domain {
+        self.client
+            .get_domain(GetDomainRequest {
+                domain: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .domain
+            .unwrap()
+    }
+
+    async fn wait_state(&mut self, name: &str, state: DomainState) -> Domain {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let d = self.get(name).await;
+            if d.state() == state {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not {state:?} within {WAIT:?}: {:?}; stderr:\n{}",
+                d.state(),
+                self.svc.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn wait_no_qemu(uuid: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !qemu_pids(uuid).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU of {uuid} still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_failing_prepare_hook_aborts_start_with_its_message() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let d = sup.define(&world, "vm").await;
+    let uuid = d.spec.unwrap().uuid;
+    world.clear_calls();
+    world.set_failing("vm", "prepare", true);
+
+    let err = sup.start("vm").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("policy refuses prepare of vm"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("prepare begin"), "{}", err.message());
+    let d = sup.get("vm").await;
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffFailed);
+    assert!(qemu_pids(&uuid).is_empty(), "QEMU spawned after a refusal");
+    // As libvirt: no start, but the stop path's hooks run.
+    assert_eq!(
+        world.calls(),
+        ["vm prepare begin -", "vm stopped end -", "vm release end -"]
+    );
+
+    // The policy lifted, the same domain starts.
+    world.set_failing("vm", "prepare", false);
+    let d = sup.start("vm").await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "vm".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    wait_no_qemu(&uuid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_failing_started_hook_kills_the_spawned_qemu() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    world.clear_calls();
+    world.set_failing("vm", "started", true);
+    let err = sup.start("vm").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("policy refuses started of vm"),
+        "{}",
+        err.message()
+    );
+    // QEMU did run (the QEMU log has this start) and was killed.
+    let log = std::fs::read_to_string(world.path("state/logs/vm.log")).unwrap();
+    assert!(log.contains(&uuid), "{log}");
+    assert!(qemu_pids(&uuid).is_empty(), "QEMU left running");
+    let d = sup.get("vm").await;
+    assert_eq!(
+        (d.state(), d.reason(), d.pid),
+        (DomainState::Shutoff, DomainStateReason::ShutoffFailed, 0)
+    );
+    assert_eq!(
+        world.calls(),
+        [
+            "vm prepare begin -",
+            "vm start begin -",
+            "vm started begin -",
+            "vm stopped end -",
+            "vm release end -"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_kill9() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let defined = sup.define(&world, "vm").await.spec.unwrap();
+    world.clear_calls();
+
+    let d = sup.start("vm").await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    assert_eq!(
+        world.calls(),
+        [
+            "vm prepare begin -",
+            "vm start begin -",
+            "vm started begin -"
+        ]
+    );
+    // stdin: the definition as YAML, the same document for every hook.
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    let spec = DomainSpec::from_yaml(&stdin).unwrap();
+    assert_eq!(spec, defined);
+    for op in ["start", "started"] {
+        let other = std::fs::read_to_string(world.path(&format!("stdin-vm-{op}"))).unwrap();
+        assert_eq!(other, stdin, "{op}");
+    }
+
+    // Destroy: stopped and release, in that order.
+    world.clear_calls();
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "vm".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    world
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .await;
+
+    // kill -9 of QEMU behind the supervisor's back: the same.
+    let d = sup.start("vm").await.unwrap();
+    world.clear_calls();
+    qvirt_integration_tests::kill_domain_qemu(d.pid, &defined.uuid);
+    let d = sup.wait_state("vm", DomainState::Shutoff).await;
+    assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
+    world
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    sup.define(&world, "kept").await;
+    let doomed_uuid = sup.define(&world, "doomed").await.spec.unwrap().uuid;
+    let kept = sup.start("kept").await.unwrap();
+    let doomed = sup.start("doomed").await.unwrap();
+    assert_eq!(qemu_pids(&doomed_uuid), [doomed.pid]);
+
+    let sup_pid = sup.svc.pid();
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup_pid as i32, libc::SIGKILL) };
+    drop(sup);
+    world.clear_calls();
+    world.set_failing("doomed", "reconnect", true);
+
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let d = sup.get("kept").await;
+    assert_eq!((d.state(), d.pid), (DomainState::Running, kept.pid));
+    let d = sup.wait_state("doomed", DomainState::Shutoff).await;
+    assert_eq!(d.reason(), DomainStateReason::ShutoffDestroyed);
+    wait_no_qemu(&doomed_uuid).await;
+    world
+        .wait_calls_of(
+            "doomed",
+            &[
+                "doomed reconnect begin -",
+                "doomed stopped end -",
+                "doomed release end -",
+            ],
+        )
+        .await;
+    assert_eq!(world.calls_of("kept"), ["kept reconnect begin -"]);
+    // The kept guest is still controllable.
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "kept".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_unreachable_executor_refuses_start_unavailable() {
+    let world = World::new().await;
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let mut sup = world.supervisor(&nobody).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    let err = sup.start("vm").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("hook executor unavailable"),
+        "{}",
+        err.message()
+    );
+    let d = sup.get("vm").await;
+    assert_eq!(
+        (d.state(), d.reason()),
+        (DomainState::Shutoff, DomainStateReason::ShutoffFailed)
+    );
+    assert!(qemu_pids(&uuid).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_daemon_hook_sees_start_and_shutdown() {
+    let world = World::new().await;
+    world.clear_calls();
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    assert_eq!(world.calls(), ["- start - start"]);
+    let status = sup.svc.terminate();
+    assert!(status.success(), "{status}");
+    assert_eq!(world.calls(), ["- start - start", "- shutdown - shutdown"]);
+    // The daemon hook gets nothing on stdin.
+    let stdin = std::fs::read(world.path("stdin---start")).unwrap();
+    assert!(stdin.is_empty());
+}
