@@ -4,25 +4,40 @@
 //!
 //! Prints one table: throughput (1 publisher, 1 subscriber), fan-out to
 //! 1,000 filtered subscribers (half matching) at a fixed publish rate with
-//! publish-to-deliver latency, and the bus's RSS with 10,000 idle
-//! subscriptions. Numbers are for this machine at this moment: read the
+//! publish-to-deliver latency (at the target rate and at a rate this
+//! machine can carry), the bus's RSS with 10,000 idle subscriptions, and a
+//! QMP event of a real QEMU guest through the supervisor and the bus to a
+//! gRPC subscriber beside the same event read straight from a bare QEMU's
+//! QMP socket. Numbers are for this machine at this moment: read the
 //! ratios, not the absolutes.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_eventbus::hub::{Hub, HubConfig, SubscribeOptions, SubscriptionItem};
-use qvirt_integration_tests::{Service, rss_kib};
+use qvirt_integration_tests::{ChildGuard, Service, kill_domain_qemu, rss_kib, tool_path};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
-use qvirt_proto::v1::{MonitorEvent, PublishRequest, SubscribeMonitorEventsRequest};
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DefineDomainRequest, DestroyDomainRequest, MonitorCommandRequest, MonitorEvent, PublishRequest,
+    StartDomainRequest, SubscribeMonitorEventsRequest, define_domain_request,
+};
 use tonic::transport::Channel;
 
 const THROUGHPUT_EVENTS: u64 = 200_000;
 const FANOUT_SUBSCRIBERS: usize = 1000;
 const FANOUT_RATE: u64 = 10_000;
+/// A rate this 2-core machine can carry with the bench's own clients, so
+/// the bus's own latency shows.
+const FANOUT_LOW_RATE: u64 = 1_000;
 const FANOUT_SECONDS: u64 = 2;
+/// stop/cont round trips per side in the QMP latency phase.
+const QMP_RUNS: usize = 40;
 const IDLE_SUBSCRIPTIONS: usize = 10_000;
 /// Streams per HTTP/2 connection when opening many subscriptions.
 const STREAMS_PER_CONNECTION: usize = 100;
@@ -174,13 +189,17 @@ struct FanOut {
     p50_us: u64,
     p99_us: u64,
     lost: u64,
+    /// CPU of the bus, in cores, while the phase ran.
+    bus_cores: f64,
+    /// CPU of this bench process (publisher and 1,000 clients), in cores.
+    bench_cores: f64,
 }
 
 /// 1,000 subscribers (half on "MATCH", half on "NEVER"), one publisher at
-/// FANOUT_RATE events/s; latency = deliver time - the send time carried in
-/// the event.
-async fn grpc_fanout(url: &str) -> FanOut {
-    let total = FANOUT_RATE * FANOUT_SECONDS;
+/// `rate` events/s; latency = deliver time - the send time carried in the
+/// event. Also the CPU time the bus and this bench process used meanwhile.
+async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
+    let total = rate * FANOUT_SECONDS;
     let mut readers = Vec::new();
     let mut clients = Vec::new();
     for i in 0..FANOUT_SUBSCRIBERS {
@@ -213,6 +232,7 @@ async fn grpc_fanout(url: &str) -> FanOut {
     }
     let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
     let mut streamer = publisher.clone();
+    let cpu_start = (cpu_ms(bus_pid), cpu_ms(std::process::id()));
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let send = tokio::spawn(async move {
@@ -221,12 +241,13 @@ async fn grpc_fanout(url: &str) -> FanOut {
             .await
             .unwrap()
     });
-    let tick = Duration::from_secs(1) / (FANOUT_RATE / 100) as u32;
+    let per_tick = (rate / 100).max(1);
+    let tick = Duration::from_secs(1) / (rate / per_tick) as u32;
     let mut interval = tokio::time::interval(tick);
     let mut sent = 0;
     while sent < total {
         interval.tick().await;
-        for _ in 0..100 {
+        for _ in 0..per_tick {
             tx.send(PublishRequest {
                 event: Some(event("MATCH", now_ns().to_string())),
             })
@@ -244,13 +265,30 @@ async fn grpc_fanout(url: &str) -> FanOut {
         lost += x;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let bus_cpu = (cpu_ms(bus_pid) - cpu_start.0) as f64 / 1000.0;
+    let bench_cpu = (cpu_ms(std::process::id()) - cpu_start.1) as f64 / 1000.0;
     all.sort_unstable();
     FanOut {
         delivered_per_s: all.len() as f64 / elapsed,
         p50_us: percentile(&all, 0.50),
         p99_us: percentile(&all, 0.99),
         lost,
+        bus_cores: bus_cpu / elapsed,
+        bench_cores: bench_cpu / elapsed,
     }
+}
+
+/// User + system CPU time of process `pid` so far, in ms.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends with the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1000 / hz
 }
 
 /// RSS of the bus before and with IDLE_SUBSCRIPTIONS open, and after they
@@ -273,15 +311,237 @@ async fn idle_rss(svc: &Service) -> (u64, u64, u64) {
     (before, with, after)
 }
 
+/// Bound on one QMP reply or event.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A QMP connection to a bare QEMU, past the greeting and capabilities.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(sock: &std::path::Path, qemu: &mut ChildGuard) -> Qmp {
+        let start = Instant::now();
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(sock) {
+                break s;
+            }
+            assert!(start.elapsed() < QMP_TIMEOUT, "bare QEMU never listened");
+            assert!(qemu.try_wait().is_none(), "bare QEMU exited");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        stream.set_read_timeout(Some(QMP_TIMEOUT)).unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        assert!(qmp.line().contains("\"QMP\""));
+        qmp.send("qmp_capabilities");
+        while !qmp.line().contains("\"return\"") {}
+        qmp
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "bare QEMU closed its QMP socket");
+        line
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.writer, "{{\"execute\": \"{command}\"}}").unwrap();
+    }
+
+    /// Sends `command` and times until `event` arrives (its reply may come
+    /// before or after; both are read before the next command).
+    fn time_to_event(&mut self, command: &str, event: &str) -> Duration {
+        let start = Instant::now();
+        self.send(command);
+        let (mut took, mut replied) = (None, false);
+        let pattern = format!("\"event\": \"{event}\"");
+        while took.is_none() || !replied {
+            let line = self.line();
+            if line.contains(&pattern) {
+                took = Some(start.elapsed());
+            } else if line.contains("\"return\"") {
+                replied = true;
+            }
+        }
+        took.unwrap()
+    }
+}
+
+/// The QMP latency phase's result: medians of command -> event.
+struct QmpLatency {
+    bus: Duration,
+    bare: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A QEMU guest (TCG, no OS) run by a supervisor that publishes to a bus,
+/// and one subscriber of its STOP/RESUME events: time from MonitorCommand
+/// stop/cont to the event at the subscriber. Beside it, interleaved so
+/// both see the same load, the same stop/cont sent by hand to a bare QEMU
+/// of the same shape, timed from the write to the event on its QMP socket.
+async fn qmp_latency() -> QmpLatency {
+    let qemu_bin = tool_path("qemu-system-x86_64");
+    let dir = tempfile::tempdir().unwrap();
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    let mut sup = Service::start(
+        "qvirt-supervisor",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--node-name",
+            "bench",
+            "--eventbus",
+            &bus.url(),
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    client
+        .define_domain(DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(
+                "name: lat\nmemory_mib: 128\naccel: tcg\n".into(),
+            )),
+            allow_update: false,
+        })
+        .await
+        .unwrap();
+    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut sub = events
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            domain: "lat".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        sub.message().await.unwrap().unwrap().kind,
+        Some(Kind::Established(_))
+    ));
+    let started = client
+        .start_domain(StartDomainRequest {
+            domain: "lat".into(),
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let uuid = started.spec.unwrap().uuid;
+    struct Guard(u32, String);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            kill_domain_qemu(self.0, &self.1);
+        }
+    }
+    let _guest = Guard(started.pid, uuid);
+    // The start's own RESUME first.
+    wait_event(&mut sub, "RESUME").await;
+
+    let sock = dir.path().join("bare.qmp");
+    let mut bare_qemu = ChildGuard::spawn(
+        Command::new(qemu_bin)
+            .args(["-display", "none", "-nodefaults", "-no-user-config"])
+            .args(["-machine", "q35", "-accel", "tcg", "-m", "128"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let mut qmp = Qmp::connect(&sock, &mut bare_qemu);
+
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..QMP_RUNS {
+        for (command, event) in [("stop", "STOP"), ("cont", "RESUME")] {
+            bare.push(qmp.time_to_event(command, event));
+            let start = Instant::now();
+            client
+                .monitor_command(MonitorCommandRequest {
+                    domain: "lat".into(),
+                    command_json: format!("{{\"execute\": \"{command}\"}}"),
+                })
+                .await
+                .unwrap();
+            wait_event(&mut sub, event).await;
+            ours.push(start.elapsed());
+        }
+    }
+    client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "lat".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    drop(qmp);
+    drop(bare_qemu);
+    QmpLatency {
+        bus: median(ours),
+        bare: median(bare),
+    }
+}
+
+/// Reads the subscription until a monitor event named `name`.
+async fn wait_event(
+    sub: &mut tonic::Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse>,
+    name: &str,
+) {
+    loop {
+        let msg = tokio::time::timeout(QMP_TIMEOUT, sub.message())
+            .await
+            .expect("monitor event in time")
+            .unwrap()
+            .unwrap();
+        if let Some(Kind::Event(e)) = msg.kind
+            && e.event == name
+        {
+            return;
+        }
+    }
+}
+
+/// The 1-minute load average: how busy the machine was (other work shares
+/// its cores with the bench).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split(' ').next().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() {
+    let load_before = load_average();
     let mut svc = Service::start_with_config("qvirt-eventbus", CONFIG, &[]);
     svc.wait_serving("qvirt.v1.EventBus").await;
     let url = svc.url();
 
     let (grpc, grpc_lost) = bounded("throughput", grpc_throughput(&url)).await;
     let direct = bounded("direct hub", hub_throughput()).await;
-    let fan = bounded("fan-out", grpc_fanout(&url)).await;
+    let fan = bounded("fan-out", grpc_fanout(&url, svc.pid(), FANOUT_RATE)).await;
+    drop(svc);
+    // A fresh bus, so the low-rate run does not start behind the backlog.
+    let mut svc = Service::start_with_config("qvirt-eventbus", CONFIG, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let low = bounded(
+        "low-rate fan-out",
+        grpc_fanout(&svc.url(), svc.pid(), FANOUT_LOW_RATE),
+    )
+    .await;
     drop(svc);
     // A fresh bus with default queues, so the figure is about subscriptions.
     let mut idle = Service::start_with_config(
@@ -291,20 +551,40 @@ async fn main() {
     );
     idle.wait_serving("qvirt.v1.EventBus").await;
     let (before, with, after) = bounded("idle RSS", idle_rss(&idle)).await;
+    drop(idle);
+    let qmp = bounded("QMP latency", qmp_latency()).await;
 
-    println!("\nevent bus (qvirt-eventbus over loopback gRPC vs the hub called in-process)");
+    println!(
+        "\nevent bus (qvirt-eventbus over loopback gRPC vs the hub called in-process; load average {load_before} before, {} after, on {} cores)",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     println!(
         "  throughput, 1 publisher -> 1 subscriber: {grpc:.0} events/s delivered, {grpc_lost} of {THROUGHPUT_EVENTS} lost to a full queue (direct hub: {direct:.0}/s, ratio {:.2}; target >= 200000/s)",
         grpc / direct
     );
-    println!(
-        "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {FANOUT_RATE}/s: delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}",
-        fan.delivered_per_s, fan.p50_us, fan.p99_us, fan.lost
-    );
+    for (rate, f) in [(FANOUT_RATE, &fan), (FANOUT_LOW_RATE, &low)] {
+        println!(
+            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores, bench clients {:.2} cores",
+            rate * FANOUT_SUBSCRIBERS as u64 / 2,
+            f.delivered_per_s,
+            f.p50_us,
+            f.p99_us,
+            f.lost,
+            f.bus_cores,
+            f.bench_cores
+        );
+    }
     println!(
         "  RSS: {:.1} MiB idle, {:.1} MiB with {IDLE_SUBSCRIPTIONS} idle subscriptions (target < 64 MiB), {:.1} MiB after dropping them",
         before as f64 / 1024.0,
         with as f64 / 1024.0,
         after as f64 / 1024.0
+    );
+    println!(
+        "  QMP event latency, median of {QMP_RUNS} stop/cont each: MonitorCommand via supervisor -> QEMU -> bus -> gRPC subscriber {} us; bare QMP write -> event read {} us; added {} us (target < 1000 us)",
+        qmp.bus.as_micros(),
+        qmp.bare.as_micros(),
+        qmp.bus.as_micros() as i128 - qmp.bare.as_micros() as i128
     );
 }

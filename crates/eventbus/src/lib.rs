@@ -10,11 +10,11 @@ pub mod config;
 pub mod filter;
 pub mod hub;
 pub mod metrics;
+pub mod server;
 pub mod service;
 mod status;
 
 use qvirt_common::serve::{self, Listener, ServeError, Services};
-use qvirt_proto::v1::event_bus_server::EventBusServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -68,7 +68,7 @@ pub async fn run(
     });
     let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
         .with_gateway_token(config.gateway_token.clone());
-    let services = Services::new().with(EventBusServer::new(service));
+    let services = Services::new().with(server::BusServer::new(service));
     let result = serve::serve(listener, services, shutdown).await;
     hub.close();
     Ok(result?)

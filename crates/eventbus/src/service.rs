@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::filter::{DomainFilter, EventNameFilter, FilterFlags, MonitorEventFilter};
 use crate::hub::{
-    Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
+    Envelope, Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
     SubscriptionItem,
 };
 use crate::status;
@@ -229,10 +229,7 @@ where
                 });
                 (first, then.and_then(&self.wrap))
             }
-            SubscriptionItem::Event(env) => (
-                (self.wrap)(StreamItem::Event(env.seq, env.event.clone())),
-                None,
-            ),
+            SubscriptionItem::Event(env) => ((self.wrap)(StreamItem::Event(env)), None),
             SubscriptionItem::Lost { count, reason } => (
                 (self.wrap)(StreamItem::Lost(EventsLost {
                     reason: match reason {
@@ -289,13 +286,13 @@ where
 pub enum StreamItem {
     /// The first message.
     Established(SubscriptionEstablished),
-    /// An event with its sequence number.
-    Event(u64, BusEvent),
+    /// An event with its sequence number (shared with every subscriber).
+    Event(Arc<Envelope<BusEvent>>),
     /// A loss marker.
     Lost(EventsLost),
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Compares two secrets in time that depends only on their lengths.
 fn same_secret(want: &[u8], got: &[u8]) -> bool {
@@ -353,6 +350,69 @@ impl EventBus for EventBusService {
         &self,
         request: Request<SubscribeDomainEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeDomainEventsResponse>>, Status> {
+        use subscribe_domain_events_response::Kind;
+        let stream = self.domain_subscription(request, |item| {
+            let kind = match item {
+                StreamItem::Established(e) => Kind::Established(e),
+                StreamItem::Lost(l) => Kind::Lost(l),
+                StreamItem::Event(env) => Kind::Event(domain_event(&env)?),
+            };
+            Some(SubscribeDomainEventsResponse { kind: Some(kind) })
+        })?;
+        Ok(Response::new(stream))
+    }
+
+    async fn subscribe_monitor_events(
+        &self,
+        request: Request<SubscribeMonitorEventsRequest>,
+    ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
+        use subscribe_monitor_events_response::Kind;
+        let stream = self.monitor_subscription(request, |item| {
+            let kind = match item {
+                StreamItem::Established(e) => Kind::Established(e),
+                StreamItem::Lost(l) => Kind::Lost(l),
+                StreamItem::Event(env) => Kind::Event(monitor_event(&env)?),
+            };
+            Some(SubscribeMonitorEventsResponse { kind: Some(kind) })
+        })?;
+        Ok(Response::new(stream))
+    }
+}
+
+/// The lifecycle event of `env` with its sequence number, if it is one.
+pub(crate) fn domain_event(env: &Envelope<BusEvent>) -> Option<DomainEvent> {
+    match &env.event {
+        BusEvent::Domain(e) => Some(DomainEvent {
+            sequence: env.seq,
+            ..e.clone()
+        }),
+        BusEvent::Monitor(_) => None,
+    }
+}
+
+/// The monitor event of `env` with its sequence number, if it is one.
+pub(crate) fn monitor_event(env: &Envelope<BusEvent>) -> Option<MonitorEvent> {
+    match &env.event {
+        BusEvent::Monitor(e) => Some(MonitorEvent {
+            sequence: env.seq,
+            ..e.clone()
+        }),
+        BusEvent::Domain(_) => None,
+    }
+}
+
+impl EventBusService {
+    /// A domain-event subscription for `request`, its messages built by
+    /// `wrap`.
+    pub(crate) fn domain_subscription<T, F>(
+        &self,
+        request: Request<SubscribeDomainEventsRequest>,
+        wrap: F,
+    ) -> Result<ResponseStream<T>, Status>
+    where
+        T: Send + Unpin + 'static,
+        F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
+    {
         let who = self.principal(&request);
         let req = request.into_inner();
         let domain = DomainFilter::new(&req.domain);
@@ -364,30 +424,24 @@ impl EventBus for EventBusService {
             }
             BusEvent::Monitor(_) => false,
         };
-        use subscribe_domain_events_response::Kind;
-        let stream = self.stream(
+        self.stream(
             self.options(SubscriberKind::Domain, who, req.since, None),
             predicate,
-            |item| {
-                let kind = match item {
-                    StreamItem::Established(e) => Kind::Established(e),
-                    StreamItem::Lost(l) => Kind::Lost(l),
-                    StreamItem::Event(seq, BusEvent::Domain(mut e)) => {
-                        e.sequence = seq;
-                        Kind::Event(e)
-                    }
-                    StreamItem::Event(_, BusEvent::Monitor(_)) => return None,
-                };
-                Some(SubscribeDomainEventsResponse { kind: Some(kind) })
-            },
-        )?;
-        Ok(Response::new(stream))
+            wrap,
+        )
     }
 
-    async fn subscribe_monitor_events(
+    /// A monitor-event subscription for `request`, its messages built by
+    /// `wrap`.
+    pub(crate) fn monitor_subscription<T, F>(
         &self,
         request: Request<SubscribeMonitorEventsRequest>,
-    ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
+        wrap: F,
+    ) -> Result<ResponseStream<T>, Status>
+    where
+        T: Send + Unpin + 'static,
+        F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
+    {
         let who = self.principal(&request);
         let req = request.into_inner();
         let filter = MonitorEventFilter {
@@ -403,23 +457,10 @@ impl EventBus for EventBusService {
             }
             BusEvent::Domain(_) => false,
         };
-        use subscribe_monitor_events_response::Kind;
-        let stream = self.stream(
+        self.stream(
             self.options(SubscriberKind::Monitor, who, req.since, key.as_deref()),
             predicate,
-            |item| {
-                let kind = match item {
-                    StreamItem::Established(e) => Kind::Established(e),
-                    StreamItem::Lost(l) => Kind::Lost(l),
-                    StreamItem::Event(seq, BusEvent::Monitor(mut e)) => {
-                        e.sequence = seq;
-                        Kind::Event(e)
-                    }
-                    StreamItem::Event(_, BusEvent::Domain(_)) => return None,
-                };
-                Some(SubscribeMonitorEventsResponse { kind: Some(kind) })
-            },
-        )?;
-        Ok(Response::new(stream))
+            wrap,
+        )
     }
 }

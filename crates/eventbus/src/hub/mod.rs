@@ -45,9 +45,11 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use std::task::Waker;
+
+use bytes::Bytes;
 
 pub use subscription::{LossReason, RecvError, Subscription, SubscriptionItem};
 
@@ -245,13 +247,45 @@ pub enum SubscribeError {
 }
 
 /// An event as the hub stores and delivers it: shared, never copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Envelope<E> {
     /// Its bus-wide sequence number.
     pub seq: u64,
     /// The event.
     pub event: E,
+    /// The event as its subscribers receive it on the wire, encoded by the
+    /// first subscriber that sends it and shared by all the others
+    /// ([`Envelope::encoded`]).
+    wire: OnceLock<Bytes>,
 }
+
+impl<E> Envelope<E> {
+    /// Event `event` numbered `seq`.
+    pub fn new(seq: u64, event: E) -> Self {
+        Envelope {
+            seq,
+            event,
+            wire: OnceLock::new(),
+        }
+    }
+
+    /// The event's wire form: `encode`'s result, computed once per event
+    /// whoever asks first. Every caller must encode the same way (the bus
+    /// has one wire form per kind of event).
+    pub fn encoded(&self, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        self.wire.get_or_init(|| encode(self)).clone()
+    }
+}
+
+/// Envelopes are equal when their number and event are: the cached wire
+/// form does not count.
+impl<E: PartialEq> PartialEq for Envelope<E> {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && self.event == other.event
+    }
+}
+
+impl<E: Eq> Eq for Envelope<E> {}
 
 /// Counters and gauges of a hub, read at one instant ([`Hub::stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -565,7 +599,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         let st = &mut *guard;
         let seq = st.next_seq;
         st.next_seq += 1;
-        let env = Arc::new(Envelope { seq, event });
+        let env = Arc::new(Envelope::new(seq, event));
 
         st.ring.push_back(Slot {
             env: Arc::clone(&env),

@@ -322,18 +322,12 @@ async fn test_lost_marker_precedes_next_event() {
     hub.publish(ev("X", 6)); // queued behind 2, carrying the 3 drops
     let items = drain(&mut sub);
     let want = vec![
-        SubscriptionItem::Event(Arc::new(Envelope {
-            seq: 2,
-            event: ev("X", 2),
-        })),
+        SubscriptionItem::Event(Arc::new(Envelope::new(2, ev("X", 2)))),
         SubscriptionItem::Lost {
             count: 3,
             reason: LossReason::QueueFull,
         },
-        SubscriptionItem::Event(Arc::new(Envelope {
-            seq: 6,
-            event: ev("X", 6),
-        })),
+        SubscriptionItem::Event(Arc::new(Envelope::new(6, ev("X", 6)))),
     ];
     assert_eq!(items, want);
 }
