@@ -8,6 +8,7 @@
 //! runs that domain's UUID first). Every wait has a deadline.
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +18,8 @@ use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
     GetDomainRequest, ListDomainsRequest, MonitorCommandRequest, RebootDomainRequest,
-    ResetDomainRequest, ResumeDomainRequest, StartDomainRequest, SuspendDomainRequest,
-    UndefineDomainRequest, define_domain_request,
+    ResetDomainRequest, ResumeDomainRequest, ShutdownDomainRequest, ShutdownMode,
+    StartDomainRequest, SuspendDomainRequest, UndefineDomainRequest, define_domain_request,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -80,22 +81,29 @@ impl Dirs {
 
 impl Sup {
     async fn start(dirs: &Dirs) -> Sup {
+        Self::start_with(dirs, None, &[]).await
+    }
+
+    /// As `start`, on `addr` when given, with `extra` flags.
+    async fn start_with(dirs: &Dirs, addr: Option<SocketAddr>, extra: &[&str]) -> Sup {
         let state = dirs.state.to_str().unwrap();
         let run = dirs.run.to_str().unwrap();
-        let mut svc = Service::start(
-            "qvirt-supervisor",
-            &[
-                "--state-dir",
-                state,
-                "--run-dir",
-                run,
-                "--node-name",
-                "it-node",
-                // Many TCG guests start at once on 2 cores in some tests.
-                "--start-timeout-secs",
-                "60",
-            ],
-        );
+        let mut args = vec![
+            "--state-dir",
+            state,
+            "--run-dir",
+            run,
+            "--node-name",
+            "it-node",
+            // Many TCG guests start at once on 2 cores in some tests.
+            "--start-timeout-secs",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        let mut svc = match addr {
+            Some(addr) => Service::start_at("qvirt-supervisor", addr, &args),
+            None => Service::start("qvirt-supervisor", &args),
+        };
         svc.wait_serving("qvirt.v1.Supervisor").await;
         let client = SupervisorClient::connect(svc.url()).await.unwrap();
         Sup { svc, client }
@@ -771,4 +779,98 @@ async fn test_second_supervisor_on_the_same_dirs_exits_naming_the_lock_holder() 
     wait_gone(pid).await;
     drop(first);
     let _second = Sup::start(&dirs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_agent_mode_shutdown_and_reboot_need_an_agent_and_pass_its_failure_on() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    // The agent service asks this supervisor for agent sockets; the
+    // supervisor asks it for guest-shutdown.
+    let sup_addr = SocketAddr::from(([127, 0, 0, 1], qvirt_integration_tests::free_port()));
+    let mut agentd = Service::start(
+        "qvirt-agentd",
+        &[
+            "--supervisor",
+            &format!("http://{sup_addr}"),
+            "--sync-timeout-ms",
+            "500",
+            "--command-timeout-ms",
+            "2000",
+        ],
+    );
+    agentd.wait_serving("").await;
+    let mut sup = Sup::start_with(&dirs, Some(sup_addr), &["--agentd", &agentd.url()]).await;
+    sup.define(&yaml("plain")).await.unwrap();
+    sup.define("name: with-agent\nmemory_mib: 64\naccel: tcg\nagent: true\n")
+        .await
+        .unwrap();
+    sup.start_domain("plain", false, &reaper).await.unwrap();
+    sup.start_domain("with-agent", false, &reaper)
+        .await
+        .unwrap();
+
+    let shutdown = |domain: &str| ShutdownDomainRequest {
+        domain: domain.into(),
+        mode: ShutdownMode::Agent as i32,
+        timeout: None,
+    };
+    let reboot = |domain: &str| RebootDomainRequest {
+        domain: domain.into(),
+        mode: ShutdownMode::Agent as i32,
+    };
+    let err = sup
+        .client
+        .shutdown_domain(shutdown("plain"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("has no guest agent"),
+        "{}",
+        err.message()
+    );
+    let err = sup.client.reboot_domain(reboot("plain")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // No OS, so no agent answers in the guest: agentd's UNAVAILABLE comes
+    // through and the guest keeps running (never killed).
+    let err = sup
+        .client
+        .shutdown_domain(shutdown("with-agent"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("with-agent"), "{}", err.message());
+    let err = sup
+        .client
+        .reboot_domain(reboot("with-agent"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let d = sup.get("with-agent").await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    sup.destroy("with-agent").await;
+    sup.destroy("plain").await;
+
+    // Without an agent service configured, agent mode is refused.
+    drop(sup);
+    let mut sup = Sup::start(&dirs).await;
+    let d = sup
+        .start_domain("with-agent", false, &reaper)
+        .await
+        .unwrap();
+    let err = sup
+        .client
+        .shutdown_domain(shutdown("with-agent"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("no agent service"),
+        "{}",
+        err.message()
+    );
+    sup.destroy("with-agent").await;
+    wait_gone(d.pid).await;
 }

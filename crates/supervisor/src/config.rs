@@ -68,6 +68,10 @@ pub struct Config {
     /// Bound on one hook call (all the scripts of one hook point),
     /// seconds; past it the hook counts as not run (executor unavailable).
     pub hook_call_timeout_secs: u64,
+    /// The agent service (`qvirt-agentd`) for agent-mode shutdown and
+    /// reboot, as a URL (`http://127.0.0.1:50055`). Absent: agent mode is
+    /// refused (FAILED_PRECONDITION).
+    pub agentd: Option<String>,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             destroy_grace_secs: 10,
             hookexec: None,
             hook_call_timeout_secs: 300,
+            agentd: None,
         }
     }
 }
@@ -115,6 +120,9 @@ impl Config {
         }
         if let Some(url) = &self.hookexec {
             qvirt_common::config::check_endpoint("hookexec", url)?;
+        }
+        if let Some(url) = &self.agentd {
+            qvirt_common::config::check_endpoint("agentd", url)?;
         }
         for (field, dir) in [("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
             if !dir.is_absolute() {

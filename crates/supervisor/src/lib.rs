@@ -9,11 +9,13 @@
 //! [`domain`] (spec checks, QEMU argv, on-disk store, the domain table and
 //! lifecycle); [`service`] and [`status`] (the gRPC face and its error
 //! table); [`launch`] and [`qmp`] (spawning QEMU, the QMP client);
-//! [`publisher`] and [`hooks`] (the event bus and hook executor clients).
+//! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
+//! and agent service clients).
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
+pub mod agent;
 pub mod config;
 pub mod domain;
 pub mod hooks;
@@ -35,7 +37,7 @@ pub use config::Config;
 pub use service::SupervisorService;
 
 use domain::{DomainError, Manager};
-use seams::{DaemonHookOp, EventSink, Hooks, LogEvents, NoHooks};
+use seams::{DaemonHookOp, EventSink, GuestPower, Hooks, LogEvents, NoHooks};
 
 /// Why the supervisor stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,15 @@ pub enum RunError {
     /// The `eventbus` URL is not usable.
     #[error("invalid eventbus URL {url:?}")]
     EventBus {
+        /// The URL configured.
+        url: String,
+        /// Why it was refused.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The `agentd` URL is not usable.
+    #[error("invalid agentd URL {url:?}")]
+    AgentService {
         /// The URL configured.
         url: String,
         /// Why it was refused.
@@ -102,6 +113,20 @@ pub async fn run(
         }
         None => Arc::new(NoHooks),
     };
+    let agent = match &config.agentd {
+        Some(url) => {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
+                    RunError::AgentService {
+                        url: url.clone(),
+                        source,
+                    }
+                })?;
+            let timeout = std::time::Duration::from_secs(config.command_timeout_secs);
+            Some(Arc::new(agent::AgentService::new(endpoint, timeout)) as Arc<dyn GuestPower>)
+        }
+        None => None,
+    };
     hooks.daemon(DaemonHookOp::Start).await;
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
@@ -119,7 +144,7 @@ pub async fn run(
         }
         None => Arc::new(LogEvents),
     };
-    let manager = Manager::open(config, events, Arc::clone(&hooks))
+    let manager = Manager::open(config, events, Arc::clone(&hooks), agent)
         .await
         .map_err(RunError::Open)?;
     let services = Services::new().with(SupervisorServer::new(SupervisorService::new(

@@ -51,6 +51,10 @@ struct Args {
     /// Bound on one hook call, seconds. Overrides `hook_call_timeout_secs`.
     #[arg(long, value_name = "SECS")]
     hook_call_timeout_secs: Option<u64>,
+    /// Agent service for agent-mode shutdown/reboot at URL (e.g.
+    /// http://127.0.0.1:50055). Overrides `agentd`.
+    #[arg(long, value_name = "URL")]
+    agentd: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         override_with(&mut c.eventbus, args.eventbus.map(Some));
         override_with(&mut c.hookexec, args.hookexec.map(Some));
         override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);
+        override_with(&mut c.agentd, args.agentd.map(Some));
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)

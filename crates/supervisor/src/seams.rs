@@ -168,3 +168,33 @@ impl Hooks for NoHooks {
         Box::pin(async { Ok(()) })
     }
 }
+
+/// What to ask a guest's agent for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentPower {
+    /// Shut down and power off.
+    Powerdown,
+    /// Reboot.
+    Reboot,
+}
+
+/// The agent service's answer when it was not OK: its gRPC code (passed
+/// on to the caller: UNAVAILABLE agent, DEADLINE_EXCEEDED, ...) and text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct AgentError {
+    /// The code the agent service answered (or ours for a timeout).
+    pub code: tonic::Code,
+    /// Its message.
+    pub message: String,
+}
+
+/// A boxed agent future.
+pub type AgentFuture<'a> = Pin<Box<dyn Future<Output = Result<(), AgentError>> + Send + 'a>>;
+
+/// Shutdown and reboot through a domain's guest agent (the agent service
+/// client, `crate::agent`).
+pub trait GuestPower: Send + Sync + 'static {
+    /// Ask the agent of `domain` (name) for `op`.
+    fn power<'a>(&'a self, domain: &'a str, op: AgentPower) -> AgentFuture<'a>;
+}

@@ -7,8 +7,9 @@
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
 //! | `WrongState`, `Start` (QEMU refused to start), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
 //! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
+//! | `NoAgent`, `NoAgentService` (agent mode without an agent or agent service) | FAILED_PRECONDITION |
+//! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) |
 //! | `Timeout` | DEADLINE_EXCEEDED |
-//! | `Unsupported` | UNIMPLEMENTED |
 //! | `Stop`, `Store`, `Internal` | INTERNAL (generic text; the detail is logged) |
 //!
 //! Messages carry the error's whole cause chain on one line (QEMU's exit
@@ -38,12 +39,18 @@ pub fn code(error: &DomainError) -> Code {
         }
         | DomainError::Monitor { .. }
         | DomainError::Detached(_) => Code::Unavailable,
+        DomainError::Agent { source, .. } => match source.code {
+            // Its own bugs are not ours to hide behind INTERNAL.
+            Code::Ok | Code::Internal | Code::Unknown => Code::Unavailable,
+            code => code,
+        },
         DomainError::WrongState { .. }
+        | DomainError::NoAgent(_)
+        | DomainError::NoAgentService
         | DomainError::Start { .. }
         | DomainError::Hook { .. }
         | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
         DomainError::Timeout(_) => Code::DeadlineExceeded,
-        DomainError::Unsupported(_) => Code::Unimplemented,
         DomainError::Stop { .. } | DomainError::Store(_) | DomainError::Internal(_) => {
             Code::Internal
         }
@@ -73,7 +80,7 @@ impl From<DomainError> for Status {
 mod tests {
     use super::*;
     use crate::domain::spec::SpecError;
-    use crate::seams::HookOp;
+    use crate::seams::{AgentError, HookOp};
 
     #[test]
     fn test_table() {
@@ -131,8 +138,29 @@ mod tests {
                 ),
                 Code::Unavailable,
             ),
+            (DomainError::NoAgent("x".into()), Code::FailedPrecondition),
+            (DomainError::NoAgentService, Code::FailedPrecondition),
+            (
+                DomainError::Agent {
+                    domain: "x".into(),
+                    source: AgentError {
+                        code: Code::DeadlineExceeded,
+                        message: "slow".into(),
+                    },
+                },
+                Code::DeadlineExceeded,
+            ),
+            (
+                DomainError::Agent {
+                    domain: "x".into(),
+                    source: AgentError {
+                        code: Code::Internal,
+                        message: "bug".into(),
+                    },
+                },
+                Code::Unavailable,
+            ),
             (DomainError::Timeout("t".into()), Code::DeadlineExceeded),
-            (DomainError::Unsupported("u"), Code::Unimplemented),
             (DomainError::Internal("secret".into()), Code::Internal),
         ];
         for (error, want) in cases {

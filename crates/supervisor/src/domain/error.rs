@@ -4,7 +4,7 @@ use crate::domain::spec::SpecError;
 use crate::domain::store::StoreError;
 use crate::launch::LaunchError;
 use crate::qmp::QmpError;
-use crate::seams::HookError;
+use crate::seams::{AgentError, HookError};
 
 /// Why a domain operation failed, named after what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +94,24 @@ pub enum DomainError {
         #[source]
         source: Box<LaunchError>,
     },
+    /// Agent mode was asked for a domain defined without `agent: true`.
+    #[error("domain {0:?} has no guest agent (`agent: true` in its definition)")]
+    NoAgent(String),
+    /// Agent mode was asked but no agent service is configured.
+    #[error("no agent service configured (`agentd` / --agentd); use ACPI mode")]
+    NoAgentService,
+    /// The agent service refused or failed the call.
+    #[error("guest agent of domain {domain:?} failed")]
+    Agent {
+        /// The domain.
+        domain: String,
+        /// The agent service's answer.
+        #[source]
+        source: AgentError,
+    },
     /// A wait of ours expired.
     #[error("{0}")]
     Timeout(String),
-    /// Not available in this version.
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// Persisting state failed.
     #[error("saving domain state failed")]
     Store(#[from] StoreError),

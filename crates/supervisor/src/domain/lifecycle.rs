@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use super::argv::{self, Paths};
 use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
-use crate::seams::{HookError, HookOp};
+use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
 /// How long Destroy waits for the watcher to record the exit.
 const EXIT_RECORD_WAIT: Duration = Duration::from_secs(15);
@@ -325,17 +325,32 @@ impl Manager {
         {
             let _op = entry.op.lock().await;
             let qmp = Self::running_qmp(&entry, "shutdown needs a running domain")?;
-            if mode == ShutdownMode::Agent {
-                return Err(DomainError::Unsupported(
-                    "shutdown through the guest agent is not available yet; use ACPI",
-                ));
-            }
+            let agent = match mode {
+                ShutdownMode::Agent => Some(self.agent_of(&entry)?),
+                _ => None,
+            };
             if let Some(run) = &entry.data().run {
                 run.flags.shutdown_requested.store(true, Ordering::SeqCst);
                 // A shutdown request wins over an earlier reboot request.
                 run.flags.reboot_pending.store(false, Ordering::SeqCst);
             }
-            self.qmp(&entry, &qmp, "system_powerdown").await?;
+            match agent {
+                // The guest powers itself off; QEMU reports SHUTDOWN (guest)
+                // and the watcher quits it, as after an ACPI power-off.
+                Some(agent) => {
+                    let name = entry.name();
+                    agent
+                        .power(&name, AgentPower::Powerdown)
+                        .await
+                        .map_err(|source| DomainError::Agent {
+                            domain: name,
+                            source,
+                        })?;
+                }
+                None => {
+                    self.qmp(&entry, &qmp, "system_powerdown").await?;
+                }
+            }
         }
         // The op lock is released: Destroy may come while we wait.
         if let Some(timeout) = timeout.filter(|t| !t.is_zero())
@@ -364,15 +379,33 @@ impl Manager {
             });
         }
         if mode == ShutdownMode::Agent {
-            return Err(DomainError::Unsupported(
-                "reboot through the guest agent is not available yet; use ACPI",
-            ));
+            // The guest reboots itself (a reset for QEMU): no power-off to
+            // turn into a reset, so no reboot-pending mark.
+            let agent = self.agent_of(&entry)?;
+            let name = entry.name();
+            agent
+                .power(&name, AgentPower::Reboot)
+                .await
+                .map_err(|source| DomainError::Agent {
+                    domain: name,
+                    source,
+                })?;
+            return Ok(self.snapshot(&entry));
         }
         if let Some(run) = &entry.data().run {
             run.flags.reboot_pending.store(true, Ordering::SeqCst);
         }
         self.qmp(&entry, &qmp, "system_powerdown").await?;
         Ok(self.snapshot(&entry))
+    }
+
+    /// The agent service for an agent-mode call on `entry`, or why not.
+    fn agent_of(&self, entry: &Entry) -> Result<Arc<dyn GuestPower>, DomainError> {
+        let data = entry.data();
+        if !data.spec.agent {
+            return Err(DomainError::NoAgent(data.spec.name.clone()));
+        }
+        self.inner.agent.clone().ok_or(DomainError::NoAgentService)
     }
 
     /// After a restart: re-attach to the QEMU a status file says is

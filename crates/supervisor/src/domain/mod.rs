@@ -39,7 +39,7 @@ pub use error::DomainError;
 use crate::config::Config;
 use crate::launch::{ProcessIdentity, QemuProcess};
 use crate::qmp::QmpClient;
-use crate::seams::{DomainRef, EventSink, Hooks, Lifecycle};
+use crate::seams::{DomainRef, EventSink, GuestPower, Hooks, Lifecycle};
 use spec::is_canonical_uuid;
 use store::{Status, Store};
 
@@ -186,6 +186,8 @@ struct Inner {
     store: Store,
     events: Arc<dyn EventSink>,
     hooks: Arc<dyn Hooks>,
+    /// The agent service, for agent-mode shutdown and reboot.
+    agent: Option<Arc<dyn GuestPower>>,
     domains: Mutex<BTreeMap<String, Arc<Entry>>>,
     /// Serialises define and undefine.
     define_lock: tokio::sync::Mutex<()>,
@@ -219,11 +221,13 @@ async fn blocking<T: Send + 'static>(
 
 impl Manager {
     /// Open the store (creating the dirs), load every definition, and
-    /// re-attach to the QEMUs that survived a supervisor restart.
+    /// re-attach to the QEMUs that survived a supervisor restart. `agent`
+    /// is the agent service (absent: agent-mode calls are refused).
     pub async fn open(
         config: Config,
         events: Arc<dyn EventSink>,
         hooks: Arc<dyn Hooks>,
+        agent: Option<Arc<dyn GuestPower>>,
     ) -> Result<Manager, DomainError> {
         let store = Store::new(&config.state_dir, &config.run_dir);
         let (host, loaded) = {
@@ -242,6 +246,7 @@ impl Manager {
                 store,
                 events,
                 hooks,
+                agent,
                 domains: Mutex::new(BTreeMap::new()),
                 define_lock: tokio::sync::Mutex::new(()),
                 tasks: TaskTracker::new(),

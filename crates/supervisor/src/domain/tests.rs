@@ -22,7 +22,7 @@ fn config(dir: &tempfile::TempDir) -> Config {
 }
 
 async fn open(dir: &tempfile::TempDir) -> Manager {
-    Manager::open(config(dir), Arc::new(LogEvents), Arc::new(NoHooks))
+    Manager::open(config(dir), Arc::new(LogEvents), Arc::new(NoHooks), None)
         .await
         .unwrap()
 }
@@ -171,7 +171,7 @@ async fn test_events_reach_the_sink_in_order() {
 
     let dir = tempfile::tempdir().unwrap();
     let recorder = Arc::new(Recorder::default());
-    let m = Manager::open(config(&dir), recorder.clone(), Arc::new(NoHooks))
+    let m = Manager::open(config(&dir), recorder.clone(), Arc::new(NoHooks), None)
         .await
         .unwrap();
     m.define(spec("name: ev\nmemory_mib: 64"), false)
