@@ -9,3 +9,4 @@ cargo bench -p qvirt-integration-tests --bench supervisor
 cargo bench -p qvirt-eventbus
 cargo bench -p qvirt-agentd --bench ping
 cargo bench -p qvirt-ga --bench vs_qemu_ga
+cargo bench -p qvirt-hookexec --bench run

@@ -281,6 +281,7 @@ pub fn shell_quote(s: &str) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
     use super::*;
@@ -335,6 +336,55 @@ mod tests {
         for (r, want) in cases {
             let err = check(r).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err} vs {want}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// Whatever the four argv strings hold (spaces, quotes, `$(...)`,
+        /// newlines, any Unicode), the script gets them as four arguments,
+        /// byte for byte, empty ones as `-`: never through a shell.
+        #[test]
+        fn test_any_argv_reaches_the_script_unchanged(
+            fields in proptest::array::uniform4("[^\\x00]{0,24}")
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let script = dir.path().join("hook");
+            std::fs::write(
+                &script,
+                format!(
+                    "#!/bin/sh\nprintf '%s' \"$#\" > '{0}/argc'\ni=0\n\
+                     for a; do i=$((i+1)); printf '%s' \"$a\" > \"{0}/$i\"; done\n",
+                    dir.path().display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let [object, op, sub_op, extra] = fields.clone();
+            let req = RunHookRequest {
+                driver: HookDriver::Qemu as i32,
+                object,
+                op: if op.is_empty() { "x".into() } else { op },
+                sub_op,
+                extra,
+                ..Default::default()
+            };
+            let call = check(req).unwrap();
+            let settings = RunSettings { env: crate::exec::hook_env(|_| None), max_output: 1024 };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let run = rt.block_on(run_hooks(&call, &[&script], &settings, &CancellationToken::new()));
+            proptest::prop_assert!(run.error.is_none(), "{:?}", run.error);
+            proptest::prop_assert_eq!(std::fs::read_to_string(dir.path().join("argc")).unwrap(), "4");
+            for (i, want) in call.args.iter().enumerate() {
+                let got = std::fs::read(dir.path().join((i + 1).to_string())).unwrap();
+                proptest::prop_assert_eq!(&got, want.as_bytes());
+            }
+            for (field, arg) in fields.iter().zip(&call.args) {
+                if !field.is_empty() {
+                    proptest::prop_assert_eq!(field, arg);
+                }
+            }
         }
     }
 
