@@ -790,6 +790,84 @@ async fn test_discovery_is_cached_until_reload_sighup_or_daemon_reload() {
     assert_eq!(reply.outcome(), HookOutcome::NoHooks);
 }
 
+/// Shell: wait (bounded, ~20 s) until `$OUT/<name>` exists, else exit 9.
+fn wait_file(name: &str) -> String {
+    format!(
+        "n=0; while [ ! -e \"$OUT/{name}\" ]; do n=$((n+1)); \
+         [ $n -gt 400 ] && exit 9; sleep 0.05; done\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_calls_run_in_parallel_up_to_the_cap() {
+    let hooks = Hooks::new();
+    // Each of `a` and `b` waits for the other: only parallel runs succeed.
+    // `hold` waits for the test's `release` file.
+    hooks.script(
+        "qemu",
+        &format!(
+            "touch \"$OUT/$1.started\"\ncase \"$1\" in\n\
+             a) {}\n;;\nb) {}\n;;\nhold*) {}\n;;\nesac\nexit 0\n",
+            wait_file("b.started"),
+            wait_file("a.started"),
+            wait_file("release")
+        ),
+    );
+    let (_svc, client) = executor(&hooks, "max_concurrent_runs: 2\n").await;
+
+    let (mut c1, mut c2) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(
+        c1.run_hook(call(HookDriver::Qemu, "a", "start", "begin", "")),
+        c2.run_hook(call(HookDriver::Qemu, "b", "start", "begin", "")),
+    );
+    assert_eq!(a.unwrap().into_inner().outcome(), HookOutcome::Success);
+    assert_eq!(b.unwrap().into_inner().outcome(), HookOutcome::Success);
+
+    // Two calls in progress: a third is refused at once, nothing run.
+    let held: Vec<_> = ["hold1", "hold2"]
+        .into_iter()
+        .map(|name| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.run_hook(call(HookDriver::Qemu, name, "start", "begin", ""))
+                    .await
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + POLL_TIMEOUT;
+    while !(hooks.exists("hold1.started") && hooks.exists("hold2.started")) {
+        assert!(Instant::now() < deadline, "the held calls never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = client.clone();
+    let status = c
+        .run_hook(call(HookDriver::Qemu, "third", "start", "begin", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("max_concurrent_runs"),
+        "{}",
+        status.message()
+    );
+    assert!(!hooks.exists("third.started"));
+    fs::write(hooks.out().join("release"), "").unwrap();
+    for h in held {
+        let reply = tokio::time::timeout(POLL_TIMEOUT, h)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.into_inner().outcome(), HookOutcome::Success);
+    }
+    let reply = run(
+        &mut c,
+        call(HookDriver::Qemu, "hold3", "start", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Success);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_bad_requests_are_invalid_argument() {
     let hooks = Hooks::new();

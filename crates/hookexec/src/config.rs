@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_TIMEOUT_SECS: u64 = 3600;
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 256 << 10;
 /// Upper bound of `max_output_bytes`.
 pub const MAX_OUTPUT_BYTES_LIMIT: usize = 16 << 20;
+/// Default `max_concurrent_runs`.
+pub const DEFAULT_MAX_CONCURRENT_RUNS: usize = 64;
 
 /// `qvirt-hookexec` settings. Unknown keys are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +40,8 @@ pub struct Config {
     /// Bytes of stdout and of stderr kept per script; the rest is read and
     /// dropped (the response says `*_truncated`).
     pub max_output_bytes: usize,
+    /// RunHook calls running at once; one more is RESOURCE_EXHAUSTED.
+    pub max_concurrent_runs: usize,
 }
 
 impl Default for Config {
@@ -49,6 +53,7 @@ impl Default for Config {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             max_timeout_secs: DEFAULT_MAX_TIMEOUT_SECS,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_concurrent_runs: DEFAULT_MAX_CONCURRENT_RUNS,
         }
     }
 }
@@ -101,6 +106,13 @@ impl Config {
                 format!("must be between 1 and {MAX_OUTPUT_BYTES_LIMIT}"),
             ));
         }
+        if self.max_concurrent_runs == 0 {
+            return Err(invalid(
+                "max_concurrent_runs",
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -144,12 +156,13 @@ mod tests {
     #[test]
     fn test_bad_values_name_the_field() {
         type Edit = fn(&mut Config);
-        let cases: [(&str, Edit); 5] = [
+        let cases: [(&str, Edit); 6] = [
             ("hooks_dir", |c| c.hooks_dir = "hooks".into()),
             ("timeout_secs", |c| c.timeout_secs = 0),
             ("timeout_secs", |c| c.timeout_secs = c.max_timeout_secs + 1),
             ("max_timeout_secs", |c| c.max_timeout_secs = 0),
             ("max_output_bytes", |c| c.max_output_bytes = 0),
+            ("max_concurrent_runs", |c| c.max_concurrent_runs = 0),
         ];
         for (field, edit) in cases {
             let mut c = Config::default();

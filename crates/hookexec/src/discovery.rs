@@ -100,6 +100,8 @@ impl DriverHooks {
 pub struct Discovery {
     /// When it ran.
     pub at: SystemTime,
+    /// Whether the hooks directory was there.
+    pub dir_exists: bool,
     /// One entry per driver, in [`Driver::ALL`] order.
     pub drivers: Vec<DriverHooks>,
 }
@@ -110,6 +112,7 @@ impl Discovery {
     pub fn scan(hooks_dir: &Path) -> Discovery {
         Discovery {
             at: SystemTime::now(),
+            dir_exists: hooks_dir.is_dir(),
             drivers: Driver::ALL
                 .iter()
                 .map(|&d| scan_driver(hooks_dir, d))

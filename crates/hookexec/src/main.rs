@@ -28,6 +28,10 @@ struct Args {
     /// `max_output_bytes` in the file.
     #[arg(long, value_name = "BYTES")]
     max_output_bytes: Option<usize>,
+    /// RunHook calls running at once. Overrides `max_concurrent_runs` in
+    /// the file.
+    #[arg(long, value_name = "N")]
+    max_concurrent_runs: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
         override_with(&mut c.timeout_secs, args.timeout_secs);
         override_with(&mut c.max_timeout_secs, args.max_timeout_secs);
         override_with(&mut c.max_output_bytes, args.max_output_bytes);
+        override_with(&mut c.max_concurrent_runs, args.max_concurrent_runs);
         c
     });
     qvirt_common::service::main("qvirt-hookexec", config, qvirt_hookexec::run)

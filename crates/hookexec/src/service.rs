@@ -16,8 +16,10 @@ use qvirt_proto::v1::{
     HookDriver, HookDriverInfo, HookOutcome, HookScriptResult, ListHooksRequest, ListHooksResponse,
     ReloadHooksRequest, ReloadHooksResponse, RunHookRequest, RunHookResponse,
 };
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::discovery::{Discovery, Driver, DriverHooks, scan_driver};
@@ -38,6 +40,8 @@ struct Inner {
     discovery: RwLock<Arc<Discovery>>,
     /// Fires on executor shutdown: running scripts are killed.
     shutdown: CancellationToken,
+    /// One permit per RunHook call in progress.
+    runs: Arc<Semaphore>,
 }
 
 impl HookExecutorService {
@@ -53,6 +57,7 @@ impl HookExecutorService {
         log_discovery(&config, &first);
         Ok(HookExecutorService {
             inner: Arc::new(Inner {
+                runs: Arc::new(Semaphore::new(config.max_concurrent_runs)),
                 config,
                 settings,
                 discovery: RwLock::new(Arc::new(first)),
@@ -165,7 +170,7 @@ async fn scan(dir: PathBuf) -> Result<Discovery, HookError> {
 }
 
 fn log_discovery(config: &Config, found: &Discovery) {
-    if !config.hooks_dir.is_dir() {
+    if !found.dir_exists {
         tracing::info!(hooks_dir = %config.hooks_dir.display(), "hooks directory absent: no hooks");
     }
     for d in &found.drivers {
@@ -208,13 +213,28 @@ impl HookExecutor for HookExecutorService {
             self.inner.config.max_timeout(),
         )
         .map_err(status::request)?;
+        let permit = self.inner.runs.clone().try_acquire_owned().map_err(|_| {
+            status::executor(HookError::Busy(self.inner.config.max_concurrent_runs))
+        })?;
+        let span = tracing::info_span!(
+            "RunHook",
+            driver = call.driver.name(),
+            object = %call.args[0],
+            op = %call.args[1],
+        );
         // Own task: a caller that goes away does not abandon scripts
         // half-run (each is bounded by its timeout).
         let inner = self.inner.clone();
-        let response = tokio::spawn(async move { inner.run(call).await })
-            .await
-            .map_err(|e| status::executor(HookError::Task(e)))?
-            .map_err(status::executor)?;
+        let response = tokio::spawn(
+            async move {
+                let _permit = permit;
+                inner.run(call).await
+            }
+            .instrument(span),
+        )
+        .await
+        .map_err(|e| status::executor(HookError::Task(e)))?
+        .map_err(status::executor)?;
         Ok(Response::new(response))
     }
 

@@ -3,6 +3,7 @@
 //! | error | code |
 //! |---|---|
 //! | [`RequestError`] (bad driver, op, argv field, timeout) | INVALID_ARGUMENT |
+//! | [`HookError::Busy`] | RESOURCE_EXHAUSTED |
 //! | [`HookError::ShuttingDown`] | UNAVAILABLE |
 //! | [`HookError::Task`] (the executor's own failure) | INTERNAL (generic text; the detail is logged) |
 //!
@@ -19,6 +20,9 @@ pub enum HookError {
     /// The task running the hooks, or a directory scan, panicked.
     #[error("hook task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// `max_concurrent_runs` calls are running already.
+    #[error("{0} hook runs are in progress already (max_concurrent_runs)")]
+    Busy(usize),
     /// The executor is stopping: scripts still running were killed (their
     /// process groups), the rest not started.
     #[error(
@@ -42,6 +46,7 @@ pub fn request(e: RequestError) -> Status {
 pub fn executor(e: HookError) -> Status {
     match e {
         HookError::ShuttingDown { .. } => Status::unavailable(e.to_string()),
+        HookError::Busy(_) => Status::resource_exhausted(e.to_string()),
         HookError::Task(_) => {
             tracing::error!(error = %qvirt_common::error_chain(&e), "internal error");
             Status::internal("internal error in the hook executor (see its log)")
