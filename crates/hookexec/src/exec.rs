@@ -12,6 +12,9 @@
 //!   takes longer than the timeout, the whole group gets SIGKILL and the
 //!   script counts as timed out. A script that finished normally keeps its
 //!   background children (libvirt kills nothing either).
+//! - The child is reset as libvirt's: empty signal mask, every signal at
+//!   its default action, every descriptor from 3 up closed on exec; it
+//!   then calls `execve` itself.
 //! - When `execve` fails the result is exit status 127 (ENOENT, e.g. a
 //!   missing interpreter) or 126 (anything else, e.g. ENOEXEC), with
 //!   libvirt's "cannot execute binary" text on stderr.
@@ -72,9 +75,9 @@ pub fn hook_env(lookup: impl Fn(&str) -> Option<OsString>) -> Vec<(String, OsStr
 /// One script to run.
 #[derive(Debug, Clone)]
 pub struct Invocation<'a> {
-    /// The script (argv[0]).
+    /// The script (`argv[0]`).
     pub path: &'a Path,
-    /// argv[1..]: object, op, subop, extra.
+    /// `argv[1..]`: object, op, subop, extra.
     pub args: &'a [String; 4],
     /// The environment (the rest is cleared).
     pub env: &'a [(String, OsString)],
@@ -157,9 +160,9 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
         .process_group(0);
     // SAFETY: the closure runs in the forked child (after std has set up
     // stdio, the process group and an empty signal mask) and only makes
-    // async-signal-safe calls on memory prepared before the fork:
-    // sigaction(2) through signal(3), and execve(2). It never returns on
-    // success; on failure std reports its errno to the parent.
+    // system calls (rt_sigaction, close_range or fcntl, execve) on memory
+    // prepared before the fork: no allocation, no locks. It never returns
+    // on success; on failure std reports its errno to the parent.
     unsafe {
         cmd.pre_exec(move || {
             image.exec();

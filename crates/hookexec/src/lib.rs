@@ -4,7 +4,7 @@
 //! decide when hooks run: the supervisor calls it.
 //!
 //! Modules: [`discovery`] (which scripts exist), [`exec`] (one script: argv,
-//! environment, process group, timeout, output caps), [`run`] (one RunHook:
+//! environment, process group, timeout, output caps), [`run`](mod@run) (one RunHook:
 //! request checks, order, filter chaining, libvirt's error text),
 //! [`service`] (the gRPC face and the discovery cache), [`status`] (errors
 //! to gRPC codes).

@@ -37,7 +37,7 @@ pub enum RequestError {
 pub struct HookCall {
     /// The driver whose hooks run.
     pub driver: Driver,
-    /// argv[1..]: object, op, subop, extra (empty ones as `-`).
+    /// `argv[1..]`: object, op, subop, extra (empty ones as `-`).
     pub args: [String; 4],
     /// The document for stdin.
     pub input: Vec<u8>,
@@ -84,7 +84,7 @@ impl HookCall {
         })
     }
 
-    /// The operation (argv[2]).
+    /// The operation (`argv[2]`).
     pub fn op(&self) -> &str {
         &self.args[1]
     }
