@@ -490,7 +490,7 @@ async fn test_timeout_kills_the_whole_process_group() {
     let (_svc, mut client) = executor(&hooks, "").await;
 
     let mut req = call(HookDriver::Qemu, "vm1", "prepare", "begin", "");
-    set_timeout(&mut req, 1);
+    set_timeout(&mut req, 2);
     let reply = run(&mut client, req).await;
     let bg = Sleeper(pid_in(&hooks, "bg.pid"), "611");
     let script = pid_in(&hooks, "script.pid");
@@ -502,7 +502,7 @@ async fn test_timeout_kills_the_whole_process_group() {
     assert!(
         reply
             .error
-            .contains(" vm1 prepare begin -) timed out after 1s"),
+            .contains(" vm1 prepare begin -) timed out after 2s"),
         "{}",
         reply.error
     );
@@ -568,7 +568,7 @@ async fn test_background_children_holding_output_time_out_and_detached_ones_surv
     let (_svc, mut client) = executor(&hooks, "").await;
 
     let mut req = call(HookDriver::Qemu, "vm1", "started", "begin", "");
-    set_timeout(&mut req, 1);
+    set_timeout(&mut req, 2);
     let reply = run(&mut client, req).await;
     let holder = Sleeper(pid_in(&hooks, "holder.pid"), "612");
     assert_eq!(reply.outcome(), HookOutcome::Failed, "{reply:?}");
