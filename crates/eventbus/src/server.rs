@@ -226,3 +226,65 @@ impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
         buffer_settings()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use qvirt_proto::v1::{DomainEvent, MonitorEvent};
+
+    use super::*;
+
+    fn monitor_env(seq: u64) -> Arc<Envelope<BusEvent>> {
+        Arc::new(Envelope::new(
+            seq,
+            BusEvent::Monitor(MonitorEvent {
+                host: "h".into(),
+                domain_name: "vm".into(),
+                event: "STOP".into(),
+                details_json: "{\"n\": 9223372036854775807}".into(),
+                ..Default::default()
+            }),
+        ))
+    }
+
+    #[test]
+    fn test_event_is_encoded_once_as_the_typed_message() {
+        let env = monitor_env(42);
+        let first = monitor_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
+        let again = monitor_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
+        // The same buffer, not a second encoding.
+        assert_eq!(first.as_ptr(), again.as_ptr());
+        let decoded = SubscribeMonitorEventsResponse::decode(first).unwrap();
+        let want = SubscribeMonitorEventsResponse {
+            kind: Some(subscribe_monitor_events_response::Kind::Event(
+                monitor_event(&env).unwrap(),
+            )),
+        };
+        assert_eq!(decoded, want);
+        let Some(subscribe_monitor_events_response::Kind::Event(e)) = decoded.kind else {
+            unreachable!()
+        };
+        assert_eq!(e.sequence, 42);
+    }
+
+    #[test]
+    fn test_domain_event_wire_form_and_kind_mismatch() {
+        let env = Arc::new(Envelope::new(
+            7,
+            BusEvent::Domain(DomainEvent {
+                domain_name: "vm".into(),
+                ..Default::default()
+            }),
+        ));
+        let bytes = domain_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
+        let decoded = SubscribeDomainEventsResponse::decode(bytes).unwrap();
+        let Some(subscribe_domain_events_response::Kind::Event(e)) = decoded.kind else {
+            panic!("{decoded:?}")
+        };
+        assert_eq!((e.sequence, e.domain_name.as_str()), (7, "vm"));
+        // An event of the other kind is skipped, and leaves no wire form.
+        assert!(monitor_bytes(StreamItem::Event(env)).is_none());
+        assert!(domain_bytes(StreamItem::Event(monitor_env(8))).is_none());
+    }
+}
