@@ -24,7 +24,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use serde_json::{Map, Value};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::wire::{self, Conn, Reply, WireError};
@@ -127,6 +128,8 @@ struct Job {
 pub struct AgentChannel {
     tx: mpsc::Sender<Job>,
     depth: usize,
+    /// Commands sent and not yet answered (queued or running).
+    inflight: Arc<AtomicUsize>,
     /// Tells this channel's registry entry from a later one for the same
     /// socket.
     serial: u64,
@@ -153,11 +156,14 @@ impl AgentChannel {
         let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
         let depth = settings.queue_depth.max(1);
         let (tx, rx) = mpsc::channel(depth);
+        let inflight = Arc::new(AtomicUsize::new(0));
         let actor = Actor {
             path,
             settings,
             conn: None,
             in_sync: false,
+            inflight: inflight.clone(),
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             id_prefix: format!("qa{:x}", wire::random_id()),
             next_id: 0,
             registry,
@@ -168,7 +174,12 @@ impl AgentChannel {
             actor.run(rx, shutdown),
             span,
         ));
-        AgentChannel { tx, depth, serial }
+        AgentChannel {
+            tx,
+            depth,
+            inflight,
+            serial,
+        }
     }
 
     /// Sends one command (an object with `execute` and optional
@@ -213,10 +224,20 @@ impl AgentChannel {
             reply,
         };
         let command = job.command.clone();
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ChannelError::QueueFull { depth: self.depth },
-            mpsc::error::TrySendError::Closed(_) => ChannelError::Closed,
-        })?;
+        // Nothing ahead of this command: the task takes it up at once and
+        // owns its deadline, so no timer of our own (each new timer costs
+        // the runtime a wake-up of its driver).
+        let alone = self.inflight.fetch_add(1, Ordering::AcqRel) == 0;
+        if let Err(e) = self.tx.try_send(job) {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => ChannelError::QueueFull { depth: self.depth },
+                mpsc::error::TrySendError::Closed(_) => ChannelError::Closed,
+            });
+        }
+        if alone {
+            return rx.await.unwrap_or(Err(ChannelError::Closed));
+        }
         tokio::pin!(rx);
         match tokio::time::timeout_at(deadline, &mut rx).await {
             Ok(r) => r.unwrap_or(Err(ChannelError::Closed)),
@@ -334,6 +355,12 @@ struct Actor {
     next_id: u64,
     registry: Weak<Registry>,
     serial: u64,
+    /// Shared with the handles: see [`AgentChannel::inflight`].
+    inflight: Arc<AtomicUsize>,
+    /// One timer for every sync and command deadline, moved with `reset`
+    /// rather than made anew: a timer that moves later costs the runtime
+    /// nothing, a new one wakes its driver.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Actor {
@@ -372,6 +399,7 @@ impl Actor {
                 ChannelError::Retired => ChannelError::Retired,
                 _ => ChannelError::Closed,
             };
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
             let _ = job.reply.send(Err(e));
         }
     }
@@ -398,6 +426,7 @@ impl Actor {
     async fn handle(&mut self, mut job: Job) {
         job.started.store(true, Ordering::Release);
         if job.reply.is_closed() {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
             return;
         }
         let started = Instant::now();
@@ -413,6 +442,7 @@ impl Actor {
             r = self.execute(command, request, *deadline, *timeout) => Some(r),
             () = reply.closed() => None,
         };
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
         let Some(result) = result else {
             // The caller went away (its RPC was cancelled or hit its own
             // deadline): stop waiting. A reply may still come, or half a
@@ -498,7 +528,12 @@ impl Actor {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(ChannelError::Closed);
             };
-            let synced = tokio::time::timeout(sync_budget, conn.sync()).await;
+            self.timer.as_mut().reset(Instant::now() + sync_budget);
+            let synced = tokio::select! {
+                biased;
+                r = conn.sync() => Ok(r),
+                () = self.timer.as_mut() => Err(()),
+            };
             match synced {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -546,7 +581,12 @@ impl Actor {
                 Ok(Outcome::Reply(reply))
             }
         };
-        let result = tokio::time::timeout_at(deadline, exchange).await;
+        self.timer.as_mut().reset(deadline);
+        let result = tokio::select! {
+            biased;
+            r = exchange => Ok(r),
+            () = self.timer.as_mut() => Err(()),
+        };
         match result {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(WireError::Eof)) if no_reply => {
