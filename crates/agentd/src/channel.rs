@@ -169,7 +169,7 @@ impl AgentChannel {
             registry,
             serial,
         };
-        let span = tracing::info_span!("agent_channel", socket = %actor.path.display());
+        let span = tracing::debug_span!("agent_channel", socket = %actor.path.display());
         tokio::spawn(tracing::Instrument::instrument(
             actor.run(rx, shutdown),
             span,
