@@ -75,12 +75,14 @@ struct World {
     reaper: QemuReaper,
 }
 
-/// The hook script: logs its argv to `calls`, keeps its stdin in
-/// `stdin-OBJECT-OP`, fails when `fail-OBJECT-OP` exists.
+/// The hook script: takes a second first when `slow-OBJECT-OP` exists,
+/// logs its argv to `calls`, keeps its stdin in `stdin-OBJECT-OP`, fails
+/// when `fail-OBJECT-OP` exists.
 fn script(dir: &Path) -> String {
     let d = dir.display();
     format!(
         "#!/bin/sh\n\
+         if [ -e '{d}/slow-'\"$1-$2\" ]; then sleep 1; fi\n\
          printf '%s %s %s %s\\n' \"$1\" \"$2\" \"$3\" \"$4\" >> '{d}/calls'\n\
          cat > '{d}/stdin-'\"$1-$2\"\n\
          if [ -e '{d}/fail-'\"$1-$2\" ]; then\n\
@@ -368,8 +370,10 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
         assert_eq!(other, stdin, "{op}");
     }
 
-    // Destroy: stopped and release, in that order.
+    // Destroy: stopped and release, in that order; a start right after
+    // it waits for them (a slow release hook is not overtaken).
     world.clear_calls();
+    std::fs::write(world.path("slow-vm-release"), "").unwrap();
     sup.client
         .destroy_domain(DestroyDomainRequest {
             domain: "vm".into(),
@@ -377,12 +381,20 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
         })
         .await
         .unwrap();
-    world
-        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
-        .await;
-
-    // kill -9 of QEMU behind the supervisor's back: the same.
     let d = sup.start("vm").await.unwrap();
+    assert_eq!(
+        world.calls_of("vm"),
+        [
+            "vm stopped end -",
+            "vm release end -",
+            "vm prepare begin -",
+            "vm start begin -",
+            "vm started begin -"
+        ]
+    );
+    std::fs::remove_file(world.path("slow-vm-release")).unwrap();
+
+    // kill -9 of QEMU behind the supervisor's back: stopped and release.
     world.clear_calls();
     qvirt_integration_tests::kill_domain_qemu(d.pid, &defined.uuid);
     let d = sup.wait_state("vm", DomainState::Shutoff).await;

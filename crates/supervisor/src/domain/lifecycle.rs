@@ -42,6 +42,8 @@ impl Manager {
                 what: "start needs a shut off domain",
             });
         }
+        // The previous run's stopped/release hooks finish first.
+        drop(entry.stop_hooks.lock().await);
         let began = Instant::now();
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Prepare).await {
             return Err(self

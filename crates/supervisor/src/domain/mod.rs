@@ -89,6 +89,10 @@ struct Data {
 struct Entry {
     /// Serialises the calls on this domain.
     op: tokio::sync::Mutex<()>,
+    /// Held by the watcher from a QEMU's exit until its stopped and release
+    /// hooks are done; a start waits for it, so the next prepare hook never
+    /// overtakes the previous run's release hook.
+    stop_hooks: tokio::sync::Mutex<()>,
     data: Mutex<Data>,
     /// Bumped on every state change, for callers that wait for one.
     changed: watch::Sender<u64>,
@@ -98,6 +102,7 @@ impl Entry {
     fn new(data: Data) -> Arc<Self> {
         Arc::new(Entry {
             op: tokio::sync::Mutex::new(()),
+            stop_hooks: tokio::sync::Mutex::new(()),
             data: Mutex::new(data),
             changed: watch::channel(0).0,
         })

@@ -226,6 +226,8 @@ impl Manager {
         status.reason = reason as i32;
         status.state_changed_at_ms = Some(super::millis(std::time::SystemTime::now()));
         info!(domain = %spec.name, reason = ?reason, "QEMU exited");
+        // Taken before anyone can see the domain shut off.
+        let _stop_hooks = entry.stop_hooks.lock().await;
         self.save_status(spec.name.clone(), status.clone()).await;
         {
             let mut data = entry.data();
