@@ -341,13 +341,16 @@ impl Manager {
                 // and the watcher quits it, as after an ACPI power-off.
                 Some(agent) => {
                     let name = entry.name();
-                    agent
-                        .power(&name, AgentPower::Powerdown)
-                        .await
-                        .map_err(|source| DomainError::Agent {
+                    if let Err(source) = agent.power(&name, AgentPower::Powerdown).await {
+                        // Nothing was asked of the guest after all.
+                        if let Some(run) = &entry.data().run {
+                            run.flags.shutdown_requested.store(false, Ordering::SeqCst);
+                        }
+                        return Err(DomainError::Agent {
                             domain: name,
                             source,
-                        })?;
+                        });
+                    }
                 }
                 None => {
                     self.qmp(&entry, &qmp, "system_powerdown").await?;
