@@ -295,8 +295,32 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
         ["vm prepare begin -", "vm stopped end -", "vm release end -"]
     );
 
-    // The policy lifted, the same domain starts.
+    // A refusing start hook: still no QEMU (the hook runs right before
+    // the spawn), stopped and release follow.
     world.set_failing("vm", "prepare", false);
+    world.set_failing("vm", "start", true);
+    world.clear_calls();
+    let err = sup.start("vm").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("policy refuses start of vm"),
+        "{}",
+        err.message()
+    );
+    assert!(qemu_pids(&uuid).is_empty(), "QEMU spawned after a refusal");
+    assert!(!world.path("state/logs/vm.log").exists());
+    assert_eq!(
+        world.calls(),
+        [
+            "vm prepare begin -",
+            "vm start begin -",
+            "vm stopped end -",
+            "vm release end -"
+        ]
+    );
+
+    // The policy lifted, the same domain starts.
+    world.set_failing("vm", "start", false);
     let d = sup.start("vm").await.unwrap();
     assert_eq!(d.state(), DomainState::Running);
     sup.client
@@ -481,4 +505,38 @@ async fn test_daemon_hook_sees_start_and_shutdown() {
     // The daemon hook gets nothing on stdin.
     let stdin = std::fs::read(world.path("stdin---start")).unwrap();
     assert!(stdin.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_executor_down_at_reconnect_keeps_the_guest() {
+    let mut world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    let d = sup.start("vm").await.unwrap();
+    let sup_pid = sup.svc.pid();
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup_pid as i32, libc::SIGKILL) };
+    drop(sup);
+    let url = world.hookexec.url();
+    let status = world.hookexec.terminate();
+    assert!(status.success(), "{status}");
+
+    // The reconnect hook cannot run: not a verdict on the guest.
+    let mut sup = world.supervisor(&url).await;
+    let again = sup.get("vm").await;
+    assert_eq!((again.state(), again.pid), (DomainState::Running, d.pid));
+    assert_eq!(qemu_pids(&uuid), [d.pid]);
+    assert!(
+        sup.svc.stderr().contains("reconnect hook not run"),
+        "{}",
+        sup.svc.stderr()
+    );
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "vm".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    wait_no_qemu(&uuid).await;
 }
