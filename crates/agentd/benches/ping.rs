@@ -17,10 +17,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_agentd::channel::{AgentChannel, ChannelSettings};
+use qvirt_integration_tests::measure::{Spread, cpu_ns};
+use qvirt_integration_tests::{ChildGuard, tool_path};
 use qvirt_proto::v1::PingRequest;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use tokio::runtime::Runtime;
@@ -31,47 +33,15 @@ const WARMUP: usize = 200;
 const ROUNDS: usize = 40;
 const PER_ROUND: usize = 50;
 
-/// A child killed (by pid) when dropped, also on panic.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    let median = percentile(&samples, 0.5);
+fn report(name: &str, samples: Vec<Duration>) -> Duration {
+    let s = Spread::of(samples);
     println!(
         "{name:<34} n={} median {:>8.1} µs  p99 {:>8.1} µs",
-        samples.len(),
-        median.as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6
+        s.n,
+        s.median.as_secs_f64() * 1e6,
+        s.p99.as_secs_f64() * 1e6
     );
-    median
-}
-
-/// CPU time a process has used, all threads, in nanoseconds
-/// (`/proc/PID/task/*/schedstat`; a thread that ended is not counted, and
-/// agentd's threads live as long as it does).
-fn cpu_ns(pid: u32) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let stat =
-            std::fs::read_to_string(task.unwrap().path().join("schedstat")).unwrap_or_default();
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    total
+    s.median
 }
 
 fn wait_for_socket(path: &Path) {
@@ -87,22 +57,21 @@ fn wait_for_socket(path: &Path) {
 }
 
 /// A real qemu-ga listening on its own socket in `dir/name`.
-fn qemu_ga(dir: &Path, name: &str) -> (Killed, PathBuf) {
+fn qemu_ga(dir: &Path, name: &str) -> (ChildGuard, PathBuf) {
     let state = dir.join(name);
     std::fs::create_dir_all(&state).unwrap();
     let sock = state.join("sock");
-    let child = Command::new("qemu-ga")
-        .args(["-m", "unix-listen", "-p"])
-        .arg(&sock)
-        .arg("-t")
-        .arg(&state)
-        .arg("-f")
-        .arg(state.join("pid"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run qemu-ga ({e}): run `make deps`"));
-    let child = Killed(child);
+    let child = ChildGuard::spawn(
+        Command::new(tool_path("qemu-ga"))
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&sock)
+            .arg("-t")
+            .arg(&state)
+            .arg("-f")
+            .arg(state.join("pid"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     wait_for_socket(&sock);
     (child, sock)
 }
@@ -113,7 +82,7 @@ fn agentd(
     dir: &Path,
     sock: &Path,
     workers: usize,
-) -> (Killed, GuestAgentClient<Channel>) {
+) -> (ChildGuard, GuestAgentClient<Channel>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -121,17 +90,16 @@ fn agentd(
         .port();
     let config = dir.join(format!("agentd-{workers}.yaml"));
     std::fs::write(&config, format!("agents:\n  vm: {}\n", sock.display())).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_qvirt-agentd"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--worker-threads", &workers.to_string()])
-        .args(["--idle-close-secs", "0"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
+    let child = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_qvirt-agentd"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--worker-threads", &workers.to_string()])
+            .args(["--idle-close-secs", "0"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let client = rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -185,7 +153,7 @@ fn main() {
     let (mut s, mut r) = raw_client(&raw_sock);
     let (one_proc, mut one) = agentd(&rt, dir.path(), &one_sock, 1);
     let (mt_proc, mut mt) = agentd(&rt, dir.path(), &mt_sock, 0);
-    let (one_pid, mt_pid) = (one_proc.0.id(), mt_proc.0.id());
+    let (one_pid, mt_pid) = (one_proc.id(), mt_proc.id());
     let (mut one_cpu, mut mt_cpu, mut base_cpu) = (0u64, 0u64, 0u64);
     let chan = {
         let _guard = rt.enter();

@@ -14,8 +14,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use qvirt_integration_tests::measure::{cpu_ns, percentile};
+use qvirt_integration_tests::{ChildGuard, rss_kib};
 
 /// Round trips thrown away per agent before measuring.
 const WARMUP: usize = 2_000;
@@ -58,40 +61,32 @@ fn qvirt_ga() -> PathBuf {
     }
 }
 
-/// A running agent, killed by pid and reaped on drop (also on panic).
+/// A running agent, stopped by pid on drop (also on panic).
 struct Agent {
     name: &'static str,
-    child: Child,
+    child: ChildGuard,
     _dir: tempfile::TempDir,
     sock: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        // SAFETY: signalling the child this bench spawned and has not reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
 }
 
 impl Agent {
     fn start(name: &'static str, bin: &Path) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("sock");
-        let child = Command::new(bin)
-            .args(["-m", "unix-listen", "-p"])
-            .arg(&sock)
-            .arg("-t")
-            .arg(dir.path())
-            .arg("-f")
-            .arg(dir.path().join("ga.pid"))
-            .current_dir(dir.path())
-            .env_remove("QGA_CONF")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        let child = ChildGuard::spawn(
+            Command::new(bin)
+                .args(["-m", "unix-listen", "-p"])
+                .arg(&sock)
+                .arg("-t")
+                .arg(dir.path())
+                .arg("-f")
+                .arg(dir.path().join("ga.pid"))
+                .current_dir(dir.path())
+                .env_remove("QGA_CONF")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         let agent = Agent {
             name,
             child,
@@ -228,35 +223,6 @@ impl Client {
     }
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ")".
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -314,20 +280,19 @@ fn main() {
     let p99 = [percentile(&samples[0], 0.99), percentile(&samples[1], 0.99)];
 
     // Pipelined throughput and CPU per request.
-    let hz = ticks_per_second();
     let mut rates = [Vec::new(), Vec::new()];
     let mut cpu = [0u64; 2];
     for round in 0..PIPE_RUNS {
         for k in 0..2 {
             let i = (round + k) % 2;
-            let before = cpu_ticks(agents[i].pid());
+            let before = cpu_ns(agents[i].pid());
             let wall = clients[i].pipelined(PIPE_REQUESTS);
-            cpu[i] += cpu_ticks(agents[i].pid()) - before;
+            cpu[i] += cpu_ns(agents[i].pid()) - before;
             rates[i].push(PIPE_REQUESTS as f64 / wall.as_secs_f64());
         }
     }
     let rate = [median_f(&mut rates[0]), median_f(&mut rates[1])];
-    let cpu_us = [0, 1].map(|i| cpu[i] as f64 / hz * 1e6 / (PIPE_RUNS * PIPE_REQUESTS) as f64);
+    let cpu_us = [0, 1].map(|i| cpu[i] as f64 / 1e3 / (PIPE_RUNS * PIPE_REQUESTS) as f64);
 
     // Idle RSS after the load (the client still connected, nothing in flight).
     let rss_after: Vec<u64> = agents.iter().map(|a| rss_kib(a.pid())).collect();

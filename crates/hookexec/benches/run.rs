@@ -9,7 +9,7 @@
 //! - `exec::run_script` in process (process group, cleared env, signal and
 //!   fd reset, own execve, capped capture, timeout);
 //! - a RunHook through the real `qvirt-hookexec` binary (release, as `make
-//!   bench` builds it; `QVIRT_BIN_DIR` or `target/release`) on loopback, for
+//!   bench` builds it) on loopback, for
 //!   one script and for main + 6 `.d` scripts (libvirt's own figure for a
 //!   small sh hook, from research/hooks.md, is about 25 ms per invocation
 //!   on another machine: context only, not measured here).
@@ -21,11 +21,13 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_hookexec::exec::{Invocation, hook_env, run_script};
+use qvirt_integration_tests::ChildGuard;
+use qvirt_integration_tests::measure::Spread;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::{HookDriver, HookOutcome, RunHookRequest};
 use tokio::runtime::Runtime;
@@ -37,30 +39,15 @@ const PER_ROUND: usize = 10;
 
 const SCRIPT: &str = "#!/bin/sh\ncat >/dev/null\nexit 0\n";
 
-/// A child killed (by pid) when dropped, also on panic.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    let median = percentile(&samples, 0.5);
+fn report(name: &str, samples: Vec<Duration>) -> Duration {
+    let s = Spread::of(samples);
     println!(
         "{name:<40} n={} median {:>8.2} ms  p99 {:>8.2} ms",
-        samples.len(),
-        median.as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3
+        s.n,
+        s.median.as_secs_f64() * 1e3,
+        s.p99.as_secs_f64() * 1e3
     );
-    median
+    s.median
 }
 
 fn write_script(path: &Path) {
@@ -94,38 +81,26 @@ fn bare(path: &Path, args: &[String; 4], input: &[u8], fork: bool) -> Duration {
     start.elapsed()
 }
 
-fn bin_dir() -> PathBuf {
-    std::env::var_os("QVIRT_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release"))
-}
-
-fn start_executor(hooks: &Path) -> (Killed, SocketAddr) {
-    let bin = bin_dir().join("qvirt-hookexec");
-    assert!(
-        bin.is_file(),
-        "{} not found: `cargo build --release -p qvirt-hookexec --bins` first",
-        bin.display()
-    );
+fn start_executor(hooks: &Path) -> (ChildGuard, SocketAddr) {
     let addr = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let child = Command::new(bin)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--hooks-dir")
-        .arg(hooks)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = ChildGuard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_qvirt-hookexec"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--hooks-dir")
+            .arg(hooks)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "qvirt-hookexec never listened");
         std::thread::sleep(Duration::from_millis(10));
     }
-    (Killed(child), addr)
+    (child, addr)
 }
 
 fn main() {

@@ -1,0 +1,76 @@
+//! What the benches measure with: percentiles of samples and the CPU time
+//! of a process. (Resident memory: [`crate::rss_kib`]; a process stopped
+//! by pid even on panic: [`crate::ChildGuard`].)
+
+use std::time::Duration;
+
+/// The `p` quantile (0.0..=1.0) of `sorted`, nearest rank; panics on an
+/// empty slice.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    sorted[((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
+}
+
+/// Median and 99th percentile of a set of durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spread {
+    /// How many samples.
+    pub n: usize,
+    /// The median.
+    pub median: Duration,
+    /// The 99th percentile.
+    pub p99: Duration,
+}
+
+impl Spread {
+    /// Sorts `samples` and takes their median and p99; panics if empty.
+    pub fn of(mut samples: Vec<Duration>) -> Spread {
+        samples.sort();
+        Spread {
+            n: samples.len(),
+            median: percentile(&samples, 0.5),
+            p99: percentile(&samples, 0.99),
+        }
+    }
+}
+
+/// CPU time process `pid` has used so far, all its live threads, user and
+/// system, in nanoseconds (`/proc/PID/task/*/schedstat`: nanosecond
+/// resolution, where `/proc/PID/stat` counts clock ticks). Threads that
+/// already ended are not counted: measure long-lived processes.
+pub fn cpu_ns(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("no /proc/{pid}/task: {e}"));
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_percentiles_and_spread() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.0), 1);
+        assert_eq!(percentile(&v, 0.5), 51);
+        assert_eq!(percentile(&v, 1.0), 100);
+        let s = Spread::of((1..=100).rev().map(Duration::from_micros).collect());
+        assert_eq!(s.n, 100);
+        assert_eq!(s.median, Duration::from_micros(51));
+        assert_eq!(s.p99, Duration::from_micros(99));
+    }
+
+    #[test]
+    fn test_cpu_time_of_this_process_grows_with_work() {
+        let me = std::process::id();
+        let before = cpu_ns(me);
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_ns(me) > before);
+    }
+}
