@@ -10,12 +10,16 @@ run_dir="$here/.run"
 grpcurl="$here/.tools/bin/grpcurl"
 mkdir -p "$run_dir"
 
-# binary, port, extra flags (the supervisor publishes to the bus and keeps
-# its state under .run/; agentd finds agent sockets through the supervisor)
+# binary, port, extra flags (the supervisor publishes to the bus, runs its
+# hooks through the hook executor, shuts guests down through agentd when
+# asked to use the agent, and keeps its state under .run/; the hooks
+# directory is .run/hooks; agentd finds agent sockets through the
+# supervisor)
+mkdir -p "$run_dir/hooks"
 services=(
     "qvirt-eventbus 50053 --metrics-listen 127.0.0.1:9153"
-    "qvirt-hookexec 50054"
-    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --eventbus http://127.0.0.1:50053"
+    "qvirt-hookexec 50054 --hooks-dir $run_dir/hooks"
+    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055"
     "qvirt-agentd 50055 --supervisor http://127.0.0.1:50052"
     "qvirt-gateway 50051"
 )
@@ -69,7 +73,7 @@ qvirt is running (logs in .run/):
   gateway     127.0.0.1:50051   (the public endpoint)
   supervisor  127.0.0.1:50052
   event bus   127.0.0.1:50053
-  hook exec   127.0.0.1:50054
+  hook exec   127.0.0.1:50054   (hooks: executables in .run/hooks/qemu, .run/hooks/qemu.d/)
   agentd      127.0.0.1:50055
   bus metrics http://127.0.0.1:9153/metrics
 
