@@ -1,8 +1,7 @@
 //! The real `qvirt-agentd` against real guest agents in unix-listen mode:
-//! qemu-ga (Debian's 7.2, always: missing is a failure naming `make deps`)
-//! and qvirt-ga when it is built and offers unix-listen (else skipped with
-//! the reason printed). Every scenario runs against each agent in the
-//! table, each with its own statedir, socket and agentd.
+//! Debian's qemu-ga 7.2 and our qvirt-ga, both required (a missing one is
+//! a failure naming `make deps` or `make build-debug`). Every scenario runs
+//! against each agent, each with its own statedir, socket and agentd.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -34,36 +33,28 @@ struct AgentKind {
     program: PathBuf,
 }
 
-/// The agents to run every scenario against.
+/// The agents to run every scenario against: the real qemu-ga and
+/// qvirt-ga, both required (a missing one fails the test naming the
+/// command that provides it).
 fn agents() -> Vec<AgentKind> {
-    let mut list = vec![AgentKind {
-        name: "qemu-ga",
-        program: tool_path("qemu-ga"),
-    }];
-    let dir = std::env::var_os("QVIRT_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| qvirt_integration_tests::workspace_root().join("target/debug"));
-    let qvirt_ga = dir.join("qvirt-ga");
-    if !qvirt_ga.is_file() {
-        eprintln!(
-            "qvirt-ga not run: {} not built (`cargo build --workspace --bins`)",
-            qvirt_ga.display()
-        );
-        return list;
-    }
+    let qvirt_ga = qvirt_integration_tests::bin_path("qvirt-ga");
     let help = run(&qvirt_ga, &["--help"], Duration::from_secs(10));
     let help = format!("{}{}", text(&help.stdout), text(&help.stderr));
-    if help.contains("unix-listen") {
-        list.push(AgentKind {
+    assert!(
+        help.contains("unix-listen"),
+        "{} --help does not offer unix-listen:\n{help}",
+        qvirt_ga.display()
+    );
+    vec![
+        AgentKind {
+            name: "qemu-ga",
+            program: tool_path("qemu-ga"),
+        },
+        AgentKind {
             name: "qvirt-ga",
             program: qvirt_ga,
-        });
-    } else {
-        eprintln!("qvirt-ga not run: its --help does not offer unix-listen");
-    }
-    let names: Vec<&str> = list.iter().map(|a| a.name).collect();
-    eprintln!("agents under test: {names:?}");
-    list
+        },
+    ]
 }
 
 /// One running agent in its own statedir.
