@@ -156,7 +156,7 @@ async fn finish<T>(
 }
 
 /// The same through the hub in-process: the direct backend call.
-async fn hub_throughput() -> f64 {
+async fn hub_throughput() -> (f64, u64) {
     let hub: Hub<Event> = Hub::new(HubConfig {
         queue_capacity: 65536,
         ..Default::default()
@@ -165,13 +165,18 @@ async fn hub_throughput() -> f64 {
     let mut sub = hub
         .subscribe(SubscribeOptions::default(), |_| true)
         .unwrap();
+    // Counts losses too: a reader that falls a queue behind the publisher
+    // would otherwise wait for events that are gone.
     let reader = tokio::spawn(async move {
-        let mut n = 0u64;
-        while n < THROUGHPUT_EVENTS {
-            if let SubscriptionItem::Event(_) = sub.recv().await.unwrap() {
-                n += 1;
+        let (mut n, mut lost) = (0u64, 0u64);
+        while n + lost < THROUGHPUT_EVENTS {
+            match sub.recv().await.unwrap() {
+                SubscriptionItem::Event(_) => n += 1,
+                SubscriptionItem::Lost { count, .. } => lost += count,
+                SubscriptionItem::Established { .. } => {}
             }
         }
+        lost
     });
     let start = Instant::now();
     for i in 1..=THROUGHPUT_EVENTS {
@@ -180,8 +185,11 @@ async fn hub_throughput() -> f64 {
             tokio::task::yield_now().await;
         }
     }
-    reader.await.unwrap();
-    THROUGHPUT_EVENTS as f64 / start.elapsed().as_secs_f64()
+    let lost = reader.await.unwrap();
+    (
+        (THROUGHPUT_EVENTS - lost) as f64 / start.elapsed().as_secs_f64(),
+        lost,
+    )
 }
 
 struct FanOut {
@@ -193,6 +201,76 @@ struct FanOut {
     bus_cores: f64,
     /// CPU of this bench process (publisher and 1,000 clients), in cores.
     bench_cores: f64,
+}
+
+/// The fan-out reference: the same subscribers and publish schedule on the
+/// hub called in-process (one tokio task per matching subscriber, filters
+/// indexed as the bus does), no gRPC. Returns p50 and p99 in us.
+async fn hub_fanout(rate: u64) -> (u64, u64) {
+    let hub: Hub<Event> = Hub::with_size_and_key_fn(
+        HubConfig {
+            queue_capacity: 65536,
+            ..Default::default()
+        },
+        |_| 0,
+        |e: &Event| match e {
+            Event::MonitorEvent(m) => Some(m.event.as_str()),
+            Event::DomainEvent(_) => None,
+        },
+    )
+    .unwrap();
+    let total = rate * FANOUT_SECONDS;
+    let (mut readers, mut idle) = (Vec::new(), Vec::new());
+    for i in 0..FANOUT_SUBSCRIBERS {
+        let name = if i % 2 == 0 { "MATCH" } else { "NEVER" };
+        let options = SubscribeOptions {
+            key: Some(name.into()),
+            ..Default::default()
+        };
+        let mut sub = hub
+            .subscribe(
+                options,
+                move |e: &Event| matches!(e, Event::MonitorEvent(m) if m.event == name),
+            )
+            .unwrap();
+        if i % 2 == 1 {
+            idle.push(sub);
+            continue;
+        }
+        readers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total as usize);
+            loop {
+                if let SubscriptionItem::Event(env) = sub.recv().await.unwrap()
+                    && let Event::MonitorEvent(m) = &env.event
+                {
+                    if m.details_json == "\"END\"" {
+                        break;
+                    }
+                    let sent: u128 = m.details_json.parse().unwrap();
+                    lat.push(((now_ns() - sent) / 1000) as u64);
+                }
+            }
+            lat
+        }));
+    }
+    let per_tick = (rate / 100).max(1);
+    let mut interval = tokio::time::interval(Duration::from_secs(1) / (rate / per_tick) as u32);
+    let mut sent = 0;
+    while sent < total {
+        interval.tick().await;
+        for _ in 0..per_tick {
+            hub.publish(event("MATCH", now_ns().to_string()));
+            sent += 1;
+        }
+    }
+    hub.publish(event("MATCH", "\"END\"".into()));
+    let mut all = Vec::new();
+    for r in readers {
+        all.extend(r.await.unwrap());
+    }
+    drop(idle);
+    all.sort_unstable();
+    (percentile(&all, 0.50), percentile(&all, 0.99))
 }
 
 /// 1,000 subscribers (half on "MATCH", half on "NEVER"), one publisher at
@@ -531,16 +609,17 @@ async fn main() {
     let url = svc.url();
 
     let (grpc, grpc_lost) = bounded("throughput", grpc_throughput(&url)).await;
-    let direct = bounded("direct hub", hub_throughput()).await;
+    let (direct, direct_lost) = bounded("direct hub", hub_throughput()).await;
     let fan = bounded("fan-out", grpc_fanout(&url, svc.pid(), FANOUT_RATE)).await;
     drop(svc);
-    let mut fans = vec![(FANOUT_RATE, fan)];
+    let mut fans = vec![(FANOUT_RATE, fan, hub_fanout(FANOUT_RATE).await)];
     for rate in FANOUT_LOW_RATES {
         // A fresh bus, so a lower rate does not start behind a backlog.
         let mut svc = Service::start_with_config("qvirt-eventbus", CONFIG, &[]);
         svc.wait_serving("qvirt.v1.EventBus").await;
         let f = bounded("low-rate fan-out", grpc_fanout(&svc.url(), svc.pid(), rate)).await;
-        fans.push((rate, f));
+        drop(svc);
+        fans.push((rate, f, hub_fanout(rate).await));
     }
     // A fresh bus with default queues, so the figure is about subscriptions.
     let mut idle = Service::start_with_config(
@@ -559,12 +638,12 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!(
-        "  throughput, 1 publisher -> 1 subscriber: {grpc:.0} events/s delivered, {grpc_lost} of {THROUGHPUT_EVENTS} lost to a full queue (direct hub: {direct:.0}/s, ratio {:.2}; target >= 200000/s)",
+        "  throughput, 1 publisher -> 1 subscriber: {grpc:.0} events/s delivered, {grpc_lost} of {THROUGHPUT_EVENTS} lost to a full queue (direct hub: {direct:.0}/s, {direct_lost} lost, ratio {:.2}; target >= 200000/s)",
         grpc / direct
     );
-    for (rate, f) in &fans {
+    for (rate, f, (hub_p50, hub_p99)) in &fans {
         println!(
-            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores, bench clients {:.2} cores",
+            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores, bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
             rate * FANOUT_SUBSCRIBERS as u64 / 2,
             f.delivered_per_s,
             f.p50_us,
