@@ -3,7 +3,8 @@
 //! saw them, the cleared environment, run order, skipped entries, failure
 //! semantics and libvirt's error text, timeouts that kill the whole process
 //! group, output caps, filter chaining, discovery and reload (RPC, SIGHUP,
-//! daemon reload), and bad requests.
+//! daemon reload), bad requests, replies kept under the 4 MiB message
+//! limit, the call's deadline, and waiting for a run slot.
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -375,6 +376,9 @@ async fn test_skipped_entries_are_listed_and_not_run() {
         hooks.dir().join("qemu.d/dangling"),
     )
     .unwrap();
+    // A DRIVER.d that is no directory cannot be read: listed as skipped.
+    hooks.recorder("lxc", "lxc", "exit 0");
+    fs::write(hooks.dir().join("lxc.d"), "").unwrap();
     let (_svc, mut client) = executor(&hooks, "").await;
 
     let listed = client
@@ -405,6 +409,9 @@ async fn test_skipped_entries_are_listed_and_not_run() {
         .unwrap()
         .into_inner();
     let drivers: Vec<HookDriver> = all.drivers.iter().map(|d| d.driver()).collect();
+    let lxc = &all.drivers[3];
+    assert_eq!(strings(&lxc.scripts, &hooks.dir()), ["lxc"]);
+    assert_eq!(strings(&lxc.skipped, &hooks.dir()), ["lxc.d"]);
     assert_eq!(
         drivers,
         [
@@ -597,7 +604,7 @@ async fn test_output_is_capped_and_unread_input_does_not_fail() {
     let (_svc, mut client) = executor(&hooks, "max_output_bytes: 1000\n").await;
     let mut req = call(HookDriver::Qemu, "vm1", "start", "begin", "");
     // Far more than a pipe holds, never read by the script.
-    req.input = "x".repeat(2 << 20);
+    req.input = vec![b'x'; 2 << 20];
     let reply = run(&mut client, req).await;
     assert_eq!(reply.outcome(), HookOutcome::Success, "{reply:?}");
     let r = &reply.results[0];
@@ -646,6 +653,11 @@ async fn test_filter_output_chains_through_the_scripts() {
     assert_eq!(hooks.read("30-edit.stdin"), "<domain>main</domain>");
     assert_eq!(hooks.read("40-last.stdin"), "<domain>edited</domain>");
     assert_eq!(reply.output, b"<domain>edited</domain>");
+    // The document is returned once, in `output`, not per script.
+    assert!(
+        reply.results.iter().all(|r| r.stdout.is_empty()),
+        "{reply:?}"
+    );
 
     // After a failure, later scripts get the original document again.
     req.extra = "fail".into();
@@ -823,7 +835,8 @@ async fn test_calls_run_in_parallel_up_to_the_cap() {
     assert_eq!(a.unwrap().into_inner().outcome(), HookOutcome::Success);
     assert_eq!(b.unwrap().into_inner().outcome(), HookOutcome::Success);
 
-    // Two calls in progress: a third is refused at once, nothing run.
+    // Two calls in progress: a third waits for a slot until its deadline,
+    // then is refused, nothing run.
     let held: Vec<_> = ["hold1", "hold2"]
         .into_iter()
         .map(|name| {
@@ -840,10 +853,9 @@ async fn test_calls_run_in_parallel_up_to_the_cap() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut c = client.clone();
-    let status = c
-        .run_hook(call(HookDriver::Qemu, "third", "start", "begin", ""))
-        .await
-        .unwrap_err();
+    let mut third = tonic::Request::new(call(HookDriver::Qemu, "third", "start", "begin", ""));
+    third.set_timeout(Duration::from_secs(2));
+    let status = c.run_hook(third).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("max_concurrent_runs"),
@@ -851,7 +863,25 @@ async fn test_calls_run_in_parallel_up_to_the_cap() {
         status.message()
     );
     assert!(!hooks.exists("third.started"));
+    // A call without a deadline (a stopped hook, say) waits for a slot
+    // and runs once one frees up.
+    let mut c4 = client.clone();
+    let waiting = tokio::spawn(async move {
+        c4.run_hook(call(HookDriver::Qemu, "waiter", "stopped", "end", ""))
+            .await
+    });
+    // It is waiting, not refused, while both slots stay taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the waiting call was answered");
+    assert!(!hooks.exists("waiter.started"));
     fs::write(hooks.out().join("release"), "").unwrap();
+    let reply = tokio::time::timeout(POLL_TIMEOUT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_inner().outcome(), HookOutcome::Success);
+    assert!(hooks.exists("waiter.started"));
     for h in held {
         let reply = tokio::time::timeout(POLL_TIMEOUT, h)
             .await
@@ -978,4 +1008,97 @@ async fn test_missing_hooks_dir_means_no_hooks_and_bad_config_exits_2() {
         stderr.starts_with("qvirt-hookexec: invalid config: hooks_dir = \"relative/hooks\": "),
         "{stderr}"
     );
+}
+
+/// Nine scripts each writing 400 KB to stdout and to stderr: a non-filter
+/// reply keeps only a short stdout tail and cuts stderr to fit, so a client
+/// with gRPC's default 4 MiB limit still gets the answer (it was ~7 MB).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_chatty_scripts_reply_under_the_message_limit() {
+    let hooks = Hooks::new();
+    let chatty = "head -c 400000 /dev/zero | tr '\\0' o\nprintf 'last line'\n\
+                  printf 'why: ' >&2\nhead -c 400000 /dev/zero | tr '\\0' e >&2\n\
+                  echo \"$0\" >> \"$OUT/order\"\nexit 0\n";
+    hooks.script("qemu", chatty);
+    for i in 1..=8 {
+        hooks.script(&format!("qemu.d/{i}"), chatty);
+    }
+    let (_svc, mut client) = executor(&hooks, "max_output_bytes: 524288\n").await;
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Success, "{}", reply.error);
+    assert_eq!(reply.results.len(), 9);
+    assert_eq!(hooks.order().len(), 9);
+    // (The default 4 MiB client limit above took it; the captures fit 3 MiB.)
+    let size: usize = reply
+        .results
+        .iter()
+        .map(|r| r.stdout.len() + r.stderr.len())
+        .sum();
+    assert!(size <= 3 << 20, "{size} bytes of output");
+    for r in &reply.results {
+        assert!(r.success);
+        // stdout: a short tail, ending where the script's output ended.
+        assert!(r.stdout.len() <= 4096 && r.stdout.ends_with(b"olast line"));
+        assert!(r.stdout_truncated);
+        // stderr: its start, cut to a share of the budget.
+        assert!(r.stderr.starts_with(b"why: eee"), "{:?}", &r.stderr[..10]);
+        assert!(r.stderr_truncated && r.stderr.len() > 200_000 && r.stderr.len() < 400_000);
+    }
+}
+
+/// The gRPC deadline bounds the whole call: the running script's process
+/// group is killed before it, the next script never starts, the answer
+/// is DEADLINE_EXCEEDED (not tonic's CANCELLED after the fact).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_deadline_kills_the_running_script_and_starts_no_more() {
+    let hooks = Hooks::new();
+    hooks.script(
+        "qemu",
+        "sleep 615 &\necho $! > \"$OUT/bg.pid.tmp\"\nmv \"$OUT/bg.pid.tmp\" \"$OUT/bg.pid\"\nwait\n",
+    );
+    hooks.recorder("qemu.d/never", "never", "exit 0");
+    // Per-script timeout far beyond the call's deadline.
+    let (_svc, mut client) = executor(&hooks, "timeout_secs: 600\n").await;
+    let mut req = tonic::Request::new(call(HookDriver::Qemu, "vm1", "prepare", "begin", ""));
+    req.set_timeout(Duration::from_secs(3));
+    let status = tokio::time::timeout(POLL_TIMEOUT, client.run_hook(req))
+        .await
+        .unwrap()
+        .unwrap_err();
+    let bg = Sleeper(pid_in(&hooks, "bg.pid"), "615");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("1 of 2 scripts started"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        wait_gone(bg.0),
+        "the script's child {} survived the deadline",
+        bg.0
+    );
+    assert!(
+        !hooks.exists("never.argv"),
+        "a script started after the deadline"
+    );
+}
+
+/// The input is bytes: a document that is not UTF-8 reaches the script
+/// unchanged, and a filter's output comes back unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_non_utf8_input_passes_through() {
+    let hooks = Hooks::new();
+    hooks.script("qemu", "tee \"$OUT/stdin\"\n");
+    let (_svc, mut client) = executor(&hooks, "").await;
+    let doc = b"<domain>\xff\xfe\x00 caf\xe9</domain>".to_vec();
+    let mut req = call(HookDriver::Qemu, "vm1", "restore", "begin", "");
+    req.input = doc.clone();
+    let reply = run(&mut client, req).await;
+    assert_eq!(reply.outcome(), HookOutcome::Success, "{}", reply.error);
+    assert_eq!(fs::read(hooks.out().join("stdin")).unwrap(), doc);
+    assert_eq!(reply.output, doc);
 }

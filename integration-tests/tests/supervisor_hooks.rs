@@ -5,7 +5,9 @@
 //! and release run after a destroy, a kill -9 of QEMU and a failed start;
 //! the reconnect hook runs after a kill -9 of the supervisor, and a
 //! refusing one destroys the guest; an unreachable executor refuses starts;
-//! the daemon hook sees the supervisor start and stop.
+//! the daemon hook sees the supervisor start and stop; chatty scripts do
+//! not make a hook answer too large; a hook past the supervisor's call
+//! timeout is killed before the stop path's hooks run.
 //!
 //! The scripts log `OBJECT OP SUBOP EXTRA` lines to `calls`, save their
 //! stdin per op, and fail (exit 3, a message on stderr) when a file
@@ -75,16 +77,27 @@ struct World {
     reaper: QemuReaper,
 }
 
-/// The hook script: takes a second first when `slow-OBJECT-OP` exists,
-/// logs its argv to `calls`, keeps its stdin in `stdin-OBJECT-OP`, fails
-/// when `fail-OBJECT-OP` exists.
+/// The hook script: logs `hung hook still running` to `calls` if the
+/// process in `hang.pid` still runs, takes a second first when
+/// `slow-OBJECT-OP` exists, logs its argv to `calls`, keeps its stdin in
+/// `stdin-OBJECT-OP`, hangs (a `sleep 616` child, its pid in `hang.pid`)
+/// when `hang-OBJECT-OP` exists, fails when `fail-OBJECT-OP` exists.
 fn script(dir: &Path) -> String {
     let d = dir.display();
     format!(
         "#!/bin/sh\n\
+         if [ -e '{d}/hang.pid' ]; then\n\
+         \x20 st=$(cut -d' ' -f3 /proc/$(cat '{d}/hang.pid')/stat 2>/dev/null)\n\
+         \x20 case \"$st\" in ''|Z|X) ;; *) echo 'hung hook still running' >> '{d}/calls';; esac\n\
+         fi\n\
          if [ -e '{d}/slow-'\"$1-$2\" ]; then sleep 1; fi\n\
          printf '%s %s %s %s\\n' \"$1\" \"$2\" \"$3\" \"$4\" >> '{d}/calls'\n\
          cat > '{d}/stdin-'\"$1-$2\"\n\
+         if [ -e '{d}/hang-'\"$1-$2\" ]; then\n\
+         \x20 sleep 616 &\n\
+         \x20 echo $! > '{d}/hang.pid'\n\
+         \x20 wait\n\
+         fi\n\
          if [ -e '{d}/fail-'\"$1-$2\" ]; then\n\
          \x20 echo \"policy refuses $2 of $1\" >&2\n\
          \x20 exit 3\n\
@@ -176,21 +189,24 @@ impl World {
     }
 
     async fn supervisor(&self, hookexec_url: &str) -> Sup {
+        self.supervisor_with(hookexec_url, &[]).await
+    }
+
+    async fn supervisor_with(&self, hookexec_url: &str, extra: &[&str]) -> Sup {
         let state = self.path("state");
         let run = self.path("run");
-        let mut svc = Service::start(
-            "qvirt-supervisor",
-            &[
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-                "--start-timeout-secs",
-                "60",
-                "--hookexec",
-                hookexec_url,
-            ],
-        );
+        let mut args = vec![
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--start-timeout-secs",
+            "60",
+            "--hookexec",
+            hookexec_url,
+        ];
+        args.extend_from_slice(extra);
+        let mut svc = Service::start("qvirt-supervisor", &args);
         svc.wait_serving("qvirt.v1.Supervisor").await;
         let client = SupervisorClient::connect(svc.url()).await.unwrap();
         Sup { svc, client }
@@ -539,4 +555,111 @@ async fn test_executor_down_at_reconnect_keeps_the_guest() {
         .await
         .unwrap();
     wait_no_qemu(&uuid).await;
+}
+
+/// Nine hook scripts each printing 300 KB on stdout and on stderr: the
+/// executor's answer stays under the message limit (it was 4.7 MB, which
+/// the supervisor took as "executor unavailable" and refused the start),
+/// so the start proceeds, and stopped and release run after a destroy.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_chatty_hooks_do_not_refuse_the_start() {
+    let world = World::new().await;
+    let dot_d = world.path("hooks/qemu.d");
+    std::fs::create_dir(&dot_d).unwrap();
+    for i in 1..=8 {
+        let path = dot_d.join(format!("{i}-chatty"));
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' o\n\
+             head -c 300000 /dev/zero | tr '\\0' e >&2\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The main script is chatty too.
+    let main = world.path("hooks/qemu");
+    let mut body = std::fs::read_to_string(&main).unwrap();
+    body = body.replacen(
+        "#!/bin/sh\n",
+        "#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' o\n\
+         head -c 300000 /dev/zero | tr '\\0' e >&2\n",
+        1,
+    );
+    std::fs::write(&main, body).unwrap();
+
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    world.clear_calls();
+    let d = sup.start("vm").await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    assert_eq!(
+        world.calls(),
+        [
+            "vm prepare begin -",
+            "vm start begin -",
+            "vm started begin -"
+        ]
+    );
+    world.clear_calls();
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "vm".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    wait_no_qemu(&uuid).await;
+    world
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .await;
+    assert!(
+        !sup.svc.stderr().contains("hook executor unavailable"),
+        "{}",
+        sup.svc.stderr()
+    );
+}
+
+/// A prepare hook still running at the supervisor's hook call timeout:
+/// the executor kills it (its process group) before answering, so the
+/// start is refused and the stopped and release hooks run only after it
+/// is gone (they log `hung hook still running` otherwise).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_hook_past_the_call_timeout_is_killed_before_the_stop_hooks() {
+    let world = World::new().await;
+    let mut sup = world
+        .supervisor_with(&world.hookexec.url(), &["--hook-call-timeout-secs", "3"])
+        .await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    world.clear_calls();
+    std::fs::write(world.path("hang-vm-prepare"), "").unwrap();
+    let err = sup.start("vm").await.unwrap_err();
+    // Clean-up first: the sleeper, if it survived, by pid.
+    let hung: i32 = std::fs::read_to_string(world.path("hang.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let hung_cmdline = std::fs::read(format!("/proc/{hung}/cmdline")).unwrap_or_default();
+    if hung_cmdline == b"sleep\x00616\x00" {
+        // SAFETY: kill(2) on the sleeper this test's hook started.
+        unsafe { libc::kill(hung, libc::SIGKILL) };
+    }
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("DeadlineExceeded"),
+        "{}",
+        err.message()
+    );
+    assert!(qemu_pids(&uuid).is_empty());
+    world
+        .wait_calls_of(
+            "vm",
+            &["vm prepare begin -", "vm stopped end -", "vm release end -"],
+        )
+        .await;
+    assert!(
+        !world.calls().iter().any(|c| c.contains("hung hook")),
+        "{:?}",
+        world.calls()
+    );
 }

@@ -131,7 +131,7 @@ fn main() {
         object: "vm1".into(),
         op: "prepare".into(),
         sub_op: "begin".into(),
-        input: String::from_utf8(input.clone()).unwrap(),
+        input: input.clone(),
         ..Default::default()
     };
     let stop = CancellationToken::new();
@@ -142,6 +142,7 @@ fn main() {
         input: &input,
         timeout: Duration::from_secs(30),
         max_output: 256 << 10,
+        stdout_tail: Some(qvirt_hookexec::run::STDOUT_TAIL_BYTES),
     };
 
     let in_process = || {

@@ -17,8 +17,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_TIMEOUT_SECS: u64 = 3600;
 /// Default `max_output_bytes`: per script and per stream.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 256 << 10;
-/// Upper bound of `max_output_bytes`.
-pub const MAX_OUTPUT_BYTES_LIMIT: usize = 16 << 20;
+/// Upper bound of `max_output_bytes`: a filter document of this size
+/// still fits a RunHook response under gRPC's default 4 MiB message limit.
+pub const MAX_OUTPUT_BYTES_LIMIT: usize = 2 << 20;
 /// Default `max_concurrent_runs`.
 pub const DEFAULT_MAX_CONCURRENT_RUNS: usize = 64;
 
@@ -40,7 +41,8 @@ pub struct Config {
     /// Bytes of stdout and of stderr kept per script; the rest is read and
     /// dropped (the response says `*_truncated`).
     pub max_output_bytes: usize,
-    /// RunHook calls running at once; one more is RESOURCE_EXHAUSTED.
+    /// RunHook calls running at once; more wait for a slot until their
+    /// deadline.
     pub max_concurrent_runs: usize,
 }
 

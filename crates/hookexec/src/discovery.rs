@@ -167,13 +167,29 @@ pub fn scan_driver(hooks_dir: &Path, driver: Driver) -> DriverHooks {
     };
     add(hooks_dir.join(driver.name()));
     let dot_d = hooks_dir.join(format!("{}.d", driver.name()));
-    if let Ok(entries) = std::fs::read_dir(&dot_d) {
-        let mut names: Vec<OsString> = entries
-            .filter_map(|e| e.ok().map(|e| e.file_name()))
-            .collect();
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
-            add(dot_d.join(name));
+    match std::fs::read_dir(&dot_d) {
+        Ok(entries) => {
+            let mut names: Vec<OsString> = entries
+                .filter_map(|e| e.ok().map(|e| e.file_name()))
+                .collect();
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for name in names {
+                add(dot_d.join(name));
+            }
+        }
+        // No DRIVER.d: only the main script (a dangling symlink is no
+        // directory either, nothing to list).
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Present but unreadable (EACCES, ENOTDIR, ...): its scripts cannot
+        // run; say so rather than silently run none.
+        Err(e) => {
+            tracing::warn!(
+                driver = driver.name(),
+                path = %dot_d.display(),
+                error = %e,
+                "cannot read the hook directory: its scripts are skipped"
+            );
+            found.skipped.push(dot_d);
         }
     }
     found
@@ -245,6 +261,30 @@ mod tests {
             ]
         );
         assert!(found.active());
+    }
+
+    /// A DRIVER.d that is a file (ENOTDIR) or unreadable (EACCES, when not
+    /// root) is listed as skipped, not silently taken as empty.
+    #[test]
+    fn test_unreadable_dot_d_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        script(&dir.path().join("qemu"), 0o755);
+        script(&dir.path().join("qemu.d"), 0o755);
+        let found = scan_driver(dir.path(), Driver::Qemu);
+        assert_eq!(found.scripts, [dir.path().join("qemu")]);
+        assert_eq!(found.skipped, [dir.path().join("qemu.d")]);
+
+        let d = dir.path().join("lxc.d");
+        fs::create_dir(&d).unwrap();
+        script(&d.join("hook"), 0o755);
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o000)).unwrap();
+        let found = scan_driver(dir.path(), Driver::Lxc);
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: geteuid(2) only reads the caller's credentials.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(found.scripts.is_empty());
+            assert_eq!(found.skipped, [d]);
+        }
     }
 
     #[test]

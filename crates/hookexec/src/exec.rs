@@ -6,7 +6,8 @@
 //!   does not read it gets EPIPE on our side, which is ignored); no input
 //!   is `/dev/null`.
 //! - stdout and stderr are drained to EOF, each kept up to a cap and the
-//!   rest dropped, so a chatty script never blocks on a full pipe.
+//!   rest dropped, so a chatty script never blocks on a full pipe (stdout
+//!   may instead keep only its last bytes: a diagnostic tail).
 //! - The script leads its own process group. It is done when it has exited
 //!   *and* both pipes are closed (as libvirt, which waits for EOF). If that
 //!   takes longer than the timeout, the whole group gets SIGKILL and the
@@ -87,6 +88,9 @@ pub struct Invocation<'a> {
     pub timeout: Duration,
     /// Bytes kept of stdout and of stderr.
     pub max_output: usize,
+    /// `Some(n)`: keep only the last `n` bytes of stdout instead of its
+    /// first `max_output` (libvirt discards stdout but for filters).
+    pub stdout_tail: Option<usize>,
 }
 
 /// One captured output stream.
@@ -185,8 +189,16 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
         })
     });
     let stop_reading = CancellationToken::new();
-    let mut out = spawn_capture(child.stdout.take(), inv.max_output, stop_reading.clone());
-    let mut err = spawn_capture(child.stderr.take(), inv.max_output, stop_reading.clone());
+    let out_keep = match inv.stdout_tail {
+        Some(n) => Keep::Tail(n),
+        None => Keep::Head(inv.max_output),
+    };
+    let mut out = spawn_capture(child.stdout.take(), out_keep, stop_reading.clone());
+    let mut err = spawn_capture(
+        child.stderr.take(),
+        Keep::Head(inv.max_output),
+        stop_reading.clone(),
+    );
 
     let deadline = tokio::time::sleep(inv.timeout);
     tokio::pin!(deadline);
@@ -444,7 +456,16 @@ fn kill_group(pgid: i32) {
     }
 }
 
-fn spawn_capture<R>(reader: Option<R>, cap: usize, stop: CancellationToken) -> JoinHandle<Capture>
+/// Which bytes of a stream a capture keeps.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// The first n.
+    Head(usize),
+    /// The last n.
+    Tail(usize),
+}
+
+fn spawn_capture<R>(reader: Option<R>, keep: Keep, stop: CancellationToken) -> JoinHandle<Capture>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -462,11 +483,23 @@ where
                 },
                 () = stop.cancelled() => break,
             };
-            let room = cap.saturating_sub(capture.bytes.len());
-            if n > room {
-                capture.truncated = true;
+            match keep {
+                Keep::Head(cap) => {
+                    let room = cap.saturating_sub(capture.bytes.len());
+                    if n > room {
+                        capture.truncated = true;
+                    }
+                    capture.bytes.extend_from_slice(&chunk[..n.min(room)]);
+                }
+                Keep::Tail(cap) => {
+                    capture.bytes.extend_from_slice(&chunk[..n]);
+                    if capture.bytes.len() > cap {
+                        capture.truncated = true;
+                        let extra = capture.bytes.len() - cap;
+                        capture.bytes.drain(..extra);
+                    }
+                }
             }
-            capture.bytes.extend_from_slice(&chunk[..n.min(room)]);
         }
         capture
     })
@@ -505,6 +538,16 @@ mod tests {
     }
 
     async fn run(path: &Path, input: &[u8], timeout: Duration, cap: usize) -> ScriptRun {
+        run_tail(path, input, timeout, cap, None).await
+    }
+
+    async fn run_tail(
+        path: &Path,
+        input: &[u8],
+        timeout: Duration,
+        cap: usize,
+        stdout_tail: Option<usize>,
+    ) -> ScriptRun {
         let env = hook_env(|k| std::env::var_os(k));
         let args = args();
         let inv = Invocation {
@@ -514,8 +557,33 @@ mod tests {
             input,
             timeout,
             max_output: cap,
+            stdout_tail,
         };
         run_script(&inv, &CancellationToken::new()).await
+    }
+
+    /// A diagnostic tail keeps the last bytes of stdout, across reads;
+    /// stderr still keeps its head.
+    #[tokio::test]
+    async fn test_stdout_tail_keeps_the_last_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = script(
+            dir.path(),
+            "chatty",
+            "#!/bin/sh\nhead -c 100000 /dev/zero\nprintf 'the end'\n\
+             printf 'first' >&2\nhead -c 5000 /dev/zero >&2\nexit 0\n",
+        );
+        let r = run_tail(&path, b"", Duration::from_secs(30), 1000, Some(10)).await;
+        assert!(r.success(), "{r:?}");
+        assert_eq!(r.stdout.bytes, b"\0\0\0the end");
+        assert!(r.stdout.truncated);
+        assert!(r.stderr.bytes.starts_with(b"first") && r.stderr.bytes.len() == 1000);
+        assert!(r.stderr.truncated);
+        // Short output: whole, not truncated.
+        let path = script(dir.path(), "short", "#!/bin/sh\nprintf hi\n");
+        let r = run_tail(&path, b"", Duration::from_secs(30), 1000, Some(10)).await;
+        assert_eq!(r.stdout.bytes, b"hi");
+        assert!(!r.stdout.truncated);
     }
 
     #[test]

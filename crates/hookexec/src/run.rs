@@ -79,7 +79,7 @@ impl HookCall {
         Ok(HookCall {
             driver,
             args,
-            input: req.input.into_bytes(),
+            input: req.input,
             timeout,
         })
     }
@@ -125,6 +125,10 @@ fn check_timeout(t: prost_types::Duration, max: Duration) -> Result<Duration, Re
     Ok(d)
 }
 
+/// Bytes of stdout kept per script for a non-filter operation (its end):
+/// libvirt discards that output, so it is only a diagnostic tail.
+pub const STDOUT_TAIL_BYTES: usize = 4 << 10;
+
 /// What a whole call gave.
 #[derive(Debug, Clone)]
 pub struct HookRun {
@@ -137,6 +141,9 @@ pub struct HookRun {
     /// The executor began shutting down: the running script was killed and
     /// the rest were not started.
     pub interrupted: bool,
+    /// The call's deadline came: the running script was killed (or none
+    /// was left to start) and the rest were not started.
+    pub deadline_exceeded: bool,
 }
 
 /// Settings every call shares.
@@ -148,12 +155,16 @@ pub struct RunSettings {
     pub max_output: usize,
 }
 
-/// Runs `scripts` (already discovered, in order) for `call`.
+/// Runs `scripts` (already discovered, in order) for `call`. With a
+/// `deadline`, each script's timeout is cut to what is left of it; a script
+/// killed by it, or the deadline passing between scripts, ends the run with
+/// `deadline_exceeded` and the remaining scripts not started.
 pub async fn run_hooks(
     call: &HookCall,
     scripts: &[impl AsRef<Path>],
     settings: &RunSettings,
     shutdown: &CancellationToken,
+    deadline: Option<tokio::time::Instant>,
 ) -> HookRun {
     let filter = call.is_filter();
     let mut runs = Vec::with_capacity(scripts.len());
@@ -162,11 +173,24 @@ pub async fn run_hooks(
     // The chained document: the last successful non-blank stdout.
     let mut chained: Vec<u8> = Vec::new();
     let mut interrupted = false;
+    let mut deadline_exceeded = false;
     for path in scripts {
         if shutdown.is_cancelled() {
             interrupted = true;
             break;
         }
+        // The per-script timeout, or what is left of the call's deadline.
+        let (timeout, by_deadline) = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    deadline_exceeded = true;
+                    break;
+                }
+                (left.min(call.timeout), left < call.timeout)
+            }
+            None => (call.timeout, false),
+        };
         let path = path.as_ref();
         // After a failure, later scripts get the original document again.
         let input = if filter && !failed && !chained.is_empty() {
@@ -180,11 +204,22 @@ pub async fn run_hooks(
             args: &call.args,
             env: &settings.env,
             input,
-            timeout: call.timeout,
+            timeout,
             max_output: settings.max_output,
+            stdout_tail: if filter {
+                None
+            } else {
+                Some(STDOUT_TAIL_BYTES.min(settings.max_output))
+            },
         };
         let run = exec::run_script(&inv, shutdown).await;
         interrupted |= run.cancelled;
+        if run.timed_out && by_deadline {
+            tracing::warn!(script = %path.display(), "call deadline reached: script killed, no more scripts started");
+            deadline_exceeded = true;
+            runs.push(run);
+            break;
+        }
         // A cut filter result is not a document: that script fails.
         let cut_filter = filter && run.stdout.truncated;
         if run.success() && !cut_filter {
@@ -205,6 +240,7 @@ pub async fn run_hooks(
         error,
         output: if filter { chained } else { Vec::new() },
         interrupted,
+        deadline_exceeded,
     }
 }
 
@@ -373,7 +409,7 @@ mod tests {
             let call = check(req).unwrap();
             let settings = RunSettings { env: crate::exec::hook_env(|_| None), max_output: 1024 };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let run = rt.block_on(run_hooks(&call, &[&script], &settings, &CancellationToken::new()));
+            let run = rt.block_on(run_hooks(&call, &[&script], &settings, &CancellationToken::new(), None));
             proptest::prop_assert!(run.error.is_none(), "{:?}", run.error);
             proptest::prop_assert_eq!(std::fs::read_to_string(dir.path().join("argc")).unwrap(), "4");
             for (i, want) in call.args.iter().enumerate() {

@@ -13,7 +13,14 @@
 //! libvirt-style message (it quotes the failing script's stderr). An
 //! executor that cannot be reached, answers with a gRPC error, or does not
 //! answer within `hook_call_timeout_secs` is [`HookError::Unavailable`]:
-//! nothing is known to have run. What the supervisor does with each is
+//! nothing is known to have run.
+//!
+//! The call carries `hook_call_timeout_secs` as its gRPC deadline: the
+//! executor kills any script still running shortly before it and answers
+//! DEADLINE_EXCEEDED; we wait [`ANSWER_GRACE`] longer for that answer, so
+//! the stop path's hooks never start while a script of the call still runs.
+//! Answers may be up to [`MAX_ANSWER_BYTES`] (the executor keeps them near
+//! 3 MiB). What the supervisor does with each is
 //! decided by the caller (see `crate::domain`): a begin-type hook of a
 //! start that cannot be run refuses the start, so no guest starts behind
 //! an operator's policy.
@@ -29,6 +36,12 @@ use crate::seams::{DaemonHookOp, HookError, HookFuture, HookOp, Hooks};
 
 /// How long connecting to the hook executor may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer than the call's deadline we wait for the executor's
+/// answer (it kills what still runs just before the deadline).
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+/// Largest RunHook answer accepted: above the executor's bound of about
+/// 3 MiB (and tonic's 4 MiB default), with room to spare.
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 
 /// Runs hooks through the hook executor; see the module docs.
 #[derive(Debug, Clone)]
@@ -43,7 +56,7 @@ impl ExecutorHooks {
     pub fn new(endpoint: Endpoint, call_timeout: Duration) -> Self {
         let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
         ExecutorHooks {
-            client: HookExecutorClient::new(channel),
+            client: HookExecutorClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES),
             call_timeout,
         }
     }
@@ -52,10 +65,11 @@ impl ExecutorHooks {
         let mut client = self.client.clone();
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.call_timeout);
-        match tokio::time::timeout(self.call_timeout, client.run_hook(request)).await {
+        let wait = self.call_timeout + ANSWER_GRACE;
+        match tokio::time::timeout(wait, client.run_hook(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-            Err(_) => Err(format!("no answer within {:?}", self.call_timeout)),
+            Err(_) => Err(format!("no answer within {wait:?}")),
         }
     }
 
@@ -70,7 +84,7 @@ impl ExecutorHooks {
             op: op.op().to_owned(),
             sub_op: op.sub_op().to_owned(),
             extra: "-".to_owned(),
-            input,
+            input: input.into_bytes(),
             timeout: None,
         };
         let began = Instant::now();
@@ -128,7 +142,7 @@ impl Hooks for ExecutorHooks {
             op: name.to_owned(),
             sub_op: "-".to_owned(),
             extra: extra.to_owned(),
-            input: String::new(),
+            input: Vec::new(),
             timeout: None,
         };
         Box::pin(async move {
