@@ -199,6 +199,9 @@ struct FanOut {
     lost: u64,
     /// CPU of the bus, in cores, while the phase ran.
     bus_cores: f64,
+    /// CPU of the bus, in cores, for 1 s with the subscriptions open and
+    /// nothing published.
+    bus_idle_cores: f64,
     /// CPU of this bench process (publisher and 1,000 clients), in cores.
     bench_cores: f64,
 }
@@ -310,6 +313,10 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
     }
     let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
     let mut streamer = publisher.clone();
+    // The bus's CPU with every subscription open and nothing published.
+    let idle_start = cpu_ms(bus_pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bus_idle_cores = (cpu_ms(bus_pid) - idle_start) as f64 / 1000.0;
     let cpu_start = (cpu_ms(bus_pid), cpu_ms(std::process::id()));
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
@@ -352,6 +359,7 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
         p99_us: percentile(&all, 0.99),
         lost,
         bus_cores: bus_cpu / elapsed,
+        bus_idle_cores,
         bench_cores: bench_cpu / elapsed,
     }
 }
@@ -643,13 +651,14 @@ async fn main() {
     );
     for (rate, f, (hub_p50, hub_p99)) in &fans {
         println!(
-            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores, bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
+            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
             rate * FANOUT_SUBSCRIBERS as u64 / 2,
             f.delivered_per_s,
             f.p50_us,
             f.p99_us,
             f.lost,
             f.bus_cores,
+            f.bus_idle_cores,
             f.bench_cores
         );
     }
