@@ -658,3 +658,20 @@ async fn test_publisher_and_subscriber_share_one_connection() {
         .unwrap();
     assert_eq!(reply.accepted, SHARED_EVENTS);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_shutdown_ends_subscriptions_with_unavailable() {
+    let (mut svc, mut client) = bus("").await;
+    let (mut sub, _) = subscribe(&mut client, SubscribeMonitorEventsRequest::default()).await;
+    // SIGTERM without waiting: the stream must end with the bus's own
+    // UNAVAILABLE, not a broken connection.
+    // SAFETY: kill only sends a signal to the bus this test started.
+    assert_eq!(unsafe { libc::kill(svc.pid() as i32, libc::SIGTERM) }, 0);
+    let end = tokio::time::timeout(MESSAGE_TIMEOUT, sub.message())
+        .await
+        .expect("the stream ends in time");
+    let status = end.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("event bus closed"), "{status}");
+    assert!(svc.terminate().success());
+}
