@@ -214,6 +214,68 @@ mod tests {
         );
     }
 
+    /// An executor answering with `stderr_bytes` of stderr.
+    struct BigAnswers(usize);
+
+    #[tonic::async_trait]
+    impl qvirt_proto::v1::hook_executor_server::HookExecutor for BigAnswers {
+        async fn run_hook(
+            &self,
+            _request: tonic::Request<RunHookRequest>,
+        ) -> Result<tonic::Response<RunHookResponse>, tonic::Status> {
+            Ok(tonic::Response::new(RunHookResponse {
+                outcome: HookOutcome::Success as i32,
+                results: vec![qvirt_proto::v1::HookScriptResult {
+                    stderr: vec![b'e'; self.0],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }))
+        }
+
+        async fn list_hooks(
+            &self,
+            _request: tonic::Request<qvirt_proto::v1::ListHooksRequest>,
+        ) -> Result<tonic::Response<qvirt_proto::v1::ListHooksResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+
+        async fn reload_hooks(
+            &self,
+            _request: tonic::Request<qvirt_proto::v1::ReloadHooksRequest>,
+        ) -> Result<tonic::Response<qvirt_proto::v1::ReloadHooksResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not in this test"))
+        }
+    }
+
+    /// An answer above tonic's 4 MiB decoding default (an older executor,
+    /// or one configured with large captures) is still a verdict, not
+    /// "executor unavailable".
+    #[tokio::test]
+    async fn test_answers_above_4_mib_are_accepted() {
+        use qvirt_common::config::ListenAddr;
+        use qvirt_common::serve::{Listener, Services, serve};
+        use qvirt_proto::v1::hook_executor_server::HookExecutorServer;
+
+        let listener = Listener::bind(&ListenAddr::loopback(0))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let services = Services::new().with(HookExecutorServer::new(BigAnswers(5 << 20)));
+        let server = tokio::spawn(serve(listener, services, stop.clone()));
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("url");
+        let hooks = ExecutorHooks::new(endpoint, Duration::from_secs(20));
+        let spec = DomainSpec {
+            name: "vm".into(),
+            ..DomainSpec::default()
+        };
+        let verdict = hooks.run(&spec, HookOp::Prepare).await;
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), server).await;
+        assert!(verdict.is_ok(), "{verdict:?}");
+    }
+
     /// Nothing listens on the port: a domain hook is Unavailable, a daemon
     /// hook only logs.
     #[tokio::test]
