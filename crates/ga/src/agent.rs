@@ -3,7 +3,7 @@
 //! platform block list, the frozen allow-list), and the path of one message
 //! from parsed JSON to response bytes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use qvirt_qga::{
@@ -12,6 +12,7 @@ use qvirt_qga::{
 
 use crate::args::Args;
 use crate::commands;
+use crate::log;
 use crate::state::PersistentState;
 
 /// What a command handler returns: `Ok(None)` for commands without a
@@ -107,6 +108,11 @@ pub const FREEZE_ALLOWLIST: &[&str] = &[
     "guest-fsfreeze-thaw",
 ];
 
+/// The disable reason while frozen.
+const FROZEN: &str = "the agent is in frozen state";
+/// The disable reason of a command left out of `-a`.
+const NOT_ALLOWED: &str = "the command is not allowed";
+
 /// Static settings the agent runs with.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
@@ -130,7 +136,11 @@ pub struct Agent {
     pub frozen: bool,
     /// Set by guest-sync-delimited: the next response gets a 0xFF.
     pub delimit_next: bool,
-    blocked: HashSet<String>,
+    /// `-b` plus the platform list (what a thaw leaves disabled).
+    blocked: HashSet<&'static str>,
+    /// Disabled commands and their reason (`""`: none), as qemu-ga's
+    /// command table keeps one per command.
+    disabled: HashMap<&'static str, &'static str>,
     /// Open files.
     pub files: commands::file::Files,
     /// Processes started by guest-exec.
@@ -143,39 +153,80 @@ impl Agent {
     pub fn new(options: AgentOptions) -> std::io::Result<Self> {
         let state = PersistentState::load(&options.statedir)?;
         let frozen = state.marker_exists();
-        let mut blocked: HashSet<String> = options
-            .blocked
+        let mut blocked: HashSet<&'static str> = COMMANDS
             .iter()
-            .filter(|b| COMMANDS.iter().any(|c| c.name == b.as_str()))
-            .cloned()
+            .map(|c| c.name)
+            .filter(|n| options.blocked.iter().any(|b| b == n))
             .collect();
-        blocked.extend(PLATFORM_BLOCKED.iter().map(|s| s.to_string()));
-        Ok(Agent {
+        blocked.extend(PLATFORM_BLOCKED.iter().copied());
+        let mut agent = Agent {
             options,
             state,
             frozen,
             delimit_next: false,
             blocked,
+            disabled: HashMap::new(),
             files: Default::default(),
             execs: Default::default(),
-        })
+        };
+        // qemu-ga's start-up order: a frozen marker disables with the
+        // frozen reason, then the block list overwrites that with no reason
+        // (checked against it). `-a` (not in 7.2) sits between the two.
+        if frozen {
+            // qemu-ga starts with logging off when the marker is there.
+            log::set_enabled(false);
+            agent.disable_not_allowed_freeze();
+        }
+        if !agent.options.allowed.is_empty() {
+            for c in COMMANDS {
+                if !agent.options.allowed.iter().any(|a| a == c.name) {
+                    agent.disabled.insert(c.name, NOT_ALLOWED);
+                }
+            }
+        }
+        // Logged in qemu-ga's order: the `-b` list, then the platform's.
+        let names = agent.options.blocked.iter().map(String::as_str);
+        for name in names.chain(PLATFORM_BLOCKED.iter().copied()) {
+            log::debug(&format!("disabling command: {name}"));
+        }
+        for &name in &agent.blocked {
+            agent.disabled.insert(name, "");
+        }
+        Ok(agent)
     }
 
-    /// Why `name` is disabled: `None` if enabled, `Some("")` if blocked
+    /// Why `name` is disabled: `None` if enabled, `Some("")` if disabled
     /// without a reason, `Some(reason)` otherwise.
     pub fn disabled_reason(&self, name: &str) -> Option<&'static str> {
-        // A blocked command keeps its reason-less error even while frozen,
-        // as in qemu-ga (checked against it).
-        if self.blocked.contains(name) {
-            return Some("");
+        self.disabled.get(name).copied()
+    }
+
+    /// ga_disable_not_allowed_freeze: every command outside the allow-list
+    /// gets the frozen reason, blocked ones included.
+    fn disable_not_allowed_freeze(&mut self) {
+        for c in COMMANDS {
+            if !FREEZE_ALLOWLIST.contains(&c.name) {
+                log::debug(&format!("disabling command: {}", c.name));
+                self.disabled.insert(c.name, FROZEN);
+            }
         }
-        if self.frozen && !FREEZE_ALLOWLIST.contains(&name) {
-            return Some("the agent is in frozen state");
+    }
+
+    /// ga_enable_non_blocked: re-enables what is not blocked (or, with
+    /// `-a`, not allowed); the others keep the reason they have, so a
+    /// blocked command keeps the frozen reason after a thaw, as in qemu-ga.
+    fn enable_non_blocked(&mut self) {
+        let allowed = &self.options.allowed;
+        let blocked = &self.blocked;
+        let keep = |name: &str| {
+            blocked.contains(name) || (!allowed.is_empty() && !allowed.iter().any(|a| a == name))
+        };
+        for c in COMMANDS {
+            if self.disabled.contains_key(c.name) && !keep(c.name) {
+                log::debug(&format!("enabling command: {}", c.name));
+            }
         }
-        if !self.options.allowed.is_empty() && !self.options.allowed.iter().any(|a| a == name) {
-            return Some("the command is not allowed");
-        }
-        None
+        self.disabled.retain(|name, _| keep(name));
     }
 
     /// Enters frozen mode (ga_set_frozen).
@@ -183,6 +234,9 @@ impl Agent {
         if self.frozen {
             return Ok(());
         }
+        self.disable_not_allowed_freeze();
+        log::warning("disabling logging due to filesystem freeze");
+        log::set_enabled(false);
         self.frozen = true;
         self.state.set_marker(true)
     }
@@ -192,6 +246,9 @@ impl Agent {
         if !self.frozen {
             return Ok(());
         }
+        log::set_enabled(true);
+        log::warning("logging re-enabled due to filesystem unfreeze");
+        self.enable_non_blocked();
         self.frozen = false;
         self.state.set_marker(false)
     }
@@ -202,16 +259,25 @@ impl Agent {
         if !self.execs.is_empty() {
             commands::exec::reap(&mut self.execs);
         }
+        log::debug("process_event: called");
         let response = match message {
             Err(e) => Some(error_response(&QgaError::generic(e.desc), None)),
-            Ok(value) => match check_request(value) {
-                Err(rejected) => Some(error_response(&rejected.error, rejected.id)),
-                Ok(req) => self.dispatch(req.execute, req.arguments, req.id),
-            },
+            Ok(value) => {
+                log::debug("processing command");
+                match check_request(value) {
+                    Err(rejected) => Some(error_response(&rejected.error, rejected.id)),
+                    Ok(req) => self.dispatch(req.execute, req.arguments, req.id),
+                }
+            }
         };
         if let Some(response) = response {
             let delimited = std::mem::take(&mut self.delimit_next);
+            let before = out.len();
             write_response(out, &response, delimited);
+            if log::debug_enabled() {
+                // The count includes a leading 0xFF, as in qemu-ga.
+                log::debug(&format!("sending data, count: {}", out.len() - before));
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! Transports, as qemu-ga's `channel-posix.c`: `unix-listen` and
-//! `vsock-listen` (backlog 1, one client at a time), `virtio-serial` (one permanent port; EOF means no
-//! host: sleep 100 ms and poll again, never spin) and `isa-serial` (raw
+//! `vsock-listen` (backlog 1, one client at a time), `virtio-serial` (one permanent port; EOF, or a
+//! hang-up while writing, means no host: sleep 100 ms and poll again,
+//! never spin) and `isa-serial` (raw
 //! 38400 baud). The JSON parser's state lives in the caller and survives
 //! reconnects.
 
@@ -160,19 +161,42 @@ impl Conn for Device {
         }
     }
 
-    fn write_all_bytes(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.file.write(data) {
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_fd(self.file.as_raw_fd(), libc::POLLOUT, -1)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let file = &mut self.file;
+        write_loop(
+            data,
+            |d| file.write(d),
+            || wait_fd(fd, libc::POLLOUT, -1),
+            idle_100ms,
+        )
     }
+}
+
+/// The device write loop: write until all is written; on EAGAIN wait for
+/// POLLOUT. A virtio-serial port with no host side answers EAGAIN and
+/// polls POLLHUP without POLLOUT at once: then idle 100 ms before trying
+/// again, so the loop never spins.
+fn write_loop(
+    mut data: &[u8],
+    mut write: impl FnMut(&[u8]) -> io::Result<usize>,
+    mut wait_writable: impl FnMut() -> io::Result<libc::c_short>,
+    mut idle: impl FnMut() -> io::Result<()>,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let rev = wait_writable()?;
+                if rev & (libc::POLLHUP | libc::POLLERR) != 0 && rev & libc::POLLOUT == 0 {
+                    idle()?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Conn for UnixStream {
@@ -287,6 +311,65 @@ pub fn bind_vsock(addr: &str) -> Result<Listener, ChannelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port with no host side: every write is EAGAIN and poll says
+    /// POLLHUP without POLLOUT. Each retry must idle; without the idle the
+    /// loop would spin.
+    #[test]
+    fn test_write_loop_idles_on_hangup_without_pollout() {
+        let mut attempts = 0;
+        let mut idles = 0;
+        let mut written = Vec::new();
+        let result = write_loop(
+            b"{\"return\": {}}\n",
+            |d| {
+                attempts += 1;
+                if attempts <= 3 {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    written.extend_from_slice(&d[..1]);
+                    Ok(1)
+                }
+            },
+            || Ok(libc::POLLHUP),
+            || {
+                idles += 1;
+                Ok(())
+            },
+        );
+        result.expect("write");
+        assert_eq!(idles, 3);
+        assert_eq!(written, b"{\"return\": {}}\n");
+        // POLLOUT (even with POLLHUP) retries at once; a stop request
+        // during the idle ends the loop.
+        let mut idles = 0;
+        let mut first = true;
+        write_loop(
+            b"x",
+            |_| {
+                if std::mem::take(&mut first) {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(1)
+                }
+            },
+            || Ok(libc::POLLOUT | libc::POLLHUP),
+            || {
+                idles += 1;
+                Ok(())
+            },
+        )
+        .expect("write");
+        assert_eq!(idles, 0);
+        let err = write_loop(
+            b"x",
+            |_| Err(io::ErrorKind::WouldBlock.into()),
+            || Ok(libc::POLLHUP),
+            || Err(io::ErrorKind::Interrupted.into()),
+        )
+        .expect_err("stopped");
+        assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+    }
 
     #[test]
     fn test_parse_vsock_table() {

@@ -76,8 +76,8 @@ pub enum Action {
 /// Command-line and config errors (exit status 1, as qemu-ga).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// An unknown option.
-    #[error("Unknown option, try 'qemu-ga --help' for more information.")]
+    /// An unknown option (getopt's complaint, without the program name).
+    #[error("{0}")]
     Unknown(String),
     /// An option without its argument.
     #[error("option '{0}' requires an argument")]
@@ -112,8 +112,10 @@ const NO_ARG: &[(char, &str)] = &[
     ('r', "retry-path"),
 ];
 
+/// qemu-ga's `split_list`: the items in reverse order (it prepends each
+/// to a GList), which `-D` and the order of disabling show.
 fn split_list(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.split(',').filter(|x| !x.is_empty()).map(str::to_owned)
+    s.rsplit(',').filter(|x| !x.is_empty()).map(str::to_owned)
 }
 
 /// Applies the `[general]` group of a key file to `cfg`.
@@ -138,17 +140,28 @@ fn apply_keyfile(cfg: &mut Config, text: &str, path: &str) -> Result<(), CliErro
             continue;
         }
         let (key, value) = (key.trim(), value.trim());
-        let flag = |v: &str| v == "true" || v == "1";
+        // g_key_file_get_boolean: only true/false/1/0; anything else
+        // (`yes`, `TRUE`) is a fatal config error in qemu-ga.
+        let flag = |v: &str| match v {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(CliError::Config {
+                path: path.into(),
+                reason: format!(
+                    "Key file contains key \u{201c}{key}\u{201d} which has a value that cannot be interpreted."
+                ),
+            }),
+        };
         match key {
-            "daemon" => cfg.daemonize = flag(value),
+            "daemon" => cfg.daemonize = flag(value)?,
             "method" => cfg.method = value.into(),
             "path" => cfg.path = Some(value.into()),
             "logfile" => cfg.logfile = Some(value.into()),
             "pidfile" => cfg.pidfile = value.into(),
             "fsfreeze-hook" => cfg.fsfreeze_hook = Some(value.into()),
             "statedir" => cfg.statedir = value.into(),
-            "verbose" => cfg.verbose = flag(value),
-            "retry-path" => cfg.retry_path = flag(value),
+            "verbose" => cfg.verbose = flag(value)?,
+            "retry-path" => cfg.retry_path = flag(value)?,
             // As qemu-ga 7.2: one raw string split on commas.
             "block-rpcs" | "blacklist" => cfg.block_rpcs = split_list(value).collect(),
             "allow-rpcs" => cfg.allow_rpcs = split_list(value).collect(),
@@ -166,6 +179,10 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
     while i < args.len() {
         let a = &args[i];
         i += 1;
+        if a == "--" {
+            // getopt: the rest are operands, which qemu-ga ignores.
+            break;
+        }
         if let Some(long) = a.strip_prefix("--") {
             let (name, inline) = match long.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),
@@ -192,9 +209,14 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
                 };
                 opts.push((c, Some(v)));
             } else if let Some(&(c, _)) = NO_ARG.iter().find(|(_, l)| *l == name) {
+                if inline.is_some() {
+                    return Err(CliError::Unknown(format!(
+                        "option '--{name}' doesn't allow an argument"
+                    )));
+                }
                 opts.push((c, None));
             } else {
-                return Err(CliError::Unknown(a.clone()));
+                return Err(CliError::Unknown(format!("unrecognized option '{a}'")));
             }
         } else if let Some(short) = a.strip_prefix('-').filter(|s| !s.is_empty()) {
             let chars: Vec<char> = short.chars().collect();
@@ -222,12 +244,12 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
                 } else if NO_ARG.iter().any(|(s, _)| *s == c) {
                     opts.push((c, None));
                 } else {
-                    return Err(CliError::Unknown(format!("-{c}")));
+                    return Err(CliError::Unknown(format!("invalid option -- '{c}'")));
                 }
             }
-        } else {
-            return Err(CliError::Unknown(a.clone()));
         }
+        // A non-option argument: getopt_long moves it to the end and
+        // qemu-ga ignores it.
     }
     let mut cfg = Config::default();
     let explicit = opts
@@ -290,6 +312,19 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
         return Ok(Action::Dump(cfg));
     }
     Ok(Action::Run(cfg))
+}
+
+impl CliError {
+    /// Whether this is a usage error (getopt's '?'), which qemu-ga answers
+    /// with its "Unknown option" line on stdout.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, CliError::Unknown(_) | CliError::MissingArgument(_))
+    }
+}
+
+/// qemu-ga's answer on stdout to a usage error, `argv0` as invoked.
+pub fn usage_hint(argv0: &str) -> String {
+    format!("Unknown option, try '{argv0} --help' for more information.\n")
 }
 
 impl Config {
@@ -383,8 +418,8 @@ mod tests {
             path: Some("/s".into()),
             statedir: "/st".into(),
             block_rpcs: vec![
-                "guest-ping".into(),
                 "guest-info".into(),
+                "guest-ping".into(),
                 "guest-exec".into(),
             ],
             fsfreeze_hook: Some(DEFAULT_HOOK.into()),

@@ -23,6 +23,7 @@ pub mod channel;
 pub mod cli;
 pub mod commands;
 pub mod ghash;
+pub mod log;
 pub mod server;
 pub mod signals;
 pub mod state;
@@ -57,9 +58,33 @@ pub enum GaError {
     /// Daemonizing failed.
     #[error("failed to daemonize")]
     Daemonize(#[source] std::io::Error),
+    /// The pidfile could not be written or locked (another agent holds
+    /// it); already logged in qemu-ga's words.
+    #[error("pidfile")]
+    Pidfile(#[source] std::io::Error),
     /// The main loop failed.
     #[error("channel failure")]
     Io(#[source] std::io::Error),
+}
+
+impl GaError {
+    /// Whether the error was already written to the agent's log (every
+    /// error after the log is set up); `main` prints the others.
+    pub fn logged(&self) -> bool {
+        !matches!(self, GaError::Cli(_))
+    }
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }
 
 /// Prints to stdout, ignoring a closed pipe (`qvirt-ga -b help | head`).
@@ -96,15 +121,30 @@ pub fn run(args: &[String]) -> Result<(), GaError> {
 }
 
 fn serve(config: Config) -> Result<(), GaError> {
+    // Errors go to stderr until the log file is open, then there.
+    log::init(None, config.verbose);
+    let result = serve_logged(config);
+    if let Err(err) = &result {
+        match err {
+            GaError::Channel(ChannelError::Open { path, source }) => {
+                log::critical(&format!(
+                    "error opening channel '{}': {}",
+                    path.display(),
+                    commands::strerror(source)
+                ));
+                log::critical("failed to create guest agent channel");
+                log::critical("failed to initialize guest agent channel");
+            }
+            GaError::Pidfile(_) => {}
+            other => log::critical(&error_chain(other)),
+        }
+    }
+    result
+}
+
+fn serve_logged(config: Config) -> Result<(), GaError> {
     let method = Method::parse(&config.method);
     let path = config.channel_path().ok_or(ChannelError::NoPath)?;
-    if let Some(log) = &config.logfile {
-        // qemu-ga opens (creates) its log file at start.
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log);
-    }
     let options = AgentOptions {
         statedir: PathBuf::from(&config.statedir),
         blocked: config.block_rpcs.clone(),
@@ -112,6 +152,19 @@ fn serve(config: Config) -> Result<(), GaError> {
         allowed: config.allow_rpcs.clone(),
     };
     signals::install();
+    // As qemu-ga: daemonize (and lock the pidfile) before the channel opens.
+    if config.daemonize {
+        daemonize(&config.pidfile)?;
+    }
+    // Then the log file is opened (created), before the channel.
+    if let Some(l) = &config.logfile {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(l)
+            .ok();
+        log::init(file, config.verbose);
+    }
     enum Chan {
         Listener(channel::Listener),
         Device(Device),
@@ -123,9 +176,6 @@ fn serve(config: Config) -> Result<(), GaError> {
         Some(Method::VsockListen) => Chan::Listener(channel::bind_vsock(&path.to_string_lossy())?),
         None => return Err(ChannelError::NoPath.into()),
     };
-    if config.daemonize {
-        daemonize(&config.pidfile).map_err(GaError::Daemonize)?;
-    }
     let agent = Agent::new(options).map_err(GaError::State)?;
     let mut server = server::Server::new(agent);
     let result = match chan {
@@ -167,34 +217,71 @@ fn reopen(path: &std::path::Path, serial: bool) -> Option<Device> {
 }
 
 /// Forks into the background as qemu-ga's `become_daemon`: the child
-/// writes the pidfile, starts a session, `chdir /`, umask 077, stdio to
-/// /dev/null.
-fn daemonize(pidfile: &str) -> std::io::Result<()> {
+/// writes and locks the pidfile (a second agent with the same pidfile
+/// exits 1 with qemu-ga's message), starts a session, `chdir /`, umask 077,
+/// stdio to /dev/null.
+fn daemonize(pidfile: &str) -> Result<(), GaError> {
     // SAFETY: the process is still single-threaded here; the parent exits
     // at once without touching shared state.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(GaError::Daemonize(std::io::Error::last_os_error()));
     }
     if pid > 0 {
         // SAFETY: plain exit of the parent.
         unsafe { libc::_exit(0) };
     }
-    std::fs::write(pidfile, format!("{}\n", std::process::id()))?;
+    write_pidfile(pidfile)?;
     // SAFETY: plain syscalls on our own process.
     unsafe {
         libc::setsid();
         libc::umask(0o077);
     }
-    std::env::set_current_dir("/")?;
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
+    let null = std::env::set_current_dir("/")
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+        })
+        .map_err(GaError::Daemonize)?;
     use std::os::fd::AsRawFd;
     for fd in 0..3 {
         // SAFETY: dup2 onto the standard descriptors.
         unsafe { libc::dup2(null.as_raw_fd(), fd) };
     }
+    Ok(())
+}
+
+/// qemu_write_pidfile: open (0600, no truncation), `lockf(F_TLOCK)`, then
+/// truncate and write the pid. The descriptor stays open (and the lock
+/// held) for the life of the process.
+fn write_pidfile(pidfile: &str) -> Result<(), GaError> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: &str, e: std::io::Error| {
+        log::critical(&format!("{what}: {}", commands::strerror(&e)));
+        GaError::Pidfile(e)
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(pidfile)
+        .map_err(|e| fail(&format!("Cannot open pid file {pidfile}"), e))?;
+    // SAFETY: lockf on our own open descriptor.
+    if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } < 0 {
+        return Err(fail(
+            "Cannot lock pid file",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(|e| fail("Failed to write pid file", e))?;
+    // Keep the lock: the descriptor is never closed.
+    std::mem::forget(file);
     Ok(())
 }

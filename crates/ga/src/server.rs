@@ -8,7 +8,7 @@ use qvirt_qga::StreamParser;
 
 use crate::agent::Agent;
 use crate::channel::{Conn, Listener, READ_SIZE};
-use crate::signals;
+use crate::{log, signals};
 
 /// Whether a stop signal arrived (and the agent may stop: not frozen).
 fn should_stop(agent: &Agent) -> bool {
@@ -20,6 +20,10 @@ fn should_stop(agent: &Agent) -> bool {
         signals::clear();
         return false;
     }
+    log::debug(&format!(
+        "received signal num {}, quitting",
+        signals::last_signal()
+    ));
     true
 }
 
@@ -52,11 +56,17 @@ impl Server {
                 return Ok(false);
             }
             let n = match conn.read_some(&mut buf) {
-                Ok(0) => return Ok(true),
+                Ok(0) => {
+                    log::debug("received EOF");
+                    return Ok(true);
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if log::debug_enabled() {
+                log::debug_bytes(&format!("read data, count: {n}, data: "), &buf[..n]);
+            }
             let Server { agent, parser, out } = self;
             parser.feed(&buf[..n], &mut |m| agent.handle(m, out));
             if !self.out.is_empty() {

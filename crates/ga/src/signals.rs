@@ -8,10 +8,12 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static SIGNUM: AtomicI32 = AtomicI32::new(0);
 static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
-extern "C" fn on_signal(_sig: libc::c_int) {
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNUM.store(sig, Ordering::SeqCst);
     STOP.store(true, Ordering::SeqCst);
     let fd = PIPE_WRITE.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -45,6 +47,11 @@ pub fn install() {
 /// Whether a stop was requested since the last [`clear`].
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
+}
+
+/// The number of the last stop signal (0 if none arrived).
+pub fn last_signal() -> i32 {
+    SIGNUM.load(Ordering::SeqCst)
 }
 
 /// Forgets a stop request (qemu-ga ignores them while frozen).

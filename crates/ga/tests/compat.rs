@@ -215,7 +215,7 @@ fn test_frozen_marker() {
     for a in [&agents.0, &agents.1] {
         assert!(!a.dir.path().join("qga.state").exists());
     }
-    same(&agents, &[b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}"]);
+    same(&agents, &[b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo','arguments':{'x':1}}"]);
     for a in [&agents.0, &agents.1] {
         assert!(!a.dir.path().join("qga.state.isfrozen").exists());
     }
@@ -474,7 +474,50 @@ fn test_cli_dump_conf_and_rpc_list() {
         "[general]\ndaemon=false\nmethod=virtio-serial\npath=/path/to/org.qemu.guest_agent.0\npidfile=/var/foo/qemu-ga.pid\nstatedir=/var/state\nverbose=true\nblock-rpcs=guest-ping;guest-get-time\n",
     )
     .expect("conf");
-    let cases: &[(&[&str], Option<&Path>)] = &[
+    // Config booleans: only true/false/1/0 (surrounding blanks allowed);
+    // `yes`, `TRUE`, `True` are fatal (exit 1, nothing printed).
+    let bools: Vec<std::path::PathBuf> = [
+        "verbose=yes",
+        "daemon=TRUE",
+        "retry-path=True",
+        "verbose=1\ndaemon=0",
+        "daemon= true",
+        "verbose=true ",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, kv)| {
+        let p = dir.path().join(format!("bool-{i}.conf"));
+        std::fs::write(&p, format!("[general]\n{kv}\n")).expect("conf");
+        p
+    })
+    .collect();
+    let list_conf = dir.path().join("list.conf");
+    std::fs::write(&list_conf, "[general]\nblock-rpcs=a,b,c\n").expect("conf");
+    let mut cases: Vec<(&[&str], Option<&Path>)> = bools
+        .iter()
+        .map(|p| (&["-D"][..], Some(p.as_path())))
+        .collect();
+    cases.extend_from_slice(&[
+        // Non-option arguments are ignored, wherever they are; after `--`
+        // everything is one.
+        (&["-D", "extra"][..], None),
+        (&["extra", "-D", "more", "-b", "guest-ping"], None),
+        (&["-D", "--", "-V"], None),
+        (&["-D", "-"], None),
+        // A long option without argument given one is an error.
+        (&["--help=3"], None),
+        (&["-D", "--version=1"], None),
+        (&["-D", "--dump-conf=x"], None),
+        // qemu-ga keeps each list's items in reverse order.
+        (&["-D", "-b", "a,b", "-b", "c,d"], None),
+        (&["-D", "-b", "x,y"], Some(list_conf.as_path())),
+        (&["-x"], None),
+        (&["--bogus"], None),
+        (&["-D", "-m"], None),
+        (&["--method"], None),
+    ]);
+    let fixed: &[(&[&str], Option<&Path>)] = &[
         (&["-D"], None),
         (&["-D"], Some(&conf)),
         (
@@ -512,9 +555,16 @@ fn test_cli_dump_conf_and_rpc_list() {
         (&["-b", "help"], None),
         (&["--block-rpcs=?"], None),
     ];
-    for (args, conf) in cases {
-        let q = cli_output(Which::Qemu, args, *conf);
-        let v = cli_output(Which::Qvirt, args, *conf);
+    cases.extend_from_slice(fixed);
+    // Usage errors name the program as invoked.
+    let unname = |(code, out): (Option<i32>, Vec<u8>), bin: &Path| {
+        let text = String::from_utf8_lossy(&out).replace(&*bin.to_string_lossy(), "BIN");
+        (code, text.into_bytes())
+    };
+    let qvirt_bin = Path::new(env!("CARGO_BIN_EXE_qvirt-ga"));
+    for (args, conf) in &cases {
+        let q = unname(cli_output(Which::Qemu, args, *conf), &qemu_ga());
+        let v = unname(cli_output(Which::Qvirt, args, *conf), qvirt_bin);
         assert_eq!(
             (v.0, String::from_utf8_lossy(&v.1)),
             (q.0, String::from_utf8_lossy(&q.1)),
@@ -598,13 +648,24 @@ fn test_real_freeze_of_a_scratch_filesystem() {
     let freeze = format!(
         "{{'execute':'guest-fsfreeze-freeze-list','arguments':{{'mountpoints':['{mnt}']}}}}\
          {{'execute':'guest-fsfreeze-status'}}{{'execute':'guest-get-time'}}\
+         {{'execute':'guest-ping'}}{{'execute':'guest-get-osinfo'}}\
          {{'execute':'guest-fsfreeze-freeze-list','arguments':{{'mountpoints':['/nonexistent-qvirt-test']}}}}"
     );
-    let thaw = "{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}";
+    // After the thaw a blocked command keeps the frozen reason the freeze
+    // gave it (qemu-ga re-enables only what is not blocked); a blocked
+    // command of the freeze allow-list keeps its reason-less error.
+    let thaw = "{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}\
+                {'execute':'guest-get-time'}{'execute':'guest-ping'}{'execute':'guest-get-devices'}\
+                {'execute':'guest-get-osinfo','arguments':{'x':1}}{'execute':'guest-info'}";
     let mut outs = Vec::new();
     for which in [Which::Qemu, Which::Qvirt] {
         let _ = std::fs::remove_file(&hook_log);
-        let agent = start(which, &[&hook_arg], &[], |_| {});
+        let agent = start(
+            which,
+            &[&hook_arg, "-b", "guest-get-time,guest-ping"],
+            &[],
+            |_| {},
+        );
         let frozen = exchange(&agent, &[freeze.as_bytes()]);
         // Writes to the frozen filesystem would block: check the state
         // through the agent only, then thaw.
@@ -630,7 +691,11 @@ fn test_real_freeze_of_a_scratch_filesystem() {
         "{}",
         show(&outs[0])
     );
-    assert_eq!(outs[0].1, b"{\"return\": 1}\n{\"return\": \"thawed\"}\n");
+    let thawed = String::from_utf8_lossy(&outs[0].1);
+    assert!(
+        thawed.starts_with("{\"return\": 1}\n{\"return\": \"thawed\"}\n{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-get-time has been disabled: the agent is in frozen state\"}}\n{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-ping has been disabled\"}}\n"),
+        "{thawed}"
+    );
     assert_eq!(outs[0].2, "freeze\nthaw\n");
 }
 
@@ -644,21 +709,40 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 /// When the host side of a virtio-serial port goes away the agent must
-/// idle, not spin. This needs a measurement window (1 s of wall time), so
-/// it is the one place a test waits for a fixed time.
+/// idle, not spin, and keep running (the host may come back). Whether
+/// qemu-ga has exited and the CPU it used are printed, not asserted (the
+/// review saw it exit on this pty; here it keeps running): the assertions
+/// are on qvirt-ga, still running and idle. This needs a measurement window
+/// (1 s of wall time), so it is the one place a test waits for a fixed
+/// time. The write side (EAGAIN with POLLHUP) is covered by the channel
+/// module's unit test: a pty cannot produce it.
 #[test]
 fn test_virtio_serial_without_host_does_not_spin() {
-    for which in [Which::Qemu, Which::Qvirt] {
-        let (agent, pty) = start_on_pty(which, "virtio-serial");
-        drop(pty);
-        let before = cpu_ticks(agent.child.id());
-        std::thread::sleep(Duration::from_secs(1));
-        let used = cpu_ticks(agent.child.id()) - before;
-        assert!(
-            used < 20,
-            "agent used {used} ticks of CPU in 1 s with no host"
-        );
-    }
+    let (mut qemu, qpty) = start_on_pty(Which::Qemu, "virtio-serial");
+    let (mut agent, pty) = start_on_pty(Which::Qvirt, "virtio-serial");
+    drop(qpty);
+    drop(pty);
+    let before = (cpu_ticks(qemu.child.id()), cpu_ticks(agent.child.id()));
+    std::thread::sleep(Duration::from_secs(1));
+    let used = (
+        cpu_ticks(qemu.child.id()) - before.0,
+        cpu_ticks(agent.child.id()) - before.1,
+    );
+    eprintln!(
+        "qemu-ga: exit status {:?}, {} ticks in 1 s; qvirt-ga: {} ticks",
+        qemu.child.try_wait().expect("try_wait"),
+        used.0,
+        used.1
+    );
+    assert!(
+        agent.child.try_wait().expect("try_wait").is_none(),
+        "qvirt-ga exited when the host side closed"
+    );
+    assert!(
+        used.1 < 20,
+        "qvirt-ga used {} ticks of CPU in 1 s with no host",
+        used.1
+    );
 }
 
 /// Tries to bind a vsock port the way the agents do; `Err` carries errno.
@@ -1005,4 +1089,254 @@ fn test_fstrim() {
     );
     drop(norecovery);
     drop(fs);
+}
+
+/// `-a` (not in qemu-ga 7.2, which rejects it: checked on qvirt-ga alone):
+/// only the listed commands run, the others answer with the "not allowed"
+/// reason; `-b` on top of `-a` blocks without a reason; guest-info flags.
+/// `-c FILE` reads FILE as qemu-ga reads `$QGA_CONF` (compared with qemu-ga
+/// given the same file that way) and wins over `$QGA_CONF`; a missing
+/// `-c` file is fatal (exit 1, nothing printed).
+#[test]
+fn test_allow_rpcs_and_config_option() {
+    let agent = start(
+        Which::Qvirt,
+        &[
+            "-a",
+            "guest-ping,guest-info,guest-get-time",
+            "--allow-rpcs=guest-sync",
+            "-b",
+            "guest-get-time",
+        ],
+        &[],
+        |_| {},
+    );
+    let out = exchange(
+        &agent,
+        &[b"{'execute':'guest-ping'}{'execute':'guest-sync','arguments':{'id':2}}{'execute':'guest-get-time'}{'execute':'guest-get-osinfo'}{'execute':'guest-get-devices'}"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "{\"return\": {}}\n{\"return\": 2}\n\
+         {\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-get-time has been disabled\"}}\n\
+         {\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-get-osinfo has been disabled: the command is not allowed\"}}\n\
+         {\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Command guest-get-devices has been disabled\"}}\n"
+    );
+    let info = exchange(&agent, &[b"{'execute':'guest-info'}"]);
+    let ret = returns(&info);
+    let cmds = ret[0]
+        .as_object()
+        .and_then(|o| o.get("supported_commands"))
+        .cloned()
+        .expect("supported_commands");
+    let qvirt_qga::Value::Array(cmds) = cmds else {
+        panic!("not a list")
+    };
+    let mut enabled: Vec<String> = cmds
+        .iter()
+        .filter_map(|c| c.as_object())
+        .filter(|c| matches!(c.get("enabled"), Some(qvirt_qga::Value::Bool(true))))
+        .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+        .collect();
+    enabled.sort();
+    assert_eq!(enabled, ["guest-info", "guest-ping", "guest-sync"]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("ga.conf");
+    std::fs::write(
+        &conf,
+        "[general]\nmethod=isa-serial\npidfile=/run/x.pid\nverbose=1\nblock-rpcs=guest-ping\n",
+    )
+    .expect("conf");
+    let other = dir.path().join("other.conf");
+    std::fs::write(&other, "[general]\nmethod=unix-listen\n").expect("conf");
+    let conf_s = conf.to_string_lossy().into_owned();
+    let q = cli_output(Which::Qemu, &["-D"], Some(&conf));
+    // $QGA_CONF names the other file: -c wins.
+    let v = cli_output(Which::Qvirt, &["-c", &conf_s, "-D"], Some(&other));
+    assert_eq!(
+        (v.0, String::from_utf8_lossy(&v.1)),
+        (q.0, String::from_utf8_lossy(&q.1))
+    );
+    assert!(String::from_utf8_lossy(&v.1).contains("method=isa-serial\n"));
+    let missing = dir.path().join("missing.conf");
+    let v = cli_output(
+        Which::Qvirt,
+        &["--config", &missing.to_string_lossy(), "-D"],
+        None,
+    );
+    assert_eq!(v, (Some(1), Vec::new()));
+}
+
+/// Strips the `<secs>.<usecs>: ` stamp of each log line.
+fn unstamp(log: &str) -> String {
+    log.lines()
+        .map(|l| {
+            let (stamp, rest) = l
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("no stamp: {l:?}"));
+            let (secs, usecs) = stamp.split_once('.').expect("stamp");
+            assert!(
+                secs.bytes().all(|b| b.is_ascii_digit())
+                    && usecs.len() == 6
+                    && usecs.bytes().all(|b| b.is_ascii_digit()),
+                "bad stamp {l:?}"
+            );
+            format!("{rest}\n")
+        })
+        .collect()
+}
+
+/// `-l FILE -v`: the log lines (stamp stripped) are qemu-ga's, for a
+/// session with blocked commands, good and bad requests, 0xFF and a
+/// delimited sync, EOF and SIGTERM. Without `-v` a normal session logs
+/// nothing; a channel that cannot be opened logs qemu-ga's critical lines
+/// and exits 1.
+#[test]
+fn test_log_file_and_verbose() {
+    let session: &[u8] = b"{'execute':'guest-ping'}{'execute':'guest-sync','arguments':{'id':1}}{'execute':'nope'}%[]\xff{'execute':'guest-sync-delimited','arguments':{'id':3}}{'execute':'guest-get-time','id':4}";
+    let mut logs = Vec::new();
+    for which in [Which::Qemu, Which::Qvirt] {
+        for verbose in [true, false] {
+            let logdir = tempfile::tempdir().expect("tempdir");
+            let log = logdir.path().join("ga.log");
+            let log_s = log.to_string_lossy().into_owned();
+            let mut args = vec!["-l", &log_s, "-b", "guest-get-time,guest-nope"];
+            if verbose {
+                args.push("-v");
+            }
+            let mut agent = start(which, &args, &[], |_| {});
+            // One write, so each agent reads it in one go.
+            let mut all = session.to_vec();
+            all.extend_from_slice(END);
+            let mut s = UnixStream::connect(&agent.sock).expect("connect");
+            s.write_all(&all).expect("write");
+            read_until_end(&mut s);
+            drop(s);
+            // The next client is served once the EOF is handled; SIGTERM
+            // arrives while it is still connected.
+            let mut next = UnixStream::connect(&agent.sock).expect("connect");
+            let mut ping = b"{'execute':'guest-ping','id':'next'}".to_vec();
+            ping.extend_from_slice(END);
+            next.write_all(&ping).expect("write");
+            read_until_end(&mut next);
+            sigterm(&agent);
+            assert_eq!(wait_exit(&mut agent).and_then(|s| s.code()), Some(0));
+            drop(next);
+            let text = std::fs::read(&log).expect("log");
+            logs.push(unstamp(&String::from_utf8_lossy(&text)));
+        }
+        // A channel that cannot be opened.
+        let logdir = tempfile::tempdir().expect("tempdir");
+        let log = logdir.path().join("ga.log");
+        let st = logdir.path().to_string_lossy().into_owned();
+        let (code, _) = cli_output(
+            which,
+            &[
+                "-m",
+                "virtio-serial",
+                "-p",
+                "/nonexistent-port",
+                "-t",
+                &st,
+                "-l",
+                &log.to_string_lossy(),
+            ],
+            None,
+        );
+        assert_eq!(code, Some(1));
+        logs.push(unstamp(&std::fs::read_to_string(&log).expect("log")));
+    }
+    eprintln!("{}", logs[0]);
+    assert_eq!(
+        logs[3], logs[0],
+        "verbose log: qvirt-ga (left), qemu-ga (right)"
+    );
+    assert_eq!(logs[4], logs[1], "quiet log");
+    assert_eq!(logs[1], "");
+    assert_eq!(logs[5], logs[2], "channel failure log");
+    assert!(logs[0].contains("debug: disabling command: guest-get-time\n"));
+    assert!(logs[2].contains("critical: failed to create guest agent channel\n"));
+}
+
+/// `-d -f PIDFILE` twice: the second daemon cannot lock the pidfile; it
+/// logs qemu-ga's critical line (on stderr: the pidfile comes before the
+/// log file) and exits (its parent has already exited
+/// 0), leaving the first daemon and its pidfile alone.
+#[test]
+fn test_pidfile_is_locked() {
+    let mut lines = Vec::new();
+    for which in [Which::Qemu, Which::Qvirt] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("ga.pid");
+        let bin = match which {
+            Which::Qemu => qemu_ga(),
+            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+        };
+        let daemon = |sock: &str, log: &Path| {
+            let stderr = std::fs::File::create(log).expect("stderr file");
+            let mut parent = Agent {
+                child: std::process::Command::new(&bin)
+                    .args(["-d", "-m", "unix-listen", "-p"])
+                    .arg(dir.path().join(sock))
+                    .arg("-t")
+                    .arg(dir.path())
+                    .arg("-f")
+                    .arg(&pidfile)
+                    .env_remove("QGA_CONF")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(stderr)
+                    .spawn()
+                    .expect("spawn"),
+                sock: dir.path().join(sock),
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            let st = wait_exit(&mut parent).expect("parent did not exit");
+            assert_eq!(st.code(), Some(0));
+        };
+        let log1 = dir.path().join("first.log");
+        daemon("s1", &log1);
+        let deadline = Instant::now() + DEADLINE;
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "no pidfile");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _guard = PidGuard(pid);
+        while UnixStream::connect(dir.path().join("s1")).is_err() {
+            assert!(Instant::now() < deadline, "first daemon never listened");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let log2 = dir.path().join("second.log");
+        daemon("s2", &log2);
+        let text = loop {
+            let text = std::fs::read_to_string(&log2).unwrap_or_default();
+            if text.ends_with('\n') {
+                break text;
+            }
+            assert!(Instant::now() < deadline, "second daemon logged nothing");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The second daemon is gone without opening its channel; the
+        // first one and its pidfile are untouched.
+        assert!(!dir.path().join("s2").exists());
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).expect("pidfile"),
+            format!("{pid}\n")
+        );
+        // SAFETY: signal 0 only checks that the first daemon is alive.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0);
+        lines.push(unstamp(&text));
+    }
+    assert_eq!(lines[1], lines[0]);
+    assert_eq!(
+        lines[0],
+        "critical: Cannot lock pid file: Resource temporarily unavailable\n"
+    );
 }

@@ -1,0 +1,102 @@
+//! qemu-ga's own log (`ga_log`): lines `<secs>.<usecs>: <level>: <msg>`
+//! to the `-l` file (appended) or to stderr. Critical messages are always
+//! written, warnings and debug messages only with `-v`; nothing is written while the
+//! agent is frozen (qemu-ga disables logging then, since the log file may
+//! be on a frozen filesystem). qemu-ga's syslog lines (`slog`) are not
+//! produced.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+struct Sink {
+    file: Option<File>,
+    verbose: bool,
+}
+
+static SINK: Mutex<Sink> = Mutex::new(Sink {
+    file: None,
+    verbose: false,
+});
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Sends the log to `file` (stderr if `None`); `verbose` adds debug lines.
+pub fn init(file: Option<File>, verbose: bool) {
+    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+    sink.file = file;
+    sink.verbose = verbose;
+}
+
+/// Turns logging off while frozen and on again after the thaw.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether debug lines are written (so callers can skip formatting).
+pub fn debug_enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) && SINK.lock().map(|s| s.verbose).unwrap_or(false)
+}
+
+/// One line in qemu-ga's format.
+pub fn line(level: &str, msg: &[u8]) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut out = format!("{}.{:06}: {level}: ", now.as_secs(), now.subsec_micros()).into_bytes();
+    out.extend_from_slice(msg);
+    out.push(b'\n');
+    out
+}
+
+fn write(level: &str, msg: &[u8]) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+    if level != "critical" && !sink.verbose {
+        return;
+    }
+    let text = line(level, msg);
+    let _ = match sink.file.as_mut() {
+        Some(f) => f.write_all(&text),
+        None => std::io::stderr().write_all(&text),
+    };
+}
+
+/// A debug message with raw bytes after `prefix` (the data read, logged
+/// as is, like qemu-ga's `%s`).
+pub fn debug_bytes(prefix: &str, data: &[u8]) {
+    let mut msg = prefix.as_bytes().to_vec();
+    msg.extend_from_slice(data);
+    write("debug", &msg);
+}
+
+/// A critical message (always written).
+pub fn critical(msg: &str) {
+    write("critical", msg.as_bytes());
+}
+
+/// A warning (`-v` only, as qemu-ga's default level leaves them out).
+pub fn warning(msg: &str) {
+    write("warning", msg.as_bytes());
+}
+
+/// A debug message (`-v` only).
+pub fn debug(msg: &str) {
+    write("debug", msg.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_line_format() {
+        let l = String::from_utf8(line("debug", b"received EOF")).expect("utf-8");
+        let (stamp, rest) = l.split_once(": ").expect("stamp");
+        assert_eq!(rest, "debug: received EOF\n");
+        let (secs, usecs) = stamp.split_once('.').expect("dot");
+        assert!(secs.parse::<u64>().is_ok() && usecs.len() == 6, "{l}");
+    }
+}
