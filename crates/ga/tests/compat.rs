@@ -299,6 +299,13 @@ fn test_exec() {
         r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","head -c 16777216 /dev/zero"],"capture-output":true}}"#,
         r#"{"execute":"guest-exec","arguments":{"path":"sh","arg":["-c","head -c 17000000 /dev/zero >&2"],"capture-output":true}}"#,
         r#"{"execute":"guest-exec","arguments":{"path":"./script","arg":["a b"],"capture-output":true}}"#,
+        // A NUL inside the path, an argument, an environment entry: QEMU
+        // keeps it as the bytes C0 80 (so such a path is not found).
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/echo\u0000junk","arg":["a\u0000b","c"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/echo","arg":["a\u0000b","c"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/usr/bin/env","env":["A=1\u0000B=2","C\u0000=3"],"capture-output":true}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/invalid-cmd42\u0000x"}}"#,
+        r#"{"execute":"guest-exec","arguments":{"path":"\u0000/bin/echo"}}"#,
     ] {
         let a = exec_and_wait(&agents.0, exec);
         let b = exec_and_wait(&agents.1, exec);

@@ -5,7 +5,9 @@
 //! says it exited.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -60,6 +62,21 @@ fn reader(mut pipe: impl Read + Send + 'static) -> (JoinHandle<()>, Arc<Mutex<Ca
     (handle, buf)
 }
 
+/// The C string qemu-ga passes to exec for `s`: QEMU's JSON parser stores
+/// U+0000 as the overlong `C0 80`, so a NUL does not end the string; the
+/// bytes reach exec as they are (checked against qemu-ga: a path with a
+/// NUL is not found, an argument with one is passed with `C0 80`).
+fn c_string(s: &str) -> OsString {
+    let mut out = Vec::with_capacity(s.len());
+    for part in s.split('\0').enumerate() {
+        if part.0 > 0 {
+            out.extend_from_slice(b"\xC0\x80");
+        }
+        out.extend_from_slice(part.1.as_bytes());
+    }
+    OsString::from_vec(out)
+}
+
 /// guest-exec.
 pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
     let path = args.str("path")?;
@@ -69,16 +86,16 @@ pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
     let capture = args.opt_bool("capture-output")?.unwrap_or(false);
     args.done()?;
     let input = input.map(|s| b64::decode(&s)).transpose()?;
-    let mut cmd = Command::new(&path);
-    cmd.args(arg.unwrap_or_default());
+    let mut cmd = Command::new(c_string(&path));
+    cmd.args(arg.unwrap_or_default().iter().map(|a| c_string(a)));
     let env_given = env.is_some();
     let has_input = input.is_some();
     if let Some(env) = env {
         cmd.env_clear();
         for kv in env {
             match kv.split_once('=') {
-                Some((k, v)) => cmd.env(k, v),
-                None => cmd.env(&kv, ""),
+                Some((k, v)) => cmd.env(c_string(k), c_string(v)),
+                None => cmd.env(c_string(&kv), ""),
             };
         }
     }
@@ -96,7 +113,7 @@ pub fn exec(agent: &mut Agent, args: &mut Args) -> CmdResult {
         // GLib runs a file the kernel cannot execute with /bin/sh.
         Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
             let mut sh = Command::new("/bin/sh");
-            sh.arg(&path);
+            sh.arg(c_string(&path));
             sh.args(cmd.get_args());
             if env_given {
                 sh.env_clear();
