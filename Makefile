@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps build build-debug run test bench lint fmt clean
+.PHONY: all deps build build-debug run test bench lint fmt clean static-ga
 
 all: build
 
@@ -37,6 +37,21 @@ test: deps build-debug
 ## bench: performance figures, each beside its reference measured in the same run
 bench: deps build
 	@bash scripts/bench.sh
+
+## static-ga: a statically linked qvirt-ga (glibc, crt-static) in its own
+## target dir, target/static/<host>/release/qvirt-ga, checked to need no
+## dynamic loader
+HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+STATIC_GA := $(CURDIR)/target/static/$(HOST_TRIPLE)/release/qvirt-ga
+static-ga:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release \
+		--target $(HOST_TRIPLE) --target-dir $(CURDIR)/target/static -p qvirt-ga --bin qvirt-ga
+	@out=$$(ldd $(STATIC_GA) 2>&1); \
+	case "$$out" in \
+	*"not a dynamic executable"*|*"statically linked"*) echo "$(STATIC_GA): static ($$out)";; \
+	*) echo "$(STATIC_GA) is dynamically linked:"; echo "$$out"; exit 1;; \
+	esac
+	$(STATIC_GA) -V
 
 ## lint: formatting and clippy, warnings are errors
 lint:
