@@ -88,6 +88,12 @@ impl StreamParser {
     pub fn pending_bytes(&self) -> usize {
         self.text.len() + self.lexer.pending()
     }
+
+    /// Tokens held for the message in progress; at most
+    /// [`MAX_TOKEN_COUNT`].
+    pub fn pending_tokens(&self) -> usize {
+        self.tokens.len()
+    }
 }
 
 struct Streamer<'a> {

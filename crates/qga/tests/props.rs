@@ -3,6 +3,7 @@
 //! bounded.
 
 use proptest::prelude::*;
+use qvirt_qga::lexer::MAX_TOKEN_SIZE;
 use qvirt_qga::stream::{MAX_NESTING, MAX_TOKEN_COUNT};
 use qvirt_qga::{Message, StreamParser, writer::to_json};
 
@@ -46,7 +47,7 @@ fn json_ish() -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     #[test]
-    fn test_no_input_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {
+    fn test_no_input_panics(data in prop::collection::vec(any::<u8>(), 0..4096)) {
         let mut p = StreamParser::new();
         let _ = p.feed_collect(&data);
     }
@@ -154,4 +155,84 @@ fn test_token_size_limit_and_memory_bound() {
     let got = render(p.feed_collect(&endless));
     assert_eq!(got[0], Err("JSON token size limit exceeded".to_owned()));
     assert!(p.pending_bytes() < 1024);
+}
+
+/// A unit of input that is repeated: json-ish atoms mixed with atoms that
+/// only open (deep nesting) or only add tokens to an open container.
+fn repeated_unit() -> impl Strategy<Value = Vec<u8>> {
+    let atoms = prop::sample::select(vec![
+        &b"["[..],
+        b"{'k':",
+        b"[1,",
+        b"1,",
+        b"'abc',",
+        b"{",
+        b"}",
+        b"]",
+        b"'",
+        b"\"",
+        b" ",
+        b"\xff",
+        b"{'execute':'guest-ping'}",
+        b"truefalse",
+        b"\"\\u0041",
+    ]);
+    prop::collection::vec(atoms, 1..12).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Megabytes of one unit repeated (an endless array, endless nesting,
+    /// an endless string, garbage), fed in 64 KiB reads as the agent does:
+    /// the message in progress never holds more than QEMU's limits allow
+    /// (2,097,152 tokens, 64 MiB of token text plus one partial token), and
+    /// input made only of opening brackets is cut at the nesting limit.
+    #[test]
+    fn test_repeated_input_keeps_pending_bounded(
+        prefix in json_ish(),
+        unit in repeated_unit(),
+        total in (1usize << 20)..(6usize << 20),
+    ) {
+        let mut data = prefix;
+        while data.len() < total {
+            data.extend_from_slice(&unit);
+        }
+        let mut p = StreamParser::new();
+        let mut max_tokens = 0;
+        for chunk in data.chunks(64 << 10) {
+            let _ = p.feed_collect(chunk);
+            max_tokens = max_tokens.max(p.pending_tokens());
+            prop_assert!(p.pending_tokens() <= MAX_TOKEN_COUNT);
+            prop_assert!(p.pending_bytes() <= 2 * MAX_TOKEN_SIZE + 1);
+        }
+        if unit.iter().all(|&b| b == b'[') {
+            prop_assert!(max_tokens <= MAX_NESTING as usize + 1);
+        }
+        // After a 0xFF the stream is clean again, whatever came before.
+        let _ = p.feed_collect(b"\xff");
+        prop_assert_eq!(p.pending_bytes(), 0);
+        prop_assert_eq!(p.pending_tokens(), 0);
+    }
+}
+
+/// The endless array: "[1,1,1,..." past the token limit is cut there
+/// (the error, then the rest starts a new message), so the tokens held
+/// never exceed the limit.
+#[test]
+fn test_endless_array_is_cut_at_the_token_limit() {
+    let mut p = StreamParser::new();
+    p.feed_collect(b"[");
+    let mut errors = Vec::new();
+    let mut max_tokens = 0;
+    let chunk = b"1,".repeat(32 << 10);
+    for _ in 0..80 {
+        errors.extend(render(p.feed_collect(&chunk)));
+        max_tokens = max_tokens.max(p.pending_tokens());
+    }
+    assert!(max_tokens <= MAX_TOKEN_COUNT);
+    assert_eq!(
+        errors.first(),
+        Some(&Err("JSON token count limit exceeded".to_owned()))
+    );
 }
