@@ -184,7 +184,13 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
             match server.serve_conn(&mut d) {
                 Ok(true) => continue,
                 Ok(false) => break Ok(()),
-                Err(e) if !config.retry_path => break Err(GaError::Io(e)),
+                // qemu-ga stops its main loop on a channel error and exits
+                // 0 after its cleanup (checked: a pty hung up under a
+                // pending write).
+                Err(e) if !config.retry_path => {
+                    log::warning(&format!("channel failure: {}", commands::strerror(&e)));
+                    break Ok(());
+                }
                 // -r: wait 5 s and reopen, until it works (or a stop).
                 Err(_) => match reopen(&path, method == Some(Method::IsaSerial)) {
                     Some(dev) => d = dev,

@@ -194,6 +194,13 @@ pub fn open_pty() -> Pty {
         )
     };
     assert_eq!(rc, 0, "openpty");
+    // Close-on-exec, so that no agent (nor anything else spawned) keeps a
+    // copy: dropping the master must hang the port up.
+    // SAFETY: fcntl on the two fds just opened.
+    unsafe {
+        libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(slave, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     // SAFETY: both fds were just opened and are owned here.
     let (master, slave) = unsafe {
         (
