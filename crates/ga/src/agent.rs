@@ -307,3 +307,55 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(blocked: &[&str], allowed: &[&str]) -> (Agent, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = AgentOptions {
+            statedir: dir.path().to_owned(),
+            blocked: blocked.iter().map(|s| s.to_string()).collect(),
+            allowed: allowed.iter().map(|s| s.to_string()).collect(),
+            ..AgentOptions::default()
+        };
+        (Agent::new(options).expect("agent"), dir)
+    }
+
+    /// qemu-ga's per-command reasons through a freeze and a thaw: the
+    /// freeze overwrites every non-allow-listed command's reason, blocked
+    /// ones included; the thaw re-enables only what is neither blocked nor
+    /// left out of `-a`, the others keep the frozen reason.
+    #[test]
+    fn test_disable_reasons_through_freeze_and_thaw() {
+        let (mut a, _dir) = agent(&["guest-get-time", "guest-ping", "guest-nope"], &[]);
+        assert_eq!(a.disabled_reason("guest-get-time"), Some(""));
+        assert_eq!(a.disabled_reason("guest-ping"), Some(""));
+        assert_eq!(a.disabled_reason("guest-get-devices"), Some(""));
+        assert_eq!(a.disabled_reason("guest-info"), None);
+        a.set_frozen().expect("freeze");
+        assert_eq!(a.disabled_reason("guest-get-time"), Some(FROZEN));
+        assert_eq!(a.disabled_reason("guest-get-devices"), Some(FROZEN));
+        assert_eq!(a.disabled_reason("guest-exec"), Some(FROZEN));
+        // Allow-listed while frozen: untouched, blocked or not.
+        assert_eq!(a.disabled_reason("guest-ping"), Some(""));
+        assert_eq!(a.disabled_reason("guest-info"), None);
+        a.unset_frozen().expect("thaw");
+        assert_eq!(a.disabled_reason("guest-get-time"), Some(FROZEN));
+        assert_eq!(a.disabled_reason("guest-get-devices"), Some(FROZEN));
+        assert_eq!(a.disabled_reason("guest-ping"), Some(""));
+        assert_eq!(a.disabled_reason("guest-exec"), None);
+
+        let (mut a, _dir) = agent(&["guest-info"], &["guest-info", "guest-exec"]);
+        assert_eq!(a.disabled_reason("guest-info"), Some(""));
+        assert_eq!(a.disabled_reason("guest-exec"), None);
+        assert_eq!(a.disabled_reason("guest-get-time"), Some(NOT_ALLOWED));
+        a.set_frozen().expect("freeze");
+        assert_eq!(a.disabled_reason("guest-exec"), Some(FROZEN));
+        a.unset_frozen().expect("thaw");
+        assert_eq!(a.disabled_reason("guest-exec"), None);
+        assert_eq!(a.disabled_reason("guest-get-time"), Some(FROZEN));
+        assert_eq!(a.disabled_reason("guest-info"), Some(""));
+    }
+}

@@ -80,8 +80,14 @@ pub enum ChannelError {
 pub trait Conn {
     /// Reads some bytes; `Ok(0)` means the peer went away.
     fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Writes all bytes.
-    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Writes all bytes. When a signal interrupts a wait, `keep_going`
+    /// says whether to carry on (a frozen agent ignores stop requests) or
+    /// to give up with `Interrupted`.
+    fn write_all_bytes(
+        &mut self,
+        data: &[u8],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> io::Result<()>;
 }
 
 fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<libc::c_short> {
@@ -161,7 +167,11 @@ impl Conn for Device {
         }
     }
 
-    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()> {
+    fn write_all_bytes(
+        &mut self,
+        data: &[u8],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         let file = &mut self.file;
         write_loop(
@@ -169,6 +179,7 @@ impl Conn for Device {
             |d| file.write(d),
             || wait_fd(fd, libc::POLLOUT, -1),
             idle_100ms,
+            keep_going,
         )
     }
 }
@@ -176,20 +187,30 @@ impl Conn for Device {
 /// The device write loop: write until all is written; on EAGAIN wait for
 /// POLLOUT. A virtio-serial port with no host side answers EAGAIN and
 /// polls POLLHUP without POLLOUT at once: then idle 100 ms before trying
-/// again, so the loop never spins.
+/// again, so the loop never spins. A signal during a wait ends the loop
+/// with `Interrupted` unless `keep_going` says otherwise.
 fn write_loop(
     mut data: &[u8],
     mut write: impl FnMut(&[u8]) -> io::Result<usize>,
     mut wait_writable: impl FnMut() -> io::Result<libc::c_short>,
     mut idle: impl FnMut() -> io::Result<()>,
+    keep_going: &mut dyn FnMut() -> bool,
 ) -> io::Result<()> {
     while !data.is_empty() {
         match write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let rev = wait_writable()?;
-                if rev & (libc::POLLHUP | libc::POLLERR) != 0 && rev & libc::POLLOUT == 0 {
-                    idle()?;
+                let waited = wait_writable().and_then(|rev| {
+                    if rev & (libc::POLLHUP | libc::POLLERR) != 0 && rev & libc::POLLOUT == 0 {
+                        idle()
+                    } else {
+                        Ok(())
+                    }
+                });
+                match waited {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted && keep_going() => {}
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -205,7 +226,8 @@ impl Conn for UnixStream {
         self.read(buf)
     }
 
-    fn write_all_bytes(&mut self, data: &[u8]) -> io::Result<()> {
+    fn write_all_bytes(&mut self, data: &[u8], _: &mut dyn FnMut() -> bool) -> io::Result<()> {
+        // A blocking socket: write_all retries EINTR itself.
         self.write_all(data)
     }
 }
@@ -336,6 +358,7 @@ mod tests {
                 idles += 1;
                 Ok(())
             },
+            &mut || true,
         );
         result.expect("write");
         assert_eq!(idles, 3);
@@ -358,6 +381,7 @@ mod tests {
                 idles += 1;
                 Ok(())
             },
+            &mut || true,
         )
         .expect("write");
         assert_eq!(idles, 0);
@@ -366,9 +390,29 @@ mod tests {
             |_| Err(io::ErrorKind::WouldBlock.into()),
             || Ok(libc::POLLHUP),
             || Err(io::ErrorKind::Interrupted.into()),
+            &mut || false,
         )
         .expect_err("stopped");
         assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+        // ... unless told to keep going (a frozen agent ignores stops):
+        // the write is retried and completes.
+        let mut tries = 0;
+        write_loop(
+            b"x",
+            |_| {
+                tries += 1;
+                if tries < 3 {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(1)
+                }
+            },
+            || Err(io::ErrorKind::Interrupted.into()),
+            || Ok(()),
+            &mut || true,
+        )
+        .expect("kept going");
+        assert_eq!(tries, 3);
     }
 
     #[test]

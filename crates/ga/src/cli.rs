@@ -449,6 +449,30 @@ mod tests {
     }
 
     #[test]
+    fn test_strict_booleans_operands_and_flag_arguments() {
+        for bad in ["verbose=yes", "daemon=TRUE", "retry-path=True", "verbose="] {
+            let mut c = Config::default();
+            let text = format!("[general]\n{bad}\n");
+            assert!(apply_keyfile(&mut c, &text, "x").is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        apply_keyfile(&mut c, "[general]\nverbose= 1 \ndaemon=0\n", "x").expect("ok");
+        assert!(c.verbose && !c.daemonize);
+        let run = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            parse(&args, Some("/nonexistent/qga.conf".into()))
+        };
+        assert!(matches!(run(&["x", "-D", "y"]), Ok(Action::Dump(_))));
+        assert!(matches!(run(&["-D", "--", "-V"]), Ok(Action::Dump(_))));
+        assert!(matches!(run(&["--help=3"]), Err(e) if e.is_usage()));
+        assert!(matches!(run(&["-m"]), Err(e) if e.is_usage()));
+        match run(&["-b", "a,b", "--block-rpcs=c,d", "-D"]) {
+            Ok(Action::Dump(c)) => assert_eq!(c.block_rpcs, ["b", "a", "d", "c"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn test_dump_matches_qemu_ga_default() {
         assert_eq!(
             Config::default().dump(),

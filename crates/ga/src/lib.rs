@@ -158,12 +158,22 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
     }
     // Then the log file is opened (created), before the channel.
     if let Some(l) = &config.logfile {
-        let file = std::fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(l)
-            .ok();
-        log::init(file, config.verbose);
+        {
+            Ok(file) => log::init(Some(file), config.verbose),
+            Err(e) => {
+                // qemu-ga gives up here, and exits 0 (checked).
+                log::critical(&format!(
+                    "unable to open specified log file: {}",
+                    commands::strerror(&e)
+                ));
+                log::critical("error initializing guest agent");
+                return Ok(());
+            }
+        }
     }
     enum Chan {
         Listener(channel::Listener),

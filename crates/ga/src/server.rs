@@ -70,12 +70,17 @@ impl Server {
             let Server { agent, parser, out } = self;
             parser.feed(&buf[..n], &mut |m| agent.handle(m, out));
             if !self.out.is_empty() {
-                let result = conn.write_all_bytes(&self.out);
+                let agent = &self.agent;
+                let result = conn.write_all_bytes(&self.out, &mut || !should_stop(agent));
                 self.out.clear();
                 if self.out.capacity() > 1 << 20 {
                     self.out = Vec::new();
                 }
-                result?;
+                match result {
+                    // A stop request while waiting to write (not frozen).
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+                    other => other?,
+                }
             }
         }
     }

@@ -1264,15 +1264,50 @@ fn test_log_file_and_verbose() {
         );
         assert_eq!(code, Some(1));
         logs.push(unstamp(&std::fs::read_to_string(&log).expect("log")));
+        // A log file that cannot be opened: the critical lines on stderr,
+        // no channel, exit 0 (sic).
+        let sock = logdir.path().join("sock");
+        let out = std::process::Command::new(match which {
+            Which::Qemu => qemu_ga(),
+            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+        })
+        .args([
+            "-m",
+            "unix-listen",
+            "-p",
+            &sock.to_string_lossy(),
+            "-t",
+            &st,
+        ])
+        .args(["-l", "/nonexistent-dir/ga.log"])
+        .env_remove("QGA_CONF")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run");
+        assert_eq!(out.status.code(), Some(0));
+        assert!(!sock.exists());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        logs.push(unstamp(
+            &stderr
+                .lines()
+                .filter(|l| !l.contains("Guest agent version"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        ));
     }
     eprintln!("{}", logs[0]);
     assert_eq!(
-        logs[3], logs[0],
+        logs[4], logs[0],
         "verbose log: qvirt-ga (left), qemu-ga (right)"
     );
-    assert_eq!(logs[4], logs[1], "quiet log");
+    assert_eq!(logs[5], logs[1], "quiet log");
     assert_eq!(logs[1], "");
-    assert_eq!(logs[5], logs[2], "channel failure log");
+    assert_eq!(logs[6], logs[2], "channel failure log");
+    assert_eq!(logs[7], logs[3], "log file failure");
+    assert_eq!(
+        logs[3],
+        "critical: unable to open specified log file: No such file or directory\ncritical: error initializing guest agent\n"
+    );
     assert!(logs[0].contains("debug: disabling command: guest-get-time\n"));
     assert!(logs[2].contains("critical: failed to create guest agent channel\n"));
 }
