@@ -10,22 +10,16 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-struct Sink {
-    file: Option<File>,
-    verbose: bool,
-}
-
-static SINK: Mutex<Sink> = Mutex::new(Sink {
-    file: None,
-    verbose: false,
-});
+static SINK: Mutex<Option<File>> = Mutex::new(None);
 static ENABLED: AtomicBool = AtomicBool::new(true);
+// Checked before anything else, so a quiet agent pays one atomic load per
+// debug call.
+static VERBOSE: AtomicBool = AtomicBool::new(false);
 
 /// Sends the log to `file` (stderr if `None`); `verbose` adds debug lines.
 pub fn init(file: Option<File>, verbose: bool) {
-    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
-    sink.file = file;
-    sink.verbose = verbose;
+    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = file;
+    VERBOSE.store(verbose, Ordering::Relaxed);
 }
 
 /// Turns logging off while frozen and on again after the thaw.
@@ -35,7 +29,7 @@ pub fn set_enabled(on: bool) {
 
 /// Whether debug lines are written (so callers can skip formatting).
 pub fn debug_enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed) && SINK.lock().map(|s| s.verbose).unwrap_or(false)
+    VERBOSE.load(Ordering::Relaxed) && ENABLED.load(Ordering::Relaxed)
 }
 
 /// One line in qemu-ga's format.
@@ -50,15 +44,15 @@ pub fn line(level: &str, msg: &[u8]) -> Vec<u8> {
 }
 
 fn write(level: &str, msg: &[u8]) {
+    if level != "critical" && !VERBOSE.load(Ordering::Relaxed) {
+        return;
+    }
     if !ENABLED.load(Ordering::Relaxed) {
         return;
     }
-    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
-    if level != "critical" && !sink.verbose {
-        return;
-    }
     let text = line(level, msg);
-    let _ = match sink.file.as_mut() {
+    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = match sink.as_mut() {
         Some(f) => f.write_all(&text),
         None => std::io::stderr().write_all(&text),
     };

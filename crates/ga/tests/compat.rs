@@ -674,22 +674,56 @@ fn test_real_freeze_of_a_scratch_filesystem() {
                 {'execute':'guest-get-time'}{'execute':'guest-ping'}{'execute':'guest-get-devices'}\
                 {'execute':'guest-get-osinfo','arguments':{'x':1}}{'execute':'guest-info'}";
     let mut outs = Vec::new();
+    let mut logs = Vec::new();
     for which in [Which::Qemu, Which::Qvirt] {
         let _ = std::fs::remove_file(&hook_log);
+        // The -v log (outside the frozen filesystem) is compared too: what
+        // the freeze and thaw log, and that nothing is logged while frozen.
+        let log = fs.dir.path().join(match which {
+            Which::Qemu => "qemu.log",
+            Which::Qvirt => "qvirt.log",
+        });
+        let log_s = log.to_string_lossy().into_owned();
         let agent = start(
             which,
-            &[&hook_arg, "-b", "guest-get-time,guest-ping"],
+            &[
+                &hook_arg,
+                "-b",
+                "guest-get-time,guest-ping",
+                "-v",
+                "-l",
+                &log_s,
+            ],
             &[],
             |_| {},
         );
-        let frozen = exchange(&agent, &[freeze.as_bytes()]);
+        // One write each (end marker included), so that both agents read
+        // each in one go and log the same "read data" lines.
+        let one_write = |req: &str| {
+            let mut s = UnixStream::connect(&agent.sock).expect("connect");
+            let mut all = req.as_bytes().to_vec();
+            all.extend_from_slice(END);
+            s.write_all(&all).expect("write");
+            read_until_end(&mut s)
+        };
+        let frozen = one_write(&freeze);
         // Writes to the frozen filesystem would block: check the state
         // through the agent only, then thaw.
-        let thawed = exchange(&agent, &[thaw.as_bytes()]);
+        let thawed = one_write(thaw);
         let hooks = std::fs::read_to_string(&hook_log).unwrap_or_default();
         assert!(!agent.dir.path().join("qga.state.isfrozen").exists());
         outs.push((frozen, thawed, hooks));
+        // Up to the last response: the EOF that follows may not be
+        // logged yet.
+        let text = unstamp(&String::from_utf8_lossy(&std::fs::read(&log).expect("log")));
+        let end = text
+            .rfind("debug: sending data")
+            .expect("no response logged");
+        let end = end + text[end..].find('\n').expect("line end") + 1;
+        logs.push(text[..end].to_owned());
     }
+    assert_eq!(logs[1], logs[0], "-v log: qvirt-ga (left), qemu-ga (right)");
+    assert!(logs[0].contains("warning: disabling logging due to filesystem freeze\nwarning: logging re-enabled due to filesystem unfreeze\n"));
     let show = |o: &(Vec<u8>, Vec<u8>, String)| {
         format!(
             "{}{}{}",
