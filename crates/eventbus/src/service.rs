@@ -282,7 +282,7 @@ where
     }
 }
 
-/// What a subscription task hands to a stream's message builder.
+/// What a subscription stream hands to its message builder.
 pub enum StreamItem {
     /// The first message.
     Established(SubscriptionEstablished),
