@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use super::{
     Delivery, Envelope, Inner, OverflowPolicy, Predicate, REPLAY_BATCH, REPLAY_SCAN_LIMIT,
@@ -176,19 +176,7 @@ impl<E> Subscription<E> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<SubscriptionItem<E>, RecvError>> {
-        if let Some(item) = self.try_recv().transpose() {
-            return Poll::Ready(item);
-        }
-        // Left before looking at the queue again: a push after the look
-        // finds the waker.
-        {
-            let mut q = self.shared.lock();
-            match &mut q.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                slot => *slot = Some(cx.waker().clone()),
-            }
-        }
-        match self.try_recv().transpose() {
+        match self.next_item(Some(cx.waker())).transpose() {
             Some(item) => Poll::Ready(item),
             None => Poll::Pending,
         }
@@ -197,6 +185,16 @@ impl<E> Subscription<E> {
     /// The next item if one is ready, without waiting. A replay step scans
     /// the ring under the hub's lock, so it costs at most the ring's length.
     pub fn try_recv(&mut self) -> Result<Option<SubscriptionItem<E>>, RecvError> {
+        self.next_item(None)
+    }
+
+    /// The next ready item; with `waker`, if there is none, leaves the
+    /// waker in the queue under the same lock that found it empty, so no
+    /// push can slip between the look and the registration.
+    fn next_item(
+        &mut self,
+        waker: Option<&Waker>,
+    ) -> Result<Option<SubscriptionItem<E>>, RecvError> {
         if self.established_pending {
             self.established_pending = false;
             return Ok(Some(SubscriptionItem::Established {
@@ -231,7 +229,17 @@ impl<E> Subscription<E> {
                         if q.items.capacity() > QUEUE_KEEP {
                             q.items.shrink_to(QUEUE_KEEP);
                         }
-                        Err((std::mem::take(&mut q.pending_lost), q.end))
+                        let lost = std::mem::take(&mut q.pending_lost);
+                        if let Some(w) = waker
+                            && lost == 0
+                            && q.end.is_none()
+                        {
+                            match &mut q.waker {
+                                Some(old) if old.will_wake(w) => {}
+                                slot => *slot = Some(w.clone()),
+                            }
+                        }
+                        Err((lost, q.end))
                     }
                 }
             };
