@@ -62,6 +62,18 @@ pub enum ChannelError {
     /// unix-listen without `-p`.
     #[error("must specify a path for this channel")]
     NoPath,
+    /// `-m` names no known method.
+    #[error("unsupported channel method/type: {0}")]
+    BadMethod(String),
+    /// unix-listen could not bind its socket.
+    #[error("Failed to bind socket to {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// A vsock-listen path that is not `<cid>:<port>`.
     #[error("error parsing vsock address '{0}'")]
     BadVsockAddress(String),
@@ -275,7 +287,10 @@ pub fn bind_unix(path: &Path) -> Result<Listener, ChannelError> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(open_err(e)),
         _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(open_err)?;
+    let listener = UnixListener::bind(path).map_err(|source| ChannelError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
     // SAFETY: re-listening on our own bound socket only changes the backlog.
     if unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0 {
         return Err(open_err(io::Error::last_os_error()));

@@ -135,6 +135,19 @@ fn serve(config: Config) -> Result<(), GaError> {
                 log::critical("failed to create guest agent channel");
                 log::critical("failed to initialize guest agent channel");
             }
+            GaError::Channel(ChannelError::Bind { path, source }) => {
+                log::critical(&format!(
+                    "Failed to bind socket to {}: {}",
+                    path.display(),
+                    commands::strerror(source)
+                ));
+                log::critical("failed to create guest agent channel");
+                log::critical("failed to initialize guest agent channel");
+            }
+            GaError::Channel(e @ ChannelError::BadMethod(_)) => {
+                log::critical(&e.to_string());
+                log::critical("failed to initialize guest agent channel");
+            }
             GaError::Pidfile(_) => {}
             other => log::critical(&error_chain(other)),
         }
@@ -143,7 +156,7 @@ fn serve(config: Config) -> Result<(), GaError> {
 }
 
 fn serve_logged(config: Config) -> Result<(), GaError> {
-    let method = Method::parse(&config.method);
+    // As qemu-ga: the path is checked first, the method when opening.
     let path = config.channel_path().ok_or(ChannelError::NoPath)?;
     let options = AgentOptions {
         statedir: PathBuf::from(&config.statedir),
@@ -175,16 +188,18 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
             }
         }
     }
+    let Some(method) = Method::parse(&config.method) else {
+        return Err(ChannelError::BadMethod(config.method.clone()).into());
+    };
     enum Chan {
         Listener(channel::Listener),
         Device(Device),
     }
     let chan = match method {
-        Some(Method::UnixListen) => Chan::Listener(channel::bind_unix(&path)?),
-        Some(Method::VirtioSerial) => Chan::Device(Device::open(&path, false)?),
-        Some(Method::IsaSerial) => Chan::Device(Device::open(&path, true)?),
-        Some(Method::VsockListen) => Chan::Listener(channel::bind_vsock(&path.to_string_lossy())?),
-        None => return Err(ChannelError::NoPath.into()),
+        Method::UnixListen => Chan::Listener(channel::bind_unix(&path)?),
+        Method::VirtioSerial => Chan::Device(Device::open(&path, false)?),
+        Method::IsaSerial => Chan::Device(Device::open(&path, true)?),
+        Method::VsockListen => Chan::Listener(channel::bind_vsock(&path.to_string_lossy())?),
     };
     let agent = Agent::new(options).map_err(GaError::State)?;
     let mut server = server::Server::new(agent);
@@ -202,7 +217,7 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
                     break Ok(());
                 }
                 // -r: wait 5 s and reopen, until it works (or a stop).
-                Err(_) => match reopen(&path, method == Some(Method::IsaSerial)) {
+                Err(_) => match reopen(&path, method == Method::IsaSerial) {
                     Some(dev) => d = dev,
                     None => break Ok(()),
                 },

@@ -1278,25 +1278,22 @@ fn test_log_file_and_verbose() {
             let text = std::fs::read(&log).expect("log");
             logs.push(unstamp(&String::from_utf8_lossy(&text)));
         }
-        // A channel that cannot be opened.
+        // A channel that cannot be opened: a device, a unix socket in a
+        // missing directory, an unknown method.
         let logdir = tempfile::tempdir().expect("tempdir");
         let log = logdir.path().join("ga.log");
         let st = logdir.path().to_string_lossy().into_owned();
-        let (code, _) = cli_output(
-            which,
-            &[
-                "-m",
-                "virtio-serial",
-                "-p",
-                "/nonexistent-port",
-                "-t",
-                &st,
-                "-l",
-                &log.to_string_lossy(),
-            ],
-            None,
-        );
-        assert_eq!(code, Some(1));
+        let log_s = log.to_string_lossy().into_owned();
+        for channel in [
+            ["-m", "virtio-serial", "-p", "/nonexistent-port"],
+            ["-m", "unix-listen", "-p", "/nonexistent-dir/sock"],
+            ["-m", "bogus", "-p", "/nonexistent-port"],
+        ] {
+            let mut args = channel.to_vec();
+            args.extend(["-t", &st, "-l", &log_s]);
+            let (code, _) = cli_output(which, &args, None);
+            assert_eq!(code, Some(1), "{args:?}");
+        }
         logs.push(unstamp(&std::fs::read_to_string(&log).expect("log")));
         // A log file that cannot be opened: the critical lines on stderr,
         // no channel, exit 0 (sic).
@@ -1344,6 +1341,10 @@ fn test_log_file_and_verbose() {
     );
     assert!(logs[0].contains("debug: disabling command: guest-get-time\n"));
     assert!(logs[2].contains("critical: failed to create guest agent channel\n"));
+    assert!(logs[2].contains(
+        "critical: Failed to bind socket to /nonexistent-dir/sock: No such file or directory\n"
+    ));
+    assert!(logs[2].contains("critical: unsupported channel method/type: bogus\n"));
 }
 
 /// `-d -f PIDFILE` twice: the second daemon cannot lock the pidfile; it
