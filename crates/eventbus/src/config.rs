@@ -53,13 +53,13 @@ pub struct Config {
     /// `x-qvirt-principal` is ignored and every caller counts as its peer
     /// address.
     pub gateway_token: Option<String>,
-    /// Runtime threads. 1 (the default): the whole bus on one thread. A
-    /// delivery is mostly HTTP/2 work, and on one thread the streams an
-    /// event wakes all write their frames before their connections flush,
-    /// where with workers a connection is often woken and flushed per
-    /// frame: at 100 events/s to 500 subscribers the bench measured half
-    /// the CPU on one thread. 0: one worker per core; N: N workers (for a
-    /// bus whose fan-out needs more than one core).
+    /// Runtime threads. 0 (the default): one worker per core. 1: the whole
+    /// bus on one thread: the streams an event wakes then all queue their
+    /// frames before their connections flush, where with workers a
+    /// connection is often flushed per frame; at 100 events/s to 500
+    /// subscribers the bench measured half the CPU on one thread, but at
+    /// 1,000 events/s a worse tail latency, since one thread cannot spread
+    /// a burst's deliveries over the cores. N: N workers.
     pub worker_threads: usize,
 }
 
@@ -78,7 +78,7 @@ impl Default for Config {
             max_domain_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
             metrics_listen: None,
             gateway_token: None,
-            worker_threads: 1,
+            worker_threads: 0,
         }
     }
 }
@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn test_worker_threads_default_and_bound() {
         let c = Config::default();
-        assert_eq!(c.worker_threads(), 1);
+        assert_eq!(c.worker_threads(), 0);
         assert!(c.validate().is_ok());
         let c = Config {
             worker_threads: MAX_WORKER_THREADS + 1,
