@@ -124,6 +124,12 @@ pub struct AgentOptions {
     pub fsfreeze_hook: Option<PathBuf>,
     /// `-a`: if not empty, only these commands are enabled.
     pub allowed: Vec<String>,
+    /// `-l` when the agent started frozen: opened at the thaw, as
+    /// qemu-ga defers it (the file may be on a frozen filesystem).
+    pub deferred_logfile: Option<PathBuf>,
+    /// `-f` of a daemon that started frozen: written and locked at the
+    /// thaw.
+    pub deferred_pidfile: Option<String>,
 }
 
 /// The running agent: its state and the one-shot delimiter flag.
@@ -246,8 +252,20 @@ impl Agent {
         if !self.frozen {
             return Ok(());
         }
+        // ga_unset_frozen: the deferred log file first (stderr if it
+        // cannot be opened), then logging back on, then the pidfile.
+        if let Some(path) = self.options.deferred_logfile.take()
+            && log::open_file(&path).is_err()
+        {
+            log::init(None, log::debug_verbose());
+        }
         log::set_enabled(true);
         log::warning("logging re-enabled due to filesystem unfreeze");
+        if let Some(pidfile) = self.options.deferred_pidfile.take()
+            && let Err(e) = crate::write_pidfile(&pidfile)
+        {
+            log::warning(&e.to_string());
+        }
         self.enable_non_blocked();
         self.frozen = false;
         self.state.set_marker(false)

@@ -158,19 +158,37 @@ fn serve(config: Config) -> Result<(), GaError> {
 fn serve_logged(config: Config) -> Result<(), GaError> {
     // As qemu-ga: the path is checked first, the method when opening.
     let path = config.channel_path().ok_or(ChannelError::NoPath)?;
+    let statedir = PathBuf::from(&config.statedir);
+    // Started frozen (the marker of an agent that left while frozen): the
+    // log file and the pidfile wait for the thaw, as in qemu-ga, since
+    // creating a file on a frozen filesystem blocks.
+    let marker = statedir.join("qga.state.isfrozen");
+    let frozen = marker.exists();
+    if frozen {
+        log::warning_to_stderr(&format!(
+            "previous instance appears to have exited with frozen filesystems. deferring logging/pidfile creation and disabling non-fsfreeze-safe commands until guest-fsfreeze-thaw is issued, or filesystems are manually unfrozen and the file {} is removed",
+            marker.display()
+        ));
+    }
     let options = AgentOptions {
-        statedir: PathBuf::from(&config.statedir),
+        statedir,
         blocked: config.block_rpcs.clone(),
         fsfreeze_hook: config.fsfreeze_hook.as_ref().map(PathBuf::from),
         allowed: config.allow_rpcs.clone(),
+        deferred_logfile: config
+            .logfile
+            .as_ref()
+            .filter(|_| frozen)
+            .map(PathBuf::from),
+        deferred_pidfile: (frozen && config.daemonize).then(|| config.pidfile.clone()),
     };
     signals::install();
     // As qemu-ga: daemonize (and lock the pidfile) before the channel opens.
     if config.daemonize {
-        daemonize(&config.pidfile)?;
+        daemonize((!frozen).then_some(config.pidfile.as_str()))?;
     }
     // Then the log file is opened (created), before the channel.
-    if let Some(l) = &config.logfile {
+    if let Some(l) = config.logfile.as_ref().filter(|_| !frozen) {
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -251,7 +269,7 @@ fn reopen(path: &std::path::Path, serial: bool) -> Option<Device> {
 /// writes and locks the pidfile (a second agent with the same pidfile
 /// exits 1 with qemu-ga's message), starts a session, `chdir /`, umask 077,
 /// stdio to /dev/null.
-fn daemonize(pidfile: &str) -> Result<(), GaError> {
+fn daemonize(pidfile: Option<&str>) -> Result<(), GaError> {
     // SAFETY: the process is still single-threaded here; the parent exits
     // at once without touching shared state.
     let pid = unsafe { libc::fork() };
@@ -262,7 +280,12 @@ fn daemonize(pidfile: &str) -> Result<(), GaError> {
         // SAFETY: plain exit of the parent.
         unsafe { libc::_exit(0) };
     }
-    write_pidfile(pidfile)?;
+    if let Some(pidfile) = pidfile {
+        write_pidfile(pidfile).map_err(|e| {
+            log::critical(&e.to_string());
+            GaError::Pidfile(e.source)
+        })?;
+    }
     // SAFETY: plain syscalls on our own process.
     unsafe {
         libc::setsid();
@@ -284,34 +307,42 @@ fn daemonize(pidfile: &str) -> Result<(), GaError> {
     Ok(())
 }
 
+/// A pidfile that could not be written or locked, in qemu-ga's words
+/// ("Cannot lock pid file: Resource temporarily unavailable").
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {}", commands::strerror(.source))]
+pub struct PidfileError {
+    what: String,
+    source: std::io::Error,
+}
+
 /// qemu_write_pidfile: open (0600, no truncation), `lockf(F_TLOCK)`, then
 /// truncate and write the pid. The descriptor stays open (and the lock
 /// held) for the life of the process.
-fn write_pidfile(pidfile: &str) -> Result<(), GaError> {
+pub fn write_pidfile(pidfile: &str) -> Result<(), PidfileError> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let fail = |what: &str, e: std::io::Error| {
-        log::critical(&format!("{what}: {}", commands::strerror(&e)));
-        GaError::Pidfile(e)
-    };
+    fn fail(what: &str) -> impl FnOnce(std::io::Error) -> PidfileError + '_ {
+        move |source| PidfileError {
+            what: what.to_owned(),
+            source,
+        }
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .open(pidfile)
-        .map_err(|e| fail(&format!("Cannot open pid file {pidfile}"), e))?;
+        .map_err(fail(&format!("Cannot open pid file {pidfile}")))?;
     // SAFETY: lockf on our own open descriptor.
     if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } < 0 {
-        return Err(fail(
-            "Cannot lock pid file",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(fail("Cannot lock pid file")(std::io::Error::last_os_error()));
     }
     file.set_len(0)
         .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .map_err(|e| fail("Failed to write pid file", e))?;
+        .map_err(fail("Failed to write pid file"))?;
     // Keep the lock: the descriptor is never closed.
     std::mem::forget(file);
     Ok(())

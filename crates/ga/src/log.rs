@@ -22,9 +22,31 @@ pub fn init(file: Option<File>, verbose: bool) {
     VERBOSE.store(verbose, Ordering::Relaxed);
 }
 
+/// Opens (creates) `path` for appending and sends the log there; on
+/// failure the log stays where it was and the error is returned.
+pub fn open_file(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    Ok(())
+}
+
+/// A warning on stderr whatever `-v` says, as GLib prints qemu-ga's
+/// warnings before its log is set up.
+pub fn warning_to_stderr(msg: &str) {
+    let _ = std::io::stderr().write_all(&line("warning", msg.as_bytes()));
+}
+
 /// Turns logging off while frozen and on again after the thaw.
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether `-v` was given.
+pub fn debug_verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
 }
 
 /// Whether debug lines are written (so callers can skip formatting).

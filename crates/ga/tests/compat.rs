@@ -203,7 +203,8 @@ fn test_frozen_marker() {
     // exist, never a bare freeze: if the agent were not frozen after all,
     // a bare freeze would freeze every filesystem of the host.
     let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let agents = both(&[], &[], |d| {
+    // `-l` (relative: each agent's own directory) is deferred to the thaw.
+    let agents = both(&["-l", "ga.log", "-v"], &[], |d| {
         std::fs::write(d.join("qga.state.isfrozen"), b"").expect("marker");
     });
     same(&agents, &[b"{'execute':'guest-fsfreeze-status'}{'execute':'guest-get-time','id':1}{'execute':'guest-exec','arguments':{'path':'true'}}{'execute':'guest-file-open','arguments':{'path':'foo'}}{'execute':'guest-fsfreeze-freeze-list','arguments':{'mountpoints':['/nonexistent-qvirt-test']}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo'}"]);
@@ -211,14 +212,111 @@ fn test_frozen_marker() {
         &agents,
         &[b"{'execute':'guest-info'}{'execute':'guest-ping'}"],
     );
-    // Frozen: no state file was written.
+    // Frozen: no state file and no log file were written.
     for a in [&agents.0, &agents.1] {
         assert!(!a.dir.path().join("qga.state").exists());
+        assert!(!a.dir.path().join("ga.log").exists());
     }
     same(&agents, &[b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo','arguments':{'x':1}}"]);
+    let mut logs = Vec::new();
     for a in [&agents.0, &agents.1] {
         assert!(!a.dir.path().join("qga.state.isfrozen").exists());
+        // Opened at the thaw; up to the last response (the EOF after it
+        // may not be logged yet).
+        let log = std::fs::read(a.dir.path().join("ga.log")).expect("log after the thaw");
+        let text = unstamp(&String::from_utf8_lossy(&log));
+        let end = text
+            .rfind("debug: sending data")
+            .expect("no response logged");
+        let end = end + text[end..].find('\n').expect("line end") + 1;
+        logs.push(text[..end].to_owned());
     }
+    assert_eq!(logs[1], logs[0], "log: qvirt-ga (left), qemu-ga (right)");
+    assert!(logs[0].starts_with("warning: logging re-enabled due to filesystem unfreeze\n"));
+}
+
+/// The pid of the process at the other end of a unix socket.
+fn peer_pid(s: &UnixStream) -> libc::pid_t {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_PEERCRED");
+    cred.pid
+}
+
+/// A daemon started with the frozen marker writes (and locks) its pidfile
+/// only at the thaw, as qemu-ga defers it. The daemon is found through
+/// the socket's peer credentials, so it is killed even without a pidfile.
+#[test]
+fn test_daemon_started_frozen_writes_pidfile_at_thaw() {
+    let _lock = FREEZE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut outs = Vec::new();
+    for which in [Which::Qemu, Which::Qvirt] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("qga.state.isfrozen"), b"").expect("marker");
+        let sock = dir.path().join("sock");
+        let pidfile = dir.path().join("ga.pid");
+        let bin = match which {
+            Which::Qemu => qemu_ga(),
+            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+        };
+        let mut parent = Agent {
+            child: std::process::Command::new(bin)
+                .args(["-d", "-m", "unix-listen", "-p"])
+                .arg(&sock)
+                .arg("-t")
+                .arg(dir.path())
+                .arg("-f")
+                .arg(&pidfile)
+                .env_remove("QGA_CONF")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn"),
+            sock: sock.clone(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let st = wait_exit(&mut parent).expect("parent did not exit");
+        assert_eq!(st.code(), Some(0));
+        let deadline = Instant::now() + DEADLINE;
+        let mut s = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "daemon socket never came up");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _guard = PidGuard(peer_pid(&s));
+        assert!(!pidfile.exists(), "pidfile written while frozen");
+        s.write_all(b"{'execute':'guest-fsfreeze-status'}{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}")
+            .expect("write");
+        s.write_all(END).expect("end");
+        outs.push(read_until_end(&mut s));
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).expect("pidfile after the thaw"),
+            format!("{}\n", peer_pid(&s))
+        );
+    }
+    assert_eq!(outs[1], outs[0]);
+    assert_eq!(
+        outs[0],
+        b"{\"return\": \"frozen\"}\n{\"return\": 0}\n{\"return\": \"thawed\"}\n"
+    );
 }
 
 #[test]
