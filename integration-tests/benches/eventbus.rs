@@ -620,14 +620,19 @@ async fn main() {
     let (direct, direct_lost) = bounded("direct hub", hub_throughput()).await;
     let fan = bounded("fan-out", grpc_fanout(&url, svc.pid(), FANOUT_RATE)).await;
     drop(svc);
-    let mut fans = vec![(FANOUT_RATE, fan, hub_fanout(FANOUT_RATE).await)];
+    let mut fans = vec![("", FANOUT_RATE, fan, hub_fanout(FANOUT_RATE).await)];
     for rate in FANOUT_LOW_RATES {
-        // A fresh bus, so a lower rate does not start behind a backlog.
-        let mut svc = Service::start_with_config("qvirt-eventbus", CONFIG, &[]);
-        svc.wait_serving("qvirt.v1.EventBus").await;
-        let f = bounded("low-rate fan-out", grpc_fanout(&svc.url(), svc.pid(), rate)).await;
-        drop(svc);
-        fans.push((rate, f, hub_fanout(rate).await));
+        // The default runtime (a worker per core), then the bus on one
+        // thread (`worker_threads: 1`), each on a fresh bus so a lower rate
+        // does not start behind a backlog.
+        for (label, extra) in [("", ""), (", worker_threads: 1", "worker_threads: 1\n")] {
+            let config = format!("{CONFIG}{extra}");
+            let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
+            svc.wait_serving("qvirt.v1.EventBus").await;
+            let f = bounded("low-rate fan-out", grpc_fanout(&svc.url(), svc.pid(), rate)).await;
+            drop(svc);
+            fans.push((label, rate, f, hub_fanout(rate).await));
+        }
     }
     // A fresh bus with default queues, so the figure is about subscriptions.
     let mut idle = Service::start_with_config(
@@ -649,9 +654,9 @@ async fn main() {
         "  throughput, 1 publisher -> 1 subscriber: {grpc:.0} events/s delivered, {grpc_lost} of {THROUGHPUT_EVENTS} lost to a full queue (direct hub: {direct:.0}/s, {direct_lost} lost, ratio {:.2}; target >= 200000/s)",
         grpc / direct
     );
-    for (rate, f, (hub_p50, hub_p99)) in &fans {
+    for (label, rate, f, (hub_p50, hub_p99)) in &fans {
         println!(
-            "  fan-out, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
+            "  fan-out{label}, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
             rate * FANOUT_SUBSCRIBERS as u64 / 2,
             f.delivered_per_s,
             f.p50_us,
