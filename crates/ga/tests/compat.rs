@@ -1576,7 +1576,8 @@ fn test_exit_while_frozen_thaws() {
         assert!(got.ends_with(want), "{}", String::from_utf8_lossy(&got));
         assert!(is_frozen(&fs.mnt));
         assert!(agent.dir.path().join("qga.state.isfrozen").exists());
-        // Flood without reading until neither side moves, then hang up.
+        // Flood without reading until neither side moves for 1 s (the
+        // agent blocked writing, its input full), then hang up.
         use std::os::fd::AsRawFd;
         let fd = pty.master.as_raw_fd();
         // SAFETY: fcntl on our own pty master.
@@ -1602,7 +1603,7 @@ fn test_exit_while_frozen_thaws() {
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, 500) } == 0 {
+            if unsafe { libc::poll(&mut pfd, 1, 1000) } == 0 {
                 break;
             }
         }
