@@ -217,7 +217,12 @@ fn test_frozen_marker() {
         assert!(!a.dir.path().join("qga.state").exists());
         assert!(!a.dir.path().join("ga.log").exists());
     }
-    same(&agents, &[b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo','arguments':{'x':1}}"]);
+    // One write (end marker included): both agents read it in one go, so
+    // their logs have the same "read data" lines.
+    let thaw: &[u8] = b"{'execute':'guest-fsfreeze-thaw'}{'execute':'guest-fsfreeze-status'}{'execute':'guest-sync','arguments':{'id':3}}{'execute':'guest-get-devices'}{'execute':'guest-get-osinfo','arguments':{'x':1}}";
+    let a = exchange_one_write(&agents.0, thaw);
+    let b = exchange_one_write(&agents.1, thaw);
+    assert_eq!(String::from_utf8_lossy(&b), String::from_utf8_lossy(&a));
     let mut logs = Vec::new();
     for a in [&agents.0, &agents.1] {
         assert!(!a.dir.path().join("qga.state.isfrozen").exists());
@@ -797,17 +802,10 @@ fn test_real_freeze_of_a_scratch_filesystem() {
         );
         // One write each (end marker included), so that both agents read
         // each in one go and log the same "read data" lines.
-        let one_write = |req: &str| {
-            let mut s = UnixStream::connect(&agent.sock).expect("connect");
-            let mut all = req.as_bytes().to_vec();
-            all.extend_from_slice(END);
-            s.write_all(&all).expect("write");
-            read_until_end(&mut s)
-        };
-        let frozen = one_write(&freeze);
+        let frozen = exchange_one_write(&agent, freeze.as_bytes());
         // Writes to the frozen filesystem would block: check the state
         // through the agent only, then thaw.
-        let thawed = one_write(thaw);
+        let thawed = exchange_one_write(&agent, thaw.as_bytes());
         let hooks = std::fs::read_to_string(&hook_log).unwrap_or_default();
         assert!(!agent.dir.path().join("qga.state.isfrozen").exists());
         outs.push((frozen, thawed, hooks));

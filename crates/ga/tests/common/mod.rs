@@ -128,6 +128,17 @@ pub fn exchange(agent: &Agent, chunks: &[&[u8]]) -> Vec<u8> {
     read_until_end(&mut s)
 }
 
+/// As [`exchange`], but `req` and the end marker go in one write, so the
+/// agent reads them in one go (where the log's "read data" lines are
+/// compared).
+pub fn exchange_one_write(agent: &Agent, req: &[u8]) -> Vec<u8> {
+    let mut s = UnixStream::connect(&agent.sock).expect("connect");
+    let mut all = req.to_vec();
+    all.extend_from_slice(END);
+    s.write_all(&all).expect("write");
+    read_until_end(&mut s)
+}
+
 pub fn same(agents: &(Agent, Agent), chunks: &[&[u8]]) -> Vec<u8> {
     let a = exchange(&agents.0, chunks);
     let b = exchange(&agents.1, chunks);
