@@ -127,9 +127,10 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 async fn bounded<T>(phase: &str, f: impl std::future::Future<Output = T>) -> T {
     match tokio::time::timeout(PHASE_TIMEOUT, f).await {
         Ok(v) => v,
+        // A panic, not an exit: unwinding drops the phase's services and
+        // QEMU guards, which kill their processes by pid.
         Err(_) => {
-            eprintln!("event bus bench: the {phase} phase did not finish within {PHASE_TIMEOUT:?}");
-            std::process::exit(1);
+            panic!("event bus bench: the {phase} phase did not finish within {PHASE_TIMEOUT:?}")
         }
     }
 }
