@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_eventbus::hub::{Hub, HubConfig, SubscribeOptions, SubscriptionItem};
+use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
 use qvirt_integration_tests::{ChildGuard, Service, kill_domain_qemu, rss_kib, tool_path};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
@@ -62,13 +63,6 @@ fn now_ns() -> u128 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos()
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 async fn subscribe(
@@ -315,10 +309,10 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
     let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
     let mut streamer = publisher.clone();
     // The bus's CPU with every subscription open and nothing published.
-    let idle_start = cpu_ms(bus_pid);
+    let idle_start = cpu_ns(bus_pid);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let bus_idle_cores = (cpu_ms(bus_pid) - idle_start) as f64 / 1000.0;
-    let cpu_start = (cpu_ms(bus_pid), cpu_ms(std::process::id()));
+    let bus_idle_cores = (cpu_ns(bus_pid) - idle_start) as f64 / 1e9;
+    let cpu_start = (cpu_ns(bus_pid), cpu_ns(std::process::id()));
     let start = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let send = tokio::spawn(async move {
@@ -351,8 +345,8 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
         lost += x;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let bus_cpu = (cpu_ms(bus_pid) - cpu_start.0) as f64 / 1000.0;
-    let bench_cpu = (cpu_ms(std::process::id()) - cpu_start.1) as f64 / 1000.0;
+    let bus_cpu = (cpu_ns(bus_pid) - cpu_start.0) as f64 / 1e9;
+    let bench_cpu = (cpu_ns(std::process::id()) - cpu_start.1) as f64 / 1e9;
     all.sort_unstable();
     FanOut {
         delivered_per_s: all.len() as f64 / elapsed,
@@ -363,19 +357,6 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
         bus_idle_cores,
         bench_cores: bench_cpu / elapsed,
     }
-}
-
-/// User + system CPU time of process `pid` so far, in ms.
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which ends with the last ')'.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1000 / hz
 }
 
 /// RSS of the bus before and with IDLE_SUBSCRIPTIONS open, and after they
@@ -463,11 +444,6 @@ impl Qmp {
 struct QmpLatency {
     bus: Duration,
     bare: Duration,
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// A QEMU guest (TCG, no OS) run by a supervisor that publishes to a bus,
@@ -577,8 +553,8 @@ async fn qmp_latency() -> QmpLatency {
     drop(qmp);
     drop(bare_qemu);
     QmpLatency {
-        bus: median(ours),
-        bare: median(bare),
+        bus: Spread::of(ours).median,
+        bare: Spread::of(bare).median,
     }
 }
 
