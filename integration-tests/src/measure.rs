@@ -21,7 +21,31 @@ pub struct Spread {
     pub p99: Duration,
 }
 
+/// The unit a [`Spread`] is printed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Microseconds, one decimal.
+    Micros,
+    /// Milliseconds, two decimals.
+    Millis,
+}
+
 impl Spread {
+    /// One bench line: `NAME n=N median M UNIT  p99 P UNIT`, the name
+    /// padded to `width`.
+    pub fn line(&self, name: &str, width: usize, unit: Unit) -> String {
+        let (scale, label, decimals) = match unit {
+            Unit::Micros => (1e6, "µs", 1),
+            Unit::Millis => (1e3, "ms", 2),
+        };
+        format!(
+            "{name:<width$} n={} median {:>8.decimals$} {label}  p99 {:>8.decimals$} {label}",
+            self.n,
+            self.median.as_secs_f64() * scale,
+            self.p99.as_secs_f64() * scale,
+        )
+    }
+
     /// Sorts `samples` and takes their median and p99; panics if empty.
     pub fn of(mut samples: Vec<Duration>) -> Spread {
         samples.sort();
@@ -60,6 +84,14 @@ mod tests {
         assert_eq!(s.n, 100);
         assert_eq!(s.median, Duration::from_micros(51));
         assert_eq!(s.p99, Duration::from_micros(99));
+        assert_eq!(
+            s.line("x", 3, Unit::Micros),
+            "x   n=100 median     51.0 µs  p99     99.0 µs"
+        );
+        assert_eq!(
+            s.line("x", 1, Unit::Millis),
+            "x n=100 median     0.05 ms  p99     0.10 ms"
+        );
     }
 
     #[test]

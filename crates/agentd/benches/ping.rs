@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_agentd::channel::{AgentChannel, ChannelSettings};
-use qvirt_integration_tests::measure::{Spread, cpu_ns};
+use qvirt_integration_tests::measure::{Spread, Unit, cpu_ns};
 use qvirt_integration_tests::{ChildGuard, tool_path};
 use qvirt_proto::v1::PingRequest;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
@@ -35,12 +35,7 @@ const PER_ROUND: usize = 50;
 
 fn report(name: &str, samples: Vec<Duration>) -> Duration {
     let s = Spread::of(samples);
-    println!(
-        "{name:<34} n={} median {:>8.1} µs  p99 {:>8.1} µs",
-        s.n,
-        s.median.as_secs_f64() * 1e6,
-        s.p99.as_secs_f64() * 1e6
-    );
+    println!("{}", s.line(name, 34, Unit::Micros));
     s.median
 }
 

@@ -184,7 +184,6 @@ mod tests {
 
     #[test]
     fn test_defaults_are_valid() {
-        use qvirt_common::cli::ServiceConfig;
         let c = Config::default();
         assert!(c.validate().is_ok());
         assert_eq!(c.command_timeout(), Duration::from_secs(10));

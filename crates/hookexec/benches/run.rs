@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use qvirt_hookexec::exec::{Invocation, hook_env, run_script};
 use qvirt_integration_tests::ChildGuard;
-use qvirt_integration_tests::measure::Spread;
+use qvirt_integration_tests::measure::{Spread, Unit};
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::{HookDriver, HookOutcome, RunHookRequest};
 use tokio::runtime::Runtime;
@@ -41,12 +41,7 @@ const SCRIPT: &str = "#!/bin/sh\ncat >/dev/null\nexit 0\n";
 
 fn report(name: &str, samples: Vec<Duration>) -> Duration {
     let s = Spread::of(samples);
-    println!(
-        "{name:<40} n={} median {:>8.2} ms  p99 {:>8.2} ms",
-        s.n,
-        s.median.as_secs_f64() * 1e3,
-        s.p99.as_secs_f64() * 1e3
-    );
+    println!("{}", s.line(name, 40, Unit::Millis));
     s.median
 }
 
