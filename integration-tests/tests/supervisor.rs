@@ -874,3 +874,149 @@ async fn test_agent_mode_shutdown_and_reboot_need_an_agent_and_pass_its_failure_
     sup.destroy("with-agent").await;
     wait_gone(d.pid).await;
 }
+
+/// The pids of the live QEMUs whose command line holds `uuid`.
+fn qemu_pids(uuid: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        if pid_alive(pid) && qvirt_integration_tests::runs_domain(pid, uuid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// SIGKILLs on drop every QEMU still running one of the UUIDs (for QEMUs
+/// the supervisor may have launched without answering with their pid).
+#[derive(Default)]
+struct UuidReaper(Mutex<Vec<String>>);
+
+impl UuidReaper {
+    fn track(&self, uuid: &str) {
+        self.0.lock().unwrap().push(uuid.to_owned());
+    }
+}
+
+impl Drop for UuidReaper {
+    fn drop(&mut self) {
+        for uuid in self.0.lock().unwrap().iter() {
+            for pid in qemu_pids(uuid) {
+                kill_domain_qemu(pid, uuid);
+            }
+        }
+    }
+}
+
+/// Wait (with a deadline) until no QEMU runs `uuid`.
+async fn wait_no_qemu(uuid: &str) {
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let pids = qemu_pids(uuid);
+        if pids.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {pids:?} of {uuid} still running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_start_queued_behind_undefine_never_launches_qemu() {
+    // Undefine(destroy) holds the domain's lock while it destroys; a Start
+    // sent meanwhile found the domain before it was removed and waits for
+    // the lock. It must answer NOT_FOUND (or FAILED_PRECONDITION when it
+    // came first), never launch QEMU for a domain that no longer exists.
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let uuids = UuidReaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    for round in 0..6 {
+        let d = sup.define(&yaml("doomed")).await.unwrap();
+        let uuid = d.spec.unwrap().uuid;
+        uuids.track(&uuid);
+        sup.start_domain("doomed", false, &reaper).await.unwrap();
+        let mut undefine_client = sup.client.clone();
+        let undefine = tokio::spawn(async move {
+            undefine_client
+                .undefine_domain(UndefineDomainRequest {
+                    domain: "doomed".into(),
+                    destroy: true,
+                })
+                .await
+        });
+        // Several Starts, so that some arrive while the destroy runs.
+        let starts: Vec<_> = (0..4)
+            .map(|i| {
+                let mut client = sup.client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(2 * i)).await;
+                    client
+                        .start_domain(StartDomainRequest {
+                            domain: "doomed".into(),
+                            paused: false,
+                        })
+                        .await
+                })
+            })
+            .collect();
+        undefine.await.unwrap().unwrap();
+        for start in futures_join(starts.into_iter()).await {
+            match start {
+                Ok(r) => panic!(
+                    "round {round}: a start of an undefined domain succeeded: {:?}",
+                    r.into_inner().domain
+                ),
+                Err(status) => assert!(
+                    matches!(status.code(), Code::NotFound | Code::FailedPrecondition),
+                    "round {round}: {status:?}"
+                ),
+            }
+        }
+        assert_eq!(
+            sup.get("doomed").await.unwrap_err().code(),
+            Code::NotFound,
+            "round {round}"
+        );
+        wait_no_qemu(&uuid).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_two_concurrent_starts_launch_one_qemu() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let uuids = UuidReaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    let uuid = sup.define(&yaml("twice")).await.unwrap().spec.unwrap().uuid;
+    uuids.track(&uuid);
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = sup.client.clone();
+            tokio::spawn(async move {
+                client
+                    .start_domain(StartDomainRequest {
+                        domain: "twice".into(),
+                        paused: false,
+                    })
+                    .await
+                    .map(|r| r.into_inner().domain.unwrap())
+            })
+        })
+        .collect();
+    let results = futures_join(starts.into_iter()).await;
+    let ok: Vec<&Domain> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(ok.len(), 1, "{results:?}");
+    reaper.track(ok[0]);
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert_eq!(refused[0].code(), Code::FailedPrecondition, "{results:?}");
+    assert_eq!(qemu_pids(&uuid), [ok[0].pid]);
+    assert_eq!(sup.destroy("twice").await.state(), DomainState::Shutoff);
+    wait_no_qemu(&uuid).await;
+}

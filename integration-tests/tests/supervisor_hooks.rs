@@ -663,3 +663,124 @@ async fn test_hook_past_the_call_timeout_is_killed_before_the_stop_hooks() {
         world.calls()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_start_outliving_the_clients_deadline_completes_with_one_qemu() {
+    // Decision: a Start the client gave up on (deadline, hang-up) runs to
+    // its end on the supervisor, as a libvirt API call does; only the
+    // answer is lost. The `started` hook takes a second, the client's
+    // deadline is 200 ms.
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    world.clear_calls();
+    std::fs::write(world.path("slow-vm-started"), "").unwrap();
+    let mut request = tonic::Request::new(StartDomainRequest {
+        domain: "vm".into(),
+        paused: false,
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let err = sup.client.start_domain(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let d = sup.wait_state("vm", DomainState::Running).await;
+    assert_eq!(qemu_pids(&uuid), [d.pid], "not exactly the recorded QEMU");
+    world
+        .wait_calls_of(
+            "vm",
+            &[
+                "vm prepare begin -",
+                "vm start begin -",
+                "vm started begin -",
+            ],
+        )
+        .await;
+    // A second start sees it running: no second QEMU.
+    let err = sup.start("vm").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(qemu_pids(&uuid), [d.pid]);
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "vm".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    wait_no_qemu(&uuid).await;
+    world
+        .wait_calls_of(
+            "vm",
+            &[
+                "vm prepare begin -",
+                "vm start begin -",
+                "vm started begin -",
+                "vm stopped end -",
+                "vm release end -",
+            ],
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_domain_hanging_in_its_prepare_hook_does_not_hold_up_another() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let a = sup.define(&world, "a").await.spec.unwrap().uuid;
+    let b = sup.define(&world, "b").await.spec.unwrap().uuid;
+    world.clear_calls();
+    std::fs::write(world.path("hang-a-prepare"), "").unwrap();
+    let mut client = sup.client.clone();
+    let start_a = tokio::spawn(async move {
+        client
+            .start_domain(StartDomainRequest {
+                domain: "a".into(),
+                paused: false,
+            })
+            .await
+    });
+    world.wait_calls_of("a", &["a prepare begin -"]).await;
+    let d = sup.start("b").await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    // A's prepare hook still hangs (until the executor's 30 s timeout or
+    // the kill below), so its start has not answered.
+    assert!(
+        !start_a.is_finished(),
+        "A's start ended while its hook hung"
+    );
+    assert_eq!(world.calls_of("a"), ["a prepare begin -"]);
+    // Release A's hook: its start goes on.
+    std::fs::remove_file(world.path("hang-a-prepare")).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let pid: i32 = loop {
+        let hang = std::fs::read_to_string(world.path("hang.pid")).unwrap_or_default();
+        if let Ok(pid) = hang.trim().parse() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no hang.pid within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // SAFETY: kill(2) on the hook's `sleep` child, whose pid it wrote.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let a_started = tokio::time::timeout(WAIT, start_a)
+        .await
+        .expect("A's start did not end")
+        .unwrap()
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!(a_started.state(), DomainState::Running);
+    for name in ["a", "b"] {
+        sup.client
+            .destroy_domain(DestroyDomainRequest {
+                domain: name.into(),
+                graceful: false,
+            })
+            .await
+            .unwrap();
+    }
+    wait_no_qemu(&a).await;
+    wait_no_qemu(&b).await;
+}

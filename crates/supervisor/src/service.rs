@@ -44,6 +44,23 @@ fn timeout(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status>
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Run a domain-changing manager call on its own task and wait for it.
+///
+/// tonic drops a request's future when the client's deadline passes or it
+/// hangs up; dropped midway, a start would leave a launched QEMU nobody
+/// records (or skip the stop hooks). On its own task the call always runs
+/// to its end; only the answer is lost.
+async fn detached<T, F>(call: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, DomainError>> + Send + 'static,
+{
+    match tokio::spawn(call).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(error) => Err(Status::internal(format!("domain task failed: {error}"))),
+    }
+}
+
 #[tonic::async_trait]
 impl Supervisor for SupervisorService {
     async fn define_domain(
@@ -61,7 +78,9 @@ impl Supervisor for SupervisorService {
                 ));
             }
         };
-        let domain = self.manager.define(spec, request.allow_update).await?;
+        let manager = self.manager.clone();
+        let allow_update = request.allow_update;
+        let domain = detached(async move { manager.define(spec, allow_update).await }).await?;
         Ok(Response::new(DefineDomainResponse {
             domain: Some(domain),
         }))
@@ -72,9 +91,10 @@ impl Supervisor for SupervisorService {
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
         let request = request.into_inner();
-        self.manager
-            .undefine(domain_key(&request.domain)?, request.destroy)
-            .await?;
+        let key = domain_key(&request.domain)?.to_owned();
+        let manager = self.manager.clone();
+        let destroy = request.destroy;
+        detached(async move { manager.undefine(&key, destroy).await }).await?;
         Ok(Response::new(UndefineDomainResponse {}))
     }
 
@@ -100,10 +120,10 @@ impl Supervisor for SupervisorService {
         request: Request<StartDomainRequest>,
     ) -> Reply<StartDomainResponse> {
         let request = request.into_inner();
-        let domain = self
-            .manager
-            .start(domain_key(&request.domain)?, request.paused)
-            .await?;
+        let key = domain_key(&request.domain)?.to_owned();
+        let manager = self.manager.clone();
+        let paused = request.paused;
+        let domain = detached(async move { manager.start(&key, paused).await }).await?;
         Ok(Response::new(StartDomainResponse {
             domain: Some(domain),
         }))
@@ -115,14 +135,10 @@ impl Supervisor for SupervisorService {
     ) -> Reply<ShutdownDomainResponse> {
         let request = request.into_inner();
         let mode = request.mode();
-        let domain = self
-            .manager
-            .shutdown(
-                domain_key(&request.domain)?,
-                mode,
-                timeout(request.timeout)?,
-            )
-            .await?;
+        let key = domain_key(&request.domain)?.to_owned();
+        let timeout = timeout(request.timeout)?;
+        let manager = self.manager.clone();
+        let domain = detached(async move { manager.shutdown(&key, mode, timeout).await }).await?;
         Ok(Response::new(ShutdownDomainResponse {
             domain: Some(domain),
         }))
@@ -133,10 +149,10 @@ impl Supervisor for SupervisorService {
         request: Request<DestroyDomainRequest>,
     ) -> Reply<DestroyDomainResponse> {
         let request = request.into_inner();
-        let domain = self
-            .manager
-            .destroy(domain_key(&request.domain)?, request.graceful)
-            .await?;
+        let key = domain_key(&request.domain)?.to_owned();
+        let manager = self.manager.clone();
+        let graceful = request.graceful;
+        let domain = detached(async move { manager.destroy(&key, graceful).await }).await?;
         Ok(Response::new(DestroyDomainResponse {
             domain: Some(domain),
         }))
@@ -146,10 +162,9 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<SuspendDomainRequest>,
     ) -> Reply<SuspendDomainResponse> {
-        let domain = self
-            .manager
-            .suspend(domain_key(&request.into_inner().domain)?)
-            .await?;
+        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let manager = self.manager.clone();
+        let domain = detached(async move { manager.suspend(&key).await }).await?;
         Ok(Response::new(SuspendDomainResponse {
             domain: Some(domain),
         }))
@@ -159,10 +174,9 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<ResumeDomainRequest>,
     ) -> Reply<ResumeDomainResponse> {
-        let domain = self
-            .manager
-            .resume(domain_key(&request.into_inner().domain)?)
-            .await?;
+        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let manager = self.manager.clone();
+        let domain = detached(async move { manager.resume(&key).await }).await?;
         Ok(Response::new(ResumeDomainResponse {
             domain: Some(domain),
         }))
@@ -172,10 +186,9 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<ResetDomainRequest>,
     ) -> Reply<ResetDomainResponse> {
-        let domain = self
-            .manager
-            .reset(domain_key(&request.into_inner().domain)?)
-            .await?;
+        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let manager = self.manager.clone();
+        let domain = detached(async move { manager.reset(&key).await }).await?;
         Ok(Response::new(ResetDomainResponse {
             domain: Some(domain),
         }))
@@ -187,10 +200,9 @@ impl Supervisor for SupervisorService {
     ) -> Reply<RebootDomainResponse> {
         let request = request.into_inner();
         let mode = request.mode();
-        let domain = self
-            .manager
-            .reboot(domain_key(&request.domain)?, mode)
-            .await?;
+        let key = domain_key(&request.domain)?.to_owned();
+        let manager = self.manager.clone();
+        let domain = detached(async move { manager.reboot(&key, mode).await }).await?;
         Ok(Response::new(RebootDomainResponse {
             domain: Some(domain),
         }))

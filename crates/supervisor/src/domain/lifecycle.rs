@@ -30,7 +30,7 @@ impl Manager {
     /// Start a SHUTOFF domain, optionally leaving its vCPUs paused.
     pub async fn start(&self, key: &str, paused: bool) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let (spec, state) = {
             let data = entry.data();
             (data.spec.clone(), data.status.state)
@@ -226,7 +226,7 @@ impl Manager {
     /// `graceful`).
     pub async fn destroy(&self, key: &str, graceful: bool) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         self.destroy_locked(&entry, graceful).await?;
         Ok(self.snapshot(&entry))
     }
@@ -325,7 +325,7 @@ impl Manager {
     ) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
         {
-            let _op = entry.op.lock().await;
+            let _op = entry.lock_op().await?;
             let qmp = Self::running_qmp(&entry, "shutdown needs a running domain")?;
             let agent = match mode {
                 ShutdownMode::Agent => Some(self.agent_of(&entry)?),
@@ -373,7 +373,7 @@ impl Manager {
     /// module docs).
     pub async fn reboot(&self, key: &str, mode: ShutdownMode) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "reboot needs a running domain")?;
         let state = entry.data().status.state;
         if state != DomainState::Running as i32 {

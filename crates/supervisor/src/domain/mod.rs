@@ -22,7 +22,7 @@ pub mod store;
 mod watcher;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +96,9 @@ struct Entry {
     data: Mutex<Data>,
     /// Bumped on every state change, for callers that wait for one.
     changed: watch::Sender<u64>,
+    /// Set by Undefine under `op`: a call that found the entry before it
+    /// was removed and got `op` after answers NOT_FOUND.
+    removed: AtomicBool,
 }
 
 impl Entry {
@@ -105,7 +108,18 @@ impl Entry {
             stop_hooks: tokio::sync::Mutex::new(()),
             data: Mutex::new(data),
             changed: watch::channel(0).0,
+            removed: AtomicBool::new(false),
         })
+    }
+
+    /// Take the op lock; NOT_FOUND when Undefine removed the domain while
+    /// the caller waited for it.
+    async fn lock_op(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, DomainError> {
+        let guard = self.op.lock().await;
+        if self.removed.load(Ordering::SeqCst) {
+            return Err(DomainError::NotFound(self.name()));
+        }
+        Ok(guard)
     }
 
     fn data(&self) -> MutexGuard<'_, Data> {
@@ -426,7 +440,7 @@ impl Manager {
                     value: spec.name,
                 });
             }
-            let _op = entry.op.lock().await;
+            let _op = entry.lock_op().await?;
             let old_uuid = entry.data().spec.uuid.clone();
             if !uuid_given {
                 spec.uuid = old_uuid;
@@ -489,7 +503,7 @@ impl Manager {
     pub async fn undefine(&self, key: &str, destroy: bool) -> Result<(), DomainError> {
         let _define = self.inner.define_lock.lock().await;
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let running = {
             let data = entry.data();
             data.run.is_some() || data.status.pid != 0
@@ -509,6 +523,7 @@ impl Manager {
         let store = self.inner.store.clone();
         let name = spec.name.clone();
         blocking(move || store.remove(&name)).await?;
+        entry.removed.store(true, Ordering::SeqCst);
         self.domains().remove(&spec.name);
         self.emit(
             &spec,
@@ -568,7 +583,7 @@ impl Manager {
     /// Pause the vCPUs (`stop`).
     pub async fn suspend(&self, key: &str) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "suspend needs a running domain")?;
         let state = entry.data().status.state;
         if state == DomainState::Paused as i32 {
@@ -595,7 +610,7 @@ impl Manager {
     /// Resume the vCPUs (`cont`).
     pub async fn resume(&self, key: &str) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "resume needs a paused domain")?;
         let state = entry.data().status.state;
         if state != DomainState::Paused as i32 {
@@ -623,7 +638,7 @@ impl Manager {
     /// Hard reset (`system_reset`).
     pub async fn reset(&self, key: &str) -> Result<Domain, DomainError> {
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "reset needs a running domain")?;
         self.qmp(&entry, &qmp, "system_reset").await?;
         Ok(self.snapshot(&entry))
@@ -637,7 +652,7 @@ impl Manager {
     ) -> Result<String, DomainError> {
         let request = raw_request(command_json)?;
         let entry = self.find(key)?;
-        let _op = entry.op.lock().await;
+        let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "monitor commands need a running domain")?;
         let timeout = Duration::from_secs(self.config().command_timeout_secs);
         match tokio::time::timeout(timeout, qmp.execute_raw(&request)).await {
