@@ -35,6 +35,11 @@ use crate::service::{
 const MONITOR_PATH: &str = "/qvirt.v1.EventBus/SubscribeMonitorEvents";
 const DOMAIN_PATH: &str = "/qvirt.v1.EventBus/SubscribeDomainEvents";
 
+/// The largest subscription request decoded, in bytes: its fields are
+/// bounded far below this (event filter 1 KiB, domain and host 256 bytes),
+/// so a bigger one is refused before it is even held.
+pub const MAX_SUBSCRIBE_REQUEST: usize = 8 * 1024;
+
 /// The event bus as a tonic service: serve this, not a bare
 /// `EventBusServer`.
 #[derive(Debug, Clone)]
@@ -71,14 +76,16 @@ impl Service<http::Request<Body>> for BusServer {
             MONITOR_PATH => {
                 let svc = MonitorStreams(self.service.clone());
                 Box::pin(async move {
-                    let mut grpc = Grpc::new(PreEncoded::<SubscribeMonitorEventsRequest>::new());
+                    let mut grpc = Grpc::new(PreEncoded::<SubscribeMonitorEventsRequest>::new())
+                        .max_decoding_message_size(MAX_SUBSCRIBE_REQUEST);
                     Ok(grpc.server_streaming(svc, req).await)
                 })
             }
             DOMAIN_PATH => {
                 let svc = DomainStreams(self.service.clone());
                 Box::pin(async move {
-                    let mut grpc = Grpc::new(PreEncoded::<SubscribeDomainEventsRequest>::new());
+                    let mut grpc = Grpc::new(PreEncoded::<SubscribeDomainEventsRequest>::new())
+                        .max_decoding_message_size(MAX_SUBSCRIBE_REQUEST);
                     Ok(grpc.server_streaming(svc, req).await)
                 })
             }

@@ -36,6 +36,24 @@ pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
 /// secret configured as `gateway_token` in both.
 pub const GATEWAY_TOKEN_METADATA: &str = "x-qvirt-gateway-token";
 
+/// The longest `domain` or `host` a subscription may filter on, in bytes.
+/// A subscription holds its filter for its whole life, so without a bound
+/// a client could park a request-sized (4 MiB) string in each of its slots.
+/// Domain names are at most 64 bytes, a UUID with dashes 36, a host name
+/// 253.
+pub const MAX_FILTER_FIELD_LEN: usize = 256;
+
+/// Refuses a `field` value longer than [`MAX_FILTER_FIELD_LEN`].
+fn bounded(field: &str, value: &str) -> Result<(), Status> {
+    if value.len() > MAX_FILTER_FIELD_LEN {
+        return Err(Status::invalid_argument(format!(
+            "{field}: is {} bytes, at most {MAX_FILTER_FIELD_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 /// One event on the bus: both kinds share one sequence space.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BusEvent {
@@ -429,6 +447,8 @@ impl EventBusService {
     {
         let who = self.principal(&request);
         let req = request.into_inner();
+        bounded("domain", &req.domain)?;
+        bounded("host", &req.host)?;
         let domain = DomainFilter::new(&req.domain);
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
@@ -458,6 +478,8 @@ impl EventBusService {
     {
         let who = self.principal(&request);
         let req = request.into_inner();
+        bounded("domain", &req.domain)?;
+        bounded("host", &req.host)?;
         let filter = MonitorEventFilter {
             domain: DomainFilter::new(&req.domain),
             event: EventNameFilter::new(&req.event, flags(&req.flags)?).map_err(status::filter)?,
