@@ -784,3 +784,48 @@ async fn test_a_domain_hanging_in_its_prepare_hook_does_not_hold_up_another() {
     wait_no_qemu(&a).await;
     wait_no_qemu(&b).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "gone").await.spec.unwrap().uuid;
+    let d = sup.start("gone").await.unwrap();
+    let sup_pid = sup.svc.pid();
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup_pid as i32, libc::SIGKILL) };
+    drop(sup);
+    qvirt_integration_tests::kill_domain_qemu(d.pid, &uuid);
+    wait_no_qemu(&uuid).await;
+    world.clear_calls();
+
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let d = sup.get("gone").await;
+    assert_eq!(
+        (d.state(), d.reason(), d.pid),
+        (DomainState::Shutoff, DomainStateReason::ShutoffCrashed, 0)
+    );
+    // As libvirt: the stop path's hooks, not the reconnect hook.
+    world
+        .wait_calls_of("gone", &["gone stopped end -", "gone release end -"])
+        .await;
+    // It starts again, its prepare hook after the release hook.
+    let d = sup.start("gone").await.unwrap();
+    assert_eq!(qemu_pids(&uuid), [d.pid]);
+    assert_eq!(
+        world.calls_of("gone")[..3],
+        [
+            "gone stopped end -",
+            "gone release end -",
+            "gone prepare begin -"
+        ]
+    );
+    sup.client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "gone".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    wait_no_qemu(&uuid).await;
+}

@@ -432,17 +432,38 @@ impl Manager {
             data.status.agent_socket.clear();
             data.status.started_at_ms = None;
         };
-        if let Err(error) = identity.verify().await {
-            info!(domain = %name, %error, "QEMU died while the supervisor was away");
-            clear(entry);
-            self.transition(
-                entry,
-                DomainState::Shutoff,
-                DomainStateReason::ShutoffCrashed,
-            )
-            .await;
-            self.emit(&spec, DomainEventType::Stopped, 3);
-            return;
+        match identity.verify().await {
+            Ok(()) => {}
+            Err(error) if error.proves_gone() => {
+                info!(domain = %name, %error, "QEMU died while the supervisor was away");
+                // Held until its stopped and release hooks are done, so a
+                // start's prepare hook never overtakes them.
+                let stop_hooks = Arc::clone(&entry.stop_hooks).lock_owned().await;
+                clear(entry);
+                self.transition(
+                    entry,
+                    DomainState::Shutoff,
+                    DomainStateReason::ShutoffCrashed,
+                )
+                .await;
+                self.emit(&spec, DomainEventType::Stopped, 3);
+                // As libvirt, the stop path's hooks run for a guest that
+                // died unwatched; on a task, so startup is not held up.
+                let manager = self.clone();
+                self.inner.tasks.spawn(async move {
+                    let _stop_hooks = stop_hooks;
+                    manager.run_stop_hooks(&spec).await;
+                });
+                return;
+            }
+            Err(error) => {
+                // Not a proof of death (e.g. EACCES on /proc): keep the
+                // domain as recorded, detached (its calls answer
+                // UNAVAILABLE) until a restart can check it.
+                error!(domain = %name, pid = identity.pid, error = %qvirt_common::error_chain(&error),
+                    "cannot check the recorded QEMU; domain left as recorded, detached");
+                return;
+            }
         }
         let timeout = Duration::from_secs(self.config().start_timeout_secs);
         let socket = std::path::PathBuf::from(&status.monitor_socket);

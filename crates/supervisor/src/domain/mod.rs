@@ -92,7 +92,7 @@ struct Entry {
     /// Held by the watcher from a QEMU's exit until its stopped and release
     /// hooks are done; a start waits for it, so the next prepare hook never
     /// overtakes the previous run's release hook.
-    stop_hooks: tokio::sync::Mutex<()>,
+    stop_hooks: Arc<tokio::sync::Mutex<()>>,
     data: Mutex<Data>,
     /// Bumped on every state change, for callers that wait for one.
     changed: watch::Sender<u64>,
@@ -105,7 +105,7 @@ impl Entry {
     fn new(data: Data) -> Arc<Self> {
         Arc::new(Entry {
             op: tokio::sync::Mutex::new(()),
-            stop_hooks: tokio::sync::Mutex::new(()),
+            stop_hooks: Arc::new(tokio::sync::Mutex::new(())),
             data: Mutex::new(data),
             changed: watch::channel(0).0,
             removed: AtomicBool::new(false),
@@ -198,6 +198,9 @@ pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
     Ok(request.to_string())
 }
 
+/// How many guests `Manager::open` re-attaches at once.
+const RECONNECT_PARALLEL: usize = 8;
+
 /// Shared state behind [`Manager`].
 struct Inner {
     config: Config,
@@ -272,6 +275,7 @@ impl Manager {
                 stop: CancellationToken::new(),
             }),
         };
+        let mut entries = Vec::new();
         for item in loaded {
             let name = item.spec.name.clone();
             let mut status = item.status.unwrap_or_default();
@@ -287,9 +291,29 @@ impl Manager {
                 run: None,
             });
             manager.domains().insert(name, Arc::clone(&entry));
-            manager.recover(&entry).await;
+            entries.push(entry);
+        }
+        // Re-attach several guests at once: one unreachable monitor (or a
+        // slow reconnect hook) must not hold up every other guest.
+        let mut reconnects = tokio::task::JoinSet::new();
+        for entry in entries {
+            while reconnects.len() >= RECONNECT_PARALLEL {
+                Self::joined(reconnects.join_next().await);
+            }
+            let manager = manager.clone();
+            reconnects.spawn(async move { manager.recover(&entry).await });
+        }
+        while let Some(done) = reconnects.join_next().await {
+            Self::joined(Some(done));
         }
         Ok(manager)
+    }
+
+    /// Log a reconnect task that panicked.
+    fn joined(done: Option<Result<(), tokio::task::JoinError>>) {
+        if let Some(Err(error)) = done {
+            tracing::error!(%error, "re-attaching a domain failed");
+        }
     }
 
     /// Stop the watcher tasks and wait for them (QEMUs keep running; the

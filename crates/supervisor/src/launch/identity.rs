@@ -63,6 +63,20 @@ pub enum IdentityError {
     },
 }
 
+impl IdentityError {
+    /// Whether the error proves the recorded process is gone (exited, or
+    /// its pid reused by another process), rather than that it could not
+    /// be checked (a read or parse failure).
+    pub fn proves_gone(&self) -> bool {
+        matches!(
+            self,
+            IdentityError::NotRunning { .. }
+                | IdentityError::StartTimeMismatch { .. }
+                | IdentityError::CmdlineMismatch { .. }
+        )
+    }
+}
+
 /// Parse the state letter and start time (fields 3 and 22) of a
 /// `/proc/PID/stat` line. Field 2, the command name in parentheses, may hold
 /// spaces and parentheses, so fields are counted after the last `)`.
@@ -134,6 +148,32 @@ impl ProcessIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_only_exit_or_pid_reuse_proves_gone() {
+        let gone = [
+            IdentityError::NotRunning { pid: 1 },
+            IdentityError::StartTimeMismatch {
+                pid: 1,
+                recorded: 1,
+                found: 2,
+            },
+            IdentityError::CmdlineMismatch { pid: 1 },
+        ];
+        assert!(gone.iter().all(IdentityError::proves_gone));
+        let unknown = [
+            IdentityError::ReadProc {
+                pid: 1,
+                file: "stat",
+                source: io::Error::from_raw_os_error(libc::EACCES),
+            },
+            IdentityError::ParseStat {
+                pid: 1,
+                reason: "no ')'",
+            },
+        ];
+        assert!(!unknown.iter().any(IdentityError::proves_gone));
+    }
 
     #[test]
     fn test_parse_stat_table() {
