@@ -152,14 +152,11 @@ impl EventBusService {
         &self.hub
     }
 
-    fn established(&self, last_sequence: u64) -> SubscriptionEstablished {
+    /// The first message of a subscription, with the ring's bounds as the
+    /// hub read them when it registered the subscription (not when the
+    /// message is sent: the ring may have moved on since).
+    fn established(&self, last_sequence: u64, oldest_sequence: u64) -> SubscriptionEstablished {
         let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-        // The ring holds consecutive sequence numbers ending at the last one.
-        let stats = self.hub.stats();
-        let oldest_sequence = match stats.ring_len as u64 {
-            0 => 0,
-            n => stats.last_seq + 1 - n,
-        };
         SubscriptionEstablished {
             last_sequence,
             oldest_sequence,
@@ -239,9 +236,14 @@ where
     /// The message for one hub item, and the one to follow it, if any.
     fn message(&self, item: SubscriptionItem<BusEvent>) -> (Option<T>, Option<T>) {
         match item {
-            SubscriptionItem::Established { last_seq, lost } => {
-                let first =
-                    (self.wrap)(StreamItem::Established(self.service.established(last_seq)));
+            SubscriptionItem::Established {
+                last_seq,
+                oldest_seq,
+                lost,
+            } => {
+                let first = (self.wrap)(StreamItem::Established(
+                    self.service.established(last_seq, oldest_seq),
+                ));
                 let then = (lost > 0).then(|| {
                     let from = self.since.unwrap_or(0) + 1;
                     StreamItem::Lost(EventsLost {
@@ -498,5 +500,59 @@ impl EventBusService {
             predicate,
             wrap,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+    use crate::hub::HubConfig;
+
+    fn service(ring_capacity: usize) -> EventBusService {
+        let config = HubConfig {
+            ring_capacity,
+            ..HubConfig::default()
+        };
+        let hub = Hub::with_size_and_key_fn(config, BusEvent::weight, BusEvent::key)
+            .expect("valid config");
+        EventBusService::new(
+            hub,
+            "e".into(),
+            OverflowPolicy::MarkLost,
+            CancellationToken::new(),
+        )
+    }
+
+    fn publish_domain_events(svc: &EventBusService, n: u64) {
+        for _ in 0..n {
+            svc.hub().publish(BusEvent::Domain(DomainEvent::default()));
+        }
+    }
+
+    #[tokio::test]
+    async fn test_established_bounds_are_those_of_the_subscription() {
+        let svc = service(4);
+        publish_domain_events(&svc, 2);
+        let mut stream = svc
+            .domain_subscription(Request::new(SubscribeDomainEventsRequest::default()), Some)
+            .expect("subscribed");
+        // The ring moves on before the first message is sent.
+        publish_domain_events(&svc, 10);
+        let first = poll_fn(|cx| stream.as_mut().poll_next(cx)).await;
+        let Some(Ok(StreamItem::Established(e))) = first else {
+            panic!("first message must be established");
+        };
+        assert_eq!((e.last_sequence, e.oldest_sequence), (2, 1));
+        // And the 10 events after it follow.
+        for want in 3..=12 {
+            match stream.next().await {
+                Some(Ok(StreamItem::Event(env))) => assert_eq!(env.seq, want),
+                _ => panic!("event {want} expected"),
+            }
+        }
     }
 }

@@ -707,6 +707,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         // it on through the queue: both bounds are read, and the entry
         // registered, under this one lock, which `publish` also holds.
         let last_seq = st.next_seq - 1;
+        let oldest_seq = st.ring.front().map_or(0, |s| s.env.seq);
         let live_start = st.next_seq;
         let (cursor, lost) = match options.since {
             None => (live_start, 0),
@@ -755,6 +756,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             shared,
             predicate,
             last_seq,
+            oldest_seq,
             lost,
             cursor,
             live_start,

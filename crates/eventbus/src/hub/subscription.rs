@@ -36,6 +36,8 @@ pub enum SubscriptionItem<E> {
     Established {
         /// The last sequence number published before the subscription.
         last_seq: u64,
+        /// The oldest sequence number the ring held then (0 if empty).
+        oldest_seq: u64,
         /// How many events after `since` the ring no longer held (0 without
         /// `since`).
         lost: u64,
@@ -76,6 +78,7 @@ pub(super) struct Parts<E> {
     pub(super) shared: Arc<SubShared<E>>,
     pub(super) predicate: Predicate<E>,
     pub(super) last_seq: u64,
+    pub(super) oldest_seq: u64,
     pub(super) lost: u64,
     pub(super) cursor: u64,
     pub(super) live_start: u64,
@@ -103,6 +106,7 @@ pub struct Subscription<E> {
     shared: Arc<SubShared<E>>,
     predicate: Predicate<E>,
     last_seq: u64,
+    oldest_seq: u64,
     lost: u64,
     established_pending: bool,
     /// Next sequence number to replay from the ring.
@@ -138,6 +142,7 @@ impl<E> Subscription<E> {
             shared: p.shared,
             predicate: p.predicate,
             last_seq: p.last_seq,
+            oldest_seq: p.oldest_seq,
             lost: p.lost,
             established_pending: true,
             cursor: p.cursor,
@@ -199,6 +204,7 @@ impl<E> Subscription<E> {
             self.established_pending = false;
             return Ok(Some(SubscriptionItem::Established {
                 last_seq: self.last_seq,
+                oldest_seq: self.oldest_seq,
                 lost: self.lost,
             }));
         }

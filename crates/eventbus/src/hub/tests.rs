@@ -58,7 +58,7 @@ async fn next_seq(sub: &mut Subscription<Ev>) -> u64 {
 
 async fn established(sub: &mut Subscription<Ev>) -> (u64, u64) {
     match next(sub).await {
-        SubscriptionItem::Established { last_seq, lost } => (last_seq, lost),
+        SubscriptionItem::Established { last_seq, lost, .. } => (last_seq, lost),
         other => panic!("expected Established, got {other:?}"),
     }
 }
