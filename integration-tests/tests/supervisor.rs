@@ -1020,3 +1020,36 @@ async fn test_two_concurrent_starts_launch_one_qemu() {
     assert_eq!(sup.destroy("twice").await.state(), DomainState::Shutoff);
     wait_no_qemu(&uuid).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_define_refuses_nul_in_cmdline_and_socket_paths_too_long() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A run dir deep enough that a 60-byte name's socket path passes the
+    // 107 bytes a unix socket address holds.
+    let run = tmp.path().join("r".repeat(40));
+    let dirs = Dirs {
+        state: tmp.path().join("state"),
+        run,
+        _tmp: tmp,
+    };
+    let mut sup = Sup::start(&dirs).await;
+    let err = sup
+        .define("name: nul\nkernel: /boot/vmlinuz\ncmdline: \"console=ttyS0\\0x\"\n")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("cmdline"), "{}", err.message());
+    assert!(err.message().contains("NUL"), "{}", err.message());
+
+    let long = "l".repeat(60);
+    let err = sup.define(&yaml(&long)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("unix socket") && err.message().contains("monitor.sock"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(sup.get(&long).await.unwrap_err().code(), Code::NotFound);
+    // A short name under the same run dir is fine.
+    sup.define(&yaml("short")).await.unwrap();
+}

@@ -5,12 +5,12 @@
 //! | `NotFound` | NOT_FOUND |
 //! | `AlreadyExists` | ALREADY_EXISTS |
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
-//! | `WrongState`, `Start` (QEMU refused to start), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
+//! | `WrongState`, `Start` (QEMU exited during startup or never greeted), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
 //! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
 //! | `NoAgent`, `NoAgentService` (agent mode without an agent or agent service) | FAILED_PRECONDITION |
 //! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) |
 //! | `Timeout` | DEADLINE_EXCEEDED |
-//! | `Stop`, `Store`, `Internal` | INTERNAL (generic text; the detail is logged) |
+//! | `Stop`, `Store`, `Internal`, `Start` on the supervisor's side (run dir, log, monitor socket, launch task, signals) | INTERNAL (generic text; the detail is logged) |
 //!
 //! Messages carry the error's whole cause chain on one line (QEMU's exit
 //! status and the tail of its output for a failed start), never `{:?}`.
@@ -30,9 +30,15 @@ pub fn code(error: &DomainError) -> Code {
         DomainError::Spec(_) | DomainError::Yaml(_) | DomainError::InvalidArgument(_) => {
             Code::InvalidArgument
         }
-        DomainError::Start { source, .. } if matches!(**source, LaunchError::Spawn { .. }) => {
-            Code::Unavailable
-        }
+        DomainError::Start { source, .. } => match **source {
+            LaunchError::Spawn { .. } => Code::Unavailable,
+            // QEMU itself refused (its exit status and output) or never
+            // greeted: the domain's definition or the host's QEMU.
+            LaunchError::Exited { .. } | LaunchError::Handshake { .. } => Code::FailedPrecondition,
+            // The supervisor's own side (run dir, log, socket, tasks,
+            // signals) failed: nothing the caller can change.
+            _ => Code::Internal,
+        },
         DomainError::Hook {
             source: HookError::Unavailable { .. },
             ..
@@ -47,7 +53,6 @@ pub fn code(error: &DomainError) -> Code {
         DomainError::WrongState { .. }
         | DomainError::NoAgent(_)
         | DomainError::NoAgentService
-        | DomainError::Start { .. }
         | DomainError::Hook { .. }
         | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
         DomainError::Timeout(_) => Code::DeadlineExceeded,
@@ -117,6 +122,33 @@ mod tests {
                     }),
                 },
                 Code::Unavailable,
+            ),
+            (
+                DomainError::Start {
+                    domain: "x".into(),
+                    source: Box::new(LaunchError::BindMonitor {
+                        path: "/r/x/monitor.sock".into(),
+                        source: std::io::Error::other("in use"),
+                    }),
+                },
+                Code::Internal,
+            ),
+            (
+                DomainError::Start {
+                    domain: "x".into(),
+                    source: Box::new(LaunchError::PrepareTask("panicked".into())),
+                },
+                Code::Internal,
+            ),
+            (
+                DomainError::Start {
+                    domain: "x".into(),
+                    source: Box::new(LaunchError::Exited {
+                        status: std::os::unix::process::ExitStatusExt::from_raw(256),
+                        log_tail: "qemu: -bogus: invalid option".into(),
+                    }),
+                },
+                Code::FailedPrecondition,
             ),
             (
                 DomainError::hook(

@@ -198,6 +198,9 @@ pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
     Ok(request.to_string())
 }
 
+/// Longest unix socket path: `sun_path` is 108 bytes with the NUL.
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+
 /// How many guests `Manager::open` re-attaches at once.
 const RECONNECT_PARALLEL: usize = 8;
 
@@ -433,6 +436,26 @@ impl Manager {
         changed
     }
 
+    /// Refuse a name whose monitor (or agent) socket path would not fit a
+    /// unix socket address (`sun_path`, 108 bytes with its NUL): the start
+    /// would fail binding it.
+    fn check_socket_paths(&self, name: &str) -> Result<(), DomainError> {
+        let paths = self.inner.store.paths(name);
+        for path in [&paths.monitor_socket, &paths.agent_socket] {
+            let len = path.as_os_str().len();
+            if len > MAX_SOCKET_PATH_BYTES {
+                return Err(DomainError::Spec(spec::SpecError {
+                    field: "name".into(),
+                    reason: format!(
+                        "its socket path {} is {len} bytes, more than the {MAX_SOCKET_PATH_BYTES} a unix socket allows (shorten the name or run_dir)",
+                        path.display()
+                    ),
+                }));
+            }
+        }
+        Ok(())
+    }
+
     /// Define (or, with `allow_update`, redefine) a domain.
     pub async fn define(
         &self,
@@ -441,6 +464,7 @@ impl Manager {
     ) -> Result<Domain, DomainError> {
         let uuid_given = !spec.uuid.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
+        self.check_socket_paths(&spec.name)?;
         let _define = self.inner.define_lock.lock().await;
         let existing = self.domains().get(&spec.name).cloned();
         let clash = self

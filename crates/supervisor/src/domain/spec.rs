@@ -277,6 +277,10 @@ pub fn normalize(
             }
         }
     }
+    // Strings that reach QEMU's argv (the others are checked above).
+    if spec.cmdline.contains('\0') {
+        return Err(bad("cmdline", "must not contain NUL"));
+    }
     for (i, arg) in spec.extra_args.iter().enumerate() {
         if arg.contains('\0') {
             return Err(bad(format!("extra_args[{i}]"), "must not contain NUL"));
@@ -293,6 +297,29 @@ mod tests {
 
     fn parse(yaml: &str) -> DomainSpec {
         DomainSpec::from_yaml(yaml).unwrap()
+    }
+
+    #[test]
+    fn test_nul_in_argv_strings_is_refused_naming_the_field() {
+        let mut spec = parse("name: a\nkernel: /k");
+        spec.cmdline = "console=ttyS0\0x".into();
+        let err = normalize(spec, DefaultAccel::Tcg).unwrap_err();
+        assert_eq!(err.field, "cmdline");
+        let mut spec = parse("name: a");
+        spec.extra_args = vec!["-a".into(), "b\0".into()];
+        assert_eq!(
+            normalize(spec, DefaultAccel::Tcg).unwrap_err().field,
+            "extra_args[1]"
+        );
+        let mut spec = parse("name: a");
+        spec.disks = vec![qvirt_proto::v1::DiskSpec {
+            path: "/d\0.img".into(),
+            ..Default::default()
+        }];
+        assert_eq!(
+            normalize(spec, DefaultAccel::Tcg).unwrap_err().field,
+            "disks[0].path"
+        );
     }
 
     #[test]
