@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, grpcurl, rss_kib, text};
+use qvirt_integration_tests::{ChildGuard, Service, bin_path, grpcurl, rss_kib, text};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
@@ -771,4 +771,51 @@ async fn test_cut_off_slow_consumer_and_total_cap() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     assert!(status.message().contains("cut off"), "{status}");
     assert!(received < N, "{received}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_unix_socket_peer_is_its_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bus.sock");
+    let config = dir.path().join("bus.yaml");
+    // No slot at all: the refusal names the principal it counted.
+    std::fs::write(&config, "max_monitor_subscriptions_per_principal: 0\n").unwrap();
+    let mut child = ChildGuard::spawn(
+        std::process::Command::new(bin_path("qvirt-eventbus"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .stderr(std::process::Stdio::null()),
+    );
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let want = format!("principal \"peer:uid:{uid}\"");
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    let stderr = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer on the socket"
+        );
+        assert!(child.try_wait().is_none(), "qvirt-eventbus exited");
+        if sock.exists() {
+            let out = grpcurl(&[
+                "-plaintext",
+                "-unix",
+                "-authority",
+                "localhost",
+                "-d",
+                "{}",
+                sock.to_str().unwrap(),
+                "qvirt.v1.EventBus/SubscribeMonitorEvents",
+            ]);
+            let stderr = text(&out.stderr);
+            if stderr.contains("ResourceExhausted") {
+                break stderr;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(stderr.contains(&want), "{stderr}");
+    assert!(child.terminate().success());
 }

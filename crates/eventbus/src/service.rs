@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::filter::{DomainFilter, EventNameFilter, FilterFlags, MonitorEventFilter};
@@ -129,8 +130,8 @@ impl EventBusService {
         self
     }
 
-    /// Who is asking: the principal the gateway vouches for, else the peer
-    /// address.
+    /// Who is asking: the principal the gateway vouches for, else the peer:
+    /// its IP address over TCP, its uid over a unix socket.
     fn principal<T>(&self, request: &Request<T>) -> String {
         let md = request.metadata();
         let text = |key| md.get(key).and_then(|v| v.to_str().ok());
@@ -141,8 +142,19 @@ impl EventBusService {
         if vouched && let Some(p) = text(PRINCIPAL_METADATA).filter(|p| !p.is_empty()) {
             return p.to_owned();
         }
-        match request.remote_addr() {
-            Some(addr) => format!("peer:{}", addr.ip()),
+        if let Some(addr) = request.remote_addr() {
+            return format!("peer:{}", addr.ip());
+        }
+        // On a unix socket the peer is its user: every local client would
+        // otherwise share one principal (and one user could fill the cap
+        // for all).
+        let uid = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid());
+        match uid {
+            Some(uid) => format!("peer:uid:{uid}"),
             None => "peer:local".to_owned(),
         }
     }
