@@ -13,9 +13,10 @@ use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, DomainEventType, ResumeDomainRequest,
-    StartDomainRequest, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
-    SuspendDomainRequest, define_domain_request,
+    DefineDomainRequest, DestroyDomainRequest, DomainEventDefinedDetail, DomainEventShutdownDetail,
+    DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, MonitorCommandRequest,
+    ResumeDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
+    SubscribeMonitorEventsRequest, SuspendDomainRequest, define_domain_request, domain_event,
 };
 
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -264,4 +265,135 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
         })
         .await
         .unwrap();
+}
+
+/// The next lifecycle event (type, detail) of `stream`, with a deadline.
+async fn next_lifecycle(
+    stream: &mut tonic::Streaming<qvirt_proto::v1::SubscribeDomainEventsResponse>,
+) -> (DomainEventType, Option<domain_event::Detail>) {
+    loop {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+            .await
+            .expect("lifecycle event in time")
+            .unwrap()
+            .unwrap();
+        match msg.kind {
+            Some(DomainKind::Event(e)) => return (e.r#type(), e.detail),
+            Some(DomainKind::Established(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() {
+    tool_path("qemu-system-x86_64");
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let dirs = tempfile::tempdir().unwrap();
+    let sup = supervisor(dirs.path(), &bus.url()).await;
+    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut lifecycle = events
+        .subscribe_domain_events(SubscribeDomainEventsRequest {
+            domain: "ev".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+
+    // QEMU refuses an option: the start fails, STOPPED (FAILED) follows.
+    let define = |extra: &str, update: bool| DefineDomainRequest {
+        source: Some(define_domain_request::Source::SpecYaml(format!(
+            "name: ev\nmemory_mib: 64\naccel: tcg\n{extra}"
+        ))),
+        allow_update: update,
+    };
+    client
+        .define_domain(define("extra_args: [-bogus-option]\n", false))
+        .await
+        .unwrap();
+    let err = client
+        .start_domain(StartDomainRequest {
+            domain: "ev".into(),
+            paused: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        next_lifecycle(&mut lifecycle).await.0,
+        DomainEventType::Defined
+    );
+    assert_eq!(
+        next_lifecycle(&mut lifecycle).await,
+        (
+            DomainEventType::Stopped,
+            Some(domain_event::Detail::Stopped(
+                DomainEventStoppedDetail::Failed as i32
+            ))
+        )
+    );
+
+    // A `quit` over the monitor is a host-initiated SHUTDOWN (QMP
+    // `guest: false`): SHUTDOWN (HOST), then STOPPED (SHUTDOWN).
+    client.define_domain(define("", true)).await.unwrap();
+    let started = client
+        .start_domain(StartDomainRequest {
+            domain: "ev".into(),
+            paused: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let _guard = QemuGuard(started.pid, started.spec.unwrap().uuid);
+    // QEMU may close the monitor before its reply is read: the answer
+    // does not matter, the events do.
+    let _ = client
+        .monitor_command(MonitorCommandRequest {
+            domain: "ev".into(),
+            command_json: r#"{"execute":"quit"}"#.into(),
+        })
+        .await;
+    let mut seen = Vec::new();
+    loop {
+        let event = next_lifecycle(&mut lifecycle).await;
+        let done = event.0 == DomainEventType::Stopped;
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (
+                DomainEventType::Defined,
+                Some(domain_event::Detail::Defined(
+                    DomainEventDefinedDetail::Updated as i32
+                ))
+            ),
+            (
+                DomainEventType::Started,
+                Some(domain_event::Detail::Started(
+                    DomainEventStartedDetail::Booted as i32
+                ))
+            ),
+            (
+                DomainEventType::Shutdown,
+                Some(domain_event::Detail::Shutdown(
+                    DomainEventShutdownDetail::Host as i32
+                ))
+            ),
+            (
+                DomainEventType::Stopped,
+                Some(domain_event::Detail::Stopped(
+                    DomainEventStoppedDetail::Shutdown as i32
+                ))
+            ),
+        ]
+    );
 }

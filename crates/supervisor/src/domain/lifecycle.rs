@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use qvirt_proto::v1::{
-    Accel, Domain, DomainEventStartedDetail, DomainEventType, DomainSpec, DomainState,
-    DomainStateReason, ShutdownMode,
+    Accel, Domain, DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, DomainSpec,
+    DomainState, DomainStateReason, ShutdownMode,
 };
 use tracing::{debug, error, info, warn};
 
@@ -188,7 +188,8 @@ impl Manager {
     }
 
     /// Undo a start that failed after the prepare hook was called: kill
-    /// the QEMU if one was spawned, record SHUTOFF (FAILED), and run the
+    /// the QEMU if one was spawned, record SHUTOFF (FAILED), emit STOPPED
+    /// (FAILED), and run the
     /// stopped and release hooks as libvirt does (their failures are only
     /// logged). Returns `error` for the caller.
     async fn abort_start(
@@ -209,6 +210,11 @@ impl Manager {
             DomainStateReason::ShutoffFailed,
         )
         .await;
+        self.emit(
+            spec,
+            DomainEventType::Stopped,
+            DomainEventStoppedDetail::Failed as i32,
+        );
         self.run_stop_hooks(spec).await;
         error
     }

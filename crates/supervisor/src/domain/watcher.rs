@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use qvirt_proto::v1::{DomainEventType, DomainState, DomainStateReason};
+use qvirt_proto::v1::{DomainEventShutdownDetail, DomainEventType, DomainState, DomainStateReason};
 use tracing::{debug, info, warn};
 
 use super::{Entry, Manager, RunFlags};
@@ -168,10 +168,11 @@ impl Manager {
                     // follows is reported as DESTROYED, nothing else.
                     return;
                 }
-                let guest = serde_json::from_str::<serde_json::Value>(&event.data)
+                // Who initiated it; unknown when QEMU does not say.
+                let initiator = serde_json::from_str::<serde_json::Value>(&event.data)
                     .ok()
-                    .and_then(|d| d.get("guest").and_then(serde_json::Value::as_bool))
-                    .unwrap_or(false);
+                    .and_then(|d| d.get("guest").and_then(serde_json::Value::as_bool));
+                let guest = initiator == Some(true);
                 if guest && flags.reboot_pending.swap(false, Ordering::SeqCst) {
                     // ACPI reboot: the guest powered off; reset and go on.
                     flags.shutdown_seen.store(false, Ordering::SeqCst);
@@ -189,7 +190,12 @@ impl Manager {
                     DomainStateReason::ShutdownUnknown
                 };
                 if self.transition(entry, DomainState::Shutdown, reason).await {
-                    self.emit(&spec, DomainEventType::Shutdown, if guest { 2 } else { 1 });
+                    let detail = match initiator {
+                        Some(true) => DomainEventShutdownDetail::Guest,
+                        Some(false) => DomainEventShutdownDetail::Host,
+                        None => DomainEventShutdownDetail::Finished,
+                    };
+                    self.emit(&spec, DomainEventType::Shutdown, detail as i32);
                 }
                 if guest {
                     // -no-shutdown keeps QEMU up after a guest power-off.
