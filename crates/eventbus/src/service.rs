@@ -545,6 +545,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn test_bad_flags_and_fields_are_invalid_argument() {
+        let svc = service(4);
+        let refused = |req: SubscribeMonitorEventsRequest| match svc
+            .monitor_subscription(Request::new(req), Some)
+        {
+            Ok(_) => panic!("accepted"),
+            Err(status) => status,
+        };
+        // UNSPECIFIED is not a flag, nor is an unknown number.
+        for bad in [0, 3, -1] {
+            let status = refused(SubscribeMonitorEventsRequest {
+                event: "STOP".into(),
+                flags: vec![MonitorEventFilterFlag::Regex as i32, bad],
+                ..Default::default()
+            });
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            assert!(status.message().starts_with("flags: "), "{status}");
+        }
+        let status = refused(SubscribeMonitorEventsRequest {
+            event: "x".repeat(crate::filter::MAX_PATTERN_LEN + 1),
+            ..Default::default()
+        });
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        let status = refused(SubscribeMonitorEventsRequest {
+            host: "h".repeat(MAX_FILTER_FIELD_LEN + 1),
+            ..Default::default()
+        });
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        // Nothing refused holds a slot.
+        assert_eq!(svc.hub().stats().subscribers_monitor, 0);
+    }
+
     #[tokio::test]
     async fn test_established_bounds_are_those_of_the_subscription() {
         let svc = service(4);
