@@ -21,6 +21,7 @@ pub mod domain;
 pub mod hooks;
 pub mod launch;
 pub mod lock;
+pub mod loss;
 pub mod publisher;
 pub mod qmp;
 pub mod seams;

@@ -3,12 +3,18 @@
 //! streams them to `qvirt.v1.EventBus/Publish`, reconnecting with backoff
 //! while the bus is away. When the buffer is full the newest event is
 //! dropped and counted ([`BusPublisher::lost`]), never queued without end.
-//! If the bus dies in the middle of a stream, the few events already handed
-//! to that stream (at most `STREAM_WINDOW`) may be lost uncounted: the
-//! Publish reply that would confirm them never comes.
+//! A stream that ends with the bus's reply counts the events it sent that
+//! the bus did not store (`accepted` in the reply) as lost. A stream that
+//! fails counts the events it never handed to the transport as lost; those
+//! already handed over are unconfirmed ([`BusPublisher::unconfirmed`]):
+//! the bus may or may not have stored them, the reply that would say never
+//! comes. Losses are logged with the running total, at most once per
+//! [`crate::loss::WARN_EVERY`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::loss::LossCounter;
 use std::time::{Duration, SystemTime};
 
 use qvirt_proto::v1::event_bus_client::EventBusClient;
@@ -36,7 +42,25 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct BusPublisher {
     tx: mpsc::Sender<Event>,
-    lost: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+/// What the publisher could not deliver.
+#[derive(Debug, Default)]
+struct Counts {
+    /// Dropped: the buffer was full, or a stream ended before sending them
+    /// or without the bus storing them.
+    lost: LossCounter,
+    /// Handed to a stream that failed before the bus confirmed them.
+    unconfirmed: LossCounter,
+}
+
+impl Counts {
+    fn lose(&self, n: u64, why: &'static str) {
+        if let Some(lost) = self.lost.add(n) {
+            tracing::warn!(lost, why, "events for the event bus lost (running total)");
+        }
+    }
 }
 
 impl BusPublisher {
@@ -44,25 +68,26 @@ impl BusPublisher {
     /// `http://127.0.0.1:50053`); it stops when `shutdown` fires.
     pub fn spawn(endpoint: Endpoint, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(PUBLISH_BUFFER);
-        tokio::spawn(forward(endpoint, rx, shutdown));
-        BusPublisher {
-            tx,
-            lost: Arc::new(AtomicU64::new(0)),
-        }
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(forward(endpoint, rx, shutdown, Arc::clone(&counts)));
+        BusPublisher { tx, counts }
     }
 
-    /// Events dropped because the buffer was full.
+    /// Events lost: dropped because the buffer was full, never sent on a
+    /// stream that ended, or sent but not stored by the bus.
     pub fn lost(&self) -> u64 {
-        self.lost.load(Ordering::Relaxed)
+        self.counts.lost.total()
+    }
+
+    /// Events handed to a stream that failed: the bus may or may not have
+    /// stored them.
+    pub fn unconfirmed(&self) -> u64 {
+        self.counts.unconfirmed.total()
     }
 
     fn push(&self, event: Event) {
         if self.tx.try_send(event).is_err() {
-            let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
-            // One line per power of two keeps a long outage from flooding the log.
-            if lost.is_power_of_two() {
-                tracing::warn!(lost, "event bus buffer full: dropping events");
-            }
+            self.counts.lose(1, "buffer full");
         }
     }
 }
@@ -115,7 +140,12 @@ fn detail(event: Lifecycle) -> Option<domain_event::Detail> {
 /// Streams buffered events to the bus, one Publish call per connection, and
 /// reconnects when a call ends. An event taken from the buffer but not
 /// accepted by the call in progress is kept and sent first on the next one.
-async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+async fn forward(
+    endpoint: Endpoint,
+    mut rx: mpsc::Receiver<Event>,
+    shutdown: CancellationToken,
+    counts: Arc<Counts>,
+) {
     let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
     let mut pending: Option<Event> = None;
     let mut backoff = BACKOFF_MIN;
@@ -139,7 +169,12 @@ async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: Ca
         tracing::info!(uri = %endpoint.uri(), "publishing to the event bus");
         backoff = BACKOFF_MIN;
         let (stream_tx, stream_rx) = mpsc::channel(STREAM_WINDOW);
-        let requests = tokio_stream::StreamExt::map(ReceiverStream::new(stream_rx), |event| {
+        // Events sent into this stream, and those the transport took.
+        let mut sent: u64 = 0;
+        let taken = Arc::new(AtomicU64::new(0));
+        let taking = Arc::clone(&taken);
+        let requests = tokio_stream::StreamExt::map(ReceiverStream::new(stream_rx), move |event| {
+            taking.fetch_add(1, Ordering::Relaxed);
             PublishRequest { event: Some(event) }
         });
         let mut call =
@@ -165,20 +200,41 @@ async fn forward(endpoint: Endpoint, mut rx: mpsc::Receiver<Event>, shutdown: Ca
                 pending = Some(event);
                 break None;
             }
+            sent += 1;
         };
         let result = match ended {
             Some(r) => r,
             None => call.await,
         };
+        let taken = taken.load(Ordering::Relaxed);
         match result {
-            Ok(Ok(reply)) => tracing::info!(
-                last = reply.into_inner().last_sequence,
-                "event bus stream ended"
-            ),
-            Ok(Err(status)) => {
-                tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed")
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                tracing::info!(
+                    last = reply.last_sequence,
+                    sent,
+                    accepted = reply.accepted,
+                    "event bus stream ended"
+                );
+                counts.lose(sent.saturating_sub(reply.accepted), "not stored by the bus");
             }
-            Err(e) => tracing::warn!(error = %e, "event bus stream task failed"),
+            failed => {
+                match failed {
+                    Ok(Err(status)) => {
+                        tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "event bus stream task failed"),
+                    Ok(Ok(_)) => {}
+                }
+                // Still queued for the stream: never left the supervisor.
+                counts.lose(sent.saturating_sub(taken), "stream failed before sending");
+                if let Some(unconfirmed) = counts.unconfirmed.add(taken.min(sent)) {
+                    tracing::warn!(
+                        unconfirmed,
+                        "events handed to a failed event bus stream are unconfirmed (running total)"
+                    );
+                }
+            }
         }
     }
 }
@@ -278,6 +334,73 @@ mod tests {
         }
         assert!(matches!(&got[2], publish_request::Event::MonitorEvent(m) if m.event == "RESUME"));
         assert_eq!(publisher.lost(), 0);
+        shutdown.cancel();
+        server.abort();
+    }
+
+    /// A bus that stores the first `keep` events of each stream, then
+    /// answers (with `accepted: keep`) without reading the rest.
+    struct Impatient {
+        keep: u64,
+        tx: mpsc::UnboundedSender<Event>,
+    }
+
+    #[tonic::async_trait]
+    impl EventBus for Impatient {
+        async fn publish(
+            &self,
+            request: Request<Streaming<PublishRequest>>,
+        ) -> Result<Response<PublishResponse>, Status> {
+            let mut stream = request.into_inner();
+            let mut accepted = 0;
+            while accepted < self.keep {
+                match stream.message().await? {
+                    Some(PublishRequest { event: Some(e) }) => {
+                        let _ = self.tx.send(e);
+                        accepted += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            Ok(Response::new(PublishResponse {
+                accepted,
+                ..Default::default()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn test_events_a_stream_sent_but_the_bus_did_not_store_are_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        const EVENTS: u64 = 10;
+        for _ in 0..EVENTS {
+            publisher.monitor_event(&domain(), &qmp_event("E"));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(EventBusServer::new(Impatient { keep: 3, tx }))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        // Every event is either stored or counted lost, none vanishes.
+        let mut stored = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while stored + publisher.lost() < EVENTS {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stored {stored}, lost {}",
+                publisher.lost()
+            );
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
+                stored += 1;
+            }
+        }
+        assert!(stored >= 3, "{stored}");
+        assert_eq!(stored + publisher.lost(), EVENTS);
         shutdown.cancel();
         server.abort();
     }

@@ -155,7 +155,7 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     next_id: AtomicU64,
-    events_lost: AtomicU64,
+    events_lost: crate::loss::LossCounter,
     closed_tx: watch::Sender<bool>,
 }
 
@@ -293,7 +293,7 @@ impl QmpClient {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(1),
-            events_lost: AtomicU64::new(0),
+            events_lost: crate::loss::LossCounter::default(),
             closed_tx,
         });
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
@@ -360,7 +360,7 @@ impl QmpClient {
 
     /// How many events were dropped because the event channel was full.
     pub fn events_lost(&self) -> u64 {
-        self.shared.events_lost.load(Ordering::Relaxed)
+        self.shared.events_lost.total()
     }
 
     /// Whether the connection has closed.
@@ -424,8 +424,9 @@ async fn read_loop(
                 match events.try_send(event) {
                     Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                     Err(mpsc::error::TrySendError::Full(event)) => {
-                        let lost = shared.events_lost.fetch_add(1, Ordering::Relaxed) + 1;
-                        warn!(event = %event.name, lost, "QMP event queue full; event dropped");
+                        if let Some(lost) = shared.events_lost.add(1) {
+                            warn!(event = %event.name, lost, "QMP event queue full; events dropped (running total)");
+                        }
                     }
                 }
             }
