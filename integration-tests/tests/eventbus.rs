@@ -819,3 +819,102 @@ async fn test_unix_socket_peer_is_its_uid() {
     assert!(stderr.contains(&want), "{stderr}");
     assert!(child.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_many_subscribers_and_concurrent_publishers() {
+    const SUBSCRIBERS: usize = 200;
+    const PER_PUBLISHER: u64 = 500;
+    let (svc, _client) =
+        bus("queue_capacity: 4096\nmax_monitor_subscriptions_per_principal: 256\n").await;
+    // Every fourth subscriber on a connection of its own kind of filter:
+    // all events, a literal name, a regex, and one domain.
+    let filters = [
+        SubscribeMonitorEventsRequest::default(),
+        SubscribeMonitorEventsRequest {
+            event: "EVEN".into(),
+            ..Default::default()
+        },
+        SubscribeMonitorEventsRequest {
+            event: "^od".into(),
+            flags: flags(&[
+                MonitorEventFilterFlag::Regex,
+                MonitorEventFilterFlag::Nocase,
+            ]),
+            ..Default::default()
+        },
+        SubscribeMonitorEventsRequest {
+            domain: "b".into(),
+            ..Default::default()
+        },
+    ];
+    let mut subs = Vec::new();
+    for conn in 0..4 {
+        let mut c = EventBusClient::connect(svc.url()).await.unwrap();
+        for i in 0..SUBSCRIBERS / 4 {
+            let which = (conn + i) % filters.len();
+            let (stream, _) = subscribe(&mut c, filters[which].clone()).await;
+            subs.push((which, stream));
+        }
+    }
+    // Two publishers at once, on connections of their own: publisher p
+    // sends domain "a" or "b", names EVEN / ODD alternately, and its own
+    // counter in the details.
+    let publishers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|domain| {
+            let url = svc.url();
+            tokio::spawn(async move {
+                let mut c = EventBusClient::connect(url).await.unwrap();
+                let events = (0..PER_PUBLISHER)
+                    .map(|i| {
+                        let name = if i % 2 == 0 { "EVEN" } else { "ODD" };
+                        Event::MonitorEvent(monitor(domain, name, &i.to_string()))
+                    })
+                    .collect();
+                publish(&mut c, events).await
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    // All events, or half of them (one name, or one domain).
+    let expected = |which: usize| {
+        if which == 0 {
+            2 * PER_PUBLISHER
+        } else {
+            PER_PUBLISHER
+        }
+    };
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|(which, mut stream)| {
+            tokio::spawn(async move {
+                let mut last_seq = 0;
+                // Per domain, the publisher's counter in order.
+                let mut next_of = std::collections::HashMap::<String, u64>::new();
+                for _ in 0..expected(which) {
+                    let e = event_of(next(&mut stream).await);
+                    assert!(e.sequence > last_seq, "bus order");
+                    last_seq = e.sequence;
+                    let n: u64 = e.details_json.parse().unwrap();
+                    let step = if which == 0 || which == 3 { 1 } else { 2 };
+                    let first = if which == 2 { 1 } else { 0 };
+                    let want = next_of.entry(e.domain_name.clone()).or_insert(first);
+                    assert_eq!(n, *want, "filter {which}: {e:?}");
+                    *want += step;
+                    match which {
+                        1 => assert_eq!(e.event, "EVEN"),
+                        2 => assert_eq!(e.event, "ODD"),
+                        3 => assert_eq!(e.domain_name, "b"),
+                        _ => {}
+                    }
+                }
+                which
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
+}
