@@ -276,6 +276,39 @@ impl Store {
         }
     }
 
+    /// Bound a running QEMU's log: past [`QEMU_LOG_ROTATE_BYTES`], copy it
+    /// to `NAME.log.1` and truncate it in place (QEMU keeps its descriptor,
+    /// opened `O_APPEND`, so it goes on writing at the new end). What QEMU
+    /// writes between the copy and the truncation is lost, as with
+    /// logrotate's `copytruncate`. Returns whether it trimmed.
+    pub fn trim_log(&self, name: &str) -> Result<bool, StoreError> {
+        let log = self.paths(name).qemu_log;
+        match fs::metadata(&log) {
+            Ok(meta) if meta.len() > QEMU_LOG_ROTATE_BYTES => {}
+            _ => return Ok(false),
+        }
+        let mut old = log.clone().into_os_string();
+        old.push(".1");
+        let old = PathBuf::from(old);
+        let mut tmp = old.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        fs::copy(&log, &tmp).map_err(|source| StoreError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+        fs::rename(&tmp, &old).map_err(|source| StoreError::Write {
+            path: old.clone(),
+            source,
+        })?;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&log)
+            .and_then(|f| f.set_len(0))
+            .map_err(|source| StoreError::Write { path: log, source })?;
+        Ok(true)
+    }
+
     /// Persist a definition; `defined_at` goes in a leading comment line
     /// (YAML ignores it), so it survives updates, which replace the file.
     pub fn save_spec(&self, spec: &DomainSpec, defined_at: SystemTime) -> Result<(), StoreError> {
@@ -487,6 +520,33 @@ mod tests {
         store.rotate_log("v").unwrap();
         assert!(!log.exists());
         assert!(dir.path().join("state/logs/v.log.1").exists());
+    }
+
+    #[test]
+    fn test_a_growing_log_is_copied_and_truncated_under_its_writer() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        let log = store.paths("v").qemu_log;
+        // The writer QEMU would be: one O_APPEND descriptor for its life.
+        let mut writer = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writer.write_all(b"small").unwrap();
+        assert!(!store.trim_log("v").unwrap());
+        let big = vec![b'x'; usize::try_from(QEMU_LOG_ROTATE_BYTES).unwrap()];
+        writer.write_all(&big).unwrap();
+        assert!(store.trim_log("v").unwrap());
+        let old = fs::read(dir.path().join("state/logs/v.log.1")).unwrap();
+        assert_eq!(old.len(), big.len() + 5);
+        assert!(old.starts_with(b"small"));
+        assert_eq!(fs::metadata(&log).unwrap().len(), 0);
+        writer.write_all(b"after").unwrap();
+        assert_eq!(fs::read(&log).unwrap(), b"after");
+        assert!(!store.trim_log("v").unwrap());
     }
 
     #[test]

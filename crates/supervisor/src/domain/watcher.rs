@@ -18,6 +18,9 @@ use super::{Entry, Manager, RunFlags};
 use crate::launch::{ExitWatch, STARTUP_EXIT_WAIT};
 use crate::qmp::{EventReceiver, QmpClient, QmpEvent};
 
+/// How often a running QEMU's log size is checked.
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
+
 /// How long an adopted QEMU may linger after its monitor closed.
 const ADOPTED_EXIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -38,8 +41,30 @@ impl Manager {
                 biased;
                 () = stop.cancelled() => {}
                 () = manager.watch(&entry, &qmp, events, exit, &flags) => {}
+                () = manager.bound_log(&entry) => {}
             }
         });
+    }
+
+    /// Keep the running QEMU's log bounded (see `Store::trim_log`);
+    /// runs until the watcher ends.
+    async fn bound_log(&self, entry: &Entry) -> ! {
+        let name = entry.name();
+        let mut tick = tokio::time::interval(LOG_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let store = self.inner.store.clone();
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || store.trim_log(&n)).await {
+                Ok(Ok(true)) => info!(domain = %name, "QEMU log trimmed (old part in .log.1)"),
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => {
+                    warn!(domain = %name, error = %qvirt_common::error_chain(&error), "trimming the QEMU log failed");
+                }
+                Err(error) => warn!(domain = %name, %error, "QEMU log check task failed"),
+            }
+        }
     }
 
     async fn watch(
