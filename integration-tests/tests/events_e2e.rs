@@ -2,7 +2,8 @@
 //! of the bus sees what the guest does, as `virsh qemu-monitor-event` and
 //! `virsh event --event lifecycle` would: suspend and resume produce QMP
 //! STOP and RESUME monitor events and SUSPENDED and RESUMED lifecycle
-//! events, in order, with QEMU's timestamps.
+//! events, in order, with QEMU's timestamps; a failed start is STOPPED
+//! (FAILED) and a monitor `quit` is SHUTDOWN (HOST) then STOPPED (SHUTDOWN).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;

@@ -1,7 +1,10 @@
 //! `qvirt-supervisor` with real QEMU (TCG, no guest OS: QMP works without
 //! one): define from YAML, start, state, suspend/resume, monitor commands,
 //! destroy, a QEMU killed behind the supervisor's back, QEMU refusing to
-//! start, a kill -9 of the supervisor itself, and many guests at once.
+//! start, a kill -9 of the supervisor itself, many guests at once, two
+//! concurrent starts of one domain (one QEMU), starts queued behind an
+//! Undefine (never a QEMU for an undefined domain), and Define refusing
+//! NUL in `cmdline` and socket paths too long for a unix socket.
 //!
 //! Every QEMU a test starts is destroyed by the test or, if it fails
 //! half-way, killed by pid on drop ([`Reaper`], which checks the pid still

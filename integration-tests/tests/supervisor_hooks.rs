@@ -7,7 +7,11 @@
 //! refusing one destroys the guest; an unreachable executor refuses starts;
 //! the daemon hook sees the supervisor start and stop; chatty scripts do
 //! not make a hook answer too large; a hook past the supervisor's call
-//! timeout is killed before the stop path's hooks run.
+//! timeout is killed before the stop path's hooks run; a start whose client
+//! gave up (deadline) still completes with exactly one QEMU; a domain
+//! hanging in its prepare hook does not hold up another's start; a guest
+//! that died while the supervisor was down gets its stopped and release
+//! hooks at the next start-up.
 //!
 //! The scripts log `OBJECT OP SUBOP EXTRA` lines to `calls`, save their
 //! stdin per op, and fail (exit 3, a message on stderr) when a file
