@@ -918,3 +918,56 @@ async fn test_many_subscribers_and_concurrent_publishers() {
         r.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_host_field_and_host_filter() {
+    let (_svc, mut client) = bus("").await;
+    let mut lifecycle = client
+        .subscribe_domain_events(SubscribeDomainEventsRequest {
+            host: "node-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.kind, Some(DomainKind::Established(_))));
+    let (mut monitor_sub, _) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            host: "node-2".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let on = |host: &str| {
+        let mut m = monitor("a", "STOP", "{}");
+        m.host = host.into();
+        let d = DomainEvent {
+            host: host.into(),
+            domain_name: "a".into(),
+            r#type: DomainEventType::Suspended as i32,
+            ..Default::default()
+        };
+        [Event::MonitorEvent(m), Event::DomainEvent(d)]
+    };
+    let events = on("node-1").into_iter().chain(on("node-2")).collect();
+    let last = publish(&mut client, events).await;
+    let e = event_of(next(&mut monitor_sub).await);
+    assert_eq!((e.host.as_str(), e.sequence), ("node-2", last - 1));
+    let msg = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match msg.kind {
+        Some(DomainKind::Event(e)) => {
+            assert_eq!((e.host.as_str(), e.sequence), ("node-2", last));
+        }
+        other => panic!("{other:?}"),
+    }
+}
