@@ -1,5 +1,6 @@
 //! Manager tests that need no QEMU: definitions, uniqueness, updates,
-//! lookups, persistence across a reopen, state checks, status on restart.
+//! lookups, persistence across a reopen, state checks, status on restart,
+//! guests re-attached concurrently at open (fake monitors, no QEMU).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -267,4 +268,107 @@ async fn test_unreachable_monitor_leaves_the_domain_detached_not_killed() {
         m.start("held", false).await,
         Err(DomainError::WrongState { .. })
     ));
+}
+
+/// A QMP peer standing in for a running QEMU: greets, answers
+/// `query-status` with "running" and anything else with `{}`, keeps the
+/// connection open until dropped.
+fn fake_monitor(path: &std::path::Path) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"fake\"}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let request: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let ret = match request["execute"].as_str() {
+                Some("query-status") => serde_json::json!({"status": "running", "running": true}),
+                _ => serde_json::json!({}),
+            };
+            let reply = serde_json::json!({"return": ret, "id": request["id"]});
+            if write
+                .write_all(format!("{reply}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+/// Hooks whose `reconnect` waits until every guest's reconnect hook has
+/// been called: it can only finish when the reconnects run concurrently.
+struct ReconnectBarrier(tokio::sync::Barrier);
+
+impl crate::seams::Hooks for ReconnectBarrier {
+    fn run<'a>(
+        &'a self,
+        _spec: &'a DomainSpec,
+        op: crate::seams::HookOp,
+    ) -> crate::seams::HookFuture<'a> {
+        Box::pin(async move {
+            if op == crate::seams::HookOp::Reconnect {
+                self.0.wait().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_guests_reconnect_concurrently_at_open() {
+    const GUESTS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    for i in 0..GUESTS {
+        m.define(spec(&format!("name: g{i}")), false).await.unwrap();
+    }
+    m.close().await;
+    // Each recorded QEMU is "alive" (its identity is this test process)
+    // with a reachable monitor.
+    let identity = ProcessIdentity::read(std::process::id()).await.unwrap();
+    let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+    let mut monitors = Vec::new();
+    for i in 0..GUESTS {
+        let socket = dir.path().join(format!("g{i}.sock"));
+        monitors.push(fake_monitor(&socket));
+        let status = Status {
+            state: DomainState::Running as i32,
+            reason: DomainStateReason::RunningBooted as i32,
+            pid: identity.pid,
+            identity: Some(identity.clone()),
+            monitor_socket: socket.display().to_string(),
+            ..Status::default()
+        };
+        store.save_status(&format!("g{i}"), &status).unwrap();
+    }
+    let hooks = Arc::new(ReconnectBarrier(tokio::sync::Barrier::new(GUESTS)));
+    // One after another, the first reconnect hook would wait forever.
+    let m = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        Manager::open(config(&dir), Arc::new(LogEvents), hooks, None),
+    )
+    .await
+    .expect("reconnects did not run concurrently")
+    .unwrap();
+    for i in 0..GUESTS {
+        let d = m.get(&format!("g{i}")).unwrap();
+        assert_eq!(d.state(), DomainState::Running);
+        // Re-attached, not detached: monitor commands reach the fake.
+        let reply = m
+            .monitor_command(&format!("g{i}"), r#"{"execute":"query-status"}"#)
+            .await
+            .unwrap();
+        assert!(reply.contains("running"), "{reply}");
+    }
+    m.close().await;
+    for monitor in monitors {
+        monitor.abort();
+    }
 }
