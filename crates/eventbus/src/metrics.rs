@@ -4,10 +4,12 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::BusEvent;
@@ -86,10 +88,29 @@ pub fn render(stats: &HubStats) -> String {
     out
 }
 
+/// At most this many metrics connections are served at once (a scraper
+/// needs one); past it a connection gets [`BUSY`] and is closed, so idle
+/// connections cannot make the bus hold a task and a buffer each.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// The answer to a connection past [`MAX_CONNECTIONS`].
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 /// Serves `/metrics` for `hub` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, hub: Hub<BusEvent>, shutdown: CancellationToken) {
+    serve_limited(listener, hub, shutdown, MAX_CONNECTIONS).await;
+}
+
+async fn serve_limited(
+    listener: TcpListener,
+    hub: Hub<BusEvent>,
+    shutdown: CancellationToken,
+    limit: usize,
+) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(listen = ?addr, "serving metrics");
+    let permits = Arc::new(Semaphore::new(limit));
     loop {
         let (conn, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -101,11 +122,18 @@ pub async fn serve(listener: TcpListener, hub: Hub<BusEvent>, shutdown: Cancella
             },
             () = shutdown.cancelled() => return,
         };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            // Never waits: the answer fits in any socket buffer, and a
+            // client that cannot take it just loses it.
+            let _ = conn.try_write(BUSY);
+            continue;
+        };
         let hub = hub.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(conn, &hub).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
+            drop(permit);
         });
     }
 }
@@ -146,7 +174,68 @@ async fn answer(mut conn: TcpStream, hub: &Hub<BusEvent>) -> std::io::Result<()>
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use crate::hub::HubConfig;
+
     use super::*;
+
+    /// Connects, sends a GET /metrics and returns the whole answer; a
+    /// refused connection may be reset before its 503 is read (it is
+    /// closed with the request unread): then "reset".
+    async fn get(addr: SocketAddr) -> String {
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        let mut out = Vec::new();
+        let exchange = async {
+            conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await?;
+            conn.read_to_end(&mut out).await
+        };
+        match tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .expect("answer in time")
+        {
+            Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_owned(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn test_idle_connections_are_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hub = Hub::new(HubConfig::default()).expect("hub");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_limited(listener, hub, shutdown.clone(), 2));
+        assert!(get(addr).await.starts_with("HTTP/1.1 200 OK\r\n"));
+        // Two connections that never send a request hold both slots.
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // Until the server has accepted both idle ones, this is served.
+            let answer = get(addr).await;
+            if answer.starts_with("HTTP/1.1 503 ") || answer == "reset" {
+                break;
+            }
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(Instant::now() < deadline, "never refused past the limit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Their slots come back when they go.
+        drop(idle);
+        loop {
+            let answer = get(addr).await;
+            if answer.starts_with("HTTP/1.1 200 OK\r\n") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "slots never freed: {answer}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+    }
 
     #[test]
     fn test_render_names_every_counter() {
