@@ -176,6 +176,10 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
         match msg.kind {
             Some(DomainKind::Event(e)) => {
                 assert_eq!(e.domain_uuid, uuid);
+                assert_eq!(
+                    (e.host.as_str(), e.domain_name.as_str()),
+                    ("e2e-node", "e2e")
+                );
                 kinds.push(e.r#type);
             }
             other => panic!("unexpected {other:?}"),
