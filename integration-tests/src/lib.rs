@@ -74,9 +74,35 @@ pub fn tool_path(name: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{name} not found: run `make deps` to install it"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read and released: a tiny race with
-/// other processes remains, as with every such helper).
+/// A free TCP port on 127.0.0.1 for a service to bind.
+///
+/// Taken below the kernel's ephemeral range (where every outgoing
+/// connection of every test gets its local port, so a port from there can
+/// be taken between this check and the service's bind), at a random place
+/// so that parallel tests rarely try the same one, and checked free by
+/// binding it. Falls back to a kernel-chosen port when the ephemeral range
+/// leaves no room below it.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = ephemeral_low - LOWEST;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let start = RandomState::new().hash_one((std::process::id(), nanos)) as u32;
+        for i in 0..span.min(2_000) {
+            let port = (LOWEST + (start.wrapping_add(i.wrapping_mul(7_919))) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -365,5 +391,26 @@ impl Drop for Service {
             eprintln!("--- {} stderr ---\n{}", self.name, self.stderr());
         }
         // The ChildGuard stops the process.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_free_port_is_bindable_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        for _ in 0..20 {
+            let port = free_port();
+            assert!(port < low, "{port} is in the ephemeral range from {low}");
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 }

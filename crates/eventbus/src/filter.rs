@@ -338,7 +338,6 @@ impl MonitorEventFilter {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::time::{Duration, Instant};
 
     const LIT: FilterFlags = FilterFlags {
         regex: false,
@@ -450,18 +449,16 @@ mod tests {
     }
 
     #[test]
-    fn test_pathological_regex_on_long_name_is_fast() {
+    fn test_pathological_regex_on_long_name_finishes() {
+        // A backtracking engine would need about 2^100000 steps here: the
+        // test would never end, and nextest's terminate-after (see
+        // .config/nextest.toml) fails it. No timing assertion: a linear
+        // engine finishes at once whatever the machine is doing.
         let f = EventNameFilter::new("(a+)+$", RE).expect("valid");
         let name = format!("{}!", "a".repeat(100_000));
-        let start = Instant::now();
         assert!(!f.matches(&name));
         let g = EventNameFilter::new("(a|aa)*b", RE_NOCASE).expect("valid");
         assert!(!g.matches(&name));
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            start.elapsed()
-        );
         assert!(f.matches(&"a".repeat(100_000)));
     }
 
