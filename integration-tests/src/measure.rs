@@ -70,6 +70,32 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// The machine's CPU time so far from `/proc/stat`: (stolen by the
+/// hypervisor, total), in clock ticks. The share stolen between two readings
+/// tells how much a run was disturbed by other guests on the same host.
+pub fn steal_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice;
+    // guest time is already counted in user.
+    let total = fields.iter().take(8).sum();
+    (fields.get(7).copied().unwrap_or(0), total)
+}
+
+/// The share of CPU time stolen between two [`steal_ticks`] readings, in
+/// percent.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1).max(1);
+    after.0.saturating_sub(before.0) as f64 * 100.0 / total as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +118,16 @@ mod tests {
             s.line("x", 1, Unit::Millis),
             "x n=100 median     0.05 ms  p99     0.10 ms"
         );
+    }
+
+    #[test]
+    fn test_steal_share_is_a_percentage() {
+        let before = steal_ticks();
+        assert!(before.1 > 0, "no cpu line in /proc/stat");
+        std::thread::sleep(Duration::from_millis(20));
+        let p = steal_percent(before, steal_ticks());
+        assert!((0.0..=100.0).contains(&p), "{p}");
+        assert_eq!(steal_percent((5, 100), (10, 200)), 5.0);
     }
 
     #[test]
