@@ -250,6 +250,17 @@ impl Sup {
             .map(|r| r.into_inner().domain.unwrap())
     }
 
+    /// Destroys `name` (not graceful); the call must succeed.
+    async fn destroy(&mut self, name: &str) {
+        self.client
+            .destroy_domain(DestroyDomainRequest {
+                domain: name.to_owned(),
+                graceful: false,
+            })
+            .await
+            .unwrap();
+    }
+
     async fn get(&mut self, name: &str) -> Domain {
         self.client
             .get_domain(GetDomainRequest {
@@ -343,13 +354,7 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
     world.set_failing("vm", "start", false);
     let d = sup.start("vm").await.unwrap();
     assert_eq!(d.state(), DomainState::Running);
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "vm".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
 }
 
@@ -418,13 +423,7 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
     // it waits for them (a slow release hook is not overtaken).
     world.clear_calls();
     std::fs::write(world.path("slow-vm-release"), "").unwrap();
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "vm".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("vm").await;
     let d = sup.start("vm").await.unwrap();
     assert_eq!(
         world.calls_of("vm"),
@@ -483,13 +482,7 @@ async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys(
         .await;
     assert_eq!(world.calls_of("kept"), ["kept reconnect begin -"]);
     // The kept guest is still controllable.
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "kept".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("kept").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -551,13 +544,7 @@ async fn test_executor_down_at_reconnect_keeps_the_guest() {
         "{}",
         sup.svc.stderr()
     );
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "vm".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
 }
 
@@ -605,13 +592,7 @@ async fn test_chatty_hooks_do_not_refuse_the_start() {
         ]
     );
     world.clear_calls();
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "vm".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
     world
         .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
@@ -705,13 +686,7 @@ async fn test_start_outliving_the_clients_deadline_completes_with_one_qemu() {
     let err = sup.start("vm").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert_eq!(qemu_pids(&uuid), [d.pid]);
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "vm".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
     world
         .wait_calls_of(
@@ -777,13 +752,7 @@ async fn test_a_domain_hanging_in_its_prepare_hook_does_not_hold_up_another() {
         .unwrap();
     assert_eq!(a_started.state(), DomainState::Running);
     for name in ["a", "b"] {
-        sup.client
-            .destroy_domain(DestroyDomainRequest {
-                domain: name.into(),
-                graceful: false,
-            })
-            .await
-            .unwrap();
+        sup.destroy(name).await;
     }
     wait_no_qemu(&a).await;
     wait_no_qemu(&b).await;
@@ -824,12 +793,6 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
             "gone prepare begin -"
         ]
     );
-    sup.client
-        .destroy_domain(DestroyDomainRequest {
-            domain: "gone".into(),
-            graceful: false,
-        })
-        .await
-        .unwrap();
+    sup.destroy("gone").await;
     wait_no_qemu(&uuid).await;
 }
