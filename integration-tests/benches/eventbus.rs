@@ -19,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_eventbus::hub::{Hub, HubConfig, SubscribeOptions, SubscriptionItem};
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
-use qvirt_integration_tests::{ChildGuard, Service, kill_domain_qemu, rss_kib, tool_path};
+use qvirt_integration_tests::{
+    ChildGuard, Service, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
+};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
@@ -456,21 +458,14 @@ async fn qmp_latency() -> QmpLatency {
     let dir = tempfile::tempdir().unwrap();
     let mut bus = Service::start("qvirt-eventbus", &[]);
     bus.wait_serving("qvirt.v1.EventBus").await;
-    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
-    let mut sup = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--node-name",
-            "bench",
-            "--eventbus",
-            &bus.url(),
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let extra = ["--node-name", "bench", "--eventbus", &bus.url()];
+    let sup = start_supervisor(
+        &dir.path().join("state"),
+        &dir.path().join("run"),
+        None,
+        &extra,
+    )
+    .await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
     client
         .define_domain(DefineDomainRequest {

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{ChildGuard, Service, rss_kib, tool_path};
+use qvirt_integration_tests::{ChildGuard, rss_kib, start_supervisor, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, StartDomainRequest, UndefineDomainRequest,
@@ -173,18 +173,7 @@ async fn main() {
         tempfile::tempdir().unwrap()
     };
     let (state, run) = (dir.path().join("state"), run_tmp.path().join("run"));
-    let mut sup = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--start-timeout-secs",
-            "60",
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let sup = start_supervisor(&state, &run, None, &["--start-timeout-secs", "60"]).await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
 
     // Start RPC to a running guest (no OS here: the vCPUs run firmware),

@@ -253,6 +253,26 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A real `qvirt-supervisor`, SERVING, with its state dir `state`, its
+/// run dir `run` and `extra` flags (e.g. `--eventbus URL`), on `addr` when
+/// given (a restart on the same address), else on a free port.
+pub async fn start_supervisor(
+    state: &Path,
+    run: &Path,
+    addr: Option<SocketAddr>,
+    extra: &[&str],
+) -> Service {
+    let (state, run) = (state.to_str().unwrap(), run.to_str().unwrap());
+    let mut args = vec!["--state-dir", state, "--run-dir", run];
+    args.extend_from_slice(extra);
+    let mut svc = match addr {
+        Some(addr) => Service::start_at("qvirt-supervisor", addr, &args),
+        None => Service::start("qvirt-supervisor", &args),
+    };
+    svc.wait_serving("qvirt.v1.Supervisor").await;
+    svc
+}
+
 /// A qvirt service process started by a test.
 pub struct Service {
     name: String,

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, kill_domain_qemu, tool_path};
+use qvirt_integration_tests::{Service, kill_domain_qemu, start_supervisor, tool_path};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
@@ -34,22 +34,8 @@ impl Drop for QemuGuard {
 
 /// A supervisor publishing to the bus at `bus_url`, its state in `dir`.
 async fn supervisor(dir: &std::path::Path, bus_url: &str) -> Service {
-    let (state, run) = (dir.join("state"), dir.join("run"));
-    let mut sup = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--node-name",
-            "e2e-node",
-            "--eventbus",
-            bus_url,
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
-    sup
+    let extra = ["--node-name", "e2e-node", "--eventbus", bus_url];
+    start_supervisor(&dir.join("state"), &dir.join("run"), None, &extra).await
 }
 
 /// Defines domain `name` (TCG, no OS) and starts it running; returns its

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, grpcurl, kill_domain_qemu, text, tool_path};
+use qvirt_integration_tests::{
+    Service, grpcurl, kill_domain_qemu, start_supervisor, text, tool_path,
+};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
@@ -89,13 +91,7 @@ impl Sup {
 
     /// As `start`, on `addr` when given, with `extra` flags.
     async fn start_with(dirs: &Dirs, addr: Option<SocketAddr>, extra: &[&str]) -> Sup {
-        let state = dirs.state.to_str().unwrap();
-        let run = dirs.run.to_str().unwrap();
         let mut args = vec![
-            "--state-dir",
-            state,
-            "--run-dir",
-            run,
             "--node-name",
             "it-node",
             // Many TCG guests start at once on 2 cores in some tests.
@@ -103,11 +99,7 @@ impl Sup {
             "60",
         ];
         args.extend_from_slice(extra);
-        let mut svc = match addr {
-            Some(addr) => Service::start_at("qvirt-supervisor", addr, &args),
-            None => Service::start("qvirt-supervisor", &args),
-        };
-        svc.wait_serving("qvirt.v1.Supervisor").await;
+        let svc = start_supervisor(&dirs.state, &dirs.run, addr, &args).await;
         let client = SupervisorClient::connect(svc.url()).await.unwrap();
         Sup { svc, client }
     }

@@ -24,7 +24,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, free_port, tool_path};
+use qvirt_integration_tests::{Service, free_port, start_supervisor, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainSpec, DomainState, DomainStateReason,
@@ -197,21 +197,9 @@ impl World {
     }
 
     async fn supervisor_with(&self, hookexec_url: &str, extra: &[&str]) -> Sup {
-        let state = self.path("state");
-        let run = self.path("run");
-        let mut args = vec![
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-            "--start-timeout-secs",
-            "60",
-            "--hookexec",
-            hookexec_url,
-        ];
+        let mut args = vec!["--start-timeout-secs", "60", "--hookexec", hookexec_url];
         args.extend_from_slice(extra);
-        let mut svc = Service::start("qvirt-supervisor", &args);
-        svc.wait_serving("qvirt.v1.Supervisor").await;
+        let svc = start_supervisor(&self.path("state"), &self.path("run"), None, &args).await;
         let client = SupervisorClient::connect(svc.url()).await.unwrap();
         Sup { svc, client }
     }
