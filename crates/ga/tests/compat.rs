@@ -275,29 +275,7 @@ fn test_daemon_started_frozen_writes_pidfile_at_thaw() {
         std::fs::write(dir.path().join("qga.state.isfrozen"), b"").expect("marker");
         let sock = dir.path().join("sock");
         let pidfile = dir.path().join("ga.pid");
-        let bin = match which {
-            Which::Qemu => qemu_ga(),
-            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
-        };
-        let mut parent = Agent {
-            child: std::process::Command::new(bin)
-                .args(["-d", "-m", "unix-listen", "-p"])
-                .arg(&sock)
-                .arg("-t")
-                .arg(dir.path())
-                .arg("-f")
-                .arg(&pidfile)
-                .env_remove("QGA_CONF")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn"),
-            sock: sock.clone(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let st = wait_exit(&mut parent).expect("parent did not exit");
-        assert_eq!(st.code(), Some(0));
+        start_daemon(which, dir.path(), &sock, &pidfile);
         let deadline = Instant::now() + DEADLINE;
         let mut s = loop {
             if let Ok(s) = UnixStream::connect(&sock) {
@@ -992,29 +970,7 @@ fn test_daemonize_writes_pidfile_and_serves() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("sock");
         let pidfile = dir.path().join("ga.pid");
-        let bin = match which {
-            Which::Qemu => qemu_ga(),
-            Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
-        };
-        let mut parent = Agent {
-            child: std::process::Command::new(bin)
-                .args(["-d", "-m", "unix-listen", "-p"])
-                .arg(&sock)
-                .arg("-t")
-                .arg(dir.path())
-                .arg("-f")
-                .arg(&pidfile)
-                .env_remove("QGA_CONF")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn"),
-            sock: sock.clone(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let st = wait_exit(&mut parent).expect("parent did not exit");
-        assert_eq!(st.code(), Some(0));
+        start_daemon(which, dir.path(), &sock, &pidfile);
         let deadline = Instant::now() + Duration::from_secs(10);
         let pid = loop {
             if let Some(pid) = std::fs::read_to_string(&pidfile)
@@ -1631,4 +1587,38 @@ fn test_exit_while_frozen_thaws() {
             unsafe { libc::ioctl(f.as_raw_fd(), 0xC004_5878, 0) };
         }
     }
+}
+
+/// Starts `which` daemonized (`-d`) in unix-listen mode on `sock`, its
+/// statedir `statedir` and pidfile `pidfile`, and waits for the parent to
+/// exit 0 (the daemon lives on: the caller stops it by pid).
+fn start_daemon(
+    which: Which,
+    statedir: &std::path::Path,
+    sock: &std::path::Path,
+    pidfile: &std::path::Path,
+) {
+    let bin = match which {
+        Which::Qemu => qemu_ga(),
+        Which::Qvirt => std::path::PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+    };
+    let mut parent = Agent {
+        child: std::process::Command::new(bin)
+            .args(["-d", "-m", "unix-listen", "-p"])
+            .arg(sock)
+            .arg("-t")
+            .arg(statedir)
+            .arg("-f")
+            .arg(pidfile)
+            .env_remove("QGA_CONF")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+        sock: sock.to_owned(),
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let st = wait_exit(&mut parent).expect("parent did not exit");
+    assert_eq!(st.code(), Some(0));
 }
