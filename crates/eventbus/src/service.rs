@@ -203,7 +203,6 @@ impl EventBusService {
             wrap,
             pending: None,
             done: false,
-            woken: false,
         }))
     }
 
@@ -234,11 +233,6 @@ struct SubscriptionStream<T, F> {
     /// SubscriptionEstablished).
     pending: Option<T>,
     done: bool,
-    /// The last poll found the queue empty: on the next wake-up, step back
-    /// once so that every stream the same event woke queues its frame
-    /// before the connections flush (one write per connection per event,
-    /// not one per stream).
-    woken: bool,
 }
 
 impl<T, F> SubscriptionStream<T, F>
@@ -296,17 +290,9 @@ where
         if let Some(msg) = this.pending.take() {
             return Poll::Ready(Some(Ok(msg)));
         }
-        if this.woken {
-            this.woken = false;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
         while !this.done {
             match this.sub.poll_recv(cx) {
-                Poll::Pending => {
-                    this.woken = true;
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(status::recv(e))));
