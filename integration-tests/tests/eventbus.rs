@@ -335,22 +335,29 @@ async fn test_replay_beyond_the_ring_reports_the_loss() {
 #[tokio::test(flavor = "multi_thread")]
 async fn test_slow_consumer_gets_exact_loss_counts() {
     let (_svc, mut client) = bus("queue_capacity: 4\n").await;
-    let (mut stream, _) = subscribe(&mut client, Default::default()).await;
+    let (mut stream, established) = subscribe(&mut client, Default::default()).await;
     const N: u64 = 20_000;
     let events = (0..N)
         .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
         .collect();
-    publish(&mut client, events).await;
-    publish(
-        &mut client,
-        vec![Event::MonitorEvent(monitor("a", "END", "0"))],
-    )
-    .await;
-    let (mut received, mut lost) = (0u64, 0u64);
-    loop {
+    let last = publish(&mut client, events).await;
+    assert_eq!(last, established + N);
+    // Read until all N are accounted for. No end marker may be published
+    // before that: while the queue is still full it is dropped and counted
+    // like any other event (the bus's sender for this stream can be kept
+    // off the CPU for longer than a publish round trip).
+    let (mut received, mut lost, mut last_seen) = (0u64, 0u64, established);
+    while received + lost < N {
         match next(&mut stream).await {
-            MonitorKind::Event(e) if e.event == "END" => break,
-            MonitorKind::Event(_) => received += 1,
+            MonitorKind::Event(e) => {
+                assert!(
+                    e.sequence > last_seen && e.sequence <= last,
+                    "{} after {last_seen}, last published {last}",
+                    e.sequence
+                );
+                last_seen = e.sequence;
+                received += 1;
+            }
             MonitorKind::Lost(l) => {
                 assert_eq!(l.reason, EventsLostReason::SlowConsumer as i32);
                 lost += l.count;
@@ -360,6 +367,17 @@ async fn test_slow_consumer_gets_exact_loss_counts() {
     }
     assert!(lost > 0, "a queue of 4 cannot take {N} events unread");
     assert_eq!(received + lost, N, "every event delivered or counted lost");
+    // Nothing more is owed: the queue is empty now, so an event published
+    // next is the very next message, with no loss marker before it.
+    let end = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "END", "0"))],
+    )
+    .await;
+    match next(&mut stream).await {
+        MonitorKind::Event(e) if e.event == "END" => assert_eq!(e.sequence, end),
+        other => panic!("expected END right after the {N} events, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
