@@ -381,6 +381,39 @@ async fn test_slow_consumer_gets_exact_loss_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
+    // One runtime thread, and a reader that keeps up: a burst of buffered
+    // Publish messages must not keep the thread from delivering until the
+    // burst is over (the subscriber's queue would overflow).
+    let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 512\n").await;
+    let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
+    let (mut stream, established) = subscribe(&mut sub_client, Default::default()).await;
+    const N: u64 = 20_000;
+    let reader = tokio::spawn(async move {
+        let (mut received, mut lost) = (0u64, 0u64);
+        while received + lost < N {
+            match next(&mut stream).await {
+                MonitorKind::Event(_) => received += 1,
+                MonitorKind::Lost(l) => lost += l.count,
+                MonitorKind::Established(_) => panic!("established twice"),
+            }
+        }
+        (received, lost)
+    });
+    let events = (0..N)
+        .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
+        .collect();
+    assert_eq!(publish(&mut pub_client, events).await, established + N);
+    let (received, lost) = reader.await.unwrap();
+    assert_eq!(
+        (received, lost),
+        (N, 0),
+        "events lost behind a publish burst"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn test_subscription_caps_and_freeing() {
     let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 2\n").await;
     let (s1, _) = subscribe(&mut client, Default::default()).await;

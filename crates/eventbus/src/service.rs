@@ -370,6 +370,12 @@ impl EventBus for EventBusService {
             };
             last_sequence = self.hub.publish(event);
             accepted += 1;
+            // Reading a message already buffered never waits, so without
+            // this a burst would keep the worker (the only one with
+            // `worker_threads: 1`) from delivering anything until it is
+            // all published; this steps aside once tokio's budget (128
+            // units) is spent.
+            tokio::task::coop::consume_budget().await;
         }
         Ok(Response::new(PublishResponse {
             last_sequence,
