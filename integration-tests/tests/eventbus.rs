@@ -363,7 +363,6 @@ async fn test_slow_consumer_gets_exact_loss_counts() {
                 lost += l.count;
             }
             MonitorKind::Established(_) => panic!("established twice"),
-            MonitorKind::Events(_) => panic!("a batch nobody asked for"),
         }
     }
     assert!(lost > 0, "a queue of 4 cannot take {N} events unread");
@@ -389,9 +388,8 @@ async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
     let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 512\n").await;
     let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
     let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let (stream, established) = subscribe(&mut sub_client, Default::default()).await;
+    let (mut stream, established) = subscribe(&mut sub_client, Default::default()).await;
     const N: u64 = 20_000;
-    let mut stream = stream;
     let reader = tokio::spawn(async move {
         let (mut received, mut lost) = (0u64, 0u64);
         while received + lost < N {
@@ -399,7 +397,6 @@ async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
                 MonitorKind::Event(_) => received += 1,
                 MonitorKind::Lost(l) => lost += l.count,
                 MonitorKind::Established(_) => panic!("established twice"),
-                MonitorKind::Events(_) => panic!("a batch nobody asked for"),
             }
         }
         (received, lost)
@@ -414,126 +411,6 @@ async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
         (N, 0),
         "events lost behind a publish burst"
     );
-}
-
-/// Reads a batched subscription until `n` events are delivered or counted
-/// lost; checks sequence order and batch sizes on the way. Returns the
-/// events' sequence numbers, the batch sizes and the losses.
-async fn read_batched(
-    stream: &mut Streaming<SubscribeMonitorEventsResponse>,
-    n: u64,
-    max_batch: usize,
-) -> (Vec<u64>, Vec<usize>, u64) {
-    let (mut seqs, mut sizes, mut lost) = (Vec::new(), Vec::new(), 0u64);
-    while (seqs.len() as u64) + lost < n {
-        match next(stream).await {
-            MonitorKind::Events(batch) => {
-                assert!(
-                    (1..=max_batch).contains(&batch.events.len()),
-                    "a batch of {} with max_batch {max_batch}",
-                    batch.events.len()
-                );
-                sizes.push(batch.events.len());
-                for e in batch.events {
-                    assert!(seqs.last().is_none_or(|&last| e.sequence > last));
-                    seqs.push(e.sequence);
-                }
-            }
-            MonitorKind::Lost(l) => {
-                assert_eq!(l.reason, EventsLostReason::SlowConsumer as i32);
-                lost += l.count;
-            }
-            other => panic!("expected batches and losses, got {other:?}"),
-        }
-    }
-    (seqs, sizes, lost)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn test_batched_subscription_gets_every_event_in_order() {
-    // One runtime thread: a Publish burst is taken 128 events at a time,
-    // so events queue up between the subscriber's turns and batches form.
-    let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 4096\n").await;
-    let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let (mut stream, established) = subscribe(
-        &mut sub_client,
-        SubscribeMonitorEventsRequest {
-            event: "E".into(),
-            max_batch: 50,
-            ..Default::default()
-        },
-    )
-    .await;
-    const N: u64 = 2_000;
-    let events = (0..N)
-        .map(|i| Event::MonitorEvent(monitor("a", if i % 2 == 0 { "E" } else { "F" }, "{}")))
-        .collect();
-    let last = publish(&mut pub_client, events).await;
-    assert_eq!(last, established + N);
-    let (seqs, sizes, lost) = read_batched(&mut stream, N / 2, 50).await;
-    assert_eq!(lost, 0);
-    // Exactly the matching events (every other one), in order.
-    let want: Vec<u64> = (0..N / 2).map(|i| established + 1 + 2 * i).collect();
-    assert_eq!(seqs, want);
-    assert!(
-        sizes.iter().any(|&n| n > 1),
-        "events queued for the subscriber but every message carried one: {sizes:?}"
-    );
-    // Nothing is held back waiting for a batch to fill: one more event
-    // comes at once, alone.
-    let one = publish(
-        &mut pub_client,
-        vec![Event::MonitorEvent(monitor("a", "E", "{}"))],
-    )
-    .await;
-    match next(&mut stream).await {
-        MonitorKind::Events(b) => {
-            assert_eq!(
-                b.events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
-                [one]
-            );
-        }
-        other => panic!("expected a batch of one, got {other:?}"),
-    }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn test_batched_slow_consumer_gets_loss_markers_between_batches() {
-    let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 4\n").await;
-    let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let (mut stream, established) = subscribe(
-        &mut sub_client,
-        SubscribeMonitorEventsRequest {
-            max_batch: 8,
-            ..Default::default()
-        },
-    )
-    .await;
-    const N: u64 = 5_000;
-    let events = (0..N)
-        .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
-        .collect();
-    let last = publish(&mut pub_client, events).await;
-    let (seqs, _, lost) = read_batched(&mut stream, N, 8).await;
-    assert!(lost > 0, "a queue of 4 cannot take {N} events unread");
-    assert_eq!(seqs.len() as u64 + lost, N);
-    assert!(seqs.iter().all(|&s| s > established && s <= last));
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn test_max_batch_above_the_limit_is_invalid() {
-    let (_svc, mut client) = bus("").await;
-    let err = client
-        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
-            max_batch: 1025,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("max_batch"), "{}", err.message());
 }
 
 #[tokio::test(flavor = "multi_thread")]

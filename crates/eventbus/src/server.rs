@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use prost::Message;
 use qvirt_proto::v1::event_bus_server::EventBusServer;
 use qvirt_proto::v1::{
@@ -98,57 +98,25 @@ fn encode(msg: &impl Message) -> Bytes {
     Bytes::from(msg.encode_to_vec())
 }
 
-/// Protobuf keys (field number << 3 | length-delimited) of the two places
-/// a MonitorEvent goes: `SubscribeMonitorEventsResponse.event` (2) and
-/// `MonitorEventBatch.events` (1); and of the response's `events` (4).
-const EVENT_KEY: u8 = (2 << 3) | 2;
-const BATCH_ENTRY_KEY: u8 = (1 << 3) | 2;
-const BATCH_KEY: u8 = (4 << 3) | 2;
-
-/// The cached message of a monitor event: the response with `event` set,
-/// `[EVENT_KEY, length, MonitorEvent]`. `None` for another kind of event
-/// (only monitor events reach these subscribers).
-fn monitor_event_message(env: &Envelope<BusEvent>) -> Option<Bytes> {
-    use subscribe_monitor_events_response::Kind;
-    if !matches!(env.event, BusEvent::Monitor(_)) {
-        return None;
-    }
-    Some(env.encoded(|env: &Envelope<BusEvent>| {
-        let kind = monitor_event(env).map(Kind::Event);
-        encode(&SubscribeMonitorEventsResponse { kind })
-    }))
-}
-
 /// The wire form of a monitor-event subscription's item.
 fn monitor_bytes(item: StreamItem) -> Option<Bytes> {
     use subscribe_monitor_events_response::Kind;
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
         StreamItem::Lost(l) => Kind::Lost(l),
-        StreamItem::Event(env) => return monitor_event_message(&env),
-        StreamItem::Batch(envs) => return Some(batch_bytes(&envs)),
+        StreamItem::Event(env) => {
+            // Only monitor events reach these subscribers, so this is the
+            // one wire form of the envelope.
+            if !matches!(env.event, BusEvent::Monitor(_)) {
+                return None;
+            }
+            return Some(env.encoded(|env: &Envelope<BusEvent>| {
+                let kind = monitor_event(env).map(Kind::Event);
+                encode(&SubscribeMonitorEventsResponse { kind })
+            }));
+        }
     };
     Some(encode(&SubscribeMonitorEventsResponse { kind: Some(kind) }))
-}
-
-/// A response with `events` set, built from the events' cached messages:
-/// a batch entry is the same length-prefixed MonitorEvent under another
-/// key, so each event is one copy, not an encoding.
-fn batch_bytes(envs: &[std::sync::Arc<Envelope<BusEvent>>]) -> Bytes {
-    let messages: Vec<Bytes> = envs
-        .iter()
-        .filter_map(|env| monitor_event_message(env))
-        .filter(|m| m.first() == Some(&EVENT_KEY))
-        .collect();
-    let inner: usize = messages.iter().map(Bytes::len).sum();
-    let mut out = BytesMut::with_capacity(1 + prost::length_delimiter_len(inner) + inner);
-    out.put_u8(BATCH_KEY);
-    prost::encoding::encode_varint(inner as u64, &mut out);
-    for m in &messages {
-        out.put_u8(BATCH_ENTRY_KEY);
-        out.put_slice(&m[1..]);
-    }
-    out.freeze()
 }
 
 /// The wire form of a domain-event subscription's item.
@@ -157,8 +125,6 @@ fn domain_bytes(item: StreamItem) -> Option<Bytes> {
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
         StreamItem::Lost(l) => Kind::Lost(l),
-        // Domain-event subscriptions are never batched.
-        StreamItem::Batch(_) => return None,
         StreamItem::Event(env) => {
             if !matches!(env.event, BusEvent::Domain(_)) {
                 return None;
@@ -272,7 +238,7 @@ impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
 mod tests {
     use std::sync::Arc;
 
-    use qvirt_proto::v1::{DomainEvent, MonitorEvent, MonitorEventBatch};
+    use qvirt_proto::v1::{DomainEvent, MonitorEvent};
 
     use super::*;
 
@@ -307,40 +273,6 @@ mod tests {
             unreachable!()
         };
         assert_eq!(e.sequence, 42);
-    }
-
-    #[test]
-    fn test_batch_wire_form_is_the_typed_batch() {
-        use subscribe_monitor_events_response::Kind;
-        // A big event too, so that lengths take more than one varint byte.
-        let big = Arc::new(Envelope::new(
-            300,
-            BusEvent::Monitor(MonitorEvent {
-                event: "BIG".into(),
-                details_json: format!("\"{}\"", "x".repeat(70_000)),
-                ..Default::default()
-            }),
-        ));
-        let envs = vec![monitor_env(1), Arc::clone(&big), monitor_env(3)];
-        // One already cached as a single message: the batch reuses it.
-        monitor_bytes(StreamItem::Event(Arc::clone(&envs[0]))).unwrap();
-        let bytes = monitor_bytes(StreamItem::Batch(envs.clone())).unwrap();
-        let decoded = SubscribeMonitorEventsResponse::decode(bytes).unwrap();
-        let want = SubscribeMonitorEventsResponse {
-            kind: Some(Kind::Events(MonitorEventBatch {
-                events: envs.iter().map(|e| monitor_event(e).unwrap()).collect(),
-            })),
-        };
-        assert_eq!(decoded, want);
-        // Another kind of event in a batch leaves no entry.
-        let domain = Arc::new(Envelope::new(4, BusEvent::Domain(DomainEvent::default())));
-        let bytes = monitor_bytes(StreamItem::Batch(vec![monitor_env(5), domain])).unwrap();
-        let Some(Kind::Events(batch)) = SubscribeMonitorEventsResponse::decode(bytes).unwrap().kind
-        else {
-            panic!("not a batch")
-        };
-        assert_eq!(batch.events.len(), 1);
-        assert_eq!(batch.events[0].sequence, 5);
     }
 
     #[test]

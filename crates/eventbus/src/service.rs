@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use qvirt_proto::v1::event_bus_server::EventBus;
 use qvirt_proto::v1::publish_request::Event as PublishedEvent;
 use qvirt_proto::v1::{
-    DomainEvent, EventsLost, EventsLostReason, MonitorEvent, MonitorEventBatch,
-    MonitorEventFilterFlag, PublishRequest, PublishResponse, SubscribeDomainEventsRequest,
-    SubscribeDomainEventsResponse, SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse,
-    SubscriptionEstablished, subscribe_domain_events_response, subscribe_monitor_events_response,
+    DomainEvent, EventsLost, EventsLostReason, MonitorEvent, MonitorEventFilterFlag,
+    PublishRequest, PublishResponse, SubscribeDomainEventsRequest, SubscribeDomainEventsResponse,
+    SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse, SubscriptionEstablished,
+    subscribe_domain_events_response, subscribe_monitor_events_response,
 };
 use std::task::{Context, Poll};
 
@@ -23,8 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::filter::{DomainFilter, EventNameFilter, FilterFlags, MonitorEventFilter};
 use crate::hub::{
-    Envelope, Hub, LossReason, OverflowPolicy, RecvError, SubscribeOptions, SubscriberKind,
-    Subscription, SubscriptionItem,
+    Envelope, Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
+    SubscriptionItem,
 };
 use crate::status;
 
@@ -43,9 +43,6 @@ pub const GATEWAY_TOKEN_METADATA: &str = "x-qvirt-gateway-token";
 /// Domain names are at most 64 bytes, a UUID with dashes 36, a host name
 /// 253.
 pub const MAX_FILTER_FIELD_LEN: usize = 256;
-
-/// The largest `max_batch` a monitor-event subscription may ask for.
-pub const MAX_BATCH: u32 = 1024;
 
 /// Refuses a `field` value longer than [`MAX_FILTER_FIELD_LEN`].
 fn bounded(field: &str, value: &str) -> Result<(), Status> {
@@ -188,7 +185,6 @@ impl EventBusService {
         &self,
         options: SubscribeOptions,
         predicate: impl Fn(&BusEvent) -> bool + Send + Sync + 'static,
-        max_batch: usize,
         wrap: F,
     ) -> Result<ResponseStream<T>, Status>
     where
@@ -206,8 +202,6 @@ impl EventBusService {
             service: self.clone(),
             wrap,
             pending: None,
-            held: None,
-            max_batch: max_batch.max(1),
             done: false,
         }))
     }
@@ -238,10 +232,6 @@ struct SubscriptionStream<T, F> {
     /// A message due after the one just returned (the replay loss after
     /// SubscriptionEstablished).
     pending: Option<T>,
-    /// What ended a batch (a loss, the end): handled on the next poll.
-    held: Option<Result<SubscriptionItem<BusEvent>, RecvError>>,
-    /// Events per message: 1 = `StreamItem::Event`, more = batches.
-    max_batch: usize,
     done: bool,
 }
 
@@ -301,33 +291,11 @@ where
             return Poll::Ready(Some(Ok(msg)));
         }
         while !this.done {
-            let next = match this.held.take() {
-                Some(held) => Poll::Ready(held),
-                None => this.sub.poll_recv(cx),
-            };
-            match next {
+            match this.sub.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(status::recv(e))));
-                }
-                Poll::Ready(Ok(SubscriptionItem::Event(env))) if this.max_batch > 1 => {
-                    // Whatever else is queued now, up to the limit; never
-                    // wait for more.
-                    let mut batch = vec![env];
-                    while batch.len() < this.max_batch {
-                        match this.sub.poll_recv(cx) {
-                            Poll::Ready(Ok(SubscriptionItem::Event(env))) => batch.push(env),
-                            Poll::Ready(other) => {
-                                this.held = Some(other);
-                                break;
-                            }
-                            Poll::Pending => break,
-                        }
-                    }
-                    if let Some(msg) = (this.wrap)(StreamItem::Batch(batch)) {
-                        return Poll::Ready(Some(Ok(msg)));
-                    }
                 }
                 Poll::Ready(Ok(item)) => {
                     let (first, then) = this.message(item);
@@ -352,9 +320,6 @@ pub enum StreamItem {
     Established(SubscriptionEstablished),
     /// An event with its sequence number (shared with every subscriber).
     Event(Arc<Envelope<BusEvent>>),
-    /// Consecutive events, for a subscription with `max_batch` above 1
-    /// (at least one, at most `max_batch`).
-    Batch(Vec<Arc<Envelope<BusEvent>>>),
     /// A loss marker.
     Lost(EventsLost),
 }
@@ -429,8 +394,6 @@ impl EventBus for EventBusService {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
                 StreamItem::Event(env) => Kind::Event(domain_event(&env)?),
-                // Domain-event subscriptions are never batched.
-                StreamItem::Batch(_) => return None,
             };
             Some(SubscribeDomainEventsResponse { kind: Some(kind) })
         })?;
@@ -447,9 +410,6 @@ impl EventBus for EventBusService {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
                 StreamItem::Event(env) => Kind::Event(monitor_event(&env)?),
-                StreamItem::Batch(envs) => Kind::Events(MonitorEventBatch {
-                    events: envs.iter().filter_map(|env| monitor_event(env)).collect(),
-                }),
             };
             Some(SubscribeMonitorEventsResponse { kind: Some(kind) })
         })?;
@@ -507,7 +467,6 @@ impl EventBusService {
         self.stream(
             self.options(SubscriberKind::Domain, who, req.since, None),
             predicate,
-            1,
             wrap,
         )
     }
@@ -527,13 +486,6 @@ impl EventBusService {
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
         bounded("host", &req.host)?;
-        if req.max_batch > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "max_batch: {} is above the limit of {MAX_BATCH}",
-                req.max_batch
-            )));
-        }
-        let max_batch = req.max_batch;
         let filter = MonitorEventFilter {
             domain: DomainFilter::new(&req.domain),
             event: EventNameFilter::new(&req.event, flags(&req.flags)?).map_err(status::filter)?,
@@ -550,7 +502,6 @@ impl EventBusService {
         self.stream(
             self.options(SubscriberKind::Monitor, who, req.since, key.as_deref()),
             predicate,
-            max_batch as usize,
             wrap,
         )
     }
