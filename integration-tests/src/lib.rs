@@ -59,6 +59,25 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The statically linked qvirt-ga, built as `make static-ga` builds it
+/// (glibc with crt-static, in its own target dir target/static, so it
+/// never waits on the workspace build); ~10 s the first time.
+pub fn static_ga() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let target_dir = repo.join("target/static");
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(&repo)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "--locked", "-p", "qvirt-ga"])
+        .args(["--bin", "qvirt-ga", "--target", &triple, "--target-dir"])
+        .arg(&target_dir)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the static qvirt-ga failed");
+    target_dir.join(triple).join("release/qvirt-ga")
+}
+
 /// The path of an external tool: the project's `.tools/bin` first, then
 /// PATH; panics naming `make deps` if it is missing.
 pub fn tool_path(name: &str) -> PathBuf {

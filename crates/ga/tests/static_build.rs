@@ -1,17 +1,9 @@
-//! The static build (`make static-ga`): if its binary is there, it has no
-//! program interpreter (no dynamic loader needed) and runs. Building it
-//! here would take too long for a test, so without it the test prints why
-//! it checks nothing.
+//! The static build (`make static-ga`, built here the same way by the
+//! test harness): it has no program interpreter (no dynamic loader needed)
+//! and runs. `integration-tests/tests/guest_e2e.rs` runs it inside a real
+//! guest.
 
-use std::path::PathBuf;
-
-fn static_binary() -> PathBuf {
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/static")
-        .join(triple)
-        .join("release/qvirt-ga")
-}
+use qvirt_integration_tests::static_ga;
 
 /// The `p_type` of each program header of a 64-bit little-endian ELF file.
 fn program_header_types(elf: &[u8]) -> Result<Vec<u32>, String> {
@@ -39,14 +31,8 @@ const PT_INTERP: u32 = 3;
 
 #[test]
 fn test_static_binary_needs_no_loader() {
-    let bin = static_binary();
-    let Ok(elf) = std::fs::read(&bin) else {
-        eprintln!(
-            "test_static_binary_needs_no_loader skipped: no {} (run `make static-ga`)",
-            bin.display()
-        );
-        return;
-    };
+    let bin = static_ga();
+    let elf = std::fs::read(&bin).expect("read the static binary");
     let types = program_header_types(&elf).expect("ELF");
     assert!(types.contains(&PT_LOAD), "no PT_LOAD: {types:?}");
     assert!(
