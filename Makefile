@@ -23,7 +23,7 @@ build-debug:
 	$(CARGO) build --workspace --bins
 
 ## run: build and start the whole stack on loopback; Ctrl-C stops it
-run: deps build
+run: deps build static-ga
 	@bash scripts/run.sh
 
 ## test: every unit and integration test, against the real binaries

@@ -25,10 +25,17 @@ services=(
 )
 
 pids=()
+demo=""
 stop() {
     trap - INT TERM EXIT
     echo
     echo "stopping qvirt..."
+    # The supervisor leaves guests running when it stops (it re-attaches
+    # on its next start); the demo guest goes with this script.
+    if [ -n "$demo" ]; then
+        "$grpcurl" -plaintext -max-time 10 -d '{"domain": "demo"}' \
+            127.0.0.1:50052 qvirt.v1.Supervisor/DestroyDomain >/dev/null 2>&1 || true
+    fi
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -68,6 +75,39 @@ for entry in "${services[@]}"; do
     fi
 done
 
+# The demo guest: a tiny Linux (Debian's kernel, a busybox initramfs) whose
+# agent is the static qvirt-ga, booted under TCG with `agent: true`.
+start_demo() {
+    local image="$run_dir/guest" ga="$here/target/static/$(rustc -vV | sed -n 's/^host: //p')/release/qvirt-ga"
+    if ! bash "$here/scripts/build-test-guest.sh" "$image" "$ga" >"$run_dir/guest-build.log" 2>&1; then
+        echo "no demo guest: building its image failed ($run_dir/guest-build.log):" >&2
+        tail -n 3 "$run_dir/guest-build.log" >&2
+        return
+    fi
+    local spec request
+    spec="name: demo
+memory_mib: 128
+vcpus: 1
+machine: q35
+accel: tcg
+kernel: $image/vmlinux
+initrd: $image/initramfs
+cmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check
+agent: true
+serial_log: $run_dir/demo-serial.log
+"
+    request=$(python3 -c 'import json, sys; print(json.dumps({"spec_yaml": sys.argv[1], "allow_update": True}))' "$spec")
+    if "$grpcurl" -plaintext -max-time 10 -d "$request" 127.0.0.1:50052 \
+        qvirt.v1.Supervisor/DefineDomain >"$run_dir/demo-define.log" 2>&1 &&
+        "$grpcurl" -plaintext -max-time 60 -d '{"domain": "demo"}' 127.0.0.1:50052 \
+            qvirt.v1.Supervisor/StartDomain >"$run_dir/demo-start.log" 2>&1; then
+        demo=1
+    else
+        echo "no demo guest: DefineDomain/StartDomain failed (see $run_dir/demo-*.log)" >&2
+    fi
+}
+start_demo
+
 cat <<'EOF2'
 qvirt is running (logs in .run/):
   gateway     127.0.0.1:50051   (the public endpoint)
@@ -81,13 +121,26 @@ Talk to it with grpcurl (installed in .tools/bin by make deps):
   .tools/bin/grpcurl -plaintext 127.0.0.1:50051 list
   .tools/bin/grpcurl -plaintext 127.0.0.1:50052 describe qvirt.v1.Supervisor
   .tools/bin/grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
-  .tools/bin/grpcurl -plaintext -d '{"spec_yaml": "name: demo\naccel: tcg\n"}' \
+  .tools/bin/grpcurl -plaintext -d '{"spec_yaml": "name: vm1\naccel: tcg\n"}' \
       127.0.0.1:50052 qvirt.v1.Supervisor/DefineDomain
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/StartDomain
+  .tools/bin/grpcurl -plaintext -d '{"domain": "vm1"}' 127.0.0.1:50052 qvirt.v1.Supervisor/StartDomain
   .tools/bin/grpcurl -plaintext -d '{}' 127.0.0.1:50053 qvirt.v1.EventBus/SubscribeMonitorEvents
-
-Press Ctrl-C to stop.
 EOF2
+if [ -n "$demo" ]; then
+    cat <<'EOF2'
+
+The demo guest "demo" is booting (TCG, ~3 s to its agent; console in
+.run/demo-serial.log); its agent is qvirt-ga, reached through agentd:
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/GetDomain
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50055 qvirt.v1.GuestAgent/OsInfo
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "path": "/bin/busybox", "args": ["uname", "-a"], "capture_output": true, "wait": true}' \
+      127.0.0.1:50055 qvirt.v1.GuestAgent/Exec
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "mode": "SHUTDOWN_MODE_AGENT", "timeout": "30s"}' \
+      127.0.0.1:50052 qvirt.v1.Supervisor/ShutdownDomain
+EOF2
+fi
+echo
+echo "Press Ctrl-C to stop."
 
 # Runs until a signal, or until any service dies.
 wait -n "${pids[@]}" || true
