@@ -27,7 +27,7 @@ run: deps build static-ga
 	@bash scripts/run.sh
 
 ## test: every unit and integration test, against the real binaries
-test: deps build-debug
+test: deps build-debug static-ga
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
@@ -44,7 +44,7 @@ bench: deps build
 HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 STATIC_GA := $(CURDIR)/target/static/$(HOST_TRIPLE)/release/qvirt-ga
 static-ga:
-	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release \
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --locked \
 		--target $(HOST_TRIPLE) --target-dir $(CURDIR)/target/static -p qvirt-ga --bin qvirt-ga
 	@out=$$(ldd $(STATIC_GA) 2>&1); \
 	case "$$out" in \

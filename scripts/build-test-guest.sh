@@ -1,45 +1,54 @@
 #!/usr/bin/env bash
-# Builds a tiny guest for end-to-end tests: Debian's kernel as an ELF
-# vmlinux (QEMU boots it through its PVH entry: no decompressor, ~2 s to
-# userspace under TCG) and an initramfs holding busybox, the virtio-serial
-# modules and a guest agent, which /init starts on the
-# org.qemu.guest_agent.0 port. Nothing is installed on the host: the two
-# Debian packages are fetched with `apt-get download` and unpacked into
-# OUTDIR/cache, which is reused on the next run.
+# Builds a tiny guest for end-to-end tests and the `make run` demo:
+# Debian's kernel as an ELF vmlinux (QEMU boots it through its PVH entry: no
+# decompressor, ~2 s to userspace under TCG) and an initramfs holding
+# busybox, the virtio-serial modules and a guest agent, which /init starts
+# on the org.qemu.guest_agent.0 port. Nothing is installed on the host: the
+# two Debian packages are fetched with `apt-get download` and what the
+# guest needs from them is kept in OUTDIR/cache for the next run.
 #
 # Usage: scripts/build-test-guest.sh OUTDIR AGENT
 #   AGENT: a statically linked qemu-ga compatible agent (qvirt-ga from
-#   `make static-ga`); it is started as
+#   `make static-ga`); the guest runs
 #   `AGENT -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run`.
-# Writes OUTDIR/vmlinux and OUTDIR/initramfs. Boot with
+# Writes OUTDIR/vmlinux and OUTDIR/initramfs, and prints one line ending
+# with the kernel package's name in parentheses. Boot with
 #   -machine q35 -accel tcg -m 128 -kernel vmlinux -initrd initramfs
 #   -append 'console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check'
-# (see ../shared/research/e2e.md for why each argument is there).
+# (../shared/research/e2e.md says why each argument is there).
+#
+# Exit status: 0 built; 77 the packages cannot be fetched here (no package
+# lists or no mirror: callers may skip); anything else is a failure.
 set -euo pipefail
 
 die() { echo "build-test-guest: $*" >&2; exit 1; }
+cannot_fetch() { echo "build-test-guest: $*" >&2; exit 77; }
 [ $# -eq 2 ] || die "usage: $0 OUTDIR AGENT"
 out=$1
 agent=$2
 [ -x "$agent" ] || die "$agent is not an executable file"
-for tool in apt-get apt-cache dpkg-deb python3; do
-    command -v "$tool" >/dev/null || die "$tool is missing (a Debian host is needed)"
+for tool in apt-get apt-cache dpkg-deb python3 flock; do
+    command -v "$tool" >/dev/null || cannot_fetch "$tool is missing (a Debian host is needed)"
 done
 mkdir -p "$out/cache"
 out=$(cd "$out" && pwd)
 cache=$out/cache
+# One build at a time per OUTDIR (tests and `make run` may share one).
+exec 9>"$out/.lock"
+flock -w 600 9 || die "$out is locked by another build for 10 minutes"
 
 # Every virtio driver is a module in Debian's kernel; in dependency order.
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console"
 
 # The kernel package linux-image-amd64 points at, and busybox-static.
 kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
-    sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1)
-[ -n "$kpkg" ] || die "apt-cache knows no kernel behind linux-image-amd64 (run apt-get update)"
+    sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1) || true
+[ -n "$kpkg" ] || cannot_fetch "apt-cache knows no kernel behind linux-image-amd64 (run apt-get update)"
 if [ ! -e "$cache/$kpkg.done" ]; then
-    rm -rf "$cache"/*
-    if ! (cd "$cache" && apt-get download -qq "$kpkg" busybox-static) >"$out/apt.log" 2>&1; then
-        die "apt-get download $kpkg busybox-static failed: $(tail -n 3 "$out/apt.log")"
+    rm -rf "$cache"
+    mkdir -p "$cache"
+    if ! (cd "$cache" && timeout 600 apt-get download -qq "$kpkg" busybox-static) >"$out/apt.log" 2>&1; then
+        cannot_fetch "apt-get download $kpkg busybox-static failed: $(tail -n 3 "$out/apt.log")"
     fi
     dpkg-deb -x "$cache/$kpkg"_*.deb "$cache/kernel"
     dpkg-deb -x "$cache"/busybox-static_*.deb "$cache/busybox"
@@ -57,11 +66,18 @@ if elf[:4] != b"\x7fELF":
 open(sys.argv[2], "wb").write(elf)
 PY
     # Keep what the guest needs, not the 400 MB of the unpacked package.
+    # Modules are plain .ko on bookworm; later releases compress them.
     mkdir -p "$cache/modules"
     for m in $modules; do
-        ko=$(find "$cache/kernel/lib/modules" -name "$m.ko" | head -n 1)
-        [ -n "$ko" ] || die "module $m.ko is not in $kpkg"
-        cp "$ko" "$cache/modules/"
+        ko=$(find "$cache/kernel" -name "$m.ko" -o -name "$m.ko.xz" | head -n 1)
+        [ -n "$ko" ] || die "module $m is not in $kpkg (neither .ko nor .ko.xz)"
+        python3 - "$ko" "$cache/modules/$m.ko" <<'PY'
+import lzma, sys
+data = open(sys.argv[1], "rb").read()
+if sys.argv[1].endswith(".xz"):
+    data = lzma.decompress(data)
+open(sys.argv[2], "wb").write(data)
+PY
     done
     rm -rf "$cache/kernel"
     touch "$cache/$kpkg.done"
@@ -71,7 +87,8 @@ ln -f "$cache/vmlinux" "$out/vmlinux"
 busybox=$cache/busybox/bin/busybox
 [ -x "$busybox" ] || die "no busybox in $cache/busybox"
 root=$(mktemp -d "$out/root.XXXXXX")
-trap 'rm -rf "$root"' EXIT
+image=$(mktemp "$out/initramfs.XXXXXX")
+trap 'rm -rf "$root" "$image"' EXIT
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,lib/modules}
 cp "$busybox" "$root/bin/busybox"
 # Without debug info: a smaller initramfs to load.
@@ -86,20 +103,26 @@ cat >"$root/init" <<EOF
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-for m in $modules; do insmod /lib/modules/\$m.ko; done
+for m in $modules; do insmod /lib/modules/\$m.ko || echo "qvirt-test-guest: insmod \$m failed"; done
 # No udev here: name the agent's port as udev would.
 mkdir -p /dev/virtio-ports
+port=/dev/virtio-ports/org.qemu.guest_agent.0
 i=0
-while [ ! -e /dev/virtio-ports/org.qemu.guest_agent.0 ] && [ \$i -lt 100 ]; do
-    for port in /sys/class/virtio-ports/vport*; do
-        [ -e "\$port/name" ] && ln -sf "/dev/\${port##*/}" "/dev/virtio-ports/\$(cat "\$port/name")"
+while [ ! -e \$port ] && [ \$i -lt 600 ]; do
+    for p in /sys/class/virtio-ports/vport*; do
+        [ -e "\$p/name" ] && ln -sf "/dev/\${p##*/}" "/dev/virtio-ports/\$(cat "\$p/name")"
     done
     i=\$((i + 1))
     sleep 0.1
 done
+[ -e \$port ] || echo "qvirt-test-guest: no \$port after 60 s"
 echo "qvirt-test-guest: starting the agent"
-/bin/qvirt-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run &
-while true; do sleep 3600; done
+# Restarted if it ever exits, as a service manager would.
+while true; do
+    /bin/qvirt-ga -m virtio-serial -p \$port -t /run
+    echo "qvirt-test-guest: the agent exited (\$?); restarting it"
+    sleep 1
+done
 EOF
 # guest-shutdown runs `shutdown -h -P|-H|-r +0 MESSAGE`; busybox has no
 # shutdown applet.
@@ -112,6 +135,7 @@ case " $* " in
 esac
 EOF
 chmod 755 "$root/init" "$root/sbin/shutdown"
-(cd "$root" && find . -print0 | "$busybox" cpio -o -0 -H newc -R 0:0 2>/dev/null) >"$out/initramfs.tmp"
-mv "$out/initramfs.tmp" "$out/initramfs"
-echo "build-test-guest: $out/vmlinux ($kpkg), $out/initramfs ($(du -k "$out/initramfs" | cut -f1) KiB)"
+(cd "$root" && find . -print0 | "$busybox" cpio -o -0 -H newc -R 0:0 2>/dev/null) >"$image"
+chmod 644 "$image"
+mv "$image" "$out/initramfs"
+echo "build-test-guest: $out/vmlinux, $out/initramfs, $(du -k "$out/initramfs" | cut -f1) KiB ($kpkg)"

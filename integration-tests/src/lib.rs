@@ -61,20 +61,25 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 /// The statically linked qvirt-ga, built as `make static-ga` builds it
 /// (glibc with crt-static, in its own target dir target/static, so it
-/// never waits on the workspace build); ~10 s the first time.
+/// never waits on the workspace build); ~10 s the first time. `make test`
+/// builds it first (`make static-ga`), so here it is usually a no-op.
 pub fn static_ga() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     let target_dir = repo.join("target/static");
-    let status = std::process::Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
         .current_dir(&repo)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .args(["build", "--release", "--locked", "-p", "qvirt-ga"])
         .args(["--bin", "qvirt-ga", "--target", &triple, "--target-dir"])
-        .arg(&target_dir)
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the static qvirt-ga failed");
+        .arg(&target_dir);
+    let out = run_command(&mut cargo, Duration::from_secs(600));
+    assert!(
+        out.status.success(),
+        "building the static qvirt-ga failed:\n{}",
+        text(&out.stderr)
+    );
     target_dir.join(triple).join("release/qvirt-ga")
 }
 
