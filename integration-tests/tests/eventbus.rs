@@ -385,7 +385,9 @@ async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
     // One runtime thread, and a reader that keeps up: a burst of buffered
     // Publish messages must not keep the thread from delivering until the
     // burst is over (the subscriber's queue would overflow).
-    let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 512\n").await;
+    // A queue of 1,024: eight times what a 128-event slice of the burst
+    // needs, a twentieth of the burst.
+    let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 1024\n").await;
     let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
     let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
     let (mut stream, established) = subscribe(&mut sub_client, Default::default()).await;
