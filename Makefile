@@ -23,7 +23,7 @@ build-debug:
 	$(CARGO) build --workspace --bins
 
 ## run: build and start the whole stack on loopback; Ctrl-C stops it
-run: deps build static-ga
+run: deps build
 	@bash scripts/run.sh
 
 ## test: every unit and integration test, against the real binaries

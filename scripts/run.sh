@@ -26,6 +26,7 @@ services=(
 
 pids=()
 demo=""
+demo_started=""
 stop() {
     trap - INT TERM EXIT
     echo
@@ -76,34 +77,48 @@ for entry in "${services[@]}"; do
 done
 
 # The demo guest: a tiny Linux (Debian's kernel, a busybox initramfs) whose
-# agent is the static qvirt-ga, booted under TCG with `agent: true`.
+# agent is the static qvirt-ga, booted under TCG with `agent: true`. The
+# stack runs without it if it cannot be built.
 start_demo() {
-    local image="$run_dir/guest" ga="$here/target/static/$(rustc -vV | sed -n 's/^host: //p')/release/qvirt-ga"
-    if ! bash "$here/scripts/build-test-guest.sh" "$image" "$ga" >"$run_dir/guest-build.log" 2>&1; then
-        echo "no demo guest: building its image failed ($run_dir/guest-build.log):" >&2
+    local image="$here/target/test-guest" ga request
+    echo "building the demo guest (the first time downloads ~70 MB of Debian packages)..."
+    if ! make -s -C "$here" static-ga >"$run_dir/guest-build.log" 2>&1 ||
+        ! bash "$here/scripts/build-test-guest.sh" "$image" \
+            "$here/target/static/$(rustc -vV | sed -n 's/^host: //p')/release/qvirt-ga" \
+            >>"$run_dir/guest-build.log" 2>&1; then
+        echo "no demo guest: building it failed ($run_dir/guest-build.log):" >&2
         tail -n 3 "$run_dir/guest-build.log" >&2
-        return
+        return 0
     fi
-    local spec request
-    spec="name: demo
-memory_mib: 128
-vcpus: 1
-machine: q35
-accel: tcg
-kernel: $image/vmlinux
-initrd: $image/initramfs
-cmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check
-agent: true
-serial_log: $run_dir/demo-serial.log
-"
-    request=$(python3 -c 'import json, sys; print(json.dumps({"spec_yaml": sys.argv[1], "allow_update": True}))' "$spec")
-    if "$grpcurl" -plaintext -max-time 10 -d "$request" 127.0.0.1:50052 \
-        qvirt.v1.Supervisor/DefineDomain >"$run_dir/demo-define.log" 2>&1 &&
-        "$grpcurl" -plaintext -max-time 60 -d '{"domain": "demo"}' 127.0.0.1:50052 \
-            qvirt.v1.Supervisor/StartDomain >"$run_dir/demo-start.log" 2>&1; then
-        demo=1
+    # JSON strings are YAML strings: paths with any characters stay intact.
+    request=$(python3 - "$image" "$run_dir" <<'PY'
+import json, sys
+image, run = sys.argv[1], sys.argv[2]
+q = json.dumps
+spec = "\n".join([
+    "name: demo", "memory_mib: 128", "vcpus: 1", "machine: q35", "accel: tcg",
+    "kernel: " + q(image + "/vmlinux"), "initrd: " + q(image + "/initramfs"),
+    "cmdline: " + q("console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check"),
+    "agent: true", "serial_log: " + q(run + "/demo-serial.log"), "",
+])
+print(json.dumps({"spec_yaml": spec, "allow_update": True}))
+PY
+)
+    if ! "$grpcurl" -plaintext -max-time 10 -d "$request" 127.0.0.1:50052 \
+        qvirt.v1.Supervisor/DefineDomain >"$run_dir/demo-define.log" 2>&1; then
+        echo "no demo guest: DefineDomain failed ($run_dir/demo-define.log)" >&2
+        return 0
+    fi
+    # From here on, stopping destroys it (also a demo left running by an
+    # earlier run that was killed, which the supervisor re-attached).
+    demo=1
+    "$grpcurl" -plaintext -max-time 10 -d '{"domain": "demo"}' 127.0.0.1:50052 \
+        qvirt.v1.Supervisor/DestroyDomain >/dev/null 2>&1 || true
+    if "$grpcurl" -plaintext -max-time 60 -d '{"domain": "demo"}' 127.0.0.1:50052 \
+        qvirt.v1.Supervisor/StartDomain >"$run_dir/demo-start.log" 2>&1; then
+        demo_started=1
     else
-        echo "no demo guest: DefineDomain/StartDomain failed (see $run_dir/demo-*.log)" >&2
+        echo "no demo guest: StartDomain failed ($run_dir/demo-start.log)" >&2
     fi
 }
 start_demo
@@ -126,7 +141,7 @@ Talk to it with grpcurl (installed in .tools/bin by make deps):
   .tools/bin/grpcurl -plaintext -d '{"domain": "vm1"}' 127.0.0.1:50052 qvirt.v1.Supervisor/StartDomain
   .tools/bin/grpcurl -plaintext -d '{}' 127.0.0.1:50053 qvirt.v1.EventBus/SubscribeMonitorEvents
 EOF2
-if [ -n "$demo" ]; then
+if [ -n "$demo_started" ]; then
     cat <<'EOF2'
 
 The demo guest "demo" is booting (TCG, ~3 s to its agent; console in
