@@ -199,6 +199,35 @@ pub fn kill_domain_qemu(pid: u32, uuid: &str) {
     }
 }
 
+/// Kills a domain's QEMU by pid on drop, if that pid still runs the domain
+/// (UUID): the supervisor starts QEMU in its own process group and leaves
+/// it running when it stops, so a test that ends early must.
+pub struct QemuGuard(pub u32, pub String);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        kill_domain_qemu(self.0, &self.1);
+    }
+}
+
+/// Defines a domain from its YAML spec (not replacing one) and returns it.
+pub async fn define_yaml(
+    client: &mut qvirt_proto::v1::supervisor_client::SupervisorClient<tonic::transport::Channel>,
+    yaml: String,
+) -> Result<qvirt_proto::v1::Domain, tonic::Status> {
+    use qvirt_proto::v1::{DefineDomainRequest, define_domain_request};
+    let reply = client
+        .define_domain(DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(yaml)),
+            allow_update: false,
+        })
+        .await?;
+    reply
+        .into_inner()
+        .domain
+        .ok_or_else(|| tonic::Status::internal("DefineDomain returned no domain"))
+}
+
 /// Text of an output stream, for assertions and messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

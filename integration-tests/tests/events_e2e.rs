@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, kill_domain_qemu, start_supervisor, tool_path};
+use qvirt_integration_tests::{QemuGuard, Service, define_yaml, start_supervisor, tool_path};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
@@ -21,16 +21,6 @@ use qvirt_proto::v1::{
 };
 
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Kills the test's QEMU by pid if the test ends before destroying it
-/// (checking first that the pid still runs that domain's UUID).
-struct QemuGuard(u32, String);
-
-impl Drop for QemuGuard {
-    fn drop(&mut self) {
-        kill_domain_qemu(self.0, &self.1);
-    }
-}
 
 /// A supervisor publishing to the bus at `bus_url`, its state in `dir`.
 async fn supervisor(dir: &std::path::Path, bus_url: &str) -> Service {
@@ -45,16 +35,7 @@ async fn define_and_start(
     name: &str,
 ) -> (String, QemuGuard) {
     let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
-    let defined = client
-        .define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(yaml)),
-            allow_update: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .domain
-        .unwrap();
+    let defined = define_yaml(client, yaml).await.unwrap();
     let uuid = defined.spec.unwrap().uuid;
     let started = client
         .start_domain(StartDomainRequest {

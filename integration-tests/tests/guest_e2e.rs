@@ -18,14 +18,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    Service, free_port, kill_domain_qemu, run_command, start_supervisor, static_ga, text,
+    QemuGuard, Service, define_yaml, free_port, run_command, start_supervisor, static_ga, text,
 };
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DomainState, ExecRequest, FileReadRequest, FileWriteRequest, InfoRequest,
-    OsInfoRequest, PingRequest, ShutdownDomainRequest, ShutdownMode, StartDomainRequest,
-    define_domain_request, guest_exec_status,
+    DomainState, ExecRequest, FileReadRequest, FileWriteRequest, InfoRequest, OsInfoRequest,
+    PingRequest, ShutdownDomainRequest, ShutdownMode, StartDomainRequest, guest_exec_status,
 };
 
 /// Booting under TCG takes ~3 s alone; tests share 2 cores.
@@ -89,17 +88,6 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_TIMEOUT:?}"))
 }
 
-/// Kills the guest's QEMU by pid on drop, if that pid still runs this
-/// domain: the supervisor starts QEMU in its own process group and leaves
-/// it running when it stops, so nothing else would.
-struct QemuGuard(u32, String);
-
-impl Drop for QemuGuard {
-    fn drop(&mut self) {
-        kill_domain_qemu(self.0, &self.1);
-    }
-}
-
 fn seconds(d: Duration) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
         seconds: d.as_secs() as i64,
@@ -136,18 +124,9 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
         image.initramfs.display(),
         serial_log.display()
     );
-    let defined = bounded(
-        "DefineDomain",
-        supervisor.define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(spec)),
-            allow_update: false,
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .domain
-    .unwrap();
+    let defined = bounded("DefineDomain", define_yaml(&mut supervisor, spec))
+        .await
+        .unwrap();
     let uuid = defined.spec.unwrap().uuid;
     let started = Instant::now();
     let running = bounded(

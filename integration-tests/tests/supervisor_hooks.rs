@@ -24,11 +24,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, free_port, start_supervisor, tool_path};
+use qvirt_integration_tests::{Service, define_yaml, free_port, start_supervisor, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, Domain, DomainSpec, DomainState, DomainStateReason,
-    GetDomainRequest, StartDomainRequest, define_domain_request,
+    DestroyDomainRequest, Domain, DomainSpec, DomainState, DomainStateReason, GetDomainRequest,
+    StartDomainRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -213,17 +213,7 @@ struct Sup {
 impl Sup {
     async fn define(&mut self, world: &World, name: &str) -> Domain {
         let yaml = format!("name: {name}\nmemory_mib: 64\naccel: tcg\n");
-        let d = self
-            .client
-            .define_domain(DefineDomainRequest {
-                source: Some(define_domain_request::Source::SpecYaml(yaml)),
-                allow_update: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .domain
-            .unwrap();
+        let d = define_yaml(&mut self.client, yaml).await.unwrap();
         world.reaper.track(&d.spec.as_ref().unwrap().uuid);
         d
     }
