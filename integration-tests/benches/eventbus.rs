@@ -27,15 +27,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use qvirt_eventbus::hub::{Hub, HubConfig, SubscribeOptions, SubscriptionItem};
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
 use qvirt_integration_tests::{
-    ChildGuard, Service, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
+    ChildGuard, Service, define_yaml, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, MonitorCommandRequest, MonitorEvent, PublishRequest,
-    StartDomainRequest, SubscribeMonitorEventsRequest, define_domain_request,
+    DestroyDomainRequest, MonitorCommandRequest, MonitorEvent, PublishRequest, StartDomainRequest,
+    SubscribeMonitorEventsRequest,
 };
 use tonic::transport::Channel;
 
@@ -492,15 +492,12 @@ async fn qmp_latency() -> QmpLatency {
     )
     .await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    client
-        .define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(
-                "name: lat\nmemory_mib: 128\naccel: tcg\n".into(),
-            )),
-            allow_update: false,
-        })
-        .await
-        .unwrap();
+    define_yaml(
+        &mut client,
+        "name: lat\nmemory_mib: 128\naccel: tcg\n".into(),
+    )
+    .await
+    .unwrap();
     let mut events = EventBusClient::connect(bus.url()).await.unwrap();
     let mut sub = events
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {

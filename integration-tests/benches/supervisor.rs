@@ -16,12 +16,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{ChildGuard, rss_kib, start_supervisor, tool_path};
+use qvirt_integration_tests::{ChildGuard, define_yaml, rss_kib, start_supervisor, tool_path};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
-use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, StartDomainRequest, UndefineDomainRequest,
-    define_domain_request,
-};
+use qvirt_proto::v1::{DestroyDomainRequest, StartDomainRequest, UndefineDomainRequest};
 use tonic::transport::Channel;
 
 const RUNS: usize = 31;
@@ -126,13 +123,7 @@ fn bare_spawn(argv: &[String], dir: &Path, i: usize) -> (Duration, Duration) {
 
 async fn define(client: &mut SupervisorClient<Channel>, name: &str) {
     let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
-    client
-        .define_domain(DefineDomainRequest {
-            source: Some(define_domain_request::Source::SpecYaml(yaml)),
-            allow_update: false,
-        })
-        .await
-        .unwrap();
+    define_yaml(client, yaml).await.unwrap();
 }
 
 async fn start(client: &mut SupervisorClient<Channel>, name: &str) -> Duration {

@@ -17,14 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    Service, grpcurl, kill_domain_qemu, start_supervisor, text, tool_path,
+    Service, define_yaml, grpcurl, kill_domain_qemu, start_supervisor, text, tool_path,
 };
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
-    GetDomainRequest, ListDomainsRequest, MonitorCommandRequest, RebootDomainRequest,
-    ResetDomainRequest, ResumeDomainRequest, ShutdownDomainRequest, ShutdownMode,
-    StartDomainRequest, SuspendDomainRequest, UndefineDomainRequest, define_domain_request,
+    DestroyDomainRequest, Domain, DomainState, DomainStateReason, GetDomainRequest,
+    ListDomainsRequest, MonitorCommandRequest, RebootDomainRequest, ResetDomainRequest,
+    ResumeDomainRequest, ShutdownDomainRequest, ShutdownMode, StartDomainRequest,
+    SuspendDomainRequest, UndefineDomainRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -105,13 +105,7 @@ impl Sup {
     }
 
     async fn define(&mut self, yaml: &str) -> Result<Domain, tonic::Status> {
-        self.client
-            .define_domain(DefineDomainRequest {
-                source: Some(define_domain_request::Source::SpecYaml(yaml.to_owned())),
-                allow_update: false,
-            })
-            .await
-            .map(|r| r.into_inner().domain.unwrap())
+        define_yaml(&mut self.client, yaml.to_owned()).await
     }
 
     async fn get(&mut self, name: &str) -> Result<Domain, tonic::Status> {
