@@ -604,13 +604,18 @@ fn load_average() -> String {
 }
 
 /// Phases named on the command line (`cargo bench --bench eventbus --
-/// fan-out`): only those run. None named: all of them.
+/// fan-out`): only those run. None named: all of them. A name selects
+/// itself and the runs under it: `fan-out` every fan-out run,
+/// `fan-out:100` the two at 100 events/s, `fan-out:100:1thread` one.
 fn wanted(phase: &str) -> bool {
     let named: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    named.is_empty() || named.iter().any(|n| phase.contains(n.as_str()))
+    named.is_empty()
+        || named
+            .iter()
+            .any(|n| phase == n || phase.starts_with(&format!("{n}:")))
 }
 
 #[tokio::main]
@@ -634,37 +639,39 @@ async fn main() {
             grpc / direct
         );
     }
-    if wanted("fan-out") {
-        // The default runtime (a worker per core), then at lower rates also
-        // the bus on one thread (`worker_threads: 1`), each on a fresh bus
-        // so a run does not start behind another's backlog.
-        let mut runs = vec![
-            ("", "", FANOUT_RATE),
-            (", worker_threads: 1", "worker_threads: 1\n", FANOUT_RATE),
-        ];
-        for rate in FANOUT_LOW_RATES {
-            runs.push(("", "", rate));
-            runs.push((", worker_threads: 1", "worker_threads: 1\n", rate));
+    // The default runtime (a worker per core), then at lower rates also
+    // the bus on one thread (`worker_threads: 1`), each on a fresh bus
+    // so a run does not start behind another's backlog.
+    let mut runs = vec![
+        ("", "", FANOUT_RATE),
+        (", worker_threads: 1", "worker_threads: 1\n", FANOUT_RATE),
+    ];
+    for rate in FANOUT_LOW_RATES {
+        runs.push(("", "", rate));
+        runs.push((", worker_threads: 1", "worker_threads: 1\n", rate));
+    }
+    for (label, extra, rate) in runs {
+        let threads = if extra.is_empty() { "" } else { ":1thread" };
+        if !wanted(&format!("fan-out:{rate}{threads}")) {
+            continue;
         }
-        for (label, extra, rate) in runs {
-            let config = format!("{CONFIG}{extra}");
-            let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-            svc.wait_serving("qvirt.v1.EventBus").await;
-            let f = bounded("fan-out", grpc_fanout(&svc.url(), svc.pid(), rate)).await;
-            drop(svc);
-            let (hub_p50, hub_p99) = hub_fanout(rate).await;
-            println!(
-                "  fan-out{label}, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
-                rate * FANOUT_SUBSCRIBERS as u64 / 2,
-                f.delivered_per_s,
-                f.p50_us,
-                f.p99_us,
-                f.lost,
-                f.bus_cores,
-                f.bus_idle_cores,
-                f.bench_cores
-            );
-        }
+        let config = format!("{CONFIG}{extra}");
+        let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
+        svc.wait_serving("qvirt.v1.EventBus").await;
+        let f = bounded("fan-out", grpc_fanout(&svc.url(), svc.pid(), rate)).await;
+        drop(svc);
+        let (hub_p50, hub_p99) = hub_fanout(rate).await;
+        println!(
+            "  fan-out{label}, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
+            rate * FANOUT_SUBSCRIBERS as u64 / 2,
+            f.delivered_per_s,
+            f.p50_us,
+            f.p99_us,
+            f.lost,
+            f.bus_cores,
+            f.bus_idle_cores,
+            f.bench_cores
+        );
     }
     if wanted("idle-rss") {
         // A fresh bus with default queues, so the figure is about

@@ -10,6 +10,8 @@
 //! - [`shutdown`]: a cancellation token that fires on SIGTERM or SIGINT.
 //! - [`serve`]: binds TCP or a unix socket, adds `grpc.health.v1` and server
 //!   reflection, and serves until shut down.
+//! - [`coalesce`]: a connection writer that gathers the frames of streams
+//!   woken together into one socket write (opt-in per server).
 //! - [`service`]: the body of every service's `main`: config errors to exit
 //!   code 2, runtime errors to exit code 1, one line on stderr each.
 //!
@@ -17,6 +19,7 @@
 //! (that is `qvirt-proto`).
 
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod serve;
 pub mod service;

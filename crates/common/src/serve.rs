@@ -16,6 +16,7 @@ use std::time::Duration;
 use prost::Message;
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
 use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -26,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::coalesce::Coalescing;
 use crate::config::ListenAddr;
 
 /// How long in-flight calls and streams may run on after shutdown starts
@@ -135,6 +137,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
+    coalesce_writes: bool,
 }
 
 impl Services {
@@ -160,6 +163,14 @@ impl Services {
         self
     }
 
+    /// Gathers what many streams of one connection send at once into one
+    /// socket write (see [`crate::coalesce`]): for servers whose streams
+    /// are woken together, like the event bus's subscriptions.
+    pub fn coalescing_writes(mut self) -> Self {
+        self.coalesce_writes = true;
+        self
+    }
+
     /// The fully-qualified names of the services added so far.
     pub fn names(&self) -> &[&'static str] {
         &self.names
@@ -168,7 +179,9 @@ impl Services {
     /// Adds health and reflection and returns the routes to serve, plus the
     /// health reporter (every service already marked SERVING).
     pub async fn finish(self) -> Result<(Routes, HealthReporter), ServeError> {
-        let Services { mut routes, names } = self;
+        let Services {
+            mut routes, names, ..
+        } = self;
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in &names {
             reporter
@@ -247,6 +260,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let names = services.names().to_vec();
+    // Only tokio's multi-thread scheduler runs a woken task next (its LIFO
+    // slot), so only there does the connection task write one frame at a
+    // time; the current-thread scheduler queues it behind the other woken
+    // streams anyway, and a step back there only added a round of delay.
+    let coalesce = services.coalesce_writes
+        && tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
     let (routes, reporter) = services.finish().await?;
     let addr = listener.local_addr().ok();
     tracing::info!(listen = %addr.map(|a| a.to_string()).unwrap_or_default(), services = ?names, "serving");
@@ -265,11 +285,14 @@ pub async fn serve(
     };
     let result = match listener {
         Listener::Tcp(l) => {
-            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+            let incoming = TcpIncoming::from(l)
+                .with_nodelay(Some(true))
+                .map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
             run_until(routes, incoming, stopping, &shutdown).await
         }
         Listener::Unix(l, path) => {
-            let incoming = UnixListenerStream::new(l);
+            let incoming =
+                UnixListenerStream::new(l).map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
             let r = run_until(routes, incoming, stopping, &shutdown).await;
             // Best effort: the socket file is ours and useless now.
             let _ = std::fs::remove_file(&path);

@@ -68,7 +68,9 @@ pub async fn run(
     });
     let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
         .with_gateway_token(config.gateway_token.clone());
-    let services = Services::new().with(server::BusServer::new(service));
+    let services = Services::new()
+        .coalescing_writes()
+        .with(server::BusServer::new(service));
     let result = serve::serve(listener, services, shutdown).await;
     hub.close();
     Ok(result?)

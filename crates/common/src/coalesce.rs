@@ -1,0 +1,297 @@
+//! A connection writer that gathers what many streams send at once into
+//! one write.
+//!
+//! hyper serves HTTP/2 with a task per stream and one task per connection
+//! that writes the streams' frames to the socket. When one published event
+//! wakes fifty streams of one connection, tokio runs the connection task
+//! right after the first stream that woke it (its LIFO slot), so it writes
+//! that stream's frame alone, then the next one's, and so on: measured in
+//! the event bus's fan-out bench, four to eight frames per `writev` where
+//! fifty were ready, and each loopback write also wakes the reader.
+//!
+//! [`Coalescing`] takes the frames into its own buffer and, the first time
+//! the connection asks to flush a buffer that has new bytes, steps back
+//! once: it wakes its own task and returns `Pending`, so tokio runs it
+//! again after the tasks already queued (the other woken streams, which
+//! add their frames meanwhile). The second flush writes everything in one
+//! go. Nothing waits on a timer: an idle runtime polls the connection again
+//! at once, so a lone reply costs one more poll, not a delay.
+//!
+//! Only small writes are gathered: [`LIMIT`] bytes or more are a batch
+//! already (a busy connection, where h2 fills its own buffer), so they go
+//! to the socket as they come, with no copy and no step back; and past
+//! [`LIMIT`] pending bytes a write first pushes the buffer out (waiting
+//! with it, so a slow reader still holds the connection back as before).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+
+/// The size from which writes are not gathered: pending bytes past it
+/// go out before more are taken, and a write of at least this much with
+/// nothing pending goes straight to the socket. A busy connection's h2
+/// hands over up to 16 KiB at a time; copying those cost the event bus
+/// throughput when saturated, while the writes worth gathering are a
+/// frame or a few (about 110 bytes per event at the bus).
+pub const LIMIT: usize = 4 * 1024;
+
+/// A buffer capacity above which a drained buffer is given back, so an
+/// idle connection does not keep its largest burst's allocation.
+const KEEP_CAPACITY: usize = 4 * LIMIT;
+
+/// A socket whose writes are gathered until the connection flushes, with
+/// one step back before the first flush of new bytes (see the module
+/// docs). With `enabled` false it passes every call straight through.
+#[derive(Debug)]
+pub struct Coalescing<T> {
+    inner: T,
+    enabled: bool,
+    buf: Vec<u8>,
+    /// How much of `buf` the socket has taken already.
+    sent: usize,
+    /// The connection has stepped back once for what `buf` holds.
+    stepped_back: bool,
+}
+
+impl<T> Coalescing<T> {
+    /// Wraps `inner`; `enabled` false makes the wrapper transparent.
+    pub fn new(inner: T, enabled: bool) -> Self {
+        Self {
+            inner,
+            enabled,
+            buf: Vec::new(),
+            sent: 0,
+            stepped_back: false,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalescing<T> {
+    /// Writes out everything buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        if self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Makes room: past [`LIMIT`], the buffer goes out first.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.pending() >= LIMIT {
+            ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether a write of `len` bytes goes straight to the socket.
+    fn direct(&self, len: usize) -> bool {
+        !self.enabled || (self.pending() == 0 && len >= LIMIT)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalescing<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_room(cx))?;
+        if this.direct(data.len()) {
+            return Pin::new(&mut this.inner).poll_write(cx, data);
+        }
+        this.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_room(cx))?;
+        if this.direct(bufs.iter().map(|b| b.len()).sum()) {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        let mut taken = 0;
+        for b in bufs {
+            this.buf.extend_from_slice(b);
+            taken += b.len();
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        // Gathered slices are copied anyway and direct ones go to a
+        // vectored socket write: either way one call takes them all.
+        self.enabled || self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pending() > 0 {
+            if !this.stepped_back && this.pending() < LIMIT {
+                // Let the tasks already queued (other streams of this
+                // connection, woken by the same event) add their frames.
+                this.stepped_back = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            ready!(this.poll_drain(cx))?;
+        }
+        this.stepped_back = false;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalescing<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Connected> Connected for Coalescing<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Counts the writes that reach it.
+    #[derive(Default)]
+    struct Counting {
+        writes: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.writes += 1;
+            this.bytes.extend_from_slice(data);
+            Poll::Ready(Ok(data.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn test_writes_gathered_until_the_second_flush() {
+        let mut io = Coalescing::new(Counting::default(), true);
+        for frame in [&b"one "[..], b"two ", b"three"] {
+            io.write_all(frame).await.unwrap();
+        }
+        assert_eq!(io.inner.writes, 0, "nothing is written before a flush");
+        // The first flush steps back (and wakes itself); the second writes.
+        let mut first = Some(());
+        poll_fn(|cx| {
+            let r = Pin::new(&mut io).poll_flush(cx);
+            if first.take().is_some() {
+                assert!(r.is_pending(), "the first flush of new bytes steps back");
+                assert_eq!(io.inner.writes, 0);
+            }
+            r
+        })
+        .await
+        .unwrap();
+        assert_eq!(io.inner.writes, 1, "three writes went out as one");
+        assert_eq!(io.inner.bytes, b"one two three");
+        // Nothing pending: a flush does not step back.
+        poll_fn(|cx| {
+            let r = Pin::new(&mut io).poll_flush(cx);
+            assert!(r.is_ready());
+            r
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn test_full_buffer_goes_out_before_more_is_taken() {
+        let mut io = Coalescing::new(Counting::default(), true);
+        let chunk = vec![7u8; LIMIT / 4];
+        for _ in 0..5 {
+            io.write_all(&chunk).await.unwrap();
+        }
+        assert_eq!(io.inner.writes, 1, "the fifth chunk found the buffer full");
+        assert_eq!(io.inner.bytes.len(), LIMIT);
+        io.flush().await.unwrap();
+        assert_eq!(io.inner.bytes.len(), 5 * LIMIT / 4);
+    }
+
+    #[tokio::test]
+    async fn test_large_write_with_nothing_pending_goes_straight_out() {
+        let mut io = Coalescing::new(Counting::default(), true);
+        io.write_all(&vec![1u8; LIMIT]).await.unwrap();
+        assert_eq!(io.inner.writes, 1);
+        assert_eq!(io.pending(), 0, "not copied");
+        // A small write after it is gathered again.
+        io.write_all(b"x").await.unwrap();
+        assert_eq!(io.inner.writes, 1);
+        assert_eq!(io.pending(), 1);
+    }
+
+    #[tokio::test]
+    async fn test_disabled_passes_through() {
+        let mut io = Coalescing::new(Counting::default(), false);
+        io.write_all(b"a").await.unwrap();
+        io.write_all(b"b").await.unwrap();
+        assert_eq!(io.inner.writes, 2);
+    }
+
+    #[tokio::test]
+    async fn test_shutdown_sends_what_is_buffered() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut io = Coalescing::new(a, true);
+        io.write_all(b"last words").await.unwrap();
+        io.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+    }
+}
