@@ -246,6 +246,7 @@ async fn hub_fanout(rate: u64) -> (u64, u64) {
         let name = if i % 2 == 0 { "MATCH" } else { "NEVER" };
         let options = SubscribeOptions {
             key: Some(name.into()),
+            key_decides: true,
             ..Default::default()
         };
         let mut sub = hub

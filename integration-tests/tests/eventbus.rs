@@ -204,15 +204,32 @@ async fn test_domain_filter_by_name_or_uuid() {
         ..Default::default()
     };
     let (mut stream, _) = subscribe(&mut client, by_uuid).await;
+    // A literal name with a domain: the bus indexes the name, and the
+    // domain must still be tested.
+    let stop_of_a = SubscribeMonitorEventsRequest {
+        domain: "a".into(),
+        event: "STOP".into(),
+        ..Default::default()
+    };
+    let (mut stops, _) = subscribe(&mut client, stop_of_a).await;
     publish(
         &mut client,
         vec![
             Event::MonitorEvent(monitor("b", "STOP", "1")),
             Event::MonitorEvent(monitor("a", "STOP", "2")),
+            Event::MonitorEvent(monitor("a", "RESUME", "3")),
         ],
     )
     .await;
     assert_eq!(event_of(next(&mut stream).await).details_json, "2");
+    assert_eq!(event_of(next(&mut stream).await).details_json, "3");
+    assert_eq!(event_of(next(&mut stops).await).details_json, "2");
+    publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "STOP", "4"))],
+    )
+    .await;
+    assert_eq!(event_of(next(&mut stops).await).details_json, "4");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -993,6 +1010,8 @@ async fn test_host_field_and_host_filter() {
         &mut client,
         SubscribeMonitorEventsRequest {
             host: "node-2".into(),
+            // A literal name too: the host must still be tested.
+            event: "STOP".into(),
             ..Default::default()
         },
     )

@@ -212,6 +212,7 @@ impl EventBusService {
         principal: String,
         since: Option<u64>,
         key: Option<&str>,
+        key_decides: bool,
     ) -> SubscribeOptions {
         SubscribeOptions {
             principal,
@@ -219,6 +220,7 @@ impl EventBusService {
             since,
             policy: self.policy,
             key: key.map(Into::into),
+            key_decides,
         }
     }
 }
@@ -465,7 +467,7 @@ impl EventBusService {
             BusEvent::Monitor(_) => false,
         };
         self.stream(
-            self.options(SubscriberKind::Domain, who, req.since, None),
+            self.options(SubscriberKind::Domain, who, req.since, None, false),
             predicate,
             wrap,
         )
@@ -491,6 +493,9 @@ impl EventBusService {
             event: EventNameFilter::new(&req.event, flags(&req.flags)?).map_err(status::filter)?,
         };
         let key = filter.event.exact_name().map(Box::<str>::from);
+        // A literal name with no domain or host filter: the hub's index by
+        // name is the whole test.
+        let key_decides = key.is_some() && filter.domain.is_all() && req.host.is_empty();
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
             BusEvent::Monitor(m) => {
@@ -500,7 +505,13 @@ impl EventBusService {
             BusEvent::Domain(_) => false,
         };
         self.stream(
-            self.options(SubscriberKind::Monitor, who, req.since, key.as_deref()),
+            self.options(
+                SubscriberKind::Monitor,
+                who,
+                req.since,
+                key.as_deref(),
+                key_decides,
+            ),
             predicate,
             wrap,
         )

@@ -213,6 +213,11 @@ pub struct SubscribeOptions {
     /// The predicate still decides among them. Ignored by a hub without a
     /// key function.
     pub key: Option<Box<str>>,
+    /// With `key`: the key alone decides which live events the subscriber
+    /// gets (the predicate accepts every event with that key), so the hub
+    /// does not ask the predicate when it publishes. The replay, which
+    /// looks at every event in the ring, still uses it.
+    pub key_decides: bool,
 }
 
 /// Why [`Hub::subscribe`] refused (the service answers `RESOURCE_EXHAUSTED`
@@ -389,7 +394,8 @@ enum Offer {
 /// A subscriber as the publisher sees it.
 struct Entry<E> {
     shared: Arc<SubShared<E>>,
-    predicate: Predicate<E>,
+    /// `None` when the index key alone decides.
+    predicate: Option<Predicate<E>>,
     policy: OverflowPolicy,
 }
 
@@ -622,7 +628,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         let key = inner.key_fn.as_ref().and_then(|k| k(&env.event));
         let keyed = key.and_then(|k| st.keyed.get(k));
         for (id, entry) in st.subscribers.iter().chain(keyed.into_iter().flatten()) {
-            if !(entry.predicate)(&env.event) {
+            if entry.predicate.as_ref().is_some_and(|p| !p(&env.event)) {
                 continue;
             }
             match entry.offer(&env, capacity) {
@@ -733,7 +739,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         };
         let entry = Entry {
             shared: Arc::clone(&shared),
-            predicate: Arc::clone(&predicate),
+            predicate: (key.is_none() || !options.key_decides).then(|| Arc::clone(&predicate)),
             policy: options.policy,
         };
         match &key {

@@ -671,3 +671,40 @@ async fn test_keyed_subscriber_cut_off_leaves_its_key_group() {
     hub.publish(ev("X", 4));
     assert_eq!(seqs(&drain(&mut twin)), vec![4]);
 }
+
+#[tokio::test]
+async fn test_key_decides_skips_the_predicate_live_but_not_in_replay() {
+    use std::sync::atomic::AtomicUsize;
+    let hub = keyed_hub(HubConfig::default());
+    for (i, name) in ["STOP", "RESUME", "STOP"].iter().enumerate() {
+        hub.publish(ev(name, i as u64 + 1));
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let options = SubscribeOptions {
+        key_decides: true,
+        ..keyed("p", "STOP")
+    };
+    let mut stops = hub
+        .subscribe(
+            SubscribeOptions {
+                since: Some(0),
+                ..options
+            },
+            move |e: &Ev| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                e.name == "STOP"
+            },
+        )
+        .expect("subscribe");
+    established(&mut stops).await;
+    // The replay looks at every event in the ring, through the predicate.
+    assert_eq!(seqs(&drain(&mut stops)), vec![1, 3]);
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+    // Live: the index alone picks the STOP events; no predicate call.
+    for (i, name) in ["STOP", "RESUME", "STOP"].iter().enumerate() {
+        hub.publish(ev(name, i as u64 + 4));
+    }
+    assert_eq!(seqs(&drain(&mut stops)), vec![4, 6]);
+    assert_eq!(calls.load(Ordering::Relaxed), 3);
+}
