@@ -54,12 +54,10 @@ pub struct Config {
     /// address.
     pub gateway_token: Option<String>,
     /// Runtime threads. 0 (the default): one worker per core. 1: the whole
-    /// bus on one thread: the streams an event wakes then all queue their
-    /// frames before their connections flush, where with workers a
-    /// connection is often flushed per frame; at 100 events/s to 500
-    /// subscribers the bench measured half the CPU on one thread, but at
-    /// 1,000 events/s a worse tail latency, since one thread cannot spread
-    /// a burst's deliveries over the cores. N: N workers.
+    /// bus on one thread: less CPU per delivery (no cross-core traffic;
+    /// the bench measured ~15% less when saturated), but a worse tail
+    /// latency when busy, since one thread cannot spread a burst's
+    /// deliveries over the cores. N: N workers.
     pub worker_threads: usize,
 }
 
