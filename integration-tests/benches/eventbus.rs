@@ -24,7 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use qvirt_eventbus::hub::{Hub, HubConfig, SubscribeOptions, SubscriptionItem};
+use qvirt_eventbus::hub::{Caps, Hub, HubConfig, SubscribeOptions, SubscriptionItem};
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
 use qvirt_integration_tests::{
     ChildGuard, Service, define_yaml, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
@@ -231,6 +231,11 @@ async fn hub_fanout(rate: u64) -> (u64, u64) {
     let hub: Hub<Event> = Hub::with_size_and_key_fn(
         HubConfig {
             queue_capacity: 65536,
+            // As the bus's CONFIG: the subscribers all count as one peer.
+            monitor_caps: Caps {
+                total: 100_000,
+                per_principal: 100_000,
+            },
             ..Default::default()
         },
         |_| 0,

@@ -8,14 +8,6 @@ use crate::hub::{self, Caps, HubConfig, MAX_QUEUE_CAPACITY, OverflowPolicy};
 /// The port `qvirt-eventbus` listens on by default, on loopback.
 pub const DEFAULT_PORT: u16 = 50053;
 
-/// Default cap on concurrent subscriptions of each kind, in all.
-pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
-/// Default cap on concurrent subscriptions of each kind per principal. With
-/// hyper's per-stream send buffer (400 KB, held for a client that stops
-/// reading its socket) this bounds what one principal can pin to ~25 MiB
-/// per kind.
-pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 64;
-
 /// What happens to a subscriber whose queue overflows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -78,10 +70,10 @@ impl Default for Config {
             ring_max_bytes: 16 << 20,
             queue_capacity: hub::DEFAULT_QUEUE_CAPACITY,
             slow_consumer: SlowConsumer::default(),
-            max_monitor_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
-            max_monitor_subscriptions_per_principal: DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
-            max_domain_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
-            max_domain_subscriptions_per_principal: DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            max_monitor_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
+            max_monitor_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            max_domain_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
+            max_domain_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
             metrics_listen: None,
             gateway_token: None,
             worker_threads: 0,

@@ -36,7 +36,8 @@
 //! (a literal, case-sensitive event-name filter; see
 //! [`Hub::with_size_and_key_fn`] and [`SubscribeOptions::key`]) are indexed by that
 //! key, so `publish` only visits them for events with that key; the others
-//! are tested one by one.
+//! are tested one by one. With [`SubscribeOptions::key_decides`] the key is
+//! the whole test, and `publish` does not call the predicate at all.
 
 mod subscription;
 #[cfg(test)]
@@ -60,9 +61,12 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 /// The largest per-subscriber queue a config may ask for.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 /// Default cap on concurrent subscriptions of one kind, bus-wide.
-pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 16_384;
-/// Default cap on concurrent subscriptions of one kind per principal.
-pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 1024;
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
+/// Default cap on concurrent subscriptions of one kind per principal. With
+/// hyper's per-stream send buffer (400 KB, held for a client that stops
+/// reading its socket) this bounds what one principal can pin to ~25 MiB
+/// per kind.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 64;
 /// How many matching events a replaying subscriber takes from the ring per
 /// lock.
 pub(crate) const REPLAY_BATCH: usize = 64;
