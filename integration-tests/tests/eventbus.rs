@@ -595,6 +595,153 @@ async fn test_dropped_subscriptions_give_their_memory_back() {
     }
 }
 
+/// A socket that stops being read once `stalled` is set: reads then stay
+/// Pending for good, as for a client process that hangs (SIGSTOP, a
+/// deadlock) with its connection open.
+struct Stalling {
+    inner: tokio::net::TcpStream,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Stalling {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Stalling {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Connects tonic to `addr` through a [`Stalling`] socket.
+#[derive(Clone)]
+struct StallingConnector {
+    addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tower_service::Service<http::Uri> for StallingConnector {
+    type Response = hyper_util::rt::TokioIo<Stalling>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let (addr, stalled) = (self.addr, self.stalled.clone());
+        Box::pin(async move {
+            let inner = tokio::net::TcpStream::connect(addr).await?;
+            Ok(hyper_util::rt::TokioIo::new(Stalling { inner, stalled }))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
+    // 64 subscriptions (the default per-principal cap) from a client that
+    // grants HTTP/2's largest windows and then stops reading its socket;
+    // 30 MB of events published to each. What the bus may hold for them:
+    // its queues (256 events each, shared with the ring), the ring (16
+    // MiB) and hyper's send buffer per stream (400 KB): ~45 MiB, not the
+    // 1.9 GB offered.
+    const STREAMS: usize = 64;
+    const EVENTS: usize = 30_000;
+    let config = "max_monitor_subscriptions_per_principal: 128\n";
+    let (svc, mut client) = bus(config).await;
+    let addr = svc.url().trim_start_matches("http://").parse().unwrap();
+    let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let channel = tonic::transport::Endpoint::from_static("http://stalling.invalid")
+        .initial_stream_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .connect_with_connector(StallingConnector {
+            addr,
+            stalled: stalled.clone(),
+        })
+        .await
+        .unwrap();
+    let mut stalling = EventBusClient::new(channel);
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let (s, _) = subscribe(&mut stalling, SubscribeMonitorEventsRequest::default()).await;
+        streams.push(s);
+    }
+    stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut watcher, _) = subscribe(&mut client, SubscribeMonitorEventsRequest::default()).await;
+    let baseline = rss_kib(svc.pid());
+
+    // Published in batches, each acknowledged: a stalled subscriber never
+    // slows the publisher down.
+    let details = format!("{{\"pad\": \"{}\"}}", "x".repeat(1000));
+    let mut last_big = 0;
+    for _ in 0..EVENTS / 1000 {
+        let batch = (0..1000)
+            .map(|_| Event::MonitorEvent(monitor("a", "BIG", &details)))
+            .collect();
+        last_big = tokio::time::timeout(MESSAGE_TIMEOUT, publish(&mut client, batch))
+            .await
+            .expect("publish held back by a stalled subscriber");
+    }
+    let grown = rss_kib(svc.pid()).saturating_sub(baseline);
+    assert!(
+        grown < 96 * 1024,
+        "bus RSS grew {grown} KiB for {STREAMS} stalled subscriptions"
+    );
+    // The bus still serves everybody else: the live subscriber (as slow as
+    // the stalled ones while this test published) gets every event or a
+    // count of those it lost, then a new one at once.
+    let mut accounted = 0;
+    while accounted < last_big {
+        match next(&mut watcher).await {
+            MonitorKind::Event(_) => accounted += 1,
+            MonitorKind::Lost(l) => accounted += l.count,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accounted, last_big);
+    let end = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "END", "{}"))],
+    )
+    .await;
+    assert_eq!(event_of(next(&mut watcher).await).sequence, end);
+    eprintln!("bus RSS grew {grown} KiB for {STREAMS} stalled subscriptions");
+    drop(streams);
+}
+
 /// A subscription request carrying `principal` and, if given, a gateway
 /// token in its metadata.
 fn as_principal(
