@@ -62,11 +62,23 @@ impl Spread {
 /// resolution, where `/proc/PID/stat` counts clock ticks). Threads that
 /// already ended are not counted: measure long-lived processes.
 pub fn cpu_ns(pid: u32) -> u64 {
+    schedstat_sum(pid, 0)
+}
+
+/// How many times the threads of process `pid` were put on a CPU so far
+/// (the third field of `/proc/PID/task/*/schedstat`): a thread that sleeps
+/// and is woken counts one more. Like [`cpu_ns`], for long-lived processes.
+pub fn sched_runs(pid: u32) -> u64 {
+    schedstat_sum(pid, 2)
+}
+
+/// Field `field` of `/proc/PID/task/*/schedstat`, summed over the threads.
+fn schedstat_sum(pid: u32, field: usize) -> u64 {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap_or_else(|e| panic!("no /proc/{pid}/task: {e}"));
     tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|s| s.split_whitespace().nth(field)?.parse::<u64>().ok())
         .sum()
 }
 

@@ -21,7 +21,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_agentd::channel::{AgentChannel, ChannelSettings};
-use qvirt_integration_tests::measure::{Spread, Unit, cpu_ns, steal_percent, steal_ticks};
+use qvirt_integration_tests::measure::{
+    Spread, Unit, cpu_ns, sched_runs, steal_percent, steal_ticks,
+};
 use qvirt_integration_tests::{ChildGuard, tool_path};
 use qvirt_proto::v1::PingRequest;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
@@ -175,6 +177,9 @@ fn main() {
     let (_unix_proc, mut ux) = agentd(&rt, dir.path(), &unix_sock, 1, true);
     let (one_pid, mt_pid) = (one_proc.id(), mt_proc.id());
     let (mut one_cpu, mut mt_cpu, mut base_cpu) = (0u64, 0u64, 0u64);
+    // Times the one-thread agentd was put on a CPU, during its Pings and
+    // during its failing calls.
+    let (mut one_runs, mut base_runs) = (0u64, 0u64);
     let chan = {
         let _guard = rt.enter();
         AgentChannel::spawn(
@@ -214,7 +219,7 @@ fn main() {
             }
         }
         rt.block_on(async {
-            let cpu = cpu_ns(one_pid);
+            let (cpu, runs) = (cpu_ns(one_pid), sched_runs(one_pid));
             for _ in 0..n {
                 let t = Instant::now();
                 one.ping(ping("vm")).await.unwrap();
@@ -224,6 +229,7 @@ fn main() {
             }
             if keep {
                 one_cpu += cpu_ns(one_pid) - cpu;
+                one_runs += sched_runs(one_pid) - runs;
             }
             let cpu = cpu_ns(mt_pid);
             for _ in 0..n {
@@ -236,7 +242,7 @@ fn main() {
             if keep {
                 mt_cpu += cpu_ns(mt_pid) - cpu;
             }
-            let cpu = cpu_ns(one_pid);
+            let (cpu, runs) = (cpu_ns(one_pid), sched_runs(one_pid));
             for _ in 0..n {
                 let t = Instant::now();
                 assert!(one.ping(ping("nobody")).await.is_err());
@@ -246,6 +252,7 @@ fn main() {
             }
             if keep {
                 base_cpu += cpu_ns(one_pid) - cpu;
+                base_runs += sched_runs(one_pid) - runs;
             }
             for _ in 0..n {
                 let t = Instant::now();
@@ -295,6 +302,11 @@ fn main() {
         one_cpu as f64 / per,
         mt_cpu as f64 / per,
         base_cpu as f64 / per
+    );
+    println!(
+        "one-thread agentd put on a CPU per Ping {:.2} times (at least 2: woken by the client, then by the agent), per gRPC-alone call {:.2} (at least 1)",
+        one_runs as f64 / (per / 1e3),
+        base_runs as f64 / (per / 1e3)
     );
     println!(
         "agentd over a unix socket adds {:.1} µs at the median",

@@ -30,12 +30,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::socket::{AgentReader, AgentSocket, AgentWriter};
 use crate::wire::{self, Conn, Reply, WireError};
 
 /// Commands that send no reply on success (qemu-ga's `success-response:
@@ -344,7 +343,7 @@ impl Channels {
     }
 }
 
-type UnixConn = Conn<OwnedReadHalf, OwnedWriteHalf>;
+type UnixConn = Conn<AgentReader, AgentWriter>;
 
 struct Actor {
     path: PathBuf,
@@ -482,7 +481,7 @@ impl Actor {
         }
         if self.conn.is_none() {
             self.in_sync = false;
-            let connect = tokio::time::timeout_at(deadline, UnixStream::connect(&self.path));
+            let connect = tokio::time::timeout_at(deadline, AgentSocket::connect(&self.path));
             let stream = match connect.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(source)) => {
@@ -501,7 +500,7 @@ impl Actor {
                     });
                 }
             };
-            let (r, w) = stream.into_split();
+            let (r, w) = stream.split();
             self.conn = Some(Conn::new(r, w, self.settings.max_reply_bytes));
         }
         match &mut self.conn {

@@ -17,6 +17,7 @@ pub mod convert;
 pub mod locate;
 mod ops;
 pub mod service;
+pub mod socket;
 mod status;
 pub mod wire;
 

@@ -9,15 +9,17 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::*;
+use crate::socket::{AgentReader, AgentSocket, AgentWriter};
 
-type TestConn = Conn<OwnedReadHalf, OwnedWriteHalf>;
+type TestConn = Conn<AgentReader, AgentWriter>;
 
 fn pair(max_reply: usize) -> (TestConn, BufReader<UnixStream>) {
     let (a, b) = UnixStream::pair().unwrap();
-    let (r, w) = a.into_split();
+    let (r, w) = AgentSocket::from_std(a.into_std().unwrap())
+        .unwrap()
+        .split();
     (Conn::new(r, w, max_reply), BufReader::new(b))
 }
 
