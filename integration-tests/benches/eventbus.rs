@@ -39,7 +39,7 @@ use qvirt_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use lean::{Delivery, subscribe_lean};
+use lean::Delivery;
 
 const THROUGHPUT_EVENTS: u64 = 200_000;
 const FANOUT_SUBSCRIBERS: usize = 1000;
@@ -69,11 +69,12 @@ fn event(name: &str, details: String) -> Event {
     })
 }
 
-fn now_ns() -> u128 {
-    SystemTime::now()
+fn now_ns() -> u64 {
+    let ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_nanos()
+        .as_nanos();
+    u64::try_from(ns).unwrap()
 }
 
 async fn subscribe(
@@ -222,6 +223,9 @@ struct FanOut {
     bus_idle_cores: f64,
     /// CPU of this bench process (publisher and 1,000 clients), in cores.
     bench_cores: f64,
+    /// Events per DATA chunk the matching clients read: how much the bus
+    /// batched per stream.
+    per_chunk: f64,
 }
 
 /// The fan-out reference: the same subscribers and publish schedule on the
@@ -273,8 +277,8 @@ async fn hub_fanout(rate: u64) -> (u64, u64) {
                     if m.details_json == "\"END\"" {
                         break;
                     }
-                    let sent: u128 = m.details_json.parse().unwrap();
-                    lat.push(((now_ns() - sent) / 1000) as u64);
+                    let sent: u64 = m.details_json.parse().unwrap();
+                    lat.push((now_ns() - sent) / 1000);
                 }
             }
             lat
@@ -307,30 +311,43 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
     let total = rate * FANOUT_SECONDS;
     let mut readers = Vec::new();
     let mut clients = Vec::new();
+    let addr = url.trim_start_matches("http://");
     for i in 0..FANOUT_SUBSCRIBERS {
         if i % STREAMS_PER_CONNECTION == 0 {
-            let channel = Channel::from_shared(url.to_owned()).unwrap();
-            clients.push(channel.connect().await.unwrap());
+            clients.push(lean::connect(addr).await);
         }
-        let channel = clients.last().unwrap();
+        let client = clients.last().unwrap();
         let matching = i % 2 == 0;
-        let mut s = subscribe_lean(channel, if matching { "MATCH" } else { "NEVER" }).await;
+        let mut s = lean::subscribe(client, if matching { "MATCH" } else { "NEVER" }).await;
         if matching {
             readers.push(tokio::spawn(async move {
                 let (mut lat, mut lost) = (Vec::with_capacity(total as usize), 0u64);
-                loop {
-                    match s.message().await.unwrap().unwrap() {
-                        Delivery::End => break,
-                        Delivery::Sent(sent) => lat.push(((now_ns() - sent) / 1000) as u64),
-                        Delivery::Lost(n) => lost += n,
-                        Delivery::Other => {}
-                    }
+                let (mut end, mut chunks) = (false, 0u64);
+                while !end {
+                    // The messages of one chunk arrived together: one
+                    // clock reading serves them all.
+                    let mut now = 0;
+                    chunks += 1;
+                    let open = s
+                        .next_chunk(|d| match d {
+                            Delivery::End => end = true,
+                            Delivery::Sent(sent) => {
+                                if now == 0 {
+                                    now = now_ns();
+                                }
+                                lat.push(now.saturating_sub(sent) / 1000);
+                            }
+                            Delivery::Lost(n) => lost += n,
+                            Delivery::Other => {}
+                        })
+                        .await;
+                    assert!(open, "subscription ended before END");
                 }
-                (lat, lost)
+                (lat, lost, chunks)
             }));
         } else {
             // Keep the stream open and idle.
-            tokio::spawn(async move { while let Ok(Some(_)) = s.message().await {} });
+            tokio::spawn(async move { while s.next_chunk(|_| {}).await {} });
         }
     }
     let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
@@ -364,11 +381,12 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
     }
     drop(tx);
     send.await.unwrap();
-    let (mut all, mut lost) = (Vec::new(), 0);
+    let (mut all, mut lost, mut chunks) = (Vec::new(), 0, 0);
     for r in readers {
-        let (l, x) = finish(&mut publisher, "MATCH", r).await;
+        let (l, x, c) = finish(&mut publisher, "MATCH", r).await;
         all.extend(l);
         lost += x;
+        chunks += c;
     }
     let elapsed = start.elapsed().as_secs_f64();
     let bus_cpu = (cpu_ns(bus_pid) - cpu_start.0) as f64 / 1e9;
@@ -382,6 +400,7 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
         bus_cores: bus_cpu / elapsed,
         bus_idle_cores,
         bench_cores: bench_cpu / elapsed,
+        per_chunk: all.len() as f64 / chunks.max(1) as f64,
     }
 }
 
@@ -668,7 +687,7 @@ async fn main() {
         drop(svc);
         let (hub_p50, hub_p99) = hub_fanout(rate).await;
         println!(
-            "  fan-out{label}, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
+            "  fan-out{label}, {FANOUT_SUBSCRIBERS} subscribers (half match) at {rate}/s (offered {} deliveries/s): delivered {:.0}/s, publish->deliver p50 {} us, p99 {} us (target p99 < 5000 us), lost {}; CPU: bus {:.2} cores ({:.2} idle before), bench clients {:.2} cores; {:.1} events per DATA chunk; in-process hub reference p50 {hub_p50} us, p99 {hub_p99} us",
             rate * FANOUT_SUBSCRIBERS as u64 / 2,
             f.delivered_per_s,
             f.p50_us,
@@ -676,7 +695,8 @@ async fn main() {
             f.lost,
             f.bus_cores,
             f.bus_idle_cores,
-            f.bench_cores
+            f.bench_cores,
+            f.per_chunk
         );
     }
     if wanted("idle-rss") {
