@@ -12,8 +12,8 @@
 //! to the non-blocking socket; a command almost always fits in its buffer.
 //! When one does not (a large `guest-file-write`, an agent that stopped
 //! reading), the writer registers a duplicate of the descriptor for
-//! writability, waits on it, and drops it once the write went through, so
-//! the extra wake-ups happen only while the socket is full.
+//! writability, waits on it, and drops it when the message is flushed, so
+//! the extra wake-ups happen only while a message does not fit.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -123,27 +123,26 @@ impl AsyncWrite for AgentWriter {
         let this = self.get_mut();
         loop {
             if let Some(writable) = &this.writable {
+                // The socket was full: wait for room, then write; a write
+                // that still finds it full clears the readiness it used.
                 let mut guard = ready!(writable.poll_write_ready(cx))?;
-                // Readiness is cleared on WouldBlock and awaited again.
-                guard.clear_ready();
+                match guard.try_io(|_| this.fd.get_ref().write(data)) {
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Ok(result) => return Poll::Ready(result),
+                    Err(_would_block) => continue,
+                }
             }
             match this.stream().write(data) {
-                Ok(n) => {
-                    // Room again: stop watching for it.
-                    this.writable = None;
-                    return Poll::Ready(Ok(n));
-                }
+                Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if this.writable.is_none() {
-                        let dup = this.stream().as_fd().try_clone_to_owned()?;
-                        // SAFETY: `dup` is an open descriptor owned by the
-                        // AsyncFd until it is dropped.
-                        let writable =
-                            unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
-                                .map_err(io::Error::from)?;
-                        this.writable = Some(writable);
-                    }
+                    let dup = this.stream().as_fd().try_clone_to_owned()?;
+                    // SAFETY: `dup` is an open descriptor owned by the
+                    // AsyncFd until it is dropped.
+                    let writable =
+                        unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }
+                            .map_err(io::Error::from)?;
+                    this.writable = Some(writable);
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -151,12 +150,17 @@ impl AsyncWrite for AgentWriter {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Writes go to the socket as they are made.
+        // Writes go to the socket as they are made. A whole message is out:
+        // stop watching for room (a large message keeps the registration
+        // across its partial writes).
+        self.get_mut().writable = None;
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.stream().shutdown(std::net::Shutdown::Write))
+        let this = self.get_mut();
+        this.writable = None;
+        Poll::Ready(this.stream().shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -213,8 +217,11 @@ mod tests {
     const EPOLLIN: u32 = 0x1;
     const EPOLLOUT: u32 = 0x4;
 
+    /// Our socket's halves, the peer's end (its reads give up after
+    /// `BOUND`), and our descriptor's number.
     fn pair() -> (AgentReader, AgentWriter, UnixStream, i32) {
         let (ours, peer) = UnixStream::pair().unwrap();
+        peer.set_read_timeout(Some(BOUND)).unwrap();
         let fd = ours.as_raw_fd();
         let (r, w) = AgentSocket::from_std(ours).unwrap().split();
         (r, w, peer, fd)
@@ -242,9 +249,11 @@ mod tests {
         assert_eq!(epoll_masks(fd), vec![mask], "no other registration");
     }
 
-    #[tokio::test]
+    // Two workers: a writer that spun instead of waiting would still let
+    // the test's own checks run and fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn test_a_write_into_a_full_socket_waits_for_the_reader_then_completes() {
-        let (_r, mut w, peer, fd) = pair();
+        let (r, mut w, peer, fd) = pair();
         // Far more than a unix socket buffers.
         let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         let expected = data.clone();
@@ -265,16 +274,18 @@ mod tests {
             let mut got = vec![0u8; expected.len()];
             peer.read_exact(&mut got).unwrap();
             assert!(got == expected, "bytes differ");
-            peer
         });
-        let w = tokio::time::timeout(BOUND, writer).await.unwrap().unwrap();
-        let _peer = reader.join().unwrap();
+        let mut w = tokio::time::timeout(BOUND, writer).await.unwrap().unwrap();
+        assert!(w.writable.is_some(), "watched for room until flushed");
+        w.flush().await.unwrap();
         assert!(w.writable.is_none(), "the writable registration is gone");
         assert_eq!(epoll_masks(fd).len(), 1);
+        drop((r, w));
+        reader.join().unwrap();
     }
 
     #[tokio::test]
-    async fn test_a_short_read_then_later_data_and_eof() {
+    async fn test_a_read_that_empties_the_socket_still_wakes_for_more() {
         let (mut r, _w, mut peer, _fd) = pair();
         peer.write_all(b"abc").unwrap();
         let mut buf = [0u8; 16];
@@ -283,18 +294,27 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&buf[..n], b"abc");
-        // The socket is empty now; more data must still wake the reader.
-        let later = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            peer.write_all(b"def").unwrap();
-            drop(peer);
-        });
+        // The socket is empty: the next read waits, and data that comes
+        // afterwards wakes it.
+        let mut read = std::pin::pin!(r.read(&mut buf));
+        assert!(futures_util::poll!(read.as_mut()).is_pending());
+        peer.write_all(b"def").unwrap();
+        let n = tokio::time::timeout(BOUND, read).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"def");
+    }
+
+    #[tokio::test]
+    async fn test_data_and_eof_in_one_event_give_the_data_then_eof() {
+        let (mut r, _w, mut peer, _fd) = pair();
+        peer.write_all(b"ghi").unwrap();
+        drop(peer);
+        let mut buf = [0u8; 16];
         let n = tokio::time::timeout(BOUND, r.read(&mut buf))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(&buf[..n], b"def");
-        later.join().unwrap();
+        assert_eq!(&buf[..n], b"ghi");
+        // That short read cleared readiness; EOF must still be seen.
         let n = tokio::time::timeout(BOUND, r.read(&mut buf))
             .await
             .unwrap()

@@ -18,7 +18,9 @@ use qvirt_proto::v1::SubscribeMonitorEventsRequest;
 
 /// What a fan-out subscriber needs of one stream message.
 pub enum Delivery {
-    /// SubscriptionEstablished (or anything else of no interest).
+    /// SubscriptionEstablished.
+    Established,
+    /// Anything else of no interest.
     Other,
     /// An event whose details carry its send time in ns since the epoch.
     Sent(u64),
@@ -81,7 +83,9 @@ fn decimal(digits: &[u8]) -> u64 {
 fn decode(msg: &[u8]) -> Delivery {
     let mut out = Delivery::Other;
     fields(msg, |tag, v| match (tag, v) {
-        // SubscribeMonitorEventsResponse.event = 2: MonitorEvent.details_json = 8
+        // SubscribeMonitorEventsResponse.established = 1
+        (1, Field::Bytes(_)) => out = Delivery::Established,
+        // .event = 2: MonitorEvent.details_json = 8
         (2, Field::Bytes(event)) => fields(event, |tag, v| {
             if let (8, Field::Bytes(details)) = (tag, v) {
                 out = if details == b"\"END\"" {
@@ -154,21 +158,41 @@ pub async fn subscribe(client: &h2::client::SendRequest<Bytes>, filter: &str) ->
     };
     let mut first = None;
     while first.is_none() {
-        sub.next_chunk(|d| first = Some(matches!(d, Delivery::Other)))
+        let open = sub
+            .next_chunk(|d| {
+                first.get_or_insert(matches!(d, Delivery::Established));
+            })
             .await;
+        if !open {
+            panic!("subscription refused: {}", sub.end_status().await);
+        }
     }
     assert_eq!(first, Some(true), "SubscriptionEstablished first");
     sub
 }
 
 impl Subscription {
+    /// How an ended stream ended: its gRPC status and message, from the
+    /// trailers (or the transport's error).
+    pub async fn end_status(&mut self) -> String {
+        match self.body.trailers().await {
+            Ok(Some(t)) => format!(
+                "grpc-status {:?}, {:?}",
+                t.get("grpc-status"),
+                t.get("grpc-message")
+            ),
+            Ok(None) => "no trailers".to_owned(),
+            Err(e) => format!("transport error: {e}"),
+        }
+    }
+
     /// Waits for the next DATA chunk and hands each message it completes
-    /// to `each`; false when the stream ended.
+    /// to `each`; false when the stream ended or failed (then see
+    /// [`Subscription::end_status`]).
     pub async fn next_chunk(&mut self, mut each: impl FnMut(Delivery)) -> bool {
-        let Some(chunk) = self.body.data().await else {
+        let Some(Ok(chunk)) = self.body.data().await else {
             return false;
         };
-        let chunk = chunk.unwrap();
         self.body
             .flow_control()
             .release_capacity(chunk.len())
@@ -192,6 +216,7 @@ impl Subscription {
 fn messages(data: &[u8], each: &mut impl FnMut(Delivery)) -> usize {
     let mut at = 0;
     while let Some(header) = data.get(at..at + 5) {
+        assert_eq!(header[0], 0, "compressed message (never asked for)");
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         let Some(msg) = data.get(at + 5..at + 5 + len) else {
             break;
