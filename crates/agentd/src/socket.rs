@@ -103,8 +103,8 @@ impl AsyncRead for AgentReader {
 #[derive(Debug)]
 pub struct AgentWriter {
     fd: Arc<AsyncFd<UnixStream>>,
-    /// While the socket is full: a duplicate descriptor registered for
-    /// writability.
+    /// From a write that found the socket full until the message is
+    /// flushed: a duplicate descriptor registered for writability.
     writable: Option<AsyncFd<OwnedFd>>,
 }
 

@@ -152,6 +152,14 @@ pub async fn subscribe(client: &h2::client::SendRequest<Bytes>, filter: &str) ->
     send.send_data(framed.freeze(), true).unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), 200);
+    // A refusal (a cap, a bad filter) is a trailers-only response: the
+    // status comes with the headers.
+    if let Some(status) = response.headers().get("grpc-status") {
+        panic!(
+            "subscription refused: grpc-status {status:?}, {:?}",
+            response.headers().get("grpc-message")
+        );
+    }
     let mut sub = Subscription {
         body: response.into_body(),
         buf: BytesMut::new(),
