@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_eventbus::hub::{Caps, Hub, HubConfig, SubscribeOptions, SubscriptionItem};
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
+use qvirt_integration_tests::reference::MachineSpeed;
 use qvirt_integration_tests::{
     ChildGuard, Service, define_yaml, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
 };
@@ -679,10 +680,20 @@ async fn main() {
         runs.push(("", "", rate));
         runs.push((", worker_threads: 1", "worker_threads: 1\n", rate));
     }
+    let mut speed_told = false;
     for (label, extra, rate) in runs {
         let threads = if extra.is_empty() { "" } else { ":1thread" };
         if !wanted(&format!("fan-out:{rate}{threads}")) {
             continue;
+        }
+        if !speed_told {
+            // The fan-out target was set on a machine like issue 4's
+            // reference one: say how this one compares, before the runs.
+            let speed = tokio::task::spawn_blocking(MachineSpeed::measure)
+                .await
+                .unwrap();
+            println!("  {}", speed.line());
+            speed_told = true;
         }
         let config = format!("{CONFIG}{extra}");
         let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);

@@ -7,7 +7,10 @@
 //!   bench` builds it) from a client in its own process on loopback TCP,
 //!   with the default runtime thread per core and with a single one,
 //! - gRPC alone (a domain nobody knows fails at once),
-//! - the per-guest channel in process, without gRPC (diagnosis).
+//! - the per-guest channel in process, without gRPC (diagnosis);
+//!
+//! and, first, how fast this machine is beside the one the target was set
+//! on (`qvirt_integration_tests::reference`).
 //!
 //! Issue 4's target: agentd adds at most 150 µs at the median. Needs
 //! qemu-ga on PATH (`make deps`); run with `cargo bench -p qvirt-agentd
@@ -21,10 +24,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_agentd::channel::{AgentChannel, ChannelSettings};
+use qvirt_integration_tests::ChildGuard;
 use qvirt_integration_tests::measure::{
     Spread, Unit, cpu_ns, sched_runs, steal_percent, steal_ticks,
 };
-use qvirt_integration_tests::{ChildGuard, tool_path};
+use qvirt_integration_tests::reference::{MachineSpeed, connect_synced, spawn_qemu_ga};
 use qvirt_proto::v1::PingRequest;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use tokio::runtime::Runtime;
@@ -41,36 +45,11 @@ fn report(name: &str, samples: Vec<Duration>) -> Duration {
     s.median
 }
 
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(path).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A real qemu-ga listening on its own socket in `dir/name`.
 fn qemu_ga(dir: &Path, name: &str) -> (ChildGuard, PathBuf) {
     let state = dir.join(name);
     std::fs::create_dir_all(&state).unwrap();
-    let sock = state.join("sock");
-    let child = ChildGuard::spawn(
-        Command::new(tool_path("qemu-ga"))
-            .args(["-m", "unix-listen", "-p"])
-            .arg(&sock)
-            .arg("-t")
-            .arg(&state)
-            .arg("-f")
-            .arg(state.join("pid"))
-            .stdin(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_for_socket(&sock);
-    (child, sock)
+    spawn_qemu_ga(&state)
 }
 
 /// A real qvirt-agentd serving domain "vm" = `sock`, and a client of it,
@@ -137,15 +116,8 @@ fn agentd(
 
 /// A synced raw connection to qemu-ga.
 fn raw_client(sock: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    s.write_all(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1}}")
-        .unwrap();
-    let mut line = Vec::new();
-    while !line.starts_with(b"\xff") {
-        line.clear();
-        r.read_until(b'\n', &mut line).unwrap();
-    }
+    let s = connect_synced(sock);
+    let r = BufReader::new(s.try_clone().unwrap());
     (s, r)
 }
 
@@ -160,6 +132,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // First, alone on the machine: how it compares to the one the target
+    // was set on.
+    let speed = MachineSpeed::measure();
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -315,6 +290,11 @@ fn main() {
         unix.saturating_sub(raw).as_secs_f64() * 1e6
     );
     let added = mt.saturating_sub(raw);
+    println!("{}", speed.line());
+    println!(
+        "  agentd's addition divided by that factor, a rough figure for the reference machine (wake-ups may scale differently): {:.1} µs",
+        added.as_secs_f64() * 1e6 / speed.factor()
+    );
     println!(
         "agentd adds {:.1} µs at the median with its default config (1 thread: {:.1} µs); target ≤ 150 µs: {}",
         added.as_secs_f64() * 1e6,
