@@ -59,10 +59,33 @@ pub fn channel(e: ChannelError) -> Status {
     }
 }
 
-/// An error reply of the agent to a typed call.
+/// An error reply of the agent to a typed call. The desc is the guest's
+/// text and travels in the `grpc-message` header: bounded by
+/// [`guest_text`].
 pub fn agent(e: &AgentError) -> Status {
     let code = agent_code(e);
-    Status::new(code, format!("guest agent: {}", e.desc))
+    Status::new(code, format!("guest agent: {}", guest_text(&e.desc)))
+}
+
+/// Guest-controlled text put in a status message or a log line is cut to
+/// this many bytes. qemu-ga's error texts are far shorter (the longest
+/// carry a file path); an unbounded one in `grpc-message` would be a
+/// header that HTTP/2 clients refuse (hyper's default limit is 16 KiB;
+/// past 64 KiB h2 drops the whole connection, every other call on it
+/// with it).
+pub const GUEST_TEXT_MAX: usize = 1024;
+
+/// `text` cut to at most [`GUEST_TEXT_MAX`] bytes at a character boundary,
+/// saying how much was cut.
+pub fn guest_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= GUEST_TEXT_MAX {
+        return text.into();
+    }
+    let mut end = GUEST_TEXT_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &text[..end], text.len() - end).into()
 }
 
 /// The code for an agent error reply (the table's agent rows).
@@ -112,7 +135,8 @@ pub fn bad_shape(command: &str, e: &serde_json::Error) -> Status {
 /// is guest-controlled, so the details go to the log and the caller gets
 /// a fixed text.
 pub fn untrusted_reply(detail: &str) -> Status {
-    tracing::warn!(detail, "unusable reply from a guest agent");
+    let detail = guest_text(detail);
+    tracing::warn!(detail = %detail, "unusable reply from a guest agent");
     Status::unknown(
         "the guest agent sent a reply this service cannot use (details in the agent service log)",
     )
@@ -212,6 +236,29 @@ mod tests {
             assert_eq!(agent_code(&e), want, "{class}: {desc}");
             assert!(agent(&e).message().contains(desc));
         }
+    }
+
+    #[test]
+    fn test_long_agent_desc_is_cut_at_a_char_boundary() {
+        // 3-byte characters: the cut falls inside one at GUEST_TEXT_MAX.
+        let desc = "é€".repeat(4000);
+        let e = AgentError {
+            class: "GenericError".into(),
+            desc: desc.clone(),
+        };
+        let msg = agent(&e).message().to_owned();
+        assert!(msg.len() < GUEST_TEXT_MAX + 64, "{} bytes", msg.len());
+        let kept = msg
+            .strip_prefix("guest agent: ")
+            .and_then(|m| m.split("... (").next())
+            .unwrap();
+        assert!(desc.starts_with(kept) && kept.len() > GUEST_TEXT_MAX - 4);
+        assert!(msg.ends_with(&format!("({} more bytes)", desc.len() - kept.len())));
+        // A short one is untouched.
+        assert_eq!(
+            guest_text("Parameter 'id' missing"),
+            "Parameter 'id' missing"
+        );
     }
 
     #[test]
