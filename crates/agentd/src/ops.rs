@@ -155,6 +155,15 @@ async fn read_chunks(
             .await?;
         let bytes = convert::unb64(&r.buf_b64)
             .map_err(|_| crate::status::untrusted_reply("invalid base64 in guest-file-read"))?;
+        // qemu-ga never returns more than asked; a guest that does would
+        // grow a ranged read past its length, and a whole one past
+        // max_file_bytes by a chunk of its choosing.
+        if bytes.len() > count {
+            return Err(crate::status::untrusted_reply(&format!(
+                "guest-file-read returned {} bytes where at most {count} were asked",
+                bytes.len()
+            )));
+        }
         if usize::try_from(r.count).ok() != Some(bytes.len()) {
             tracing::debug!(
                 count = r.count,

@@ -120,6 +120,36 @@ async fn test_file_read_error_half_way_still_closes_the_handle() {
 }
 
 #[tokio::test]
+async fn test_file_read_refuses_a_chunk_longer_than_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // Chunks of 2 bytes are asked for; this guest answers with 6.
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, _| match name {
+            "guest-file-open" => Action::Return(json!(1000)),
+            "guest-file-read" => {
+                Action::Return(json!({"count": 6, "buf-b64": "YWJjZGVm", "eof": false}))
+            }
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let err = svc
+        .file_read(Request::new(pb::FileReadRequest {
+            domain: "vm".into(),
+            path: "/f".into(),
+            length: 4,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert_eq!(
+        commands(&log),
+        ["guest-file-open", "guest-file-read", "guest-file-close"]
+    );
+}
+
+#[tokio::test]
 async fn test_file_write_chunks_and_closes_after_a_failed_write() {
     let dir = tempfile::tempdir().unwrap();
     let (svc, log) = service(
