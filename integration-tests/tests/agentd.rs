@@ -514,6 +514,42 @@ async fn test_raw_command_keeps_big_integers_and_returns_agent_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn test_a_request_the_agent_cannot_parse_fails_at_once_and_the_channel_stays_usable() {
+    for kind in agents() {
+        let mut s = setup(&kind, &[], |_| {}).await;
+        let c = &mut s.client;
+        let who = kind.name;
+        // U+FFFF is valid in a protobuf string but QEMU's JSON parser
+        // refuses it: the agent answers with an error that has no id.
+        // Before: the call waited out its 10 s timeout (DEADLINE_EXCEEDED)
+        // with the guest's channel held.
+        let r = call(
+            who,
+            c.exec(ExecRequest {
+                domain: "vm".into(),
+                path: "/bin/true\u{ffff}".into(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        let msg = expect_code(r, Code::InvalidArgument, who);
+        assert!(msg.contains("JSON parse error"), "{who}: {msg}");
+        call(who, c.ping(ping("vm"))).await.unwrap();
+        let r = call(
+            who,
+            c.command(CommandRequest {
+                domain: "vm".into(),
+                command_json: r#"{"execute":"guest-sync","arguments":{"id":78}}"#.into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.reply_json, r#"{"return":78}"#, "{who}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn test_blocked_commands_are_failed_precondition() {
     for kind in agents() {
         let mut s = setup(&kind, &["-b", "guest-ping,guest-shutdown"], |_| {}).await;

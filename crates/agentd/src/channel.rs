@@ -564,19 +564,28 @@ impl Actor {
             ping.insert("execute".into(), Value::String("guest-ping".into()));
             bytes.extend(wire::encode_request(ping, &marker));
         }
+        // An error without an id answers the command (see
+        // `Conn::read_reply`); the channel is resynchronised before the
+        // next one, which drops anything else the agent said about it.
+        let mut id_less = false;
         let exchange = async {
             conn.write(&bytes).await?;
             if no_reply {
                 let (which, reply) = conn.read_reply(&[id.as_str(), marker.as_str()]).await?;
-                if which == 1 {
-                    return Ok(Outcome::Accepted);
+                match which {
+                    Some(1) => return Ok(Outcome::Accepted),
+                    Some(_) => {
+                        // The command answered (an error); its marker's
+                        // reply follows: consume it so the channel stays in
+                        // step.
+                        conn.read_reply(&[marker.as_str()]).await?;
+                    }
+                    None => id_less = true,
                 }
-                // The command answered (an error); its marker's reply
-                // follows: consume it so the channel stays in step.
-                conn.read_reply(&[marker.as_str()]).await?;
                 Ok(Outcome::Reply(reply))
             } else {
-                let (_, reply) = conn.read_reply(&[id.as_str()]).await?;
+                let (which, reply) = conn.read_reply(&[id.as_str()]).await?;
+                id_less = which.is_none();
                 Ok(Outcome::Reply(reply))
             }
         };
@@ -586,6 +595,9 @@ impl Actor {
             r = exchange => Ok(r),
             () = self.timer.as_mut() => Err(()),
         };
+        if id_less {
+            self.in_sync = false;
+        }
         match result {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(WireError::Eof)) if no_reply => {

@@ -210,7 +210,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     /// Reads replies until one carrying an id in `ids`, and returns its
     /// index there; replies with another id (stale answers to commands
     /// that timed out) are skipped. Blank lines are ignored.
-    pub async fn read_reply(&mut self, ids: &[&str]) -> Result<(usize, Reply), WireError> {
+    ///
+    /// An error reply without any id is returned with index `None`: the
+    /// agent could not read a request far enough to see its id (a JSON
+    /// error such as a string qemu-ga refuses), and on a channel in step
+    /// that request is the one being waited for. Waiting on would only end
+    /// at the timeout. The caller should resynchronise afterwards, in case
+    /// the agent answered the same request more than once.
+    pub async fn read_reply(&mut self, ids: &[&str]) -> Result<(Option<usize>, Reply), WireError> {
         loop {
             let line = self.read_line().await?;
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -219,7 +226,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             let (reply_id, reply) = parse_reply(&line)?;
             let got = reply_id.as_ref().and_then(Value::as_str);
             if let Some(i) = ids.iter().position(|id| Some(*id) == got) {
-                return Ok((i, reply));
+                return Ok((Some(i), reply));
+            }
+            if reply_id.is_none() && matches!(reply, Reply::Error(_)) {
+                return Ok((None, reply));
             }
             tracing::debug!(want = ?ids, got = ?reply_id, "skipping a reply for another request");
         }

@@ -193,7 +193,7 @@ async fn test_read_reply_skips_other_ids_blank_lines_and_a_leading_delimiter() {
     )
     .await;
     let (i, reply) = conn.read_reply(&["a", "b"]).await.unwrap();
-    assert_eq!(i, 1);
+    assert_eq!(i, Some(1));
     assert_eq!(reply.to_json(), r#"{"return":18446744073709551616123}"#);
     let (_, reply) = conn.read_reply(&["c"]).await.unwrap();
     assert_eq!(
@@ -202,6 +202,23 @@ async fn test_read_reply_skips_other_ids_blank_lines_and_a_leading_delimiter() {
             class: "CommandNotFound".into(),
             desc: "The command x has not been found".into()
         })
+    );
+}
+
+#[tokio::test]
+async fn test_an_error_without_id_answers_but_a_return_without_id_is_skipped() {
+    let (mut conn, mut peer) = pair(1 << 20);
+    send(
+        &mut peer,
+        b"{\"return\": {}}\n\
+          {\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, invalid UTF-8 sequence in string\"}}\n",
+    )
+    .await;
+    let (i, reply) = conn.read_reply(&["a"]).await.unwrap();
+    assert_eq!(i, None);
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.desc.starts_with("JSON parse error")),
+        "{reply:?}"
     );
 }
 
