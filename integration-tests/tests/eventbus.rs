@@ -990,6 +990,89 @@ async fn test_cut_off_slow_consumer_and_total_cap() {
     assert!(received < N, "{received}");
 }
 
+/// The bus's `/metrics` page on `port`.
+async fn scrape(port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(MESSAGE_TIMEOUT)).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_cut_off_regex_subscriber_ends_once_without_a_gap() {
+    let port = qvirt_integration_tests::free_port();
+    let (svc, mut client) = bus(&format!(
+        "queue_capacity: 2\nslow_consumer: cut-off\nmetrics_listen: 127.0.0.1:{port}\n"
+    ))
+    .await;
+    // A regex filter is not indexed by event name, unlike a literal one.
+    let (mut slow, established) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            event: "^E$".into(),
+            flags: flags(&[MonitorEventFilterFlag::Regex]),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Publishing on a connection of its own, so the unread stream's
+    // connection window cannot hold a PublishResponse back.
+    let mut publisher = EventBusClient::connect(svc.url()).await.unwrap();
+    let event = || Event::MonitorEvent(monitor("a", "E", &format!("\"{}\"", "x".repeat(30_000))));
+    // It reads nothing while 6 MB are published, one event per call (a
+    // burst could cut it off before its stream is stalled): far more than
+    // its stream's HTTP/2 window (2 MiB in tonic's client), the bus's send
+    // buffer and its queue of 2 hold. So it is cut off, and the events
+    // after that find its queue still full.
+    let mut phase_one = 0;
+    for _ in 0..200 {
+        phase_one = publish(&mut publisher, vec![event()]).await;
+    }
+    // It reads while more events are published: none may reach it.
+    let more = tokio::spawn(async move {
+        for _ in 0..100 {
+            publish(&mut publisher, vec![event()]).await;
+        }
+    });
+    let mut last_seen = established;
+    let status = loop {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, slow.message())
+            .await
+            .expect("message in time");
+        match msg {
+            Ok(Some(m)) => match m.kind.unwrap() {
+                MonitorKind::Event(e) => {
+                    assert_eq!(e.sequence, last_seen + 1, "a gap without a marker");
+                    last_seen = e.sequence;
+                }
+                other => panic!("no loss marker under cut-off: {other:?}"),
+            },
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("cut off"), "{status}");
+    assert!(last_seen < phase_one, "{last_seen} of {phase_one} arrived");
+    tokio::time::timeout(MESSAGE_TIMEOUT, more)
+        .await
+        .expect("publishing done in time")
+        .unwrap();
+    let body = scrape(port).await;
+    assert!(
+        body.contains("\nqvirt_eventbus_events_dropped_total{reason=\"cut_off\"} 1\n"),
+        "one cut-off subscriber counts once: {body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_unix_socket_peer_is_its_uid() {
     let dir = tempfile::tempdir().unwrap();

@@ -393,6 +393,9 @@ enum Offer {
     Queued,
     Dropped,
     CutOff,
+    /// The queue had already ended (cut off or closed): nothing queued,
+    /// nothing counted.
+    Ended,
 }
 
 /// A subscriber as the publisher sees it.
@@ -406,6 +409,11 @@ struct Entry<E> {
 impl<E> Entry<E> {
     fn offer(&self, env: &Arc<Envelope<E>>, capacity: usize) -> Offer {
         let mut q = self.shared.lock();
+        // An ended queue takes nothing more: its consumer is to get what
+        // it holds, then the end, never an event from after the end.
+        if q.end.is_some() {
+            return Offer::Ended;
+        }
         if q.items.len() < capacity {
             let lost_before = std::mem::take(&mut q.pending_lost);
             q.items.push_back(Delivery {
@@ -627,23 +635,31 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         }
 
         let (mut delivered, mut dropped_full) = (0u64, 0u64);
-        let mut cut_ids = Vec::new();
+        // Each cut subscriber with the map it is filed in: the unkeyed
+        // ones (`None`) are not under the event's key.
+        let mut cut_ids: Vec<(u64, Option<&str>)> = Vec::new();
         let capacity = inner.config.queue_capacity;
         let key = inner.key_fn.as_ref().and_then(|k| k(&env.event));
-        let keyed = key.and_then(|k| st.keyed.get(k));
-        for (id, entry) in st.subscribers.iter().chain(keyed.into_iter().flatten()) {
+        let unkeyed = st.subscribers.iter().map(|(id, e)| (*id, e, None));
+        let keyed = key
+            .and_then(|k| st.keyed.get(k))
+            .into_iter()
+            .flatten()
+            .map(|(id, e)| (*id, e, key));
+        for (id, entry, filed_under) in unkeyed.chain(keyed) {
             if entry.predicate.as_ref().is_some_and(|p| !p(&env.event)) {
                 continue;
             }
             match entry.offer(&env, capacity) {
                 Offer::Queued => delivered += 1,
                 Offer::Dropped => dropped_full += 1,
-                Offer::CutOff => cut_ids.push(*id),
+                Offer::CutOff => cut_ids.push((id, filed_under)),
+                Offer::Ended => {}
             }
         }
         let cut = cut_ids.len() as u64;
-        for id in cut_ids {
-            st.unregister(id, key);
+        for (id, filed_under) in cut_ids {
+            st.unregister(id, filed_under);
         }
         drop(guard);
 

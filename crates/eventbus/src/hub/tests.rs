@@ -672,6 +672,83 @@ async fn test_keyed_subscriber_cut_off_leaves_its_key_group() {
     assert_eq!(seqs(&drain(&mut twin)), vec![4]);
 }
 
+/// Cuts a subscriber off (queue of 2, its third event overflows), then
+/// publishes while it reads what was queued: it must get events 1 and 2,
+/// then the cut-off, never a later event, and count once.
+async fn cut_off_ends_for_good(hub: &Hub<Ev>, options: SubscribeOptions) {
+    let options = SubscribeOptions {
+        policy: OverflowPolicy::CutOff,
+        ..options
+    };
+    let mut slow = hub
+        .subscribe(options, |e: &Ev| e.name.starts_with('X'))
+        .expect("subscribe");
+    established(&mut slow).await;
+    for n in 1..=3 {
+        hub.publish(ev("X", n));
+    }
+    assert_eq!(next_seq(&mut slow).await, 1);
+    // Its queue has room again: events from after the cut must still not
+    // be queued.
+    hub.publish(ev("X", 4));
+    assert_eq!(next_seq(&mut slow).await, 2);
+    for n in 5..=8 {
+        hub.publish(ev("X", n));
+    }
+    assert_eq!(slow.try_recv(), Err(RecvError::CutOff { capacity: 2 }));
+    let stats = hub.stats();
+    assert_eq!(stats.dropped_cut_off, 1, "one per cut-off subscriber");
+    assert_eq!(stats.delivered, 2);
+    // The hub no longer offers it anything, yet its slot is held until the
+    // subscription is dropped.
+    assert_eq!(stats.subscribers_monitor, 1);
+    drop(slow);
+    assert_eq!(hub.stats().subscribers_monitor, 0);
+}
+
+#[tokio::test]
+async fn test_unkeyed_subscriber_cut_off_on_a_keyed_hub_gets_nothing_after() {
+    // A predicate and no key: filed with the unkeyed subscribers, while
+    // every event has a key.
+    cut_off_ends_for_good(
+        &keyed_hub(HubConfig {
+            queue_capacity: 2,
+            ..Default::default()
+        }),
+        opts("p", None),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn test_keyed_subscriber_cut_off_gets_nothing_after() {
+    cut_off_ends_for_good(
+        &keyed_hub(HubConfig {
+            queue_capacity: 2,
+            ..Default::default()
+        }),
+        keyed("p", "X"),
+    )
+    .await;
+}
+
+#[test]
+fn test_an_ended_queue_takes_no_more_events() {
+    for policy in [OverflowPolicy::MarkLost, OverflowPolicy::CutOff] {
+        let entry = Entry {
+            shared: Arc::new(SubShared::new()),
+            predicate: None,
+            policy,
+        };
+        let env = Arc::new(Envelope::new(1, ev("X", 1)));
+        assert!(matches!(entry.offer(&env, 4), Offer::Queued));
+        entry.shared.end(RecvError::Closed);
+        assert!(matches!(entry.offer(&env, 4), Offer::Ended));
+        let q = entry.shared.lock();
+        assert_eq!((q.items.len(), q.pending_lost), (1, 0));
+    }
+}
+
 #[tokio::test]
 async fn test_key_decides_skips_the_predicate_live_but_not_in_replay() {
     use std::sync::atomic::AtomicUsize;
