@@ -156,13 +156,23 @@ struct Setup {
 }
 
 async fn setup(kind: &AgentKind, agent_args: &[&str], before: impl FnOnce(&Path)) -> Setup {
+    setup_with(kind, agent_args, before, "").await
+}
+
+/// [`setup`] with more lines for agentd's config.
+async fn setup_with(
+    kind: &AgentKind,
+    agent_args: &[&str],
+    before: impl FnOnce(&Path),
+    extra_yaml: &str,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     before(dir.path());
     let agent = Agent::start(kind, dir.path(), agent_args);
     let sock = agent.sock();
     let yaml = format!(
         "agents:\n  vm: {s}\n  {UUID}: {s}\ncommand_timeout_ms: 10000\nsync_timeout_ms: 3000\n\
-         file_chunk_bytes: 65536\nexec_poll_max_ms: 50\n",
+         file_chunk_bytes: 65536\nexec_poll_max_ms: 50\n{extra_yaml}",
         s = sock.display()
     );
     let mut agentd = Service::start_with_config("qvirt-agentd", &yaml, &[]);
@@ -546,6 +556,49 @@ async fn test_a_request_the_agent_cannot_parse_fails_at_once_and_the_channel_sta
         .await
         .unwrap();
         assert_eq!(r.reply_json, r#"{"return":78}"#, "{who}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_reply_larger_than_max_file_bytes_still_reaches_the_caller() {
+    for kind in agents() {
+        // Responses used to be capped at max_file_bytes + 64 KiB: a bigger
+        // agent reply (ExecStatus output, a raw command's) was lost with
+        // OUT_OF_RANGE although max_reply_bytes let it in.
+        let mut s = setup_with(&kind, &[], |_| {}, "max_file_bytes: 65536\n").await;
+        let who = kind.name;
+        let path = s.agent.dir.join("big.bin");
+        std::fs::write(&path, vec![b'q'; 300_000]).unwrap();
+        let c = &mut s.client;
+        let raw = |json: String| CommandRequest {
+            domain: "vm".into(),
+            command_json: json,
+            ..Default::default()
+        };
+        let open = format!(
+            r#"{{"execute":"guest-file-open","arguments":{{"path":"{}","mode":"r"}}}}"#,
+            path.display()
+        );
+        let r = call(who, c.command(raw(open))).await.unwrap();
+        let handle: i64 = r
+            .reply_json
+            .trim_start_matches(r#"{"return":"#)
+            .trim_end_matches('}')
+            .parse()
+            .unwrap_or_else(|e| panic!("{who}: {}: {e}", r.reply_json));
+        let read = format!(
+            r#"{{"execute":"guest-file-read","arguments":{{"handle":{handle},"count":300000}}}}"#
+        );
+        let r = call(who, c.command(raw(read))).await.unwrap();
+        assert!(
+            r.reply_json.len() > 400_000,
+            "{who}: {} bytes",
+            r.reply_json.len()
+        );
+        assert!(r.reply_json.contains(r#""count":300000"#), "{who}");
+        let close =
+            format!(r#"{{"execute":"guest-file-close","arguments":{{"handle":{handle}}}}}"#);
+        call(who, c.command(raw(close))).await.unwrap();
     }
 }
 

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use service::GuestAgentService;
 
-/// gRPC framing room on top of `max_file_bytes` in a message.
+/// gRPC framing room on top of the payload limits in a message.
 const MESSAGE_OVERHEAD: usize = 64 * 1024;
 
 /// Why the agent service stopped.
@@ -75,10 +75,15 @@ pub async fn run(
         command_timeout_ms = config.command_timeout_ms,
         "agent service ready"
     );
-    let message_limit = config.max_file_bytes + MESSAGE_OVERHEAD;
+    // Requests carry at most a file to write (or a raw command of that
+    // size); a response is built from one agent reply (at most
+    // max_reply_bytes: ExecStatus output, a raw Command's reply) or from a
+    // whole file read in chunks.
+    let request_limit = config.max_file_bytes + MESSAGE_OVERHEAD;
+    let response_limit = config.max_file_bytes.max(config.max_reply_bytes) + MESSAGE_OVERHEAD;
     let server = GuestAgentServer::new(GuestAgentService::new(locator, channels, limits))
-        .max_decoding_message_size(message_limit)
-        .max_encoding_message_size(message_limit);
+        .max_decoding_message_size(request_limit)
+        .max_encoding_message_size(response_limit);
     let services = Services::new().with(server);
     Ok(serve::serve(listener, services, shutdown).await?)
 }
