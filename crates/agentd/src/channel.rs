@@ -606,7 +606,10 @@ impl Actor {
             }
             Ok(Err(e)) => {
                 match e {
-                    WireError::BadReply { .. } => self.in_sync = false,
+                    // The whole line was read: the connection is fine.
+                    WireError::BadReply { .. } | WireError::TooManyValues { .. } => {
+                        self.in_sync = false
+                    }
                     _ => self.disconnect(),
                 }
                 Err(ChannelError::Wire(e))

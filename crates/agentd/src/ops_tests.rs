@@ -250,3 +250,23 @@ async fn test_exec_wait_polls_until_exit_and_shutdown_is_accepted() {
         .into_inner();
     assert_eq!(reply.reply_json, "");
 }
+
+#[tokio::test]
+async fn test_raw_command_with_too_many_json_values_is_refused_unparsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(dir.path(), Arc::new(|_, _| Action::Return(json!({}))));
+    let mut json = String::from(r#"{"execute":"guest-sync","arguments":{"id":["#);
+    json.push_str(&"0,".repeat(crate::wire::MAX_JSON_VALUES));
+    json.push_str("0]}}");
+    let err = svc
+        .command(Request::new(pb::CommandRequest {
+            domain: "vm".into(),
+            command_json: json,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("JSON values"), "{err:?}");
+    assert!(!log_of(&log).iter().any(|l| l == "guest-sync"));
+}

@@ -20,7 +20,7 @@ use crate::channel::{Channels, Outcome};
 use crate::convert;
 use crate::locate::Locator;
 use crate::status;
-use crate::wire::Reply;
+use crate::wire::{self, MAX_JSON_VALUES, Reply};
 
 /// The longest per-command timeout a request may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -384,6 +384,12 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
         let req = req.into_inner();
+        if !wire::json_values_at_most(req.command_json.as_bytes(), MAX_JSON_VALUES) {
+            return Err(Status::invalid_argument(format!(
+                "command_json holds more than {} JSON values",
+                MAX_JSON_VALUES
+            )));
+        }
         let value: Value = serde_json::from_str(&req.command_json)
             .map_err(|e| Status::invalid_argument(format!("command_json is not JSON: {e}")))?;
         let Value::Object(mut request) = value else {

@@ -8,7 +8,7 @@
 //! | supervisor unreachable or failing | UNAVAILABLE (its INVALID_ARGUMENT passes through) |
 //! | agent socket missing / refused, EOF, I/O error, no answer to the sync handshake, sync ids never match | UNAVAILABLE |
 //! | our per-command timeout expired | DEADLINE_EXCEEDED |
-//! | too many commands queued for the guest, reply over `max_reply_bytes`, file over `max_file_bytes` | RESOURCE_EXHAUSTED |
+//! | too many commands queued for the guest, reply over `max_reply_bytes` or over `MAX_JSON_VALUES` values, file over `max_file_bytes` | RESOURCE_EXHAUSTED |
 //! | agent reply not a qemu-ga response, or not the shape the command promises (guest-controlled: details logged, not returned) | UNKNOWN |
 //! | `CommandNotFound` "The command X has not been found" | UNIMPLEMENTED |
 //! | `CommandNotFound` "Command X has been disabled[: reason]" (blocked with `-b`, or frozen) | FAILED_PRECONDITION, the agent's desc |
@@ -47,7 +47,8 @@ pub fn channel(e: ChannelError) -> Status {
     let text = qvirt_common::error_chain(&e);
     match e {
         ChannelError::Timeout { .. } => Status::deadline_exceeded(text),
-        ChannelError::QueueFull { .. } | ChannelError::Wire(WireError::TooLong { .. }) => {
+        ChannelError::QueueFull { .. }
+        | ChannelError::Wire(WireError::TooLong { .. } | WireError::TooManyValues { .. }) => {
             Status::resource_exhausted(text)
         }
         ChannelError::Wire(WireError::BadReply { .. }) => untrusted_reply(&text),

@@ -40,6 +40,12 @@ pub enum WireError {
         /// The cap, in bytes.
         limit: usize,
     },
+    /// A reply line holds more JSON values than [`MAX_JSON_VALUES`].
+    #[error("agent reply has more than {limit} JSON values")]
+    TooManyValues {
+        /// The cap.
+        limit: usize,
+    },
     /// A reply line is not a JSON object with `return` or `error`.
     #[error("agent reply is not a valid qemu-ga response: {reason}")]
     BadReply {
@@ -267,9 +273,52 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 }
 
+/// The most JSON values (scalars, arrays, objects and member names) a
+/// reply, or a raw command from a client, may hold. Parsed into a
+/// `serde_json::Value` tree, a value costs up to ~100 bytes whatever its
+/// text's size: `[0,0,...]` grows ~35 times, so a 64 MiB reply of it
+/// would take ~2 GiB. qemu-ga's largest replies (memory blocks, vCPUs,
+/// file systems of a big guest) hold thousands; this cap bounds a parse
+/// to ~100 MB.
+pub const MAX_JSON_VALUES: usize = 1_000_000;
+
+/// Whether `text` holds at most `max` JSON values, counted without parsing
+/// (one per `,`, `:`, `[` and `{` outside strings, plus one): an upper
+/// bound for well-formed text, and cheap to check before a parse.
+pub fn json_values_at_most(text: &[u8], max: usize) -> bool {
+    let (mut n, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in text {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b':' | b'[' | b'{' => {
+                n += 1;
+                if n > max {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Parses one reply line: its `id` member (if any) and its body.
 pub fn parse_reply(line: &[u8]) -> Result<(Option<Value>, Reply), WireError> {
     let bad = |reason: String| WireError::BadReply { reason };
+    if !json_values_at_most(line, MAX_JSON_VALUES) {
+        return Err(WireError::TooManyValues {
+            limit: MAX_JSON_VALUES,
+        });
+    }
     let value: Value = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(bad("not a JSON object".into()));

@@ -222,6 +222,35 @@ async fn test_an_error_without_id_answers_but_a_return_without_id_is_skipped() {
     );
 }
 
+#[test]
+fn test_json_values_are_counted_outside_strings_only() {
+    assert!(json_values_at_most(b"[0,0,0]", 4));
+    assert!(!json_values_at_most(b"[0,0,0]", 3));
+    // Separators inside strings, escaped quotes included, do not count.
+    let text = br#"{"return": "a,b:[{\",,,"}"#;
+    assert!(json_values_at_most(text, 3));
+    assert!(!json_values_at_most(text, 2));
+    assert!(json_values_at_most(b"", 1));
+}
+
+#[tokio::test]
+async fn test_reply_with_too_many_values_is_refused_before_parsing() {
+    let (mut conn, mut peer) = pair(8 << 20);
+    let mut big = b"{\"return\": [".to_vec();
+    big.extend(b"0,".repeat(MAX_JSON_VALUES));
+    big.extend(b"0], \"id\": \"a\"}\n");
+    let writer = tokio::spawn(async move {
+        send(&mut peer, &big).await;
+        peer
+    });
+    let err = conn.read_reply(&["a"]).await.unwrap_err();
+    assert!(
+        matches!(err, WireError::TooManyValues { limit: MAX_JSON_VALUES }),
+        "{err:?}"
+    );
+    let _peer = writer.await.unwrap();
+}
+
 #[tokio::test]
 async fn test_reply_longer_than_the_cap_is_refused() {
     let (mut conn, mut peer) = pair(4096);
