@@ -522,7 +522,19 @@ impl Actor {
             .min(deadline.saturating_duration_since(Instant::now()));
         let id = self.fresh_id();
         let marker = self.fresh_id();
-        self.connected(deadline).await?;
+        match self.connected(deadline).await {
+            Ok(_) => {}
+            // Connecting used up the command's time.
+            Err(ChannelError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return Err(ChannelError::Timeout {
+                    command: command.to_owned(),
+                    after: timeout,
+                });
+            }
+            Err(e) => return Err(e),
+        }
         if !self.in_sync {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(ChannelError::Closed);

@@ -25,6 +25,14 @@ pub enum LocateError {
     /// The domain has an agent channel but is not running.
     #[error("domain {0:?} is not running")]
     NotRunning(String),
+    /// The supervisor did not answer within the request's timeout.
+    #[error("the supervisor did not say where domain {domain:?}'s agent is within {after:?}")]
+    Timeout {
+        /// The domain asked about.
+        domain: String,
+        /// The timeout that expired.
+        after: Duration,
+    },
     /// The supervisor could not be asked.
     #[error("cannot ask the supervisor about domain {domain:?}: {message}")]
     Supervisor {
@@ -79,12 +87,19 @@ impl Locator {
             domain: domain.to_owned(),
         });
         request.set_timeout(timeout);
+        let start = std::time::Instant::now();
         let reply = client
             .clone()
             .get_domain(request)
             .await
             .map_err(|s| match s.code() {
                 tonic::Code::NotFound => LocateError::Unknown(domain.to_owned()),
+                // The timeout ran out, whoever noticed first: this client
+                // (its own status is CANCELLED) or the supervisor.
+                _ if start.elapsed() >= timeout => LocateError::Timeout {
+                    domain: domain.to_owned(),
+                    after: timeout,
+                },
                 code => LocateError::Supervisor {
                     domain: domain.to_owned(),
                     code,
@@ -163,6 +178,30 @@ mod tests {
             Err(LocateError::Unknown(_))
         ));
         assert!(matches!(l.locate("", t).await, Err(LocateError::Empty)));
+    }
+
+    #[tokio::test]
+    async fn test_supervisor_silent_past_the_timeout_is_a_timeout() {
+        // Accepts connections and never says a word.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
+        let t = Duration::from_millis(300);
+        let err = tokio::time::timeout(Duration::from_secs(10), l.locate("vm", t))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, LocateError::Timeout { after, .. } if after == t),
+            "{err:?}"
+        );
+        task.abort();
     }
 
     #[tokio::test]

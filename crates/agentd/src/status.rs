@@ -7,7 +7,7 @@
 //! | domain defined without `agent`, or not running | FAILED_PRECONDITION |
 //! | supervisor unreachable or failing | UNAVAILABLE (its INVALID_ARGUMENT passes through) |
 //! | agent socket missing / refused, EOF, I/O error, no answer to the sync handshake, sync ids never match | UNAVAILABLE |
-//! | our per-command timeout expired | DEADLINE_EXCEEDED |
+//! | our per-command timeout expired (the supervisor lookup and connecting to the agent included) | DEADLINE_EXCEEDED |
 //! | too many commands queued for the guest, reply over `max_reply_bytes` or over `MAX_JSON_VALUES` values, file over `max_file_bytes` | RESOURCE_EXHAUSTED |
 //! | agent reply not a qemu-ga response, or not the shape the command promises (guest-controlled: details logged, not returned) | UNKNOWN |
 //! | `CommandNotFound` "The command X has not been found" | UNIMPLEMENTED |
@@ -39,6 +39,7 @@ pub fn locate(e: LocateError) -> Status {
             ..
         } => Status::invalid_argument(text),
         LocateError::Supervisor { .. } => Status::unavailable(text),
+        LocateError::Timeout { .. } => Status::deadline_exceeded(text),
     }
 }
 
