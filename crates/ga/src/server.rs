@@ -1,6 +1,8 @@
 //! The agent's main loop: read up to 4096 bytes, feed the parser, answer
-//! each message in order, one client at a time. Single-threaded, blocking,
-//! no busy waiting. SIGTERM/SIGINT end it with status 0 unless frozen.
+//! each message in order, one client at a time; the replies to one read go
+//! out in one write, or earlier once 1 MiB of them is pending. One thread,
+//! blocking, no busy waiting. SIGTERM/SIGINT end it with status 0 unless
+//! frozen.
 
 use std::io;
 
@@ -25,6 +27,29 @@ fn should_stop(agent: &Agent) -> bool {
         signals::last_signal()
     ));
     true
+}
+
+/// Pending replies are written once they reach this size, without waiting
+/// for the rest of the read to be handled.
+const FLUSH_AT: usize = 1 << 20;
+
+/// Writes the pending replies in `out` (unless an earlier write of this
+/// read failed: then they are dropped) and empties it; the first failure
+/// is kept in `failed`.
+fn flush(conn: &mut impl Conn, agent: &Agent, out: &mut Vec<u8>, failed: &mut Option<io::Error>) {
+    if out.is_empty() {
+        return;
+    }
+    if failed.is_none()
+        && let Err(e) = conn.write_all_bytes(out, &mut || !should_stop(agent))
+    {
+        *failed = Some(e);
+    }
+    out.clear();
+    // Keep a small buffer for the common case, not the largest reply.
+    if out.capacity() > FLUSH_AT {
+        *out = Vec::new();
+    }
 }
 
 /// The agent plus its parser: everything that outlives a connection.
@@ -67,20 +92,26 @@ impl Server {
             if log::debug_enabled() {
                 log::debug_bytes(&format!("read data, count: {n}, data: "), &buf[..n]);
             }
+            // Replies are gathered and written once per read (one write for
+            // ~170 pipelined pings), but written as soon as they pass
+            // FLUSH_AT, so that many large replies from one read (pipelined
+            // 48 MiB guest-file-reads) are never all held at once. Every
+            // message of the read is still handled after a write failed (as
+            // qemu-ga); the replies after the failure are dropped.
+            let mut failed = None;
             let Server { agent, parser, out } = self;
-            parser.feed(&buf[..n], &mut |m| agent.handle(m, out));
-            if !self.out.is_empty() {
-                let agent = &self.agent;
-                let result = conn.write_all_bytes(&self.out, &mut || !should_stop(agent));
-                self.out.clear();
-                if self.out.capacity() > 1 << 20 {
-                    self.out = Vec::new();
+            parser.feed(&buf[..n], &mut |m| {
+                agent.handle(m, out);
+                if out.len() >= FLUSH_AT {
+                    flush(conn, agent, out, &mut failed);
                 }
-                match result {
-                    // A stop request while waiting to write (not frozen).
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
-                    other => other?,
-                }
+            });
+            flush(conn, &self.agent, &mut self.out, &mut failed);
+            match failed {
+                // A stop request while waiting to write (not frozen).
+                Some(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+                Some(e) => return Err(e),
+                None => {}
             }
         }
     }
