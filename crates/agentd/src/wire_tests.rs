@@ -245,7 +245,12 @@ async fn test_reply_with_too_many_values_is_refused_before_parsing() {
     });
     let err = conn.read_reply(&["a"]).await.unwrap_err();
     assert!(
-        matches!(err, WireError::TooManyValues { limit: MAX_JSON_VALUES }),
+        matches!(
+            err,
+            WireError::TooManyValues {
+                limit: MAX_JSON_VALUES
+            }
+        ),
         "{err:?}"
     );
     let _peer = writer.await.unwrap();
