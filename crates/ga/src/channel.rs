@@ -196,8 +196,8 @@ impl Conn for Device {
     }
 }
 
-/// The device write loop: write until all is written; on EAGAIN wait for
-/// POLLOUT. A virtio-serial port with no host side answers EAGAIN and
+/// The write loop of devices and sockets: write until all is written; on
+/// EAGAIN wait for POLLOUT (and the signal pipe). A virtio-serial port with no host side answers EAGAIN and
 /// polls POLLHUP without POLLOUT at once: then idle 100 ms before trying
 /// again, so the loop never spins. A signal during a wait ends the loop
 /// with `Interrupted` unless `keep_going` says otherwise.
@@ -238,9 +238,36 @@ impl Conn for UnixStream {
         self.read(buf)
     }
 
-    fn write_all_bytes(&mut self, data: &[u8], _: &mut dyn FnMut() -> bool) -> io::Result<()> {
-        // A blocking socket: write_all retries EINTR itself.
-        self.write_all(data)
+    fn write_all_bytes(
+        &mut self,
+        data: &[u8],
+        keep_going: &mut dyn FnMut() -> bool,
+    ) -> io::Result<()> {
+        // Non-blocking sends and a wait on POLLOUT alongside the signal
+        // pipe, so a stop request is seen while a client does not read.
+        let fd = self.as_raw_fd();
+        write_loop(
+            data,
+            |d| {
+                // SAFETY: send on our own socket from a valid buffer.
+                let n = unsafe {
+                    libc::send(
+                        fd,
+                        d.as_ptr().cast(),
+                        d.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            },
+            || wait_fd(fd, libc::POLLOUT, -1),
+            idle_100ms,
+            keep_going,
+        )
     }
 }
 

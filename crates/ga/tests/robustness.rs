@@ -1,10 +1,11 @@
 //! qvirt-ga alone, where it must not do what an earlier version did: hold
-//! every reply of one read in memory. Every wait has a deadline; every
-//! agent is killed by pid on drop.
+//! every reply of one read in memory, ignore SIGTERM while a client does
+//! not read. Every wait has a deadline; every agent is killed by pid on
+//! drop.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -95,4 +96,45 @@ fn test_pipelined_large_reads_are_written_as_they_go() {
         peak < sum / 4,
         "peak RSS {peak} KiB for {sum} KiB of replies: replies were held back"
     );
+}
+
+/// A client that stops reading while a large reply is written, then
+/// SIGTERM: the agent leaves (status 0) instead of blocking in its write.
+#[test]
+fn test_sigterm_while_a_client_does_not_read() {
+    let mut agent = start(Which::Qvirt, &[], &[], |_| {});
+    let stream = UnixStream::connect(&agent.sock).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream);
+    let handle = open_zero(&mut reader);
+    // 8 MiB, about 11 MiB of reply: far more than the socket buffers.
+    reader
+        .get_mut()
+        .write_all(
+            format!(
+                r#"{{"execute":"guest-file-read","arguments":{{"handle":{handle},"count":8388608}}}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("write");
+    // The start of the reply: the agent is writing. Then no more reading.
+    let mut head = [0u8; 4096];
+    reader.read_exact(&mut head).expect("read");
+    assert!(head.starts_with(br#"{"return": {"count": 8388608, "buf-b64": "AAAA"#));
+    sigterm(&agent);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = agent.child.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGTERM ignored while a write waits on the client"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    drop(reader);
 }
