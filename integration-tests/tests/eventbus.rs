@@ -1073,6 +1073,65 @@ async fn test_cut_off_regex_subscriber_ends_once_without_a_gap() {
     );
 }
 
+/// A monitor event whose encoded size is exactly `size` bytes.
+fn monitor_of_size(size: usize) -> MonitorEvent {
+    use prost::Message as _;
+    let mut e = monitor("a", "E", "");
+    let mut len = size;
+    loop {
+        e.details_json = format!("\"{}\"", "x".repeat(len));
+        match e.encoded_len().cmp(&size) {
+            std::cmp::Ordering::Equal => return e,
+            std::cmp::Ordering::Greater => len -= 1,
+            std::cmp::Ordering::Less => panic!("no event of exactly {size} bytes"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_publish_refuses_an_event_over_max_event_bytes() {
+    let (_svc, mut client) = bus("max_event_bytes: 4096\n").await;
+    let (mut stream, established) = subscribe(&mut client, Default::default()).await;
+    // At the cap: stored and delivered.
+    let at_cap = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor_of_size(4096))],
+    )
+    .await;
+    assert_eq!(at_cap, established + 1);
+    assert_eq!(event_of(next(&mut stream).await).sequence, at_cap);
+    // One byte over, after one that fits: the call ends with
+    // INVALID_ARGUMENT naming the cap; the event before it is stored.
+    let reqs = [monitor("a", "BEFORE", "{}"), monitor_of_size(4097)]
+        .into_iter()
+        .map(|e| PublishRequest {
+            event: Some(Event::MonitorEvent(e)),
+        })
+        .collect::<Vec<_>>();
+    let status = client
+        .publish(tokio_stream::iter(reqs))
+        .await
+        .expect_err("an event over the cap is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("4097 bytes encoded, over the bus's max_event_bytes of 4096"),
+        "{status}"
+    );
+    assert_eq!(event_of(next(&mut stream).await).event, "BEFORE");
+    // The bus keeps serving: the next call is accepted and delivered, with
+    // nothing of the refused event in between.
+    let after = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "AFTER", "{}"))],
+    )
+    .await;
+    let e = event_of(next(&mut stream).await);
+    assert_eq!((e.event.as_str(), e.sequence), ("AFTER", after));
+    assert_eq!(after, at_cap + 2);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_unix_socket_peer_is_its_uid() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@ use qvirt_common::config::{ConfigError, ListenAddr, LogFormat};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::{self, Caps, HubConfig, MAX_QUEUE_CAPACITY, OverflowPolicy};
+use crate::service::{DEFAULT_MAX_EVENT_BYTES, MAX_EVENT_BYTES_RANGE};
 
 /// The port `qvirt-eventbus` listens on by default, on loopback.
 pub const DEFAULT_PORT: u16 = 50053;
@@ -33,6 +34,9 @@ pub struct Config {
     pub ring_max_bytes: usize,
     /// Events queued per subscriber before it counts as slow.
     pub queue_capacity: usize,
+    /// The largest event Publish accepts, in encoded bytes; a bigger one
+    /// ends the Publish call with INVALID_ARGUMENT.
+    pub max_event_bytes: usize,
     /// `mark-lost` or `cut-off`: what happens to a slow subscriber.
     pub slow_consumer: SlowConsumer,
     /// Concurrent monitor-event subscriptions, in all.
@@ -69,6 +73,7 @@ impl Default for Config {
             ring_capacity: hub::DEFAULT_RING_CAPACITY,
             ring_max_bytes: 16 << 20,
             queue_capacity: hub::DEFAULT_QUEUE_CAPACITY,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             slow_consumer: SlowConsumer::default(),
             max_monitor_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
             max_monitor_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
@@ -120,6 +125,17 @@ impl Config {
                 reason: format!("must be between 1 and {MAX_QUEUE_CAPACITY}"),
             });
         }
+        if !MAX_EVENT_BYTES_RANGE.contains(&self.max_event_bytes) {
+            return Err(ConfigError::Invalid {
+                field: "max_event_bytes",
+                value: self.max_event_bytes.to_string(),
+                reason: format!(
+                    "must be between {} and {}",
+                    MAX_EVENT_BYTES_RANGE.start(),
+                    MAX_EVENT_BYTES_RANGE.end()
+                ),
+            });
+        }
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError::Invalid {
                 field: "worker_threads",
@@ -138,6 +154,34 @@ mod tests {
     use qvirt_common::cli::ServiceConfig;
 
     use super::*;
+
+    #[test]
+    fn test_max_event_bytes_default_and_range() {
+        assert_eq!(Config::default().max_event_bytes, 64 * 1024);
+        for ok in [1024, 64 * 1024, 1 << 20] {
+            let c = Config {
+                max_event_bytes: ok,
+                ..Config::default()
+            };
+            assert!(c.validate().is_ok(), "{ok}");
+        }
+        for bad in [0, 1023, (1 << 20) + 1] {
+            let c = Config {
+                max_event_bytes: bad,
+                ..Config::default()
+            };
+            assert!(
+                matches!(
+                    c.validate(),
+                    Err(ConfigError::Invalid {
+                        field: "max_event_bytes",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn test_worker_threads_default_and_bound() {

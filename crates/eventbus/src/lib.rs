@@ -67,7 +67,8 @@ pub async fn run(
         }
     });
     let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
-        .with_gateway_token(config.gateway_token.clone());
+        .with_gateway_token(config.gateway_token.clone())
+        .with_max_event_bytes(config.max_event_bytes);
     let services = Services::new()
         .coalescing_writes()
         .with(server::BusServer::new(service));

@@ -16,6 +16,7 @@ use qvirt_proto::v1::{
 };
 use std::task::{Context, Poll};
 
+use prost::Message as _;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
@@ -43,6 +44,17 @@ pub const GATEWAY_TOKEN_METADATA: &str = "x-qvirt-gateway-token";
 /// Domain names are at most 64 bytes, a UUID with dashes 36, a host name
 /// 253.
 pub const MAX_FILTER_FIELD_LEN: usize = 256;
+
+/// The default cap on one published event's encoded size (its protobuf
+/// message, before the bus numbers it). QMP events are well under 1 KiB;
+/// each subscriber may hold `queue_capacity` events, so this bounds what a
+/// stalled one pins.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// The values `max_event_bytes` may take: an event above 1 MiB times a
+/// queue of 256 would let one stalled subscriber pin 256 MiB (and gRPC
+/// refuses a Publish message above 4 MiB before this cap is looked at).
+pub const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 20;
 
 /// Refuses a `field` value longer than [`MAX_FILTER_FIELD_LEN`].
 fn bounded(field: &str, value: &str) -> Result<(), Status> {
@@ -99,6 +111,7 @@ pub struct EventBusService {
     next_subscription: Arc<AtomicU64>,
     shutdown: CancellationToken,
     gateway_token: Option<Arc<str>>,
+    max_event_bytes: usize,
 }
 
 impl EventBusService {
@@ -118,7 +131,38 @@ impl EventBusService {
             next_subscription: Arc::new(AtomicU64::new(1)),
             shutdown,
             gateway_token: None,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         }
+    }
+
+    /// Refuses a published event whose encoded size is above `bytes`
+    /// (default [`DEFAULT_MAX_EVENT_BYTES`]).
+    pub fn with_max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes;
+        self
+    }
+
+    /// The event a Publish message carries, if it carries exactly one
+    /// within the size cap; otherwise INVALID_ARGUMENT saying why.
+    fn published_event(&self, req: PublishRequest) -> Result<BusEvent, Status> {
+        let (event, size) = match req.event {
+            Some(PublishedEvent::DomainEvent(e)) => {
+                let size = e.encoded_len();
+                (BusEvent::Domain(e), size)
+            }
+            Some(PublishedEvent::MonitorEvent(e)) => {
+                let size = e.encoded_len();
+                (BusEvent::Monitor(e), size)
+            }
+            None => return Err(Status::invalid_argument("event: exactly one must be set")),
+        };
+        if size > self.max_event_bytes {
+            return Err(Status::invalid_argument(format!(
+                "event: {size} bytes encoded, over the bus's max_event_bytes of {}",
+                self.max_event_bytes
+            )));
+        }
+        Ok(event)
     }
 
     /// Honours [`PRINCIPAL_METADATA`] only from callers that also send
@@ -365,11 +409,9 @@ impl EventBus for EventBusService {
                 () = self.shutdown.cancelled() => None,
             };
             let Some(req) = next else { break };
-            let event = match req.event {
-                Some(PublishedEvent::DomainEvent(e)) => BusEvent::Domain(e),
-                Some(PublishedEvent::MonitorEvent(e)) => BusEvent::Monitor(e),
-                None => return Err(Status::invalid_argument("event: exactly one must be set")),
-            };
+            // A bad event ends the call: the events before it are stored,
+            // none after it.
+            let event = self.published_event(req)?;
             last_sequence = self.hub.publish(event);
             accepted += 1;
             // Reading a message already buffered never waits, so without
@@ -579,6 +621,64 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
         // Nothing refused holds a slot.
         assert_eq!(svc.hub().stats().subscribers_monitor, 0);
+    }
+
+    /// A monitor event whose encoded size is exactly `size` bytes.
+    fn monitor_event_of(size: usize) -> MonitorEvent {
+        let mut e = MonitorEvent {
+            event: "BLOCK_IO_ERROR".into(),
+            ..Default::default()
+        };
+        // The length prefix grows with the string: shrink until it fits.
+        let mut len = size;
+        loop {
+            e.details_json = "x".repeat(len);
+            match e.encoded_len().cmp(&size) {
+                std::cmp::Ordering::Equal => return e,
+                std::cmp::Ordering::Greater => len -= 1,
+                std::cmp::Ordering::Less => panic!("no event of exactly {size} bytes"),
+            }
+        }
+    }
+
+    #[test]
+    fn test_published_event_is_bounded_by_max_event_bytes() {
+        let svc = service(4).with_max_event_bytes(2048);
+        let req = |e| PublishRequest {
+            event: Some(PublishedEvent::MonitorEvent(e)),
+        };
+        assert!(svc.published_event(req(monitor_event_of(2048))).is_ok());
+        let status = svc
+            .published_event(req(monitor_event_of(2049)))
+            .expect_err("over the cap");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        assert!(
+            status
+                .message()
+                .contains("2049 bytes encoded, over the bus's max_event_bytes of 2048"),
+            "{status}"
+        );
+        // Domain events are bounded too.
+        let domain = DomainEvent {
+            domain_name: "d".repeat(4096),
+            ..Default::default()
+        };
+        let status = svc
+            .published_event(PublishRequest {
+                event: Some(PublishedEvent::DomainEvent(domain)),
+            })
+            .expect_err("over the cap");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        // The default.
+        let svc = service(4);
+        assert!(
+            svc.published_event(req(monitor_event_of(DEFAULT_MAX_EVENT_BYTES)))
+                .is_ok()
+        );
+        assert!(
+            svc.published_event(req(monitor_event_of(DEFAULT_MAX_EVENT_BYTES + 1)))
+                .is_err()
+        );
     }
 
     #[tokio::test]
