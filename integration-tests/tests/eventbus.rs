@@ -234,7 +234,8 @@ async fn test_domain_filter_by_name_or_uuid() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_invalid_and_pathological_filters() {
-    let (svc, mut client) = bus("").await;
+    // Room for the 100 KB event name below (the default cap is 64 KiB).
+    let (svc, mut client) = bus("max_event_bytes: 131072\n").await;
     let err = client
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {
             event: "(unclosed".into(),
