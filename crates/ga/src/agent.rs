@@ -129,7 +129,7 @@ pub struct AgentOptions {
     pub deferred_logfile: Option<PathBuf>,
     /// `-f` of a daemon that started frozen: written and locked at the
     /// thaw.
-    pub deferred_pidfile: Option<String>,
+    pub deferred_pidfile: Option<PathBuf>,
 }
 
 /// The running agent: its state and the one-shot delimiter flag.

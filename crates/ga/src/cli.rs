@@ -3,8 +3,14 @@
 //! `-F` with an optional attached argument), the `[general]` group of
 //! `$QGA_CONF` (or `-c`, or /etc/qemu/qemu-ga.conf) read first, the command
 //! line winning, and `-D` printing the effective config.
+//!
+//! Arguments are bytes, as for getopt: paths (`-p`, `-l`, `-f`, `-t`, `-F`,
+//! `-c`, `$QGA_CONF`) and the other values need not be UTF-8 and are kept
+//! as given (`-D` prints them unchanged, as qemu-ga).
 
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use crate::channel::{ISA_SERIAL_PATH, Method, VIRTIO_SERIAL_PATH};
 
@@ -18,26 +24,27 @@ pub const DEFAULT_HOOK: &str = "/etc/qemu/fsfreeze-hook";
 pub struct Config {
     /// `-d`
     pub daemonize: bool,
-    /// `-m`
-    pub method: String,
+    /// `-m` (a name that is not UTF-8 is no method: it fails when the
+    /// channel opens, as in qemu-ga)
+    pub method: OsString,
     /// `-p`
-    pub path: Option<String>,
+    pub path: Option<PathBuf>,
     /// `-l`
-    pub logfile: Option<String>,
+    pub logfile: Option<PathBuf>,
     /// `-f`
-    pub pidfile: String,
+    pub pidfile: PathBuf,
     /// `-F`
-    pub fsfreeze_hook: Option<String>,
+    pub fsfreeze_hook: Option<PathBuf>,
     /// `-t`
-    pub statedir: String,
+    pub statedir: PathBuf,
     /// `-v`
     pub verbose: bool,
     /// `-r`
     pub retry_path: bool,
-    /// `-b` (accumulated)
-    pub block_rpcs: Vec<String>,
+    /// `-b` (accumulated; a name that is not UTF-8 names no command)
+    pub block_rpcs: Vec<OsString>,
     /// `-a` (accumulated; a later qemu-ga option)
-    pub allow_rpcs: Vec<String>,
+    pub allow_rpcs: Vec<OsString>,
 }
 
 impl Default for Config {
@@ -92,30 +99,42 @@ pub enum CliError {
     },
 }
 
-const WITH_ARG: &[(char, &str)] = &[
-    ('m', "method"),
-    ('p', "path"),
-    ('l', "logfile"),
-    ('f', "pidfile"),
-    ('t', "statedir"),
-    ('b', "block-rpcs"),
-    ('a', "allow-rpcs"),
-    ('c', "config"),
-    ('s', "service"),
+const WITH_ARG: &[(u8, &str)] = &[
+    (b'm', "method"),
+    (b'p', "path"),
+    (b'l', "logfile"),
+    (b'f', "pidfile"),
+    (b't', "statedir"),
+    (b'b', "block-rpcs"),
+    (b'a', "allow-rpcs"),
+    (b'c', "config"),
+    (b's', "service"),
 ];
-const NO_ARG: &[(char, &str)] = &[
-    ('h', "help"),
-    ('V', "version"),
-    ('v', "verbose"),
-    ('d', "daemonize"),
-    ('D', "dump-conf"),
-    ('r', "retry-path"),
+const NO_ARG: &[(u8, &str)] = &[
+    (b'h', "help"),
+    (b'V', "version"),
+    (b'v', "verbose"),
+    (b'd', "daemonize"),
+    (b'D', "dump-conf"),
+    (b'r', "retry-path"),
 ];
 
 /// qemu-ga's `split_list`: the items in reverse order (it prepends each
 /// to a GList), which `-D` and the order of disabling show.
-fn split_list(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.rsplit(',').filter(|x| !x.is_empty()).map(str::to_owned)
+fn split_list(s: &[u8]) -> impl Iterator<Item = OsString> + '_ {
+    s.rsplit(|&b| b == b',')
+        .filter(|x| !x.is_empty())
+        .map(|x| OsStr::from_bytes(x).to_owned())
+}
+
+/// Bytes as an `OsString`.
+fn os(bytes: &[u8]) -> OsString {
+    OsStr::from_bytes(bytes).to_owned()
+}
+
+/// Bytes for an error message (not UTF-8: replacement characters).
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Applies the `[general]` group of a key file to `cfg`.
@@ -163,8 +182,8 @@ fn apply_keyfile(cfg: &mut Config, text: &str, path: &str) -> Result<(), CliErro
             "verbose" => cfg.verbose = flag(value)?,
             "retry-path" => cfg.retry_path = flag(value)?,
             // As qemu-ga 7.2: one raw string split on commas.
-            "block-rpcs" | "blacklist" => cfg.block_rpcs = split_list(value).collect(),
-            "allow-rpcs" => cfg.allow_rpcs = split_list(value).collect(),
+            "block-rpcs" | "blacklist" => cfg.block_rpcs = split_list(value.as_bytes()).collect(),
+            "allow-rpcs" => cfg.allow_rpcs = split_list(value.as_bytes()).collect(),
             _ => {}
         }
     }
@@ -172,70 +191,73 @@ fn apply_keyfile(cfg: &mut Config, text: &str, path: &str) -> Result<(), CliErro
 }
 
 /// Parses `args` (without argv[0]); `conf_env` is `$QGA_CONF`.
-pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliError> {
+pub fn parse(args: &[OsString], conf_env: Option<OsString>) -> Result<Action, CliError> {
     // Options in order, long names normalised to their short letter.
-    let mut opts: Vec<(char, Option<String>)> = Vec::new();
+    let mut opts: Vec<(u8, Option<OsString>)> = Vec::new();
     let mut i = 0;
     while i < args.len() {
-        let a = &args[i];
+        let a = args[i].as_bytes();
         i += 1;
-        if a == "--" {
+        if a == b"--" {
             // getopt: the rest are operands, which qemu-ga ignores.
             break;
         }
-        if let Some(long) = a.strip_prefix("--") {
-            let (name, inline) = match long.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_owned())),
+        if let Some(long) = a.strip_prefix(b"--") {
+            let (name, inline) = match long.iter().position(|&b| b == b'=') {
+                Some(k) => (&long[..k], Some(os(&long[k + 1..]))),
                 None => (long, None),
             };
-            let name = if name == "blacklist" {
-                "block-rpcs"
+            let name: &[u8] = if name == b"blacklist" {
+                b"block-rpcs"
             } else {
                 name
             };
-            if name == "fsfreeze-hook" {
-                opts.push(('F', inline));
-            } else if let Some(&(c, _)) = WITH_ARG.iter().find(|(_, l)| *l == name) {
+            if name == b"fsfreeze-hook" {
+                opts.push((b'F', inline));
+            } else if let Some(&(c, _)) = WITH_ARG.iter().find(|(_, l)| l.as_bytes() == name) {
                 let v = match inline {
                     Some(v) => v,
                     None => {
                         let v = args
                             .get(i)
                             .cloned()
-                            .ok_or_else(|| CliError::MissingArgument(a.clone()))?;
+                            .ok_or_else(|| CliError::MissingArgument(lossy(a)))?;
                         i += 1;
                         v
                     }
                 };
                 opts.push((c, Some(v)));
-            } else if let Some(&(c, _)) = NO_ARG.iter().find(|(_, l)| *l == name) {
+            } else if let Some(&(c, _)) = NO_ARG.iter().find(|(_, l)| l.as_bytes() == name) {
                 if inline.is_some() {
                     return Err(CliError::Unknown(format!(
-                        "option '--{name}' doesn't allow an argument"
+                        "option '--{}' doesn't allow an argument",
+                        lossy(name)
                     )));
                 }
                 opts.push((c, None));
             } else {
-                return Err(CliError::Unknown(format!("unrecognized option '{a}'")));
+                return Err(CliError::Unknown(format!(
+                    "unrecognized option '{}'",
+                    lossy(a)
+                )));
             }
-        } else if let Some(short) = a.strip_prefix('-').filter(|s| !s.is_empty()) {
-            let chars: Vec<char> = short.chars().collect();
+        } else if let Some(short) = a.strip_prefix(b"-").filter(|s| !s.is_empty()) {
+            // getopt reads short options byte by byte.
             let mut j = 0;
-            while j < chars.len() {
-                let c = chars[j];
+            while j < short.len() {
+                let c = short[j];
                 j += 1;
-                let rest: String = chars[j..].iter().collect();
-                if c == 'F' {
-                    opts.push(('F', (!rest.is_empty()).then_some(rest)));
+                let rest = &short[j..];
+                if c == b'F' {
+                    opts.push((b'F', (!rest.is_empty()).then(|| os(rest))));
                     break;
                 } else if WITH_ARG.iter().any(|(s, _)| *s == c) {
                     let v = if !rest.is_empty() {
-                        rest
+                        os(rest)
                     } else {
-                        let v = args
-                            .get(i)
-                            .cloned()
-                            .ok_or_else(|| CliError::MissingArgument(format!("-{c}")))?;
+                        let v = args.get(i).cloned().ok_or_else(|| {
+                            CliError::MissingArgument(format!("-{}", char::from(c)))
+                        })?;
                         i += 1;
                         v
                     };
@@ -244,7 +266,10 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
                 } else if NO_ARG.iter().any(|(s, _)| *s == c) {
                     opts.push((c, None));
                 } else {
-                    return Err(CliError::Unknown(format!("invalid option -- '{c}'")));
+                    return Err(CliError::Unknown(format!(
+                        "invalid option -- '{}'",
+                        lossy(&[c])
+                    )));
                 }
             }
         }
@@ -255,18 +280,20 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
     let explicit = opts
         .iter()
         .rev()
-        .find(|(c, _)| *c == 'c')
+        .find(|(c, _)| *c == b'c')
         .and_then(|(_, v)| v.clone());
+    // -c, else $QGA_CONF, else the default: only one file is read.
     let conf = explicit
         .clone()
         .or(conf_env)
-        .unwrap_or_else(|| DEFAULT_CONFIG.to_owned());
+        .map_or_else(|| PathBuf::from(DEFAULT_CONFIG), PathBuf::from);
+    let conf_name = conf.to_string_lossy();
     match std::fs::read_to_string(&conf) {
-        Ok(text) => apply_keyfile(&mut cfg, &text, &conf)?,
+        Ok(text) => apply_keyfile(&mut cfg, &text, &conf_name)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {}
         Err(e) => {
             return Err(CliError::Config {
-                path: conf,
+                path: conf_name.into_owned(),
                 reason: e.to_string(),
             });
         }
@@ -274,41 +301,33 @@ pub fn parse(args: &[String], conf_env: Option<String>) -> Result<Action, CliErr
     let mut action = None;
     for (c, v) in opts {
         let v = v.unwrap_or_default();
+        let is_help = v.as_bytes() == b"help" || v.as_bytes() == b"?";
         match c {
-            'm' => cfg.method = v,
-            'p' => cfg.path = Some(v),
-            'l' => cfg.logfile = Some(v),
-            'f' => cfg.pidfile = v,
-            't' => cfg.statedir = v,
-            'F' => {
+            b'm' => cfg.method = v,
+            b'p' => cfg.path = Some(v.into()),
+            b'l' => cfg.logfile = Some(v.into()),
+            b'f' => cfg.pidfile = v.into(),
+            b't' => cfg.statedir = v.into(),
+            b'F' => {
                 cfg.fsfreeze_hook = Some(if v.is_empty() {
-                    DEFAULT_HOOK.to_owned()
+                    DEFAULT_HOOK.into()
                 } else {
-                    v
+                    v.into()
                 })
             }
-            'b' => {
-                if v == "help" || v == "?" {
-                    return Ok(Action::ListRpcs);
-                }
-                cfg.block_rpcs.extend(split_list(&v));
-            }
-            'a' => {
-                if v == "help" || v == "?" {
-                    return Ok(Action::ListRpcs);
-                }
-                cfg.allow_rpcs.extend(split_list(&v));
-            }
-            'v' => cfg.verbose = true,
-            'd' => cfg.daemonize = true,
-            'r' => cfg.retry_path = true,
-            'D' => action = Some('D'),
-            'V' => return Ok(Action::Version),
-            'h' => return Ok(Action::Help),
+            b'b' | b'a' if is_help => return Ok(Action::ListRpcs),
+            b'b' => cfg.block_rpcs.extend(split_list(v.as_bytes())),
+            b'a' => cfg.allow_rpcs.extend(split_list(v.as_bytes())),
+            b'v' => cfg.verbose = true,
+            b'd' => cfg.daemonize = true,
+            b'r' => cfg.retry_path = true,
+            b'D' => action = Some(b'D'),
+            b'V' => return Ok(Action::Version),
+            b'h' => return Ok(Action::Help),
             _ => {}
         }
     }
-    if action == Some('D') {
+    if action == Some(b'D') {
         return Ok(Action::Dump(cfg));
     }
     Ok(Action::Run(cfg))
@@ -328,39 +347,61 @@ pub fn usage_hint(argv0: &str) -> String {
 }
 
 impl Config {
+    /// The transport, if `-m` names one.
+    pub fn method(&self) -> Option<Method> {
+        Method::parse(self.method.to_str()?)
+    }
+
     /// The channel path: `-p`, or the method's default.
     pub fn channel_path(&self) -> Option<PathBuf> {
         if let Some(p) = &self.path {
-            return Some(p.into());
+            return Some(p.clone());
         }
-        match Method::parse(&self.method)? {
+        match self.method()? {
             Method::VirtioSerial => Some(VIRTIO_SERIAL_PATH.into()),
             Method::IsaSerial => Some(ISA_SERIAL_PATH.into()),
             _ => None,
         }
     }
 
-    /// The `-D` key file, in qemu-ga's key order.
-    pub fn dump(&self) -> String {
-        let mut s = String::from("[general]\n");
-        s += &format!("daemon={}\n", self.daemonize);
-        s += &format!("method={}\n", self.method);
+    /// The `-D` key file, in qemu-ga's key order, values byte for byte.
+    pub fn dump(&self) -> Vec<u8> {
+        fn key(s: &mut Vec<u8>, k: &str, v: &[u8]) {
+            s.extend_from_slice(k.as_bytes());
+            s.push(b'=');
+            s.extend_from_slice(v);
+            s.push(b'\n');
+        }
+        fn list(items: &[OsString]) -> Vec<u8> {
+            items
+                .iter()
+                .map(|i| i.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b","[..])
+        }
+        fn flag(b: bool) -> &'static [u8] {
+            if b { b"true" } else { b"false" }
+        }
+        let path = |p: &Path| p.as_os_str().as_bytes().to_vec();
+        let mut s = b"[general]\n".to_vec();
+        key(&mut s, "daemon", flag(self.daemonize));
+        key(&mut s, "method", self.method.as_bytes());
         if let Some(p) = self.channel_path() {
-            s += &format!("path={}\n", p.display());
+            key(&mut s, "path", &path(&p));
         }
         if let Some(l) = &self.logfile {
-            s += &format!("logfile={l}\n");
+            key(&mut s, "logfile", &path(l));
         }
-        s += &format!("pidfile={}\n", self.pidfile);
+        key(&mut s, "pidfile", &path(&self.pidfile));
         if let Some(h) = &self.fsfreeze_hook {
-            s += &format!("fsfreeze-hook={h}\n");
+            key(&mut s, "fsfreeze-hook", &path(h));
         }
-        s += &format!("statedir={}\n", self.statedir);
-        s += &format!("verbose={}\n", self.verbose);
-        s += &format!("retry-path={}\n", self.retry_path);
-        s += &format!("block-rpcs={}\n", self.block_rpcs.join(","));
+        key(&mut s, "statedir", &path(&self.statedir));
+        key(&mut s, "verbose", flag(self.verbose));
+        key(&mut s, "retry-path", flag(self.retry_path));
+        key(&mut s, "block-rpcs", &list(&self.block_rpcs));
         if !self.allow_rpcs.is_empty() {
-            s += &format!("allow-rpcs={}\n", self.allow_rpcs.join(","));
+            key(&mut s, "allow-rpcs", &list(&self.allow_rpcs));
         }
         s
     }
@@ -407,7 +448,7 @@ mod tests {
     use super::*;
 
     fn p(args: &[&str]) -> Action {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
         parse(&args, Some("/nonexistent/qga.conf".into())).expect("parse")
     }
 
@@ -443,7 +484,7 @@ mod tests {
         assert_eq!(p(&["-h"]), Action::Help);
         assert_eq!(p(&["-b", "help"]), Action::ListRpcs);
         match p(&["-F/h", "-D"]) {
-            Action::Dump(c) => assert_eq!(c.fsfreeze_hook.as_deref(), Some("/h")),
+            Action::Dump(c) => assert_eq!(c.fsfreeze_hook.as_deref(), Some(Path::new("/h"))),
             other => panic!("{other:?}"),
         }
     }
@@ -459,7 +500,7 @@ mod tests {
         apply_keyfile(&mut c, "[general]\nverbose= 1 \ndaemon=0\n", "x").expect("ok");
         assert!(c.verbose && !c.daemonize);
         let run = |args: &[&str]| {
-            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            let args: Vec<OsString> = args.iter().map(OsString::from).collect();
             parse(&args, Some("/nonexistent/qga.conf".into()))
         };
         assert!(matches!(run(&["x", "-D", "y"]), Ok(Action::Dump(_))));
@@ -475,7 +516,7 @@ mod tests {
     #[test]
     fn test_dump_matches_qemu_ga_default() {
         assert_eq!(
-            Config::default().dump(),
+            String::from_utf8_lossy(&Config::default().dump()),
             "[general]\ndaemon=false\nmethod=virtio-serial\npath=/dev/virtio-ports/org.qemu.guest_agent.0\npidfile=/var/run/qemu-ga.pid\nstatedir=/var/run\nverbose=false\nretry-path=false\nblock-rpcs=\n"
         );
     }
@@ -489,7 +530,63 @@ mod tests {
             "x",
         )
         .expect("ok");
-        assert_eq!(c.block_rpcs, vec!["guest-ping;guest-get-time".to_owned()]);
+        assert_eq!(c.block_rpcs, ["guest-ping;guest-get-time"]);
         assert!(c.verbose);
+    }
+
+    /// Arguments that are not UTF-8 (getopt and qemu-ga take any bytes):
+    /// paths and lists kept byte for byte, `-D` prints them unchanged; a
+    /// bad option byte is a usage error, not a panic.
+    #[test]
+    fn test_arguments_that_are_not_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let b = |s: &[u8]| OsString::from_vec(s.to_vec());
+        let args = [
+            b(b"-m"),
+            b(b"unix-listen"),
+            b(b"-p/tmp/\xe9.sock"),
+            b(b"--logfile=/l\xe9"),
+            b(b"-f"),
+            b(b"/f\xe9"),
+            b(b"-F/h\xe9"),
+            b(b"--statedir"),
+            b(b"/t\xe9"),
+            b(b"-b"),
+            b(b"gu\xe9,guest-ping"),
+            b(b"-D"),
+        ];
+        let Ok(Action::Dump(c)) = parse(&args, Some(b(b"/nonexistent/\xff"))) else {
+            panic!("not a dump");
+        };
+        assert_eq!(c.path, Some(PathBuf::from(b(b"/tmp/\xe9.sock"))));
+        assert_eq!(c.block_rpcs, [b(b"guest-ping"), b(b"gu\xe9")]);
+        assert_eq!(
+            c.dump(),
+            b"[general]\ndaemon=false\nmethod=unix-listen\npath=/tmp/\xe9.sock\nlogfile=/l\xe9\npidfile=/f\xe9\nfsfreeze-hook=/h\xe9\nstatedir=/t\xe9\nverbose=false\nretry-path=false\nblock-rpcs=guest-ping,gu\xe9\n"
+        );
+        // A method that is not UTF-8 is no method.
+        let Ok(Action::Run(c)) = parse(&[b(b"-m\xe9")], Some(b(b"/nonexistent"))) else {
+            panic!("not a run");
+        };
+        assert_eq!(c.method(), None);
+        for bad in [&b"-\xe9"[..], b"--\xe9", b"--help=\xe9", b"-v\xff"] {
+            match parse(&[b(bad)], Some(b(b"/nonexistent"))) {
+                Err(e) => assert!(e.is_usage(), "{e}"),
+                Ok(a) => panic!("{a:?}"),
+            }
+        }
+        // -c and $QGA_CONF that are not UTF-8 are read as given.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join(OsStr::from_bytes(b"c\xe9.conf"));
+        std::fs::write(&conf, "[general]\nverbose=true\n").expect("write");
+        for (args, env) in [
+            (vec![OsString::from("-c"), conf.clone().into()], None),
+            (vec![], Some(conf.clone().into())),
+        ] {
+            match parse(&args, env) {
+                Ok(Action::Run(c)) => assert!(c.verbose),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -28,7 +28,8 @@ pub mod server;
 pub mod signals;
 pub mod state;
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::Path;
 
 use agent::{Agent, AgentOptions, COMMANDS};
 use channel::{ChannelError, Device, Method};
@@ -88,27 +89,28 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Prints to stdout, ignoring a closed pipe (`qvirt-ga -b help | head`).
-fn print_out(text: &str) {
+fn print_out(text: &[u8]) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
+    let _ = out.write_all(text);
     let _ = out.flush();
 }
 
-/// Runs the agent as the command line says.
-pub fn run(args: &[String]) -> Result<(), GaError> {
-    let config = match cli::parse(args, std::env::var("QGA_CONF").ok())? {
+/// Runs the agent as the command line says (`args` as the OS gave them:
+/// they need not be UTF-8).
+pub fn run(args: &[OsString]) -> Result<(), GaError> {
+    let config = match cli::parse(args, std::env::var_os("QGA_CONF"))? {
         Action::Version => {
-            print_out(&format!("{}\n", version_line()));
+            print_out(format!("{}\n", version_line()).as_bytes());
             return Ok(());
         }
         Action::Help => {
-            print_out(cli::HELP);
+            print_out(cli::HELP.as_bytes());
             return Ok(());
         }
         Action::ListRpcs => {
             let names: String = COMMANDS.iter().map(|c| format!("{}\n", c.name)).collect();
-            print_out(&names);
+            print_out(names.as_bytes());
             return Ok(());
         }
         Action::Dump(c) => {
@@ -118,6 +120,14 @@ pub fn run(args: &[String]) -> Result<(), GaError> {
         Action::Run(c) => c,
     };
     serve(config)
+}
+
+/// `-b`/`-a` names as strings (bytes that are not UTF-8 replaced).
+fn lossy_list(names: &[OsString]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect()
 }
 
 fn serve(config: Config) -> Result<(), GaError> {
@@ -158,7 +168,7 @@ fn serve(config: Config) -> Result<(), GaError> {
 fn serve_logged(config: Config) -> Result<(), GaError> {
     // As qemu-ga: the path is checked first, the method when opening.
     let path = config.channel_path().ok_or(ChannelError::NoPath)?;
-    let statedir = PathBuf::from(&config.statedir);
+    let statedir = config.statedir.clone();
     // Started frozen (the marker of an agent that left while frozen): the
     // log file and the pidfile wait for the thaw, as in qemu-ga, since
     // creating a file on a frozen filesystem blocks.
@@ -172,20 +182,17 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
     }
     let options = AgentOptions {
         statedir,
-        blocked: config.block_rpcs.clone(),
-        fsfreeze_hook: config.fsfreeze_hook.as_ref().map(PathBuf::from),
-        allowed: config.allow_rpcs.clone(),
-        deferred_logfile: config
-            .logfile
-            .as_ref()
-            .filter(|_| frozen)
-            .map(PathBuf::from),
+        // A name that is not UTF-8 matches no command either way.
+        blocked: lossy_list(&config.block_rpcs),
+        fsfreeze_hook: config.fsfreeze_hook.clone(),
+        allowed: lossy_list(&config.allow_rpcs),
+        deferred_logfile: config.logfile.clone().filter(|_| frozen),
         deferred_pidfile: (frozen && config.daemonize).then(|| config.pidfile.clone()),
     };
     signals::install();
     // As qemu-ga: daemonize (and lock the pidfile) before the channel opens.
     if config.daemonize {
-        daemonize((!frozen).then_some(config.pidfile.as_str()))?;
+        daemonize((!frozen).then_some(config.pidfile.as_path()))?;
     }
     // Then the log file is opened (created), before the channel.
     if let Some(l) = config.logfile.as_ref().filter(|_| !frozen) {
@@ -206,8 +213,8 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
             }
         }
     }
-    let Some(method) = Method::parse(&config.method) else {
-        return Err(ChannelError::BadMethod(config.method.clone()).into());
+    let Some(method) = config.method() else {
+        return Err(ChannelError::BadMethod(config.method.to_string_lossy().into_owned()).into());
     };
     enum Chan {
         Listener(channel::Listener),
@@ -253,7 +260,7 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
 
 /// Reopens a device every 5 s until it opens (`None` if a stop signal
 /// arrives first), as qemu-ga's `-r`.
-fn reopen(path: &std::path::Path, serial: bool) -> Option<Device> {
+fn reopen(path: &Path, serial: bool) -> Option<Device> {
     loop {
         match signals::poll_fd(-1, 0, 5000) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return None,
@@ -269,7 +276,7 @@ fn reopen(path: &std::path::Path, serial: bool) -> Option<Device> {
 /// writes and locks the pidfile (a second agent with the same pidfile
 /// exits 1 with qemu-ga's message), starts a session, `chdir /`, umask 077,
 /// stdio to /dev/null.
-fn daemonize(pidfile: Option<&str>) -> Result<(), GaError> {
+fn daemonize(pidfile: Option<&Path>) -> Result<(), GaError> {
     // SAFETY: the process is still single-threaded here; the parent exits
     // at once without touching shared state.
     let pid = unsafe { libc::fork() };
@@ -319,7 +326,7 @@ pub struct PidfileError {
 /// qemu_write_pidfile: open (0600, no truncation), `lockf(F_TLOCK)`, then
 /// truncate and write the pid. The descriptor stays open (and the lock
 /// held) for the life of the process.
-pub fn write_pidfile(pidfile: &str) -> Result<(), PidfileError> {
+pub fn write_pidfile(pidfile: &Path) -> Result<(), PidfileError> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
@@ -335,7 +342,7 @@ pub fn write_pidfile(pidfile: &str) -> Result<(), PidfileError> {
         .truncate(false)
         .mode(0o600)
         .open(pidfile)
-        .map_err(fail(&format!("Cannot open pid file {pidfile}")))?;
+        .map_err(fail(&format!("Cannot open pid file {}", pidfile.display())))?;
     // SAFETY: lockf on our own open descriptor.
     if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } < 0 {
         return Err(fail("Cannot lock pid file")(std::io::Error::last_os_error()));

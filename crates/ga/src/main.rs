@@ -1,8 +1,12 @@
 //! qvirt-ga: a qemu-ga 7.2 compatible guest agent. See the library.
 
 fn main() {
-    let argv0 = std::env::args().next().unwrap_or_else(|| "qvirt-ga".into());
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // args_os: paths need not be UTF-8 (std::env::args would panic).
+    let mut argv = std::env::args_os();
+    let argv0 = argv
+        .next()
+        .map_or_else(|| "qvirt-ga".into(), |a| a.to_string_lossy().into_owned());
+    let args: Vec<std::ffi::OsString> = argv.collect();
     if let Err(err) = qvirt_ga::run(&args) {
         if let qvirt_ga::GaError::Cli(cli) = &err
             && cli.is_usage()

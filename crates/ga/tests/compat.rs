@@ -1622,3 +1622,84 @@ fn start_daemon(
     let st = wait_exit(&mut parent).expect("parent did not exit");
     assert_eq!(st.code(), Some(0));
 }
+
+/// Arguments that are not UTF-8 (qemu-ga takes any bytes; qvirt-ga used to
+/// panic): both agents listen on a socket whose name is not UTF-8 and
+/// answer alike; `-D` prints such paths and `-b` names byte for byte the
+/// same; an option byte or a method name that is not UTF-8 exits 1 on both
+/// with the same stdout, and qvirt-ga's stderr is one line of complaint
+/// (no panic).
+#[test]
+fn test_arguments_that_are_not_utf8() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let name = OsStr::from_bytes(b"\xe9\xff.sock");
+    let agents = (
+        start_named(Which::Qemu, name, &[], &[], |_| {}),
+        start_named(Which::Qvirt, name, &[], &[], |_| {}),
+    );
+    assert_eq!(agents.1.sock.file_name(), Some(name));
+    let out = same(
+        &agents,
+        &[b"{'execute':'guest-ping','id':1}{'execute':'guest-sync','arguments':{'id':2}}"],
+    );
+    assert!(out.ends_with(b"{\"return\": 2}\n"), "{out:?}");
+    let b = |s: &[u8]| OsString::from_vec(s.to_vec());
+    let run = |which: Which, args: &[OsString]| {
+        let out = std::process::Command::new(agent_bin(which))
+            .args(args)
+            .env("QGA_CONF", OsStr::from_bytes(b"/nonexistent/\xe9.conf"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        (out.status.code(), out.stdout, out.stderr)
+    };
+    let dump = [
+        b(b"-m"),
+        b(b"unix-listen"),
+        b(b"-p/tmp/\xe9.sock"),
+        b(b"--logfile=/l\xe9"),
+        b(b"-f"),
+        b(b"/f\xe9"),
+        b(b"-F/h\xe9"),
+        b(b"-t"),
+        b(b"/t\xe9"),
+        b(b"-b"),
+        b(b"gu\xe9,guest-ping"),
+        b(b"-D"),
+    ];
+    let (qemu, qvirt) = (run(Which::Qemu, &dump), run(Which::Qvirt, &dump));
+    assert_eq!(qvirt.0, Some(0));
+    assert_eq!(qvirt.0, qemu.0);
+    assert_eq!(
+        String::from_utf8_lossy(&qvirt.1),
+        String::from_utf8_lossy(&qemu.1)
+    );
+    assert_eq!(qvirt.1, qemu.1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s").into_os_string();
+    for args in [
+        vec![b(b"-\xe9")],
+        vec![b(b"--\xe9")],
+        vec![
+            b(b"-m"),
+            b(b"unix\xe9"),
+            b(b"-p"),
+            sock,
+            b(b"-t"),
+            dir.path().into(),
+        ],
+    ] {
+        let (qemu, qvirt) = (run(Which::Qemu, &args), run(Which::Qvirt, &args));
+        assert_eq!(qvirt.0, Some(1), "{args:?}");
+        assert_eq!(qvirt.0, qemu.0, "{args:?}");
+        let qemu_out =
+            String::from_utf8_lossy(&qemu.1).replace(qemu_ga().to_str().unwrap_or("?"), "AGENT");
+        let qvirt_out =
+            String::from_utf8_lossy(&qvirt.1).replace(env!("CARGO_BIN_EXE_qvirt-ga"), "AGENT");
+        assert_eq!(qvirt_out, qemu_out, "{args:?}");
+        let err = String::from_utf8_lossy(&qvirt.2);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.is_empty(), "{args:?}: no complaint");
+    }
+}

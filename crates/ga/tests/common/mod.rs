@@ -52,13 +52,21 @@ pub enum Which {
 }
 
 pub fn start(which: Which, extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> Agent {
+    start_named(which, "sock".as_ref(), extra, env, prepare)
+}
+
+/// As [`start`], the socket named `sock_name` in the agent's directory.
+pub fn start_named(
+    which: Which,
+    sock_name: &std::ffi::OsStr,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    prepare: impl Fn(&Path),
+) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
-    let sock = dir.path().join("sock");
-    let bin = match which {
-        Which::Qemu => qemu_ga(),
-        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
-    };
+    let sock = dir.path().join(sock_name);
+    let bin = agent_bin(which);
     let mut cmd = Command::new(bin);
     cmd.args(["-m", "unix-listen", "-p"])
         .arg(&sock)
@@ -82,6 +90,13 @@ pub fn start(which: Which, extra: &[&str], env: &[(&str, &str)], prepare: impl F
     }
     // The probe connection above was accepted and closed; that is harmless.
     agent
+}
+
+pub fn agent_bin(which: Which) -> PathBuf {
+    match which {
+        Which::Qemu => qemu_ga(),
+        Which::Qvirt => PathBuf::from(env!("CARGO_BIN_EXE_qvirt-ga")),
+    }
 }
 
 pub fn both(extra: &[&str], env: &[(&str, &str)], prepare: impl Fn(&Path)) -> (Agent, Agent) {
