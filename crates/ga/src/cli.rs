@@ -1,8 +1,10 @@
 //! qemu-ga 7.2's command line and key-file config: the same options
 //! (getopt style: `-pPATH`, `-p PATH`, `--path=PATH`, `--path PATH`,
-//! `-F` with an optional attached argument), the `[general]` group of
-//! `$QGA_CONF` (or `-c`, or /etc/qemu/qemu-ga.conf) read first, the command
-//! line winning, and `-D` printing the effective config.
+//! `-F` with an optional attached argument), the `[general]` group of one
+//! key file read first (`-c`, else `$QGA_CONF`, else
+//! /etc/qemu/qemu-ga.conf: with `$QGA_CONF` set the default file is not
+//! read, as in qemu-ga 7.2), the command line winning, and `-D` printing
+//! the effective config.
 //!
 //! Arguments are bytes, as for getopt: paths (`-p`, `-l`, `-f`, `-t`, `-F`,
 //! `-c`, `$QGA_CONF`) and the other values need not be UTF-8 and are kept

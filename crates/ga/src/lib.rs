@@ -1,6 +1,8 @@
 //! qvirt-ga: a qemu-ga 7.2 compatible guest agent (same wire bytes, same
-//! CLI, same state files). Single-threaded and blocking like qemu-ga: one
-//! client at a time, requests answered in order.
+//! CLI, same state files). Blocking like qemu-ga, its protocol loop on the
+//! main thread alone: one client at a time, requests answered in order.
+//! The only other threads are guest-exec's pipe readers and input writers
+//! (one per captured stream, one per `input-data`).
 //!
 //! Entry point: [`run`] with the argv after the program name; `main.rs`
 //! only maps its result to an exit status.
