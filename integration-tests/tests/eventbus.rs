@@ -526,18 +526,7 @@ async fn test_metrics_endpoint_counts_published_and_subscribers() {
         ],
     )
     .await;
-    let body = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        conn.set_read_timeout(Some(MESSAGE_TIMEOUT)).unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        conn.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await
-    .unwrap();
+    let body = scrape(port).await;
     assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
     assert!(
         body.contains("\nqvirt_eventbus_events_published_total 2\n"),
