@@ -197,7 +197,8 @@ impl Conn for Device {
 }
 
 /// The write loop of devices and sockets: write until all is written; on
-/// EAGAIN wait for POLLOUT (and the signal pipe). A virtio-serial port with no host side answers EAGAIN and
+/// EAGAIN wait for POLLOUT (and the signal pipe). A virtio-serial port
+/// with no host side answers EAGAIN and
 /// polls POLLHUP without POLLOUT at once: then idle 100 ms before trying
 /// again, so the loop never spins. A signal during a wait ends the loop
 /// with `Interrupted` unless `keep_going` says otherwise.
