@@ -64,12 +64,14 @@ impl Hooks {
     /// `OUT/<tag>.{argv,stdin,env}`, appends `<tag>` to `OUT/order`, and
     /// then runs `tail`.
     fn recorder(&self, rel: &str, tag: &str, tail: &str) -> PathBuf {
+        // The signal state is read first and by shell builtins only: a
+        // child the shell forks (grep) gets a mask the shell has reset.
         let body = format!(
             "T='{tag}'\n\
+             while IFS= read -r l; do case \"$l\" in SigBlk:*|SigIgn:*) echo \"$l\";; esac; done < /proc/$$/status > \"$OUT/$T.sig\"\n\
              {{ echo \"argc=$#\"; echo \"0=$0\"; for a in \"$@\"; do echo \"arg=$a\"; done; }} > \"$OUT/$T.argv\"\n\
              cat > \"$OUT/$T.stdin\"\n\
              tr '\\0' '\\n' < /proc/$$/environ > \"$OUT/$T.env\"\n\
-             grep -E '^Sig(Blk|Ign):' /proc/self/status > \"$OUT/$T.sig\"\n\
              ls /proc/self/fd | tr '\\n' ' ' > \"$OUT/$T.fds\"\n\
              echo \"$T\" >> \"$OUT/order\"\n\
              {tail}\n"
@@ -94,9 +96,30 @@ impl Hooks {
     }
 }
 
+/// Runs `f` with SIGUSR2 blocked in this thread, so that a process it
+/// spawns starts with it blocked (a blocked signal survives fork and exec).
+fn with_sigusr2_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: all-zero sigset_t values are valid; they are initialised
+    // below.
+    let (mut block, mut old) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: sigset_t values we own, initialised by sigemptyset and
+    // sigaddset; pthread_sigmask changes this thread's mask only.
+    unsafe {
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGUSR2);
+        assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old), 0);
+    }
+    let result = f();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    result
+}
+
+/// A hook executor over `hooks`, started with SIGUSR2 blocked (libvirt's
+/// hooks start with an empty mask whatever the daemon's).
 async fn executor(hooks: &Hooks, extra_yaml: &str) -> (Service, HookExecutorClient<Channel>) {
     let yaml = format!("hooks_dir: {}\n{extra_yaml}", hooks.dir().display());
-    let mut svc = Service::start_with_config("qvirt-hookexec", &yaml, &[]);
+    let mut svc = with_sigusr2_blocked(|| Service::start_with_config("qvirt-hookexec", &yaml, &[]));
     svc.wait_serving("qvirt.v1.HookExecutor").await;
     let client = HookExecutorClient::connect(svc.url()).await.unwrap();
     (svc, client)
@@ -233,7 +256,8 @@ async fn test_argv_stdin_env_and_order_as_the_scripts_saw_them() {
         assert!(lines.contains(&format!("PATH={path}").as_str()), "{env}");
     }
 
-    // Signals as a fresh process (none blocked or ignored), and only
+    // Signals as a fresh process (none blocked or ignored, although the
+    // executor runs with SIGUSR2 blocked and SIGPIPE ignored), and only
     // stdin/stdout/stderr inherited (3 is `ls` reading the directory).
     assert_eq!(
         hooks.read("main.sig"),
