@@ -400,7 +400,8 @@ async fn test_skipped_entries_are_listed_and_not_run() {
         hooks.dir().join("qemu.d/dangling"),
     )
     .unwrap();
-    // A DRIVER.d that is no directory cannot be read: listed as skipped.
+    // A DRIVER.d that is no directory cannot be read: listed as skipped
+    // (and calls of that driver fail: test_unopenable_dot_d_fails_the_call).
     hooks.recorder("lxc", "lxc", "exit 0");
     fs::write(hooks.dir().join("lxc.d"), "").unwrap();
     let (_svc, mut client) = executor(&hooks, "").await;
@@ -1125,4 +1126,57 @@ async fn test_non_utf8_input_passes_through() {
     assert_eq!(reply.outcome(), HookOutcome::Success, "{}", reply.error);
     assert_eq!(fs::read(hooks.out().join("stdin")).unwrap(), doc);
     assert_eq!(reply.output, doc);
+}
+
+/// A DRIVER.d that exists but cannot be opened fails the call after the
+/// main script, with libvirt's text naming the path (libvirt's
+/// `virDirOpenIfExists` ignores only ENOENT).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_unopenable_dot_d_fails_the_call_after_the_main_script() {
+    let hooks = Hooks::new();
+    hooks.recorder("qemu", "main", "exit 0");
+    fs::write(hooks.dir().join("qemu.d"), "").unwrap();
+    let (_svc, mut client) = executor(&hooks, "").await;
+
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Failed, "{reply:?}");
+    assert_eq!(
+        reply.error,
+        format!(
+            "cannot open directory '{}': Not a directory",
+            hooks.dir().join("qemu.d").display()
+        )
+    );
+    // The main script ran first, as in libvirt, and succeeded.
+    assert_eq!(hooks.order(), ["main"]);
+    assert_eq!(reply.results.len(), 1);
+    assert!(reply.results[0].success, "{reply:?}");
+
+    // Without a main script the call fails all the same.
+    fs::remove_file(hooks.dir().join("qemu")).unwrap();
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Failed, "{reply:?}");
+    assert!(reply.results.is_empty(), "{reply:?}");
+    assert!(
+        reply.error.starts_with("cannot open directory"),
+        "{reply:?}"
+    );
+
+    // Once DRIVER.d is a directory again, the call succeeds.
+    fs::remove_file(hooks.dir().join("qemu.d")).unwrap();
+    hooks.recorder("qemu.d/10-a", "a", "exit 0");
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Success, "{reply:?}");
 }

@@ -438,10 +438,7 @@ fn not_executed(path: &Path, e: &io::Error, elapsed: Duration) -> ScriptRun {
     } else {
         EXIT_CANNOT_INVOKE
     };
-    let reason = match e.raw_os_error() {
-        Some(errno) => strip_os_error(&io::Error::from_raw_os_error(errno).to_string()),
-        None => e.to_string(),
-    };
+    let reason = os_error_text(e);
     ScriptRun {
         path: path.to_owned(),
         termination: Termination::Exited(code),
@@ -453,6 +450,15 @@ fn not_executed(path: &Path, e: &io::Error, elapsed: Duration) -> ScriptRun {
         duration: elapsed,
         timed_out: false,
         cancelled: false,
+    }
+}
+
+/// The system's text for `e` as libvirt shows it (`strerror`): `"No such
+/// file or directory"`, without std's `" (os error 2)"`.
+pub fn os_error_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => strip_os_error(&io::Error::from_raw_os_error(errno).to_string()),
+        None => e.to_string(),
     }
 }
 
