@@ -399,6 +399,33 @@ impl Service {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
+    /// Sends signal `sig` to the service.
+    pub fn signal(&self, sig: i32) {
+        self.child.signal(sig);
+    }
+
+    /// Polls stderr until it contains `needle`; panics with the logs if
+    /// the process exits or `timeout` passes first.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            if let Some(status) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before logging {needle:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log {needle:?} within {timeout:?}; stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls `grpc.health.v1.Health/Check` for `service` ("" = the whole
     /// server) until SERVING; panics with the logs if the process exits or
     /// [`READY_TIMEOUT`] passes.

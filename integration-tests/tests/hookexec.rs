@@ -64,12 +64,14 @@ impl Hooks {
     /// `OUT/<tag>.{argv,stdin,env}`, appends `<tag>` to `OUT/order`, and
     /// then runs `tail`.
     fn recorder(&self, rel: &str, tag: &str, tail: &str) -> PathBuf {
+        // The signal state is read first and by shell builtins only: a
+        // child the shell forks (grep) gets a mask the shell has reset.
         let body = format!(
             "T='{tag}'\n\
+             while IFS= read -r l; do case \"$l\" in SigBlk:*|SigIgn:*) echo \"$l\";; esac; done < /proc/$$/status > \"$OUT/$T.sig\"\n\
              {{ echo \"argc=$#\"; echo \"0=$0\"; for a in \"$@\"; do echo \"arg=$a\"; done; }} > \"$OUT/$T.argv\"\n\
              cat > \"$OUT/$T.stdin\"\n\
              tr '\\0' '\\n' < /proc/$$/environ > \"$OUT/$T.env\"\n\
-             grep -E '^Sig(Blk|Ign):' /proc/self/status > \"$OUT/$T.sig\"\n\
              ls /proc/self/fd | tr '\\n' ' ' > \"$OUT/$T.fds\"\n\
              echo \"$T\" >> \"$OUT/order\"\n\
              {tail}\n"
@@ -94,9 +96,30 @@ impl Hooks {
     }
 }
 
+/// Runs `f` with SIGUSR2 blocked in this thread, so that a process it
+/// spawns starts with it blocked (a blocked signal survives fork and exec).
+fn with_sigusr2_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: all-zero sigset_t values are valid; they are initialised
+    // below.
+    let (mut block, mut old) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: sigset_t values we own, initialised by sigemptyset and
+    // sigaddset; pthread_sigmask changes this thread's mask only.
+    unsafe {
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGUSR2);
+        assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old), 0);
+    }
+    let result = f();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    result
+}
+
+/// A hook executor over `hooks`, started with SIGUSR2 blocked (libvirt's
+/// hooks start with an empty mask whatever the daemon's).
 async fn executor(hooks: &Hooks, extra_yaml: &str) -> (Service, HookExecutorClient<Channel>) {
     let yaml = format!("hooks_dir: {}\n{extra_yaml}", hooks.dir().display());
-    let mut svc = Service::start_with_config("qvirt-hookexec", &yaml, &[]);
+    let mut svc = with_sigusr2_blocked(|| Service::start_with_config("qvirt-hookexec", &yaml, &[]));
     svc.wait_serving("qvirt.v1.HookExecutor").await;
     let client = HookExecutorClient::connect(svc.url()).await.unwrap();
     (svc, client)
@@ -233,7 +256,8 @@ async fn test_argv_stdin_env_and_order_as_the_scripts_saw_them() {
         assert!(lines.contains(&format!("PATH={path}").as_str()), "{env}");
     }
 
-    // Signals as a fresh process (none blocked or ignored), and only
+    // Signals as a fresh process (none blocked or ignored, although the
+    // executor runs with SIGUSR2 blocked and SIGPIPE ignored), and only
     // stdin/stdout/stderr inherited (3 is `ls` reading the directory).
     assert_eq!(
         hooks.read("main.sig"),
@@ -376,7 +400,8 @@ async fn test_skipped_entries_are_listed_and_not_run() {
         hooks.dir().join("qemu.d/dangling"),
     )
     .unwrap();
-    // A DRIVER.d that is no directory cannot be read: listed as skipped.
+    // A DRIVER.d that is no directory cannot be read: listed as skipped
+    // (and calls of that driver fail: test_unopenable_dot_d_fails_the_call).
     hooks.recorder("lxc", "lxc", "exit 0");
     fs::write(hooks.dir().join("lxc.d"), "").unwrap();
     let (_svc, mut client) = executor(&hooks, "").await;
@@ -1101,4 +1126,57 @@ async fn test_non_utf8_input_passes_through() {
     assert_eq!(reply.outcome(), HookOutcome::Success, "{}", reply.error);
     assert_eq!(fs::read(hooks.out().join("stdin")).unwrap(), doc);
     assert_eq!(reply.output, doc);
+}
+
+/// A DRIVER.d that exists but cannot be opened fails the call after the
+/// main script, with libvirt's text naming the path (libvirt's
+/// `virDirOpenIfExists` ignores only ENOENT).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_unopenable_dot_d_fails_the_call_after_the_main_script() {
+    let hooks = Hooks::new();
+    hooks.recorder("qemu", "main", "exit 0");
+    fs::write(hooks.dir().join("qemu.d"), "").unwrap();
+    let (_svc, mut client) = executor(&hooks, "").await;
+
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Failed, "{reply:?}");
+    assert_eq!(
+        reply.error,
+        format!(
+            "cannot open directory '{}': Not a directory",
+            hooks.dir().join("qemu.d").display()
+        )
+    );
+    // The main script ran first, as in libvirt, and succeeded.
+    assert_eq!(hooks.order(), ["main"]);
+    assert_eq!(reply.results.len(), 1);
+    assert!(reply.results[0].success, "{reply:?}");
+
+    // Without a main script the call fails all the same.
+    fs::remove_file(hooks.dir().join("qemu")).unwrap();
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Failed, "{reply:?}");
+    assert!(reply.results.is_empty(), "{reply:?}");
+    assert!(
+        reply.error.starts_with("cannot open directory"),
+        "{reply:?}"
+    );
+
+    // Once DRIVER.d is a directory again, the call succeeds.
+    fs::remove_file(hooks.dir().join("qemu.d")).unwrap();
+    hooks.recorder("qemu.d/10-a", "a", "exit 0");
+    let reply = run(
+        &mut client,
+        call(HookDriver::Qemu, "vm1", "prepare", "begin", ""),
+    )
+    .await;
+    assert_eq!(reply.outcome(), HookOutcome::Success, "{reply:?}");
 }

@@ -148,6 +148,28 @@ async fn test_sigterm_stops_every_service_cleanly() {
     }
 }
 
+/// SIGHUP's default action ends a process; libvirtd reloads on it, and no
+/// qvirt service may die of it: each logs it and keeps serving (what it
+/// reloads is tested per service).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sighup_never_stops_a_service() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, _) in SERVICES {
+        let mut svc = start_local(bin, &dir);
+        svc.wait_serving("").await;
+        for _ in 0..2 {
+            svc.signal(libc::SIGHUP);
+        }
+        svc.wait_log("SIGHUP", Duration::from_secs(20)).await;
+        svc.wait_serving("").await;
+        let status = svc.terminate();
+        assert!(
+            status.success(),
+            "{bin} exited with {status} after SIGHUP, SIGTERM"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();

@@ -498,6 +498,37 @@ async fn test_daemon_hook_sees_start_and_shutdown() {
     assert!(stdin.is_empty());
 }
 
+/// SIGHUP: the supervisor runs the daemon hook `- reload begin SIGHUP`,
+/// as libvirtd, and keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sighup_runs_the_daemon_reload_hook() {
+    let world = World::new().await;
+    world.clear_calls();
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    sup.svc.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while world.calls().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no reload hook: {:?}",
+            world.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(world.calls(), ["- start - start", "- reload begin SIGHUP"]);
+    sup.svc.wait_serving("qvirt.v1.Supervisor").await;
+    let status = sup.svc.terminate();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        world.calls(),
+        [
+            "- start - start",
+            "- reload begin SIGHUP",
+            "- shutdown - shutdown"
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_executor_down_at_reconnect_keeps_the_guest() {
     let mut world = World::new().await;

@@ -1,7 +1,7 @@
 //! The body of every service binary's `main`, so each `main.rs` is only its
 //! flags: load and check the config (exit 2 with one line if bad), set up
 //! logging, start a runtime, bind, run until SIGTERM/SIGINT (exit 1 with
-//! one line if that fails).
+//! one line if that fails). SIGHUP never ends a service.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -52,6 +52,9 @@ where
             Ok(t) => t,
             Err(e) => return fail(bin, &e, EXIT_RUNTIME),
         };
+        if let Err(e) = crate::shutdown::on_hangup() {
+            return fail(bin, &e, EXIT_RUNTIME);
+        }
         let listener = match Listener::bind(config.listen()).await {
             Ok(l) => l,
             Err(e) => return fail(bin, &e, EXIT_RUNTIME),

@@ -1,6 +1,10 @@
 //! Graceful shutdown: one [`CancellationToken`] that fires on SIGTERM or
 //! SIGINT. Services hand child tokens to their per-guest and per-stream
 //! tasks so that everything stops together.
+//!
+//! SIGHUP never ends a service: [`on_hangup`] takes it over before the
+//! service binds, and a service that reloads something on SIGHUP listens
+//! for it itself (every tokio signal listener gets each signal).
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -22,4 +26,19 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         fire.cancel();
     });
     Ok(token)
+}
+
+/// Takes SIGHUP over from its default action (which ends the process) and
+/// logs each one. What a service reloads, it does from its own listener
+/// (the hook executor discovers its hooks again, the supervisor runs the
+/// daemon `reload` hook); nothing else changes until a restart. Must be
+/// called inside a tokio runtime, before the service can be signalled.
+pub fn on_hangup() -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!(signal = "SIGHUP", "received; config changes need a restart");
+        }
+    });
+    Ok(())
 }

@@ -84,8 +84,12 @@ pub struct DriverHooks {
     /// Executable scripts in run order: main first, then `.d/` by name.
     pub scripts: Vec<PathBuf>,
     /// Entries present but not run (not executable, not a regular file,
-    /// dangling symlink).
+    /// dangling symlink, a `DRIVER.d` that cannot be opened).
     pub skipped: Vec<PathBuf>,
+    /// A `DRIVER.d` that exists but cannot be opened (a regular file, no
+    /// permission): libvirt's error text, `cannot open directory 'PATH':
+    /// REASON`. libvirt's hook call then fails after the main script.
+    pub dir_error: Option<String>,
 }
 
 impl DriverHooks {
@@ -159,6 +163,7 @@ pub fn scan_driver(hooks_dir: &Path, driver: Driver) -> DriverHooks {
         driver,
         scripts: Vec::new(),
         skipped: Vec::new(),
+        dir_error: None,
     };
     let mut add = |path: PathBuf| match classify(&path) {
         Entry::Hook => found.scripts.push(path),
@@ -181,14 +186,20 @@ pub fn scan_driver(hooks_dir: &Path, driver: Driver) -> DriverHooks {
         // directory either, nothing to list).
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         // Present but unreadable (EACCES, ENOTDIR, ...): its scripts cannot
-        // run; say so rather than silently run none.
+        // run, and libvirt's call fails (`virDirOpenIfExists` ignores only
+        // ENOENT).
         Err(e) => {
             tracing::warn!(
                 driver = driver.name(),
                 path = %dot_d.display(),
                 error = %e,
-                "cannot read the hook directory: its scripts are skipped"
+                "cannot read the hook directory: calls of this driver fail"
             );
+            found.dir_error = Some(format!(
+                "cannot open directory '{}': {}",
+                dot_d.display(),
+                crate::exec::os_error_text(&e)
+            ));
             found.skipped.push(dot_d);
         }
     }
@@ -273,6 +284,13 @@ mod tests {
         let found = scan_driver(dir.path(), Driver::Qemu);
         assert_eq!(found.scripts, [dir.path().join("qemu")]);
         assert_eq!(found.skipped, [dir.path().join("qemu.d")]);
+        assert_eq!(
+            found.dir_error,
+            Some(format!(
+                "cannot open directory '{}': Not a directory",
+                dir.path().join("qemu.d").display()
+            ))
+        );
 
         let d = dir.path().join("lxc.d");
         fs::create_dir(&d).unwrap();

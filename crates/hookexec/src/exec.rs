@@ -163,10 +163,11 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs in the forked child (after std has set up
-    // stdio, the process group and an empty signal mask) and only makes
-    // system calls (rt_sigaction, close_range or fcntl, execve) on memory
-    // prepared before the fork: no allocation, no locks. It never returns
-    // on success; on failure std reports its errno to the parent.
+    // stdio and the process group; std keeps the parent's signal mask) and
+    // only makes system calls (rt_sigaction, rt_sigprocmask, close_range or
+    // fcntl, execve) on memory prepared before the fork: no allocation, no
+    // locks. It never returns on success; on failure std reports its errno
+    // to the parent.
     unsafe {
         cmd.pre_exec(move || {
             image.exec();
@@ -313,18 +314,34 @@ impl ExecImage {
     }
 
     /// In the forked child: every signal back to its default action (as
-    /// libvirt's child does; an ignored signal would survive exec), every
-    /// descriptor but 0, 1 and 2 closed on exec (libvirt closes them; the
-    /// executor may have inherited some), then execve. Returns only if
-    /// execve failed (errno says why; std's report pipe is still open).
+    /// libvirt's child does; an ignored signal would survive exec), the
+    /// signal mask emptied (std's `Command` keeps the parent's since Rust
+    /// 1.66, and a blocked signal survives exec too), every descriptor but
+    /// 0, 1 and 2 closed on exec (libvirt closes them; the executor may
+    /// have inherited some), then execve. Returns only if execve failed
+    /// (errno says why; std's report pipe is still open).
     fn exec(&self) {
         for sig in 1..=64 {
             default_action(sig);
         }
+        unblock_all_signals();
         close_inherited_fds();
         // SAFETY: NUL-terminated strings and NULL-terminated arrays owned
         // by `self`, alive for the call.
         unsafe { libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+    }
+}
+
+/// Empties the signal mask, in the child before exec, as libvirt's child
+/// does. Async-signal-safe: sigemptyset fills memory we own and
+/// sigprocmask is a system call.
+fn unblock_all_signals() {
+    // SAFETY: an all-zero sigset_t is a valid value that sigemptyset then
+    // initialises; sigprocmask(2) reads it and writes no old set (NULL).
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
 }
 
@@ -421,10 +438,7 @@ fn not_executed(path: &Path, e: &io::Error, elapsed: Duration) -> ScriptRun {
     } else {
         EXIT_CANNOT_INVOKE
     };
-    let reason = match e.raw_os_error() {
-        Some(errno) => strip_os_error(&io::Error::from_raw_os_error(errno).to_string()),
-        None => e.to_string(),
-    };
+    let reason = os_error_text(e);
     ScriptRun {
         path: path.to_owned(),
         termination: Termination::Exited(code),
@@ -436,6 +450,15 @@ fn not_executed(path: &Path, e: &io::Error, elapsed: Duration) -> ScriptRun {
         duration: elapsed,
         timed_out: false,
         cancelled: false,
+    }
+}
+
+/// The system's text for `e` as libvirt shows it (`strerror`): `"No such
+/// file or directory"`, without std's `" (os error 2)"`.
+pub fn os_error_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => strip_os_error(&io::Error::from_raw_os_error(errno).to_string()),
+        None => e.to_string(),
     }
 }
 

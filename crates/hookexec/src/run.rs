@@ -301,13 +301,19 @@ pub fn failure_message(
     msg
 }
 
-/// Quotes `s` for a shell when it needs it, as libvirt's command strings
-/// do: `'...'` with `'` written `'\''`.
+/// The bytes for which libvirt's `virBufferEscapeShell` quotes a word
+/// (its `strpbrk` set); any other byte, non-ASCII included, stays bare.
+const SHELL_METACHARACTERS: &[u8] = b"\r\t\n !\"#$&'()*;<>?[\\]^`{|}~";
+
+/// Quotes `s` for a shell exactly as libvirt's command strings do
+/// (`virBufferEscapeShell`): an empty word is `''`; a word with none of
+/// [`SHELL_METACHARACTERS`] stays as it is (`café` stays `café`); any
+/// other is put in `'...'` with `'` written `'\''`.
 pub fn shell_quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./-_".contains(&b));
-    if plain {
+    if s.is_empty() {
+        return "''".to_owned();
+    }
+    if !s.bytes().any(|b| SHELL_METACHARACTERS.contains(&b)) {
         return s.to_owned();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -475,5 +481,34 @@ mod tests {
         );
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    /// libvirt quotes a word only when it holds one of its metacharacters;
+    /// everything else, non-ASCII and `%+=:,./-_@` included, stays bare.
+    #[test]
+    fn test_shell_quote_as_vir_buffer_escape_shell() {
+        let table = [
+            ("café", "café"),
+            ("/h/qemu.d/10-a", "/h/qemu.d/10-a"),
+            ("a%b+c=d:e,f.g/h-i_j@k", "a%b+c=d:e,f.g/h-i_j@k"),
+            ("x~y", "'x~y'"),
+            ("from snapshot", "'from snapshot'"),
+            ("a\tb", "'a\tb'"),
+            ("$(id)", "'$(id)'"),
+            ("[x]", "'[x]'"),
+            (r"a\b", r"'a\b'"),
+            ("q?", "'q?'"),
+            ("it's", r"'it'\''s'"),
+            ("", "''"),
+        ];
+        for (word, quoted) in table {
+            assert_eq!(shell_quote(word), quoted, "{word:?}");
+        }
+        // Each printable ASCII byte is bare exactly when libvirt leaves it.
+        for b in 0x21u8..0x7f {
+            let word = char::from(b).to_string();
+            let bare = !b"!\"#$&'()*;<>?[\\]^`{|}~".contains(&b);
+            assert_eq!(shell_quote(&word) == word, bare, "{word:?}");
+        }
     }
 }

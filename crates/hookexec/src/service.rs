@@ -127,7 +127,7 @@ impl Inner {
         let now = tokio::task::spawn_blocking(move || scan_driver(&dir, driver))
             .await
             .map_err(HookError::Task)?;
-        if now.scripts.is_empty() {
+        if now.scripts.is_empty() && now.dir_error.is_none() {
             return Ok(no_hooks());
         }
         let run = run_hooks(
@@ -150,7 +150,13 @@ impl Inner {
                 total: now.scripts.len(),
             });
         }
-        let failed = run.error.is_some();
+        // libvirt runs the main script, then fails to open DRIVER.d: that
+        // error is the call's, whatever the main script did.
+        if let Some(e) = &now.dir_error {
+            tracing::warn!(driver = driver.name(), error = %e, "hook call failed");
+        }
+        let error = now.dir_error.or(run.error);
+        let failed = error.is_some();
         tracing::debug!(
             driver = driver.name(),
             args = ?call.args,
@@ -189,7 +195,7 @@ impl Inner {
                     success: script_succeeded(&call, r),
                 })
                 .collect(),
-            error: cut_error(run.error.unwrap_or_default()),
+            error: cut_error(error.unwrap_or_default()),
             output: run.output,
         };
         fit_reply(&mut response);

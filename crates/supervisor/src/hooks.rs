@@ -132,15 +132,16 @@ impl Hooks for ExecutorHooks {
         &self,
         op: DaemonHookOp,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
-        let (name, extra) = match op {
-            DaemonHookOp::Start => ("start", "start"),
-            DaemonHookOp::Shutdown => ("shutdown", "shutdown"),
+        let (name, sub_op, extra) = match op {
+            DaemonHookOp::Start => ("start", "-", "start"),
+            DaemonHookOp::Shutdown => ("shutdown", "-", "shutdown"),
+            DaemonHookOp::Reload => ("reload", "begin", "SIGHUP"),
         };
         let request = RunHookRequest {
             driver: HookDriver::Daemon as i32,
             object: "-".to_owned(),
             op: name.to_owned(),
-            sub_op: "-".to_owned(),
+            sub_op: sub_op.to_owned(),
             extra: extra.to_owned(),
             input: Vec::new(),
             timeout: None,

@@ -79,6 +79,9 @@ pub enum RunError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The SIGHUP listener could not be installed.
+    #[error("cannot handle SIGHUP")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Loads the domains (re-attaching to running QEMUs), then serves
@@ -129,6 +132,7 @@ pub async fn run(
         None => None,
     };
     hooks.daemon(DaemonHookOp::Start).await;
+    spawn_reload_hook(Arc::clone(&hooks), shutdown.clone())?;
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
             let endpoint =
@@ -155,4 +159,24 @@ pub async fn run(
     manager.close().await;
     hooks.daemon(DaemonHookOp::Shutdown).await;
     served.map_err(RunError::from)
+}
+
+/// On every SIGHUP, runs the daemon hook `- reload begin SIGHUP` (the
+/// executor discovers the hooks again first), as libvirtd does. Settings
+/// are not re-read: a restart applies them, and guests survive it.
+fn spawn_reload_hook(hooks: Arc<dyn Hooks>, shutdown: CancellationToken) -> Result<(), RunError> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(RunError::Signal)?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                got = hup.recv() => match got {
+                    Some(()) => hooks.daemon(DaemonHookOp::Reload).await,
+                    None => return,
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    Ok(())
 }

@@ -118,6 +118,9 @@ pub enum DaemonHookOp {
     Start,
     /// `- shutdown - shutdown`: the supervisor stops (SIGTERM/SIGINT).
     Shutdown,
+    /// `- reload begin SIGHUP`: the supervisor got SIGHUP (the executor
+    /// discovers the hooks again before running it, as libvirt).
+    Reload,
 }
 
 /// Why a hook did not succeed.
