@@ -240,6 +240,7 @@ async fn hub_fanout(rate: u64) -> (u64, u64) {
             monitor_caps: Caps {
                 total: 100_000,
                 per_principal: 100_000,
+                reserved: 0,
             },
             ..Default::default()
         },

@@ -930,6 +930,52 @@ async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
     assert!(msg.contains("\"alice\""), "{msg}");
 }
 
+/// A client connecting from `local` (any of 127.0.0.0/8).
+async fn client_from(url: &str, local: std::net::Ipv4Addr) -> EventBusClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://from.invalid")
+        .connect_with_connector(StallingConnector {
+            addr: url.trim_start_matches("http://").parse().unwrap(),
+            local: Some(local.into()),
+            stalled: Default::default(),
+        })
+        .await
+        .unwrap();
+    EventBusClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
+    let (svc, _client) = bus(
+        "max_monitor_subscriptions: 4\nmax_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n",
+    )
+    .await;
+    // Two direct callers from two addresses take the direct half.
+    let mut direct = Vec::new();
+    for last in 2..=4 {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, last);
+        let mut c = client_from(&svc.url(), ip).await;
+        let sub = try_subscribe(&mut c, tonic::Request::new(Default::default())).await;
+        direct.push((c, sub));
+    }
+    assert!(direct[0].1.is_ok() && direct[1].1.is_ok());
+    let third = direct.pop().unwrap().1;
+    let msg = refused_for(third);
+    assert!(
+        msg.contains("kept for callers through the gateway"),
+        "{msg}"
+    );
+    // The gateway's principals still find the other half.
+    let mut gateway = client_from(&svc.url(), std::net::Ipv4Addr::new(127, 0, 0, 9)).await;
+    let _alice = try_subscribe(&mut gateway, as_principal("alice", Some("s3cret")))
+        .await
+        .unwrap();
+    let _bob = try_subscribe(&mut gateway, as_principal("bob", Some("s3cret")))
+        .await
+        .unwrap();
+    let msg = refused_for(try_subscribe(&mut gateway, as_principal("carol", Some("s3cret"))).await);
+    assert!(msg.contains("total cap of 4"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_principal_metadata_is_ignored_without_a_configured_token() {
     let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
@@ -1311,7 +1357,7 @@ async fn test_many_subscribers_and_concurrent_publishers() {
     const SUBSCRIBERS: usize = 200;
     const PER_PUBLISHER: u64 = 500;
     let (svc, _client) =
-        bus("queue_capacity: 4096\nmax_monitor_subscriptions_per_principal: 256\n").await;
+        bus("queue_capacity: 4096\nqueue_max_bytes: 4194304\nmax_monitor_subscriptions_per_principal: 256\n").await;
     // Every fourth subscriber on a connection of its own kind of filter:
     // all events, a literal name, a regex, and one domain.
     let filters = [

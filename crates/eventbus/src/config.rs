@@ -78,7 +78,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Secret shared with the gateway: a caller whose `x-qvirt-gateway-token`
     /// metadata equals it is the gateway, and its `x-qvirt-principal` is the
-    /// principal counted by the per-principal caps. Absent (the default):
+    /// principal counted by the per-principal caps; half of each total cap
+    /// is then kept for such principals. Absent (the default):
     /// `x-qvirt-principal` is ignored and every caller counts as its peer
     /// address.
     pub gateway_token: Option<String>,
@@ -123,10 +124,12 @@ impl Config {
             monitor_caps: Caps {
                 total: self.max_monitor_subscriptions,
                 per_principal: self.max_monitor_subscriptions_per_principal,
+                reserved: self.reserved(self.max_monitor_subscriptions),
             },
             domain_caps: Caps {
                 total: self.max_domain_subscriptions,
                 per_principal: self.max_domain_subscriptions_per_principal,
+                reserved: self.reserved(self.max_domain_subscriptions),
             },
         }
     }
@@ -163,6 +166,17 @@ impl Config {
         subscriptions
             .saturating_mul(self.subscription_bound())
             .saturating_add(ring)
+    }
+
+    /// The slots of a total cap kept for the gateway's principals: half of
+    /// it when a `gateway_token` is set (callers the gateway does not vouch
+    /// for may take only the other half), none otherwise.
+    fn reserved(&self, total: usize) -> usize {
+        if self.gateway_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            total / 2
+        } else {
+            0
+        }
     }
 
     /// The overflow policy for subscribers.

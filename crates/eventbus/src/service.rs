@@ -193,9 +193,9 @@ impl EventBusService {
         self
     }
 
-    /// Who is asking: the principal the gateway vouches for, else the peer:
-    /// its IP address over TCP, its uid over a unix socket.
-    fn principal<T>(&self, request: &Request<T>) -> String {
+    /// Who is asking: the principal the gateway vouches for (`true`), else
+    /// the peer: its IP address over TCP, its uid over a unix socket.
+    fn principal<T>(&self, request: &Request<T>) -> (String, bool) {
         let md = request.metadata();
         let text = |key| md.get(key).and_then(|v| v.to_str().ok());
         let vouched = match (&self.gateway_token, text(GATEWAY_TOKEN_METADATA)) {
@@ -203,10 +203,10 @@ impl EventBusService {
             _ => false,
         };
         if vouched && let Some(p) = text(PRINCIPAL_METADATA).filter(|p| !p.is_empty()) {
-            return p.to_owned();
+            return (p.to_owned(), true);
         }
         if let Some(addr) = request.remote_addr() {
-            return format!("peer:{}", addr.ip());
+            return (format!("peer:{}", addr.ip()), false);
         }
         // On a unix socket the peer is its user: every local client would
         // otherwise share one principal (and one user could fill the cap
@@ -216,10 +216,11 @@ impl EventBusService {
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred)
             .map(|cred| cred.uid());
-        match uid {
+        let peer = match uid {
             Some(uid) => format!("peer:uid:{uid}"),
             None => "peer:local".to_owned(),
-        }
+        };
+        (peer, false)
     }
 
     /// The hub (for metrics).
@@ -272,13 +273,14 @@ impl EventBusService {
     fn options(
         &self,
         kind: SubscriberKind,
-        principal: String,
+        (principal, vouched): (String, bool),
         since: Option<u64>,
         key: Option<&str>,
         key_decides: bool,
     ) -> SubscribeOptions {
         SubscribeOptions {
             principal,
+            vouched,
             kind,
             since,
             policy: self.policy,

@@ -87,6 +87,10 @@ pub struct Caps {
     pub total: usize,
     /// At most this many per principal (exact duplicates count too).
     pub per_principal: usize,
+    /// This many of `total` are kept for principals the gateway vouches for
+    /// ([`SubscribeOptions::vouched`]): callers it does not vouch for hold
+    /// at most `total - reserved` together, so they cannot take every slot.
+    pub reserved: usize,
 }
 
 impl Default for Caps {
@@ -94,6 +98,7 @@ impl Default for Caps {
         Caps {
             total: DEFAULT_MAX_SUBSCRIPTIONS,
             per_principal: DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            reserved: 0,
         }
     }
 }
@@ -217,6 +222,9 @@ pub struct SubscribeOptions {
     /// Who subscribes (the gateway's principal, or the peer); the key of the
     /// per-principal cap.
     pub principal: String,
+    /// The gateway vouches for `principal`: it may take the slots
+    /// [`Caps::reserved`] keeps.
+    pub vouched: bool,
     /// Which caps and counters the subscription counts against.
     pub kind: SubscriberKind,
     /// Replay the events after this sequence number that the ring still
@@ -261,6 +269,18 @@ pub enum SubscribeError {
         /// The kind of subscription refused.
         kind: SubscriberKind,
         /// The cap.
+        limit: usize,
+    },
+    /// The bus holds as many subscriptions of this kind as direct callers
+    /// (not vouched for by the gateway) may take: the rest of the total cap
+    /// is kept for the gateway's principals.
+    #[error(
+        "too many {kind}-event subscriptions on the bus: {limit} reached, the rest of the total cap kept for callers through the gateway"
+    )]
+    DirectCap {
+        /// The kind of subscription refused.
+        kind: SubscriberKind,
+        /// The total cap less the reserved slots.
         limit: usize,
     },
     /// The hub was closed ([`Hub::close`]).
@@ -484,6 +504,8 @@ struct Slot<E> {
 #[derive(Default)]
 struct KindSlots {
     total: usize,
+    /// Held by principals the gateway did not vouch for.
+    direct: usize,
     per_principal: HashMap<Arc<str>, usize>,
 }
 
@@ -726,16 +748,27 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             return Err(SubscribeError::Closed);
         }
         let slots = &mut st.slots[options.kind.index()];
-        if slots.total >= caps.total {
+        let direct_limit = caps.total.saturating_sub(caps.reserved);
+        let refused = if slots.total >= caps.total {
+            Some(SubscribeError::TotalCap {
+                kind: options.kind,
+                limit: caps.total,
+            })
+        } else if !options.vouched && slots.direct >= direct_limit {
+            Some(SubscribeError::DirectCap {
+                kind: options.kind,
+                limit: direct_limit,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
             drop(guard);
             inner
                 .counters
                 .rejected_subscriptions
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(SubscribeError::TotalCap {
-                kind: options.kind,
-                limit: caps.total,
-            });
+            return Err(e);
         }
         let (principal, held) = match slots
             .per_principal
@@ -757,6 +790,9 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             });
         }
         slots.total += 1;
+        if !options.vouched {
+            slots.direct += 1;
+        }
         slots.per_principal.insert(Arc::clone(&principal), held + 1);
         if options.policy == OverflowPolicy::CutOff {
             st.cut_off_policy += 1;
@@ -811,6 +847,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             key,
             kind: options.kind,
             principal,
+            vouched: options.vouched,
             policy: options.policy,
             shared,
             predicate,
@@ -884,7 +921,7 @@ impl<E> Inner<E> {
         id: u64,
         key: Option<&str>,
         kind: SubscriberKind,
-        principal: &str,
+        (principal, vouched): (&str, bool),
         policy: OverflowPolicy,
     ) {
         let mut guard = self.lock();
@@ -892,6 +929,9 @@ impl<E> Inner<E> {
         st.unregister(id, key);
         let slots = &mut st.slots[kind.index()];
         slots.total = slots.total.saturating_sub(1);
+        if !vouched {
+            slots.direct = slots.direct.saturating_sub(1);
+        }
         if let Some(held) = slots.per_principal.get_mut(principal) {
             *held = held.saturating_sub(1);
             if *held == 0 {

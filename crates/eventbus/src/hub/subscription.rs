@@ -74,6 +74,7 @@ pub(super) struct Parts<E> {
     pub(super) key: Option<Box<str>>,
     pub(super) kind: SubscriberKind,
     pub(super) principal: Arc<str>,
+    pub(super) vouched: bool,
     pub(super) policy: OverflowPolicy,
     pub(super) shared: Arc<SubShared<E>>,
     pub(super) predicate: Predicate<E>,
@@ -102,6 +103,7 @@ pub struct Subscription<E> {
     key: Option<Box<str>>,
     kind: SubscriberKind,
     principal: Arc<str>,
+    vouched: bool,
     policy: OverflowPolicy,
     shared: Arc<SubShared<E>>,
     predicate: Predicate<E>,
@@ -138,6 +140,7 @@ impl<E> Subscription<E> {
             key: p.key,
             kind: p.kind,
             principal: p.principal,
+            vouched: p.vouched,
             policy: p.policy,
             shared: p.shared,
             predicate: p.predicate,
@@ -349,7 +352,7 @@ impl<E> Drop for Subscription<E> {
             self.id,
             self.key.as_deref(),
             self.kind,
-            &self.principal,
+            (&self.principal, self.vouched),
             self.policy,
         );
     }

@@ -380,6 +380,7 @@ async fn test_caps_per_principal_and_total() {
     let monitor_caps = Caps {
         total: 5,
         per_principal: 3,
+        reserved: 0,
     };
     let hub = hub_with(HubConfig {
         monitor_caps,
@@ -441,6 +442,7 @@ async fn test_open_and_drop_10000_subscriptions_frees_everything() {
         monitor_caps: Caps {
             total: 10_000,
             per_principal: 10_000,
+            reserved: 0,
         },
         ..Default::default()
     });
@@ -492,6 +494,7 @@ async fn test_many_subscribers_each_get_their_matching_events() {
         monitor_caps: Caps {
             total: 400,
             per_principal: 64,
+            reserved: 0,
         },
         ..Default::default()
     });
@@ -545,6 +548,7 @@ async fn test_no_gap_no_duplicate_under_concurrent_publish() {
             monitor_caps: Caps {
                 total: 40,
                 per_principal: 40,
+                reserved: 0,
             },
             ..Default::default()
         });
@@ -860,4 +864,41 @@ async fn test_replay_batch_bounded_by_bytes() {
     assert_eq!(hub.stats().delivered, 4);
     let items = drain(&mut sub);
     assert_eq!(seqs(&items), (2..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn test_reserved_slots_go_only_to_vouched_principals() {
+    let hub = hub_with(HubConfig {
+        monitor_caps: Caps {
+            total: 4,
+            per_principal: 4,
+            reserved: 2,
+        },
+        ..Default::default()
+    });
+    let direct = |p: &str| opts(p, None);
+    let vouched = |p: &str| SubscribeOptions {
+        vouched: true,
+        ..opts(p, None)
+    };
+    let a = hub.subscribe(direct("peer:a"), all).expect("first direct");
+    let _b = hub.subscribe(direct("peer:b"), all).expect("second direct");
+    // Direct callers, whoever they are, stop at total - reserved.
+    assert_eq!(
+        hub.subscribe(direct("peer:c"), all).unwrap_err(),
+        SubscribeError::DirectCap {
+            kind: SubscriberKind::Monitor,
+            limit: 2
+        }
+    );
+    let _alice = hub.subscribe(vouched("alice"), all).expect("reserved slot");
+    let _bob = hub.subscribe(vouched("bob"), all).expect("reserved slot");
+    assert!(matches!(
+        hub.subscribe(vouched("carol"), all),
+        Err(SubscribeError::TotalCap { limit: 4, .. })
+    ));
+    // A freed slot below the line goes to a direct caller again.
+    drop(a);
+    hub.subscribe(direct("peer:c"), all).expect("room again");
+    assert_eq!(hub.stats().rejected_subscriptions, 2);
 }
