@@ -55,7 +55,7 @@ const IDLE_SUBSCRIPTIONS: usize = 10_000;
 /// Streams per HTTP/2 connection when opening many subscriptions.
 const STREAMS_PER_CONNECTION: usize = 100;
 
-const CONFIG: &str = "queue_capacity: 65536\nmax_monitor_subscriptions: 100000\nmax_monitor_subscriptions_per_principal: 100000\n";
+const CONFIG: &str = "queue_capacity: 65536\nqueue_max_bytes: 67108864\nmax_monitor_subscriptions: 100000\nmax_monitor_subscriptions_per_principal: 100000\n";
 
 fn event(name: &str, details: String) -> Event {
     Event::MonitorEvent(MonitorEvent {
@@ -240,6 +240,7 @@ async fn hub_fanout(rate: u64) -> (u64, u64) {
             monitor_caps: Caps {
                 total: 100_000,
                 per_principal: 100_000,
+                reserved: 0,
             },
             ..Default::default()
         },

@@ -630,10 +630,12 @@ impl tokio::io::AsyncWrite for Stalling {
     }
 }
 
-/// Connects tonic to `addr` through a [`Stalling`] socket.
+/// Connects tonic to `addr` through a [`Stalling`] socket, from `local`
+/// if given (any of 127.0.0.0/8 is local: each is a principal of its own).
 #[derive(Clone)]
 struct StallingConnector {
     addr: std::net::SocketAddr,
+    local: Option<std::net::IpAddr>,
     stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -652,9 +654,14 @@ impl tower_service::Service<http::Uri> for StallingConnector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, stalled) = (self.addr, self.stalled.clone());
+        let (addr, local, stalled) = (self.addr, self.local, self.stalled.clone());
         Box::pin(async move {
-            let inner = tokio::net::TcpStream::connect(addr).await?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            if let Some(ip) = local {
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            }
+            let inner = socket.connect(addr).await?;
+            inner.set_nodelay(true)?;
             Ok(hyper_util::rt::TokioIo::new(Stalling { inner, stalled }))
         })
     }
@@ -665,9 +672,9 @@ async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
     // 64 subscriptions (the default per-principal cap) from a client that
     // grants HTTP/2's largest windows and then stops reading its socket;
     // 30 MB of events published to each. What the bus may hold for them:
-    // its queues (256 events each, shared with the ring), the ring (16
-    // MiB) and hyper's send buffer per stream (400 KB): ~45 MiB, not the
-    // 1.9 GB offered.
+    // its queues (256 events or 256 KiB each, shared with the ring), the
+    // ring (16 MiB) and 64 KiB per stream in hyper and h2: ~25 MiB, not
+    // the 1.9 GB offered.
     const STREAMS: usize = 64;
     const EVENTS: usize = 30_000;
     let config = "max_monitor_subscriptions_per_principal: 128\n";
@@ -679,6 +686,7 @@ async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
         .initial_connection_window_size(i32::MAX as u32)
         .connect_with_connector(StallingConnector {
             addr,
+            local: None,
             stalled: stalled.clone(),
         })
         .await
@@ -730,6 +738,133 @@ async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
     assert_eq!(event_of(next(&mut watcher).await).sequence, end);
     eprintln!("bus RSS grew {grown} KiB for {STREAMS} stalled subscriptions");
     drop(streams);
+}
+
+/// Stalled subscriptions from several source addresses (each address a
+/// principal), each reading nothing: a client that grants HTTP/2's largest
+/// windows and then stops reading its socket, with one literal filter per
+/// subscription so that no two queues share an event (the worst case).
+/// The publisher sends every one of them many times what its queue and its
+/// send buffers hold. The bus's RSS must stay within the memory bound it
+/// documents for this config, and a reader beside them must get every one
+/// of its own events.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_stalled_subscribers_from_many_addresses_stay_within_the_memory_bound() {
+    const ADDRESSES: u8 = 4;
+    const PER_ADDRESS: usize = 6;
+    const STALLED: usize = ADDRESSES as usize * PER_ADDRESS;
+    const EVENT_BYTES: usize = 16 * 1024;
+    // Per round, this many events to each stalled subscription; 4 MiB to
+    // each in all: 4 times its old event-count bound (64 x 16 KiB x 2,
+    // the event and its wire form) and 10 times hyper's send buffer.
+    const PER_ROUND: usize = 4;
+    const ROUNDS: usize = 64;
+    let yaml = format!(
+        "queue_capacity: 64\nqueue_max_bytes: 65536\nmax_event_bytes: {EVENT_BYTES}\n\
+         ring_capacity: 16\nring_max_bytes: 262144\n\
+         max_monitor_subscriptions: {}\nmax_monitor_subscriptions_per_principal: {PER_ADDRESS}\n\
+         max_domain_subscriptions: 0\n",
+        STALLED + 1
+    );
+    // The bound the bus documents for this config (every subscription it
+    // allows, and its ring), plus what the publisher's connection may hold
+    // (HTTP/2's receive window).
+    let config: qvirt_eventbus::Config = serde_yaml::from_str(&yaml).unwrap();
+    let bound_kib =
+        (config.memory_bound() + qvirt_eventbus::config::CONNECTION_BYTES) as u64 / 1024;
+
+    let (svc, mut publisher) = bus(&yaml).await;
+    let addr: std::net::SocketAddr = svc.url().trim_start_matches("http://").parse().unwrap();
+    let mut stalled_conns = Vec::new();
+    let mut streams = Vec::new();
+    for a in 0..ADDRESSES {
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let channel = tonic::transport::Endpoint::from_static("http://stalling.invalid")
+            .initial_stream_window_size(i32::MAX as u32)
+            .initial_connection_window_size(i32::MAX as u32)
+            .connect_with_connector(StallingConnector {
+                addr,
+                local: Some(std::net::Ipv4Addr::new(127, 0, 0, 2 + a).into()),
+                stalled: stalled.clone(),
+            })
+            .await
+            .unwrap();
+        let mut client = EventBusClient::new(channel);
+        for s in 0..PER_ADDRESS {
+            let req = SubscribeMonitorEventsRequest {
+                event: format!("S{}", usize::from(a) * PER_ADDRESS + s),
+                ..Default::default()
+            };
+            streams.push(subscribe(&mut client, req).await.0);
+        }
+        // Each address is at its per-principal cap.
+        let refused = client
+            .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+        stalled_conns.push(client);
+    }
+    // A live reader on a connection of its own, for its own events.
+    let mut reader_client = EventBusClient::connect(svc.url()).await.unwrap();
+    let live_req = SubscribeMonitorEventsRequest {
+        event: "LIVE".into(),
+        ..Default::default()
+    };
+    let (mut live, _) = subscribe(&mut reader_client, live_req).await;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < ROUNDS {
+            match next(&mut live).await {
+                MonitorKind::Event(e) => got.push(e.sequence),
+                other => panic!("the live reader lost events: {other:?}"),
+            }
+        }
+        got
+    });
+    let baseline = rss_kib(svc.pid());
+
+    let details = format!("\"{}\"", "x".repeat(EVENT_BYTES - 200));
+    let mut live_seqs = Vec::new();
+    let mut peak = baseline;
+    for _ in 0..ROUNDS {
+        let mut batch: Vec<Event> = Vec::with_capacity(STALLED * PER_ROUND + 1);
+        for _ in 0..PER_ROUND {
+            for i in 0..STALLED {
+                batch.push(Event::MonitorEvent(monitor(
+                    "a",
+                    &format!("S{i}"),
+                    &details,
+                )));
+            }
+        }
+        batch.push(Event::MonitorEvent(monitor("a", "LIVE", "{}")));
+        let last = tokio::time::timeout(MESSAGE_TIMEOUT, publish(&mut publisher, batch))
+            .await
+            .expect("publish held back by stalled subscribers");
+        live_seqs.push(last);
+        peak = peak.max(rss_kib(svc.pid()));
+    }
+    let got = tokio::time::timeout(MESSAGE_TIMEOUT, reader)
+        .await
+        .expect("the live reader got its events in time")
+        .unwrap();
+    assert_eq!(
+        got, live_seqs,
+        "the live reader got every one of its events"
+    );
+    let grown = peak.saturating_sub(baseline);
+    eprintln!(
+        "bus RSS grew {grown} KiB (baseline {baseline} KiB) for {STALLED} stalled subscriptions from {ADDRESSES} addresses; bound {bound_kib} KiB"
+    );
+    assert!(
+        grown <= bound_kib,
+        "bus RSS grew {grown} KiB for {STALLED} stalled subscriptions, over the bound of {bound_kib} KiB"
+    );
+    drop(streams);
+    drop(stalled_conns);
 }
 
 /// A subscription request carrying `principal` and, if given, a gateway
@@ -795,6 +930,52 @@ async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
     assert!(msg.contains("\"alice\""), "{msg}");
 }
 
+/// A client connecting from `local` (any of 127.0.0.0/8).
+async fn client_from(url: &str, local: std::net::Ipv4Addr) -> EventBusClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://from.invalid")
+        .connect_with_connector(StallingConnector {
+            addr: url.trim_start_matches("http://").parse().unwrap(),
+            local: Some(local.into()),
+            stalled: Default::default(),
+        })
+        .await
+        .unwrap();
+    EventBusClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
+    let (svc, _client) = bus(
+        "max_monitor_subscriptions: 4\nmax_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n",
+    )
+    .await;
+    // Two direct callers from two addresses take the direct half.
+    let mut direct = Vec::new();
+    for last in 2..=4 {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, last);
+        let mut c = client_from(&svc.url(), ip).await;
+        let sub = try_subscribe(&mut c, tonic::Request::new(Default::default())).await;
+        direct.push((c, sub));
+    }
+    assert!(direct[0].1.is_ok() && direct[1].1.is_ok());
+    let third = direct.pop().unwrap().1;
+    let msg = refused_for(third);
+    assert!(
+        msg.contains("kept for callers through the gateway"),
+        "{msg}"
+    );
+    // The gateway's principals still find the other half.
+    let mut gateway = client_from(&svc.url(), std::net::Ipv4Addr::new(127, 0, 0, 9)).await;
+    let _alice = try_subscribe(&mut gateway, as_principal("alice", Some("s3cret")))
+        .await
+        .unwrap();
+    let _bob = try_subscribe(&mut gateway, as_principal("bob", Some("s3cret")))
+        .await
+        .unwrap();
+    let msg = refused_for(try_subscribe(&mut gateway, as_principal("carol", Some("s3cret"))).await);
+    assert!(msg.contains("total cap of 4"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_principal_metadata_is_ignored_without_a_configured_token() {
     let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
@@ -811,7 +992,9 @@ const SHARED_EVENTS: u64 = 20_000;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_publisher_and_subscriber_share_one_connection() {
-    let (_svc, mut client) = bus("queue_capacity: 65536\n").await;
+    // A queue that holds both bursts if need be (40,000 events of ~2.5
+    // KiB each with their wire form).
+    let (_svc, mut client) = bus("queue_capacity: 65536\nqueue_max_bytes: 134217728\n").await;
     // One channel: the publish stream and the subscription are two streams
     // of one HTTP/2 connection.
     let mut publisher = client.clone();
@@ -1174,7 +1357,7 @@ async fn test_many_subscribers_and_concurrent_publishers() {
     const SUBSCRIBERS: usize = 200;
     const PER_PUBLISHER: u64 = 500;
     let (svc, _client) =
-        bus("queue_capacity: 4096\nmax_monitor_subscriptions_per_principal: 256\n").await;
+        bus("queue_capacity: 4096\nqueue_max_bytes: 4194304\nmax_monitor_subscriptions_per_principal: 256\n").await;
     // Every fourth subscriber on a connection of its own kind of filter:
     // all events, a literal name, a regex, and one domain.
     let filters = [

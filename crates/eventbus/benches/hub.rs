@@ -34,6 +34,7 @@ fn config(queue_capacity: usize) -> HubConfig {
         monitor_caps: Caps {
             total: 100_000,
             per_principal: 100_000,
+            reserved: 0,
         },
         ..Default::default()
     }

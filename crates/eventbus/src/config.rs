@@ -3,8 +3,29 @@
 use qvirt_common::config::{ConfigError, ListenAddr, LogFormat};
 use serde::{Deserialize, Serialize};
 
-use crate::hub::{self, Caps, HubConfig, MAX_QUEUE_CAPACITY, OverflowPolicy};
-use crate::service::{DEFAULT_MAX_EVENT_BYTES, MAX_EVENT_BYTES_RANGE};
+use crate::hub::{self, Caps, HubConfig, MAX_QUEUE_CAPACITY, OverflowPolicy, REPLAY_BATCH_BYTES};
+use crate::inflight::SEND_BUFFER;
+use crate::service::{BusEvent, DEFAULT_MAX_EVENT_BYTES, MAX_EVENT_BYTES_RANGE, WIRE_OVERHEAD};
+
+/// The default `queue_max_bytes`: 256 events of a typical QMP event's
+/// weight (~600 bytes with its wire form) fit well within it, so with
+/// such events `queue_capacity` binds first.
+pub const DEFAULT_QUEUE_MAX_BYTES: usize = 256 * 1024;
+
+/// The values `queue_max_bytes` may take.
+pub const QUEUE_MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 30;
+
+/// What one connection may make the bus hold besides its subscriptions:
+/// what the client sent and the bus has not read yet, up to HTTP/2's
+/// connection receive window (hyper's default, 1 MiB), and the
+/// connection's own buffers (h2's read and write buffers, HPACK tables,
+/// the coalescing writer's at most 8 KiB).
+pub const CONNECTION_BYTES: usize = (1 << 20) + 64 * 1024;
+
+/// What one subscription costs besides the events and bytes it buffers:
+/// its hub entry and filter (at most ~1.5 KiB), its HTTP/2 stream and
+/// hyper task (10,000 idle subscriptions measured ~3.4 KiB each).
+pub const SUBSCRIPTION_FIXED_BYTES: usize = 8 * 1024;
 
 /// The port `qvirt-eventbus` listens on by default, on loopback.
 pub const DEFAULT_PORT: u16 = 50053;
@@ -34,6 +55,10 @@ pub struct Config {
     pub ring_max_bytes: usize,
     /// Events queued per subscriber before it counts as slow.
     pub queue_capacity: usize,
+    /// And bytes of events queued per subscriber (each event weighed as
+    /// [`BusEvent::weight`]: its strings twice, once as sent, plus ~300
+    /// bytes); an empty queue takes one event of any size.
+    pub queue_max_bytes: usize,
     /// The largest event Publish accepts, in encoded bytes; a bigger one
     /// ends the Publish call with INVALID_ARGUMENT.
     pub max_event_bytes: usize,
@@ -53,7 +78,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Secret shared with the gateway: a caller whose `x-qvirt-gateway-token`
     /// metadata equals it is the gateway, and its `x-qvirt-principal` is the
-    /// principal counted by the per-principal caps. Absent (the default):
+    /// principal counted by the per-principal caps; half of each total cap
+    /// is then kept for such principals. Absent (the default):
     /// `x-qvirt-principal` is ignored and every caller counts as its peer
     /// address.
     pub gateway_token: Option<String>,
@@ -73,6 +99,7 @@ impl Default for Config {
             ring_capacity: hub::DEFAULT_RING_CAPACITY,
             ring_max_bytes: 16 << 20,
             queue_capacity: hub::DEFAULT_QUEUE_CAPACITY,
+            queue_max_bytes: DEFAULT_QUEUE_MAX_BYTES,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             slow_consumer: SlowConsumer::default(),
             max_monitor_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
@@ -93,14 +120,62 @@ impl Config {
             ring_capacity: self.ring_capacity,
             ring_max_bytes: Some(self.ring_max_bytes),
             queue_capacity: self.queue_capacity,
+            queue_max_bytes: Some(self.queue_max_bytes),
             monitor_caps: Caps {
                 total: self.max_monitor_subscriptions,
                 per_principal: self.max_monitor_subscriptions_per_principal,
+                reserved: self.reserved(self.max_monitor_subscriptions),
             },
             domain_caps: Caps {
                 total: self.max_domain_subscriptions,
                 per_principal: self.max_domain_subscriptions_per_principal,
+                reserved: self.reserved(self.max_domain_subscriptions),
             },
+        }
+    }
+
+    /// The most one subscription can make the bus hold, in bytes, whatever
+    /// its client does (docs/ARCHITECTURE.md, event bus, gives the
+    /// formula): its queue, a replay batch, one event held behind a loss
+    /// marker, what hyper and h2 hold of its stream (twice: the encoder's
+    /// buffer grows by doubling, and a chunk keeps its whole allocation),
+    /// and its fixed cost.
+    pub fn subscription_bound(&self) -> usize {
+        let event = BusEvent::max_weight(self.max_event_bytes);
+        // A chunk of the response: what tonic encodes before it yields,
+        // plus the message that crossed the threshold (with gRPC's 5-byte
+        // frame header).
+        let chunk = qvirt_proto::codec::YIELD_THRESHOLD + self.max_event_bytes + WIRE_OVERHEAD + 5;
+        self.queue_max_bytes.max(event)
+            + REPLAY_BATCH_BYTES.max(event)
+            + event
+            + 2 * (SEND_BUFFER + chunk)
+            + SUBSCRIPTION_FIXED_BYTES
+    }
+
+    /// The most the bus can hold for its subscriptions and its ring, in
+    /// bytes: every subscription the total caps allow at
+    /// [`Config::subscription_bound`], plus the ring. Per connection come
+    /// its HTTP/2 and socket buffers (see docs/ARCHITECTURE.md).
+    pub fn memory_bound(&self) -> usize {
+        let subscriptions = self.max_monitor_subscriptions + self.max_domain_subscriptions;
+        let ring = self.ring_max_bytes.min(
+            self.ring_capacity
+                .saturating_mul(BusEvent::max_weight(self.max_event_bytes)),
+        );
+        subscriptions
+            .saturating_mul(self.subscription_bound())
+            .saturating_add(ring)
+    }
+
+    /// The slots of a total cap kept for the gateway's principals: half of
+    /// it when a `gateway_token` is set (callers the gateway does not vouch
+    /// for may take only the other half), none otherwise.
+    fn reserved(&self, total: usize) -> usize {
+        if self.gateway_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            total / 2
+        } else {
+            0
         }
     }
 
@@ -123,6 +198,17 @@ impl Config {
                 field: "queue_capacity",
                 value: self.queue_capacity.to_string(),
                 reason: format!("must be between 1 and {MAX_QUEUE_CAPACITY}"),
+            });
+        }
+        if !QUEUE_MAX_BYTES_RANGE.contains(&self.queue_max_bytes) {
+            return Err(ConfigError::Invalid {
+                field: "queue_max_bytes",
+                value: self.queue_max_bytes.to_string(),
+                reason: format!(
+                    "must be between {} and {}",
+                    QUEUE_MAX_BYTES_RANGE.start(),
+                    QUEUE_MAX_BYTES_RANGE.end()
+                ),
             });
         }
         if !MAX_EVENT_BYTES_RANGE.contains(&self.max_event_bytes) {
@@ -199,5 +285,43 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn test_default_memory_bound_is_well_under_a_gib() {
+        let c = Config::default();
+        // 512 subscriptions of ~841 KiB each and the 16 MiB ring.
+        assert_eq!(
+            c.max_monitor_subscriptions + c.max_domain_subscriptions,
+            512
+        );
+        let bound = c.memory_bound();
+        assert!(bound < 448 << 20, "{bound}");
+        assert_eq!(bound, 512 * c.subscription_bound() + c.ring_max_bytes);
+        // The byte bound, not the event count, is what scales it.
+        let bigger = Config {
+            queue_max_bytes: 2 * c.queue_max_bytes,
+            ..c.clone()
+        };
+        assert_eq!(
+            bigger.subscription_bound() - c.subscription_bound(),
+            c.queue_max_bytes
+        );
+    }
+
+    #[test]
+    fn test_queue_max_bytes_range() {
+        for (value, ok) in [
+            (1023, false),
+            (1024, true),
+            (1 << 30, true),
+            ((1 << 30) + 1, false),
+        ] {
+            let c = Config {
+                queue_max_bytes: value,
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{value}");
+        }
     }
 }

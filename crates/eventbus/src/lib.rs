@@ -9,6 +9,7 @@
 pub mod config;
 pub mod filter;
 pub mod hub;
+pub mod inflight;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -8,6 +8,8 @@
 //! its sequence number) is encoded by the first subscriber stream that
 //! sends it ([`Envelope::encoded`]); the others copy those bytes into their
 //! frame. The bytes on the wire are exactly what the generated route sends.
+//! Their bodies are bounded in what HTTP/2 may buffer of them
+//! ([`crate::inflight`]).
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -28,6 +30,7 @@ use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
 use crate::hub::Envelope;
+use crate::inflight::InFlightBody;
 use crate::service::{
     BusEvent, EventBusService, ResponseStream, StreamItem, domain_event, monitor_event,
 };
@@ -78,7 +81,7 @@ impl Service<http::Request<Body>> for BusServer {
                 Box::pin(async move {
                     let mut grpc = Grpc::new(PreEncoded::<SubscribeMonitorEventsRequest>::new())
                         .max_decoding_message_size(MAX_SUBSCRIBE_REQUEST);
-                    Ok(grpc.server_streaming(svc, req).await)
+                    Ok(bounded(grpc.server_streaming(svc, req).await))
                 })
             }
             DOMAIN_PATH => {
@@ -86,12 +89,18 @@ impl Service<http::Request<Body>> for BusServer {
                 Box::pin(async move {
                     let mut grpc = Grpc::new(PreEncoded::<SubscribeDomainEventsRequest>::new())
                         .max_decoding_message_size(MAX_SUBSCRIBE_REQUEST);
-                    Ok(grpc.server_streaming(svc, req).await)
+                    Ok(bounded(grpc.server_streaming(svc, req).await))
                 })
             }
             _ => self.generated.call(req),
         }
     }
+}
+
+/// A subscription's response, its body bounded in what HTTP/2 may hold of
+/// it ([`InFlightBody`]).
+fn bounded(response: http::Response<Body>) -> http::Response<Body> {
+    response.map(|body| Body::new(InFlightBody::new(body)))
 }
 
 fn encode(msg: &impl Message) -> Bytes {

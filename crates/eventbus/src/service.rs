@@ -47,13 +47,12 @@ pub const MAX_FILTER_FIELD_LEN: usize = 256;
 
 /// The default cap on one published event's encoded size (its protobuf
 /// message, before the bus numbers it). QMP events are well under 1 KiB;
-/// each subscriber may hold `queue_capacity` events, so this bounds what a
-/// stalled one pins.
+/// with `queue_max_bytes` it bounds what a stalled subscriber pins
+/// (`Config::subscription_bound`).
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
 
-/// The values `max_event_bytes` may take: an event above 1 MiB times a
-/// queue of 256 would let one stalled subscriber pin 256 MiB (and gRPC
-/// refuses a Publish message above 4 MiB before this cap is looked at).
+/// The values `max_event_bytes` may take (gRPC refuses a Publish message
+/// above 4 MiB before this cap is looked at).
 pub const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 20;
 
 /// Refuses a `field` value longer than [`MAX_FILTER_FIELD_LEN`].
@@ -66,6 +65,16 @@ fn bounded(field: &str, value: &str) -> Result<(), Status> {
     }
     Ok(())
 }
+
+/// An event's shared envelope: the allocation behind its `Arc` (two
+/// counters and the envelope itself).
+const ENVELOPE_BYTES: usize =
+    2 * std::mem::size_of::<usize>() + std::mem::size_of::<Envelope<BusEvent>>();
+
+/// What an event's wire form adds to its strings, at most: every field's
+/// tag and length or value, the sequence number, the response's oneof and
+/// the `Bytes` header (well under 128 bytes for seven fields).
+pub const WIRE_OVERHEAD: usize = 128;
 
 /// One event on the bus: both kinds share one sequence space.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,7 +95,11 @@ impl BusEvent {
         }
     }
 
-    /// Approximate bytes the event holds, for the ring's byte bound.
+    /// Bytes the event holds once stored and sent, for the ring's and the
+    /// queues' byte bounds: its envelope, its strings, and its wire form,
+    /// which the envelope keeps once the first subscriber has sent it (the
+    /// strings again, plus the fields' tags and numbers: at most
+    /// [`WIRE_OVERHEAD`]).
     pub fn weight(&self) -> usize {
         let strings = match self {
             BusEvent::Domain(e) => e.host.len() + e.domain_name.len() + e.domain_uuid.len(),
@@ -98,7 +111,13 @@ impl BusEvent {
                     + e.details_json.len()
             }
         };
-        std::mem::size_of::<BusEvent>() + strings
+        ENVELOPE_BYTES + 2 * strings + WIRE_OVERHEAD
+    }
+
+    /// The largest [`BusEvent::weight`] of an event whose encoded size is at
+    /// most `max_event_bytes`: its strings are at most that long.
+    pub fn max_weight(max_event_bytes: usize) -> usize {
+        ENVELOPE_BYTES + 2 * max_event_bytes + WIRE_OVERHEAD
     }
 }
 
@@ -174,9 +193,9 @@ impl EventBusService {
         self
     }
 
-    /// Who is asking: the principal the gateway vouches for, else the peer:
-    /// its IP address over TCP, its uid over a unix socket.
-    fn principal<T>(&self, request: &Request<T>) -> String {
+    /// Who is asking: the principal the gateway vouches for (`true`), else
+    /// the peer: its IP address over TCP, its uid over a unix socket.
+    fn principal<T>(&self, request: &Request<T>) -> (String, bool) {
         let md = request.metadata();
         let text = |key| md.get(key).and_then(|v| v.to_str().ok());
         let vouched = match (&self.gateway_token, text(GATEWAY_TOKEN_METADATA)) {
@@ -184,10 +203,10 @@ impl EventBusService {
             _ => false,
         };
         if vouched && let Some(p) = text(PRINCIPAL_METADATA).filter(|p| !p.is_empty()) {
-            return p.to_owned();
+            return (p.to_owned(), true);
         }
         if let Some(addr) = request.remote_addr() {
-            return format!("peer:{}", addr.ip());
+            return (format!("peer:{}", addr.ip()), false);
         }
         // On a unix socket the peer is its user: every local client would
         // otherwise share one principal (and one user could fill the cap
@@ -197,10 +216,11 @@ impl EventBusService {
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred)
             .map(|cred| cred.uid());
-        match uid {
+        let peer = match uid {
             Some(uid) => format!("peer:uid:{uid}"),
             None => "peer:local".to_owned(),
-        }
+        };
+        (peer, false)
     }
 
     /// The hub (for metrics).
@@ -253,13 +273,14 @@ impl EventBusService {
     fn options(
         &self,
         kind: SubscriberKind,
-        principal: String,
+        (principal, vouched): (String, bool),
         since: Option<u64>,
         key: Option<&str>,
         key_decides: bool,
     ) -> SubscribeOptions {
         SubscribeOptions {
             principal,
+            vouched,
             kind,
             since,
             policy: self.policy,

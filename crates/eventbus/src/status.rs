@@ -9,9 +9,9 @@ use crate::hub::{RecvError, SubscribeError};
 /// closing bus is UNAVAILABLE.
 pub fn subscribe(e: SubscribeError) -> Status {
     match e {
-        SubscribeError::PrincipalCap { .. } | SubscribeError::TotalCap { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
+        SubscribeError::PrincipalCap { .. }
+        | SubscribeError::TotalCap { .. }
+        | SubscribeError::DirectCap { .. } => Status::resource_exhausted(e.to_string()),
         SubscribeError::Closed => Status::unavailable(e.to_string()),
     }
 }

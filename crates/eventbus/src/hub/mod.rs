@@ -19,7 +19,10 @@
 //!
 //! Memory is bounded whatever subscribers do: the ring holds at most
 //! [`HubConfig::ring_capacity`] events, each subscriber's queue at most
-//! [`HubConfig::queue_capacity`], and there are at most [`Caps::total`]
+//! [`HubConfig::queue_capacity`] events and [`HubConfig::queue_max_bytes`]
+//! bytes (an event stays alive while a queue holds it, even after the ring
+//! has let it go), a replay batch at most [`REPLAY_BATCH`] events and
+//! [`REPLAY_BATCH_BYTES`] bytes, and there are at most [`Caps::total`]
 //! subscribers of each kind.
 //!
 //! Locking: one `std::sync::Mutex` guards the hub's state, and one each
@@ -60,16 +63,20 @@ pub const DEFAULT_RING_CAPACITY: usize = 4096;
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 /// The largest per-subscriber queue a config may ask for.
 pub const MAX_QUEUE_CAPACITY: usize = 1 << 20;
-/// Default cap on concurrent subscriptions of one kind, bus-wide.
-pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
-/// Default cap on concurrent subscriptions of one kind per principal. With
-/// hyper's per-stream send buffer (400 KB, held for a client that stops
-/// reading its socket) this bounds what one principal can pin to ~25 MiB
-/// per kind.
-pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 64;
+/// Default cap on concurrent subscriptions of one kind, bus-wide. With the
+/// bus's default bound per subscription (~841 KiB,
+/// `Config::subscription_bound`) the two kinds' 512 subscriptions and the
+/// ring make at most ~436 MiB.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 256;
+/// Default cap on concurrent subscriptions of one kind per principal.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL: usize = 32;
 /// How many matching events a replaying subscriber takes from the ring per
 /// lock.
-pub(crate) const REPLAY_BATCH: usize = 64;
+pub const REPLAY_BATCH: usize = 64;
+/// And at most this many bytes of them (by the hub's size function), or
+/// one event if it alone is bigger: a replaying subscriber that stalls keeps
+/// its batch alive after the ring has let it go.
+pub const REPLAY_BATCH_BYTES: usize = 64 * 1024;
 /// How many ring entries a replaying subscriber tests per lock at most.
 pub(crate) const REPLAY_SCAN_LIMIT: usize = 1024;
 
@@ -80,6 +87,10 @@ pub struct Caps {
     pub total: usize,
     /// At most this many per principal (exact duplicates count too).
     pub per_principal: usize,
+    /// This many of `total` are kept for principals the gateway vouches for
+    /// ([`SubscribeOptions::vouched`]): callers it does not vouch for hold
+    /// at most `total - reserved` together, so they cannot take every slot.
+    pub reserved: usize,
 }
 
 impl Default for Caps {
@@ -87,6 +98,7 @@ impl Default for Caps {
         Caps {
             total: DEFAULT_MAX_SUBSCRIPTIONS,
             per_principal: DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
+            reserved: 0,
         }
     }
 }
@@ -102,6 +114,11 @@ pub struct HubConfig {
     pub ring_max_bytes: Option<usize>,
     /// Each subscriber's queue holds at most this many events.
     pub queue_capacity: usize,
+    /// If set, each subscriber's queue also holds at most this many bytes
+    /// of events, by the size function given to [`Hub::with_size_fn`];
+    /// an empty queue takes one event of any size, so a queue holds at
+    /// most the larger of this and one event.
+    pub queue_max_bytes: Option<usize>,
     /// Caps on monitor-event subscriptions.
     pub monitor_caps: Caps,
     /// Caps on domain (lifecycle) event subscriptions.
@@ -114,6 +131,7 @@ impl Default for HubConfig {
             ring_capacity: DEFAULT_RING_CAPACITY,
             ring_max_bytes: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            queue_max_bytes: None,
             monitor_caps: Caps::default(),
             domain_caps: Caps::default(),
         }
@@ -204,6 +222,9 @@ pub struct SubscribeOptions {
     /// Who subscribes (the gateway's principal, or the peer); the key of the
     /// per-principal cap.
     pub principal: String,
+    /// The gateway vouches for `principal`: it may take the slots
+    /// [`Caps::reserved`] keeps.
+    pub vouched: bool,
     /// Which caps and counters the subscription counts against.
     pub kind: SubscriberKind,
     /// Replay the events after this sequence number that the ring still
@@ -248,6 +269,18 @@ pub enum SubscribeError {
         /// The kind of subscription refused.
         kind: SubscriberKind,
         /// The cap.
+        limit: usize,
+    },
+    /// The bus holds as many subscriptions of this kind as direct callers
+    /// (not vouched for by the gateway) may take: the rest of the total cap
+    /// is kept for the gateway's principals.
+    #[error(
+        "too many {kind}-event subscriptions on the bus: {limit} reached, the rest of the total cap kept for callers through the gateway"
+    )]
+    DirectCap {
+        /// The kind of subscription refused.
+        kind: SubscriberKind,
+        /// The total cap less the reserved slots.
         limit: usize,
     },
     /// The hub was closed ([`Hub::close`]).
@@ -337,6 +370,8 @@ type KeyFn<E> = Box<dyn for<'a> Fn(&'a E) -> Option<&'a str> + Send + Sync>;
 struct Delivery<E> {
     lost_before: u64,
     env: Arc<Envelope<E>>,
+    /// Its size, as counted in [`SubQueue::bytes`].
+    bytes: usize,
 }
 
 /// A subscriber's bounded queue, shared by its hub entry (the producer)
@@ -350,6 +385,8 @@ struct SubShared<E> {
 struct SubQueue<E> {
     /// Allocated on the first event, so an idle subscriber costs no queue.
     items: VecDeque<Delivery<E>>,
+    /// The sizes of the events in `items`.
+    bytes: usize,
     /// The consumer's waker, left when it found the queue empty; taken and
     /// woken by the next push or by the end.
     waker: Option<Waker>,
@@ -364,6 +401,7 @@ impl<E> SubShared<E> {
         SubShared {
             queue: Mutex::new(SubQueue {
                 items: VecDeque::new(),
+                bytes: 0,
                 waker: None,
                 pending_lost: 0,
                 end: None,
@@ -407,19 +445,22 @@ struct Entry<E> {
 }
 
 impl<E> Entry<E> {
-    fn offer(&self, env: &Arc<Envelope<E>>, capacity: usize) -> Offer {
+    fn offer(&self, env: &Arc<Envelope<E>>, bytes: usize, bounds: QueueBounds) -> Offer {
         let mut q = self.shared.lock();
         // An ended queue takes nothing more: its consumer is to get what
         // it holds, then the end, never an event from after the end.
         if q.end.is_some() {
             return Offer::Ended;
         }
-        if q.items.len() < capacity {
+        let fits = q.items.is_empty() || q.bytes.saturating_add(bytes) <= bounds.max_bytes;
+        if q.items.len() < bounds.capacity && fits {
             let lost_before = std::mem::take(&mut q.pending_lost);
             q.items.push_back(Delivery {
                 lost_before,
                 env: Arc::clone(env),
+                bytes,
             });
+            q.bytes += bytes;
             // The consumer only leaves a waker on an empty queue.
             let waker = q.waker.take();
             drop(q);
@@ -434,7 +475,9 @@ impl<E> Entry<E> {
                 Offer::Dropped
             }
             OverflowPolicy::CutOff => {
-                q.end = Some(RecvError::CutOff { capacity });
+                q.end = Some(RecvError::CutOff {
+                    capacity: bounds.capacity,
+                });
                 let waker = q.waker.take();
                 drop(q);
                 if let Some(w) = waker {
@@ -446,6 +489,13 @@ impl<E> Entry<E> {
     }
 }
 
+/// What one subscriber's queue may hold.
+#[derive(Clone, Copy)]
+struct QueueBounds {
+    capacity: usize,
+    max_bytes: usize,
+}
+
 struct Slot<E> {
     env: Arc<Envelope<E>>,
     bytes: usize,
@@ -454,6 +504,8 @@ struct Slot<E> {
 #[derive(Default)]
 struct KindSlots {
     total: usize,
+    /// Held by principals the gateway did not vouch for.
+    direct: usize,
     per_principal: HashMap<Arc<str>, usize>,
 }
 
@@ -638,7 +690,10 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         // Each cut subscriber with the map it is filed in: the unkeyed
         // ones (`None`) are not under the event's key.
         let mut cut_ids: Vec<(u64, Option<&str>)> = Vec::new();
-        let capacity = inner.config.queue_capacity;
+        let bounds = QueueBounds {
+            capacity: inner.config.queue_capacity,
+            max_bytes: inner.config.queue_max_bytes.unwrap_or(usize::MAX),
+        };
         let key = inner.key_fn.as_ref().and_then(|k| k(&env.event));
         let unkeyed = st.subscribers.iter().map(|(id, e)| (*id, e, None));
         let keyed = key
@@ -650,7 +705,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             if entry.predicate.as_ref().is_some_and(|p| !p(&env.event)) {
                 continue;
             }
-            match entry.offer(&env, capacity) {
+            match entry.offer(&env, bytes, bounds) {
                 Offer::Queued => delivered += 1,
                 Offer::Dropped => dropped_full += 1,
                 Offer::CutOff => cut_ids.push((id, filed_under)),
@@ -693,16 +748,27 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             return Err(SubscribeError::Closed);
         }
         let slots = &mut st.slots[options.kind.index()];
-        if slots.total >= caps.total {
+        let direct_limit = caps.total.saturating_sub(caps.reserved);
+        let refused = if slots.total >= caps.total {
+            Some(SubscribeError::TotalCap {
+                kind: options.kind,
+                limit: caps.total,
+            })
+        } else if !options.vouched && slots.direct >= direct_limit {
+            Some(SubscribeError::DirectCap {
+                kind: options.kind,
+                limit: direct_limit,
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
             drop(guard);
             inner
                 .counters
                 .rejected_subscriptions
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(SubscribeError::TotalCap {
-                kind: options.kind,
-                limit: caps.total,
-            });
+            return Err(e);
         }
         let (principal, held) = match slots
             .per_principal
@@ -724,6 +790,9 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             });
         }
         slots.total += 1;
+        if !options.vouched {
+            slots.direct += 1;
+        }
         slots.per_principal.insert(Arc::clone(&principal), held + 1);
         if options.policy == OverflowPolicy::CutOff {
             st.cut_off_policy += 1;
@@ -778,6 +847,7 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
             key,
             kind: options.kind,
             principal,
+            vouched: options.vouched,
             policy: options.policy,
             shared,
             predicate,
@@ -851,7 +921,7 @@ impl<E> Inner<E> {
         id: u64,
         key: Option<&str>,
         kind: SubscriberKind,
-        principal: &str,
+        (principal, vouched): (&str, bool),
         policy: OverflowPolicy,
     ) {
         let mut guard = self.lock();
@@ -859,6 +929,9 @@ impl<E> Inner<E> {
         st.unregister(id, key);
         let slots = &mut st.slots[kind.index()];
         slots.total = slots.total.saturating_sub(1);
+        if !vouched {
+            slots.direct = slots.direct.saturating_sub(1);
+        }
         if let Some(held) = slots.per_principal.get_mut(principal) {
             *held = held.saturating_sub(1);
             if *held == 0 {

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
 use super::{
-    Delivery, Envelope, Inner, OverflowPolicy, Predicate, REPLAY_BATCH, REPLAY_SCAN_LIMIT,
-    SubShared, SubscriberKind,
+    Delivery, Envelope, Inner, OverflowPolicy, Predicate, REPLAY_BATCH, REPLAY_BATCH_BYTES,
+    REPLAY_SCAN_LIMIT, SubShared, SubscriberKind,
 };
 
 /// An emptied queue keeps room for this many events; beyond, it gives the
@@ -58,7 +58,7 @@ pub enum SubscriptionItem<E> {
 pub enum RecvError {
     /// The subscriber's queue overflowed under [`OverflowPolicy::CutOff`]
     /// (the service answers `RESOURCE_EXHAUSTED`).
-    #[error("subscriber cut off: its queue of {capacity} events overflowed")]
+    #[error("subscriber cut off: its queue overflowed ({capacity} events or its byte bound)")]
     CutOff {
         /// The queue's capacity.
         capacity: usize,
@@ -74,6 +74,7 @@ pub(super) struct Parts<E> {
     pub(super) key: Option<Box<str>>,
     pub(super) kind: SubscriberKind,
     pub(super) principal: Arc<str>,
+    pub(super) vouched: bool,
     pub(super) policy: OverflowPolicy,
     pub(super) shared: Arc<SubShared<E>>,
     pub(super) predicate: Predicate<E>,
@@ -102,6 +103,7 @@ pub struct Subscription<E> {
     key: Option<Box<str>>,
     kind: SubscriberKind,
     principal: Arc<str>,
+    vouched: bool,
     policy: OverflowPolicy,
     shared: Arc<SubShared<E>>,
     predicate: Predicate<E>,
@@ -138,6 +140,7 @@ impl<E> Subscription<E> {
             key: p.key,
             kind: p.kind,
             principal: p.principal,
+            vouched: p.vouched,
             policy: p.policy,
             shared: p.shared,
             predicate: p.predicate,
@@ -230,7 +233,10 @@ impl<E> Subscription<E> {
             let popped = {
                 let mut q = self.shared.lock();
                 match q.items.pop_front() {
-                    Some(delivery) => Ok(delivery),
+                    Some(delivery) => {
+                        q.bytes -= delivery.bytes;
+                        Ok(delivery)
+                    }
                     None => {
                         if q.items.capacity() > QUEUE_KEEP {
                             q.items.shrink_to(QUEUE_KEEP);
@@ -303,9 +309,10 @@ impl<E> Subscription<E> {
                 lost = to - self.cursor;
                 self.cursor = to;
             }
-            let mut scanned = 0;
+            let (mut scanned, mut bytes) = (0, 0);
             while self.cursor < self.live_start
                 && self.batch.len() < REPLAY_BATCH
+                && bytes < REPLAY_BATCH_BYTES
                 && scanned < REPLAY_SCAN_LIMIT
             {
                 let slot = usize::try_from(self.cursor - front)
@@ -318,7 +325,12 @@ impl<E> Subscription<E> {
                     break;
                 };
                 if (self.predicate)(&slot.env.event) {
+                    // Past the byte bound only as its first event.
+                    if !self.batch.is_empty() && bytes + slot.bytes > REPLAY_BATCH_BYTES {
+                        break;
+                    }
                     self.batch.push_back(Arc::clone(&slot.env));
+                    bytes += slot.bytes;
                 }
                 self.cursor += 1;
                 scanned += 1;
@@ -340,7 +352,7 @@ impl<E> Drop for Subscription<E> {
             self.id,
             self.key.as_deref(),
             self.kind,
-            &self.principal,
+            (&self.principal, self.vouched),
             self.policy,
         );
     }

@@ -380,6 +380,7 @@ async fn test_caps_per_principal_and_total() {
     let monitor_caps = Caps {
         total: 5,
         per_principal: 3,
+        reserved: 0,
     };
     let hub = hub_with(HubConfig {
         monitor_caps,
@@ -441,6 +442,7 @@ async fn test_open_and_drop_10000_subscriptions_frees_everything() {
         monitor_caps: Caps {
             total: 10_000,
             per_principal: 10_000,
+            reserved: 0,
         },
         ..Default::default()
     });
@@ -488,7 +490,14 @@ async fn test_close_ends_subscriptions_and_refuses_new() {
 
 #[tokio::test]
 async fn test_many_subscribers_each_get_their_matching_events() {
-    let hub = hub();
+    let hub = hub_with(HubConfig {
+        monitor_caps: Caps {
+            total: 400,
+            per_principal: 64,
+            reserved: 0,
+        },
+        ..Default::default()
+    });
     let names = ["STOP", "RESUME", "SHUTDOWN", "RESET"];
     let mut subs = Vec::new();
     for i in 0..400 {
@@ -536,6 +545,11 @@ async fn test_no_gap_no_duplicate_under_concurrent_publish() {
         let hub = hub_with(HubConfig {
             ring_capacity: ring,
             queue_capacity: queue,
+            monitor_caps: Caps {
+                total: 40,
+                per_principal: 40,
+                reserved: 0,
+            },
             ..Default::default()
         });
         let publisher = {
@@ -741,9 +755,13 @@ fn test_an_ended_queue_takes_no_more_events() {
             policy,
         };
         let env = Arc::new(Envelope::new(1, ev("X", 1)));
-        assert!(matches!(entry.offer(&env, 4), Offer::Queued));
+        let bounds = QueueBounds {
+            capacity: 4,
+            max_bytes: usize::MAX,
+        };
+        assert!(matches!(entry.offer(&env, 0, bounds), Offer::Queued));
         entry.shared.end(RecvError::Closed);
-        assert!(matches!(entry.offer(&env, 4), Offer::Ended));
+        assert!(matches!(entry.offer(&env, 0, bounds), Offer::Ended));
         let q = entry.shared.lock();
         assert_eq!((q.items.len(), q.pending_lost), (1, 0));
     }
@@ -784,4 +802,103 @@ async fn test_key_decides_skips_the_predicate_live_but_not_in_replay() {
     }
     assert_eq!(seqs(&drain(&mut stops)), vec![4, 6]);
     assert_eq!(calls.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn test_queue_bounded_by_bytes() {
+    let config = HubConfig {
+        queue_capacity: 100,
+        queue_max_bytes: Some(10),
+        ..Default::default()
+    };
+    let hub = Hub::with_size_fn(config, |e: &Ev| e.name.len()).expect("hub");
+    let mut sub = hub.subscribe(opts("p", None), all).expect("subscribe");
+    established(&mut sub).await;
+    hub.publish(ev("AAAA", 1));
+    hub.publish(ev("BBBB", 2));
+    hub.publish(ev("CCCC", 3)); // 12 bytes: over the bound, dropped
+    hub.publish(ev("DD", 4)); // 10 bytes: fits
+    assert_eq!(hub.stats().dropped_queue_full, 1);
+    let items = drain(&mut sub);
+    assert_eq!(seqs(&items), vec![1, 2, 4]);
+    assert_eq!(
+        items[2],
+        SubscriptionItem::Lost {
+            count: 1,
+            reason: LossReason::QueueFull
+        }
+    );
+    // Popping gives the bytes back; an empty queue takes one event of any
+    // size, and nothing after it while it is there.
+    hub.publish(ev(&"Z".repeat(11), 5));
+    hub.publish(ev("E", 6));
+    let items = drain(&mut sub);
+    assert_eq!(seqs(&items), vec![5]);
+    assert_eq!(
+        items[1],
+        SubscriptionItem::Lost {
+            count: 1,
+            reason: LossReason::QueueFull
+        }
+    );
+    hub.publish(ev("F", 7));
+    assert_eq!(seqs(&drain(&mut sub)), vec![7]);
+}
+
+#[tokio::test]
+async fn test_replay_batch_bounded_by_bytes() {
+    let config = HubConfig {
+        ring_capacity: 1000,
+        ..Default::default()
+    };
+    let size = REPLAY_BATCH_BYTES / 4;
+    let hub = Hub::with_size_fn(config, move |_: &Ev| size).expect("hub");
+    for n in 1..=10 {
+        hub.publish(ev("X", n));
+    }
+    let mut sub = hub.subscribe(opts("p", Some(0)), all).expect("subscribe");
+    established(&mut sub).await;
+    assert_eq!(next_seq(&mut sub).await, 1);
+    // One batch taken (and counted delivered): four events of a quarter of
+    // the byte bound each, not the ten the count bound would take.
+    assert_eq!(hub.stats().delivered, 4);
+    let items = drain(&mut sub);
+    assert_eq!(seqs(&items), (2..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn test_reserved_slots_go_only_to_vouched_principals() {
+    let hub = hub_with(HubConfig {
+        monitor_caps: Caps {
+            total: 4,
+            per_principal: 4,
+            reserved: 2,
+        },
+        ..Default::default()
+    });
+    let direct = |p: &str| opts(p, None);
+    let vouched = |p: &str| SubscribeOptions {
+        vouched: true,
+        ..opts(p, None)
+    };
+    let a = hub.subscribe(direct("peer:a"), all).expect("first direct");
+    let _b = hub.subscribe(direct("peer:b"), all).expect("second direct");
+    // Direct callers, whoever they are, stop at total - reserved.
+    assert_eq!(
+        hub.subscribe(direct("peer:c"), all).unwrap_err(),
+        SubscribeError::DirectCap {
+            kind: SubscriberKind::Monitor,
+            limit: 2
+        }
+    );
+    let _alice = hub.subscribe(vouched("alice"), all).expect("reserved slot");
+    let _bob = hub.subscribe(vouched("bob"), all).expect("reserved slot");
+    assert!(matches!(
+        hub.subscribe(vouched("carol"), all),
+        Err(SubscribeError::TotalCap { limit: 4, .. })
+    ));
+    // A freed slot below the line goes to a direct caller again.
+    drop(a);
+    hub.subscribe(direct("peer:c"), all).expect("room again");
+    assert_eq!(hub.stats().rejected_subscriptions, 2);
 }
