@@ -78,6 +78,16 @@ pub enum DomainError {
         #[source]
         source: QmpError,
     },
+    /// QEMU's reply was over the monitor's line limit; it was discarded
+    /// and the monitor stays usable.
+    #[error("reply from QEMU of domain {domain:?} too large")]
+    ReplyTooLarge {
+        /// The domain.
+        domain: String,
+        /// [`QmpError::ReplyTooLarge`].
+        #[source]
+        source: QmpError,
+    },
     /// QEMU runs but the supervisor could not re-attach to its monitor
     /// after a restart (another supervisor may hold it).
     #[error(
@@ -142,6 +152,10 @@ impl DomainError {
                 desc,
             },
             QmpError::BadRequest { reason } => DomainError::InvalidArgument(reason),
+            source @ QmpError::ReplyTooLarge { .. } => DomainError::ReplyTooLarge {
+                domain: domain.to_owned(),
+                source,
+            },
             source => DomainError::Monitor {
                 domain: domain.to_owned(),
                 source,
