@@ -6,7 +6,7 @@
 //! | `AlreadyExists` | ALREADY_EXISTS |
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
 //! | `WrongState`, `Start` (QEMU exited during startup or never greeted), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
-//! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
+//! | `Monitor` (QEMU or its monitor gone), `MonitorLost` (QEMU runs, its monitor is being reconnected), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
 //! | `ReplyTooLarge` (QEMU's reply over the 16 MiB monitor line limit) | RESOURCE_EXHAUSTED |
 //! | `NoAgent`, `NoAgentService` (agent mode without an agent or agent service) | FAILED_PRECONDITION |
 //! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) |
@@ -45,6 +45,7 @@ pub fn code(error: &DomainError) -> Code {
             ..
         }
         | DomainError::Monitor { .. }
+        | DomainError::MonitorLost { .. }
         | DomainError::Detached(_) => Code::Unavailable,
         DomainError::ReplyTooLarge { .. } => Code::ResourceExhausted,
         DomainError::Agent { source, .. } => match source.code {
@@ -203,6 +204,13 @@ mod tests {
                     },
                 ),
                 Code::ResourceExhausted,
+            ),
+            (
+                DomainError::MonitorLost {
+                    domain: "x".into(),
+                    pid: 7,
+                },
+                Code::Unavailable,
             ),
             (DomainError::Internal("secret".into()), Code::Internal),
         ];

@@ -88,6 +88,18 @@ pub enum DomainError {
         #[source]
         source: QmpError,
     },
+    /// The monitor connection was lost while QEMU (same pid and start
+    /// time) still runs; the watcher is reconnecting.
+    #[error(
+        "QEMU monitor of domain {domain:?} lost while QEMU (pid {pid}) still runs; \
+         reconnecting (DestroyDomain still stops it)"
+    )]
+    MonitorLost {
+        /// The domain.
+        domain: String,
+        /// QEMU's pid.
+        pid: u32,
+    },
     /// QEMU runs but the supervisor could not re-attach to its monitor
     /// after a restart (another supervisor may hold it).
     #[error(
