@@ -3,8 +3,9 @@
 //! destroy, a QEMU killed behind the supervisor's back, QEMU refusing to
 //! start, a kill -9 of the supervisor itself, many guests at once, two
 //! concurrent starts of one domain (one QEMU), starts queued behind an
-//! Undefine (never a QEMU for an undefined domain), and Define refusing
-//! NUL in `cmdline` and socket paths too long for a unix socket.
+//! Undefine (never a QEMU for an undefined domain), Define refusing
+//! NUL in `cmdline` and socket paths too long for a unix socket, and a
+//! monitor reply over 16 MiB failing only its command.
 //!
 //! Every QEMU a test starts is destroyed by the test or, if it fails
 //! half-way, killed by pid on drop ([`Reaper`], which checks the pid still
@@ -1041,4 +1042,82 @@ async fn test_define_refuses_nul_in_cmdline_and_socket_paths_too_long() {
     assert_eq!(sup.get(&long).await.unwrap_err().code(), Code::NotFound);
     // A short name under the same run dir is fine.
     sup.define(&yaml("short")).await.unwrap();
+}
+
+/// A MonitorCommand whose reply is over the 16 MiB QMP line limit (`xp` of
+/// 3,000,000 bytes prints about 23 MB) fails with RESOURCE_EXHAUSTED; the
+/// monitor stays up: the next command works, the domain stays RUNNING,
+/// a second Start is refused (one QEMU per UUID), Destroy stops QEMU. The
+/// calls are grpcurl's, as an operator makes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_monitor_reply_over_16_mib_fails_only_that_command() {
+    let dirs = Dirs::new();
+    let reaper = Reaper::default();
+    let uuids = UuidReaper::default();
+    let mut sup = Sup::start(&dirs).await;
+    let addr = sup.svc.addr.to_string();
+    let call = |method: &str, body: &str| {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            body,
+            &addr,
+            &format!("qvirt.v1.Supervisor/{method}"),
+        ])
+    };
+    let out = call("DefineDomain", r#"{"spec":{"name":"h","memory_mib":64}}"#);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    uuids.track(&sup.get("h").await.unwrap().spec.unwrap().uuid);
+    let out = call("StartDomain", r#"{"domain":"h"}"#);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = sup.get("h").await.unwrap();
+    reaper.track(&d);
+    assert_eq!(d.state(), DomainState::Running);
+    let (pid, uuid) = (d.pid, d.spec.unwrap().uuid);
+
+    let out = call(
+        "MonitorCommand",
+        r#"{"domain":"h","command_json":"{\"execute\":\"human-monitor-command\",\"arguments\":{\"command-line\":\"xp /3000000xb 0\"}}"}"#,
+    );
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Code: ResourceExhausted")
+            && stderr.contains("QMP reply longer than 16777216 bytes"),
+        "{stderr}"
+    );
+
+    let out = call(
+        "MonitorCommand",
+        r#"{"domain":"h","command_json":"{\"execute\":\"query-status\"}"}"#,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(r#"\"status\":\"running\""#),
+        "{}",
+        text(&out.stdout)
+    );
+    let d = sup.get("h").await.unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Running, pid));
+
+    let out = call("StartDomain", r#"{"domain":"h"}"#);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("Code: FailedPrecondition"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(qemu_pids(&uuid), [pid]);
+
+    let out = call("DestroyDomain", r#"{"domain":"h"}"#);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(sup.get("h").await.unwrap().state(), DomainState::Shutoff);
+    wait_gone(pid).await;
+    wait_no_qemu(&uuid).await;
+    // The monitor was never lost on the way.
+    assert!(
+        !sup.svc.stderr().contains("monitor lost"),
+        "{}",
+        sup.svc.stderr()
+    );
 }

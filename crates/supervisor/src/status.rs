@@ -6,7 +6,8 @@
 //! | `AlreadyExists` | ALREADY_EXISTS |
 //! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
 //! | `WrongState`, `Start` (QEMU exited during startup or never greeted), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
-//! | `Monitor` (QEMU or its monitor gone), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
+//! | `Monitor` (QEMU or its monitor gone), `MonitorLost` (QEMU runs, its monitor is being reconnected), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
+//! | `ReplyTooLarge` (QEMU's reply over the 16 MiB monitor line limit) | RESOURCE_EXHAUSTED |
 //! | `NoAgent`, `NoAgentService` (agent mode without an agent or agent service) | FAILED_PRECONDITION |
 //! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) |
 //! | `Timeout` | DEADLINE_EXCEEDED |
@@ -44,7 +45,9 @@ pub fn code(error: &DomainError) -> Code {
             ..
         }
         | DomainError::Monitor { .. }
+        | DomainError::MonitorLost { .. }
         | DomainError::Detached(_) => Code::Unavailable,
+        DomainError::ReplyTooLarge { .. } => Code::ResourceExhausted,
         DomainError::Agent { source, .. } => match source.code {
             // Its own bugs are not ours to hide behind INTERNAL.
             Code::Ok | Code::Internal | Code::Unknown => Code::Unavailable,
@@ -193,6 +196,22 @@ mod tests {
                 Code::Unavailable,
             ),
             (DomainError::Timeout("t".into()), Code::DeadlineExceeded),
+            (
+                DomainError::qmp(
+                    "x",
+                    crate::qmp::QmpError::ReplyTooLarge {
+                        limit: crate::qmp::MAX_LINE_BYTES,
+                    },
+                ),
+                Code::ResourceExhausted,
+            ),
+            (
+                DomainError::MonitorLost {
+                    domain: "x".into(),
+                    pid: 7,
+                },
+                Code::Unavailable,
+            ),
             (DomainError::Internal("secret".into()), Code::Internal),
         ];
         for (error, want) in cases {
@@ -202,6 +221,20 @@ mod tests {
                 assert!(!status.message().contains("secret"));
             }
         }
+    }
+
+    #[test]
+    fn test_reply_too_large_message_names_the_limit() {
+        let status = to_status(&DomainError::qmp(
+            "h",
+            crate::qmp::QmpError::ReplyTooLarge {
+                limit: crate::qmp::MAX_LINE_BYTES,
+            },
+        ));
+        assert_eq!(
+            status.message(),
+            "reply from QEMU of domain \"h\" too large: QMP reply longer than 16777216 bytes (16 MiB), the monitor's limit; reply discarded"
+        );
     }
 
     #[test]

@@ -78,6 +78,28 @@ pub enum DomainError {
         #[source]
         source: QmpError,
     },
+    /// QEMU's reply was over the monitor's line limit; it was discarded
+    /// and the monitor stays usable.
+    #[error("reply from QEMU of domain {domain:?} too large")]
+    ReplyTooLarge {
+        /// The domain.
+        domain: String,
+        /// [`QmpError::ReplyTooLarge`].
+        #[source]
+        source: QmpError,
+    },
+    /// The monitor connection was lost while QEMU (same pid and start
+    /// time) still runs; the watcher is reconnecting.
+    #[error(
+        "QEMU monitor of domain {domain:?} lost while QEMU (pid {pid}) still runs; \
+         reconnecting (DestroyDomain still stops it)"
+    )]
+    MonitorLost {
+        /// The domain.
+        domain: String,
+        /// QEMU's pid.
+        pid: u32,
+    },
     /// QEMU runs but the supervisor could not re-attach to its monitor
     /// after a restart (another supervisor may hold it).
     #[error(
@@ -142,6 +164,10 @@ impl DomainError {
                 desc,
             },
             QmpError::BadRequest { reason } => DomainError::InvalidArgument(reason),
+            source @ QmpError::ReplyTooLarge { .. } => DomainError::ReplyTooLarge {
+                domain: domain.to_owned(),
+                source,
+            },
             source => DomainError::Monitor {
                 domain: domain.to_owned(),
                 source,

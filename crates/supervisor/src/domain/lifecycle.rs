@@ -19,7 +19,7 @@ use qvirt_proto::v1::{
 use tracing::{debug, error, info, warn};
 
 use super::argv::{self, Paths};
-use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
+use super::{DomainError, Entry, Life, Manager, Proc, Run, RunFlags, millis, state_name};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
@@ -116,7 +116,15 @@ impl Manager {
             }
         };
         let launched = began.elapsed();
-        let events = process.take_events();
+        let Some(events) = process.take_events() else {
+            let error = DomainError::Internal(format!(
+                "domain {:?}: launched QEMU has no event receiver",
+                spec.name
+            ));
+            return Err(self
+                .abort_start(&entry, &spec, Some(Arc::new(process)), error)
+                .await);
+        };
         let process = Arc::new(process);
         let qmp = Arc::clone(process.qmp());
         let flags = Arc::new(RunFlags::default());
@@ -177,13 +185,8 @@ impl Manager {
         if paused {
             self.emit(&spec, DomainEventType::Suspended, 1);
         }
-        self.spawn_watcher(
-            Arc::clone(&entry),
-            qmp,
-            events,
-            Some(process.exit_watch()),
-            flags,
-        );
+        let life = Life::Child(process.exit_watch(), process.identity().clone());
+        self.spawn_watcher(Arc::clone(&entry), qmp, events, life, flags);
         Ok(self.snapshot(&entry))
     }
 
@@ -243,7 +246,7 @@ impl Manager {
         entry: &Arc<Entry>,
         graceful: bool,
     ) -> Result<(), DomainError> {
-        let (name, qmp, flags, proc) = {
+        let (name, flags, proc) = {
             let data = entry.data();
             let Some(run) = &data.run else {
                 if data.status.pid != 0 {
@@ -259,20 +262,13 @@ impl Manager {
                 Proc::Owned(p) => Proc::Owned(Arc::clone(p)),
                 Proc::Adopted(identity) => Proc::Adopted(identity.clone()),
             };
-            (
-                data.spec.name.clone(),
-                Arc::clone(&run.qmp),
-                Arc::clone(&run.flags),
-                proc,
-            )
+            (data.spec.name.clone(), Arc::clone(&run.flags), proc)
         };
         let grace = Duration::from_secs(self.config().destroy_grace_secs);
         flags.destroying.store(true, Ordering::SeqCst);
         let stopped = match (&proc, graceful) {
             (Proc::Owned(p), false) => p.kill(grace).await.map(drop),
-            (Proc::Adopted(identity), false) => {
-                launch::terminate_adopted(identity, &qmp, grace).await
-            }
+            (Proc::Adopted(identity), false) => launch::terminate_adopted(identity, grace).await,
             (proc, true) => {
                 let pid = match proc {
                     Proc::Owned(p) => p.pid(),
@@ -487,39 +483,28 @@ impl Manager {
         };
         let qmp = Arc::new(conn.client);
         let flags = Arc::new(RunFlags::default());
+        let life = Life::Adopted(identity.clone());
         entry.data().run = Some(Run {
             qmp: Arc::clone(&qmp),
             proc: Proc::Adopted(identity),
             flags: Arc::clone(&flags),
         });
         // QEMU's own view wins over the recorded state.
-        let (state, reason) = match self.qmp(entry, &qmp, "query-status").await {
-            Ok(v) => match v.get("status").and_then(|s| s.as_str()) {
-                Some("running") => (DomainState::Running, None),
-                Some("prelaunch" | "paused" | "suspended") => (DomainState::Paused, None),
-                Some("shutdown") => (DomainState::Shutdown, None),
-                Some("guest-panicked") => (
-                    DomainState::Crashed,
-                    Some(DomainStateReason::CrashedPanicked),
-                ),
-                _ => (DomainState::Paused, Some(DomainStateReason::PausedUnknown)),
-            },
+        let state = match self.sync_state(entry, &qmp).await {
+            Ok(state) => state,
             Err(error) => {
                 warn!(domain = %name, %error, "query-status after reconnect failed");
-                (
-                    DomainState::Running,
-                    Some(DomainStateReason::RunningUnknown),
-                )
+                if status.state != DomainState::Running as i32 {
+                    self.transition(
+                        entry,
+                        DomainState::Running,
+                        DomainStateReason::RunningUnknown,
+                    )
+                    .await;
+                }
+                DomainState::Running
             }
         };
-        if status.state != state as i32 {
-            let reason = reason.unwrap_or(match state {
-                DomainState::Running => DomainStateReason::RunningUnknown,
-                DomainState::Shutdown => DomainStateReason::ShutdownUnknown,
-                _ => DomainStateReason::PausedUnknown,
-            });
-            self.transition(entry, state, reason).await;
-        }
         info!(domain = %name, pid = status.pid, state = state_name(state as i32), "re-attached to running QEMU");
         match self.inner.hooks.run(&spec, HookOp::Reconnect).await {
             Ok(()) => {}
@@ -531,7 +516,7 @@ impl Manager {
             }
             Err(failure @ HookError::Failed { .. }) => {
                 warn!(domain = %name, %failure, "reconnect hook failed; destroying the domain");
-                self.spawn_watcher(Arc::clone(entry), qmp, Some(conn.events), None, flags);
+                self.spawn_watcher(Arc::clone(entry), qmp, conn.events, life, flags);
                 let _op = entry.op.lock().await;
                 if let Err(error) = self.destroy_locked(entry, false).await {
                     warn!(domain = %name, %error, "destroying after a failed reconnect hook failed");
@@ -546,8 +531,8 @@ impl Manager {
         self.spawn_watcher(
             Arc::clone(entry),
             Arc::clone(&qmp),
-            Some(conn.events),
-            None,
+            conn.events,
+            life,
             flags,
         );
         if powered_off {
@@ -558,5 +543,34 @@ impl Manager {
                 info!(domain = %name, %error, "quit of a powered-off QEMU");
             }
         }
+    }
+
+    /// Ask QEMU for its run state (`query-status`) and record it when it
+    /// differs from the domain's; returns the state.
+    pub(super) async fn sync_state(
+        &self,
+        entry: &Entry,
+        qmp: &crate::qmp::QmpClient,
+    ) -> Result<DomainState, DomainError> {
+        let reply = self.qmp(entry, qmp, "query-status").await?;
+        let (state, reason) = match reply.get("status").and_then(|s| s.as_str()) {
+            Some("running") => (DomainState::Running, None),
+            Some("prelaunch" | "paused" | "suspended") => (DomainState::Paused, None),
+            Some("shutdown") => (DomainState::Shutdown, None),
+            Some("guest-panicked") => (
+                DomainState::Crashed,
+                Some(DomainStateReason::CrashedPanicked),
+            ),
+            _ => (DomainState::Paused, Some(DomainStateReason::PausedUnknown)),
+        };
+        if entry.data().status.state != state as i32 {
+            let reason = reason.unwrap_or(match state {
+                DomainState::Running => DomainStateReason::RunningUnknown,
+                DomainState::Shutdown => DomainStateReason::ShutdownUnknown,
+                _ => DomainStateReason::PausedUnknown,
+            });
+            self.transition(entry, state, reason).await;
+        }
+        Ok(state)
     }
 }

@@ -21,6 +21,8 @@ pub mod spec;
 pub mod store;
 mod watcher;
 
+use watcher::Life;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -64,6 +66,8 @@ struct RunFlags {
     reboot_pending: AtomicBool,
     /// QEMU reported SHUTDOWN (guest power-off or host quit).
     shutdown_seen: AtomicBool,
+    /// The monitor closed while QEMU runs; the watcher is reconnecting.
+    monitor_lost: AtomicBool,
 }
 
 /// One running QEMU.
@@ -597,10 +601,17 @@ impl Manager {
         Ok(self.snapshot(&entry))
     }
 
-    /// The monitor of a domain that runs, or FAILED_PRECONDITION.
+    /// The monitor of a domain that runs, FAILED_PRECONDITION when it does
+    /// not, UNAVAILABLE while its monitor is lost.
     fn running_qmp(entry: &Entry, what: &'static str) -> Result<Arc<QmpClient>, DomainError> {
         let data = entry.data();
         match &data.run {
+            Some(run) if run.flags.monitor_lost.load(Ordering::SeqCst) => {
+                Err(DomainError::MonitorLost {
+                    domain: data.spec.name.clone(),
+                    pid: data.status.pid,
+                })
+            }
             Some(run) => Ok(Arc::clone(&run.qmp)),
             None if data.status.pid != 0 => Err(DomainError::Detached(data.spec.name.clone())),
             None => Err(DomainError::WrongState {

@@ -1,6 +1,8 @@
-//! Manager tests that need no QEMU: definitions, uniqueness, updates,
-//! lookups, persistence across a reopen, state checks, status on restart,
-//! guests re-attached concurrently at open (fake monitors, no QEMU).
+//! Manager tests: without QEMU, definitions, uniqueness, updates, lookups,
+//! persistence across a reopen, state checks, status on restart, guests
+//! re-attached concurrently at open (fake monitors); with real QEMU (TCG),
+//! event order and a monitor lost while QEMU runs (reconnected, or for
+//! good: the domain is kept and destroy still stops QEMU).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -371,4 +373,192 @@ async fn test_guests_reconnect_concurrently_at_open() {
     for monitor in monitors {
         monitor.abort();
     }
+}
+
+/// Bound on every wait in the monitor-lost tests.
+const LOST_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The monitor session the domain's run holds now.
+fn session(m: &Manager, name: &str) -> Arc<crate::qmp::QmpClient> {
+    let entry = m.find(name).unwrap();
+    let data = entry.data();
+    Arc::clone(&data.run.as_ref().expect("running").qmp)
+}
+
+/// SIGKILLs on drop the QEMU a test started, if that pid still runs its
+/// domain's UUID (so a failing test leaves no QEMU behind).
+struct KillOnDrop {
+    pid: u32,
+    uuid: String,
+}
+
+impl KillOnDrop {
+    fn of(m: &Manager, name: &str) -> KillOnDrop {
+        let d = m.get(name).unwrap();
+        KillOnDrop {
+            pid: d.pid,
+            uuid: d.spec.unwrap().uuid,
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let runs = std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&self.uuid));
+        if runs {
+            let _ = crate::launch::signal_process(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Wait until `pid` no longer runs the QEMU `identity` names.
+async fn wait_identity_gone(identity: &ProcessIdentity) {
+    tokio::time::timeout(LOST_WAIT, crate::launch::wait_gone(identity))
+        .await
+        .expect("QEMU gone after destroy");
+}
+
+/// Real QEMU (TCG): the supervisor's monitor session ends while QEMU runs.
+/// The domain stays running (never SHUTOFF), a second start is refused, the
+/// watcher reconnects and commands work again, destroy stops QEMU.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_lost_monitor_is_reconnected_and_the_domain_stays_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: lost\nmemory_mib: 64"), false)
+        .await
+        .unwrap();
+    let d = m.start("lost", false).await.unwrap();
+    let _kill = KillOnDrop::of(&m, "lost");
+    let identity = m
+        .find("lost")
+        .unwrap()
+        .data()
+        .status
+        .identity
+        .clone()
+        .unwrap();
+    assert_eq!(identity.pid, d.pid);
+    let old = session(&m, "lost");
+    old.close();
+    let deadline = std::time::Instant::now() + LOST_WAIT;
+    loop {
+        let d = m.get("lost").unwrap();
+        assert_eq!((d.state(), d.pid), (DomainState::Running, identity.pid));
+        match m
+            .monitor_command("lost", r#"{"execute":"query-status"}"#)
+            .await
+        {
+            Ok(reply) => {
+                assert!(reply.contains(r#""status":"running""#), "{reply}");
+                break;
+            }
+            Err(DomainError::Monitor { .. } | DomainError::MonitorLost { .. }) => {}
+            Err(other) => panic!("{other}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "monitor not back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!Arc::ptr_eq(&old, &session(&m, "lost")), "a new session");
+    assert!(matches!(
+        m.start("lost", false).await,
+        Err(DomainError::WrongState { .. })
+    ));
+    // Events flow on the new session: a suspend is followed to PAUSED.
+    assert_eq!(
+        m.suspend("lost").await.unwrap().state(),
+        DomainState::Paused
+    );
+    let d = m.destroy("lost", false).await.unwrap();
+    assert_eq!(
+        (d.state(), d.reason()),
+        (DomainState::Shutoff, DomainStateReason::ShutoffDestroyed)
+    );
+    wait_identity_gone(&identity).await;
+    m.close().await;
+}
+
+/// The monitor is lost and cannot be reached again (its socket file moved
+/// away): the domain stays as it is, its calls answer MonitorLost naming the
+/// pid, start is refused, and destroy still stops QEMU by its pid.
+async fn lost_for_good(m: &Manager, name: &str) {
+    let (identity, socket) = {
+        let entry = m.find(name).unwrap();
+        let data = entry.data();
+        (
+            data.status.identity.clone().unwrap(),
+            std::path::PathBuf::from(&data.status.monitor_socket),
+        )
+    };
+    std::fs::rename(&socket, socket.with_extension("moved")).unwrap();
+    session(m, name).close();
+    let deadline = std::time::Instant::now() + LOST_WAIT;
+    loop {
+        let d = m.get(name).unwrap();
+        assert_eq!((d.state(), d.pid), (DomainState::Running, identity.pid));
+        match m.suspend(name).await {
+            Err(DomainError::MonitorLost { pid, .. }) => {
+                assert_eq!(pid, identity.pid);
+                break;
+            }
+            Err(DomainError::Monitor { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "never marked lost");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let status = crate::status::to_status(&m.suspend(name).await.unwrap_err());
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("lost"), "{}", status.message());
+    assert!(matches!(
+        m.start(name, false).await,
+        Err(DomainError::WrongState { .. })
+    ));
+    identity.verify().await.expect("QEMU still runs");
+    let d = m.destroy(name, false).await.unwrap();
+    assert_eq!(
+        (d.state(), d.reason(), d.pid),
+        (DomainState::Shutoff, DomainStateReason::ShutoffDestroyed, 0)
+    );
+    wait_identity_gone(&identity).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_monitor_lost_for_good_keeps_the_domain_and_destroy_kills_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: gone-mon\nmemory_mib: 64"), false)
+        .await
+        .unwrap();
+    m.start("gone-mon", false).await.unwrap();
+    let _kill = KillOnDrop::of(&m, "gone-mon");
+    lost_for_good(&m, "gone-mon").await;
+    m.close().await;
+}
+
+/// As above for a QEMU adopted after a supervisor restart (not our child:
+/// its end is seen by its identity only).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_adopted_qemu_with_monitor_lost_for_good_is_destroyed_by_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    m.define(spec("name: adopted\nmemory_mib: 64"), false)
+        .await
+        .unwrap();
+    let pid = m.start("adopted", false).await.unwrap().pid;
+    let _kill = KillOnDrop::of(&m, "adopted");
+    // The supervisor goes away (its monitor session closes with it); the
+    // next one re-attaches.
+    m.close().await;
+    drop(m);
+    let m = open(&dir).await;
+    let d = m.get("adopted").unwrap();
+    assert_eq!((d.state(), d.pid), (DomainState::Running, pid));
+    assert!(matches!(
+        m.find("adopted").unwrap().data().run.as_ref().unwrap().proc,
+        super::Proc::Adopted(_)
+    ));
+    lost_for_good(&m, "adopted").await;
+    m.close().await;
 }

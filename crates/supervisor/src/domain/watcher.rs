@@ -1,7 +1,16 @@
 //! One task per running QEMU: it reads the monitor's events in order,
 //! hands each to the event sink, follows STOP / RESUME / SHUTDOWN /
-//! GUEST_PANICKED into the domain's state, and notices the end of QEMU
-//! (child exit, or the monitor's EOF for a QEMU adopted after a restart).
+//! GUEST_PANICKED into the domain's state, and notices the end of QEMU.
+//!
+//! QEMU's end is its process's end, never its monitor's: the child's exit
+//! for a QEMU we spawned, its recorded identity (pid + start time +
+//! cmdline) gone for one adopted after a restart. A monitor that closes
+//! while QEMU still runs is "lost": the domain keeps its state, its calls
+//! answer UNAVAILABLE (`DomainError::MonitorLost`), Destroy still stops it
+//! (by pid), Start still refuses it, and the watcher reconnects to QEMU's
+//! monitor socket (QEMU keeps listening and greets the next client) with a
+//! growing delay until it succeeds or QEMU ends; once back, `query-status`
+//! refreshes the state.
 //!
 //! When QEMU is gone the domain goes SHUTOFF with reason DESTROYED (a
 //! destroy was under way), SHUTDOWN (QEMU reported SHUTDOWN first: guest
@@ -15,14 +24,65 @@ use qvirt_proto::v1::{DomainEventShutdownDetail, DomainEventType, DomainState, D
 use tracing::{debug, info, warn};
 
 use super::{Entry, Manager, RunFlags};
-use crate::launch::{ExitWatch, STARTUP_EXIT_WAIT};
+use crate::launch::{self, ExitWatch, ProcessIdentity, STARTUP_EXIT_WAIT};
 use crate::qmp::{EventReceiver, QmpClient, QmpEvent};
 
 /// How often a running QEMU's log size is checked.
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
 
-/// How long an adopted QEMU may linger after its monitor closed.
-const ADOPTED_EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long QEMU may take to exit after its monitor closed before the
+/// monitor counts as lost.
+const MONITOR_CLOSE_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The first and the longest delay between reconnects to a lost monitor.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(250);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// How the watcher tells that a QEMU has ended.
+#[derive(Debug, Clone)]
+pub(super) enum Life {
+    /// Spawned by this supervisor: its exit status (and, should the task
+    /// reaping it fail, its identity).
+    Child(ExitWatch, ProcessIdentity),
+    /// Adopted after a restart: only its identity.
+    Adopted(ProcessIdentity),
+}
+
+impl Life {
+    /// Resolves when the child exits; never for an adopted QEMU (not our
+    /// child: no exit to wait for, its end is checked after its monitor
+    /// closed), nor when the task reaping the child failed.
+    async fn exited(&mut self) {
+        if let Life::Child(exit, _) = self
+            && exit.wait().await.is_some()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+
+    /// Resolves when the process is gone.
+    async fn gone(&mut self) {
+        match self {
+            Life::Child(exit, identity) => {
+                if exit.wait().await.is_none() {
+                    // The reaping task ended without a status: fall back
+                    // to the identity (a zombie reads as gone).
+                    launch::wait_gone(identity).await;
+                }
+            }
+            Life::Adopted(identity) => launch::wait_gone(identity).await,
+        }
+    }
+}
+
+/// How following a monitor's events ended.
+enum Followed {
+    /// The child exited (its monitor's last events were read).
+    Exited,
+    /// The monitor closed; the process may or may not be alive.
+    MonitorClosed,
+}
 
 impl Manager {
     /// Start the watcher of one QEMU run.
@@ -30,8 +90,8 @@ impl Manager {
         &self,
         entry: Arc<Entry>,
         qmp: Arc<QmpClient>,
-        events: Option<EventReceiver>,
-        exit: Option<ExitWatch>,
+        events: EventReceiver,
+        life: Life,
         flags: Arc<RunFlags>,
     ) {
         let manager = self.clone();
@@ -40,7 +100,7 @@ impl Manager {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {}
-                () = manager.watch(&entry, &qmp, events, exit, &flags) => {}
+                () = manager.watch(&entry, qmp, events, life, &flags) => {}
                 () = manager.bound_log(&entry) => {}
             }
         });
@@ -70,77 +130,136 @@ impl Manager {
     async fn watch(
         &self,
         entry: &Arc<Entry>,
-        qmp: &QmpClient,
-        events: Option<EventReceiver>,
-        exit: Option<ExitWatch>,
+        mut qmp: Arc<QmpClient>,
+        mut events: EventReceiver,
+        mut life: Life,
         flags: &RunFlags,
     ) {
-        let mut exit_for_loop = exit.clone();
-        if let Some(mut events) = events {
-            loop {
-                let event = tokio::select! {
-                    // Events first: a SHUTDOWN read just before the exit
-                    // decides the reason.
-                    biased;
-                    event = events.recv() => event,
-                    _ = async {
-                        match exit_for_loop.as_mut() {
-                            Some(exit) => exit.wait().await,
-                            None => std::future::pending().await,
-                        }
-                    } => None,
-                };
-                let Some(event) = event else { break };
-                self.on_event(entry, qmp, flags, &event).await;
-            }
-            // The child exited: what QEMU wrote before it died is still in
-            // the socket; read it up to the monitor's EOF (bounded).
-            let drain = async {
-                while let Some(event) = events.recv().await {
-                    self.on_event(entry, qmp, flags, &event).await;
-                }
-            };
-            if tokio::time::timeout(STARTUP_EXIT_WAIT, drain)
+        loop {
+            match self
+                .follow(entry, &qmp, &mut events, &mut life, flags)
                 .await
-                .is_err()
             {
-                warn!(domain = %entry.name(), "QEMU exited but its monitor stayed open");
+                Followed::Exited => break,
+                Followed::MonitorClosed => {}
             }
-        } else {
-            qmp.closed().await;
-        }
-        match exit {
-            Some(mut exit) => {
-                if tokio::time::timeout(STARTUP_EXIT_WAIT, exit.wait())
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_none()
-                {
-                    warn!(domain = %entry.name(), "QEMU monitor closed but no exit status seen");
-                }
+            // QEMU closes its monitor when it exits: give it time to.
+            if tokio::time::timeout(MONITOR_CLOSE_EXIT_WAIT, life.gone())
+                .await
+                .is_ok()
+            {
+                break;
             }
-            None => self.wait_adopted_gone(entry).await,
+            match self.reattach(entry, &qmp, &mut life, flags).await {
+                Some((client, receiver)) => (qmp, events) = (client, receiver),
+                None => break,
+            }
         }
         self.on_exit(entry, flags).await;
     }
 
-    /// An adopted QEMU is not our child: after its monitor closed, wait
-    /// (bounded) for the pid to be gone.
-    async fn wait_adopted_gone(&self, entry: &Entry) {
-        let identity = entry.data().status.identity.clone();
-        let Some(identity) = identity else { return };
-        let deadline = tokio::time::Instant::now() + ADOPTED_EXIT_WAIT;
-        while identity.verify().await.is_ok() {
-            if tokio::time::Instant::now() >= deadline {
-                warn!(
-                    pid = identity.pid,
-                    "adopted QEMU still alive after its monitor closed"
-                );
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// Handle the monitor's events until it closes or the child exits.
+    async fn follow(
+        &self,
+        entry: &Arc<Entry>,
+        qmp: &QmpClient,
+        events: &mut EventReceiver,
+        life: &mut Life,
+        flags: &RunFlags,
+    ) -> Followed {
+        loop {
+            let event = tokio::select! {
+                // Events first: a SHUTDOWN read just before the exit
+                // decides the reason.
+                biased;
+                event = events.recv() => event,
+                () = life.exited() => break,
+            };
+            let Some(event) = event else {
+                return Followed::MonitorClosed;
+            };
+            self.on_event(entry, qmp, flags, &event).await;
         }
+        // The child exited: what QEMU wrote before it died is still in
+        // the socket; read it up to the monitor's EOF (bounded).
+        let drain = async {
+            while let Some(event) = events.recv().await {
+                self.on_event(entry, qmp, flags, &event).await;
+            }
+        };
+        if tokio::time::timeout(STARTUP_EXIT_WAIT, drain)
+            .await
+            .is_err()
+        {
+            warn!(domain = %entry.name(), "QEMU exited but its monitor stayed open");
+        }
+        Followed::Exited
+    }
+
+    /// The monitor closed but QEMU runs: mark the monitor lost and
+    /// reconnect (the old session closed first: QEMU serves one client at
+    /// a time) until it works, or `None` once QEMU is gone.
+    async fn reattach(
+        &self,
+        entry: &Arc<Entry>,
+        lost: &QmpClient,
+        life: &mut Life,
+        flags: &RunFlags,
+    ) -> Option<(Arc<QmpClient>, EventReceiver)> {
+        lost.close();
+        flags.monitor_lost.store(true, Ordering::SeqCst);
+        let (name, pid, socket) = {
+            let data = entry.data();
+            (
+                data.spec.name.clone(),
+                data.status.pid,
+                std::path::PathBuf::from(&data.status.monitor_socket),
+            )
+        };
+        warn!(domain = %name, pid, "QEMU monitor lost while QEMU runs; domain kept as it is, reconnecting");
+        let timeout = Duration::from_secs(self.config().start_timeout_secs);
+        let mut delay = RECONNECT_FIRST_DELAY;
+        let conn = loop {
+            let attempt = async {
+                tokio::time::sleep(delay).await;
+                launch::connect_existing(&socket, timeout).await
+            };
+            tokio::select! {
+                biased;
+                () = life.gone() => {
+                    info!(domain = %name, pid, "QEMU ended while its monitor was lost");
+                    return None;
+                }
+                result = attempt => match result {
+                    Ok(conn) => break conn,
+                    Err(error) => {
+                        delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+                        warn!(domain = %name, pid, error = %qvirt_common::error_chain(&error),
+                            retry_in = ?delay, "reconnecting to the QEMU monitor failed");
+                    }
+                },
+            }
+        };
+        let qmp = Arc::new(conn.client);
+        if let Some(run) = entry.data().run.as_mut() {
+            run.qmp = Arc::clone(&qmp);
+        }
+        flags.monitor_lost.store(false, Ordering::SeqCst);
+        info!(domain = %name, pid, "QEMU monitor re-attached");
+        match self.sync_state(entry, &qmp).await {
+            Ok(DomainState::Shutdown) => {
+                // Powered off while unwatched: QEMU waits under
+                // -no-shutdown for the `quit` nobody sent.
+                flags.shutdown_seen.store(true, Ordering::SeqCst);
+                if let Err(error) = self.qmp(entry, &qmp, "quit").await {
+                    info!(domain = %name, %error, "quit of a powered-off QEMU");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => warn!(domain = %name, %error, "query-status after reconnect failed"),
+        }
+        entry.notify();
+        Some((qmp, conn.events))
     }
 
     async fn on_event(&self, entry: &Entry, qmp: &QmpClient, flags: &RunFlags, event: &QmpEvent) {

@@ -20,8 +20,11 @@
 //!
 //! After a supervisor restart: [`ProcessIdentity::verify`] tells whether a
 //! recorded pid is still the same QEMU, [`connect_existing`] opens a new
-//! QMP session on its monitor socket, and [`terminate_adopted`] stops such a
-//! QEMU (its exit is seen as the monitor's EOF, since it is not our child). Measured on QEMU 7.2 (see the tests):
+//! QMP session on its monitor socket (also used to re-attach when a session
+//! is lost while QEMU runs), and [`terminate_adopted`] stops such a QEMU
+//! (not our child: its exit is seen by polling its identity,
+//! [`wait_gone`], never inferred from its monitor). Measured on QEMU 7.2
+//! (see the tests):
 //! QEMU serves one monitor client at a time and keeps listening, so a new
 //! connection gets its greeting as soon as the previous one is closed; a
 //! client that connects while another is attached waits in the backlog (no
@@ -67,6 +70,9 @@ pub const STARTUP_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// How long to wait for a process group to die after SIGKILL.
 pub const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// How often [`wait_gone`] checks a process that is not our child.
+pub const IDENTITY_POLL: Duration = Duration::from_millis(50);
 
 /// The arguments that attach QMP to the inherited listening socket `fd`
 /// and keep the guest paused (`-S`) until the caller sends `cont`.
@@ -187,13 +193,6 @@ pub enum LaunchError {
         /// How it differs.
         #[source]
         source: IdentityError,
-    },
-    /// [`terminate_adopted`] was given a closed monitor session, so it could
-    /// not notice the exit.
-    #[error("monitor session of adopted QEMU pid {pid} is already closed")]
-    AdoptedMonitorClosed {
-        /// The pid.
-        pid: u32,
     },
     /// The task watching the child ended without an exit status.
     #[error("lost track of QEMU pid {pid}'s exit")]
@@ -581,19 +580,14 @@ async fn startup_failure(
 
 /// Stop a QEMU this supervisor did not spawn (adopted after a restart, so
 /// it cannot be waited for): check it is still the recorded process, SIGTERM
-/// its process group, SIGKILL after `grace`. Its exit is noticed through
-/// `qmp`, which must be an open session on its monitor (the kernel closes
-/// the socket when the process exits). A pid that no longer runs the
-/// recorded QEMU is never signalled.
+/// its process group, SIGKILL after `grace`. Its exit is seen by polling its
+/// identity ([`wait_gone`]), so this works with its monitor lost too. A pid
+/// that no longer runs the recorded QEMU is never signalled.
 pub async fn terminate_adopted(
     identity: &ProcessIdentity,
-    qmp: &QmpClient,
     grace: Duration,
 ) -> Result<(), LaunchError> {
     let pid = identity.pid;
-    if qmp.is_closed() {
-        return Err(LaunchError::AdoptedMonitorClosed { pid });
-    }
     for (signal, wait) in [(libc::SIGTERM, grace), (libc::SIGKILL, KILL_WAIT)] {
         match identity.verify().await {
             Ok(()) => {}
@@ -605,7 +599,10 @@ pub async fn terminate_adopted(
             Err(source) => return Err(LaunchError::Signal { pid, source }),
             Ok(()) => debug!(pid, signal, "signalled adopted QEMU process group"),
         }
-        if tokio::time::timeout(wait, qmp.closed()).await.is_ok() {
+        if tokio::time::timeout(wait, wait_gone(identity))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
     }
@@ -613,6 +610,18 @@ pub async fn terminate_adopted(
         pid,
         after: KILL_WAIT,
     })
+}
+
+/// Resolve once the recorded process is gone: exited (a zombie counts) or
+/// its pid reused. Polls every [`IDENTITY_POLL`]; a check that fails
+/// without proving anything (e.g. EACCES on /proc) counts as alive.
+pub async fn wait_gone(identity: &ProcessIdentity) {
+    loop {
+        match identity.verify().await {
+            Err(error) if error.proves_gone() => return,
+            _ => tokio::time::sleep(IDENTITY_POLL).await,
+        }
+    }
 }
 
 /// Open a new QMP session on the monitor socket of a QEMU that is already

@@ -14,16 +14,27 @@
 //! owns the write half. Events may arrive before the reply of the command that
 //! caused them (QEMU sends `RESUME` before the reply to `cont`).
 //!
+//! A line longer than [`MAX_LINE_BYTES`] is skipped, never held whole: the
+//! first [`MAX_LINE_BYTES`] are read (as any line) and dropped, the rest is
+//! discarded up to its newline as it arrives. It is the reply of the oldest
+//! command on the wire, which fails with [`QmpError::ReplyTooLarge`]: QEMU
+//! answers in-band commands one after the other, "the client therefore
+//! receives command responses in issue order" (QMP spec, out-of-band
+//! execution, which this client never enables), and its events are small.
+//! The writer task records the ids in the order it writes them for this.
+//! The connection stays open for the next command.
+//!
 //! End of file or `ECONNRESET` from QEMU (it gives either when it exits) ends
 //! the connection: every waiting command fails with
 //! [`QmpError::MonitorClosed`], the event channel ends (`recv()` gives
-//! `None`) and [`QmpClient::closed`] resolves.
+//! `None`), [`QmpClient::closed`] resolves and the socket is closed (QEMU
+//! then accepts the next client on its monitor socket).
 //!
 //! Not here: starting QEMU ([`crate::launch`]), deciding what events mean.
 
 mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,9 +57,15 @@ pub const EVENT_QUEUE_CAPACITY: usize = 1024;
 /// Capacity of the queue of request lines waiting for the writer task.
 pub const WRITE_QUEUE_CAPACITY: usize = 64;
 
-/// The longest line accepted from QEMU (`query-qmp-schema` is the largest
-/// reply, a few hundred KiB); a longer line ends the connection.
+/// The longest line accepted from QEMU, newline included
+/// (`query-qmp-schema` is the largest reply of QEMU's own, a few hundred
+/// KiB); a longer line is skipped and its command fails with
+/// [`QmpError::ReplyTooLarge`].
 pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The line buffer's capacity kept between lines: a large reply's buffer
+/// is given back rather than held for the connection's life.
+const KEPT_LINE_CAPACITY: usize = 64 * 1024;
 
 /// The receiving end of a connection's events; `None` from `recv()` means the
 /// monitor closed.
@@ -124,6 +141,13 @@ pub enum QmpError {
         /// What was wrong.
         reason: String,
     },
+    /// QEMU's reply was longer than `limit` bytes: it was discarded
+    /// unread; the connection stays usable.
+    #[error("QMP reply longer than {limit} bytes ({} MiB), the monitor's limit; reply discarded", limit / (1024 * 1024))]
+    ReplyTooLarge {
+        /// The limit ([`MAX_LINE_BYTES`]).
+        limit: usize,
+    },
     /// The monitor connection is closed (QEMU exited, reset the connection,
     /// or the client was closed).
     #[error("QMP monitor closed")]
@@ -143,11 +167,16 @@ pub struct QmpConnection {
     pub greeted_at: Instant,
 }
 
-type Waiter = oneshot::Sender<Map<String, Value>>;
+/// What a waiting command gets: QEMU's reply object, or why there is none.
+type Waiter = oneshot::Sender<Result<Map<String, Value>, QmpError>>;
 
 #[derive(Default)]
 struct Pending {
     waiters: HashMap<u64, Waiter>,
+    /// The ids of the commands written and not yet answered, oldest first
+    /// (cancelled commands included: QEMU still answers them). Bounded by
+    /// what QEMU has read: it stops reading while its queue is full.
+    on_wire: VecDeque<u64>,
     closed: bool,
 }
 
@@ -193,7 +222,7 @@ impl Drop for PendingGuard<'_> {
 /// closes the connection.
 pub struct QmpClient {
     shared: Arc<Shared>,
-    writer: mpsc::Sender<Vec<u8>>,
+    writer: mpsc::Sender<(u64, Vec<u8>)>,
     closed_rx: watch::Receiver<bool>,
     tasks: [AbortHandle; 2],
 }
@@ -218,34 +247,65 @@ fn is_disconnect(error: &io::Error) -> bool {
 }
 
 /// What one line read gave.
+#[derive(Debug, PartialEq, Eq)]
 enum LineRead {
     /// A complete line, newline included.
     Line,
+    /// A line longer than the limit, discarded up to and including its
+    /// newline; `bytes` in all.
+    TooLong {
+        /// The line's length, newline included.
+        bytes: u64,
+    },
     /// End of file, possibly after a partial line (discarded).
     Eof,
 }
 
-/// Read one `\n`-terminated line into `buf`, at most `MAX_LINE_BYTES`.
+/// Read one `\n`-terminated line of at most `limit` bytes (newline
+/// included) into `buf`. A longer line is not kept: its first `limit` bytes
+/// are dropped and the rest is discarded as it arrives, up to its newline.
 async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
+    limit: usize,
 ) -> io::Result<LineRead> {
     buf.clear();
-    let limit = u64::try_from(MAX_LINE_BYTES).unwrap_or(u64::MAX);
-    let n = (&mut *reader).take(limit).read_until(b'\n', buf).await?;
+    buf.shrink_to(KEPT_LINE_CAPACITY);
+    let n = (&mut *reader)
+        .take(u64::try_from(limit).unwrap_or(u64::MAX))
+        .read_until(b'\n', buf)
+        .await?;
     if buf.last() == Some(&b'\n') {
         return Ok(LineRead::Line);
     }
-    if n >= MAX_LINE_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("QMP line longer than {MAX_LINE_BYTES} bytes"),
-        ));
+    if n < limit {
+        if n > 0 {
+            debug!(partial = %wire::quote(buf), "QMP monitor closed in the middle of a line");
+        }
+        return Ok(LineRead::Eof);
     }
-    if n > 0 {
-        debug!(partial = %wire::quote(buf), "QMP monitor closed in the middle of a line");
+    buf.clear();
+    buf.shrink_to(KEPT_LINE_CAPACITY);
+    let mut bytes = u64::try_from(n).unwrap_or(u64::MAX);
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            debug!(
+                bytes,
+                "QMP monitor closed in the middle of an over-long line"
+            );
+            return Ok(LineRead::Eof);
+        }
+        let (used, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (chunk.len(), false),
+        };
+        reader.consume(used);
+        bytes = bytes.saturating_add(u64::try_from(used).unwrap_or(u64::MAX));
+        if done {
+            return Ok(LineRead::TooLong { bytes });
+        }
     }
-    Ok(LineRead::Eof)
 }
 
 impl QmpClient {
@@ -260,11 +320,18 @@ impl QmpClient {
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
         let mut line = Vec::new();
-        match tokio::time::timeout_at(deadline, read_line(&mut reader, &mut line)).await {
+        let read = read_line(&mut reader, &mut line, MAX_LINE_BYTES);
+        match tokio::time::timeout_at(deadline, read).await {
             Err(_) => return Err(QmpError::GreetingTimeout { after: timeout }),
             Ok(Err(error)) if is_disconnect(&error) => return Err(QmpError::MonitorClosed),
             Ok(Err(source)) => return Err(QmpError::ReadGreeting { source }),
             Ok(Ok(LineRead::Eof)) => return Err(QmpError::MonitorClosed),
+            Ok(Ok(LineRead::TooLong { bytes })) => {
+                return Err(QmpError::BadGreeting {
+                    reason: format!("{bytes} bytes long, over the {MAX_LINE_BYTES}-byte limit"),
+                    line: "(not kept)".to_owned(),
+                });
+            }
             Ok(Ok(LineRead::Line)) => {}
         }
         let greeted_at = Instant::now();
@@ -299,7 +366,12 @@ impl QmpClient {
         let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
         let read_task = tokio::spawn(read_loop(reader, Arc::clone(&shared), event_tx));
-        let write_task = tokio::spawn(write_loop(writer, write_rx, Arc::clone(&shared)));
+        let write_task = tokio::spawn(write_loop(
+            writer,
+            write_rx,
+            Arc::clone(&shared),
+            closed_rx.clone(),
+        ));
         let client = QmpClient {
             shared,
             writer: write_tx,
@@ -352,10 +424,10 @@ impl QmpClient {
             id,
         };
         self.writer
-            .send(line)
+            .send((id, line))
             .await
             .map_err(|_| QmpError::MonitorClosed)?;
-        rx.await.map_err(|_| QmpError::MonitorClosed)
+        rx.await.map_err(|_| QmpError::MonitorClosed)?
     }
 
     /// How many events were dropped because the event channel was full.
@@ -403,8 +475,12 @@ async fn read_loop(
 ) {
     let mut line = Vec::new();
     loop {
-        match read_line(&mut reader, &mut line).await {
+        match read_line(&mut reader, &mut line, MAX_LINE_BYTES).await {
             Ok(LineRead::Line) => {}
+            Ok(LineRead::TooLong { bytes }) => {
+                fail_oldest_too_large(&shared, bytes);
+                continue;
+            }
             Ok(LineRead::Eof) => {
                 debug!("QMP monitor EOF");
                 break;
@@ -431,14 +507,23 @@ async fn read_loop(
                 }
             }
             Ok(wire::Incoming::Reply { id: Some(id), body }) => {
-                let waiter = shared.pending().waiters.remove(&id);
+                let waiter = {
+                    let mut pending = shared.pending();
+                    if let Some(at) = pending.on_wire.iter().position(|w| *w == id) {
+                        pending.on_wire.remove(at);
+                    }
+                    pending.waiters.remove(&id)
+                };
                 match waiter {
                     // A send error means the command was cancelled meanwhile.
-                    Some(waiter) => drop(waiter.send(body)),
+                    Some(waiter) => drop(waiter.send(Ok(body))),
                     None => debug!(id, "QMP reply for no waiting command dropped"),
                 }
             }
             Ok(wire::Incoming::Reply { id: None, .. }) => {
+                // QEMU answers without the id only a request it could not
+                // parse: in issue order, that is the oldest one.
+                shared.pending().on_wire.pop_front();
                 warn!(line = %wire::quote(&line), "QMP reply without our id dropped");
             }
             Err(reason) => {
@@ -449,14 +534,47 @@ async fn read_loop(
     shared.close();
 }
 
-/// The writer task: write request lines in order until the client is gone
-/// or a write fails.
+/// Fail the oldest command on the wire: QEMU's reply to it was `bytes`
+/// long, over [`MAX_LINE_BYTES`], and was skipped (see the module docs).
+fn fail_oldest_too_large(shared: &Shared, bytes: u64) {
+    let (id, waiter) = {
+        let mut pending = shared.pending();
+        let id = pending.on_wire.pop_front();
+        let waiter = id.and_then(|id| pending.waiters.remove(&id));
+        (id, waiter)
+    };
+    warn!(
+        bytes,
+        limit = MAX_LINE_BYTES,
+        id,
+        "QMP reply over the line limit skipped; its command fails"
+    );
+    if let Some(waiter) = waiter {
+        // A send error means the command was cancelled meanwhile.
+        drop(waiter.send(Err(QmpError::ReplyTooLarge {
+            limit: MAX_LINE_BYTES,
+        })));
+    }
+}
+
+/// The writer task: write request lines in order, noting each id as on the
+/// wire first, until the client is gone, the connection closed, or a write
+/// fails. Ending drops the write half, so the socket closes with the reader.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
-    mut lines: mpsc::Receiver<Vec<u8>>,
+    mut lines: mpsc::Receiver<(u64, Vec<u8>)>,
     shared: Arc<Shared>,
+    mut closed: watch::Receiver<bool>,
 ) {
-    while let Some(line) = lines.recv().await {
+    loop {
+        let (id, line) = tokio::select! {
+            next = lines.recv() => match next {
+                Some(next) => next,
+                None => return,
+            },
+            _ = closed.wait_for(|closed| *closed) => return,
+        };
+        shared.pending().on_wire.push_back(id);
         if let Err(error) = writer.write_all(&line).await {
             debug!(%error, "QMP monitor write failed");
             shared.close();

@@ -361,6 +361,253 @@ async fn test_close_fails_commands_and_peer_sees_eof() {
     assert_eq!(n, 0, "peer sees EOF after close");
 }
 
+/// A reply line of `len` bytes (newline included) to request `id`.
+fn reply_of_len(id: &Value, len: usize) -> Vec<u8> {
+    let head = r#"{"return": ""#;
+    let tail = format!(r#"", "id": {id}}}"#);
+    let fill = len - head.len() - tail.len() - 1;
+    let mut line = Vec::with_capacity(len);
+    line.extend_from_slice(head.as_bytes());
+    line.resize(head.len() + fill, b'x');
+    line.extend_from_slice(tail.as_bytes());
+    line.push(b'\n');
+    line
+}
+
+#[tokio::test]
+async fn test_over_long_reply_fails_its_command_and_the_monitor_stays_usable() {
+    let (mut conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let big = fake.request().await;
+        let line = reply_of_len(&big["id"], MAX_LINE_BYTES + 3 * 1024 * 1024);
+        fake.writer.write_all(&line).await.expect("write");
+        fake
+    };
+    let (result, mut fake) =
+        tokio::join!(conn.client.execute_raw(r#"{"execute": "big"}"#), fake_side);
+    match result {
+        Err(QmpError::ReplyTooLarge { limit }) => assert_eq!(limit, MAX_LINE_BYTES),
+        other => panic!("expected ReplyTooLarge, got {other:?}"),
+    }
+    assert!(!conn.client.is_closed());
+    // The next event and command go through.
+    let fake_side = async move {
+        let request = fake.request().await;
+        fake.send(&event_line("AFTER", "{}")).await;
+        fake.reply(&request, json!({"status": "running"})).await;
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("query-status", None), fake_side);
+    assert_eq!(result.expect("next command"), json!({"status": "running"}));
+    let event = tokio::time::timeout(WAIT, conn.events.recv())
+        .await
+        .expect("event in time")
+        .expect("event");
+    assert_eq!(event.name, "AFTER");
+}
+
+#[tokio::test]
+async fn test_largest_accepted_reply_is_delivered_whole() {
+    let (conn, mut fake) = connected().await;
+    let fake_side = async move {
+        let request = fake.request().await;
+        let line = reply_of_len(&request["id"], MAX_LINE_BYTES);
+        fake.writer.write_all(&line).await.expect("write");
+        fake
+    };
+    let (result, _fake) = tokio::join!(conn.client.execute("big", None), fake_side);
+    let value = result.expect("a reply of exactly the limit is accepted");
+    let len = value.as_str().expect("string").len();
+    // All of the line but `{"return": "", "id": N}` and the newline.
+    assert!(len > MAX_LINE_BYTES - 32, "{len}");
+}
+
+/// In issue order: the skipped reply belongs to the oldest command on the
+/// wire, even one its caller gave up on; the next command gets its own.
+#[tokio::test]
+async fn test_over_long_reply_is_charged_to_the_oldest_command_on_the_wire() {
+    let (conn, mut fake) = connected().await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(50), conn.client.execute("slow", None)).await;
+    assert!(abandoned.is_err(), "the fake never answered");
+    let slow = fake.request().await;
+    let fake_side = async move {
+        let first = fake.request().await;
+        let second = fake.request().await;
+        assert_eq!(
+            (&first["execute"], &second["execute"]),
+            (&json!("first"), &json!("second"))
+        );
+        for request in [&slow, &first] {
+            let line = reply_of_len(&request["id"], MAX_LINE_BYTES + 1);
+            fake.writer.write_all(&line).await.expect("write");
+        }
+        fake.reply(&second, json!({"second": true})).await;
+        fake
+    };
+    let client = &conn.client;
+    let commands = async {
+        let first = client.execute("first", None);
+        let second = async {
+            // Issued after `first` is on the wire.
+            tokio::task::yield_now().await;
+            client.execute("second", None).await
+        };
+        tokio::join!(first, second)
+    };
+    let ((first, second), _fake) = tokio::join!(commands, fake_side);
+    assert!(
+        matches!(first, Err(QmpError::ReplyTooLarge { .. })),
+        "{first:?}"
+    );
+    assert_eq!(second.expect("second"), json!({"second": true}));
+}
+
+#[tokio::test]
+async fn test_over_long_greeting_is_a_bad_greeting() {
+    let (client, mut fake) = pair();
+    let writer = tokio::spawn(async move {
+        let mut line = vec![b'{'; MAX_LINE_BYTES + 1];
+        line.push(b'\n');
+        // The client gives up on the greeting: a write error is fine.
+        let _ = fake.writer.write_all(&line).await;
+        fake
+    });
+    match QmpClient::handshake(client, WAIT).await {
+        Err(QmpError::BadGreeting { reason, .. }) => {
+            assert!(reason.contains("over the"), "{reason}");
+        }
+        other => panic!("expected BadGreeting, got {other:?}"),
+    }
+    drop(writer.await);
+}
+
+mod line_reader {
+    //! `read_line` on its own, with a small limit: lines up to the limit
+    //! come whole, longer ones are reported with their length and skipped,
+    //! whatever the chunking of the input.
+
+    use proptest::prelude::*;
+
+    use super::super::{KEPT_LINE_CAPACITY, LineRead, read_line};
+
+    /// Read `input` through a buffer of `capacity` bytes (so it arrives in
+    /// chunks of that size) with `limit`, until EOF.
+    fn read_all(input: &[u8], capacity: usize, limit: usize) -> Vec<(LineRead, Vec<u8>)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut reader = tokio::io::BufReader::with_capacity(capacity, input);
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            loop {
+                let read = read_line(&mut reader, &mut buf, limit).await.expect("read");
+                assert!(buf.capacity() <= limit.max(KEPT_LINE_CAPACITY) * 2);
+                let eof = read == LineRead::Eof;
+                out.push((read, buf.clone()));
+                if eof {
+                    return out;
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn test_read_line_table() {
+        let limit = 8;
+        type Want<'a> = &'a [(LineRead, &'a [u8])];
+        let table: [(&[u8], Want<'_>); 7] = [
+            (b"", &[(LineRead::Eof, b"")]),
+            (
+                b"abc\n",
+                &[(LineRead::Line, b"abc\n"), (LineRead::Eof, b"")],
+            ),
+            // Exactly the limit, newline included.
+            (
+                b"1234567\nx\n",
+                &[
+                    (LineRead::Line, b"1234567\n"),
+                    (LineRead::Line, b"x\n"),
+                    (LineRead::Eof, b""),
+                ],
+            ),
+            // One over: skipped, the next line is intact.
+            (
+                b"12345678\nok\n",
+                &[
+                    (LineRead::TooLong { bytes: 9 }, b""),
+                    (LineRead::Line, b"ok\n"),
+                    (LineRead::Eof, b""),
+                ],
+            ),
+            (
+                b"123456789012345678901234567890\n\n",
+                &[
+                    (LineRead::TooLong { bytes: 31 }, b""),
+                    (LineRead::Line, b"\n"),
+                    (LineRead::Eof, b""),
+                ],
+            ),
+            // EOF inside an over-long line, or a short one.
+            (b"1234567890", &[(LineRead::Eof, b"")]),
+            (b"ab", &[(LineRead::Eof, b"ab")]),
+        ];
+        for capacity in [1, 3, 8, 64] {
+            for (input, want) in &table {
+                let got = read_all(input, capacity, limit);
+                let want: Vec<(LineRead, Vec<u8>)> = want
+                    .iter()
+                    .map(|(read, bytes)| {
+                        let read = match read {
+                            LineRead::Line => LineRead::Line,
+                            LineRead::TooLong { bytes } => LineRead::TooLong { bytes: *bytes },
+                            LineRead::Eof => LineRead::Eof,
+                        };
+                        (read, bytes.to_vec())
+                    })
+                    .collect();
+                assert_eq!(
+                    got,
+                    want,
+                    "{:?} at capacity {capacity}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn prop_short_lines_whole_long_lines_skipped_with_their_length(
+            lines in prop::collection::vec(prop::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..40), 0..12),
+            capacity in 1usize..50,
+            limit in 1usize..30,
+        ) {
+            let mut input = Vec::new();
+            for line in &lines {
+                input.extend_from_slice(line);
+                input.push(b'\n');
+            }
+            let got = read_all(&input, capacity, limit);
+            prop_assert_eq!(got.len(), lines.len() + 1);
+            for (line, (read, buf)) in lines.iter().zip(&got) {
+                let len = line.len() + 1;
+                if len <= limit {
+                    prop_assert_eq!(read, &LineRead::Line);
+                    prop_assert_eq!(&buf[..line.len()], &line[..]);
+                    prop_assert_eq!(buf.len(), len);
+                } else {
+                    prop_assert_eq!(read, &LineRead::TooLong { bytes: len as u64 });
+                    prop_assert!(buf.is_empty());
+                }
+            }
+            prop_assert_eq!(&got[lines.len()].0, &LineRead::Eof);
+        }
+    }
+}
+
 mod framing {
     //! Property: whatever the interleaving of events and (reordered)
     //! replies, every command gets its own reply and events arrive in order
