@@ -8,6 +8,8 @@
 //! `cont` instead of `quit`, so QEMU stays up and the guest boots again.
 //! A plain guest power-off makes the watcher `quit` QEMU.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,9 +20,11 @@ use qvirt_proto::v1::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::argv::{self, Paths};
-use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
-use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
+use super::argv::{self, Host};
+use super::confine::{self, Grant};
+use super::store::{self, DomainPaths};
+use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, blocking, millis, state_name};
+use crate::launch::{self, Credentials, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
 /// How long Destroy waits for the watcher to record the exit.
@@ -53,24 +57,31 @@ impl Manager {
         let paths = self.inner.store.paths(&spec.name);
         let auto_uses_kvm = self.config().auto_uses_kvm;
         let accel = spec.accel();
+        // The config may have changed since the definition was checked.
+        let confined = match self.confine(&spec).await {
+            Ok(confined) => confined,
+            Err(error) => return Err(self.abort_start(&entry, &spec, None, error).await),
+        };
         let store = self.inner.store.clone();
-        let log_name = spec.name.clone();
-        let stale_agent_socket = spec.agent.then(|| paths.agent_socket.clone());
+        let owner = self
+            .inner
+            .qemu
+            .clone()
+            .filter(|c| c.uid != launch::effective_uid());
+        let prepare_paths = paths.clone();
+        let prepare_spec = confined.clone();
         // One blocking hop for the file-system work before the spawn.
         let prepare = tokio::task::spawn_blocking(move || {
-            if let Err(error) = store.rotate_log(&log_name) {
+            if let Err(error) = store.rotate_log(&prepare_spec.name) {
                 let error = qvirt_common::error_chain(&error);
-                warn!(domain = %log_name, %error, "QEMU log rotation failed");
+                warn!(domain = %prepare_spec.name, %error, "QEMU log rotation failed");
             }
-            if let Some(socket) = stale_agent_socket {
-                // A stale socket file from a QEMU that died would make
-                // QEMU's bind fail.
-                let _ = std::fs::remove_file(socket);
-            }
-            argv::resolve_accel(accel, auto_uses_kvm)
+            let files = guest_files(&prepare_spec, &prepare_paths, owner.as_ref());
+            (files, argv::resolve_accel(accel, auto_uses_kvm))
         });
-        let resolved = match prepare.await {
-            Ok(resolved) => resolved,
+        let (files, resolved) = match prepare.await {
+            Ok((Ok(files), resolved)) => (files, resolved),
+            Ok((Err(error), _)) => return Err(self.abort_start(&entry, &spec, None, error).await),
             Err(error) => {
                 // Never guess (e.g. TCG) when the probe itself broke.
                 error!(domain = %spec.name, %error, "start preparation task failed");
@@ -84,19 +95,30 @@ impl Manager {
         if accel == Accel::Auto {
             info!(domain = %spec.name, accel = ?resolved, "accel auto resolved");
         }
+        if let Err(error) = self.give_files(&entry, &spec.name, files.planned).await {
+            return Err(self.abort_start(&entry, &spec, None, error).await);
+        }
         let args = argv::build(
-            &spec,
+            &confined,
             resolved,
-            &Paths {
-                agent_socket: &paths.agent_socket,
+            &Host {
+                agent_fd: files.agent.as_ref().map(AsRawFd::as_raw_fd),
+                serial_fd: files.serial.as_ref().map(AsRawFd::as_raw_fd),
+                sandbox: self.config().qemu_sandbox,
             },
         );
+        let inherit: Vec<OwnedFd> = files
+            .agent
+            .into_iter()
+            .chain(files.serial.map(OwnedFd::from))
+            .collect();
         let launch_config = LaunchConfig {
             binary: self.config().qemu_binary.clone(),
             args,
             run_dir: paths.run_dir.clone(),
             log_path: paths.qemu_log.clone(),
             handshake_timeout: Duration::from_secs(self.config().start_timeout_secs),
+            credentials: self.inner.qemu.clone(),
         };
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Start).await {
             return Err(self
@@ -104,7 +126,7 @@ impl Manager {
                 .await);
         }
         let prepared = began.elapsed();
-        let mut process = match launch::launch(&launch_config).await {
+        let mut process = match launch::launch(&launch_config, inherit).await {
             Ok(p) => p,
             Err(source) => {
                 warn!(domain = %spec.name, error = %qvirt_common::error_chain(&source), "QEMU failed to start");
@@ -204,6 +226,7 @@ impl Manager {
         {
             warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
         }
+        self.take_back_files(entry).await;
         self.transition(
             entry,
             DomainState::Shutoff,
@@ -217,6 +240,64 @@ impl Manager {
         );
         self.run_stop_hooks(spec).await;
         error
+    }
+
+    /// Give QEMU's user the `planned` files: record their owners in the
+    /// status file first (durably for a supervisor restart), then change
+    /// them. A failure puts back what was changed.
+    async fn give_files(
+        &self,
+        entry: &Entry,
+        name: &str,
+        planned: Vec<(File, Grant)>,
+    ) -> Result<(), DomainError> {
+        let Some(owner) = self.inner.qemu.clone() else {
+            return Ok(());
+        };
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let status = {
+            let mut data = entry.data();
+            data.status
+                .granted
+                .extend(planned.iter().map(|(_, g)| g.clone()));
+            data.status.clone()
+        };
+        let store = self.inner.store.clone();
+        let n = name.to_owned();
+        blocking(move || store.save_status(&n, &status)).await?;
+        let domain = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            for (file, grant) in &planned {
+                confine::grant(file, grant, &owner).map_err(|source| DomainError::Confine {
+                    domain: domain.clone(),
+                    what: format!("giving {} to QEMU's user", grant.path.display()),
+                    source,
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| DomainError::Internal(format!("ownership task failed: {e}")))?
+    }
+
+    /// Put back the owners of the files given to QEMU's user (in memory
+    /// and, by the caller's next status save, on disk). Failures are
+    /// logged and the failed records kept.
+    pub(super) async fn take_back_files(&self, entry: &Entry) {
+        let granted = std::mem::take(&mut entry.data().status.granted);
+        if granted.is_empty() {
+            return;
+        }
+        let kept = match tokio::task::spawn_blocking(move || confine::restore_all(&granted)).await {
+            Ok(kept) => kept,
+            Err(error) => {
+                error!(domain = %entry.name(), %error, "ownership restore task failed");
+                return;
+            }
+        };
+        entry.data().status.granted.extend(kept);
     }
 
     /// The stopped and release hooks; failures are logged.
@@ -427,6 +508,13 @@ impl Manager {
             (data.spec.clone(), data.status.clone())
         };
         let Some(identity) = status.identity.clone().filter(|_| status.pid != 0) else {
+            if !status.granted.is_empty() {
+                // A start that died between giving QEMU its files and
+                // spawning it.
+                self.take_back_files(entry).await;
+                let status = entry.data().status.clone();
+                self.save_status(spec.name.clone(), status).await;
+            }
             return;
         };
         let name = spec.name.clone();
@@ -446,6 +534,7 @@ impl Manager {
                 // start's prepare hook never overtakes them.
                 let stop_hooks = Arc::clone(&entry.stop_hooks).lock_owned().await;
                 clear(entry);
+                self.take_back_files(entry).await;
                 self.transition(
                     entry,
                     DomainState::Shutoff,
@@ -559,4 +648,72 @@ impl Manager {
             }
         }
     }
+}
+
+/// What QEMU gets besides its command line, prepared before the spawn.
+struct GuestFiles {
+    /// The agent listener.
+    agent: Option<OwnedFd>,
+    /// The serial log, opened for append.
+    serial: Option<File>,
+    /// Read-write disks to give to QEMU's user.
+    planned: Vec<(File, Grant)>,
+}
+
+/// Bind the agent socket, open the serial log (creating the domain's
+/// serial dir when the log is in it), and plan the ownership of the
+/// read-write disks of `spec` (paths already resolved) for `owner`.
+/// Blocking.
+fn guest_files(
+    spec: &qvirt_proto::v1::DomainSpec,
+    paths: &DomainPaths,
+    owner: Option<&Credentials>,
+) -> Result<GuestFiles, DomainError> {
+    let failed = |what: String| {
+        let domain = spec.name.clone();
+        move |source| DomainError::Confine {
+            domain,
+            what,
+            source,
+        }
+    };
+    let agent = if spec.agent {
+        Some(
+            launch::bind_listener(&paths.agent_socket).map_err(failed(format!(
+                "binding the agent socket {}",
+                paths.agent_socket.display()
+            )))?,
+        )
+    } else {
+        None
+    };
+    let serial = if spec.serial_log.is_empty() {
+        None
+    } else {
+        let path = std::path::Path::new(&spec.serial_log);
+        let own_dir = confine::resolve(&paths.serial_dir).ok();
+        if own_dir.is_some() && path.parent() == own_dir.as_deref() {
+            store::create_dir(&paths.serial_dir, 0o750)?;
+        }
+        Some(
+            confine::open_serial_log(path)
+                .map_err(failed(format!("opening the serial log {}", path.display())))?,
+        )
+    };
+    let mut planned = Vec::new();
+    if let Some(owner) = owner {
+        for disk in spec.disks.iter().filter(|d| !d.read_only) {
+            let path = std::path::Path::new(&disk.path);
+            if let Some(plan) = confine::plan_grant(path, owner)
+                .map_err(failed(format!("opening the disk {}", path.display())))?
+            {
+                planned.push(plan);
+            }
+        }
+    }
+    Ok(GuestFiles {
+        agent,
+        serial,
+        planned,
+    })
 }
