@@ -394,3 +394,54 @@ async fn test_qemu_inherits_no_fd_of_the_supervisor() {
         .await
         .unwrap();
 }
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
+    let (qemu_uid, _) = qemu_ids();
+    let dirs = Dirs::new();
+    let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let disk = dirs.images().join("data.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let spec = format!(
+        "name: orphan\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
+        disk.display()
+    );
+    let uuid = define_yaml(&mut client, spec)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .uuid;
+    let d = start(&mut client, "orphan").await.unwrap();
+    let _guard = QemuGuard(d.pid, uuid.clone());
+    assert_eq!(owner(&disk).0, qemu_uid);
+
+    // The supervisor dies, then its QEMU, while nobody watches.
+    drop(client);
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup.pid() as i32, libc::SIGKILL) };
+    qvirt_integration_tests::kill_domain_qemu(d.pid, &uuid);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while pid_alive(sup.pid()) || pid_alive(d.pid) {
+        assert!(Instant::now() < deadline, "supervisor or QEMU still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(owner(&disk).0, qemu_uid);
+
+    // The next supervisor finds the QEMU gone and gives the disk back
+    // before it serves.
+    let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    assert_eq!(owner(&disk), (0, 0, 0o640));
+    let d = get(&mut client, "orphan").await;
+    assert_eq!(
+        (d.state(), d.reason()),
+        (DomainState::Shutoff, DomainStateReason::ShutoffCrashed)
+    );
+}
