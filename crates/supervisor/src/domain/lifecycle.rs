@@ -695,10 +695,16 @@ fn guest_files(
         if own_dir.is_some() && path.parent() == own_dir.as_deref() {
             store::create_dir(&paths.serial_dir, 0o750)?;
         }
-        Some(
-            confine::open_serial_log(path)
-                .map_err(failed(format!("opening the serial log {}", path.display())))?,
-        )
+        let opened = confine::open_serial_log(path).and_then(|file| {
+            // Above 2, or the child's stdio would replace it (a supervisor
+            // started with stdio closed); try_clone dups to at least 3.
+            if file.as_raw_fd() > 2 {
+                Ok(file)
+            } else {
+                file.try_clone()
+            }
+        });
+        Some(opened.map_err(failed(format!("opening the serial log {}", path.display())))?)
     };
     let mut planned = Vec::new();
     if let Some(owner) = owner {

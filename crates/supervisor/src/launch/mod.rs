@@ -3,7 +3,9 @@
 //!
 //! [`launch`]: create the per-domain run dir (0700), bind and listen on
 //! `RUN_DIR/monitor.sock`, spawn QEMU in its own process group with the
-//! listening fd inherited and named on its command line
+//! listening fd inherited (with the caller's fds, and no other: the child
+//! marks every other fd above 2 close-on-exec, then drops to QEMU's user
+//! with setgroups/setgid/setuid; see `sys.rs`) and named on its command line
 //! ([`monitor_args`]: `-chardev socket,id=mon,fd=N,server=on,wait=off -mon
 //! chardev=mon,mode=control -S`), stdout and stderr appended to the log file.
 //! The parent closes its copy of the listener right after the spawn (else a
