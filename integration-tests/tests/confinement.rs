@@ -445,3 +445,43 @@ async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
         (DomainState::Shutoff, DomainStateReason::ShutoffCrashed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_tap_nic_is_opened_by_the_supervisor_for_the_unprivileged_qemu() {
+    let dirs = Dirs::new();
+    let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    // A name no other test uses; the tap lives as long as its fds.
+    let ifname = format!("qvt{:x}", std::process::id() & 0xff_ffff);
+    let spec = format!(
+        "name: tapped\nmemory_mib: 64\naccel: tcg\nnetworks: [{{tap: {{ifname: {ifname}}}}}]\n"
+    );
+    let uuid = define_yaml(&mut client, spec)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .uuid;
+    // /dev/net/tun is root's: QEMU as qvirt-qemu could not open it.
+    let d = start(&mut client, "tapped").await.unwrap();
+    let _guard = QemuGuard(d.pid, uuid);
+    assert_eq!(d.state(), DomainState::Running);
+    assert!(
+        Path::new(&format!("/sys/class/net/{ifname}")).exists(),
+        "no tap {ifname}"
+    );
+    assert!(
+        fds(d.pid).iter().any(|(_, t)| t == "/dev/net/tun"),
+        "QEMU has no tap fd: {:?}",
+        fds(d.pid)
+    );
+    client
+        .destroy_domain(qvirt_proto::v1::DestroyDomainRequest {
+            domain: "tapped".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    // Created for this run, gone with it.
+    assert!(!Path::new(&format!("/sys/class/net/{ifname}")).exists());
+}

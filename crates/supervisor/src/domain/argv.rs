@@ -9,7 +9,8 @@
 //! With the sandbox on, `-sandbox on,obsolete=deny,elevateprivileges=deny,
 //! spawn=deny,resourcecontrol=deny` (libvirt's set).
 //! Then kernel/initrd/append, disks (virtio-blk, explicit format, read-only,
-//! serial), NICs (virtio-net on user or tap backends), the serial log (an
+//! serial), NICs (virtio-net on user backends, or on tap devices the
+//! supervisor opened, by fd), the serial log (an
 //! fd the supervisor opened, through `-add-fd` and `/dev/fdset/N`, in
 //! append mode), the guest agent channel (a listening socket the
 //! supervisor bound, by fd), and finally the operator's `extra_args`.
@@ -70,6 +71,8 @@ pub struct Host {
     pub agent_fd: Option<RawFd>,
     /// The opened serial log (used when the spec has `serial_log`).
     pub serial_fd: Option<RawFd>,
+    /// The opened tap devices, one per `tap` NIC in order.
+    pub tap_fds: Vec<RawFd>,
     /// Whether to add `-sandbox` ([`SANDBOX`]).
     pub sandbox: bool,
 }
@@ -137,12 +140,14 @@ pub fn build(spec: &DomainSpec, accel: ResolvedAccel, host: &Host) -> Vec<OsStri
         }
         push(&["-device", &device]);
     }
+    let mut tap_fds = host.tap_fds.iter();
     for (i, net) in spec.networks.iter().enumerate() {
         let netdev = match &net.backend {
-            Some(Backend::Tap(tap)) => format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
-                escape(&tap.ifname)
-            ),
+            Some(Backend::Tap(_)) => match tap_fds.next() {
+                // Opened by the supervisor: QEMU cannot (no CAP_NET_ADMIN).
+                Some(fd) => format!("tap,id=net{i},fd={fd}"),
+                None => continue,
+            },
             Some(Backend::User(user)) => {
                 let mut s = format!("user,id=net{i}");
                 for fwd in &user.port_forwards {
@@ -208,6 +213,7 @@ mod tests {
         let host = Host {
             agent_fd: Some(7),
             serial_fd: Some(8),
+            tap_fds: vec![9],
             sandbox: yaml.contains("name: \"web,1\""),
         };
         build(&spec, ResolvedAccel::Tcg, &host)
@@ -258,7 +264,7 @@ extra_args: ["-device", "virtio-rng-pci"]
             "-drive file=/img/root,,x.qcow2,format=qcow2,if=none,id=drive0,readonly=off -device virtio-blk-pci,drive=drive0,id=disk0,serial=root ",
             "-drive file=/img/seed.img,format=raw,if=none,id=drive1,readonly=on -device virtio-blk-pci,drive=drive1,id=disk1 ",
             "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp:0.0.0.0:5353-:53 -device virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:01 ",
-            "-netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02 ",
+            "-netdev tap,id=net1,fd=9 -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02 ",
             "-no-shutdown -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny ",
             "-add-fd fd=8,set=1,opaque=serial-log -chardev file,id=serial0,path=/dev/fdset/1,append=on -serial chardev:serial0 ",
             "-chardev socket,id=qga0,fd=7,server=on,wait=off -device virtio-serial-pci,id=virtio-serial0 -device virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0 ",

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use qvirt_proto::v1::network_spec::Backend;
 use qvirt_proto::v1::{
     Accel, Domain, DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, DomainSpec,
     DomainState, DomainStateReason, ShutdownMode,
@@ -104,6 +105,7 @@ impl Manager {
             &Host {
                 agent_fd: files.agent.as_ref().map(AsRawFd::as_raw_fd),
                 serial_fd: files.serial.as_ref().map(AsRawFd::as_raw_fd),
+                tap_fds: files.taps.iter().map(AsRawFd::as_raw_fd).collect(),
                 sandbox: self.config().qemu_sandbox,
             },
         );
@@ -111,6 +113,7 @@ impl Manager {
             .agent
             .into_iter()
             .chain(files.serial.map(OwnedFd::from))
+            .chain(files.taps)
             .collect();
         let launch_config = LaunchConfig {
             binary: self.config().qemu_binary.clone(),
@@ -658,10 +661,12 @@ struct GuestFiles {
     serial: Option<File>,
     /// Read-write disks to give to QEMU's user.
     planned: Vec<(File, Grant)>,
+    /// The tap devices, one per `tap` NIC in order.
+    taps: Vec<OwnedFd>,
 }
 
 /// Bind the agent socket, open the serial log (creating the domain's
-/// serial dir when the log is in it), and plan the ownership of the
+/// serial dir when the log is in it) and the tap devices, and plan the ownership of the
 /// read-write disks of `spec` (paths already resolved) for `owner`.
 /// Blocking.
 fn guest_files(
@@ -706,6 +711,15 @@ fn guest_files(
         });
         Some(opened.map_err(failed(format!("opening the serial log {}", path.display())))?)
     };
+    let mut taps = Vec::new();
+    for net in &spec.networks {
+        if let Some(Backend::Tap(tap)) = &net.backend {
+            taps.push(
+                launch::open_tap(&tap.ifname)
+                    .map_err(failed(format!("opening the tap device {}", tap.ifname)))?,
+            );
+        }
+    }
     let mut planned = Vec::new();
     if let Some(owner) = owner {
         for disk in spec.disks.iter().filter(|d| !d.read_only) {
@@ -721,5 +735,6 @@ fn guest_files(
         agent,
         serial,
         planned,
+        taps,
     })
 }

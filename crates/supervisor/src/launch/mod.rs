@@ -55,7 +55,7 @@ use crate::qmp::{EventReceiver, Greeting, QmpClient, QmpConnection, QmpError};
 pub use identity::{IdentityError, ProcessIdentity};
 pub use log::LOG_TAIL_BYTES;
 pub use sys::{
-    Credentials, effective_gid, effective_uid, lookup_group, lookup_user, signal_process,
+    Credentials, effective_gid, effective_uid, lookup_group, lookup_user, open_tap, signal_process,
     signal_process_group,
 };
 

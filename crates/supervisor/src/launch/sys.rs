@@ -1,10 +1,10 @@
 //! The few raw system calls the launcher needs: preparing the child
 //! between `fork` and `exec` (exactly the intended fds inherited, then
 //! setgroups/setgid/setuid to QEMU's user), looking users and groups up,
-//! and sending signals. The only `unsafe` code of the launcher lives here.
+//! opening tap devices, and sending signals. The only `unsafe` code of the launcher lives here.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Who QEMU runs as: the ids the child switches to before `exec`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,6 +256,45 @@ pub fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
         }
         return Ok((!found.is_null()).then_some(entry.gr_gid));
     }
+}
+
+/// Open the tap device `ifname` for QEMU to inherit, as libvirt does:
+/// `/dev/net/tun` with `TUNSETIFF` (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`),
+/// which attaches to an existing tap or creates one that lives as long as
+/// the fd. Needs CAP_NET_ADMIN (or a persistent tap owned by the caller),
+/// which an unprivileged QEMU lacks. Blocking.
+pub fn open_tap(ifname: &str) -> io::Result<OwnedFd> {
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an interface name",
+        ));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: an all-zero ifreq is a valid value (a union of integers,
+    // arrays and a pointer left null).
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name) {
+        *slot = *byte as libc::c_char;
+    }
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    request.ifr_ifru.ifru_flags =
+        libc::c_short::try_from(flags).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: TUNSETIFF reads (and updates) the ifreq we pass, which lives
+    // across the call; the fd is the open /dev/net/tun.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = OwnedFd::from(tun);
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    fd.try_clone()
 }
 
 fn checked_pid(pid: u32) -> io::Result<libc::pid_t> {
