@@ -19,17 +19,24 @@
 //!   readable by QEMU's user. The monitor and agent sockets, the QEMU log
 //!   and the serial log are opened by the supervisor and passed as fds, so
 //!   QEMU needs no access to the run, log or serial dirs.
+//! - [`guest_files`] prepares what QEMU inherits (agent listener, serial
+//!   log, tap devices) and plans the grants; `Manager::give_files` and
+//!   `Manager::take_back_files` apply and undo them.
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use qvirt_proto::v1::DomainSpec;
+use qvirt_proto::v1::network_spec::Backend;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::spec::SpecError;
+use super::store::{self, DomainPaths};
+use super::{DomainError, Entry, Manager, blocking};
 use crate::config::Config;
 use crate::launch::{self, Credentials};
 
@@ -336,6 +343,152 @@ pub fn restore_all(grants: &[Grant]) -> Vec<Grant> {
         }
     }
     failed
+}
+
+impl Manager {
+    /// Give QEMU's user the `planned` files: record their owners in the
+    /// status file first (durably for a supervisor restart), then change
+    /// them. A failure puts back what was changed.
+    pub(super) async fn give_files(
+        &self,
+        entry: &Entry,
+        name: &str,
+        planned: Vec<(File, Grant)>,
+    ) -> Result<(), DomainError> {
+        let Some(owner) = self.inner.qemu.clone() else {
+            return Ok(());
+        };
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let status = {
+            let mut data = entry.data();
+            data.status
+                .granted
+                .extend(planned.iter().map(|(_, g)| g.clone()));
+            data.status.clone()
+        };
+        let store = self.inner.store.clone();
+        let n = name.to_owned();
+        blocking(move || store.save_status(&n, &status)).await?;
+        let domain = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            for (file, planned) in &planned {
+                grant(file, planned, &owner).map_err(|source| DomainError::Confine {
+                    domain: domain.clone(),
+                    what: format!("giving {} to QEMU's user", planned.path.display()),
+                    source,
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| DomainError::Internal(format!("ownership task failed: {e}")))?
+    }
+
+    /// Put back the owners of the files given to QEMU's user (in memory
+    /// and, by the caller's next status save, on disk). Failures are
+    /// logged and the failed records kept.
+    pub(super) async fn take_back_files(&self, entry: &Entry) {
+        let granted = std::mem::take(&mut entry.data().status.granted);
+        if granted.is_empty() {
+            return;
+        }
+        let kept = match tokio::task::spawn_blocking(move || restore_all(&granted)).await {
+            Ok(kept) => kept,
+            Err(error) => {
+                error!(domain = %entry.name(), %error, "ownership restore task failed");
+                return;
+            }
+        };
+        entry.data().status.granted.extend(kept);
+    }
+}
+
+/// What QEMU gets besides its command line, prepared before the spawn.
+pub(super) struct GuestFiles {
+    /// The agent listener.
+    pub agent: Option<OwnedFd>,
+    /// The serial log, opened for append.
+    pub serial: Option<File>,
+    /// Read-write disks to give to QEMU's user.
+    pub planned: Vec<(File, Grant)>,
+    /// The tap devices, one per `tap` NIC in order.
+    pub taps: Vec<OwnedFd>,
+}
+
+/// Bind the agent socket, open the serial log (creating the domain's
+/// serial dir when the log is in it) and the tap devices, and plan the ownership of the
+/// read-write disks of `spec` (paths already resolved) for `owner`.
+/// Blocking.
+pub(super) fn guest_files(
+    spec: &qvirt_proto::v1::DomainSpec,
+    paths: &DomainPaths,
+    owner: Option<&Credentials>,
+) -> Result<GuestFiles, DomainError> {
+    let failed = |what: String| {
+        let domain = spec.name.clone();
+        move |source| DomainError::Confine {
+            domain,
+            what,
+            source,
+        }
+    };
+    let agent = if spec.agent {
+        Some(
+            launch::bind_listener(&paths.agent_socket).map_err(failed(format!(
+                "binding the agent socket {}",
+                paths.agent_socket.display()
+            )))?,
+        )
+    } else {
+        None
+    };
+    let serial = if spec.serial_log.is_empty() {
+        None
+    } else {
+        let path = std::path::Path::new(&spec.serial_log);
+        let own_dir = resolve(&paths.serial_dir).ok();
+        if own_dir.is_some() && path.parent() == own_dir.as_deref() {
+            store::create_dir(&paths.serial_dir, 0o750)?;
+        }
+        let opened = open_serial_log(path).and_then(|file| {
+            // Above 2, or the child's stdio would replace it (a supervisor
+            // started with stdio closed); try_clone dups to at least 3.
+            if file.as_raw_fd() > 2 {
+                Ok(file)
+            } else {
+                file.try_clone()
+            }
+        });
+        Some(opened.map_err(failed(format!("opening the serial log {}", path.display())))?)
+    };
+    let mut taps = Vec::new();
+    for net in &spec.networks {
+        if let Some(Backend::Tap(tap)) = &net.backend {
+            taps.push(
+                launch::open_tap(&tap.ifname)
+                    .map_err(failed(format!("opening the tap device {}", tap.ifname)))?,
+            );
+        }
+    }
+    let mut planned = Vec::new();
+    if let Some(owner) = owner {
+        for disk in spec.disks.iter().filter(|d| !d.read_only) {
+            let path = std::path::Path::new(&disk.path);
+            if let Some(plan) = plan_grant(path, owner)
+                .map_err(failed(format!("opening the disk {}", path.display())))?
+            {
+                planned.push(plan);
+            }
+        }
+    }
+    Ok(GuestFiles {
+        agent,
+        serial,
+        planned,
+        taps,
+    })
 }
 
 #[cfg(test)]

@@ -8,13 +8,11 @@
 //! `cont` instead of `quit`, so QEMU stays up and the guest boots again.
 //! A plain guest power-off makes the watcher `quit` QEMU.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use qvirt_proto::v1::network_spec::Backend;
 use qvirt_proto::v1::{
     Accel, Domain, DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, DomainSpec,
     DomainState, DomainStateReason, ShutdownMode,
@@ -22,10 +20,9 @@ use qvirt_proto::v1::{
 use tracing::{debug, error, info, warn};
 
 use super::argv::{self, Host};
-use super::confine::{self, Grant};
-use super::store::{self, DomainPaths};
-use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, blocking, millis, state_name};
-use crate::launch::{self, Credentials, IdentityError, LaunchConfig, signal_process_group};
+use super::confine::guest_files;
+use super::{DomainError, Entry, Manager, Proc, Run, RunFlags, millis, state_name};
+use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
 /// How long Destroy waits for the watcher to record the exit.
@@ -243,64 +240,6 @@ impl Manager {
         );
         self.run_stop_hooks(spec).await;
         error
-    }
-
-    /// Give QEMU's user the `planned` files: record their owners in the
-    /// status file first (durably for a supervisor restart), then change
-    /// them. A failure puts back what was changed.
-    async fn give_files(
-        &self,
-        entry: &Entry,
-        name: &str,
-        planned: Vec<(File, Grant)>,
-    ) -> Result<(), DomainError> {
-        let Some(owner) = self.inner.qemu.clone() else {
-            return Ok(());
-        };
-        if planned.is_empty() {
-            return Ok(());
-        }
-        let status = {
-            let mut data = entry.data();
-            data.status
-                .granted
-                .extend(planned.iter().map(|(_, g)| g.clone()));
-            data.status.clone()
-        };
-        let store = self.inner.store.clone();
-        let n = name.to_owned();
-        blocking(move || store.save_status(&n, &status)).await?;
-        let domain = name.to_owned();
-        tokio::task::spawn_blocking(move || {
-            for (file, grant) in &planned {
-                confine::grant(file, grant, &owner).map_err(|source| DomainError::Confine {
-                    domain: domain.clone(),
-                    what: format!("giving {} to QEMU's user", grant.path.display()),
-                    source,
-                })?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| DomainError::Internal(format!("ownership task failed: {e}")))?
-    }
-
-    /// Put back the owners of the files given to QEMU's user (in memory
-    /// and, by the caller's next status save, on disk). Failures are
-    /// logged and the failed records kept.
-    pub(super) async fn take_back_files(&self, entry: &Entry) {
-        let granted = std::mem::take(&mut entry.data().status.granted);
-        if granted.is_empty() {
-            return;
-        }
-        let kept = match tokio::task::spawn_blocking(move || confine::restore_all(&granted)).await {
-            Ok(kept) => kept,
-            Err(error) => {
-                error!(domain = %entry.name(), %error, "ownership restore task failed");
-                return;
-            }
-        };
-        entry.data().status.granted.extend(kept);
     }
 
     /// The stopped and release hooks; failures are logged.
@@ -651,90 +590,4 @@ impl Manager {
             }
         }
     }
-}
-
-/// What QEMU gets besides its command line, prepared before the spawn.
-struct GuestFiles {
-    /// The agent listener.
-    agent: Option<OwnedFd>,
-    /// The serial log, opened for append.
-    serial: Option<File>,
-    /// Read-write disks to give to QEMU's user.
-    planned: Vec<(File, Grant)>,
-    /// The tap devices, one per `tap` NIC in order.
-    taps: Vec<OwnedFd>,
-}
-
-/// Bind the agent socket, open the serial log (creating the domain's
-/// serial dir when the log is in it) and the tap devices, and plan the ownership of the
-/// read-write disks of `spec` (paths already resolved) for `owner`.
-/// Blocking.
-fn guest_files(
-    spec: &qvirt_proto::v1::DomainSpec,
-    paths: &DomainPaths,
-    owner: Option<&Credentials>,
-) -> Result<GuestFiles, DomainError> {
-    let failed = |what: String| {
-        let domain = spec.name.clone();
-        move |source| DomainError::Confine {
-            domain,
-            what,
-            source,
-        }
-    };
-    let agent = if spec.agent {
-        Some(
-            launch::bind_listener(&paths.agent_socket).map_err(failed(format!(
-                "binding the agent socket {}",
-                paths.agent_socket.display()
-            )))?,
-        )
-    } else {
-        None
-    };
-    let serial = if spec.serial_log.is_empty() {
-        None
-    } else {
-        let path = std::path::Path::new(&spec.serial_log);
-        let own_dir = confine::resolve(&paths.serial_dir).ok();
-        if own_dir.is_some() && path.parent() == own_dir.as_deref() {
-            store::create_dir(&paths.serial_dir, 0o750)?;
-        }
-        let opened = confine::open_serial_log(path).and_then(|file| {
-            // Above 2, or the child's stdio would replace it (a supervisor
-            // started with stdio closed); try_clone dups to at least 3.
-            if file.as_raw_fd() > 2 {
-                Ok(file)
-            } else {
-                file.try_clone()
-            }
-        });
-        Some(opened.map_err(failed(format!("opening the serial log {}", path.display())))?)
-    };
-    let mut taps = Vec::new();
-    for net in &spec.networks {
-        if let Some(Backend::Tap(tap)) = &net.backend {
-            taps.push(
-                launch::open_tap(&tap.ifname)
-                    .map_err(failed(format!("opening the tap device {}", tap.ifname)))?,
-            );
-        }
-    }
-    let mut planned = Vec::new();
-    if let Some(owner) = owner {
-        for disk in spec.disks.iter().filter(|d| !d.read_only) {
-            let path = std::path::Path::new(&disk.path);
-            if let Some(plan) = confine::plan_grant(path, owner)
-                .map_err(failed(format!("opening the disk {}", path.display())))?
-            {
-                planned.push(plan);
-            }
-        }
-    }
-    Ok(GuestFiles {
-        agent,
-        serial,
-        planned,
-        taps,
-    })
 }
