@@ -19,7 +19,7 @@
 //!   readable by QEMU's user. The monitor and agent sockets, the QEMU log
 //!   and the serial log are opened by the supervisor and passed as fds, so
 //!   QEMU needs no access to the run, log or serial dirs.
-//! - [`guest_files`] prepares what QEMU inherits (agent listener, serial
+//! - `guest_files` prepares what QEMU inherits (agent listener, serial
 //!   log, tap devices) and plans the grants; `Manager::give_files` and
 //!   `Manager::take_back_files` apply and undo them.
 
@@ -347,8 +347,9 @@ pub fn restore_all(grants: &[Grant]) -> Vec<Grant> {
 
 impl Manager {
     /// Give QEMU's user the `planned` files: record their owners in the
-    /// status file first (durably for a supervisor restart), then change
-    /// them. A failure puts back what was changed.
+    /// status file first (so a restarted supervisor still knows them),
+    /// then change them. On a failure the records stay; the caller's
+    /// abort (`take_back_files`) puts back what was changed.
     pub(super) async fn give_files(
         &self,
         entry: &Entry,
@@ -418,9 +419,9 @@ pub(super) struct GuestFiles {
 }
 
 /// Bind the agent socket, open the serial log (creating the domain's
-/// serial dir when the log is in it) and the tap devices, and plan the ownership of the
-/// read-write disks of `spec` (paths already resolved) for `owner`.
-/// Blocking.
+/// serial dir when the log is in it) and the tap devices, and plan the
+/// ownership of the read-write disks of `spec` (paths already resolved)
+/// for `owner`. Blocking.
 pub(super) fn guest_files(
     spec: &qvirt_proto::v1::DomainSpec,
     paths: &DomainPaths,
