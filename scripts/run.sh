@@ -16,10 +16,16 @@ mkdir -p "$run_dir"
 # directory is .run/hooks; agentd finds agent sockets through the
 # supervisor)
 mkdir -p "$run_dir/hooks"
+# The supervisor's image root: QEMU runs as the unprivileged qvirt-qemu
+# (when this runs as root) and opens kernel, initrd and disks by path, so
+# they must be where that user can reach them; a checkout under /root is
+# not. Removed on exit.
+images=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-images.XXXXXX")
+chmod 0755 "$images"
 services=(
     "qvirt-eventbus 50053 --metrics-listen 127.0.0.1:9153"
     "qvirt-hookexec 50054 --hooks-dir $run_dir/hooks"
-    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055"
+    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --image-root $images --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055"
     "qvirt-agentd 50055 --supervisor http://127.0.0.1:50052"
     "qvirt-gateway 50051"
 )
@@ -43,6 +49,7 @@ stop() {
         kill -KILL "$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
+    rm -rf "$images"
 }
 trap stop EXIT
 trap 'stop; exit 0' INT TERM
@@ -90,8 +97,10 @@ start_demo() {
         tail -n 3 "$run_dir/guest-build.log" >&2
         return 0
     fi
+    install -m 0644 "$image/vmlinux" "$image/initramfs" "$images/"
     # JSON strings are YAML strings: paths with any characters stay intact.
-    request=$(python3 - "$image" "$run_dir" <<'PY'
+    # The serial log goes in the domain's own dir, STATE_DIR/serial/demo/.
+    request=$(python3 - "$images" "$run_dir" <<'PY'
 import json, sys
 image, run = sys.argv[1], sys.argv[2]
 q = json.dumps
@@ -99,7 +108,7 @@ spec = "\n".join([
     "name: demo", "memory_mib: 128", "vcpus: 1", "machine: q35", "accel: tcg",
     "kernel: " + q(image + "/vmlinux"), "initrd: " + q(image + "/initramfs"),
     "cmdline: " + q("console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check"),
-    "agent: true", "serial_log: " + q(run + "/demo-serial.log"), "",
+    "agent: true", "serial_log: " + q(run + "/state/serial/demo/console.log"), "",
 ])
 print(json.dumps({"spec_yaml": spec, "allow_update": True}))
 PY
@@ -145,7 +154,7 @@ if [ -n "$demo_started" ]; then
     cat <<'EOF2'
 
 The demo guest "demo" is booting (TCG, ~3 s to its agent; console in
-.run/demo-serial.log); its agent is qvirt-ga, reached through agentd:
+.run/state/serial/demo/console.log); its agent is qvirt-ga, reached through agentd:
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/GetDomain
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50055 qvirt.v1.GuestAgent/OsInfo
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "path": "/bin/busybox", "args": ["uname", "-a"], "capture_output": true, "wait": true}' \

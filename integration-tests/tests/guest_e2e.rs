@@ -77,6 +77,36 @@ fn guest_image(agent: &Path) -> Result<Image, String> {
     })
 }
 
+/// Kernel and initramfs copied into `dir/images` (made traversable, the
+/// files world-readable), the image root of the test's supervisor.
+struct Images {
+    root: PathBuf,
+    vmlinux: PathBuf,
+    initramfs: PathBuf,
+}
+
+fn guest_images(dir: &Path, image: &Image) -> Images {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(dir, 0o755);
+    let root = dir.join("images");
+    std::fs::create_dir(&root).unwrap();
+    mode(&root, 0o755);
+    let copy = |from: &Path| {
+        let to = root.join(from.file_name().unwrap());
+        std::fs::copy(from, &to).unwrap();
+        mode(&to, 0o644);
+        to
+    };
+    Images {
+        vmlinux: copy(&image.vmlinux),
+        initramfs: copy(&image.initramfs),
+        root: root.clone(),
+    }
+}
+
 fn serial(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| format!("(no serial log: {e})"))
 }
@@ -109,19 +139,30 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     };
     let dir = tempfile::tempdir().unwrap();
     let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    // QEMU runs as qvirt-qemu and reads kernel and initrd by path: they go
+    // in an image root it can reach (the repo's target dir may not be).
+    let images = guest_images(dir.path(), &image);
     let agentd_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agentd_url = format!("http://{agentd_addr}");
-    let sup = start_supervisor(&state, &run, None, &["--agentd", &agentd_url]).await;
+    let image_root = images.root.to_str().unwrap();
+    let sup = start_supervisor(
+        &state,
+        &run,
+        None,
+        &["--agentd", &agentd_url, "--image-root", image_root],
+    )
+    .await;
     let mut agentd = Service::start_at("qvirt-agentd", agentd_addr, &["--supervisor", &sup.url()]);
     agentd.wait_serving("qvirt.v1.GuestAgent").await;
     let mut supervisor = SupervisorClient::connect(sup.url()).await.unwrap();
     let mut agent = GuestAgentClient::connect(agentd.url()).await.unwrap();
 
-    let serial_log = dir.path().join("serial.log");
+    // The domain's own serial dir.
+    let serial_log = state.join("serial/guest/console.log");
     let spec = format!(
         "name: guest\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\ncmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check\nagent: true\nserial_log: {}\n",
-        image.vmlinux.display(),
-        image.initramfs.display(),
+        images.vmlinux.display(),
+        images.initramfs.display(),
         serial_log.display()
     );
     let defined = bounded("DefineDomain", define_yaml(&mut supervisor, spec))

@@ -13,6 +13,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,6 +78,8 @@ impl Dirs {
         // Fail loudly, naming `make deps`, when QEMU is missing.
         tool_path("qemu-system-x86_64");
         let tmp = tempfile::tempdir().unwrap();
+        // QEMU runs as qvirt-qemu and opens images by path.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         Dirs {
             state: tmp.path().join("state"),
             run: tmp.path().join("run"),
@@ -424,16 +427,21 @@ async fn test_qemu_start_failures_carry_qemu_message() {
     let reaper = Reaper::default();
     let mut sup = Sup::start(&dirs).await;
 
-    sup.define("name: nodisk\nmemory_mib: 64\ndisks: [{path: /nonexistent/qvirt-test.img}]\n")
-        .await
-        .unwrap();
+    // In the default image root (STATE_DIR/images), but missing.
+    let missing = dirs.state.join("images/qvirt-test-missing.img");
+    sup.define(&format!(
+        "name: nodisk\nmemory_mib: 64\ndisks: [{{path: {}}}]\n",
+        missing.display()
+    ))
+    .await
+    .unwrap();
     let err = sup
         .start_domain("nodisk", false, &reaper)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(
-        err.message().contains("/nonexistent/qvirt-test.img")
+        err.message().contains(&missing.display().to_string())
             && err.message().contains("No such file or directory")
             && err.message().contains("exit status: 1"),
         "{}",

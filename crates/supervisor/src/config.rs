@@ -14,6 +14,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/qvirt";
 pub const DEFAULT_RUN_DIR: &str = "/run/qvirt";
 /// Default `qemu_binary` (looked up on PATH).
 pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Default `qemu_user`: the system user `make deps` creates.
+pub const DEFAULT_QEMU_USER: &str = "qvirt-qemu";
+/// The image root used when `image_roots` is empty, under `state_dir`.
+pub const DEFAULT_IMAGES_SUBDIR: &str = "images";
 
 /// The accelerator a domain gets when its spec leaves `accel` unset.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -45,6 +49,24 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// The QEMU binary (a bare name is looked up on PATH).
     pub qemu_binary: PathBuf,
+    /// The user QEMU runs as (when the supervisor runs as root). `root`
+    /// is allowed but logged as a warning: QEMU then runs unconfined by
+    /// user.
+    pub qemu_user: String,
+    /// The group QEMU runs as. Empty: `qemu_user`'s primary group.
+    pub qemu_group: String,
+    /// Start QEMU with its seccomp sandbox (`-sandbox on,obsolete=deny,
+    /// elevateprivileges=deny,spawn=deny,resourcecontrol=deny`), as
+    /// libvirt does.
+    pub qemu_sandbox: bool,
+    /// Where a definition's kernel, initrd and disks may be (absolute
+    /// dirs; symlinks and `..` are resolved before the check). Empty:
+    /// `STATE_DIR/images` alone.
+    pub image_roots: Vec<PathBuf>,
+    /// Dirs where a definition's `serial_log` may be besides the domain's
+    /// own serial dir `STATE_DIR/serial/NAME/` (which is always allowed).
+    /// Empty: the domain's own dir only.
+    pub serial_log_roots: Vec<PathBuf>,
     /// This host's name in domain records and events. Empty: the hostname.
     pub node_name: String,
     /// Accelerator for specs that leave `accel` unset.
@@ -82,6 +104,11 @@ impl Default for Config {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             qemu_binary: PathBuf::from(DEFAULT_QEMU_BINARY),
+            qemu_user: DEFAULT_QEMU_USER.to_owned(),
+            qemu_group: String::new(),
+            qemu_sandbox: true,
+            image_roots: Vec::new(),
+            serial_log_roots: Vec::new(),
             node_name: String::new(),
             default_accel: DefaultAccel::Tcg,
             auto_uses_kvm: false,
@@ -109,6 +136,16 @@ impl Config {
             .unwrap_or_else(|| "localhost".to_owned())
     }
 
+    /// The dirs a definition's images may be in: `image_roots`, or
+    /// `STATE_DIR/images` when it is empty.
+    pub fn image_roots(&self) -> Vec<PathBuf> {
+        if self.image_roots.is_empty() {
+            vec![self.state_dir.join(DEFAULT_IMAGES_SUBDIR)]
+        } else {
+            self.image_roots.clone()
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, value: String, reason: &str| ConfigError::Invalid {
             field,
@@ -132,6 +169,21 @@ impl Config {
                     "must be an absolute path",
                 ));
             }
+        }
+        for (field, dirs) in [
+            ("image_roots", &self.image_roots),
+            ("serial_log_roots", &self.serial_log_roots),
+        ] {
+            if let Some(dir) = dirs.iter().find(|d| !d.is_absolute()) {
+                return Err(invalid(
+                    field,
+                    dir.display().to_string(),
+                    "must be an absolute path",
+                ));
+            }
+        }
+        if self.qemu_user.is_empty() {
+            return Err(invalid("qemu_user", String::new(), "must not be empty"));
         }
         if self.qemu_binary.as_os_str().is_empty() {
             return Err(invalid("qemu_binary", String::new(), "must not be empty"));
@@ -197,6 +249,25 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("run_dir"), "{err}");
+    }
+
+    #[test]
+    fn test_confinement_defaults_and_relative_roots() {
+        let c = Config::default();
+        assert_eq!(c.qemu_user, "qvirt-qemu");
+        assert!(c.qemu_sandbox);
+        assert_eq!(c.image_roots(), [Path::new("/var/lib/qvirt/images")]);
+        let c = Config {
+            image_roots: vec![PathBuf::from("/srv/img"), PathBuf::from("img")],
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("image_roots") && err.contains("img"), "{err}");
+        let c = Config {
+            qemu_user: String::new(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("qemu_user"));
     }
 
     #[test]

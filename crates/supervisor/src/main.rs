@@ -22,6 +22,21 @@ struct Args {
     /// QEMU binary. Overrides `qemu_binary`.
     #[arg(long, value_name = "PATH")]
     qemu_binary: Option<PathBuf>,
+    /// User QEMU runs as (when the supervisor is root). Overrides `qemu_user`.
+    #[arg(long, value_name = "USER")]
+    qemu_user: Option<String>,
+    /// Group QEMU runs as (empty: the user's primary group). Overrides `qemu_group`.
+    #[arg(long, value_name = "GROUP")]
+    qemu_group: Option<String>,
+    /// QEMU's seccomp sandbox. Overrides `qemu_sandbox`.
+    #[arg(long, value_name = "BOOL")]
+    qemu_sandbox: Option<bool>,
+    /// A dir images may be in; repeat for more. Overrides `image_roots`.
+    #[arg(long = "image-root", value_name = "DIR")]
+    image_roots: Vec<PathBuf>,
+    /// A dir serial logs may be in; repeat for more. Overrides `serial_log_roots`.
+    #[arg(long = "serial-log-root", value_name = "DIR")]
+    serial_log_roots: Vec<PathBuf>,
     /// Node name in domain records and events. Overrides `node_name`.
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -63,6 +78,17 @@ fn main() -> ExitCode {
         override_with(&mut c.state_dir, args.state_dir);
         override_with(&mut c.run_dir, args.run_dir);
         override_with(&mut c.qemu_binary, args.qemu_binary);
+        override_with(&mut c.qemu_user, args.qemu_user);
+        override_with(&mut c.qemu_group, args.qemu_group);
+        override_with(&mut c.qemu_sandbox, args.qemu_sandbox);
+        override_with(
+            &mut c.image_roots,
+            Some(args.image_roots).filter(|r| !r.is_empty()),
+        );
+        override_with(
+            &mut c.serial_log_roots,
+            Some(args.serial_log_roots).filter(|r| !r.is_empty()),
+        );
         override_with(&mut c.node_name, args.node_name);
         override_with(&mut c.default_accel, args.default_accel);
         override_with(&mut c.auto_uses_kvm, args.auto_uses_kvm);

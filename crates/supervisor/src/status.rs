@@ -57,11 +57,13 @@ pub fn code(error: &DomainError) -> Code {
         | DomainError::NoAgent(_)
         | DomainError::NoAgentService
         | DomainError::Hook { .. }
+        | DomainError::Confine { .. }
         | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
         DomainError::Timeout(_) => Code::DeadlineExceeded,
-        DomainError::Stop { .. } | DomainError::Store(_) | DomainError::Internal(_) => {
-            Code::Internal
-        }
+        DomainError::Stop { .. }
+        | DomainError::Store(_)
+        | DomainError::QemuUser(_)
+        | DomainError::Internal(_) => Code::Internal,
     }
 }
 

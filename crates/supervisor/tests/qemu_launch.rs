@@ -59,6 +59,7 @@ fn config(dir: &Path, extra: &[&str]) -> LaunchConfig {
         run_dir: dir.join("run/guest"),
         log_path: dir.join("guest.log"),
         handshake_timeout: WAIT,
+        credentials: None,
     }
 }
 
@@ -89,7 +90,7 @@ struct Guest {
 async fn start(extra: &[&str]) -> Guest {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), extra);
-    let mut process = within(launch::launch(&config))
+    let mut process = within(launch::launch(&config, Vec::new()))
         .await
         .unwrap_or_else(|e| panic!("launch failed: {e}"));
     let guard = KillOnDrop {
@@ -109,7 +110,7 @@ async fn start(extra: &[&str]) -> Guest {
 async fn start_failing(extra: &[&str]) -> (LaunchError, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), extra);
-    match within(launch::launch(&config)).await {
+    match within(launch::launch(&config, Vec::new())).await {
         Ok(process) => {
             let _guard = KillOnDrop {
                 pid: process.pid(),

@@ -6,15 +6,20 @@
 //! keeps QEMU alive when the guest powers off, as libvirt does: the
 //! supervisor sees the SHUTDOWN event and then either quits QEMU (a normal
 //! shutdown) or resets and resumes the guest (an ACPI reboot).
+//! With the sandbox on, `-sandbox on,obsolete=deny,elevateprivileges=deny,
+//! spawn=deny,resourcecontrol=deny` (libvirt's set).
 //! Then kernel/initrd/append, disks (virtio-blk, explicit format, read-only,
-//! serial), NICs (virtio-net on user or tap backends), the serial log, the
-//! guest agent channel, and finally the operator's `extra_args`.
+//! serial), NICs (virtio-net on user backends, or on tap devices the
+//! supervisor opened, by fd), the serial log (an
+//! fd the supervisor opened, through `-add-fd` and `/dev/fdset/N`, in
+//! append mode), the guest agent channel (a listening socket the
+//! supervisor bound, by fd), and finally the operator's `extra_args`.
 //!
 //! Values embedded in QEMU option strings have their commas doubled
 //! (QEMU's escape), so a path cannot inject options.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::os::fd::RawFd;
 
 use qvirt_proto::v1::network_spec::Backend;
 use qvirt_proto::v1::{Accel, DiskFormat, DomainSpec, PortForwardProtocol};
@@ -51,11 +56,25 @@ pub fn kvm_usable() -> bool {
         .is_ok()
 }
 
-/// Where a domain's host-side files are, for its command line.
-#[derive(Debug, Clone)]
-pub struct Paths<'a> {
-    /// The guest agent socket (used when the spec has `agent`).
-    pub agent_socket: &'a Path,
+/// QEMU's seccomp sandbox as libvirt starts it: no obsolete system calls,
+/// no privilege changes, no fork/exec, no scheduler/affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The fdset QEMU's serial log fd goes in (`/dev/fdset/N`).
+pub const SERIAL_FDSET: u32 = 1;
+
+/// What the supervisor hands QEMU besides the spec: inherited fds and the
+/// sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    /// The listening agent socket (used when the spec has `agent`).
+    pub agent_fd: Option<RawFd>,
+    /// The opened serial log (used when the spec has `serial_log`).
+    pub serial_fd: Option<RawFd>,
+    /// The opened tap devices, one per `tap` NIC in order.
+    pub tap_fds: Vec<RawFd>,
+    /// Whether to add `-sandbox` ([`SANDBOX`]).
+    pub sandbox: bool,
 }
 
 /// Double the commas of a value embedded in a QEMU option string.
@@ -68,7 +87,7 @@ fn on_off(b: bool) -> &'static str {
 }
 
 /// QEMU's arguments for `spec` (normalized by [`super::spec::normalize`]).
-pub fn build(spec: &DomainSpec, accel: ResolvedAccel, paths: &Paths<'_>) -> Vec<OsString> {
+pub fn build(spec: &DomainSpec, accel: ResolvedAccel, host: &Host) -> Vec<OsString> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("guest={}", escape(&spec.name))]);
@@ -90,6 +109,9 @@ pub fn build(spec: &DomainSpec, accel: ResolvedAccel, paths: &Paths<'_>) -> Vec<
         "-no-user-config",
         "-no-shutdown",
     ]);
+    if host.sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
     if !spec.kernel.is_empty() {
         push(&["-kernel", &spec.kernel]);
         if !spec.initrd.is_empty() {
@@ -118,12 +140,14 @@ pub fn build(spec: &DomainSpec, accel: ResolvedAccel, paths: &Paths<'_>) -> Vec<
         }
         push(&["-device", &device]);
     }
+    let mut tap_fds = host.tap_fds.iter();
     for (i, net) in spec.networks.iter().enumerate() {
         let netdev = match &net.backend {
-            Some(Backend::Tap(tap)) => format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
-                escape(&tap.ifname)
-            ),
+            Some(Backend::Tap(_)) => match tap_fds.next() {
+                // Opened by the supervisor: QEMU cannot (no CAP_NET_ADMIN).
+                Some(fd) => format!("tap,id=net{i},fd={fd}"),
+                None => continue,
+            },
             Some(Backend::User(user)) => {
                 let mut s = format!("user,id=net{i}");
                 for fwd in &user.port_forwards {
@@ -147,21 +171,24 @@ pub fn build(spec: &DomainSpec, accel: ResolvedAccel, paths: &Paths<'_>) -> Vec<
             &format!("virtio-net-pci,netdev=net{i},mac={}", net.mac),
         ]);
     }
-    if !spec.serial_log.is_empty() {
+    if !spec.serial_log.is_empty()
+        && let Some(fd) = host.serial_fd
+    {
         push(&[
+            "-add-fd",
+            &format!("fd={fd},set={SERIAL_FDSET},opaque=serial-log"),
             "-chardev",
-            &format!("file,id=serial0,path={}", escape(&spec.serial_log)),
+            &format!("file,id=serial0,path=/dev/fdset/{SERIAL_FDSET},append=on"),
             "-serial",
             "chardev:serial0",
         ]);
     }
-    if spec.agent {
+    if spec.agent
+        && let Some(fd) = host.agent_fd
+    {
         push(&[
             "-chardev",
-            &format!(
-                "socket,id=qga0,path={},server=on,wait=off",
-                escape(&paths.agent_socket.to_string_lossy())
-            ),
+            &format!("socket,id=qga0,fd={fd},server=on,wait=off"),
             "-device",
             "virtio-serial-pci,id=virtio-serial0",
             "-device",
@@ -183,10 +210,13 @@ mod tests {
 
     fn argv(yaml: &str) -> Vec<String> {
         let spec = normalize(DomainSpec::from_yaml(yaml).unwrap(), DefaultAccel::Tcg).unwrap();
-        let paths = Paths {
-            agent_socket: Path::new("/run/q/a,b/agent.sock"),
+        let host = Host {
+            agent_fd: Some(7),
+            serial_fd: Some(8),
+            tap_fds: vec![9],
+            sandbox: yaml.contains("name: \"web,1\""),
         };
-        build(&spec, ResolvedAccel::Tcg, &paths)
+        build(&spec, ResolvedAccel::Tcg, &host)
             .into_iter()
             .map(|s| s.into_string().unwrap())
             .collect()
@@ -234,9 +264,10 @@ extra_args: ["-device", "virtio-rng-pci"]
             "-drive file=/img/root,,x.qcow2,format=qcow2,if=none,id=drive0,readonly=off -device virtio-blk-pci,drive=drive0,id=disk0,serial=root ",
             "-drive file=/img/seed.img,format=raw,if=none,id=drive1,readonly=on -device virtio-blk-pci,drive=drive1,id=disk1 ",
             "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=udp:0.0.0.0:5353-:53 -device virtio-net-pci,netdev=net0,mac=52:54:00:aa:bb:01 ",
-            "-netdev tap,id=net1,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02 ",
-            "-chardev file,id=serial0,path=/var/log/web1.serial -serial chardev:serial0 ",
-            "-chardev socket,id=qga0,path=/run/q/a,,b/agent.sock,server=on,wait=off -device virtio-serial-pci,id=virtio-serial0 -device virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0 ",
+            "-netdev tap,id=net1,fd=9 -device virtio-net-pci,netdev=net1,mac=52:54:00:00:00:02 ",
+            "-no-shutdown -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny ",
+            "-add-fd fd=8,set=1,opaque=serial-log -chardev file,id=serial0,path=/dev/fdset/1,append=on -serial chardev:serial0 ",
+            "-chardev socket,id=qga0,fd=7,server=on,wait=off -device virtio-serial-pci,id=virtio-serial0 -device virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0 ",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -116,6 +116,21 @@ pub enum DomainError {
         #[source]
         source: Box<LaunchError>,
     },
+    /// A file the guest needs could not be prepared for it (opened, or
+    /// given to QEMU's user), or QEMU's user cannot be found.
+    #[error("domain {domain:?}: {what}")]
+    Confine {
+        /// The domain (empty at supervisor start).
+        domain: String,
+        /// What failed, naming the file.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU's user or group cannot be found (at supervisor start).
+    #[error(transparent)]
+    QemuUser(#[from] crate::domain::confine::CredentialsError),
     /// Agent mode was asked for a domain defined without `agent: true`.
     #[error("domain {0:?} has no guest agent (`agent: true` in its definition)")]
     NoAgent(String),

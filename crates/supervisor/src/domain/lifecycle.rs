@@ -8,6 +8,7 @@
 //! `cont` instead of `quit`, so QEMU stays up and the guest boots again.
 //! A plain guest power-off makes the watcher `quit` QEMU.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,7 +19,8 @@ use qvirt_proto::v1::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::argv::{self, Paths};
+use super::argv::{self, Host};
+use super::confine::guest_files;
 use super::{DomainError, Entry, Life, Manager, Proc, Run, RunFlags, millis, state_name};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
@@ -53,24 +55,31 @@ impl Manager {
         let paths = self.inner.store.paths(&spec.name);
         let auto_uses_kvm = self.config().auto_uses_kvm;
         let accel = spec.accel();
+        // The config may have changed since the definition was checked.
+        let confined = match self.confine(&spec).await {
+            Ok(confined) => confined,
+            Err(error) => return Err(self.abort_start(&entry, &spec, None, error).await),
+        };
         let store = self.inner.store.clone();
-        let log_name = spec.name.clone();
-        let stale_agent_socket = spec.agent.then(|| paths.agent_socket.clone());
+        let owner = self
+            .inner
+            .qemu
+            .clone()
+            .filter(|c| c.uid != launch::effective_uid());
+        let prepare_paths = paths.clone();
+        let prepare_spec = confined.clone();
         // One blocking hop for the file-system work before the spawn.
         let prepare = tokio::task::spawn_blocking(move || {
-            if let Err(error) = store.rotate_log(&log_name) {
+            if let Err(error) = store.rotate_log(&prepare_spec.name) {
                 let error = qvirt_common::error_chain(&error);
-                warn!(domain = %log_name, %error, "QEMU log rotation failed");
+                warn!(domain = %prepare_spec.name, %error, "QEMU log rotation failed");
             }
-            if let Some(socket) = stale_agent_socket {
-                // A stale socket file from a QEMU that died would make
-                // QEMU's bind fail.
-                let _ = std::fs::remove_file(socket);
-            }
-            argv::resolve_accel(accel, auto_uses_kvm)
+            let files = guest_files(&prepare_spec, &prepare_paths, owner.as_ref());
+            (files, argv::resolve_accel(accel, auto_uses_kvm))
         });
-        let resolved = match prepare.await {
-            Ok(resolved) => resolved,
+        let (files, resolved) = match prepare.await {
+            Ok((Ok(files), resolved)) => (files, resolved),
+            Ok((Err(error), _)) => return Err(self.abort_start(&entry, &spec, None, error).await),
             Err(error) => {
                 // Never guess (e.g. TCG) when the probe itself broke.
                 error!(domain = %spec.name, %error, "start preparation task failed");
@@ -84,19 +93,32 @@ impl Manager {
         if accel == Accel::Auto {
             info!(domain = %spec.name, accel = ?resolved, "accel auto resolved");
         }
+        if let Err(error) = self.give_files(&entry, &spec.name, files.planned).await {
+            return Err(self.abort_start(&entry, &spec, None, error).await);
+        }
         let args = argv::build(
-            &spec,
+            &confined,
             resolved,
-            &Paths {
-                agent_socket: &paths.agent_socket,
+            &Host {
+                agent_fd: files.agent.as_ref().map(AsRawFd::as_raw_fd),
+                serial_fd: files.serial.as_ref().map(AsRawFd::as_raw_fd),
+                tap_fds: files.taps.iter().map(AsRawFd::as_raw_fd).collect(),
+                sandbox: self.config().qemu_sandbox,
             },
         );
+        let inherit: Vec<OwnedFd> = files
+            .agent
+            .into_iter()
+            .chain(files.serial.map(OwnedFd::from))
+            .chain(files.taps)
+            .collect();
         let launch_config = LaunchConfig {
             binary: self.config().qemu_binary.clone(),
             args,
             run_dir: paths.run_dir.clone(),
             log_path: paths.qemu_log.clone(),
             handshake_timeout: Duration::from_secs(self.config().start_timeout_secs),
+            credentials: self.inner.qemu.clone(),
         };
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Start).await {
             return Err(self
@@ -104,7 +126,7 @@ impl Manager {
                 .await);
         }
         let prepared = began.elapsed();
-        let mut process = match launch::launch(&launch_config).await {
+        let mut process = match launch::launch(&launch_config, inherit).await {
             Ok(p) => p,
             Err(source) => {
                 warn!(domain = %spec.name, error = %qvirt_common::error_chain(&source), "QEMU failed to start");
@@ -207,6 +229,7 @@ impl Manager {
         {
             warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
         }
+        self.take_back_files(entry).await;
         self.transition(
             entry,
             DomainState::Shutoff,
@@ -423,6 +446,13 @@ impl Manager {
             (data.spec.clone(), data.status.clone())
         };
         let Some(identity) = status.identity.clone().filter(|_| status.pid != 0) else {
+            if !status.granted.is_empty() {
+                // A start that died between giving QEMU its files and
+                // spawning it.
+                self.take_back_files(entry).await;
+                let status = entry.data().status.clone();
+                self.save_status(spec.name.clone(), status).await;
+            }
             return;
         };
         let name = spec.name.clone();
@@ -442,6 +472,7 @@ impl Manager {
                 // start's prepare hook never overtakes them.
                 let stop_hooks = Arc::clone(&entry.stop_hooks).lock_owned().await;
                 clear(entry);
+                self.take_back_files(entry).await;
                 self.transition(
                     entry,
                     DomainState::Shutoff,

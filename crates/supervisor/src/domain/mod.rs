@@ -2,6 +2,8 @@
 //! gRPC service exposes.
 //!
 //! - [`spec`]: checking a spec and filling defaults.
+//! - [`confine`]: paths under configured roots, QEMU's user, and the
+//!   files given to it while it runs.
 //! - [`argv`]: QEMU's command line for a spec.
 //! - [`store`]: definitions and status files on disk, written atomically.
 //! - [`Manager`] (this file, with the start/stop paths in `lifecycle` and
@@ -15,6 +17,7 @@
 //! domains run in parallel.
 
 pub mod argv;
+pub mod confine;
 mod error;
 mod lifecycle;
 pub mod spec;
@@ -39,7 +42,7 @@ use tokio_util::task::TaskTracker;
 pub use error::DomainError;
 
 use crate::config::Config;
-use crate::launch::{ProcessIdentity, QemuProcess};
+use crate::launch::{Credentials, ProcessIdentity, QemuProcess};
 use crate::qmp::QmpClient;
 use crate::seams::{DomainRef, EventSink, GuestPower, Hooks, Lifecycle};
 use spec::is_canonical_uuid;
@@ -217,6 +220,8 @@ struct Inner {
     hooks: Arc<dyn Hooks>,
     /// The agent service, for agent-mode shutdown and reboot.
     agent: Option<Arc<dyn GuestPower>>,
+    /// Who QEMU runs as; `None`: the supervisor's own user.
+    qemu: Option<Credentials>,
     domains: Mutex<BTreeMap<String, Arc<Entry>>>,
     /// Serialises define and undefine.
     define_lock: tokio::sync::Mutex<()>,
@@ -264,9 +269,19 @@ impl Manager {
             let config = config.clone();
             blocking(move || {
                 store.init()?;
+                if config.image_roots.is_empty() {
+                    // Traversable: QEMU's user opens images by path.
+                    store::create_dir(&config.image_roots()[0], 0o755)?;
+                }
                 Ok((config.node_name(), store.load_all()?))
             })
             .await?
+        };
+        let qemu = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || confine::qemu_credentials(&config))
+                .await
+                .map_err(|e| DomainError::Internal(format!("user look-up task failed: {e}")))??
         };
         let manager = Manager {
             inner: Arc::new(Inner {
@@ -276,6 +291,7 @@ impl Manager {
                 events,
                 hooks,
                 agent,
+                qemu,
                 domains: Mutex::new(BTreeMap::new()),
                 define_lock: tokio::sync::Mutex::new(()),
                 tasks: TaskTracker::new(),
@@ -460,6 +476,22 @@ impl Manager {
         Ok(())
     }
 
+    /// Check that the paths `spec` names lie under the configured roots
+    /// and that its extra arguments leave the sandbox alone; returns the
+    /// spec with its paths resolved.
+    async fn confine(&self, spec: &DomainSpec) -> Result<DomainSpec, DomainError> {
+        confine::check_extra_args(spec)?;
+        let roots =
+            confine::Roots::new(self.config(), self.inner.store.paths(&spec.name).serial_dir);
+        let spec = spec.clone();
+        match tokio::task::spawn_blocking(move || confine::confine_paths(&spec, &roots)).await {
+            Ok(result) => result.map_err(DomainError::from),
+            Err(e) => Err(DomainError::Internal(format!(
+                "path check task failed: {e}"
+            ))),
+        }
+    }
+
     /// Define (or, with `allow_update`, redefine) a domain.
     pub async fn define(
         &self,
@@ -469,6 +501,7 @@ impl Manager {
         let uuid_given = !spec.uuid.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
         self.check_socket_paths(&spec.name)?;
+        self.confine(&spec).await?;
         let _define = self.inner.define_lock.lock().await;
         let existing = self.domains().get(&spec.name).cloned();
         let clash = self

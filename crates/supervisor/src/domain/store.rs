@@ -4,8 +4,10 @@
 //!   (the same format `qvirtctl define` reads), with every default filled,
 //!   after a comment line recording when it was first defined.
 //! - `STATE_DIR/logs/NAME.log`: QEMU's stdout and stderr.
+//! - `STATE_DIR/serial/NAME/`: the domain's own dir for its serial log.
 //! - `RUN_DIR/NAME/` (mode 0700): `status.yaml` (state, reason, pid, process
-//!   identity, socket paths, times), `monitor.sock`, `agent.sock`.
+//!   identity, socket paths, times, files given to QEMU's user),
+//!   `monitor.sock`, `agent.sock`.
 //!
 //! Every file is written atomically: a temp file in the same dir, then
 //! rename over the old one, so a crash of the supervisor leaves the old or
@@ -128,6 +130,9 @@ pub struct Status {
     pub started_at_ms: Option<u64>,
     /// When state or reason last changed, ms since the epoch.
     pub state_changed_at_ms: Option<u64>,
+    /// Files given to QEMU's user, with their original owner and mode
+    /// (recorded before the change, restored at stop).
+    pub granted: Vec<super::confine::Grant>,
 }
 
 /// A definition read back at start.
@@ -154,6 +159,8 @@ pub struct DomainPaths {
     pub agent_socket: PathBuf,
     /// `STATE_DIR/logs/NAME.log`.
     pub qemu_log: PathBuf,
+    /// `STATE_DIR/serial/NAME`: the domain's own dir for its serial log.
+    pub serial_dir: PathBuf,
 }
 
 /// The on-disk layout under the state and run dirs.
@@ -163,7 +170,7 @@ pub struct Store {
     run_dir: PathBuf,
 }
 
-fn create_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
+pub(crate) fn create_dir(path: &Path, mode: u32) -> Result<(), StoreError> {
     let err = |source| StoreError::CreateDir {
         path: path.to_owned(),
         source,
@@ -240,6 +247,7 @@ impl Store {
     pub fn init(&self) -> Result<(), StoreError> {
         create_dir(&self.domains_dir(), 0o755)?;
         create_dir(&self.state_dir.join("logs"), 0o750)?;
+        create_dir(&self.state_dir.join("serial"), 0o750)?;
         create_dir(&self.run_dir, 0o700)
     }
 
@@ -258,6 +266,7 @@ impl Store {
             monitor_socket: run_dir.join(MONITOR_SOCKET_NAME),
             agent_socket: run_dir.join(AGENT_SOCKET_NAME),
             qemu_log: self.state_dir.join("logs").join(format!("{name}.log")),
+            serial_dir: self.state_dir.join("serial").join(name),
             run_dir,
         }
     }

@@ -361,6 +361,8 @@ impl Manager {
         } else {
             DomainStateReason::ShutoffCrashed
         };
+        // The files QEMU was given go back to their owners first.
+        self.take_back_files(entry).await;
         // Persist first, then publish in memory: whoever waits for the run
         // to end (destroy, undefine) then finds the files settled.
         let (spec, mut status) = {

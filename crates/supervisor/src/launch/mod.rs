@@ -3,7 +3,9 @@
 //!
 //! [`launch`]: create the per-domain run dir (0700), bind and listen on
 //! `RUN_DIR/monitor.sock`, spawn QEMU in its own process group with the
-//! listening fd inherited and named on its command line
+//! listening fd inherited (with the caller's fds, and no other: the child
+//! marks every other fd above 2 close-on-exec, then drops to QEMU's user
+//! with setgroups/setgid/setuid; see `sys.rs`) and named on its command line
 //! ([`monitor_args`]: `-chardev socket,id=mon,fd=N,server=on,wait=off -mon
 //! chardev=mon,mode=control -S`), stdout and stderr appended to the log file.
 //! The parent closes its copy of the listener right after the spawn (else a
@@ -55,7 +57,10 @@ use crate::qmp::{EventReceiver, Greeting, QmpClient, QmpConnection, QmpError};
 
 pub use identity::{IdentityError, ProcessIdentity};
 pub use log::LOG_TAIL_BYTES;
-pub use sys::{signal_process, signal_process_group};
+pub use sys::{
+    Credentials, effective_gid, effective_uid, lookup_group, lookup_user, open_tap, signal_process,
+    signal_process_group,
+};
 
 /// File name of the monitor socket inside the run dir.
 pub const MONITOR_SOCKET_NAME: &str = "monitor.sock";
@@ -102,6 +107,8 @@ pub struct LaunchConfig {
     pub log_path: PathBuf,
     /// Bound on the monitor handshake.
     pub handshake_timeout: Duration,
+    /// Who QEMU runs as; `None`: the supervisor's own user.
+    pub credentials: Option<Credentials>,
 }
 
 /// Errors of the launcher, named after the failed step.
@@ -219,7 +226,12 @@ impl ExitWatch {
         tokio::spawn(async move {
             match child.wait().await {
                 Ok(status) => {
-                    debug!(pid, %status, "QEMU exited");
+                    if std::os::unix::process::ExitStatusExt::signal(&status).is_some() {
+                        // e.g. SIGSYS: the seccomp sandbox killed it.
+                        info!(pid, %status, "QEMU killed by a signal");
+                    } else {
+                        debug!(pid, %status, "QEMU exited");
+                    }
                     tx.send_replace(Some(status));
                 }
                 Err(error) => warn!(pid, %error, "waiting for QEMU failed"),
@@ -347,9 +359,10 @@ fn create_run_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Bind and listen on `path` (removing a stale socket file left by a QEMU
-/// that exited with an error). The fd is moved above 2 if needed, so that
-/// the child's stdio setup cannot replace it. Blocking.
-fn bind_monitor(path: &Path) -> io::Result<OwnedFd> {
+/// that exited), for QEMU to inherit (the monitor, the agent channel).
+/// The fd is moved above 2 if needed, so that the child's stdio setup
+/// cannot replace it. Blocking.
+pub fn bind_listener(path: &Path) -> io::Result<OwnedFd> {
     match std::fs::remove_file(path) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
         _ => {}
@@ -379,7 +392,7 @@ fn prepare(config: &LaunchConfig) -> Result<Prepared, LaunchError> {
         source,
     })?;
     let monitor_path = config.run_dir.join(MONITOR_SOCKET_NAME);
-    let listener = bind_monitor(&monitor_path).map_err(|source| LaunchError::BindMonitor {
+    let listener = bind_listener(&monitor_path).map_err(|source| LaunchError::BindMonitor {
         path: monitor_path.clone(),
         source,
     })?;
@@ -418,8 +431,14 @@ fn header(config: &LaunchConfig, args: &[OsString]) -> String {
 }
 
 /// Start QEMU as described in the module docs and return it running,
-/// paused (`-S`), with a negotiated QMP session.
-pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
+/// paused (`-S`), with a negotiated QMP session. QEMU inherits its stdio,
+/// the monitor listener and `inherit` (fds the caller named in
+/// `config.args`, e.g. the agent listener), nothing else; the parent's
+/// copies are closed after the spawn.
+pub async fn launch(
+    config: &LaunchConfig,
+    inherit: Vec<OwnedFd>,
+) -> Result<QemuProcess, LaunchError> {
     let prepare_config = config.clone();
     let Prepared {
         monitor_path,
@@ -442,7 +461,9 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
         .stdout(Stdio::from(log.file))
         .stderr(Stdio::from(stderr))
         .process_group(0);
-    sys::inherit_fd(&mut command, listener.as_raw_fd());
+    let mut keep: Vec<i32> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
+    keep.push(listener.as_raw_fd());
+    sys::prepare_child(&mut command, keep, config.credentials.clone());
     let spawned_at = Instant::now();
     let spawn_error = |source| LaunchError::Spawn {
         binary: config.binary.clone(),
@@ -452,6 +473,7 @@ pub async fn launch(config: &LaunchConfig) -> Result<QemuProcess, LaunchError> {
     // Ours must go now: with it open, a QEMU that dies at startup would
     // leave the connection below waiting forever instead of reset.
     drop(listener);
+    drop(inherit);
     let pid = child
         .id()
         .ok_or_else(|| spawn_error(io::Error::other("spawned QEMU has no pid")))?;
@@ -681,9 +703,10 @@ mod tests {
             run_dir: dir.path().join("run"),
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: Duration::from_millis(300),
+            credentials: None,
         };
         let started = Instant::now();
-        let result = launch(&config).await;
+        let result = launch(&config, Vec::new()).await;
         if let Err(error) = &result {
             let message = error.to_string();
             assert_eq!(
@@ -726,8 +749,9 @@ mod tests {
             run_dir: dir.path().join("run"),
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: Duration::from_secs(60),
+            credentials: None,
         };
-        let mut start = Box::pin(launch(&config));
+        let mut start = Box::pin(launch(&config, Vec::new()));
         // Poll the launch until the child has written its pid, then drop it.
         let pid = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -764,8 +788,9 @@ mod tests {
             run_dir: dir.path().join("run"),
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            credentials: None,
         };
-        match launch(&config).await {
+        match launch(&config, Vec::new()).await {
             Err(LaunchError::Spawn { binary, .. }) => assert_eq!(binary, config.binary),
             other => panic!("expected Spawn error, got {other:?}"),
         }
