@@ -103,11 +103,9 @@ pub async fn run(
     let hooks: Arc<dyn Hooks> = match &config.hookexec {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::HookExec {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::HookExec {
+                    url: url.clone(),
+                    source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
             Arc::new(hooks::ExecutorHooks::new(endpoint, timeout))
@@ -117,11 +115,9 @@ pub async fn run(
     let agent = match &config.agentd {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::AgentService {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::AgentService {
+                    url: url.clone(),
+                    source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.command_timeout_secs);
             Some(Arc::new(agent::AgentService::new(endpoint, timeout)) as Arc<dyn GuestPower>)
@@ -132,11 +128,9 @@ pub async fn run(
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::EventBus {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::EventBus {
+                    url: url.clone(),
+                    source,
                 })?;
             Arc::new(publisher::BusPublisher::spawn(
                 endpoint,
