@@ -38,7 +38,7 @@ pub const MAX_YAML_BYTES: usize = 64 * 1024;
 pub const MAX_EXPANDED_BYTES: usize = MAX_YAML_BYTES;
 /// Most nodes (scalars, sequences, mappings) a document may hold once its
 /// aliases are expanded.
-pub const MAX_EXPANDED_NODES: usize = 8 * 1024;
+pub const MAX_EXPANDED_NODES: usize = 16 * 1024;
 
 impl DomainSpec {
     /// Parses a YAML domain document. Fields left out take their zero value
@@ -184,17 +184,34 @@ impl<'de> Visitor<'de> for &Budget {
     }
 }
 
+/// Longest error text [`error_text`] returns, bytes: serde_yaml quotes
+/// unknown keys and values, which a document may make long.
+pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
+
 /// The text of a YAML error, always with its place: serde_yaml leaves out
 /// "at line 1 column 1" when the error is at the very start of the
-/// document; this puts it back.
+/// document; this puts it back. A text longer than
+/// [`MAX_ERROR_TEXT_BYTES`] is cut in its middle (the place stays).
 pub fn error_text(error: &serde_yaml::Error) -> String {
-    let text = error.to_string();
-    match error.location() {
-        Some(loc) if !text.contains(" at line ") => {
-            format!("{text} at line {} column {}", loc.line(), loc.column())
-        }
-        _ => text,
+    let mut text = error.to_string();
+    if let Some(loc) = error.location()
+        && !text.contains(" at line ")
+    {
+        text = format!("{text} at line {} column {}", loc.line(), loc.column());
     }
+    if text.len() <= MAX_ERROR_TEXT_BYTES {
+        return text;
+    }
+    let half = MAX_ERROR_TEXT_BYTES / 2;
+    let mut head = half;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - half;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} ... {}", &text[..head], &text[tail..])
 }
 
 /// Defines a `serde(with = ...)` module for an `i32` enum field: the value
@@ -560,7 +577,7 @@ extra_args: ["-device", "virtio-rng-pci"]
             ));
         }
         let err = error_text(&DomainSpec::from_yaml(&laughs).unwrap_err());
-        assert!(err.contains("expands to more than 8192 values"), "{err}");
+        assert!(err.contains("expands to more than 16384 values"), "{err}");
     }
 
     #[test]
@@ -583,6 +600,15 @@ extra_args: ["-device", "virtio-rng-pci"]
         let text = format!("name: a\ncmdline: \"{}\"\n", "x".repeat(MAX_YAML_BYTES));
         let err = error_text(&DomainSpec::from_yaml(&text).unwrap_err());
         assert!(err.contains("at most 65536"), "{err}");
+    }
+
+    #[test]
+    fn test_error_text_is_bounded_and_keeps_its_place() {
+        let text = format!("name: a\naccel: {}\n", "k".repeat(20_000));
+        let err = error_text(&DomainSpec::from_yaml(&text).unwrap_err());
+        assert!(err.len() <= MAX_ERROR_TEXT_BYTES + 5, "{}", err.len());
+        assert!(err.starts_with("accel: unknown value `kkk"), "{err}");
+        assert!(err.ends_with("at line 2 column 8"), "{err}");
     }
 
     #[test]

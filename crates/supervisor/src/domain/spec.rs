@@ -38,7 +38,7 @@ pub const MAX_DISKS: usize = 32;
 /// Most networks.
 pub const MAX_NETWORKS: usize = 16;
 /// Most port forwards of one user network.
-pub const MAX_PORT_FORWARDS: usize = 64;
+pub const MAX_PORT_FORWARDS: usize = 32;
 /// Longest short field (`machine`, `uuid`, `mac`, `tap.ifname`,
 /// `host_address`), bytes: each has a tighter rule of its own, checked
 /// after this bound (so no error message quotes a long value).
@@ -46,6 +46,9 @@ pub const MAX_SHORT_FIELD_BYTES: usize = 64;
 /// Largest stored definition (the normalized spec, protobuf-encoded),
 /// bytes.
 pub const MAX_DEFINITION_BYTES: usize = 32 * 1024;
+/// Longest stored definition as YAML, bytes: what a definition file may
+/// hold, less room for its leading comment line.
+pub const MAX_STORED_YAML_BYTES: usize = qvirt_proto::yaml::MAX_YAML_BYTES - 128;
 
 /// A spec field that is wrong: the field's path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,8 +166,10 @@ pub fn check_sizes(spec: &DomainSpec) -> Result<(), SpecError> {
 }
 
 /// Refuse a normalized definition larger than [`MAX_DEFINITION_BYTES`]
-/// once encoded: every field may be within its own bound and the whole
-/// still too large to store and list.
+/// once encoded (every field may be within its own bound and the whole
+/// still too large to store and list), or one whose stored YAML would not
+/// load again within the YAML bounds (escapes can make it longer than its
+/// protobuf form).
 pub fn check_definition_size(spec: &DomainSpec) -> Result<(), SpecError> {
     let size = prost::Message::encoded_len(spec);
     if size > MAX_DEFINITION_BYTES {
@@ -172,6 +177,21 @@ pub fn check_definition_size(spec: &DomainSpec) -> Result<(), SpecError> {
             "spec",
             format!("the definition is {size} bytes encoded, at most {MAX_DEFINITION_BYTES}"),
         ));
+    }
+    let reloads = spec
+        .to_yaml()
+        .map_err(|e| qvirt_proto::yaml::error_text(&e))
+        .and_then(|text| {
+            if text.len() > MAX_STORED_YAML_BYTES {
+                return Err(format!(
+                    "is {} bytes, at most {MAX_STORED_YAML_BYTES}",
+                    text.len()
+                ));
+            }
+            DomainSpec::from_yaml(&text).map_err(|e| qvirt_proto::yaml::error_text(&e))
+        });
+    if let Err(reason) = reloads {
+        return Err(bad("spec", format!("the definition as YAML {reason}")));
     }
     Ok(())
 }
@@ -566,6 +586,35 @@ mod tests {
         assert!(err.reason.contains("at most 32768"), "{err}");
         spec.extra_args.truncate(7);
         normalize(spec, DefaultAccel::Tcg).unwrap();
+    }
+
+    #[test]
+    fn test_every_accepted_definition_loads_again() {
+        let fwd = "{host_port: 1, guest_port: 2}";
+        let forwards = vec![fwd; MAX_PORT_FORWARDS].join(", ");
+        let nets = vec![format!("{{user: {{port_forwards: [{forwards}]}}}}"); MAX_NETWORKS];
+        let mut widest = parse(&format!("name: a\nnetworks: [{}]", nets.join(", ")));
+        widest.extra_args = vec!["-a".into(); MAX_EXTRA_ARGS];
+        widest.disks = vec![
+            qvirt_proto::v1::DiskSpec {
+                path: "/d".into(),
+                serial: "s".into(),
+                ..Default::default()
+            };
+            MAX_DISKS
+        ];
+        let spec = normalize(widest, DefaultAccel::Tcg).unwrap();
+        assert_eq!(
+            DomainSpec::from_yaml(&spec.to_yaml().unwrap()).unwrap(),
+            spec
+        );
+        // Control characters are escaped 4 to 1 in YAML: small encoded,
+        // too long as a file.
+        let mut escaped = parse("name: a");
+        escaped.extra_args = vec!["\u{1}".repeat(4000); 6];
+        let err = normalize(escaped, DefaultAccel::Tcg).unwrap_err();
+        assert_eq!(err.field, "spec");
+        assert!(err.reason.contains("as YAML is"), "{err}");
     }
 
     #[test]

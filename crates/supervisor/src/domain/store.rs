@@ -441,6 +441,13 @@ impl Store {
             let Some(stem) = file_name.strip_suffix(".yaml") else {
                 continue;
             };
+            let limit = qvirt_proto::yaml::MAX_YAML_BYTES as u64;
+            if let Ok(meta) = entry.metadata()
+                && meta.len() > limit
+            {
+                warn!(path = %path.display(), bytes = meta.len(), limit, "definition file too large; skipped unread");
+                continue;
+            }
             let read = fs::read_to_string(&path).map_err(|e| e.to_string());
             let recorded_defined_at = read.as_ref().ok().and_then(|t| defined_at_of(t));
             let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
@@ -615,6 +622,30 @@ mod tests {
             err(io::ErrorKind::StorageFull).path(),
             Some(Path::new("/s/domains/a.yaml"))
         );
+    }
+
+    #[test]
+    fn test_an_oversized_definition_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        let spec = DomainSpec {
+            name: "ok".into(),
+            ..DomainSpec::default()
+        };
+        store.save_spec(&spec, SystemTime::now()).unwrap();
+        let big = format!(
+            "name: big\n# {}\n",
+            "x".repeat(qvirt_proto::yaml::MAX_YAML_BYTES)
+        );
+        fs::write(dir.path().join("state/domains/big.yaml"), big).unwrap();
+        let names: Vec<String> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.spec.name)
+            .collect();
+        assert_eq!(names, ["ok"]);
     }
 
     #[test]
