@@ -558,7 +558,7 @@ extra_args: ["-device", "virtio-rng-pci"]
 
     #[test]
     fn test_aliases_that_expand_past_the_bound_are_refused_before_copying() {
-        // The audit's shape: one large anchor used thousands of times
+        // A small document with one large anchor used thousands of times
         // (here 30 KB x 8000 = 240 MB expanded, from 62 KB of text).
         let mut text = format!("name: a\nextra_args: [&a \"{}\"", "x".repeat(30_000));
         text.push_str(&", *a".repeat(8_000));
