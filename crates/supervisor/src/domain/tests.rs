@@ -473,3 +473,20 @@ async fn test_memory_and_vcpus_are_checked_against_the_host_limits() {
         }
     }
 }
+
+#[tokio::test]
+async fn test_a_define_whose_status_cannot_be_written_leaves_no_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    // RUN_DIR/a is a file: the status file cannot be written.
+    std::fs::write(dir.path().join("run/a"), b"").unwrap();
+    assert!(m.define(spec("name: a"), false).await.is_err());
+    assert!(matches!(m.get("a"), Err(DomainError::NotFound(_))));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("state/domains"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    m.close().await;
+    assert!(open(&dir).await.list(&[]).is_empty());
+}
