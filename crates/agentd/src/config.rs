@@ -29,7 +29,7 @@ pub struct Config {
     /// guest agent's unix socket. Looked up before the supervisor; for
     /// tests and for guests started outside qvirt.
     pub agents: BTreeMap<String, PathBuf>,
-    /// The supervisor's gRPC endpoint (`http://HOST:PORT`), asked for
+    /// The supervisor's gRPC endpoint (`http://HOST:PORT` or `unix:PATH`), asked for
     /// `Domain.agent_socket` of domains not in `agents`. Absent: only
     /// `agents` is used.
     pub supervisor: Option<String>,

@@ -141,18 +141,58 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Longest unix socket path a client can dial: `sun_path` holds 108 bytes
+/// with the terminating NUL.
+pub const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The socket path of a `unix:PATH` (or `unix://PATH`) endpoint, as tonic
+/// reads it.
+fn unix_socket_path(url: &str) -> Option<&str> {
+    url.strip_prefix("unix://")
+        .or_else(|| url.strip_prefix("unix:"))
+}
+
 /// Checks a config field naming another qvirt service's gRPC endpoint: an
-/// `http://` or `https://` URL tonic can dial, e.g. `http://127.0.0.1:50053`.
+/// `http://` or `https://` URL tonic can dial, e.g. `http://127.0.0.1:50053`,
+/// or `unix:PATH` for a service listening on a unix socket (the path as
+/// the service's `listen: unix:PATH`, at most
+/// [`MAX_UNIX_SOCKET_PATH_BYTES`]).
 pub fn check_endpoint(field: &'static str, url: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field,
+        value: url.to_owned(),
+        reason,
+    };
+    if let Some(path) = unix_socket_path(url) {
+        if path.is_empty() || path.contains('\0') {
+            return Err(invalid("expected unix:PATH with a socket path".into()));
+        }
+        if path.len() > MAX_UNIX_SOCKET_PATH_BYTES {
+            return Err(invalid(format!(
+                "the socket path is {} bytes, more than the {MAX_UNIX_SOCKET_PATH_BYTES} \
+                 a unix socket address holds",
+                path.len()
+            )));
+        }
+        return Ok(());
+    }
     let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
     if scheme_ok && tonic::transport::Endpoint::from_shared(url.to_owned()).is_ok() {
         return Ok(());
     }
-    Err(ConfigError::Invalid {
-        field,
-        value: url.to_owned(),
-        reason: "expected an endpoint URL such as http://127.0.0.1:50053".into(),
-    })
+    Err(invalid(
+        "expected an endpoint URL such as http://127.0.0.1:50053 or unix:/run/qvirt/bus.sock"
+            .into(),
+    ))
+}
+
+/// The client endpoint of a URL that [`check_endpoint`] accepts: TCP for
+/// `http(s)://`, a unix socket for `unix:PATH` (tonic's own connector:
+/// it connects to the path and sends `:authority` `tonic`, which every
+/// HTTP/2 server accepts). Every qvirt client of another qvirt service
+/// builds its endpoint here.
+pub fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
 }
 
 /// How log lines are written to stderr.
@@ -247,9 +287,26 @@ mod tests {
 
     #[test]
     fn test_endpoint_urls_are_checked() {
-        assert!(check_endpoint("eventbus", "http://127.0.0.1:50053").is_ok());
-        assert!(check_endpoint("eventbus", "https://bus.example:443").is_ok());
-        for bad in ["127.0.0.1:50053", "unix:/run/bus.sock", "http://", ""] {
+        for good in [
+            "http://127.0.0.1:50053",
+            "https://bus.example:443",
+            "unix:/run/bus.sock",
+            "unix:///run/bus.sock",
+            "unix:bus.sock",
+        ] {
+            assert!(check_endpoint("eventbus", good).is_ok(), "{good}");
+            assert!(endpoint(good).is_ok(), "{good}");
+        }
+        let long = format!("unix:/{}", "s".repeat(MAX_UNIX_SOCKET_PATH_BYTES));
+        for bad in [
+            "127.0.0.1:50053",
+            "unix:",
+            "unix://",
+            "unix:/a\0b",
+            &long,
+            "http://",
+            "",
+        ] {
             let err = check_endpoint("eventbus", bad).unwrap_err();
             assert!(
                 err.to_string().starts_with("invalid config: eventbus = "),

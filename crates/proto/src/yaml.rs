@@ -11,8 +11,18 @@
 //!
 //! Unknown keys are errors carrying line and column. Entry points:
 //! [`DomainSpec::from_yaml`] and [`DomainSpec::to_yaml`].
+//!
+//! Bounds: a document is at most [`MAX_YAML_BYTES`]. YAML aliases (`*a`)
+//! repeat their anchor's content, and serde_yaml copies it out for every
+//! use, so a small document can expand to gigabytes; before building the
+//! spec, a first pass walks the document as serde_yaml expands it, without
+//! copying anything, and refuses one that expands past
+//! [`MAX_EXPANDED_BYTES`] of scalars or [`MAX_EXPANDED_NODES`] nodes.
+//! Aliases that stay within those bounds are accepted.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use std::cell::Cell;
+
+use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -21,11 +31,31 @@ use crate::v1::{
     Accel, DiskFormat, DomainSpec, NetworkSpec, PortForwardProtocol, TapNetwork, UserNetwork,
 };
 
+/// Longest YAML domain document, bytes.
+pub const MAX_YAML_BYTES: usize = 64 * 1024;
+/// Most scalar bytes a document may hold once its aliases are expanded
+/// (the same as its longest text: without aliases, no document reaches it).
+pub const MAX_EXPANDED_BYTES: usize = MAX_YAML_BYTES;
+/// Most nodes (scalars, sequences, mappings) a document may hold once its
+/// aliases are expanded.
+pub const MAX_EXPANDED_NODES: usize = 16 * 1024;
+
 impl DomainSpec {
     /// Parses a YAML domain document. Fields left out take their zero value
     /// (the supervisor fills defaults); unknown fields, wrong types and
     /// unknown enum names are errors naming the field, line and column.
+    /// A document longer than [`MAX_YAML_BYTES`], or one whose aliases
+    /// expand it past [`MAX_EXPANDED_BYTES`] or [`MAX_EXPANDED_NODES`], is
+    /// an error before any of it is copied.
     pub fn from_yaml(text: &str) -> Result<DomainSpec, serde_yaml::Error> {
+        if text.len() > MAX_YAML_BYTES {
+            return Err(de::Error::custom(format_args!(
+                "the document is {} bytes, at most {MAX_YAML_BYTES}",
+                text.len()
+            )));
+        }
+        let budget = Budget::default();
+        serde_yaml::Deserializer::from_str(text).deserialize_any(&budget)?;
         serde_yaml::from_str(text)
     }
 
@@ -36,17 +66,152 @@ impl DomainSpec {
     }
 }
 
+/// What a document holds once its aliases are expanded, counted by a walk
+/// that borrows every scalar from the parser's events (an alias replays its
+/// anchor's events; nothing is copied), and stops at the first bound.
+#[derive(Debug, Default)]
+struct Budget {
+    bytes: Cell<usize>,
+    nodes: Cell<usize>,
+}
+
+impl Budget {
+    fn take<E: de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let nodes = self.nodes.get() + 1;
+        let bytes = self.bytes.get().saturating_add(bytes);
+        self.nodes.set(nodes);
+        self.bytes.set(bytes);
+        if bytes > MAX_EXPANDED_BYTES {
+            return Err(E::custom(format_args!(
+                "the document expands to more than {MAX_EXPANDED_BYTES} bytes of values \
+                 (YAML aliases repeat their anchor's content)"
+            )));
+        }
+        if nodes > MAX_EXPANDED_NODES {
+            return Err(E::custom(format_args!(
+                "the document expands to more than {MAX_EXPANDED_NODES} values \
+                 (YAML aliases repeat their anchor's content)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for &Budget {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Bytes counted for a number, bool or null.
+const SCALAR_WORD: usize = 8;
+
+impl<'de> Visitor<'de> for &Budget {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<(), E> {
+        self.take(2 * SCALAR_WORD)
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<(), E> {
+        self.take(2 * SCALAR_WORD)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.take(v.len())
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.take(v.len())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.take(SCALAR_WORD)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+
+    /// A tagged value (`!tag value`): the tag and the value both count.
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        let ((), variant) = data.variant_seed(self)?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+}
+
+/// Longest error text [`error_text`] returns, bytes: serde_yaml quotes
+/// unknown keys and values, which a document may make long.
+pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
+
 /// The text of a YAML error, always with its place: serde_yaml leaves out
 /// "at line 1 column 1" when the error is at the very start of the
-/// document; this puts it back.
+/// document; this puts it back. A text longer than
+/// [`MAX_ERROR_TEXT_BYTES`] is cut in its middle (the place stays).
 pub fn error_text(error: &serde_yaml::Error) -> String {
-    let text = error.to_string();
-    match error.location() {
-        Some(loc) if !text.contains(" at line ") => {
-            format!("{text} at line {} column {}", loc.line(), loc.column())
-        }
-        _ => text,
+    let mut text = error.to_string();
+    if let Some(loc) = error.location()
+        && !text.contains(" at line ")
+    {
+        text = format!("{text} at line {} column {}", loc.line(), loc.column());
     }
+    if text.len() <= MAX_ERROR_TEXT_BYTES {
+        return text;
+    }
+    let half = MAX_ERROR_TEXT_BYTES / 2;
+    let mut head = half;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - half;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} ... {}", &text[..head], &text[tail..])
 }
 
 /// Defines a `serde(with = ...)` module for an `i32` enum field: the value
@@ -389,6 +554,61 @@ extra_args: ["-device", "virtio-rng-pci"]
         assert!(text.ends_with("at line 1 column 1"), "{text}");
         let err = DomainSpec::from_yaml("name: a\nnmae: b\n").unwrap_err();
         assert_eq!(error_text(&err), err.to_string());
+    }
+
+    #[test]
+    fn test_aliases_that_expand_past_the_bound_are_refused_before_copying() {
+        // A small document with one large anchor used thousands of times
+        // (here 30 KB x 8000 = 240 MB expanded, from 62 KB of text).
+        let mut text = format!("name: a\nextra_args: [&a \"{}\"", "x".repeat(30_000));
+        text.push_str(&", *a".repeat(8_000));
+        text.push_str("]\n");
+        assert!(text.len() <= MAX_YAML_BYTES, "{}", text.len());
+        let err = error_text(&DomainSpec::from_yaml(&text).unwrap_err());
+        assert!(err.contains("expands to more than 65536 bytes"), "{err}");
+        assert!(err.contains("aliases"), "{err}");
+        // Nested aliases ("billion laughs"): few bytes, many nodes.
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let j = i - 1;
+            laughs.push_str(&format!(
+                "a{i}: &a{i} [{}]\n",
+                vec![format!("*a{j}"); 10].join(", ")
+            ));
+        }
+        let err = error_text(&DomainSpec::from_yaml(&laughs).unwrap_err());
+        assert!(err.contains("expands to more than 16384 values"), "{err}");
+    }
+
+    #[test]
+    fn test_aliases_within_the_bound_are_kept() {
+        let spec = DomainSpec::from_yaml(
+            "name: a\nkernel: &k /srv/vmlinuz\nserial_log: *k\nextra_args: [&d -device, virtio-rng-pci, *d, e1000]\n",
+        )
+        .unwrap();
+        assert_eq!(spec.serial_log, "/srv/vmlinuz");
+        assert_eq!(
+            spec.extra_args,
+            ["-device", "virtio-rng-pci", "-device", "e1000"]
+        );
+        // Tags pass the first walk; the spec itself decides.
+        assert_eq!(DomainSpec::from_yaml("name: !!str b\n").unwrap().name, "b");
+    }
+
+    #[test]
+    fn test_a_document_past_the_size_bound_is_refused() {
+        let text = format!("name: a\ncmdline: \"{}\"\n", "x".repeat(MAX_YAML_BYTES));
+        let err = error_text(&DomainSpec::from_yaml(&text).unwrap_err());
+        assert!(err.contains("at most 65536"), "{err}");
+    }
+
+    #[test]
+    fn test_error_text_is_bounded_and_keeps_its_place() {
+        let text = format!("name: a\naccel: {}\n", "k".repeat(20_000));
+        let err = error_text(&DomainSpec::from_yaml(&text).unwrap_err());
+        assert!(err.len() <= MAX_ERROR_TEXT_BYTES + 5, "{}", err.len());
+        assert!(err.starts_with("accel: unknown value `kkk"), "{err}");
+        assert!(err.ends_with("at line 2 column 8"), "{err}");
     }
 
     #[test]

@@ -82,7 +82,9 @@ pub struct Config {
     /// DestroyDomain: SIGTERM, then SIGKILL after this many seconds.
     pub destroy_grace_secs: u64,
     /// The event bus to publish QMP and lifecycle events to, as a URL
-    /// (`http://127.0.0.1:50053`). Absent: events are only logged (debug).
+    /// (`http://127.0.0.1:50053`, or `unix:PATH` for a bus listening on a
+    /// unix socket; the same for `hookexec` and `agentd`). Absent: events
+    /// are only logged (debug).
     pub eventbus: Option<String>,
     /// The hook executor to run libvirt-style hooks with, as a URL
     /// (`http://127.0.0.1:50054`). Absent: no hooks run.
@@ -94,7 +96,16 @@ pub struct Config {
     /// reboot, as a URL (`http://127.0.0.1:50055`). Absent: agent mode is
     /// refused (FAILED_PRECONDITION).
     pub agentd: Option<String>,
+    /// Most memory one domain may ask for, MiB. Absent: the host's
+    /// `MemTotal`. A larger `memory_mib` is refused at define.
+    pub max_memory_mib: Option<u64>,
+    /// Most vCPUs one domain may ask for. Absent: 8 per host CPU, at most
+    /// 1024. A larger `vcpus` is refused at define.
+    pub max_vcpus: Option<u32>,
 }
+
+/// vCPUs allowed per host CPU when `max_vcpus` is not set.
+pub const VCPUS_PER_HOST_CPU: u32 = 8;
 
 impl Default for Config {
     fn default() -> Self {
@@ -119,8 +130,23 @@ impl Default for Config {
             hookexec: None,
             hook_call_timeout_secs: 300,
             agentd: None,
+            max_memory_mib: None,
+            max_vcpus: None,
         }
     }
+}
+
+/// The host's `MemTotal` from `/proc/meminfo`, MiB.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
 }
 
 impl Config {
@@ -144,6 +170,25 @@ impl Config {
         } else {
             self.image_roots.clone()
         }
+    }
+
+    /// `max_memory_mib`, or the host's memory when unset (unbounded if
+    /// `/proc/meminfo` cannot be read).
+    pub fn max_memory_mib(&self) -> u64 {
+        self.max_memory_mib
+            .or_else(host_memory_mib)
+            .unwrap_or(u64::MAX)
+    }
+
+    /// `max_vcpus`, or [`VCPUS_PER_HOST_CPU`] per host CPU (at most
+    /// [`MAX_VCPUS`](crate::domain::spec::MAX_VCPUS)) when unset.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+            cpus.saturating_mul(VCPUS_PER_HOST_CPU)
+                .min(crate::domain::spec::MAX_VCPUS)
+        })
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -184,6 +229,18 @@ impl Config {
         }
         if self.qemu_user.is_empty() {
             return Err(invalid("qemu_user", String::new(), "must not be empty"));
+        }
+        if self.max_memory_mib == Some(0) {
+            return Err(invalid("max_memory_mib", "0".into(), "must be at least 1"));
+        }
+        if let Some(n) = self.max_vcpus
+            && !(1..=crate::domain::spec::MAX_VCPUS).contains(&n)
+        {
+            return Err(invalid(
+                "max_vcpus",
+                n.to_string(),
+                "must be 1-1024 (the most vCPUs a domain may have)",
+            ));
         }
         if self.qemu_binary.as_os_str().is_empty() {
             return Err(invalid("qemu_binary", String::new(), "must not be empty"));
@@ -239,6 +296,31 @@ mod tests {
         let line = qvirt_common::error_chain(&err);
         assert!(line.contains("unknown field `state_dri`"), "{line}");
         assert!(line.contains("line 2 column 1"), "{line}");
+    }
+
+    #[test]
+    fn test_host_limits_default_to_the_host_and_are_checked() {
+        let c = Config::default();
+        let mem = c.max_memory_mib();
+        assert!(mem > 0 && mem < u64::MAX, "{mem}");
+        assert!(c.max_vcpus() >= VCPUS_PER_HOST_CPU);
+        let c: Config =
+            qvirt_common::config::parse(Path::new("s.yaml"), "max_memory_mib: 512\nmax_vcpus: 2\n")
+                .unwrap();
+        assert_eq!((c.max_memory_mib(), c.max_vcpus()), (512, 2));
+        for bad in [
+            Config {
+                max_memory_mib: Some(0),
+                ..Config::default()
+            },
+            Config {
+                max_vcpus: Some(2000),
+                ..Config::default()
+            },
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains("max_"), "{err}");
+        }
     }
 
     #[test]

@@ -106,11 +106,9 @@ pub async fn run(
     let hooks: Arc<dyn Hooks> = match &config.hookexec {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::HookExec {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::HookExec {
+                    url: url.clone(),
+                    source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
             Arc::new(hooks::ExecutorHooks::new(endpoint, timeout))
@@ -120,11 +118,9 @@ pub async fn run(
     let agent = match &config.agentd {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::AgentService {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::AgentService {
+                    url: url.clone(),
+                    source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.command_timeout_secs);
             Some(Arc::new(agent::AgentService::new(endpoint, timeout)) as Arc<dyn GuestPower>)
@@ -136,11 +132,9 @@ pub async fn run(
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
             let endpoint =
-                tonic::transport::Endpoint::from_shared(url.clone()).map_err(|source| {
-                    RunError::EventBus {
-                        url: url.clone(),
-                        source,
-                    }
+                qvirt_common::config::endpoint(url).map_err(|source| RunError::EventBus {
+                    url: url.clone(),
+                    source,
                 })?;
             Arc::new(publisher::BusPublisher::spawn(
                 endpoint,

@@ -55,7 +55,8 @@ struct Args {
     /// Destroy: SIGKILL this many seconds after SIGTERM. Overrides `destroy_grace_secs`.
     #[arg(long, value_name = "SECS")]
     destroy_grace_secs: Option<u64>,
-    /// Publish events to the event bus at URL (e.g. http://127.0.0.1:50053).
+    /// Publish events to the event bus at URL (e.g. http://127.0.0.1:50053,
+    /// or unix:PATH; the same for --hookexec and --agentd).
     /// Overrides `eventbus`.
     #[arg(long, value_name = "URL")]
     eventbus: Option<String>,
@@ -70,6 +71,12 @@ struct Args {
     /// http://127.0.0.1:50055). Overrides `agentd`.
     #[arg(long, value_name = "URL")]
     agentd: Option<String>,
+    /// Most memory a domain may ask for, MiB (default: the host's). Overrides `max_memory_mib`.
+    #[arg(long, value_name = "MIB")]
+    max_memory_mib: Option<u64>,
+    /// Most vCPUs a domain may ask for (default: 8 per host CPU). Overrides `max_vcpus`.
+    #[arg(long, value_name = "N")]
+    max_vcpus: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +106,8 @@ fn main() -> ExitCode {
         override_with(&mut c.hookexec, args.hookexec.map(Some));
         override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);
         override_with(&mut c.agentd, args.agentd.map(Some));
+        override_with(&mut c.max_memory_mib, args.max_memory_mib.map(Some));
+        override_with(&mut c.max_vcpus, args.max_vcpus.map(Some));
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)

@@ -65,7 +65,8 @@ impl Counts {
 
 impl BusPublisher {
     /// Starts the publishing task for the bus at `endpoint` (a URL such as
-    /// `http://127.0.0.1:50053`); it stops when `shutdown` fires.
+    /// `http://127.0.0.1:50053` or `unix:PATH`); it stops when `shutdown`
+    /// fires.
     pub fn spawn(endpoint: Endpoint, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(PUBLISH_BUFFER);
         let counts = Arc::new(Counts::default());

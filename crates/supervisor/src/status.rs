@@ -4,7 +4,9 @@
 //! |---|---|
 //! | `NotFound` | NOT_FOUND |
 //! | `AlreadyExists` | ALREADY_EXISTS |
-//! | `Spec`, `Yaml`, `InvalidArgument` | INVALID_ARGUMENT |
+//! | `Spec`, `Yaml`, `InvalidArgument`, `Ambiguous` (a legacy UUID-shaped name) | INVALID_ARGUMENT |
+//! | `Storage` full, `ListFull` (ListDomains answer budget) | RESOURCE_EXHAUSTED |
+//! | `Storage` read-only | UNAVAILABLE |
 //! | `WrongState`, `Start` (QEMU exited during startup or never greeted), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
 //! | `Monitor` (QEMU or its monitor gone), `MonitorLost` (QEMU runs, its monitor is being reconnected), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
 //! | `ReplyTooLarge` (QEMU's reply over the 16 MiB monitor line limit) | RESOURCE_EXHAUSTED |
@@ -20,6 +22,7 @@ use qvirt_common::error_chain;
 use tonic::{Code, Status};
 
 use crate::domain::DomainError;
+use crate::domain::store::DirProblem;
 use crate::launch::LaunchError;
 use crate::seams::HookError;
 
@@ -28,9 +31,19 @@ pub fn code(error: &DomainError) -> Code {
     match error {
         DomainError::NotFound(_) => Code::NotFound,
         DomainError::AlreadyExists { .. } => Code::AlreadyExists,
-        DomainError::Spec(_) | DomainError::Yaml(_) | DomainError::InvalidArgument(_) => {
-            Code::InvalidArgument
+        DomainError::Spec(_)
+        | DomainError::Yaml(_)
+        | DomainError::InvalidArgument(_)
+        | DomainError::Ambiguous { .. } => Code::InvalidArgument,
+        DomainError::Storage {
+            problem: DirProblem::Full,
+            ..
         }
+        | DomainError::ListFull { .. } => Code::ResourceExhausted,
+        DomainError::Storage {
+            problem: DirProblem::ReadOnly,
+            ..
+        } => Code::Unavailable,
         DomainError::Start { source, .. } => match **source {
             LaunchError::Spawn { .. } => Code::Unavailable,
             // QEMU itself refused (its exit status and output) or never
@@ -214,6 +227,37 @@ mod tests {
                 },
                 Code::Unavailable,
             ),
+            (
+                DomainError::Storage {
+                    which: "state dir",
+                    problem: DirProblem::Full,
+                    dir: "/s".into(),
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                DomainError::Storage {
+                    which: "run dir",
+                    problem: DirProblem::ReadOnly,
+                    dir: "/r".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                DomainError::ListFull {
+                    total: 2,
+                    budget: 1,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                DomainError::Ambiguous {
+                    key: "k".into(),
+                    named_uuid: "u".into(),
+                    other: "o".into(),
+                },
+                Code::InvalidArgument,
+            ),
             (DomainError::Internal("secret".into()), Code::Internal),
         ];
         for (error, want) in cases {
@@ -236,6 +280,19 @@ mod tests {
         assert_eq!(
             status.message(),
             "reply from QEMU of domain \"h\" too large: QMP reply longer than 16777216 bytes (16 MiB), the monitor's limit; reply discarded"
+        );
+    }
+
+    #[test]
+    fn test_full_state_dir_says_so_and_names_the_dir() {
+        let status = to_status(&DomainError::Storage {
+            which: "state dir",
+            problem: DirProblem::Full,
+            dir: "/var/lib/qvirt".into(),
+        });
+        assert_eq!(
+            status.message(),
+            "state dir full: cannot write in /var/lib/qvirt"
         );
     }
 

@@ -1,7 +1,9 @@
 //! The errors of domain operations; `crate::status` maps them to gRPC codes.
 
 use crate::domain::spec::SpecError;
-use crate::domain::store::StoreError;
+use std::path::PathBuf;
+
+use crate::domain::store::{DirProblem, StoreError};
 use crate::launch::LaunchError;
 use crate::qmp::QmpError;
 use crate::seams::{AgentError, HookError};
@@ -152,6 +154,43 @@ pub enum DomainError {
     /// Persisting state failed.
     #[error("saving domain state failed")]
     Store(#[from] StoreError),
+    /// The state or run dir cannot take the write: its filesystem is full
+    /// or read-only. Nothing was changed.
+    #[error("{which} {problem}: cannot write in {}", dir.display())]
+    Storage {
+        /// `state dir` or `run dir`.
+        which: &'static str,
+        /// What is wrong with it.
+        problem: DirProblem,
+        /// The configured dir.
+        dir: PathBuf,
+    },
+    /// Storing one more definition would make the ListDomains answer
+    /// larger than its budget.
+    #[error(
+        "the definitions would take {total} bytes in a ListDomains answer, more than its \
+         budget of {budget} (gRPC clients take 4 MiB by default); undefine a domain or shorten the definition"
+    )]
+    ListFull {
+        /// The bytes with this definition.
+        total: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// A UUID-shaped key names one domain and is the UUID of another (a
+    /// name from before such names were refused).
+    #[error(
+        "{key:?} is the name of domain {named_uuid:?} and the UUID of domain {other:?}; \
+         use {named_uuid:?} or {other:?}"
+    )]
+    Ambiguous {
+        /// The key asked for.
+        key: String,
+        /// The UUID of the domain named `key`.
+        named_uuid: String,
+        /// The name of the domain whose UUID is `key`.
+        other: String,
+    },
     /// A bug: a task died or a lock was lost.
     #[error("internal error: {0}")]
     Internal(String),

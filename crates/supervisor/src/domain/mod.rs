@@ -208,6 +208,15 @@ pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
 /// Longest unix socket path: `sun_path` is 108 bytes with the NUL.
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 
+/// Most bytes the domain records of a ListDomains answer may take: below
+/// the 4 MiB a gRPC client accepts by default, with room for the rest of
+/// the message. A definition that would pass it is refused.
+pub const LIST_BUDGET_BYTES: usize = 3 * 1024 * 1024;
+
+/// Bytes a domain record takes beyond its spec, host and log path: state,
+/// reason, pid, two socket paths, four timestamps, tags and lengths.
+const RECORD_OVERHEAD_BYTES: usize = 2 * MAX_SOCKET_PATH_BYTES + 256;
+
 /// How many guests `Manager::open` re-attaches at once.
 const RECONNECT_PARALLEL: usize = 8;
 
@@ -215,6 +224,10 @@ const RECONNECT_PARALLEL: usize = 8;
 struct Inner {
     config: Config,
     host: String,
+    /// `max_memory_mib`, resolved at open.
+    max_memory_mib: u64,
+    /// `max_vcpus`, resolved at open.
+    max_vcpus: u32,
     store: Store,
     events: Arc<dyn EventSink>,
     hooks: Arc<dyn Hooks>,
@@ -285,6 +298,8 @@ impl Manager {
         };
         let manager = Manager {
             inner: Arc::new(Inner {
+                max_memory_mib: config.max_memory_mib(),
+                max_vcpus: config.max_vcpus(),
                 config,
                 host,
                 store,
@@ -301,6 +316,10 @@ impl Manager {
         let mut entries = Vec::new();
         for item in loaded {
             let name = item.spec.name.clone();
+            // Kept (it may run), but said: it was stored under older rules.
+            if let Err(error) = spec::normalize(item.spec.clone(), manager.config().default_accel) {
+                tracing::warn!(domain = %name, %error, "stored definition breaks a current rule; kept as it is (redefine it to change it)");
+            }
             let mut status = item.status.unwrap_or_default();
             if status.state == 0 {
                 status.state = DomainState::Shutoff as i32;
@@ -358,19 +377,97 @@ impl Manager {
         &self.inner.config
     }
 
-    /// Find a domain by UUID (when `key` has UUID form) or name.
+    /// Find a domain by UUID (when `key` has UUID form) or name. New
+    /// names cannot have UUID form; a stored one from before that rule
+    /// never shadows another domain's UUID: a key that is both is refused.
     fn find(&self, key: &str) -> Result<Arc<Entry>, DomainError> {
         let domains = self.domains();
+        let named = domains.get(key);
         if is_canonical_uuid(key) {
             let uuid = key.to_ascii_lowercase();
             if let Some(e) = domains.values().find(|e| e.data().spec.uuid == uuid) {
+                if let Some(named) = named.filter(|n| !Arc::ptr_eq(n, e)) {
+                    return Err(DomainError::Ambiguous {
+                        key: key.to_owned(),
+                        named_uuid: named.data().spec.uuid.clone(),
+                        other: e.name(),
+                    });
+                }
                 return Ok(Arc::clone(e));
             }
         }
-        domains
-            .get(key)
+        named
             .cloned()
             .ok_or_else(|| DomainError::NotFound(key.to_owned()))
+    }
+
+    /// Run store I/O off the async threads; a full or read-only state or
+    /// run dir becomes [`DomainError::Storage`] (the caller can act on it),
+    /// anything else stays an internal error.
+    async fn store_io<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, store::StoreError> + Send + 'static,
+    ) -> Result<T, DomainError> {
+        let store = self.inner.store.clone();
+        let error = match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error,
+            Err(e) => return Err(DomainError::Internal(format!("store task failed: {e}"))),
+        };
+        let config = self.config();
+        let dirs = [
+            ("state dir", &config.state_dir),
+            ("run dir", &config.run_dir),
+        ];
+        let found = error.dir_problem().and_then(|problem| {
+            let path = error.path()?;
+            let (which, dir) = dirs.into_iter().find(|(_, dir)| path.starts_with(dir))?;
+            Some((which, dir.clone(), problem))
+        });
+        match found {
+            Some((which, dir, problem)) => {
+                tracing::warn!(error = %qvirt_common::error_chain(&error), "{which} {problem}");
+                Err(DomainError::Storage {
+                    which,
+                    problem,
+                    dir,
+                })
+            }
+            None => Err(DomainError::Store(error)),
+        }
+    }
+
+    /// The most bytes `spec`'s record takes in a ListDomains answer.
+    fn record_bound(&self, spec: &DomainSpec) -> usize {
+        let log = self.inner.store.paths(&spec.name).qemu_log;
+        prost::Message::encoded_len(spec)
+            + self.inner.host.len()
+            + log.as_os_str().len()
+            + RECORD_OVERHEAD_BYTES
+    }
+
+    /// Refuse `spec` if, with it (replacing a domain of the same name),
+    /// the records would pass [`LIST_BUDGET_BYTES`]. Called under the
+    /// define lock.
+    fn check_list_budget(&self, spec: &DomainSpec) -> Result<(), DomainError> {
+        let others: Vec<Arc<Entry>> = self
+            .domains()
+            .iter()
+            .filter(|(name, _)| **name != spec.name)
+            .map(|(_, e)| Arc::clone(e))
+            .collect();
+        let total = others
+            .iter()
+            .map(|e| self.record_bound(&e.data().spec))
+            .sum::<usize>()
+            + self.record_bound(spec);
+        if total > LIST_BUDGET_BYTES {
+            return Err(DomainError::ListFull {
+                total,
+                budget: LIST_BUDGET_BYTES,
+            });
+        }
+        Ok(())
     }
 
     fn domain_ref(&self, spec: &DomainSpec) -> DomainRef {
@@ -500,9 +597,11 @@ impl Manager {
     ) -> Result<Domain, DomainError> {
         let uuid_given = !spec.uuid.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
+        spec::check_host_limits(&spec, self.inner.max_memory_mib, self.inner.max_vcpus)?;
         self.check_socket_paths(&spec.name)?;
         self.confine(&spec).await?;
         let _define = self.inner.define_lock.lock().await;
+        self.check_list_budget(&spec)?;
         let existing = self.domains().get(&spec.name).cloned();
         let clash = self
             .domains()
@@ -535,10 +634,10 @@ impl Manager {
                     value: spec.name,
                 });
             }
-            let store = self.inner.store.clone();
             let saved = spec.clone();
             let defined_at = entry.data().defined_at;
-            blocking(move || store.save_spec(&saved, defined_at)).await?;
+            self.store_io(move |store| store.save_spec(&saved, defined_at))
+                .await?;
             let domain = {
                 let mut data = entry.data();
                 data.spec = spec.clone();
@@ -552,7 +651,6 @@ impl Manager {
             );
             return Ok(domain);
         }
-        let store = self.inner.store.clone();
         let saved = spec.clone();
         let now = SystemTime::now();
         let status = Status {
@@ -562,9 +660,15 @@ impl Manager {
             ..Status::default()
         };
         let saved_status = status.clone();
-        blocking(move || {
+        self.store_io(move |store| {
             store.save_spec(&saved, now)?;
-            store.save_status(&saved.name, &saved_status)
+            // Without its status the new domain is not defined: take the
+            // definition back, so a restart does not find half of it.
+            store.save_status(&saved.name, &saved_status).inspect_err(|_| {
+                if let Err(error) = store.remove(&saved.name) {
+                    tracing::warn!(domain = %saved.name, error = %qvirt_common::error_chain(&error), "cannot remove a half-stored definition");
+                }
+            })
         })
         .await?;
         let entry = Entry::new(Data {
@@ -605,9 +709,8 @@ impl Manager {
             self.destroy_locked(&entry, false).await?;
         }
         let spec = entry.data().spec.clone();
-        let store = self.inner.store.clone();
         let name = spec.name.clone();
-        blocking(move || store.remove(&name)).await?;
+        self.store_io(move |store| store.remove(&name)).await?;
         entry.removed.store(true, Ordering::SeqCst);
         self.domains().remove(&spec.name);
         self.emit(

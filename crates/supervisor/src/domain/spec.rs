@@ -23,8 +23,32 @@ pub const DEFAULT_MACHINE: &str = "q35";
 pub const MAX_NAME_BYTES: usize = 64;
 /// Longest virtio-blk serial, bytes.
 pub const MAX_SERIAL_BYTES: usize = 20;
-/// Most vCPUs accepted.
+/// Most vCPUs accepted (`max_vcpus` in the config may lower it).
 pub const MAX_VCPUS: u32 = 1024;
+/// Longest path (`kernel`, `initrd`, `serial_log`, `disks[].path`), bytes.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Longest kernel command line, bytes.
+pub const MAX_CMDLINE_BYTES: usize = 4096;
+/// Most `extra_args`.
+pub const MAX_EXTRA_ARGS: usize = 128;
+/// Longest single extra argument, bytes.
+pub const MAX_EXTRA_ARG_BYTES: usize = 4096;
+/// Most disks.
+pub const MAX_DISKS: usize = 32;
+/// Most networks.
+pub const MAX_NETWORKS: usize = 16;
+/// Most port forwards of one user network.
+pub const MAX_PORT_FORWARDS: usize = 32;
+/// Longest short field (`machine`, `uuid`, `mac`, `tap.ifname`,
+/// `host_address`), bytes: each has a tighter rule of its own, checked
+/// after this bound (so no error message quotes a long value).
+pub const MAX_SHORT_FIELD_BYTES: usize = 64;
+/// Largest stored definition (the normalized spec, protobuf-encoded),
+/// bytes.
+pub const MAX_DEFINITION_BYTES: usize = 32 * 1024;
+/// Longest stored definition as YAML, bytes: what a definition file may
+/// hold, less room for its leading comment line.
+pub const MAX_STORED_YAML_BYTES: usize = qvirt_proto::yaml::MAX_YAML_BYTES - 128;
 
 /// A spec field that is wrong: the field's path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,7 +68,9 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
 }
 
 /// Check a domain name: 1-64 bytes, no '/', no control characters, not
-/// "." or "..".
+/// "." or "..", and not a UUID in any written form (canonical, 32 hex
+/// digits, braced, `urn:uuid:`): domains are found by name or UUID, and a
+/// name that reads as another domain's UUID would shadow it.
 pub fn check_name(name: &str) -> Result<(), SpecError> {
     if name.is_empty() {
         return Err(bad("name", "is required"));
@@ -63,6 +89,109 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     }
     if name.chars().any(char::is_control) {
         return Err(bad("name", "must not contain control characters"));
+    }
+    if uuid::Uuid::try_parse(name).is_ok() {
+        return Err(bad(
+            "name",
+            "must not be a UUID (domains are looked up by name or UUID)",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a string field longer than `max` bytes.
+fn check_len(field: impl FnOnce() -> String, value: &str, max: usize) -> Result<(), SpecError> {
+    if value.len() > max {
+        return Err(bad(
+            field(),
+            format!("is {} bytes, at most {max}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a list field with more than `max` entries.
+fn check_count(field: &str, len: usize, max: usize) -> Result<(), SpecError> {
+    if len > max {
+        return Err(bad(field, format!("has {len} entries, at most {max}")));
+    }
+    Ok(())
+}
+
+/// The size bounds of every string and list field (see the `MAX_*`
+/// constants), checked before anything else looks at the values.
+pub fn check_sizes(spec: &DomainSpec) -> Result<(), SpecError> {
+    let short = MAX_SHORT_FIELD_BYTES;
+    check_len(|| "uuid".into(), &spec.uuid, short)?;
+    check_len(|| "machine".into(), &spec.machine, short)?;
+    for (field, value) in [
+        ("kernel", &spec.kernel),
+        ("initrd", &spec.initrd),
+        ("serial_log", &spec.serial_log),
+    ] {
+        check_len(|| field.into(), value, MAX_PATH_BYTES)?;
+    }
+    check_len(|| "cmdline".into(), &spec.cmdline, MAX_CMDLINE_BYTES)?;
+    check_count("extra_args", spec.extra_args.len(), MAX_EXTRA_ARGS)?;
+    for (i, arg) in spec.extra_args.iter().enumerate() {
+        check_len(|| format!("extra_args[{i}]"), arg, MAX_EXTRA_ARG_BYTES)?;
+    }
+    check_count("disks", spec.disks.len(), MAX_DISKS)?;
+    for (i, disk) in spec.disks.iter().enumerate() {
+        check_len(|| format!("disks[{i}].path"), &disk.path, MAX_PATH_BYTES)?;
+        check_len(|| format!("disks[{i}].serial"), &disk.serial, short)?;
+    }
+    check_count("networks", spec.networks.len(), MAX_NETWORKS)?;
+    for (i, net) in spec.networks.iter().enumerate() {
+        check_len(|| format!("networks[{i}].mac"), &net.mac, short)?;
+        match &net.backend {
+            Some(Backend::Tap(tap)) => {
+                check_len(|| format!("networks[{i}].tap.ifname"), &tap.ifname, short)?;
+            }
+            Some(Backend::User(user)) => {
+                let field = format!("networks[{i}].user.port_forwards");
+                check_count(&field, user.port_forwards.len(), MAX_PORT_FORWARDS)?;
+                for (j, fwd) in user.port_forwards.iter().enumerate() {
+                    check_len(
+                        || format!("{field}[{j}].host_address"),
+                        &fwd.host_address,
+                        short,
+                    )?;
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuse a normalized definition larger than [`MAX_DEFINITION_BYTES`]
+/// once encoded (every field may be within its own bound and the whole
+/// still too large to store and list), or one whose stored YAML would not
+/// load again within the YAML bounds (escapes can make it longer than its
+/// protobuf form).
+pub fn check_definition_size(spec: &DomainSpec) -> Result<(), SpecError> {
+    let size = prost::Message::encoded_len(spec);
+    if size > MAX_DEFINITION_BYTES {
+        return Err(bad(
+            "spec",
+            format!("the definition is {size} bytes encoded, at most {MAX_DEFINITION_BYTES}"),
+        ));
+    }
+    let reloads = spec
+        .to_yaml()
+        .map_err(|e| qvirt_proto::yaml::error_text(&e))
+        .and_then(|text| {
+            if text.len() > MAX_STORED_YAML_BYTES {
+                return Err(format!(
+                    "is {} bytes, at most {MAX_STORED_YAML_BYTES}",
+                    text.len()
+                ));
+            }
+            DomainSpec::from_yaml(&text).map_err(|e| qvirt_proto::yaml::error_text(&e))
+        });
+    if let Err(reason) = reloads {
+        return Err(bad("spec", format!("the definition as YAML {reason}")));
     }
     Ok(())
 }
@@ -123,6 +252,7 @@ pub fn normalize(
     mut spec: DomainSpec,
     default_accel: DefaultAccel,
 ) -> Result<DomainSpec, SpecError> {
+    check_sizes(&spec)?;
     check_name(&spec.name)?;
     if spec.uuid.is_empty() {
         spec.uuid = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -286,7 +416,37 @@ pub fn normalize(
             return Err(bad(format!("extra_args[{i}]"), "must not contain NUL"));
         }
     }
+    check_definition_size(&spec)?;
     Ok(spec)
+}
+
+/// Refuse a normalized spec asking for more memory or vCPUs than this
+/// host allows (`max_memory_mib`, `max_vcpus` in the config), at define
+/// time rather than with QEMU's message at start.
+pub fn check_host_limits(
+    spec: &DomainSpec,
+    max_memory_mib: u64,
+    max_vcpus: u32,
+) -> Result<(), SpecError> {
+    if spec.memory_mib > max_memory_mib {
+        return Err(bad(
+            "memory_mib",
+            format!(
+                "{} MiB is more than this host allows ({max_memory_mib} MiB, `max_memory_mib`)",
+                spec.memory_mib
+            ),
+        ));
+    }
+    if spec.vcpus > max_vcpus {
+        return Err(bad(
+            "vcpus",
+            format!(
+                "{} is more than this host allows ({max_vcpus}, `max_vcpus`)",
+                spec.vcpus
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,6 +479,158 @@ mod tests {
         assert_eq!(
             normalize(spec, DefaultAccel::Tcg).unwrap_err().field,
             "disks[0].path"
+        );
+    }
+
+    #[test]
+    fn test_uuid_shaped_names_are_refused() {
+        for name in [
+            "4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f",
+            "4B9F1A52-3C1E-4F0A-9A57-1D2B3C4D5E6F",
+            "4b9f1a523c1e4f0a9a571d2b3c4d5e6f",
+            "{4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f}",
+            "urn:uuid:4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f",
+        ] {
+            let err = check_name(name).expect_err(name);
+            assert!(err.reason.contains("UUID"), "{name}: {err}");
+        }
+        for name in [
+            "web-4b9f1a52",
+            "4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6",
+            "deadbeef",
+        ] {
+            check_name(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn test_every_string_and_list_field_is_bounded() {
+        let long = |n: usize| "x".repeat(n);
+        let path = |n: usize| format!("/{}", "p".repeat(n - 1));
+        let mut cases: Vec<(DomainSpec, &str)> = Vec::new();
+        let base = || parse("name: a\nkernel: /k");
+        let mut s = base();
+        s.machine = long(MAX_SHORT_FIELD_BYTES + 1);
+        cases.push((s, "machine"));
+        let mut s = base();
+        s.uuid = long(10_000);
+        cases.push((s, "uuid"));
+        for field in ["kernel", "initrd", "serial_log"] {
+            let mut s = base();
+            let value = path(MAX_PATH_BYTES + 1);
+            match field {
+                "kernel" => s.kernel = value,
+                "initrd" => s.initrd = value,
+                _ => s.serial_log = value,
+            }
+            cases.push((s, field));
+        }
+        let mut s = base();
+        s.cmdline = long(MAX_CMDLINE_BYTES + 1);
+        cases.push((s, "cmdline"));
+        let mut s = base();
+        s.extra_args = vec!["-a".into(); MAX_EXTRA_ARGS + 1];
+        cases.push((s, "extra_args"));
+        let mut s = base();
+        s.extra_args = vec!["-a".into(), long(MAX_EXTRA_ARG_BYTES + 1)];
+        cases.push((s, "extra_args[1]"));
+        let disk = |p: String| qvirt_proto::v1::DiskSpec {
+            path: p,
+            ..Default::default()
+        };
+        let mut s = base();
+        s.disks = vec![disk("/d".into()); MAX_DISKS + 1];
+        cases.push((s, "disks"));
+        let mut s = base();
+        s.disks = vec![disk(path(MAX_PATH_BYTES + 1))];
+        cases.push((s, "disks[0].path"));
+        let mut s = parse("name: a\nnetworks: [{user: {}}]");
+        s.networks = vec![s.networks[0].clone(); MAX_NETWORKS + 1];
+        cases.push((s, "networks"));
+        let mut s = parse("name: a\nnetworks: [{user: {}}]");
+        s.networks[0].mac = long(100_000);
+        cases.push((s, "networks[0].mac"));
+        let mut s = parse("name: a\nnetworks: [{tap: {ifname: t}}]");
+        if let Some(Backend::Tap(tap)) = &mut s.networks[0].backend {
+            tap.ifname = long(100_000);
+        }
+        cases.push((s, "networks[0].tap.ifname"));
+        let fwd = "{host_port: 1, guest_port: 2}";
+        let many = vec![fwd; MAX_PORT_FORWARDS + 1].join(", ");
+        let s = parse(&format!(
+            "name: a\nnetworks: [{{user: {{port_forwards: [{many}]}}}}]"
+        ));
+        cases.push((s, "networks[0].user.port_forwards"));
+        let mut s = parse(&format!(
+            "name: a\nnetworks: [{{user: {{port_forwards: [{fwd}]}}}}]"
+        ));
+        if let Some(Backend::User(user)) = &mut s.networks[0].backend {
+            user.port_forwards[0].host_address = long(100_000);
+        }
+        cases.push((s, "networks[0].user.port_forwards[0].host_address"));
+        for (spec, field) in cases {
+            let err = normalize(spec, DefaultAccel::Tcg).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+            // No message quotes a long value back.
+            assert!(err.to_string().len() < 200, "{err}");
+        }
+    }
+
+    #[test]
+    fn test_the_whole_definition_is_bounded() {
+        // Each argument within its bound, the whole too large.
+        let mut spec = parse("name: a");
+        spec.extra_args = vec!["y".repeat(MAX_EXTRA_ARG_BYTES); 9];
+        let err = normalize(spec.clone(), DefaultAccel::Tcg).unwrap_err();
+        assert_eq!(err.field, "spec");
+        assert!(err.reason.contains("at most 32768"), "{err}");
+        spec.extra_args.truncate(7);
+        normalize(spec, DefaultAccel::Tcg).unwrap();
+    }
+
+    #[test]
+    fn test_every_accepted_definition_loads_again() {
+        let fwd = "{host_port: 1, guest_port: 2}";
+        let forwards = vec![fwd; MAX_PORT_FORWARDS].join(", ");
+        let nets = vec![format!("{{user: {{port_forwards: [{forwards}]}}}}"); MAX_NETWORKS];
+        let mut widest = parse(&format!("name: a\nnetworks: [{}]", nets.join(", ")));
+        widest.extra_args = vec!["-a".into(); MAX_EXTRA_ARGS];
+        widest.disks = vec![
+            qvirt_proto::v1::DiskSpec {
+                path: "/d".into(),
+                serial: "s".into(),
+                ..Default::default()
+            };
+            MAX_DISKS
+        ];
+        let spec = normalize(widest, DefaultAccel::Tcg).unwrap();
+        assert_eq!(
+            DomainSpec::from_yaml(&spec.to_yaml().unwrap()).unwrap(),
+            spec
+        );
+        // Control characters are escaped 4 to 1 in YAML: small encoded,
+        // too long as a file.
+        let mut escaped = parse("name: a");
+        escaped.extra_args = vec!["\u{1}".repeat(4000); 6];
+        let err = normalize(escaped, DefaultAccel::Tcg).unwrap_err();
+        assert_eq!(err.field, "spec");
+        assert!(err.reason.contains("as YAML is"), "{err}");
+    }
+
+    #[test]
+    fn test_host_limits() {
+        let spec = normalize(
+            parse("name: a\nmemory_mib: 4096\nvcpus: 4"),
+            DefaultAccel::Tcg,
+        )
+        .unwrap();
+        check_host_limits(&spec, 4096, 4).unwrap();
+        let err = check_host_limits(&spec, 4095, 4).unwrap_err();
+        assert_eq!(err.field, "memory_mib");
+        assert!(err.reason.contains("4095 MiB"), "{err}");
+        assert_eq!(
+            check_host_limits(&spec, 4096, 3).unwrap_err().field,
+            "vcpus"
         );
     }
 

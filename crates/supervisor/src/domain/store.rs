@@ -109,6 +109,53 @@ pub enum StoreError {
     },
 }
 
+/// A failure of the filesystem under a dir that the operator can fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirProblem {
+    /// No space (or quota) left.
+    Full,
+    /// Mounted read-only.
+    ReadOnly,
+}
+
+impl std::fmt::Display for DirProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DirProblem::Full => "full",
+            DirProblem::ReadOnly => "read-only",
+        })
+    }
+}
+
+impl StoreError {
+    /// The file or dir of the failed step, and its I/O error.
+    fn io(&self) -> Option<(&Path, &io::Error)> {
+        match self {
+            StoreError::CreateDir { path, source }
+            | StoreError::Write { path, source }
+            | StoreError::Remove { path, source }
+            | StoreError::ReadDir { path, source } => Some((path, source)),
+            StoreError::Encode { .. } => None,
+        }
+    }
+
+    /// The file or dir of the failed step.
+    pub fn path(&self) -> Option<&Path> {
+        self.io().map(|(path, _)| path)
+    }
+
+    /// Whether the step failed because the filesystem is full or
+    /// read-only (rather than for a reason only the log can tell).
+    pub fn dir_problem(&self) -> Option<DirProblem> {
+        let (_, error) = self.io()?;
+        match error.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Some(DirProblem::Full),
+            io::ErrorKind::ReadOnlyFilesystem => Some(DirProblem::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
 /// A domain's runtime status, as kept in `RUN_DIR/NAME/status.yaml`.
 /// `state` and `reason` are `DomainState` / `DomainStateReason` numbers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -403,6 +450,13 @@ impl Store {
             let Some(stem) = file_name.strip_suffix(".yaml") else {
                 continue;
             };
+            let limit = qvirt_proto::yaml::MAX_YAML_BYTES as u64;
+            if let Ok(meta) = entry.metadata()
+                && meta.len() > limit
+            {
+                warn!(path = %path.display(), bytes = meta.len(), limit, "definition file too large; skipped unread");
+                continue;
+            }
             let read = fs::read_to_string(&path).map_err(|e| e.to_string());
             let recorded_defined_at = read.as_ref().ok().and_then(|t| defined_at_of(t));
             let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
@@ -556,6 +610,51 @@ mod tests {
         writer.write_all(b"after").unwrap();
         assert_eq!(fs::read(&log).unwrap(), b"after");
         assert!(!store.trim_log("v").unwrap());
+    }
+
+    #[test]
+    fn test_full_and_read_only_filesystems_are_told_apart() {
+        let err = |e: io::ErrorKind| StoreError::Write {
+            path: "/s/domains/a.yaml".into(),
+            source: io::Error::from(e),
+        };
+        assert_eq!(
+            err(io::ErrorKind::StorageFull).dir_problem(),
+            Some(DirProblem::Full)
+        );
+        assert_eq!(
+            err(io::ErrorKind::ReadOnlyFilesystem).dir_problem(),
+            Some(DirProblem::ReadOnly)
+        );
+        assert_eq!(err(io::ErrorKind::PermissionDenied).dir_problem(), None);
+        assert_eq!(
+            err(io::ErrorKind::StorageFull).path(),
+            Some(Path::new("/s/domains/a.yaml"))
+        );
+    }
+
+    #[test]
+    fn test_an_oversized_definition_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        let spec = DomainSpec {
+            name: "ok".into(),
+            ..DomainSpec::default()
+        };
+        store.save_spec(&spec, SystemTime::now()).unwrap();
+        let big = format!(
+            "name: big\n# {}\n",
+            "x".repeat(qvirt_proto::yaml::MAX_YAML_BYTES)
+        );
+        fs::write(dir.path().join("state/domains/big.yaml"), big).unwrap();
+        let names: Vec<String> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.spec.name)
+            .collect();
+        assert_eq!(names, ["ok"]);
     }
 
     #[test]

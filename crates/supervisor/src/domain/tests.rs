@@ -562,3 +562,121 @@ async fn test_adopted_qemu_with_monitor_lost_for_good_is_destroyed_by_pid() {
     lost_for_good(&m, "adopted").await;
     m.close().await;
 }
+
+#[tokio::test]
+async fn test_a_stored_uuid_shaped_name_never_shadows_another_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    let b = m.define(spec("name: b"), false).await.unwrap();
+    let b_uuid = b.spec.unwrap().uuid;
+    // Refused at define.
+    match m.define(spec(&format!("name: {b_uuid}")), false).await {
+        Err(DomainError::Spec(e)) => assert_eq!(e.field, "name"),
+        other => panic!("{other:?}"),
+    }
+    m.close().await;
+    // A definition stored before the rule: named like b's UUID.
+    let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+    let legacy = DomainSpec {
+        name: b_uuid.clone(),
+        uuid: "4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        machine: "q35".into(),
+        accel: 2,
+        ..DomainSpec::default()
+    };
+    store
+        .save_spec(&legacy, std::time::SystemTime::now())
+        .unwrap();
+    let m = open(&dir).await;
+    assert_eq!(m.list(&[]).len(), 2, "the legacy definition is kept");
+    // The key is ambiguous: refused, and neither domain goes.
+    match m.undefine(&b_uuid, false).await {
+        Err(e @ DomainError::Ambiguous { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(&legacy.uuid) && text.contains("\"b\""),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.list(&[]).len(), 2);
+    // Each stays reachable without ambiguity.
+    assert_eq!(m.get("b").unwrap().spec.unwrap().uuid, b_uuid);
+    assert_eq!(m.get(&legacy.uuid).unwrap().spec.unwrap().name, b_uuid);
+    m.undefine(&legacy.uuid, false).await.unwrap();
+    assert_eq!(m.get(&b_uuid).unwrap().spec.unwrap().name, "b");
+}
+
+#[tokio::test]
+async fn test_definitions_are_refused_past_the_list_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    // Definitions near the per-definition bound (7 x 4 KiB arguments).
+    let big = |name: &str| {
+        let mut s = spec(&format!("name: {name}"));
+        s.extra_args = vec!["y".repeat(super::spec::MAX_EXTRA_ARG_BYTES); 7];
+        s
+    };
+    let mut defined = 0;
+    let refused = loop {
+        assert!(defined < 200, "no refusal after {defined} definitions");
+        match m.define(big(&format!("d{defined}")), false).await {
+            Ok(_) => defined += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refused, DomainError::ListFull { .. }), "{refused}");
+    let answer = qvirt_proto::v1::ListDomainsResponse {
+        domains: m.list(&[]),
+    };
+    let size = prost::Message::encoded_len(&answer);
+    assert!(size <= super::LIST_BUDGET_BYTES, "{size}");
+    assert!(size > super::LIST_BUDGET_BYTES - 64 * 1024, "{size}");
+    // An update of the same size still fits (it replaces its own record).
+    m.define(big("d0"), true).await.unwrap();
+}
+
+#[tokio::test]
+async fn test_memory_and_vcpus_are_checked_against_the_host_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        max_memory_mib: Some(1024),
+        max_vcpus: Some(2),
+        ..config(&dir)
+    };
+    let m = Manager::open(config, Arc::new(LogEvents), Arc::new(NoHooks), None)
+        .await
+        .unwrap();
+    m.define(spec("name: a\nmemory_mib: 1024\nvcpus: 2"), false)
+        .await
+        .unwrap();
+    for (yaml, field) in [
+        ("name: b\nmemory_mib: 1025", "memory_mib"),
+        ("name: b\nvcpus: 3", "vcpus"),
+    ] {
+        match m.define(spec(yaml), false).await {
+            Err(DomainError::Spec(e)) => assert_eq!(e.field, field),
+            other => panic!("{yaml}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn test_a_define_whose_status_cannot_be_written_leaves_no_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    // RUN_DIR/a is a file: the status file cannot be written.
+    std::fs::write(dir.path().join("run/a"), b"").unwrap();
+    assert!(m.define(spec("name: a"), false).await.is_err());
+    assert!(matches!(m.get("a"), Err(DomainError::NotFound(_))));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("state/domains"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    m.close().await;
+    assert!(open(&dir).await.list(&[]).is_empty());
+}
