@@ -37,6 +37,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds (100 to 600000).
+    pub preface_timeout_ms: u64,
     /// Persistent state: `domains/NAME.yaml` definitions and
     /// `logs/NAME.log` QEMU logs.
     pub state_dir: PathBuf,
@@ -72,6 +75,11 @@ pub struct Config {
     /// reboot, as a URL (`http://127.0.0.1:50055`). Absent: agent mode is
     /// refused (FAILED_PRECONDITION).
     pub agentd: Option<String>,
+    /// A file holding the internal plane's shared secret (at least 32
+    /// bytes, not readable by every user), presented to the event bus and
+    /// the hook executor in `x-qvirt-internal-token`. Absent: they refuse
+    /// this supervisor's calls over TCP.
+    pub internal_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -79,6 +87,7 @@ impl Default for Config {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
             log_format: LogFormat::default(),
+            preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             qemu_binary: PathBuf::from(DEFAULT_QEMU_BINARY),
@@ -92,6 +101,7 @@ impl Default for Config {
             hookexec: None,
             hook_call_timeout_secs: 300,
             agentd: None,
+            internal_token_file: None,
         }
     }
 }
@@ -124,6 +134,9 @@ impl Config {
         if let Some(url) = &self.agentd {
             qvirt_common::config::check_endpoint("agentd", url)?;
         }
+        qvirt_common::internal_auth::InternalToken::load_optional(
+            self.internal_token_file.as_ref(),
+        )?;
         for (field, dir) in [("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
             if !dir.is_absolute() {
                 return Err(invalid(

@@ -55,6 +55,10 @@ struct Args {
     /// http://127.0.0.1:50055). Overrides `agentd`.
     #[arg(long, value_name = "URL")]
     agentd: Option<String>,
+    /// File holding the internal plane's shared secret, presented to the
+    /// event bus and the hook executor. Overrides `internal_token_file`.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +77,10 @@ fn main() -> ExitCode {
         override_with(&mut c.hookexec, args.hookexec.map(Some));
         override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);
         override_with(&mut c.agentd, args.agentd.map(Some));
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)
