@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{ChildGuard, Service, bin_path, grpcurl, rss_kib, text};
+use qvirt_integration_tests::{
+    ChildGuard, Service, bin_path, grpcurl, internal, internal_token, rss_kib, text,
+};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
@@ -54,7 +56,7 @@ async fn publish(client: &mut EventBusClient<Channel>, events: Vec<Event>) -> u6
         .collect();
     let n = reqs.len() as u64;
     let reply = client
-        .publish(tokio_stream::iter(reqs))
+        .publish(internal(tokio_stream::iter(reqs)))
         .await
         .unwrap()
         .into_inner();
@@ -732,7 +734,7 @@ async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
     drop(streams);
 }
 
-/// A subscription request carrying `principal` and, if given, a gateway
+/// A subscription request carrying `principal` and, if given, an internal
 /// token in its metadata.
 fn as_principal(
     principal: &str,
@@ -742,7 +744,7 @@ fn as_principal(
     let md = req.metadata_mut();
     md.insert("x-qvirt-principal", principal.parse().unwrap());
     if let Some(t) = token {
-        md.insert("x-qvirt-gateway-token", t.parse().unwrap());
+        md.insert("x-qvirt-internal-token", t.parse().unwrap());
     }
     req
 }
@@ -771,9 +773,9 @@ fn refused_for(result: Result<Streaming<SubscribeMonitorEventsResponse>, tonic::
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
-    let (_svc, mut client) =
-        bus("max_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n").await;
+async fn test_principal_metadata_is_honoured_only_with_the_internal_token() {
+    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let token = Some(internal_token());
     // Without the token the principal metadata is ignored: both count as
     // the peer, so the second is refused whatever principal it claims.
     let _peer = try_subscribe(&mut client, as_principal("alice", None))
@@ -785,23 +787,30 @@ async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
     let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", Some("guess"))).await);
     assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
     // With the token, the gateway's principals have slots of their own.
-    let _alice = try_subscribe(&mut client, as_principal("alice", Some("s3cret")))
+    let _alice = try_subscribe(&mut client, as_principal("alice", token))
         .await
         .unwrap();
-    let _bob = try_subscribe(&mut client, as_principal("bob", Some("s3cret")))
+    let _bob = try_subscribe(&mut client, as_principal("bob", token))
         .await
         .unwrap();
-    let msg = refused_for(try_subscribe(&mut client, as_principal("alice", Some("s3cret"))).await);
+    let msg = refused_for(try_subscribe(&mut client, as_principal("alice", token)).await);
     assert!(msg.contains("\"alice\""), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_principal_metadata_is_ignored_without_a_configured_token() {
-    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let mut svc = Service::start_without_internal_token(
+        "qvirt-eventbus",
+        "max_monitor_subscriptions_per_principal: 1\n",
+        &[],
+    );
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let mut client = EventBusClient::connect(svc.url()).await.unwrap();
     let _first = try_subscribe(&mut client, as_principal("alice", Some("")))
         .await
         .unwrap();
-    let msg = refused_for(try_subscribe(&mut client, as_principal("bob", Some("anything"))).await);
+    let msg =
+        refused_for(try_subscribe(&mut client, as_principal("bob", Some(internal_token()))).await);
     assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
 }
 
@@ -839,7 +848,7 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // the subscription's stream is blocked on flow control).
     let reply = tokio::time::timeout(
         MESSAGE_TIMEOUT,
-        publisher.publish(tokio_stream::iter(burst(0))),
+        publisher.publish(internal(tokio_stream::iter(burst(0)))),
     )
     .await
     .expect("publish blocked behind an unread subscription on its connection")
@@ -850,7 +859,7 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // out on the same connection.
     let second = tokio::spawn(async move {
         publisher
-            .publish(tokio_stream::iter(burst(SHARED_EVENTS)))
+            .publish(internal(tokio_stream::iter(burst(SHARED_EVENTS))))
             .await
             .unwrap()
             .into_inner()
@@ -1099,7 +1108,7 @@ async fn test_publish_refuses_an_event_over_max_event_bytes() {
         })
         .collect::<Vec<_>>();
     let status = client
-        .publish(tokio_stream::iter(reqs))
+        .publish(internal(tokio_stream::iter(reqs)))
         .await
         .expect_err("an event over the cap is refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
