@@ -67,11 +67,12 @@ async fn test_out_of_file_descriptors_the_server_pauses_and_recovers() {
     // once on EMFILE keeps one worker busy all the time (~100% of a core
     // before the fix, ~10,000 failed accepts a second); pausing 100 ms
     // after each failure costs ten failed accepts a second, far below 1%.
-    // 20% leaves room for a loaded machine (and the idle connections'
-    // own work) while a spinning loop, even sharing its core with four
-    // other busy processes, stays above it.
+    // On a machine shared with other busy processes a spinning loop still
+    // measured 38% (the reference run, fix reverted); 10% leaves the
+    // paused server a hundredfold margin and still catches a spinner
+    // that gets only a quarter of the core it asks for.
     assert!(
-        share < 0.20,
+        share < 0.10,
         "the service used {:.0}% of a core while out of descriptors",
         share * 100.0
     );

@@ -156,7 +156,10 @@ async fn test_hook_executor_needs_the_internal_token_over_tcp() {
     ] {
         let full = format!("qvirt.v1.HookExecutor/{method}");
         assert_unauthenticated(&call(&[&addr], &full, data, &[]), method);
-        assert_unauthenticated(&call(&[&addr], &full, data, &[wrong.clone()]), method);
+        assert_unauthenticated(
+            &call(&[&addr], &full, data, std::slice::from_ref(&wrong)),
+            method,
+        );
     }
     assert!(
         !dir.path().join("marker").exists(),
