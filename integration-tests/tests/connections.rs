@@ -124,3 +124,41 @@ async fn test_a_connection_that_sends_nothing_is_closed_after_the_preface_timeou
     // A client that speaks HTTP/2 is served as before.
     svc.health("qvirt.v1.EventBus").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_the_server_caps_concurrent_streams_per_connection() {
+    let mut svc = Service::start("qvirt-eventbus", &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let addr = svc.addr;
+    let settings = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(WAIT)).unwrap();
+        // The client preface and an empty SETTINGS frame.
+        conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .unwrap();
+        // The server's first frame is its SETTINGS: 9-byte header, then
+        // 6-byte (id, value) entries.
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).unwrap();
+        assert_eq!(head[3], 0x4, "first frame is not SETTINGS: {head:?}");
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).unwrap();
+        payload
+            .chunks_exact(6)
+            .map(|e| {
+                (
+                    u16::from_be_bytes([e[0], e[1]]),
+                    u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3); without it a client may open
+    // streams without end.
+    let max = settings.iter().find(|(id, _)| *id == 0x3).map(|(_, v)| *v);
+    assert_eq!(max, Some(1024), "{settings:?}");
+}

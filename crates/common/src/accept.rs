@@ -348,6 +348,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn test_silent_unix_connection_fails_its_read_after_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut incoming = Incoming::new(
+            UnixListener::bind(&path).unwrap(),
+            Duration::from_millis(100),
+        );
+        let _silent = UnixStream::connect(&path).await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf))
+            .await
+            .expect("the deadline ends the read");
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
     async fn test_a_connection_that_sent_the_preface_has_no_deadline() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
