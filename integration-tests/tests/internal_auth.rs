@@ -293,3 +293,49 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
         "a refused RunHook ran the hook"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_supervisor_without_the_token_is_refused_and_retries_slowly() {
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (state, run) = (dirs.path().join("state"), dirs.path().join("run"));
+    let url = bus.url();
+    let mut sup = Service::start_without_internal_token(
+        "qvirt-supervisor",
+        "",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--eventbus",
+            &url,
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+    assert!(
+        sup.stderr().contains("no internal_token_file"),
+        "{}",
+        sup.stderr()
+    );
+    // Its Publish stream is refused...
+    let refused = "event bus stream failed";
+    let deadline = Instant::now() + WAIT;
+    while !sup.stderr().contains(refused) {
+        assert!(
+            Instant::now() < deadline,
+            "never refused:\n{}",
+            sup.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sup.stderr().contains("Unauthenticated"), "{}", sup.stderr());
+    // ...and retried every 5 s, not at once: reconnecting at once after
+    // each refusal tried hundreds of times a second. Counted over 2 s: at
+    // most the first refusal and one retry.
+    let before = sup.stderr().matches(refused).count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = sup.stderr().matches(refused).count();
+    assert!(after - before <= 1, "{} refusals in 2 s", after - before);
+}

@@ -210,6 +210,21 @@ async fn forward(
             None => call.await,
         };
         let taken = taken.load(Ordering::Relaxed);
+        // A refused caller (no or a wrong internal token) stays refused
+        // until the operator fixes the config: retry slowly. Anything
+        // else may be a restarting bus: retry soon, but never at once (a
+        // bus that ends every stream at once would otherwise be spun on).
+        let pause = match &result {
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                BACKOFF_MAX
+            }
+            _ => BACKOFF_MIN,
+        };
         match result {
             Ok(Ok(reply)) => {
                 let reply = reply.into_inner();
@@ -238,6 +253,10 @@ async fn forward(
                     );
                 }
             }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return,
         }
     }
 }
