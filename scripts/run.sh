@@ -22,10 +22,15 @@ mkdir -p "$run_dir/hooks"
 # not. Removed on exit.
 images=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-images.XXXXXX")
 chmod 0755 "$images"
+# The internal plane's shared secret (Publish, the hook executor): a fresh
+# random one per run, readable by this user only.
+token="$run_dir/internal-token"
+rm -f "$token"
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$token")
 services=(
-    "qvirt-eventbus 50053 --metrics-listen 127.0.0.1:9153"
-    "qvirt-hookexec 50054 --hooks-dir $run_dir/hooks"
-    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --image-root $images --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055"
+    "qvirt-eventbus 50053 --metrics-listen 127.0.0.1:9153 --internal-token-file $token"
+    "qvirt-hookexec 50054 --hooks-dir $run_dir/hooks --internal-token-file $token"
+    "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --image-root $images --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055 --internal-token-file $token"
     "qvirt-agentd 50055 --supervisor http://127.0.0.1:50052"
     "qvirt-gateway 50051"
 )

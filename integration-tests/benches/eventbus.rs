@@ -28,7 +28,8 @@ use qvirt_eventbus::hub::{Caps, Hub, HubConfig, SubscribeOptions, SubscriptionIt
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
 use qvirt_integration_tests::reference::MachineSpeed;
 use qvirt_integration_tests::{
-    ChildGuard, Service, define_yaml, kill_domain_qemu, rss_kib, start_supervisor, tool_path,
+    ChildGuard, Service, define_yaml, internal, kill_domain_qemu, rss_kib, start_supervisor,
+    tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
@@ -119,7 +120,10 @@ async fn grpc_throughput(url: &str) -> (f64, u64) {
     let reqs = (0..THROUGHPUT_EVENTS).map(|_| PublishRequest {
         event: Some(event("E", "{}".into())),
     });
-    client.publish(tokio_stream::iter(reqs)).await.unwrap();
+    client
+        .publish(internal(tokio_stream::iter(reqs)))
+        .await
+        .unwrap();
     let lost = finish(&mut client, "E", reader).await;
     (
         (THROUGHPUT_EVENTS - lost) as f64 / start.elapsed().as_secs_f64(),
@@ -155,7 +159,10 @@ async fn finish<T>(
         let end = PublishRequest {
             event: Some(event(name, "\"END\"".into())),
         };
-        client.publish(tokio_stream::iter([end])).await.unwrap();
+        client
+            .publish(internal(tokio_stream::iter([end])))
+            .await
+            .unwrap();
         tokio::select! {
             r = &mut reader => return r.unwrap(),
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -367,7 +374,7 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let send = tokio::spawn(async move {
         streamer
-            .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .publish(internal(tokio_stream::wrappers::ReceiverStream::new(rx)))
             .await
             .unwrap()
     });

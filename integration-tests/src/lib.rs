@@ -10,6 +10,10 @@
 //!   the test is failing, prints its logs.
 //! - [`run`] runs any command with a timeout; [`grpcurl`] runs the real
 //!   grpcurl.
+//! - The services of the internal plane (bus, hook executor, supervisor)
+//!   get `--internal-token-file` with one random secret per test process
+//!   ([`internal_token`]), so they trust each other as deployed;
+//!   [`internal`] makes a request that presents it.
 //!
 //! A missing binary or tool fails the test loudly with the command that
 //! installs it: nothing here silently skips.
@@ -35,6 +39,80 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Default timeout for one external command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The services that serve or call internal methods: [`Service::start`]
+/// hands each the shared internal token file, unless the test passes its
+/// own `--internal-token-file`.
+pub const INTERNAL_PLANE: [&str; 3] = ["qvirt-eventbus", "qvirt-hookexec", "qvirt-supervisor"];
+
+/// The internal plane's shared secret for this test process: 64 random
+/// hex digits.
+pub fn internal_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").unwrap(),
+            &mut bytes,
+        )
+        .unwrap();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
+/// Writes [`internal_token`] to `dir/internal-token` with mode 0600 and
+/// returns its path.
+pub fn write_internal_token(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("internal-token");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, format!("{}\n", internal_token()).as_bytes()).unwrap();
+    path
+}
+
+/// `message` as a request presenting the internal token (as the
+/// supervisor's calls to the bus and the hook executor do).
+pub fn internal<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-qvirt-internal-token", internal_token().parse().unwrap());
+    request
+}
+
+/// A channel whose every call presents the internal token.
+pub type InternalChannel = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+>;
+
+/// Adds the internal token to a call's metadata.
+fn present_internal_token(
+    mut request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    request
+        .metadata_mut()
+        .insert("x-qvirt-internal-token", internal_token().parse().unwrap());
+    Ok(request)
+}
+
+/// Connects to `url`; every call on the channel presents the internal
+/// token (e.g. `HookExecutorClient::new(internal_channel(url).await)`).
+pub async fn internal_channel(url: String) -> InternalChannel {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let present: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
+        present_internal_token;
+    tonic::service::interceptor::InterceptedService::new(channel, present)
+}
 
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
@@ -327,6 +405,15 @@ pub async fn start_supervisor(
     svc
 }
 
+/// How [`Service::start_in`] launches a service.
+#[derive(Debug, Default, Clone, Copy)]
+struct Launch {
+    /// RLIMIT_NOFILE, soft and hard.
+    nofile: Option<u64>,
+    /// No shared internal token file.
+    no_token: bool,
+}
+
 /// A qvirt service process started by a test.
 pub struct Service {
     name: String,
@@ -343,13 +430,41 @@ impl Service {
     /// to `stdout.log` and `stderr.log` there.
     pub fn start(name: &str, extra: &[&str]) -> Service {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_in(tempfile::tempdir().unwrap(), addr, name, extra)
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            addr,
+            name,
+            extra,
+            Launch::default(),
+        )
+    }
+
+    /// As [`Service::start`], with its RLIMIT_NOFILE (soft and hard) set
+    /// to `nofile`: a service that runs out of file descriptors.
+    pub fn start_with_nofile(name: &str, extra: &[&str], nofile: u64) -> Service {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            addr,
+            name,
+            extra,
+            Launch {
+                nofile: Some(nofile),
+                ..Launch::default()
+            },
+        )
     }
 
     /// As [`Service::start`], on a given address (e.g. to restart a
     /// service where its clients expect it).
     pub fn start_at(name: &str, addr: SocketAddr, extra: &[&str]) -> Service {
-        Self::start_in(tempfile::tempdir().unwrap(), addr, name, extra)
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            addr,
+            name,
+            extra,
+            Launch::default(),
+        )
     }
 
     /// As [`Service::start`], with `yaml` written to `config.yaml` in the
@@ -362,14 +477,57 @@ impl Service {
         let mut args = vec!["--config", config.as_str()];
         args.extend_from_slice(extra);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_in(dir, addr, name, &args)
+        Self::start_in(dir, addr, name, &args, Launch::default())
     }
 
-    fn start_in(dir: tempfile::TempDir, addr: SocketAddr, name: &str, extra: &[&str]) -> Service {
+    /// As [`Service::start_with_config`], but without the shared internal
+    /// token file: a service with no internal token configured.
+    pub fn start_without_internal_token(name: &str, yaml: &str, extra: &[&str]) -> Service {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let config = config.to_str().unwrap().to_owned();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let launch = Launch {
+            no_token: true,
+            ..Launch::default()
+        };
+        Self::start_in(dir, addr, name, &args, launch)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+        name: &str,
+        extra: &[&str],
+        launch: Launch,
+    ) -> Service {
         let mut cmd = Command::new(bin_path(name));
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .args(extra)
+        cmd.arg("--listen").arg(addr.to_string());
+        let own_token = extra.contains(&"--internal-token-file");
+        if INTERNAL_PLANE.contains(&name) && !own_token && !launch.no_token {
+            cmd.arg("--internal-token-file")
+                .arg(write_internal_token(dir.path()));
+        }
+        if let Some(n) = launch.nofile {
+            // SAFETY: setrlimit(2) is async-signal-safe and touches only
+            // the limit value on this closure's stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.args(extra)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

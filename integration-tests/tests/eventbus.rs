@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{ChildGuard, Service, bin_path, grpcurl, rss_kib, text};
+use qvirt_integration_tests::{
+    ChildGuard, Service, bin_path, grpcurl, internal, internal_token, rss_kib, text,
+};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
@@ -54,7 +56,7 @@ async fn publish(client: &mut EventBusClient<Channel>, events: Vec<Event>) -> u6
         .collect();
     let n = reqs.len() as u64;
     let reply = client
-        .publish(tokio_stream::iter(reqs))
+        .publish(internal(tokio_stream::iter(reqs)))
         .await
         .unwrap()
         .into_inner();
@@ -764,7 +766,9 @@ async fn test_stalled_subscribers_from_many_addresses_stay_within_the_memory_bou
          ring_capacity: 16\nring_max_bytes: 262144\n\
          max_monitor_subscriptions: {}\nmax_monitor_subscriptions_per_principal: {PER_ADDRESS}\n\
          max_domain_subscriptions: 0\n",
-        STALLED + 1
+        // Direct callers may hold half of the total (the other half is the
+        // gateway's): room for every stalled one and the reader.
+        2 * (STALLED + 1)
     );
     // The bound the bus documents for this config (every subscription it
     // allows, and its ring), plus what the publisher's connection may hold
@@ -867,7 +871,7 @@ async fn test_stalled_subscribers_from_many_addresses_stay_within_the_memory_bou
     drop(stalled_conns);
 }
 
-/// A subscription request carrying `principal` and, if given, a gateway
+/// A subscription request carrying `principal` and, if given, an internal
 /// token in its metadata.
 fn as_principal(
     principal: &str,
@@ -877,7 +881,7 @@ fn as_principal(
     let md = req.metadata_mut();
     md.insert("x-qvirt-principal", principal.parse().unwrap());
     if let Some(t) = token {
-        md.insert("x-qvirt-gateway-token", t.parse().unwrap());
+        md.insert("x-qvirt-internal-token", t.parse().unwrap());
     }
     req
 }
@@ -906,9 +910,9 @@ fn refused_for(result: Result<Streaming<SubscribeMonitorEventsResponse>, tonic::
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
-    let (_svc, mut client) =
-        bus("max_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n").await;
+async fn test_principal_metadata_is_honoured_only_with_the_internal_token() {
+    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let token = Some(internal_token());
     // Without the token the principal metadata is ignored: both count as
     // the peer, so the second is refused whatever principal it claims.
     let _peer = try_subscribe(&mut client, as_principal("alice", None))
@@ -920,13 +924,13 @@ async fn test_principal_metadata_is_honoured_only_with_the_gateway_token() {
     let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", Some("guess"))).await);
     assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
     // With the token, the gateway's principals have slots of their own.
-    let _alice = try_subscribe(&mut client, as_principal("alice", Some("s3cret")))
+    let _alice = try_subscribe(&mut client, as_principal("alice", token))
         .await
         .unwrap();
-    let _bob = try_subscribe(&mut client, as_principal("bob", Some("s3cret")))
+    let _bob = try_subscribe(&mut client, as_principal("bob", token))
         .await
         .unwrap();
-    let msg = refused_for(try_subscribe(&mut client, as_principal("alice", Some("s3cret"))).await);
+    let msg = refused_for(try_subscribe(&mut client, as_principal("alice", token)).await);
     assert!(msg.contains("\"alice\""), "{msg}");
 }
 
@@ -945,10 +949,8 @@ async fn client_from(url: &str, local: std::net::Ipv4Addr) -> EventBusClient<Cha
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
-    let (svc, _client) = bus(
-        "max_monitor_subscriptions: 4\nmax_monitor_subscriptions_per_principal: 1\ngateway_token: s3cret\n",
-    )
-    .await;
+    let (svc, _client) =
+        bus("max_monitor_subscriptions: 4\nmax_monitor_subscriptions_per_principal: 1\n").await;
     // Two direct callers from two addresses take the direct half.
     let mut direct = Vec::new();
     for last in 2..=4 {
@@ -966,23 +968,32 @@ async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
     );
     // The gateway's principals still find the other half.
     let mut gateway = client_from(&svc.url(), std::net::Ipv4Addr::new(127, 0, 0, 9)).await;
-    let _alice = try_subscribe(&mut gateway, as_principal("alice", Some("s3cret")))
+    let _alice = try_subscribe(&mut gateway, as_principal("alice", Some(internal_token())))
         .await
         .unwrap();
-    let _bob = try_subscribe(&mut gateway, as_principal("bob", Some("s3cret")))
+    let _bob = try_subscribe(&mut gateway, as_principal("bob", Some(internal_token())))
         .await
         .unwrap();
-    let msg = refused_for(try_subscribe(&mut gateway, as_principal("carol", Some("s3cret"))).await);
+    let msg = refused_for(
+        try_subscribe(&mut gateway, as_principal("carol", Some(internal_token()))).await,
+    );
     assert!(msg.contains("total cap of 4"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_principal_metadata_is_ignored_without_a_configured_token() {
-    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let mut svc = Service::start_without_internal_token(
+        "qvirt-eventbus",
+        "max_monitor_subscriptions_per_principal: 1\n",
+        &[],
+    );
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let mut client = EventBusClient::connect(svc.url()).await.unwrap();
     let _first = try_subscribe(&mut client, as_principal("alice", Some("")))
         .await
         .unwrap();
-    let msg = refused_for(try_subscribe(&mut client, as_principal("bob", Some("anything"))).await);
+    let msg =
+        refused_for(try_subscribe(&mut client, as_principal("bob", Some(internal_token()))).await);
     assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
 }
 
@@ -1022,7 +1033,7 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // the subscription's stream is blocked on flow control).
     let reply = tokio::time::timeout(
         MESSAGE_TIMEOUT,
-        publisher.publish(tokio_stream::iter(burst(0))),
+        publisher.publish(internal(tokio_stream::iter(burst(0)))),
     )
     .await
     .expect("publish blocked behind an unread subscription on its connection")
@@ -1033,7 +1044,7 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // out on the same connection.
     let second = tokio::spawn(async move {
         publisher
-            .publish(tokio_stream::iter(burst(SHARED_EVENTS)))
+            .publish(internal(tokio_stream::iter(burst(SHARED_EVENTS))))
             .await
             .unwrap()
             .into_inner()
@@ -1282,7 +1293,7 @@ async fn test_publish_refuses_an_event_over_max_event_bytes() {
         })
         .collect::<Vec<_>>();
     let status = client
-        .publish(tokio_stream::iter(reqs))
+        .publish(internal(tokio_stream::iter(reqs)))
         .await
         .expect_err("an event over the cap is refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");

@@ -12,14 +12,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, grpcurl, text};
+use qvirt_integration_tests::{
+    InternalChannel, Service, grpcurl, internal_channel, internal_token, text,
+};
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::hook_script_result::Termination;
 use qvirt_proto::v1::{
     HookDriver, HookOutcome, HookScriptResult, ListHooksRequest, ReloadHooksRequest,
     RunHookRequest, RunHookResponse,
 };
-use tonic::transport::Channel;
 
 /// Bound on every poll for a condition.
 const POLL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -117,11 +118,14 @@ fn with_sigusr2_blocked<T>(f: impl FnOnce() -> T) -> T {
 
 /// A hook executor over `hooks`, started with SIGUSR2 blocked (libvirt's
 /// hooks start with an empty mask whatever the daemon's).
-async fn executor(hooks: &Hooks, extra_yaml: &str) -> (Service, HookExecutorClient<Channel>) {
+async fn executor(
+    hooks: &Hooks,
+    extra_yaml: &str,
+) -> (Service, HookExecutorClient<InternalChannel>) {
     let yaml = format!("hooks_dir: {}\n{extra_yaml}", hooks.dir().display());
     let mut svc = with_sigusr2_blocked(|| Service::start_with_config("qvirt-hookexec", &yaml, &[]));
     svc.wait_serving("qvirt.v1.HookExecutor").await;
-    let client = HookExecutorClient::connect(svc.url()).await.unwrap();
+    let client = HookExecutorClient::new(internal_channel(svc.url()).await);
     (svc, client)
 }
 
@@ -136,7 +140,10 @@ fn call(driver: HookDriver, object: &str, op: &str, sub_op: &str, extra: &str) -
     }
 }
 
-async fn run(client: &mut HookExecutorClient<Channel>, req: RunHookRequest) -> RunHookResponse {
+async fn run(
+    client: &mut HookExecutorClient<InternalChannel>,
+    req: RunHookRequest,
+) -> RunHookResponse {
     client.run_hook(req).await.unwrap().into_inner()
 }
 
@@ -973,8 +980,11 @@ async fn test_bad_requests_are_invalid_argument() {
 
     // The same through grpcurl and reflection, as an operator would call it.
     let addr = svc.addr.to_string();
+    let header = format!("x-qvirt-internal-token: {}", internal_token());
     let out = grpcurl(&[
         "-plaintext",
+        "-H",
+        &header,
         "-d",
         r#"{"driver": "HOOK_DRIVER_QEMU", "object": "vm1", "op": "prepare", "sub_op": "begin"}"#,
         &addr,
@@ -986,6 +996,8 @@ async fn test_bad_requests_are_invalid_argument() {
     assert!(hooks.read("qemu.argv").contains("arg=prepare\n"));
     let out = grpcurl(&[
         "-plaintext",
+        "-H",
+        &header,
         "-d",
         r#"{"op": "start"}"#,
         &addr,

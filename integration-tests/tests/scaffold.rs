@@ -256,6 +256,41 @@ fn test_bad_config_exits_2_with_one_line() {
         assert_config_error(bin, &["--config", &bad_format], "unknown variant `xml`");
         assert_config_error(bin, &["--config", missing], "cannot read config file");
         assert_config_error(bin, &["--config", missing], "absent.yaml");
+        assert_config_error(
+            bin,
+            &["--preface-timeout-ms", "0"],
+            "preface_timeout_ms = \"0\": must be between 100 and 600000",
+        );
+    }
+}
+
+#[test]
+fn test_unusable_internal_token_files_exit_2_with_one_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let secret = "0123456789abcdef0123456789abcdef\n";
+    let open_to_all = write("open", secret, 0o644);
+    let short = write("short", "s3cret\n", 0o600);
+    for bin in ["qvirt-eventbus", "qvirt-hookexec", "qvirt-supervisor"] {
+        let flag = "--internal-token-file";
+        assert_config_error(
+            bin,
+            &[flag, &open_to_all],
+            "invalid config: internal_token_file = ",
+        );
+        assert_config_error(
+            bin,
+            &[flag, &open_to_all],
+            "readable or writable by every user (mode 0644)",
+        );
+        assert_config_error(bin, &[flag, &short], "at least 32 are needed");
+        assert_config_error(bin, &[flag, "/nonexistent/token"], "cannot open");
     }
 }
 

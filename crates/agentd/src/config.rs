@@ -25,6 +25,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds (100 to 600000).
+    pub preface_timeout_ms: u64,
     /// Static agent sockets: domain name or UUID -> host path of the
     /// guest agent's unix socket. Looked up before the supervisor; for
     /// tests and for guests started outside qvirt.
@@ -74,6 +77,7 @@ impl Default for Config {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
             log_format: LogFormat::default(),
+            preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             agents: BTreeMap::new(),
             supervisor: None,
             command_timeout_ms: 10_000,

@@ -23,6 +23,7 @@ pub mod wire;
 
 use std::time::Duration;
 
+use qvirt_common::cli::ServiceConfig as _;
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::guest_agent_server::GuestAgentServer;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +52,7 @@ pub async fn run(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let options = config.serve_options();
     let locator = locate::Locator::new(config.agents.clone(), config.supervisor.as_deref())
         .map_err(RunError::Supervisor)?;
     let channels = channel::Channels::new(
@@ -84,6 +86,6 @@ pub async fn run(
     let server = GuestAgentServer::new(GuestAgentService::new(locator, channels, limits))
         .max_decoding_message_size(request_limit)
         .max_encoding_message_size(response_limit);
-    let services = Services::new().with(server);
+    let services = Services::new().options(options).with(server);
     Ok(serve::serve(listener, services, shutdown).await?)
 }

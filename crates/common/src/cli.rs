@@ -20,6 +20,18 @@ pub trait ServiceConfig: DeserializeOwned + Default {
     fn log_format(&self) -> LogFormat;
     /// Replaces the log format (from `--log-format`).
     fn set_log_format(&mut self, format: LogFormat);
+    /// How long a new connection may take to send the HTTP/2 preface, ms.
+    fn preface_timeout_ms(&self) -> u64;
+    /// Replaces the preface timeout (from `--preface-timeout-ms`).
+    fn set_preface_timeout_ms(&mut self, ms: u64);
+    /// How the server treats connections: the defaults with this config's
+    /// preface timeout (a service may override more before serving).
+    fn serve_options(&self) -> crate::serve::ServeOptions {
+        crate::serve::ServeOptions {
+            preface_timeout: std::time::Duration::from_millis(self.preface_timeout_ms()),
+            ..crate::serve::ServeOptions::default()
+        }
+    }
     /// Checks what the types alone cannot, after every override.
     fn validate(&self) -> Result<(), ConfigError> {
         Ok(())
@@ -33,8 +45,8 @@ pub trait ServiceConfig: DeserializeOwned + Default {
     }
 }
 
-/// Implements [`ServiceConfig`] for a config struct with `listen` and
-/// `log_format` fields, with an optional `validate` body and an optional
+/// Implements [`ServiceConfig`] for a config struct with `listen`,
+/// `log_format` and `preface_timeout_ms` fields, with an optional `validate` body and an optional
 /// `worker_threads` field (`workers = field`).
 #[macro_export]
 macro_rules! impl_service_config {
@@ -65,7 +77,14 @@ macro_rules! impl_service_config {
             fn set_log_format(&mut self, format: $crate::config::LogFormat) {
                 self.log_format = format;
             }
+            fn preface_timeout_ms(&self) -> u64 {
+                self.preface_timeout_ms
+            }
+            fn set_preface_timeout_ms(&mut self, ms: u64) {
+                self.preface_timeout_ms = ms;
+            }
             fn validate(&self) -> Result<(), $crate::config::ConfigError> {
+                $crate::serve::check_preface_timeout_ms(self.preface_timeout_ms)?;
                 let check: fn(&$ty) -> Result<(), $crate::config::ConfigError> = $validate;
                 check(self)
             }
@@ -90,6 +109,10 @@ pub struct CommonArgs {
     /// come from RUST_LOG (default: info).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds. Overrides `preface_timeout_ms` in the file.
+    #[arg(long, value_name = "MS")]
+    pub preface_timeout_ms: Option<u64>,
 }
 
 impl CommonArgs {
@@ -103,6 +126,9 @@ impl CommonArgs {
         }
         if let Some(format) = self.log_format {
             config.set_log_format(format);
+        }
+        if let Some(ms) = self.preface_timeout_ms {
+            config.set_preface_timeout_ms(ms);
         }
         Ok(config)
     }
@@ -127,6 +153,7 @@ mod tests {
     struct Demo {
         listen: ListenAddr,
         log_format: LogFormat,
+        preface_timeout_ms: u64,
     }
 
     impl Default for Demo {
@@ -134,6 +161,7 @@ mod tests {
             Demo {
                 listen: ListenAddr::loopback(50099),
                 log_format: LogFormat::Text,
+                preface_timeout_ms: 10_000,
             }
         }
     }
@@ -166,11 +194,16 @@ mod tests {
             config: Some(file),
             listen: Some(ListenAddr::loopback(7001)),
             log_format: Some(LogFormat::Text),
+            preface_timeout_ms: Some(500),
         }
         .load()
         .unwrap();
         assert_eq!(flagged.listen, ListenAddr::loopback(7001));
         assert_eq!(flagged.log_format, LogFormat::Text);
+        assert_eq!(
+            flagged.serve_options().preface_timeout,
+            std::time::Duration::from_millis(500)
+        );
 
         let defaults: Demo = CommonArgs::default().load().unwrap();
         assert_eq!(defaults.listen, ListenAddr::loopback(50099));
@@ -181,6 +214,9 @@ mod tests {
         let mut c = Demo::default();
         assert!(c.validate().is_ok());
         c.set_listen(ListenAddr::loopback(1));
+        assert!(c.validate().is_err());
+        let mut c = Demo::default();
+        c.set_preface_timeout_ms(0);
         assert!(c.validate().is_err());
     }
 }

@@ -10,6 +10,11 @@
 //! - [`shutdown`]: a cancellation token that fires on SIGTERM or SIGINT.
 //! - [`serve`]: binds TCP or a unix socket, adds `grpc.health.v1` and server
 //!   reflection, and serves until shut down.
+//! - [`accept`]: accept loops that back off when out of file descriptors,
+//!   and the HTTP/2 preface deadline.
+//! - [`internal_auth`]: the internal plane's shared secret: loading it,
+//!   checking callers of internal methods, and the client interceptor that
+//!   presents it.
 //! - [`coalesce`]: a connection writer that gathers the frames of streams
 //!   woken together into one socket write (opt-in per server).
 //! - [`service`]: the body of every service's `main`: config errors to exit
@@ -18,9 +23,11 @@
 //! Not here: anything specific to one service, and generated protobuf code
 //! (that is `qvirt-proto`).
 
+pub mod accept;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
+pub mod internal_auth;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

@@ -6,6 +6,12 @@
 //! `grpc.health.v1.Health` (SERVING for each of its services while it runs,
 //! NOT_SERVING once shutdown starts) and server reflection (v1 and v1alpha,
 //! for grpcurl of any age), listing exactly its own services.
+//!
+//! Connections are accepted by [`crate::accept`] (no spinning when out of
+//! file descriptors; a connection that sends no HTTP/2 preface within
+//! [`ServeOptions::preface_timeout`] is closed), and every connection gets
+//! HTTP/2 keepalive pings and a cap on its concurrent streams
+//! ([`ServeOptions`], which a service may tune with [`Services::options`]).
 
 use std::convert::Infallible;
 use std::io;
@@ -17,22 +23,100 @@ use prost::Message;
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::accept::Incoming;
 use crate::coalesce::Coalescing;
-use crate::config::ListenAddr;
+use crate::config::{ConfigError, ListenAddr};
 
 /// How long in-flight calls and streams may run on after shutdown starts
 /// before the server stops waiting for them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Default `preface_timeout_ms` config value.
+pub const DEFAULT_PREFACE_TIMEOUT_MS: u64 = 10_000;
+
+/// Default [`ServeOptions::preface_timeout`] (the `preface_timeout_ms`
+/// config key).
+pub const DEFAULT_PREFACE_TIMEOUT: Duration = Duration::from_millis(DEFAULT_PREFACE_TIMEOUT_MS);
+
+/// The values `preface_timeout_ms` may take, in milliseconds.
+pub const PREFACE_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=600_000;
+
+/// Default [`ServeOptions::keepalive_interval`].
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Default [`ServeOptions::keepalive_timeout`].
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default [`ServeOptions::max_concurrent_streams`]. tonic sets none (h2
+/// then allows any number), so one connection could open streams without
+/// end; the bus's benches open 100 subscriptions per connection and the
+/// gateway will multiplex its callers over a few connections, so the cap
+/// is well above what one legitimate client uses.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// How a server treats its connections. Every service starts from
+/// [`ServeOptions::default`] with `preface_timeout` from its config
+/// (`ServiceConfig::serve_options`), and may override any field for its
+/// own traffic (e.g. the bus's flow-control windows) before handing them
+/// to [`Services::options`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// A new connection that has not sent the 24-byte HTTP/2 preface
+    /// within this long is closed (it would otherwise hold a file
+    /// descriptor and a task for ever).
+    pub preface_timeout: Duration,
+    /// An HTTP/2 PING goes to each connection this often, so dead peers
+    /// are noticed.
+    pub keepalive_interval: Duration,
+    /// A connection whose PING is not answered within this long is closed.
+    pub keepalive_timeout: Duration,
+    /// Concurrent streams (calls) one connection may have open
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 initial stream flow-control window, bytes; `None`: tonic's
+    /// default.
+    pub initial_stream_window_size: Option<u32>,
+    /// HTTP/2 initial connection flow-control window, bytes; `None`:
+    /// tonic's default.
+    pub initial_connection_window_size: Option<u32>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            preface_timeout: DEFAULT_PREFACE_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+        }
+    }
+}
+
+/// Checks a `preface_timeout_ms` config value.
+pub fn check_preface_timeout_ms(ms: u64) -> Result<(), ConfigError> {
+    if PREFACE_TIMEOUT_MS_RANGE.contains(&ms) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        field: "preface_timeout_ms",
+        value: ms.to_string(),
+        reason: format!(
+            "must be between {} and {}",
+            PREFACE_TIMEOUT_MS_RANGE.start(),
+            PREFACE_TIMEOUT_MS_RANGE.end()
+        ),
+    })
+}
 
 /// The reflection service names, listed alongside a service's own.
 const REFLECTION_SERVICES: [&str; 2] = [
@@ -138,6 +222,7 @@ pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     coalesce_writes: bool,
+    options: ServeOptions,
 }
 
 impl Services {
@@ -168,6 +253,12 @@ impl Services {
     /// are woken together, like the event bus's subscriptions.
     pub fn coalescing_writes(mut self) -> Self {
         self.coalesce_writes = true;
+        self
+    }
+
+    /// How connections are treated (default: [`ServeOptions::default`]).
+    pub fn options(mut self, options: ServeOptions) -> Self {
+        self.options = options;
         self
     }
 
@@ -267,6 +358,7 @@ pub async fn serve(
     let coalesce = services.coalesce_writes
         && tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
+    let options = services.options.clone();
     let (routes, reporter) = services.finish().await?;
     let addr = listener.local_addr().ok();
     tracing::info!(listen = %addr.map(|a| a.to_string()).unwrap_or_default(), services = ?names, "serving");
@@ -285,15 +377,14 @@ pub async fn serve(
     };
     let result = match listener {
         Listener::Tcp(l) => {
-            let incoming = TcpIncoming::from(l)
-                .with_nodelay(Some(true))
+            let incoming = Incoming::new(l, options.preface_timeout)
                 .map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
-            run_until(routes, incoming, stopping, &shutdown).await
+            run_until(routes, &options, incoming, stopping, &shutdown).await
         }
         Listener::Unix(l, path) => {
-            let incoming =
-                UnixListenerStream::new(l).map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
-            let r = run_until(routes, incoming, stopping, &shutdown).await;
+            let incoming = Incoming::new(l, options.preface_timeout)
+                .map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
+            let r = run_until(routes, &options, incoming, stopping, &shutdown).await;
             // Best effort: the socket file is ours and useless now.
             let _ = std::fs::remove_file(&path);
             r
@@ -305,6 +396,7 @@ pub async fn serve(
 
 async fn run_until<I, IO, IE>(
     routes: Routes,
+    options: &ServeOptions,
     incoming: I,
     stopping: impl Future<Output = ()>,
     shutdown: &CancellationToken,
@@ -320,6 +412,11 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = Server::builder()
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .initial_stream_window_size(options.initial_stream_window_size)
+        .initial_connection_window_size(options.initial_connection_window_size)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stopping);
     tokio::pin!(server);

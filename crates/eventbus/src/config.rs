@@ -1,5 +1,7 @@
 //! The `qvirt-eventbus` config file (YAML; every field optional).
 
+use std::path::PathBuf;
+
 use qvirt_common::config::{ConfigError, ListenAddr, LogFormat};
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +51,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds (100 to 600000).
+    pub preface_timeout_ms: u64,
     /// How many of the latest events the replay ring keeps (0: no replay).
     pub ring_capacity: usize,
     /// Upper bound on the bytes of events the ring keeps.
@@ -76,13 +81,18 @@ pub struct Config {
     /// Where to serve Prometheus metrics over HTTP (`IP:PORT`, path
     /// `/metrics`). Absent: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Secret shared with the gateway: a caller whose `x-qvirt-gateway-token`
-    /// metadata equals it is the gateway, and its `x-qvirt-principal` is the
-    /// principal counted by the per-principal caps; half of each total cap
-    /// is then kept for such principals. Absent (the default):
-    /// `x-qvirt-principal` is ignored and every caller counts as its peer
-    /// address.
-    pub gateway_token: Option<String>,
+    /// A file holding the internal plane's shared secret (at least 32
+    /// bytes, not readable by every user). Publish accepts a caller that
+    /// presents it in `x-qvirt-internal-token`, and only such a caller (or
+    /// an `internal_uids` peer) may name the principal counted by the
+    /// per-principal caps in `x-qvirt-principal`. Absent (the default):
+    /// Publish refuses every TCP caller. When set, half of each total
+    /// subscription cap is kept for principals an internal caller (the
+    /// gateway) vouches for.
+    pub internal_token_file: Option<PathBuf>,
+    /// Unix-socket peers (by uid) accepted as internal callers without the
+    /// token, besides uid 0 and the bus's own uid.
+    pub internal_uids: Vec<u32>,
     /// Runtime threads. 0 (the default): one worker per core. 1: the whole
     /// bus on one thread: less CPU per delivery (no cross-core traffic;
     /// the bench measured ~15% less when saturated), but a worse tail
@@ -96,6 +106,7 @@ impl Default for Config {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
             log_format: LogFormat::default(),
+            preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             ring_capacity: hub::DEFAULT_RING_CAPACITY,
             ring_max_bytes: 16 << 20,
             queue_capacity: hub::DEFAULT_QUEUE_CAPACITY,
@@ -107,7 +118,8 @@ impl Default for Config {
             max_domain_subscriptions: hub::DEFAULT_MAX_SUBSCRIPTIONS,
             max_domain_subscriptions_per_principal: hub::DEFAULT_MAX_SUBSCRIPTIONS_PER_PRINCIPAL,
             metrics_listen: None,
-            gateway_token: None,
+            internal_token_file: None,
+            internal_uids: Vec::new(),
             worker_threads: 0,
         }
     }
@@ -168,11 +180,12 @@ impl Config {
             .saturating_add(ring)
     }
 
-    /// The slots of a total cap kept for the gateway's principals: half of
-    /// it when a `gateway_token` is set (callers the gateway does not vouch
-    /// for may take only the other half), none otherwise.
+    /// The slots of a total cap kept for the principals internal callers
+    /// (the gateway) vouch for: half of it when an `internal_token_file` is
+    /// set (callers nobody vouches for may take only the other half), none
+    /// otherwise.
     fn reserved(&self, total: usize) -> usize {
-        if self.gateway_token.as_deref().is_some_and(|t| !t.is_empty()) {
+        if self.internal_token_file.is_some() {
             total / 2
         } else {
             0
@@ -222,6 +235,9 @@ impl Config {
                 ),
             });
         }
+        qvirt_common::internal_auth::InternalToken::load_optional(
+            self.internal_token_file.as_ref(),
+        )?;
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError::Invalid {
                 field: "worker_threads",

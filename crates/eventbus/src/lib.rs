@@ -15,6 +15,8 @@ pub mod server;
 pub mod service;
 mod status;
 
+use qvirt_common::cli::ServiceConfig as _;
+use qvirt_common::internal_auth::{InternalAuth, InternalToken};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +29,10 @@ pub enum RunError {
     /// The hub settings are unusable.
     #[error("invalid event bus settings")]
     Hub(#[from] hub::HubConfigError),
+    /// The internal token file is unusable (it was fine when the config
+    /// was checked).
+    #[error(transparent)]
+    InternalToken(qvirt_common::config::ConfigError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -48,8 +54,13 @@ pub async fn run(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let token = InternalToken::load_optional(config.internal_token_file.as_ref())
+        .map_err(RunError::InternalToken)?;
+    let auth = InternalAuth::new(token, &config.internal_uids);
+    auth.log_policy("EventBus/Publish, x-qvirt-principal");
     let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
     let epoch = new_epoch();
+    let options = config.serve_options();
     tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -68,9 +79,10 @@ pub async fn run(
         }
     });
     let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
-        .with_gateway_token(config.gateway_token.clone())
+        .with_internal_auth(auth)
         .with_max_event_bytes(config.max_event_bytes);
     let services = Services::new()
+        .options(options)
         .coalescing_writes()
         .with(server::BusServer::new(service));
     let result = serve::serve(listener, services, shutdown).await;

@@ -19,6 +19,10 @@ struct Args {
     /// `slow_consumer` in the file.
     #[arg(long, value_enum)]
     slow_consumer: Option<qvirt_eventbus::config::SlowConsumer>,
+    /// File holding the internal plane's shared secret. Overrides
+    /// `internal_token_file` in the file.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -26,6 +30,10 @@ fn main() -> ExitCode {
     let config = args.common.load().map(|mut c: qvirt_eventbus::Config| {
         override_with(&mut c.metrics_listen, args.metrics_listen.map(Some));
         override_with(&mut c.slow_consumer, args.slow_consumer);
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
         c
     });
     qvirt_common::service::main("qvirt-eventbus", config, qvirt_eventbus::run)

@@ -5,7 +5,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use qvirt_common::accept::AcceptBackoff;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -97,40 +99,6 @@ pub const MAX_CONNECTIONS: usize = 16;
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// How long the accept loop pauses after a failed accept. Out of file
-/// descriptors (EMFILE), accept fails at once every time: retrying at once
-/// would burn a core and write a warning per try.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
-/// At most one warning about failed accepts per this long.
-const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Rate-limits the warnings about failed accepts.
-#[derive(Debug, Default)]
-struct AcceptErrors {
-    last_warned: Option<Instant>,
-    suppressed: u64,
-}
-
-impl AcceptErrors {
-    /// Records a failed accept at `now`. A warning is due on the first
-    /// failure and then once per [`ACCEPT_WARN_INTERVAL`]: `Some` with
-    /// how many failures went unreported since the last one; otherwise
-    /// `None`, and this one is counted.
-    fn failed(&mut self, now: Instant) -> Option<u64> {
-        match self.last_warned {
-            Some(then) if now.saturating_duration_since(then) < ACCEPT_WARN_INTERVAL => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last_warned = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
-
 /// Serves `/metrics` for `hub` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, hub: Hub<BusEvent>, shutdown: CancellationToken) {
     serve_limited(listener, hub, shutdown, MAX_CONNECTIONS).await;
@@ -145,23 +113,19 @@ async fn serve_limited(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(listen = ?addr, "serving metrics");
     let permits = Arc::new(Semaphore::new(limit));
-    let mut errors = AcceptErrors::default();
+    let mut backoff = AcceptBackoff::new("metrics");
     loop {
         let (conn, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
-                    if let Some(unreported) = errors.failed(Instant::now()) {
-                        tracing::warn!(
-                            error = %e,
-                            unreported,
-                            pause = ?ACCEPT_ERROR_PAUSE,
-                            "metrics accept failed; pausing after each failure"
-                        );
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
-                        () = shutdown.cancelled() => return,
+                    // Out of file descriptors, accept fails at once every
+                    // time: the shared rule pauses rather than spins.
+                    if let Some(pause) = backoff.failed(&e) {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = shutdown.cancelled() => return,
+                        }
                     }
                     continue;
                 }
@@ -281,28 +245,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         shutdown.cancel();
-    }
-
-    #[test]
-    fn test_accept_error_warnings_are_rate_limited() {
-        let mut errors = AcceptErrors::default();
-        let t0 = Instant::now();
-        assert_eq!(errors.failed(t0), Some(0), "the first failure warns");
-        // A failing loop paced at ACCEPT_ERROR_PAUSE stays quiet for the
-        // rest of the interval, counting.
-        let per_interval = ACCEPT_WARN_INTERVAL.as_millis() / ACCEPT_ERROR_PAUSE.as_millis();
-        let mut at = t0;
-        for _ in 1..per_interval {
-            at += ACCEPT_ERROR_PAUSE;
-            assert_eq!(errors.failed(at), None);
-        }
-        // Then one warning with what went unreported.
-        at += ACCEPT_ERROR_PAUSE;
-        assert_eq!(errors.failed(at), Some(per_interval as u64 - 1));
-        assert_eq!(errors.failed(at + ACCEPT_ERROR_PAUSE), None);
-        assert_eq!(errors.failed(at + ACCEPT_WARN_INTERVAL), Some(1));
-        // A pause is long enough that a loop failing at once cannot spin.
-        assert!(ACCEPT_ERROR_PAUSE >= Duration::from_millis(100));
     }
 
     #[test]

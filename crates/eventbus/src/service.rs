@@ -17,6 +17,7 @@ use qvirt_proto::v1::{
 use std::task::{Context, Poll};
 
 use prost::Message as _;
+use qvirt_common::internal_auth::InternalAuth;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
@@ -30,13 +31,10 @@ use crate::hub::{
 use crate::status;
 
 /// Metadata key in which the gateway passes the authenticated principal.
-/// Honoured only beside a valid [`GATEWAY_TOKEN_METADATA`]; otherwise the
-/// peer address is the principal.
+/// Honoured only from an internal caller (one that presents the internal
+/// token, see [`qvirt_common::internal_auth`]); otherwise the peer address
+/// is the principal.
 pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
-
-/// Metadata key in which the gateway proves it is the gateway: the shared
-/// secret configured as `gateway_token` in both.
-pub const GATEWAY_TOKEN_METADATA: &str = "x-qvirt-gateway-token";
 
 /// The longest `domain` or `host` a subscription may filter on, in bytes.
 /// A subscription holds its filter for its whole life, so without a bound
@@ -129,7 +127,7 @@ pub struct EventBusService {
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
     shutdown: CancellationToken,
-    gateway_token: Option<Arc<str>>,
+    auth: InternalAuth,
     max_event_bytes: usize,
 }
 
@@ -149,7 +147,7 @@ impl EventBusService {
             policy,
             next_subscription: Arc::new(AtomicU64::new(1)),
             shutdown,
-            gateway_token: None,
+            auth: InternalAuth::new(None, &[]),
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         }
     }
@@ -184,25 +182,26 @@ impl EventBusService {
         Ok(event)
     }
 
-    /// Honours [`PRINCIPAL_METADATA`] only from callers that also send
-    /// `token` in [`GATEWAY_TOKEN_METADATA`] (the gateway). `None` (the
-    /// default): the metadata is never honoured and every caller counts as
-    /// its peer address.
-    pub fn with_gateway_token(mut self, token: Option<String>) -> Self {
-        self.gateway_token = token.filter(|t| !t.is_empty()).map(Into::into);
+    /// Who may Publish and name a principal: `auth`'s internal callers.
+    /// The default accepts only unix-socket peers running as root or as
+    /// the bus's own user.
+    pub fn with_internal_auth(mut self, auth: InternalAuth) -> Self {
+        self.auth = auth;
         self
     }
 
-    /// Who is asking: the principal the gateway vouches for (`true`), else
-    /// the peer: its IP address over TCP, its uid over a unix socket.
+    /// Who is asking: the principal an internal caller (the gateway)
+    /// vouches for in [`PRINCIPAL_METADATA`] (`true`), else the peer: its
+    /// IP address over TCP, its uid over a unix socket.
     fn principal<T>(&self, request: &Request<T>) -> (String, bool) {
-        let md = request.metadata();
-        let text = |key| md.get(key).and_then(|v| v.to_str().ok());
-        let vouched = match (&self.gateway_token, text(GATEWAY_TOKEN_METADATA)) {
-            (Some(want), Some(got)) => same_secret(want.as_bytes(), got.as_bytes()),
-            _ => false,
-        };
-        if vouched && let Some(p) = text(PRINCIPAL_METADATA).filter(|p| !p.is_empty()) {
+        let named = request
+            .metadata()
+            .get(PRINCIPAL_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|p| !p.is_empty());
+        if let Some(p) = named
+            && self.auth.is_internal(request)
+        {
             return (p.to_owned(), true);
         }
         if let Some(addr) = request.remote_addr() {
@@ -393,11 +392,6 @@ pub enum StreamItem {
 
 pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(want: &[u8], got: &[u8]) -> bool {
-    want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
 fn flags(raw: &[i32]) -> Result<FilterFlags, Status> {
     let mut flags = FilterFlags::default();
     for &f in raw {
@@ -420,6 +414,9 @@ impl EventBus for EventBusService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishResponse>, Status> {
+        // Before a single message is read: a forged event must not reach
+        // anyone.
+        self.auth.check(&request, "Publish")?;
         let mut stream = request.into_inner();
         let (mut last_sequence, mut accepted) = (0, 0);
         loop {

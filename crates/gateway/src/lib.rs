@@ -11,6 +11,7 @@
 
 pub mod config;
 
+use qvirt_common::cli::ServiceConfig as _;
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::event_bus_server::{EventBus, EventBusServer};
 use qvirt_proto::v1::guest_agent_server::{GuestAgent, GuestAgentServer};
@@ -37,6 +38,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     tracing::debug!(?config, "starting");
     let services = Services::new()
+        .options(config.serve_options())
         .with(SupervisorServer::new(Gateway))
         .with(EventBusServer::new(Gateway))
         .with(GuestAgentServer::new(Gateway));

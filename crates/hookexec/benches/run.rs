@@ -26,8 +26,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_hookexec::exec::{Invocation, hook_env, run_script};
-use qvirt_integration_tests::ChildGuard;
 use qvirt_integration_tests::measure::{Spread, Unit};
+use qvirt_integration_tests::{ChildGuard, internal, write_internal_token};
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::{HookDriver, HookOutcome, RunHookRequest};
 use tokio::runtime::Runtime;
@@ -87,6 +87,8 @@ fn start_executor(hooks: &Path) -> (ChildGuard, SocketAddr) {
             .arg(addr.to_string())
             .arg("--hooks-dir")
             .arg(hooks)
+            .arg("--internal-token-file")
+            .arg(write_internal_token(hooks))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null()),
     );
@@ -149,7 +151,7 @@ fn main() {
     let rpc = |client: &mut HookExecutorClient<_>, n: usize| {
         let start = Instant::now();
         let reply = rt
-            .block_on(client.run_hook(req.clone()))
+            .block_on(client.run_hook(internal(req.clone())))
             .unwrap()
             .into_inner();
         assert_eq!(reply.outcome(), HookOutcome::Success);

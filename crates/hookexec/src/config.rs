@@ -31,6 +31,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds (100 to 600000).
+    pub preface_timeout_ms: u64,
     /// The hooks directory: `DRIVER` and `DRIVER.d/*` scripts. Absolute. A
     /// missing directory means no hooks.
     pub hooks_dir: PathBuf,
@@ -44,6 +47,14 @@ pub struct Config {
     /// RunHook calls running at once; more wait for a slot until their
     /// deadline.
     pub max_concurrent_runs: usize,
+    /// A file holding the internal plane's shared secret (at least 32
+    /// bytes, not readable by every user): callers must present it in
+    /// `x-qvirt-internal-token`. Absent (the default): every TCP caller is
+    /// refused.
+    pub internal_token_file: Option<PathBuf>,
+    /// Unix-socket peers (by uid) accepted without the token, besides uid
+    /// 0 and the executor's own uid.
+    pub internal_uids: Vec<u32>,
 }
 
 impl Default for Config {
@@ -51,11 +62,14 @@ impl Default for Config {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
             log_format: LogFormat::default(),
+            preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             hooks_dir: PathBuf::from(DEFAULT_HOOKS_DIR),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             max_timeout_secs: DEFAULT_MAX_TIMEOUT_SECS,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_concurrent_runs: DEFAULT_MAX_CONCURRENT_RUNS,
+            internal_token_file: None,
+            internal_uids: Vec::new(),
         }
     }
 }
@@ -108,6 +122,9 @@ impl Config {
                 format!("must be between 1 and {MAX_OUTPUT_BYTES_LIMIT}"),
             ));
         }
+        qvirt_common::internal_auth::InternalToken::load_optional(
+            self.internal_token_file.as_ref(),
+        )?;
         if self.max_concurrent_runs == 0 {
             return Err(invalid(
                 "max_concurrent_runs",

@@ -19,6 +19,8 @@ pub mod run;
 pub mod service;
 pub mod status;
 
+use qvirt_common::cli::ServiceConfig as _;
+use qvirt_common::internal_auth::{InternalAuth, InternalToken};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::hook_executor_server::HookExecutorServer;
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,6 +39,10 @@ pub enum RunError {
     /// The first discovery failed.
     #[error("cannot discover hooks")]
     Discovery(#[source] HookError),
+    /// The internal token file is unusable (it was fine when the config
+    /// was checked).
+    #[error(transparent)]
+    InternalToken(qvirt_common::config::ConfigError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -52,11 +58,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::debug!(?config, "starting");
+    let options = config.serve_options();
+    let token = InternalToken::load_optional(config.internal_token_file.as_ref())
+        .map_err(RunError::InternalToken)?;
+    let auth = InternalAuth::new(token, &config.internal_uids);
+    auth.log_policy("HookExecutor/*");
     // Before anything can send it: SIGHUP's default action ends the process.
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signal)?;
     let svc = HookExecutorService::new(config, shutdown.clone())
         .await
-        .map_err(RunError::Discovery)?;
+        .map_err(RunError::Discovery)?
+        .with_internal_auth(auth);
     let reloader = svc.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -75,7 +87,9 @@ pub async fn run(
             }
         }
     });
-    let services = Services::new().with(HookExecutorServer::new(svc));
+    let services = Services::new()
+        .options(options)
+        .with(HookExecutorServer::new(svc));
     serve::serve(listener, services, shutdown).await?;
     Ok(())
 }

@@ -32,6 +32,10 @@ struct Args {
     /// the file.
     #[arg(long, value_name = "N")]
     max_concurrent_runs: Option<usize>,
+    /// File holding the internal plane's shared secret. Overrides
+    /// `internal_token_file` in the file.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,10 @@ fn main() -> ExitCode {
         override_with(&mut c.max_timeout_secs, args.max_timeout_secs);
         override_with(&mut c.max_output_bytes, args.max_output_bytes);
         override_with(&mut c.max_concurrent_runs, args.max_concurrent_runs);
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
         c
     });
     qvirt_common::service::main("qvirt-hookexec", config, qvirt_hookexec::run)

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use prost::Message;
 use prost_types::Timestamp;
+use qvirt_common::internal_auth::InternalAuth;
 use qvirt_proto::v1::hook_executor_server::HookExecutor;
 use qvirt_proto::v1::hook_script_result::Termination as PbTermination;
 use qvirt_proto::v1::{
@@ -42,6 +43,8 @@ use crate::status::{self, HookError};
 #[derive(Debug, Clone)]
 pub struct HookExecutorService {
     inner: Arc<Inner>,
+    /// Who may call: every method is internal.
+    auth: InternalAuth,
 }
 
 #[derive(Debug)]
@@ -78,7 +81,16 @@ impl HookExecutorService {
                 rediscovering: Mutex::new(()),
                 shutdown,
             }),
+            auth: InternalAuth::new(None, &[]),
         })
+    }
+
+    /// Who may call the executor: `auth`'s internal callers (every method
+    /// acts on or reveals the operator's hooks). The default accepts only
+    /// unix-socket peers running as root or as the executor's own user.
+    pub fn with_internal_auth(mut self, auth: InternalAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Discovers the hooks again (ReloadHooks, SIGHUP) and returns the
@@ -370,6 +382,8 @@ impl HookExecutor for HookExecutorService {
         &self,
         request: Request<RunHookRequest>,
     ) -> Result<Response<RunHookResponse>, Status> {
+        // Before the request is looked at or a slot is taken.
+        self.auth.check(&request, "RunHook")?;
         let deadline = call_deadline(request.metadata(), Instant::now());
         let call = HookCall::from_request(
             request.into_inner(),
@@ -414,6 +428,7 @@ impl HookExecutor for HookExecutorService {
         &self,
         request: Request<ListHooksRequest>,
     ) -> Result<Response<ListHooksResponse>, Status> {
+        self.auth.check(&request, "ListHooks")?;
         let req = request.into_inner();
         let only = match HookDriver::try_from(req.driver) {
             Ok(d) => Driver::from_proto(d),
@@ -434,8 +449,9 @@ impl HookExecutor for HookExecutorService {
 
     async fn reload_hooks(
         &self,
-        _request: Request<ReloadHooksRequest>,
+        request: Request<ReloadHooksRequest>,
     ) -> Result<Response<ReloadHooksResponse>, Status> {
+        self.auth.check(&request, "ReloadHooks")?;
         let found = self.reload().await.map_err(status::executor)?;
         Ok(Response::new(ReloadHooksResponse {
             hooks_dir: self.inner.config.hooks_dir.to_string_lossy().into_owned(),

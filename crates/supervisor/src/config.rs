@@ -41,6 +41,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
+    /// Close a new connection that has not sent the HTTP/2 preface within
+    /// this many milliseconds (100 to 600000).
+    pub preface_timeout_ms: u64,
     /// Persistent state: `domains/NAME.yaml` definitions and
     /// `logs/NAME.log` QEMU logs.
     pub state_dir: PathBuf,
@@ -102,6 +105,11 @@ pub struct Config {
     /// Most vCPUs one domain may ask for. Absent: 8 per host CPU, at most
     /// 1024. A larger `vcpus` is refused at define.
     pub max_vcpus: Option<u32>,
+    /// A file holding the internal plane's shared secret (at least 32
+    /// bytes, not readable by every user), presented to the event bus and
+    /// the hook executor in `x-qvirt-internal-token`. Absent: they refuse
+    /// this supervisor's calls over TCP.
+    pub internal_token_file: Option<PathBuf>,
 }
 
 /// vCPUs allowed per host CPU when `max_vcpus` is not set.
@@ -112,6 +120,7 @@ impl Default for Config {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
             log_format: LogFormat::default(),
+            preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             qemu_binary: PathBuf::from(DEFAULT_QEMU_BINARY),
@@ -132,6 +141,7 @@ impl Default for Config {
             agentd: None,
             max_memory_mib: None,
             max_vcpus: None,
+            internal_token_file: None,
         }
     }
 }
@@ -206,6 +216,9 @@ impl Config {
         if let Some(url) = &self.agentd {
             qvirt_common::config::check_endpoint("agentd", url)?;
         }
+        qvirt_common::internal_auth::InternalToken::load_optional(
+            self.internal_token_file.as_ref(),
+        )?;
         for (field, dir) in [("state_dir", &self.state_dir), ("run_dir", &self.run_dir)] {
             if !dir.is_absolute() {
                 return Err(invalid(

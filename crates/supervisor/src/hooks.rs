@@ -27,8 +27,10 @@
 
 use std::time::{Duration, Instant};
 
+use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::{DomainSpec, HookDriver, HookOutcome, RunHookRequest, RunHookResponse};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
@@ -46,17 +48,19 @@ pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 /// Runs hooks through the hook executor; see the module docs.
 #[derive(Debug, Clone)]
 pub struct ExecutorHooks {
-    client: HookExecutorClient<Channel>,
+    client: HookExecutorClient<InterceptedService<Channel, TokenInterceptor>>,
     call_timeout: Duration,
 }
 
 impl ExecutorHooks {
-    /// A client of the executor at `endpoint`. It connects on first use
-    /// (and again after a failure), so the executor may start later.
-    pub fn new(endpoint: Endpoint, call_timeout: Duration) -> Self {
+    /// A client of the executor at `endpoint`, presenting the internal
+    /// token through `token`. It connects on first use (and again after a
+    /// failure), so the executor may start later.
+    pub fn new(endpoint: Endpoint, call_timeout: Duration, token: TokenInterceptor) -> Self {
         let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
         ExecutorHooks {
-            client: HookExecutorClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES),
+            client: HookExecutorClient::with_interceptor(channel, token)
+                .max_decoding_message_size(MAX_ANSWER_BYTES),
             call_timeout,
         }
     }
@@ -266,7 +270,11 @@ mod tests {
         let services = Services::new().with(HookExecutorServer::new(BigAnswers(5 << 20)));
         let server = tokio::spawn(serve(listener, services, stop.clone()));
         let endpoint = Endpoint::from_shared(format!("http://{addr}")).expect("url");
-        let hooks = ExecutorHooks::new(endpoint, Duration::from_secs(20));
+        let hooks = ExecutorHooks::new(
+            endpoint,
+            Duration::from_secs(20),
+            TokenInterceptor::new(None),
+        );
         let spec = DomainSpec {
             name: "vm".into(),
             ..DomainSpec::default()
@@ -286,7 +294,11 @@ mod tests {
             .map(|a| a.port())
             .expect("free port");
         let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("url");
-        let hooks = ExecutorHooks::new(endpoint, Duration::from_secs(10));
+        let hooks = ExecutorHooks::new(
+            endpoint,
+            Duration::from_secs(10),
+            TokenInterceptor::new(None),
+        );
         let spec = DomainSpec {
             name: "vm".into(),
             ..DomainSpec::default()

@@ -30,6 +30,8 @@ pub mod status;
 
 use std::sync::Arc;
 
+use qvirt_common::cli::ServiceConfig as _;
+use qvirt_common::internal_auth::{InternalToken, TokenInterceptor};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::supervisor_server::SupervisorServer;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,10 @@ pub enum RunError {
     /// Another supervisor holds the state dir (or the lock failed).
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    /// The internal token file is unusable (it was fine when the config
+    /// was checked).
+    #[error(transparent)]
+    InternalToken(qvirt_common::config::ConfigError),
     /// Loading the state dir (or re-attaching to guests) failed.
     #[error("opening the domain store")]
     Open(#[source] DomainError),
@@ -93,6 +99,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::debug!(?config, "starting");
+    let options = config.serve_options();
     let state_dir = config.state_dir.clone();
     // Held until this function returns, i.e. for the life of the service.
     let _lock = tokio::task::spawn_blocking(move || lock::lock_state_dir(&state_dir))
@@ -103,6 +110,14 @@ pub async fn run(
                 source: std::io::Error::other(e.to_string()),
             })
         })??;
+    let token = InternalToken::load_optional(config.internal_token_file.as_ref())
+        .map_err(RunError::InternalToken)?;
+    if token.is_none() && (config.eventbus.is_some() || config.hookexec.is_some()) {
+        tracing::warn!(
+            "no internal_token_file: the event bus and the hook executor will refuse this supervisor's calls"
+        );
+    }
+    let token = TokenInterceptor::new(token.as_ref());
     let hooks: Arc<dyn Hooks> = match &config.hookexec {
         Some(url) => {
             let endpoint =
@@ -111,7 +126,7 @@ pub async fn run(
                     source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
-            Arc::new(hooks::ExecutorHooks::new(endpoint, timeout))
+            Arc::new(hooks::ExecutorHooks::new(endpoint, timeout, token.clone()))
         }
         None => Arc::new(NoHooks),
     };
@@ -138,6 +153,7 @@ pub async fn run(
                 })?;
             Arc::new(publisher::BusPublisher::spawn(
                 endpoint,
+                token,
                 shutdown.child_token(),
             ))
         }
@@ -146,9 +162,12 @@ pub async fn run(
     let manager = Manager::open(config, events, Arc::clone(&hooks), agent)
         .await
         .map_err(RunError::Open)?;
-    let services = Services::new().with(SupervisorServer::new(SupervisorService::new(
-        manager.clone(),
-    )));
+    let services =
+        Services::new()
+            .options(options)
+            .with(SupervisorServer::new(SupervisorService::new(
+                manager.clone(),
+            )));
     let served = serve::serve(listener, services, shutdown).await;
     manager.close().await;
     hooks.daemon(DaemonHookOp::Shutdown).await;

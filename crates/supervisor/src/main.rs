@@ -77,6 +77,10 @@ struct Args {
     /// Most vCPUs a domain may ask for (default: 8 per host CPU). Overrides `max_vcpus`.
     #[arg(long, value_name = "N")]
     max_vcpus: Option<u32>,
+    /// File holding the internal plane's shared secret, presented to the
+    /// event bus and the hook executor. Overrides `internal_token_file`.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +112,10 @@ fn main() -> ExitCode {
         override_with(&mut c.agentd, args.agentd.map(Some));
         override_with(&mut c.max_memory_mib, args.max_memory_mib.map(Some));
         override_with(&mut c.max_vcpus, args.max_vcpus.map(Some));
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
         c
     });
     qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::loss::LossCounter;
 use std::time::{Duration, SystemTime};
 
+use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::{DomainEvent, DomainEventType, MonitorEvent, PublishRequest, domain_event};
@@ -65,12 +66,12 @@ impl Counts {
 
 impl BusPublisher {
     /// Starts the publishing task for the bus at `endpoint` (a URL such as
-    /// `http://127.0.0.1:50053` or `unix:PATH`); it stops when `shutdown`
-    /// fires.
-    pub fn spawn(endpoint: Endpoint, shutdown: CancellationToken) -> Self {
+    /// `http://127.0.0.1:50053` or `unix:PATH`), presenting the internal token through
+    /// `token`; it stops when `shutdown` fires.
+    pub fn spawn(endpoint: Endpoint, token: TokenInterceptor, shutdown: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(PUBLISH_BUFFER);
         let counts = Arc::new(Counts::default());
-        tokio::spawn(forward(endpoint, rx, shutdown, Arc::clone(&counts)));
+        tokio::spawn(forward(endpoint, token, rx, shutdown, Arc::clone(&counts)));
         BusPublisher { tx, counts }
     }
 
@@ -143,6 +144,7 @@ fn detail(event: Lifecycle) -> Option<domain_event::Detail> {
 /// accepted by the call in progress is kept and sent first on the next one.
 async fn forward(
     endpoint: Endpoint,
+    token: TokenInterceptor,
     mut rx: mpsc::Receiver<Event>,
     shutdown: CancellationToken,
     counts: Arc<Counts>,
@@ -178,8 +180,8 @@ async fn forward(
             taking.fetch_add(1, Ordering::Relaxed);
             PublishRequest { event: Some(event) }
         });
-        let mut call =
-            tokio::spawn(async move { EventBusClient::new(channel).publish(requests).await });
+        let mut client = EventBusClient::with_interceptor(channel, token.clone());
+        let mut call = tokio::spawn(async move { client.publish(requests).await });
         let ended = loop {
             let event = match pending.take() {
                 Some(e) => e,
@@ -208,6 +210,21 @@ async fn forward(
             None => call.await,
         };
         let taken = taken.load(Ordering::Relaxed);
+        // A refused caller (no or a wrong internal token) stays refused
+        // until the operator fixes the config: retry slowly. Anything
+        // else may be a restarting bus: retry soon, but never at once (a
+        // bus that ends every stream at once would otherwise be spun on).
+        let pause = match &result {
+            Ok(Err(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                BACKOFF_MAX
+            }
+            _ => BACKOFF_MIN,
+        };
         match result {
             Ok(Ok(reply)) => {
                 let reply = reply.into_inner();
@@ -236,6 +253,10 @@ async fn forward(
                     );
                 }
             }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shutdown.cancelled() => return,
         }
     }
 }
@@ -292,7 +313,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        let publisher = BusPublisher::spawn(
+            Endpoint::from_shared(url).unwrap(),
+            TokenInterceptor::new(None),
+            shutdown.clone(),
+        );
         publisher.monitor_event(&domain(), &qmp_event("STOP"));
         publisher.lifecycle(
             &domain(),
@@ -376,7 +401,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        let publisher = BusPublisher::spawn(
+            Endpoint::from_shared(url).unwrap(),
+            TokenInterceptor::new(None),
+            shutdown.clone(),
+        );
         const EVENTS: u64 = 10;
         for _ in 0..EVENTS {
             publisher.monitor_event(&domain(), &qmp_event("E"));
@@ -413,7 +442,11 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         let shutdown = CancellationToken::new();
-        let publisher = BusPublisher::spawn(Endpoint::from_shared(url).unwrap(), shutdown.clone());
+        let publisher = BusPublisher::spawn(
+            Endpoint::from_shared(url).unwrap(),
+            TokenInterceptor::new(None),
+            shutdown.clone(),
+        );
         let extra = 10;
         for _ in 0..PUBLISH_BUFFER + extra {
             publisher.monitor_event(&domain(), &qmp_event("E"));

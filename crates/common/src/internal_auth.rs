@@ -1,0 +1,359 @@
+//! The internal plane's authentication: one shared secret for the
+//! deployment, and peer credentials on unix sockets.
+//!
+//! A server's internal methods (the bus's Publish, the hook executor's
+//! methods) call [`InternalAuth::check`] first. It accepts a caller that
+//! (a) presents the secret in [`TOKEN_METADATA`] (compared in constant
+//! time), or (b) is connected over a unix socket as uid 0, as the server's
+//! own uid, or as a uid listed in the service's `internal_uids`. Anyone
+//! else gets UNAUTHENTICATED, and with no secret configured every TCP
+//! caller does: secure by default.
+//!
+//! Clients present the secret with [`TokenInterceptor`]. The secret comes
+//! from a file ([`InternalToken::load`]: `internal_token_file` in a
+//! service's config, `--internal-token-file` on its command line), which
+//! must hold at least [`MIN_TOKEN_BYTES`] bytes of printable text and must
+//! not be readable by every user.
+
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Status};
+
+use crate::config::ConfigError;
+
+/// The metadata key in which internal callers present the secret.
+pub const TOKEN_METADATA: &str = "x-qvirt-internal-token";
+
+/// The shortest secret accepted, in bytes (e.g. `openssl rand -hex 32`
+/// writes 64).
+pub const MIN_TOKEN_BYTES: usize = 32;
+
+/// The longest token file read, in bytes.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// The fewest distinct bytes a secret must use: refuses `aaaa...` and
+/// other placeholders that are long but guessable.
+pub const MIN_DISTINCT_BYTES: usize = 8;
+
+/// The config key (and, with dashes, the flag) naming the token file.
+pub const TOKEN_FILE_FIELD: &str = "internal_token_file";
+
+/// The internal secret. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InternalToken(Arc<str>);
+
+impl fmt::Debug for InternalToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("InternalToken(..)")
+    }
+}
+
+impl InternalToken {
+    /// Reads the secret from `path`: surrounding whitespace (a trailing
+    /// newline) is dropped; the rest must be at least [`MIN_TOKEN_BYTES`]
+    /// printable ASCII bytes without spaces, using at least
+    /// [`MIN_DISTINCT_BYTES`] distinct ones, and the file must not be
+    /// readable or writable by every user.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            field: TOKEN_FILE_FIELD,
+            value: path.display().to_string(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| invalid(format!("cannot stat: {e}")))?;
+        if !meta.is_file() {
+            return Err(invalid("is not a regular file".into()));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o006 != 0 {
+            return Err(invalid(format!(
+                "is readable or writable by every user (mode {mode:04o}): chmod o-rw it (0600 or 0640)"
+            )));
+        }
+        let mut text = String::new();
+        file.take(MAX_TOKEN_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| invalid(format!("cannot read as text: {e}")))?;
+        if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+            return Err(invalid(format!(
+                "is longer than {MAX_TOKEN_FILE_BYTES} bytes"
+            )));
+        }
+        Self::from_text(text.trim()).map_err(invalid)
+    }
+
+    /// The secret `text`, checked as [`load`](Self::load) checks a file's.
+    pub fn from_text(text: &str) -> Result<Self, String> {
+        if text.len() < MIN_TOKEN_BYTES {
+            return Err(format!(
+                "holds {} bytes, at least {MIN_TOKEN_BYTES} are needed (e.g. `openssl rand -hex 32`)",
+                text.len()
+            ));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "must be printable ASCII without spaces (it is sent as gRPC metadata)".into(),
+            );
+        }
+        let mut seen = [false; 256];
+        text.bytes().for_each(|b| seen[usize::from(b)] = true);
+        if seen.iter().filter(|s| **s).count() < MIN_DISTINCT_BYTES {
+            return Err(format!(
+                "uses fewer than {MIN_DISTINCT_BYTES} distinct characters: not a secret"
+            ));
+        }
+        Ok(InternalToken(text.into()))
+    }
+
+    /// Loads the secret from `path` when one is configured.
+    pub fn load_optional(path: Option<&PathBuf>) -> Result<Option<Self>, ConfigError> {
+        path.map(|p| Self::load(p)).transpose()
+    }
+
+    /// A client interceptor presenting this secret.
+    pub fn interceptor(&self) -> TokenInterceptor {
+        TokenInterceptor::new(Some(self))
+    }
+
+    fn matches(&self, got: &[u8]) -> bool {
+        same_secret(self.0.as_bytes(), got)
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn same_secret(want: &[u8], got: &[u8]) -> bool {
+    want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Adds [`TOKEN_METADATA`] to every call when a secret is configured
+/// (without one it adds nothing, and internal servers refuse the calls).
+#[derive(Debug, Clone)]
+pub struct TokenInterceptor(Option<AsciiMetadataValue>);
+
+impl TokenInterceptor {
+    /// An interceptor presenting `token`, if any.
+    pub fn new(token: Option<&InternalToken>) -> Self {
+        // A checked token is printable ASCII, so it always parses.
+        TokenInterceptor(token.and_then(|t| t.0.parse().ok()))
+    }
+}
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(TOKEN_METADATA, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How an internal caller was recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InternalCaller {
+    /// It presented the secret.
+    Token,
+    /// It is on a unix socket as this uid.
+    UnixPeer(u32),
+}
+
+/// The server side: which callers of internal methods are accepted.
+#[derive(Debug, Clone)]
+pub struct InternalAuth {
+    token: Option<InternalToken>,
+    /// Accepted unix-socket peer uids: 0, the server's own, the configured
+    /// ones.
+    uids: Arc<[u32]>,
+}
+
+impl InternalAuth {
+    /// Accepts holders of `token` (if any) and unix-socket peers running as
+    /// uid 0, as this process's effective uid, or as one of `extra_uids`.
+    pub fn new(token: Option<InternalToken>, extra_uids: &[u32]) -> Self {
+        let mut uids = vec![0, effective_uid()];
+        uids.extend_from_slice(extra_uids);
+        uids.sort_unstable();
+        uids.dedup();
+        InternalAuth {
+            token,
+            uids: uids.into(),
+        }
+    }
+
+    /// Logs (once, at startup) which callers the internal `methods` of
+    /// `service` accept.
+    pub fn log_policy(&self, methods: &str) {
+        let uids = self.uid_list();
+        match &self.token {
+            Some(_) => tracing::info!(
+                methods,
+                token = TOKEN_METADATA,
+                unix_uids = %uids,
+                "internal methods accept callers presenting the internal token, or on a unix socket as one of these uids"
+            ),
+            None => tracing::warn!(
+                methods,
+                unix_uids = %uids,
+                "no internal_token_file: internal methods refuse every TCP caller and accept only unix-socket peers with these uids"
+            ),
+        }
+    }
+
+    fn uid_list(&self) -> String {
+        let list: Vec<String> = self.uids.iter().map(u32::to_string).collect();
+        list.join(",")
+    }
+
+    /// The caller of internal `method` if it is accepted; otherwise
+    /// UNAUTHENTICATED saying how to get in.
+    pub fn check<T>(&self, request: &Request<T>, method: &str) -> Result<InternalCaller, Status> {
+        let presented = request.metadata().get(TOKEN_METADATA);
+        if let (Some(token), Some(got)) = (&self.token, presented)
+            && token.matches(got.as_bytes())
+        {
+            return Ok(InternalCaller::Token);
+        }
+        let peer_uid = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid());
+        if let Some(uid) = peer_uid
+            && self.uids.contains(&uid)
+        {
+            return Ok(InternalCaller::UnixPeer(uid));
+        }
+        let uids = self.uid_list();
+        let why = match (&self.token, presented, peer_uid) {
+            (_, _, Some(uid)) if presented.is_none() => {
+                format!("uid {uid} is not an internal uid ({uids})")
+            }
+            (None, _, _) => "this server has no internal token configured".to_owned(),
+            (Some(_), Some(_), _) => format!("the {TOKEN_METADATA} presented is wrong"),
+            (Some(_), None, _) => format!("no {TOKEN_METADATA} presented"),
+        };
+        Err(Status::unauthenticated(format!(
+            "{method} is internal: present the internal token or connect over the unix socket as uid {uids} ({why})"
+        )))
+    }
+
+    /// Whether the caller would pass [`check`](Self::check).
+    pub fn is_internal<T>(&self, request: &Request<T>) -> bool {
+        self.check(request, "").is_ok()
+    }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no
+    // memory of ours.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const GOOD: &str = "0123456789abcdef0123456789abcdef";
+
+    fn file(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("token");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn test_token_file_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = InternalToken::load(&file(dir.path(), &format!("{GOOD}\n"), 0o600)).unwrap();
+        assert_eq!(&*ok.0, GOOD);
+        assert!(InternalToken::load(&file(dir.path(), GOOD, 0o640)).is_ok());
+        let cases = [
+            (
+                GOOD,
+                0o644,
+                "readable or writable by every user (mode 0644)",
+            ),
+            (GOOD, 0o602, "readable or writable by every user"),
+            ("", 0o600, "holds 0 bytes"),
+            ("0123456789abcdef", 0o600, "holds 16 bytes"),
+            (&"ab".repeat(20), 0o600, "fewer than 8 distinct"),
+            (
+                "0123456789abcdef 0123456789abcdef",
+                0o600,
+                "printable ASCII",
+            ),
+        ];
+        for (text, mode, want) in cases {
+            let err = InternalToken::load(&file(dir.path(), text, mode)).unwrap_err();
+            let line = crate::error_chain(&err);
+            assert!(line.contains("internal_token_file"), "{line}");
+            assert!(line.contains(want), "{text:?} {mode:o}: {line}");
+        }
+        let err = InternalToken::load(&dir.path().join("absent")).unwrap_err();
+        assert!(err.to_string().contains("cannot open"), "{err}");
+    }
+
+    #[test]
+    fn test_debug_hides_the_secret() {
+        let t = InternalToken::from_text(GOOD).unwrap();
+        assert!(!format!("{t:?}").contains(GOOD));
+    }
+
+    #[test]
+    fn test_check_accepts_the_token_and_refuses_others() {
+        let token = InternalToken::from_text(GOOD).unwrap();
+        let auth = InternalAuth::new(Some(token.clone()), &[]);
+        let mut with = token.interceptor().call(Request::new(())).unwrap();
+        assert_eq!(auth.check(&with, "Publish").unwrap(), InternalCaller::Token);
+        with.metadata_mut().insert(
+            TOKEN_METADATA,
+            "0123456789abcdef0123456789abcdeX".parse().unwrap(),
+        );
+        let err = auth.check(&with, "Publish").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(
+            err.message().starts_with("Publish is internal: "),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("is wrong"), "{}", err.message());
+        let err = auth.check(&Request::new(()), "RunHook").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(
+            err.message().contains("no x-qvirt-internal-token"),
+            "{}",
+            err.message()
+        );
+        let none = InternalAuth::new(None, &[]);
+        let with = token.interceptor().call(Request::new(())).unwrap();
+        assert!(none.check(&with, "Publish").is_err());
+    }
+
+    #[test]
+    fn test_no_token_interceptor_adds_nothing() {
+        let req = TokenInterceptor::new(None).call(Request::new(())).unwrap();
+        assert!(req.metadata().get(TOKEN_METADATA).is_none());
+    }
+
+    #[test]
+    fn test_same_secret() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+        assert!(!same_secret(b"", b"a"));
+    }
+}
