@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::argv::{self, Host};
 use super::confine::guest_files;
-use super::{DomainError, Entry, Life, Manager, Proc, Run, RunFlags, millis, state_name};
+use super::{Announce, DomainError, Entry, Life, Manager, Proc, Run, RunFlags, millis, state_name};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
@@ -230,17 +230,16 @@ impl Manager {
             warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
         }
         self.take_back_files(entry).await;
-        self.transition(
+        self.transition_and_emit(
             entry,
-            DomainState::Shutoff,
-            DomainStateReason::ShutoffFailed,
+            (DomainState::Shutoff, DomainStateReason::ShutoffFailed),
+            (
+                DomainEventType::Stopped,
+                DomainEventStoppedDetail::Failed as i32,
+            ),
+            Announce::Always,
         )
         .await;
-        self.emit(
-            spec,
-            DomainEventType::Stopped,
-            DomainEventStoppedDetail::Failed as i32,
-        );
         self.run_stop_hooks(spec).await;
         error
     }
@@ -473,13 +472,13 @@ impl Manager {
                 let stop_hooks = Arc::clone(&entry.stop_hooks).lock_owned().await;
                 clear(entry);
                 self.take_back_files(entry).await;
-                self.transition(
+                self.transition_and_emit(
                     entry,
-                    DomainState::Shutoff,
-                    DomainStateReason::ShutoffCrashed,
+                    (DomainState::Shutoff, DomainStateReason::ShutoffCrashed),
+                    (DomainEventType::Stopped, 3),
+                    Announce::Always,
                 )
                 .await;
-                self.emit(&spec, DomainEventType::Stopped, 3);
                 // As libvirt, the stop path's hooks run for a guest that
                 // died unwatched; on a task, so startup is not held up.
                 let manager = self.clone();

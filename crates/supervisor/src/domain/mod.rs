@@ -521,13 +521,19 @@ impl Manager {
         reason: DomainStateReason,
     ) -> (String, Status, bool) {
         let mut data = entry.data();
+        let changed = Self::change_state(&mut data, state, reason);
+        (data.spec.name.clone(), data.status.clone(), changed)
+    }
+
+    /// Sets state and reason in `data`; whether the state changed.
+    fn change_state(data: &mut Data, state: DomainState, reason: DomainStateReason) -> bool {
         let changed = data.status.state != state as i32;
         if changed || data.status.reason != reason as i32 {
             data.status.state = state as i32;
             data.status.reason = reason as i32;
             data.status.state_changed_at_ms = Some(millis(SystemTime::now()));
         }
-        (data.spec.name.clone(), data.status.clone(), changed)
+        changed
     }
 
     /// Persist a status; a failure is logged (the in-memory state is
@@ -548,6 +554,31 @@ impl Manager {
         reason: DomainStateReason,
     ) -> bool {
         let (name, status, changed) = Self::set_state(entry, state, reason);
+        self.save_status(name, status).await;
+        entry.notify();
+        changed
+    }
+
+    /// As [`Manager::transition`], and the lifecycle event `kind`/`detail`
+    /// is emitted (when the state changed, or always with
+    /// [`Announce::Always`]) under the same lock as the state change: two
+    /// transitions of one domain (an RPC's and the watcher's) publish
+    /// their events in the order their states changed.
+    async fn transition_and_emit(
+        &self,
+        entry: &Entry,
+        (state, reason): (DomainState, DomainStateReason),
+        (kind, detail): (DomainEventType, i32),
+        announce: Announce,
+    ) -> bool {
+        let (name, status, changed) = {
+            let mut data = entry.data();
+            let changed = Self::change_state(&mut data, state, reason);
+            if changed || announce == Announce::Always {
+                self.emit(&data.spec, kind, detail);
+            }
+            (data.spec.name.clone(), data.status.clone(), changed)
+        };
         self.save_status(name, status).await;
         entry.notify();
         changed
@@ -792,13 +823,13 @@ impl Manager {
             });
         }
         self.qmp(&entry, &qmp, "stop").await?;
-        if self
-            .transition(&entry, DomainState::Paused, DomainStateReason::PausedUser)
-            .await
-        {
-            let spec = entry.data().spec.clone();
-            self.emit(&spec, DomainEventType::Suspended, 1);
-        }
+        self.transition_and_emit(
+            &entry,
+            (DomainState::Paused, DomainStateReason::PausedUser),
+            (DomainEventType::Suspended, 1),
+            Announce::IfChanged,
+        )
+        .await;
         Ok(self.snapshot(&entry))
     }
 
@@ -816,17 +847,13 @@ impl Manager {
             });
         }
         self.qmp(&entry, &qmp, "cont").await?;
-        if self
-            .transition(
-                &entry,
-                DomainState::Running,
-                DomainStateReason::RunningUnpaused,
-            )
-            .await
-        {
-            let spec = entry.data().spec.clone();
-            self.emit(&spec, DomainEventType::Resumed, 1);
-        }
+        self.transition_and_emit(
+            &entry,
+            (DomainState::Running, DomainStateReason::RunningUnpaused),
+            (DomainEventType::Resumed, 1),
+            Announce::IfChanged,
+        )
+        .await;
         Ok(self.snapshot(&entry))
     }
 
@@ -862,3 +889,13 @@ impl Manager {
 
 #[cfg(test)]
 mod tests;
+
+/// When [`Manager::transition_and_emit`] emits its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announce {
+    /// Only when the state changed (a second STOP of a paused guest says
+    /// nothing).
+    IfChanged,
+    /// Whatever the state was (a failed start is STOPPED FAILED).
+    Always,
+}

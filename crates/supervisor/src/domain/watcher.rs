@@ -23,7 +23,7 @@ use std::time::Duration;
 use qvirt_proto::v1::{DomainEventShutdownDetail, DomainEventType, DomainState, DomainStateReason};
 use tracing::{debug, info, warn};
 
-use super::{Entry, Manager, RunFlags};
+use super::{Announce, Entry, Manager, RunFlags};
 use crate::launch::{self, ExitWatch, ProcessIdentity, STARTUP_EXIT_WAIT};
 use crate::qmp::{EventReceiver, QmpClient, QmpEvent};
 
@@ -277,33 +277,31 @@ impl Manager {
                 } else {
                     DomainStateReason::PausedUnknown
                 };
-                if self.transition(entry, DomainState::Paused, reason).await {
-                    self.emit(&spec, DomainEventType::Suspended, 1);
-                }
+                self.transition_and_emit(
+                    entry,
+                    (DomainState::Paused, reason),
+                    (DomainEventType::Suspended, 1),
+                    Announce::IfChanged,
+                )
+                .await;
             }
             "RESUME" if state == paused => {
-                let changed = self
-                    .transition(
-                        entry,
-                        DomainState::Running,
-                        DomainStateReason::RunningUnpaused,
-                    )
-                    .await;
-                if changed {
-                    self.emit(&spec, DomainEventType::Resumed, 1);
-                }
+                self.transition_and_emit(
+                    entry,
+                    (DomainState::Running, DomainStateReason::RunningUnpaused),
+                    (DomainEventType::Resumed, 1),
+                    Announce::IfChanged,
+                )
+                .await;
             }
             "GUEST_PANICKED" => {
-                let changed = self
-                    .transition(
-                        entry,
-                        DomainState::Crashed,
-                        DomainStateReason::CrashedPanicked,
-                    )
-                    .await;
-                if changed {
-                    self.emit(&spec, DomainEventType::Crashed, 1);
-                }
+                self.transition_and_emit(
+                    entry,
+                    (DomainState::Crashed, DomainStateReason::CrashedPanicked),
+                    (DomainEventType::Crashed, 1),
+                    Announce::IfChanged,
+                )
+                .await;
             }
             "SHUTDOWN" => {
                 flags.shutdown_seen.store(true, Ordering::SeqCst);
@@ -333,14 +331,18 @@ impl Manager {
                 } else {
                     DomainStateReason::ShutdownUnknown
                 };
-                if self.transition(entry, DomainState::Shutdown, reason).await {
-                    let detail = match initiator {
-                        Some(true) => DomainEventShutdownDetail::Guest,
-                        Some(false) => DomainEventShutdownDetail::Host,
-                        None => DomainEventShutdownDetail::Finished,
-                    };
-                    self.emit(&spec, DomainEventType::Shutdown, detail as i32);
-                }
+                let detail = match initiator {
+                    Some(true) => DomainEventShutdownDetail::Guest,
+                    Some(false) => DomainEventShutdownDetail::Host,
+                    None => DomainEventShutdownDetail::Finished,
+                };
+                self.transition_and_emit(
+                    entry,
+                    (DomainState::Shutdown, reason),
+                    (DomainEventType::Shutdown, detail as i32),
+                    Announce::IfChanged,
+                )
+                .await;
                 if guest {
                     // -no-shutdown keeps QEMU up after a guest power-off.
                     debug!(domain = %spec.name, "guest powered off; quitting QEMU");
@@ -381,18 +383,19 @@ impl Manager {
         // Taken before anyone can see the domain shut off.
         let _stop_hooks = entry.stop_hooks.lock().await;
         self.save_status(spec.name.clone(), status.clone()).await;
-        {
-            let mut data = entry.data();
-            data.run = None;
-            data.status = status;
-        }
-        entry.notify();
         let detail = match reason {
             DomainStateReason::ShutoffDestroyed => 2,
             DomainStateReason::ShutoffShutdown => 1,
             _ => 3,
         };
-        self.emit(&spec, DomainEventType::Stopped, detail);
+        {
+            let mut data = entry.data();
+            data.run = None;
+            data.status = status;
+            // Under the lock that publishes SHUTOFF, as every transition.
+            self.emit(&spec, DomainEventType::Stopped, detail);
+        }
+        entry.notify();
         self.run_stop_hooks(&spec).await;
     }
 }
