@@ -17,12 +17,19 @@ pub const DEFAULT_QUEUE_MAX_BYTES: usize = 256 * 1024;
 /// The values `queue_max_bytes` may take.
 pub const QUEUE_MAX_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 30;
 
+/// The bus's HTTP/2 connection receive window: what a client may have sent
+/// that the bus has not read yet, on one connection (a Publish stream).
+pub const CONNECTION_WINDOW_BYTES: u32 = 1 << 20;
+
+/// The bus's HTTP/2 stream receive window (as hyper's default).
+pub const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+
 /// What one connection may make the bus hold besides its subscriptions:
-/// what the client sent and the bus has not read yet, up to HTTP/2's
-/// connection receive window (hyper's default, 1 MiB), and the
-/// connection's own buffers (h2's read and write buffers, HPACK tables,
-/// the coalescing writer's at most 8 KiB).
-pub const CONNECTION_BYTES: usize = (1 << 20) + 64 * 1024;
+/// what the client sent and the bus has not read yet, up to
+/// [`CONNECTION_WINDOW_BYTES`], and the connection's own buffers (h2's
+/// read and write buffers, HPACK tables, the coalescing writer's at most
+/// 8 KiB).
+pub const CONNECTION_BYTES: usize = CONNECTION_WINDOW_BYTES as usize + 64 * 1024;
 
 /// What one subscription costs besides the events and bytes it buffers:
 /// its hub entry and filter (at most ~1.5 KiB), its HTTP/2 stream and

@@ -60,7 +60,14 @@ pub async fn run(
     auth.log_policy("EventBus/Publish, x-qvirt-principal");
     let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
     let epoch = new_epoch();
-    let options = config.serve_options();
+    // The receive windows stated, not inherited: what a connection may make
+    // the bus hold is part of its documented memory bound
+    // (`config::CONNECTION_BYTES`).
+    let options = qvirt_common::serve::ServeOptions {
+        initial_connection_window_size: Some(config::CONNECTION_WINDOW_BYTES),
+        initial_stream_window_size: Some(config::STREAM_WINDOW_BYTES),
+        ..config.serve_options()
+    };
     tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
