@@ -1131,11 +1131,18 @@ async fn test_filter_fields_are_bounded() {
 async fn test_cut_off_slow_consumer_and_total_cap() {
     let (_svc, mut client) =
         bus("queue_capacity: 4\nslow_consumer: cut-off\nmax_monitor_subscriptions: 2\n").await;
-    let (mut slow, _) = subscribe(&mut client, Default::default()).await;
-    let (_other, _) = subscribe(&mut client, Default::default()).await;
+    // As principals the gateway vouches for (direct callers would stop at
+    // the half of the total cap left to them).
+    let token = Some(internal_token());
+    let mut slow = try_subscribe(&mut client, as_principal("p1", token))
+        .await
+        .unwrap();
+    let _other = try_subscribe(&mut client, as_principal("p2", token))
+        .await
+        .unwrap();
     // Past the total cap: RESOURCE_EXHAUSTED naming that cap.
     let err = client
-        .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+        .subscribe_monitor_events(as_principal("p3", token))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
@@ -1368,7 +1375,7 @@ async fn test_many_subscribers_and_concurrent_publishers() {
     const SUBSCRIBERS: usize = 200;
     const PER_PUBLISHER: u64 = 500;
     let (svc, _client) =
-        bus("queue_capacity: 4096\nqueue_max_bytes: 4194304\nmax_monitor_subscriptions_per_principal: 256\n").await;
+        bus("queue_capacity: 4096\nqueue_max_bytes: 4194304\nmax_monitor_subscriptions: 512\nmax_monitor_subscriptions_per_principal: 256\n").await;
     // Every fourth subscriber on a connection of its own kind of filter:
     // all events, a literal name, a regex, and one domain.
     let filters = [
