@@ -425,6 +425,25 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
         .await;
 }
 
+/// DestroyDomain returns after the stopped and release hooks have run, as
+/// libvirt's destroy does: a client that destroys and then cleans up can
+/// rely on them having finished (a slow release hook is waited for).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_destroy_returns_after_its_stop_hooks() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    sup.define(&world, "vm").await;
+    sup.start("vm").await.unwrap();
+    world.clear_calls();
+    std::fs::write(world.path("slow-vm-release"), "").unwrap();
+    sup.destroy("vm").await;
+    // No waiting: the hooks' lines are there when the call returns.
+    assert_eq!(
+        world.calls_of("vm"),
+        ["vm stopped end -", "vm release end -"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys() {
     let world = World::new().await;

@@ -337,6 +337,10 @@ impl Manager {
                 "domain {name:?}: QEMU stopped but its exit was not recorded"
             )));
         }
+        // As libvirt's destroy, return once the stopped and release hooks
+        // have run (the exit path holds this lock until they have; each is
+        // bounded by the hook call timeout).
+        drop(entry.stop_hooks.lock().await);
         Ok(())
     }
 
@@ -382,13 +386,16 @@ impl Manager {
             }
         }
         // The op lock is released: Destroy may come while we wait.
-        if let Some(timeout) = timeout.filter(|t| !t.is_zero())
-            && !entry.wait_until(timeout, |d| d.run.is_none()).await
-        {
-            return Err(DomainError::Timeout(format!(
-                "domain {:?} did not shut down within {timeout:?}; it keeps running",
-                entry.name()
-            )));
+        if let Some(timeout) = timeout.filter(|t| !t.is_zero()) {
+            if !entry.wait_until(timeout, |d| d.run.is_none()).await {
+                return Err(DomainError::Timeout(format!(
+                    "domain {:?} did not shut down within {timeout:?}; it keeps running",
+                    entry.name()
+                )));
+            }
+            // A shutdown that waits returns after the stop hooks, as a
+            // destroy does.
+            drop(entry.stop_hooks.lock().await);
         }
         Ok(self.snapshot(&entry))
     }
