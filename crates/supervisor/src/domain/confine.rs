@@ -114,23 +114,19 @@ fn under(field: &str, path: &str, roots: &[PathBuf], what: &str) -> Result<PathB
         field: field.to_owned(),
         reason,
     };
-    let resolved =
-        resolve(Path::new(path)).map_err(|e| bad(format!("{path:?} cannot be resolved: {e}")))?;
+    // One answer for every path that is not under a root, whatever the
+    // reason (missing, unreadable, a symlink elsewhere): the supervisor
+    // resolves as root, and its errors must not tell a client what exists
+    // on the host or where its links point.
+    let outside = || bad(format!("{path:?} is outside {what} {}", describe(roots)));
+    let resolved = resolve(Path::new(path)).map_err(|_| outside())?;
     for root in roots {
         let Ok(root) = resolve(root) else { continue };
         if resolved != root && resolved.starts_with(&root) {
             return Ok(resolved);
         }
     }
-    let shown = if resolved == Path::new(path) {
-        format!("{path:?}")
-    } else {
-        format!("{path:?} (resolved {:?})", resolved.display().to_string())
-    };
-    Err(bad(format!(
-        "{shown} is outside {what} {}",
-        describe(roots)
-    )))
+    Err(outside())
 }
 
 /// Check that every path `spec` names lies under `roots` and return the
@@ -177,16 +173,46 @@ pub fn check_extra_args(spec: &DomainSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Open (creating it, mode 0640) the serial log at the resolved `path`
-/// for QEMU to inherit: write-only, append, never truncated, never
-/// through a symlink, a regular file only. Blocking.
-pub fn open_serial_log(path: &Path) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+/// Opens the resolved `path` beneath whichever of `roots` holds it
+/// ([`launch::open_beneath`]): a directory on the way that was swapped for
+/// a symlink since the path was checked makes the open fail instead of
+/// reaching a file outside the roots. Blocking.
+fn open_under(
+    path: &Path,
+    roots: &[PathBuf],
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<File> {
+    for root in roots {
+        let Ok(root) = resolve(root) else { continue };
+        let Ok(relative) = path.strip_prefix(&root) else {
+            continue;
+        };
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&root)?;
+        return launch::open_beneath(&dir, relative, flags, mode).map(File::from);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "not under the configured roots",
+    ))
+}
+
+/// Open (creating it, mode 0640) the serial log at the resolved `path`,
+/// beneath one of `roots`, for QEMU to inherit: write-only, append, never
+/// truncated, never through a symlink, a regular file only. Blocking.
+pub fn open_serial_log(path: &Path, roots: &[PathBuf]) -> io::Result<File> {
+    let file = open_under(
+        path,
+        roots,
+        libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NONBLOCK,
+        0o640,
+    )?;
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -260,13 +286,8 @@ pub struct Grant {
     pub to_uid: u32,
 }
 
-/// Open `path` for an ownership change: no symlink followed, no blocking
-/// on a device, regular files and block devices only.
-fn open_owned(path: &Path) -> io::Result<(File, std::fs::Metadata)> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
+/// `file`'s metadata if it is a regular file or block device.
+fn owned_kind(file: File) -> io::Result<(File, std::fs::Metadata)> {
     let meta = file.metadata()?;
     use std::os::unix::fs::FileTypeExt;
     if !meta.is_file() && !meta.file_type().is_block_device() {
@@ -278,15 +299,38 @@ fn open_owned(path: &Path) -> io::Result<(File, std::fs::Metadata)> {
     Ok((file, meta))
 }
 
-/// What giving `path` to `owner` would record, and the open file to do it
-/// with; `None` when there is nothing to do (the file is missing, QEMU
-/// reports that, or already owned by `owner`). Blocking.
-pub fn plan_grant(path: &Path, owner: &Credentials) -> io::Result<Option<(File, Grant)>> {
-    let (file, meta) = match open_owned(path) {
+/// Open `path` for an ownership change: no symlink followed, no blocking
+/// on a device, regular files and block devices only.
+fn open_owned(path: &Path) -> io::Result<(File, std::fs::Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    owned_kind(file)
+}
+
+/// What giving `path` (resolved, beneath one of `roots`) to `owner` would
+/// record, and the open file to do it with; `None` when there is nothing
+/// to do (the file is missing, QEMU reports that, or already owned by
+/// `owner`). A regular file with more than one link is refused: its other
+/// name may be outside the roots. Blocking.
+pub fn plan_grant(
+    path: &Path,
+    roots: &[PathBuf],
+    owner: &Credentials,
+) -> io::Result<Option<(File, Grant)>> {
+    let opened = open_under(path, roots, libc::O_RDONLY | libc::O_NONBLOCK, 0).and_then(owned_kind);
+    let (file, meta) = match opened {
         Ok(opened) => opened,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(error),
     };
+    if meta.is_file() && meta.nlink() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a file with more than one hard link is not lent to QEMU's user",
+        ));
+    }
     if meta.uid() == owner.uid && meta.mode() & 0o600 == 0o600 {
         return Ok(None);
     }
@@ -425,6 +469,7 @@ pub(super) struct GuestFiles {
 pub(super) fn guest_files(
     spec: &qvirt_proto::v1::DomainSpec,
     paths: &DomainPaths,
+    roots: &Roots,
     owner: Option<&Credentials>,
 ) -> Result<GuestFiles, DomainError> {
     let failed = |what: String| {
@@ -453,7 +498,9 @@ pub(super) fn guest_files(
         if own_dir.is_some() && path.parent() == own_dir.as_deref() {
             store::create_dir(&paths.serial_dir, 0o750)?;
         }
-        let opened = open_serial_log(path).and_then(|file| {
+        let mut dirs = vec![roots.serial_dir.clone()];
+        dirs.extend(roots.serial.iter().cloned());
+        let opened = open_serial_log(path, &dirs).and_then(|file| {
             // Above 2, or the child's stdio would replace it (a supervisor
             // started with stdio closed); try_clone dups to at least 3.
             if file.as_raw_fd() > 2 {
@@ -477,7 +524,7 @@ pub(super) fn guest_files(
     if let Some(owner) = owner {
         for disk in spec.disks.iter().filter(|d| !d.read_only) {
             let path = std::path::Path::new(&disk.path);
-            if let Some(plan) = plan_grant(path, owner)
+            if let Some(plan) = plan_grant(path, &roots.images, owner)
                 .map_err(failed(format!("opening the disk {}", path.display())))?
             {
                 planned.push(plan);
@@ -597,13 +644,51 @@ mod tests {
         std::fs::write(&log, "kept\n").unwrap();
         {
             use std::io::Write;
-            let mut f = open_serial_log(&log).unwrap();
+            let mut f = open_serial_log(&log, &[dir.path().to_owned()]).unwrap();
             f.write_all(b"more\n").unwrap();
         }
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "kept\nmore\n");
         let link = dir.path().join("link.log");
         std::os::unix::fs::symlink(&log, &link).unwrap();
-        assert!(open_serial_log(&link).is_err());
+        assert!(open_serial_log(&link, &[dir.path().to_owned()]).is_err());
+        // Outside the roots given: refused, nothing created.
+        let other = tempfile::tempdir().unwrap();
+        let outside = other.path().join("new.log");
+        assert!(open_serial_log(&outside, &[dir.path().to_owned()]).is_err());
+        assert!(!outside.exists());
+    }
+
+    /// A directory inside a root swapped for a symlink to elsewhere after
+    /// the path was checked (a race a user who can write under a root
+    /// could try): the serial log is not created there and the disk there
+    /// is not lent to QEMU's user; a hard-linked disk is refused too.
+    #[test]
+    fn test_opens_refuse_a_directory_swapped_for_a_symlink_and_hard_links() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("victim.img");
+        std::fs::write(&target, b"secret").unwrap();
+        // The checked path was ROOT/sub/victim.img; sub is now a symlink.
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("sub")).unwrap();
+        let roots = [root.path().canonicalize().unwrap()];
+        let checked = roots[0].join("sub/victim.img");
+        let owner = Credentials {
+            uid: 4242,
+            gid: 4343,
+            groups: vec![],
+        };
+        let err = plan_grant(&checked, &roots, &owner).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        let err = open_serial_log(&roots[0].join("sub/new.log"), &roots).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        assert!(!elsewhere.path().join("new.log").exists());
+        // A second name for a file (here inside the root; it could be
+        // outside) makes it unfit to lend.
+        let disk = roots[0].join("d.img");
+        std::fs::write(&disk, b"x").unwrap();
+        std::fs::hard_link(&disk, roots[0].join("d2.img")).unwrap();
+        let err = plan_grant(&disk, &roots, &owner).unwrap_err();
+        assert!(err.to_string().contains("hard link"), "{err}");
     }
 
     #[test]
@@ -621,14 +706,15 @@ mod tests {
             gid: 4343,
             groups: vec![],
         };
-        let (file, g) = plan_grant(&disk, &owner).unwrap().unwrap();
+        let roots = [dir.path().canonicalize().unwrap()];
+        let (file, g) = plan_grant(&disk, &roots, &owner).unwrap().unwrap();
         grant(&file, &g, &owner).unwrap();
         let meta = std::fs::metadata(&disk).unwrap();
         assert_eq!(
             (meta.uid(), meta.gid(), meta.mode() & 0o777),
             (4242, 4343, 0o600)
         );
-        assert!(plan_grant(&disk, &owner).unwrap().is_none());
+        assert!(plan_grant(&disk, &roots, &owner).unwrap().is_none());
         restore(&g).unwrap();
         let meta = std::fs::metadata(&disk).unwrap();
         assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, 0, 0o400));
@@ -639,7 +725,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&disk).unwrap().uid(), 777);
         // A missing file is nothing to do.
         assert!(
-            plan_grant(&dir.path().join("none"), &owner)
+            plan_grant(&roots[0].join("none"), &roots, &owner)
                 .unwrap()
                 .is_none()
         );

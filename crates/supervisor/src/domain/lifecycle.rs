@@ -68,13 +68,14 @@ impl Manager {
             .filter(|c| c.uid != launch::effective_uid());
         let prepare_paths = paths.clone();
         let prepare_spec = confined.clone();
+        let roots = super::confine::Roots::new(self.config(), paths.serial_dir.clone());
         // One blocking hop for the file-system work before the spawn.
         let prepare = tokio::task::spawn_blocking(move || {
             if let Err(error) = store.rotate_log(&prepare_spec.name) {
                 let error = qvirt_common::error_chain(&error);
                 warn!(domain = %prepare_spec.name, %error, "QEMU log rotation failed");
             }
-            let files = guest_files(&prepare_spec, &prepare_paths, owner.as_ref());
+            let files = guest_files(&prepare_spec, &prepare_paths, &roots, owner.as_ref());
             (files, argv::resolve_accel(accel, auto_uses_kvm))
         });
         let (files, resolved) = match prepare.await {

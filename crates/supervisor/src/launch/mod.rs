@@ -58,8 +58,8 @@ use crate::qmp::{EventReceiver, Greeting, QmpClient, QmpConnection, QmpError};
 pub use identity::{IdentityError, ProcessIdentity};
 pub use log::LOG_TAIL_BYTES;
 pub use sys::{
-    Credentials, effective_gid, effective_uid, lookup_group, lookup_user, open_tap, signal_process,
-    signal_process_group,
+    Credentials, effective_gid, effective_uid, lookup_group, lookup_user, open_beneath, open_tap,
+    signal_process, signal_process_group,
 };
 
 /// File name of the monitor socket inside the run dir.
