@@ -444,6 +444,55 @@ async fn test_destroy_returns_after_its_stop_hooks() {
     );
 }
 
+/// The supervisor is killed while a start waits in its started hook (QEMU
+/// spawned, not yet reported): the next supervisor finds that QEMU and
+/// re-attaches to it, so the domain is not SHUTOFF with an orphan QEMU
+/// holding its disks, and a second Start cannot spawn another one.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_supervisor_killed_during_the_started_hook_reattaches_its_qemu() {
+    let world = World::new().await;
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let uuid = sup.define(&world, "vm").await.spec.unwrap().uuid;
+    world.clear_calls();
+    std::fs::write(world.path("hang-vm-started"), "").unwrap();
+    let mut client = sup.client.clone();
+    let start = tokio::spawn(async move {
+        client
+            .start_domain(StartDomainRequest {
+                domain: "vm".to_owned(),
+                paused: false,
+            })
+            .await
+    });
+    world
+        .wait_calls_of(
+            "vm",
+            &[
+                "vm prepare begin -",
+                "vm start begin -",
+                "vm started begin -",
+            ],
+        )
+        .await;
+    let pids = qemu_pids(&uuid);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup.svc.pid() as i32, libc::SIGKILL) };
+    let _ = start.await;
+    drop(sup);
+    std::fs::remove_file(world.path("hang-vm-started")).unwrap();
+
+    let mut sup = world.supervisor(&world.hookexec.url()).await;
+    let d = sup.get("vm").await;
+    assert_ne!(d.state(), DomainState::Shutoff, "{d:?}");
+    assert_eq!(d.pid, pids[0]);
+    let refused = sup.start("vm").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert_eq!(qemu_pids(&uuid), pids);
+    sup.destroy("vm").await;
+    assert!(qemu_pids(&uuid).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys() {
     let world = World::new().await;

@@ -139,6 +139,22 @@ impl Manager {
             }
         };
         let launched = began.elapsed();
+        // Recorded at once: a supervisor that dies from here on finds this
+        // QEMU at its next start and re-attaches to it (or, if it died
+        // too, gives its files back), instead of taking its disks back
+        // under it and letting a second QEMU start on them.
+        let status = {
+            let mut data = entry.data();
+            let s = &mut data.status;
+            s.pid = process.pid();
+            s.identity = Some(process.identity().clone());
+            s.monitor_socket = process.monitor_path().display().to_string();
+            if spec.agent {
+                s.agent_socket = paths.agent_socket.display().to_string();
+            }
+            data.status.clone()
+        };
+        self.save_status(spec.name.clone(), status).await;
         let Some(events) = process.take_events() else {
             let error = DomainError::Internal(format!(
                 "domain {:?}: launched QEMU has no event receiver",
@@ -225,10 +241,23 @@ impl Manager {
         process: Option<Arc<launch::QemuProcess>>,
         error: DomainError,
     ) -> DomainError {
-        if let Some(process) = process
-            && let Err(error) = process.kill(Duration::ZERO).await
-        {
-            warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
+        let killed = match process {
+            Some(process) => match process.kill(Duration::ZERO).await {
+                Ok(_) => true,
+                Err(error) => {
+                    warn!(domain = %spec.name, %error, "killing a half-started QEMU failed");
+                    false
+                }
+            },
+            None => true,
+        };
+        if killed {
+            let mut data = entry.data();
+            let s = &mut data.status;
+            s.pid = 0;
+            s.identity = None;
+            s.monitor_socket.clear();
+            s.agent_socket.clear();
         }
         self.take_back_files(entry).await;
         self.transition_and_emit(
