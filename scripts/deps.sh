@@ -43,6 +43,7 @@ check qemu-system-x86_64 qemu-system-x86
 check qemu-ga qemu-guest-agent
 check qemu-img qemu-utils
 check python3 python3
+check xmllint libxml2-utils
 command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 check docker-compose docker-compose
 
@@ -51,7 +52,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     # The machine image may carry a newer qemu-utils from backports that
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
-    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip docker-compose)
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then
         say "missing: ${need_pkgs[*]}; run as root:"

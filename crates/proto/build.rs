@@ -65,6 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (field, attribute) in YAML_FIELDS {
         builder = builder.field_attribute(field, attribute);
     }
+    // Metadata in key order, so its YAML and XML are the same every time.
+    builder = builder.btree_map(".qvirt.v1.DomainSpec.metadata");
     builder
         .build_client(true)
         .build_server(true)

@@ -112,6 +112,12 @@ fn script(dir: &Path) -> String {
 
 impl World {
     async fn new() -> World {
+        World::with_script(script).await
+    }
+
+    /// A world whose hook scripts are `script(dir)`, `dir` the world's
+    /// temp dir.
+    async fn with_script(script: impl Fn(&Path) -> String) -> World {
         tool_path("qemu-system-x86_64");
         let tmp = tempfile::tempdir().unwrap();
         let hooks = tmp.path().join("hooks");
@@ -872,4 +878,86 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
     );
     sup.destroy("gone").await;
     wait_no_qemu(&uuid).await;
+}
+
+/// A hook script as a libvirt user writes one for
+/// `/etc/libvirt/hooks/qemu`: on `prepare begin` it reads the domain XML
+/// from stdin, takes the name with `xmllint --xpath` and the UUID, memory,
+/// first disk's source and a metadata entry with python3's
+/// `xml.etree.ElementTree`, and writes them to files; any other call only
+/// logs its argv and drains stdin (the daemon hook too).
+fn libvirt_user_script(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"#!/bin/sh
+set -e
+printf '%s %s %s %s\n' "$1" "$2" "$3" "$4" >> '{d}/calls'
+if [ "$2" = prepare ]; then
+  xml=$(cat)
+  printf '%s' "$xml" | xmllint --xpath 'string(/domain/name)' - > '{d}/xml-name'
+  printf '%s' "$xml" | python3 -c '
+import sys
+import xml.etree.ElementTree as ET
+ns = {{"qvirt": "https://qvirt.dev/xmlns/metadata/1"}}
+root = ET.fromstring(sys.stdin.read())
+mem = root.find("memory")
+owner = root.find("metadata/qvirt:metadata/qvirt:entry[@key=\"owner\"]", ns)
+disk = root.find("devices/disk")
+print(root.findtext("uuid"))
+print(mem.text + " " + mem.get("unit"))
+print(disk.find("source").get("file") + " " + disk.find("driver").get("type") + " " + disk.find("target").get("dev"))
+print(owner.text)
+' > '{d}/xml-fields'
+else
+  cat > /dev/null
+fi
+"#
+    )
+}
+
+/// With `hook_stdin_format: libvirt-xml`, a start hands hook scripts
+/// libvirt-style domain XML that xmllint and python's ElementTree read as
+/// they read libvirt's: name, UUID, memory in KiB, disk source, metadata.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_libvirt_xml_on_stdin_serves_scripts_written_for_libvirt() {
+    tool_path("xmllint");
+    let world = World::with_script(libvirt_user_script).await;
+    // QEMU's user opens the disk by path: the temp dir must be traversable.
+    std::fs::set_permissions(world.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut sup = world
+        .supervisor_with(
+            &world.hookexec.url(),
+            &["--hook-stdin-format", "libvirt-xml"],
+        )
+        .await;
+    let disk = world.path("state/images/root.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let yaml = format!(
+        "name: web<1>&'\"\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n\
+         metadata: {{owner: \"ops & <dev>\", tier: web}}\n",
+        disk.display()
+    );
+    let defined = define_yaml(&mut sup.client, yaml).await.unwrap();
+    let spec = defined.spec.unwrap();
+    world.reaper.track(&spec.uuid);
+    let name = "web<1>&'\"";
+    assert_eq!(spec.name, name);
+
+    let d = sup.start(name).await.unwrap();
+    assert_eq!(d.state(), DomainState::Running);
+    let xml_name = std::fs::read_to_string(world.path("xml-name")).unwrap();
+    // xmllint ends its answer with a newline.
+    assert_eq!(xml_name.strip_suffix('\n').unwrap_or(&xml_name), name);
+    let fields = std::fs::read_to_string(world.path("xml-fields")).unwrap();
+    assert_eq!(
+        fields.lines().collect::<Vec<_>>(),
+        [
+            spec.uuid.as_str(),
+            "65536 KiB",
+            &format!("{} raw vda", disk.display()),
+            "ops & <dev>",
+        ]
+    );
+    sup.destroy(name).await;
+    wait_no_qemu(&spec.uuid).await;
 }

@@ -395,6 +395,9 @@ networks:
 serial_log: /var/log/web1.serial
 agent: true
 extra_args: ["-device", "virtio-rng-pci"]
+metadata:
+  owner: ops
+  tier.web-1: "a <b> & c"
 "#;
 
     #[test]
@@ -451,6 +454,13 @@ extra_args: ["-device", "virtio-rng-pci"]
             }))
         );
         assert_eq!(spec.extra_args, ["-device", "virtio-rng-pci"]);
+        assert_eq!(
+            spec.metadata.into_iter().collect::<Vec<_>>(),
+            [
+                ("owner".to_owned(), "ops".to_owned()),
+                ("tier.web-1".to_owned(), "a <b> & c".to_owned())
+            ]
+        );
     }
 
     #[test]
@@ -533,6 +543,11 @@ extra_args: ["-device", "virtio-rng-pci"]
             ),
             ("name: a\nmemory_mib: lots\n", "memory_mib", Some("line 2")),
             ("name: a\nvcpus: -1\n", "vcpus", Some("line 2")),
+            (
+                "name: a\nmetadata:\n  k: {v: 1}\n",
+                "metadata.k: invalid type: map, expected a string",
+                Some("line 3"),
+            ),
             ("name: [a\n", "", None),
             ("- a\n- b\n", "struct DomainSpec", None),
         ];

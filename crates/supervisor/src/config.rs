@@ -33,6 +33,19 @@ pub enum DefaultAccel {
     Auto,
 }
 
+/// What the hook scripts behind `hookexec` read on stdin for a domain
+/// hook.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookStdinFormat {
+    /// The definition as YAML, as `qvirtctl define` reads it.
+    #[default]
+    Yaml,
+    /// libvirt-style domain XML generated from the definition, for
+    /// scripts written for libvirt's `/etc/libvirt/hooks/qemu`.
+    LibvirtXml,
+}
+
 /// `qvirt-supervisor` settings. Unknown keys are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +108,10 @@ pub struct Config {
     /// Bound on one hook call (all the scripts of one hook point),
     /// seconds; past it the hook counts as not run (executor unavailable).
     pub hook_call_timeout_secs: u64,
+    /// What the scripts of the hooks dir behind `hookexec` receive on
+    /// stdin for a domain hook: `yaml` (the definition) or `libvirt-xml`
+    /// (libvirt-style domain XML generated from it).
+    pub hook_stdin_format: HookStdinFormat,
     /// The agent service (`qvirt-agentd`) for agent-mode shutdown and
     /// reboot, as a URL (`http://127.0.0.1:50055`). Absent: agent mode is
     /// refused (FAILED_PRECONDITION).
@@ -138,6 +155,7 @@ impl Default for Config {
             destroy_grace_secs: 10,
             hookexec: None,
             hook_call_timeout_secs: 300,
+            hook_stdin_format: HookStdinFormat::Yaml,
             agentd: None,
             max_memory_mib: None,
             max_vcpus: None,
@@ -334,6 +352,20 @@ mod tests {
             let err = bad.validate().unwrap_err().to_string();
             assert!(err.contains("max_"), "{err}");
         }
+    }
+
+    #[test]
+    fn test_hook_stdin_format() {
+        assert_eq!(Config::default().hook_stdin_format, HookStdinFormat::Yaml);
+        let c: Config =
+            qvirt_common::config::parse(Path::new("s.yaml"), "hook_stdin_format: libvirt-xml\n")
+                .unwrap();
+        assert_eq!(c.hook_stdin_format, HookStdinFormat::LibvirtXml);
+        let err =
+            qvirt_common::config::parse::<Config>(Path::new("s.yaml"), "hook_stdin_format: xml\n")
+                .unwrap_err();
+        let line = qvirt_common::error_chain(&err);
+        assert!(line.contains("expected `yaml` or `libvirt-xml`"), "{line}");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! Each domain hook is one RunHook call: driver `qemu`, object the domain
 //! name, op and sub-op as libvirt (`prepare begin`, `start begin`, `started
 //! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-`, and
-//! on stdin the domain definition as YAML (our definition format, the one
-//! `qvirtctl define` reads, where libvirt sends its domain XML). The daemon
+//! on stdin the domain definition: as YAML (our definition format, the one
+//! `qvirtctl define` reads) by default, or, with `hook_stdin_format:
+//! libvirt-xml`, as libvirt-style domain XML generated from it
+//! ([`crate::hook_xml`]), where libvirt sends its domain XML. The daemon
 //! hook gets `- start - start` when the supervisor starts and `- shutdown -
 //! shutdown` when it stops, with nothing on stdin; its failures are logged.
 //!
@@ -34,6 +36,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
+use crate::config::HookStdinFormat;
 use crate::seams::{DaemonHookOp, HookError, HookFuture, HookOp, Hooks};
 
 /// How long connecting to the hook executor may take.
@@ -50,6 +53,7 @@ pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 pub struct ExecutorHooks {
     client: HookExecutorClient<InterceptedService<Channel, TokenInterceptor>>,
     call_timeout: Duration,
+    stdin_format: HookStdinFormat,
 }
 
 impl ExecutorHooks {
@@ -62,6 +66,25 @@ impl ExecutorHooks {
             client: HookExecutorClient::with_interceptor(channel, token)
                 .max_decoding_message_size(MAX_ANSWER_BYTES),
             call_timeout,
+            stdin_format: HookStdinFormat::Yaml,
+        }
+    }
+
+    /// Send domain hooks' scripts the definition in `format` (default
+    /// YAML).
+    pub fn with_stdin_format(mut self, format: HookStdinFormat) -> Self {
+        self.stdin_format = format;
+        self
+    }
+
+    /// What a domain hook's scripts read on stdin.
+    fn input(&self, spec: &DomainSpec) -> Result<String, String> {
+        match self.stdin_format {
+            HookStdinFormat::Yaml => spec
+                .to_yaml()
+                .map_err(|error| format!("cannot encode the definition as YAML: {error}")),
+            HookStdinFormat::LibvirtXml => crate::hook_xml::domain_xml(spec)
+                .map_err(|error| format!("cannot encode the definition as XML: {error}")),
         }
     }
 
@@ -78,10 +101,9 @@ impl ExecutorHooks {
     }
 
     async fn run_domain_hook(&self, spec: &DomainSpec, op: HookOp) -> Result<(), HookError> {
-        let input = spec.to_yaml().map_err(|error| HookError::Unavailable {
-            op,
-            message: format!("cannot encode the definition as YAML: {error}"),
-        })?;
+        let input = self
+            .input(spec)
+            .map_err(|message| HookError::Unavailable { op, message })?;
         let request = RunHookRequest {
             driver: HookDriver::Qemu as i32,
             object: spec.name.clone(),

@@ -10,7 +10,8 @@
 //! lifecycle); [`service`] and [`status`] (the gRPC face and its error
 //! table); [`launch`] and [`qmp`] (spawning QEMU, the QMP client);
 //! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
-//! and agent service clients).
+//! and agent service clients); [`hook_xml`] (libvirt-style domain XML
+//! for hook scripts).
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod config;
 pub mod domain;
+pub mod hook_xml;
 pub mod hooks;
 pub mod launch;
 pub mod lock;
@@ -126,7 +128,10 @@ pub async fn run(
                     source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
-            Arc::new(hooks::ExecutorHooks::new(endpoint, timeout, token.clone()))
+            Arc::new(
+                hooks::ExecutorHooks::new(endpoint, timeout, token.clone())
+                    .with_stdin_format(config.hook_stdin_format),
+            )
         }
         None => Arc::new(NoHooks),
     };

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use qvirt_common::cli::{CommonArgs, override_with};
-use qvirt_supervisor::config::DefaultAccel;
+use qvirt_supervisor::config::{DefaultAccel, HookStdinFormat};
 
 /// qvirt supervisor: defines domains and runs them as QEMU processes driven over QMP.
 #[derive(Debug, Parser)]
@@ -67,6 +67,9 @@ struct Args {
     /// Bound on one hook call, seconds. Overrides `hook_call_timeout_secs`.
     #[arg(long, value_name = "SECS")]
     hook_call_timeout_secs: Option<u64>,
+    /// What hook scripts read on stdin: yaml or libvirt-xml. Overrides `hook_stdin_format`.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    hook_stdin_format: Option<HookStdinFormat>,
     /// Agent service for agent-mode shutdown/reboot at URL (e.g.
     /// http://127.0.0.1:50055). Overrides `agentd`.
     #[arg(long, value_name = "URL")]
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         override_with(&mut c.eventbus, args.eventbus.map(Some));
         override_with(&mut c.hookexec, args.hookexec.map(Some));
         override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);
+        override_with(&mut c.hook_stdin_format, args.hook_stdin_format);
         override_with(&mut c.agentd, args.agentd.map(Some));
         override_with(&mut c.max_memory_mib, args.max_memory_mib.map(Some));
         override_with(&mut c.max_vcpus, args.max_vcpus.map(Some));

@@ -39,6 +39,12 @@ pub const MAX_DISKS: usize = 32;
 pub const MAX_NETWORKS: usize = 16;
 /// Most port forwards of one user network.
 pub const MAX_PORT_FORWARDS: usize = 32;
+/// Most `metadata` entries.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+/// Longest `metadata` key, bytes (keys are 1 or more of `[A-Za-z0-9._-]`).
+pub const MAX_METADATA_KEY_BYTES: usize = 64;
+/// Longest `metadata` value, bytes.
+pub const MAX_METADATA_VALUE_BYTES: usize = 1024;
 /// Longest short field (`machine`, `uuid`, `mac`, `tap.ifname`,
 /// `host_address`), bytes: each has a tighter rule of its own, checked
 /// after this bound (so no error message quotes a long value).
@@ -141,6 +147,7 @@ pub fn check_sizes(spec: &DomainSpec) -> Result<(), SpecError> {
         check_len(|| format!("disks[{i}].path"), &disk.path, MAX_PATH_BYTES)?;
         check_len(|| format!("disks[{i}].serial"), &disk.serial, short)?;
     }
+    check_metadata(spec)?;
     check_count("networks", spec.networks.len(), MAX_NETWORKS)?;
     for (i, net) in spec.networks.iter().enumerate() {
         check_len(|| format!("networks[{i}].mac"), &net.mac, short)?;
@@ -160,6 +167,47 @@ pub fn check_sizes(spec: &DomainSpec) -> Result<(), SpecError> {
                 }
             }
             None => {}
+        }
+    }
+    Ok(())
+}
+
+/// The bounds of `metadata`: at most [`MAX_METADATA_ENTRIES`] entries,
+/// keys 1-[`MAX_METADATA_KEY_BYTES`] bytes of `[A-Za-z0-9._-]`, values at
+/// most [`MAX_METADATA_VALUE_BYTES`] without control characters other than
+/// tab and newline (values reach hook scripts as YAML or XML text, and XML
+/// cannot carry the others).
+fn check_metadata(spec: &DomainSpec) -> Result<(), SpecError> {
+    check_count("metadata", spec.metadata.len(), MAX_METADATA_ENTRIES)?;
+    for (key, value) in &spec.metadata {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY_BYTES {
+            return Err(bad(
+                "metadata",
+                format!(
+                    "a key is {} bytes, keys are 1-{MAX_METADATA_KEY_BYTES}",
+                    key.len()
+                ),
+            ));
+        }
+        if !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(bad(
+                "metadata",
+                format!("key {key:?} has a character outside [A-Za-z0-9._-]"),
+            ));
+        }
+        let field = || format!("metadata.{key}");
+        check_len(field, value, MAX_METADATA_VALUE_BYTES)?;
+        if value
+            .chars()
+            .any(|c| c.is_control() && c != '\t' && c != '\n')
+        {
+            return Err(bad(
+                field(),
+                "must not contain control characters other than tab and newline",
+            ));
         }
     }
     Ok(())
@@ -568,11 +616,50 @@ mod tests {
             user.port_forwards[0].host_address = long(100_000);
         }
         cases.push((s, "networks[0].user.port_forwards[0].host_address"));
+        let mut s = base();
+        s.metadata = (0..=MAX_METADATA_ENTRIES)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        cases.push((s, "metadata"));
+        for key in [String::new(), long(MAX_METADATA_KEY_BYTES + 1)] {
+            let mut s = base();
+            s.metadata.insert(key, "v".into());
+            cases.push((s, "metadata"));
+        }
+        let mut s = base();
+        s.metadata
+            .insert("ok".into(), long(MAX_METADATA_VALUE_BYTES + 1));
+        cases.push((s, "metadata.ok"));
         for (spec, field) in cases {
             let err = normalize(spec, DefaultAccel::Tcg).expect_err(field);
             assert_eq!(err.field, field, "{err}");
             // No message quotes a long value back.
             assert!(err.to_string().len() < 200, "{err}");
+        }
+    }
+
+    #[test]
+    fn test_metadata_keys_and_values() {
+        let mut spec = parse("name: a\nmetadata: {owner: ops, tier.web-1_x: \"a\\tb\\nc <&>\"}");
+        spec.metadata.insert(
+            "k".repeat(MAX_METADATA_KEY_BYTES),
+            "v".repeat(MAX_METADATA_VALUE_BYTES),
+        );
+        let spec = normalize(spec, DefaultAccel::Tcg).unwrap();
+        assert_eq!(spec.metadata["owner"], "ops");
+        assert_eq!(spec.metadata["tier.web-1_x"], "a\tb\nc <&>");
+        for (key, value, field, reason) in [
+            ("a b", "v", "metadata", "outside [A-Za-z0-9._-]"),
+            ("k\u{e9}", "v", "metadata", "outside [A-Za-z0-9._-]"),
+            ("a/b", "v", "metadata", "outside [A-Za-z0-9._-]"),
+            ("k", "bell\u{7}", "metadata.k", "control characters"),
+            ("k", "cr\r", "metadata.k", "control characters"),
+        ] {
+            let mut spec = parse("name: a");
+            spec.metadata.insert(key.into(), value.into());
+            let err = normalize(spec, DefaultAccel::Tcg).expect_err(key);
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.reason.contains(reason), "{err}");
         }
     }
 
