@@ -24,7 +24,7 @@ build-debug:
 
 ## run: build and start the whole stack on loopback; Ctrl-C stops it
 run: deps build
-	@bash scripts/run.sh
+	@QVIRT_BIN_DIR=$(CURDIR)/target/release bash scripts/run.sh
 
 ## test: every unit and integration test, against the real binaries
 test: deps build-debug static-ga
