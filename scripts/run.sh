@@ -48,8 +48,12 @@ stop() {
         "$grpcurl" -plaintext -max-time 10 -d '{"domain": "demo"}' \
             127.0.0.1:50052 qvirt.v1.Supervisor/DestroyDomain >/dev/null 2>&1 || true
     fi
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do
+    # In the reverse of the start order, each gone before the next is
+    # asked: the supervisor runs its daemon shutdown hook through the hook
+    # executor and publishes to the bus, so those two stop after it.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        pid=${pids[i]}
+        kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
     done

@@ -170,6 +170,19 @@ async fn test_sighup_never_stops_a_service() {
     }
 }
 
+/// Text logs written to a file (not a terminal) carry no colour codes.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_text_logs_to_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bin, _) in SERVICES {
+        let mut svc = start_local(bin, &dir);
+        svc.wait_serving("").await;
+        let log = svc.stderr();
+        assert!(log.contains("serving"), "{bin}: {log}");
+        assert!(!log.contains('\u{1b}'), "{bin} wrote escape codes: {log:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
