@@ -22,7 +22,8 @@ use qvirt_integration_tests::{
 };
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    Domain, DomainState, DomainStateReason, GetDomainRequest, StartDomainRequest,
+    DestroyDomainRequest, Domain, DomainState, DomainStateReason, GetDomainRequest,
+    StartDomainRequest, UndefineDomainRequest,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -387,7 +388,7 @@ async fn test_qemu_inherits_no_fd_of_the_supervisor() {
         .count();
     assert!(sockets >= 2, "{qemu_fds:?}");
     client
-        .destroy_domain(qvirt_proto::v1::DestroyDomainRequest {
+        .destroy_domain(DestroyDomainRequest {
             domain: "leak".into(),
             graceful: false,
         })
@@ -446,6 +447,69 @@ async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
     );
 }
 
+/// A disk whose ownership cannot be given back at stop (its path now a
+/// symlink) keeps its record: Undefine refuses rather than delete the
+/// status file that holds it, and succeeds once the file is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
+    let (qemu_uid, _) = qemu_ids();
+    let dirs = Dirs::new();
+    let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let disk = dirs.images().join("kept.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let spec = format!(
+        "name: kept\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
+        disk.display()
+    );
+    let uuid = define_yaml(&mut client, spec)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .uuid;
+    let d = start(&mut client, "kept").await.unwrap();
+    let _guard = QemuGuard(d.pid, uuid);
+    assert_eq!(owner(&disk).0, qemu_uid);
+    // The image moves and a symlink takes its place: the restore, which
+    // never follows one, cannot reach it.
+    let moved = dirs.images().join("kept.img.moved");
+    std::fs::rename(&disk, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &disk).unwrap();
+    client
+        .destroy_domain(DestroyDomainRequest {
+            domain: "kept".into(),
+            graceful: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(owner(&moved).0, qemu_uid);
+
+    let refused = client
+        .undefine_domain(UndefineDomainRequest {
+            domain: "kept".into(),
+            destroy: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("kept.img"), "{refused}");
+    assert_eq!(get(&mut client, "kept").await.state(), DomainState::Shutoff);
+
+    // The file back in place: the next Undefine gives it back and goes.
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(&moved, &disk).unwrap();
+    client
+        .undefine_domain(UndefineDomainRequest {
+            domain: "kept".into(),
+            destroy: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(owner(&disk), (0, 0, 0o640));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_tap_nic_is_opened_by_the_supervisor_for_the_unprivileged_qemu() {
     let dirs = Dirs::new();
@@ -476,7 +540,7 @@ async fn test_tap_nic_is_opened_by_the_supervisor_for_the_unprivileged_qemu() {
         fds(d.pid)
     );
     client
-        .destroy_domain(qvirt_proto::v1::DestroyDomainRequest {
+        .destroy_domain(DestroyDomainRequest {
             domain: "tapped".into(),
             graceful: false,
         })

@@ -739,6 +739,31 @@ impl Manager {
             }
             self.destroy_locked(&entry, false).await?;
         }
+        // The record of files lent to QEMU's user lives in the status file
+        // that removal deletes: give them back first, and keep the domain
+        // (and its record) while any cannot be.
+        self.take_back_files(&entry).await;
+        let (left, status) = {
+            let data = entry.data();
+            let left: Vec<String> = data
+                .status
+                .granted
+                .iter()
+                .map(|g| g.path.display().to_string())
+                .collect();
+            (left, data.status.clone())
+        };
+        if !left.is_empty() {
+            self.save_status(entry.name(), status).await;
+            return Err(DomainError::Confine {
+                domain: entry.name(),
+                what: format!(
+                    "QEMU's user still owns {} (giving it back failed, see the supervisor's log); put the file back and undefine again",
+                    left.join(", ")
+                ),
+                source: std::io::Error::other("ownership not given back"),
+            });
+        }
         let spec = entry.data().spec.clone();
         let name = spec.name.clone();
         self.store_io(move |store| store.remove(&name)).await?;
