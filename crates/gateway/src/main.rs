@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use qvirt_common::cli::CommonArgs;
 
-/// qvirt gateway: the one public endpoint; authenticates callers and forwards to the services.
+/// qvirt gateway: the one public endpoint (not built yet: its RPCs answer UNIMPLEMENTED).
 #[derive(Debug, Parser)]
 #[command(name = "qvirt-gateway", version, about)]
 struct Args {
