@@ -164,13 +164,31 @@ const NSS_BUFFER_START: usize = 1024;
 /// Largest buffer tried.
 const NSS_BUFFER_MAX: usize = 1 << 20;
 
+/// Runs a reentrant NSS look-up (`getpwnam_r`, `getgrnam_r`) with a string
+/// buffer, doubled on ERANGE up to [`NSS_BUFFER_MAX`]; `call` gets the
+/// buffer and returns the look-up's result code.
+fn nss_lookup(mut call: impl FnMut(&mut [libc::c_char]) -> libc::c_int) -> io::Result<()> {
+    let mut buffer = vec![0 as libc::c_char; NSS_BUFFER_START];
+    loop {
+        let rc = call(&mut buffer);
+        if rc == libc::ERANGE && buffer.len() < NSS_BUFFER_MAX {
+            buffer.resize(buffer.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        return Ok(());
+    }
+}
+
 /// A user's uid, primary gid and group list (getpwnam_r,
 /// getgrouplist); `None` when there is no such user. Blocking (NSS).
 pub fn lookup_user(name: &str) -> io::Result<Option<Credentials>> {
     let cname = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
-    let mut buffer = vec![0 as libc::c_char; NSS_BUFFER_START];
-    loop {
+    let mut ids = None;
+    nss_lookup(|buffer| {
         // SAFETY: an all-zero passwd is a valid value (null pointers,
         // zero ids); getpwnam_r fills it.
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
@@ -187,23 +205,18 @@ pub fn lookup_user(name: &str) -> io::Result<Option<Credentials>> {
                 &mut found,
             )
         };
-        if rc == libc::ERANGE && buffer.len() < NSS_BUFFER_MAX {
-            buffer.resize(buffer.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        if found.is_null() {
-            return Ok(None);
-        }
-        let (uid, gid) = (entry.pw_uid, entry.pw_gid);
-        return Ok(Some(Credentials {
-            uid,
-            gid,
-            groups: group_list(&cname, gid)?,
-        }));
-    }
+        // Only the ids are kept: the entry's strings live in `buffer`.
+        ids = (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid));
+        rc
+    })?;
+    let Some((uid, gid)) = ids else {
+        return Ok(None);
+    };
+    Ok(Some(Credentials {
+        uid,
+        gid,
+        groups: group_list(&cname, gid)?,
+    }))
 }
 
 /// The groups of user `name` whose primary group is `gid` (getgrouplist).
@@ -231,8 +244,8 @@ fn group_list(name: &std::ffi::CStr, gid: libc::gid_t) -> io::Result<Vec<libc::g
 pub fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
     let cname = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "group name contains NUL"))?;
-    let mut buffer = vec![0 as libc::c_char; NSS_BUFFER_START];
-    loop {
+    let mut gid = None;
+    nss_lookup(|buffer| {
         // SAFETY: an all-zero group is a valid value; getgrnam_r fills it.
         let mut entry: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
@@ -247,18 +260,12 @@ pub fn lookup_group(name: &str) -> io::Result<Option<libc::gid_t>> {
                 &mut found,
             )
         };
-        if rc == libc::ERANGE && buffer.len() < NSS_BUFFER_MAX {
-            buffer.resize(buffer.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        return Ok((!found.is_null()).then_some(entry.gr_gid));
-    }
+        gid = (rc == 0 && !found.is_null()).then_some(entry.gr_gid);
+        rc
+    })?;
+    Ok(gid)
 }
 
-/// Open the tap device `ifname` for QEMU to inherit, as libvirt does:
 /// `/dev/net/tun` with `TUNSETIFF` (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`),
 /// which attaches to an existing tap or creates one that lives as long as
 /// the fd. Needs CAP_NET_ADMIN (or a persistent tap owned by the caller),
