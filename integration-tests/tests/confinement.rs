@@ -141,6 +141,31 @@ fn owner(path: &Path) -> (u32, u32, u32) {
     (meta.uid(), meta.gid(), meta.mode() & 0o7777)
 }
 
+/// Domain `name` with one root-owned read-write disk `file` (`size` bytes,
+/// `mode`) in the default image root, defined and started: the disk's
+/// path, the running domain, and a guard that kills its QEMU.
+async fn start_with_disk(
+    client: &mut SupervisorClient<Channel>,
+    dirs: &Dirs,
+    name: &str,
+    file: &str,
+    size: usize,
+    mode: u32,
+) -> (PathBuf, Domain, QemuGuard) {
+    let disk = dirs.images().join(file);
+    std::fs::write(&disk, vec![0u8; size]).unwrap();
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(mode)).unwrap();
+    assert_eq!(owner(&disk), (0, 0, mode));
+    let spec = format!(
+        "name: {name}\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
+        disk.display()
+    );
+    let uuid = define_yaml(client, spec).await.unwrap().spec.unwrap().uuid;
+    let d = start(client, name).await.unwrap();
+    let guard = QemuGuard(d.pid, uuid);
+    (disk, d, guard)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_exec_migration_runs_nothing_and_kills_the_sandboxed_qemu() {
     let (qemu_uid, qemu_gid) = qemu_ids();
@@ -149,19 +174,8 @@ async fn test_exec_migration_runs_nothing_and_kills_the_sandboxed_qemu() {
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
 
     // A root-owned read-write disk in the default image root.
-    let disk = dirs.images().join("root.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert_eq!(owner(&disk), (0, 0, 0o644));
-
-    let spec = format!(
-        "name: confined\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
-        disk.display()
-    );
-    let defined = define_yaml(&mut client, spec).await.unwrap();
-    let uuid = defined.spec.unwrap().uuid;
-    let d = start(&mut client, "confined").await.unwrap();
-    let _guard = QemuGuard(d.pid, uuid);
+    let (disk, d, _guard) =
+        start_with_disk(&mut client, &dirs, "confined", "root.img", 1 << 20, 0o644).await;
     assert_eq!(d.state(), DomainState::Running);
 
     // QEMU runs as qvirt-qemu (real, effective, saved, fs ids), under a
@@ -406,21 +420,9 @@ async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    let disk = dirs.images().join("data.img");
-    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let spec = format!(
-        "name: orphan\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
-        disk.display()
-    );
-    let uuid = define_yaml(&mut client, spec)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .uuid;
-    let d = start(&mut client, "orphan").await.unwrap();
-    let _guard = QemuGuard(d.pid, uuid.clone());
+    let (disk, d, _guard) =
+        start_with_disk(&mut client, &dirs, "orphan", "data.img", 4096, 0o640).await;
+    let uuid = d.spec.clone().unwrap().uuid;
     assert_eq!(owner(&disk).0, qemu_uid);
 
     // The supervisor dies, then its QEMU, while nobody watches.
@@ -456,21 +458,8 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    let disk = dirs.images().join("kept.img");
-    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let spec = format!(
-        "name: kept\nmemory_mib: 64\naccel: tcg\ndisks: [{{path: {}}}]\n",
-        disk.display()
-    );
-    let uuid = define_yaml(&mut client, spec)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .uuid;
-    let d = start(&mut client, "kept").await.unwrap();
-    let _guard = QemuGuard(d.pid, uuid);
+    let (disk, _d, _guard) =
+        start_with_disk(&mut client, &dirs, "kept", "kept.img", 4096, 0o640).await;
     assert_eq!(owner(&disk).0, qemu_uid);
     // The image moves and a symlink takes its place: the restore, which
     // never follows one, cannot reach it.
