@@ -15,6 +15,8 @@
 //! - [`internal_auth`]: the internal plane's shared secret: loading it,
 //!   checking callers of internal methods, and the client interceptor that
 //!   presents it.
+//! - [`rpc`]: statuses with `google.rpc.ErrorInfo` reasons and `BadRequest`
+//!   field violations, and the INTERNAL status that logs its cause.
 //! - [`coalesce`]: a connection writer that gathers the frames of streams
 //!   woken together into one socket write (opt-in per server).
 //! - [`service`]: the body of every service's `main`: config errors to exit
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod internal_auth;
+pub mod rpc;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

@@ -1,0 +1,132 @@
+//! Errors a program can act on: every non-OK status a qvirt service returns
+//! carries a `google.rpc.ErrorInfo` (a stable `reason`, the domain
+//! [`ERROR_DOMAIN`], and metadata such as the domain name), and an
+//! INVALID_ARGUMENT also carries `google.rpc.BadRequest` field violations
+//! naming the field path (`spec.disks[1].path`). The encoding is
+//! `tonic-types`' rich error model, so grpcurl and every gRPC client that
+//! knows `google.rpc.Status` details read them.
+//!
+//! Each service keeps one table from its errors to code + reason (its
+//! `status.rs`) and builds statuses only through [`error`],
+//! [`invalid_argument`] and [`internal`].
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// `ErrorInfo.domain` of every qvirt error.
+pub const ERROR_DOMAIN: &str = "qvirt.dev";
+
+/// `ErrorInfo.reason` of an INTERNAL status (the cause is in the log).
+pub const REASON_INTERNAL: &str = "INTERNAL";
+
+/// A status with `code`, `message`, and an ErrorInfo with `reason` and
+/// `metadata` (empty values are left out).
+pub fn error<'a>(
+    code: Code,
+    reason: &str,
+    message: impl Into<String>,
+    metadata: impl IntoIterator<Item = (&'a str, String)>,
+) -> Status {
+    Status::with_error_details(code, message, details(reason, metadata))
+}
+
+/// An INVALID_ARGUMENT status whose ErrorInfo has `reason` and whose
+/// BadRequest lists each `(field path, description)`.
+pub fn invalid_argument<'a>(
+    reason: &str,
+    message: impl Into<String>,
+    violations: impl IntoIterator<Item = (String, String)>,
+    metadata: impl IntoIterator<Item = (&'a str, String)>,
+) -> Status {
+    let mut details = details(reason, metadata);
+    for (field, description) in violations {
+        details.add_bad_request_violation(field, description);
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// An INTERNAL status for a failure on the service's own side: the cause
+/// goes to the log, the client gets generic text naming `service` (so a
+/// path, a task's panic message or another secret never leaves the host).
+pub fn internal(service: &str, cause: &(dyn std::error::Error + 'static)) -> Status {
+    let line = crate::error_chain(cause);
+    tracing::error!(error = %line, "internal error");
+    error(
+        Code::Internal,
+        REASON_INTERNAL,
+        format!("internal error in the {service} (details in its log)"),
+        [],
+    )
+}
+
+fn details<'a>(
+    reason: &str,
+    metadata: impl IntoIterator<Item = (&'a str, String)>,
+) -> ErrorDetails {
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata)
+}
+
+/// The ErrorInfo reason of `status`, if it carries one (for tests and
+/// clients).
+pub fn reason_of(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The BadRequest field paths of `status` (empty if none).
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_error_carries_reason_domain_and_metadata() {
+        let status = error(
+            Code::NotFound,
+            "DOMAIN_NOT_FOUND",
+            "domain \"x\" not found",
+            [("domain", "x".to_owned()), ("host", String::new())],
+        );
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "domain \"x\" not found");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "DOMAIN_NOT_FOUND");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.get("domain").map(String::as_str), Some("x"));
+        assert!(!info.metadata.contains_key("host"), "empty values left out");
+    }
+
+    #[test]
+    fn test_invalid_argument_names_the_fields() {
+        let status = invalid_argument(
+            "INVALID_SPEC",
+            "bad",
+            [("spec.disks[1].path".to_owned(), "is required".to_owned())],
+            [],
+        );
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(reason_of(&status).as_deref(), Some("INVALID_SPEC"));
+        assert_eq!(violated_fields(&status), ["spec.disks[1].path"]);
+    }
+
+    #[test]
+    fn test_internal_hides_the_cause() {
+        let cause = std::io::Error::other("/secret/path: task panicked");
+        let status = internal("supervisor", &cause);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret"));
+        assert_eq!(reason_of(&status).as_deref(), Some(REASON_INTERNAL));
+    }
+}
