@@ -3,7 +3,7 @@
 # nothing when everything is already there (idempotent).
 #
 #   - Debian packages: QEMU (the hypervisor the supervisor drives), qemu-utils
-#     (named explicitly: see docs/ARCHITECTURE.md "Dependencies"), qemu-ga
+#     (named explicitly: see docs/OPERATIONS.md "What make deps installs"), qemu-ga
 #     (the reference peer for agent compatibility tests), and the kernel and
 #     busybox the demo/test guest is built from.
 #   - the system user QEMU runs as (qvirt-qemu: no login shell, no home,

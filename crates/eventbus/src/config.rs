@@ -154,7 +154,7 @@ impl Config {
     }
 
     /// The most one subscription can make the bus hold, in bytes, whatever
-    /// its client does (docs/ARCHITECTURE.md, event bus, gives the
+    /// its client does (docs/OPERATIONS.md, event bus, gives the
     /// formula): its queue, a replay batch, one event held behind a loss
     /// marker, what hyper and h2 hold of its stream (twice: the encoder's
     /// buffer grows by doubling, and a chunk keeps its whole allocation),
@@ -175,7 +175,7 @@ impl Config {
     /// The most the bus can hold for its subscriptions and its ring, in
     /// bytes: every subscription the total caps allow at
     /// [`Config::subscription_bound`], plus the ring. Per connection come
-    /// its HTTP/2 and socket buffers (see docs/ARCHITECTURE.md).
+    /// its HTTP/2 and socket buffers (see docs/OPERATIONS.md).
     pub fn memory_bound(&self) -> usize {
         let subscriptions = self.max_monitor_subscriptions + self.max_domain_subscriptions;
         let ring = self.ring_max_bytes.min(
