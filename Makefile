@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps build build-debug run test bench lint fmt clean static-ga proto-baseline
+.PHONY: all deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz
 
 all: build
 
@@ -65,6 +65,12 @@ lint: deps
 ## deliberate, reviewed act: it is what lets a breaking change through)
 proto-baseline: deps
 	$(TOOLS)/buf build --exclude-source-info -o proto/baseline.binpb
+
+## fuzz: run each fuzz target (fuzz/) for FUZZ_SECS seconds (default 60)
+FUZZ_SECS ?= 60
+FUZZ_TARGETS ?= qga_stream qmp_reader domain_yaml event_filter hook_output
+fuzz: deps
+	@bash scripts/fuzz.sh $(FUZZ_SECS) $(FUZZ_TARGETS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -583,5 +583,41 @@ async fn write_loop(
     }
 }
 
+/// What a QEMU monitor's bytes become, for the fuzzer (`fuzz/`): `bytes`
+/// read through a `chunk`-byte buffer with lines of at most `limit` bytes,
+/// the first line parsed as a greeting and the others as replies or
+/// events, as the connection's reader does. Returns how many lines were
+/// kept and how many were over the limit.
+#[doc(hidden)]
+pub fn fuzz_monitor_stream(bytes: &[u8], chunk: usize, limit: usize) -> (usize, usize) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
+        return (0, 0);
+    };
+    runtime.block_on(async {
+        let mut reader = BufReader::with_capacity(chunk.max(1), bytes);
+        let mut line = Vec::new();
+        let (mut kept, mut too_long) = (0, 0);
+        loop {
+            match read_line(&mut reader, &mut line, limit.max(1)).await {
+                Ok(LineRead::Line) => {
+                    assert!(line.len() <= limit.max(1), "a kept line is within the limit");
+                    if kept == 0 {
+                        let _ = wire::parse_greeting(&line);
+                    } else {
+                        let _ = wire::parse_incoming(&line);
+                    }
+                    let _ = wire::quote(&line);
+                    kept += 1;
+                }
+                Ok(LineRead::TooLong { bytes }) => {
+                    assert!(bytes > limit.max(1) as u64, "a skipped line is over the limit");
+                    too_long += 1;
+                }
+                Ok(LineRead::Eof) | Err(_) => return (kept, too_long),
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests;
