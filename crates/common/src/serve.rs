@@ -412,6 +412,7 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = Server::builder()
+        .layer(crate::telemetry::CallSpanLayer)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .max_concurrent_streams(options.max_concurrent_streams)
