@@ -19,6 +19,12 @@ for target in "$@"; do
   # --sanitizer none: the stable toolchain has no sanitizers; the targets
   # are safe Rust, so what is looked for is panics, hangs and memory
   # blow-ups, which libFuzzer reports itself (-timeout, -rss_limit_mb).
-  cargo fuzz run --fuzz-dir fuzz --sanitizer none "$target" -- \
+  # The corpus grows in fuzz/corpus/TARGET (not kept in git); the
+  # committed seeds in fuzz/seeds/TARGET give it valid inputs to start from.
+  corpus="fuzz/corpus/$target"
+  mkdir -p "$corpus"
+  seeds=()
+  [ -d "fuzz/seeds/$target" ] && seeds=("fuzz/seeds/$target")
+  cargo fuzz run --fuzz-dir fuzz --sanitizer none "$target" "$corpus" "${seeds[@]}" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
 done
