@@ -36,8 +36,8 @@ pub struct Config {
     /// `Domain.agent_socket` of domains not in `agents`. Absent: only
     /// `agents` is used.
     pub supervisor: Option<String>,
-    /// Limit for one agent command when the request gives no `timeout`,
-    /// milliseconds.
+    /// Limit for one agent command when the request gives no `timeout` (or
+    /// zero), milliseconds.
     pub command_timeout_ms: u64,
     /// Limit for the resynchronisation handshake (0xFF +
     /// guest-sync-delimited) before a command, milliseconds; an agent that
