@@ -165,7 +165,7 @@ if [ -n "$demo_started" ]; then
 The demo guest "demo" is booting (TCG, ~3 s to its agent; console in
 .run/state/serial/demo/console.log); its agent is qvirt-ga, reached through agentd:
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/GetDomain
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50055 qvirt.v1.GuestAgent/OsInfo
+  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50055 qvirt.v1.GuestAgent/GetOsInfo
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "path": "/bin/busybox", "args": ["uname", "-a"], "capture_output": true, "wait": true}' \
       127.0.0.1:50055 qvirt.v1.GuestAgent/Exec
   .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "mode": "SHUTDOWN_MODE_AGENT", "timeout": "30s"}' \

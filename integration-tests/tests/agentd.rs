@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use qvirt_integration_tests::{ChildGuard, Service, run, text, tool_path};
+use qvirt_integration_tests::{ChildGuard, Service, grpcurl, run, text, tool_path};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::{
-    CommandRequest, ExecRequest, ExecStatusRequest, FileReadRequest, FileWriteMode,
-    FileWriteRequest, FsFreezeState, FsFreezeStatusRequest, FsInfoRequest, FsThawRequest,
-    GetTimeRequest, GuestShutdownMode, HostNameRequest, InfoRequest, NetworkInterfacesRequest,
-    OsInfoRequest, PingRequest, ShutdownRequest, TimezoneRequest, UsersRequest, guest_exec_status,
+    CommandRequest, ExecRequest, FileWriteMode, FsFreezeState, GetAgentInfoRequest,
+    GetExecStatusRequest, GetFreezeStatusRequest, GetFsInfoRequest, GetHostNameRequest,
+    GetOsInfoRequest, GetTimeRequest, GetTimezoneRequest, GuestShutdownMode,
+    ListNetworkInterfacesRequest, ListUsersRequest, PingRequest, ReadFileRequest, ShutdownRequest,
+    ThawFilesystemsRequest, WriteFileRequest, guest_exec_status,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -214,9 +215,19 @@ fn ping(domain: &str) -> PingRequest {
     }
 }
 
-fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, what: &str) -> String {
+/// The message of an error status with `code` and ErrorInfo `reason`.
+fn expect_code<T: std::fmt::Debug>(
+    r: Result<T, tonic::Status>,
+    code: Code,
+    reason: &str,
+    what: &str,
+) -> String {
     match r {
-        Err(s) if s.code() == code => s.message().to_owned(),
+        Err(s) if s.code() == code => {
+            let got = qvirt_common::rpc::reason_of(&s);
+            assert_eq!(got.as_deref(), Some(reason), "{what}: {s:?}");
+            s.message().to_owned()
+        }
         other => panic!("{what}: expected {code:?}, got {other:?}"),
     }
 }
@@ -234,7 +245,9 @@ async fn test_read_only_rpcs() {
         call(who, c.ping(ping("vm"))).await.unwrap();
         call(who, c.ping(ping(&UUID.to_uppercase()))).await.unwrap();
 
-        let info = call(who, c.info(vm!(InfoRequest))).await.unwrap();
+        let info = call(who, c.get_agent_info(vm!(GetAgentInfoRequest)))
+            .await
+            .unwrap();
         assert!(info.version.starts_with("7.2"), "{who}: {}", info.version);
         if who == "qemu-ga" {
             assert_eq!(info.version, "7.2.22");
@@ -267,14 +280,18 @@ async fn test_read_only_rpcs() {
             t.seconds
         );
 
-        let host = call(who, c.host_name(vm!(HostNameRequest))).await.unwrap();
+        let host = call(who, c.get_host_name(vm!(GetHostNameRequest)))
+            .await
+            .unwrap();
         assert_eq!(
             host.host_name,
             proc_text("/proc/sys/kernel/hostname"),
             "{who}"
         );
 
-        let os = call(who, c.os_info(vm!(OsInfoRequest))).await.unwrap();
+        let os = call(who, c.get_os_info(vm!(GetOsInfoRequest)))
+            .await
+            .unwrap();
         assert_eq!(
             os.kernel_release,
             proc_text("/proc/sys/kernel/osrelease"),
@@ -282,26 +299,37 @@ async fn test_read_only_rpcs() {
         );
         assert_eq!(os.machine, std::env::consts::ARCH, "{who}");
 
-        call(who, c.timezone(vm!(TimezoneRequest))).await.unwrap();
-        call(who, c.users(vm!(UsersRequest))).await.unwrap();
-        let ifs = call(who, c.network_interfaces(vm!(NetworkInterfacesRequest)))
+        call(who, c.get_timezone(vm!(GetTimezoneRequest)))
             .await
             .unwrap();
+        call(who, c.list_users(vm!(ListUsersRequest)))
+            .await
+            .unwrap();
+        let ifs = call(
+            who,
+            c.list_network_interfaces(vm!(ListNetworkInterfacesRequest)),
+        )
+        .await
+        .unwrap();
         assert!(
             ifs.interfaces.iter().any(|i| i.name == "lo"),
             "{who}: {ifs:?}"
         );
         // qemu-ga answers "not currently supported" where it cannot read
         // the block devices (containers): UNIMPLEMENTED.
-        let fs = call(who, c.fs_info(vm!(FsInfoRequest))).await;
+        let fs = call(who, c.get_fs_info(vm!(GetFsInfoRequest))).await;
         if let Err(e) = fs {
             assert_eq!(e.code(), Code::Unimplemented, "{who}: {e:?}");
+            assert_eq!(
+                qvirt_common::rpc::reason_of(&e).as_deref(),
+                Some("AGENT_COMMAND_NOT_SUPPORTED")
+            );
             assert!(
                 e.message().contains("not currently supported"),
                 "{who}: {e:?}"
             );
         }
-        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+        let st = call(who, c.get_freeze_status(vm!(GetFreezeStatusRequest)))
             .await
             .unwrap();
         assert_eq!(st.state(), FsFreezeState::Thawed, "{who}");
@@ -354,7 +382,7 @@ async fn test_exec_wait_and_status() {
         let st = loop {
             let st = call(
                 who,
-                c.exec_status(ExecStatusRequest {
+                c.get_exec_status(GetExecStatusRequest {
                     domain: "vm".into(),
                     pid: r.pid,
                     ..Default::default()
@@ -374,14 +402,14 @@ async fn test_exec_wait_and_status() {
         // The agent forgets a pid after reporting its exit.
         let r2 = call(
             who,
-            c.exec_status(ExecStatusRequest {
+            c.get_exec_status(GetExecStatusRequest {
                 domain: "vm".into(),
                 pid: r.pid,
                 ..Default::default()
             }),
         )
         .await;
-        expect_code(r2, Code::InvalidArgument, who);
+        expect_code(r2, Code::InvalidArgument, "AGENT_INVALID_ARGUMENT", who);
 
         let missing = call(
             who,
@@ -392,7 +420,7 @@ async fn test_exec_wait_and_status() {
             }),
         )
         .await;
-        let msg = expect_code(missing, Code::FailedPrecondition, who);
+        let msg = expect_code(missing, Code::FailedPrecondition, "AGENT_ERROR", who);
         assert!(msg.contains("invalid-cmd42"), "{who}: {msg}");
     }
 }
@@ -411,7 +439,7 @@ async fn test_file_write_then_read_round_trip() {
         let c = &mut s.client;
         let w = call(
             who,
-            c.file_write(FileWriteRequest {
+            c.write_file(WriteFileRequest {
                 domain: "vm".into(),
                 path: path_s.clone(),
                 data: data.clone(),
@@ -420,12 +448,12 @@ async fn test_file_write_then_read_round_trip() {
         )
         .await
         .unwrap();
-        assert_eq!(w.written, data.len() as u64);
+        assert_eq!(w.written_bytes, data.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), data, "{who}: bytes on disk");
 
         let r = call(
             who,
-            c.file_read(FileReadRequest {
+            c.read_file(ReadFileRequest {
                 domain: "vm".into(),
                 path: path_s.clone(),
                 ..Default::default()
@@ -438,7 +466,7 @@ async fn test_file_write_then_read_round_trip() {
 
         let r = call(
             who,
-            c.file_read(FileReadRequest {
+            c.read_file(ReadFileRequest {
                 domain: "vm".into(),
                 path: path_s.clone(),
                 offset: 70_000,
@@ -452,7 +480,7 @@ async fn test_file_write_then_read_round_trip() {
 
         call(
             who,
-            c.file_write(FileWriteRequest {
+            c.write_file(WriteFileRequest {
                 domain: "vm".into(),
                 path: path_s.clone(),
                 data: b"tail".to_vec(),
@@ -466,14 +494,14 @@ async fn test_file_write_then_read_round_trip() {
 
         let missing = call(
             who,
-            c.file_read(FileReadRequest {
+            c.read_file(ReadFileRequest {
                 domain: "vm".into(),
                 path: s.agent.dir.join("nope").to_str().unwrap().into(),
                 ..Default::default()
             }),
         )
         .await;
-        expect_code(missing, Code::NotFound, who);
+        expect_code(missing, Code::NotFound, "GUEST_FILE_NOT_FOUND", who);
         // Every handle was closed: the channel still works and nothing
         // is left open in the agent's process.
         call(who, c.ping(ping("vm"))).await.unwrap();
@@ -517,7 +545,7 @@ async fn test_raw_command_keeps_big_integers_and_returns_agent_errors() {
 
         for bad in ["not json", "[1]", r#"{"arguments":{}}"#] {
             let r = call(who, c.command(raw(bad))).await;
-            expect_code(r, Code::InvalidArgument, who);
+            expect_code(r, Code::InvalidArgument, "INVALID_ARGUMENT", who);
         }
         call(who, c.ping(ping("vm"))).await.unwrap();
     }
@@ -542,7 +570,7 @@ async fn test_a_request_the_agent_cannot_parse_fails_at_once_and_the_channel_sta
             }),
         )
         .await;
-        let msg = expect_code(r, Code::InvalidArgument, who);
+        let msg = expect_code(r, Code::InvalidArgument, "AGENT_INVALID_ARGUMENT", who);
         assert!(msg.contains("JSON parse error"), "{who}: {msg}");
         call(who, c.ping(ping("vm"))).await.unwrap();
         let r = call(
@@ -611,6 +639,7 @@ async fn test_blocked_commands_are_failed_precondition() {
         let msg = expect_code(
             call(who, c.ping(ping("vm"))).await,
             Code::FailedPrecondition,
+            "AGENT_COMMAND_DISABLED",
             who,
         );
         assert!(
@@ -627,8 +656,10 @@ async fn test_blocked_commands_are_failed_precondition() {
             }),
         )
         .await;
-        expect_code(r, Code::FailedPrecondition, who);
-        call(who, c.info(vm!(InfoRequest))).await.unwrap();
+        expect_code(r, Code::FailedPrecondition, "AGENT_COMMAND_DISABLED", who);
+        call(who, c.get_agent_info(vm!(GetAgentInfoRequest)))
+            .await
+            .unwrap();
     }
 }
 
@@ -642,17 +673,19 @@ async fn test_frozen_agent_refuses_with_failed_precondition() {
         let c = &mut s.client;
         let who = kind.name;
         let r = call(who, c.get_time(vm!(GetTimeRequest))).await;
-        let msg = expect_code(r, Code::FailedPrecondition, who);
+        let msg = expect_code(r, Code::FailedPrecondition, "AGENT_COMMAND_DISABLED", who);
         assert!(msg.contains("frozen state"), "{who}: {msg}");
-        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+        let st = call(who, c.get_freeze_status(vm!(GetFreezeStatusRequest)))
             .await
             .unwrap();
         assert_eq!(st.state(), FsFreezeState::Frozen, "{who}");
         call(who, c.ping(ping("vm"))).await.unwrap();
         // Nothing was really frozen: FITHAW on the mounted filesystems
         // fails harmlessly (qga.md §4), and the agent leaves frozen mode.
-        call(who, c.fs_thaw(vm!(FsThawRequest))).await.unwrap();
-        let st = call(who, c.fs_freeze_status(vm!(FsFreezeStatusRequest)))
+        call(who, c.thaw_filesystems(vm!(ThawFilesystemsRequest)))
+            .await
+            .unwrap();
+        let st = call(who, c.get_freeze_status(vm!(GetFreezeStatusRequest)))
             .await
             .unwrap();
         assert_eq!(st.state(), FsFreezeState::Thawed, "{who}");
@@ -670,7 +703,7 @@ async fn test_agent_killed_is_unavailable_then_recovers_after_restart() {
         call(who, s.client.ping(ping("vm"))).await.unwrap();
         s.agent.kill();
         let r = call(who, s.client.ping(ping("vm"))).await;
-        expect_code(r, Code::Unavailable, who);
+        expect_code(r, Code::Unavailable, "AGENT_NOT_CONNECTED", who);
         s.agent.spawn(&[]);
         call(who, s.client.ping(ping("vm"))).await.unwrap();
     }
@@ -689,7 +722,7 @@ async fn test_stopped_agent_times_out_then_the_channel_resyncs() {
             t.nanos = 300_000_000;
         }
         let r = call(who, s.client.ping(req)).await;
-        let msg = expect_code(r, Code::DeadlineExceeded, who);
+        let msg = expect_code(r, Code::DeadlineExceeded, "AGENT_TIMEOUT", who);
         assert!(msg.contains("guest-ping"), "{who}: {msg}");
         s.agent.signal(libc::SIGCONT);
         // The late reply to the timed-out ping is still in the socket: the
@@ -717,13 +750,149 @@ async fn test_unknown_domain_and_missing_socket() {
     let kind = agents().remove(0);
     let mut s = setup(&kind, &[], |_| {}).await;
     let r = call("unknown", s.client.ping(ping("no-such-vm"))).await;
-    let msg = expect_code(r, Code::NotFound, "unknown domain");
+    let msg = expect_code(r, Code::NotFound, "DOMAIN_NOT_FOUND", "unknown domain");
     assert!(msg.contains("no-such-vm"), "{msg}");
     let r = call("empty", s.client.ping(ping(""))).await;
-    expect_code(r, Code::InvalidArgument, "empty domain");
+    expect_code(r, Code::InvalidArgument, "INVALID_ARGUMENT", "empty domain");
     // The agent never came back: its socket refuses.
     s.agent.kill();
     std::fs::remove_file(s.agent.sock()).unwrap();
     let r = call("gone", s.client.ping(ping("vm"))).await;
-    expect_code(r, Code::Unavailable, "missing socket");
+    expect_code(
+        r,
+        Code::Unavailable,
+        "AGENT_NOT_CONNECTED",
+        "missing socket",
+    );
+}
+
+/// The ErrorInfo (and BadRequest) of a failed grpcurl call, as grpcurl
+/// prints the status with `-format-error`: `(code, reason, metadata,
+/// violated fields)`.
+fn grpcurl_error(out: &std::process::Output) -> (String, String, serde_json::Value, Vec<String>) {
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_str(printed.trim())
+        .unwrap_or_else(|e| panic!("grpcurl's status is not JSON ({e}): {printed}"));
+    let details = status["details"].as_array().cloned().unwrap_or_default();
+    let of_type = |t: &str| {
+        details
+            .iter()
+            .find(|d| d["@type"] == format!("type.googleapis.com/google.rpc.{t}"))
+            .cloned()
+    };
+    let info = of_type("ErrorInfo").unwrap_or_else(|| panic!("no ErrorInfo: {printed}"));
+    assert_eq!(info["domain"], "qvirt.dev", "{printed}");
+    let fields = of_type("BadRequest")
+        .and_then(|b| b["fieldViolations"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v["field"].as_str().map(str::to_owned))
+        .collect();
+    (
+        status["code"].to_string(),
+        info["reason"].as_str().unwrap_or_default().to_owned(),
+        info["metadata"].clone(),
+        fields,
+    )
+}
+
+/// What a program sees through grpcurl, with agentd asking a real
+/// supervisor where domains are: each error has a stable reason in its
+/// ErrorInfo, the domain in its metadata, and a bad field named in a
+/// BadRequest.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_error_reasons_through_grpcurl_with_a_real_supervisor() {
+    use qvirt_proto::v1::GetDomainRequest;
+    use qvirt_proto::v1::supervisor_client::SupervisorClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    let sup = qvirt_integration_tests::start_supervisor(&state, &run, None, &[]).await;
+    let mut supervisor = SupervisorClient::connect(sup.url()).await.unwrap();
+    for yaml in [
+        "name: off\nmemory_mib: 64\nagent: true\n",
+        "name: bare\nmemory_mib: 64\n",
+    ] {
+        qvirt_integration_tests::define_yaml(&mut supervisor, yaml.into())
+            .await
+            .unwrap();
+    }
+    let host = supervisor
+        .get_domain(GetDomainRequest {
+            domain: "off".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .host;
+    assert!(!host.is_empty());
+    let mut agentd = Service::start("qvirt-agentd", &["--supervisor", &sup.url()]);
+    agentd.wait_serving("qvirt.v1.GuestAgent").await;
+    let addr = agentd.addr.to_string();
+
+    let cases = [
+        (
+            r#"{"domain": "off"}"#.to_owned(),
+            "9",
+            "DOMAIN_NOT_RUNNING",
+            "off",
+            None,
+        ),
+        (
+            format!(r#"{{"domain": "off", "host": "{host}"}}"#),
+            "9",
+            "DOMAIN_NOT_RUNNING",
+            "off",
+            None,
+        ),
+        (
+            r#"{"domain": "ghost"}"#.to_owned(),
+            "5",
+            "DOMAIN_NOT_FOUND",
+            "ghost",
+            None,
+        ),
+        (
+            format!(r#"{{"domain": "off", "host": "not-{host}"}}"#),
+            "5",
+            "HOST_NOT_FOUND",
+            "off",
+            None,
+        ),
+        (
+            r#"{"domain": "bare"}"#.to_owned(),
+            "9",
+            "AGENT_NOT_CONFIGURED",
+            "bare",
+            None,
+        ),
+        (
+            r#"{"domain": "off", "timeout": "-1s"}"#.to_owned(),
+            "3",
+            "INVALID_ARGUMENT",
+            "off",
+            Some("timeout"),
+        ),
+    ];
+    for (body, code, reason, domain, field) in cases {
+        let out = grpcurl(&[
+            "-plaintext",
+            "-format-error",
+            "-d",
+            &body,
+            &addr,
+            "qvirt.v1.GuestAgent/GetOsInfo",
+        ]);
+        let (got_code, got_reason, metadata, fields) = grpcurl_error(&out);
+        assert_eq!(
+            (got_code.as_str(), got_reason.as_str()),
+            (code, reason),
+            "{body}"
+        );
+        assert_eq!(metadata["domain"], domain, "{body}");
+        assert_eq!(fields, field.into_iter().collect::<Vec<_>>(), "{body}");
+    }
 }

@@ -23,8 +23,8 @@ use qvirt_integration_tests::{
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DomainState, ExecRequest, FileReadRequest, FileWriteRequest, InfoRequest, OsInfoRequest,
-    PingRequest, ShutdownDomainRequest, ShutdownMode, StartDomainRequest, guest_exec_status,
+    DomainState, ExecRequest, GetAgentInfoRequest, GetOsInfoRequest, PingRequest, ReadFileRequest,
+    ShutdownDomainRequest, ShutdownMode, StartDomainRequest, WriteFileRequest, guest_exec_status,
 };
 
 /// Booting under TCG takes ~3 s alone; tests share 2 cores.
@@ -193,6 +193,7 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
             agent.ping(PingRequest {
                 domain: "guest".into(),
                 timeout: seconds(Duration::from_secs(2)),
+                ..Default::default()
             }),
         )
         .await;
@@ -211,10 +212,11 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
 
     // qemu-ga's identity, from qvirt-ga inside the guest.
     let info = bounded(
-        "Info",
-        agent.info(InfoRequest {
+        "GetAgentInfo",
+        agent.get_agent_info(GetAgentInfoRequest {
             domain: "guest".into(),
             timeout,
+            ..Default::default()
         }),
     )
     .await
@@ -226,11 +228,13 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
             .iter()
             .any(|c| c.name == "guest-exec" && c.enabled)
     );
-    // The guest's kernel, not the host's.
+    // The guest's kernel, not the host's; asked of the host the supervisor
+    // reports the domain on.
     let os = bounded(
-        "OsInfo",
-        agent.os_info(OsInfoRequest {
+        "GetOsInfo",
+        agent.get_os_info(GetOsInfoRequest {
             domain: "guest".into(),
+            host: running.host.clone(),
             timeout,
         }),
     )
@@ -275,8 +279,8 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     // A file written into the guest and read back, bytes exact.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     bounded(
-        "FileWrite",
-        agent.file_write(FileWriteRequest {
+        "WriteFile",
+        agent.write_file(WriteFileRequest {
             domain: "guest".into(),
             timeout,
             path: "/tmp/qvirt-e2e".into(),
@@ -287,8 +291,8 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     .await
     .unwrap();
     let back = bounded(
-        "FileRead",
-        agent.file_read(FileReadRequest {
+        "ReadFile",
+        agent.read_file(ReadFileRequest {
             domain: "guest".into(),
             timeout,
             path: "/tmp/qvirt-e2e".into(),

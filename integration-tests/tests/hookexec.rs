@@ -12,6 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use qvirt_common::rpc::{reason_of, violated_fields};
 use qvirt_integration_tests::{
     InternalChannel, Service, grpcurl, internal_channel, internal_token, text,
 };
@@ -579,6 +580,7 @@ async fn test_shutdown_kills_running_hooks_and_answers_unavailable() {
         .unwrap()
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("SHUTTING_DOWN"));
     assert!(
         status
             .message()
@@ -889,6 +891,7 @@ async fn test_calls_run_in_parallel_up_to_the_cap() {
     third.set_timeout(Duration::from_secs(2));
     let status = c.run_hook(third).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("HOOK_EXECUTOR_BUSY"));
     assert!(
         status.message().contains("max_concurrent_runs"),
         "{}",
@@ -965,6 +968,10 @@ async fn test_bad_requests_are_invalid_argument() {
     for (req, want) in cases {
         let status = client.run_hook(req).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(reason_of(&status).as_deref(), Some("INVALID_ARGUMENT"));
+        // The BadRequest names the field the message starts with.
+        let field = want.split(':').next().unwrap();
+        assert_eq!(violated_fields(&status), [field], "{status:?}");
         assert!(
             status.message().starts_with(want),
             "{} vs {want}",
@@ -1108,6 +1115,10 @@ async fn test_deadline_kills_the_running_script_and_starts_no_more() {
         .unwrap_err();
     let bg = Sleeper(pid_in(&hooks, "bg.pid"), "615");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("HOOK_DEADLINE_EXCEEDED")
+    );
     assert!(
         status.message().contains("1 of 2 scripts started"),
         "{}",

@@ -36,8 +36,8 @@ pub struct Config {
     /// `Domain.agent_socket` of domains not in `agents`. Absent: only
     /// `agents` is used.
     pub supervisor: Option<String>,
-    /// Limit for one agent command when the request gives no `timeout`,
-    /// milliseconds.
+    /// Limit for one agent command when the request gives no `timeout` (or
+    /// zero), milliseconds.
     pub command_timeout_ms: u64,
     /// Limit for the resynchronisation handshake (0xFF +
     /// guest-sync-delimited) before a command, milliseconds; an agent that
@@ -46,7 +46,7 @@ pub struct Config {
     /// Largest agent reply line accepted, bytes; a bigger one fails the
     /// call with RESOURCE_EXHAUSTED and the connection is reopened.
     pub max_reply_bytes: usize,
-    /// Largest FileRead result and FileWrite payload, bytes (also the gRPC
+    /// Largest ReadFile result and WriteFile payload, bytes (also the gRPC
     /// message size limit of this service, plus framing room).
     pub max_file_bytes: usize,
     /// Bytes per guest-file-read / guest-file-write command.

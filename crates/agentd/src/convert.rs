@@ -26,9 +26,9 @@ struct CommandInfo {
     success_response: bool,
 }
 
-impl From<AgentInfo> for pb::InfoResponse {
+impl From<AgentInfo> for pb::GetAgentInfoResponse {
     fn from(i: AgentInfo) -> Self {
-        pb::InfoResponse {
+        pb::GetAgentInfoResponse {
             version: i.version,
             supported_commands: i
                 .supported_commands
@@ -78,9 +78,9 @@ pub struct OsInfo {
     variant_id: String,
 }
 
-impl From<OsInfo> for pb::OsInfoResponse {
+impl From<OsInfo> for pb::GetOsInfoResponse {
     fn from(o: OsInfo) -> Self {
-        pb::OsInfoResponse {
+        pb::GetOsInfoResponse {
             kernel_release: o.kernel_release,
             kernel_version: o.kernel_version,
             machine: o.machine,
@@ -111,9 +111,9 @@ pub struct Timezone {
     offset: i64,
 }
 
-impl From<Timezone> for pb::TimezoneResponse {
+impl From<Timezone> for pb::GetTimezoneResponse {
     fn from(t: Timezone) -> Self {
-        pb::TimezoneResponse {
+        pb::GetTimezoneResponse {
             zone: t.zone,
             offset_seconds: t.offset.clamp(i32::MIN.into(), i32::MAX.into()) as i32,
         }
@@ -134,7 +134,7 @@ impl From<User> for pb::GuestUser {
     fn from(u: User) -> Self {
         pb::GuestUser {
             user: u.user,
-            domain: u.domain,
+            logon_domain: u.domain,
             login_time: Some(timestamp_from_secs(u.login_time)),
         }
     }
@@ -295,7 +295,7 @@ impl From<Filesystem> for pb::GuestFilesystem {
                 .into_iter()
                 .map(|d| pb::GuestDiskAddress {
                     pci_controller: d.pci_controller.map(|p| pb::GuestPciAddress {
-                        domain: to_u32(p.domain),
+                        pci_domain: to_u32(p.domain),
                         bus: to_u32(p.bus),
                         slot: to_u32(p.slot),
                         function: to_u32(p.function),

@@ -79,7 +79,7 @@ pub async fn run(
     );
     // Requests carry at most a file to write (or a raw command of that
     // size); a response is built from one agent reply (at most
-    // max_reply_bytes: ExecStatus output, a raw Command's reply) or from a
+    // max_reply_bytes: GetExecStatus output, a raw Command's reply) or from a
     // whole file read in chunks.
     let request_limit = config.max_file_bytes + MESSAGE_OVERHEAD;
     let response_limit = config.max_file_bytes.max(config.max_reply_bytes) + MESSAGE_OVERHEAD;

@@ -1,6 +1,11 @@
 //! Finding a guest's agent socket: first the static `agents` map of the
 //! config (domain name or UUID -> socket path), then, when a supervisor
 //! endpoint is configured, `Supervisor.GetDomain` -> `Domain.agent_socket`.
+//!
+//! A request's `host` must name the domain's host: empty or this machine's
+//! host name for a static entry, empty or the supervisor's `Domain.host`
+//! otherwise (a supervisor that itself refuses the host with
+//! `HOST_NOT_FOUND` counts the same).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,6 +24,14 @@ pub enum LocateError {
     /// Neither the static map nor the supervisor knows the domain.
     #[error("domain {0:?} not found")]
     Unknown(String),
+    /// The domain is not on the host the request names.
+    #[error("domain {domain:?} not found on host {host:?}")]
+    WrongHost {
+        /// The domain asked about.
+        domain: String,
+        /// The host the request named.
+        host: String,
+    },
     /// The domain is defined without an agent channel.
     #[error("domain {0:?} has no guest agent channel (define it with agent: true)")]
     NoAgent(String),
@@ -50,6 +63,8 @@ pub enum LocateError {
 pub struct Locator {
     agents: BTreeMap<String, PathBuf>,
     supervisor: Option<SupervisorClient<Channel>>,
+    /// This machine's host name: the host of the static entries.
+    local_host: String,
 }
 
 impl Locator {
@@ -68,21 +83,38 @@ impl Locator {
             }
             None => None,
         };
-        Ok(Locator { agents, supervisor })
+        Ok(Locator {
+            agents,
+            supervisor,
+            local_host: local_host_name(),
+        })
     }
 
-    /// The agent socket of `domain` (a name or UUID). `timeout` bounds the
-    /// supervisor call.
-    pub async fn locate(&self, domain: &str, timeout: Duration) -> Result<PathBuf, LocateError> {
+    /// The agent socket of `domain` (a name or UUID) on `host` (empty:
+    /// wherever it is). `timeout` bounds the supervisor call.
+    pub async fn locate(
+        &self,
+        domain: &str,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<PathBuf, LocateError> {
         if domain.is_empty() {
             return Err(LocateError::Empty);
         }
+        let wrong_host = || LocateError::WrongHost {
+            domain: domain.to_owned(),
+            host: host.to_owned(),
+        };
         if let Some(path) = self.lookup_static(domain) {
+            if !host.is_empty() && host != self.local_host {
+                return Err(wrong_host());
+            }
             return Ok(path);
         }
         let Some(client) = &self.supervisor else {
             return Err(LocateError::Unknown(domain.to_owned()));
         };
+        // The host is checked below, against the domain record.
         let mut request = tonic::Request::new(GetDomainRequest {
             domain: domain.to_owned(),
         });
@@ -93,6 +125,11 @@ impl Locator {
             .get_domain(request)
             .await
             .map_err(|s| match s.code() {
+                tonic::Code::NotFound
+                    if qvirt_common::rpc::reason_of(&s).as_deref() == Some("HOST_NOT_FOUND") =>
+                {
+                    wrong_host()
+                }
                 tonic::Code::NotFound => LocateError::Unknown(domain.to_owned()),
                 // The timeout ran out, whoever noticed first: this client
                 // (its own status is CANCELLED) or the supervisor.
@@ -109,6 +146,9 @@ impl Locator {
         let Some(d) = reply.into_inner().domain else {
             return Err(LocateError::Unknown(domain.to_owned()));
         };
+        if !host.is_empty() && host != d.host {
+            return Err(wrong_host());
+        }
         if !d.agent_socket.is_empty() {
             return Ok(PathBuf::from(d.agent_socket));
         }
@@ -133,6 +173,16 @@ impl Locator {
         }
         None
     }
+}
+
+/// This machine's host name, as the supervisor's default node name: the
+/// kernel's host name, or "localhost" if it cannot be read.
+fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 fn looks_like_uuid(s: &str) -> bool {
@@ -164,20 +214,36 @@ mod tests {
         let l = locator();
         let t = Duration::from_secs(1);
         assert_eq!(
-            l.locate("web1", t).await.unwrap(),
+            l.locate("web1", "", t).await.unwrap(),
             PathBuf::from("/run/web1.sock")
         );
         assert_eq!(
-            l.locate("6F9619FF-8B86-D011-B42D-00C04FC964FF", t)
+            l.locate("6F9619FF-8B86-D011-B42D-00C04FC964FF", "", t)
                 .await
                 .unwrap(),
             PathBuf::from("/run/uuid.sock")
         );
         assert!(matches!(
-            l.locate("WEB1", t).await,
+            l.locate("WEB1", "", t).await,
             Err(LocateError::Unknown(_))
         ));
-        assert!(matches!(l.locate("", t).await, Err(LocateError::Empty)));
+        assert!(matches!(l.locate("", "", t).await, Err(LocateError::Empty)));
+    }
+
+    #[tokio::test]
+    async fn test_static_entries_are_on_this_host() {
+        let l = locator();
+        let t = Duration::from_secs(1);
+        let here = local_host_name();
+        assert_eq!(
+            l.locate("web1", &here, t).await.unwrap(),
+            PathBuf::from("/run/web1.sock")
+        );
+        let err = l.locate("web1", "elsewhere.example", t).await.unwrap_err();
+        assert!(
+            matches!(&err, LocateError::WrongHost { host, .. } if host == "elsewhere.example"),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
@@ -193,7 +259,7 @@ mod tests {
         });
         let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
         let t = Duration::from_millis(300);
-        let err = tokio::time::timeout(Duration::from_secs(10), l.locate("vm", t))
+        let err = tokio::time::timeout(Duration::from_secs(10), l.locate("vm", "", t))
             .await
             .unwrap()
             .unwrap_err();
@@ -208,7 +274,10 @@ mod tests {
     async fn test_unreachable_supervisor_is_a_supervisor_error() {
         // Port 1 on loopback: nothing listens there.
         let l = Locator::new(BTreeMap::new(), Some("http://127.0.0.1:1")).unwrap();
-        let err = l.locate("vm", Duration::from_secs(2)).await.unwrap_err();
+        let err = l
+            .locate("vm", "", Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -238,6 +307,14 @@ mod tests {
                 "off" => (true, ""),
                 "bare" => (false, ""),
                 "bad/name" => return Err(tonic::Status::invalid_argument("bad name")),
+                "remote" => {
+                    return Err(qvirt_common::rpc::error(
+                        tonic::Code::NotFound,
+                        "HOST_NOT_FOUND",
+                        "host not found",
+                        [],
+                    ));
+                }
                 _ => return Err(tonic::Status::not_found("no such domain")),
             };
             Ok(tonic::Response::new(GetDomainResponse {
@@ -248,6 +325,7 @@ mod tests {
                         ..Default::default()
                     }),
                     agent_socket: socket.into(),
+                    host: "node1".into(),
                     ..Default::default()
                 }),
             }))
@@ -270,27 +348,39 @@ mod tests {
         let l = Locator::new(agents, Some(&format!("http://{addr}"))).unwrap();
         let t = Duration::from_secs(5);
         assert_eq!(
-            l.locate("run", t).await.unwrap(),
+            l.locate("run", "", t).await.unwrap(),
             PathBuf::from("/static/wins.sock")
         );
         let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
         assert_eq!(
-            l.locate("run", t).await.unwrap(),
+            l.locate("run", "", t).await.unwrap(),
+            PathBuf::from("/run/qvirt/run/agent.sock")
+        );
+        assert_eq!(
+            l.locate("run", "node1", t).await.unwrap(),
             PathBuf::from("/run/qvirt/run/agent.sock")
         );
         assert!(matches!(
-            l.locate("off", t).await,
+            l.locate("run", "node2", t).await,
+            Err(LocateError::WrongHost { .. })
+        ));
+        assert!(matches!(
+            l.locate("remote", "node2", t).await,
+            Err(LocateError::WrongHost { .. })
+        ));
+        assert!(matches!(
+            l.locate("off", "", t).await,
             Err(LocateError::NotRunning(_))
         ));
         assert!(matches!(
-            l.locate("bare", t).await,
+            l.locate("bare", "", t).await,
             Err(LocateError::NoAgent(_))
         ));
         assert!(matches!(
-            l.locate("ghost", t).await,
+            l.locate("ghost", "", t).await,
             Err(LocateError::Unknown(_))
         ));
-        let err = l.locate("bad/name", t).await.unwrap_err();
+        let err = l.locate("bad/name", "", t).await.unwrap_err();
         assert!(
             matches!(
                 err,

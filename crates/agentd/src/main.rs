@@ -23,7 +23,7 @@ struct Args {
     /// `sync_timeout_ms`.
     #[arg(long, value_name = "MS")]
     sync_timeout_ms: Option<u64>,
-    /// Largest FileRead result and FileWrite payload, bytes. Overrides
+    /// Largest ReadFile result and WriteFile payload, bytes. Overrides
     /// `max_file_bytes`.
     #[arg(long, value_name = "BYTES")]
     max_file_bytes: Option<usize>,

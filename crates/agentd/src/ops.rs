@@ -1,21 +1,51 @@
 //! The calls that take several agent commands: Exec (guest-exec, then, to
-//! wait, guest-exec-status polled with a doubling pause), ExecStatus, and
-//! whole-file FileRead / FileWrite over guest-file-open, -seek, -read or
-//! -write in chunks, and -close (always sent once the open succeeded,
-//! whatever happened in between).
+//! wait, guest-exec-status polled with a doubling pause), GetExecStatus,
+//! and whole-file ReadFile / WriteFile over guest-file-open, -seek, -read
+//! or -write in chunks, and -close (always sent once the open succeeded,
+//! whatever happened in between). Each has a `check_*` of its request
+//! fields, run before the domain is looked up.
 
 use std::time::Duration;
 
 use qvirt_proto::v1 as pb;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tonic::Status;
 
 use crate::convert::{self, ExecStarted, ExecStatus, FileRead, FileWrite};
-use crate::service::{Limits, Target};
+use crate::service::{Limits, Target, no_nul};
+use crate::status::CallError;
 
 /// The first pause between guest-exec-status polls.
 pub const EXEC_POLL_FIRST: Duration = Duration::from_millis(5);
+
+/// `path` of a request: required, and no NUL byte.
+fn check_path(path: &str) -> Result<(), CallError> {
+    if path.is_empty() {
+        return Err(CallError::request("path", "is required"));
+    }
+    no_nul("path", path)
+}
+
+/// The fields of an Exec request.
+pub fn check_exec(req: &pb::ExecRequest) -> Result<(), CallError> {
+    check_path(&req.path)?;
+    for (i, a) in req.args.iter().enumerate() {
+        no_nul(&format!("args[{i}]"), a)?;
+    }
+    for (i, e) in req.env.iter().enumerate() {
+        no_nul(&format!("env[{i}]"), e)?;
+    }
+    wait_timeout(req).map(drop)
+}
+
+fn wait_timeout(req: &pb::ExecRequest) -> Result<Option<Duration>, CallError> {
+    req.wait_timeout
+        .map(|d| {
+            Duration::try_from(d)
+                .map_err(|_| CallError::request("wait_timeout", "must not be negative"))
+        })
+        .transpose()
+}
 
 /// guest-exec, and with `wait` guest-exec-status until it exits or
 /// `wait_timeout` passes.
@@ -23,17 +53,8 @@ pub async fn exec(
     t: &Target<'_>,
     limits: &Limits,
     req: pb::ExecRequest,
-) -> Result<pb::ExecResponse, Status> {
-    if req.path.is_empty() {
-        return Err(Status::invalid_argument("path is required"));
-    }
-    let wait_timeout = match req.wait_timeout {
-        None => None,
-        Some(d) => Some(
-            Duration::try_from(d)
-                .map_err(|_| Status::invalid_argument("wait_timeout must not be negative"))?,
-        ),
-    };
+) -> Result<pb::ExecResponse, CallError> {
+    let wait_timeout = wait_timeout(&req)?;
     let mut args = json!({ "path": req.path, "capture-output": req.capture_output });
     if !req.args.is_empty() {
         args["arg"] = json!(req.args);
@@ -75,16 +96,14 @@ pub async fn exec(
 }
 
 /// guest-exec-status of `pid`.
-pub async fn exec_status(t: &Target<'_>, pid: i64) -> Result<pb::GuestExecStatus, Status> {
-    let st: ExecStatus = t
-        .get("guest-exec-status", Some(json!({ "pid": pid })))
-        .await?;
-    st.into_proto().map_err(|member| {
-        crate::status::untrusted_reply(&format!("invalid base64 in guest-exec-status {member}"))
-    })
+pub async fn exec_status(t: &Target<'_>, pid: i64) -> Result<pb::GuestExecStatus, CallError> {
+    let execute = "guest-exec-status";
+    let st: ExecStatus = t.get(execute, Some(json!({ "pid": pid }))).await?;
+    st.into_proto()
+        .map_err(|member| CallError::bad_reply(execute, format!("invalid base64 in {member}")))
 }
 
-async fn open(t: &Target<'_>, path: &str, mode: &str) -> Result<i64, Status> {
+async fn open(t: &Target<'_>, path: &str, mode: &str) -> Result<i64, CallError> {
     t.get(
         "guest-file-open",
         Some(json!({ "path": path, "mode": mode })),
@@ -92,35 +111,37 @@ async fn open(t: &Target<'_>, path: &str, mode: &str) -> Result<i64, Status> {
     .await
 }
 
-async fn close(t: &Target<'_>, handle: i64) -> Result<(), Status> {
+async fn close(t: &Target<'_>, handle: i64) -> Result<(), CallError> {
     t.call("guest-file-close", Some(json!({ "handle": handle })))
         .await
         .map(drop)
+}
+
+/// The fields of a ReadFile request; its offset as the agent takes it.
+pub fn check_read(limits: &Limits, req: &pb::ReadFileRequest) -> Result<i64, CallError> {
+    check_path(&req.path)?;
+    if req.length > limits.max_file_bytes as u64 {
+        return Err(CallError::FileTooLarge {
+            what: format!("length {}", req.length),
+            limit: limits.max_file_bytes,
+            hint: "",
+        });
+    }
+    i64::try_from(req.offset).map_err(|_| CallError::request("offset", "is too large"))
 }
 
 /// Reads a file (or a range of it) in chunks.
 pub async fn file_read(
     t: &Target<'_>,
     limits: &Limits,
-    req: pb::FileReadRequest,
-) -> Result<pb::FileReadResponse, Status> {
-    if req.path.is_empty() {
-        return Err(Status::invalid_argument("path is required"));
-    }
-    let max = limits.max_file_bytes as u64;
-    if req.length > max {
-        return Err(Status::resource_exhausted(format!(
-            "length {} exceeds this service's limit of {max} bytes (max_file_bytes)",
-            req.length
-        )));
-    }
-    let offset =
-        i64::try_from(req.offset).map_err(|_| Status::invalid_argument("offset is too large"))?;
+    req: pb::ReadFileRequest,
+) -> Result<pb::ReadFileResponse, CallError> {
+    let offset = check_read(limits, &req)?;
     let handle = open(t, &req.path, "r").await?;
     let result = read_chunks(t, limits, handle, offset, req.length).await;
     let closed = close(t, handle).await;
     if let Err(e) = &closed {
-        tracing::warn!(handle, error = %e.message(), "guest-file-close failed after reading");
+        tracing::warn!(handle, error = %qvirt_common::error_chain(e), "guest-file-close failed after reading");
     }
     result
 }
@@ -131,7 +152,7 @@ async fn read_chunks(
     handle: i64,
     offset: i64,
     length: u64,
-) -> Result<pb::FileReadResponse, Status> {
+) -> Result<pb::ReadFileResponse, CallError> {
     if offset > 0 {
         t.call(
             "guest-file-seek",
@@ -154,15 +175,15 @@ async fn read_chunks(
             )
             .await?;
         let bytes = convert::unb64(&r.buf_b64)
-            .map_err(|_| crate::status::untrusted_reply("invalid base64 in guest-file-read"))?;
+            .map_err(|_| CallError::bad_reply("guest-file-read", "invalid base64"))?;
         // qemu-ga never returns more than asked; a guest that does would
         // grow a ranged read past its length, and a whole one past
         // max_file_bytes by a chunk of its choosing.
         if bytes.len() > count {
-            return Err(crate::status::untrusted_reply(&format!(
-                "guest-file-read returned {} bytes where at most {count} were asked",
-                bytes.len()
-            )));
+            return Err(CallError::bad_reply(
+                "guest-file-read",
+                format!("{} bytes where at most {count} were asked", bytes.len()),
+            ));
         }
         if usize::try_from(r.count).ok() != Some(bytes.len()) {
             tracing::debug!(
@@ -179,44 +200,49 @@ async fn read_chunks(
         }
     }
     if whole && data.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "the file is larger than this service's limit of {max} bytes (max_file_bytes); \
-             read it in ranges with offset and length"
-        )));
+        return Err(CallError::FileTooLarge {
+            what: "the file".into(),
+            limit: max,
+            hint: "; read it in ranges with offset and length",
+        });
     }
-    Ok(pb::FileReadResponse {
+    Ok(pb::ReadFileResponse {
         data,
         eof: eof || whole,
     })
 }
 
-/// Writes a whole file in chunks.
+/// The fields of a WriteFile request; the fopen mode it asks for.
+pub fn check_write(limits: &Limits, req: &pb::WriteFileRequest) -> Result<&'static str, CallError> {
+    check_path(&req.path)?;
+    if req.data.len() > limits.max_file_bytes {
+        return Err(CallError::FileTooLarge {
+            what: format!("data of {} bytes", req.data.len()),
+            limit: limits.max_file_bytes,
+            hint: "",
+        });
+    }
+    match pb::FileWriteMode::try_from(req.mode) {
+        Ok(pb::FileWriteMode::Unspecified | pb::FileWriteMode::Create) => Ok("w"),
+        Ok(pb::FileWriteMode::Append) => Ok("a"),
+        Err(_) => Err(CallError::request("mode", "unknown file write mode")),
+    }
+}
+
+/// Writes a whole file in chunks, opened with `mode` (from
+/// [`check_write`]).
 pub async fn file_write(
     t: &Target<'_>,
     limits: &Limits,
-    req: pb::FileWriteRequest,
-) -> Result<pb::FileWriteResponse, Status> {
-    if req.path.is_empty() {
-        return Err(Status::invalid_argument("path is required"));
-    }
-    if req.data.len() > limits.max_file_bytes {
-        return Err(Status::resource_exhausted(format!(
-            "data of {} bytes exceeds this service's limit of {} bytes (max_file_bytes)",
-            req.data.len(),
-            limits.max_file_bytes
-        )));
-    }
-    let mode = match pb::FileWriteMode::try_from(req.mode) {
-        Ok(pb::FileWriteMode::Unspecified | pb::FileWriteMode::Create) => "w",
-        Ok(pb::FileWriteMode::Append) => "a",
-        Err(_) => return Err(Status::invalid_argument("mode: unknown file write mode")),
-    };
+    mode: &str,
+    req: pb::WriteFileRequest,
+) -> Result<pb::WriteFileResponse, CallError> {
     let handle = open(t, &req.path, mode).await?;
     let result = write_chunks(t, limits, handle, &req.data).await;
     let closed = close(t, handle).await;
-    let written = result?;
+    let written_bytes = result?;
     closed?;
-    Ok(pb::FileWriteResponse { written })
+    Ok(pb::WriteFileResponse { written_bytes })
 }
 
 async fn write_chunks(
@@ -224,7 +250,7 @@ async fn write_chunks(
     limits: &Limits,
     handle: i64,
     data: &[u8],
-) -> Result<u64, Status> {
+) -> Result<u64, CallError> {
     let mut written = 0u64;
     for piece in data.chunks(limits.file_chunk_bytes) {
         let w: FileWrite = t
@@ -234,11 +260,10 @@ async fn write_chunks(
             )
             .await?;
         if usize::try_from(w.count).ok() != Some(piece.len()) {
-            return Err(Status::failed_precondition(format!(
-                "guest agent wrote {} of {} bytes",
-                w.count,
-                piece.len()
-            )));
+            return Err(CallError::ShortWrite {
+                written: w.count,
+                asked: piece.len(),
+            });
         }
         written += piece.len() as u64;
     }

@@ -61,7 +61,7 @@ async fn test_file_read_in_chunks_until_eof() {
         }),
     );
     let r = svc
-        .file_read(Request::new(pb::FileReadRequest {
+        .read_file(Request::new(pb::ReadFileRequest {
             domain: "vm".into(),
             path: "/f".into(),
             ..Default::default()
@@ -99,7 +99,7 @@ async fn test_file_read_error_half_way_still_closes_the_handle() {
         }),
     );
     let err = svc
-        .file_read(Request::new(pb::FileReadRequest {
+        .read_file(Request::new(pb::ReadFileRequest {
             domain: "vm".into(),
             path: "/f".into(),
             ..Default::default()
@@ -134,7 +134,7 @@ async fn test_file_read_refuses_a_chunk_longer_than_asked() {
         }),
     );
     let err = svc
-        .file_read(Request::new(pb::FileReadRequest {
+        .read_file(Request::new(pb::ReadFileRequest {
             domain: "vm".into(),
             path: "/f".into(),
             length: 4,
@@ -143,6 +143,10 @@ async fn test_file_read_refuses_a_chunk_longer_than_asked() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert_eq!(
+        qvirt_common::rpc::reason_of(&err).as_deref(),
+        Some("AGENT_REPLY_INVALID")
+    );
     assert_eq!(
         commands(&log),
         ["guest-file-open", "guest-file-read", "guest-file-close"]
@@ -165,16 +169,16 @@ async fn test_file_write_chunks_and_closes_after_a_failed_write() {
             _ => Action::Return(json!({})),
         }),
     );
-    let write = |data: &[u8]| pb::FileWriteRequest {
+    let write = |data: &[u8]| pb::WriteFileRequest {
         domain: "vm".into(),
         path: "/f".into(),
         data: data.to_vec(),
         ..Default::default()
     };
-    let r = svc.file_write(Request::new(write(b"abc"))).await.unwrap();
-    assert_eq!(r.into_inner().written, 3);
+    let r = svc.write_file(Request::new(write(b"abc"))).await.unwrap();
+    assert_eq!(r.into_inner().written_bytes, 3);
     let err = svc
-        .file_write(Request::new(write(b"de")))
+        .write_file(Request::new(write(b"de")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -191,10 +195,83 @@ async fn test_file_write_chunks_and_closes_after_a_failed_write() {
         ]
     );
     let err = svc
-        .file_write(Request::new(write(&[0; 2000])))
+        .write_file(Request::new(write(&[0; 2000])))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        qvirt_common::rpc::reason_of(&err).as_deref(),
+        Some("FILE_TOO_LARGE")
+    );
+}
+
+#[tokio::test]
+async fn test_bad_request_fields_are_named_before_the_guest_is_asked() {
+    use qvirt_common::rpc::{reason_of, violated_fields};
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, log) = service(
+        dir.path(),
+        Arc::new(|name, _| match name {
+            "guest-exec" => Action::Return(json!({"pid": 7})),
+            _ => Action::Return(json!({})),
+        }),
+    );
+    let exec = |args: &[&str], timeout: Option<prost_types::Duration>| pb::ExecRequest {
+        domain: "vm".into(),
+        path: "/bin/true".into(),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        timeout,
+        ..Default::default()
+    };
+    let cases = [
+        (exec(&["a", "b\0c"], None), "args[1]"),
+        (
+            exec(
+                &[],
+                Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+            ),
+            "timeout",
+        ),
+        (
+            pb::ExecRequest {
+                path: String::new(),
+                ..exec(&[], None)
+            },
+            "path",
+        ),
+        (
+            pb::ExecRequest {
+                domain: String::new(),
+                ..exec(&[], None)
+            },
+            "domain",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = svc.exec(Request::new(req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert_eq!(reason_of(&err).as_deref(), Some("INVALID_ARGUMENT"));
+        assert_eq!(violated_fields(&err), [field]);
+    }
+    assert!(commands(&log).is_empty(), "{:?}", commands(&log));
+    // A zero timeout is the default one, as unset.
+    let zero = Some(prost_types::Duration::default());
+    let r = svc.exec(Request::new(exec(&[], zero))).await.unwrap();
+    assert_eq!(r.into_inner().pid, 7);
+    // A host other than this one: the static entry is not there.
+    let err = svc
+        .exec(Request::new(pb::ExecRequest {
+            host: "elsewhere.example".into(),
+            ..exec(&[], None)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(reason_of(&err).as_deref(), Some("HOST_NOT_FOUND"));
+    assert_eq!(commands(&log), ["guest-exec"]);
 }
 
 #[tokio::test]

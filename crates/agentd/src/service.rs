@@ -2,7 +2,7 @@
 //! ([`crate::locate`], [`crate::channel`]), sends qemu-ga commands with the
 //! request's timeout (or the configured default) and maps the replies
 //! ([`crate::convert`]) and errors ([`crate::status`]). The multi-command
-//! calls (Exec with wait, FileRead, FileWrite) live in [`crate::ops`].
+//! calls (Exec with wait, ReadFile, WriteFile) live in [`crate::ops`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,18 +19,35 @@ use tonic::{Request, Response, Status};
 use crate::channel::{Channels, Outcome};
 use crate::convert;
 use crate::locate::Locator;
-use crate::status;
+use crate::status::{self, CallError};
 use crate::wire::{self, MAX_JSON_VALUES, Reply};
 
-/// The longest per-command timeout a request may ask for.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Where a request's per-command timeout is clamped: requests may ask for
+/// any length (no upper limit, as the supervisor's `timeout`), but the
+/// deadline arithmetic needs a bound; no call lives this long.
+pub const TIMEOUT_HORIZON: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// A request's per-command `timeout`, by the rule every qvirt service
+/// applies to a request timeout: unset or zero, the service's default;
+/// negative, INVALID_ARGUMENT on `timeout`; no upper limit.
+pub fn request_timeout(
+    timeout: Option<prost_types::Duration>,
+    default: Duration,
+) -> Result<Duration, CallError> {
+    match timeout.map(Duration::try_from) {
+        None => Ok(default),
+        Some(Ok(d)) if d.is_zero() => Ok(default),
+        Some(Ok(d)) => Ok(d.min(TIMEOUT_HORIZON)),
+        Some(Err(_)) => Err(CallError::request("timeout", "must not be negative")),
+    }
+}
 
 /// Limits of the multi-command calls.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Per-command timeout when the request has none.
     pub default_timeout: Duration,
-    /// Largest FileRead result / FileWrite payload.
+    /// Largest ReadFile result / WriteFile payload.
     pub max_file_bytes: usize,
     /// Bytes per guest-file-read / guest-file-write.
     pub file_chunk_bytes: usize,
@@ -65,7 +82,7 @@ pub(crate) struct Target<'a> {
 
 impl Target<'_> {
     /// Sends one raw command (an object with `execute`).
-    pub(crate) async fn send(&self, request: Map<String, Value>) -> Result<Outcome, Status> {
+    pub(crate) async fn send(&self, request: Map<String, Value>) -> Result<Outcome, CallError> {
         let deadline = if self.first_used.swap(true, Ordering::Relaxed) {
             Instant::now() + self.timeout
         } else {
@@ -74,12 +91,16 @@ impl Target<'_> {
         self.channels
             .call(&self.path, request, deadline, self.timeout)
             .await
-            .map_err(status::channel)
+            .map_err(CallError::from)
     }
 
-    /// Sends one command; an agent error becomes a status, a command
+    /// Sends one command; an agent error becomes [`CallError::Agent`], a command
     /// without a success response yields `Value::Null`.
-    pub(crate) async fn call(&self, execute: &str, args: Option<Value>) -> Result<Value, Status> {
+    pub(crate) async fn call(
+        &self,
+        execute: &str,
+        args: Option<Value>,
+    ) -> Result<Value, CallError> {
         let mut request = Map::new();
         request.insert("execute".into(), Value::String(execute.to_owned()));
         if let Some(args) = args {
@@ -87,7 +108,10 @@ impl Target<'_> {
         }
         match self.send(request).await? {
             Outcome::Reply(Reply::Return(v)) => Ok(v),
-            Outcome::Reply(Reply::Error(e)) => Err(status::agent(&e)),
+            Outcome::Reply(Reply::Error(error)) => Err(CallError::Agent {
+                command: execute.to_owned(),
+                error,
+            }),
             Outcome::Accepted => Ok(Value::Null),
         }
     }
@@ -97,9 +121,10 @@ impl Target<'_> {
         &self,
         execute: &str,
         args: Option<Value>,
-    ) -> Result<T, Status> {
+    ) -> Result<T, CallError> {
         let v = self.call(execute, args).await?;
-        serde_json::from_value(v).map_err(|e| status::bad_shape(execute, &e))
+        serde_json::from_value(v)
+            .map_err(|e| CallError::bad_reply(execute, format!("unexpected shape: {e}")))
     }
 }
 
@@ -115,26 +140,17 @@ impl GuestAgentService {
         }
     }
 
-    /// The channel of `domain` and the timeout a request asked for.
+    /// The channel of `domain` on `host` and the timeout a request asked
+    /// for.
     pub(crate) async fn target(
         &self,
         domain: &str,
+        host: &str,
         timeout: Option<prost_types::Duration>,
-    ) -> Result<Target<'_>, Status> {
+    ) -> Result<Target<'_>, CallError> {
         let start = Instant::now();
-        let timeout = match timeout {
-            None => self.inner.limits.default_timeout,
-            Some(d) => match Duration::try_from(d) {
-                Ok(d) if !d.is_zero() => d.min(MAX_TIMEOUT),
-                _ => return Err(Status::invalid_argument("timeout must be positive")),
-            },
-        };
-        let path = self
-            .inner
-            .locator
-            .locate(domain, timeout)
-            .await
-            .map_err(status::locate)?;
+        let timeout = request_timeout(timeout, self.inner.limits.default_timeout)?;
+        let path = self.inner.locator.locate(domain, host, timeout).await?;
         Ok(Target {
             channels: &self.inner.channels,
             path,
@@ -145,6 +161,104 @@ impl GuestAgentService {
     }
 }
 
+impl GuestAgentService {
+    /// A call of one command without arguments, its `return` decoded as
+    /// `T`.
+    async fn get<T: DeserializeOwned>(
+        &self,
+        domain: &str,
+        host: &str,
+        timeout: Option<prost_types::Duration>,
+        execute: &str,
+    ) -> Result<T, CallError> {
+        let t = self.target(domain, host, timeout).await?;
+        t.get(execute, None).await
+    }
+
+    async fn freeze(&self, req: &pb::FreezeFilesystemsRequest) -> Result<i64, CallError> {
+        for (i, m) in req.mountpoints.iter().enumerate() {
+            no_nul(&format!("mountpoints[{i}]"), m)?;
+        }
+        let t = self.target(&req.domain, &req.host, req.timeout).await?;
+        if req.mountpoints.is_empty() {
+            t.get("guest-fsfreeze-freeze", None).await
+        } else {
+            let args = json!({ "mountpoints": req.mountpoints });
+            t.get("guest-fsfreeze-freeze-list", Some(args)).await
+        }
+    }
+
+    async fn freeze_status(
+        &self,
+        req: &pb::GetFreezeStatusRequest,
+    ) -> Result<pb::FsFreezeState, CallError> {
+        let execute = "guest-fsfreeze-status";
+        let s: String = self
+            .get(&req.domain, &req.host, req.timeout, execute)
+            .await?;
+        match s.as_str() {
+            "thawed" => Ok(pb::FsFreezeState::Thawed),
+            "frozen" => Ok(pb::FsFreezeState::Frozen),
+            other => Err(CallError::bad_reply(
+                execute,
+                format!("unknown fsfreeze state {other:?}"),
+            )),
+        }
+    }
+
+    async fn shutdown_guest(&self, req: &pb::ShutdownRequest) -> Result<(), CallError> {
+        let mode = match pb::GuestShutdownMode::try_from(req.mode) {
+            Ok(pb::GuestShutdownMode::Unspecified | pb::GuestShutdownMode::Powerdown) => {
+                "powerdown"
+            }
+            Ok(pb::GuestShutdownMode::Halt) => "halt",
+            Ok(pb::GuestShutdownMode::Reboot) => "reboot",
+            Err(_) => return Err(CallError::request("mode", "unknown shutdown mode")),
+        };
+        let t = self.target(&req.domain, &req.host, req.timeout).await?;
+        t.call("guest-shutdown", Some(json!({ "mode": mode })))
+            .await
+            .map(drop)
+    }
+
+    async fn raw_command(&self, req: &pb::CommandRequest) -> Result<String, CallError> {
+        let bad = |description: String| CallError::request("command_json", description);
+        if !wire::json_values_at_most(req.command_json.as_bytes(), MAX_JSON_VALUES) {
+            return Err(bad(format!(
+                "holds more than {MAX_JSON_VALUES} JSON values"
+            )));
+        }
+        let value: Value =
+            serde_json::from_str(&req.command_json).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let Value::Object(mut request) = value else {
+            return Err(bad("must be a JSON object".into()));
+        };
+        if !request.get("execute").is_some_and(Value::is_string) {
+            return Err(bad("must have an \"execute\" string member".into()));
+        }
+        request.remove("id");
+        let t = self.target(&req.domain, &req.host, req.timeout).await?;
+        Ok(match t.send(request).await? {
+            Outcome::Reply(r) => r.to_json(),
+            Outcome::Accepted => String::new(),
+        })
+    }
+}
+
+/// A string request field that becomes an agent argument: C strings in
+/// the guest cannot carry a NUL byte.
+pub(crate) fn no_nul(field: &str, value: &str) -> Result<(), CallError> {
+    if value.contains('\0') {
+        return Err(CallError::request(field, "must not contain a NUL byte"));
+    }
+    Ok(())
+}
+
+/// A count the agent reported, as the proto's `uint32`.
+fn count(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
 #[tonic::async_trait]
 impl GuestAgent for GuestAgentService {
     #[tracing::instrument(level = "debug", name = "ping", skip_all, fields(domain = %req.get_ref().domain))]
@@ -153,20 +267,26 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        t.call("guest-ping", None).await?;
-        Ok(Response::new(pb::PingResponse {}))
+        let r = async {
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            t.call("guest-ping", None).await?;
+            Ok::<_, CallError>(pb::PingResponse {})
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "info", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn info(
+    #[tracing::instrument(level = "debug", name = "get_agent_info", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_agent_info(
         &self,
-        req: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::InfoResponse>, Status> {
+        req: Request<pb::GetAgentInfoRequest>,
+    ) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let info: convert::AgentInfo = t.get("guest-info", None).await?;
-        Ok(Response::new(info.into()))
+        let r = self
+            .get::<convert::AgentInfo>(&req.domain, &req.host, req.timeout, "guest-info")
+            .await
+            .map(Into::into);
+        status::reply(&req.domain, &req.host, r)
     }
 
     #[tracing::instrument(level = "debug", name = "get_time", skip_all, fields(domain = %req.get_ref().domain))]
@@ -175,138 +295,150 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::GetTimeRequest>,
     ) -> Result<Response<pb::GetTimeResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let ns: i64 = t.get("guest-get-time", None).await?;
-        Ok(Response::new(pb::GetTimeResponse {
-            time: Some(convert::timestamp_from_nanos(ns)),
-        }))
+        let r = self
+            .get::<i64>(&req.domain, &req.host, req.timeout, "guest-get-time")
+            .await
+            .map(|ns| pb::GetTimeResponse {
+                time: Some(convert::timestamp_from_nanos(ns)),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "os_info", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn os_info(
+    #[tracing::instrument(level = "debug", name = "get_os_info", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_os_info(
         &self,
-        req: Request<pb::OsInfoRequest>,
-    ) -> Result<Response<pb::OsInfoResponse>, Status> {
+        req: Request<pb::GetOsInfoRequest>,
+    ) -> Result<Response<pb::GetOsInfoResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let os: convert::OsInfo = t.get("guest-get-osinfo", None).await?;
-        Ok(Response::new(os.into()))
+        let r = self
+            .get::<convert::OsInfo>(&req.domain, &req.host, req.timeout, "guest-get-osinfo")
+            .await
+            .map(Into::into);
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "host_name", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn host_name(
+    #[tracing::instrument(level = "debug", name = "get_host_name", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_host_name(
         &self,
-        req: Request<pb::HostNameRequest>,
-    ) -> Result<Response<pb::HostNameResponse>, Status> {
+        req: Request<pb::GetHostNameRequest>,
+    ) -> Result<Response<pb::GetHostNameResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let h: convert::HostName = t.get("guest-get-host-name", None).await?;
-        Ok(Response::new(pb::HostNameResponse {
-            host_name: h.host_name,
-        }))
+        let r = self
+            .get::<convert::HostName>(&req.domain, &req.host, req.timeout, "guest-get-host-name")
+            .await
+            .map(|h| pb::GetHostNameResponse {
+                host_name: h.host_name,
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "timezone", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn timezone(
+    #[tracing::instrument(level = "debug", name = "get_timezone", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_timezone(
         &self,
-        req: Request<pb::TimezoneRequest>,
-    ) -> Result<Response<pb::TimezoneResponse>, Status> {
+        req: Request<pb::GetTimezoneRequest>,
+    ) -> Result<Response<pb::GetTimezoneResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let tz: convert::Timezone = t.get("guest-get-timezone", None).await?;
-        Ok(Response::new(tz.into()))
+        let r = self
+            .get::<convert::Timezone>(&req.domain, &req.host, req.timeout, "guest-get-timezone")
+            .await
+            .map(Into::into);
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "users", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn users(
+    #[tracing::instrument(level = "debug", name = "list_users", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn list_users(
         &self,
-        req: Request<pb::UsersRequest>,
-    ) -> Result<Response<pb::UsersResponse>, Status> {
+        req: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let users: Vec<convert::User> = t.get("guest-get-users", None).await?;
-        Ok(Response::new(pb::UsersResponse {
-            users: users.into_iter().map(Into::into).collect(),
-        }))
+        let r = self
+            .get::<Vec<convert::User>>(&req.domain, &req.host, req.timeout, "guest-get-users")
+            .await
+            .map(|users| pb::ListUsersResponse {
+                users: users.into_iter().map(Into::into).collect(),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn network_interfaces(
+    #[tracing::instrument(level = "debug", name = "list_network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn list_network_interfaces(
         &self,
-        req: Request<pb::NetworkInterfacesRequest>,
-    ) -> Result<Response<pb::NetworkInterfacesResponse>, Status> {
+        req: Request<pb::ListNetworkInterfacesRequest>,
+    ) -> Result<Response<pb::ListNetworkInterfacesResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let ifs: Vec<convert::Interface> = t.get("guest-network-get-interfaces", None).await?;
-        Ok(Response::new(pb::NetworkInterfacesResponse {
-            interfaces: ifs.into_iter().map(Into::into).collect(),
-        }))
+        let execute = "guest-network-get-interfaces";
+        let r = self
+            .get::<Vec<convert::Interface>>(&req.domain, &req.host, req.timeout, execute)
+            .await
+            .map(|ifs| pb::ListNetworkInterfacesResponse {
+                interfaces: ifs.into_iter().map(Into::into).collect(),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "fs_info", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn fs_info(
+    #[tracing::instrument(level = "debug", name = "get_fs_info", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_fs_info(
         &self,
-        req: Request<pb::FsInfoRequest>,
-    ) -> Result<Response<pb::FsInfoResponse>, Status> {
+        req: Request<pb::GetFsInfoRequest>,
+    ) -> Result<Response<pb::GetFsInfoResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let fs: Vec<convert::Filesystem> = t.get("guest-get-fsinfo", None).await?;
-        Ok(Response::new(pb::FsInfoResponse {
-            filesystems: fs.into_iter().map(Into::into).collect(),
-        }))
+        let r = self
+            .get::<Vec<convert::Filesystem>>(
+                &req.domain,
+                &req.host,
+                req.timeout,
+                "guest-get-fsinfo",
+            )
+            .await
+            .map(|fs| pb::GetFsInfoResponse {
+                filesystems: fs.into_iter().map(Into::into).collect(),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "fs_freeze", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn fs_freeze(
+    #[tracing::instrument(level = "debug", name = "freeze_filesystems", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn freeze_filesystems(
         &self,
-        req: Request<pb::FsFreezeRequest>,
-    ) -> Result<Response<pb::FsFreezeResponse>, Status> {
+        req: Request<pb::FreezeFilesystemsRequest>,
+    ) -> Result<Response<pb::FreezeFilesystemsResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let n: i64 = if req.mountpoints.is_empty() {
-            t.get("guest-fsfreeze-freeze", None).await?
-        } else {
-            let args = json!({ "mountpoints": req.mountpoints });
-            t.get("guest-fsfreeze-freeze-list", Some(args)).await?
-        };
-        Ok(Response::new(pb::FsFreezeResponse {
-            frozen: u32::try_from(n).unwrap_or(0),
-        }))
+        let r = self
+            .freeze(&req)
+            .await
+            .map(|n| pb::FreezeFilesystemsResponse {
+                frozen_count: count(n),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "fs_thaw", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn fs_thaw(
+    #[tracing::instrument(level = "debug", name = "thaw_filesystems", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn thaw_filesystems(
         &self,
-        req: Request<pb::FsThawRequest>,
-    ) -> Result<Response<pb::FsThawResponse>, Status> {
+        req: Request<pb::ThawFilesystemsRequest>,
+    ) -> Result<Response<pb::ThawFilesystemsResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let n: i64 = t.get("guest-fsfreeze-thaw", None).await?;
-        Ok(Response::new(pb::FsThawResponse {
-            thawed: u32::try_from(n).unwrap_or(0),
-        }))
+        let r = self
+            .get::<i64>(&req.domain, &req.host, req.timeout, "guest-fsfreeze-thaw")
+            .await
+            .map(|n| pb::ThawFilesystemsResponse {
+                thawed_count: count(n),
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "fs_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn fs_freeze_status(
+    #[tracing::instrument(level = "debug", name = "get_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_freeze_status(
         &self,
-        req: Request<pb::FsFreezeStatusRequest>,
-    ) -> Result<Response<pb::FsFreezeStatusResponse>, Status> {
+        req: Request<pb::GetFreezeStatusRequest>,
+    ) -> Result<Response<pb::GetFreezeStatusResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let s: String = t.get("guest-fsfreeze-status", None).await?;
-        let state = match s.as_str() {
-            "thawed" => pb::FsFreezeState::Thawed,
-            "frozen" => pb::FsFreezeState::Frozen,
-            other => {
-                return Err(status::untrusted_reply(&format!(
-                    "unknown fsfreeze state {other:?}"
-                )));
-            }
-        };
-        Ok(Response::new(pb::FsFreezeStatusResponse {
-            state: state as i32,
-        }))
+        let r = self
+            .freeze_status(&req)
+            .await
+            .map(|state| pb::GetFreezeStatusResponse {
+                state: state as i32,
+            });
+        status::reply(&req.domain, &req.host, r)
     }
 
     #[tracing::instrument(level = "debug", name = "exec", skip_all, fields(domain = %req.get_ref().domain))]
@@ -315,47 +447,63 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::ExecRequest>,
     ) -> Result<Response<pb::ExecResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        Ok(Response::new(
-            crate::ops::exec(&t, &self.inner.limits, req).await?,
-        ))
+        let (domain, host) = (req.domain.clone(), req.host.clone());
+        let r = async {
+            crate::ops::check_exec(&req)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            crate::ops::exec(&t, &self.inner.limits, req).await
+        }
+        .await;
+        status::reply(&domain, &host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "exec_status", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn exec_status(
+    #[tracing::instrument(level = "debug", name = "get_exec_status", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn get_exec_status(
         &self,
-        req: Request<pb::ExecStatusRequest>,
-    ) -> Result<Response<pb::ExecStatusResponse>, Status> {
+        req: Request<pb::GetExecStatusRequest>,
+    ) -> Result<Response<pb::GetExecStatusResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        let status = crate::ops::exec_status(&t, req.pid).await?;
-        Ok(Response::new(pb::ExecStatusResponse {
-            status: Some(status),
-        }))
+        let r = async {
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            let status = crate::ops::exec_status(&t, req.pid).await?;
+            Ok::<_, CallError>(pb::GetExecStatusResponse {
+                status: Some(status),
+            })
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "file_read", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn file_read(
+    #[tracing::instrument(level = "debug", name = "read_file", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn read_file(
         &self,
-        req: Request<pb::FileReadRequest>,
-    ) -> Result<Response<pb::FileReadResponse>, Status> {
+        req: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<pb::ReadFileResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        Ok(Response::new(
-            crate::ops::file_read(&t, &self.inner.limits, req).await?,
-        ))
+        let (domain, host) = (req.domain.clone(), req.host.clone());
+        let r = async {
+            crate::ops::check_read(&self.inner.limits, &req)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            crate::ops::file_read(&t, &self.inner.limits, req).await
+        }
+        .await;
+        status::reply(&domain, &host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "file_write", skip_all, fields(domain = %req.get_ref().domain))]
-    async fn file_write(
+    #[tracing::instrument(level = "debug", name = "write_file", skip_all, fields(domain = %req.get_ref().domain))]
+    async fn write_file(
         &self,
-        req: Request<pb::FileWriteRequest>,
-    ) -> Result<Response<pb::FileWriteResponse>, Status> {
+        req: Request<pb::WriteFileRequest>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
         let req = req.into_inner();
-        let t = self.target(&req.domain, req.timeout).await?;
-        Ok(Response::new(
-            crate::ops::file_write(&t, &self.inner.limits, req).await?,
-        ))
+        let (domain, host) = (req.domain.clone(), req.host.clone());
+        let r = async {
+            let mode = crate::ops::check_write(&self.inner.limits, &req)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            crate::ops::file_write(&t, &self.inner.limits, mode, req).await
+        }
+        .await;
+        status::reply(&domain, &host, r)
     }
 
     #[tracing::instrument(level = "debug", name = "shutdown", skip_all, fields(domain = %req.get_ref().domain))]
@@ -364,18 +512,11 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
         let req = req.into_inner();
-        let mode = match pb::GuestShutdownMode::try_from(req.mode) {
-            Ok(pb::GuestShutdownMode::Unspecified | pb::GuestShutdownMode::Powerdown) => {
-                "powerdown"
-            }
-            Ok(pb::GuestShutdownMode::Halt) => "halt",
-            Ok(pb::GuestShutdownMode::Reboot) => "reboot",
-            Err(_) => return Err(Status::invalid_argument("mode: unknown shutdown mode")),
-        };
-        let t = self.target(&req.domain, req.timeout).await?;
-        t.call("guest-shutdown", Some(json!({ "mode": mode })))
-            .await?;
-        Ok(Response::new(pb::ShutdownResponse {}))
+        let r = self
+            .shutdown_guest(&req)
+            .await
+            .map(|()| pb::ShutdownResponse {});
+        status::reply(&req.domain, &req.host, r)
     }
 
     #[tracing::instrument(level = "debug", name = "command", skip_all, fields(domain = %req.get_ref().domain))]
@@ -384,31 +525,10 @@ impl GuestAgent for GuestAgentService {
         req: Request<pb::CommandRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
         let req = req.into_inner();
-        if !wire::json_values_at_most(req.command_json.as_bytes(), MAX_JSON_VALUES) {
-            return Err(Status::invalid_argument(format!(
-                "command_json holds more than {} JSON values",
-                MAX_JSON_VALUES
-            )));
-        }
-        let value: Value = serde_json::from_str(&req.command_json)
-            .map_err(|e| Status::invalid_argument(format!("command_json is not JSON: {e}")))?;
-        let Value::Object(mut request) = value else {
-            return Err(Status::invalid_argument(
-                "command_json must be a JSON object",
-            ));
-        };
-        if !request.get("execute").is_some_and(Value::is_string) {
-            return Err(Status::invalid_argument(
-                "command_json must have an \"execute\" string member",
-            ));
-        }
-        request.remove("id");
-        let t = self.target(&req.domain, req.timeout).await?;
-        let outcome = t.send(request).await?;
-        let reply_json = match outcome {
-            Outcome::Reply(r) => r.to_json(),
-            Outcome::Accepted => String::new(),
-        };
-        Ok(Response::new(pb::CommandResponse { reply_json }))
+        let r = self
+            .raw_command(&req)
+            .await
+            .map(|reply_json| pb::CommandResponse { reply_json });
+        status::reply(&req.domain, &req.host, r)
     }
 }

@@ -1,72 +1,209 @@
-//! Agent service errors as gRPC statuses: one table.
+//! Agent service errors: the typed [`CallError`] every RPC returns, and the
+//! one table that maps it to a gRPC status at the edge ([`reply`]). Every
+//! status carries an ErrorInfo (domain `qvirt.dev`, metadata `domain` and
+//! `host` of the request, plus `command`, `agent_class` and `agent_desc`
+//! for the agent's own errors); an INVALID_ARGUMENT also carries a
+//! BadRequest naming the field.
 //!
-//! | cause | code |
-//! |---|---|
-//! | request without `domain`, bad request field, raw command not a JSON object with `execute` | INVALID_ARGUMENT |
-//! | domain in neither the static map nor the supervisor | NOT_FOUND |
-//! | domain defined without `agent`, or not running | FAILED_PRECONDITION |
-//! | supervisor unreachable or failing | UNAVAILABLE (its INVALID_ARGUMENT passes through) |
-//! | agent socket missing / refused, EOF, I/O error, no answer to the sync handshake, sync ids never match | UNAVAILABLE |
-//! | our per-command timeout expired (the supervisor lookup and connecting to the agent included) | DEADLINE_EXCEEDED |
-//! | too many commands queued for the guest, reply over `max_reply_bytes` or over `MAX_JSON_VALUES` values, file over `max_file_bytes` | RESOURCE_EXHAUSTED |
-//! | agent reply not a qemu-ga response, or not the shape the command promises (guest-controlled: details logged, not returned) | UNKNOWN |
-//! | `CommandNotFound` "The command X has not been found" | UNIMPLEMENTED |
-//! | `CommandNotFound` "Command X has been disabled[: reason]" (blocked with `-b`, or frozen) | FAILED_PRECONDITION, the agent's desc |
-//! | `GenericError` argument errors ("Parameter ...", "Invalid parameter ...", "... is invalid for argument ...", "invalid file open mode", "invalid whence code", "Base64 data ...", "QMP input ...", "JSON parse error ...") | INVALID_ARGUMENT |
-//! | `GenericError` "this feature or command is not currently supported" | UNIMPLEMENTED |
-//! | `GenericError` "failed to open file ...: No such file or directory" | NOT_FOUND |
-//! | any other `GenericError` (the command ran in the guest and failed: spawn, I/O, fsfreeze, shutdown, unknown handle) | FAILED_PRECONDITION, the agent's desc |
-//! | any other error class | UNKNOWN, class and desc |
+//! | cause | code | reason |
+//! |---|---|---|
+//! | a bad request field (`domain` empty, `timeout` negative, `path` empty, `args[2]` with a NUL, raw `command_json` not a JSON object with `execute`, ...) | INVALID_ARGUMENT | `INVALID_ARGUMENT` (BadRequest: the field) |
+//! | the supervisor refuses the domain key | INVALID_ARGUMENT | `INVALID_ARGUMENT` (BadRequest: `domain`) |
+//! | domain in neither the static map nor the supervisor | NOT_FOUND | `DOMAIN_NOT_FOUND` |
+//! | `host` is not the domain's host | NOT_FOUND | `HOST_NOT_FOUND` |
+//! | domain not running | FAILED_PRECONDITION | `DOMAIN_NOT_RUNNING` |
+//! | domain defined without `agent` | FAILED_PRECONDITION | `AGENT_NOT_CONFIGURED` |
+//! | supervisor unreachable or failing | UNAVAILABLE | `SUPERVISOR_UNAVAILABLE` |
+//! | agent socket missing / refused, EOF, I/O error, no answer to the sync handshake, sync ids never match | UNAVAILABLE | `AGENT_NOT_CONNECTED` |
+//! | our per-command timeout expired (the supervisor lookup and connecting to the agent included) | DEADLINE_EXCEEDED | `AGENT_TIMEOUT` |
+//! | too many commands queued for the guest | RESOURCE_EXHAUSTED | `AGENT_QUEUE_FULL` |
+//! | reply over `max_reply_bytes` or over `MAX_JSON_VALUES` values | RESOURCE_EXHAUSTED | `AGENT_REPLY_TOO_LARGE` |
+//! | file over `max_file_bytes` | RESOURCE_EXHAUSTED | `FILE_TOO_LARGE` |
+//! | the service is shutting down | UNAVAILABLE | `SHUTTING_DOWN` |
+//! | agent reply not a qemu-ga response, or not the shape the command promises (guest-controlled: details logged, not returned) | UNKNOWN | `AGENT_REPLY_INVALID` |
+//! | `CommandNotFound` "The command X has not been found" | UNIMPLEMENTED | `AGENT_COMMAND_NOT_FOUND` |
+//! | `CommandNotFound` "Command X has been disabled[: reason]" (blocked with `-b`, or frozen) | FAILED_PRECONDITION | `AGENT_COMMAND_DISABLED` |
+//! | `GenericError` argument errors ("Parameter ...", "Invalid parameter ...", "... is invalid for argument ...", "invalid file open mode", "invalid whence code", "Base64 data ...", "QMP input ...", "JSON parse error ...") | INVALID_ARGUMENT | `AGENT_INVALID_ARGUMENT` (BadRequest: `arguments.NAME`, the agent's argument) |
+//! | `GenericError` "this feature or command is not currently supported" | UNIMPLEMENTED | `AGENT_COMMAND_NOT_SUPPORTED` |
+//! | `GenericError` "failed to open file ...: No such file or directory" | NOT_FOUND | `GUEST_FILE_NOT_FOUND` |
+//! | any other `GenericError` (the command ran in the guest and failed: spawn, I/O, fsfreeze, shutdown, unknown handle) | FAILED_PRECONDITION | `AGENT_ERROR` |
+//! | any other error class | UNKNOWN | `AGENT_ERROR` |
+//! | the agent wrote fewer bytes than sent | FAILED_PRECONDITION | `AGENT_SHORT_WRITE` |
 //!
 //! Raw `Command` returns agent errors in its reply with OK; only the rows
 //! above the agent's own rows apply to it.
 
-use tonic::Status;
+use qvirt_common::rpc;
+use tonic::{Code, Response, Status};
 
 use crate::channel::ChannelError;
 use crate::locate::LocateError;
 use crate::wire::{AgentError, WireError};
 
-/// An error of the domain lookup.
-pub fn locate(e: LocateError) -> Status {
-    let text = e.to_string();
-    match e {
-        LocateError::Empty => Status::invalid_argument(text),
-        LocateError::Unknown(_) => Status::not_found(text),
-        LocateError::NoAgent(_) | LocateError::NotRunning(_) => Status::failed_precondition(text),
-        LocateError::Supervisor {
-            code: tonic::Code::InvalidArgument,
-            ..
-        } => Status::invalid_argument(text),
-        LocateError::Supervisor { .. } => Status::unavailable(text),
-        LocateError::Timeout { .. } => Status::deadline_exceeded(text),
-    }
+/// Why a GuestAgent call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// A request field is invalid.
+    #[error("{field}: {description}")]
+    Request {
+        /// Its path, e.g. `timeout`, `args[2]`.
+        field: String,
+        /// What is wrong with it.
+        description: String,
+    },
+    /// The domain's agent socket is not known.
+    #[error(transparent)]
+    Locate(#[from] LocateError),
+    /// The command got no usable reply.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// The agent answered the command with an error.
+    #[error("guest agent error in {command}")]
+    Agent {
+        /// The command.
+        command: String,
+        /// The agent's error reply.
+        #[source]
+        error: AgentError,
+    },
+    /// The agent's reply does not have the shape the command promises
+    /// (guest-controlled text: logged, never returned).
+    #[error("the guest agent's reply to {command} is unusable: {detail}")]
+    BadReply {
+        /// The command.
+        command: String,
+        /// What is wrong with the reply.
+        detail: String,
+    },
+    /// A file read or written is over `max_file_bytes`.
+    #[error("{what} exceeds this service's limit of {limit} bytes (max_file_bytes){hint}")]
+    FileTooLarge {
+        /// What is too large.
+        what: String,
+        /// The limit.
+        limit: usize,
+        /// How to get it anyway.
+        hint: &'static str,
+    },
+    /// guest-file-write wrote less than it was given.
+    #[error("guest agent wrote {written} of {asked} bytes")]
+    ShortWrite {
+        /// What the agent says it wrote.
+        written: i64,
+        /// What it was given.
+        asked: usize,
+    },
 }
 
-/// An error of the channel to the agent.
-pub fn channel(e: ChannelError) -> Status {
-    let text = qvirt_common::error_chain(&e);
-    match e {
-        ChannelError::Timeout { .. } => Status::deadline_exceeded(text),
-        ChannelError::QueueFull { .. }
-        | ChannelError::Wire(WireError::TooLong { .. } | WireError::TooManyValues { .. }) => {
-            Status::resource_exhausted(text)
+impl CallError {
+    /// A bad request field.
+    pub fn request(field: impl Into<String>, description: impl Into<String>) -> Self {
+        CallError::Request {
+            field: field.into(),
+            description: description.into(),
         }
-        ChannelError::Wire(WireError::BadReply { .. }) => untrusted_reply(&text),
-        ChannelError::Connect { .. }
-        | ChannelError::NotResponding(_)
-        | ChannelError::Wire(_)
-        | ChannelError::Closed
-        | ChannelError::Retired => Status::unavailable(text),
+    }
+
+    /// A reply of `command` that cannot be used.
+    pub fn bad_reply(command: &str, detail: impl Into<String>) -> Self {
+        CallError::BadReply {
+            command: command.to_owned(),
+            detail: detail.into(),
+        }
     }
 }
 
-/// An error reply of the agent to a typed call. The desc is the guest's
-/// text and travels in the `grpc-message` header: bounded by
-/// [`guest_text`].
-pub fn agent(e: &AgentError) -> Status {
-    let code = agent_code(e);
-    Status::new(code, format!("guest agent: {}", guest_text(&e.desc)))
+/// The result of an RPC as the client sees it: `Ok` as the response, an
+/// error through the table, with the request's `domain` and `host`.
+pub fn reply<T>(
+    domain: &str,
+    host: &str,
+    result: Result<T, CallError>,
+) -> Result<Response<T>, Status> {
+    result
+        .map(Response::new)
+        .map_err(|e| status(&e, domain, host))
+}
+
+/// The code and reason of `e` (the table).
+pub fn code_and_reason(e: &CallError) -> (Code, &'static str) {
+    match e {
+        CallError::Request { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        CallError::Locate(e) => match e {
+            LocateError::Empty
+            | LocateError::Supervisor {
+                code: Code::InvalidArgument,
+                ..
+            } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            LocateError::Unknown(_) => (Code::NotFound, "DOMAIN_NOT_FOUND"),
+            LocateError::WrongHost { .. } => (Code::NotFound, "HOST_NOT_FOUND"),
+            LocateError::NotRunning(_) => (Code::FailedPrecondition, "DOMAIN_NOT_RUNNING"),
+            LocateError::NoAgent(_) => (Code::FailedPrecondition, "AGENT_NOT_CONFIGURED"),
+            LocateError::Supervisor { .. } => (Code::Unavailable, "SUPERVISOR_UNAVAILABLE"),
+            LocateError::Timeout { .. } => (Code::DeadlineExceeded, "AGENT_TIMEOUT"),
+        },
+        CallError::Channel(e) => match e {
+            ChannelError::Timeout { .. } => (Code::DeadlineExceeded, "AGENT_TIMEOUT"),
+            ChannelError::QueueFull { .. } => (Code::ResourceExhausted, "AGENT_QUEUE_FULL"),
+            ChannelError::Wire(WireError::TooLong { .. } | WireError::TooManyValues { .. }) => {
+                (Code::ResourceExhausted, "AGENT_REPLY_TOO_LARGE")
+            }
+            ChannelError::Wire(WireError::BadReply { .. }) => {
+                (Code::Unknown, "AGENT_REPLY_INVALID")
+            }
+            ChannelError::Closed => (Code::Unavailable, "SHUTTING_DOWN"),
+            ChannelError::Connect { .. }
+            | ChannelError::NotResponding(_)
+            | ChannelError::Wire(_)
+            | ChannelError::Retired => (Code::Unavailable, "AGENT_NOT_CONNECTED"),
+        },
+        CallError::Agent { error, .. } => agent_code_and_reason(error),
+        CallError::BadReply { .. } => (Code::Unknown, "AGENT_REPLY_INVALID"),
+        CallError::FileTooLarge { .. } => (Code::ResourceExhausted, "FILE_TOO_LARGE"),
+        CallError::ShortWrite { .. } => (Code::FailedPrecondition, "AGENT_SHORT_WRITE"),
+    }
+}
+
+/// `e` as a status, with the request's `domain` and `host` in its
+/// ErrorInfo.
+pub fn status(e: &CallError, domain: &str, host: &str) -> Status {
+    let (code, reason) = code_and_reason(e);
+    let mut metadata = vec![("domain", domain.to_owned()), ("host", host.to_owned())];
+    let message = match e {
+        CallError::Agent { command, error } => {
+            let desc = guest_text(&error.desc).into_owned();
+            metadata.push(("command", command.clone()));
+            metadata.push(("agent_class", guest_text(&error.class).into_owned()));
+            metadata.push(("agent_desc", desc.clone()));
+            format!("guest agent: {desc}")
+        }
+        CallError::BadReply { .. }
+        | CallError::Channel(ChannelError::Wire(WireError::BadReply { .. })) => {
+            // What the agent sent is guest-controlled: the log gets it,
+            // the caller a fixed text.
+            let detail = qvirt_common::error_chain(e);
+            tracing::warn!(domain, detail = %guest_text(&detail), "unusable reply from a guest agent");
+            "the guest agent sent a reply this service cannot use (details in the agent service log)"
+                .to_owned()
+        }
+        CallError::Channel(ChannelError::Timeout { command, .. }) => {
+            metadata.push(("command", command.clone()));
+            qvirt_common::error_chain(e)
+        }
+        _ => qvirt_common::error_chain(e),
+    };
+    if code != Code::InvalidArgument {
+        return rpc::error(code, reason, message, metadata);
+    }
+    let violation = match e {
+        CallError::Request { field, description } => (field.clone(), description.clone()),
+        CallError::Agent { error, .. } => (
+            agent_argument(&error.desc),
+            guest_text(&error.desc).into_owned(),
+        ),
+        _ => ("domain".to_owned(), message.clone()),
+    };
+    rpc::invalid_argument(reason, message, [violation], metadata)
 }
 
 /// Guest-controlled text put in a status message or a log line is cut to
@@ -74,7 +211,7 @@ pub fn agent(e: &AgentError) -> Status {
 /// carry a file path); an unbounded one in `grpc-message` would be a
 /// header that HTTP/2 clients refuse (hyper's default limit is 16 KiB;
 /// past 64 KiB h2 drops the whole connection, every other call on it
-/// with it).
+/// with it). The ErrorInfo in `grpc-status-details-bin` carries it too.
 pub const GUEST_TEXT_MAX: usize = 1024;
 
 /// `text` cut to at most [`GUEST_TEXT_MAX`] bytes at a character boundary,
@@ -90,23 +227,28 @@ pub fn guest_text(text: &str) -> std::borrow::Cow<'_, str> {
     format!("{}... ({} more bytes)", &text[..end], text.len() - end).into()
 }
 
-/// The code for an agent error reply (the table's agent rows).
-pub fn agent_code(e: &AgentError) -> tonic::Code {
-    use tonic::Code;
+/// The code and reason of an agent error reply (the table's agent rows).
+pub fn agent_code_and_reason(e: &AgentError) -> (Code, &'static str) {
     let desc = e.desc.as_str();
     match e.class.as_str() {
-        "CommandNotFound" if desc.contains("has been disabled") => Code::FailedPrecondition,
-        "CommandNotFound" => Code::Unimplemented,
-        "GenericError" if is_argument_error(desc) => Code::InvalidArgument,
-        "GenericError" if desc.contains("not currently supported") => Code::Unimplemented,
+        "CommandNotFound" if desc.contains("has been disabled") => {
+            (Code::FailedPrecondition, "AGENT_COMMAND_DISABLED")
+        }
+        "CommandNotFound" => (Code::Unimplemented, "AGENT_COMMAND_NOT_FOUND"),
+        "GenericError" if is_argument_error(desc) => {
+            (Code::InvalidArgument, "AGENT_INVALID_ARGUMENT")
+        }
+        "GenericError" if desc.contains("not currently supported") => {
+            (Code::Unimplemented, "AGENT_COMMAND_NOT_SUPPORTED")
+        }
         "GenericError"
             if desc.starts_with("failed to open file")
                 && desc.ends_with("No such file or directory") =>
         {
-            Code::NotFound
+            (Code::NotFound, "GUEST_FILE_NOT_FOUND")
         }
-        "GenericError" => Code::FailedPrecondition,
-        _ => Code::Unknown,
+        "GenericError" => (Code::FailedPrecondition, "AGENT_ERROR"),
+        _ => (Code::Unknown, "AGENT_ERROR"),
     }
 }
 
@@ -125,189 +267,27 @@ fn is_argument_error(desc: &str) -> bool {
         || (desc.starts_with("value '") && desc.contains("is invalid for argument"))
 }
 
-/// A reply whose shape does not match the command's schema.
-pub fn bad_shape(command: &str, e: &serde_json::Error) -> Status {
-    untrusted_reply(&format!(
-        "guest agent reply to {command} has an unexpected shape: {e}"
-    ))
-}
-
-/// A guest agent answered something unusable. That is the guest's doing,
-/// not a fault of this service: UNKNOWN, not INTERNAL. What the agent sent
-/// is guest-controlled, so the details go to the log and the caller gets
-/// a fixed text.
-pub fn untrusted_reply(detail: &str) -> Status {
-    let detail = guest_text(detail);
-    tracing::warn!(detail = %detail, "unusable reply from a guest agent");
-    Status::unknown(
-        "the guest agent sent a reply this service cannot use (details in the agent service log)",
-    )
+/// The BadRequest field of an agent argument error: `arguments.NAME` when
+/// the agent's text names the argument (qemu-ga's spelling, e.g.
+/// `arguments.pid`), else `arguments`.
+fn agent_argument(desc: &str) -> String {
+    let quoted = |s: &str| {
+        let rest = &s[s.find('\'')? + 1..];
+        Some(rest[..rest.find('\'')?].to_owned())
+    };
+    let name = if desc.starts_with("Parameter '") || desc.starts_with("Invalid parameter") {
+        quoted(desc)
+    } else if let Some((_, arg)) = desc.split_once("is invalid for argument ") {
+        arg.split_whitespace().next().map(str::to_owned)
+    } else {
+        None
+    };
+    match name {
+        Some(n) if !n.is_empty() && n.len() <= 64 => format!("arguments.{n}"),
+        _ => "arguments".to_owned(),
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use tonic::Code;
-
-    use super::*;
-
-    #[test]
-    fn test_agent_error_table() {
-        let cases = [
-            (
-                "CommandNotFound",
-                "The command guest-nope has not been found",
-                Code::Unimplemented,
-            ),
-            (
-                "CommandNotFound",
-                "Command guest-ping has been disabled",
-                Code::FailedPrecondition,
-            ),
-            (
-                "CommandNotFound",
-                "Command guest-exec has been disabled: the agent is in frozen state",
-                Code::FailedPrecondition,
-            ),
-            (
-                "GenericError",
-                "Parameter 'path' is missing",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "Parameter 'foo' is unexpected",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "Invalid parameter type for 'id', expected: integer",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "Invalid parameter 'pid'",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "value '-1' is invalid for argument count",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "invalid file open mode 'z'",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "Base64 data contains invalid characters",
-                Code::InvalidArgument,
-            ),
-            (
-                "GenericError",
-                "this feature or command is not currently supported",
-                Code::Unimplemented,
-            ),
-            (
-                "GenericError",
-                "failed to open file '/nope' (mode: 'r'): No such file or directory",
-                Code::NotFound,
-            ),
-            (
-                "GenericError",
-                "failed to open file '/root/x' (mode: 'r'): Permission denied",
-                Code::FailedPrecondition,
-            ),
-            (
-                "GenericError",
-                "handle '1234' has not been found",
-                Code::FailedPrecondition,
-            ),
-            (
-                "GenericError",
-                "child process has failed to shutdown",
-                Code::FailedPrecondition,
-            ),
-            ("SomethingNew", "whatever", Code::Unknown),
-        ];
-        for (class, desc, want) in cases {
-            let e = AgentError {
-                class: class.into(),
-                desc: desc.into(),
-            };
-            assert_eq!(agent_code(&e), want, "{class}: {desc}");
-            assert!(agent(&e).message().contains(desc));
-        }
-    }
-
-    #[test]
-    fn test_long_agent_desc_is_cut_at_a_char_boundary() {
-        // 3-byte characters: the cut falls inside one at GUEST_TEXT_MAX.
-        let desc = "é€".repeat(4000);
-        let e = AgentError {
-            class: "GenericError".into(),
-            desc: desc.clone(),
-        };
-        let msg = agent(&e).message().to_owned();
-        assert!(msg.len() < GUEST_TEXT_MAX + 64, "{} bytes", msg.len());
-        let kept = msg
-            .strip_prefix("guest agent: ")
-            .and_then(|m| m.split("... (").next())
-            .unwrap();
-        assert!(desc.starts_with(kept) && kept.len() > GUEST_TEXT_MAX - 4);
-        assert!(msg.ends_with(&format!("({} more bytes)", desc.len() - kept.len())));
-        // A short one is untouched.
-        assert_eq!(
-            guest_text("Parameter 'id' missing"),
-            "Parameter 'id' missing"
-        );
-    }
-
-    #[test]
-    fn test_channel_errors() {
-        use std::time::Duration;
-        let cases = [
-            (
-                ChannelError::Timeout {
-                    command: "guest-ping".into(),
-                    after: Duration::from_millis(5),
-                },
-                Code::DeadlineExceeded,
-            ),
-            (
-                ChannelError::NotResponding(Duration::from_secs(1)),
-                Code::Unavailable,
-            ),
-            (ChannelError::Wire(WireError::Eof), Code::Unavailable),
-            (
-                ChannelError::QueueFull { depth: 1 },
-                Code::ResourceExhausted,
-            ),
-            (
-                ChannelError::Wire(WireError::TooLong { limit: 1 }),
-                Code::ResourceExhausted,
-            ),
-            (
-                ChannelError::Wire(WireError::BadReply {
-                    reason: "guest text".into(),
-                }),
-                Code::Unknown,
-            ),
-            (ChannelError::Retired, Code::Unavailable),
-        ];
-        for (e, want) in cases {
-            let status = channel(e);
-            assert_eq!(status.code(), want);
-            // What a guest agent sent never reaches the caller.
-            assert!(!status.message().contains("guest text"), "{status:?}");
-        }
-        assert_eq!(
-            locate(LocateError::Unknown("x".into())).code(),
-            Code::NotFound
-        );
-        assert_eq!(
-            locate(LocateError::NotRunning("x".into())).code(),
-            Code::FailedPrecondition
-        );
-    }
-}
+#[path = "status_tests.rs"]
+mod tests;

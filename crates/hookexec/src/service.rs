@@ -391,14 +391,27 @@ impl HookExecutor for HookExecutorService {
             self.inner.config.max_timeout(),
         )
         .map_err(status::request)?;
+        // The hook's object names a domain for these drivers: it goes in
+        // the ErrorInfo of a failed call.
+        let domain = match call.driver {
+            Driver::Qemu | Driver::Lxc | Driver::Libxl if call.args[0] != "-" => {
+                call.args[0].clone()
+            }
+            _ => String::new(),
+        };
         // Over max_concurrent_runs: wait for a slot (libvirt always runs
         // stopped and release hooks), until the deadline.
-        let busy = || status::executor(HookError::Busy(self.inner.config.max_concurrent_runs));
+        let busy = || {
+            status::executor(
+                HookError::Busy(self.inner.config.max_concurrent_runs),
+                &domain,
+            )
+        };
         let permit = tokio::select! {
             p = self.inner.runs.clone().acquire_owned() => p.map_err(|_| busy())?,
             () = sleep_until(deadline) => return Err(busy()),
             () = self.inner.shutdown.cancelled() => {
-                return Err(status::executor(HookError::Stopping));
+                return Err(status::executor(HookError::Stopping, &domain));
             }
         };
         let span = tracing::info_span!(
@@ -419,8 +432,8 @@ impl HookExecutor for HookExecutorService {
             .instrument(span),
         )
         .await
-        .map_err(|e| status::executor(HookError::Task(e)))?
-        .map_err(status::executor)?;
+        .map_err(|e| status::executor(HookError::Task(e), &domain))?
+        .map_err(|e| status::executor(e, &domain))?;
         Ok(Response::new(response))
     }
 
@@ -452,7 +465,7 @@ impl HookExecutor for HookExecutorService {
         request: Request<ReloadHooksRequest>,
     ) -> Result<Response<ReloadHooksResponse>, Status> {
         self.auth.check(&request, "ReloadHooks")?;
-        let found = self.reload().await.map_err(status::executor)?;
+        let found = self.reload().await.map_err(|e| status::executor(e, ""))?;
         Ok(Response::new(ReloadHooksResponse {
             hooks_dir: self.inner.config.hooks_dir.to_string_lossy().into_owned(),
             discovered_at: Some(timestamp(&found)),

@@ -42,8 +42,8 @@ impl GuestPower for AgentService {
             };
             let mut request = tonic::Request::new(ShutdownRequest {
                 domain: domain.to_owned(),
-                timeout: None,
                 mode: mode as i32,
+                ..Default::default()
             });
             request.set_timeout(self.call_timeout);
             let mut client = self.client.clone();
