@@ -198,6 +198,18 @@ mod tests {
     use super::*;
     use crate::hub::SubscriberKind;
 
+    /// The filter error of an unclosed group.
+    fn invalid_regex() -> FilterError {
+        let flags = crate::filter::FilterFlags {
+            regex: true,
+            nocase: false,
+        };
+        match crate::filter::EventNameFilter::new("(", flags) {
+            Ok(_) => panic!("\"(\" compiled"),
+            Err(e) => e,
+        }
+    }
+
     /// prost's error for bytes that are not a message.
     fn undecodable() -> prost::DecodeError {
         use prost::Message as _;
@@ -208,15 +220,7 @@ mod tests {
     /// One error of each row, with its code, reason and BadRequest fields.
     fn table() -> Vec<(BusError, Code, &'static str, Vec<&'static str>)> {
         let kind = SubscriberKind::Monitor;
-        let regex = crate::filter::EventNameFilter::new(
-            "(",
-            crate::filter::FilterFlags {
-                regex: true,
-                nocase: false,
-            },
-        )
-        .err()
-        .expect("an invalid regex");
+        let regex = invalid_regex();
         vec![
             (
                 SubscribeError::PrincipalCap {
@@ -384,15 +388,7 @@ mod tests {
             Some("1.e.3")
         );
         // The filter's message keeps the regex parser's own words.
-        let regex = crate::filter::EventNameFilter::new(
-            "(",
-            crate::filter::FilterFlags {
-                regex: true,
-                nocase: false,
-            },
-        )
-        .err()
-        .expect("an invalid regex");
+        let regex = invalid_regex();
         let status = BusError::Filter(regex).into_status();
         assert!(status.message().starts_with("event: "), "{status}");
         assert!(status.message().contains("unclosed group"), "{status}");
