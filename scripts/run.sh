@@ -22,7 +22,7 @@ mkdir -p "$run_dir/hooks"
 # not. Removed on exit.
 images=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-images.XXXXXX")
 chmod 0755 "$images"
-# The internal plane's shared secret (Publish, the hook executor): a fresh
+# The internal plane's shared secret (EventIngest, the hook executor): a fresh
 # random one per run, readable by this user only.
 token="$run_dir/internal-token"
 rm -f "$token"

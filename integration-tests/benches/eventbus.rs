@@ -32,6 +32,7 @@ use qvirt_integration_tests::{
     tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
@@ -102,7 +103,7 @@ async fn grpc_throughput(url: &str) -> (f64, u64) {
     // Publisher and subscriber on their own connections, as the supervisor
     // and a client would be.
     let mut sub_client = EventBusClient::connect(url.to_owned()).await.unwrap();
-    let mut client = EventBusClient::connect(url.to_owned()).await.unwrap();
+    let mut client = EventIngestClient::connect(url.to_owned()).await.unwrap();
     let mut sub = subscribe(&mut sub_client, "").await;
     let reader = tokio::spawn(async move {
         let mut lost = 0u64;
@@ -150,7 +151,7 @@ async fn bounded<T>(phase: &str, f: impl std::future::Future<Output = T>) -> T {
 /// are reported before the next event a subscriber gets, so a reader that
 /// lost the tail of a burst learns it only from a later event.
 async fn finish<T>(
-    client: &mut EventBusClient<Channel>,
+    client: &mut EventIngestClient<Channel>,
     name: &str,
     reader: tokio::task::JoinHandle<T>,
 ) -> T {
@@ -363,7 +364,7 @@ async fn grpc_fanout(url: &str, bus_pid: u32, rate: u64) -> FanOut {
             tokio::spawn(async move { while s.next_chunk(|_| {}).await {} });
         }
     }
-    let mut publisher = EventBusClient::connect(url.to_owned()).await.unwrap();
+    let mut publisher = EventIngestClient::connect(url.to_owned()).await.unwrap();
     let mut streamer = publisher.clone();
     // The bus's CPU with every subscription open and nothing published.
     let idle_start = cpu_ns(bus_pid);

@@ -1,14 +1,17 @@
 //! The real `qvirt-eventbus` through its gRPC API: libvirt's monitor-event
-//! filters (literal, NOCASE, REGEX), replay by sequence number, loss
-//! markers, caps, and details that keep QEMU's numbers exact.
+//! filters (literal, NOCASE, REGEX), resuming after a cursor (also across
+//! a bus restart), loss markers, caps, errors a program can act on, and
+//! details that keep QEMU's numbers exact.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
+use qvirt_common::rpc::{reason_of, violated_fields};
 use qvirt_integration_tests::{
     ChildGuard, Service, bin_path, grpcurl, internal, internal_token, rss_kib, text,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
@@ -42,20 +45,61 @@ fn monitor(domain: &str, event: &str, details: &str) -> MonitorEvent {
     }
 }
 
-async fn bus(yaml: &str) -> (Service, EventBusClient<Channel>) {
+/// One connection to the bus: its public `EventBus` (what `client.` calls
+/// reach) and its internal `EventIngest` (`client.ingest`).
+#[derive(Clone)]
+struct Client {
+    events: EventBusClient<Channel>,
+    ingest: EventIngestClient<Channel>,
+}
+
+impl Client {
+    async fn connect(url: String) -> Self {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Client::new(channel)
+    }
+
+    fn new(channel: Channel) -> Self {
+        Client {
+            events: EventBusClient::new(channel.clone()),
+            ingest: EventIngestClient::new(channel),
+        }
+    }
+}
+
+impl std::ops::Deref for Client {
+    type Target = EventBusClient<Channel>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.events
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.events
+    }
+}
+
+async fn bus(yaml: &str) -> (Service, Client) {
     let mut svc = Service::start_with_config("qvirt-eventbus", yaml, &[]);
     svc.wait_serving("qvirt.v1.EventBus").await;
-    let client = EventBusClient::connect(svc.url()).await.unwrap();
+    let client = Client::connect(svc.url()).await;
     (svc, client)
 }
 
-async fn publish(client: &mut EventBusClient<Channel>, events: Vec<Event>) -> u64 {
+async fn publish(client: &mut Client, events: Vec<Event>) -> u64 {
     let reqs: Vec<PublishRequest> = events
         .into_iter()
         .map(|e| PublishRequest { event: Some(e) })
         .collect();
     let n = reqs.len() as u64;
     let reply = client
+        .ingest
         .publish(internal(tokio_stream::iter(reqs)))
         .await
         .unwrap()
@@ -75,7 +119,7 @@ async fn next(stream: &mut Streaming<SubscribeMonitorEventsResponse>) -> Monitor
 }
 
 async fn subscribe(
-    client: &mut EventBusClient<Channel>,
+    client: &mut Client,
     req: SubscribeMonitorEventsRequest,
 ) -> (Streaming<SubscribeMonitorEventsResponse>, u64) {
     let mut stream = client
@@ -253,6 +297,8 @@ async fn test_invalid_and_pathological_filters() {
         "{}",
         err.message()
     );
+    assert_eq!(reason_of(&err).as_deref(), Some("INVALID_EVENT_FILTER"));
+    assert_eq!(violated_fields(&err), ["event"]);
 
     // The same through grpcurl, as an operator would see it.
     let out = grpcurl(&[
@@ -291,22 +337,63 @@ async fn test_invalid_and_pathological_filters() {
     assert_eq!(event_of(next(&mut stream).await).details_json, "2");
 }
 
+/// Subscribes with `req` and returns the stream and its
+/// SubscriptionEstablished.
+async fn subscribe_established(
+    client: &mut Client,
+    req: SubscribeMonitorEventsRequest,
+) -> (
+    Streaming<SubscribeMonitorEventsResponse>,
+    qvirt_proto::v1::SubscriptionEstablished,
+) {
+    let mut stream = client
+        .subscribe_monitor_events(req)
+        .await
+        .unwrap()
+        .into_inner();
+    match next(&mut stream).await {
+        MonitorKind::Established(e) => (stream, e),
+        other => panic!("first message must be established, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn test_replay_since_then_live_without_gap_or_duplicate() {
+async fn test_resume_after_a_cursor_then_live_without_gap_or_duplicate() {
     let (_svc, mut client) = bus("").await;
     let first = (1..=5)
         .map(|i| Event::MonitorEvent(monitor("a", "E", &i.to_string())))
         .collect();
     let last = publish(&mut client, first).await;
-    let (mut stream, established) = subscribe(
+    // Every event held, each with its cursor.
+    let (mut all, established) = subscribe_established(
         &mut client,
         SubscribeMonitorEventsRequest {
-            since: Some(last - 3),
+            replay_held: true,
             ..Default::default()
         },
     )
     .await;
-    assert_eq!(established, last);
+    assert_eq!(established.last_sequence, last);
+    let held: Vec<MonitorEvent> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(event_of(next(&mut all).await));
+        }
+        v
+    };
+    assert_eq!(established.last_cursor, held[4].cursor);
+    let cursors: std::collections::HashSet<&str> = held.iter().map(|e| e.cursor.as_str()).collect();
+    assert_eq!(cursors.len(), 5, "every event has a cursor of its own");
+    // Resume after the second: the three after it, then live.
+    let (mut stream, established) = subscribe_established(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            resume_after: held[1].cursor.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(established.last_sequence, last);
     publish(
         &mut client,
         vec![Event::MonitorEvent(monitor("a", "E", "6"))],
@@ -320,6 +407,17 @@ async fn test_replay_since_then_live_without_gap_or_duplicate() {
         v
     };
     assert_eq!(got, ["3", "4", "5", "6"]);
+    // Resuming after SubscriptionEstablished.last_cursor is "from now":
+    // the event published after that subscription is the first one.
+    let (mut from_now, _) = subscribe_established(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            resume_after: established.last_cursor,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(event_of(next(&mut from_now).await).details_json, "6");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -332,7 +430,7 @@ async fn test_replay_beyond_the_ring_reports_the_loss() {
     let (mut stream, _) = subscribe(
         &mut client,
         SubscribeMonitorEventsRequest {
-            since: Some(0),
+            replay_held: true,
             ..Default::default()
         },
     )
@@ -349,6 +447,125 @@ async fn test_replay_beyond_the_ring_reports_the_loss() {
     }
     for want in ["8", "9", "10"] {
         assert_eq!(event_of(next(&mut stream).await).details_json, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_resume_across_a_bus_restart_is_bus_restarted() {
+    let (mut svc, mut client) = bus("").await;
+    let events = (1..=3)
+        .map(|i| Event::MonitorEvent(monitor("a", "OLD", &i.to_string())))
+        .collect();
+    publish(&mut client, events).await;
+    let (mut stream, _) = subscribe(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            replay_held: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    event_of(next(&mut stream).await);
+    let cursor = event_of(next(&mut stream).await).cursor;
+    drop((stream, client));
+
+    // The bus restarts on the same address, empty: its sequence numbers
+    // start again at 1, so the cursor's number 2 now names another event.
+    let addr = svc.addr;
+    assert!(svc.terminate().success());
+    drop(svc);
+    let mut svc = Service::start_at("qvirt-eventbus", addr, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let mut client = Client::connect(svc.url()).await;
+    let events = (1..=3)
+        .map(|i| Event::MonitorEvent(monitor("a", "NEW", &i.to_string())))
+        .collect();
+    publish(&mut client, events).await;
+    let (mut stream, established) = subscribe_established(
+        &mut client,
+        SubscribeMonitorEventsRequest {
+            resume_after: cursor.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_ne!(established.last_cursor, cursor);
+    // The explicit marker, then everything the new bus holds, then live.
+    match next(&mut stream).await {
+        MonitorKind::Lost(lost) => {
+            assert_eq!(
+                lost.reason,
+                EventsLostReason::BusRestarted as i32,
+                "{lost:?}"
+            );
+        }
+        other => panic!("expected BUS_RESTARTED, got {other:?}"),
+    }
+    publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "NEW", "4"))],
+    )
+    .await;
+    for want in ["1", "2", "3", "4"] {
+        let e = event_of(next(&mut stream).await);
+        assert_eq!((e.event.as_str(), e.details_json.as_str()), ("NEW", want));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_bad_cursors_get_an_explicit_answer() {
+    let (svc, mut client) = bus("").await;
+    let last = publish(
+        &mut client,
+        vec![Event::MonitorEvent(monitor("a", "E", "{}"))],
+    )
+    .await;
+    let (_stream, established) = subscribe_established(&mut client, Default::default()).await;
+    assert_eq!(established.last_sequence, last);
+    // Malformed: INVALID_ARGUMENT, a BadRequest violation on resume_after.
+    for malformed in ["12", "not a cursor", &"1".repeat(4096)] {
+        let err = client
+            .subscribe_domain_events(SubscribeDomainEventsRequest {
+                resume_after: malformed.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert_eq!(reason_of(&err).as_deref(), Some("INVALID_CURSOR"), "{err}");
+        assert_eq!(violated_fields(&err), ["resume_after"], "{err}");
+    }
+    // A cursor of this bus beyond its newest event (the last cursor with
+    // its number raised): never issued, OUT_OF_RANGE naming the newest.
+    let (prefix, seq) = established.last_cursor.rsplit_once('.').unwrap();
+    let ahead = format!("{prefix}.{}", seq.parse::<u64>().unwrap() + 5);
+    let err = client
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            resume_after: ahead,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert_eq!(reason_of(&err).as_deref(), Some("CURSOR_BEYOND_HEAD"));
+    // The same malformed cursor through grpcurl, as an operator sees it:
+    // the details name the reason, the domain and the field.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"resume_after": "bogus"}"#,
+        &svc.addr.to_string(),
+        "qvirt.v1.EventBus/SubscribeDomainEvents",
+    ]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    for needle in [
+        "\"INVALID_CURSOR\"",
+        "\"qvirt.dev\"",
+        "google.rpc.BadRequest",
+        "\"resume_after\"",
+    ] {
+        assert!(stderr.contains(needle), "{needle} in:\n{stderr}");
     }
 }
 
@@ -408,8 +625,8 @@ async fn test_publish_burst_leaves_room_for_delivery_on_one_thread() {
     // A queue of 1,024: eight times what a 128-event slice of the burst
     // needs, a twentieth of the burst.
     let (svc, _) = bus("worker_threads: 1\nqueue_capacity: 1024\n").await;
-    let mut sub_client = EventBusClient::connect(svc.url()).await.unwrap();
-    let mut pub_client = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut sub_client = Client::connect(svc.url()).await;
+    let mut pub_client = Client::connect(svc.url()).await;
     let (mut stream, established) = subscribe(&mut sub_client, Default::default()).await;
     const N: u64 = 20_000;
     let reader = tokio::spawn(async move {
@@ -450,6 +667,7 @@ async fn test_subscription_caps_and_freeing() {
         "{}",
         err.message()
     );
+    assert_eq!(reason_of(&err).as_deref(), Some("SUBSCRIPTION_CAP"));
     drop(s1);
     // The slot is freed once the server sees the stream go.
     let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
@@ -518,7 +736,7 @@ async fn test_metrics_endpoint_counts_published_and_subscribers() {
         &["--metrics-listen", &format!("127.0.0.1:{port}")],
     );
     svc.wait_serving("qvirt.v1.EventBus").await;
-    let mut client = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut client = Client::connect(svc.url()).await;
     let (_stream, _) = subscribe(&mut client, Default::default()).await;
     publish(
         &mut client,
@@ -543,10 +761,10 @@ async fn test_metrics_endpoint_counts_published_and_subscribers() {
 /// Opens `n` idle subscriptions, 100 per connection.
 async fn open_many(url: &str, n: usize) -> Vec<Streaming<SubscribeMonitorEventsResponse>> {
     let mut streams = Vec::with_capacity(n);
-    let mut client = EventBusClient::connect(url.to_owned()).await.unwrap();
+    let mut client = Client::connect(url.to_owned()).await;
     for i in 0..n {
         if i > 0 && i % 100 == 0 {
-            client = EventBusClient::connect(url.to_owned()).await.unwrap();
+            client = Client::connect(url.to_owned()).await;
         }
         streams.push(
             subscribe(&mut client, SubscribeMonitorEventsRequest::default())
@@ -693,7 +911,7 @@ async fn test_client_that_stops_reading_its_socket_pins_bounded_memory() {
         })
         .await
         .unwrap();
-    let mut stalling = EventBusClient::new(channel);
+    let mut stalling = Client::new(channel);
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
         let (s, _) = subscribe(&mut stalling, SubscribeMonitorEventsRequest::default()).await;
@@ -793,7 +1011,7 @@ async fn test_stalled_subscribers_from_many_addresses_stay_within_the_memory_bou
             })
             .await
             .unwrap();
-        let mut client = EventBusClient::new(channel);
+        let mut client = Client::new(channel);
         for s in 0..PER_ADDRESS {
             let req = SubscribeMonitorEventsRequest {
                 event: format!("S{}", usize::from(a) * PER_ADDRESS + s),
@@ -812,7 +1030,7 @@ async fn test_stalled_subscribers_from_many_addresses_stay_within_the_memory_bou
         stalled_conns.push(client);
     }
     // A live reader on a connection of its own, for its own events.
-    let mut reader_client = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut reader_client = Client::connect(svc.url()).await;
     let live_req = SubscribeMonitorEventsRequest {
         event: "LIVE".into(),
         ..Default::default()
@@ -889,7 +1107,7 @@ fn as_principal(
 /// Subscribes with `req` and returns the stream (past Established) or the
 /// refusal.
 async fn try_subscribe(
-    client: &mut EventBusClient<Channel>,
+    client: &mut Client,
     req: tonic::Request<SubscribeMonitorEventsRequest>,
 ) -> Result<Streaming<SubscribeMonitorEventsResponse>, tonic::Status> {
     let mut stream = client.subscribe_monitor_events(req).await?.into_inner();
@@ -935,7 +1153,7 @@ async fn test_principal_metadata_is_honoured_only_with_the_internal_token() {
 }
 
 /// A client connecting from `local` (any of 127.0.0.0/8).
-async fn client_from(url: &str, local: std::net::Ipv4Addr) -> EventBusClient<Channel> {
+async fn client_from(url: &str, local: std::net::Ipv4Addr) -> Client {
     let channel = tonic::transport::Endpoint::from_static("http://from.invalid")
         .connect_with_connector(StallingConnector {
             addr: url.trim_start_matches("http://").parse().unwrap(),
@@ -944,7 +1162,7 @@ async fn client_from(url: &str, local: std::net::Ipv4Addr) -> EventBusClient<Cha
         })
         .await
         .unwrap();
-    EventBusClient::new(channel)
+    Client::new(channel)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -988,7 +1206,7 @@ async fn test_principal_metadata_is_ignored_without_a_configured_token() {
         &[],
     );
     svc.wait_serving("qvirt.v1.EventBus").await;
-    let mut client = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut client = Client::connect(svc.url()).await;
     let _first = try_subscribe(&mut client, as_principal("alice", Some("")))
         .await
         .unwrap();
@@ -1033,7 +1251,9 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // the subscription's stream is blocked on flow control).
     let reply = tokio::time::timeout(
         MESSAGE_TIMEOUT,
-        publisher.publish(internal(tokio_stream::iter(burst(0)))),
+        publisher
+            .ingest
+            .publish(internal(tokio_stream::iter(burst(0)))),
     )
     .await
     .expect("publish blocked behind an unread subscription on its connection")
@@ -1044,6 +1264,7 @@ async fn test_publisher_and_subscriber_share_one_connection() {
     // out on the same connection.
     let second = tokio::spawn(async move {
         publisher
+            .ingest
             .publish(internal(tokio_stream::iter(burst(SHARED_EVENTS))))
             .await
             .unwrap()
@@ -1079,6 +1300,7 @@ async fn test_shutdown_ends_subscriptions_with_unavailable() {
     let status = end.expect_err("the stream ends with a status");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert!(status.message().contains("event bus closed"), "{status}");
+    assert_eq!(reason_of(&status).as_deref(), Some("BUS_SHUTTING_DOWN"));
     assert!(svc.terminate().success());
 }
 
@@ -1097,6 +1319,8 @@ async fn test_filter_fields_are_bounded() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     assert!(err.message().starts_with("domain: "), "{err}");
+    assert_eq!(reason_of(&err).as_deref(), Some("FIELD_TOO_LONG"));
+    assert_eq!(violated_fields(&err), ["domain"]);
     let err = client
         .subscribe_domain_events(SubscribeDomainEventsRequest {
             host: big,
@@ -1178,6 +1402,7 @@ async fn test_cut_off_slow_consumer_and_total_cap() {
     };
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     assert!(status.message().contains("cut off"), "{status}");
+    assert_eq!(reason_of(&status).as_deref(), Some("SLOW_CONSUMER_CUT_OFF"));
     assert!(received < N, "{received}");
 }
 
@@ -1216,7 +1441,7 @@ async fn test_cut_off_regex_subscriber_ends_once_without_a_gap() {
     .await;
     // Publishing on a connection of its own, so the unread stream's
     // connection window cannot hold a PublishResponse back.
-    let mut publisher = EventBusClient::connect(svc.url()).await.unwrap();
+    let mut publisher = Client::connect(svc.url()).await;
     let event = || Event::MonitorEvent(monitor("a", "E", &format!("\"{}\"", "x".repeat(30_000))));
     // It reads nothing while 6 MB are published, one event per call (a
     // burst could cut it off before its stream is stalled): far more than
@@ -1300,6 +1525,7 @@ async fn test_publish_refuses_an_event_over_max_event_bytes() {
         })
         .collect::<Vec<_>>();
     let status = client
+        .ingest
         .publish(internal(tokio_stream::iter(reqs)))
         .await
         .expect_err("an event over the cap is refused");
@@ -1310,6 +1536,7 @@ async fn test_publish_refuses_an_event_over_max_event_bytes() {
             .contains("4097 bytes encoded, over the bus's max_event_bytes of 4096"),
         "{status}"
     );
+    assert_eq!(reason_of(&status).as_deref(), Some("EVENT_TOO_LARGE"));
     assert_eq!(event_of(next(&mut stream).await).event, "BEFORE");
     // The bus keeps serving: the next call is accepted and delivered, with
     // nothing of the refused event in between.
@@ -1399,7 +1626,7 @@ async fn test_many_subscribers_and_concurrent_publishers() {
     ];
     let mut subs = Vec::new();
     for conn in 0..4 {
-        let mut c = EventBusClient::connect(svc.url()).await.unwrap();
+        let mut c = Client::connect(svc.url()).await;
         for i in 0..SUBSCRIBERS / 4 {
             let which = (conn + i) % filters.len();
             let (stream, _) = subscribe(&mut c, filters[which].clone()).await;
@@ -1414,7 +1641,7 @@ async fn test_many_subscribers_and_concurrent_publishers() {
         .map(|domain| {
             let url = svc.url();
             tokio::spawn(async move {
-                let mut c = EventBusClient::connect(url).await.unwrap();
+                let mut c = Client::connect(url).await;
                 let events = (0..PER_PUBLISHER)
                     .map(|i| {
                         let name = if i % 2 == 0 { "EVEN" } else { "ODD" };
@@ -1522,4 +1749,42 @@ async fn test_host_field_and_host_filter() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_public_subscriptions_and_internal_ingest_are_separate_services() {
+    let (svc, _client) = bus("").await;
+    let addr = svc.addr.to_string();
+    let out = grpcurl(&["-plaintext", &addr, "list"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed = text(&out.stdout);
+    for name in ["qvirt.v1.EventBus", "qvirt.v1.EventIngest"] {
+        assert!(listed.lines().any(|l| l == name), "{name} in:\n{listed}");
+    }
+    // The public service has the two subscriptions and nothing else.
+    let out = grpcurl(&["-plaintext", &addr, "list", "qvirt.v1.EventBus"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut methods: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    methods.sort();
+    assert_eq!(
+        methods,
+        [
+            "qvirt.v1.EventBus.SubscribeDomainEvents",
+            "qvirt.v1.EventBus.SubscribeMonitorEvents"
+        ]
+    );
+    let out = grpcurl(&["-plaintext", &addr, "list", "qvirt.v1.EventIngest"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "qvirt.v1.EventIngest.Publish");
+    // The old path is gone: nothing publishes through the public service.
+    let out = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &format!("x-qvirt-internal-token: {}", internal_token()),
+        "-d",
+        "{}",
+        &addr,
+        "qvirt.v1.EventBus/Publish",
+    ]);
+    assert!(!out.status.success());
 }

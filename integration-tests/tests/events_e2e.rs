@@ -4,6 +4,8 @@
 //! STOP and RESUME monitor events and SUSPENDED and RESUMED lifecycle
 //! events, in order, with QEMU's timestamps; a failed start is STOPPED
 //! (FAILED) and a monitor `quit` is SHUTDOWN (HOST) then STOPPED (SHUTDOWN).
+//! A subscriber resuming with a cursor of a bus that restarted since is
+//! told so (`BUS_RESTARTED`) and then gets the supervisor's new events.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -15,8 +17,8 @@ use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, DomainEventDefinedDetail, DomainEventShutdownDetail,
-    DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, MonitorCommandRequest,
-    ResumeDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
+    DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, EventsLostReason,
+    MonitorCommandRequest, ResumeDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
     SubscribeMonitorEventsRequest, SuspendDomainRequest, define_domain_request, domain_event,
 };
 
@@ -177,7 +179,8 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
     let (_, _guard) = define_and_start(&mut client, "again").await;
 
-    let first_epoch = {
+    // Where a subscriber got to on the first bus: after the start's events.
+    let (first_epoch, cursor) = {
         let mut c = EventBusClient::connect(bus.url()).await.unwrap();
         let mut s = c
             .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
@@ -185,7 +188,10 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
             .unwrap()
             .into_inner();
         match s.message().await.unwrap().unwrap().kind {
-            Some(MonitorKind::Established(e)) => e.epoch,
+            Some(MonitorKind::Established(e)) => {
+                assert!(e.last_sequence > 0, "the start published events");
+                (e.epoch, e.last_cursor)
+            }
             other => panic!("{other:?}"),
         }
     };
@@ -196,10 +202,13 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     let mut bus = Service::start_at("qvirt-eventbus", bus_addr, &[]);
     bus.wait_serving("qvirt.v1.EventBus").await;
     let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    // Resuming after the first bus's cursor: the new bus says plainly
+    // that the history it named is gone.
     let mut monitor = events
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {
             domain: "again".into(),
             event: "STOP".into(),
+            resume_after: cursor,
             ..Default::default()
         })
         .await
@@ -213,6 +222,12 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
             );
         }
         other => panic!("{other:?}"),
+    }
+    match monitor.message().await.unwrap().unwrap().kind {
+        Some(MonitorKind::Lost(lost)) => {
+            assert_eq!(lost.reason(), EventsLostReason::BusRestarted, "{lost:?}");
+        }
+        other => panic!("expected BUS_RESTARTED, got {other:?}"),
     }
 
     client

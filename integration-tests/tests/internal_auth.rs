@@ -50,6 +50,8 @@ fn assert_unauthenticated(out: &Output, method: &str) {
         stderr.contains(&format!("{method} is internal: present the internal token")),
         "{stderr}"
     );
+    // The reason a program acts on, in the status details.
+    assert!(stderr.contains("\"INTERNAL_CALLER_REQUIRED\""), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -70,7 +72,7 @@ async fn test_publish_needs_the_internal_token_over_tcp() {
     ));
 
     let addr = bus.addr.to_string();
-    let method = "qvirt.v1.EventBus/Publish";
+    let method = "qvirt.v1.EventIngest/Publish";
     let out = call(&[&addr], method, STOPPED, &[]);
     assert_unauthenticated(&out, "Publish");
     let wrong = token_header(&"0123456789abcdef".repeat(4));
@@ -110,7 +112,7 @@ async fn test_publish_without_a_configured_token_refuses_every_tcp_caller() {
     let addr = bus.addr.to_string();
     let out = call(
         &[&addr],
-        "qvirt.v1.EventBus/Publish",
+        "qvirt.v1.EventIngest/Publish",
         STOPPED,
         &[token_header(internal_token())],
     );
@@ -264,7 +266,7 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
     }
 
     // Root needs no token.
-    let published = unix_call(&bus_sock, "qvirt.v1.EventBus/Publish", STOPPED, None);
+    let published = unix_call(&bus_sock, "qvirt.v1.EventIngest/Publish", STOPPED, None);
     assert!(published.status.success(), "{}", text(&published.stderr));
     let ran = unix_call(&exec_sock, "qvirt.v1.HookExecutor/RunHook", RUN_HOOK, None);
     assert!(ran.status.success(), "{}", text(&ran.stderr));
@@ -275,7 +277,7 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
     let nobody = 65534;
     let refused = unix_call(
         &bus_sock,
-        "qvirt.v1.EventBus/Publish",
+        "qvirt.v1.EventIngest/Publish",
         STOPPED,
         Some(nobody),
     );

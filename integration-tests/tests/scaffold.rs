@@ -11,7 +11,10 @@ use qvirt_integration_tests::{COMMAND_TIMEOUT, ChildGuard, Service, bin_path, gr
 /// Each service binary and the qvirt services it serves.
 const SERVICES: [(&str, &[&str]); 5] = [
     ("qvirt-supervisor", &["qvirt.v1.Supervisor"]),
-    ("qvirt-eventbus", &["qvirt.v1.EventBus"]),
+    (
+        "qvirt-eventbus",
+        &["qvirt.v1.EventBus", "qvirt.v1.EventIngest"],
+    ),
     ("qvirt-hookexec", &["qvirt.v1.HookExecutor"]),
     ("qvirt-agentd", &["qvirt.v1.GuestAgent"]),
     (

@@ -1,13 +1,14 @@
 //! The internal plane's authentication: one shared secret for the
 //! deployment, and peer credentials on unix sockets.
 //!
-//! A server's internal methods (the bus's Publish, the hook executor's
-//! methods) call [`InternalAuth::check`] first. It accepts a caller that
-//! (a) presents the secret in [`TOKEN_METADATA`] (compared in constant
-//! time), or (b) is connected over a unix socket as uid 0, as the server's
-//! own uid, or as a uid listed in the service's `internal_uids`. Anyone
-//! else gets UNAUTHENTICATED, and with no secret configured every TCP
-//! caller does: secure by default.
+//! A server's internal methods (the bus's `EventIngest`, the hook
+//! executor's methods) call [`InternalAuth::check`] first. It accepts a
+//! caller that (a) presents the secret in [`TOKEN_METADATA`] (compared in
+//! constant time), or (b) is connected over a unix socket as uid 0, as the
+//! server's own uid, or as a uid listed in the service's `internal_uids`.
+//! Anyone else gets UNAUTHENTICATED with the ErrorInfo reason
+//! [`REASON_INTERNAL_CALLER_REQUIRED`], and with no secret configured every
+//! TCP caller does: secure by default.
 //!
 //! Clients present the secret with [`TokenInterceptor`]. The secret comes
 //! from a file ([`InternalToken::load`]: `internal_token_file` in a
@@ -30,6 +31,10 @@ use crate::config::ConfigError;
 
 /// The metadata key in which internal callers present the secret.
 pub const TOKEN_METADATA: &str = "x-qvirt-internal-token";
+
+/// `ErrorInfo.reason` of the UNAUTHENTICATED status an internal method
+/// answers a caller outside the internal plane (metadata `method`).
+pub const REASON_INTERNAL_CALLER_REQUIRED: &str = "INTERNAL_CALLER_REQUIRED";
 
 /// The shortest secret accepted, in bytes (e.g. `openssl rand -hex 32`
 /// writes 64).
@@ -214,7 +219,8 @@ impl InternalAuth {
     }
 
     /// The caller of internal `method` if it is accepted; otherwise
-    /// UNAUTHENTICATED saying how to get in.
+    /// UNAUTHENTICATED (reason [`REASON_INTERNAL_CALLER_REQUIRED`]) saying
+    /// how to get in.
     pub fn check<T>(&self, request: &Request<T>, method: &str) -> Result<InternalCaller, Status> {
         let presented = request.metadata().get(TOKEN_METADATA);
         if let (Some(token), Some(got)) = (&self.token, presented)
@@ -241,9 +247,14 @@ impl InternalAuth {
             (Some(_), Some(_), _) => format!("the {TOKEN_METADATA} presented is wrong"),
             (Some(_), None, _) => format!("no {TOKEN_METADATA} presented"),
         };
-        Err(Status::unauthenticated(format!(
-            "{method} is internal: present the internal token or connect over the unix socket as uid {uids} ({why})"
-        )))
+        Err(crate::rpc::error(
+            tonic::Code::Unauthenticated,
+            REASON_INTERNAL_CALLER_REQUIRED,
+            format!(
+                "{method} is internal: present the internal token or connect over the unix socket as uid {uids} ({why})"
+            ),
+            [("method", method.to_owned())],
+        ))
     }
 
     /// Whether the caller would pass [`check`](Self::check).
@@ -325,6 +336,10 @@ mod tests {
         );
         let err = auth.check(&with, "Publish").unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            crate::rpc::reason_of(&err).as_deref(),
+            Some(REASON_INTERNAL_CALLER_REQUIRED)
+        );
         assert!(
             err.message().starts_with("Publish is internal: "),
             "{}",
@@ -333,6 +348,10 @@ mod tests {
         assert!(err.message().contains("is wrong"), "{}", err.message());
         let err = auth.check(&Request::new(()), "RunHook").unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            crate::rpc::reason_of(&err).as_deref(),
+            Some(REASON_INTERNAL_CALLER_REQUIRED)
+        );
         assert!(
             err.message().contains("no x-qvirt-internal-token"),
             "{}",

@@ -303,8 +303,8 @@ fn reflection_builder(files: FileDescriptorSet) -> tonic_reflection::server::Bui
     tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        // google.rpc.ErrorInfo and BadRequest: so grpcurl decodes the
-        // details of an error status (`crate::rpc`).
+        // google.rpc.ErrorInfo and BadRequest: so grpcurl and other
+        // reflection clients can print the details of every error status.
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 

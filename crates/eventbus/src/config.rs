@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::hub::{self, Caps, HubConfig, MAX_QUEUE_CAPACITY, OverflowPolicy, REPLAY_BATCH_BYTES};
 use crate::inflight::SEND_BUFFER;
-use crate::service::{BusEvent, DEFAULT_MAX_EVENT_BYTES, MAX_EVENT_BYTES_RANGE, WIRE_OVERHEAD};
+use crate::ingest::{DEFAULT_MAX_EVENT_BYTES, MAX_EVENT_BYTES_RANGE};
+use crate::service::{BusEvent, WIRE_OVERHEAD};
 
 /// The default `queue_max_bytes`: 256 events of a typical QMP event's
-/// weight (~600 bytes with its wire form) fit well within it, so with
+/// weight (~700 bytes with its wire form) fit well within it, so with
 /// such events `queue_capacity` binds first.
 pub const DEFAULT_QUEUE_MAX_BYTES: usize = 256 * 1024;
 
@@ -68,7 +69,7 @@ pub struct Config {
     /// Events queued per subscriber before it counts as slow.
     pub queue_capacity: usize,
     /// And bytes of events queued per subscriber (each event weighed as
-    /// [`BusEvent::weight`]: its strings twice, once as sent, plus ~300
+    /// [`BusEvent::weight`]: its strings twice, once as sent, plus ~500
     /// bytes); an empty queue takes one event of any size.
     pub queue_max_bytes: usize,
     /// The largest event Publish accepts, in encoded bytes; a bigger one

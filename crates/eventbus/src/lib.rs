@@ -1,26 +1,31 @@
 //! qvirt-eventbus: fans QEMU monitor events and typed domain lifecycle
-//! events out to subscribers (`qvirt.v1.EventBus`), with libvirt's
-//! event-name filters, bounded per-subscriber queues and replay by sequence
-//! number. It does not produce events: the supervisor publishes them.
+//! events out to subscribers (`qvirt.v1.EventBus`, public), with libvirt's
+//! event-name filters, bounded per-subscriber queues and resuming after an
+//! event's cursor. It does not produce events: supervisors publish them
+//! through `qvirt.v1.EventIngest` (internal), served beside it.
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
 pub mod config;
+pub mod cursor;
 pub mod filter;
 pub mod hub;
 pub mod inflight;
+pub mod ingest;
 pub mod metrics;
 pub mod server;
 pub mod service;
-mod status;
+pub mod status;
 
 use qvirt_common::cli::ServiceConfig as _;
 use qvirt_common::internal_auth::{InternalAuth, InternalToken};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
+use qvirt_proto::v1::event_ingest_server::EventIngestServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use ingest::EventIngestService;
 pub use service::{BusEvent, EventBusService};
 
 /// Why the event bus stopped.
@@ -33,6 +38,9 @@ pub enum RunError {
     /// was checked).
     #[error(transparent)]
     InternalToken(qvirt_common::config::ConfigError),
+    /// This run's epoch cannot be carried in a cursor (a bug).
+    #[error("epoch {0:?} cannot be carried in a cursor")]
+    Epoch(String),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -47,8 +55,9 @@ pub enum RunError {
     },
 }
 
-/// Serves `qvirt.v1.EventBus`, health and reflection on `listener` until
-/// `shutdown` fires; then every subscription ends with UNAVAILABLE.
+/// Serves `qvirt.v1.EventBus`, `qvirt.v1.EventIngest`, health and
+/// reflection on `listener` until `shutdown` fires; then every
+/// subscription ends with UNAVAILABLE.
 pub async fn run(
     config: Config,
     listener: Listener,
@@ -57,9 +66,12 @@ pub async fn run(
     let token = InternalToken::load_optional(config.internal_token_file.as_ref())
         .map_err(RunError::InternalToken)?;
     let auth = InternalAuth::new(token, &config.internal_uids);
-    auth.log_policy("EventBus/Publish, x-qvirt-principal");
+    auth.log_policy("EventIngest/Publish, x-qvirt-principal");
     let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
     let epoch = new_epoch();
+    if !cursor::valid_epoch(&epoch) {
+        return Err(RunError::Epoch(epoch));
+    }
     // The receive windows stated, not inherited: what a connection may make
     // the bus hold is part of its documented memory bound
     // (`config::CONNECTION_BYTES`).
@@ -85,13 +97,16 @@ pub async fn run(
             hub.close();
         }
     });
-    let service = EventBusService::new(hub.clone(), epoch, config.policy(), shutdown.clone())
-        .with_internal_auth(auth)
+    let ingest = EventIngestService::new(hub.clone(), &epoch, shutdown.clone())
+        .with_internal_auth(auth.clone())
         .with_max_event_bytes(config.max_event_bytes);
+    let service =
+        EventBusService::new(hub.clone(), epoch, config.policy()).with_internal_auth(auth);
     let services = Services::new()
         .options(options)
         .coalescing_writes()
-        .with(server::BusServer::new(service));
+        .with(server::BusServer::new(service))
+        .with(EventIngestServer::new(ingest));
     let result = serve::serve(listener, services, shutdown).await;
     hub.close();
     Ok(result?)

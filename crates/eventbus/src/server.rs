@@ -1,11 +1,12 @@
-//! The `qvirt.v1.EventBus` server: the generated routes, except the two
-//! subscription streams, whose events are encoded once per event and the
-//! same bytes sent to every subscriber.
+//! The `qvirt.v1.EventBus` server: the two subscription streams, whose
+//! events are encoded once per event and the same bytes sent to every
+//! subscriber (any other path goes to the generated routes, which answer
+//! UNIMPLEMENTED).
 //!
 //! With the generated route, each delivery would clone the event's strings
 //! and run prost's encoder once per subscriber; with 1,000 subscribers that
 //! was most of the bus's CPU. Here an event's message (the response with
-//! its sequence number) is encoded by the first subscriber stream that
+//! its sequence number and cursor) is encoded by the first subscriber stream that
 //! sends it ([`Envelope::encoded`]); the others copy those bytes into their
 //! frame. The bytes on the wire are exactly what the generated route sends.
 //! Their bodies are bounded in what HTTP/2 may buffer of them
@@ -13,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes};
@@ -34,6 +36,7 @@ use crate::inflight::InFlightBody;
 use crate::service::{
     BusEvent, EventBusService, ResponseStream, StreamItem, domain_event, monitor_event,
 };
+use crate::status::BusError;
 
 const MONITOR_PATH: &str = "/qvirt.v1.EventBus/SubscribeMonitorEvents";
 const DOMAIN_PATH: &str = "/qvirt.v1.EventBus/SubscribeDomainEvents";
@@ -107,8 +110,9 @@ fn encode(msg: &impl Message) -> Bytes {
     Bytes::from(msg.encode_to_vec())
 }
 
-/// The wire form of a monitor-event subscription's item.
-fn monitor_bytes(item: StreamItem) -> Option<Bytes> {
+/// The wire form of a monitor-event subscription's item, its cursor in
+/// run `epoch`.
+fn monitor_bytes(epoch: &str, item: StreamItem) -> Option<Bytes> {
     use subscribe_monitor_events_response::Kind;
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
@@ -120,7 +124,7 @@ fn monitor_bytes(item: StreamItem) -> Option<Bytes> {
                 return None;
             }
             return Some(env.encoded(|env: &Envelope<BusEvent>| {
-                let kind = monitor_event(env).map(Kind::Event);
+                let kind = monitor_event(epoch, env).map(Kind::Event);
                 encode(&SubscribeMonitorEventsResponse { kind })
             }));
         }
@@ -128,8 +132,9 @@ fn monitor_bytes(item: StreamItem) -> Option<Bytes> {
     Some(encode(&SubscribeMonitorEventsResponse { kind: Some(kind) }))
 }
 
-/// The wire form of a domain-event subscription's item.
-fn domain_bytes(item: StreamItem) -> Option<Bytes> {
+/// The wire form of a domain-event subscription's item, its cursor in run
+/// `epoch`.
+fn domain_bytes(epoch: &str, item: StreamItem) -> Option<Bytes> {
     use subscribe_domain_events_response::Kind;
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
@@ -139,7 +144,7 @@ fn domain_bytes(item: StreamItem) -> Option<Bytes> {
                 return None;
             }
             return Some(env.encoded(|env: &Envelope<BusEvent>| {
-                let kind = domain_event(env).map(Kind::Event);
+                let kind = domain_event(epoch, env).map(Kind::Event);
                 encode(&SubscribeDomainEventsResponse { kind })
             }));
         }
@@ -155,9 +160,10 @@ impl ServerStreamingService<SubscribeMonitorEventsRequest> for MonitorStreams {
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<SubscribeMonitorEventsRequest>) -> Self::Future {
+        let epoch = Arc::clone(self.0.epoch());
         let result = self
             .0
-            .monitor_subscription(request, monitor_bytes)
+            .monitor_subscription(request, move |item| monitor_bytes(&epoch, item))
             .map(Response::new);
         Box::pin(std::future::ready(result))
     }
@@ -171,9 +177,10 @@ impl ServerStreamingService<SubscribeDomainEventsRequest> for DomainStreams {
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<SubscribeDomainEventsRequest>) -> Self::Future {
+        let epoch = Arc::clone(self.0.epoch());
         let result = self
             .0
-            .domain_subscription(request, domain_bytes)
+            .domain_subscription(request, move |item| domain_bytes(&epoch, item))
             .map(Response::new);
         Box::pin(std::future::ready(result))
     }
@@ -235,7 +242,7 @@ impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
         Req::decode(src)
             .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("cannot decode the request: {e}")))
+            .map_err(|e| BusError::Undecodable(e).into())
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -245,8 +252,6 @@ impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use qvirt_proto::v1::{DomainEvent, MonitorEvent};
 
     use super::*;
@@ -267,21 +272,21 @@ mod tests {
     #[test]
     fn test_event_is_encoded_once_as_the_typed_message() {
         let env = monitor_env(42);
-        let first = monitor_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
-        let again = monitor_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
+        let first = monitor_bytes("run", StreamItem::Event(Arc::clone(&env))).unwrap();
+        let again = monitor_bytes("run", StreamItem::Event(Arc::clone(&env))).unwrap();
         // The same buffer, not a second encoding.
         assert_eq!(first.as_ptr(), again.as_ptr());
         let decoded = SubscribeMonitorEventsResponse::decode(first).unwrap();
         let want = SubscribeMonitorEventsResponse {
             kind: Some(subscribe_monitor_events_response::Kind::Event(
-                monitor_event(&env).unwrap(),
+                monitor_event("run", &env).unwrap(),
             )),
         };
         assert_eq!(decoded, want);
         let Some(subscribe_monitor_events_response::Kind::Event(e)) = decoded.kind else {
             unreachable!()
         };
-        assert_eq!(e.sequence, 42);
+        assert_eq!((e.sequence, e.cursor.as_str()), (42, "1.run.42"));
     }
 
     #[test]
@@ -293,14 +298,17 @@ mod tests {
                 ..Default::default()
             }),
         ));
-        let bytes = domain_bytes(StreamItem::Event(Arc::clone(&env))).unwrap();
+        let bytes = domain_bytes("run", StreamItem::Event(Arc::clone(&env))).unwrap();
         let decoded = SubscribeDomainEventsResponse::decode(bytes).unwrap();
         let Some(subscribe_domain_events_response::Kind::Event(e)) = decoded.kind else {
             panic!("{decoded:?}")
         };
-        assert_eq!((e.sequence, e.domain_name.as_str()), (7, "vm"));
+        assert_eq!(
+            (e.sequence, e.domain_name.as_str(), e.cursor.as_str()),
+            (7, "vm", "1.run.7")
+        );
         // An event of the other kind is skipped, and leaves no wire form.
-        assert!(monitor_bytes(StreamItem::Event(env)).is_none());
-        assert!(domain_bytes(StreamItem::Event(monitor_env(8))).is_none());
+        assert!(monitor_bytes("run", StreamItem::Event(env)).is_none());
+        assert!(domain_bytes("run", StreamItem::Event(monitor_env(8))).is_none());
     }
 }

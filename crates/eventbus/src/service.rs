@@ -1,34 +1,34 @@
-//! The `qvirt.v1.EventBus` gRPC service over the [`Hub`]: publishing,
-//! subscription requests turned into filters, hub items turned into stream
-//! messages.
+//! The `qvirt.v1.EventBus` gRPC service over the [`Hub`]: subscription
+//! requests turned into filters and a start point (`resume_after`), hub
+//! items turned into stream messages with their cursors. Publishing is
+//! [`crate::ingest`].
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use qvirt_proto::v1::event_bus_server::EventBus;
-use qvirt_proto::v1::publish_request::Event as PublishedEvent;
 use qvirt_proto::v1::{
     DomainEvent, EventsLost, EventsLostReason, MonitorEvent, MonitorEventFilterFlag,
-    PublishRequest, PublishResponse, SubscribeDomainEventsRequest, SubscribeDomainEventsResponse,
-    SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse, SubscriptionEstablished,
-    subscribe_domain_events_response, subscribe_monitor_events_response,
+    SubscribeDomainEventsRequest, SubscribeDomainEventsResponse, SubscribeMonitorEventsRequest,
+    SubscribeMonitorEventsResponse, SubscriptionEstablished, subscribe_domain_events_response,
+    subscribe_monitor_events_response,
 };
 use std::task::{Context, Poll};
 
-use prost::Message as _;
 use qvirt_common::internal_auth::InternalAuth;
 use tokio_stream::Stream;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
+use crate::cursor::{self, MAX_CURSOR_LEN};
 use crate::filter::{DomainFilter, EventNameFilter, FilterFlags, MonitorEventFilter};
 use crate::hub::{
     Envelope, Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
     SubscriptionItem,
 };
-use crate::status;
+use crate::status::BusError;
 
 /// Metadata key in which the gateway passes the authenticated principal.
 /// Honoured only from an internal caller (one that presents the internal
@@ -43,23 +43,14 @@ pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
 /// 253.
 pub const MAX_FILTER_FIELD_LEN: usize = 256;
 
-/// The default cap on one published event's encoded size (its protobuf
-/// message, before the bus numbers it). QMP events are well under 1 KiB;
-/// with `queue_max_bytes` it bounds what a stalled subscriber pins
-/// (`Config::subscription_bound`).
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
-
-/// The values `max_event_bytes` may take (gRPC refuses a Publish message
-/// above 4 MiB before this cap is looked at).
-pub const MAX_EVENT_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1 << 20;
-
 /// Refuses a `field` value longer than [`MAX_FILTER_FIELD_LEN`].
-fn bounded(field: &str, value: &str) -> Result<(), Status> {
+fn bounded(field: &'static str, value: &str) -> Result<(), BusError> {
     if value.len() > MAX_FILTER_FIELD_LEN {
-        return Err(Status::invalid_argument(format!(
-            "{field}: is {} bytes, at most {MAX_FILTER_FIELD_LEN}",
-            value.len()
-        )));
+        return Err(BusError::FieldTooLong {
+            field,
+            len: value.len(),
+            max: MAX_FILTER_FIELD_LEN,
+        });
     }
     Ok(())
 }
@@ -69,10 +60,11 @@ fn bounded(field: &str, value: &str) -> Result<(), Status> {
 const ENVELOPE_BYTES: usize =
     2 * std::mem::size_of::<usize>() + std::mem::size_of::<Envelope<BusEvent>>();
 
-/// What an event's wire form adds to its strings, at most: every field's
-/// tag and length or value, the sequence number, the response's oneof and
-/// the `Bytes` header (well under 128 bytes for seven fields).
-pub const WIRE_OVERHEAD: usize = 128;
+/// What an event's wire form adds to its strings, at most: its cursor
+/// (at most [`MAX_CURSOR_LEN`]), every field's tag and length or value,
+/// the sequence number, the response's oneof and the `Bytes` header (well
+/// under 128 bytes for nine fields).
+pub const WIRE_OVERHEAD: usize = MAX_CURSOR_LEN + 128;
 
 /// One event on the bus: both kinds share one sequence space.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +109,45 @@ impl BusEvent {
     pub fn max_weight(max_event_bytes: usize) -> usize {
         ENVELOPE_BYTES + 2 * max_event_bytes + WIRE_OVERHEAD
     }
+
+    /// The event as the bus stores it: what a publisher put in the fields
+    /// the bus sets (`sequence`, `cursor`) is dropped.
+    pub fn published(self) -> Self {
+        match self {
+            BusEvent::Domain(e) => BusEvent::Domain(DomainEvent {
+                sequence: 0,
+                cursor: String::new(),
+                ..e
+            }),
+            BusEvent::Monitor(e) => BusEvent::Monitor(MonitorEvent {
+                sequence: 0,
+                cursor: String::new(),
+                ..e
+            }),
+        }
+    }
+}
+
+/// Where a subscription starts, from its `resume_after` and `replay_held`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Live events only.
+    Live,
+    /// After this sequence number of the current run (0: every event held).
+    After(u64),
+    /// The cursor is of another run: BUS_RESTARTED, then every event held.
+    Restarted,
+}
+
+impl Start {
+    /// The hub's replay point.
+    fn since(self) -> Option<u64> {
+        match self {
+            Start::Live => None,
+            Start::After(seq) => Some(seq),
+            Start::Restarted => Some(0),
+        }
+    }
 }
 
 /// The event bus service: a hub plus the bus's identity.
@@ -126,65 +157,31 @@ pub struct EventBusService {
     epoch: Arc<str>,
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
-    shutdown: CancellationToken,
     auth: InternalAuth,
-    max_event_bytes: usize,
 }
 
 impl EventBusService {
     /// A service over `hub`. `epoch` names this run's sequence space;
-    /// `policy` is what happens to slow subscribers; streams end when
-    /// `shutdown` fires.
-    pub fn new(
-        hub: Hub<BusEvent>,
-        epoch: String,
-        policy: OverflowPolicy,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// `policy` is what happens to slow subscribers; streams end when the
+    /// hub is closed ([`Hub::close`]).
+    pub fn new(hub: Hub<BusEvent>, epoch: String, policy: OverflowPolicy) -> Self {
         EventBusService {
             hub,
             epoch: epoch.into(),
             policy,
             next_subscription: Arc::new(AtomicU64::new(1)),
-            shutdown,
             auth: InternalAuth::new(None, &[]),
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         }
     }
 
-    /// Refuses a published event whose encoded size is above `bytes`
-    /// (default [`DEFAULT_MAX_EVENT_BYTES`]).
-    pub fn with_max_event_bytes(mut self, bytes: usize) -> Self {
-        self.max_event_bytes = bytes;
-        self
+    /// The name of this run's sequence space.
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
     }
 
-    /// The event a Publish message carries, if it carries exactly one
-    /// within the size cap; otherwise INVALID_ARGUMENT saying why.
-    fn published_event(&self, req: PublishRequest) -> Result<BusEvent, Status> {
-        let (event, size) = match req.event {
-            Some(PublishedEvent::DomainEvent(e)) => {
-                let size = e.encoded_len();
-                (BusEvent::Domain(e), size)
-            }
-            Some(PublishedEvent::MonitorEvent(e)) => {
-                let size = e.encoded_len();
-                (BusEvent::Monitor(e), size)
-            }
-            None => return Err(Status::invalid_argument("event: exactly one must be set")),
-        };
-        if size > self.max_event_bytes {
-            return Err(Status::invalid_argument(format!(
-                "event: {size} bytes encoded, over the bus's max_event_bytes of {}",
-                self.max_event_bytes
-            )));
-        }
-        Ok(event)
-    }
-
-    /// Who may Publish and name a principal: `auth`'s internal callers.
-    /// The default accepts only unix-socket peers running as root or as
-    /// the bus's own user.
+    /// Who may name a principal ([`PRINCIPAL_METADATA`]): `auth`'s
+    /// internal callers. The default accepts only unix-socket peers
+    /// running as root or as the bus's own user.
     pub fn with_internal_auth(mut self, auth: InternalAuth) -> Self {
         self.auth = auth;
         self
@@ -237,7 +234,39 @@ impl EventBusService {
             oldest_sequence,
             epoch: self.epoch.to_string(),
             subscription_id: format!("{}-{id}", self.epoch),
+            last_cursor: cursor::format(&self.epoch, last_sequence),
         }
+    }
+
+    /// Where a subscription with `resume_after` and `replay_held` starts.
+    /// A cursor of another run is [`Start::Restarted`]; one of this run
+    /// beyond the newest event was never issued: OUT_OF_RANGE.
+    fn start(&self, resume_after: &str, replay_held: bool) -> Result<Start, BusError> {
+        if resume_after.is_empty() {
+            return Ok(if replay_held {
+                Start::After(0)
+            } else {
+                Start::Live
+            });
+        }
+        if replay_held {
+            return Err(BusError::ReplayWithCursor);
+        }
+        let cursor = cursor::parse(resume_after).map_err(BusError::Cursor)?;
+        if cursor.epoch != &*self.epoch {
+            return Ok(Start::Restarted);
+        }
+        // Sequence numbers only grow: a cursor beyond the newest event now
+        // stays beyond the one the hub reads when it registers us.
+        let last = self.hub.last_seq();
+        if cursor.seq > last {
+            return Err(BusError::CursorBeyondHead {
+                seq: cursor.seq,
+                last,
+                last_cursor: cursor::format(&self.epoch, last),
+            });
+        }
+        Ok(Start::After(cursor.seq))
     }
 
     /// Registers a subscription; its response stream turns hub items into
@@ -247,24 +276,21 @@ impl EventBusService {
     fn stream<T, F>(
         &self,
         options: SubscribeOptions,
+        start: Start,
         predicate: impl Fn(&BusEvent) -> bool + Send + Sync + 'static,
         wrap: F,
-    ) -> Result<ResponseStream<T>, Status>
+    ) -> Result<ResponseStream<T>, BusError>
     where
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
-        let since = options.since;
-        let sub = self
-            .hub
-            .subscribe(options, predicate)
-            .map_err(status::subscribe)?;
+        let sub = self.hub.subscribe(options, predicate)?;
         Ok(Box::pin(SubscriptionStream {
             sub,
-            since,
+            start,
             service: self.clone(),
             wrap,
-            pending: None,
+            pending: VecDeque::new(),
             done: false,
         }))
     }
@@ -273,7 +299,7 @@ impl EventBusService {
         &self,
         kind: SubscriberKind,
         (principal, vouched): (String, bool),
-        since: Option<u64>,
+        start: Start,
         key: Option<&str>,
         key_decides: bool,
     ) -> SubscribeOptions {
@@ -281,7 +307,7 @@ impl EventBusService {
             principal,
             vouched,
             kind,
-            since,
+            since: start.since(),
             policy: self.policy,
             key: key.map(Into::into),
             key_decides,
@@ -292,12 +318,12 @@ impl EventBusService {
 /// One subscription's response stream.
 struct SubscriptionStream<T, F> {
     sub: Subscription<BusEvent>,
-    since: Option<u64>,
+    start: Start,
     service: EventBusService,
     wrap: F,
-    /// A message due after the one just returned (the replay loss after
+    /// Messages due after the one just returned (the loss markers after
     /// SubscriptionEstablished).
-    pending: Option<T>,
+    pending: VecDeque<T>,
     done: bool,
 }
 
@@ -305,41 +331,48 @@ impl<T, F> SubscriptionStream<T, F>
 where
     F: Fn(StreamItem) -> Option<T>,
 {
-    /// The message for one hub item, and the one to follow it, if any.
-    fn message(&self, item: SubscriptionItem<BusEvent>) -> (Option<T>, Option<T>) {
+    /// The messages for one hub item, in order: the first one to return,
+    /// the rest queued in `pending`.
+    fn messages(&mut self, item: SubscriptionItem<BusEvent>) -> Option<T> {
         match item {
             SubscriptionItem::Established {
                 last_seq,
                 oldest_seq,
                 lost,
             } => {
-                let first = (self.wrap)(StreamItem::Established(
+                let mut items = vec![StreamItem::Established(
                     self.service.established(last_seq, oldest_seq),
-                ));
-                let then = (lost > 0).then(|| {
-                    let from = self.since.unwrap_or(0) + 1;
-                    StreamItem::Lost(EventsLost {
+                )];
+                if self.start == Start::Restarted {
+                    items.push(StreamItem::Lost(EventsLost {
+                        reason: EventsLostReason::BusRestarted as i32,
+                        ..Default::default()
+                    }));
+                }
+                if lost > 0 {
+                    let from = self.start.since().unwrap_or(0) + 1;
+                    items.push(StreamItem::Lost(EventsLost {
                         reason: EventsLostReason::ReplayExpired as i32,
                         count: lost,
                         first_sequence: from,
                         last_sequence: from + lost - 1,
-                    })
-                });
-                (first, then.and_then(&self.wrap))
+                    }));
+                }
+                let mut messages = items.into_iter().filter_map(&self.wrap);
+                let first = messages.next();
+                self.pending.extend(messages);
+                first
             }
-            SubscriptionItem::Event(env) => ((self.wrap)(StreamItem::Event(env)), None),
-            SubscriptionItem::Lost { count, reason } => (
-                (self.wrap)(StreamItem::Lost(EventsLost {
-                    reason: match reason {
-                        LossReason::QueueFull => EventsLostReason::SlowConsumer,
-                        LossReason::RingEvicted => EventsLostReason::ReplayExpired,
-                    } as i32,
-                    count,
-                    first_sequence: 0,
-                    last_sequence: 0,
-                })),
-                None,
-            ),
+            SubscriptionItem::Event(env) => (self.wrap)(StreamItem::Event(env)),
+            SubscriptionItem::Lost { count, reason } => (self.wrap)(StreamItem::Lost(EventsLost {
+                reason: match reason {
+                    LossReason::QueueFull => EventsLostReason::SlowConsumer,
+                    LossReason::RingEvicted => EventsLostReason::ReplayExpired,
+                } as i32,
+                count,
+                first_sequence: 0,
+                last_sequence: 0,
+            })),
         }
     }
 }
@@ -353,7 +386,7 @@ where
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(msg) = this.pending.take() {
+        if let Some(msg) = this.pending.pop_front() {
             return Poll::Ready(Some(Ok(msg)));
         }
         while !this.done {
@@ -361,17 +394,11 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(status::recv(e))));
+                    return Poll::Ready(Some(Err(BusError::from(e).into())));
                 }
                 Poll::Ready(Ok(item)) => {
-                    let (first, then) = this.message(item);
-                    match (first, then) {
-                        (Some(msg), then) => {
-                            this.pending = then;
-                            return Poll::Ready(Some(Ok(msg)));
-                        }
-                        (None, Some(msg)) => return Poll::Ready(Some(Ok(msg))),
-                        (None, None) => {}
+                    if let Some(msg) = this.messages(item) {
+                        return Poll::Ready(Some(Ok(msg)));
                     }
                 }
             }
@@ -392,17 +419,13 @@ pub enum StreamItem {
 
 pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-fn flags(raw: &[i32]) -> Result<FilterFlags, Status> {
+fn flags(raw: &[i32]) -> Result<FilterFlags, BusError> {
     let mut flags = FilterFlags::default();
-    for &f in raw {
-        match MonitorEventFilterFlag::try_from(f) {
+    for (index, &value) in raw.iter().enumerate() {
+        match MonitorEventFilterFlag::try_from(value) {
             Ok(MonitorEventFilterFlag::Regex) => flags.regex = true,
             Ok(MonitorEventFilterFlag::Nocase) => flags.nocase = true,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "flags: unknown monitor event filter flag {f}"
-                )));
-            }
+            _ => return Err(BusError::Flag { index, value }),
         }
     }
     Ok(flags)
@@ -410,52 +433,17 @@ fn flags(raw: &[i32]) -> Result<FilterFlags, Status> {
 
 #[tonic::async_trait]
 impl EventBus for EventBusService {
-    async fn publish(
-        &self,
-        request: Request<Streaming<PublishRequest>>,
-    ) -> Result<Response<PublishResponse>, Status> {
-        // Before a single message is read: a forged event must not reach
-        // anyone.
-        self.auth.check(&request, "Publish")?;
-        let mut stream = request.into_inner();
-        let (mut last_sequence, mut accepted) = (0, 0);
-        loop {
-            // On shutdown the stream is answered at once, so the publisher
-            // learns where it stands and the server need not wait for it.
-            let next = tokio::select! {
-                m = stream.message() => m?,
-                () = self.shutdown.cancelled() => None,
-            };
-            let Some(req) = next else { break };
-            // A bad event ends the call: the events before it are stored,
-            // none after it.
-            let event = self.published_event(req)?;
-            last_sequence = self.hub.publish(event);
-            accepted += 1;
-            // Reading a message already buffered never waits, so without
-            // this a burst would keep the worker (the only one with
-            // `worker_threads: 1`) from delivering anything until it is
-            // all published; this steps aside once tokio's budget (128
-            // units) is spent.
-            tokio::task::coop::consume_budget().await;
-        }
-        Ok(Response::new(PublishResponse {
-            last_sequence,
-            accepted,
-            epoch: self.epoch.to_string(),
-        }))
-    }
-
     async fn subscribe_domain_events(
         &self,
         request: Request<SubscribeDomainEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeDomainEventsResponse>>, Status> {
         use subscribe_domain_events_response::Kind;
-        let stream = self.domain_subscription(request, |item| {
+        let epoch = Arc::clone(&self.epoch);
+        let stream = self.domain_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
-                StreamItem::Event(env) => Kind::Event(domain_event(&env)?),
+                StreamItem::Event(env) => Kind::Event(domain_event(&epoch, &env)?),
             };
             Some(SubscribeDomainEventsResponse { kind: Some(kind) })
         })?;
@@ -467,11 +455,12 @@ impl EventBus for EventBusService {
         request: Request<SubscribeMonitorEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
         use subscribe_monitor_events_response::Kind;
-        let stream = self.monitor_subscription(request, |item| {
+        let epoch = Arc::clone(&self.epoch);
+        let stream = self.monitor_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
-                StreamItem::Event(env) => Kind::Event(monitor_event(&env)?),
+                StreamItem::Event(env) => Kind::Event(monitor_event(&epoch, &env)?),
             };
             Some(SubscribeMonitorEventsResponse { kind: Some(kind) })
         })?;
@@ -479,22 +468,26 @@ impl EventBus for EventBusService {
     }
 }
 
-/// The lifecycle event of `env` with its sequence number, if it is one.
-pub(crate) fn domain_event(env: &Envelope<BusEvent>) -> Option<DomainEvent> {
+/// The lifecycle event of `env` with its sequence number and its cursor
+/// in run `epoch`, if it is one.
+pub(crate) fn domain_event(epoch: &str, env: &Envelope<BusEvent>) -> Option<DomainEvent> {
     match &env.event {
         BusEvent::Domain(e) => Some(DomainEvent {
             sequence: env.seq,
+            cursor: cursor::format(epoch, env.seq),
             ..e.clone()
         }),
         BusEvent::Monitor(_) => None,
     }
 }
 
-/// The monitor event of `env` with its sequence number, if it is one.
-pub(crate) fn monitor_event(env: &Envelope<BusEvent>) -> Option<MonitorEvent> {
+/// The monitor event of `env` with its sequence number and its cursor in
+/// run `epoch`, if it is one.
+pub(crate) fn monitor_event(epoch: &str, env: &Envelope<BusEvent>) -> Option<MonitorEvent> {
     match &env.event {
         BusEvent::Monitor(e) => Some(MonitorEvent {
             sequence: env.seq,
+            cursor: cursor::format(epoch, env.seq),
             ..e.clone()
         }),
         BusEvent::Domain(_) => None,
@@ -517,6 +510,7 @@ impl EventBusService {
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
         bounded("host", &req.host)?;
+        let start = self.start(&req.resume_after, req.replay_held)?;
         let domain = DomainFilter::new(&req.domain);
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
@@ -526,11 +520,12 @@ impl EventBusService {
             }
             BusEvent::Monitor(_) => false,
         };
-        self.stream(
-            self.options(SubscriberKind::Domain, who, req.since, None, false),
+        Ok(self.stream(
+            self.options(SubscriberKind::Domain, who, start, None, false),
+            start,
             predicate,
             wrap,
-        )
+        )?)
     }
 
     /// A monitor-event subscription for `request`, its messages built by
@@ -550,8 +545,10 @@ impl EventBusService {
         bounded("host", &req.host)?;
         let filter = MonitorEventFilter {
             domain: DomainFilter::new(&req.domain),
-            event: EventNameFilter::new(&req.event, flags(&req.flags)?).map_err(status::filter)?,
+            event: EventNameFilter::new(&req.event, flags(&req.flags)?)
+                .map_err(BusError::Filter)?,
         };
+        let start = self.start(&req.resume_after, req.replay_held)?;
         let key = filter.event.exact_name().map(Box::<str>::from);
         // A literal name with no domain or host filter: the hub's index by
         // name is the whole test.
@@ -564,17 +561,18 @@ impl EventBusService {
             }
             BusEvent::Domain(_) => false,
         };
-        self.stream(
+        Ok(self.stream(
             self.options(
                 SubscriberKind::Monitor,
                 who,
-                req.since,
+                start,
                 key.as_deref(),
                 key_decides,
             ),
+            start,
             predicate,
             wrap,
-        )
+        )?)
     }
 }
 
@@ -582,6 +580,7 @@ impl EventBusService {
 mod tests {
     use std::future::poll_fn;
 
+    use qvirt_common::rpc;
     use tokio_stream::StreamExt as _;
 
     use super::*;
@@ -594,17 +593,47 @@ mod tests {
         };
         let hub = Hub::with_size_and_key_fn(config, BusEvent::weight, BusEvent::key)
             .expect("valid config");
-        EventBusService::new(
-            hub,
-            "e".into(),
-            OverflowPolicy::MarkLost,
-            CancellationToken::new(),
-        )
+        EventBusService::new(hub, "e".into(), OverflowPolicy::MarkLost)
     }
 
     fn publish_domain_events(svc: &EventBusService, n: u64) {
         for _ in 0..n {
             svc.hub().publish(BusEvent::Domain(DomainEvent::default()));
+        }
+    }
+
+    /// Every message of a domain-event subscription with `req` that is
+    /// ready now.
+    async fn ready_messages(
+        svc: &EventBusService,
+        req: SubscribeDomainEventsRequest,
+    ) -> Vec<StreamItem> {
+        let mut stream = svc
+            .domain_subscription(Request::new(req), Some)
+            .expect("subscribed");
+        let mut got = Vec::new();
+        while let Some(item) = poll_fn(|cx| match stream.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Ready(None),
+            ready => ready,
+        })
+        .await
+        {
+            got.push(item.expect("no error"));
+        }
+        got
+    }
+
+    fn describe(item: &StreamItem) -> String {
+        match item {
+            StreamItem::Established(e) => format!("established {}", e.last_cursor),
+            StreamItem::Event(env) => format!("event {}", env.seq),
+            StreamItem::Lost(l) => format!(
+                "lost {:?} {} {}..{}",
+                l.reason(),
+                l.count,
+                l.first_sequence,
+                l.last_sequence
+            ),
         }
     }
 
@@ -625,78 +654,143 @@ mod tests {
                 ..Default::default()
             });
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
-            assert!(status.message().starts_with("flags: "), "{status}");
+            assert!(status.message().starts_with("flags[1]: "), "{status}");
+            assert_eq!(rpc::violated_fields(&status), ["flags[1]"]);
         }
         let status = refused(SubscribeMonitorEventsRequest {
             event: "x".repeat(crate::filter::MAX_PATTERN_LEN + 1),
             ..Default::default()
         });
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        assert_eq!(rpc::violated_fields(&status), ["event"]);
         let status = refused(SubscribeMonitorEventsRequest {
             host: "h".repeat(MAX_FILTER_FIELD_LEN + 1),
             ..Default::default()
         });
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        assert_eq!(rpc::violated_fields(&status), ["host"]);
         // Nothing refused holds a slot.
         assert_eq!(svc.hub().stats().subscribers_monitor, 0);
     }
 
-    /// A monitor event whose encoded size is exactly `size` bytes.
-    fn monitor_event_of(size: usize) -> MonitorEvent {
-        let mut e = MonitorEvent {
-            event: "BLOCK_IO_ERROR".into(),
-            ..Default::default()
+    #[test]
+    fn test_bad_resume_points_are_refused_before_taking_a_slot() {
+        let svc = service(4);
+        publish_domain_events(&svc, 3);
+        let refused = |resume_after: &str, replay_held: bool| match svc.domain_subscription(
+            Request::new(SubscribeDomainEventsRequest {
+                resume_after: resume_after.into(),
+                replay_held,
+                ..Default::default()
+            }),
+            Some,
+        ) {
+            Ok(_) => panic!("{resume_after:?} accepted"),
+            Err(status) => status,
         };
-        // The length prefix grows with the string: shrink until it fits.
-        let mut len = size;
-        loop {
-            e.details_json = "x".repeat(len);
-            match e.encoded_len().cmp(&size) {
-                std::cmp::Ordering::Equal => return e,
-                std::cmp::Ordering::Greater => len -= 1,
-                std::cmp::Ordering::Less => panic!("no event of exactly {size} bytes"),
-            }
+        for malformed in ["3", "1.e", "1.e.x", "2.e.3", &"1".repeat(129)] {
+            let status = refused(malformed, false);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+            assert_eq!(rpc::reason_of(&status).as_deref(), Some("INVALID_CURSOR"));
+            assert_eq!(rpc::violated_fields(&status), ["resume_after"]);
+        }
+        // Event 4 of this run was never published: OUT_OF_RANGE, naming
+        // the newest cursor.
+        let status = refused("1.e.4", false);
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+        assert_eq!(
+            rpc::reason_of(&status).as_deref(),
+            Some("CURSOR_BEYOND_HEAD")
+        );
+        assert!(
+            status.message().contains("beyond its newest (3)"),
+            "{status}"
+        );
+        let status = refused("1.e.0", true);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+        assert_eq!(rpc::violated_fields(&status), ["replay_held"]);
+        assert_eq!(svc.hub().stats().subscribers_domain, 0);
+    }
+
+    #[tokio::test]
+    async fn test_resume_points() {
+        let svc = service(4);
+        // Before any event, the cursor names the start of the run, and
+        // resuming after it later misses nothing.
+        let now = ready_messages(&svc, Default::default()).await;
+        let [StreamItem::Established(e)] = &now[..] else {
+            panic!("{:?}", now.iter().map(describe).collect::<Vec<_>>());
+        };
+        assert_eq!(e.last_cursor, "1.e.0");
+        publish_domain_events(&svc, 6);
+        let cases: [(&str, bool, &[&str]); 5] = [
+            // Live only.
+            ("", false, &["established 1.e.6"]),
+            // Everything held: the ring of 4 lost 1 and 2.
+            (
+                "",
+                true,
+                &[
+                    "established 1.e.6",
+                    "lost ReplayExpired 2 1..2",
+                    "event 3",
+                    "event 4",
+                    "event 5",
+                    "event 6",
+                ],
+            ),
+            (
+                "1.e.0",
+                false,
+                &[
+                    "established 1.e.6",
+                    "lost ReplayExpired 2 1..2",
+                    "event 3",
+                    "event 4",
+                    "event 5",
+                    "event 6",
+                ],
+            ),
+            ("1.e.4", false, &["established 1.e.6", "event 5", "event 6"]),
+            // Another run: the history is gone, then everything held.
+            (
+                "1.other-run.4",
+                false,
+                &[
+                    "established 1.e.6",
+                    "lost BusRestarted 0 0..0",
+                    "lost ReplayExpired 2 1..2",
+                    "event 3",
+                    "event 4",
+                    "event 5",
+                    "event 6",
+                ],
+            ),
+        ];
+        for (resume_after, replay_held, want) in cases {
+            let got = ready_messages(
+                &svc,
+                SubscribeDomainEventsRequest {
+                    resume_after: resume_after.into(),
+                    replay_held,
+                    ..Default::default()
+                },
+            )
+            .await;
+            let got: Vec<String> = got.iter().map(describe).collect();
+            assert_eq!(
+                got, want,
+                "resume_after {resume_after:?} replay_held {replay_held}"
+            );
         }
     }
 
     #[test]
-    fn test_published_event_is_bounded_by_max_event_bytes() {
-        let svc = service(4).with_max_event_bytes(2048);
-        let req = |e| PublishRequest {
-            event: Some(PublishedEvent::MonitorEvent(e)),
-        };
-        assert!(svc.published_event(req(monitor_event_of(2048))).is_ok());
-        let status = svc
-            .published_event(req(monitor_event_of(2049)))
-            .expect_err("over the cap");
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
-        assert!(
-            status
-                .message()
-                .contains("2049 bytes encoded, over the bus's max_event_bytes of 2048"),
-            "{status}"
-        );
-        // Domain events are bounded too.
-        let domain = DomainEvent {
-            domain_name: "d".repeat(4096),
-            ..Default::default()
-        };
-        let status = svc
-            .published_event(PublishRequest {
-                event: Some(PublishedEvent::DomainEvent(domain)),
-            })
-            .expect_err("over the cap");
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
-        // The default.
-        let svc = service(4);
-        assert!(
-            svc.published_event(req(monitor_event_of(DEFAULT_MAX_EVENT_BYTES)))
-                .is_ok()
-        );
-        assert!(
-            svc.published_event(req(monitor_event_of(DEFAULT_MAX_EVENT_BYTES + 1)))
-                .is_err()
-        );
+    fn test_events_carry_their_cursor() {
+        let env = Envelope::new(7, BusEvent::Domain(DomainEvent::default()));
+        let e = domain_event("run", &env).expect("a domain event");
+        assert_eq!((e.sequence, e.cursor.as_str()), (7, "1.run.7"));
+        assert!(monitor_event("run", &env).is_none());
     }
 
     #[tokio::test]
@@ -713,6 +807,7 @@ mod tests {
             panic!("first message must be established");
         };
         assert_eq!((e.last_sequence, e.oldest_sequence), (2, 1));
+        assert_eq!(e.last_cursor, "1.e.2");
         // And the 10 events after it follow.
         for want in 3..=12 {
             match stream.next().await {

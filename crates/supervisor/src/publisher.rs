@@ -1,6 +1,6 @@
 //! The [`EventSink`] that feeds the event bus: events go into a bounded
 //! buffer at once (a guest's watcher never waits on the bus), and one task
-//! streams them to `qvirt.v1.EventBus/Publish`, reconnecting with backoff
+//! streams them to `qvirt.v1.EventIngest/Publish`, reconnecting with backoff
 //! while the bus is away. When the buffer is full the newest event is
 //! dropped and counted ([`BusPublisher::lost`]), never queued without end.
 //! A stream that ends with the bus's reply counts the events it sent that
@@ -18,7 +18,7 @@ use crate::loss::LossCounter;
 use std::time::{Duration, SystemTime};
 
 use qvirt_common::internal_auth::TokenInterceptor;
-use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::{DomainEvent, DomainEventType, MonitorEvent, PublishRequest, domain_event};
 use tokio::sync::mpsc;
@@ -105,6 +105,8 @@ impl EventSink for BusPublisher {
             timestamp_seconds: event.seconds,
             timestamp_microseconds: event.microseconds,
             details_json: event.data.clone(),
+            // Set by the bus.
+            cursor: String::new(),
         }));
     }
 
@@ -180,7 +182,7 @@ async fn forward(
             taking.fetch_add(1, Ordering::Relaxed);
             PublishRequest { event: Some(event) }
         });
-        let mut client = EventBusClient::with_interceptor(channel, token.clone());
+        let mut client = EventIngestClient::with_interceptor(channel, token.clone());
         let mut call = tokio::spawn(async move { client.publish(requests).await });
         let ended = loop {
             let event = match pending.take() {
@@ -263,7 +265,7 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use qvirt_proto::v1::event_bus_server::{EventBus, EventBusServer};
+    use qvirt_proto::v1::event_ingest_server::{EventIngest, EventIngestServer};
     use qvirt_proto::v1::{PublishResponse, publish_request};
     use tonic::transport::server::TcpIncoming;
     use tonic::{Request, Response, Status, Streaming};
@@ -275,7 +277,7 @@ mod tests {
     struct Recorder(mpsc::UnboundedSender<Event>);
 
     #[tonic::async_trait]
-    impl EventBus for Recorder {
+    impl EventIngest for Recorder {
         async fn publish(
             &self,
             request: Request<Streaming<PublishRequest>>,
@@ -331,7 +333,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(EventBusServer::new(Recorder(tx)))
+                .add_service(EventIngestServer::new(Recorder(tx)))
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
         let mut got = Vec::new();
@@ -372,7 +374,7 @@ mod tests {
     }
 
     #[tonic::async_trait]
-    impl EventBus for Impatient {
+    impl EventIngest for Impatient {
         async fn publish(
             &self,
             request: Request<Streaming<PublishRequest>>,
@@ -413,7 +415,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(EventBusServer::new(Impatient { keep: 3, tx }))
+                .add_service(EventIngestServer::new(Impatient { keep: 3, tx }))
                 .serve_with_incoming(TcpIncoming::from(listener)),
         );
         // Every event is either stored or counted lost, none vanishes.
