@@ -14,8 +14,9 @@ use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, ListDomainsRequest, ListHooksRequest, SubscribeDomainEventsRequest,
-    SubscribeMonitorEventsRequest, define_domain_request, subscribe_domain_events_response,
+    DefineDomainRequest, ListDomainsRequest, ListHooksRequest, StartDomainRequest,
+    SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest, define_domain_request,
+    subscribe_domain_events_response,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
@@ -334,15 +335,19 @@ async fn test_denied_write_never_reaches_the_backend_and_writes_and_denials_are_
 
     let lines = audit_lines(&s.audit, 3).await;
     assert_eq!(lines.len(), 3, "reads are not audited: {lines:?}");
-    assert_eq!(lines[0]["principal"], "viewer");
-    assert_eq!(lines[0]["status"], "PERMISSION_DENIED");
-    assert_eq!(lines[0]["method"], "/qvirt.v1.Supervisor/DefineDomain");
-    assert_eq!(lines[0]["transport"], "tcp");
-    assert_eq!(lines[1]["principal"], "operator");
-    assert_eq!(lines[1]["status"], "OK");
-    assert_eq!(lines[1]["method"], "/qvirt.v1.Supervisor/DefineDomain");
-    assert_eq!(lines[2]["status"], "UNAUTHENTICATED");
-    assert_eq!(lines[2]["method"], "/qvirt.v1.Supervisor/ListDomains");
+    // Lines are written as calls end, so they are found by content.
+    let find = |principal: &str, method: &str, status: &str| {
+        lines.iter().find(|l| {
+            l["principal"] == principal
+                && l["method"] == format!("/qvirt.v1.Supervisor/{method}")
+                && l["status"] == status
+        })
+    };
+    let denied = find("viewer", "DefineDomain", "PERMISSION_DENIED").expect("the denial");
+    assert_eq!(denied["transport"], "tcp");
+    assert_eq!(denied["code"], 7);
+    find("operator", "DefineDomain", "OK").expect("the write");
+    find("", "ListDomains", "UNAUTHENTICATED").expect("the unauthenticated call");
     for line in &lines {
         for key in ["time", "peer", "duration_ms", "code"] {
             assert!(line.get(key).is_some(), "{key} missing: {line}");
@@ -536,13 +541,47 @@ async fn test_unix_sockets_decide_the_role_and_a_token_only_lowers_it() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
-    let lines = audit_lines(&s.audit, 4).await;
+    // Audit lines carry the domain a request names.
+    let err = rw
+        .start_domain(StartDomainRequest {
+            domain: "no-such-domain".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    let lines = audit_lines(&s.audit, 5).await;
+    // Lines are written as calls end, so they are found by content.
     let uid = unsafe_free_uid();
-    assert_eq!(lines[0]["transport"], "unix-ro");
-    assert_eq!(lines[0]["principal"], format!("unix:uid:{uid}"));
-    assert_eq!(lines[2]["transport"], "unix-rw");
-    assert_eq!(lines[2]["status"], "OK");
-    assert_eq!(lines[2]["domain"], "vm-rw");
+    let has = |transport: &str, principal: &str, method: &str, status: &str| {
+        lines.iter().any(|l| {
+            l["transport"] == transport
+                && l["principal"] == principal
+                && l["method"] == format!("/qvirt.v1.Supervisor/{method}")
+                && l["status"] == status
+        })
+    };
+    let me = format!("unix:uid:{uid}");
+    assert!(
+        has("unix-ro", &me, "DefineDomain", "PERMISSION_DENIED"),
+        "{lines:?}"
+    );
+    assert!(
+        has("unix-ro", "operator", "DefineDomain", "PERMISSION_DENIED"),
+        "{lines:?}"
+    );
+    assert!(has("unix-rw", &me, "DefineDomain", "OK"), "{lines:?}");
+    assert!(
+        has("unix-rw", "viewer", "DefineDomain", "PERMISSION_DENIED"),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["domain"] == "no-such-domain" && l["status"] == "NOT_FOUND"),
+        "{lines:?}"
+    );
 }
 
 /// This process's uid, from /proc (no unsafe call needed).

@@ -270,15 +270,19 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             status.into_http::<Body>()
         }
         Some(Ok(resp)) => {
-            let (parts, body) = resp.into_parts();
-            if let Some(code) = grpc_status(&parts.headers) {
+            let (parts, mut body) = resp.into_parts();
+            let trailers_only = grpc_status(&parts.headers);
+            if let Some(code) = trailers_only {
+                // A trailers-only answer: its headers end the stream, so
+                // the client must get them with END_STREAM, as sent.
                 finish.code = Some(code);
+                body = Body::empty();
             }
             let guarded = Guarded {
+                done: trailers_only.is_some(),
                 inner: body,
                 method: path,
                 service,
-                done: false,
                 revoked: revoked.map(|t| Box::pin(t.cancelled_owned())),
                 finish,
             };
@@ -398,6 +402,6 @@ impl http_body::Body for Guarded {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        self.done || (self.revoked.is_none() && self.inner.is_end_stream())
     }
 }
