@@ -681,3 +681,151 @@ async fn test_unreachable_backends_are_unavailable_and_not_serving() {
         text(&out.stderr)
     );
 }
+
+/// A codec for the matrix: sends an empty message (every request's
+/// defaults) and ignores what comes back.
+#[derive(Debug, Clone, Copy, Default)]
+struct Empty;
+
+impl tonic::codec::Codec for Empty {
+    type Encode = ();
+    type Decode = ();
+    type Encoder = Empty;
+    type Decoder = Empty;
+    fn encoder(&mut self) -> Empty {
+        Empty
+    }
+    fn decoder(&mut self) -> Empty {
+        Empty
+    }
+}
+
+impl tonic::codec::Encoder for Empty {
+    type Item = ();
+    type Error = tonic::Status;
+    fn encode(&mut self, _: (), _: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Empty {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf as _;
+        let n = src.remaining();
+        src.advance(n);
+        Ok(Some(()))
+    }
+}
+
+/// Calls `path` with an empty request; the first message (or the end of
+/// a subscription's wait) is success.
+async fn call_raw(channel: Channel, path: &str, token: Option<&str>) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut req = Request::new(());
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let path: http::uri::PathAndQuery = path.parse().unwrap();
+    let mut stream = grpc.server_streaming(req, path, Empty).await?.into_inner();
+    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Every public method, listed by the gateway's reflection, called as
+/// every kind of caller: the outcome is what the role table says.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_method_by_caller_matrix_from_reflection_matches_the_role_table() {
+    use qvirt_gateway::roles::{Role, role_of};
+    let s = Stack::start("", "  calls_per_second: 100000\n").await;
+    let addr = s.gw.addr.to_string();
+    let out = grpcurl(&["-plaintext", &addr, "list"]);
+    let services: Vec<String> = text(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("qvirt."))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(services.len(), 3, "{services:?}");
+    let mut methods = Vec::new();
+    for svc in &services {
+        let out = grpcurl(&["-plaintext", &addr, "list", svc]);
+        for line in text(&out.stdout).lines() {
+            let method = line.strip_prefix(&format!("{svc}.")).unwrap();
+            methods.push(format!("/{svc}/{method}"));
+        }
+    }
+    assert!(methods.len() > 20, "{methods:?}");
+
+    let tcp = s.channel().await;
+    let ro_sock = unix_channel(&s.ro_sock).await;
+    let rw_sock = unix_channel(&s.rw_sock).await;
+    let forged = "f".repeat(64);
+    let gateway_reasons = [
+        "UNAUTHENTICATED_TOKEN",
+        "PERMISSION_DENIED_ROLE",
+        "METHOD_NOT_FOUND",
+    ];
+    for path in &methods {
+        let role = role_of(path).unwrap_or_else(|| panic!("{path} has no row in the role table"));
+        let callers: [(&str, Channel, Option<&str>, Option<Role>); 6] = [
+            ("no token", tcp.clone(), None, None),
+            ("forged token", tcp.clone(), Some(&forged), None),
+            (
+                "read-only token",
+                tcp.clone(),
+                Some(&s.viewer.token),
+                Some(Role::ReadOnly),
+            ),
+            (
+                "read-write token",
+                tcp.clone(),
+                Some(&s.operator.token),
+                Some(Role::ReadWrite),
+            ),
+            (
+                "read-only socket",
+                ro_sock.clone(),
+                None,
+                Some(Role::ReadOnly),
+            ),
+            (
+                "read-write socket",
+                rw_sock.clone(),
+                None,
+                Some(Role::ReadWrite),
+            ),
+        ];
+        for (who, channel, token, has) in callers {
+            let got = call_raw(channel, path, token).await;
+            let reason = got.as_ref().err().and_then(qvirt_common::rpc::reason_of);
+            match has {
+                None => assert_eq!(
+                    reason.as_deref(),
+                    Some("UNAUTHENTICATED_TOKEN"),
+                    "{path} as {who}: {got:?}"
+                ),
+                Some(has) if has < role => assert_eq!(
+                    reason.as_deref(),
+                    Some("PERMISSION_DENIED_ROLE"),
+                    "{path} as {who}: {got:?}"
+                ),
+                Some(_) => assert!(
+                    !reason
+                        .as_deref()
+                        .is_some_and(|r| gateway_reasons.contains(&r)),
+                    "{path} as {who} reached no backend: {got:?}"
+                ),
+            }
+        }
+    }
+}
