@@ -829,3 +829,43 @@ async fn test_method_by_caller_matrix_from_reflection_matches_the_role_table() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_request_size_and_call_rate_are_limited_per_principal() {
+    let s = Stack::start("", "  calls_per_second: 2\n  max_request_bytes: 1000\n").await;
+    let mut sup = SupervisorClient::new(s.channel().await);
+    let big = DefineDomainRequest {
+        source: Some(define_domain_request::Source::SpecYaml(format!(
+            "name: big\naccel: tcg\n# {}\n",
+            "x".repeat(2000)
+        ))),
+        ..Default::default()
+    };
+    let err = sup
+        .define_domain(bearer(big, &s.operator.token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("limits.max_request_bytes"),
+        "{err:?}"
+    );
+
+    // A burst well past 2 calls a second: some are refused, naming the
+    // limit, and another principal is not held back by them.
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(e) = sup
+            .list_domains(bearer(ListDomainsRequest::default(), &s.viewer.token))
+            .await
+        {
+            refused = Some(e);
+        }
+    }
+    let err = refused.expect("a call over the rate");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limits.calls_per_second"), "{err:?}");
+    sup.list_domains(bearer(ListDomainsRequest::default(), &s.operator2.token))
+        .await
+        .unwrap();
+}
