@@ -869,3 +869,96 @@ async fn test_request_size_and_call_rate_are_limited_per_principal() {
         .await
         .unwrap();
 }
+
+/// The next monitor event's name on `stream`.
+async fn next_monitor_event(
+    stream: &mut Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse>,
+) -> String {
+    use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a monitor event within 30 s")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(Kind::Event(e)) = msg.kind {
+            return e.event;
+        }
+    }
+}
+
+/// As libvirt's `virConnectDomainQemuMonitorEventRegister` on a read-write
+/// connection: a real guest's suspend and resume reach a subscriber of
+/// the gateway as STOP and RESUME, every call made through the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_monitor_events_of_a_real_guest_stream_through_the_gateway() {
+    use qvirt_proto::v1::{
+        DestroyDomainRequest, ResumeDomainRequest, StartDomainRequest, SuspendDomainRequest,
+    };
+    qvirt_integration_tests::tool_path("qemu-system-x86_64");
+    let s = Stack::start("", "  calls_per_second: 1000\n").await;
+    let rw = s.operator.token.as_str();
+    let mut bus = EventBusClient::new(s.channel().await);
+    let mut sup = SupervisorClient::new(s.channel().await);
+    let mut monitor = subscribe_monitor(&mut bus, rw).await.unwrap();
+
+    let define = DefineDomainRequest {
+        source: Some(define_domain_request::Source::SpecYaml(
+            "name: gw-e2e\nmemory_mib: 128\naccel: tcg\n".into(),
+        )),
+        ..Default::default()
+    };
+    let uuid = sup
+        .define_domain(bearer(define, rw))
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+        .spec
+        .unwrap()
+        .uuid;
+    let started = sup
+        .start_domain(bearer(
+            StartDomainRequest {
+                domain: "gw-e2e".into(),
+                ..Default::default()
+            },
+            rw,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    let _qemu = qvirt_integration_tests::QemuGuard(started.pid, uuid);
+    sup.suspend_domain(bearer(
+        SuspendDomainRequest {
+            domain: "gw-e2e".into(),
+            ..Default::default()
+        },
+        rw,
+    ))
+    .await
+    .unwrap();
+    while next_monitor_event(&mut monitor).await != "STOP" {}
+    sup.resume_domain(bearer(
+        ResumeDomainRequest {
+            domain: "gw-e2e".into(),
+            ..Default::default()
+        },
+        rw,
+    ))
+    .await
+    .unwrap();
+    while next_monitor_event(&mut monitor).await != "RESUME" {}
+    sup.destroy_domain(bearer(
+        DestroyDomainRequest {
+            domain: "gw-e2e".into(),
+            ..Default::default()
+        },
+        rw,
+    ))
+    .await
+    .unwrap();
+}
