@@ -32,8 +32,35 @@ services=(
     "qvirt-hookexec 50054 --hooks-dir $run_dir/hooks --internal-token-file $token"
     "qvirt-supervisor 50052 --state-dir $run_dir/state --run-dir $run_dir/run --image-root $images --eventbus http://127.0.0.1:50053 --hookexec http://127.0.0.1:50054 --agentd http://127.0.0.1:50055 --internal-token-file $token"
     "qvirt-agentd 50055 --supervisor http://127.0.0.1:50052"
-    "qvirt-gateway 50051"
+    "qvirt-gateway 50051 --config $run_dir/gateway.yaml"
 )
+
+# The gateway's development tokens, fresh each run: one read-write, one
+# read-only. Its config holds only their hashes; the tokens are printed
+# below and kept in .run/ (readable by this user only).
+(
+    umask 077
+    "$bin/qvirt-gateway" token new --name dev-rw --role read-write 2>/dev/null >"$run_dir/token-rw.out"
+    "$bin/qvirt-gateway" token new --name dev-ro --role read-only 2>/dev/null >"$run_dir/token-ro.out"
+    {
+        echo "# Written by scripts/run.sh: development only (plaintext on loopback)."
+        echo "supervisor: http://127.0.0.1:50052"
+        echo "eventbus: http://127.0.0.1:50053"
+        echo "agentd: http://127.0.0.1:50055"
+        echo "internal_token_file: '$token'"
+        echo "audit_file: '$run_dir/audit.log'"
+        echo "rw_socket: {path: '$run_dir/gateway.sock'}"
+        echo "ro_socket: {path: '$run_dir/gateway-ro.sock'}"
+        echo "tokens:"
+        tail -n +2 "$run_dir/token-rw.out"
+        tail -n +2 "$run_dir/token-ro.out"
+    } >"$run_dir/gateway.yaml"
+    head -n 1 "$run_dir/token-rw.out" >"$run_dir/token-rw"
+    head -n 1 "$run_dir/token-ro.out" >"$run_dir/token-ro"
+    rm -f "$run_dir/token-rw.out" "$run_dir/token-ro.out"
+)
+rw_token=$(cat "$run_dir/token-rw")
+ro_token=$(cat "$run_dir/token-ro")
 
 pids=()
 demo=""
@@ -141,35 +168,45 @@ PY
 }
 start_demo
 
-cat <<'EOF2'
+cat <<EOF2
 qvirt is running (logs in .run/):
-  gateway     127.0.0.1:50051   (the public endpoint)
-  supervisor  127.0.0.1:50052
-  event bus   127.0.0.1:50053
-  hook exec   127.0.0.1:50054   (hooks: executables in .run/hooks/qemu, .run/hooks/qemu.d/)
-  agentd      127.0.0.1:50055
+  gateway     127.0.0.1:50051   (the public endpoint; also unix sockets .run/gateway.sock, read-write,
+                                 and .run/gateway-ro.sock, read-only; audit log .run/audit.log)
+  supervisor  127.0.0.1:50052   \
+  event bus   127.0.0.1:50053    | backends: reach them through the gateway
+  hook exec   127.0.0.1:50054    | (hooks: executables in .run/hooks/qemu, .run/hooks/qemu.d/)
+  agentd      127.0.0.1:50055   /
   bus metrics http://127.0.0.1:9153/metrics
 
-Talk to it with grpcurl (installed in .tools/bin by make deps):
-  .tools/bin/grpcurl -plaintext 127.0.0.1:50051 list
-  .tools/bin/grpcurl -plaintext 127.0.0.1:50052 describe qvirt.v1.Supervisor
-  .tools/bin/grpcurl -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
-  .tools/bin/grpcurl -plaintext -d '{"spec_yaml": "name: vm1\naccel: tcg\n"}' \
-      127.0.0.1:50052 qvirt.v1.Supervisor/DefineDomain
-  .tools/bin/grpcurl -plaintext -d '{"domain": "vm1"}' 127.0.0.1:50052 qvirt.v1.Supervisor/StartDomain
-  .tools/bin/grpcurl -plaintext -d '{}' 127.0.0.1:50053 qvirt.v1.EventBus/SubscribeMonitorEvents
+Development tokens (plaintext on loopback: for development only; also in .run/token-rw, .run/token-ro):
+  RW=$rw_token
+  RO=$ro_token
+
+Talk to it through the gateway with grpcurl (installed in .tools/bin by make deps):
+  G=.tools/bin/grpcurl RW=\$(cat .run/token-rw) RO=\$(cat .run/token-ro)
+  \$G -plaintext 127.0.0.1:50051 list
+  \$G -plaintext 127.0.0.1:50051 describe qvirt.v1.Supervisor
+  \$G -plaintext 127.0.0.1:50051 grpc.health.v1.Health/Check
+  \$G -plaintext -H "authorization: Bearer \$RO" 127.0.0.1:50051 qvirt.v1.Supervisor/ListDomains
+  \$G -plaintext -H "authorization: Bearer \$RW" -d '{"spec_yaml": "name: vm1\\naccel: tcg\\n"}' \\
+      127.0.0.1:50051 qvirt.v1.Supervisor/DefineDomain
+  \$G -plaintext -H "authorization: Bearer \$RW" -d '{"domain": "vm1"}' 127.0.0.1:50051 qvirt.v1.Supervisor/StartDomain
+  \$G -plaintext -H "authorization: Bearer \$RO" -d '{}' 127.0.0.1:50051 qvirt.v1.EventBus/SubscribeDomainEvents
+  \$G -plaintext -H "authorization: Bearer \$RW" -d '{}' 127.0.0.1:50051 qvirt.v1.EventBus/SubscribeMonitorEvents
+  (the read-only token gets PERMISSION_DENIED for StartDomain and SubscribeMonitorEvents)
+  \$G -plaintext -unix -authority localhost .run/gateway-ro.sock qvirt.v1.Supervisor/ListDomains
 EOF2
 if [ -n "$demo_started" ]; then
     cat <<'EOF2'
 
 The demo guest "demo" is booting (TCG, ~3 s to its agent; console in
 .run/state/serial/demo/console.log); its agent is qvirt-ga, reached through agentd:
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50052 qvirt.v1.Supervisor/GetDomain
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo"}' 127.0.0.1:50055 qvirt.v1.GuestAgent/GetOsInfo
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "path": "/bin/busybox", "args": ["uname", "-a"], "capture_output": true, "wait": true}' \
-      127.0.0.1:50055 qvirt.v1.GuestAgent/Exec
-  .tools/bin/grpcurl -plaintext -d '{"domain": "demo", "mode": "SHUTDOWN_MODE_AGENT", "timeout": "30s"}' \
-      127.0.0.1:50052 qvirt.v1.Supervisor/ShutdownDomain
+  $G -plaintext -H "authorization: Bearer $RO" -d '{"domain": "demo"}' 127.0.0.1:50051 qvirt.v1.Supervisor/GetDomain
+  $G -plaintext -H "authorization: Bearer $RO" -d '{"domain": "demo"}' 127.0.0.1:50051 qvirt.v1.GuestAgent/GetOsInfo
+  $G -plaintext -H "authorization: Bearer $RW" -d '{"domain": "demo", "path": "/bin/busybox", "args": ["uname", "-a"], "capture_output": true, "wait": true}' \
+      127.0.0.1:50051 qvirt.v1.GuestAgent/Exec
+  $G -plaintext -H "authorization: Bearer $RW" -d '{"domain": "demo", "mode": "SHUTDOWN_MODE_AGENT", "timeout": "30s"}' \
+      127.0.0.1:50051 qvirt.v1.Supervisor/ShutdownDomain
 EOF2
 fi
 echo

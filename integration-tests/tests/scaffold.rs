@@ -59,13 +59,14 @@ const INFRA: [&str; 3] = [
 #[tokio::test(flavor = "multi_thread")]
 async fn test_every_service_serves_health_and_lists_exactly_its_services() {
     let dir = tempfile::tempdir().unwrap();
-    let mut running: Vec<(Service, &[&str])> = SERVICES
+    let mut running: Vec<(Service, &str, &[&str])> = SERVICES
         .iter()
-        .map(|(bin, names)| (start_local(bin, &dir), *names))
+        .map(|(bin, names)| (start_local(bin, &dir), *bin, *names))
         .collect();
-    for (svc, names) in &mut running {
+    for (svc, bin, names) in &mut running {
         svc.wait_serving("").await;
-        for name in names.iter() {
+        // The gateway's services follow their backends (none run here).
+        for name in names.iter().filter(|_| *bin != "qvirt-gateway") {
             svc.wait_serving(name).await;
         }
         let out = grpcurl(&["-plaintext", &svc.addr.to_string(), "list"]);

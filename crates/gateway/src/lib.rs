@@ -1,46 +1,402 @@
 //! qvirt-gateway: the one public endpoint. It serves the public qvirt
 //! services (`qvirt.v1.Supervisor`, `qvirt.v1.EventBus`,
-//! `qvirt.v1.GuestAgent`) on one port, and reflection lists those only:
-//! internal services (`qvirt.v1.HookExecutor`) are never reachable here.
-//! Authentication, per-method roles, audit and forwarding to the backends
-//! are not implemented yet: until they are, every public RPC answers
-//! `UNIMPLEMENTED`.
+//! `qvirt.v1.GuestAgent`) by forwarding each call, by method path and as
+//! raw bytes, to the backend that serves it, after authenticating the
+//! caller (bearer tokens, or libvirt-style read-write and read-only unix
+//! sockets), checking the method's role ([`roles`]) and the caller's
+//! limits ([`limits`]), and before auditing it ([`audit`]). Reflection
+//! lists exactly the public services; internal services and methods are
+//! UNIMPLEMENTED here. Health follows each backend's ([`health`]).
 //!
-//! Entry point: [`run`], called by `main.rs` with a bound listener and the
-//! shutdown token.
+//! Entry point: [`run`], called by `main.rs` with the bound `listen`
+//! listener, the shutdown token and the config file's path (tokens are
+//! reloaded from it on SIGHUP).
 
+pub mod audit;
+pub mod auth;
 pub mod config;
+pub mod descriptors;
+pub mod health;
+pub mod limits;
+pub mod proxy;
+pub mod roles;
+pub mod status;
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use qvirt_common::accept::Incoming;
 use qvirt_common::cli::ServiceConfig as _;
-use qvirt_common::serve::{self, Listener, ServeError, Services};
-use qvirt_proto::v1::event_bus_server::{EventBus, EventBusServer};
-use qvirt_proto::v1::guest_agent_server::{GuestAgent, GuestAgentServer};
-use qvirt_proto::v1::supervisor_server::{Supervisor, SupervisorServer};
+use qvirt_common::config::{ConfigError, ListenAddr};
+use qvirt_common::internal_auth::{InternalToken, TOKEN_METADATA};
+use qvirt_common::serve::{Listener, SHUTDOWN_GRACE, ServeError, ServeOptions};
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 pub use config::Config;
 
-/// The public face of every service, before forwarding exists: each RPC
-/// answers `UNIMPLEMENTED` (the generated traits' default).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Gateway;
+use crate::auth::{Tokens, Transport};
+use crate::proxy::{Backend, Proxy, Shared};
 
-impl Supervisor for Gateway {}
-impl EventBus for Gateway {}
-impl GuestAgent for Gateway {}
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayRunError {
+    /// The config is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// The descriptor set does not match the role table.
+    #[error(transparent)]
+    Descriptors(#[from] descriptors::DescriptorError),
+    /// The audit file cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// A unix socket could not be given its mode or owner.
+    #[error("cannot set up the unix socket {path}")]
+    Socket {
+        /// The socket.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
-/// Serves the public services, health and reflection on `listener` until
-/// `shutdown` fires.
+fn backend(service: &'static str, url: &str) -> Result<Backend, ConfigError> {
+    let invalid = |e: tonic::transport::Error| ConfigError::Invalid {
+        field: "backend",
+        value: url.to_owned(),
+        reason: e.to_string(),
+    };
+    let channel = qvirt_common::config::endpoint(url)
+        .map_err(invalid)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    Ok(Backend {
+        service,
+        url: url.to_owned(),
+        channel,
+    })
+}
+
+fn internal_header(path: Option<&PathBuf>) -> Result<Option<http::HeaderValue>, ConfigError> {
+    let Some(token) = InternalToken::load_optional(path)? else {
+        tracing::warn!(
+            "no internal_token_file: backends see the gateway as an anonymous caller and ignore the principals it names"
+        );
+        return Ok(None);
+    };
+    let request =
+        tonic::service::Interceptor::call(&mut token.interceptor(), tonic::Request::new(())).ok();
+    Ok(request
+        .as_ref()
+        .and_then(|r| r.metadata().get(TOKEN_METADATA))
+        .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok()))
+}
+
+/// Serves the public services on `listener` (and the configured unix
+/// sockets) until `shutdown` fires. `config_path` is where tokens are
+/// reloaded from on SIGHUP.
 pub async fn run(
     config: Config,
     listener: Listener,
     shutdown: CancellationToken,
+    config_path: Option<PathBuf>,
+) -> Result<(), GatewayRunError> {
+    let methods = descriptors::methods()?;
+    let internal_token = internal_header(config.internal_token_file.as_ref())?;
+    let mut backends = HashMap::new();
+    for (service, url) in [
+        ("qvirt.v1.Supervisor", &config.supervisor),
+        ("qvirt.v1.EventBus", &config.eventbus),
+        ("qvirt.v1.GuestAgent", &config.agentd),
+    ] {
+        backends.insert(service, backend(service, url)?);
+    }
+    if config.tokens.is_empty() {
+        tracing::warn!("no tokens configured: TCP callers are all refused (UNAUTHENTICATED)");
+    }
+    let shared = Arc::new(Shared {
+        methods,
+        backends,
+        tokens: Tokens::new(&config.tokens),
+        internal_token,
+        limiter: limits::Limiter::new(config.limits.clone()),
+        audit: audit::Audit::open(config.audit_file.as_deref())?,
+    });
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let poll = Duration::from_millis(config.health_poll_ms);
+    for backend in shared.backends.values() {
+        reporter
+            .set_service_status(backend.service, ServingStatus::NotServing)
+            .await;
+        tokio::spawn(health::follow(
+            reporter.clone(),
+            backend.clone(),
+            poll,
+            shutdown.clone(),
+        ));
+    }
+    let files = descriptors::reflection_files()?;
+    let mut v1 = tonic_reflection::server::Builder::configure()
+        .register_file_descriptor_set(files.clone())
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let mut v1alpha = tonic_reflection::server::Builder::configure()
+        .register_file_descriptor_set(files)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let listed = roles::PUBLIC_SERVICES.into_iter().chain([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]);
+    for name in listed {
+        v1 = v1.with_service_name(name);
+        v1alpha = v1alpha.with_service_name(name);
+    }
+    let v1 = v1.build_v1().map_err(ServeError::Reflection)?;
+    let v1alpha = v1alpha.build_v1alpha().map_err(ServeError::Reflection)?;
+    let routes = |transport| {
+        let router = Routes::new(health.clone())
+            .add_service(v1.clone())
+            .add_service(v1alpha.clone())
+            .into_axum_router()
+            .fallback_service(Proxy::new(Arc::clone(&shared), transport));
+        Routes::from(router)
+    };
+
+    let mut listeners = vec![(listener, Transport::Tcp)];
+    for (socket, transport, default_mode) in [
+        (&config.rw_socket, Transport::UnixRw, 0o600),
+        (&config.ro_socket, Transport::UnixRo, 0o666),
+    ] {
+        if let Some(s) = socket {
+            let l = Listener::bind(&ListenAddr::Unix(s.path.clone())).await?;
+            secure_socket(s, default_mode)?;
+            listeners.push((l, transport));
+        }
+    }
+
+    tokio::spawn(reload_on_hangup(
+        Arc::clone(&shared),
+        config_path,
+        shutdown.clone(),
+    ));
+    let idle = {
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => shared.limiter.forget_idle(),
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    tokio::spawn(idle);
+
+    let options = config.serve_options();
+    let mut servers = tokio::task::JoinSet::new();
+    for (l, transport) in listeners {
+        let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listen = %addr, transport = transport.as_str(), services = ?roles::PUBLIC_SERVICES, "serving");
+        servers.spawn(serve_listener(
+            l,
+            routes(transport),
+            options.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let stopping = {
+        let reporter = reporter.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in roles::PUBLIC_SERVICES.into_iter().chain([""]) {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+    tokio::spawn(stopping);
+    let mut result = Ok(());
+    while let Some(done) = servers.join_next().await {
+        match done {
+            Ok(Err(e)) if result.is_ok() => {
+                shutdown.cancel();
+                result = Err(e.into());
+            }
+            Err(e) if result.is_ok() => {
+                shutdown.cancel();
+                result = Err(GatewayRunError::Socket {
+                    path: "listener task".into(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+            _ => {}
+        }
+    }
+    tracing::info!("stopped");
+    result
+}
+
+async fn serve_listener(
+    listener: Listener,
+    routes: Routes,
+    options: ServeOptions,
+    shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    tracing::debug!(?config, "starting");
-    let services = Services::new()
-        .options(config.serve_options())
-        .with(SupervisorServer::new(Gateway))
-        .with(EventBusServer::new(Gateway))
-        .with(GuestAgentServer::new(Gateway));
-    serve::serve(listener, services, shutdown).await
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .add_routes(routes);
+    let stop = shutdown.clone().cancelled_owned();
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let (serving, path) = match listener {
+        Listener::Tcp(l) => (
+            futures_serve(
+                server
+                    .serve_with_incoming_shutdown(Incoming::new(l, options.preface_timeout), stop),
+            ),
+            None,
+        ),
+        Listener::Unix(l, path) => (
+            futures_serve(
+                server
+                    .serve_with_incoming_shutdown(Incoming::new(l, options.preface_timeout), stop),
+            ),
+            Some(path),
+        ),
+    };
+    let result = tokio::select! {
+        r = serving => r.map_err(ServeError::Transport),
+        () = grace => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    if let Some(path) = path {
+        // Best effort: the socket file is ours and useless now.
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+type ServeFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+>;
+
+fn futures_serve(
+    f: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+) -> ServeFuture {
+    Box::pin(f)
+}
+
+/// Gives a unix socket its configured mode, owner and group.
+fn secure_socket(s: &config::SocketConfig, default_mode: u32) -> Result<(), GatewayRunError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fail = |source| GatewayRunError::Socket {
+        path: s.path.display().to_string(),
+        source,
+    };
+    let mode = s
+        .mode_bits(default_mode)
+        .map_err(|e| fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let uid = s
+        .owner
+        .as_deref()
+        .map(|o| lookup_id(Path::new("/etc/passwd"), o))
+        .transpose()
+        .map_err(fail)?;
+    let gid = s
+        .group
+        .as_deref()
+        .map(|g| lookup_id(Path::new("/etc/group"), g))
+        .transpose()
+        .map_err(fail)?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(&s.path, uid, gid).map_err(fail)?;
+    }
+    std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(mode)).map_err(fail)
+}
+
+/// A numeric id, or the id of `name` in `/etc/passwd` or `/etc/group`
+/// (`name:x:ID:...`).
+fn lookup_id(db: &Path, name: &str) -> std::io::Result<u32> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    let text = std::fs::read_to_string(db)?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            (n == name).then_some(id)
+        })
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {name:?} in {}", db.display()),
+            )
+        })
+}
+
+/// Reloads the tokens from the config file on each SIGHUP. A file that
+/// does not load keeps the current tokens (and says why).
+async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: CancellationToken) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP: tokens will not reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            () = shutdown.cancelled() => return,
+        }
+        let Some(path) = &path else {
+            tracing::warn!("SIGHUP: no config file to reload tokens from");
+            continue;
+        };
+        let loaded = qvirt_common::config::load::<Config>(Some(path))
+            .and_then(|c| config::check_tokens(&c.tokens).map(|()| c));
+        match loaded {
+            Ok(c) => {
+                let revoked = shared.tokens.replace(&c.tokens);
+                tracing::info!(
+                    tokens = c.tokens.len(),
+                    revoked,
+                    "SIGHUP: tokens reloaded; streams of revoked tokens end"
+                );
+            }
+            Err(e) => tracing::error!(
+                error = %qvirt_common::error_chain(&e),
+                "SIGHUP: the config does not load; keeping the current tokens"
+            ),
+        }
+    }
 }

@@ -1,19 +1,105 @@
 //! `qvirt-gateway`: flags and config only; the service lives in the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use qvirt_common::cli::CommonArgs;
+use clap::{Parser, Subcommand};
+use qvirt_common::cli::{CommonArgs, override_with};
+use qvirt_gateway::config::{Config, TokenEntry, check_tokens};
+use qvirt_gateway::roles::Role;
 
-/// qvirt gateway: the one public endpoint (not built yet: its RPCs answer UNIMPLEMENTED).
+/// qvirt gateway: the one public endpoint (bearer tokens, read-write and
+/// read-only unix sockets, per-method roles, audit).
 #[derive(Debug, Parser)]
 #[command(name = "qvirt-gateway", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     common: CommonArgs,
+    /// The supervisor's endpoint. Overrides `supervisor`.
+    #[arg(long, value_name = "URL")]
+    supervisor: Option<String>,
+    /// The event bus's endpoint. Overrides `eventbus`.
+    #[arg(long, value_name = "URL")]
+    eventbus: Option<String>,
+    /// The agent service's endpoint. Overrides `agentd`.
+    #[arg(long, value_name = "URL")]
+    agentd: Option<String>,
+    /// The internal plane's secret, presented to backends. Overrides
+    /// `internal_token_file`.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<PathBuf>,
+    /// Append audit lines here. Overrides `audit_file`.
+    #[arg(long, value_name = "FILE")]
+    audit_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token (once) and the config entry holding its
+    /// hash.
+    New {
+        /// The principal the token authenticates.
+        #[arg(long)]
+        name: String,
+        /// read-only or read-write.
+        #[arg(long, value_parser = |s: &str| s.parse::<Role>())]
+        role: Role,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    qvirt_common::service::main("qvirt-gateway", args.common.load(), qvirt_gateway::run)
+    if let Some(Command::Token(TokenCommand::New { name, role })) = args.command {
+        return token_new(name, role);
+    }
+    let path = args.common.config.clone();
+    let config = args.common.load::<Config>().map(|mut c| {
+        override_with(&mut c.supervisor, args.supervisor);
+        override_with(&mut c.eventbus, args.eventbus);
+        override_with(&mut c.agentd, args.agentd);
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
+        override_with(&mut c.audit_file, args.audit_file.map(Some));
+        c
+    });
+    qvirt_common::service::main("qvirt-gateway", config, move |c, l, s| {
+        qvirt_gateway::run(c, l, s, path)
+    })
+}
+
+fn token_new(name: String, role: Role) -> ExitCode {
+    let (token, sha256) = match qvirt_gateway::auth::new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("qvirt-gateway: cannot read random bytes: {e}");
+            return ExitCode::from(qvirt_common::service::EXIT_RUNTIME);
+        }
+    };
+    let entry = TokenEntry { name, role, sha256 };
+    if let Err(e) = check_tokens(std::slice::from_ref(&entry)) {
+        eprintln!("qvirt-gateway: {}", qvirt_common::error_chain(&e));
+        return ExitCode::from(qvirt_common::service::EXIT_USAGE);
+    }
+    println!("{token}");
+    eprintln!(
+        "The line above is the token for {:?} ({}); it is shown only this once.\n\
+         Add this entry under `tokens:` in the gateway's config, then send it SIGHUP:",
+        entry.name, entry.role
+    );
+    println!(
+        "  - name: {}\n    role: {}\n    sha256: {}",
+        entry.name, entry.role, entry.sha256
+    );
+    ExitCode::SUCCESS
 }

@@ -1,0 +1,407 @@
+//! Forwarding by method path: every call to a public method is
+//! authenticated, checked against its role and the caller's limits, and
+//! passed to its backend as bytes, headers and trailers unchanged except
+//! for the gateway's own metadata (`x-qvirt-*` from the client and its
+//! `authorization` are removed; the internal token and
+//! `x-qvirt-principal` are added). Messages are never decoded: the one
+//! request message of a call is read whole (to bound its size, and, for
+//! audited calls, to read `domain` and `request_id` from its raw bytes).
+//!
+//! - Backend statuses, messages and details reach the client unchanged.
+//! - An unreachable backend, or one that dies while a call or stream is
+//!   open, ends the call with UNAVAILABLE naming the service.
+//! - A client that goes away drops the call here, which resets the
+//!   backend's stream at once (the backend sees the cancellation).
+//! - `grpc-timeout` travels to the backend with the other headers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::{BodyExt as _, Full, Limited};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tower::ServiceExt as _;
+
+use crate::audit::{self, Audit, Record};
+use crate::auth::{self, Caller, Tokens, Transport};
+use crate::descriptors::{self, Method};
+use crate::limits::{LimitError, Limiter, StreamPermit};
+use crate::roles::{self, Role};
+use crate::status::GatewayError;
+
+/// The metadata key carrying the caller's principal to backends.
+pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
+
+/// gRPC's frame prefix: a compressed flag and a 4-byte length.
+const FRAME_PREFIX: usize = 5;
+
+/// A backend: the service it serves and a channel to it (connects on
+/// first use and again after a failure).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// `qvirt.v1.Supervisor` etc.
+    pub service: &'static str,
+    /// Where it is.
+    pub url: String,
+    /// The connection.
+    pub channel: Channel,
+}
+
+/// What every connection's proxy shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Every public method by path.
+    pub methods: HashMap<String, Method>,
+    /// Backends by service name.
+    pub backends: HashMap<&'static str, Backend>,
+    /// The bearer tokens.
+    pub tokens: Tokens,
+    /// The internal secret presented to backends.
+    pub internal_token: Option<HeaderValue>,
+    /// Per-principal limits.
+    pub limiter: Limiter,
+    /// The audit trail.
+    pub audit: Audit,
+}
+
+/// The gateway's handler for one listener (its transport decides how
+/// callers authenticate).
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    transport: Transport,
+}
+
+impl Proxy {
+    /// A handler for calls arriving over `transport`.
+    pub fn new(shared: Arc<Shared>, transport: Transport) -> Self {
+        Proxy { shared, transport }
+    }
+}
+
+impl tower::Service<Request<axum::body::Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        let transport = self.transport;
+        Box::pin(async move { Ok(handle(shared, transport, req.map(Body::new)).await) })
+    }
+}
+
+fn reply(err: &GatewayError) -> Response<Body> {
+    err.to_status().into_http()
+}
+
+/// The peer as audit lines show it, and its uid on a unix socket.
+fn peer_of<B>(req: &Request<B>) -> (String, Option<u32>) {
+    if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
+        let peer = info
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        return (peer, None);
+    }
+    if let Some(cred) = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        let uid = cred.uid();
+        let peer = match cred.pid() {
+            Some(pid) => format!("uid:{uid},pid:{pid}"),
+            None => format!("uid:{uid}"),
+        };
+        return (peer, Some(uid));
+    }
+    (String::new(), None)
+}
+
+async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -> Response<Body> {
+    let started = Instant::now();
+    let path = req.uri().path().to_owned();
+    let Some(method) = shared.methods.get(&path).cloned() else {
+        return reply(&GatewayError::UnknownMethod { method: path });
+    };
+    let (peer, uid) = peer_of(&req);
+    let mut record = Record {
+        time: audit::rfc3339(SystemTime::now()),
+        principal: String::new(),
+        peer,
+        transport: transport.as_str(),
+        method: path.clone(),
+        domain: None,
+        request_id: None,
+        status: "",
+        code: 0,
+        duration_ms: 0.0,
+    };
+    let deny = |mut record: Record, err: GatewayError| {
+        let status = err.to_status();
+        record.code = status.code() as i32;
+        record.status = audit::code_name(record.code);
+        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        shared.audit.write(&record);
+        status.into_http::<Body>()
+    };
+    let caller = match auth::authenticate(
+        &shared.tokens,
+        transport,
+        req.headers().get(http::header::AUTHORIZATION),
+        uid,
+    ) {
+        Ok(c) => c,
+        Err(source) => {
+            return deny(
+                record,
+                GatewayError::Unauthenticated {
+                    method: path,
+                    source,
+                },
+            );
+        }
+    };
+    record.principal = caller.principal.to_string();
+    if caller.role < method.role {
+        let err = GatewayError::PermissionDenied {
+            method: path,
+            required: method.role,
+            principal: caller.principal.to_string(),
+            role: caller.role,
+        };
+        return deny(record, err);
+    }
+    let limited = |source: LimitError| GatewayError::Limit {
+        method: path.clone(),
+        source,
+    };
+    if let Err(e) = shared.limiter.check_rate(&caller.principal) {
+        return deny(record, limited(e));
+    }
+    let permit = if method.server_streaming || method.client_streaming {
+        let monitor = path == roles::MONITOR_SUBSCRIPTION;
+        match shared.limiter.open_stream(&caller.principal, monitor) {
+            Ok(p) => Some(p),
+            Err(e) => return deny(record, limited(e)),
+        }
+    } else {
+        None
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let body = if method.client_streaming {
+        body
+    } else {
+        let max = shared.limiter.limits().max_request_bytes as usize + FRAME_PREFIX;
+        match Limited::new(body, max).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                if method.role == Role::ReadWrite {
+                    record.domain = method
+                        .domain_field
+                        .and_then(|n| descriptors::string_in_frame(&bytes, n));
+                    record.request_id = method
+                        .request_id_field
+                        .and_then(|n| descriptors::string_in_frame(&bytes, n));
+                }
+                Body::new(Full::new(bytes))
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let limit = shared.limiter.limits().max_request_bytes;
+                return deny(record, limited(LimitError::RequestSize { limit }));
+            }
+            Err(_) => return reply(&GatewayError::RequestIncomplete { method: path }),
+        }
+    };
+    rewrite_metadata(&mut parts.headers, &caller, shared.internal_token.as_ref());
+    let Some(backend) = shared.backends.get(method.service) else {
+        return reply(&GatewayError::UnknownMethod { method: path });
+    };
+    let service = backend.service;
+    let finish = Finish {
+        audit: (method.role == Role::ReadWrite).then(|| (Arc::clone(&shared), record, started)),
+        code: None,
+        _permit: permit,
+    };
+    tracing::debug!(method = %path, principal = %caller.principal, "forwarding");
+    let call = backend
+        .channel
+        .clone()
+        .oneshot(Request::from_parts(parts, body));
+    let revoked = caller.revoked.clone();
+    let outcome = match &revoked {
+        Some(token) => tokio::select! {
+            r = call => Some(r),
+            () = token.cancelled() => None,
+        },
+        None => Some(call.await),
+    };
+    let mut finish = finish;
+    match outcome {
+        None => {
+            let status = GatewayError::Revoked { method: path }.to_status();
+            finish.code = Some(status.code() as i32);
+            status.into_http::<Body>()
+        }
+        Some(Err(e)) => {
+            let status = GatewayError::BackendUnavailable {
+                method: path,
+                service,
+                cause: qvirt_common::error_chain(&e),
+            }
+            .to_status();
+            finish.code = Some(status.code() as i32);
+            status.into_http::<Body>()
+        }
+        Some(Ok(resp)) => {
+            let (parts, mut body) = resp.into_parts();
+            let trailers_only = grpc_status(&parts.headers);
+            if let Some(code) = trailers_only {
+                // A trailers-only answer: its headers end the stream, so
+                // the client must get them with END_STREAM, as sent.
+                finish.code = Some(code);
+                body = Body::empty();
+            }
+            let guarded = Guarded {
+                done: trailers_only.is_some(),
+                inner: body,
+                method: path,
+                service,
+                revoked: revoked.map(|t| Box::pin(t.cancelled_owned())),
+                finish,
+            };
+            Response::from_parts(parts, Body::new(guarded))
+        }
+    }
+}
+
+/// Removes the client's `x-qvirt-*` metadata and `authorization`, and adds
+/// the gateway's: the internal token and the caller's principal.
+fn rewrite_metadata(headers: &mut HeaderMap, caller: &Caller, internal: Option<&HeaderValue>) {
+    let ours: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-qvirt-") || *k == http::header::AUTHORIZATION)
+        .cloned()
+        .collect();
+    for k in ours {
+        headers.remove(&k);
+    }
+    if let Some(token) = internal {
+        headers.insert(qvirt_common::internal_auth::TOKEN_METADATA, token.clone());
+    }
+    if let Ok(principal) = HeaderValue::from_str(&caller.principal) {
+        headers.insert(PRINCIPAL_METADATA, principal);
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// What is done when a forwarded call ends: its audit line (read-write
+/// calls) and its place in the stream limits.
+struct Finish {
+    audit: Option<(Arc<Shared>, Record, Instant)>,
+    code: Option<i32>,
+    _permit: Option<StreamPermit>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        if let Some((shared, mut record, started)) = self.audit.take() {
+            // No status seen: the client went away first.
+            record.code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
+            record.status = audit::code_name(record.code);
+            record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+            shared.audit.write(&record);
+        }
+    }
+}
+
+/// A backend's response body on its way to the client: a backend failure
+/// becomes UNAVAILABLE trailers, a revoked token TOKEN_REVOKED ones.
+struct Guarded {
+    inner: Body,
+    method: String,
+    service: &'static str,
+    done: bool,
+    revoked: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    finish: Finish,
+}
+
+impl Guarded {
+    fn end_with(&mut self, err: GatewayError) -> Frame<Bytes> {
+        self.done = true;
+        // Dropping the backend's body resets its stream.
+        self.inner = Body::empty();
+        let status = err.to_status();
+        self.finish.code = Some(status.code() as i32);
+        let mut trailers = HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+        }
+        Frame::trailers(trailers)
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(revoked) = &mut this.revoked
+            && revoked.as_mut().poll(cx).is_ready()
+        {
+            let method = this.method.clone();
+            return Poll::Ready(Some(Ok(this.end_with(GatewayError::Revoked { method }))));
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    this.done = true;
+                    this.finish.code = grpc_status(trailers).or(this.finish.code);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                let err = GatewayError::BackendUnavailable {
+                    method: this.method.clone(),
+                    service: this.service,
+                    cause: format!("the stream broke off: {e}"),
+                };
+                Poll::Ready(Some(Ok(this.end_with(err))))
+            }
+            None => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || (self.revoked.is_none() && self.inner.is_end_stream())
+    }
+}
