@@ -553,6 +553,7 @@ async fn qmp_latency() -> QmpLatency {
         .start_domain(StartDomainRequest {
             domain: "lat".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -591,6 +592,7 @@ async fn qmp_latency() -> QmpLatency {
                 .monitor_command(MonitorCommandRequest {
                     domain: "lat".into(),
                     command_json: format!("{{\"execute\": \"{command}\"}}"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -602,6 +604,7 @@ async fn qmp_latency() -> QmpLatency {
         .destroy_domain(DestroyDomainRequest {
             domain: "lat".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -41,6 +41,7 @@ async fn define_and_start(
         .start_domain(StartDomainRequest {
             domain: name.into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -96,12 +97,14 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
     client
         .suspend_domain(SuspendDomainRequest {
             domain: "e2e".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     client
         .resume_domain(ResumeDomainRequest {
             domain: "e2e".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -161,6 +164,7 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
         .destroy_domain(DestroyDomainRequest {
             domain: "e2e".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -218,6 +222,7 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     client
         .suspend_domain(SuspendDomainRequest {
             domain: "again".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -234,6 +239,7 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
         .destroy_domain(DestroyDomainRequest {
             domain: "again".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -281,6 +287,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
             "name: ev\nmemory_mib: 64\naccel: tcg\n{extra}"
         ))),
         allow_update: update,
+        ..Default::default()
     };
     client
         .define_domain(define("extra_args: [-bogus-option]\n", false))
@@ -290,6 +297,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .start_domain(StartDomainRequest {
             domain: "ev".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -315,6 +323,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .start_domain(StartDomainRequest {
             domain: "ev".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -328,6 +337,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .monitor_command(MonitorCommandRequest {
             domain: "ev".into(),
             command_json: r#"{"execute":"quit"}"#.into(),
+            ..Default::default()
         })
         .await;
     let mut seen = Vec::new();

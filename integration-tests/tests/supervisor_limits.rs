@@ -101,6 +101,7 @@ async fn test_list_domains_stays_under_the_client_message_limit() {
             .define_domain(DefineDomainRequest {
                 source: Some(define_domain_request::Source::Spec(spec)),
                 allow_update: false,
+                ..Default::default()
             })
             .await;
         match reply {
@@ -422,6 +423,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
         .start_domain(StartDomainRequest {
             domain: "ux".into(),
             paused: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -438,6 +440,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
             domain: "ux".into(),
             mode: ShutdownMode::Agent as i32,
             timeout: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -450,6 +453,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
         .destroy_domain(DestroyDomainRequest {
             domain: "ux".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();

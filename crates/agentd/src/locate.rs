@@ -85,6 +85,7 @@ impl Locator {
         };
         let mut request = tonic::Request::new(GetDomainRequest {
             domain: domain.to_owned(),
+            ..Default::default()
         });
         request.set_timeout(timeout);
         let start = std::time::Instant::now();
