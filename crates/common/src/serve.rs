@@ -303,6 +303,9 @@ fn reflection_builder(files: FileDescriptorSet) -> tonic_reflection::server::Bui
     tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.ErrorInfo, BadRequest, ...: so grpcurl prints the
+        // details of every error instead of their raw bytes.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// The files of the encoded set `encoded` that define one of `services`,
