@@ -554,6 +554,7 @@ async fn qmp_latency() -> QmpLatency {
         .start_domain(StartDomainRequest {
             domain: "lat".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -592,6 +593,7 @@ async fn qmp_latency() -> QmpLatency {
                 .monitor_command(MonitorCommandRequest {
                     domain: "lat".into(),
                     command_json: format!("{{\"execute\": \"{command}\"}}"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -603,6 +605,7 @@ async fn qmp_latency() -> QmpLatency {
         .destroy_domain(DestroyDomainRequest {
             domain: "lat".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();

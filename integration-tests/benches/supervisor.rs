@@ -132,6 +132,7 @@ async fn start(client: &mut SupervisorClient<Channel>, name: &str) -> Duration {
         .start_domain(StartDomainRequest {
             domain: name.into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -143,6 +144,7 @@ async fn destroy(client: &mut SupervisorClient<Channel>, name: &str) {
         .destroy_domain(DestroyDomainRequest {
             domain: name.into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -202,6 +204,7 @@ async fn main() {
             .undefine_domain(UndefineDomainRequest {
                 domain: n.clone(),
                 destroy: false,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -299,6 +299,7 @@ pub async fn define_yaml(
         .define_domain(DefineDomainRequest {
             source: Some(define_domain_request::Source::SpecYaml(yaml)),
             allow_update: false,
+            ..Default::default()
         })
         .await?;
     reply

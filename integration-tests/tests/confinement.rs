@@ -91,6 +91,7 @@ async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> Domain {
     client
         .get_domain(GetDomainRequest {
             domain: name.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -107,6 +108,7 @@ async fn start(
         .start_domain(StartDomainRequest {
             domain: name.to_owned(),
             paused: false,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().domain.unwrap())
@@ -405,6 +407,7 @@ async fn test_qemu_inherits_no_fd_of_the_supervisor() {
         .destroy_domain(DestroyDomainRequest {
             domain: "leak".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -470,6 +473,7 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
         .destroy_domain(DestroyDomainRequest {
             domain: "kept".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -479,6 +483,7 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
         .undefine_domain(UndefineDomainRequest {
             domain: "kept".into(),
             destroy: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -493,6 +498,7 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
         .undefine_domain(UndefineDomainRequest {
             domain: "kept".into(),
             destroy: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -532,6 +538,7 @@ async fn test_tap_nic_is_opened_by_the_supervisor_for_the_unprivileged_qemu() {
         .destroy_domain(DestroyDomainRequest {
             domain: "tapped".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();

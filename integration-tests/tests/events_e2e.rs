@@ -43,6 +43,7 @@ async fn define_and_start(
         .start_domain(StartDomainRequest {
             domain: name.into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -98,12 +99,14 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
     client
         .suspend_domain(SuspendDomainRequest {
             domain: "e2e".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     client
         .resume_domain(ResumeDomainRequest {
             domain: "e2e".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -163,6 +166,7 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
         .destroy_domain(DestroyDomainRequest {
             domain: "e2e".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -233,6 +237,7 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     client
         .suspend_domain(SuspendDomainRequest {
             domain: "again".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -249,6 +254,7 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
         .destroy_domain(DestroyDomainRequest {
             domain: "again".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -296,6 +302,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
             "name: ev\nmemory_mib: 64\naccel: tcg\n{extra}"
         ))),
         allow_update: update,
+        ..Default::default()
     };
     client
         .define_domain(define("extra_args: [-bogus-option]\n", false))
@@ -305,6 +312,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .start_domain(StartDomainRequest {
             domain: "ev".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -330,6 +338,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .start_domain(StartDomainRequest {
             domain: "ev".into(),
             paused: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -343,6 +352,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .monitor_command(MonitorCommandRequest {
             domain: "ev".into(),
             command_json: r#"{"execute":"quit"}"#.into(),
+            ..Default::default()
         })
         .await;
     let mut seen = Vec::new();

@@ -312,6 +312,7 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
             domain: "guest".into(),
             mode: ShutdownMode::Agent as i32,
             timeout: seconds(Duration::from_secs(60)),
+            ..Default::default()
         }),
     )
     .await

@@ -116,6 +116,7 @@ impl Sup {
         self.client
             .get_domain(GetDomainRequest {
                 domain: name.to_owned(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner().domain.unwrap())
@@ -132,6 +133,7 @@ impl Sup {
             .start_domain(StartDomainRequest {
                 domain: name.to_owned(),
                 paused,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner().domain.unwrap())?;
@@ -144,6 +146,7 @@ impl Sup {
             .destroy_domain(DestroyDomainRequest {
                 domain: name.to_owned(),
                 graceful: false,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -157,6 +160,7 @@ impl Sup {
             .monitor_command(MonitorCommandRequest {
                 domain: name.to_owned(),
                 command_json: json.to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -269,6 +273,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .client
         .suspend_domain(SuspendDomainRequest {
             domain: "vm1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -284,6 +289,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .client
         .resume_domain(ResumeDomainRequest {
             domain: "vm1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -298,6 +304,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .client
         .reset_domain(ResetDomainRequest {
             domain: "vm1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -310,6 +317,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .reboot_domain(RebootDomainRequest {
             domain: "vm1".into(),
             mode: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -342,6 +350,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .monitor_command(MonitorCommandRequest {
             domain: "vm1".into(),
             command_json: "[1]".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -370,6 +379,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .undefine_domain(UndefineDomainRequest {
             domain: "vm1".into(),
             destroy: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -385,6 +395,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
         .undefine_domain(UndefineDomainRequest {
             domain: "vm1".into(),
             destroy: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -415,6 +426,7 @@ async fn test_qemu_killed_behind_our_back_is_shutoff_crashed() {
         .undefine_domain(UndefineDomainRequest {
             domain: "victim".into(),
             destroy: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -518,6 +530,7 @@ async fn test_supervisor_kill9_and_restart_loses_no_guest() {
         .client
         .list_domains(ListDomainsRequest {
             states: vec![DomainState::Running as i32, DomainState::Paused as i32],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -533,6 +546,7 @@ async fn test_supervisor_kill9_and_restart_loses_no_guest() {
     sup.client
         .resume_domain(ResumeDomainRequest {
             domain: "keep-paused".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -576,6 +590,7 @@ async fn test_twenty_guests_at_once() {
                 .start_domain(StartDomainRequest {
                     domain: name,
                     paused: i % 2 == 0,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -607,6 +622,7 @@ async fn test_twenty_guests_at_once() {
                 .destroy_domain(DestroyDomainRequest {
                     domain: name,
                     graceful: false,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -657,6 +673,7 @@ async fn test_sigterm_leaves_guests_running_for_the_next_supervisor() {
         .destroy_domain(DestroyDomainRequest {
             domain: "survivor".into(),
             graceful: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -685,6 +702,7 @@ async fn test_concurrent_calls_on_one_domain_are_serialised() {
                 client
                     .suspend_domain(SuspendDomainRequest {
                         domain: "busy".into(),
+                        ..Default::default()
                     })
                     .await
                     .map(drop)
@@ -692,6 +710,7 @@ async fn test_concurrent_calls_on_one_domain_are_serialised() {
                 client
                     .resume_domain(ResumeDomainRequest {
                         domain: "busy".into(),
+                        ..Default::default()
                     })
                     .await
                     .map(drop)
@@ -729,6 +748,7 @@ async fn test_qmp_quit_is_shutoff_shutdown() {
         .monitor_command(MonitorCommandRequest {
             domain: "quitter".into(),
             command_json: r#"{"execute":"quit"}"#.into(),
+            ..Default::default()
         })
         .await;
     if let Err(status) = &sent {
@@ -812,10 +832,12 @@ async fn test_agent_mode_shutdown_and_reboot_need_an_agent_and_pass_its_failure_
         domain: domain.into(),
         mode: ShutdownMode::Agent as i32,
         timeout: None,
+        ..Default::default()
     };
     let reboot = |domain: &str| RebootDomainRequest {
         domain: domain.into(),
         mode: ShutdownMode::Agent as i32,
+        ..Default::default()
     };
     let err = sup
         .client
@@ -945,6 +967,7 @@ async fn test_start_queued_behind_undefine_never_launches_qemu() {
                 .undefine_domain(UndefineDomainRequest {
                     domain: "doomed".into(),
                     destroy: true,
+                    ..Default::default()
                 })
                 .await
         });
@@ -958,6 +981,7 @@ async fn test_start_queued_behind_undefine_never_launches_qemu() {
                         .start_domain(StartDomainRequest {
                             domain: "doomed".into(),
                             paused: false,
+                            ..Default::default()
                         })
                         .await
                 })
@@ -1001,6 +1025,7 @@ async fn test_two_concurrent_starts_launch_one_qemu() {
                     .start_domain(StartDomainRequest {
                         domain: "twice".into(),
                         paused: false,
+                        ..Default::default()
                     })
                     .await
                     .map(|r| r.into_inner().domain.unwrap())

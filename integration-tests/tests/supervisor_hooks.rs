@@ -229,6 +229,7 @@ impl Sup {
             .start_domain(StartDomainRequest {
                 domain: name.to_owned(),
                 paused: false,
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner().domain.unwrap())
@@ -240,6 +241,7 @@ impl Sup {
             .destroy_domain(DestroyDomainRequest {
                 domain: name.to_owned(),
                 graceful: false,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -249,6 +251,7 @@ impl Sup {
         self.client
             .get_domain(GetDomainRequest {
                 domain: name.to_owned(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -467,6 +470,7 @@ async fn test_supervisor_killed_during_the_started_hook_reattaches_its_qemu() {
             .start_domain(StartDomainRequest {
                 domain: "vm".to_owned(),
                 paused: false,
+                ..Default::default()
             })
             .await
     });
@@ -746,6 +750,7 @@ async fn test_start_outliving_the_clients_deadline_completes_with_one_qemu() {
     let mut request = tonic::Request::new(StartDomainRequest {
         domain: "vm".into(),
         paused: false,
+        ..Default::default()
     });
     request.set_timeout(Duration::from_millis(200));
     let err = sup.client.start_domain(request).await.unwrap_err();
@@ -799,6 +804,7 @@ async fn test_a_domain_hanging_in_its_prepare_hook_does_not_hold_up_another() {
             .start_domain(StartDomainRequest {
                 domain: "a".into(),
                 paused: false,
+                ..Default::default()
             })
             .await
     });

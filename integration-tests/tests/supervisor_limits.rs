@@ -101,6 +101,7 @@ async fn test_list_domains_stays_under_the_client_message_limit() {
             .define_domain(DefineDomainRequest {
                 source: Some(define_domain_request::Source::Spec(spec)),
                 allow_update: false,
+                ..Default::default()
             })
             .await;
         match reply {
@@ -110,8 +111,13 @@ async fn test_list_domains_stays_under_the_client_message_limit() {
     };
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("ListDomains"), "{refused:?}");
-    // grpcurl, with its default 4 MiB limit, still reads the whole list.
-    let (ok, stdout, stderr) = call(&sup.addr.to_string(), "ListDomains", "{}");
+    // grpcurl, with its default 4 MiB limit, still reads the whole list
+    // in one page of the largest size.
+    let (ok, stdout, stderr) = call(
+        &sup.addr.to_string(),
+        "ListDomains",
+        r#"{"page_size": 1000}"#,
+    );
     assert!(ok, "{stderr}");
     assert_eq!(stdout.matches("\"name\": \"big").count(), defined);
     // One definition over its own bound is refused naming it.
@@ -422,6 +428,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
         .start_domain(StartDomainRequest {
             domain: "ux".into(),
             paused: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -438,6 +445,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
             domain: "ux".into(),
             mode: ShutdownMode::Agent as i32,
             timeout: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -450,6 +458,7 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
         .destroy_domain(DestroyDomainRequest {
             domain: "ux".into(),
             graceful: false,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -117,6 +117,7 @@ impl Locator {
         // The host is checked below, against the domain record.
         let mut request = tonic::Request::new(GetDomainRequest {
             domain: domain.to_owned(),
+            ..Default::default()
         });
         request.set_timeout(timeout);
         let start = std::time::Instant::now();

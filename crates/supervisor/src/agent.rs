@@ -52,10 +52,12 @@ impl GuestPower for AgentService {
                 Ok(Err(status)) => Err(AgentError {
                     code: status.code(),
                     message: status.message().to_owned(),
+                    reason: qvirt_common::rpc::reason_of(&status),
                 }),
                 Err(_) => Err(AgentError {
                     code: tonic::Code::DeadlineExceeded,
                     message: format!("no answer within {:?}", self.call_timeout),
+                    reason: None,
                 }),
             }
         })

@@ -9,6 +9,7 @@
 //! [`domain`] (spec checks, QEMU argv, on-disk store, the domain table and
 //! lifecycle); [`service`] and [`status`] (the gRPC face and its error
 //! table); [`launch`] and [`qmp`] (spawning QEMU, the QMP client);
+//! [`request_ids`] (idempotent retries of writes);
 //! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
 //! and agent service clients); [`hook_xml`] (libvirt-style domain XML
 //! for hook scripts).
@@ -26,6 +27,7 @@ pub mod lock;
 pub mod loss;
 pub mod publisher;
 pub mod qmp;
+pub mod request_ids;
 pub mod seams;
 pub mod service;
 pub mod status;
@@ -167,11 +169,23 @@ pub async fn run(
     let manager = Manager::open(config, events, Arc::clone(&hooks), agent)
         .await
         .map_err(RunError::Open)?;
+    let requests = {
+        let state_dir = manager.state_dir().to_owned();
+        tokio::task::spawn_blocking(move || request_ids::RequestIds::load(&state_dir))
+            .await
+            .map_err(|e| {
+                RunError::Open(DomainError::Internal(format!(
+                    "request id task failed: {e}"
+                )))
+            })?
+            .map_err(|e| RunError::Open(DomainError::Store(e)))?
+    };
     let services =
         Services::new()
             .options(options)
             .with(SupervisorServer::new(SupervisorService::new(
                 manager.clone(),
+                requests,
             )));
     let served = serve::serve(listener, services, shutdown).await;
     manager.close().await;

@@ -190,6 +190,8 @@ pub struct AgentError {
     pub code: tonic::Code,
     /// Its message.
     pub message: String,
+    /// The ErrorInfo reason it gave, if any (passed on to our caller).
+    pub reason: Option<String>,
 }
 
 /// A boxed agent future.

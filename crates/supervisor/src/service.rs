@@ -1,36 +1,107 @@
-//! `qvirt.v1.Supervisor` over the [`Manager`]: request checks and the
-//! mapping of results; the work is in [`crate::domain`], the error table
-//! in [`crate::status`].
+//! `qvirt.v1.Supervisor` over the [`Manager`]: request checks (host,
+//! paging, request ids) and the mapping of results; the work is in
+//! [`crate::domain`], the error table in [`crate::status`], retries in
+//! [`crate::request_ids`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use prost::Message;
 use qvirt_proto::v1::define_domain_request::Source;
 use qvirt_proto::v1::supervisor_server::Supervisor;
 use qvirt_proto::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{DomainError, Manager};
+use crate::domain::{DefineOptions, DomainError, Manager};
+use crate::request_ids::{self, Claim, Outcome, RequestIds};
+
+/// ListDomains page size when the request gives none.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest ListDomains page size; larger requests are clamped to it.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Longest `name_prefix`, in bytes.
+pub const MAX_NAME_PREFIX_BYTES: usize = 256;
+/// Longest `page_token` accepted, in characters.
+const MAX_PAGE_TOKEN_CHARS: usize = 1024;
+/// Version byte of page tokens.
+const PAGE_TOKEN_VERSION: u8 = 1;
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct SupervisorService {
     manager: Manager,
+    requests: Arc<RequestIds>,
 }
+
+type Reply<T> = Result<Response<T>, Status>;
 
 impl SupervisorService {
-    /// A service over `manager`.
-    pub fn new(manager: Manager) -> Self {
-        SupervisorService { manager }
+    /// A service over `manager`, remembering request ids in `requests`.
+    pub fn new(manager: Manager, requests: RequestIds) -> Self {
+        SupervisorService {
+            manager,
+            requests: Arc::new(requests),
+        }
+    }
+
+    /// Refuse a `host` other than this supervisor's (empty: this one).
+    fn check_host(&self, host: &str) -> Result<(), Status> {
+        if host.is_empty() || host == self.manager.host() {
+            return Ok(());
+        }
+        Err(DomainError::HostNotFound(bounded(host), self.manager.host().to_owned()).into())
+    }
+
+    /// Run the write `call` of `method` once per request id (see
+    /// [`crate::request_ids`]); without an id, just run it.
+    async fn write<M, F>(
+        &self,
+        method: &'static str,
+        request_id: &str,
+        request: &impl Message,
+        call: F,
+    ) -> Reply<M>
+    where
+        M: Message + Default + 'static,
+        F: Future<Output = Result<M, DomainError>> + Send + 'static,
+    {
+        if request_id.is_empty() {
+            return detached(call).await.map(Response::new);
+        }
+        request_ids::check_request_id(request_id)?;
+        let fingerprint = request_ids::digest(&[&request.encode_to_vec()]);
+        match self.requests.claim(method, request_id, fingerprint)? {
+            Claim::Replay(outcome) => request_ids::replay(outcome).await.map(Response::new),
+            Claim::Run(ticket) => {
+                // The outcome is recorded even when the caller is gone.
+                let task = tokio::spawn(async move {
+                    let result = call.await.map_err(Status::from);
+                    ticket.finish(Outcome::of(&result)).await;
+                    result
+                });
+                match task.await {
+                    Ok(result) => result.map(Response::new),
+                    Err(error) => Err(qvirt_common::rpc::internal("supervisor", &error)),
+                }
+            }
+        }
     }
 }
 
-fn domain_key(key: &str) -> Result<&str, Status> {
-    if key.is_empty() {
-        return Err(Status::invalid_argument(
-            "domain (name or UUID) is required",
-        ));
+/// At most 256 bytes of a client's string, for messages.
+fn bounded(text: &str) -> String {
+    let mut end = text.len().min(256);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
-    Ok(key)
+    text[..end].to_owned()
+}
+
+fn domain_key(key: &str) -> Result<String, Status> {
+    if key.is_empty() {
+        return Err(DomainError::invalid("domain", "domain (name or UUID) is required").into());
+    }
+    Ok(key.to_owned())
 }
 
 fn timeout(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
@@ -38,11 +109,9 @@ fn timeout(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status>
         None => Ok(None),
         Some(d) => Duration::try_from(d)
             .map(Some)
-            .map_err(|_| Status::invalid_argument("timeout must not be negative")),
+            .map_err(|_| DomainError::invalid("timeout", "timeout must not be negative").into()),
     }
 }
-
-type Reply<T> = Result<Response<T>, Status>;
 
 /// Run a domain-changing manager call on its own task and wait for it.
 ///
@@ -57,7 +126,61 @@ where
 {
     match tokio::spawn(call).await {
         Ok(result) => result.map_err(Status::from),
-        Err(error) => Err(Status::internal(format!("domain task failed: {error}"))),
+        Err(error) => Err(qvirt_common::rpc::internal("supervisor", &error)),
+    }
+}
+
+/// The digest of a ListDomains filter, carried in its page tokens.
+fn filter_digest(states: &[i32], prefix: &str) -> u64 {
+    let mut states = states.to_vec();
+    states.sort_unstable();
+    states.dedup();
+    let states: Vec<u8> = states.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let digest = request_ids::digest(&[&states, prefix.as_bytes()]);
+    (digest >> 64) as u64 ^ digest as u64
+}
+
+/// The page token naming the page after `last` under `filter`.
+fn page_token(filter: u64, last: &str) -> String {
+    let mut bytes = vec![PAGE_TOKEN_VERSION];
+    bytes.extend_from_slice(&filter.to_le_bytes());
+    bytes.extend_from_slice(last.as_bytes());
+    request_ids::hex(&bytes)
+}
+
+/// The last name of the previous page from `token`, checked against
+/// `filter`.
+fn parse_page_token(token: &str, filter: u64) -> Result<String, DomainError> {
+    let garbage =
+        || DomainError::invalid("page_token", "page_token is not one this service issued");
+    if token.len() > MAX_PAGE_TOKEN_CHARS {
+        return Err(garbage());
+    }
+    let bytes = request_ids::unhex(token).ok_or_else(garbage)?;
+    let (version, rest) = bytes.split_first().ok_or_else(garbage)?;
+    if *version != PAGE_TOKEN_VERSION || rest.len() < 8 {
+        return Err(garbage());
+    }
+    let (digest, name) = rest.split_at(8);
+    let digest = u64::from_le_bytes(digest.try_into().map_err(|_| garbage())?);
+    if digest != filter {
+        return Err(DomainError::invalid(
+            "page_token",
+            "page_token belongs to a ListDomains call with other filters (states, name_prefix)",
+        ));
+    }
+    String::from_utf8(name.to_vec()).map_err(|_| garbage())
+}
+
+/// The page size a request asks for.
+fn page_size(size: i32) -> Result<usize, DomainError> {
+    match usize::try_from(size) {
+        Err(_) => Err(DomainError::invalid(
+            "page_size",
+            "page_size must not be negative",
+        )),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
     }
 }
 
@@ -68,22 +191,45 @@ impl Supervisor for SupervisorService {
         request: Request<DefineDomainRequest>,
     ) -> Reply<DefineDomainResponse> {
         let request = request.into_inner();
-        let spec = match request.source {
-            Some(Source::Spec(spec)) => spec,
-            Some(Source::SpecYaml(text)) => DomainSpec::from_yaml(&text)
-                .map_err(|e| DomainError::Yaml(qvirt_proto::yaml::error_text(&e)))?,
+        self.check_host(&request.host)?;
+        let (spec, from_yaml) = match &request.source {
+            Some(Source::Spec(spec)) => (spec.clone(), false),
+            Some(Source::SpecYaml(text)) => (
+                DomainSpec::from_yaml(text)
+                    .map_err(|e| DomainError::Yaml(qvirt_proto::yaml::error_text(&e)))?,
+                true,
+            ),
             None => {
-                return Err(Status::invalid_argument(
-                    "one of spec or spec_yaml is required",
-                ));
+                return Err(
+                    DomainError::invalid("spec", "one of spec or spec_yaml is required").into(),
+                );
             }
         };
         let manager = self.manager.clone();
-        let allow_update = request.allow_update;
-        let domain = detached(async move { manager.define(spec, allow_update).await }).await?;
-        Ok(Response::new(DefineDomainResponse {
-            domain: Some(domain),
-        }))
+        let options = DefineOptions {
+            allow_update: request.allow_update,
+            etag: request.etag.clone(),
+            validate_only: request.validate_only,
+        };
+        let call = async move {
+            let domain = manager
+                .define_with(spec, options)
+                .await
+                .map_err(|e| match e {
+                    // The path is the YAML document's own.
+                    DomainError::Spec(e) if from_yaml => DomainError::YamlSpec(e),
+                    e => e,
+                })?;
+            Ok(DefineDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        if request.validate_only {
+            // Nothing happens, so there is nothing to replay.
+            return detached(call).await.map(Response::new);
+        }
+        self.write("DefineDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn undefine_domain(
@@ -91,25 +237,57 @@ impl Supervisor for SupervisorService {
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
         let request = request.into_inner();
-        let key = domain_key(&request.domain)?.to_owned();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
         let destroy = request.destroy;
-        detached(async move { manager.undefine(&key, destroy).await }).await?;
-        Ok(Response::new(UndefineDomainResponse {}))
+        let call = async move {
+            manager.undefine(&key, destroy).await?;
+            Ok(UndefineDomainResponse {})
+        };
+        self.write("UndefineDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn list_domains(
         &self,
         request: Request<ListDomainsRequest>,
     ) -> Reply<ListDomainsResponse> {
-        let domains = self.manager.list(&request.into_inner().states);
-        Ok(Response::new(ListDomainsResponse { domains }))
+        let request = request.into_inner();
+        self.check_host(&request.host)?;
+        let size = page_size(request.page_size)?;
+        if request.name_prefix.len() > MAX_NAME_PREFIX_BYTES {
+            return Err(DomainError::invalid(
+                "name_prefix",
+                format!("name_prefix is longer than {MAX_NAME_PREFIX_BYTES} bytes"),
+            )
+            .into());
+        }
+        let filter = filter_digest(&request.states, &request.name_prefix);
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(parse_page_token(token, filter)?),
+        };
+        let (domains, more) = self.manager.list_page(
+            &request.states,
+            &request.name_prefix,
+            after.as_deref(),
+            size,
+        );
+        let next_page_token = match domains.last().and_then(|d| d.spec.as_ref()) {
+            Some(last) if more => page_token(filter, &last.name),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListDomainsResponse {
+            domains,
+            next_page_token,
+        }))
     }
 
     async fn get_domain(&self, request: Request<GetDomainRequest>) -> Reply<GetDomainResponse> {
-        let domain = self
-            .manager
-            .get(domain_key(&request.into_inner().domain)?)?;
+        let request = request.into_inner();
+        self.check_host(&request.host)?;
+        let domain = self.manager.get(&domain_key(&request.domain)?)?;
         Ok(Response::new(GetDomainResponse {
             domain: Some(domain),
         }))
@@ -120,13 +298,18 @@ impl Supervisor for SupervisorService {
         request: Request<StartDomainRequest>,
     ) -> Reply<StartDomainResponse> {
         let request = request.into_inner();
-        let key = domain_key(&request.domain)?.to_owned();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
         let paused = request.paused;
-        let domain = detached(async move { manager.start(&key, paused).await }).await?;
-        Ok(Response::new(StartDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.start(&key, paused).await?;
+            Ok(StartDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("StartDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn shutdown_domain(
@@ -134,14 +317,19 @@ impl Supervisor for SupervisorService {
         request: Request<ShutdownDomainRequest>,
     ) -> Reply<ShutdownDomainResponse> {
         let request = request.into_inner();
+        self.check_host(&request.host)?;
         let mode = request.mode();
-        let key = domain_key(&request.domain)?.to_owned();
+        let key = domain_key(&request.domain)?;
         let timeout = timeout(request.timeout)?;
         let manager = self.manager.clone();
-        let domain = detached(async move { manager.shutdown(&key, mode, timeout).await }).await?;
-        Ok(Response::new(ShutdownDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.shutdown(&key, mode, timeout).await?;
+            Ok(ShutdownDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("ShutdownDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn destroy_domain(
@@ -149,49 +337,72 @@ impl Supervisor for SupervisorService {
         request: Request<DestroyDomainRequest>,
     ) -> Reply<DestroyDomainResponse> {
         let request = request.into_inner();
-        let key = domain_key(&request.domain)?.to_owned();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
         let graceful = request.graceful;
-        let domain = detached(async move { manager.destroy(&key, graceful).await }).await?;
-        Ok(Response::new(DestroyDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.destroy(&key, graceful).await?;
+            Ok(DestroyDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("DestroyDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn suspend_domain(
         &self,
         request: Request<SuspendDomainRequest>,
     ) -> Reply<SuspendDomainResponse> {
-        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let request = request.into_inner();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
-        let domain = detached(async move { manager.suspend(&key).await }).await?;
-        Ok(Response::new(SuspendDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.suspend(&key).await?;
+            Ok(SuspendDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("SuspendDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn resume_domain(
         &self,
         request: Request<ResumeDomainRequest>,
     ) -> Reply<ResumeDomainResponse> {
-        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let request = request.into_inner();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
-        let domain = detached(async move { manager.resume(&key).await }).await?;
-        Ok(Response::new(ResumeDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.resume(&key).await?;
+            Ok(ResumeDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("ResumeDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn reset_domain(
         &self,
         request: Request<ResetDomainRequest>,
     ) -> Reply<ResetDomainResponse> {
-        let key = domain_key(&request.into_inner().domain)?.to_owned();
+        let request = request.into_inner();
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
-        let domain = detached(async move { manager.reset(&key).await }).await?;
-        Ok(Response::new(ResetDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.reset(&key).await?;
+            Ok(ResetDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("ResetDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn reboot_domain(
@@ -199,13 +410,18 @@ impl Supervisor for SupervisorService {
         request: Request<RebootDomainRequest>,
     ) -> Reply<RebootDomainResponse> {
         let request = request.into_inner();
+        self.check_host(&request.host)?;
         let mode = request.mode();
-        let key = domain_key(&request.domain)?.to_owned();
+        let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
-        let domain = detached(async move { manager.reboot(&key, mode).await }).await?;
-        Ok(Response::new(RebootDomainResponse {
-            domain: Some(domain),
-        }))
+        let call = async move {
+            let domain = manager.reboot(&key, mode).await?;
+            Ok(RebootDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("RebootDomain", &request.request_id, &request, call)
+            .await
     }
 
     async fn monitor_command(
@@ -213,10 +429,54 @@ impl Supervisor for SupervisorService {
         request: Request<MonitorCommandRequest>,
     ) -> Reply<MonitorCommandResponse> {
         let request = request.into_inner();
+        self.check_host(&request.host)?;
         let reply_json = self
             .manager
-            .monitor_command(domain_key(&request.domain)?, &request.command_json)
+            .monitor_command(&domain_key(&request.domain)?, &request.command_json)
             .await?;
         Ok(Response::new(MonitorCommandResponse { reply_json }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn test_page_tokens_round_trip_and_are_tied_to_their_filter() {
+        let filter = filter_digest(&[5, 1], "web-");
+        assert_eq!(filter, filter_digest(&[1, 5, 5], "web-"));
+        let token = page_token(filter, "web-042");
+        assert_eq!(parse_page_token(&token, filter).unwrap(), "web-042");
+        let other = filter_digest(&[1], "web-");
+        assert!(matches!(
+            parse_page_token(&token, other),
+            Err(DomainError::InvalidArgument {
+                field: "page_token",
+                ..
+            })
+        ));
+        for garbage in ["zz", "", "01", &"0".repeat(4096), "02000000000000000000"] {
+            assert!(
+                matches!(
+                    parse_page_token(garbage, filter),
+                    Err(DomainError::InvalidArgument {
+                        field: "page_token",
+                        ..
+                    })
+                ),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_page_sizes() {
+        assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(7).unwrap(), 7);
+        assert_eq!(page_size(i32::MAX).unwrap(), MAX_PAGE_SIZE);
+        assert!(page_size(-1).is_err());
     }
 }

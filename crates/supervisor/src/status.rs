@@ -1,96 +1,232 @@
-//! The RPC edge: one table from [`DomainError`] to a gRPC status.
+//! The RPC edge: one table from [`DomainError`] to a gRPC status and the
+//! `google.rpc.ErrorInfo` reason it carries (domain `qvirt.dev`, metadata
+//! `domain` = the domain's name where there is one). An INVALID_ARGUMENT
+//! also carries a `google.rpc.BadRequest` naming the field path.
 //!
-//! | error | code |
-//! |---|---|
-//! | `NotFound` | NOT_FOUND |
-//! | `AlreadyExists` | ALREADY_EXISTS |
-//! | `Spec`, `Yaml`, `InvalidArgument`, `Ambiguous` (a legacy UUID-shaped name) | INVALID_ARGUMENT |
-//! | `Storage` full, `ListFull` (ListDomains answer budget) | RESOURCE_EXHAUSTED |
-//! | `Storage` read-only | UNAVAILABLE |
-//! | `WrongState`, `Start` (QEMU exited during startup or never greeted), `Hook` (a hook script failed), `QemuRefused` | FAILED_PRECONDITION |
-//! | `Monitor` (QEMU or its monitor gone), `MonitorLost` (QEMU runs, its monitor is being reconnected), `Detached` (not re-attached after a restart), `Start` (binary cannot be spawned), `Hook` (hook executor unavailable) | UNAVAILABLE |
-//! | `ReplyTooLarge` (QEMU's reply over the 16 MiB monitor line limit) | RESOURCE_EXHAUSTED |
-//! | `NoAgent`, `NoAgentService` (agent mode without an agent or agent service) | FAILED_PRECONDITION |
-//! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) |
-//! | `Timeout` | DEADLINE_EXCEEDED |
-//! | `Stop`, `Store`, `Internal`, `Start` on the supervisor's side (run dir, log, monitor socket, launch task, signals) | INTERNAL (generic text; the detail is logged) |
+//! | error | code | reason |
+//! |---|---|---|
+//! | `NotFound` | NOT_FOUND | DOMAIN_NOT_FOUND |
+//! | `HostNotFound` | NOT_FOUND | HOST_NOT_FOUND (metadata `host`) |
+//! | `AlreadyExists` | ALREADY_EXISTS | DOMAIN_ALREADY_EXISTS (metadata `domain` or `uuid`) |
+//! | `Spec` | INVALID_ARGUMENT | INVALID_SPEC (field `spec.<path>`) |
+//! | `YamlSpec`, `Yaml` | INVALID_ARGUMENT | INVALID_SPEC (field: the YAML field's path; `yaml` when it does not parse) |
+//! | `InvalidArgument` | INVALID_ARGUMENT | INVALID_ARGUMENT (its field) |
+//! | `RequestIdReused` | INVALID_ARGUMENT | REQUEST_ID_REUSED (field `request_id`) |
+//! | `Ambiguous` (a legacy UUID-shaped name) | INVALID_ARGUMENT | DOMAIN_NAME_AMBIGUOUS (field `domain`) |
+//! | `EtagMismatch` | ABORTED | ETAG_MISMATCH (metadata `current_etag`) |
+//! | `WrongState`: start of a running domain | FAILED_PRECONDITION | DOMAIN_ALREADY_RUNNING |
+//! | `WrongState`: undefine of a running domain without `destroy` | FAILED_PRECONDITION | DOMAIN_RUNNING |
+//! | `WrongState`: a call that needs a running domain | FAILED_PRECONDITION | DOMAIN_NOT_RUNNING |
+//! | `WrongState`: resume of a domain that is not paused | FAILED_PRECONDITION | DOMAIN_NOT_PAUSED |
+//! | `Storage` full | RESOURCE_EXHAUSTED | STATE_DIR_FULL, RUN_DIR_FULL |
+//! | `Storage` read-only | UNAVAILABLE | STATE_DIR_READ_ONLY, RUN_DIR_READ_ONLY |
+//! | `ListFull` (ListDomains answer budget) | RESOURCE_EXHAUSTED | LIST_TOO_LARGE |
+//! | `Start`: QEMU exited during startup or never greeted | FAILED_PRECONDITION | QEMU_START_FAILED |
+//! | `Start`: QEMU's binary cannot be spawned | UNAVAILABLE | QEMU_SPAWN_FAILED |
+//! | `Hook`: a hook script failed | FAILED_PRECONDITION | HOOK_FAILED |
+//! | `Hook`: hook executor unavailable | UNAVAILABLE | HOOK_EXECUTOR_UNAVAILABLE |
+//! | `QemuRefused` (QEMU answered a QMP error) | FAILED_PRECONDITION | QEMU_REFUSED |
+//! | `Confine` (a file the guest needs cannot be prepared or given back) | FAILED_PRECONDITION | GUEST_FILE_FAILED |
+//! | `Monitor` (QEMU or its monitor gone) | UNAVAILABLE | MONITOR_UNAVAILABLE |
+//! | `MonitorLost` (QEMU runs, its monitor is being reconnected) | UNAVAILABLE | MONITOR_LOST |
+//! | `Detached` (not re-attached after a restart) | UNAVAILABLE | DOMAIN_DETACHED |
+//! | `ReplyTooLarge` (QEMU's reply over the 16 MiB monitor line limit) | RESOURCE_EXHAUSTED | QMP_REPLY_TOO_LARGE |
+//! | `NoAgent` (agent mode, no `agent: true`) | FAILED_PRECONDITION | AGENT_NOT_CONFIGURED |
+//! | `NoAgentService` (agent mode, no agent service) | FAILED_PRECONDITION | AGENT_SERVICE_NOT_CONFIGURED |
+//! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) | the agent service's reason, else AGENT_ERROR |
+//! | `Timeout` | DEADLINE_EXCEEDED | TIMEOUT |
+//! | `Stop`, `Store`, `QemuUser`, `Internal`, `Start` on the supervisor's side (run dir, log, monitor socket, launch task, signals) | INTERNAL | INTERNAL (generic text; the detail is logged) |
 //!
 //! Messages carry the error's whole cause chain on one line (QEMU's exit
 //! status and the tail of its output for a failed start), never `{:?}`.
 
-use qvirt_common::error_chain;
+use std::borrow::Cow;
+
+use qvirt_common::{error_chain, rpc};
 use tonic::{Code, Status};
 
-use crate::domain::DomainError;
 use crate::domain::store::DirProblem;
+use crate::domain::{DomainError, Need};
 use crate::launch::LaunchError;
 use crate::seams::HookError;
 
-/// The gRPC code for `error`.
-pub fn code(error: &DomainError) -> Code {
-    match error {
-        DomainError::NotFound(_) => Code::NotFound,
-        DomainError::AlreadyExists { .. } => Code::AlreadyExists,
-        DomainError::Spec(_)
-        | DomainError::Yaml(_)
-        | DomainError::InvalidArgument(_)
-        | DomainError::Ambiguous { .. } => Code::InvalidArgument,
-        DomainError::Storage {
-            problem: DirProblem::Full,
-            ..
-        }
-        | DomainError::ListFull { .. } => Code::ResourceExhausted,
-        DomainError::Storage {
-            problem: DirProblem::ReadOnly,
-            ..
-        } => Code::Unavailable,
-        DomainError::Start { source, .. } => match **source {
-            LaunchError::Spawn { .. } => Code::Unavailable,
+/// The gRPC code and ErrorInfo reason of `error`.
+pub fn classify(error: &DomainError) -> (Code, Cow<'static, str>) {
+    use DomainError as E;
+    let (code, reason) = match error {
+        E::NotFound(_) => (Code::NotFound, "DOMAIN_NOT_FOUND"),
+        E::HostNotFound(..) => (Code::NotFound, "HOST_NOT_FOUND"),
+        E::AlreadyExists { .. } => (Code::AlreadyExists, "DOMAIN_ALREADY_EXISTS"),
+        E::Spec(_) | E::YamlSpec(_) | E::Yaml(_) => (Code::InvalidArgument, "INVALID_SPEC"),
+        E::InvalidArgument { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+        E::RequestIdReused { .. } => (Code::InvalidArgument, "REQUEST_ID_REUSED"),
+        E::Ambiguous { .. } => (Code::InvalidArgument, "DOMAIN_NAME_AMBIGUOUS"),
+        E::EtagMismatch { .. } => (Code::Aborted, "ETAG_MISMATCH"),
+        E::WrongState { need, .. } => (
+            Code::FailedPrecondition,
+            match need {
+                Need::ShutOff => "DOMAIN_ALREADY_RUNNING",
+                Need::ShutOffOrDestroy => "DOMAIN_RUNNING",
+                Need::Running => "DOMAIN_NOT_RUNNING",
+                Need::Paused => "DOMAIN_NOT_PAUSED",
+            },
+        ),
+        E::Storage { which, problem, .. } => match (problem, *which == "run dir") {
+            (DirProblem::Full, false) => (Code::ResourceExhausted, "STATE_DIR_FULL"),
+            (DirProblem::Full, true) => (Code::ResourceExhausted, "RUN_DIR_FULL"),
+            (DirProblem::ReadOnly, false) => (Code::Unavailable, "STATE_DIR_READ_ONLY"),
+            (DirProblem::ReadOnly, true) => (Code::Unavailable, "RUN_DIR_READ_ONLY"),
+        },
+        E::ListFull { .. } => (Code::ResourceExhausted, "LIST_TOO_LARGE"),
+        E::Start { source, .. } => match **source {
+            LaunchError::Spawn { .. } => (Code::Unavailable, "QEMU_SPAWN_FAILED"),
             // QEMU itself refused (its exit status and output) or never
             // greeted: the domain's definition or the host's QEMU.
-            LaunchError::Exited { .. } | LaunchError::Handshake { .. } => Code::FailedPrecondition,
+            LaunchError::Exited { .. } | LaunchError::Handshake { .. } => {
+                (Code::FailedPrecondition, "QEMU_START_FAILED")
+            }
             // The supervisor's own side (run dir, log, socket, tasks,
             // signals) failed: nothing the caller can change.
-            _ => Code::Internal,
+            _ => (Code::Internal, rpc::REASON_INTERNAL),
         },
-        DomainError::Hook {
+        E::Hook {
             source: HookError::Unavailable { .. },
             ..
+        } => (Code::Unavailable, "HOOK_EXECUTOR_UNAVAILABLE"),
+        E::Hook {
+            source: HookError::Failed { .. },
+            ..
+        } => (Code::FailedPrecondition, "HOOK_FAILED"),
+        E::QemuRefused { .. } => (Code::FailedPrecondition, "QEMU_REFUSED"),
+        E::Confine { .. } => (Code::FailedPrecondition, "GUEST_FILE_FAILED"),
+        E::Monitor { .. } => (Code::Unavailable, "MONITOR_UNAVAILABLE"),
+        E::MonitorLost { .. } => (Code::Unavailable, "MONITOR_LOST"),
+        E::Detached(_) => (Code::Unavailable, "DOMAIN_DETACHED"),
+        E::ReplyTooLarge { .. } => (Code::ResourceExhausted, "QMP_REPLY_TOO_LARGE"),
+        E::NoAgent(_) => (Code::FailedPrecondition, "AGENT_NOT_CONFIGURED"),
+        E::NoAgentService => (Code::FailedPrecondition, "AGENT_SERVICE_NOT_CONFIGURED"),
+        E::Agent { source, .. } => {
+            let code = match source.code {
+                // Its own bugs are not ours to hide behind INTERNAL.
+                Code::Ok | Code::Internal | Code::Unknown => Code::Unavailable,
+                code => code,
+            };
+            let reason = source
+                .reason
+                .clone()
+                .filter(|r| !r.is_empty() && r != rpc::REASON_INTERNAL);
+            return (
+                code,
+                reason.map_or(Cow::Borrowed("AGENT_ERROR"), Cow::Owned),
+            );
         }
-        | DomainError::Monitor { .. }
-        | DomainError::MonitorLost { .. }
-        | DomainError::Detached(_) => Code::Unavailable,
-        DomainError::ReplyTooLarge { .. } => Code::ResourceExhausted,
-        DomainError::Agent { source, .. } => match source.code {
-            // Its own bugs are not ours to hide behind INTERNAL.
-            Code::Ok | Code::Internal | Code::Unknown => Code::Unavailable,
-            code => code,
-        },
-        DomainError::WrongState { .. }
-        | DomainError::NoAgent(_)
-        | DomainError::NoAgentService
-        | DomainError::Hook { .. }
-        | DomainError::Confine { .. }
-        | DomainError::QemuRefused { .. } => Code::FailedPrecondition,
-        DomainError::Timeout(_) => Code::DeadlineExceeded,
-        DomainError::Stop { .. }
-        | DomainError::Store(_)
-        | DomainError::QemuUser(_)
-        | DomainError::Internal(_) => Code::Internal,
+        E::Timeout(_) => (Code::DeadlineExceeded, "TIMEOUT"),
+        E::Stop { .. } | E::Store(_) | E::QemuUser(_) | E::Internal(_) => {
+            (Code::Internal, rpc::REASON_INTERNAL)
+        }
+    };
+    (code, Cow::Borrowed(reason))
+}
+
+/// The gRPC code for `error`.
+pub fn code(error: &DomainError) -> Code {
+    classify(error).0
+}
+
+/// The ErrorInfo metadata of `error` (empty values are left out).
+fn metadata(error: &DomainError) -> Vec<(&'static str, String)> {
+    use DomainError as E;
+    match error {
+        E::NotFound(key) => vec![("domain", key.clone())],
+        E::HostNotFound(host, _) => vec![("host", host.clone())],
+        E::AlreadyExists { field, value } => vec![(*field, value.clone())]
+            .into_iter()
+            .map(|(f, v)| (if f == "name" { "domain" } else { f }, v))
+            .collect(),
+        E::EtagMismatch {
+            domain, current, ..
+        } => vec![
+            ("domain", domain.clone()),
+            ("current_etag", current.clone()),
+        ],
+        E::RequestIdReused { method, request_id } => vec![
+            ("method", (*method).to_owned()),
+            ("request_id", request_id.clone()),
+        ],
+        E::Ambiguous { key, .. } => vec![("domain", key.clone())],
+        E::WrongState { domain, state, .. } => {
+            vec![("domain", domain.clone()), ("state", (*state).to_owned())]
+        }
+        E::Storage { which, .. } => vec![("dir", (*which).to_owned())],
+        E::Hook { domain, source } => {
+            let op = match source {
+                HookError::Failed { op, .. } | HookError::Unavailable { op, .. } => op,
+            };
+            vec![("domain", domain.clone()), ("hook", op.to_string())]
+        }
+        E::QemuRefused {
+            domain,
+            command,
+            class,
+            ..
+        } => vec![
+            ("domain", domain.clone()),
+            ("command", command.clone()),
+            ("class", class.clone()),
+        ],
+        E::Start { domain, .. }
+        | E::Monitor { domain, .. }
+        | E::ReplyTooLarge { domain, .. }
+        | E::MonitorLost { domain, .. }
+        | E::Confine { domain, .. }
+        | E::Agent { domain, .. } => vec![("domain", domain.clone())],
+        E::Detached(domain) | E::NoAgent(domain) => vec![("domain", domain.clone())],
+        E::Spec(_)
+        | E::YamlSpec(_)
+        | E::Yaml(_)
+        | E::InvalidArgument { .. }
+        | E::ListFull { .. }
+        | E::NoAgentService
+        | E::Timeout(_)
+        | E::Stop { .. }
+        | E::Store(_)
+        | E::QemuUser(_)
+        | E::Internal(_) => Vec::new(),
+    }
+}
+
+/// The BadRequest field violations of an INVALID_ARGUMENT `error`.
+fn violations(error: &DomainError) -> Vec<(String, String)> {
+    match error {
+        DomainError::Spec(e) => vec![(format!("spec.{}", e.field), e.reason.clone())],
+        DomainError::YamlSpec(e) => vec![(e.field.clone(), e.reason.clone())],
+        DomainError::Yaml(text) => vec![("yaml".to_owned(), text.clone())],
+        DomainError::InvalidArgument { field, message } => {
+            vec![((*field).to_owned(), message.clone())]
+        }
+        DomainError::RequestIdReused { .. } => vec![(
+            "request_id".to_owned(),
+            "already used for a different request".to_owned(),
+        )],
+        DomainError::Ambiguous { .. } => vec![(
+            "domain".to_owned(),
+            "is a name of one domain and the UUID of another".to_owned(),
+        )],
+        _ => Vec::new(),
     }
 }
 
 /// Convert a domain error to the status the client sees.
 pub fn to_status(error: &DomainError) -> Status {
-    let code = code(error);
-    let line = error_chain(error);
+    let (code, reason) = classify(error);
     if code == Code::Internal {
-        tracing::error!(error = %line, "internal error");
-        return Status::internal(
-            "internal error in the supervisor (details in its log)".to_owned(),
-        );
+        return rpc::internal("supervisor", error);
     }
-    Status::new(code, line)
+    let line = error_chain(error);
+    if code == Code::InvalidArgument {
+        return rpc::invalid_argument(&reason, line, violations(error), metadata(error));
+    }
+    rpc::error(code, &reason, line, metadata(error))
 }
 
 impl From<DomainError> for Status {
@@ -104,69 +240,238 @@ mod tests {
     use super::*;
     use crate::domain::spec::SpecError;
     use crate::seams::{AgentError, HookOp};
+    use tonic_types::StatusExt;
 
-    #[test]
-    fn test_table() {
-        let cases = [
-            (DomainError::NotFound("x".into()), Code::NotFound),
+    /// The variant's name; a match without a wildcard, so a new variant
+    /// does not compile until the table test covers it.
+    fn variant(error: &DomainError) -> &'static str {
+        use DomainError as E;
+        match error {
+            E::NotFound(_) => "NotFound",
+            E::AlreadyExists { .. } => "AlreadyExists",
+            E::Spec(_) => "Spec",
+            E::Yaml(_) => "Yaml",
+            E::YamlSpec(_) => "YamlSpec",
+            E::InvalidArgument { .. } => "InvalidArgument",
+            E::HostNotFound(..) => "HostNotFound",
+            E::EtagMismatch { .. } => "EtagMismatch",
+            E::RequestIdReused { .. } => "RequestIdReused",
+            E::WrongState { .. } => "WrongState",
+            E::Start { .. } => "Start",
+            E::Hook { .. } => "Hook",
+            E::QemuRefused { .. } => "QemuRefused",
+            E::Monitor { .. } => "Monitor",
+            E::ReplyTooLarge { .. } => "ReplyTooLarge",
+            E::MonitorLost { .. } => "MonitorLost",
+            E::Detached(_) => "Detached",
+            E::Stop { .. } => "Stop",
+            E::Confine { .. } => "Confine",
+            E::QemuUser(_) => "QemuUser",
+            E::NoAgent(_) => "NoAgent",
+            E::NoAgentService => "NoAgentService",
+            E::Agent { .. } => "Agent",
+            E::Timeout(_) => "Timeout",
+            E::Store(_) => "Store",
+            E::Storage { .. } => "Storage",
+            E::ListFull { .. } => "ListFull",
+            E::Ambiguous { .. } => "Ambiguous",
+            E::Internal(_) => "Internal",
+        }
+    }
+
+    const ALL_VARIANTS: usize = 29;
+
+    fn wrong_state(need: Need) -> DomainError {
+        DomainError::WrongState {
+            domain: "x".into(),
+            state: "running",
+            need,
+            what: "w",
+        }
+    }
+
+    fn start(source: LaunchError) -> DomainError {
+        DomainError::Start {
+            domain: "x".into(),
+            source: Box::new(source),
+        }
+    }
+
+    fn agent(code: Code, reason: Option<&str>) -> DomainError {
+        DomainError::Agent {
+            domain: "x".into(),
+            source: AgentError {
+                code,
+                message: "m".into(),
+                reason: reason.map(str::to_owned),
+            },
+        }
+    }
+
+    /// One case per row of the table (and per sub-case of a row).
+    fn table() -> Vec<(DomainError, Code, &'static str)> {
+        let io = || std::io::Error::other("secret");
+        let spec_error = || SpecError {
+            field: "disks[1].path".into(),
+            reason: "is required".into(),
+        };
+        vec![
+            (
+                DomainError::NotFound("x".into()),
+                Code::NotFound,
+                "DOMAIN_NOT_FOUND",
+            ),
+            (
+                DomainError::HostNotFound("h2".into(), "h1".into()),
+                Code::NotFound,
+                "HOST_NOT_FOUND",
+            ),
             (
                 DomainError::AlreadyExists {
                     field: "name",
                     value: "x".into(),
                 },
                 Code::AlreadyExists,
+                "DOMAIN_ALREADY_EXISTS",
             ),
             (
-                DomainError::Spec(SpecError {
-                    field: "name".into(),
-                    reason: "is required".into(),
-                }),
+                DomainError::Spec(spec_error()),
                 Code::InvalidArgument,
+                "INVALID_SPEC",
             ),
             (
-                DomainError::WrongState {
-                    domain: "x".into(),
-                    state: "running",
-                    what: "w",
+                DomainError::YamlSpec(spec_error()),
+                Code::InvalidArgument,
+                "INVALID_SPEC",
+            ),
+            (
+                DomainError::Yaml("line 1".into()),
+                Code::InvalidArgument,
+                "INVALID_SPEC",
+            ),
+            (
+                DomainError::invalid("page_size", "negative"),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                DomainError::RequestIdReused {
+                    method: "StartDomain",
+                    request_id: "r".into(),
                 },
-                Code::FailedPrecondition,
+                Code::InvalidArgument,
+                "REQUEST_ID_REUSED",
             ),
             (
-                DomainError::Start {
+                DomainError::Ambiguous {
+                    key: "k".into(),
+                    named_uuid: "u".into(),
+                    other: "o".into(),
+                },
+                Code::InvalidArgument,
+                "DOMAIN_NAME_AMBIGUOUS",
+            ),
+            (
+                DomainError::EtagMismatch {
                     domain: "x".into(),
-                    source: Box::new(LaunchError::Spawn {
-                        binary: "q".into(),
-                        source: std::io::Error::other("nope"),
-                    }),
+                    given: "a".into(),
+                    current: "b".into(),
+                },
+                Code::Aborted,
+                "ETAG_MISMATCH",
+            ),
+            (
+                wrong_state(Need::ShutOff),
+                Code::FailedPrecondition,
+                "DOMAIN_ALREADY_RUNNING",
+            ),
+            (
+                wrong_state(Need::ShutOffOrDestroy),
+                Code::FailedPrecondition,
+                "DOMAIN_RUNNING",
+            ),
+            (
+                wrong_state(Need::Running),
+                Code::FailedPrecondition,
+                "DOMAIN_NOT_RUNNING",
+            ),
+            (
+                wrong_state(Need::Paused),
+                Code::FailedPrecondition,
+                "DOMAIN_NOT_PAUSED",
+            ),
+            (
+                DomainError::Storage {
+                    which: "state dir",
+                    problem: DirProblem::Full,
+                    dir: "/s".into(),
+                },
+                Code::ResourceExhausted,
+                "STATE_DIR_FULL",
+            ),
+            (
+                DomainError::Storage {
+                    which: "run dir",
+                    problem: DirProblem::Full,
+                    dir: "/r".into(),
+                },
+                Code::ResourceExhausted,
+                "RUN_DIR_FULL",
+            ),
+            (
+                DomainError::Storage {
+                    which: "state dir",
+                    problem: DirProblem::ReadOnly,
+                    dir: "/s".into(),
                 },
                 Code::Unavailable,
+                "STATE_DIR_READ_ONLY",
             ),
             (
-                DomainError::Start {
-                    domain: "x".into(),
-                    source: Box::new(LaunchError::BindMonitor {
-                        path: "/r/x/monitor.sock".into(),
-                        source: std::io::Error::other("in use"),
-                    }),
+                DomainError::Storage {
+                    which: "run dir",
+                    problem: DirProblem::ReadOnly,
+                    dir: "/r".into(),
                 },
-                Code::Internal,
+                Code::Unavailable,
+                "RUN_DIR_READ_ONLY",
             ),
             (
-                DomainError::Start {
-                    domain: "x".into(),
-                    source: Box::new(LaunchError::PrepareTask("panicked".into())),
+                DomainError::ListFull {
+                    total: 2,
+                    budget: 1,
                 },
-                Code::Internal,
+                Code::ResourceExhausted,
+                "LIST_TOO_LARGE",
             ),
             (
-                DomainError::Start {
-                    domain: "x".into(),
-                    source: Box::new(LaunchError::Exited {
-                        status: std::os::unix::process::ExitStatusExt::from_raw(256),
-                        log_tail: "qemu: -bogus: invalid option".into(),
-                    }),
-                },
+                start(LaunchError::Spawn {
+                    binary: "q".into(),
+                    source: std::io::Error::other("nope"),
+                }),
+                Code::Unavailable,
+                "QEMU_SPAWN_FAILED",
+            ),
+            (
+                start(LaunchError::Exited {
+                    status: std::os::unix::process::ExitStatusExt::from_raw(256),
+                    log_tail: "qemu: -bogus: invalid option".into(),
+                }),
                 Code::FailedPrecondition,
+                "QEMU_START_FAILED",
+            ),
+            (
+                start(LaunchError::BindMonitor {
+                    path: "/r/x/monitor.sock".into(),
+                    source: io(),
+                }),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                start(LaunchError::PrepareTask("secret panicked".into())),
+                Code::Internal,
+                "INTERNAL",
             ),
             (
                 DomainError::hook(
@@ -177,6 +482,7 @@ mod tests {
                     },
                 ),
                 Code::FailedPrecondition,
+                "HOOK_FAILED",
             ),
             (
                 DomainError::hook(
@@ -187,30 +493,57 @@ mod tests {
                     },
                 ),
                 Code::Unavailable,
+                "HOOK_EXECUTOR_UNAVAILABLE",
             ),
-            (DomainError::NoAgent("x".into()), Code::FailedPrecondition),
-            (DomainError::NoAgentService, Code::FailedPrecondition),
             (
-                DomainError::Agent {
-                    domain: "x".into(),
-                    source: AgentError {
-                        code: Code::DeadlineExceeded,
-                        message: "slow".into(),
+                DomainError::qmp(
+                    "x",
+                    crate::qmp::QmpError::Command {
+                        command: "cont".into(),
+                        class: "GenericError".into(),
+                        desc: "no".into(),
                     },
+                ),
+                Code::FailedPrecondition,
+                "QEMU_REFUSED",
+            ),
+            (
+                DomainError::qmp(
+                    "x",
+                    crate::qmp::QmpError::BadRequest {
+                        reason: "not an object".into(),
+                    },
+                ),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                DomainError::Confine {
+                    domain: "x".into(),
+                    what: "opening /i/d.img".into(),
+                    source: io(),
                 },
-                Code::DeadlineExceeded,
+                Code::FailedPrecondition,
+                "GUEST_FILE_FAILED",
             ),
             (
-                DomainError::Agent {
+                DomainError::qmp("x", crate::qmp::QmpError::MonitorClosed),
+                Code::Unavailable,
+                "MONITOR_UNAVAILABLE",
+            ),
+            (
+                DomainError::MonitorLost {
                     domain: "x".into(),
-                    source: AgentError {
-                        code: Code::Internal,
-                        message: "bug".into(),
-                    },
+                    pid: 7,
                 },
                 Code::Unavailable,
+                "MONITOR_LOST",
             ),
-            (DomainError::Timeout("t".into()), Code::DeadlineExceeded),
+            (
+                DomainError::Detached("x".into()),
+                Code::Unavailable,
+                "DOMAIN_DETACHED",
+            ),
             (
                 DomainError::qmp(
                     "x",
@@ -219,54 +552,134 @@ mod tests {
                     },
                 ),
                 Code::ResourceExhausted,
+                "QMP_REPLY_TOO_LARGE",
             ),
             (
-                DomainError::MonitorLost {
+                DomainError::NoAgent("x".into()),
+                Code::FailedPrecondition,
+                "AGENT_NOT_CONFIGURED",
+            ),
+            (
+                DomainError::NoAgentService,
+                Code::FailedPrecondition,
+                "AGENT_SERVICE_NOT_CONFIGURED",
+            ),
+            (
+                agent(Code::DeadlineExceeded, None),
+                Code::DeadlineExceeded,
+                "AGENT_ERROR",
+            ),
+            (
+                agent(Code::Internal, Some("INTERNAL")),
+                Code::Unavailable,
+                "AGENT_ERROR",
+            ),
+            (
+                agent(Code::Unavailable, Some("AGENT_NOT_CONNECTED")),
+                Code::Unavailable,
+                "AGENT_NOT_CONNECTED",
+            ),
+            (
+                DomainError::Timeout("t".into()),
+                Code::DeadlineExceeded,
+                "TIMEOUT",
+            ),
+            (
+                DomainError::Stop {
                     domain: "x".into(),
-                    pid: 7,
+                    source: Box::new(LaunchError::PrepareTask("secret".into())),
                 },
-                Code::Unavailable,
+                Code::Internal,
+                "INTERNAL",
             ),
             (
-                DomainError::Storage {
-                    which: "state dir",
-                    problem: DirProblem::Full,
-                    dir: "/s".into(),
-                },
-                Code::ResourceExhausted,
+                DomainError::Store(crate::domain::store::StoreError::Write {
+                    path: "/secret".into(),
+                    source: io(),
+                }),
+                Code::Internal,
+                "INTERNAL",
             ),
             (
-                DomainError::Storage {
-                    which: "run dir",
-                    problem: DirProblem::ReadOnly,
-                    dir: "/r".into(),
-                },
-                Code::Unavailable,
+                DomainError::QemuUser(crate::domain::confine::CredentialsError::NoUser(
+                    "secret".into(),
+                )),
+                Code::Internal,
+                "INTERNAL",
             ),
             (
-                DomainError::ListFull {
-                    total: 2,
-                    budget: 1,
-                },
-                Code::ResourceExhausted,
+                DomainError::Internal("secret".into()),
+                Code::Internal,
+                "INTERNAL",
             ),
-            (
-                DomainError::Ambiguous {
-                    key: "k".into(),
-                    named_uuid: "u".into(),
-                    other: "o".into(),
-                },
-                Code::InvalidArgument,
-            ),
-            (DomainError::Internal("secret".into()), Code::Internal),
-        ];
-        for (error, want) in cases {
+        ]
+    }
+
+    #[test]
+    fn test_every_error_carries_its_code_reason_and_details() {
+        let cases = table();
+        let mut seen: Vec<&str> = cases.iter().map(|(e, ..)| variant(e)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), ALL_VARIANTS, "a variant lacks a case: {seen:?}");
+        for (error, want_code, want_reason) in cases {
             let status = to_status(&error);
-            assert_eq!(status.code(), want, "{error}");
-            if want == Code::Internal {
-                assert!(!status.message().contains("secret"));
+            assert_eq!(status.code(), want_code, "{error}");
+            let info = status
+                .get_details_error_info()
+                .unwrap_or_else(|| panic!("no ErrorInfo: {error}"));
+            assert_eq!(info.reason, want_reason, "{error}");
+            assert_eq!(info.domain, rpc::ERROR_DOMAIN);
+            if want_code == Code::Internal {
+                assert!(!status.message().contains("secret"), "{error}");
+            } else if !matches!(
+                error,
+                DomainError::Spec(_)
+                    | DomainError::YamlSpec(_)
+                    | DomainError::Yaml(_)
+                    | DomainError::InvalidArgument { .. }
+                    | DomainError::ListFull { .. }
+                    | DomainError::NoAgentService
+                    | DomainError::Timeout(_)
+                    | DomainError::Storage { .. }
+                    | DomainError::RequestIdReused { .. }
+            ) {
+                assert!(
+                    info.metadata.contains_key("domain") || info.metadata.contains_key("host"),
+                    "no domain in the metadata: {error}"
+                );
+            }
+            if want_code == Code::InvalidArgument {
+                assert!(
+                    !rpc::violated_fields(&status).is_empty(),
+                    "no field violation: {error}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn test_field_paths_of_invalid_arguments() {
+        let spec = SpecError {
+            field: "disks[1].path".into(),
+            reason: "is required".into(),
+        };
+        let typed = to_status(&DomainError::Spec(spec.clone()));
+        assert_eq!(rpc::violated_fields(&typed), ["spec.disks[1].path"]);
+        let yaml = to_status(&DomainError::YamlSpec(spec));
+        assert_eq!(rpc::violated_fields(&yaml), ["disks[1].path"]);
+        let parse = to_status(&DomainError::Yaml("bad".into()));
+        assert_eq!(rpc::violated_fields(&parse), ["yaml"]);
+        let etag = to_status(&DomainError::EtagMismatch {
+            domain: "x".into(),
+            given: "a".into(),
+            current: "b".into(),
+        });
+        let info = etag.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(
+            info.metadata.get("current_etag").map(String::as_str),
+            Some("b")
+        );
     }
 
     #[test]

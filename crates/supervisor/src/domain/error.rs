@@ -29,9 +29,43 @@ pub enum DomainError {
     /// the field, line and column).
     #[error("invalid domain YAML: {0}")]
     Yaml(String),
+    /// A spec given as YAML is invalid (the field is the YAML field's
+    /// path).
+    #[error(transparent)]
+    YamlSpec(SpecError),
     /// Some other argument is invalid.
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("{message}")]
+    InvalidArgument {
+        /// The request field (path) at fault.
+        field: &'static str,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+    /// The request names a host other than this supervisor's.
+    #[error("host {0:?} not found (this supervisor is host {1:?})")]
+    HostNotFound(String, String),
+    /// DefineDomain's etag is not the domain's current one.
+    #[error(
+        "domain {domain:?} changed since it was read (etag {given:?}, now {current:?}); read it again"
+    )]
+    EtagMismatch {
+        /// The domain.
+        domain: String,
+        /// The etag the caller gave.
+        given: String,
+        /// Its current etag (empty: the domain does not exist).
+        current: String,
+    },
+    /// A request id came back with a different request.
+    #[error(
+        "request_id {request_id:?} was already used for a different {method} request; use a new one"
+    )]
+    RequestIdReused {
+        /// The RPC.
+        method: &'static str,
+        /// The id.
+        request_id: String,
+    },
     /// The domain is in the wrong state for the call.
     #[error("domain {domain:?} is {state}: {what}")]
     WrongState {
@@ -39,6 +73,8 @@ pub enum DomainError {
         domain: String,
         /// Its state, lowercase (`running`, `shut off`, ...).
         state: &'static str,
+        /// What the call needs (the ErrorInfo reason follows from it).
+        need: Need,
         /// What cannot be done.
         what: &'static str,
     },
@@ -64,6 +100,8 @@ pub enum DomainError {
     /// A QMP command failed: QEMU answered with an error.
     #[error("QEMU refused {command}: {class}: {desc}")]
     QemuRefused {
+        /// The domain.
+        domain: String,
         /// The command.
         command: String,
         /// QEMU's error class.
@@ -196,7 +234,28 @@ pub enum DomainError {
     Internal(String),
 }
 
+/// The state a call needs, for [`DomainError::WrongState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A shut off domain (StartDomain): it runs.
+    ShutOff,
+    /// A shut off domain, or `destroy` (UndefineDomain): it runs.
+    ShutOffOrDestroy,
+    /// A running (or paused) domain: it is not.
+    Running,
+    /// A paused domain (ResumeDomain): it is not.
+    Paused,
+}
+
 impl DomainError {
+    /// An invalid request `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        DomainError::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+
     /// A start refused by hook `source`.
     pub fn hook(domain: &str, source: HookError) -> Self {
         DomainError::Hook {
@@ -213,11 +272,15 @@ impl DomainError {
                 class,
                 desc,
             } => DomainError::QemuRefused {
+                domain: domain.to_owned(),
                 command,
                 class,
                 desc,
             },
-            QmpError::BadRequest { reason } => DomainError::InvalidArgument(reason),
+            QmpError::BadRequest { reason } => DomainError::InvalidArgument {
+                field: "command_json",
+                message: reason,
+            },
             source @ QmpError::ReplyTooLarge { .. } => DomainError::ReplyTooLarge {
                 domain: domain.to_owned(),
                 source,

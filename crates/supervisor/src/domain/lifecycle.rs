@@ -21,7 +21,9 @@ use tracing::{debug, error, info, warn};
 
 use super::argv::{self, Host};
 use super::confine::guest_files;
-use super::{Announce, DomainError, Entry, Life, Manager, Proc, Run, RunFlags, millis, state_name};
+use super::{
+    Announce, DomainError, Entry, Life, Manager, Need, Proc, Run, RunFlags, millis, state_name,
+};
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
 use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
 
@@ -41,6 +43,7 @@ impl Manager {
             return Err(DomainError::WrongState {
                 domain: spec.name,
                 state: state_name(state),
+                need: Need::ShutOff,
                 what: "start needs a shut off domain",
             });
         }
@@ -196,8 +199,8 @@ impl Manager {
             } else {
                 String::new()
             };
-            s.started_at_ms = Some(now);
-            s.state_changed_at_ms = Some(now);
+            s.start_time_ms = Some(now);
+            s.state_change_time_ms = Some(now);
             data.run = Some(Run {
                 qmp: Arc::clone(&qmp),
                 proc: Proc::Owned(Arc::clone(&process)),
@@ -307,6 +310,7 @@ impl Manager {
                 return Err(DomainError::WrongState {
                     domain: data.spec.name.clone(),
                     state: state_name(data.status.state),
+                    need: Need::Running,
                     what: "destroy needs a running domain",
                 });
             };
@@ -441,6 +445,7 @@ impl Manager {
             return Err(DomainError::WrongState {
                 domain: entry.name(),
                 state: state_name(state),
+                need: Need::Running,
                 what: "reboot needs a running domain",
             });
         }
@@ -498,7 +503,7 @@ impl Manager {
             data.status.identity = None;
             data.status.monitor_socket.clear();
             data.status.agent_socket.clear();
-            data.status.started_at_ms = None;
+            data.status.start_time_ms = None;
         };
         match identity.verify().await {
             Ok(()) => {}

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use error::DomainError;
+pub use error::{DomainError, Need};
 
 use crate::config::Config;
 use crate::launch::{Credentials, ProcessIdentity, QemuProcess};
@@ -86,8 +86,8 @@ struct Run {
 struct Data {
     spec: DomainSpec,
     status: Status,
-    defined_at: SystemTime,
-    updated_at: SystemTime,
+    create_time: SystemTime,
+    update_time: SystemTime,
     run: Option<Run>,
 }
 
@@ -158,6 +158,27 @@ impl Entry {
     }
 }
 
+/// The etag of a domain record: a digest of the stored definition, the
+/// state and its reason, QEMU's pid, and the times the definition and the
+/// state last changed, so it changes with every definition or state
+/// change.
+fn etag(data: &Data) -> String {
+    let spec = prost::Message::encode_to_vec(&data.spec);
+    let s = &data.status;
+    let numbers = [
+        i64::from(s.state),
+        i64::from(s.reason),
+        i64::from(s.pid),
+        i64::try_from(millis(data.update_time)).unwrap_or(i64::MAX),
+        s.state_change_time_ms
+            .map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
+    ];
+    let numbers: Vec<u8> = numbers.iter().flat_map(|n| n.to_le_bytes()).collect();
+    let digest = crate::request_ids::digest(&[&spec, &numbers]);
+    // 64 bits: plenty to tell versions of one domain apart.
+    format!("{:016x}", (digest >> 64) as u64 ^ digest as u64)
+}
+
 fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -186,19 +207,22 @@ pub fn state_name(state: i32) -> &'static str {
 /// wire, the reply carries none). Numbers keep their text (serde_json's
 /// `arbitrary_precision`).
 pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
-    let mut request: serde_json::Value = serde_json::from_str(command_json)
-        .map_err(|e| DomainError::InvalidArgument(format!("command_json is not JSON: {e}")))?;
+    let mut request: serde_json::Value = serde_json::from_str(command_json).map_err(|e| {
+        DomainError::invalid("command_json", format!("command_json is not JSON: {e}"))
+    })?;
     let Some(object) = request.as_object_mut() else {
-        return Err(DomainError::InvalidArgument(
-            "command_json must be a JSON object with `execute`".into(),
+        return Err(DomainError::invalid(
+            "command_json",
+            "command_json must be a JSON object with `execute`",
         ));
     };
     if !object
         .get("execute")
         .is_some_and(serde_json::Value::is_string)
     {
-        return Err(DomainError::InvalidArgument(
-            "command_json must have a string member `execute`".into(),
+        return Err(DomainError::invalid(
+            "command_json",
+            "command_json must have a string member `execute`",
         ));
     }
     object.remove("id");
@@ -328,8 +352,8 @@ impl Manager {
             let entry = Entry::new(Data {
                 spec: item.spec,
                 status,
-                defined_at: item.defined_at,
-                updated_at: item.updated_at,
+                create_time: item.create_time,
+                update_time: item.update_time,
                 run: None,
             });
             manager.domains().insert(name, Arc::clone(&entry));
@@ -375,6 +399,16 @@ impl Manager {
 
     fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// This supervisor's node name (`host` of its domains).
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.config().state_dir
     }
 
     /// Find a domain by UUID (when `key` has UUID form) or name. New
@@ -502,10 +536,11 @@ impl Manager {
                 .qemu_log
                 .display()
                 .to_string(),
-            defined_at: Some(data.defined_at.into()),
-            updated_at: Some(data.updated_at.into()),
-            started_at: s.started_at_ms.map(|ms| from_millis(ms).into()),
-            state_changed_at: s.state_changed_at_ms.map(|ms| from_millis(ms).into()),
+            create_time: Some(data.create_time.into()),
+            update_time: Some(data.update_time.into()),
+            start_time: s.start_time_ms.map(|ms| from_millis(ms).into()),
+            state_change_time: s.state_change_time_ms.map(|ms| from_millis(ms).into()),
+            etag: etag(data),
         }
     }
 
@@ -531,7 +566,7 @@ impl Manager {
         if changed || data.status.reason != reason as i32 {
             data.status.state = state as i32;
             data.status.reason = reason as i32;
-            data.status.state_changed_at_ms = Some(millis(SystemTime::now()));
+            data.status.state_change_time_ms = Some(millis(SystemTime::now()));
         }
         changed
     }
@@ -626,7 +661,24 @@ impl Manager {
         spec: DomainSpec,
         allow_update: bool,
     ) -> Result<Domain, DomainError> {
+        self.define_with(
+            spec,
+            DefineOptions {
+                allow_update,
+                ..DefineOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Define (or redefine) a domain with `options`.
+    pub async fn define_with(
+        &self,
+        spec: DomainSpec,
+        options: DefineOptions,
+    ) -> Result<Domain, DomainError> {
         let uuid_given = !spec.uuid.is_empty();
+        let allow_update = options.allow_update || !options.etag.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
         spec::check_host_limits(&spec, self.inner.max_memory_mib, self.inner.max_vcpus)?;
         self.check_socket_paths(&spec.name)?;
@@ -634,6 +686,13 @@ impl Manager {
         let _define = self.inner.define_lock.lock().await;
         self.check_list_budget(&spec)?;
         let existing = self.domains().get(&spec.name).cloned();
+        if !options.etag.is_empty() && existing.is_none() {
+            return Err(DomainError::EtagMismatch {
+                domain: spec.name,
+                given: options.etag,
+                current: String::new(),
+            });
+        }
         let clash = self
             .domains()
             .values()
@@ -656,6 +715,16 @@ impl Manager {
                 });
             }
             let _op = entry.lock_op().await?;
+            if !options.etag.is_empty() {
+                let current = etag(&entry.data());
+                if current != options.etag {
+                    return Err(DomainError::EtagMismatch {
+                        domain: spec.name,
+                        given: options.etag,
+                        current,
+                    });
+                }
+            }
             let old_uuid = entry.data().spec.uuid.clone();
             if !uuid_given {
                 spec.uuid = old_uuid;
@@ -665,14 +734,25 @@ impl Manager {
                     value: spec.name,
                 });
             }
+            if options.validate_only {
+                let data = entry.data();
+                let would = Data {
+                    spec,
+                    status: data.status.clone(),
+                    create_time: data.create_time,
+                    update_time: SystemTime::now(),
+                    run: None,
+                };
+                return Ok(self.record(&would));
+            }
             let saved = spec.clone();
-            let defined_at = entry.data().defined_at;
-            self.store_io(move |store| store.save_spec(&saved, defined_at))
+            let create_time = entry.data().create_time;
+            self.store_io(move |store| store.save_spec(&saved, create_time))
                 .await?;
             let domain = {
                 let mut data = entry.data();
                 data.spec = spec.clone();
-                data.updated_at = SystemTime::now();
+                data.update_time = SystemTime::now();
                 self.record(&data)
             };
             self.emit(
@@ -680,6 +760,7 @@ impl Manager {
                 DomainEventType::Defined,
                 DomainEventDefinedDetail::Updated as i32,
             );
+            entry.notify();
             return Ok(domain);
         }
         let saved = spec.clone();
@@ -687,9 +768,18 @@ impl Manager {
         let status = Status {
             state: DomainState::Shutoff as i32,
             reason: DomainStateReason::ShutoffUnknown as i32,
-            state_changed_at_ms: Some(millis(now)),
+            state_change_time_ms: Some(millis(now)),
             ..Status::default()
         };
+        if options.validate_only {
+            return Ok(self.record(&Data {
+                spec,
+                status,
+                create_time: now,
+                update_time: now,
+                run: None,
+            }));
+        }
         let saved_status = status.clone();
         self.store_io(move |store| {
             store.save_spec(&saved, now)?;
@@ -705,8 +795,8 @@ impl Manager {
         let entry = Entry::new(Data {
             spec: spec.clone(),
             status,
-            defined_at: now,
-            updated_at: now,
+            create_time: now,
+            update_time: now,
             run: None,
         });
         let domain = self.snapshot(&entry);
@@ -734,6 +824,7 @@ impl Manager {
                 return Err(DomainError::WrongState {
                     domain: entry.name(),
                     state: state_name(state),
+                    need: Need::ShutOffOrDestroy,
                     what: "undefine a running domain needs `destroy`",
                 });
             }
@@ -779,12 +870,50 @@ impl Manager {
 
     /// Every domain, sorted by name, optionally only in `states`.
     pub fn list(&self, states: &[i32]) -> Vec<Domain> {
-        let entries: Vec<Arc<Entry>> = self.domains().values().cloned().collect();
-        entries
-            .iter()
-            .map(|e| self.snapshot(e))
-            .filter(|d| states.is_empty() || states.contains(&d.state))
-            .collect()
+        self.list_page(states, "", None, usize::MAX).0
+    }
+
+    /// One page of the domains sorted by name: those after `after` (a
+    /// name), whose name starts with `prefix` and whose state is one of
+    /// `states` (empty: any), at most `size` of them and at most
+    /// [`LIST_BUDGET_BYTES`] of records (at least one). Returns whether
+    /// more follow.
+    pub fn list_page(
+        &self,
+        states: &[i32],
+        prefix: &str,
+        after: Option<&str>,
+        size: usize,
+    ) -> (Vec<Domain>, bool) {
+        use std::ops::Bound;
+        let entries: Vec<Arc<Entry>> = {
+            let domains = self.domains();
+            // Names with the prefix are contiguous and sort from it on.
+            let start = match after {
+                Some(name) if name >= prefix => Bound::Excluded(name),
+                _ => Bound::Included(prefix),
+            };
+            domains
+                .range::<str, _>((start, Bound::Unbounded))
+                .take_while(|(name, _)| name.starts_with(prefix))
+                .map(|(_, e)| Arc::clone(e))
+                .collect()
+        };
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for entry in entries {
+            let domain = self.snapshot(&entry);
+            if !states.is_empty() && !states.contains(&domain.state) {
+                continue;
+            }
+            let len = prost::Message::encoded_len(&domain);
+            if page.len() >= size || (!page.is_empty() && bytes + len > LIST_BUDGET_BYTES) {
+                return (page, true);
+            }
+            bytes += len;
+            page.push(domain);
+        }
+        (page, false)
     }
 
     /// One domain.
@@ -809,6 +938,7 @@ impl Manager {
             None => Err(DomainError::WrongState {
                 domain: data.spec.name.clone(),
                 state: state_name(data.status.state),
+                need: Need::Running,
                 what,
             }),
         }
@@ -844,6 +974,7 @@ impl Manager {
             return Err(DomainError::WrongState {
                 domain: entry.name(),
                 state: state_name(state),
+                need: Need::Running,
                 what: "suspend needs a running domain",
             });
         }
@@ -868,6 +999,7 @@ impl Manager {
             return Err(DomainError::WrongState {
                 domain: entry.name(),
                 state: state_name(state),
+                need: Need::Paused,
                 what: "resume needs a paused domain",
             });
         }
@@ -914,6 +1046,17 @@ impl Manager {
 
 #[cfg(test)]
 mod tests;
+
+/// What a define may do besides storing a new domain.
+#[derive(Debug, Clone, Default)]
+pub struct DefineOptions {
+    /// Replace the definition of an existing domain of the same name.
+    pub allow_update: bool,
+    /// Non-empty: the domain must exist with this etag (and is replaced).
+    pub etag: String,
+    /// Check everything, write nothing, publish nothing.
+    pub validate_only: bool,
+}
 
 /// When [`Manager::transition_and_emit`] emits its event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,14 +45,18 @@ pub const QEMU_LOG_ROTATE_BYTES: u64 = 1024 * 1024;
 
 /// The leading comment of a definition file that records when the
 /// domain was first defined (ms since the epoch).
-const DEFINED_AT_PREFIX: &str = "# qvirt defined_at_ms: ";
+const CREATE_TIME_PREFIX: &str = "# qvirt create_time_ms: ";
 
-/// The `defined_at` comment of a definition file, if present.
-fn defined_at_of(text: &str) -> Option<SystemTime> {
-    let ms: u64 = text
-        .lines()
-        .next()?
-        .strip_prefix(DEFINED_AT_PREFIX)?
+/// The same comment as written before the field was named `create_time`
+/// (still read).
+const OLD_CREATE_TIME_PREFIX: &str = "# qvirt defined_at_ms: ";
+
+/// The `create_time` comment of a definition file, if present.
+fn create_time_of(text: &str) -> Option<SystemTime> {
+    let line = text.lines().next()?;
+    let ms: u64 = line
+        .strip_prefix(CREATE_TIME_PREFIX)
+        .or_else(|| line.strip_prefix(OLD_CREATE_TIME_PREFIX))?
         .trim()
         .parse()
         .ok()?;
@@ -174,9 +178,11 @@ pub struct Status {
     /// The agent socket while QEMU runs with an agent.
     pub agent_socket: String,
     /// When QEMU was started, ms since the epoch.
-    pub started_at_ms: Option<u64>,
+    #[serde(alias = "started_at_ms")]
+    pub start_time_ms: Option<u64>,
     /// When state or reason last changed, ms since the epoch.
-    pub state_changed_at_ms: Option<u64>,
+    #[serde(alias = "state_changed_at_ms")]
+    pub state_change_time_ms: Option<u64>,
     /// Files given to QEMU's user, with their original owner and mode
     /// (recorded before the change, restored at stop).
     pub granted: Vec<super::confine::Grant>,
@@ -190,9 +196,9 @@ pub struct Loaded {
     /// The runtime status, if a status file exists.
     pub status: Option<Status>,
     /// When the definition file was created.
-    pub defined_at: SystemTime,
+    pub create_time: SystemTime,
     /// When it was last written.
-    pub updated_at: SystemTime,
+    pub update_time: SystemTime,
 }
 
 /// One domain's paths.
@@ -365,18 +371,18 @@ impl Store {
         Ok(true)
     }
 
-    /// Persist a definition; `defined_at` goes in a leading comment line
+    /// Persist a definition; `create_time` goes in a leading comment line
     /// (YAML ignores it), so it survives updates, which replace the file.
-    pub fn save_spec(&self, spec: &DomainSpec, defined_at: SystemTime) -> Result<(), StoreError> {
+    pub fn save_spec(&self, spec: &DomainSpec, create_time: SystemTime) -> Result<(), StoreError> {
         let text = spec.to_yaml().map_err(|source| StoreError::Encode {
             what: "domain spec",
             source,
         })?;
-        let ms = defined_at
+        let ms = create_time
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let text = format!("{DEFINED_AT_PREFIX}{ms}\n{text}");
+        let text = format!("{CREATE_TIME_PREFIX}{ms}\n{text}");
         write_atomic(&self.spec_path(&spec.name), text.as_bytes())
     }
 
@@ -458,7 +464,7 @@ impl Store {
                 continue;
             }
             let read = fs::read_to_string(&path).map_err(|e| e.to_string());
-            let recorded_defined_at = read.as_ref().ok().and_then(|t| defined_at_of(t));
+            let recorded_create_time = read.as_ref().ok().and_then(|t| create_time_of(t));
             let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
             let spec = match spec {
                 Ok(spec) if spec.name == stem => spec,
@@ -472,19 +478,19 @@ impl Store {
                 }
             };
             let meta = entry.metadata().ok();
-            let updated_at = meta
+            let update_time = meta
                 .as_ref()
                 .and_then(|m| m.modified().ok())
                 .unwrap_or_else(SystemTime::now);
-            let defined_at = recorded_defined_at
+            let create_time = recorded_create_time
                 .or_else(|| meta.as_ref().and_then(|m| m.created().ok()))
-                .unwrap_or(updated_at);
+                .unwrap_or(update_time);
             let status = self.load_status(stem);
             loaded.push(Loaded {
                 spec,
                 status,
-                defined_at,
-                updated_at,
+                create_time,
+                update_time,
             });
         }
         loaded.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -538,7 +544,7 @@ mod tests {
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 2);
         assert_eq!(loaded[0].spec, a);
-        assert_eq!(loaded[0].defined_at, defined);
+        assert_eq!(loaded[0].create_time, defined);
         assert_eq!(loaded[0].status.as_ref(), Some(&status));
         assert!(loaded[1].status.is_none());
 
@@ -655,6 +661,39 @@ mod tests {
             .map(|l| l.spec.name)
             .collect();
         assert_eq!(names, ["ok"]);
+    }
+
+    #[test]
+    fn test_files_written_under_the_old_time_names_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        fs::write(
+            dir.path().join("state/domains/old.yaml"),
+            "# qvirt defined_at_ms: 1700000000123\nname: old\n",
+        )
+        .unwrap();
+        fs::create_dir_all(dir.path().join("run/old")).unwrap();
+        fs::write(
+            dir.path().join("run/old").join(STATUS_FILE_NAME),
+            "state: 1\nstarted_at_ms: 5\nstate_changed_at_ms: 6\n",
+        )
+        .unwrap();
+        let loaded = store.load_all().unwrap();
+        let want = UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(loaded[0].create_time, want);
+        let status = loaded[0].status.as_ref().unwrap();
+        assert_eq!(
+            (status.start_time_ms, status.state_change_time_ms),
+            (Some(5), Some(6))
+        );
+        // Written back under the new names.
+        store.save_spec(&loaded[0].spec, want).unwrap();
+        let text = fs::read_to_string(dir.path().join("state/domains/old.yaml")).unwrap();
+        assert!(
+            text.starts_with("# qvirt create_time_ms: 1700000000123\n"),
+            "{text}"
+        );
     }
 
     #[test]

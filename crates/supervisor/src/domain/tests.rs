@@ -111,7 +111,7 @@ async fn test_calls_on_a_shut_off_domain_are_failed_precondition() {
     for bad in ["nope", "[1]", r#"{"arguments":{}}"#] {
         let r = m.monitor_command("off", bad).await;
         assert!(
-            matches!(r, Err(DomainError::InvalidArgument(_))),
+            matches!(r, Err(DomainError::InvalidArgument { .. })),
             "{bad}: {r:?}"
         );
     }
@@ -631,6 +631,7 @@ async fn test_definitions_are_refused_past_the_list_budget() {
     assert!(matches!(refused, DomainError::ListFull { .. }), "{refused}");
     let answer = qvirt_proto::v1::ListDomainsResponse {
         domains: m.list(&[]),
+        next_page_token: String::new(),
     };
     let size = prost::Message::encoded_len(&answer);
     assert!(size <= super::LIST_BUDGET_BYTES, "{size}");
@@ -679,4 +680,164 @@ async fn test_a_define_whose_status_cannot_be_written_leaves_no_definition() {
     assert!(left.is_empty(), "left behind: {left:?}");
     m.close().await;
     assert!(open(&dir).await.list(&[]).is_empty());
+}
+
+/// Counts lifecycle events.
+#[derive(Default)]
+struct CountEvents(std::sync::atomic::AtomicUsize);
+
+impl crate::seams::EventSink for CountEvents {
+    fn monitor_event(&self, _: &crate::seams::DomainRef, _: &crate::qmp::QmpEvent) {}
+    fn lifecycle(&self, _: &crate::seams::DomainRef, _: crate::seams::Lifecycle) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn with_etag(etag: &str) -> super::DefineOptions {
+    super::DefineOptions {
+        etag: etag.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn test_etags_change_with_definition_and_state_and_guard_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    let first = m.define(spec("name: a"), false).await.unwrap().etag;
+    assert!(!first.is_empty());
+    assert_eq!(m.get("a").unwrap().etag, first, "a read changes nothing");
+    let second = m
+        .define(spec("name: a\nmemory_mib: 256"), true)
+        .await
+        .unwrap()
+        .etag;
+    assert_ne!(second, first);
+    // A stale etag is refused and names the current one.
+    match m
+        .define_with(spec("name: a\nvcpus: 2"), with_etag(&first))
+        .await
+    {
+        Err(DomainError::EtagMismatch { current, .. }) => assert_eq!(current, second),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.get("a").unwrap().spec.unwrap().vcpus, 1);
+    // The current one updates (allow_update implied).
+    let third = m
+        .define_with(spec("name: a\nvcpus: 2"), with_etag(&second))
+        .await
+        .unwrap();
+    assert_eq!(third.spec.unwrap().vcpus, 2);
+    assert_ne!(third.etag, second);
+    // A state change changes it too.
+    let entry = m.find("a").unwrap();
+    Manager::set_state(&entry, DomainState::Paused, DomainStateReason::PausedUser);
+    assert_ne!(m.get("a").unwrap().etag, third.etag);
+    // An etag for a domain that does not exist.
+    assert!(matches!(
+        m.define_with(spec("name: nope"), with_etag(&second)).await,
+        Err(DomainError::EtagMismatch { .. })
+    ));
+}
+
+#[tokio::test]
+async fn test_validate_only_checks_everything_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = Arc::new(CountEvents::default());
+    let m = Manager::open(config(&dir), events.clone(), Arc::new(NoHooks), None)
+        .await
+        .unwrap();
+    m.define(spec("name: a"), false).await.unwrap();
+    let etag = m.get("a").unwrap().etag;
+    let files = |dir: &tempfile::TempDir| {
+        let mut all = Vec::new();
+        for sub in ["state/domains", "run"] {
+            let mut stack = vec![dir.path().join(sub)];
+            while let Some(p) = stack.pop() {
+                if p.is_dir() {
+                    stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+                } else {
+                    all.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        all.sort();
+        all
+    };
+    let before = files(&dir);
+    let sent = events.0.load(std::sync::atomic::Ordering::SeqCst);
+    let validate = |yaml: &str, allow_update: bool, etag: &str| {
+        let options = super::DefineOptions {
+            allow_update,
+            etag: etag.to_owned(),
+            validate_only: true,
+        };
+        (spec(yaml), options)
+    };
+    // A new domain: the record it would be, with generated fields.
+    let (s, o) = validate("name: v", false, "");
+    let would = m.define_with(s, o).await.unwrap();
+    assert_eq!(would.state(), DomainState::Shutoff);
+    assert_eq!(would.spec.unwrap().uuid.len(), 36);
+    assert!(matches!(m.get("v"), Err(DomainError::NotFound(_))));
+    // An update.
+    let (s, o) = validate("name: a\nmemory_mib: 512", true, "");
+    assert_eq!(
+        m.define_with(s, o).await.unwrap().spec.unwrap().memory_mib,
+        512
+    );
+    assert_eq!(m.get("a").unwrap().spec.unwrap().memory_mib, 128);
+    // Every check still applies.
+    let (s, o) = validate("name: a", false, "");
+    assert!(matches!(
+        m.define_with(s, o).await,
+        Err(DomainError::AlreadyExists { .. })
+    ));
+    let (s, o) = validate("name: a", false, "stale");
+    assert!(matches!(
+        m.define_with(s, o).await,
+        Err(DomainError::EtagMismatch { .. })
+    ));
+    let (s, o) = validate("name: b\nvcpus: 100000", false, "");
+    assert!(matches!(
+        m.define_with(s, o).await,
+        Err(DomainError::Spec(_))
+    ));
+    assert_eq!(files(&dir), before, "validate_only wrote to disk");
+    assert_eq!(events.0.load(std::sync::atomic::Ordering::SeqCst), sent);
+    assert_eq!(m.get("a").unwrap().etag, etag);
+}
+
+#[tokio::test]
+async fn test_pages_see_every_domain_once_in_name_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(&dir).await;
+    for i in (0..250).rev() {
+        m.define(spec(&format!("name: d{i:03}")), false)
+            .await
+            .unwrap();
+    }
+    m.define(spec("name: other"), false).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let (page, more) = m.list_page(&[], "d", after.as_deref(), 100);
+        pages += 1;
+        assert!(page.len() <= 100);
+        seen.extend(page.iter().map(|d| d.spec.clone().unwrap().name));
+        after = seen.last().cloned();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    let want: Vec<String> = (0..250).map(|i| format!("d{i:03}")).collect();
+    assert_eq!(seen, want);
+    // A page token past the prefix run, or before it.
+    assert!(m.list_page(&[], "d", Some("e"), 10).0.is_empty());
+    assert_eq!(m.list_page(&[], "d", Some("a"), 1).0.len(), 1);
+    // A state filter.
+    let (page, more) = m.list_page(&[DomainState::Running as i32], "", None, 100);
+    assert!(page.is_empty() && !more);
 }

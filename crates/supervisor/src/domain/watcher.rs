@@ -375,10 +375,10 @@ impl Manager {
         status.identity = None;
         status.monitor_socket.clear();
         status.agent_socket.clear();
-        status.started_at_ms = None;
+        status.start_time_ms = None;
         status.state = DomainState::Shutoff as i32;
         status.reason = reason as i32;
-        status.state_changed_at_ms = Some(super::millis(std::time::SystemTime::now()));
+        status.state_change_time_ms = Some(super::millis(std::time::SystemTime::now()));
         info!(domain = %spec.name, reason = ?reason, "QEMU exited");
         // Taken before anyone can see the domain shut off.
         let _stop_hooks = entry.stop_hooks.lock().await;

@@ -1,0 +1,676 @@
+//! Idempotent retries of writes (AIP-155): the `request_id` of a write
+//! names one logical call. The first call with an id runs; a retry with
+//! the same id (and the same request) within [`WINDOW`] gets the first
+//! call's answer again, waiting for it while the first call still runs;
+//! the same id with another request is refused
+//! ([`DomainError::RequestIdReused`]).
+//!
+//! Bounds: at most [`MAX_IDS`] ids and [`MAX_BYTES`] of remembered
+//! answers, the oldest forgotten first. The ids of [`PERSISTED`] methods
+//! (DefineDomain, UndefineDomain) are also kept in `STATE_DIR/requests/`,
+//! one small file per id written atomically, and loaded at start, so a
+//! retry across a supervisor restart is still answered from the record.
+//! A crash between the write itself and its record leaves the write
+//! without a record: the retry then runs again.
+//!
+//! The cache key is (method, request id); the fingerprint is a digest of
+//! the request message as the supervisor decoded and re-encoded it
+//! (prost's encoding is deterministic; map fields are ordered).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+use crate::domain::DomainError;
+use crate::domain::store::{self, StoreError};
+
+/// How long a request id is remembered.
+pub const WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Most request ids remembered at once.
+pub const MAX_IDS: usize = 4096;
+/// Most bytes of remembered answers (responses and error details).
+pub const MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Longest request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Methods whose request ids survive a supervisor restart.
+pub const PERSISTED: [&str; 2] = ["DefineDomain", "UndefineDomain"];
+/// Largest record file read back at start.
+const MAX_RECORD_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// The dir under the state dir.
+const DIR_NAME: &str = "requests";
+
+/// A 128-bit FNV-1a digest of `parts` (each length-prefixed, so the
+/// boundaries count). Not cryptographic: it tells requests apart and
+/// versions records (etags); it protects against nobody.
+pub fn digest(parts: &[&[u8]]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut hash = OFFSET;
+    for part in parts {
+        let len = (part.len() as u64).to_le_bytes();
+        for byte in len.iter().chain(part.iter()) {
+            hash ^= u128::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    }
+    hash
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The bytes of lowercase or uppercase hex `text`, if it is hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Check a request id: at most [`MAX_REQUEST_ID_BYTES`] of printable
+/// ASCII.
+pub fn check_request_id(id: &str) -> Result<(), DomainError> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(DomainError::invalid(
+            "request_id",
+            format!(
+                "request_id is {} bytes, at most {MAX_REQUEST_ID_BYTES}",
+                id.len()
+            ),
+        ));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(DomainError::invalid(
+            "request_id",
+            "request_id must be printable ASCII",
+        ));
+    }
+    Ok(())
+}
+
+/// The answer of a call, as replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The encoded response message.
+    Ok(Vec<u8>),
+    /// The error status: code, message and encoded details.
+    Err {
+        /// The gRPC code.
+        code: i32,
+        /// The message.
+        message: String,
+        /// `grpc-status-details-bin`.
+        details: Vec<u8>,
+    },
+}
+
+impl Outcome {
+    /// The outcome of a call's result.
+    pub fn of<M: prost::Message>(result: &Result<M, Status>) -> Outcome {
+        match result {
+            Ok(message) => Outcome::Ok(message.encode_to_vec()),
+            Err(status) => Outcome::Err {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                details: status.details().to_vec(),
+            },
+        }
+    }
+
+    /// The call's result again.
+    pub fn replay<M: prost::Message + Default>(&self) -> Result<M, Status> {
+        match self {
+            Outcome::Ok(bytes) => M::decode(bytes.as_slice())
+                .map_err(|e| qvirt_common::rpc::internal("supervisor", &e)),
+            Outcome::Err {
+                code,
+                message,
+                details,
+            } => Err(Status::with_details(
+                Code::from_i32(*code),
+                message.clone(),
+                details.clone().into(),
+            )),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Outcome::Ok(bytes) => bytes.len(),
+            Outcome::Err {
+                message, details, ..
+            } => message.len() + details.len(),
+        }
+    }
+}
+
+/// What a call with a request id does.
+#[derive(Debug)]
+pub enum Claim {
+    /// Run: the first call with this id. Finish the ticket with its
+    /// outcome.
+    Run(Ticket),
+    /// Answer with the first call's outcome (once there is one).
+    Replay(watch::Receiver<Option<Outcome>>),
+}
+
+type Key = (&'static str, String);
+
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    fingerprint: u128,
+    at: SystemTime,
+    outcome: watch::Sender<Option<Outcome>>,
+    size: usize,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    slots: HashMap<Key, Slot>,
+    /// Keys in claim order, with the slot's `seq` (a stale pair is
+    /// skipped).
+    order: VecDeque<(u64, Key)>,
+    next_seq: u64,
+    bytes: usize,
+    /// Record files of forgotten persisted ids, removed at the next write.
+    doomed: Vec<PathBuf>,
+}
+
+/// The remembered request ids; see the module docs.
+#[derive(Debug)]
+pub struct RequestIds {
+    table: Mutex<Table>,
+    /// `STATE_DIR/requests`.
+    dir: PathBuf,
+}
+
+/// The right to run the first call with an id; dropped unfinished (the
+/// call's task died), the id is forgotten and waiting retries fail.
+#[derive(Debug)]
+pub struct Ticket {
+    ids: Arc<RequestIds>,
+    key: Key,
+    seq: u64,
+    fingerprint: u128,
+    at: SystemTime,
+    finished: bool,
+}
+
+/// A record file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    method: String,
+    request_id: String,
+    fingerprint: String,
+    at_ms: u64,
+    /// Hex of the response, when the call succeeded.
+    #[serde(default)]
+    response: Option<String>,
+    /// The error, when it failed.
+    #[serde(default)]
+    error: Option<RecordError>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordError {
+    code: i32,
+    message: String,
+    details: String,
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Record {
+    fn new(key: &Key, fingerprint: u128, at: SystemTime, outcome: &Outcome) -> Record {
+        let (response, error) = match outcome {
+            Outcome::Ok(bytes) => (Some(hex(bytes)), None),
+            Outcome::Err {
+                code,
+                message,
+                details,
+            } => (
+                None,
+                Some(RecordError {
+                    code: *code,
+                    message: message.clone(),
+                    details: hex(details),
+                }),
+            ),
+        };
+        Record {
+            method: key.0.to_owned(),
+            request_id: key.1.clone(),
+            fingerprint: format!("{fingerprint:032x}"),
+            at_ms: millis(at),
+            response,
+            error,
+        }
+    }
+
+    /// Key, fingerprint, time and outcome, if the record is well-formed.
+    fn parts(self) -> Option<(Key, u128, SystemTime, Outcome)> {
+        let method = PERSISTED.into_iter().find(|m| *m == self.method)?;
+        check_request_id(&self.request_id).ok()?;
+        let fingerprint = u128::from_str_radix(&self.fingerprint, 16).ok()?;
+        let outcome = match (self.response, self.error) {
+            (Some(response), None) => Outcome::Ok(unhex(&response)?),
+            (None, Some(e)) => Outcome::Err {
+                code: e.code,
+                message: e.message,
+                details: unhex(&e.details)?,
+            },
+            _ => return None,
+        };
+        let at = UNIX_EPOCH + Duration::from_millis(self.at_ms);
+        Some(((method, self.request_id), fingerprint, at, outcome))
+    }
+}
+
+impl RequestIds {
+    fn record_path(dir: &Path, key: &Key) -> PathBuf {
+        let name = digest(&[key.0.as_bytes(), key.1.as_bytes()]);
+        dir.join(format!("{}-{name:032x}.json", key.0))
+    }
+
+    /// The request ids of the state dir `state_dir`: creates
+    /// `STATE_DIR/requests`, reads the records there, and removes those
+    /// past the window or the bounds. Blocks (file I/O).
+    pub fn load(state_dir: &Path) -> Result<RequestIds, StoreError> {
+        let dir = state_dir.join(DIR_NAME);
+        store::create_dir(&dir, 0o700)?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| StoreError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let now = SystemTime::now();
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_record = path.extension().is_some_and(|x| x == "json");
+            let read = is_record
+                && entry
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.len() <= MAX_RECORD_FILE_BYTES);
+            let parsed = read
+                .then(|| std::fs::read(&path).ok())
+                .flatten()
+                .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
+                .and_then(Record::parts)
+                .filter(|(key, _, at, _)| {
+                    Self::record_path(&dir, key) == path && !expired(*at, now)
+                });
+            match parsed {
+                Some(parts) => records.push(parts),
+                // Expired, foreign or a left-over temp file.
+                None => {
+                    if let Err(error) = std::fs::remove_file(&path) {
+                        tracing::warn!(path = %path.display(), %error, "cannot remove a request id record");
+                    }
+                }
+            }
+        }
+        records.sort_by_key(|(_, _, at, _)| *at);
+        let ids = RequestIds {
+            table: Mutex::new(Table::default()),
+            dir,
+        };
+        {
+            let mut table = ids.table();
+            for (key, fingerprint, at, outcome) in records {
+                let seq = table.next_seq;
+                table.next_seq += 1;
+                let size = outcome.size();
+                table.bytes += size;
+                table.order.push_back((seq, key.clone()));
+                table.slots.insert(
+                    key,
+                    Slot {
+                        seq,
+                        fingerprint,
+                        at,
+                        outcome: watch::channel(Some(outcome)).0,
+                        size,
+                    },
+                );
+            }
+            ids.evict(&mut table, now);
+            for path in std::mem::take(&mut table.doomed) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forget expired ids, and the oldest ones past the bounds.
+    fn evict(&self, table: &mut Table, now: SystemTime) {
+        while let Some((seq, key)) = table.order.front().cloned() {
+            let over = table.slots.len() > MAX_IDS || table.bytes > MAX_BYTES;
+            let slot_expired = table
+                .slots
+                .get(&key)
+                .is_some_and(|s| s.seq == seq && expired(s.at, now));
+            let stale = table.slots.get(&key).is_none_or(|s| s.seq != seq);
+            if !(over || slot_expired || stale) {
+                break;
+            }
+            table.order.pop_front();
+            if stale {
+                continue;
+            }
+            if let Some(slot) = table.slots.remove(&key) {
+                table.bytes -= slot.size;
+                if PERSISTED.contains(&key.0) {
+                    table.doomed.push(Self::record_path(&self.dir, &key));
+                }
+            }
+        }
+    }
+
+    /// What a call of `method` with `request_id` and request
+    /// `fingerprint` does.
+    pub fn claim(
+        self: &Arc<Self>,
+        method: &'static str,
+        request_id: &str,
+        fingerprint: u128,
+    ) -> Result<Claim, DomainError> {
+        let now = SystemTime::now();
+        let key: Key = (method, request_id.to_owned());
+        let mut table = self.table();
+        self.evict(&mut table, now);
+        if let Some(slot) = table.slots.get(&key)
+            && !expired(slot.at, now)
+        {
+            if slot.fingerprint != fingerprint {
+                return Err(DomainError::RequestIdReused {
+                    method,
+                    request_id: request_id.to_owned(),
+                });
+            }
+            return Ok(Claim::Replay(slot.outcome.subscribe()));
+        }
+        let seq = table.next_seq;
+        table.next_seq += 1;
+        if let Some(old) = table.slots.remove(&key) {
+            table.bytes -= old.size;
+        }
+        table.order.push_back((seq, key.clone()));
+        table.slots.insert(
+            key.clone(),
+            Slot {
+                seq,
+                fingerprint,
+                at: now,
+                outcome: watch::channel(None).0,
+                size: 0,
+            },
+        );
+        self.evict(&mut table, now);
+        Ok(Claim::Run(Ticket {
+            ids: Arc::clone(self),
+            key,
+            seq,
+            fingerprint,
+            at: now,
+            finished: false,
+        }))
+    }
+}
+
+fn expired(at: SystemTime, now: SystemTime) -> bool {
+    now.duration_since(at).is_ok_and(|age| age >= WINDOW)
+}
+
+impl Ticket {
+    /// Record the first call's `outcome` (in the state dir too for a
+    /// persisted method) and wake the retries waiting for it.
+    pub async fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        let ids = Arc::clone(&self.ids);
+        let doomed = std::mem::take(&mut ids.table().doomed);
+        let record = PERSISTED
+            .contains(&self.key.0)
+            .then(|| Record::new(&self.key, self.fingerprint, self.at, &outcome));
+        let path = RequestIds::record_path(&ids.dir, &self.key);
+        let write = tokio::task::spawn_blocking(move || {
+            for path in doomed {
+                let _ = std::fs::remove_file(path);
+            }
+            let Some(record) = record else {
+                return Ok(());
+            };
+            let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other);
+            bytes
+                .map_err(|source| StoreError::Write {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|bytes| store::write_atomic(&path, &bytes))
+        })
+        .await;
+        match write {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(error = %qvirt_common::error_chain(&error), request_id = %self.key.1, "cannot record a request id; a retry after a restart runs again");
+            }
+            Err(error) => tracing::warn!(%error, "request id record task failed"),
+        }
+        let mut table = ids.table();
+        let size = outcome.size();
+        if let Some(slot) = table.slots.get_mut(&self.key)
+            && slot.seq == self.seq
+        {
+            slot.size = size;
+            slot.outcome.send_replace(Some(outcome));
+            table.bytes += size;
+        }
+        ids.evict(&mut table, SystemTime::now());
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut table = self.ids.table();
+        if table
+            .slots
+            .get(&self.key)
+            .is_some_and(|slot| slot.seq == self.seq)
+        {
+            table.slots.remove(&self.key);
+        }
+    }
+}
+
+/// Wait for the first call's outcome and answer with it.
+pub async fn replay<M: prost::Message + Default>(
+    mut outcome: watch::Receiver<Option<Outcome>>,
+) -> Result<M, Status> {
+    match outcome.wait_for(Option::is_some).await {
+        Ok(done) => match done.as_ref() {
+            Some(outcome) => outcome.replay(),
+            None => Err(first_call_lost()),
+        },
+        Err(_) => Err(first_call_lost()),
+    }
+}
+
+fn first_call_lost() -> Status {
+    qvirt_common::rpc::internal(
+        "supervisor",
+        &std::io::Error::other("the first call with this request id ended without an answer"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use qvirt_proto::v1::{Domain, StartDomainResponse};
+
+    fn response(name: &str) -> Result<StartDomainResponse, Status> {
+        Ok(StartDomainResponse {
+            domain: Some(Domain {
+                host: name.into(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    async fn run_once(
+        ids: &Arc<RequestIds>,
+        method: &'static str,
+        id: &str,
+        fp: u128,
+        result: Result<StartDomainResponse, Status>,
+    ) -> Result<StartDomainResponse, Status> {
+        match ids.claim(method, id, fp).unwrap() {
+            Claim::Run(ticket) => {
+                ticket.finish(Outcome::of(&result)).await;
+                result
+            }
+            Claim::Replay(rx) => replay(rx).await,
+        }
+    }
+
+    #[tokio::test]
+    async fn test_a_retry_gets_the_first_answer_and_another_request_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let first = run_once(&ids, "StartDomain", "a", 1, response("one")).await;
+        let again = run_once(&ids, "StartDomain", "a", 1, response("two")).await;
+        assert_eq!(first.unwrap(), again.unwrap());
+        // Another method has its own ids.
+        let other = run_once(&ids, "ResetDomain", "a", 2, response("three")).await;
+        assert_eq!(other.unwrap().domain.unwrap().host, "three");
+        assert!(matches!(
+            ids.claim("StartDomain", "a", 2),
+            Err(DomainError::RequestIdReused { .. })
+        ));
+        // An error is replayed with its details.
+        let error = qvirt_common::rpc::error(Code::FailedPrecondition, "X_Y", "no", []);
+        let _ = run_once(&ids, "StartDomain", "b", 1, Err(error)).await;
+        let again = run_once(&ids, "StartDomain", "b", 1, response("ok")).await;
+        let status = again.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            qvirt_common::rpc::reason_of(&status).as_deref(),
+            Some("X_Y")
+        );
+    }
+
+    #[tokio::test]
+    async fn test_a_retry_waits_for_the_first_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let Claim::Run(ticket) = ids.claim("StartDomain", "w", 7).unwrap() else {
+            panic!("first call must run");
+        };
+        let Claim::Replay(rx) = ids.claim("StartDomain", "w", 7).unwrap() else {
+            panic!("retry must wait");
+        };
+        let waiter = tokio::spawn(replay::<StartDomainResponse>(rx));
+        ticket.finish(Outcome::of(&response("first"))).await;
+        let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.domain.unwrap().host, "first");
+    }
+
+    #[tokio::test]
+    async fn test_persisted_ids_survive_a_reload_and_others_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+            run_once(&ids, "DefineDomain", "d", 3, response("def"))
+                .await
+                .unwrap();
+            run_once(&ids, "StartDomain", "s", 3, response("start"))
+                .await
+                .unwrap();
+        }
+        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let again = run_once(&ids, "DefineDomain", "d", 3, response("other")).await;
+        assert_eq!(again.unwrap().domain.unwrap().host, "def");
+        let fresh = run_once(&ids, "StartDomain", "s", 3, response("again")).await;
+        assert_eq!(fresh.unwrap().domain.unwrap().host, "again");
+    }
+
+    #[tokio::test]
+    async fn test_the_oldest_ids_are_forgotten_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        for i in 0..=MAX_IDS {
+            run_once(&ids, "ResetDomain", &i.to_string(), 1, response("r"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(ids.table().slots.len(), MAX_IDS);
+        // Id 0 was forgotten: another request with it runs.
+        assert!(matches!(
+            ids.claim("ResetDomain", "0", 2).unwrap(),
+            Claim::Run(_)
+        ));
+    }
+
+    #[test]
+    fn test_request_ids_are_bounded_printable_ascii() {
+        assert!(check_request_id("0f6c2d1e-9a7b-4c3d-8e2f-1a2b3c4d5e6f").is_ok());
+        assert!(check_request_id(&"x".repeat(MAX_REQUEST_ID_BYTES)).is_ok());
+        for bad in [
+            "x".repeat(MAX_REQUEST_ID_BYTES + 1),
+            "a\nb".into(),
+            "é".into(),
+        ] {
+            assert!(
+                matches!(
+                    check_request_id(&bad),
+                    Err(DomainError::InvalidArgument {
+                        field: "request_id",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_hex_round_trips_and_refuses_garbage() {
+        assert_eq!(unhex(&hex(b"\x00\xffab")).unwrap(), b"\x00\xffab");
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+        assert_ne!(digest(&[b"ab", b"c"]), digest(&[b"a", b"bc"]));
+    }
+}
