@@ -1,36 +1,30 @@
 //! `-d`: forking into the background as qemu-ga's `become_daemon` does,
 //! and the pidfile, written and locked as `qemu_write_pidfile` does.
 
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::Mutex;
 
-use crate::{GaError, commands, log};
+use crate::{GaError, commands, log, sys};
+
+/// The locked pidfiles, open (and so locked) for the life of the process.
+static PIDFILES: Mutex<Vec<File>> = Mutex::new(Vec::new());
 
 /// Forks into the background as qemu-ga's `become_daemon`: the child
 /// writes and locks the pidfile (a second agent with the same pidfile
 /// exits 1 with qemu-ga's message), starts a session, `chdir /`, umask 077,
 /// stdio to /dev/null.
 pub fn daemonize(pidfile: Option<&Path>) -> Result<(), GaError> {
-    // SAFETY: the process is still single-threaded here; the parent exits
-    // at once without touching shared state.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(GaError::Daemonize(std::io::Error::last_os_error()));
-    }
-    if pid > 0 {
-        // SAFETY: plain exit of the parent.
-        unsafe { libc::_exit(0) };
-    }
+    sys::fork_to_background().map_err(GaError::Daemonize)?;
     if let Some(pidfile) = pidfile {
         write_pidfile(pidfile).map_err(|e| {
             log::critical(&e.to_string());
             GaError::Pidfile(e.source)
         })?;
     }
-    // SAFETY: plain syscalls on our own process.
-    unsafe {
-        libc::setsid();
-        libc::umask(0o077);
-    }
+    sys::setsid().map_err(GaError::Daemonize)?;
+    sys::umask(0o077);
     let null = std::env::set_current_dir("/")
         .and_then(|()| {
             std::fs::OpenOptions::new()
@@ -39,10 +33,8 @@ pub fn daemonize(pidfile: Option<&Path>) -> Result<(), GaError> {
                 .open("/dev/null")
         })
         .map_err(GaError::Daemonize)?;
-    use std::os::fd::AsRawFd;
     for fd in 0..3 {
-        // SAFETY: dup2 onto the standard descriptors.
-        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        sys::dup2(null.as_fd(), fd).map_err(GaError::Daemonize)?;
     }
     Ok(())
 }
@@ -61,7 +53,6 @@ pub struct PidfileError {
 /// held) for the life of the process.
 pub fn write_pidfile(pidfile: &Path) -> Result<(), PidfileError> {
     use std::io::Write;
-    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     fn fail(what: &str) -> impl FnOnce(std::io::Error) -> PidfileError + '_ {
         move |source| PidfileError {
@@ -76,14 +67,14 @@ pub fn write_pidfile(pidfile: &Path) -> Result<(), PidfileError> {
         .mode(0o600)
         .open(pidfile)
         .map_err(fail(&format!("Cannot open pid file {}", pidfile.display())))?;
-    // SAFETY: lockf on our own open descriptor.
-    if unsafe { libc::lockf(file.as_raw_fd(), libc::F_TLOCK, 0) } < 0 {
-        return Err(fail("Cannot lock pid file")(std::io::Error::last_os_error()));
-    }
+    sys::lockf_try(file.as_fd()).map_err(fail("Cannot lock pid file"))?;
     file.set_len(0)
         .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
         .map_err(fail("Failed to write pid file"))?;
-    // Keep the lock: the descriptor is never closed.
-    std::mem::forget(file);
+    // Keep the lock: closing any descriptor of the file would release it.
+    PIDFILES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(file);
     Ok(())
 }

@@ -15,6 +15,8 @@
 //! - [`agent`]: the command table, blocking/frozen rules, dispatch.
 //! - [`args`] (+ [`ghash`]): QAPI-style argument checking.
 //! - [`commands`]: the commands; [`state`]: the state directory.
+//! - [`sys`]: the raw system calls, behind safe wrappers (the only
+//!   `unsafe` code).
 //!
 //! The wire protocol itself (JSON dialect, writer, envelope) is
 //! `qvirt-qga`.
@@ -31,6 +33,7 @@ pub mod log;
 pub mod server;
 pub mod signals;
 pub mod state;
+pub mod sys;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -60,6 +63,9 @@ pub enum GaError {
     /// The state directory is unusable.
     #[error("failed to load persistent state")]
     State(#[source] std::io::Error),
+    /// The signal handlers or their self-pipe could not be set up.
+    #[error("failed to install signal handlers")]
+    Signals(#[source] std::io::Error),
     /// Daemonizing failed.
     #[error("failed to daemonize")]
     Daemonize(#[source] std::io::Error),
@@ -193,7 +199,7 @@ fn serve_logged(config: Config) -> Result<(), GaError> {
         deferred_logfile: config.logfile.clone().filter(|_| frozen),
         deferred_pidfile: (frozen && config.daemonize).then(|| config.pidfile.clone()),
     };
-    signals::install();
+    signals::install().map_err(GaError::Signals)?;
     // As qemu-ga: daemonize (and lock the pidfile) before the channel opens.
     if config.daemonize {
         daemon::daemonize((!frozen).then_some(config.pidfile.as_path()))?;

@@ -5,7 +5,7 @@
 //! submodule), and FITRIM per mounted filesystem. Lists that qemu-ga
 //! builds by prepending come out in reverse, as there.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use qvirt_qga::{Dict, QgaError, Value};
@@ -13,6 +13,7 @@ use qvirt_qga::{Dict, QgaError, Value};
 use crate::agent::{Agent, CmdResult};
 use crate::args::Args;
 use crate::commands::{strerror, with_errno};
+use crate::sys;
 
 mod sysfs;
 
@@ -166,16 +167,9 @@ fn fsinfo_for_mount(m: &Mount) -> Result<Value, QgaError> {
 
 /// (used, total for non-root) bytes from statvfs.
 fn usage(dir: &str) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(dir).ok()?;
-    // SAFETY: statvfs is plain data, filled by the call from a valid path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize;
-    let used = st.f_blocks.wrapping_sub(st.f_bfree);
-    let total = used.wrapping_add(st.f_bavail);
+    let (frsize, blocks, bfree, bavail) = sys::statvfs(Path::new(dir)).ok()?;
+    let used = blocks.wrapping_sub(bfree);
+    let total = used.wrapping_add(bavail);
     Some((used.wrapping_mul(frsize), total.wrapping_mul(frsize)))
 }
 
@@ -257,16 +251,6 @@ pub fn get_disks(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     Ok(Some(Value::Array(list)))
 }
 
-/// `_IOWR('X', 121, struct fstrim_range)`.
-const FITRIM: libc::c_ulong = 0xC018_5879;
-
-#[repr(C)]
-struct FstrimRange {
-    start: u64,
-    len: u64,
-    minlen: u64,
-}
-
 /// guest-fstrim `{minimum?: int}`: FITRIM on every mounted block-device
 /// filesystem; one result per mount, errors per path.
 pub fn fstrim(_agent: &mut Agent, args: &mut Args) -> CmdResult {
@@ -291,30 +275,19 @@ fn trim_one(dir: &str, minimum: Option<i64>) -> Dict {
             return d;
         }
     };
-    let mut range = FstrimRange {
-        start: 0,
-        len: u64::MAX,
-        minlen: minimum.unwrap_or(0) as u64,
+    let (trimmed, minlen) = match sys::fitrim(file.as_fd(), minimum.unwrap_or(0) as u64) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = match e.raw_os_error() {
+                Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) => "trim not supported".to_owned(),
+                _ => format!("failed to trim: {}", strerror(&e)),
+            };
+            d.insert("error", msg);
+            return d;
+        }
     };
-    // SAFETY: FITRIM reads and updates the fstrim_range we pass.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            FITRIM as _,
-            &mut range as *mut FstrimRange,
-        )
-    };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        let msg = match e.raw_os_error() {
-            Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) => "trim not supported".to_owned(),
-            _ => format!("failed to trim: {}", strerror(&e)),
-        };
-        d.insert("error", msg);
-        return d;
-    }
-    d.insert("trimmed", range.len as i64);
-    d.insert("minimum", range.minlen as i64);
+    d.insert("trimmed", trimmed as i64);
+    d.insert("minimum", minlen as i64);
     d
 }
 
