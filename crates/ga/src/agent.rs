@@ -262,7 +262,7 @@ impl Agent {
         log::set_enabled(true);
         log::warning("logging re-enabled due to filesystem unfreeze");
         if let Some(pidfile) = self.options.deferred_pidfile.take()
-            && let Err(e) = crate::write_pidfile(&pidfile)
+            && let Err(e) = crate::daemon::write_pidfile(&pidfile)
         {
             log::warning(&e.to_string());
         }

@@ -7,11 +7,13 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::sys;
 
 /// Read size per call (`QGA_READ_COUNT_DEFAULT`).
 pub const READ_SIZE: usize = 4096;
@@ -139,20 +141,21 @@ impl Device {
                 source,
             })?;
         if serial {
-            let fd = file.as_raw_fd();
-            // SAFETY: termios is plain data; the calls get a valid fd and pointer.
-            unsafe {
-                let mut tio: libc::termios = std::mem::zeroed();
-                if libc::tcgetattr(fd, &mut tio) == 0 {
-                    libc::cfmakeraw(&mut tio);
-                    // What cfsetispeed/cfsetospeed do on Linux; those two
-                    // symbols do not link in a static glibc build.
-                    tio.c_cflag = (tio.c_cflag & !libc::CBAUD) | libc::B38400;
-                    tio.c_ispeed = libc::B38400;
-                    tio.c_ospeed = libc::B38400;
-                    libc::tcsetattr(fd, libc::TCSANOW, &tio);
-                }
-                libc::tcflush(fd, libc::TCIFLUSH);
+            // qemu-ga goes on when these fail (a path that is no tty):
+            // so does qvirt-ga, saying so in the log.
+            if let Err(e) = sys::set_raw_38400(file.as_fd()) {
+                crate::log::warning(&format!(
+                    "cannot set up serial line {}: {}",
+                    path.display(),
+                    crate::commands::strerror(&e)
+                ));
+            }
+            if let Err(e) = sys::flush_input(file.as_fd()) {
+                crate::log::warning(&format!(
+                    "cannot flush serial line {}: {}",
+                    path.display(),
+                    crate::commands::strerror(&e)
+                ));
             }
         }
         Ok(Device { file })
@@ -246,26 +249,11 @@ impl Conn for UnixStream {
     ) -> io::Result<()> {
         // Non-blocking sends and a wait on POLLOUT alongside the signal
         // pipe, so a stop request is seen while a client does not read.
-        let fd = self.as_raw_fd();
+        let sock = self.as_fd();
         write_loop(
             data,
-            |d| {
-                // SAFETY: send on our own socket from a valid buffer.
-                let n = unsafe {
-                    libc::send(
-                        fd,
-                        d.as_ptr().cast(),
-                        d.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            },
-            || wait_fd(fd, libc::POLLOUT, -1),
+            |d| sys::send_nonblocking(sock, d),
+            || wait_fd(sock.as_raw_fd(), libc::POLLOUT, -1),
             idle_100ms,
             keep_going,
         )
@@ -287,20 +275,7 @@ impl Listener {
     /// Accepts one client. Unix and vsock streams are both plain stream
     /// sockets, so the client is handled as a `UnixStream`.
     pub fn accept(&self) -> io::Result<UnixStream> {
-        // SAFETY: accept4 on our listening fd; no address is requested.
-        let fd = unsafe {
-            libc::accept4(
-                self.fd.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: accept4 returned a new descriptor that we now own.
-        Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        sys::accept(self.fd.as_fd()).map(UnixStream::from)
     }
 }
 
@@ -319,10 +294,8 @@ pub fn bind_unix(path: &Path) -> Result<Listener, ChannelError> {
         path: path.to_owned(),
         source,
     })?;
-    // SAFETY: re-listening on our own bound socket only changes the backlog.
-    if unsafe { libc::listen(listener.as_raw_fd(), 1) } < 0 {
-        return Err(open_err(io::Error::last_os_error()));
-    }
+    // Listening again on the bound socket only changes the backlog.
+    sys::listen(listener.as_fd(), 1).map_err(open_err)?;
     Ok(Listener {
         fd: OwnedFd::from(listener),
     })
@@ -342,34 +315,8 @@ pub fn bind_vsock(addr: &str) -> Result<Listener, ChannelError> {
         source,
     };
     let (cid, port) = parse_vsock(addr).ok_or(ChannelError::BadVsockAddress(addr.to_owned()))?;
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(open_err(io::Error::last_os_error()));
-    }
-    // SAFETY: socket returned a new descriptor that we now own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_vm is plain data.
-    let mut sa: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    sa.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    sa.svm_cid = cid;
-    sa.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: sa is a valid sockaddr_vm of length len.
-    if unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_vm).cast(),
-            len,
-        )
-    } < 0
-    {
-        return Err(open_err(io::Error::last_os_error()));
-    }
-    // SAFETY: listen on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 1) } < 0 {
-        return Err(open_err(io::Error::last_os_error()));
-    }
+    let fd = sys::vsock_bound(cid, port).map_err(&open_err)?;
+    sys::listen(fd.as_fd(), 1).map_err(open_err)?;
     Ok(Listener { fd })
 }
 

@@ -4,8 +4,10 @@
 //! the agent goes to sleep. SIGPIPE is ignored.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use crate::sys;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 static SIGNUM: AtomicI32 = AtomicI32::new(0);
@@ -17,31 +19,19 @@ extern "C" fn on_signal(sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
     let fd = PIPE_WRITE.load(Ordering::SeqCst);
     if fd >= 0 {
-        let byte = 1u8;
-        // SAFETY: write(2) is async-signal-safe; the buffer is valid.
-        unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+        sys::write_byte(fd, 1);
     }
 }
 
-/// Installs the handlers (no SA_RESTART) and the self-pipe.
-pub fn install() {
-    let mut fds = [-1; 2];
-    // SAFETY: fds has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } == 0 {
-        PIPE_READ.store(fds[0], Ordering::SeqCst);
-        PIPE_WRITE.store(fds[1], Ordering::SeqCst);
-    }
-    // SAFETY: the handler only touches atomics and write(2); sigaction
-    // gets valid pointers.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        sa.sa_flags = 0;
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    }
+/// Installs the handlers (no SA_RESTART) and the self-pipe, whose ends
+/// stay open for the life of the process.
+pub fn install() -> io::Result<()> {
+    let (read, write) = sys::pipe_nonblocking()?;
+    PIPE_READ.store(read.into_raw_fd(), Ordering::SeqCst);
+    PIPE_WRITE.store(write.into_raw_fd(), Ordering::SeqCst);
+    sys::set_signal_handler(libc::SIGTERM, on_signal)?;
+    sys::set_signal_handler(libc::SIGINT, on_signal)?;
+    sys::ignore_signal(libc::SIGPIPE)
 }
 
 /// Whether a stop was requested since the last [`clear`].
@@ -62,8 +52,7 @@ pub fn clear() {
 fn drain() {
     let fd = PIPE_READ.load(Ordering::SeqCst);
     let mut buf = [0u8; 64];
-    // SAFETY: non-blocking read into a valid buffer.
-    while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    while sys::read(fd, &mut buf).is_ok_and(|n| n > 0) {}
 }
 
 /// Polls `fd` for `events` together with the self-pipe. Returns the
@@ -83,11 +72,7 @@ pub fn poll_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<
         },
     ];
     let n = if pipe >= 0 { 2 } else { 1 };
-    // SAFETY: n valid pollfds.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::poll(&mut pfds[..n], timeout_ms)?;
     if n == 2 && pfds[1].revents != 0 {
         drain();
         return Err(io::Error::from(io::ErrorKind::Interrupted));

@@ -60,9 +60,7 @@ pub fn get_vcpus(_agent: &mut Agent, args: &mut Args) -> CmdResult {
 }
 
 fn clk_tck() -> u64 {
-    // SAFETY: sysconf only reads a constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as u64 } else { 100 }
+    crate::sys::clock_ticks().unwrap_or(100)
 }
 
 /// guest-get-cpustats: per-CPU lines of /proc/stat in milliseconds

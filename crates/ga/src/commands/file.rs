@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
@@ -93,28 +94,14 @@ pub fn open(agent: &mut Agent, args: &mut Args) -> CmdResult {
                 )
             })?;
     }
-    set_nonblocking(&file).map_err(|e| with_errno("Failed to set FD nonblocking", &e))?;
+    crate::sys::set_nonblocking(file.as_fd())
+        .map_err(|e| with_errno("Failed to set FD nonblocking", &e))?;
     let handle = agent
         .state
         .next_handle()
         .map_err(|_| QgaError::generic("failed to commit persistent state to disk"))?;
     agent.files.insert(handle, file);
     Ok(Some(Value::Int(handle)))
-}
-
-fn set_nonblocking(file: &File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// guest-file-close.

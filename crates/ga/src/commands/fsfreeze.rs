@@ -2,16 +2,14 @@
 //! marker, the optional hook, FIFREEZE/FITHAW on the mounted block-device
 //! filesystems (reverse mount order for freezing).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use qvirt_qga::{QgaError, Value};
 
 use crate::agent::{Agent, CmdResult};
 use crate::args::Args;
 
-// _IOWR('X', 119, int) and _IOWR('X', 120, int).
-const FIFREEZE: libc::c_ulong = 0xC004_5877;
-const FITHAW: libc::c_ulong = 0xC004_5878;
+use crate::sys;
 
 /// guest-fsfreeze-status: the agent's own flag.
 pub fn status(agent: &mut Agent, args: &mut Args) -> CmdResult {
@@ -34,14 +32,10 @@ fn mounts() -> Vec<String> {
         .collect()
 }
 
-fn ioctl_path(path: &str, request: libc::c_ulong) -> std::io::Result<()> {
+/// Opens `path` and runs `op` (FIFREEZE or FITHAW) on its filesystem.
+fn ioctl_path(path: &str, op: fn(BorrowedFd<'_>) -> std::io::Result<()>) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
-    // SAFETY: FIFREEZE/FITHAW take an int argument that the kernel ignores.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, 0) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    op(file.as_fd())
 }
 
 fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
@@ -75,7 +69,7 @@ fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
         .map_err(|e| crate::commands::with_errno("failed to set frozen state", &e))?;
     let mut count = 0;
     for m in list.iter().rev() {
-        match ioctl_path(m, FIFREEZE) {
+        match ioctl_path(m, sys::freeze_fs) {
             Ok(()) => count += 1,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EBUSY)) => {}
             Err(e) => {
@@ -97,7 +91,7 @@ pub fn thaw_all() -> i64 {
     let mut count = 0;
     for m in mounts() {
         let mut thawed = false;
-        while ioctl_path(&m, FITHAW).is_ok() {
+        while ioctl_path(&m, sys::thaw_fs).is_ok() {
             thawed = true;
         }
         if thawed {

@@ -1,25 +1,19 @@
 //! guest-get-host-name, guest-get-users, guest-get-timezone,
 //! guest-get-osinfo and guest-shutdown.
 
-use std::ffi::CStr;
-
 use qvirt_qga::unicode::lossy;
 use qvirt_qga::{Dict, QgaError, Value};
 
 use crate::agent::{Agent, CmdResult};
 use crate::args::Args;
+use crate::sys;
 
 /// guest-get-host-name: `gethostname()`, or "localhost" if it fails.
 pub fn host_name(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     args.done()?;
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is writable for its length; gethostname NUL-terminates
-    // or truncates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
-    let name = if rc == 0 {
-        lossy(&buf)
-    } else {
-        "localhost".to_owned()
+    let name = match sys::hostname() {
+        Ok(name) => lossy(&name),
+        Err(_) => "localhost".to_owned(),
     };
     let mut d = Dict::new();
     d.insert("host-name", name);
@@ -39,22 +33,10 @@ pub fn timezone(_agent: &mut Agent, args: &mut Args) -> CmdResult {
 }
 
 fn local_zone() -> (i64, String) {
-    // SAFETY: time(NULL) only reads the clock.
-    let now = unsafe { libc::time(std::ptr::null_mut()) };
-    // SAFETY: tm is plain data; localtime_r fills it from valid pointers.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are valid for the call.
-    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
-    if !ok {
-        return (0, "UTC".to_owned());
+    match sys::local_zone() {
+        Some((offset, zone)) => (offset, zone.map(|z| lossy(&z)).unwrap_or_default()),
+        None => (0, "UTC".to_owned()),
     }
-    let zone = if tm.tm_zone.is_null() {
-        String::new()
-    } else {
-        // SAFETY: tm_zone points at a NUL-terminated static string.
-        lossy(unsafe { CStr::from_ptr(tm.tm_zone) }.to_bytes())
-    };
-    (tm.tm_gmtoff, zone)
 }
 
 /// guest-get-users: one entry per user with its earliest login (utmpx
@@ -63,40 +45,19 @@ pub fn users(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     args.done()?;
     let mut order: Vec<String> = Vec::new();
     let mut first: std::collections::HashMap<String, f64> = Default::default();
-    // SAFETY: the agent is single-threaded; getutxent's static buffer is
-    // read before the next call.
-    unsafe {
-        libc::setutxent();
-        loop {
-            let ent = libc::getutxent();
-            if ent.is_null() {
-                break;
-            }
-            let ent = &*ent;
-            if ent.ut_type != libc::USER_PROCESS {
-                continue;
-            }
-            let raw: Vec<u8> = ent
-                .ut_user
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
-                .collect();
-            let user = lossy(&raw);
-            let t = ent.ut_tv.tv_sec as f64 + ent.ut_tv.tv_usec as f64 / 1_000_000.0;
-            match first.get_mut(&user) {
-                Some(old) => {
-                    if t < *old {
-                        *old = t;
-                    }
+    for (raw, t) in sys::user_logins() {
+        let user = lossy(&raw);
+        match first.get_mut(&user) {
+            Some(old) => {
+                if t < *old {
+                    *old = t;
                 }
-                None => {
-                    order.push(user.clone());
-                    first.insert(user, t);
-                }
+            }
+            None => {
+                order.push(user.clone());
+                first.insert(user, t);
             }
         }
-        libc::endutxent();
     }
     let list = order
         .into_iter()
@@ -116,21 +77,10 @@ pub fn users(_agent: &mut Agent, args: &mut Args) -> CmdResult {
 pub fn osinfo(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     args.done()?;
     let mut d = Dict::new();
-    // SAFETY: utsname is plain data filled by uname.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    if unsafe { libc::uname(&mut uts) } == 0 {
-        let field = |f: &[libc::c_char]| {
-            let raw: Vec<u8> = f
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
-                .collect();
-            lossy(&raw)
-        };
-        d.insert("kernel-release", field(&uts.release));
-        d.insert("kernel-version", field(&uts.version));
-        d.insert("machine", field(&uts.machine));
+    if let Ok((release, version, machine)) = sys::uname() {
+        d.insert("kernel-release", lossy(&release));
+        d.insert("kernel-version", lossy(&version));
+        d.insert("machine", lossy(&machine));
     }
     let text = match std::env::var_os("QGA_OS_RELEASE") {
         Some(p) => std::fs::read(p).ok(),
@@ -299,17 +249,12 @@ const HWCLOCK: &str = "/sbin/hwclock";
 pub fn set_time(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     let time = args.opt_int("time")?;
     args.done()?;
-    let c = std::ffi::CString::new(HWCLOCK).unwrap_or_default();
-    // SAFETY: access() with a valid C string.
-    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
+    if !sys::is_executable(std::path::Path::new(HWCLOCK)) {
         return Err(crate::commands::unsupported_error());
     }
     if let Some(ns) = time {
         let secs = ns / 1_000_000_000;
-        let tv = libc::timeval {
-            tv_sec: secs as libc::time_t,
-            tv_usec: ((ns % 1_000_000_000) / 1000) as libc::suseconds_t,
-        };
+        let usecs = (ns % 1_000_000_000) / 1000;
         // Years 1970..2070 only, as qemu-ga (GDate of the seconds).
         let year = 1970 + secs.div_euclid(31_556_952);
         if !(1970..2070).contains(&year) {
@@ -318,11 +263,10 @@ pub fn set_time(_agent: &mut Agent, args: &mut Args) -> CmdResult {
                 &std::io::Error::last_os_error(),
             ));
         }
-        // SAFETY: tv is a valid timeval; no timezone.
-        if unsafe { libc::settimeofday(&tv, std::ptr::null()) } < 0 {
+        if let Err(e) = sys::set_time_of_day(secs, usecs) {
             return Err(crate::commands::with_errno(
                 "Failed to set time to guest",
-                &std::io::Error::last_os_error(),
+                &e,
             ));
         }
     }
