@@ -821,6 +821,7 @@ async fn test_error_reasons_through_grpcurl_with_a_real_supervisor() {
     let host = supervisor
         .get_domain(GetDomainRequest {
             domain: "off".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

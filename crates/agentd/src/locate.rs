@@ -114,10 +114,11 @@ impl Locator {
         let Some(client) = &self.supervisor else {
             return Err(LocateError::Unknown(domain.to_owned()));
         };
-        // The host is checked below, against the domain record.
+        // The supervisor refuses another host (HOST_NOT_FOUND); the host is
+        // also checked below, against the domain record.
         let mut request = tonic::Request::new(GetDomainRequest {
             domain: domain.to_owned(),
-            ..Default::default()
+            host: host.to_owned(),
         });
         request.set_timeout(timeout);
         let start = std::time::Instant::now();

@@ -148,6 +148,8 @@ impl GuestAgentService {
         host: &str,
         timeout: Option<prost_types::Duration>,
     ) -> Result<Target<'_>, CallError> {
+        // Every RPC finds its guest here: the call's log line names it.
+        qvirt_common::telemetry::record_call(domain, "", "");
         let start = Instant::now();
         let timeout = request_timeout(timeout, self.inner.limits.default_timeout)?;
         let path = self.inner.locator.locate(domain, host, timeout).await?;
@@ -261,7 +263,6 @@ fn count(n: i64) -> u32 {
 
 #[tonic::async_trait]
 impl GuestAgent for GuestAgentService {
-    #[tracing::instrument(level = "debug", name = "ping", skip_all, fields(domain = %req.get_ref().domain))]
     async fn ping(
         &self,
         req: Request<pb::PingRequest>,
@@ -276,7 +277,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_agent_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_agent_info(
         &self,
         req: Request<pb::GetAgentInfoRequest>,
@@ -289,7 +289,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_time", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_time(
         &self,
         req: Request<pb::GetTimeRequest>,
@@ -304,7 +303,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_os_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_os_info(
         &self,
         req: Request<pb::GetOsInfoRequest>,
@@ -317,7 +315,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_host_name", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_host_name(
         &self,
         req: Request<pb::GetHostNameRequest>,
@@ -332,7 +329,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_timezone", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_timezone(
         &self,
         req: Request<pb::GetTimezoneRequest>,
@@ -345,7 +341,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "list_users", skip_all, fields(domain = %req.get_ref().domain))]
     async fn list_users(
         &self,
         req: Request<pb::ListUsersRequest>,
@@ -360,7 +355,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "list_network_interfaces", skip_all, fields(domain = %req.get_ref().domain))]
     async fn list_network_interfaces(
         &self,
         req: Request<pb::ListNetworkInterfacesRequest>,
@@ -376,7 +370,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_fs_info", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_fs_info(
         &self,
         req: Request<pb::GetFsInfoRequest>,
@@ -396,7 +389,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "freeze_filesystems", skip_all, fields(domain = %req.get_ref().domain))]
     async fn freeze_filesystems(
         &self,
         req: Request<pb::FreezeFilesystemsRequest>,
@@ -411,7 +403,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "thaw_filesystems", skip_all, fields(domain = %req.get_ref().domain))]
     async fn thaw_filesystems(
         &self,
         req: Request<pb::ThawFilesystemsRequest>,
@@ -426,7 +417,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_freeze_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_freeze_status(
         &self,
         req: Request<pb::GetFreezeStatusRequest>,
@@ -441,7 +431,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "exec", skip_all, fields(domain = %req.get_ref().domain))]
     async fn exec(
         &self,
         req: Request<pb::ExecRequest>,
@@ -457,7 +446,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&domain, &host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "get_exec_status", skip_all, fields(domain = %req.get_ref().domain))]
     async fn get_exec_status(
         &self,
         req: Request<pb::GetExecStatusRequest>,
@@ -474,7 +462,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "read_file", skip_all, fields(domain = %req.get_ref().domain))]
     async fn read_file(
         &self,
         req: Request<pb::ReadFileRequest>,
@@ -490,7 +477,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&domain, &host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "write_file", skip_all, fields(domain = %req.get_ref().domain))]
     async fn write_file(
         &self,
         req: Request<pb::WriteFileRequest>,
@@ -506,7 +492,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&domain, &host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "shutdown", skip_all, fields(domain = %req.get_ref().domain))]
     async fn shutdown(
         &self,
         req: Request<pb::ShutdownRequest>,
@@ -519,7 +504,6 @@ impl GuestAgent for GuestAgentService {
         status::reply(&req.domain, &req.host, r)
     }
 
-    #[tracing::instrument(level = "debug", name = "command", skip_all, fields(domain = %req.get_ref().domain))]
     async fn command(
         &self,
         req: Request<pb::CommandRequest>,

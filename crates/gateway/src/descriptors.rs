@@ -230,18 +230,21 @@ mod tests {
 
     #[test]
     fn test_string_in_frame_reads_one_field() {
-        let field = methods().unwrap()["/qvirt.v1.Supervisor/StartDomain"]
-            .domain_field
-            .unwrap();
+        let method = &methods().unwrap()["/qvirt.v1.Supervisor/StartDomain"];
+        let field = method.domain_field.unwrap();
         let msg = StartDomainRequest {
             domain: "vm-é".into(),
             paused: true,
+            request_id: "r-1".into(),
+            ..Default::default()
         }
         .encode_to_vec();
         let mut frame = vec![0];
         frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         frame.extend_from_slice(&msg);
         assert_eq!(string_in_frame(&frame, field).as_deref(), Some("vm-é"));
+        let request_id = method.request_id_field.unwrap();
+        assert_eq!(string_in_frame(&frame, request_id).as_deref(), Some("r-1"));
         assert_eq!(string_in_frame(&frame, 99), None);
         assert_eq!(string_in_frame(&frame[..4], field), None);
         frame[0] = 1;

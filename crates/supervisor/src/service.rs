@@ -205,6 +205,7 @@ impl Supervisor for SupervisorService {
                 );
             }
         };
+        qvirt_common::telemetry::record_call(&spec.name, &request.request_id, "");
         let manager = self.manager.clone();
         let options = DefineOptions {
             allow_update: request.allow_update,
@@ -237,6 +238,7 @@ impl Supervisor for SupervisorService {
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -286,6 +288,7 @@ impl Supervisor for SupervisorService {
 
     async fn get_domain(&self, request: Request<GetDomainRequest>) -> Reply<GetDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, "", "");
         self.check_host(&request.host)?;
         let domain = self.manager.get(&domain_key(&request.domain)?)?;
         Ok(Response::new(GetDomainResponse {
@@ -298,6 +301,7 @@ impl Supervisor for SupervisorService {
         request: Request<StartDomainRequest>,
     ) -> Reply<StartDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -317,6 +321,7 @@ impl Supervisor for SupervisorService {
         request: Request<ShutdownDomainRequest>,
     ) -> Reply<ShutdownDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let mode = request.mode();
         let key = domain_key(&request.domain)?;
@@ -337,6 +342,7 @@ impl Supervisor for SupervisorService {
         request: Request<DestroyDomainRequest>,
     ) -> Reply<DestroyDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -356,6 +362,7 @@ impl Supervisor for SupervisorService {
         request: Request<SuspendDomainRequest>,
     ) -> Reply<SuspendDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -374,6 +381,7 @@ impl Supervisor for SupervisorService {
         request: Request<ResumeDomainRequest>,
     ) -> Reply<ResumeDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -392,6 +400,7 @@ impl Supervisor for SupervisorService {
         request: Request<ResetDomainRequest>,
     ) -> Reply<ResetDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let key = domain_key(&request.domain)?;
         let manager = self.manager.clone();
@@ -410,6 +419,7 @@ impl Supervisor for SupervisorService {
         request: Request<RebootDomainRequest>,
     ) -> Reply<RebootDomainResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
         self.check_host(&request.host)?;
         let mode = request.mode();
         let key = domain_key(&request.domain)?;
@@ -429,6 +439,7 @@ impl Supervisor for SupervisorService {
         request: Request<MonitorCommandRequest>,
     ) -> Reply<MonitorCommandResponse> {
         let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, "", "");
         self.check_host(&request.host)?;
         let reply_json = self
             .manager

@@ -600,7 +600,10 @@ pub fn fuzz_monitor_stream(bytes: &[u8], chunk: usize, limit: usize) -> (usize, 
         loop {
             match read_line(&mut reader, &mut line, limit.max(1)).await {
                 Ok(LineRead::Line) => {
-                    assert!(line.len() <= limit.max(1), "a kept line is within the limit");
+                    assert!(
+                        line.len() <= limit.max(1),
+                        "a kept line is within the limit"
+                    );
                     if kept == 0 {
                         let _ = wire::parse_greeting(&line);
                     } else {
@@ -610,7 +613,10 @@ pub fn fuzz_monitor_stream(bytes: &[u8], chunk: usize, limit: usize) -> (usize, 
                     kept += 1;
                 }
                 Ok(LineRead::TooLong { bytes }) => {
-                    assert!(bytes > limit.max(1) as u64, "a skipped line is over the limit");
+                    assert!(
+                        bytes > limit.max(1) as u64,
+                        "a skipped line is over the limit"
+                    );
                     too_long += 1;
                 }
                 Ok(LineRead::Eof) | Err(_) => return (kept, too_long),
