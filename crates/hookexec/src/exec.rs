@@ -150,11 +150,11 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
             return not_executed(inv.path, &e, start.elapsed());
         }
     };
+    // std's Command does the fork, the pipes and the process group; the
+    // program, its argv and its environment are `image`'s, which the child
+    // execs itself (below), so none is given to Command.
     let mut cmd = Command::new(inv.path);
-    cmd.args(inv.args.iter())
-        .env_clear()
-        .envs(inv.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if inv.input.is_empty() {
+    cmd.stdin(if inv.input.is_empty() {
             Stdio::null()
         } else {
             Stdio::piped()

@@ -1,6 +1,7 @@
 //! The QEMU guest agent wire protocol, byte for byte as qemu-ga 7.2 speaks
-//! it. Shared by the guest agent (`qvirt-ga`) and the host side
-//! (`qvirt-agentd`).
+//! it, as the guest agent (`qvirt-ga`) uses it. The host side
+//! (`qvirt-agentd`) reads agent replies with `serde_json` and its own
+//! framing instead: it needs the replies, not qemu-ga's exact bytes.
 //!
 //! - [`stream::StreamParser`] is the entry point for input: feed it bytes
 //!   split anywhere and it yields one [`stream::Message`] per complete JSON
