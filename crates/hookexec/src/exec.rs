@@ -155,13 +155,13 @@ pub async fn run_script(inv: &Invocation<'_>, shutdown: &CancellationToken) -> S
     // execs itself (below), so none is given to Command.
     let mut cmd = Command::new(inv.path);
     cmd.stdin(if inv.input.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
     // SAFETY: the closure runs in the forked child (after std has set up
     // stdio and the process group; std keeps the parent's signal mask) and
     // only makes system calls (rt_sigaction, rt_sigprocmask, close_range or

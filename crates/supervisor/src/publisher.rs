@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
-use qvirt_proto::v1::{DomainEvent, DomainEventType, MonitorEvent, PublishRequest, domain_event};
+use qvirt_proto::v1::{DomainEvent, MonitorEvent, PublishRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -116,29 +116,11 @@ impl EventSink for BusPublisher {
             domain_name: domain.name.clone(),
             domain_uuid: domain.uuid.clone(),
             time: Some(prost_types::Timestamp::from(SystemTime::now())),
-            r#type: event.kind as i32,
-            detail: detail(event),
+            r#type: event.kind() as i32,
+            detail: Some(event.detail()),
             ..Default::default()
         }));
     }
-}
-
-/// The `detail` oneof member that goes with the event's type.
-fn detail(event: Lifecycle) -> Option<domain_event::Detail> {
-    use domain_event::Detail;
-    let d = event.detail;
-    Some(match event.kind {
-        DomainEventType::Defined => Detail::Defined(d),
-        DomainEventType::Undefined => Detail::Undefined(d),
-        DomainEventType::Started => Detail::Started(d),
-        DomainEventType::Suspended => Detail::Suspended(d),
-        DomainEventType::Resumed => Detail::Resumed(d),
-        DomainEventType::Stopped => Detail::Stopped(d),
-        DomainEventType::Shutdown => Detail::Shutdown(d),
-        DomainEventType::Pmsuspended => Detail::Pmsuspended(d),
-        DomainEventType::Crashed => Detail::Crashed(d),
-        DomainEventType::Unspecified => return None,
-    })
 }
 
 /// Streams buffered events to the bus, one Publish call per connection, and
@@ -266,7 +248,9 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use qvirt_proto::v1::event_ingest_server::{EventIngest, EventIngestServer};
-    use qvirt_proto::v1::{PublishResponse, publish_request};
+    use qvirt_proto::v1::{
+        DomainEventSuspendedDetail, DomainEventType, PublishResponse, domain_event, publish_request,
+    };
     use tonic::transport::server::TcpIncoming;
     use tonic::{Request, Response, Status, Streaming};
 
@@ -323,10 +307,7 @@ mod tests {
         publisher.monitor_event(&domain(), &qmp_event("STOP"));
         publisher.lifecycle(
             &domain(),
-            Lifecycle {
-                kind: DomainEventType::Suspended,
-                detail: 1,
-            },
+            Lifecycle::Suspended(DomainEventSuspendedDetail::Paused),
         );
         publisher.monitor_event(&domain(), &qmp_event("RESUME"));
 

@@ -16,7 +16,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use qvirt_proto::v1::{DomainEventType, DomainSpec};
+use qvirt_proto::v1::{
+    DomainEventCrashedDetail, DomainEventDefinedDetail, DomainEventResumedDetail,
+    DomainEventShutdownDetail, DomainEventStartedDetail, DomainEventStoppedDetail,
+    DomainEventSuspendedDetail, DomainEventType, DomainEventUndefinedDetail, DomainSpec,
+    domain_event,
+};
 use tracing::debug;
 
 use crate::qmp::QmpEvent;
@@ -32,14 +37,58 @@ pub struct DomainRef {
     pub host: String,
 }
 
-/// A typed lifecycle event: libvirt's event type and its detail (the
-/// number of the matching `DomainEvent*Detail` enum value).
+/// A typed lifecycle event: libvirt's event type with the detail that
+/// belongs to it, as the proto's `DomainEvent.detail` oneof (a type can
+/// only carry its own detail enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifecycle {
+pub enum Lifecycle {
+    /// Defined, or its definition changed.
+    Defined(DomainEventDefinedDetail),
+    /// Its definition was removed.
+    Undefined(DomainEventUndefinedDetail),
+    /// QEMU was started.
+    Started(DomainEventStartedDetail),
+    /// The vCPUs were paused.
+    Suspended(DomainEventSuspendedDetail),
+    /// The vCPUs were resumed.
+    Resumed(DomainEventResumedDetail),
+    /// QEMU stopped.
+    Stopped(DomainEventStoppedDetail),
+    /// The guest finished shutting down.
+    Shutdown(DomainEventShutdownDetail),
+    /// The guest crashed.
+    Crashed(DomainEventCrashedDetail),
+}
+
+impl Lifecycle {
     /// The event type.
-    pub kind: DomainEventType,
-    /// The detail, a value of the enum that goes with `kind`.
-    pub detail: i32,
+    pub fn kind(self) -> DomainEventType {
+        match self {
+            Lifecycle::Defined(_) => DomainEventType::Defined,
+            Lifecycle::Undefined(_) => DomainEventType::Undefined,
+            Lifecycle::Started(_) => DomainEventType::Started,
+            Lifecycle::Suspended(_) => DomainEventType::Suspended,
+            Lifecycle::Resumed(_) => DomainEventType::Resumed,
+            Lifecycle::Stopped(_) => DomainEventType::Stopped,
+            Lifecycle::Shutdown(_) => DomainEventType::Shutdown,
+            Lifecycle::Crashed(_) => DomainEventType::Crashed,
+        }
+    }
+
+    /// The proto's `detail` oneof member.
+    pub fn detail(self) -> domain_event::Detail {
+        use domain_event::Detail;
+        match self {
+            Lifecycle::Defined(d) => Detail::Defined(d as i32),
+            Lifecycle::Undefined(d) => Detail::Undefined(d as i32),
+            Lifecycle::Started(d) => Detail::Started(d as i32),
+            Lifecycle::Suspended(d) => Detail::Suspended(d as i32),
+            Lifecycle::Resumed(d) => Detail::Resumed(d as i32),
+            Lifecycle::Stopped(d) => Detail::Stopped(d as i32),
+            Lifecycle::Shutdown(d) => Detail::Shutdown(d as i32),
+            Lifecycle::Crashed(d) => Detail::Crashed(d as i32),
+        }
+    }
 }
 
 /// Where the supervisor's events go; see the module docs.
@@ -60,7 +109,7 @@ impl EventSink for LogEvents {
     }
 
     fn lifecycle(&self, domain: &DomainRef, event: Lifecycle) {
-        debug!(domain = %domain.name, kind = ?event.kind, detail = event.detail, "lifecycle event");
+        debug!(domain = %domain.name, event = ?event, "lifecycle event");
     }
 }
 

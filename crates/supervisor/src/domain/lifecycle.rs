@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use qvirt_proto::v1::{
-    Accel, Domain, DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventType, DomainSpec,
-    DomainState, DomainStateReason, ShutdownMode,
+    Accel, Domain, DomainEventStartedDetail, DomainEventStoppedDetail, DomainEventSuspendedDetail,
+    DomainSpec, DomainState, DomainStateReason, ShutdownMode,
 };
 use tracing::{debug, error, info, warn};
 
@@ -25,7 +25,7 @@ use super::{
     Announce, DomainError, Entry, Life, Manager, Need, Proc, Run, RunFlags, millis, state_name,
 };
 use crate::launch::{self, IdentityError, LaunchConfig, signal_process_group};
-use crate::seams::{AgentPower, GuestPower, HookError, HookOp};
+use crate::seams::{AgentPower, GuestPower, HookError, HookOp, Lifecycle};
 
 /// How long Destroy waits for the watcher to record the exit.
 const EXIT_RECORD_WAIT: Duration = Duration::from_secs(15);
@@ -219,13 +219,12 @@ impl Manager {
             "start timings"
         );
         entry.notify();
-        self.emit(
-            &spec,
-            DomainEventType::Started,
-            DomainEventStartedDetail::Booted as i32,
-        );
+        self.emit(&spec, Lifecycle::Started(DomainEventStartedDetail::Booted));
         if paused {
-            self.emit(&spec, DomainEventType::Suspended, 1);
+            self.emit(
+                &spec,
+                Lifecycle::Suspended(DomainEventSuspendedDetail::Paused),
+            );
         }
         let life = Life::Child(process.exit_watch(), process.identity().clone());
         self.spawn_watcher(Arc::clone(&entry), qmp, events, life, flags);
@@ -266,10 +265,7 @@ impl Manager {
         self.transition_and_emit(
             entry,
             (DomainState::Shutoff, DomainStateReason::ShutoffFailed),
-            (
-                DomainEventType::Stopped,
-                DomainEventStoppedDetail::Failed as i32,
-            ),
+            Lifecycle::Stopped(DomainEventStoppedDetail::Failed),
             Announce::Always,
         )
         .await;
@@ -517,7 +513,7 @@ impl Manager {
                 self.transition_and_emit(
                     entry,
                     (DomainState::Shutoff, DomainStateReason::ShutoffCrashed),
-                    (DomainEventType::Stopped, 3),
+                    Lifecycle::Stopped(DomainEventStoppedDetail::Crashed),
                     Announce::Always,
                 )
                 .await;

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qvirt_proto::v1::{
-    Domain, DomainEventDefinedDetail, DomainEventType, DomainEventUndefinedDetail, DomainSpec,
-    DomainState, DomainStateReason,
+    Domain, DomainEventDefinedDetail, DomainEventResumedDetail, DomainEventSuspendedDetail,
+    DomainEventUndefinedDetail, DomainSpec, DomainState, DomainStateReason,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -512,10 +512,8 @@ impl Manager {
         }
     }
 
-    fn emit(&self, spec: &DomainSpec, kind: DomainEventType, detail: i32) {
-        self.inner
-            .events
-            .lifecycle(&self.domain_ref(spec), Lifecycle { kind, detail });
+    fn emit(&self, spec: &DomainSpec, event: Lifecycle) {
+        self.inner.events.lifecycle(&self.domain_ref(spec), event);
     }
 
     /// The API record of a domain.
@@ -594,8 +592,7 @@ impl Manager {
         changed
     }
 
-    /// As [`Manager::transition`], and the lifecycle event `kind`/`detail`
-    /// is emitted (when the state changed, or always with
+    /// As [`Manager::transition`], and the lifecycle `event` is emitted (when the state changed, or always with
     /// [`Announce::Always`]) under the same lock as the state change: two
     /// transitions of one domain (an RPC's and the watcher's) publish
     /// their events in the order their states changed.
@@ -603,14 +600,14 @@ impl Manager {
         &self,
         entry: &Entry,
         (state, reason): (DomainState, DomainStateReason),
-        (kind, detail): (DomainEventType, i32),
+        event: Lifecycle,
         announce: Announce,
     ) -> bool {
         let (name, status, changed) = {
             let mut data = entry.data();
             let changed = Self::change_state(&mut data, state, reason);
             if changed || announce == Announce::Always {
-                self.emit(&data.spec, kind, detail);
+                self.emit(&data.spec, event);
             }
             (data.spec.name.clone(), data.status.clone(), changed)
         };
@@ -755,11 +752,7 @@ impl Manager {
                 data.update_time = SystemTime::now();
                 self.record(&data)
             };
-            self.emit(
-                &spec,
-                DomainEventType::Defined,
-                DomainEventDefinedDetail::Updated as i32,
-            );
+            self.emit(&spec, Lifecycle::Defined(DomainEventDefinedDetail::Updated));
             entry.notify();
             return Ok(domain);
         }
@@ -801,11 +794,7 @@ impl Manager {
         });
         let domain = self.snapshot(&entry);
         self.domains().insert(spec.name.clone(), entry);
-        self.emit(
-            &spec,
-            DomainEventType::Defined,
-            DomainEventDefinedDetail::Added as i32,
-        );
+        self.emit(&spec, Lifecycle::Defined(DomainEventDefinedDetail::Added));
         Ok(domain)
     }
 
@@ -862,8 +851,7 @@ impl Manager {
         self.domains().remove(&spec.name);
         self.emit(
             &spec,
-            DomainEventType::Undefined,
-            DomainEventUndefinedDetail::Removed as i32,
+            Lifecycle::Undefined(DomainEventUndefinedDetail::Removed),
         );
         Ok(())
     }
@@ -982,7 +970,7 @@ impl Manager {
         self.transition_and_emit(
             &entry,
             (DomainState::Paused, DomainStateReason::PausedUser),
-            (DomainEventType::Suspended, 1),
+            Lifecycle::Suspended(DomainEventSuspendedDetail::Paused),
             Announce::IfChanged,
         )
         .await;
@@ -1007,7 +995,7 @@ impl Manager {
         self.transition_and_emit(
             &entry,
             (DomainState::Running, DomainStateReason::RunningUnpaused),
-            (DomainEventType::Resumed, 1),
+            Lifecycle::Resumed(DomainEventResumedDetail::Unpaused),
             Announce::IfChanged,
         )
         .await;

@@ -153,6 +153,22 @@ struct Recorder {
     lifecycle: std::sync::Mutex<Vec<(qvirt_proto::v1::DomainEventType, i32)>>,
 }
 
+/// The detail number of `event`, as the bus would carry it.
+fn lifecycle_detail(event: crate::seams::Lifecycle) -> i32 {
+    use qvirt_proto::v1::domain_event::Detail;
+    match event.detail() {
+        Detail::Defined(d)
+        | Detail::Undefined(d)
+        | Detail::Started(d)
+        | Detail::Suspended(d)
+        | Detail::Resumed(d)
+        | Detail::Stopped(d)
+        | Detail::Shutdown(d)
+        | Detail::Pmsuspended(d)
+        | Detail::Crashed(d) => d,
+    }
+}
+
 impl crate::seams::EventSink for Recorder {
     fn monitor_event(&self, _domain: &crate::seams::DomainRef, event: &crate::qmp::QmpEvent) {
         self.monitor.lock().unwrap().push(event.name.clone());
@@ -162,7 +178,7 @@ impl crate::seams::EventSink for Recorder {
         self.lifecycle
             .lock()
             .unwrap()
-            .push((event.kind, event.detail));
+            .push((event.kind(), lifecycle_detail(event)));
     }
 }
 

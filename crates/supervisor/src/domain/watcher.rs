@@ -20,12 +20,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use qvirt_proto::v1::{DomainEventShutdownDetail, DomainEventType, DomainState, DomainStateReason};
+use qvirt_proto::v1::{
+    DomainEventCrashedDetail, DomainEventResumedDetail, DomainEventShutdownDetail,
+    DomainEventStoppedDetail, DomainEventSuspendedDetail, DomainState, DomainStateReason,
+};
 use tracing::{debug, info, warn};
 
 use super::{Announce, Entry, Manager, RunFlags};
 use crate::launch::{self, ExitWatch, ProcessIdentity, STARTUP_EXIT_WAIT};
 use crate::qmp::{EventReceiver, QmpClient, QmpEvent};
+use crate::seams::Lifecycle;
 
 /// How often a running QEMU's log size is checked.
 const LOG_CHECK_EVERY: Duration = Duration::from_secs(30);
@@ -280,7 +284,7 @@ impl Manager {
                 self.transition_and_emit(
                     entry,
                     (DomainState::Paused, reason),
-                    (DomainEventType::Suspended, 1),
+                    Lifecycle::Suspended(DomainEventSuspendedDetail::Paused),
                     Announce::IfChanged,
                 )
                 .await;
@@ -289,7 +293,7 @@ impl Manager {
                 self.transition_and_emit(
                     entry,
                     (DomainState::Running, DomainStateReason::RunningUnpaused),
-                    (DomainEventType::Resumed, 1),
+                    Lifecycle::Resumed(DomainEventResumedDetail::Unpaused),
                     Announce::IfChanged,
                 )
                 .await;
@@ -298,7 +302,7 @@ impl Manager {
                 self.transition_and_emit(
                     entry,
                     (DomainState::Crashed, DomainStateReason::CrashedPanicked),
-                    (DomainEventType::Crashed, 1),
+                    Lifecycle::Crashed(DomainEventCrashedDetail::Panicked),
                     Announce::IfChanged,
                 )
                 .await;
@@ -339,7 +343,7 @@ impl Manager {
                 self.transition_and_emit(
                     entry,
                     (DomainState::Shutdown, reason),
-                    (DomainEventType::Shutdown, detail as i32),
+                    Lifecycle::Shutdown(detail),
                     Announce::IfChanged,
                 )
                 .await;
@@ -384,16 +388,16 @@ impl Manager {
         let _stop_hooks = entry.stop_hooks.lock().await;
         self.save_status(spec.name.clone(), status.clone()).await;
         let detail = match reason {
-            DomainStateReason::ShutoffDestroyed => 2,
-            DomainStateReason::ShutoffShutdown => 1,
-            _ => 3,
+            DomainStateReason::ShutoffDestroyed => DomainEventStoppedDetail::Destroyed,
+            DomainStateReason::ShutoffShutdown => DomainEventStoppedDetail::Shutdown,
+            _ => DomainEventStoppedDetail::Crashed,
         };
         {
             let mut data = entry.data();
             data.run = None;
             data.status = status;
             // Under the lock that publishes SHUTOFF, as every transition.
-            self.emit(&spec, DomainEventType::Stopped, detail);
+            self.emit(&spec, Lifecycle::Stopped(detail));
         }
         entry.notify();
         self.run_stop_hooks(&spec).await;
