@@ -230,17 +230,10 @@ impl GuestAgentService {
                 "holds more than {MAX_JSON_VALUES} JSON values"
             )));
         }
-        let value: Value =
-            serde_json::from_str(&req.command_json).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let Value::Object(mut request) = value else {
-            return Err(bad("must be a JSON object".into()));
-        };
-        if !request.get("execute").is_some_and(Value::is_string) {
-            return Err(bad("must have an \"execute\" string member".into()));
-        }
-        request.remove("id");
+        let command =
+            qvirt_common::qapi::parse_command(&req.command_json).map_err(|e| bad(e.to_string()))?;
         let t = self.target(&req.domain, &req.host, req.timeout).await?;
-        Ok(match t.send(request).await? {
+        Ok(match t.send(command.request).await? {
             Outcome::Reply(r) => r.to_json(),
             Outcome::Accepted => String::new(),
         })

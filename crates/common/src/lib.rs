@@ -15,6 +15,8 @@
 //! - [`internal_auth`]: the internal plane's shared secret: loading it,
 //!   checking callers of internal methods, and the client interceptor that
 //!   presents it.
+//! - [`qapi`]: a caller's raw QAPI command (MonitorCommand, the agent's raw
+//!   Command), checked in one place.
 //! - [`rpc`]: statuses with `google.rpc.ErrorInfo` reasons and `BadRequest`
 //!   field violations, and the INTERNAL status that logs its cause.
 //! - [`coalesce`]: a connection writer that gathers the frames of streams
@@ -30,6 +32,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod internal_auth;
+pub mod qapi;
 pub mod rpc;
 pub mod serve;
 pub mod service;

@@ -508,16 +508,6 @@ mod tests {
                 "QEMU_REFUSED",
             ),
             (
-                DomainError::qmp(
-                    "x",
-                    crate::qmp::QmpError::BadRequest {
-                        reason: "not an object".into(),
-                    },
-                ),
-                Code::InvalidArgument,
-                "INVALID_ARGUMENT",
-            ),
-            (
                 DomainError::Confine {
                     domain: "x".into(),
                     what: "opening /i/d.img".into(),

@@ -277,10 +277,6 @@ impl DomainError {
                 class,
                 desc,
             },
-            QmpError::BadRequest { reason } => DomainError::InvalidArgument {
-                field: "command_json",
-                message: reason,
-            },
             source @ QmpError::ReplyTooLarge { .. } => DomainError::ReplyTooLarge {
                 domain: domain.to_owned(),
                 source,

@@ -204,29 +204,10 @@ pub fn state_name(state: i32) -> &'static str {
 }
 
 /// Check a caller's raw QMP command and drop its `id` (ours goes on the
-/// wire, the reply carries none). Numbers keep their text (serde_json's
-/// `arbitrary_precision`).
-pub fn raw_request(command_json: &str) -> Result<String, DomainError> {
-    let mut request: serde_json::Value = serde_json::from_str(command_json).map_err(|e| {
-        DomainError::invalid("command_json", format!("command_json is not JSON: {e}"))
-    })?;
-    let Some(object) = request.as_object_mut() else {
-        return Err(DomainError::invalid(
-            "command_json",
-            "command_json must be a JSON object with `execute`",
-        ));
-    };
-    if !object
-        .get("execute")
-        .is_some_and(serde_json::Value::is_string)
-    {
-        return Err(DomainError::invalid(
-            "command_json",
-            "command_json must have a string member `execute`",
-        ));
-    }
-    object.remove("id");
-    Ok(request.to_string())
+/// wire, the reply carries none).
+pub fn raw_request(command_json: &str) -> Result<qvirt_common::qapi::Command, DomainError> {
+    qvirt_common::qapi::parse_command(command_json)
+        .map_err(|e| DomainError::invalid("command_json", e.to_string()))
 }
 
 /// Longest unix socket path: `sun_path` is 108 bytes with the NUL.
@@ -1022,7 +1003,7 @@ impl Manager {
         let _op = entry.lock_op().await?;
         let qmp = Self::running_qmp(&entry, "monitor commands need a running domain")?;
         let timeout = Duration::from_secs(self.config().command_timeout_secs);
-        match tokio::time::timeout(timeout, qmp.execute_raw(&request)).await {
+        match tokio::time::timeout(timeout, qmp.execute_raw(request)).await {
             Ok(result) => result.map_err(|e| DomainError::qmp(&entry.name(), e)),
             Err(_) => Err(DomainError::Timeout(format!(
                 "monitor command on domain {:?}: no reply within {timeout:?}",

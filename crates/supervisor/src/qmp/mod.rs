@@ -117,12 +117,6 @@ pub enum QmpError {
         #[source]
         source: Box<QmpError>,
     },
-    /// A raw request was not a QMP command object.
-    #[error("invalid QMP request: {reason}")]
-    BadRequest {
-        /// What was wrong.
-        reason: String,
-    },
     /// QEMU answered the command with an error.
     #[error("QMP command {command} failed: {class}: {desc}")]
     Command {
@@ -396,18 +390,21 @@ impl QmpClient {
         wire::into_result(command, body)
     }
 
-    /// Run a caller's raw JSON request (e.g. `{"execute":"query-status"}`,
-    /// as `virsh qemu-monitor-command` takes it) and return QEMU's whole
-    /// reply as JSON text: `{"return": ...}` or `{"error": ...}` (a QMP
-    /// error is a reply here, not an `Err`). Numbers keep QEMU's text. The
-    /// request's own `id`, if any, is replaced by ours on the wire and put
-    /// back in the reply; without one the reply has no `id`.
-    pub async fn execute_raw(&self, request: &str) -> Result<String, QmpError> {
+    /// Run a caller's checked command (`qvirt_common::qapi`, as `virsh
+    /// qemu-monitor-command` takes it) and return QEMU's whole reply as
+    /// JSON text: `{"return": ...}` or `{"error": ...}` (a QMP error is a
+    /// reply here, not an `Err`), without an `id`. Numbers keep QEMU's
+    /// text.
+    pub async fn execute_raw(
+        &self,
+        command: qvirt_common::qapi::Command,
+    ) -> Result<String, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let raw = wire::raw_request(request, id)?;
-        debug!(command = %raw.command, id, "raw QMP command");
-        let body = self.round_trip(id, raw.line).await?;
-        Ok(wire::raw_reply(body, raw.caller_id))
+        debug!(command = %command.name, id, "raw QMP command");
+        let body = self
+            .round_trip(id, wire::raw_line(command.request, id))
+            .await?;
+        Ok(wire::raw_reply(body))
     }
 
     async fn round_trip(&self, id: u64, line: Vec<u8>) -> Result<Map<String, Value>, QmpError> {

@@ -276,7 +276,7 @@ async fn test_raw_reply_keeps_big_integers() {
     let client = &conn.client;
     let both = async {
         let raw = client
-            .execute_raw(r#"{"execute": "query-big"}"#)
+            .execute_raw(raw(r#"{"execute": "query-big"}"#))
             .await
             .expect("raw");
         let typed = client.execute("query-big", None).await.expect("typed");
@@ -299,7 +299,10 @@ async fn test_raw_error_reply_is_text_not_err() {
         fake.send(&line.to_string()).await;
         fake
     };
-    let (raw, _fake) = tokio::join!(conn.client.execute_raw(r#"{"execute": "nope"}"#), fake_side);
+    let (raw, _fake) = tokio::join!(
+        conn.client.execute_raw(raw(r#"{"execute": "nope"}"#)),
+        fake_side
+    );
     let raw: Value = serde_json::from_str(&raw.expect("raw")).expect("json");
     assert_eq!(raw["error"]["class"], "CommandNotFound");
 }
@@ -383,8 +386,10 @@ async fn test_over_long_reply_fails_its_command_and_the_monitor_stays_usable() {
         fake.writer.write_all(&line).await.expect("write");
         fake
     };
-    let (result, mut fake) =
-        tokio::join!(conn.client.execute_raw(r#"{"execute": "big"}"#), fake_side);
+    let (result, mut fake) = tokio::join!(
+        conn.client.execute_raw(raw(r#"{"execute": "big"}"#)),
+        fake_side
+    );
     match result {
         Err(QmpError::ReplyTooLarge { limit }) => assert_eq!(limit, MAX_LINE_BYTES),
         other => panic!("expected ReplyTooLarge, got {other:?}"),
@@ -733,4 +738,9 @@ mod framing {
                 .map_err(|_| TestCaseError::fail("scenario timed out"))??;
         }
     }
+}
+
+/// A caller's command, checked as the service checks it.
+fn raw(text: &str) -> qvirt_common::qapi::Command {
+    qvirt_common::qapi::parse_command(text).expect("a command")
 }

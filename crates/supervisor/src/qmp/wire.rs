@@ -192,51 +192,16 @@ fn finish_line(request: &Value) -> Vec<u8> {
     line
 }
 
-/// A caller's raw request, ready to send with our id.
-#[derive(Debug)]
-pub(crate) struct RawRequest {
-    /// The line to send.
-    pub line: Vec<u8>,
-    /// The command name, for error messages.
-    pub command: String,
-    /// The id the caller put in the request, restored in the reply.
-    pub caller_id: Option<Value>,
+/// A caller's checked command (`qvirt_common::qapi`) with our `id`, as the
+/// line to send.
+pub(crate) fn raw_line(mut request: Map<String, Value>, id: u64) -> Vec<u8> {
+    request.insert("id".to_owned(), Value::from(id));
+    finish_line(&Value::Object(request))
 }
 
-/// Take a caller's JSON request text, check it is a QMP command object and
-/// replace its id with ours.
-pub(crate) fn raw_request(text: &str, id: u64) -> Result<RawRequest, QmpError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| QmpError::BadRequest {
-        reason: format!("not JSON: {e}"),
-    })?;
-    let Value::Object(mut request) = value else {
-        return Err(QmpError::BadRequest {
-            reason: "not a JSON object".to_owned(),
-        });
-    };
-    let command = request
-        .get("execute")
-        .or_else(|| request.get("exec-oob"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| QmpError::BadRequest {
-            reason: "no \"execute\" string".to_owned(),
-        })?
-        .to_owned();
-    let caller_id = request.insert("id".to_owned(), Value::from(id));
-    Ok(RawRequest {
-        line: finish_line(&Value::Object(request)),
-        command,
-        caller_id,
-    })
-}
-
-/// Turn a reply to a raw request back into JSON text, with the caller's id
-/// (or none, when the caller gave none) in place of ours.
-pub(crate) fn raw_reply(mut body: Map<String, Value>, caller_id: Option<Value>) -> String {
+/// A reply to a raw command as JSON text, without our `id`.
+pub(crate) fn raw_reply(mut body: Map<String, Value>) -> String {
     body.remove("id");
-    if let Some(id) = caller_id {
-        body.insert("id".to_owned(), id);
-    }
     Value::Object(body).to_string()
 }
 
@@ -371,40 +336,14 @@ mod tests {
     }
 
     #[test]
-    fn test_raw_request_replaces_and_restores_id() {
-        let raw = raw_request(r#"{"execute": "query-status", "id": "mine"}"#, 42).expect("raw");
-        assert_eq!(raw.command, "query-status");
-        let sent: Value = serde_json::from_slice(&raw.line).expect("json");
-        assert_eq!(sent["id"], Value::from(42u64));
-        assert_eq!(raw.line.last(), Some(&b'\n'));
-        let mut body = Map::new();
-        body.insert("return".to_owned(), serde_json::json!({"n": 1}));
-        body.insert("id".to_owned(), Value::from(42u64));
-        let reply: Value =
-            serde_json::from_str(&raw_reply(body.clone(), raw.caller_id)).expect("json");
-        assert_eq!(reply, serde_json::json!({"id": "mine", "return": {"n": 1}}));
-        let reply: Value = serde_json::from_str(&raw_reply(body, None)).expect("json");
-        assert_eq!(reply, serde_json::json!({"return": {"n": 1}}));
-    }
-
-    #[test]
-    fn test_raw_request_rejects_non_commands() {
-        for text in ["", "[]", r#"{"arguments": {}}"#, r#"{"execute": 5}"#] {
-            assert!(
-                matches!(raw_request(text, 1), Err(QmpError::BadRequest { .. })),
-                "{text}"
-            );
-        }
-    }
-
-    #[test]
-    fn test_big_numbers_survive_a_round_trip() {
-        let raw = raw_request(
-            r#"{"execute": "x", "arguments": {"a": 9223372036854775807, "b": 18446744073709551616, "c": 1.00000000000000000001}}"#,
-            1,
+    fn test_raw_line_carries_our_id_and_the_reply_none() {
+        let command = qvirt_common::qapi::parse_command(
+            r#"{"execute": "x", "id": "mine", "arguments": {"a": 9223372036854775807, "b": 18446744073709551616, "c": 1.00000000000000000001}}"#,
         )
-        .expect("raw");
-        let text = String::from_utf8_lossy(&raw.line);
+        .expect("a command");
+        let line = raw_line(command.request, 42);
+        assert_eq!(line.last(), Some(&b'\n'));
+        let text = String::from_utf8_lossy(&line);
         for n in [
             "9223372036854775807",
             "18446744073709551616",
@@ -412,6 +351,13 @@ mod tests {
         ] {
             assert!(text.contains(n), "{n} lost in {text}");
         }
+        let sent: Value = serde_json::from_slice(&line).expect("json");
+        assert_eq!(sent["id"], Value::from(42u64));
+        let mut body = Map::new();
+        body.insert("return".to_owned(), serde_json::json!({"n": 1}));
+        body.insert("id".to_owned(), Value::from(42u64));
+        let reply: Value = serde_json::from_str(&raw_reply(body)).expect("json");
+        assert_eq!(reply, serde_json::json!({"return": {"n": 1}}));
     }
 
     #[test]
