@@ -24,7 +24,7 @@ use qvirt_proto::v1::{
     DomainEventCrashedDetail, DomainEventResumedDetail, DomainEventShutdownDetail,
     DomainEventStoppedDetail, DomainEventSuspendedDetail, DomainState, DomainStateReason,
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use super::{Announce, Entry, Manager, RunFlags};
 use crate::launch::{self, ExitWatch, ProcessIdentity, STARTUP_EXIT_WAIT};
@@ -100,14 +100,22 @@ impl Manager {
     ) {
         let manager = self.clone();
         let stop = self.inner.stop.clone();
-        self.inner.tasks.spawn(async move {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => {}
-                () = manager.watch(&entry, qmp, events, life, &flags) => {}
-                () = manager.bound_log(&entry) => {}
+        // Everything the watcher logs names its guest.
+        let span = {
+            let data = entry.data();
+            tracing::info_span!("guest", domain = %data.spec.name, uuid = %data.spec.uuid)
+        };
+        self.inner.tasks.spawn(
+            async move {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => {}
+                    () = manager.watch(&entry, qmp, events, life, &flags) => {}
+                    () = manager.bound_log(&entry) => {}
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     /// Keep the running QEMU's log bounded (see `Store::trim_log`);
