@@ -11,6 +11,7 @@
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
+pub mod call;
 pub mod channel;
 pub mod config;
 pub mod convert;
@@ -65,7 +66,7 @@ pub async fn run(
         },
         shutdown.child_token(),
     );
-    let limits = service::Limits {
+    let limits = call::Limits {
         default_timeout: config.command_timeout(),
         max_file_bytes: config.max_file_bytes,
         file_chunk_bytes: config.file_chunk_bytes,

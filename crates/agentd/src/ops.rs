@@ -11,8 +11,8 @@ use qvirt_proto::v1 as pb;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::call::{Limits, Target, no_nul};
 use crate::convert::{self, ExecStarted, ExecStatus, FileRead, FileWrite};
-use crate::service::{Limits, Target, no_nul};
 use crate::status::CallError;
 
 /// The first pause between guest-exec-status polls.

@@ -4,56 +4,21 @@
 //! ([`crate::convert`]) and errors ([`crate::status`]). The multi-command
 //! calls (Exec with wait, ReadFile, WriteFile) live in [`crate::ops`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use qvirt_proto::v1 as pb;
 use qvirt_proto::v1::guest_agent_server::GuestAgent;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::call::{Limits, Target, no_nul, request_timeout};
 use crate::channel::{Channels, Outcome};
 use crate::convert;
 use crate::locate::Locator;
 use crate::status::{self, CallError};
-use crate::wire::{self, MAX_JSON_VALUES, Reply};
-
-/// Where a request's per-command timeout is clamped: requests may ask for
-/// any length (no upper limit, as the supervisor's `timeout`), but the
-/// deadline arithmetic needs a bound; no call lives this long.
-pub const TIMEOUT_HORIZON: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
-
-/// A request's per-command `timeout`, by the rule every qvirt service
-/// applies to a request timeout: unset or zero, the service's default;
-/// negative, INVALID_ARGUMENT on `timeout`; no upper limit.
-pub fn request_timeout(
-    timeout: Option<prost_types::Duration>,
-    default: Duration,
-) -> Result<Duration, CallError> {
-    match timeout.map(Duration::try_from) {
-        None => Ok(default),
-        Some(Ok(d)) if d.is_zero() => Ok(default),
-        Some(Ok(d)) => Ok(d.min(TIMEOUT_HORIZON)),
-        Some(Err(_)) => Err(CallError::request("timeout", "must not be negative")),
-    }
-}
-
-/// Limits of the multi-command calls.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Per-command timeout when the request has none.
-    pub default_timeout: Duration,
-    /// Largest ReadFile result / WriteFile payload.
-    pub max_file_bytes: usize,
-    /// Bytes per guest-file-read / guest-file-write.
-    pub file_chunk_bytes: usize,
-    /// Longest pause between guest-exec-status polls.
-    pub exec_poll_max: Duration,
-}
+use crate::wire::{self, MAX_JSON_VALUES};
 
 /// The `qvirt.v1.GuestAgent` service.
 #[derive(Debug, Clone)]
@@ -66,66 +31,6 @@ pub(crate) struct Inner {
     locator: Locator,
     channels: Channels,
     pub(crate) limits: Limits,
-}
-
-/// One call's target: the guest's agent socket and the per-command
-/// timeout. The first command's deadline counts from the start of the RPC
-/// (the domain lookup and any wait in the guest's queue use it up); each
-/// later command of a multi-command call gets the whole timeout.
-pub(crate) struct Target<'a> {
-    channels: &'a Channels,
-    path: PathBuf,
-    pub(crate) timeout: Duration,
-    first_deadline: Instant,
-    first_used: AtomicBool,
-}
-
-impl Target<'_> {
-    /// Sends one raw command (an object with `execute`).
-    pub(crate) async fn send(&self, request: Map<String, Value>) -> Result<Outcome, CallError> {
-        let deadline = if self.first_used.swap(true, Ordering::Relaxed) {
-            Instant::now() + self.timeout
-        } else {
-            self.first_deadline
-        };
-        self.channels
-            .call(&self.path, request, deadline, self.timeout)
-            .await
-            .map_err(CallError::from)
-    }
-
-    /// Sends one command; an agent error becomes [`CallError::Agent`], a command
-    /// without a success response yields `Value::Null`.
-    pub(crate) async fn call(
-        &self,
-        execute: &str,
-        args: Option<Value>,
-    ) -> Result<Value, CallError> {
-        let mut request = Map::new();
-        request.insert("execute".into(), Value::String(execute.to_owned()));
-        if let Some(args) = args {
-            request.insert("arguments".into(), args);
-        }
-        match self.send(request).await? {
-            Outcome::Reply(Reply::Return(v)) => Ok(v),
-            Outcome::Reply(Reply::Error(error)) => Err(CallError::Agent {
-                command: execute.to_owned(),
-                error,
-            }),
-            Outcome::Accepted => Ok(Value::Null),
-        }
-    }
-
-    /// Sends one command and decodes its `return` as `T`.
-    pub(crate) async fn get<T: DeserializeOwned>(
-        &self,
-        execute: &str,
-        args: Option<Value>,
-    ) -> Result<T, CallError> {
-        let v = self.call(execute, args).await?;
-        serde_json::from_value(v)
-            .map_err(|e| CallError::bad_reply(execute, format!("unexpected shape: {e}")))
-    }
 }
 
 impl GuestAgentService {
@@ -153,13 +58,7 @@ impl GuestAgentService {
         let start = Instant::now();
         let timeout = request_timeout(timeout, self.inner.limits.default_timeout)?;
         let path = self.inner.locator.locate(domain, host, timeout).await?;
-        Ok(Target {
-            channels: &self.inner.channels,
-            path,
-            timeout,
-            first_deadline: start + timeout,
-            first_used: AtomicBool::new(false),
-        })
+        Ok(Target::new(&self.inner.channels, path, timeout, start))
     }
 }
 
@@ -238,15 +137,6 @@ impl GuestAgentService {
             Outcome::Accepted => String::new(),
         })
     }
-}
-
-/// A string request field that becomes an agent argument: C strings in
-/// the guest cannot carry a NUL byte.
-pub(crate) fn no_nul(field: &str, value: &str) -> Result<(), CallError> {
-    if value.contains('\0') {
-        return Err(CallError::request(field, "must not contain a NUL byte"));
-    }
-    Ok(())
 }
 
 /// A count the agent reported, as the proto's `uint32`.
