@@ -290,6 +290,8 @@ async fn test_read_only_token_reads_and_is_denied_writes_read_write_token_is_not
             stderr.contains(&format!("{short} needs the read-write role")),
             "{stderr}"
         );
+        // grpcurl decodes the ErrorInfo through the gateway's reflection.
+        assert!(stderr.contains("PERMISSION_DENIED_ROLE"), "{stderr}");
         // The read-write token passes: the backend answers (an unknown
         // domain), or the subscription opens.
         let out = s.grpcurl(Some(rw), data, method, "3");

@@ -299,7 +299,10 @@ impl Services {
     }
 }
 
-fn reflection_builder(files: FileDescriptorSet) -> tonic_reflection::server::Builder<'static> {
+/// A reflection builder for `files`, with health's descriptors and
+/// google.rpc's error details (so every server describes the details its
+/// errors carry). The gateway, which builds its own file set, uses it too.
+pub fn reflection_builder(files: FileDescriptorSet) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_file_descriptor_set(files)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -152,12 +152,8 @@ pub async fn run(
         ));
     }
     let files = descriptors::reflection_files()?;
-    let mut v1 = tonic_reflection::server::Builder::configure()
-        .register_file_descriptor_set(files.clone())
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let mut v1alpha = tonic_reflection::server::Builder::configure()
-        .register_file_descriptor_set(files)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let mut v1 = qvirt_common::serve::reflection_builder(files.clone());
+    let mut v1alpha = qvirt_common::serve::reflection_builder(files);
     let listed = roles::PUBLIC_SERVICES.into_iter().chain([
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
