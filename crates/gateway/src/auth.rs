@@ -89,14 +89,9 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+fn parse_hash(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    if hex.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -239,18 +234,14 @@ pub fn authenticate(
 pub fn new_token() -> std::io::Result<(String, String)> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let token = hex(&bytes);
+    let token = hex::encode(bytes);
     let hash = hash_hex(&token);
     Ok((token, hash))
 }
 
 /// The SHA-256 hash of `token` as 64 lowercase hex digits.
 pub fn hash_hex(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 #[cfg(test)]

@@ -61,27 +61,6 @@ pub fn digest(parts: &[&[u8]]) -> u128 {
     hash
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
-}
-
-/// The bytes of lowercase or uppercase hex `text`, if it is hex.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Check a request id: at most [`MAX_REQUEST_ID_BYTES`] of printable
 /// ASCII.
 pub fn check_request_id(id: &str) -> Result<(), DomainError> {
@@ -245,7 +224,7 @@ fn millis(t: SystemTime) -> u64 {
 impl Record {
     fn new(key: &Key, fingerprint: u128, at: SystemTime, outcome: &Outcome) -> Record {
         let (response, error) = match outcome {
-            Outcome::Ok(bytes) => (Some(hex(bytes)), None),
+            Outcome::Ok(bytes) => (Some(hex::encode(bytes)), None),
             Outcome::Err {
                 code,
                 message,
@@ -255,7 +234,7 @@ impl Record {
                 Some(RecordError {
                     code: *code,
                     message: message.clone(),
-                    details: hex(details),
+                    details: hex::encode(details),
                 }),
             ),
         };
@@ -275,11 +254,11 @@ impl Record {
         check_request_id(&self.request_id).ok()?;
         let fingerprint = u128::from_str_radix(&self.fingerprint, 16).ok()?;
         let outcome = match (self.response, self.error) {
-            (Some(response), None) => Outcome::Ok(unhex(&response)?),
+            (Some(response), None) => Outcome::Ok(hex::decode(&response).ok()?),
             (None, Some(e)) => Outcome::Err {
                 code: e.code,
                 message: e.message,
-                details: unhex(&e.details)?,
+                details: hex::decode(&e.details).ok()?,
             },
             _ => return None,
         };
@@ -668,9 +647,12 @@ mod tests {
 
     #[test]
     fn test_hex_round_trips_and_refuses_garbage() {
-        assert_eq!(unhex(&hex(b"\x00\xffab")).unwrap(), b"\x00\xffab");
-        assert!(unhex("abc").is_none());
-        assert!(unhex("zz").is_none());
+        assert_eq!(
+            hex::decode(hex::encode(b"\x00\xffab")).unwrap(),
+            b"\x00\xffab"
+        );
+        assert!(hex::decode("abc").is_err());
+        assert!(hex::decode("zz").is_err());
         assert_ne!(digest(&[b"ab", b"c"]), digest(&[b"a", b"bc"]));
     }
 }

@@ -145,7 +145,7 @@ fn page_token(filter: u64, last: &str) -> String {
     let mut bytes = vec![PAGE_TOKEN_VERSION];
     bytes.extend_from_slice(&filter.to_le_bytes());
     bytes.extend_from_slice(last.as_bytes());
-    request_ids::hex(&bytes)
+    hex::encode(&bytes)
 }
 
 /// The last name of the previous page from `token`, checked against
@@ -156,7 +156,7 @@ fn parse_page_token(token: &str, filter: u64) -> Result<String, DomainError> {
     if token.len() > MAX_PAGE_TOKEN_CHARS {
         return Err(garbage());
     }
-    let bytes = request_ids::unhex(token).ok_or_else(garbage)?;
+    let bytes = hex::decode(token).map_err(|_| garbage())?;
     let (version, rest) = bytes.split_first().ok_or_else(garbage)?;
     if *version != PAGE_TOKEN_VERSION || rest.len() < 8 {
         return Err(garbage());
