@@ -19,8 +19,6 @@
 //!   Command), checked in one place.
 //! - [`rpc`]: statuses with `google.rpc.ErrorInfo` reasons and `BadRequest`
 //!   field violations, and the INTERNAL status that logs its cause.
-//! - [`coalesce`]: a connection writer that gathers the frames of streams
-//!   woken together into one socket write (opt-in per server).
 //! - [`service`]: the body of every service's `main`: config errors to exit
 //!   code 2, runtime errors to exit code 1, one line on stderr each.
 //!
@@ -29,7 +27,6 @@
 
 pub mod accept;
 pub mod cli;
-pub mod coalesce;
 pub mod config;
 pub mod internal_auth;
 pub mod qapi;

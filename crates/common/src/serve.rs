@@ -32,7 +32,6 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::accept::Incoming;
-use crate::coalesce::Coalescing;
 use crate::config::{ConfigError, ListenAddr};
 
 /// How long in-flight calls and streams may run on after shutdown starts
@@ -221,7 +220,6 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
 pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
-    coalesce_writes: bool,
     options: ServeOptions,
 }
 
@@ -245,14 +243,6 @@ impl Services {
     {
         self.routes.add_service(svc);
         self.names.push(S::NAME);
-        self
-    }
-
-    /// Gathers what many streams of one connection send at once into one
-    /// socket write (see [`crate::coalesce`]): for servers whose streams
-    /// are woken together, like the event bus's subscriptions.
-    pub fn coalescing_writes(mut self) -> Self {
-        self.coalesce_writes = true;
         self
     }
 
@@ -356,14 +346,59 @@ pub async fn serve(
     services: Services,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    serve_wrapped(listener, services, shutdown, Plain).await
+}
+
+/// A connection as the HTTP/2 server takes it.
+pub trait Connection:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> Connection for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
+/// Wraps each accepted connection before the HTTP/2 server sees it, for a
+/// service that treats its sockets specially (the event bus gathers
+/// writes).
+pub trait WrapConnection: Clone + Send + 'static {
+    /// A wrapped connection.
+    type Wrapped<T: Connection>: Connection;
+    /// Wraps `io`.
+    fn wrap<T: Connection>(&self, io: T) -> Self::Wrapped<T>;
+}
+
+/// Connections as accepted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl WrapConnection for Plain {
+    type Wrapped<T: Connection> = T;
+    fn wrap<T: Connection>(&self, io: T) -> T {
+        io
+    }
+}
+
+/// [`serve`], with each accepted connection wrapped by `wrap`.
+pub async fn serve_wrapped<W: WrapConnection>(
+    listener: Listener,
+    services: Services,
+    shutdown: CancellationToken,
+    wrap: W,
+) -> Result<(), ServeError> {
     let names = services.names().to_vec();
-    // Only tokio's multi-thread scheduler runs a woken task next (its LIFO
-    // slot), so only there does the connection task write one frame at a
-    // time; the current-thread scheduler queues it behind the other woken
-    // streams anyway, and a step back there only added a round of delay.
-    let coalesce = services.coalesce_writes
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
     let options = services.options.clone();
     let (routes, reporter) = services.finish().await?;
     let addr = listener.local_addr().ok();
@@ -383,13 +418,14 @@ pub async fn serve(
     };
     let result = match listener {
         Listener::Tcp(l) => {
-            let incoming = Incoming::new(l, options.preface_timeout)
-                .map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
+            let wrap = wrap.clone();
+            let incoming =
+                Incoming::new(l, options.preface_timeout).map(move |r| r.map(|io| wrap.wrap(io)));
             run_until(routes, &options, incoming, stopping, &shutdown).await
         }
         Listener::Unix(l, path) => {
-            let incoming = Incoming::new(l, options.preface_timeout)
-                .map(move |r| r.map(|io| Coalescing::new(io, coalesce)));
+            let incoming =
+                Incoming::new(l, options.preface_timeout).map(move |r| r.map(|io| wrap.wrap(io)));
             let r = run_until(routes, &options, incoming, stopping, &shutdown).await;
             // Best effort: the socket file is ours and useless now.
             let _ = std::fs::remove_file(&path);

@@ -29,8 +29,36 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use qvirt_common::serve::{Connection, WrapConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::Connected;
+
+/// Wraps every connection of the bus's server in [`Coalescing`] (see
+/// [`qvirt_common::serve::serve_wrapped`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GatherWrites {
+    enabled: bool,
+}
+
+impl GatherWrites {
+    /// Gathering on where it helps: only tokio's multi-thread scheduler runs
+    /// a woken task next (its LIFO slot), so only there does the connection
+    /// task write one frame at a time; the current-thread scheduler queues
+    /// it behind the other woken streams anyway, and a step back there only
+    /// added a round of delay. Call inside the runtime that serves.
+    pub fn here() -> Self {
+        let enabled = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        GatherWrites { enabled }
+    }
+}
+
+impl WrapConnection for GatherWrites {
+    type Wrapped<T: Connection> = Coalescing<T>;
+    fn wrap<T: Connection>(&self, io: T) -> Coalescing<T> {
+        Coalescing::new(io, self.enabled)
+    }
+}
 
 /// The size from which writes are not gathered: pending bytes past it
 /// go out before more are taken, and a write of at least this much with

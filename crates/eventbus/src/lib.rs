@@ -7,6 +7,7 @@
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
+pub mod coalesce;
 pub mod config;
 pub mod cursor;
 pub mod filter;
@@ -104,10 +105,10 @@ pub async fn run(
         EventBusService::new(hub.clone(), epoch, config.policy()).with_internal_auth(auth);
     let services = Services::new()
         .options(options)
-        .coalescing_writes()
         .with(server::BusServer::new(service))
         .with(EventIngestServer::new(ingest));
-    let result = serve::serve(listener, services, shutdown).await;
+    let result =
+        serve::serve_wrapped(listener, services, shutdown, coalesce::GatherWrites::here()).await;
     hub.close();
     Ok(result?)
 }
