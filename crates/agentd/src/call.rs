@@ -15,24 +15,16 @@ use crate::channel::{Channels, Outcome};
 use crate::status::CallError;
 use crate::wire::Reply;
 
-/// Where a request's per-command timeout is clamped: requests may ask for
-/// any length (no upper limit, as the supervisor's `timeout`), but the
-/// deadline arithmetic needs a bound; no call lives this long.
-pub const TIMEOUT_HORIZON: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
-
-/// A request's per-command `timeout`, by the rule every qvirt service
-/// applies to a request timeout: unset or zero, the service's default;
-/// negative, INVALID_ARGUMENT on `timeout`; no upper limit.
+/// A request's per-command `timeout` by the rule every qvirt service
+/// applies ([`qvirt_common::rpc::request_timeout`]); unset or zero is
+/// `default`.
 pub fn request_timeout(
     timeout: Option<prost_types::Duration>,
     default: Duration,
 ) -> Result<Duration, CallError> {
-    match timeout.map(Duration::try_from) {
-        None => Ok(default),
-        Some(Ok(d)) if d.is_zero() => Ok(default),
-        Some(Ok(d)) => Ok(d.min(TIMEOUT_HORIZON)),
-        Some(Err(_)) => Err(CallError::request("timeout", "must not be negative")),
-    }
+    qvirt_common::rpc::request_timeout(timeout)
+        .map(|t| t.unwrap_or(default))
+        .map_err(|e| CallError::request("timeout", e.to_string()))
 }
 
 /// Limits of the multi-command calls.

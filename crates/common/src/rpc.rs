@@ -21,6 +21,31 @@ pub const ERROR_DOMAIN: &str = "qvirt.dev";
 /// `ErrorInfo.reason` of an INTERNAL status (the cause is in the log).
 pub const REASON_INTERNAL: &str = "INTERNAL";
 
+/// Where a request's timeout is clamped: requests may ask for any length,
+/// but deadline arithmetic needs a bound; no call lives this long.
+pub const TIMEOUT_HORIZON: std::time::Duration =
+    std::time::Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// A request asked for a negative timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("must not be negative")]
+pub struct NegativeTimeout;
+
+/// A request's `timeout` field, by the rule every qvirt service applies:
+/// unset or zero is `None` (the service's default for that call); negative
+/// is an error the service answers as INVALID_ARGUMENT on the field; there
+/// is no upper limit (it is clamped to [`TIMEOUT_HORIZON`]).
+pub fn request_timeout(
+    timeout: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, NegativeTimeout> {
+    match timeout.map(std::time::Duration::try_from) {
+        None => Ok(None),
+        Some(Ok(d)) if d.is_zero() => Ok(None),
+        Some(Ok(d)) => Ok(Some(d.min(TIMEOUT_HORIZON))),
+        Some(Err(_)) => Err(NegativeTimeout),
+    }
+}
+
 /// A status with `code`, `message`, and an ErrorInfo with `reason` and
 /// `metadata` (empty values are left out).
 pub fn error<'a>(

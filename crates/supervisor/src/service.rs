@@ -104,13 +104,11 @@ fn domain_key(key: &str) -> Result<String, Status> {
     Ok(key.to_owned())
 }
 
+/// A request's `timeout` by the rule every qvirt service applies
+/// ([`qvirt_common::rpc::request_timeout`]).
 fn timeout(d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
-    match d {
-        None => Ok(None),
-        Some(d) => Duration::try_from(d)
-            .map(Some)
-            .map_err(|_| DomainError::invalid("timeout", "timeout must not be negative").into()),
-    }
+    qvirt_common::rpc::request_timeout(d)
+        .map_err(|e| DomainError::invalid("timeout", format!("timeout {e}")).into())
 }
 
 /// Run a domain-changing manager call on its own task and wait for it.
