@@ -44,21 +44,20 @@ const MAX_RECORD_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// The dir under the state dir.
 const DIR_NAME: &str = "requests";
 
-/// A 128-bit FNV-1a digest of `parts` (each length-prefixed, so the
-/// boundaries count). Not cryptographic: it tells requests apart and
-/// versions records (etags); it protects against nobody.
+/// A 128-bit digest of `parts` (each length-prefixed, so the boundaries
+/// count): the first half of their SHA-256. It tells requests apart and
+/// versions records (etags).
 pub fn digest(parts: &[&[u8]]) -> u128 {
-    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
-    const PRIME: u128 = 0x0000000001000000000000000000013B;
-    let mut hash = OFFSET;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
     for part in parts {
-        let len = (part.len() as u64).to_le_bytes();
-        for byte in len.iter().chain(part.iter()) {
-            hash ^= u128::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
     }
-    hash
+    let sum = hash.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&sum[..16]);
+    u128::from_be_bytes(first)
 }
 
 /// Check a request id: at most [`MAX_REQUEST_ID_BYTES`] of printable
