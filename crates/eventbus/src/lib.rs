@@ -6,6 +6,22 @@
 //!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
+//!
+//! - [`hub`]: the in-memory hub (sequence numbers, replay ring, bounded
+//!   per-subscriber queues, caps); knows nothing of gRPC.
+//! - [`filter`]: event-name filters as libvirt's (literal, regex, nocase)
+//!   and domain filters.
+//! - [`cursor`]: the opaque `1.EPOCH.SEQ` cursors and their parsing.
+//! - [`service`]: the `EventBus` service over the hub: requests to
+//!   filters and start points, hub items to stream messages.
+//! - [`server`]: the `EventBus` server, which encodes each event once for
+//!   every subscriber.
+//! - [`ingest`]: the internal `EventIngest` service supervisors publish
+//!   through.
+//! - [`inflight`]: a byte bound on what a stream has handed to HTTP/2.
+//! - [`coalesce`]: gathers the writes of streams woken together into one.
+//! - [`metrics`]: the optional Prometheus text endpoint.
+//! - [`config`]: the config file; [`status`]: errors to gRPC statuses.
 
 pub mod coalesce;
 pub mod config;
