@@ -55,10 +55,11 @@ pub struct AgentCommandArgs {
 
 /// Prints a JSON reply as it came, or pretty (numbers kept exact).
 fn print_reply(reply: &str, pretty: bool) -> Result<(), CtlError> {
-    if pretty && let Ok(v) = serde_json::from_str::<serde_json::Value>(reply) {
-        if let Ok(text) = serde_json::to_string_pretty(&v) {
-            return out_line(&text);
-        }
+    if pretty
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(reply)
+        && let Ok(text) = serde_json::to_string_pretty(&v)
+    {
+        return out_line(&text);
     }
     out_line(reply)
 }
@@ -91,7 +92,7 @@ pub async fn monitor_command(
     }
     let class = v["error"]["class"].as_str().unwrap_or("unknown");
     let desc = v["error"]["desc"].as_str().unwrap_or("");
-    Err(CtlError::Failed(format!("QEMU answered {class}: {desc}")))
+    Err(CtlError::Failed(format!("QEMU answered: {desc} ({class})")))
 }
 
 /// `qemu-agent-command`.
