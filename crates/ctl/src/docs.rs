@@ -172,4 +172,14 @@ mod tests {
             "guest-exec"
         );
     }
+
+    #[test]
+    fn test_readme_example_guest_is_a_valid_definition() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("# guest.yaml\n").expect("README's guest.yaml");
+        let block = &readme[start..];
+        let yaml = &block[..block.find("```").expect("end of the block")];
+        let spec = qvirt_proto::v1::DomainSpec::from_yaml(yaml);
+        assert!(spec.is_ok_and(|s| s.name == "guest" && s.agent), "{yaml}");
+    }
 }
