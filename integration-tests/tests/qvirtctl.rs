@@ -325,6 +325,10 @@ async fn test_domains_lifecycle_events_and_errors_as_virsh() {
     );
     assert_eq!(ok(ctl(&url, ro, &["list", "--all", "--name"])), "");
 
+    // The hook executor is internal: the gateway does not expose it.
+    let line = error_line(ctl(&url, rw, &["hooks", "list"]), "UNIMPLEMENTED");
+    assert!(line.contains("does not expose the hook executor"), "{line}");
+
     // A gateway that is not there, and a usage error.
     let line = error_line(ctl("http://127.0.0.1:1", rw, &["list"]), "UNAVAILABLE");
     assert!(
