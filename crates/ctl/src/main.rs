@@ -1,5 +1,6 @@
-//! `qvirtctl`: parses the command line and reports errors; the commands
-//! live in the library.
+//! `qvirtctl`: parses the command line, runs the command, and turns its
+//! result into an exit status (a guest program's for `guest-exec`) or a
+//! one-line `error: ...` on stderr. The commands live in the library.
 
 use std::process::ExitCode;
 
@@ -13,15 +14,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qvirtctl: {e}");
+            eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(qvirtctl::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("qvirtctl: {}", qvirt_common::error_chain(&e));
-            ExitCode::FAILURE
+            eprintln!("{}", e.report());
+            ExitCode::from(e.exit_code())
         }
     }
 }
