@@ -13,12 +13,11 @@
 //! other failure of the script fails the test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use qvirt_integration_tests::guest::{guest_image, guest_images, guest_yaml, serial};
 use qvirt_integration_tests::{
-    QemuGuard, Service, define_yaml, free_port, run_command, start_supervisor, static_ga, text,
+    QemuGuard, Service, define_yaml, free_port, start_supervisor, static_ga, text,
 };
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
@@ -33,83 +32,6 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per RPC, on the client's side: above every server-side deadline here.
 const CALL_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A built guest image.
-struct Image {
-    vmlinux: PathBuf,
-    initramfs: PathBuf,
-    /// The Debian kernel package it boots, e.g. linux-image-6.1.0-57-amd64.
-    kernel_package: String,
-}
-
-/// Kernel and initramfs with `agent` inside, or why the packages cannot be
-/// fetched here (the script's exit status 77); any other failure panics.
-fn guest_image(agent: &Path) -> Result<Image, String> {
-    let out = repo().join("target/test-guest");
-    let mut script = Command::new("bash");
-    script
-        .arg(repo().join("scripts/build-test-guest.sh"))
-        .arg(&out)
-        .arg(agent);
-    let result = run_command(&mut script, Duration::from_secs(900));
-    let stderr = text(&result.stderr);
-    match result.status.code() {
-        Some(0) => {}
-        Some(77) => return Err(stderr.trim().to_owned()),
-        _ => panic!("build-test-guest.sh failed ({}):\n{stderr}", result.status),
-    }
-    // Its last line ends with "(linux-image-...)".
-    let stdout = text(&result.stdout);
-    let kernel_package = stdout
-        .trim_end()
-        .rsplit_once('(')
-        .and_then(|(_, p)| p.strip_suffix(')'))
-        .unwrap_or_else(|| panic!("no kernel package in {stdout:?}"))
-        .to_owned();
-    Ok(Image {
-        vmlinux: out.join("vmlinux"),
-        initramfs: out.join("initramfs"),
-        kernel_package,
-    })
-}
-
-/// Kernel and initramfs copied into `dir/images` (made traversable, the
-/// files world-readable), the image root of the test's supervisor.
-struct Images {
-    root: PathBuf,
-    vmlinux: PathBuf,
-    initramfs: PathBuf,
-}
-
-fn guest_images(dir: &Path, image: &Image) -> Images {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |path: &Path, mode| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-    mode(dir, 0o755);
-    let root = dir.join("images");
-    std::fs::create_dir(&root).unwrap();
-    mode(&root, 0o755);
-    let copy = |from: &Path| {
-        let to = root.join(from.file_name().unwrap());
-        std::fs::copy(from, &to).unwrap();
-        mode(&to, 0o644);
-        to
-    };
-    Images {
-        vmlinux: copy(&image.vmlinux),
-        initramfs: copy(&image.initramfs),
-        root: root.clone(),
-    }
-}
-
-fn serial(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| format!("(no serial log: {e})"))
-}
 
 /// `f`, or a panic naming `what` after [`CALL_TIMEOUT`].
 async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
@@ -159,12 +81,7 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
 
     // The domain's own serial dir.
     let serial_log = state.join("serial/guest/console.log");
-    let spec = format!(
-        "name: guest\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\ncmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check\nagent: true\nserial_log: {}\n",
-        images.vmlinux.display(),
-        images.initramfs.display(),
-        serial_log.display()
-    );
+    let spec = guest_yaml("guest", &images, &serial_log);
     let defined = bounded("DefineDomain", define_yaml(&mut supervisor, spec))
         .await
         .unwrap();

@@ -82,6 +82,8 @@ pub const ROLES: &[(&str, &str, Role)] = &[
     ("qvirt.v1.Supervisor", "ResetDomain", RW),
     ("qvirt.v1.Supervisor", "RebootDomain", RW),
     ("qvirt.v1.Supervisor", "MonitorCommand", RW),
+    ("qvirt.v1.Supervisor", "SaveDomain", RW),
+    ("qvirt.v1.Supervisor", "RestoreDomain", RW),
     ("qvirt.v1.EventBus", "SubscribeDomainEvents", RO),
     ("qvirt.v1.EventBus", "SubscribeMonitorEvents", RW),
     ("qvirt.v1.GuestAgent", "Ping", RO),

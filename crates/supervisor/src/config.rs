@@ -97,6 +97,9 @@ pub struct Config {
     pub command_timeout_secs: u64,
     /// DestroyDomain: SIGTERM, then SIGKILL after this many seconds.
     pub destroy_grace_secs: u64,
+    /// Bound on SaveDomain's migration of the guest's state into its
+    /// image, and on RestoreDomain's loading it back, seconds.
+    pub save_timeout_secs: u64,
     /// The event bus to publish QMP and lifecycle events to, as a URL
     /// (`http://127.0.0.1:50053`, or `unix:PATH` for a bus listening on a
     /// unix socket; the same for `hookexec` and `agentd`). Absent: events
@@ -153,6 +156,7 @@ impl Default for Config {
             command_timeout_secs: 30,
             eventbus: None,
             destroy_grace_secs: 10,
+            save_timeout_secs: 300,
             hookexec: None,
             hook_call_timeout_secs: 300,
             hook_stdin_format: HookStdinFormat::Yaml,
@@ -280,6 +284,7 @@ impl Config {
             ("start_timeout_secs", self.start_timeout_secs),
             ("command_timeout_secs", self.command_timeout_secs),
             ("hook_call_timeout_secs", self.hook_call_timeout_secs),
+            ("save_timeout_secs", self.save_timeout_secs),
         ] {
             if value == 0 {
                 return Err(invalid(field, "0".into(), "must be at least 1"));

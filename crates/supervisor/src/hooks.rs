@@ -37,7 +37,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
 use crate::config::HookStdinFormat;
-use crate::seams::{DaemonHookOp, HookError, HookFuture, HookOp, Hooks};
+use crate::seams::{DaemonHookOp, FilterFuture, HookError, HookFuture, HookOp, Hooks};
 
 /// How long connecting to the hook executor may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,6 +101,15 @@ impl ExecutorHooks {
     }
 
     async fn run_domain_hook(&self, spec: &DomainSpec, op: HookOp) -> Result<(), HookError> {
+        self.call_domain_hook(spec, op).await.map(drop)
+    }
+
+    /// Run hook `op` for `spec`; the executor's answer when it succeeded.
+    async fn call_domain_hook(
+        &self,
+        spec: &DomainSpec,
+        op: HookOp,
+    ) -> Result<RunHookResponse, HookError> {
         let input = self
             .input(spec)
             .map_err(|message| HookError::Unavailable { op, message })?;
@@ -126,12 +135,48 @@ impl ExecutorHooks {
             took_us = began.elapsed().as_micros(),
             "hook ran"
         );
-        outcome(op, response)
+        outcome(op, &response)?;
+        Ok(response)
+    }
+
+    /// Run the filter hook `op`: the definition its scripts printed, or
+    /// `None` when they printed nothing but blanks.
+    async fn run_filter(
+        &self,
+        spec: &DomainSpec,
+        op: HookOp,
+    ) -> Result<Option<DomainSpec>, HookError> {
+        let response = self.call_domain_hook(spec, op).await?;
+        if response.output.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        filter_output(self.stdin_format, &response.output)
+            .map(Some)
+            .map_err(|message| HookError::BadOutput { op, message })
+    }
+}
+
+/// The definition a filter hook's scripts printed (`restore begin`), read
+/// in the format their stdin had: the one place the output of a filter is
+/// parsed. Only parsed here; the caller checks it as any definition and
+/// against the one it replaces.
+pub fn filter_output(format: HookStdinFormat, output: &[u8]) -> Result<DomainSpec, String> {
+    let text = std::str::from_utf8(output)
+        .map_err(|error| format!("the output is not UTF-8 ({error})"))?;
+    match format {
+        HookStdinFormat::Yaml => {
+            DomainSpec::from_yaml(text).map_err(|error| qvirt_proto::yaml::error_text(&error))
+        }
+        // libvirt's scripts print domain XML; reading it back needs the
+        // XML parser of the libvirt-xml module.
+        HookStdinFormat::LibvirtXml => Err(
+            "reading a libvirt-xml definition printed by a hook is not supported yet".to_owned(),
+        ),
     }
 }
 
 /// The verdict of a RunHook answer.
-fn outcome(op: HookOp, response: RunHookResponse) -> Result<(), HookError> {
+fn outcome(op: HookOp, response: &RunHookResponse) -> Result<(), HookError> {
     match HookOutcome::try_from(response.outcome) {
         Ok(HookOutcome::Success | HookOutcome::NoHooks) => Ok(()),
         Ok(HookOutcome::Failed) => Err(HookError::Failed {
@@ -152,6 +197,10 @@ fn outcome(op: HookOp, response: RunHookResponse) -> Result<(), HookError> {
 impl Hooks for ExecutorHooks {
     fn run<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> HookFuture<'a> {
         Box::pin(self.run_domain_hook(spec, op))
+    }
+
+    fn filter<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> FilterFuture<'a> {
+        Box::pin(self.run_filter(spec, op))
     }
 
     fn daemon(
@@ -200,9 +249,9 @@ mod tests {
 
     #[test]
     fn test_outcomes_table() {
-        assert!(outcome(HookOp::Prepare, response(HookOutcome::Success, "")).is_ok());
-        assert!(outcome(HookOp::Prepare, response(HookOutcome::NoHooks, "")).is_ok());
-        match outcome(HookOp::Start, response(HookOutcome::Failed, "no way\n")) {
+        assert!(outcome(HookOp::Prepare, &response(HookOutcome::Success, "")).is_ok());
+        assert!(outcome(HookOp::Prepare, &response(HookOutcome::NoHooks, "")).is_ok());
+        match outcome(HookOp::Start, &response(HookOutcome::Failed, "no way\n")) {
             Err(HookError::Failed { op, message }) => {
                 assert_eq!(op, HookOp::Start);
                 assert_eq!(message, "no way");
@@ -210,7 +259,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            outcome(HookOp::Start, response(HookOutcome::Unspecified, "")),
+            outcome(HookOp::Start, &response(HookOutcome::Unspecified, "")),
             Err(HookError::Unavailable { .. })
         ));
     }
@@ -224,6 +273,7 @@ mod tests {
             HookOp::Stopped,
             HookOp::Release,
             HookOp::Reconnect,
+            HookOp::Restore,
         ]
         .iter()
         .map(ToString::to_string)
@@ -236,9 +286,20 @@ mod tests {
                 "started begin",
                 "stopped end",
                 "release end",
-                "reconnect begin"
+                "reconnect begin",
+                "restore begin"
             ]
         );
+    }
+
+    #[test]
+    fn test_filter_output_reads_the_stdin_format() {
+        let spec = filter_output(HookStdinFormat::Yaml, b"name: vm\nmemory_mib: 256\n").unwrap();
+        assert_eq!((spec.name.as_str(), spec.memory_mib), ("vm", 256));
+        let error = filter_output(HookStdinFormat::Yaml, b"name: vm\nmemroy_mib: 1\n").unwrap_err();
+        assert!(error.contains("memroy_mib"), "{error}");
+        let error = filter_output(HookStdinFormat::Yaml, b"name: \xff\n").unwrap_err();
+        assert!(error.contains("not UTF-8"), "{error}");
     }
 
     /// An executor answering with `stderr_bytes` of stderr.

@@ -55,6 +55,9 @@ struct Args {
     /// Destroy: SIGKILL this many seconds after SIGTERM. Overrides `destroy_grace_secs`.
     #[arg(long, value_name = "SECS")]
     destroy_grace_secs: Option<u64>,
+    /// Bound on a save's or restore's state transfer, seconds. Overrides `save_timeout_secs`.
+    #[arg(long, value_name = "SECS")]
+    save_timeout_secs: Option<u64>,
     /// Publish events to the event bus at URL (e.g. http://127.0.0.1:50053,
     /// or unix:PATH; the same for --hookexec and --agentd).
     /// Overrides `eventbus`.
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
         override_with(&mut c.start_timeout_secs, args.start_timeout_secs);
         override_with(&mut c.command_timeout_secs, args.command_timeout_secs);
         override_with(&mut c.destroy_grace_secs, args.destroy_grace_secs);
+        override_with(&mut c.save_timeout_secs, args.save_timeout_secs);
         override_with(&mut c.eventbus, args.eventbus.map(Some));
         override_with(&mut c.hookexec, args.hookexec.map(Some));
         override_with(&mut c.hook_call_timeout_secs, args.hook_call_timeout_secs);

@@ -11,7 +11,8 @@
 //!   stopped, release, reconnect) and the daemon's start and shutdown. A
 //!   failing prepare/start/started hook aborts the start, a failing
 //!   reconnect hook destroys the guest; stopped/release failures are
-//!   logged.
+//!   logged. The `restore` hook is a filter ([`Hooks::filter`]): its
+//!   scripts may print the definition to restore with.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -128,6 +129,8 @@ pub enum HookOp {
     Release,
     /// `reconnect begin`, a running QEMU was found after a restart.
     Reconnect,
+    /// `restore begin`, a filter of the definition before a restore.
+    Restore,
 }
 
 impl HookOp {
@@ -140,6 +143,7 @@ impl HookOp {
             HookOp::Stopped => "stopped",
             HookOp::Release => "release",
             HookOp::Reconnect => "reconnect",
+            HookOp::Restore => "restore",
         }
     }
 
@@ -193,15 +197,48 @@ pub enum HookError {
         /// What the client saw.
         message: String,
     },
+    /// The scripts of a filter hook succeeded but printed something that
+    /// is not a definition in the hooks' stdin format.
+    #[error("{op} hook printed no valid definition: {message}")]
+    BadOutput {
+        /// The hook point.
+        op: HookOp,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl HookError {
+    /// The hook point.
+    pub fn op(&self) -> HookOp {
+        match self {
+            HookError::Failed { op, .. }
+            | HookError::Unavailable { op, .. }
+            | HookError::BadOutput { op, .. } => *op,
+        }
+    }
 }
 
 /// A boxed hook future.
 pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'a>>;
 
+/// A boxed filter hook future: the definition the scripts printed, or
+/// `None` when they printed nothing (keep the input).
+pub type FilterFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<DomainSpec>, HookError>> + Send + 'a>>;
+
 /// Runs hooks; see the module docs.
 pub trait Hooks: Send + Sync + 'static {
     /// Run hook `op` for `spec`.
     fn run<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> HookFuture<'a>;
+
+    /// Run the filter hook `op` (`restore begin`) over `spec`: the
+    /// definition its scripts printed (not yet checked beyond parsing), or
+    /// `None` to keep `spec`. Without scripts, `None`.
+    fn filter<'a>(&'a self, spec: &'a DomainSpec, op: HookOp) -> FilterFuture<'a> {
+        let _ = (spec, op);
+        Box::pin(async { Ok(None) })
+    }
 
     /// Run the daemon hook `op`; failures are logged by the implementation.
     fn daemon(&self, op: DaemonHookOp) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {

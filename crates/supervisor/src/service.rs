@@ -355,6 +355,42 @@ impl Supervisor for SupervisorService {
             .await
     }
 
+    async fn save_domain(&self, request: Request<SaveDomainRequest>) -> Reply<SaveDomainResponse> {
+        let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
+        let manager = self.manager.clone();
+        let call = async move {
+            let domain = manager.save(&key).await?;
+            Ok(SaveDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("SaveDomain", &request.request_id, &request, call)
+            .await
+    }
+
+    async fn restore_domain(
+        &self,
+        request: Request<RestoreDomainRequest>,
+    ) -> Reply<RestoreDomainResponse> {
+        let request = request.into_inner();
+        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
+        self.check_host(&request.host)?;
+        let key = domain_key(&request.domain)?;
+        let manager = self.manager.clone();
+        let paused = request.paused;
+        let call = async move {
+            let domain = manager.restore(&key, paused).await?;
+            Ok(RestoreDomainResponse {
+                domain: Some(domain),
+            })
+        };
+        self.write("RestoreDomain", &request.request_id, &request, call)
+            .await
+    }
+
     async fn suspend_domain(
         &self,
         request: Request<SuspendDomainRequest>,

@@ -34,6 +34,10 @@
 //! | `NoAgent` (agent mode, no `agent: true`) | FAILED_PRECONDITION | AGENT_NOT_CONFIGURED |
 //! | `NoAgentService` (agent mode, no agent service) | FAILED_PRECONDITION | AGENT_SERVICE_NOT_CONFIGURED |
 //! | `Agent` | the agent service's code (UNAVAILABLE for its INTERNAL/UNKNOWN) | the agent service's reason, else AGENT_ERROR |
+//! | `Hook`: a filter hook (restore) printed no valid definition | FAILED_PRECONDITION | HOOK_OUTPUT_INVALID |
+//! | `NoSavedImage` (RestoreDomain without a saved image) | FAILED_PRECONDITION | NO_SAVED_IMAGE |
+//! | `Incompatible` (the definition to restore with does not fit the image) | FAILED_PRECONDITION | DEFINITION_INCOMPATIBLE |
+//! | `Transfer`: QEMU failed to write (save) or load (restore) the image | FAILED_PRECONDITION | SAVE_FAILED, RESTORE_FAILED |
 //! | `Timeout` | DEADLINE_EXCEEDED | TIMEOUT |
 //! | `Stop`, `Store`, `QemuUser`, `Internal`, `Start` on the supervisor's side (run dir, log, monitor socket, launch task, signals) | INTERNAL | INTERNAL (generic text; the detail is logged) |
 //!
@@ -97,6 +101,20 @@ pub fn classify(error: &DomainError) -> (Code, Cow<'static, str>) {
             source: HookError::Failed { .. },
             ..
         } => (Code::FailedPrecondition, "HOOK_FAILED"),
+        E::Hook {
+            source: HookError::BadOutput { .. },
+            ..
+        } => (Code::FailedPrecondition, "HOOK_OUTPUT_INVALID"),
+        E::NoSavedImage(_) => (Code::FailedPrecondition, "NO_SAVED_IMAGE"),
+        E::Incompatible { .. } => (Code::FailedPrecondition, "DEFINITION_INCOMPATIBLE"),
+        E::Transfer { what, .. } => (
+            Code::FailedPrecondition,
+            if *what == "save" {
+                "SAVE_FAILED"
+            } else {
+                "RESTORE_FAILED"
+            },
+        ),
         E::QemuRefused { .. } => (Code::FailedPrecondition, "QEMU_REFUSED"),
         E::Confine { .. } => (Code::FailedPrecondition, "GUEST_FILE_FAILED"),
         E::Monitor { .. } => (Code::Unavailable, "MONITOR_UNAVAILABLE"),
@@ -159,10 +177,10 @@ fn metadata(error: &DomainError) -> Vec<(&'static str, String)> {
         }
         E::Storage { which, .. } => vec![("dir", (*which).to_owned())],
         E::Hook { domain, source } => {
-            let op = match source {
-                HookError::Failed { op, .. } | HookError::Unavailable { op, .. } => op,
-            };
-            vec![("domain", domain.clone()), ("hook", op.to_string())]
+            vec![
+                ("domain", domain.clone()),
+                ("hook", source.op().to_string()),
+            ]
         }
         E::QemuRefused {
             domain,
@@ -179,8 +197,12 @@ fn metadata(error: &DomainError) -> Vec<(&'static str, String)> {
         | E::ReplyTooLarge { domain, .. }
         | E::MonitorLost { domain, .. }
         | E::Confine { domain, .. }
-        | E::Agent { domain, .. } => vec![("domain", domain.clone())],
-        E::Detached(domain) | E::NoAgent(domain) => vec![("domain", domain.clone())],
+        | E::Agent { domain, .. }
+        | E::Incompatible { domain, .. }
+        | E::Transfer { domain, .. } => vec![("domain", domain.clone())],
+        E::Detached(domain) | E::NoAgent(domain) | E::NoSavedImage(domain) => {
+            vec![("domain", domain.clone())]
+        }
         E::Spec(_)
         | E::YamlSpec(_)
         | E::Yaml(_)
@@ -275,11 +297,14 @@ mod tests {
             E::Storage { .. } => "Storage",
             E::ListFull { .. } => "ListFull",
             E::Ambiguous { .. } => "Ambiguous",
+            E::NoSavedImage(_) => "NoSavedImage",
+            E::Incompatible { .. } => "Incompatible",
+            E::Transfer { .. } => "Transfer",
             E::Internal(_) => "Internal",
         }
     }
 
-    const ALL_VARIANTS: usize = 29;
+    const ALL_VARIANTS: usize = 32;
 
     fn wrong_state(need: Need) -> DomainError {
         DomainError::WrongState {
@@ -494,6 +519,48 @@ mod tests {
                 ),
                 Code::Unavailable,
                 "HOOK_EXECUTOR_UNAVAILABLE",
+            ),
+            (
+                DomainError::hook(
+                    "x",
+                    HookError::BadOutput {
+                        op: HookOp::Restore,
+                        message: "not YAML".into(),
+                    },
+                ),
+                Code::FailedPrecondition,
+                "HOOK_OUTPUT_INVALID",
+            ),
+            (
+                DomainError::NoSavedImage("x".into()),
+                Code::FailedPrecondition,
+                "NO_SAVED_IMAGE",
+            ),
+            (
+                DomainError::Incompatible {
+                    domain: "x".into(),
+                    message: "Target domain name 'y' does not match source 'x'".into(),
+                },
+                Code::FailedPrecondition,
+                "DEFINITION_INCOMPATIBLE",
+            ),
+            (
+                DomainError::Transfer {
+                    domain: "x".into(),
+                    what: "save",
+                    message: "m".into(),
+                },
+                Code::FailedPrecondition,
+                "SAVE_FAILED",
+            ),
+            (
+                DomainError::Transfer {
+                    domain: "x".into(),
+                    what: "restore",
+                    message: "m".into(),
+                },
+                Code::FailedPrecondition,
+                "RESTORE_FAILED",
             ),
             (
                 DomainError::qmp(

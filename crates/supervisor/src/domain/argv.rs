@@ -13,7 +13,8 @@
 //! supervisor opened, by fd), the serial log (an
 //! fd the supervisor opened, through `-add-fd` and `/dev/fdset/N`, in
 //! append mode), the guest agent channel (a listening socket the
-//! supervisor bound, by fd), and finally the operator's `extra_args`.
+//! supervisor bound, by fd), `-incoming defer` for a restore, and finally
+//! the operator's `extra_args`.
 //!
 //! Values embedded in QEMU option strings have their commas doubled
 //! (QEMU's escape), so a path cannot inject options.
@@ -75,6 +76,9 @@ pub struct Host {
     pub tap_fds: Vec<RawFd>,
     /// Whether to add `-sandbox` ([`SANDBOX`]).
     pub sandbox: bool,
+    /// A restore: QEMU waits for its state (`-incoming defer`), which the
+    /// supervisor then feeds it with `migrate-incoming`.
+    pub incoming: bool,
 }
 
 /// Double the commas of a value embedded in a QEMU option string.
@@ -195,6 +199,9 @@ pub fn build(spec: &DomainSpec, accel: ResolvedAccel, host: &Host) -> Vec<OsStri
             &format!("virtserialport,bus=virtio-serial0.0,chardev=qga0,name={AGENT_PORT_NAME}"),
         ]);
     }
+    if host.incoming {
+        push(&["-incoming", "defer"]);
+    }
     let mut args: Vec<OsString> = a.into_iter().map(OsString::from).collect();
     args.extend(spec.extra_args.iter().map(OsString::from));
     args
@@ -215,6 +222,7 @@ mod tests {
             serial_fd: Some(8),
             tap_fds: vec![9],
             sandbox: yaml.contains("name: \"web,1\""),
+            incoming: false,
         };
         build(&spec, ResolvedAccel::Tcg, &host)
             .into_iter()

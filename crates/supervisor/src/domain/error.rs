@@ -229,6 +229,32 @@ pub enum DomainError {
         /// The name of the domain whose UUID is `key`.
         other: String,
     },
+    /// RestoreDomain of a domain that has no saved image.
+    #[error("domain {0:?} has no saved image (SaveDomain writes one)")]
+    NoSavedImage(String),
+    /// The definition to restore with (the domain's, as the restore hook
+    /// left it) does not fit the saved image; `message` is libvirt's ABI
+    /// check wording.
+    #[error(
+        "domain {domain:?} cannot be restored with this definition: unsupported configuration: {message}"
+    )]
+    Incompatible {
+        /// The domain.
+        domain: String,
+        /// What differs, e.g. "Target domain max memory 262144 does not
+        /// match source 131072".
+        message: String,
+    },
+    /// QEMU could not write the guest's state (save) or load it (restore).
+    #[error("{what} of domain {domain:?} failed: {message}")]
+    Transfer {
+        /// The domain.
+        domain: String,
+        /// `save` or `restore`.
+        what: &'static str,
+        /// QEMU's account (its migration error, or its exit and log tail).
+        message: String,
+    },
     /// A bug: a task died or a lock was lost.
     #[error("internal error: {0}")]
     Internal(String),

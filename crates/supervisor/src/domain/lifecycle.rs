@@ -49,6 +49,22 @@ impl Manager {
         }
         // The previous run's stopped/release hooks finish first.
         drop(entry.stop_hooks.lock().await);
+        self.boot(&entry, spec, paused, None).await
+    }
+
+    /// Start QEMU for `spec` on the SHUTOFF `entry` (its op lock held):
+    /// the prepare, start and started hooks, the launch and the watcher.
+    /// With `incoming` (a saved image, opened), QEMU waits for incoming
+    /// state (`-incoming defer`) and loads it from that file before the
+    /// started hook (a restore: reason and events RESTORED).
+    pub(super) async fn boot(
+        &self,
+        entry: &Arc<Entry>,
+        spec: DomainSpec,
+        paused: bool,
+        incoming: Option<std::fs::File>,
+    ) -> Result<Domain, DomainError> {
+        let entry = Arc::clone(entry);
         let began = Instant::now();
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Prepare).await {
             return Err(self
@@ -108,13 +124,17 @@ impl Manager {
                 serial_fd: files.serial.as_ref().map(AsRawFd::as_raw_fd),
                 tap_fds: files.taps.iter().map(AsRawFd::as_raw_fd).collect(),
                 sandbox: self.config().qemu_sandbox,
+                incoming: incoming.is_some(),
             },
         );
+        // QEMU's number of the image: the parent's (inherited as it is).
+        let image_fd = incoming.as_ref().map(AsRawFd::as_raw_fd);
         let inherit: Vec<OwnedFd> = files
             .agent
             .into_iter()
             .chain(files.serial.map(OwnedFd::from))
             .chain(files.taps)
+            .chain(incoming.map(OwnedFd::from))
             .collect();
         let launch_config = LaunchConfig {
             binary: self.config().qemu_binary.clone(),
@@ -170,6 +190,11 @@ impl Manager {
         let process = Arc::new(process);
         let qmp = Arc::clone(process.qmp());
         let flags = Arc::new(RunFlags::default());
+        if let Some(fd) = image_fd
+            && let Err(error) = self.load_image(&entry, &process, fd).await
+        {
+            return Err(self.abort_start(&entry, &spec, Some(process), error).await);
+        }
         // libvirt runs `started` after the vCPUs run; we run it before
         // `cont`, so a refusing hook never lets the guest execute.
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Started).await {
@@ -180,10 +205,12 @@ impl Manager {
             return Err(self.abort_start(&entry, &spec, Some(process), error).await);
         }
         let continued = began.elapsed();
-        let (state, reason) = if paused {
-            (DomainState::Paused, DomainStateReason::PausedStartingUp)
-        } else {
-            (DomainState::Running, DomainStateReason::RunningBooted)
+        let restored = image_fd.is_some();
+        let (state, reason) = match (paused, restored) {
+            (true, false) => (DomainState::Paused, DomainStateReason::PausedStartingUp),
+            (true, true) => (DomainState::Paused, DomainStateReason::PausedUser),
+            (false, false) => (DomainState::Running, DomainStateReason::RunningBooted),
+            (false, true) => (DomainState::Running, DomainStateReason::RunningRestored),
         };
         let now = millis(SystemTime::now());
         let status = {
@@ -205,6 +232,7 @@ impl Manager {
                 qmp: Arc::clone(&qmp),
                 proc: Proc::Owned(Arc::clone(&process)),
                 flags: Arc::clone(&flags),
+                spec: spec.clone(),
             });
             data.status.clone()
         };
@@ -219,12 +247,20 @@ impl Manager {
             "start timings"
         );
         entry.notify();
-        self.emit(&spec, Lifecycle::Started(DomainEventStartedDetail::Booted));
+        let (started, suspended) = if restored {
+            (
+                DomainEventStartedDetail::Restored,
+                DomainEventSuspendedDetail::Restored,
+            )
+        } else {
+            (
+                DomainEventStartedDetail::Booted,
+                DomainEventSuspendedDetail::Paused,
+            )
+        };
+        self.emit(&spec, Lifecycle::Started(started));
         if paused {
-            self.emit(
-                &spec,
-                Lifecycle::Suspended(DomainEventSuspendedDetail::Paused),
-            );
+            self.emit(&spec, Lifecycle::Suspended(suspended));
         }
         let life = Life::Child(process.exit_watch(), process.identity().clone());
         self.spawn_watcher(Arc::clone(&entry), qmp, events, life, flags);
@@ -556,6 +592,7 @@ impl Manager {
             qmp: Arc::clone(&qmp),
             proc: Proc::Adopted(identity),
             flags: Arc::clone(&flags),
+            spec: spec.clone(),
         });
         // QEMU's own view wins over the recorded state.
         let state = match self.sync_state(entry, &qmp).await {
@@ -576,7 +613,7 @@ impl Manager {
         info!(domain = %name, pid = status.pid, state = state_name(state as i32), "re-attached to running QEMU");
         match self.inner.hooks.run(&spec, HookOp::Reconnect).await {
             Ok(()) => {}
-            Err(failure @ HookError::Unavailable { .. }) => {
+            Err(failure @ (HookError::Unavailable { .. } | HookError::BadOutput { .. })) => {
                 // Not a verdict on this guest: killing running guests
                 // because the executor is down (or starts after us) would
                 // lose work for nothing. The guest is kept.

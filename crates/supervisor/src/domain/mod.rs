@@ -20,6 +20,7 @@ pub mod argv;
 pub mod confine;
 mod error;
 mod lifecycle;
+mod save;
 pub mod spec;
 pub mod store;
 mod watcher;
@@ -71,6 +72,9 @@ struct RunFlags {
     shutdown_seen: AtomicBool,
     /// The monitor closed while QEMU runs; the watcher is reconnecting.
     monitor_lost: AtomicBool,
+    /// SaveDomain is writing the guest's state: QEMU's pause and exit are
+    /// the save's (reasons SAVE, SAVED).
+    saving: AtomicBool,
 }
 
 /// One running QEMU.
@@ -79,6 +83,10 @@ struct Run {
     qmp: Arc<QmpClient>,
     proc: Proc,
     flags: Arc<RunFlags>,
+    /// The definition QEMU was started with (a define while it runs
+    /// changes the domain's, not this one); after a supervisor restart,
+    /// the domain's definition at that time.
+    spec: DomainSpec,
 }
 
 /// A domain's mutable data.
@@ -89,6 +97,8 @@ struct Data {
     create_time: SystemTime,
     update_time: SystemTime,
     run: Option<Run>,
+    /// The image the last SaveDomain wrote, if any.
+    saved: Option<store::Saved>,
 }
 
 /// One domain in the table.
@@ -336,6 +346,7 @@ impl Manager {
                 create_time: item.create_time,
                 update_time: item.update_time,
                 run: None,
+                saved: item.saved,
             });
             manager.domains().insert(name, Arc::clone(&entry));
             entries.push(entry);
@@ -520,6 +531,11 @@ impl Manager {
             start_time: s.start_time_ms.map(|ms| from_millis(ms).into()),
             state_change_time: s.state_change_time_ms.map(|ms| from_millis(ms).into()),
             etag: etag(data),
+            saved_image: data
+                .saved
+                .as_ref()
+                .map(|saved| saved.image.display().to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -720,6 +736,7 @@ impl Manager {
                     create_time: data.create_time,
                     update_time: SystemTime::now(),
                     run: None,
+                    saved: data.saved.clone(),
                 };
                 return Ok(self.record(&would));
             }
@@ -752,6 +769,7 @@ impl Manager {
                 create_time: now,
                 update_time: now,
                 run: None,
+                saved: None,
             }));
         }
         let saved_status = status.clone();
@@ -772,6 +790,7 @@ impl Manager {
             create_time: now,
             update_time: now,
             run: None,
+            saved: None,
         });
         let domain = self.snapshot(&entry);
         self.domains().insert(spec.name.clone(), entry);

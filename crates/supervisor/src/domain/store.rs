@@ -5,6 +5,11 @@
 //!   after a comment line recording when it was first defined.
 //! - `STATE_DIR/logs/NAME.log`: QEMU's stdout and stderr.
 //! - `STATE_DIR/serial/NAME/`: the domain's own dir for its serial log.
+//! - `STATE_DIR/save/` (mode 0700): `NAME.save`, the guest's state as
+//!   SaveDomain had QEMU write it (QEMU's migration stream), and
+//!   `NAME.yaml`, the definition it was saved with (a `DomainSpec`, after
+//!   a comment line recording when), written after the image: a record
+//!   without its image is never seen.
 //! - `RUN_DIR/NAME/` (mode 0700): `status.yaml` (state, reason, pid, process
 //!   identity, socket paths, times, files given to QEMU's user),
 //!   `monitor.sock`, `agent.sock`.
@@ -199,7 +204,23 @@ pub struct Loaded {
     pub create_time: SystemTime,
     /// When it was last written.
     pub update_time: SystemTime,
+    /// Its saved image, if any.
+    pub saved: Option<Saved>,
 }
+
+/// A saved image of a domain (SaveDomain) and the definition it was
+/// saved with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved {
+    /// `STATE_DIR/save/NAME.save`.
+    pub image: PathBuf,
+    /// The definition QEMU ran with when it was saved.
+    pub spec: DomainSpec,
+}
+
+/// The leading comment of a saved image's record: when it was saved (ms
+/// since the epoch).
+const SAVED_TIME_PREFIX: &str = "# qvirt saved_time_ms: ";
 
 /// One domain's paths.
 #[derive(Debug, Clone)]
@@ -304,6 +325,108 @@ impl Store {
         create_dir(&self.run_dir, 0o700)
     }
 
+    /// `STATE_DIR/save`, where saved images live.
+    pub fn save_dir(&self) -> PathBuf {
+        self.state_dir.join("save")
+    }
+
+    /// The image SaveDomain writes for domain `name`.
+    pub fn saved_image_path(&self, name: &str) -> PathBuf {
+        self.save_dir().join(format!("{name}.save"))
+    }
+
+    fn saved_record_path(&self, name: &str) -> PathBuf {
+        self.save_dir().join(format!("{name}.yaml"))
+    }
+
+    /// Create a new temp file for an image of `name` in the save dir
+    /// (made 0700 if needed), mode 0600, and return it with its path.
+    pub fn create_saved_image(&self, name: &str) -> Result<(File, PathBuf), StoreError> {
+        create_dir(&self.save_dir(), 0o700)?;
+        let path = self
+            .save_dir()
+            .join(format!("{name}.save.tmp-{}", uuid::Uuid::new_v4().simple()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StoreError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        Ok((file, path))
+    }
+
+    /// Make the image in `tmp` (written through `file`) domain `name`'s
+    /// saved image, with the definition `spec`: fsync it, rename it over
+    /// the previous one, then write the record, and fsync the dir.
+    pub fn commit_saved_image(
+        &self,
+        name: &str,
+        file: &File,
+        tmp: &Path,
+        spec: &DomainSpec,
+    ) -> Result<Saved, StoreError> {
+        let image = self.saved_image_path(name);
+        let write_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Write { path, source }
+        };
+        file.sync_all().map_err(write_err(tmp))?;
+        fs::rename(tmp, &image).map_err(write_err(&image))?;
+        let text = spec.to_yaml().map_err(|source| StoreError::Encode {
+            what: "saved definition",
+            source,
+        })?;
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let text = format!("{SAVED_TIME_PREFIX}{ms}\n{text}");
+        write_atomic(&self.saved_record_path(name), text.as_bytes())?;
+        Ok(Saved {
+            image,
+            spec: spec.clone(),
+        })
+    }
+
+    /// Domain `name`'s saved image, if both it and its record are there
+    /// and the record reads as a definition of that name.
+    pub fn load_saved(&self, name: &str) -> Option<Saved> {
+        let record = self.saved_record_path(name);
+        let image = self.saved_image_path(name);
+        let text = match fs::read_to_string(&record) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                warn!(path = %record.display(), %error, "unreadable saved-image record ignored");
+                return None;
+            }
+        };
+        if !image.is_file() {
+            warn!(path = %image.display(), "saved-image record without its image ignored");
+            return None;
+        }
+        match DomainSpec::from_yaml(&text) {
+            Ok(spec) if spec.name == name => Some(Saved { image, spec }),
+            Ok(_) => {
+                warn!(path = %record.display(), "saved-image record of another domain ignored");
+                None
+            }
+            Err(error) => {
+                warn!(path = %record.display(), %error, "invalid saved-image record ignored");
+                None
+            }
+        }
+    }
+
+    /// Remove domain `name`'s saved image and its record (record first).
+    pub fn remove_saved(&self, name: &str) -> Result<(), StoreError> {
+        remove_if_exists(&self.saved_record_path(name))?;
+        remove_if_exists(&self.saved_image_path(name))
+    }
+
     fn domains_dir(&self) -> PathBuf {
         self.state_dir.join("domains")
     }
@@ -386,8 +509,9 @@ impl Store {
         write_atomic(&self.spec_path(&spec.name), text.as_bytes())
     }
 
-    /// Remove a definition and the domain's run dir.
+    /// Remove a definition, its saved image and the domain's run dir.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.remove_saved(name)?;
         remove_if_exists(&self.spec_path(name))?;
         File::open(self.domains_dir())
             .and_then(|d| d.sync_all())
@@ -486,11 +610,13 @@ impl Store {
                 .or_else(|| meta.as_ref().and_then(|m| m.created().ok()))
                 .unwrap_or(update_time);
             let status = self.load_status(stem);
+            let saved = self.load_saved(stem);
             loaded.push(Loaded {
                 spec,
                 status,
                 create_time,
                 update_time,
+                saved,
             });
         }
         loaded.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));

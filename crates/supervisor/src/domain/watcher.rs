@@ -12,7 +12,8 @@
 //! growing delay until it succeeds or QEMU ends; once back, `query-status`
 //! refreshes the state.
 //!
-//! When QEMU is gone the domain goes SHUTOFF with reason DESTROYED (a
+//! When QEMU is gone the domain goes SHUTOFF with reason SAVED (a save
+//! had QEMU write its state and quit), DESTROYED (a
 //! destroy was under way), SHUTDOWN (QEMU reported SHUTDOWN first: guest
 //! power-off or a host-side quit), or CRASHED (anything else, e.g. kill -9).
 
@@ -284,7 +285,9 @@ impl Manager {
         let paused = DomainState::Paused as i32;
         match event.name.as_str() {
             "STOP" if state == running => {
-                let reason = if flags.shutdown_requested.load(Ordering::SeqCst) {
+                let reason = if flags.saving.load(Ordering::SeqCst) {
+                    DomainStateReason::PausedSave
+                } else if flags.shutdown_requested.load(Ordering::SeqCst) {
                     DomainStateReason::PausedShuttingDown
                 } else {
                     DomainStateReason::PausedUnknown
@@ -317,9 +320,10 @@ impl Manager {
             }
             "SHUTDOWN" => {
                 flags.shutdown_seen.store(true, Ordering::SeqCst);
-                if flags.destroying.load(Ordering::SeqCst) {
-                    // Our own SIGTERM (reason host-signal): the exit that
-                    // follows is reported as DESTROYED, nothing else.
+                if flags.destroying.load(Ordering::SeqCst) || flags.saving.load(Ordering::SeqCst) {
+                    // Our own SIGTERM (reason host-signal) or a save's
+                    // `quit`: the exit that follows is reported as
+                    // DESTROYED or SAVED, nothing else.
                     return;
                 }
                 // Who initiated it; unknown when QEMU does not say.
@@ -368,7 +372,9 @@ impl Manager {
     }
 
     async fn on_exit(&self, entry: &Entry, flags: &RunFlags) {
-        let reason = if flags.destroying.load(Ordering::SeqCst) {
+        let reason = if flags.saving.load(Ordering::SeqCst) {
+            DomainStateReason::ShutoffSaved
+        } else if flags.destroying.load(Ordering::SeqCst) {
             DomainStateReason::ShutoffDestroyed
         } else if flags.shutdown_seen.load(Ordering::SeqCst) {
             DomainStateReason::ShutoffShutdown
@@ -398,6 +404,7 @@ impl Manager {
         let detail = match reason {
             DomainStateReason::ShutoffDestroyed => DomainEventStoppedDetail::Destroyed,
             DomainStateReason::ShutoffShutdown => DomainEventStoppedDetail::Shutdown,
+            DomainStateReason::ShutoffSaved => DomainEventStoppedDetail::Saved,
             _ => DomainEventStoppedDetail::Crashed,
         };
         {

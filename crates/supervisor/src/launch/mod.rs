@@ -561,6 +561,15 @@ impl Drop for KillIfCancelled {
     }
 }
 
+/// The end of QEMU's log at `path` (its last lines, at most
+/// [`log::LOG_TAIL_BYTES`]), for an error about a QEMU that already runs.
+pub async fn log_tail(path: &Path) -> String {
+    match log::tail(path, 0).await {
+        Ok(tail) => tail,
+        Err(error) => format!("(log unreadable: {error})"),
+    }
+}
+
 /// Build the startup error: wait a little for QEMU's own exit, kill it if
 /// it is still running, and quote its log.
 async fn startup_failure(

@@ -36,6 +36,7 @@ mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -161,6 +162,10 @@ pub struct QmpConnection {
     pub greeted_at: Instant,
 }
 
+/// A request line for the writer task: its id, its bytes, and a file
+/// descriptor to pass with it (SCM_RIGHTS), for `getfd`.
+type Outgoing = (u64, Vec<u8>, Option<OwnedFd>);
+
 /// What a waiting command gets: QEMU's reply object, or why there is none.
 type Waiter = oneshot::Sender<Result<Map<String, Value>, QmpError>>;
 
@@ -216,7 +221,7 @@ impl Drop for PendingGuard<'_> {
 /// closes the connection.
 pub struct QmpClient {
     shared: Arc<Shared>,
-    writer: mpsc::Sender<(u64, Vec<u8>)>,
+    writer: mpsc::Sender<Outgoing>,
     closed_rx: watch::Receiver<bool>,
     tasks: [AbortHandle; 2],
 }
@@ -386,8 +391,20 @@ impl QmpClient {
     ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let line = wire::request_line(command, arguments, id);
-        let body = self.round_trip(id, line).await?;
+        let body = self.round_trip(id, line, None).await?;
         wire::into_result(command, body)
+    }
+
+    /// Pass `fd` to QEMU under `name` (QMP `getfd`, the descriptor sent
+    /// with the command's bytes as SCM_RIGHTS, as libvirt does), for a
+    /// later command that names it (e.g. `migrate` to `fd:NAME`). QEMU
+    /// keeps its own copy; ours is closed once sent.
+    pub async fn send_fd(&self, name: &str, fd: OwnedFd) -> Result<(), QmpError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let arguments = serde_json::json!({ "fdname": name });
+        let line = wire::request_line("getfd", Some(arguments), id);
+        let body = self.round_trip(id, line, Some(fd)).await?;
+        wire::into_result("getfd", body).map(drop)
     }
 
     /// Run a caller's checked command (`qvirt_common::qapi`, as `virsh
@@ -402,12 +419,17 @@ impl QmpClient {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         debug!(command = %command.name, id, "raw QMP command");
         let body = self
-            .round_trip(id, wire::raw_line(command.request, id))
+            .round_trip(id, wire::raw_line(command.request, id), None)
             .await?;
         Ok(wire::raw_reply(body))
     }
 
-    async fn round_trip(&self, id: u64, line: Vec<u8>) -> Result<Map<String, Value>, QmpError> {
+    async fn round_trip(
+        &self,
+        id: u64,
+        line: Vec<u8>,
+        fd: Option<OwnedFd>,
+    ) -> Result<Map<String, Value>, QmpError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.shared.pending();
@@ -421,7 +443,7 @@ impl QmpClient {
             id,
         };
         self.writer
-            .send((id, line))
+            .send((id, line, fd))
             .await
             .map_err(|_| QmpError::MonitorClosed)?;
         rx.await.map_err(|_| QmpError::MonitorClosed)?
@@ -559,12 +581,12 @@ fn fail_oldest_too_large(shared: &Shared, bytes: u64) {
 /// fails. Ending drops the write half, so the socket closes with the reader.
 async fn write_loop(
     mut writer: OwnedWriteHalf,
-    mut lines: mpsc::Receiver<(u64, Vec<u8>)>,
+    mut lines: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
     mut closed: watch::Receiver<bool>,
 ) {
     loop {
-        let (id, line) = tokio::select! {
+        let (id, line, fd) = tokio::select! {
             next = lines.recv() => match next {
                 Some(next) => next,
                 None => return,
@@ -572,10 +594,50 @@ async fn write_loop(
             _ = closed.wait_for(|closed| *closed) => return,
         };
         shared.pending().on_wire.push_back(id);
-        if let Err(error) = writer.write_all(&line).await {
+        let written = match fd {
+            Some(fd) => write_with_fd(&writer, &line, fd).await,
+            None => Ok(0),
+        };
+        let written = match written {
+            Ok(n) => writer.write_all(&line[n..]).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = written {
             debug!(%error, "QMP monitor write failed");
             shared.close();
             return;
+        }
+    }
+}
+
+/// Send the first bytes of `line` with `fd` attached (SCM_RIGHTS) in one
+/// `sendmsg`; returns how many bytes went (the caller writes the rest).
+async fn write_with_fd(writer: &OwnedWriteHalf, line: &[u8], fd: OwnedFd) -> io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+    let stream: &UnixStream = writer.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd.as_fd()];
+            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(io::Error::other("no room for the descriptor"));
+            }
+            sendmsg(
+                stream,
+                &[io::IoSlice::new(line)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
         }
     }
 }
