@@ -10,6 +10,8 @@
 //!   the test is failing, prints its logs.
 //! - [`run`] runs any command with a timeout; [`grpcurl`] runs the real
 //!   grpcurl.
+//! - [`scratch_guest`] runs a guest agent over a scratch `/etc`, `/home`
+//!   and CPU and memory sysfs in a private mount namespace.
 //! - The services of the internal plane (bus, hook executor, supervisor)
 //!   get `--internal-token-file` with one random secret per test process
 //!   ([`internal_token`]), so they trust each other as deployed;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 
 pub mod measure;
 pub mod reference;
+pub mod scratch_guest;
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
