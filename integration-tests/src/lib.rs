@@ -10,6 +10,11 @@
 //!   the test is failing, prints its logs.
 //! - [`run`] runs any command with a timeout; [`grpcurl`] runs the real
 //!   grpcurl.
+//! - [`guest`] builds the test guest (kernel, initramfs, an agent inside)
+//!   and boots it; [`stack`] runs the whole stack behind a gateway with
+//!   read-write and read-only tokens.
+//! - [`scratch_guest`] runs a guest agent over a scratch `/etc`, `/home`
+//!   and CPU and memory sysfs in a private mount namespace.
 //! - The services of the internal plane (bus, hook executor, supervisor)
 //!   get `--internal-token-file` with one random secret per test process
 //!   ([`internal_token`]), so they trust each other as deployed;
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 pub mod guest;
 pub mod measure;
 pub mod reference;
+pub mod scratch_guest;
 pub mod stack;
 
 use tonic_health::pb::HealthCheckRequest;

@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use qvirt_integration_tests::scratch_guest::ScratchGuest;
 use qvirt_integration_tests::{ChildGuard, Service, grpcurl, run, text, tool_path};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::{
-    CommandRequest, ExecRequest, FileWriteMode, FsFreezeState, GetAgentInfoRequest,
-    GetExecStatusRequest, GetFreezeStatusRequest, GetFsInfoRequest, GetHostNameRequest,
-    GetOsInfoRequest, GetTimeRequest, GetTimezoneRequest, GuestShutdownMode,
-    ListNetworkInterfacesRequest, ListUsersRequest, PingRequest, ReadFileRequest, ShutdownRequest,
-    ThawFilesystemsRequest, WriteFileRequest, guest_exec_status,
+    AddAuthorizedKeysRequest, CommandRequest, ExecRequest, FileWriteMode, FsFreezeState,
+    GetAgentInfoRequest, GetAuthorizedKeysRequest, GetExecStatusRequest, GetFreezeStatusRequest,
+    GetFsInfoRequest, GetGuestVcpusRequest, GetHostNameRequest, GetOsInfoRequest, GetTimeRequest,
+    GetTimezoneRequest, GuestShutdownMode, GuestVcpuState, ListNetworkInterfacesRequest,
+    ListUsersRequest, PingRequest, ReadFileRequest, RemoveAuthorizedKeysRequest,
+    SetGuestVcpusRequest, SetUserPasswordRequest, ShutdownRequest, ThawFilesystemsRequest,
+    WriteFileRequest, guest_exec_status,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -895,5 +898,226 @@ async fn test_error_reasons_through_grpcurl_with_a_real_supervisor() {
         );
         assert_eq!(metadata["domain"], domain, "{body}");
         assert_eq!(fields, field.into_iter().collect::<Vec<_>>(), "{body}");
+    }
+}
+
+/// The guest administration RPCs (virsh guestvcpus, set-user-password,
+/// get-user-sshkeys, set-user-sshkeys) against each agent running over
+/// its own scratch guest (fake CPU sysfs, a copy of `/etc` with a user
+/// `alice`, the real chpasswd): the same answers from both agents, and
+/// the scratch guest changed as asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_guest_admin_rpcs() {
+    for kind in agents() {
+        let guest = ScratchGuest::new();
+        let wrapped = AgentKind {
+            name: kind.name,
+            program: guest.wrapper_script(&kind.program),
+        };
+        let mut s = setup(&wrapped, &[], |_| {}).await;
+        let c = &mut s.client;
+        let who = kind.name;
+
+        let vcpus = call(who, c.get_guest_vcpus(vm!(GetGuestVcpusRequest)))
+            .await
+            .unwrap()
+            .vcpus;
+        let mut seen: Vec<_> = vcpus
+            .iter()
+            .map(|v| (v.logical_id, v.online, v.can_offline))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [(0, true, false), (1, true, true), (2, false, true)],
+            "{who}: {vcpus:?}"
+        );
+        let set = |changes: &[(i64, bool)]| SetGuestVcpusRequest {
+            domain: "vm".into(),
+            vcpus: changes
+                .iter()
+                .map(|&(logical_id, online)| GuestVcpuState { logical_id, online })
+                .collect(),
+            ..Default::default()
+        };
+        // Applied in order up to the first failure (cpu0 cannot go
+        // offline): two processed, cpu1 left offline.
+        let r = call(
+            who,
+            c.set_guest_vcpus(set(&[(1, false), (2, true), (0, false), (1, true)])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.processed, 2, "{who}");
+        assert_eq!(
+            std::fs::read_to_string(guest.path("cpu/cpu1/online")).unwrap(),
+            "0\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(guest.path("cpu/cpu2/online")).unwrap(),
+            "1\n"
+        );
+        let msg = expect_code(
+            call(who, c.set_guest_vcpus(set(&[(0, false)]))).await,
+            Code::FailedPrecondition,
+            "AGENT_ERROR",
+            who,
+        );
+        assert!(
+            msg.contains("logical processor #0 can't be offlined"),
+            "{who}: {msg}"
+        );
+        expect_code(
+            call(who, c.set_guest_vcpus(set(&[]))).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            who,
+        );
+        expect_code(
+            call(who, c.set_guest_vcpus(set(&[(-1, true)]))).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            who,
+        );
+
+        let keys = |user: &str, keys: &[&str], reset: bool| AddAuthorizedKeysRequest {
+            domain: "vm".into(),
+            user: user.into(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            reset,
+            ..Default::default()
+        };
+        let get = |user: &str| GetAuthorizedKeysRequest {
+            domain: "vm".into(),
+            user: user.into(),
+            ..Default::default()
+        };
+        let key1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOne one@host";
+        let key2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITwo two@host";
+        let msg = expect_code(
+            call(who, c.get_authorized_keys(get("alice"))).await,
+            Code::FailedPrecondition,
+            "AGENT_ERROR",
+            who,
+        );
+        assert!(msg.contains("No such file or directory"), "{who}: {msg}");
+        call(
+            who,
+            c.add_authorized_keys(keys("alice", &[key1, key2, key1], false)),
+        )
+        .await
+        .unwrap();
+        let got = call(who, c.get_authorized_keys(get("alice")))
+            .await
+            .unwrap();
+        // qemu-ga 7.2 lists the file's keys last line first.
+        assert_eq!(got.keys, [key2, key1], "{who}");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let ssh = std::fs::metadata(guest.path("home/alice/.ssh")).unwrap();
+            assert_eq!(
+                (ssh.mode() & 0o777, ssh.uid(), ssh.gid()),
+                (0o700, 4242, 4243),
+                "{who}"
+            );
+            let f = std::fs::metadata(guest.path("home/alice/.ssh/authorized_keys")).unwrap();
+            assert_eq!(
+                (f.mode() & 0o777, f.uid(), f.gid()),
+                (0o600, 4242, 4243),
+                "{who}"
+            );
+        }
+        call(who, c.add_authorized_keys(keys("alice", &[key2], true)))
+            .await
+            .unwrap();
+        let got = call(who, c.get_authorized_keys(get("alice")))
+            .await
+            .unwrap();
+        assert_eq!(got.keys, [key2], "{who}");
+        call(
+            who,
+            c.remove_authorized_keys(RemoveAuthorizedKeysRequest {
+                domain: "vm".into(),
+                user: "alice".into(),
+                keys: vec![key2.into()],
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        let got = call(who, c.get_authorized_keys(get("alice")))
+            .await
+            .unwrap();
+        assert!(got.keys.is_empty(), "{who}: {got:?}");
+        let msg = expect_code(
+            call(who, c.get_authorized_keys(get("nosuchuser"))).await,
+            Code::NotFound,
+            "GUEST_USER_NOT_FOUND",
+            who,
+        );
+        assert!(
+            msg.contains("failed to lookup user 'nosuchuser'"),
+            "{who}: {msg}"
+        );
+        expect_code(
+            call(
+                who,
+                c.add_authorized_keys(keys("alice", &["# a comment"], false)),
+            )
+            .await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            who,
+        );
+        expect_code(
+            call(who, c.add_authorized_keys(keys("", &[key1], false))).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+            who,
+        );
+
+        let password = |user: &str, password: &str, crypted: bool| SetUserPasswordRequest {
+            domain: "vm".into(),
+            user: user.into(),
+            password: password.into(),
+            crypted,
+            ..Default::default()
+        };
+        call(
+            who,
+            c.set_user_password(password("alice", "$6$salt$hash", true)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(guest.shadow_hash("alice"), "$6$salt$hash", "{who}");
+        call(
+            who,
+            c.set_user_password(password("alice", "correct horse", false)),
+        )
+        .await
+        .unwrap();
+        let hash = guest.shadow_hash("alice");
+        assert!(
+            hash.starts_with('$') && hash != "$6$salt$hash",
+            "{who}: {hash}"
+        );
+        let msg = expect_code(
+            call(who, c.set_user_password(password("nosuchuser", "x", false))).await,
+            Code::FailedPrecondition,
+            "AGENT_ERROR",
+            who,
+        );
+        assert!(msg.contains("failed to set user password"), "{who}: {msg}");
+        for bad in [
+            password("a:b", "x", false),
+            password("alice", "a\nb", false),
+        ] {
+            expect_code(
+                call(who, c.set_user_password(bad)).await,
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+                who,
+            );
+        }
     }
 }

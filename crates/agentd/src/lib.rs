@@ -11,6 +11,7 @@
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 
+mod admin;
 pub mod call;
 pub mod channel;
 pub mod config;

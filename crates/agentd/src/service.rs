@@ -2,7 +2,9 @@
 //! ([`crate::locate`], [`crate::channel`]), sends qemu-ga commands with the
 //! request's timeout (or the configured default) and maps the replies
 //! ([`crate::convert`]) and errors ([`crate::status`]). The multi-command
-//! calls (Exec with wait, ReadFile, WriteFile) live in [`crate::ops`].
+//! calls (Exec with wait, ReadFile, WriteFile) live in [`crate::ops`], the
+//! guest administration calls (CPUs, password, SSH keys) in
+//! [`crate::admin`].
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::admin;
 use crate::call::{Limits, Target, no_nul, request_timeout};
 use crate::channel::{Channels, Outcome};
 use crate::convert;
@@ -396,6 +399,93 @@ impl GuestAgent for GuestAgentService {
             .raw_command(&req)
             .await
             .map(|reply_json| pb::CommandResponse { reply_json });
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn get_guest_vcpus(
+        &self,
+        req: Request<pb::GetGuestVcpusRequest>,
+    ) -> Result<Response<pb::GetGuestVcpusResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            admin::get_vcpus(&t).await
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn set_guest_vcpus(
+        &self,
+        req: Request<pb::SetGuestVcpusRequest>,
+    ) -> Result<Response<pb::SetGuestVcpusResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            admin::check_vcpus(&req)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            admin::set_vcpus(&t, &req).await
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn set_user_password(
+        &self,
+        req: Request<pb::SetUserPasswordRequest>,
+    ) -> Result<Response<pb::SetUserPasswordResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            admin::check_password(&req)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            admin::set_password(&t, &req).await?;
+            Ok(pb::SetUserPasswordResponse {})
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn get_authorized_keys(
+        &self,
+        req: Request<pb::GetAuthorizedKeysRequest>,
+    ) -> Result<Response<pb::GetAuthorizedKeysResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            admin::check_keys_user(&req.user)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            let keys = admin::get_keys(&t, &req.user).await?;
+            Ok(pb::GetAuthorizedKeysResponse { keys })
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn add_authorized_keys(
+        &self,
+        req: Request<pb::AddAuthorizedKeysRequest>,
+    ) -> Result<Response<pb::AddAuthorizedKeysResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            admin::check_keys(&req.user, &req.keys)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            admin::add_keys(&t, &req).await?;
+            Ok(pb::AddAuthorizedKeysResponse {})
+        }
+        .await;
+        status::reply(&req.domain, &req.host, r)
+    }
+
+    async fn remove_authorized_keys(
+        &self,
+        req: Request<pb::RemoveAuthorizedKeysRequest>,
+    ) -> Result<Response<pb::RemoveAuthorizedKeysResponse>, Status> {
+        let req = req.into_inner();
+        let r = async {
+            admin::check_keys(&req.user, &req.keys)?;
+            let t = self.target(&req.domain, &req.host, req.timeout).await?;
+            admin::remove_keys(&t, &req).await?;
+            Ok(pb::RemoveAuthorizedKeysResponse {})
+        }
+        .await;
         status::reply(&req.domain, &req.host, r)
     }
 }

@@ -26,6 +26,7 @@
 //! | `GenericError` argument errors ("Parameter ...", "Invalid parameter ...", "... is invalid for argument ...", "invalid file open mode", "invalid whence code", "Base64 data ...", "QMP input ...", "JSON parse error ...") | INVALID_ARGUMENT | `AGENT_INVALID_ARGUMENT` (BadRequest: `arguments.NAME`, the agent's argument) |
 //! | `GenericError` "this feature or command is not currently supported" | UNIMPLEMENTED | `AGENT_COMMAND_NOT_SUPPORTED` |
 //! | `GenericError` "failed to open file ...: No such file or directory" | NOT_FOUND | `GUEST_FILE_NOT_FOUND` |
+//! | `GenericError` "failed to lookup user 'X': ..." (SSH key calls) | NOT_FOUND | `GUEST_USER_NOT_FOUND` |
 //! | any other `GenericError` (the command ran in the guest and failed: spawn, I/O, fsfreeze, shutdown, unknown handle) | FAILED_PRECONDITION | `AGENT_ERROR` |
 //! | any other error class | UNKNOWN | `AGENT_ERROR` |
 //! | the agent wrote fewer bytes than sent | FAILED_PRECONDITION | `AGENT_SHORT_WRITE` |
@@ -246,6 +247,9 @@ pub fn agent_code_and_reason(e: &AgentError) -> (Code, &'static str) {
                 && desc.ends_with("No such file or directory") =>
         {
             (Code::NotFound, "GUEST_FILE_NOT_FOUND")
+        }
+        "GenericError" if desc.starts_with("failed to lookup user '") => {
+            (Code::NotFound, "GUEST_USER_NOT_FOUND")
         }
         "GenericError" => (Code::FailedPrecondition, "AGENT_ERROR"),
         _ => (Code::Unknown, "AGENT_ERROR"),

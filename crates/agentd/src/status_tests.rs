@@ -270,6 +270,15 @@ fn table() -> Vec<(CallError, Code, &'static str, Option<&'static str>)> {
         (
             agent_err(
                 "GenericError",
+                "failed to lookup user 'nosuchuser': Success",
+            ),
+            NotFound,
+            "GUEST_USER_NOT_FOUND",
+            None,
+        ),
+        (
+            agent_err(
+                "GenericError",
                 "failed to open file '/root/x' (mode: 'r'): Permission denied",
             ),
             FailedPrecondition,

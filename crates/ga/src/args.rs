@@ -12,6 +12,9 @@ use crate::ghash::StrSet;
 pub struct Args {
     dict: Dict,
     unvisited: StrSet,
+    /// How members are named in errors: `""` at the top level,
+    /// `"vcpus[0]."` inside a list item.
+    prefix: String,
 }
 
 fn type_error(name: &str, expected: &str) -> QgaError {
@@ -27,11 +30,24 @@ fn missing(name: &str) -> QgaError {
 impl Args {
     /// Starts visiting `dict`.
     pub fn new(dict: Dict) -> Self {
+        Self::nested(dict, String::new())
+    }
+
+    fn nested(dict: Dict, prefix: String) -> Self {
         let mut unvisited = StrSet::new();
         for (k, _) in dict.iter() {
             unvisited.insert(&to_mod_utf8(k));
         }
-        Args { dict, unvisited }
+        Args {
+            dict,
+            unvisited,
+            prefix,
+        }
+    }
+
+    /// The name of member `name` in errors (QAPI's full name).
+    fn full(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     /// Visits (consumes) member `name`.
@@ -47,13 +63,29 @@ impl Args {
 
     /// A required `int` member.
     pub fn int(&mut self, name: &str) -> Result<i64, QgaError> {
-        let v = self.take(name).ok_or_else(|| missing(name))?;
-        Self::int_of(name, &v)
+        let full = self.full(name);
+        let v = self.take(name).ok_or_else(|| missing(&full))?;
+        Self::int_of(&full, &v)
+    }
+
+    /// A required `uint64` member: a negative int64 is taken modulo 2^64,
+    /// as QEMU's input visitor does.
+    pub fn uint(&mut self, name: &str) -> Result<u64, QgaError> {
+        let full = self.full(name);
+        match self.take(name) {
+            None => Err(missing(&full)),
+            Some(Value::Int(i)) => Ok(i as u64),
+            Some(Value::UInt(u)) => Ok(u),
+            Some(_) => Err(QgaError::generic(format!(
+                "Parameter '{full}' expects uint64"
+            ))),
+        }
     }
 
     /// An optional `int` member.
     pub fn opt_int(&mut self, name: &str) -> Result<Option<i64>, QgaError> {
-        self.take(name).map(|v| Self::int_of(name, &v)).transpose()
+        let full = self.full(name);
+        self.take(name).map(|v| Self::int_of(&full, &v)).transpose()
     }
 
     fn str_of(name: &str, v: Value) -> Result<String, QgaError> {
@@ -65,13 +97,15 @@ impl Args {
 
     /// A required `str` member.
     pub fn str(&mut self, name: &str) -> Result<String, QgaError> {
-        let v = self.take(name).ok_or_else(|| missing(name))?;
-        Self::str_of(name, v)
+        let full = self.full(name);
+        let v = self.take(name).ok_or_else(|| missing(&full))?;
+        Self::str_of(&full, v)
     }
 
     /// An optional `str` member.
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QgaError> {
-        self.take(name).map(|v| Self::str_of(name, v)).transpose()
+        let full = self.full(name);
+        self.take(name).map(|v| Self::str_of(&full, v)).transpose()
     }
 
     /// An optional `bool` member.
@@ -79,30 +113,58 @@ impl Args {
         match self.take(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(_) => Err(type_error(name, "boolean")),
+            Some(_) => Err(type_error(&self.full(name), "boolean")),
         }
     }
 
     /// A required `bool` member.
     pub fn bool(&mut self, name: &str) -> Result<bool, QgaError> {
         match self.take(name) {
-            None => Err(missing(name)),
+            None => Err(missing(&self.full(name))),
             Some(Value::Bool(b)) => Ok(b),
-            Some(_) => Err(type_error(name, "boolean")),
+            Some(_) => Err(type_error(&self.full(name), "boolean")),
         }
+    }
+
+    /// A required list of structs: each item must be an object, visited
+    /// by `item` (members named `name[i].member` in errors) and checked
+    /// for unexpected members before the next, as QAPI's generated list
+    /// visitors do.
+    pub fn struct_list<T>(
+        &mut self,
+        name: &str,
+        mut item: impl FnMut(&mut Args) -> Result<T, QgaError>,
+    ) -> Result<Vec<T>, QgaError> {
+        let full = self.full(name);
+        let v = self.take(name).ok_or_else(|| missing(&full))?;
+        let Value::Array(items) = v else {
+            return Err(type_error(&full, "array"));
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, v) in items.into_iter().enumerate() {
+            let Value::Object(dict) = v else {
+                return Err(type_error(&format!("{full}[{i}]"), "object"));
+            };
+            let mut args = Args::nested(dict, format!("{full}[{i}]."));
+            out.push(item(&mut args)?);
+            args.done()?;
+        }
+        Ok(out)
     }
 
     /// An optional `['str']` member; items are named `name[i]`.
     pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QgaError> {
+        let full = self.full(name);
         self.take(name)
-            .map(|v| Self::str_list_of(name, v))
+            .map(|v| Self::str_list_of(&full, v))
             .transpose()
     }
 
     /// A required `['str']` member.
     pub fn str_list(&mut self, name: &str) -> Result<Vec<String>, QgaError> {
-        let v = self.take(name).ok_or_else(|| missing(name))?;
-        Self::str_list_of(name, v)
+        let full = self.full(name);
+        let v = self.take(name).ok_or_else(|| missing(&full))?;
+        Self::str_list_of(&full, v)
     }
 
     fn str_list_of(name: &str, v: Value) -> Result<Vec<String>, QgaError> {
@@ -119,7 +181,8 @@ impl Args {
     /// A required member of any type (for commands whose argument types
     /// are not modelled here).
     pub fn any(&mut self, name: &str) -> Result<Value, QgaError> {
-        self.take(name).ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.take(name).ok_or_else(|| missing(&full))
     }
 
     /// An optional member of any type.
@@ -132,7 +195,8 @@ impl Args {
         match self.unvisited.first() {
             None => Ok(()),
             Some(key) => Err(QgaError::generic(format!(
-                "Parameter '{}' is unexpected",
+                "Parameter '{}{}' is unexpected",
+                self.prefix,
                 qvirt_qga::unicode::lossy(key)
             ))),
         }

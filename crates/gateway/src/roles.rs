@@ -104,6 +104,12 @@ pub const ROLES: &[(&str, &str, Role)] = &[
     ("qvirt.v1.GuestAgent", "WriteFile", RW),
     ("qvirt.v1.GuestAgent", "Shutdown", RW),
     ("qvirt.v1.GuestAgent", "Command", RW),
+    ("qvirt.v1.GuestAgent", "GetGuestVcpus", RO),
+    ("qvirt.v1.GuestAgent", "SetGuestVcpus", RW),
+    ("qvirt.v1.GuestAgent", "SetUserPassword", RW),
+    ("qvirt.v1.GuestAgent", "GetAuthorizedKeys", RO),
+    ("qvirt.v1.GuestAgent", "AddAuthorizedKeys", RW),
+    ("qvirt.v1.GuestAgent", "RemoveAuthorizedKeys", RW),
 ];
 
 /// The role `/SERVICE/METHOD` needs, if it is a public method.

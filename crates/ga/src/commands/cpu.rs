@@ -1,9 +1,12 @@
 //! guest-get-vcpus (`/sys/devices/system/cpu/cpuN` in directory order, as
 //! qemu-ga lists them; no `online` file: online, cannot go offline),
-//! guest-get-cpustats, guest-get-memory-blocks and
-//! guest-get-memory-block-info.
+//! guest-set-vcpus (writes `cpuN/online`, stops at the first failure),
+//! guest-get-cpustats, guest-get-memory-blocks, guest-set-memory-blocks
+//! and guest-get-memory-block-info. The sysfs directories are parameters
+//! of the `*_in` functions, so tests run them on a scratch tree.
 
 use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use qvirt_qga::{Dict, QgaError, Value};
 
@@ -57,6 +60,88 @@ pub fn get_vcpus(_agent: &mut Agent, args: &mut Args) -> CmdResult {
         list.push(Value::Object(d));
     }
     Ok(Some(Value::Array(list)))
+}
+
+/// One item of guest-set-vcpus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuRequest {
+    /// `logical-id`.
+    pub logical_id: i64,
+    /// `online`: the state wanted.
+    pub online: bool,
+}
+
+/// guest-set-vcpus `{vcpus: [{logical-id, online, can-offline?}]}`.
+pub fn set_vcpus(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let vcpus = args.struct_list("vcpus", |item| {
+        let logical_id = item.int("logical-id")?;
+        let online = item.bool("online")?;
+        item.opt_bool("can-offline")?;
+        Ok(VcpuRequest { logical_id, online })
+    })?;
+    args.done()?;
+    Ok(Some(Value::Int(set_vcpus_in(CPU_DIR, &vcpus)?)))
+}
+
+/// Applies `vcpus` in order under `cpu_dir` as qemu-ga's transfer_vcpu
+/// does: stops at the first failure and returns how many were
+/// processed; the failure is the answer only if none was.
+pub fn set_vcpus_in(cpu_dir: &str, vcpus: &[VcpuRequest]) -> Result<i64, QgaError> {
+    let mut processed = 0;
+    for vcpu in vcpus {
+        if let Err(e) = transfer_vcpu(cpu_dir, vcpu) {
+            if processed == 0 {
+                return Err(e);
+            }
+            break;
+        }
+        processed += 1;
+    }
+    Ok(processed)
+}
+
+/// Brings one CPU to the state asked for (nothing to do if it is in it).
+fn transfer_vcpu(cpu_dir: &str, vcpu: &VcpuRequest) -> Result<(), QgaError> {
+    let dirpath = format!("{cpu_dir}/cpu{}/", vcpu.logical_id);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(&dirpath)
+        .map_err(|e| with_errno(&format!("open(\"{dirpath}\")"), &e))?;
+    let fpath = format!("{dirpath}/online");
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fpath)
+    {
+        Ok(f) => f,
+        // No `online` file: the CPU cannot go offline; asking it to be
+        // online is a success.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if vcpu.online {
+                return Ok(());
+            }
+            return Err(QgaError::generic(format!(
+                "logical processor #{} can't be offlined",
+                vcpu.logical_id
+            )));
+        }
+        Err(e) => return Err(with_errno(&format!("open(\"{fpath}\")"), &e)),
+    };
+    let mut status = [0u8; 1];
+    match file.read_at(&mut status, 0) {
+        Err(e) => Err(with_errno(&format!("pread(\"{fpath}\")"), &e)),
+        Ok(0) => Err(QgaError::generic(format!(
+            "pread(\"{fpath}\"): unexpected EOF"
+        ))),
+        Ok(_) if (status[0] != b'0') == vcpu.online => Ok(()),
+        Ok(_) => {
+            let new = if vcpu.online { b"1" } else { b"0" };
+            file.write_at(new, 0)
+                .map(|_| ())
+                .map_err(|e| with_errno(&format!("pwrite(\"{fpath}\")"), &e))
+        }
+    }
 }
 
 fn clk_tck() -> u64 {
@@ -176,6 +261,130 @@ pub fn get_memory_blocks(_agent: &mut Agent, args: &mut Args) -> CmdResult {
     Ok(Some(Value::Array(list)))
 }
 
+const MEMORY_DIR: &str = "/sys/devices/system/memory/";
+
+/// One item of guest-set-memory-blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBlockRequest {
+    /// `phys-index`.
+    pub phys_index: u64,
+    /// `online`: the state wanted.
+    pub online: bool,
+}
+
+/// guest-set-memory-blocks `{mem-blks: [{phys-index, online, can-offline?}]}`.
+pub fn set_memory_blocks(_agent: &mut Agent, args: &mut Args) -> CmdResult {
+    let blocks = args.struct_list("mem-blks", |item| {
+        let phys_index = item.uint("phys-index")?;
+        let online = item.bool("online")?;
+        item.opt_bool("can-offline")?;
+        Ok(MemoryBlockRequest { phys_index, online })
+    })?;
+    args.done()?;
+    Ok(Some(Value::Array(set_memory_blocks_in(
+        MEMORY_DIR, &blocks,
+    ))))
+}
+
+/// The outcome of one block, as qemu-ga reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockResponse {
+    Success,
+    NotFound,
+    NotSupported,
+    Failed,
+}
+
+impl BlockResponse {
+    fn name(self) -> &'static str {
+        match self {
+            BlockResponse::Success => "success",
+            BlockResponse::NotFound => "not-found",
+            BlockResponse::NotSupported => "operation-not-supported",
+            BlockResponse::Failed => "operation-failed",
+        }
+    }
+}
+
+/// Applies every block under `mem_dir` (which ends in `/`) and answers one
+/// response per block, as qemu-ga's transfer_memory_block: the
+/// `error-code` is the errno of the step that failed.
+pub fn set_memory_blocks_in(mem_dir: &str, blocks: &[MemoryBlockRequest]) -> Vec<Value> {
+    blocks
+        .iter()
+        .map(|b| {
+            let (response, errno) = transfer_memory_block(mem_dir, b);
+            let mut d = Dict::new();
+            d.insert("phys-index", b.phys_index);
+            d.insert("response", response.name());
+            if let Some(code) = errno {
+                d.insert("error-code", i64::from(code));
+            }
+            Value::Object(d)
+        })
+        .collect()
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn transfer_memory_block(
+    mem_dir: &str,
+    block: &MemoryBlockRequest,
+) -> (BlockResponse, Option<i32>) {
+    use BlockResponse::*;
+    if let Err(e) = std::fs::read_dir(mem_dir) {
+        let r = if e.kind() == std::io::ErrorKind::NotFound {
+            NotSupported
+        } else {
+            Success
+        };
+        return (r, Some(errno_of(&e)));
+    }
+    let dirpath = format!("{mem_dir}memory{}/", block.phys_index);
+    let dir_ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(&dirpath);
+    if let Err(e) = dir_ok {
+        let r = if e.kind() == std::io::ErrorKind::NotFound {
+            NotFound
+        } else {
+            Failed
+        };
+        return (r, Some(errno_of(&e)));
+    }
+    let state_path = format!("{dirpath}state");
+    let mut status = [0u8; 10];
+    let read = std::fs::File::open(&state_path).and_then(|f| f.read_at(&mut status, 0));
+    match read {
+        // A kernel without `state`: the block cannot go offline.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let r = if block.online { Success } else { NotSupported };
+            (r, Some(errno_of(&e)))
+        }
+        Err(e) => (Failed, Some(errno_of(&e))),
+        // qemu-ga's "unexpected EOF", with errno still 0.
+        Ok(0) => (Failed, Some(0)),
+        Ok(_) => {
+            let online = status.starts_with(b"online");
+            if online == block.online {
+                return (Success, None);
+            }
+            let new: &[u8] = if block.online { b"online" } else { b"offline" };
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&state_path)
+                .and_then(|f| f.write_at(new, 0));
+            match written {
+                Ok(_) => (Success, None),
+                Err(e) => (Failed, Some(errno_of(&e))),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +395,98 @@ mod tests {
         assert_eq!(cpu_id("cpu12"), Some(12));
         assert_eq!(cpu_id("cpufreq"), None);
         assert_eq!(cpu_id("online"), None);
+    }
+
+    fn write(path: &std::path::Path, text: &str) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+
+    fn read(path: &std::path::Path) -> String {
+        std::fs::read_to_string(path).expect("read")
+    }
+
+    fn vcpu(logical_id: i64, online: bool) -> VcpuRequest {
+        VcpuRequest { logical_id, online }
+    }
+
+    #[test]
+    fn test_set_vcpus_stops_at_the_first_failure() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        std::fs::create_dir_all(r.join("cpu0")).expect("mkdir");
+        write(&r.join("cpu1/online"), "1\n");
+        write(&r.join("cpu2/online"), "0\n");
+        let dir = r.to_str().expect("utf-8");
+        // cpu1 off, cpu2 on, then cpu0 (no `online` file) cannot go off:
+        // two processed, the rest (cpu1 back on) not tried.
+        let n = set_vcpus_in(
+            dir,
+            &[vcpu(1, false), vcpu(2, true), vcpu(0, false), vcpu(1, true)],
+        )
+        .expect("set");
+        assert_eq!(n, 2);
+        assert_eq!(read(&r.join("cpu1/online")), "0\n");
+        assert_eq!(read(&r.join("cpu2/online")), "1\n");
+        // Re-onlining a CPU without `online`, or one already in the state
+        // asked for, is a success with nothing written.
+        assert_eq!(set_vcpus_in(dir, &[vcpu(0, true), vcpu(2, true)]), Ok(2));
+        assert_eq!(set_vcpus_in(dir, &[]), Ok(0));
+        // The first failing: its error is the answer.
+        let e = set_vcpus_in(dir, &[vcpu(0, false)]).expect_err("offline cpu0");
+        assert_eq!(e.desc, "logical processor #0 can't be offlined");
+        let e = set_vcpus_in(dir, &[vcpu(7, true)]).expect_err("cpu7");
+        assert_eq!(
+            e.desc,
+            format!("open(\"{dir}/cpu7/\"): No such file or directory")
+        );
+        write(&r.join("cpu3/online"), "");
+        let e = set_vcpus_in(dir, &[vcpu(3, true)]).expect_err("empty");
+        assert_eq!(
+            e.desc,
+            format!("pread(\"{dir}/cpu3//online\"): unexpected EOF")
+        );
+    }
+
+    #[test]
+    fn test_set_memory_blocks_answers_per_block() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        write(&r.join("memory0/state"), "online\n");
+        write(&r.join("memory1/state"), "offline\n");
+        std::fs::create_dir_all(r.join("memory2")).expect("mkdir");
+        let dir = format!("{}/", r.display());
+        let blk = |phys_index, online| MemoryBlockRequest { phys_index, online };
+        let got = set_memory_blocks_in(
+            &dir,
+            &[
+                blk(0, false),
+                blk(1, false),
+                blk(2, false),
+                blk(2, true),
+                blk(9, true),
+            ],
+        );
+        let mut text = Vec::new();
+        for v in &got {
+            qvirt_qga::writer::write_value(&mut text, v);
+            text.push(b'\n');
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "{\"response\": \"success\", \"phys-index\": 0}\n\
+             {\"response\": \"success\", \"phys-index\": 1}\n\
+             {\"response\": \"operation-not-supported\", \"error-code\": 2, \"phys-index\": 2}\n\
+             {\"response\": \"success\", \"error-code\": 2, \"phys-index\": 2}\n\
+             {\"response\": \"not-found\", \"error-code\": 2, \"phys-index\": 9}\n"
+        );
+        assert!(read(&r.join("memory0/state")).starts_with("offline"));
+        let missing = format!("{}/none/", r.display());
+        let got = set_memory_blocks_in(&missing, &[blk(0, true)]);
+        let d = got[0].as_object().expect("object");
+        assert_eq!(
+            d.get("response").and_then(Value::as_str),
+            Some("operation-not-supported")
+        );
     }
 }

@@ -10,6 +10,9 @@ pub mod exec;
 pub mod file;
 pub mod fsfreeze;
 pub mod network;
+pub mod password;
+pub mod ssh;
+pub mod suspend;
 pub mod sysinfo;
 pub mod unsupported;
 

@@ -63,11 +63,32 @@ pub fn start_named(
     env: &[(&str, &str)],
     prepare: impl Fn(&Path),
 ) -> Agent {
+    start_wrapped(which, &[], sock_name, extra, env, prepare)
+}
+
+/// As [`start_named`], the agent started by `wrapper` (a program and its
+/// arguments that ends by exec'ing the rest of its command line, so the
+/// child's pid is the agent's).
+pub fn start_wrapped(
+    which: Which,
+    wrapper: &[&std::ffi::OsStr],
+    sock_name: &std::ffi::OsStr,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    prepare: impl Fn(&Path),
+) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     prepare(dir.path());
     let sock = dir.path().join(sock_name);
     let bin = agent_bin(which);
-    let mut cmd = Command::new(bin);
+    let mut cmd = match wrapper.split_first() {
+        None => Command::new(bin),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+    };
     cmd.args(["-m", "unix-listen", "-p"])
         .arg(&sock)
         .arg("-t")
