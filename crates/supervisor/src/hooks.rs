@@ -83,7 +83,7 @@ impl ExecutorHooks {
             HookStdinFormat::Yaml => spec
                 .to_yaml()
                 .map_err(|error| format!("cannot encode the definition as YAML: {error}")),
-            HookStdinFormat::LibvirtXml => crate::hook_xml::domain_xml(spec)
+            HookStdinFormat::LibvirtXml => crate::hook_xml::to_xml(spec)
                 .map_err(|error| format!("cannot encode the definition as XML: {error}")),
         }
     }
