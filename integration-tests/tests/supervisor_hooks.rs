@@ -310,7 +310,11 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
     // As libvirt: no start, but the stop path's hooks run.
     assert_eq!(
         world.calls(),
-        ["vm prepare begin -", "vm stopped end -", "vm release end -"]
+        [
+            "vm prepare begin -",
+            "vm stopped end -",
+            "vm release end failed"
+        ]
     );
 
     // A refusing start hook: still no QEMU (the hook runs right before
@@ -333,7 +337,7 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
             "vm prepare begin -",
             "vm start begin -",
             "vm stopped end -",
-            "vm release end -"
+            "vm release end failed"
         ]
     );
 
@@ -375,7 +379,7 @@ async fn test_failing_started_hook_kills_the_spawned_qemu() {
             "vm start begin -",
             "vm started begin -",
             "vm stopped end -",
-            "vm release end -"
+            "vm release end failed"
         ]
     );
 }
@@ -416,7 +420,7 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
         world.calls_of("vm"),
         [
             "vm stopped end -",
-            "vm release end -",
+            "vm release end destroyed",
             "vm prepare begin -",
             "vm start begin -",
             "vm started begin -"
@@ -430,7 +434,7 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
     let d = sup.wait_state("vm", DomainState::Shutoff).await;
     assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
     world
-        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end crashed"])
         .await;
 }
 
@@ -449,7 +453,7 @@ async fn test_destroy_returns_after_its_stop_hooks() {
     // No waiting: the hooks' lines are there when the call returns.
     assert_eq!(
         world.calls_of("vm"),
-        ["vm stopped end -", "vm release end -"]
+        ["vm stopped end -", "vm release end destroyed"]
     );
 }
 
@@ -532,7 +536,7 @@ async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys(
             &[
                 "doomed reconnect begin -",
                 "doomed stopped end -",
-                "doomed release end -",
+                "doomed release end destroyed",
             ],
         )
         .await;
@@ -682,7 +686,7 @@ async fn test_chatty_hooks_do_not_refuse_the_start() {
     sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
     world
-        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end destroyed"])
         .await;
     assert!(
         !sup.svc.stderr().contains("hook executor unavailable"),
@@ -726,7 +730,11 @@ async fn test_hook_past_the_call_timeout_is_killed_before_the_stop_hooks() {
     world
         .wait_calls_of(
             "vm",
-            &["vm prepare begin -", "vm stopped end -", "vm release end -"],
+            &[
+                "vm prepare begin -",
+                "vm stopped end -",
+                "vm release end failed",
+            ],
         )
         .await;
     assert!(
@@ -784,7 +792,7 @@ async fn test_start_outliving_the_clients_deadline_completes_with_one_qemu() {
                 "vm start begin -",
                 "vm started begin -",
                 "vm stopped end -",
-                "vm release end -",
+                "vm release end destroyed",
             ],
         )
         .await;
@@ -869,7 +877,7 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
     );
     // As libvirt: the stop path's hooks, not the reconnect hook.
     world
-        .wait_calls_of("gone", &["gone stopped end -", "gone release end -"])
+        .wait_calls_of("gone", &["gone stopped end -", "gone release end crashed"])
         .await;
     // It starts again, its prepare hook after the release hook.
     let d = sup.start("gone").await.unwrap();
@@ -878,7 +886,7 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
         world.calls_of("gone")[..3],
         [
             "gone stopped end -",
-            "gone release end -",
+            "gone release end crashed",
             "gone prepare begin -"
         ]
     );

@@ -3,7 +3,8 @@
 //!
 //! Each domain hook is one RunHook call: driver `qemu`, object the domain
 //! name, op and sub-op as libvirt (`prepare begin`, `start begin`, `started
-//! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-`, and
+//! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-` (the
+//! shut-off reason for `release`, as libvirt 10.5 and later pass it), and
 //! on stdin the domain definition: as YAML (our definition format, the one
 //! `qvirtctl define` reads) by default, or, with `hook_stdin_format:
 //! libvirt-xml`, as libvirt-style domain XML generated from it
@@ -109,7 +110,7 @@ impl ExecutorHooks {
             object: spec.name.clone(),
             op: op.op().to_owned(),
             sub_op: op.sub_op().to_owned(),
-            extra: "-".to_owned(),
+            extra: op.extra().to_owned(),
             input: input.into_bytes(),
             timeout: None,
         };
@@ -188,7 +189,10 @@ impl Hooks for ExecutorHooks {
 
 #[cfg(test)]
 mod tests {
+    use qvirt_proto::v1::DomainStateReason;
+
     use super::*;
+    use crate::seams::release_reason;
 
     fn response(outcome: HookOutcome, error: &str) -> RunHookResponse {
         RunHookResponse {
@@ -215,6 +219,43 @@ mod tests {
         ));
     }
 
+    /// libvirt's `virDomainShutoffReason` names, as its release hook
+    /// passes them.
+    #[test]
+    fn test_release_reasons_are_libvirts() {
+        use DomainStateReason as R;
+        let words: Vec<&str> = [
+            R::ShutoffUnknown,
+            R::ShutoffShutdown,
+            R::ShutoffDestroyed,
+            R::ShutoffCrashed,
+            R::ShutoffMigrated,
+            R::ShutoffSaved,
+            R::ShutoffFailed,
+            R::ShutoffFromSnapshot,
+            R::ShutoffDaemon,
+            R::RunningBooted,
+        ]
+        .into_iter()
+        .map(release_reason)
+        .collect();
+        assert_eq!(
+            words,
+            [
+                "unknown",
+                "shutdown",
+                "destroyed",
+                "crashed",
+                "migrated",
+                "saved",
+                "failed",
+                "from snapshot",
+                "daemon",
+                "unknown"
+            ]
+        );
+    }
+
     #[test]
     fn test_hook_argv_words_are_libvirts() {
         let words: Vec<String> = [
@@ -222,21 +263,21 @@ mod tests {
             HookOp::Start,
             HookOp::Started,
             HookOp::Stopped,
-            HookOp::Release,
+            HookOp::Release(DomainStateReason::ShutoffDestroyed),
             HookOp::Reconnect,
         ]
         .iter()
-        .map(ToString::to_string)
+        .map(|op| format!("{op} {}", op.extra()))
         .collect();
         assert_eq!(
             words,
             [
-                "prepare begin",
-                "start begin",
-                "started begin",
-                "stopped end",
-                "release end",
-                "reconnect begin"
+                "prepare begin -",
+                "start begin -",
+                "started begin -",
+                "stopped end -",
+                "release end destroyed",
+                "reconnect begin -"
             ]
         );
     }
