@@ -5,7 +5,8 @@
 //! and release run after a destroy, a kill -9 of QEMU and a failed start;
 //! the reconnect hook runs after a kill -9 of the supervisor, and a
 //! refusing one destroys the guest; an unreachable executor refuses starts;
-//! the daemon hook sees the supervisor start and stop; chatty scripts do
+//! the daemon hook sees the supervisor start and stop; SIGHUP runs the
+//! daemon reload hook and reads the config again where safe; chatty scripts do
 //! not make a hook answer too large; a hook past the supervisor's call
 //! timeout is killed before the stop path's hooks run; a start whose client
 //! gave up (deadline) still completes with exactly one QEMU; a domain
@@ -609,6 +610,66 @@ async fn test_sighup_runs_the_daemon_reload_hook() {
             "- shutdown - shutdown"
         ]
     );
+}
+
+/// SIGHUP reads the supervisor's config file again: `hook_stdin_format`
+/// and `max_vcpus` take effect for the next start and define (the daemon
+/// reload hook ran first); a changed `qemu_binary` is named as needing a
+/// restart and keeps its running value (the next start still works); a
+/// file that no longer loads changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sighup_reads_the_config_again_where_safe() {
+    let world = World::new().await;
+    let config = world.path("supervisor.yaml");
+    std::fs::write(&config, "hook_stdin_format: yaml\nmax_vcpus: 1\n").unwrap();
+    let mut sup = world
+        .supervisor_with(
+            &world.hookexec.url(),
+            &["--config", config.to_str().unwrap()],
+        )
+        .await;
+    sup.define(&world, "vm").await;
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.contains("name: vm"), "{stdin}");
+    sup.destroy("vm").await;
+    let two = "name: two\nmemory_mib: 64\nvcpus: 2\naccel: tcg\n".to_owned();
+    let refused = define_yaml(&mut sup.client, two.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    std::fs::write(
+        &config,
+        "hook_stdin_format: libvirt-xml\nmax_vcpus: 2\nqemu_binary: /nonexistent/qemu\n",
+    )
+    .unwrap();
+    world.clear_calls();
+    sup.svc.signal(libc::SIGHUP);
+    sup.svc.wait_log("SIGHUP: config read again", WAIT).await;
+    assert_eq!(world.calls(), ["- reload begin SIGHUP"]);
+    let log = sup.svc.stderr();
+    let restart = log
+        .lines()
+        .find(|l| l.contains("applied only by a restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{log}"));
+    assert!(
+        restart.contains("qemu_binary") && !restart.contains("max_vcpus"),
+        "{restart}"
+    );
+    let d = define_yaml(&mut sup.client, two).await.unwrap();
+    world.reaper.track(&d.spec.unwrap().uuid);
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.starts_with("<domain type=\"qemu\">"), "{stdin}");
+    sup.destroy("vm").await;
+
+    std::fs::write(&config, "hook_stdin_format: [\n").unwrap();
+    sup.svc.signal(libc::SIGHUP);
+    sup.svc.wait_log("the config does not load", WAIT).await;
+    std::fs::remove_file(world.path("stdin-vm-prepare")).unwrap();
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.starts_with("<domain"), "{stdin}");
+    sup.destroy("vm").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,6 +28,7 @@
 //! start that cannot be run refuses the start, so no guest starts behind
 //! an operator's policy.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qvirt_common::internal_auth::TokenInterceptor;
@@ -53,6 +54,13 @@ pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 #[derive(Debug, Clone)]
 pub struct ExecutorHooks {
     client: HookExecutorClient<InterceptedService<Channel, TokenInterceptor>>,
+    /// Read at the start of each call; replaced by a SIGHUP reload.
+    settings: Arc<Mutex<Settings>>,
+}
+
+/// What a SIGHUP may change while hooks run.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     call_timeout: Duration,
     stdin_format: HookStdinFormat,
 }
@@ -66,21 +74,39 @@ impl ExecutorHooks {
         ExecutorHooks {
             client: HookExecutorClient::with_interceptor(channel, token)
                 .max_decoding_message_size(MAX_ANSWER_BYTES),
-            call_timeout,
-            stdin_format: HookStdinFormat::Yaml,
+            settings: Arc::new(Mutex::new(Settings {
+                call_timeout,
+                stdin_format: HookStdinFormat::Yaml,
+            })),
         }
     }
 
     /// Send domain hooks' scripts the definition in `format` (default
     /// YAML).
-    pub fn with_stdin_format(mut self, format: HookStdinFormat) -> Self {
-        self.stdin_format = format;
+    pub fn with_stdin_format(self, format: HookStdinFormat) -> Self {
+        self.lock().stdin_format = format;
         self
+    }
+
+    /// Applies a reloaded `hook_call_timeout_secs` and `hook_stdin_format`
+    /// to the calls that start from now on.
+    pub fn reconfigure(&self, call_timeout: Duration, stdin_format: HookStdinFormat) {
+        *self.lock() = Settings {
+            call_timeout,
+            stdin_format,
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Settings> {
+        // Only Copy values are written under it: a poisoned lock still
+        // holds a whole value.
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What a domain hook's scripts read on stdin.
     fn input(&self, spec: &DomainSpec) -> Result<String, String> {
-        match self.stdin_format {
+        let format = self.lock().stdin_format;
+        match format {
             HookStdinFormat::Yaml => spec
                 .to_yaml()
                 .map_err(|error| format!("cannot encode the definition as YAML: {error}")),
@@ -91,9 +117,10 @@ impl ExecutorHooks {
 
     async fn call(&self, request: RunHookRequest) -> Result<RunHookResponse, String> {
         let mut client = self.client.clone();
+        let call_timeout = self.lock().call_timeout;
         let mut request = tonic::Request::new(request);
-        request.set_timeout(self.call_timeout);
-        let wait = self.call_timeout + ANSWER_GRACE;
+        request.set_timeout(call_timeout);
+        let wait = call_timeout + ANSWER_GRACE;
         match tokio::time::timeout(wait, client.run_hook(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
