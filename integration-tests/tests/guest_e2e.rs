@@ -5,7 +5,8 @@
 //! port `org.qemu.guest_agent.0`; agentd finds the guest's agent socket
 //! through the supervisor. Covers what no unix-listen test can: the static
 //! binary running inside a minimal guest, virtio-serial through QEMU, and
-//! the supervisor's agent-mode shutdown.
+//! the supervisor's agent-mode shutdown, which, waiting, returns only
+//! after the stop path's hooks (a slow release hook) have run.
 //!
 //! Needs `apt-get download` to reach Debian's mirrors for the kernel and
 //! busybox (kept in target/test-guest/cache); where the packages cannot be
@@ -67,11 +68,38 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     let agentd_addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agentd_url = format!("http://{agentd_addr}");
     let image_root = images.root.to_str().unwrap();
+    // A qemu hook logging its argv, its release call a second late.
+    let hooks = dir.path().join("hooks");
+    std::fs::create_dir(&hooks).unwrap();
+    let calls = dir.path().join("calls");
+    std::fs::write(
+        hooks.join("qemu"),
+        format!(
+            "#!/bin/sh\ncat > /dev/null\nif [ \"$2\" = release ]; then sleep 1; fi\n\
+             printf '%s %s %s %s\\n' \"$1\" \"$2\" \"$3\" \"$4\" >> '{}'\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        hooks.join("qemu"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut hookexec = Service::start("qvirt-hookexec", &["--hooks-dir", hooks.to_str().unwrap()]);
+    hookexec.wait_serving("").await;
     let sup = start_supervisor(
         &state,
         &run,
         None,
-        &["--agentd", &agentd_url, "--image-root", image_root],
+        &[
+            "--agentd",
+            &agentd_url,
+            "--image-root",
+            image_root,
+            "--hookexec",
+            &hookexec.url(),
+        ],
     )
     .await;
     let mut agentd = Service::start_at("qvirt-agentd", agentd_addr, &["--supervisor", &sup.url()]);
@@ -241,4 +269,10 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     })
     .into_inner();
     assert_eq!(down.domain.unwrap().state, DomainState::Shutoff as i32);
+    // Already there when the call returned: no waiting here.
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        calls.ends_with("guest stopped end -\nguest release end shutdown\n"),
+        "{calls}"
+    );
 }

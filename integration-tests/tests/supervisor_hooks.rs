@@ -5,7 +5,8 @@
 //! and release run after a destroy, a kill -9 of QEMU and a failed start;
 //! the reconnect hook runs after a kill -9 of the supervisor, and a
 //! refusing one destroys the guest; an unreachable executor refuses starts;
-//! the daemon hook sees the supervisor start and stop; chatty scripts do
+//! the daemon hook sees the supervisor start and stop; SIGHUP runs the
+//! daemon reload hook and reads the config again where safe; chatty scripts do
 //! not make a hook answer too large; a hook past the supervisor's call
 //! timeout is killed before the stop path's hooks run; a start whose client
 //! gave up (deadline) still completes with exactly one QEMU; a domain
@@ -310,7 +311,11 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
     // As libvirt: no start, but the stop path's hooks run.
     assert_eq!(
         world.calls(),
-        ["vm prepare begin -", "vm stopped end -", "vm release end -"]
+        [
+            "vm prepare begin -",
+            "vm stopped end -",
+            "vm release end failed"
+        ]
     );
 
     // A refusing start hook: still no QEMU (the hook runs right before
@@ -333,7 +338,7 @@ async fn test_failing_prepare_hook_aborts_start_with_its_message() {
             "vm prepare begin -",
             "vm start begin -",
             "vm stopped end -",
-            "vm release end -"
+            "vm release end failed"
         ]
     );
 
@@ -375,7 +380,7 @@ async fn test_failing_started_hook_kills_the_spawned_qemu() {
             "vm start begin -",
             "vm started begin -",
             "vm stopped end -",
-            "vm release end -"
+            "vm release end failed"
         ]
     );
 }
@@ -416,7 +421,7 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
         world.calls_of("vm"),
         [
             "vm stopped end -",
-            "vm release end -",
+            "vm release end destroyed",
             "vm prepare begin -",
             "vm start begin -",
             "vm started begin -"
@@ -430,7 +435,7 @@ async fn test_hooks_see_argv_and_definition_and_stop_hooks_follow_destroy_and_ki
     let d = sup.wait_state("vm", DomainState::Shutoff).await;
     assert_eq!(d.reason(), DomainStateReason::ShutoffCrashed);
     world
-        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end crashed"])
         .await;
 }
 
@@ -449,7 +454,7 @@ async fn test_destroy_returns_after_its_stop_hooks() {
     // No waiting: the hooks' lines are there when the call returns.
     assert_eq!(
         world.calls_of("vm"),
-        ["vm stopped end -", "vm release end -"]
+        ["vm stopped end -", "vm release end destroyed"]
     );
 }
 
@@ -532,7 +537,7 @@ async fn test_reconnect_hook_after_supervisor_kill9_and_a_refusing_one_destroys(
             &[
                 "doomed reconnect begin -",
                 "doomed stopped end -",
-                "doomed release end -",
+                "doomed release end destroyed",
             ],
         )
         .await;
@@ -605,6 +610,66 @@ async fn test_sighup_runs_the_daemon_reload_hook() {
             "- shutdown - shutdown"
         ]
     );
+}
+
+/// SIGHUP reads the supervisor's config file again: `hook_stdin_format`
+/// and `max_vcpus` take effect for the next start and define (the daemon
+/// reload hook ran first); a changed `qemu_binary` is named as needing a
+/// restart and keeps its running value (the next start still works); a
+/// file that no longer loads changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sighup_reads_the_config_again_where_safe() {
+    let world = World::new().await;
+    let config = world.path("supervisor.yaml");
+    std::fs::write(&config, "hook_stdin_format: yaml\nmax_vcpus: 1\n").unwrap();
+    let mut sup = world
+        .supervisor_with(
+            &world.hookexec.url(),
+            &["--config", config.to_str().unwrap()],
+        )
+        .await;
+    sup.define(&world, "vm").await;
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.contains("name: vm"), "{stdin}");
+    sup.destroy("vm").await;
+    let two = "name: two\nmemory_mib: 64\nvcpus: 2\naccel: tcg\n".to_owned();
+    let refused = define_yaml(&mut sup.client, two.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+
+    std::fs::write(
+        &config,
+        "hook_stdin_format: libvirt-xml\nmax_vcpus: 2\nqemu_binary: /nonexistent/qemu\n",
+    )
+    .unwrap();
+    world.clear_calls();
+    sup.svc.signal(libc::SIGHUP);
+    sup.svc.wait_log("SIGHUP: config read again", WAIT).await;
+    assert_eq!(world.calls(), ["- reload begin SIGHUP"]);
+    let log = sup.svc.stderr();
+    let restart = log
+        .lines()
+        .find(|l| l.contains("applied only by a restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{log}"));
+    assert!(
+        restart.contains("qemu_binary") && !restart.contains("max_vcpus"),
+        "{restart}"
+    );
+    let d = define_yaml(&mut sup.client, two).await.unwrap();
+    world.reaper.track(&d.spec.unwrap().uuid);
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.starts_with("<domain type=\"qemu\">"), "{stdin}");
+    sup.destroy("vm").await;
+
+    std::fs::write(&config, "hook_stdin_format: [\n").unwrap();
+    sup.svc.signal(libc::SIGHUP);
+    sup.svc.wait_log("the config does not load", WAIT).await;
+    std::fs::remove_file(world.path("stdin-vm-prepare")).unwrap();
+    sup.start("vm").await.unwrap();
+    let stdin = std::fs::read_to_string(world.path("stdin-vm-prepare")).unwrap();
+    assert!(stdin.starts_with("<domain"), "{stdin}");
+    sup.destroy("vm").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -682,7 +747,7 @@ async fn test_chatty_hooks_do_not_refuse_the_start() {
     sup.destroy("vm").await;
     wait_no_qemu(&uuid).await;
     world
-        .wait_calls_of("vm", &["vm stopped end -", "vm release end -"])
+        .wait_calls_of("vm", &["vm stopped end -", "vm release end destroyed"])
         .await;
     assert!(
         !sup.svc.stderr().contains("hook executor unavailable"),
@@ -726,7 +791,11 @@ async fn test_hook_past_the_call_timeout_is_killed_before_the_stop_hooks() {
     world
         .wait_calls_of(
             "vm",
-            &["vm prepare begin -", "vm stopped end -", "vm release end -"],
+            &[
+                "vm prepare begin -",
+                "vm stopped end -",
+                "vm release end failed",
+            ],
         )
         .await;
     assert!(
@@ -784,7 +853,7 @@ async fn test_start_outliving_the_clients_deadline_completes_with_one_qemu() {
                 "vm start begin -",
                 "vm started begin -",
                 "vm stopped end -",
-                "vm release end -",
+                "vm release end destroyed",
             ],
         )
         .await;
@@ -869,7 +938,7 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
     );
     // As libvirt: the stop path's hooks, not the reconnect hook.
     world
-        .wait_calls_of("gone", &["gone stopped end -", "gone release end -"])
+        .wait_calls_of("gone", &["gone stopped end -", "gone release end crashed"])
         .await;
     // It starts again, its prepare hook after the release hook.
     let d = sup.start("gone").await.unwrap();
@@ -878,7 +947,7 @@ async fn test_guest_that_died_while_the_supervisor_was_down_gets_its_stop_hooks(
         world.calls_of("gone")[..3],
         [
             "gone stopped end -",
-            "gone release end -",
+            "gone release end crashed",
             "gone prepare begin -"
         ]
     );

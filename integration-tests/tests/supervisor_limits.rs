@@ -462,6 +462,6 @@ async fn test_supervisor_reaches_bus_hooks_and_agentd_over_unix_sockets() {
         })
         .await
         .unwrap();
-    wait_for_line(&calls, "ux release end -");
+    wait_for_line(&calls, "ux release end destroyed");
     assert!(sup.terminate().success());
 }

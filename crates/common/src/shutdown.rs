@@ -31,13 +31,14 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 /// Takes SIGHUP over from its default action (which ends the process) and
 /// logs each one. What a service reloads, it does from its own listener
 /// (the hook executor discovers its hooks again, the supervisor runs the
-/// daemon `reload` hook); nothing else changes until a restart. Must be
-/// called inside a tokio runtime, before the service can be signalled.
+/// daemon `reload` hook and reads some settings again, the gateway
+/// reloads its tokens); the other services only log it. Must be called
+/// inside a tokio runtime, before the service can be signalled.
 pub fn on_hangup() -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!(signal = "SIGHUP", "received; config changes need a restart");
+            tracing::info!(signal = "SIGHUP", "received");
         }
     });
     Ok(())

@@ -3,7 +3,8 @@
 //!
 //! Each domain hook is one RunHook call: driver `qemu`, object the domain
 //! name, op and sub-op as libvirt (`prepare begin`, `start begin`, `started
-//! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-`, and
+//! begin`, `stopped end`, `release end`, `reconnect begin`), extra `-` (the
+//! shut-off reason for `release`, as libvirt 10.5 and later pass it), and
 //! on stdin the domain definition: as YAML (our definition format, the one
 //! `qvirtctl define` reads) by default, or, with `hook_stdin_format:
 //! libvirt-xml`, as libvirt-style domain XML generated from it
@@ -27,6 +28,7 @@
 //! start that cannot be run refuses the start, so no guest starts behind
 //! an operator's policy.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qvirt_common::internal_auth::TokenInterceptor;
@@ -52,6 +54,13 @@ pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 #[derive(Debug, Clone)]
 pub struct ExecutorHooks {
     client: HookExecutorClient<InterceptedService<Channel, TokenInterceptor>>,
+    /// Read at the start of each call; replaced by a SIGHUP reload.
+    settings: Arc<Mutex<Settings>>,
+}
+
+/// What a SIGHUP may change while hooks run.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     call_timeout: Duration,
     stdin_format: HookStdinFormat,
 }
@@ -65,34 +74,53 @@ impl ExecutorHooks {
         ExecutorHooks {
             client: HookExecutorClient::with_interceptor(channel, token)
                 .max_decoding_message_size(MAX_ANSWER_BYTES),
-            call_timeout,
-            stdin_format: HookStdinFormat::Yaml,
+            settings: Arc::new(Mutex::new(Settings {
+                call_timeout,
+                stdin_format: HookStdinFormat::Yaml,
+            })),
         }
     }
 
     /// Send domain hooks' scripts the definition in `format` (default
     /// YAML).
-    pub fn with_stdin_format(mut self, format: HookStdinFormat) -> Self {
-        self.stdin_format = format;
+    pub fn with_stdin_format(self, format: HookStdinFormat) -> Self {
+        self.lock().stdin_format = format;
         self
+    }
+
+    /// Applies a reloaded `hook_call_timeout_secs` and `hook_stdin_format`
+    /// to the calls that start from now on.
+    pub fn reconfigure(&self, call_timeout: Duration, stdin_format: HookStdinFormat) {
+        *self.lock() = Settings {
+            call_timeout,
+            stdin_format,
+        };
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Settings> {
+        // Only Copy values are written under it: a poisoned lock still
+        // holds a whole value.
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What a domain hook's scripts read on stdin.
     fn input(&self, spec: &DomainSpec) -> Result<String, String> {
-        match self.stdin_format {
+        let format = self.lock().stdin_format;
+        match format {
             HookStdinFormat::Yaml => spec
                 .to_yaml()
                 .map_err(|error| format!("cannot encode the definition as YAML: {error}")),
-            HookStdinFormat::LibvirtXml => crate::hook_xml::domain_xml(spec)
+            HookStdinFormat::LibvirtXml => crate::hook_xml::to_xml(spec)
                 .map_err(|error| format!("cannot encode the definition as XML: {error}")),
         }
     }
 
     async fn call(&self, request: RunHookRequest) -> Result<RunHookResponse, String> {
         let mut client = self.client.clone();
+        let call_timeout = self.lock().call_timeout;
         let mut request = tonic::Request::new(request);
-        request.set_timeout(self.call_timeout);
-        let wait = self.call_timeout + ANSWER_GRACE;
+        request.set_timeout(call_timeout);
+        let wait = call_timeout + ANSWER_GRACE;
         match tokio::time::timeout(wait, client.run_hook(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
@@ -118,7 +146,7 @@ impl ExecutorHooks {
             object: spec.name.clone(),
             op: op.op().to_owned(),
             sub_op: op.sub_op().to_owned(),
-            extra: "-".to_owned(),
+            extra: op.extra().to_owned(),
             input: input.into_bytes(),
             timeout: None,
         };
@@ -150,7 +178,8 @@ impl ExecutorHooks {
         if response.output.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
         }
-        filter_output(self.stdin_format, &response.output)
+        let format = self.lock().stdin_format;
+        filter_output(format, spec, &response.output)
             .map(Some)
             .map_err(|message| HookError::BadOutput { op, message })
     }
@@ -158,20 +187,23 @@ impl ExecutorHooks {
 
 /// The definition a filter hook's scripts printed (`restore begin`), read
 /// in the format their stdin had: the one place the output of a filter is
-/// parsed. Only parsed here; the caller checks it as any definition and
-/// against the one it replaces.
-pub fn filter_output(format: HookStdinFormat, output: &[u8]) -> Result<DomainSpec, String> {
+/// parsed. Libvirt XML cannot carry every field of a definition; those are
+/// taken from `base`, the definition the hook was given. Only parsed here;
+/// the caller checks it as any definition and against the one it replaces.
+pub fn filter_output(
+    format: HookStdinFormat,
+    base: &DomainSpec,
+    output: &[u8],
+) -> Result<DomainSpec, String> {
     let text = std::str::from_utf8(output)
         .map_err(|error| format!("the output is not UTF-8 ({error})"))?;
     match format {
         HookStdinFormat::Yaml => {
             DomainSpec::from_yaml(text).map_err(|error| qvirt_proto::yaml::error_text(&error))
         }
-        // libvirt's scripts print domain XML; reading it back needs the
-        // XML parser of the libvirt-xml module.
-        HookStdinFormat::LibvirtXml => Err(
-            "reading a libvirt-xml definition printed by a hook is not supported yet".to_owned(),
-        ),
+        HookStdinFormat::LibvirtXml => {
+            crate::hook_xml::from_xml_over(base, text).map_err(|error| error.to_string())
+        }
     }
 }
 
@@ -237,7 +269,10 @@ impl Hooks for ExecutorHooks {
 
 #[cfg(test)]
 mod tests {
+    use qvirt_proto::v1::DomainStateReason;
+
     use super::*;
+    use crate::seams::release_reason;
 
     fn response(outcome: HookOutcome, error: &str) -> RunHookResponse {
         RunHookResponse {
@@ -264,6 +299,43 @@ mod tests {
         ));
     }
 
+    /// libvirt's `virDomainShutoffReason` names, as its release hook
+    /// passes them.
+    #[test]
+    fn test_release_reasons_are_libvirts() {
+        use DomainStateReason as R;
+        let words: Vec<&str> = [
+            R::ShutoffUnknown,
+            R::ShutoffShutdown,
+            R::ShutoffDestroyed,
+            R::ShutoffCrashed,
+            R::ShutoffMigrated,
+            R::ShutoffSaved,
+            R::ShutoffFailed,
+            R::ShutoffFromSnapshot,
+            R::ShutoffDaemon,
+            R::RunningBooted,
+        ]
+        .into_iter()
+        .map(release_reason)
+        .collect();
+        assert_eq!(
+            words,
+            [
+                "unknown",
+                "shutdown",
+                "destroyed",
+                "crashed",
+                "migrated",
+                "saved",
+                "failed",
+                "from snapshot",
+                "daemon",
+                "unknown"
+            ]
+        );
+    }
+
     #[test]
     fn test_hook_argv_words_are_libvirts() {
         let words: Vec<String> = [
@@ -271,35 +343,52 @@ mod tests {
             HookOp::Start,
             HookOp::Started,
             HookOp::Stopped,
-            HookOp::Release,
+            HookOp::Release(DomainStateReason::ShutoffDestroyed),
             HookOp::Reconnect,
             HookOp::Restore,
         ]
         .iter()
-        .map(ToString::to_string)
+        .map(|op| format!("{op} {}", op.extra()))
         .collect();
         assert_eq!(
             words,
             [
-                "prepare begin",
-                "start begin",
-                "started begin",
-                "stopped end",
-                "release end",
-                "reconnect begin",
-                "restore begin"
+                "prepare begin -",
+                "start begin -",
+                "started begin -",
+                "stopped end -",
+                "release end destroyed",
+                "reconnect begin -",
+                "restore begin -"
             ]
         );
     }
 
     #[test]
     fn test_filter_output_reads_the_stdin_format() {
-        let spec = filter_output(HookStdinFormat::Yaml, b"name: vm\nmemory_mib: 256\n").unwrap();
+        let base = DomainSpec {
+            name: "vm".to_owned(),
+            memory_mib: 128,
+            vcpus: 1,
+            agent: true,
+            ..Default::default()
+        };
+        let yaml = HookStdinFormat::Yaml;
+        let spec = filter_output(yaml, &base, b"name: vm\nmemory_mib: 256\n").unwrap();
         assert_eq!((spec.name.as_str(), spec.memory_mib), ("vm", 256));
-        let error = filter_output(HookStdinFormat::Yaml, b"name: vm\nmemroy_mib: 1\n").unwrap_err();
+        let error = filter_output(yaml, &base, b"name: vm\nmemroy_mib: 1\n").unwrap_err();
         assert!(error.contains("memroy_mib"), "{error}");
-        let error = filter_output(HookStdinFormat::Yaml, b"name: \xff\n").unwrap_err();
+        let error = filter_output(yaml, &base, b"name: \xff\n").unwrap_err();
         assert!(error.contains("not UTF-8"), "{error}");
+        // Libvirt XML, as a script edits what it was given: what XML
+        // cannot say (the agent) comes from the definition it was given.
+        let xml = crate::hook_xml::to_xml(&base).unwrap();
+        let edited = xml.replace("</domain>", "<description>x</description></domain>");
+        let xml_format = HookStdinFormat::LibvirtXml;
+        let spec = filter_output(xml_format, &base, edited.as_bytes()).unwrap();
+        assert_eq!((spec.name.as_str(), spec.memory_mib, spec.agent), ("vm", 128, true));
+        let error = filter_output(xml_format, &base, b"<domain").unwrap_err();
+        assert!(!error.is_empty());
     }
 
     /// An executor answering with `stderr_bytes` of stderr.

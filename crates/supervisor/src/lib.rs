@@ -12,10 +12,11 @@
 //! [`request_ids`] (idempotent retries of writes);
 //! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
 //! and agent service clients); [`hook_xml`] (libvirt-style domain XML
-//! for hook scripts).
+//! for hook scripts); [`reload`] (SIGHUP).
 //!
-//! Entry point: [`run`], called by `main.rs` with a bound listener and the
-//! shutdown token.
+//! Entry point: [`run`] (or [`run_reloadable`], which also reads the
+//! config again on SIGHUP), called by `main.rs` with a bound listener and
+//! the shutdown token.
 
 pub mod agent;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod lock;
 pub mod loss;
 pub mod publisher;
 pub mod qmp;
+pub mod reload;
 pub mod request_ids;
 pub mod seams;
 pub mod service;
@@ -41,6 +43,7 @@ use qvirt_proto::v1::supervisor_server::SupervisorServer;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use reload::Reloader;
 pub use service::SupervisorService;
 
 use domain::{DomainError, Manager};
@@ -94,14 +97,30 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
 }
 
-/// Loads the domains (re-attaching to running QEMUs), then serves
-/// `qvirt.v1.Supervisor`, health and reflection on `listener` until
-/// `shutdown` fires. QEMUs keep running after the supervisor stops.
+/// [`run_reloadable`] without a config to read again: SIGHUP runs only
+/// the daemon `reload` hook.
 pub async fn run(
     config: Config,
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_reloadable(config, listener, shutdown, None).await
+}
+
+/// Loads the domains (re-attaching to running QEMUs), then serves
+/// `qvirt.v1.Supervisor`, health and reflection on `listener` until
+/// `shutdown` fires. QEMUs keep running after the supervisor stops. On
+/// SIGHUP, `reloader` (when given) reads the config again; see
+/// [`reload`].
+pub async fn run_reloadable(
+    config: Config,
+    listener: Listener,
+    shutdown: CancellationToken,
+    reloader: Option<Reloader>,
+) -> Result<(), RunError> {
+    // From now on each SIGHUP is kept for the reload task.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(RunError::Signal)?;
     tracing::debug!(?config, "starting");
     let options = config.serve_options();
     let state_dir = config.state_dir.clone();
@@ -122,7 +141,7 @@ pub async fn run(
         );
     }
     let token = TokenInterceptor::new(token.as_ref());
-    let hooks: Arc<dyn Hooks> = match &config.hookexec {
+    let executor = match &config.hookexec {
         Some(url) => {
             let endpoint =
                 qvirt_common::config::endpoint(url).map_err(|source| RunError::HookExec {
@@ -130,11 +149,15 @@ pub async fn run(
                     source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.hook_call_timeout_secs);
-            Arc::new(
+            Some(
                 hooks::ExecutorHooks::new(endpoint, timeout, token.clone())
                     .with_stdin_format(config.hook_stdin_format),
             )
         }
+        None => None,
+    };
+    let hooks: Arc<dyn Hooks> = match &executor {
+        Some(executor) => Arc::new(executor.clone()),
         None => Arc::new(NoHooks),
     };
     let agent = match &config.agentd {
@@ -150,7 +173,7 @@ pub async fn run(
         None => None,
     };
     hooks.daemon(DaemonHookOp::Start).await;
-    spawn_reload_hook(Arc::clone(&hooks), shutdown.clone())?;
+    let running = config.clone();
     let events: Arc<dyn EventSink> = match &config.eventbus {
         Some(url) => {
             let endpoint =
@@ -169,6 +192,14 @@ pub async fn run(
     let manager = Manager::open(config, events, Arc::clone(&hooks), agent)
         .await
         .map_err(RunError::Open)?;
+    reload::Reload {
+        hooks: Arc::clone(&hooks),
+        executor,
+        manager: manager.clone(),
+        running,
+        reloader,
+    }
+    .spawn(hup, shutdown.clone());
     let requests = {
         let state_dir = manager.state_dir().to_owned();
         tokio::task::spawn_blocking(move || request_ids::RequestIds::load(&state_dir))
@@ -191,24 +222,4 @@ pub async fn run(
     manager.close().await;
     hooks.daemon(DaemonHookOp::Shutdown).await;
     served.map_err(RunError::from)
-}
-
-/// On every SIGHUP, runs the daemon hook `- reload begin SIGHUP` (the
-/// executor discovers the hooks again first), as libvirtd does. Settings
-/// are not re-read: a restart applies them, and guests survive it.
-fn spawn_reload_hook(hooks: Arc<dyn Hooks>, shutdown: CancellationToken) -> Result<(), RunError> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(RunError::Signal)?;
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                got = hup.recv() => match got {
-                    Some(()) => hooks.daemon(DaemonHookOp::Reload).await,
-                    None => return,
-                },
-                () = shutdown.cancelled() => return,
-            }
-        }
-    });
-    Ok(())
 }

@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use qvirt_common::cli::{CommonArgs, override_with};
+use qvirt_common::cli::{CommonArgs, ServiceConfig, override_with};
+use qvirt_common::config::ConfigError;
 use qvirt_supervisor::config::{DefaultAccel, HookStdinFormat};
 
 /// qvirt supervisor: defines domains and runs them as QEMU processes driven over QMP.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "qvirt-supervisor", version, about)]
 struct Args {
     #[command(flatten)]
@@ -91,7 +93,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = args.common.load().map(|mut c: qvirt_supervisor::Config| {
+    let config = load(&args);
+    // SIGHUP reads the file again, under the same flags.
+    let reload: qvirt_supervisor::Reloader = Arc::new(move || {
+        let config = load(&args)?;
+        config.validate()?;
+        Ok(config)
+    });
+    qvirt_common::service::main("qvirt-supervisor", config, move |c, l, s| {
+        qvirt_supervisor::run_reloadable(c, l, s, Some(reload))
+    })
+}
+
+/// The config file (or defaults) with the flags applied.
+fn load(args: &Args) -> Result<qvirt_supervisor::Config, ConfigError> {
+    let args = args.clone();
+    args.common.load().map(|mut c: qvirt_supervisor::Config| {
         override_with(&mut c.state_dir, args.state_dir);
         override_with(&mut c.run_dir, args.run_dir);
         override_with(&mut c.qemu_binary, args.qemu_binary);
@@ -125,6 +142,5 @@ fn main() -> ExitCode {
             args.internal_token_file.map(Some),
         );
         c
-    });
-    qvirt_common::service::main("qvirt-supervisor", config, qvirt_supervisor::run)
+    })
 }

@@ -21,7 +21,7 @@ use qvirt_proto::v1::{
     DomainEventCrashedDetail, DomainEventDefinedDetail, DomainEventResumedDetail,
     DomainEventShutdownDetail, DomainEventStartedDetail, DomainEventStoppedDetail,
     DomainEventSuspendedDetail, DomainEventType, DomainEventUndefinedDetail, DomainSpec,
-    domain_event,
+    DomainStateReason, domain_event,
 };
 use tracing::debug;
 
@@ -114,7 +114,7 @@ impl EventSink for LogEvents {
     }
 }
 
-/// libvirt's hook points for a domain (`qemu NAME OP SUBOP -`).
+/// libvirt's hook points for a domain (`qemu NAME OP SUBOP EXTRA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookOp {
     /// `prepare begin`, before anything is set up for a start.
@@ -125,8 +125,10 @@ pub enum HookOp {
     Started,
     /// `stopped end`, QEMU has exited.
     Stopped,
-    /// `release end`, the domain's resources are released.
-    Release,
+    /// `release end REASON`, the domain's resources are released; the
+    /// extra argument is the shut-off reason in libvirt's words (libvirt
+    /// 10.5 and later; before, `-`).
+    Release(DomainStateReason),
     /// `reconnect begin`, a running QEMU was found after a restart.
     Reconnect,
     /// `restore begin`, a filter of the definition before a restore.
@@ -141,7 +143,7 @@ impl HookOp {
             HookOp::Start => "start",
             HookOp::Started => "started",
             HookOp::Stopped => "stopped",
-            HookOp::Release => "release",
+            HookOp::Release(_) => "release",
             HookOp::Reconnect => "reconnect",
             HookOp::Restore => "restore",
         }
@@ -151,9 +153,33 @@ impl HookOp {
     /// `begin`.
     pub fn sub_op(self) -> &'static str {
         match self {
-            HookOp::Stopped | HookOp::Release => "end",
+            HookOp::Stopped | HookOp::Release(_) => "end",
             _ => "begin",
         }
+    }
+
+    /// The extra argument: the shut-off reason for `release`, else `-`.
+    pub fn extra(self) -> &'static str {
+        match self {
+            HookOp::Release(reason) => release_reason(reason),
+            _ => "-",
+        }
+    }
+}
+
+/// libvirt's name of a shut-off reason (`virDomainShutoffReason`), as its
+/// `release` hook passes it: `unknown` for anything not a shut-off reason.
+pub fn release_reason(reason: DomainStateReason) -> &'static str {
+    match reason {
+        DomainStateReason::ShutoffShutdown => "shutdown",
+        DomainStateReason::ShutoffDestroyed => "destroyed",
+        DomainStateReason::ShutoffCrashed => "crashed",
+        DomainStateReason::ShutoffMigrated => "migrated",
+        DomainStateReason::ShutoffSaved => "saved",
+        DomainStateReason::ShutoffFailed => "failed",
+        DomainStateReason::ShutoffFromSnapshot => "from snapshot",
+        DomainStateReason::ShutoffDaemon => "daemon",
+        _ => "unknown",
     }
 }
 

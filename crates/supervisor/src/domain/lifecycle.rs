@@ -305,13 +305,15 @@ impl Manager {
             Announce::Always,
         )
         .await;
-        self.run_stop_hooks(spec).await;
+        self.run_stop_hooks(spec, DomainStateReason::ShutoffFailed)
+            .await;
         error
     }
 
-    /// The stopped and release hooks; failures are logged.
-    pub(super) async fn run_stop_hooks(&self, spec: &DomainSpec) {
-        for op in [HookOp::Stopped, HookOp::Release] {
+    /// The stopped and release hooks (`reason`: the shut-off reason, the
+    /// release hook's extra argument); failures are logged.
+    pub(super) async fn run_stop_hooks(&self, spec: &DomainSpec, reason: DomainStateReason) {
+        for op in [HookOp::Stopped, HookOp::Release(reason)] {
             if let Err(failure) = self.inner.hooks.run(spec, op).await {
                 warn!(domain = %spec.name, %failure, "hook failed (ignored)");
             }
@@ -558,7 +560,9 @@ impl Manager {
                 let manager = self.clone();
                 self.inner.tasks.spawn(async move {
                     let _stop_hooks = stop_hooks;
-                    manager.run_stop_hooks(&spec).await;
+                    manager
+                        .run_stop_hooks(&spec, DomainStateReason::ShutoffCrashed)
+                        .await;
                 });
                 return;
             }

@@ -28,7 +28,7 @@ mod watcher;
 use watcher::Life;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -239,10 +239,10 @@ const RECONNECT_PARALLEL: usize = 8;
 struct Inner {
     config: Config,
     host: String,
-    /// `max_memory_mib`, resolved at open.
-    max_memory_mib: u64,
-    /// `max_vcpus`, resolved at open.
-    max_vcpus: u32,
+    /// `max_memory_mib`, resolved at open and at each reload.
+    max_memory_mib: AtomicU64,
+    /// `max_vcpus`, resolved at open and at each reload.
+    max_vcpus: AtomicU32,
     store: Store,
     events: Arc<dyn EventSink>,
     hooks: Arc<dyn Hooks>,
@@ -313,8 +313,8 @@ impl Manager {
         };
         let manager = Manager {
             inner: Arc::new(Inner {
-                max_memory_mib: config.max_memory_mib(),
-                max_vcpus: config.max_vcpus(),
+                max_memory_mib: AtomicU64::new(config.max_memory_mib()),
+                max_vcpus: AtomicU32::new(config.max_vcpus()),
                 config,
                 host,
                 store,
@@ -391,6 +391,16 @@ impl Manager {
 
     fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Applies a reloaded config's `max_memory_mib` and `max_vcpus` to the
+    /// definitions that come from now on (defined domains stay as they
+    /// are, as at a restart).
+    pub fn set_host_limits(&self, config: &Config) {
+        let memory = config.max_memory_mib();
+        let vcpus = config.max_vcpus();
+        self.inner.max_memory_mib.store(memory, Ordering::Relaxed);
+        self.inner.max_vcpus.store(vcpus, Ordering::Relaxed);
     }
 
     /// This supervisor's node name (`host` of its domains).
@@ -674,7 +684,11 @@ impl Manager {
         let uuid_given = !spec.uuid.is_empty();
         let allow_update = options.allow_update || !options.etag.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
-        spec::check_host_limits(&spec, self.inner.max_memory_mib, self.inner.max_vcpus)?;
+        spec::check_host_limits(
+            &spec,
+            self.inner.max_memory_mib.load(Ordering::Relaxed),
+            self.inner.max_vcpus.load(Ordering::Relaxed),
+        )?;
         self.check_socket_paths(&spec.name)?;
         self.confine(&spec).await?;
         let _define = self.inner.define_lock.lock().await;

@@ -415,6 +415,6 @@ impl Manager {
             self.emit(&spec, Lifecycle::Stopped(detail));
         }
         entry.notify();
-        self.run_stop_hooks(&spec).await;
+        self.run_stop_hooks(&spec, reason).await;
     }
 }

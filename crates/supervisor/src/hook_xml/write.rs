@@ -1,63 +1,11 @@
-//! libvirt-style domain XML generated from a [`DomainSpec`], for hook
-//! scripts written for libvirt's `/etc/libvirt/hooks/qemu` (which read the
-//! domain XML on stdin). Used when the supervisor's `hook_stdin_format` is
-//! `libvirt-xml`.
-//!
-//! The mapping, in libvirt's element order:
-//!
-//! - `<domain type='kvm'>` when the spec asks for KVM, else `type='qemu'`;
-//! - `<name>`, `<uuid>`;
-//! - `<metadata>` with the spec's `metadata` entries as
-//!   `<qvirt:entry key='K'>V</qvirt:entry>` in a `<qvirt:metadata>` element
-//!   of namespace [`METADATA_NS`] (libvirt wants metadata children
-//!   namespaced); absent when there are none;
-//! - `<memory unit='KiB'>` and `<currentMemory unit='KiB'>` (`memory_mib`
-//!   times 1024), `<vcpu placement='static'>`;
-//! - `<os>`: `<type arch='x86_64' machine='M'>hvm</type>`, and `<kernel>`,
-//!   `<initrd>`, `<cmdline>` when set;
-//! - `<devices>`: per disk `<disk type='file' device='disk'>` with
-//!   `<driver name='qemu' type='raw|qcow2'/>`, `<source file='P'/>`,
-//!   `<target dev='vdX' bus='virtio'/>` (vda, vdb, ... vdz, vdaa, as
-//!   libvirt names them), `<serial>` and `<readonly/>` when set; per
-//!   network `<interface type='user'>` or `<interface type='ethernet'>`
-//!   with `<target dev='TAP' managed='no'/>`, each with `<mac address/>`
-//!   and `<model type='virtio'/>`; the serial log as
-//!   `<serial type='file'>`;
-//! - `extra_args` as libvirt's `<qemu:commandline>` `<qemu:arg value/>`.
-//!
-//! Not produced: `<emulator>`, `<features>`, `<clock>`, `<on_*>`, port
-//! forwards (libvirt has them only for the passt backend), the agent
-//! channel (its socket path is known only once the domain runs), and
-//! anything runtime (`id`, aliases, PCI addresses). Text and attribute
-//! values are escaped by quick-xml; a value XML 1.0 cannot carry (control
-//! characters other than tab, newline and carriage return) is refused with
-//! its field named rather than altered.
+//! Writing: [`to_xml`].
 
 use quick_xml::Writer;
 use quick_xml::events::{BytesEnd, BytesStart, BytesText, Event};
 use qvirt_proto::v1::network_spec::Backend;
 use qvirt_proto::v1::{Accel, DiskFormat, DomainSpec};
 
-/// The XML namespace of the `<qvirt:metadata>` element.
-pub const METADATA_NS: &str = "https://qvirt.dev/xmlns/metadata/1";
-/// libvirt's namespace of `<qemu:commandline>`.
-pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
-
-/// Why a definition cannot be written as XML.
-#[derive(Debug, thiserror::Error)]
-pub enum XmlError {
-    /// A value holds a character XML 1.0 cannot carry.
-    #[error("{field} holds a character XML cannot carry ({found:?})")]
-    Unrepresentable {
-        /// The spec field, e.g. `disks[0].path`.
-        field: String,
-        /// The first such character.
-        found: char,
-    },
-    /// Writing to the in-memory buffer failed.
-    #[error("cannot write the XML: {0}")]
-    Write(#[from] std::io::Error),
-}
+use super::{METADATA_NS, QEMU_NS, XmlError};
 
 /// Whether XML 1.0 allows `c` in a document (its `Char` production).
 fn is_xml_char(c: char) -> bool {
@@ -119,7 +67,7 @@ fn end(w: &mut W, tag: &str) -> Result<(), XmlError> {
 }
 
 /// The libvirt-style domain XML of `spec` (see the module docs).
-pub fn domain_xml(spec: &DomainSpec) -> Result<String, XmlError> {
+pub fn to_xml(spec: &DomainSpec) -> Result<String, XmlError> {
     let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
     let domain_type = if spec.accel() == Accel::Kvm {
         "kvm"
@@ -232,9 +180,9 @@ mod tests {
 
     use quick_xml::Reader;
     use quick_xml::escape::resolve_predefined_entity;
-    use qvirt_proto::v1::{DiskSpec, NetworkSpec, TapNetwork, UserNetwork};
 
     use super::*;
+    use crate::hook_xml::full_spec;
 
     /// One element of a parsed document: its path from the root
     /// (`domain/devices/disk`), attributes (unescaped) and text.
@@ -329,55 +277,9 @@ mod tests {
         }
     }
 
-    fn full_spec() -> DomainSpec {
-        DomainSpec {
-            name: "web1".into(),
-            uuid: "4b9f1a52-3c1e-4f0a-9a57-1d2b3c4d5e6f".into(),
-            memory_mib: 256,
-            vcpus: 2,
-            machine: "pc".into(),
-            accel: Accel::Tcg as i32,
-            kernel: "/srv/images/vmlinuz".into(),
-            initrd: "/srv/images/initrd.gz".into(),
-            cmdline: "console=ttyS0 quiet".into(),
-            disks: vec![
-                DiskSpec {
-                    path: "/srv/images/root.qcow2".into(),
-                    format: DiskFormat::Qcow2 as i32,
-                    serial: "root".into(),
-                    ..Default::default()
-                },
-                DiskSpec {
-                    path: "/srv/images/seed.img".into(),
-                    read_only: true,
-                    ..Default::default()
-                },
-            ],
-            networks: vec![
-                NetworkSpec {
-                    backend: Some(Backend::User(UserNetwork::default())),
-                    mac: "52:54:00:12:34:56".into(),
-                },
-                NetworkSpec {
-                    backend: Some(Backend::Tap(TapNetwork {
-                        ifname: "tap0".into(),
-                    })),
-                    mac: "52:54:00:ab:cd:ef".into(),
-                },
-            ],
-            serial_log: "/var/lib/qvirt/serial/web1/ttyS0.log".into(),
-            extra_args: vec!["-device".into(), "virtio-rng-pci".into()],
-            metadata: [("owner", "ops"), ("tier", "web")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn test_elements_attributes_and_units() {
-        let xml = domain_xml(&full_spec()).unwrap();
+        let xml = to_xml(&full_spec()).unwrap();
         let nodes = parse(&xml);
         let attr = |path: &str, key: &str| {
             one(&nodes, path)
@@ -487,7 +389,7 @@ mod tests {
         spec.metadata
             .insert("k".into(), format!("{nasty}\tline\nnext"));
         spec.extra_args = vec![nasty.into()];
-        let xml = domain_xml(&spec).unwrap();
+        let xml = to_xml(&spec).unwrap();
         assert!(!xml.contains(nasty), "{xml}");
         let nodes = parse(&xml);
         assert_eq!(one(&nodes, "domain/name").text, nasty);
@@ -523,7 +425,7 @@ mod tests {
             accel: Accel::Kvm as i32,
             ..Default::default()
         };
-        let xml = domain_xml(&spec).unwrap();
+        let xml = to_xml(&spec).unwrap();
         let nodes = parse(&xml);
         assert_eq!(one(&nodes, "domain").attrs["type"], "kvm");
         assert_eq!(one(&nodes, "domain/memory").text, "131072");
@@ -549,7 +451,7 @@ mod tests {
     fn test_values_xml_cannot_carry_are_refused_by_field() {
         let mut spec = full_spec();
         spec.cmdline = "console=ttyS0\u{1}".into();
-        match domain_xml(&spec) {
+        match to_xml(&spec) {
             Err(XmlError::Unrepresentable { field, found }) => {
                 assert_eq!(field, "cmdline");
                 assert_eq!(found, '\u{1}');
@@ -558,7 +460,7 @@ mod tests {
         }
         let mut spec = full_spec();
         spec.extra_args.push("\u{FFFE}".into());
-        match domain_xml(&spec) {
+        match to_xml(&spec) {
             Err(XmlError::Unrepresentable { field, .. }) => assert_eq!(field, "extra_args[2]"),
             other => panic!("{other:?}"),
         }
