@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 pub mod guest;
 pub mod measure;
+pub mod pki;
 pub mod reference;
 pub mod scratch_guest;
 pub mod stack;
@@ -414,6 +415,46 @@ pub async fn start_supervisor(
     svc
 }
 
+/// One token from `qvirt-gateway token new`: the token and its config entry.
+pub struct Token {
+    /// The bearer token.
+    pub token: String,
+    /// Its entry for the `tokens:` list (only its hash).
+    pub entry: String,
+}
+
+/// A fresh token from the real `qvirt-gateway token new --name NAME
+/// --role ROLE`.
+pub fn token_new(name: &str, role: &str) -> Token {
+    let out = run(
+        &bin_path("qvirt-gateway"),
+        &["token", "new", "--name", name, "--role", role],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    let token = lines.next().unwrap().to_owned();
+    assert_eq!(token.len(), 64, "{stdout}");
+    let entry: String = lines.map(|l| format!("{l}\n")).collect();
+    assert!(entry.contains(&format!("name: {name}")), "{entry}");
+    assert!(
+        !entry.contains(&token),
+        "the config entry holds only the hash"
+    );
+    Token { token, entry }
+}
+
+/// grpcurl's error code line (`Code: PermissionDenied`), or "OK".
+pub fn code_of(out: &Output) -> String {
+    let stderr = text(&out.stderr);
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Code: "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| "OK".to_owned())
+}
+
 /// How [`Service::start_in`] launches a service.
 #[derive(Debug, Default, Clone, Copy)]
 struct Launch {
@@ -597,6 +638,13 @@ impl Service {
     /// server) until SERVING; panics with the logs if the process exits or
     /// [`READY_TIMEOUT`] passes.
     pub async fn wait_serving(&mut self, service: &str) {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url()).unwrap();
+        self.wait_serving_at(service, endpoint).await;
+    }
+
+    /// As [`Service::wait_serving`], asking through `endpoint` (e.g. a TLS
+    /// one from [`pki::tls_endpoint`]).
+    pub async fn wait_serving_at(&mut self, service: &str, endpoint: tonic::transport::Endpoint) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last = String::from("no answer yet");
         while Instant::now() < deadline {
@@ -607,7 +655,7 @@ impl Service {
                     self.stderr()
                 );
             }
-            match self.health(service).await {
+            match health_at(endpoint.clone(), service).await {
                 Ok(ServingStatus::Serving) => return,
                 Ok(other) => last = format!("status {other:?}"),
                 Err(e) => last = e,
@@ -623,20 +671,9 @@ impl Service {
 
     /// One health check of `service` ("" = the whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, String> {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut client = HealthClient::new(channel);
-        let reply = client
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .map_err(|s| s.to_string())?;
-        Ok(reply.into_inner().status())
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(self.url()).map_err(|e| e.to_string())?;
+        health_at(endpoint, service).await
     }
 
     /// Sends SIGTERM and waits (up to [`STOP_GRACE`]) for the exit status.
@@ -651,6 +688,26 @@ impl Service {
             ),
         }
     }
+}
+
+/// One health check of `service` through `endpoint`.
+async fn health_at(
+    endpoint: tonic::transport::Endpoint,
+    service: &str,
+) -> Result<ServingStatus, String> {
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = HealthClient::new(channel);
+    let reply = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|s| s.to_string())?;
+    Ok(reply.into_inner().status())
 }
 
 impl Drop for Service {

@@ -15,29 +15,7 @@ use crate::{
     workspace_root, write_internal_token,
 };
 
-/// One token from `qvirt-gateway token new`: the token and its config
-/// entry (the hash).
-pub struct Token {
-    /// The token, 64 hex digits.
-    pub token: String,
-    /// The YAML entry for `tokens:`.
-    pub entry: String,
-}
-
-/// A fresh token for `name` with `role` (`read-only` / `read-write`).
-pub fn token_new(name: &str, role: &str) -> Token {
-    let out = run(
-        &bin_path("qvirt-gateway"),
-        &["token", "new", "--name", name, "--role", role],
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    let mut lines = stdout.lines();
-    let token = lines.next().unwrap().to_owned();
-    let entry: String = lines.map(|l| format!("{l}\n")).collect();
-    Token { token, entry }
-}
+pub use crate::{Token, token_new};
 
 /// The backends and a gateway in front of them. Dropped in field order:
 /// the gateway first, the bus last.
@@ -145,44 +123,13 @@ impl GatewayStack {
 }
 
 /// The test guest's kernel and initramfs.
-pub struct GuestImage {
-    /// The ELF kernel.
-    pub vmlinux: PathBuf,
-    /// The busybox initramfs with qvirt-ga.
-    pub initramfs: PathBuf,
-    /// The Debian kernel package, e.g. linux-image-6.1.0-57-amd64.
-    pub kernel_package: String,
-}
+pub use crate::guest::Image as GuestImage;
 
 /// Builds (or reuses, in target/test-guest) the test guest with the
 /// static qvirt-ga inside, or says why Debian's packages cannot be
-/// fetched here (the script's exit status 77); any other failure panics.
+/// fetched here; any other failure panics.
 pub fn test_guest() -> Result<GuestImage, String> {
-    let out = workspace_root().join("target/test-guest");
-    let mut script = Command::new("bash");
-    script
-        .arg(workspace_root().join("scripts/build-test-guest.sh"))
-        .arg(&out)
-        .arg(static_ga());
-    let result = run_command(&mut script, Duration::from_secs(900));
-    let stderr = text(&result.stderr);
-    match result.status.code() {
-        Some(0) => {}
-        Some(77) => return Err(stderr.trim().to_owned()),
-        _ => panic!("build-test-guest.sh failed ({}):\n{stderr}", result.status),
-    }
-    let stdout = text(&result.stdout);
-    let kernel_package = stdout
-        .trim_end()
-        .rsplit_once('(')
-        .and_then(|(_, p)| p.strip_suffix(')'))
-        .unwrap_or_else(|| panic!("no kernel package in {stdout:?}"))
-        .to_owned();
-    Ok(GuestImage {
-        vmlinux: out.join("vmlinux"),
-        initramfs: out.join("initramfs"),
-        kernel_package,
-    })
+    crate::guest::guest_image(&static_ga())
 }
 
 /// Copies the guest's files into `root` (world-readable), returning

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use qvirt_integration_tests::pki::{self, Ca, CertFiles};
 use qvirt_integration_tests::{
-    Service, bin_path, free_port, grpcurl, run, start_supervisor, text, write_internal_token,
+    Service, Token, code_of, free_port, grpcurl, start_supervisor, text, token_new,
+    write_internal_token,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
@@ -23,32 +25,6 @@ use qvirt_proto::v1::{
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request, Streaming};
-
-/// One token from `qvirt-gateway token new`: the token and its config entry.
-struct Token {
-    token: String,
-    entry: String,
-}
-
-fn token_new(name: &str, role: &str) -> Token {
-    let out = run(
-        &bin_path("qvirt-gateway"),
-        &["token", "new", "--name", name, "--role", role],
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let stdout = text(&out.stdout);
-    let mut lines = stdout.lines();
-    let token = lines.next().unwrap().to_owned();
-    assert_eq!(token.len(), 64, "{stdout}");
-    let entry: String = lines.map(|l| format!("{l}\n")).collect();
-    assert!(entry.contains(&format!("name: {name}")), "{entry}");
-    assert!(
-        !entry.contains(&token),
-        "the config entry holds only the hash"
-    );
-    Token { token, entry }
-}
 
 /// The backends and a gateway in front of them.
 struct Stack {
@@ -65,6 +41,7 @@ struct Stack {
     ro_sock: PathBuf,
     tokens_yaml: String,
     base_yaml: String,
+    backends_yaml: String,
 }
 
 impl Stack {
@@ -88,14 +65,16 @@ impl Stack {
         let rw_sock = dir.path().join("gw.sock");
         let ro_sock = dir.path().join("gw-ro.sock");
         let token_file = write_internal_token(dir.path());
-        let base_yaml = format!(
+        let backends_yaml = format!(
             "supervisor: {}\neventbus: {}\nagentd: {}\ninternal_token_file: {}\n\
-             audit_file: {}\nhealth_poll_ms: 200\nrw_socket:\n  path: {}\nro_socket:\n  path: {}\n\
-             limits:\n{limits_yaml}",
+             health_poll_ms: 200\nlimits:\n{limits_yaml}",
             sup.url(),
             bus.url(),
             agentd.url(),
             token_file.display(),
+        );
+        let base_yaml = format!(
+            "{backends_yaml}audit_file: {}\nrw_socket:\n  path: {}\nro_socket:\n  path: {}\n",
             audit.display(),
             rw_sock.display(),
             ro_sock.display(),
@@ -128,6 +107,44 @@ impl Stack {
             ro_sock,
             tokens_yaml,
             base_yaml,
+            backends_yaml,
+        }
+    }
+
+    /// A second gateway in front of the same backends, serving mTLS: a
+    /// read-only certificate (CN `viewer-host`) and a read-write one (DNS
+    /// SAN `operator.qvirt.test`), and this stack's tokens.
+    async fn mtls_gateway(&self) -> Mtls {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "clients");
+        let server = ca.server("server");
+        let ro = ca.client("ro", "viewer-host", vec![]);
+        let rw = ca.client("rw", "operator-host", vec![pki::dns("operator.qvirt.test")]);
+        let tls = pki::gateway_tls_yaml(
+            &server,
+            Some(&ca.cert),
+            &[
+                ("cert-ro", "read-only", "cn", "viewer-host"),
+                ("cert-rw", "read-write", "dns", "operator.qvirt.test"),
+            ],
+        );
+        let yaml = format!("{}{}{tls}", self.backends_yaml, self.tokens_yaml);
+        let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+        for svc in [
+            "",
+            "qvirt.v1.Supervisor",
+            "qvirt.v1.EventBus",
+            "qvirt.v1.GuestAgent",
+        ] {
+            gw.wait_serving_at(svc, pki::tls_endpoint(gw.addr, &ca.cert, Some(&rw)))
+                .await;
+        }
+        Mtls {
+            _dir: dir,
+            gw,
+            ca,
+            ro,
+            rw,
         }
     }
 
@@ -152,6 +169,24 @@ impl Stack {
     }
 }
 
+/// A gateway serving mTLS, and its client certificates.
+struct Mtls {
+    _dir: tempfile::TempDir,
+    gw: Service,
+    ca: Ca,
+    ro: CertFiles,
+    rw: CertFiles,
+}
+
+impl Mtls {
+    async fn channel(&self, client: &CertFiles) -> Channel {
+        pki::tls_endpoint(self.gw.addr, &self.ca.cert, Some(client))
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
 async fn unix_channel(path: &Path) -> Channel {
     qvirt_common::config::endpoint(&format!("unix:{}", path.display()))
         .unwrap()
@@ -165,16 +200,6 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
-}
-
-/// grpcurl's error code line (`Code: PermissionDenied`), or "OK".
-fn code_of(out: &Output) -> String {
-    let stderr = text(&out.stderr);
-    stderr
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Code: "))
-        .map(str::to_owned)
-        .unwrap_or_else(|| "OK".to_owned())
 }
 
 fn define_request(name: &str) -> DefineDomainRequest {
@@ -482,36 +507,74 @@ async fn test_cancelled_call_is_cancelled_at_the_backend_and_caps_count_real_pri
     }
 }
 
+/// Duplicate monitor-event subscriptions, the denial of service libvirt
+/// keeps from read-only users, fired by one read-write principal.
+const DUPLICATES: usize = 10_000;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_monitor_subscription_cap_per_principal_holds_against_duplicates() {
+    const CAP: usize = 4;
+    const CONNECTIONS: usize = 4;
+    const TASKS_PER_CONNECTION: usize = 25;
     let s = Stack::start(
         "",
-        "  calls_per_second: 100000\n  max_monitor_subscriptions_per_principal: 3\n",
+        &format!(
+            "  calls_per_second: 10000000\n  max_monitor_subscriptions_per_principal: {CAP}\n"
+        ),
     )
     .await;
-    let mut bus = EventBusClient::new(s.channel().await);
-    let mut held = Vec::new();
-    let mut refused = 0;
-    for _ in 0..300 {
-        match subscribe_monitor(&mut bus, &s.operator.token).await {
-            Ok(stream) => held.push(stream),
-            Err(e) => {
-                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-                assert!(
-                    e.message()
-                        .contains("limits.max_monitor_subscriptions_per_principal"),
-                    "{e:?}"
-                );
-                refused += 1;
-            }
+    let rss_before = qvirt_integration_tests::rss_kib(s.gw.pid());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let per_task = DUPLICATES / (CONNECTIONS * TASKS_PER_CONNECTION);
+    for _ in 0..CONNECTIONS {
+        // One HTTP/2 connection, shared by its tasks' calls.
+        let channel = s.channel().await;
+        for _ in 0..TASKS_PER_CONNECTION {
+            let mut bus = EventBusClient::new(channel.clone());
+            let token = s.operator.token.clone();
+            let held = std::sync::Arc::clone(&held);
+            tasks.spawn(async move {
+                let mut refused = Vec::new();
+                for _ in 0..per_task {
+                    match subscribe_monitor(&mut bus, &token).await {
+                        Ok(stream) => held.lock().unwrap().push(stream),
+                        Err(e) => refused.push((e.code(), e.message().to_owned())),
+                    }
+                }
+                refused
+            });
         }
     }
-    assert_eq!(held.len(), 3);
-    assert_eq!(refused, 297);
-    // Another principal still subscribes.
+    let mut refused = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        refused.extend(done.unwrap());
+    }
+    assert_eq!(held.lock().unwrap().len(), CAP);
+    assert_eq!(refused.len(), DUPLICATES - CAP);
+    for (code, message) in &refused {
+        assert_eq!(*code, Code::ResourceExhausted, "{message}");
+        assert!(
+            message.contains("limits.max_monitor_subscriptions_per_principal"),
+            "{message}"
+        );
+    }
+    // Refusals hold nothing: the gateway's memory stays where it was
+    // (give or take its allocator), not thousands of streams' worth.
+    let rss_after = qvirt_integration_tests::rss_kib(s.gw.pid());
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "gateway RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // Another principal still subscribes while the first is held off.
+    let mut bus = EventBusClient::new(s.channel().await);
     let _other = subscribe_monitor(&mut bus, &s.operator2.token)
         .await
         .unwrap();
+    let err = subscribe_monitor(&mut bus, &s.operator.token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -589,6 +652,234 @@ async fn test_unix_sockets_decide_the_role_and_a_token_only_lowers_it() {
     );
 }
 
+/// The uid and gid of this process, from /proc.
+fn ids() -> (u32, u32) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// The name of `id` in `/etc/passwd` or `/etc/group`, else the number.
+fn name_of(db: &str, id: u32) -> String {
+    std::fs::read_to_string(db)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 2 && f[2] == id.to_string()).then(|| f[0].to_owned())
+        })
+        .unwrap_or_else(|| id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_unix_sockets_get_their_owner_group_and_mode_and_a_bad_group_leaves_none() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (uid, gid) = ids();
+    let (user, group) = (name_of("/etc/passwd", uid), name_of("/etc/group", gid));
+    let rw = dir.path().join("rw.sock");
+    let ro = dir.path().join("ro.sock");
+    let yaml = format!(
+        "supervisor: {dead}\neventbus: {dead}\nagentd: {dead}\n\
+         rw_socket: {{path: {}, mode: \"0660\", owner: {user}, group: {group}}}\n\
+         ro_socket: {{path: {}, mode: \"0640\", group: \"{gid}\"}}\n",
+        rw.display(),
+        ro.display()
+    );
+    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+    gw.wait_serving("").await;
+    for (path, mode) in [(&rw, 0o660), (&ro, 0o640)] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!(meta.mode() & 0o777, mode, "{}", path.display());
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{}", path.display());
+    }
+    // Both sockets answer, and nothing else was left in their directory.
+    let mut rw_client = SupervisorClient::new(unix_channel(&rw).await);
+    let err = rw_client
+        .list_domains(ListDomainsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unavailable,
+        "reaches the dead backend: {err:?}"
+    );
+    let mut entries: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["ro.sock", "rw.sock"]);
+    drop(gw);
+
+    // A group that does not exist: the gateway stops, and no socket was
+    // ever at the path (it is bound out of sight and moved in last).
+    let bad = dir.path().join("bad.sock");
+    let yaml = format!(
+        "supervisor: {dead}\neventbus: {dead}\nagentd: {dead}\n\
+         rw_socket: {{path: {}, group: no-such-group-qvirt}}\n",
+        bad.display()
+    );
+    let config = dir.path().join("bad.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = qvirt_integration_tests::run(
+        &qvirt_integration_tests::bin_path("qvirt-gateway"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no-such-group-qvirt"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!bad.exists(), "a socket was left at {}", bad.display());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("bad.sock"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A backend standing in for the supervisor that records each call's
+/// deadline (`grpc-timeout`) and principal, never answers, and reports
+/// when its call is dropped. No real backend reports the deadline it was
+/// given, so this one is a recorder.
+#[derive(Clone)]
+struct Silent {
+    seen: tokio::sync::mpsc::UnboundedSender<Seen>,
+}
+
+struct Seen {
+    timeout: Option<String>,
+    principal: Option<String>,
+    dropped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl tonic::server::NamedService for Silent {
+    const NAME: &'static str = "qvirt.v1.Supervisor";
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Silent {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (guard, dropped) = tokio::sync::oneshot::channel::<()>();
+        let _ = self.seen.send(Seen {
+            timeout: header("grpc-timeout"),
+            principal: header("x-qvirt-principal"),
+            dropped,
+        });
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok(http::Response::new(tonic::body::Body::empty()))
+        })
+    }
+}
+
+/// A `grpc-timeout` value (`1999870u`) as a duration.
+fn grpc_timeout(text: &str) -> Duration {
+    let (n, unit) = text.split_at(text.len() - 1);
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        other => panic!("unit {other:?} in grpc-timeout {text:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_client_deadline_reaches_the_backend_and_ends_the_call_there() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Silent { seen: tx })
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let op = token_new("operator", "read-write");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "supervisor: http://{backend}\neventbus: {dead}\nagentd: {dead}\n\
+         internal_token_file: {}\ntokens:\n{}",
+        write_internal_token(dir.path()).display(),
+        op.entry
+    );
+    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+    gw.wait_serving("").await;
+
+    // grpcurl's -max-time is its deadline: grpc-timeout on the wire.
+    let header = format!("authorization: Bearer {}", op.token);
+    let out = grpcurl(&[
+        "-plaintext",
+        "-max-time",
+        "3",
+        "-H",
+        &header,
+        "-d",
+        "{}",
+        &gw.addr.to_string(),
+        "qvirt.v1.Supervisor/ListDomains",
+    ]);
+    assert_eq!(code_of(&out), "DeadlineExceeded", "{}", text(&out.stderr));
+    let call = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+        .await
+        .expect("the call reached the backend")
+        .unwrap();
+    let timeout = call.timeout.expect("grpc-timeout reached the backend");
+    let left = grpc_timeout(&timeout);
+    assert!(
+        left > Duration::ZERO && left <= Duration::from_secs(3),
+        "{timeout}"
+    );
+    assert_eq!(call.principal.as_deref(), Some("operator"));
+    // The deadline ended the backend's call too.
+    tokio::time::timeout(Duration::from_secs(20), call.dropped)
+        .await
+        .expect("the backend call ended at the deadline")
+        .unwrap_err();
+    server.abort();
+}
+
 /// This process's uid, from /proc (no unsafe call needed).
 fn unsafe_free_uid() -> u32 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -603,7 +894,7 @@ fn unsafe_free_uid() -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_sighup_revokes_a_removed_token_and_keeps_other_streams() {
-    let s = Stack::start("", "  calls_per_second: 1000\n").await;
+    let mut s = Stack::start("", "  calls_per_second: 1000\n").await;
     let mut bus = EventBusClient::new(s.channel().await);
     let mut revoked = subscribe_domain(&mut bus, &s.operator2.token).await;
     let mut kept = subscribe_domain(&mut bus, &s.operator.token).await;
@@ -646,6 +937,34 @@ async fn test_sighup_revokes_a_removed_token_and_keeps_other_streams() {
         matches!(next.kind, Some(subscribe_domain_events_response::Kind::Event(ref e)) if e.domain_name == "after-reload"),
         "{next:?}"
     );
+
+    // The log says what was reloaded, and nothing about a restart: only
+    // tokens changed.
+    s.gw.wait_log("SIGHUP: tokens reloaded", Duration::from_secs(20))
+        .await;
+    let log = s.gw.stderr();
+    assert!(!log.contains("need a restart"), "{log}");
+    assert!(!log.contains("after a restart"), "{log}");
+    // A key that only a restart applies is named as such.
+    let slower = s
+        .base_yaml
+        .replace("health_poll_ms: 200", "health_poll_ms: 300");
+    assert_ne!(slower, s.base_yaml);
+    std::fs::write(
+        s.gw.dir.path().join("config.yaml"),
+        format!("{slower}{without}"),
+    )
+    .unwrap();
+    s.gw.signal(libc::SIGHUP);
+    s.gw.wait_log("take effect after a restart", Duration::from_secs(20))
+        .await;
+    let log = s.gw.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("take effect after a restart"))
+        .unwrap();
+    assert!(line.contains("health_poll_ms"), "{line}");
+    assert!(!line.contains("tokens"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -774,6 +1093,9 @@ async fn test_method_by_caller_matrix_from_reflection_matches_the_role_table() {
     let tcp = s.channel().await;
     let ro_sock = unix_channel(&s.ro_sock).await;
     let rw_sock = unix_channel(&s.rw_sock).await;
+    let mtls = s.mtls_gateway().await;
+    let mtls_ro = mtls.channel(&mtls.ro).await;
+    let mtls_rw = mtls.channel(&mtls.rw).await;
     let forged = "f".repeat(64);
     let gateway_reasons = [
         "UNAUTHENTICATED_TOKEN",
@@ -782,7 +1104,7 @@ async fn test_method_by_caller_matrix_from_reflection_matches_the_role_table() {
     ];
     for path in &methods {
         let role = role_of(path).unwrap_or_else(|| panic!("{path} has no row in the role table"));
-        let callers: [(&str, Channel, Option<&str>, Option<Role>); 6] = [
+        let callers: [(&str, Channel, Option<&str>, Option<Role>); 8] = [
             ("no token", tcp.clone(), None, None),
             ("forged token", tcp.clone(), Some(&forged), None),
             (
@@ -806,6 +1128,18 @@ async fn test_method_by_caller_matrix_from_reflection_matches_the_role_table() {
             (
                 "read-write socket",
                 rw_sock.clone(),
+                None,
+                Some(Role::ReadWrite),
+            ),
+            (
+                "mTLS read-only",
+                mtls_ro.clone(),
+                None,
+                Some(Role::ReadOnly),
+            ),
+            (
+                "mTLS read-write",
+                mtls_rw.clone(),
                 None,
                 Some(Role::ReadWrite),
             ),

@@ -192,7 +192,10 @@ impl Listener {
     }
 }
 
-async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
+/// Removes a stale unix socket file at `path` (nobody accepting on it);
+/// a live socket, or a non-socket file, is an error. No file: nothing to
+/// do.
+pub async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
     let Ok(meta) = tokio::fs::symlink_metadata(path).await else {
         return Ok(());
     };

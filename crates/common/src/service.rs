@@ -18,10 +18,34 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a failure while running.
 pub const EXIT_RUNTIME: u8 = 1;
 
+/// How [`main_with`] runs a service beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MainOptions {
+    /// The service listens for SIGHUP itself and logs what it reloaded:
+    /// the shared "config changes need a restart" line is not logged.
+    pub reloads_on_hangup: bool,
+}
+
 /// Runs a service: `bin` names the program in error lines, `config` is the
 /// loaded and overridden config (not yet validated), `run` is the service's
 /// library entry point.
 pub fn main<C, F, Fut, E>(bin: &str, config: Result<C, ConfigError>, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Listener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error + 'static,
+{
+    main_with(bin, config, MainOptions::default(), run)
+}
+
+/// As [`main`], with `options`.
+pub fn main_with<C, F, Fut, E>(
+    bin: &str,
+    config: Result<C, ConfigError>,
+    options: MainOptions,
+    run: F,
+) -> ExitCode
 where
     C: ServiceConfig,
     F: FnOnce(C, Listener, CancellationToken) -> Fut,
@@ -52,7 +76,7 @@ where
             Ok(t) => t,
             Err(e) => return fail(bin, &e, EXIT_RUNTIME),
         };
-        if let Err(e) = crate::shutdown::on_hangup() {
+        if let Err(e) = crate::shutdown::on_hangup_with(!options.reloads_on_hangup) {
             return fail(bin, &e, EXIT_RUNTIME);
         }
         let listener = match Listener::bind(config.listen()).await {

@@ -35,10 +35,18 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 /// reloads its tokens); the other services only log it. Must be called
 /// inside a tokio runtime, before the service can be signalled.
 pub fn on_hangup() -> std::io::Result<()> {
+    on_hangup_with(true)
+}
+
+/// As [`on_hangup`]; with `log` false nothing is logged, for a service
+/// whose own listener says precisely what it reloaded and what not.
+pub fn on_hangup_with(log: bool) -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!(signal = "SIGHUP", "received");
+            if log {
+                tracing::info!(signal = "SIGHUP", "received");
+            }
         }
     });
     Ok(())

@@ -1,6 +1,8 @@
 //! Who is calling: bearer tokens (stored as SHA-256 hashes, compared in
-//! constant time, replaced on SIGHUP), unix-socket peers, and the role
-//! each gets.
+//! constant time, replaced on SIGHUP), unix-socket peers, mTLS client
+//! certificates ([`crate::tls`]), and the role each gets. A connection
+//! that itself says who the caller is (a unix socket, a client
+//! certificate) gives a role a token can only lower.
 //!
 //! Tokens are 256 random bits, so a fast hash is enough: nobody can guess
 //! a preimage of a 256-bit random value, with or without a slow hash
@@ -28,6 +30,9 @@ pub const MAX_AUTHORIZATION_LEN: usize = 512;
 pub enum Transport {
     /// Plaintext TCP (or a unix `listen` socket): tokens decide.
     Tcp,
+    /// TLS on the `listen` port: tokens decide, or with mTLS the client
+    /// certificate.
+    Tls,
     /// The read-write unix socket.
     UnixRw,
     /// The read-only unix socket.
@@ -39,6 +44,7 @@ impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
             Transport::UnixRw => "unix-rw",
             Transport::UnixRo => "unix-ro",
         }
@@ -68,6 +74,24 @@ pub enum AuthError {
     /// No configured token has this hash.
     #[error("the bearer token is not valid")]
     Unknown,
+    /// The client certificate cannot be used (unreadable, too many names,
+    /// or missing where mTLS requires one).
+    #[error("the client certificate is refused: {0}")]
+    Certificate(String),
+    /// The client certificate is valid but no `tls.clients` entry names
+    /// it.
+    #[error("the client certificate ({0}) matches no tls.clients entry")]
+    UnmappedCertificate(String),
+}
+
+impl AuthError {
+    /// Whether the client certificate, not a token, was refused.
+    pub fn is_certificate(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Certificate(_) | AuthError::UnmappedCertificate(_)
+        )
+    }
 }
 
 struct Entry {
@@ -193,39 +217,46 @@ pub fn bearer(value: Option<&http::HeaderValue>) -> Result<Option<&str>, AuthErr
     Ok(Some(token.trim()))
 }
 
-/// Who is calling over `transport`, given its `authorization` header and
-/// (on a unix socket) its uid.
+/// The caller a unix socket itself authenticates: its role, and
+/// `unix:uid:N` from the peer's credentials. `None` for other transports.
+pub fn socket_caller(transport: Transport, uid: Option<u32>) -> Option<Caller> {
+    let role = match transport {
+        Transport::Tcp | Transport::Tls => return None,
+        Transport::UnixRw => Role::ReadWrite,
+        Transport::UnixRo => Role::ReadOnly,
+    };
+    Some(Caller {
+        principal: match uid {
+            Some(uid) => format!("unix:uid:{uid}").into(),
+            None => "unix:uid:unknown".into(),
+        },
+        role,
+        revoked: None,
+    })
+}
+
+/// Who is calling, given its `authorization` header and the caller its
+/// connection authenticates (`connection`: a unix socket's peer, an mTLS
+/// client certificate's principal), if any. Without one, a token is
+/// needed; with one, a token can only lower the role (and names the
+/// principal).
 pub fn authenticate(
     tokens: &Tokens,
-    transport: Transport,
+    connection: Option<Caller>,
     authorization: Option<&http::HeaderValue>,
-    uid: Option<u32>,
 ) -> Result<Caller, AuthError> {
     let token = bearer(authorization)?;
     let by_token = token
         .map(|t| tokens.lookup(t).ok_or(AuthError::Unknown))
         .transpose()?;
-    let socket_role = match transport {
-        Transport::Tcp => None,
-        Transport::UnixRw => Some(Role::ReadWrite),
-        Transport::UnixRo => Some(Role::ReadOnly),
-    };
-    match (socket_role, by_token) {
+    match (connection, by_token) {
         (None, Some(caller)) => Ok(caller),
         (None, None) => Err(AuthError::Missing),
-        // A token on a socket can only lower the role.
-        (Some(role), Some(caller)) => Ok(Caller {
-            role: role.min(caller.role),
+        (Some(conn), Some(caller)) => Ok(Caller {
+            role: conn.role.min(caller.role),
             ..caller
         }),
-        (Some(role), None) => Ok(Caller {
-            principal: match uid {
-                Some(uid) => format!("unix:uid:{uid}").into(),
-                None => "unix:uid:unknown".into(),
-            },
-            role,
-            revoked: None,
-        }),
+        (Some(conn), None) => Ok(conn),
     }
 }
 
@@ -278,21 +309,9 @@ mod tests {
             entry("ro", Role::ReadOnly, "tok-ro"),
             entry("rw", Role::ReadWrite, "tok-rw"),
         ]);
-        let c = authenticate(
-            &tokens,
-            Transport::Tcp,
-            Some(&header("Bearer tok-rw")),
-            None,
-        )
-        .unwrap();
+        let c = authenticate(&tokens, None, Some(&header("Bearer tok-rw"))).unwrap();
         assert_eq!((&*c.principal, c.role), ("rw", Role::ReadWrite));
-        let c = authenticate(
-            &tokens,
-            Transport::Tcp,
-            Some(&header("bearer tok-ro")),
-            None,
-        )
-        .unwrap();
+        let c = authenticate(&tokens, None, Some(&header("bearer tok-ro"))).unwrap();
         assert_eq!((&*c.principal, c.role), ("ro", Role::ReadOnly));
         for (h, want) in [
             (None, AuthError::Missing),
@@ -301,7 +320,7 @@ mod tests {
             (Some("tok-rw"), AuthError::Malformed),
         ] {
             let h = h.map(header);
-            let err = authenticate(&tokens, Transport::Tcp, h.as_ref(), None).unwrap_err();
+            let err = authenticate(&tokens, None, h.as_ref()).unwrap_err();
             assert_eq!(err, want);
         }
     }
@@ -312,33 +331,19 @@ mod tests {
             entry("ro", Role::ReadOnly, "tok-ro"),
             entry("rw", Role::ReadWrite, "tok-rw"),
         ]);
-        let c = authenticate(&tokens, Transport::UnixRo, None, Some(1000)).unwrap();
+        let ro = || socket_caller(Transport::UnixRo, Some(1000));
+        let rw = || socket_caller(Transport::UnixRw, Some(0));
+        assert!(socket_caller(Transport::Tcp, Some(0)).is_none());
+        assert!(socket_caller(Transport::Tls, Some(0)).is_none());
+        let c = authenticate(&tokens, ro(), None).unwrap();
         assert_eq!((&*c.principal, c.role), ("unix:uid:1000", Role::ReadOnly));
-        let c = authenticate(
-            &tokens,
-            Transport::UnixRo,
-            Some(&header("Bearer tok-rw")),
-            Some(1000),
-        )
-        .unwrap();
+        let c = authenticate(&tokens, ro(), Some(&header("Bearer tok-rw"))).unwrap();
         assert_eq!(c.role, Role::ReadOnly);
-        let c = authenticate(
-            &tokens,
-            Transport::UnixRw,
-            Some(&header("Bearer tok-ro")),
-            Some(1000),
-        )
-        .unwrap();
+        let c = authenticate(&tokens, rw(), Some(&header("Bearer tok-ro"))).unwrap();
         assert_eq!(c.role, Role::ReadOnly);
-        let c = authenticate(&tokens, Transport::UnixRw, None, Some(0)).unwrap();
+        let c = authenticate(&tokens, rw(), None).unwrap();
         assert_eq!(c.role, Role::ReadWrite);
-        let err = authenticate(
-            &tokens,
-            Transport::UnixRw,
-            Some(&header("Bearer forged")),
-            Some(0),
-        )
-        .unwrap_err();
+        let err = authenticate(&tokens, rw(), Some(&header("Bearer forged"))).unwrap_err();
         assert_eq!(err, AuthError::Unknown);
     }
 

@@ -20,9 +20,17 @@ pub const HEALTH_POLL_MS_RANGE: std::ops::RangeInclusive<u64> = 100..=60_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where to serve gRPC in plaintext, with bearer tokens: `IP:PORT` or
-    /// `unix:PATH`. Plaintext TCP is for loopback and development only.
+    /// Where to serve gRPC: `IP:PORT` or `unix:PATH`. With a `tls`
+    /// section a TCP `listen` serves TLS; without one it serves plaintext,
+    /// which a non-loopback address accepts only with `plaintext: true`.
     pub listen: ListenAddr,
+    /// Allow a plaintext TCP `listen` on a non-loopback address (e.g. in a
+    /// container behind a private network). Development only: tokens then
+    /// cross the network in the clear.
+    pub plaintext: bool,
+    /// Serve `listen` over TLS, and with `client_ca_file` require client
+    /// certificates (mTLS) mapped to principals by `clients`.
+    pub tls: Option<TlsConfig>,
     /// `text` or `json` log lines on stderr.
     pub log_format: LogFormat,
     /// Close a new connection that has not sent the HTTP/2 preface within
@@ -59,6 +67,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: ListenAddr::loopback(DEFAULT_PORT),
+            plaintext: false,
+            tls: None,
             log_format: LogFormat::default(),
             preface_timeout_ms: qvirt_common::serve::DEFAULT_PREFACE_TIMEOUT_MS,
             supervisor: "http://127.0.0.1:50052".into(),
@@ -86,6 +96,103 @@ pub struct TokenEntry {
     pub role: Role,
     /// SHA-256 of the token, 64 lowercase hex digits.
     pub sha256: String,
+}
+
+/// The longest file `tls` reads (a certificate chain, a key, a CA
+/// bundle), bytes.
+pub const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
+
+/// The most `tls.clients` entries.
+pub const MAX_TLS_CLIENTS: usize = 4096;
+
+/// The longest certificate name (`cn`, `dns`, `uri`, `email`) a
+/// `tls.clients` entry may match, bytes.
+pub const MAX_CERT_NAME_LEN: usize = 256;
+
+/// TLS on the `listen` port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM (leaf first).
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates, PEM, that client certificates must chain to. When
+    /// set, every TLS client must present a certificate (mTLS), and the
+    /// certificate must match a `clients` entry.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Client certificates to principals: the first entry whose name the
+    /// certificate carries decides.
+    #[serde(default)]
+    pub clients: Vec<ClientCertEntry>,
+}
+
+/// One client-certificate mapping: exactly one of `cn`, `dns`, `uri`,
+/// `email` names the certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertEntry {
+    /// The principal (as a token's `name`).
+    pub name: String,
+    /// `read-only` or `read-write`.
+    pub role: Role,
+    /// The certificate's subject common name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
+    /// A DNS name in its subject alternative names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    /// A URI in its subject alternative names (e.g. a SPIFFE id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// An email address (rfc822Name) in its subject alternative names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// Which certificate name a [`ClientCertEntry`] matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertNameKind {
+    /// Subject common name.
+    Cn,
+    /// SAN dNSName.
+    Dns,
+    /// SAN uniformResourceIdentifier.
+    Uri,
+    /// SAN rfc822Name.
+    Email,
+}
+
+impl CertNameKind {
+    /// The key in config and the prefix in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertNameKind::Cn => "cn",
+            CertNameKind::Dns => "dns",
+            CertNameKind::Uri => "uri",
+            CertNameKind::Email => "email",
+        }
+    }
+}
+
+impl ClientCertEntry {
+    /// The one certificate name this entry matches, if exactly one is set.
+    pub fn identity(&self) -> Option<(CertNameKind, &str)> {
+        let set: Vec<(CertNameKind, &str)> = [
+            (CertNameKind::Cn, &self.cn),
+            (CertNameKind::Dns, &self.dns),
+            (CertNameKind::Uri, &self.uri),
+            (CertNameKind::Email, &self.email),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect();
+        match set.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
 }
 
 /// A unix socket the gateway serves on, as libvirt's sockets.
@@ -139,6 +246,7 @@ impl Config {
         check_endpoint("eventbus", &self.eventbus)?;
         check_endpoint("agentd", &self.agentd)?;
         check_tokens(&self.tokens)?;
+        self.check_listen()?;
         if !HEALTH_POLL_MS_RANGE.contains(&self.health_poll_ms) {
             return Err(invalid(
                 "health_poll_ms",
@@ -177,6 +285,100 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The plaintext rule and the `tls` section (its files are read and
+    /// parsed here, so a bad one stops the gateway before it binds).
+    fn check_listen(&self) -> Result<(), ConfigError> {
+        match (&self.listen, &self.tls) {
+            (ListenAddr::Unix(_), Some(_)) => {
+                return Err(invalid(
+                    "tls",
+                    self.listen.to_string(),
+                    "TLS needs a TCP `listen` (IP:PORT); unix sockets rely on file permissions",
+                ));
+            }
+            (ListenAddr::Tcp(_), Some(_)) if self.plaintext => {
+                return Err(invalid(
+                    "plaintext",
+                    "true".into(),
+                    "`plaintext: true` and a `tls` section exclude each other",
+                ));
+            }
+            (ListenAddr::Tcp(addr), None) if !addr.ip().is_loopback() && !self.plaintext => {
+                return Err(invalid(
+                    "listen",
+                    addr.to_string(),
+                    "plaintext beyond loopback: add a `tls` section, or `plaintext: true` \
+                     (development only: tokens cross the network in the clear)",
+                ));
+            }
+            _ => {}
+        }
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        crate::tls::Material::load(tls)?;
+        if tls.clients.len() > MAX_TLS_CLIENTS {
+            return Err(invalid(
+                "tls.clients",
+                tls.clients.len().to_string(),
+                &format!("at most {MAX_TLS_CLIENTS} entries"),
+            ));
+        }
+        if tls.client_ca_file.is_none() && !tls.clients.is_empty() {
+            return Err(invalid(
+                "tls.clients",
+                format!("{} entries", tls.clients.len()),
+                "client certificates need `tls.client_ca_file`",
+            ));
+        }
+        if tls.client_ca_file.is_some() && tls.clients.is_empty() {
+            return Err(invalid(
+                "tls.clients",
+                "[]".into(),
+                "with `tls.client_ca_file` set, map at least one client certificate",
+            ));
+        }
+        for c in &tls.clients {
+            check_principal("tls.clients[].name", &c.name)?;
+            let Some((_, value)) = c.identity() else {
+                return Err(invalid(
+                    "tls.clients[]",
+                    c.name.clone(),
+                    "needs exactly one of cn, dns, uri, email",
+                ));
+            };
+            if value.is_empty()
+                || value.len() > MAX_CERT_NAME_LEN
+                || value.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "tls.clients[]",
+                    c.name.clone(),
+                    "the certificate name must be 1 to 256 bytes, without control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_principal(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_PRINCIPAL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        name.to_owned(),
+        "must be 1 to 64 letters, digits, '.', '_', '-' or '@'",
+    ))
+}
+
 impl SocketConfig {
     /// The mode bits, `default` when none is configured.
     pub fn mode_bits(&self, default: u32) -> Result<u32, String> {
@@ -202,18 +404,7 @@ fn invalid(field: &'static str, value: String, reason: &str) -> ConfigError {
 pub fn check_tokens(tokens: &[TokenEntry]) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
     for t in tokens {
-        let name_ok = !t.name.is_empty()
-            && t.name.len() <= MAX_PRINCIPAL_LEN
-            && t.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
-        if !name_ok {
-            return Err(invalid(
-                "tokens[].name",
-                t.name.clone(),
-                "must be 1 to 64 letters, digits, '.', '_', '-' or '@'",
-            ));
-        }
+        check_principal("tokens[].name", &t.name)?;
         let hash_ok = t.sha256.len() == 64
             && t.sha256
                 .bytes()

@@ -2,15 +2,16 @@
 //! services (`qvirt.v1.Supervisor`, `qvirt.v1.EventBus`,
 //! `qvirt.v1.GuestAgent`) by forwarding each call, by method path and as
 //! raw bytes, to the backend that serves it, after authenticating the
-//! caller (bearer tokens, or libvirt-style read-write and read-only unix
-//! sockets), checking the method's role ([`roles`]) and the caller's
-//! limits ([`limits`]), and before auditing it ([`audit`]). Reflection
+//! caller (bearer tokens, mTLS client certificates ([`tls`]), or
+//! libvirt-style read-write and read-only unix sockets), checking the
+//! method's role ([`roles`]) and the caller's limits ([`limits`]), and before auditing it ([`audit`]). Reflection
 //! lists exactly the public services; internal services and methods are
 //! UNIMPLEMENTED here. Health follows each backend's ([`health`]).
 //!
 //! Entry point: [`run`], called by `main.rs` with the bound `listen`
-//! listener, the shutdown token and the config file's path (tokens are
-//! reloaded from it on SIGHUP).
+//! listener (served over TLS when the config has a `tls` section), the
+//! shutdown token and the config file's path (tokens are reloaded from it
+//! on SIGHUP).
 
 pub mod audit;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod proxy;
 pub mod roles;
 pub mod status;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,10 @@ pub enum GatewayRunError {
     /// The audit file cannot be opened.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    /// The TLS files are unusable (e.g. the key does not match the
+    /// certificate).
+    #[error("cannot set up TLS")]
+    Tls(#[source] tonic::transport::Error),
     /// A unix socket could not be given its mode or owner.
     #[error("cannot set up the unix socket {path}")]
     Socket {
@@ -123,13 +129,20 @@ pub async fn run(
     ] {
         backends.insert(service, backend(service, url)?);
     }
-    if config.tokens.is_empty() {
+    let tls = config.tls.as_ref().map(tls::Material::load).transpose()?;
+    let clients = config
+        .tls
+        .as_ref()
+        .filter(|t| t.client_ca_file.is_some())
+        .map(|t| tls::ClientMap::new(&t.clients));
+    if config.tokens.is_empty() && clients.is_none() {
         tracing::warn!("no tokens configured: TCP callers are all refused (UNAUTHENTICATED)");
     }
     let shared = Arc::new(Shared {
         methods,
         backends,
         tokens: Tokens::new(&config.tokens),
+        clients,
         internal_token,
         limiter: limits::Limiter::new(config.limits.clone()),
         audit: audit::Audit::open(config.audit_file.as_deref())?,
@@ -174,15 +187,28 @@ pub async fn run(
         Routes::from(router)
     };
 
-    let mut listeners = vec![(listener, Transport::Tcp)];
+    let options = config.serve_options();
+    let tls_config = tls
+        .as_ref()
+        .map(|m| m.server_config(options.preface_timeout));
+    let main_transport = match (&tls_config, &listener) {
+        (Some(_), Listener::Tcp(_)) => Transport::Tls,
+        _ => Transport::Tcp,
+    };
+    if let Some(c) = &tls_config {
+        // A key that does not match its certificate fails here, before
+        // any socket is bound.
+        Server::builder()
+            .tls_config(c.clone())
+            .map_err(GatewayRunError::Tls)?;
+    }
+    let mut listeners = vec![(listener, main_transport, tls_config)];
     for (socket, transport, default_mode) in [
         (&config.rw_socket, Transport::UnixRw, 0o600),
         (&config.ro_socket, Transport::UnixRo, 0o666),
     ] {
         if let Some(s) = socket {
-            let l = Listener::bind(&ListenAddr::Unix(s.path.clone())).await?;
-            secure_socket(s, default_mode)?;
-            listeners.push((l, transport));
+            listeners.push((bind_socket(s, default_mode).await?, transport, None));
         }
     }
 
@@ -206,14 +232,21 @@ pub async fn run(
     };
     tokio::spawn(idle);
 
-    let options = config.serve_options();
     let mut servers = tokio::task::JoinSet::new();
-    for (l, transport) in listeners {
+    for (l, transport, tls_config) in listeners {
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listen = %addr, transport = transport.as_str(), services = ?roles::PUBLIC_SERVICES, "serving");
+        let mut server = Server::builder()
+            .http2_keepalive_interval(Some(options.keepalive_interval))
+            .http2_keepalive_timeout(Some(options.keepalive_timeout))
+            .max_concurrent_streams(options.max_concurrent_streams);
+        if let Some(c) = tls_config {
+            server = server.tls_config(c).map_err(GatewayRunError::Tls)?;
+        }
+        let mtls = transport == Transport::Tls && shared.clients.is_some();
+        tracing::info!(listen = %addr, transport = transport.as_str(), mtls, services = ?roles::PUBLIC_SERVICES, "serving");
         servers.spawn(serve_listener(
             l,
-            routes(transport),
+            server.add_routes(routes(transport)),
             options.clone(),
             shutdown.clone(),
         ));
@@ -254,15 +287,10 @@ pub async fn run(
 
 async fn serve_listener(
     listener: Listener,
-    routes: Routes,
+    server: tonic::transport::server::Router,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(options.keepalive_interval))
-        .http2_keepalive_timeout(Some(options.keepalive_timeout))
-        .max_concurrent_streams(options.max_concurrent_streams)
-        .add_routes(routes);
     let stop = shutdown.clone().cancelled_owned();
     let grace = async {
         shutdown.cancelled().await;
@@ -308,9 +336,15 @@ fn futures_serve(
     Box::pin(f)
 }
 
-/// Gives a unix socket its configured mode, owner and group.
-fn secure_socket(s: &config::SocketConfig, default_mode: u32) -> Result<(), GatewayRunError> {
-    use std::os::unix::fs::PermissionsExt as _;
+/// Binds a unix socket with its configured mode, owner and group, never
+/// showing a wider mode at its path: it is bound in a fresh directory only
+/// the gateway can enter (mode 0700), given its mode and owner there, and
+/// then renamed into place.
+async fn bind_socket(
+    s: &config::SocketConfig,
+    default_mode: u32,
+) -> Result<Listener, GatewayRunError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let fail = |source| GatewayRunError::Socket {
         path: s.path.display().to_string(),
         source,
@@ -330,10 +364,43 @@ fn secure_socket(s: &config::SocketConfig, default_mode: u32) -> Result<(), Gate
         .map(|g| lookup_id(Path::new("/etc/group"), g))
         .transpose()
         .map_err(fail)?;
-    if uid.is_some() || gid.is_some() {
-        std::os::unix::fs::chown(&s.path, uid, gid).map_err(fail)?;
+    let name = s
+        .path
+        .file_name()
+        .ok_or_else(|| fail(std::io::Error::other("the path names no file")))?;
+    let parent = match s.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(
+        ".{}.{}.bind",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // A leftover of a gateway that died here with this pid: ours to clear.
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(fail)?;
+    let staged = private.join(name);
+    let placed = async {
+        let l = match Listener::bind(&ListenAddr::Unix(staged.clone())).await? {
+            Listener::Unix(l, _) => l,
+            Listener::Tcp(_) => return Err(fail(std::io::Error::other("not a unix listener"))),
+        };
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(&staged, uid, gid).map_err(fail)?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+        qvirt_common::serve::remove_stale_socket(&s.path).await?;
+        std::fs::rename(&staged, &s.path).map_err(fail)?;
+        Ok::<_, GatewayRunError>(Listener::Unix(l, s.path.clone()))
     }
-    std::fs::set_permissions(&s.path, std::fs::Permissions::from_mode(mode)).map_err(fail)
+    .await;
+    // Best effort: the directory is empty once the socket moved out.
+    let _ = std::fs::remove_dir_all(&private);
+    placed
 }
 
 /// A numeric id, or the id of `name` in `/etc/passwd` or `/etc/group`
@@ -359,8 +426,9 @@ fn lookup_id(db: &Path, name: &str) -> std::io::Result<u32> {
         })
 }
 
-/// Reloads the tokens from the config file on each SIGHUP. A file that
-/// does not load keeps the current tokens (and says why).
+/// Reloads the tokens from the config file on each SIGHUP, and says which
+/// other keys changed in the file since start (those need a restart). A
+/// file that does not load keeps the current tokens (and says why).
 async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: CancellationToken) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -369,13 +437,16 @@ async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: 
             return;
         }
     };
+    let at_start = path
+        .as_deref()
+        .and_then(|p| qvirt_common::config::load::<Config>(Some(p)).ok());
     loop {
         tokio::select! {
             got = hup.recv() => if got.is_none() { return },
             () = shutdown.cancelled() => return,
         }
         let Some(path) = &path else {
-            tracing::warn!("SIGHUP: no config file to reload tokens from");
+            tracing::warn!("SIGHUP: no config file to reload tokens from; nothing reloaded");
             continue;
         };
         let loaded = qvirt_common::config::load::<Config>(Some(path))
@@ -388,6 +459,16 @@ async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: 
                     revoked,
                     "SIGHUP: tokens reloaded; streams of revoked tokens end"
                 );
+                let pending = at_start
+                    .as_ref()
+                    .map(|s| changed_keys(s, &c))
+                    .unwrap_or_default();
+                if !pending.is_empty() {
+                    tracing::warn!(
+                        keys = %pending.join(", "),
+                        "SIGHUP: other keys changed in the config file since start; they take effect after a restart"
+                    );
+                }
             }
             Err(e) => tracing::error!(
                 error = %qvirt_common::error_chain(&e),
@@ -395,4 +476,17 @@ async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: 
             ),
         }
     }
+}
+
+/// The top-level keys other than `tokens` whose values differ.
+fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    let (Ok(serde_yaml::Value::Mapping(old)), Ok(serde_yaml::Value::Mapping(new))) =
+        (serde_yaml::to_value(old), serde_yaml::to_value(new))
+    else {
+        return Vec::new();
+    };
+    old.iter()
+        .filter(|(k, v)| k.as_str() != Some("tokens") && new.get(*k) != Some(*v))
+        .filter_map(|(k, _)| k.as_str().map(str::to_owned))
+        .collect()
 }

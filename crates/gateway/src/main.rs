@@ -8,8 +8,8 @@ use qvirt_common::cli::{CommonArgs, override_with};
 use qvirt_gateway::config::{Config, TokenEntry, check_tokens};
 use qvirt_gateway::roles::Role;
 
-/// qvirt gateway: the one public endpoint (bearer tokens, read-write and
-/// read-only unix sockets, per-method roles, audit).
+/// qvirt gateway: the one public endpoint (bearer tokens, TLS and mTLS,
+/// read-write and read-only unix sockets, per-method roles, audit).
 #[derive(Debug, Parser)]
 #[command(name = "qvirt-gateway", version, about)]
 struct Args {
@@ -33,6 +33,10 @@ struct Args {
     /// Append audit lines here. Overrides `audit_file`.
     #[arg(long, value_name = "FILE")]
     audit_file: Option<PathBuf>,
+    /// Allow a plaintext TCP `listen` beyond loopback (development only).
+    /// Sets `plaintext`.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,9 +75,13 @@ fn main() -> ExitCode {
             args.internal_token_file.map(Some),
         );
         override_with(&mut c.audit_file, args.audit_file.map(Some));
+        c.plaintext |= args.plaintext;
         c
     });
-    qvirt_common::service::main("qvirt-gateway", config, move |c, l, s| {
+    let options = qvirt_common::service::MainOptions {
+        reloads_on_hangup: true,
+    };
+    qvirt_common::service::main_with("qvirt-gateway", config, options, move |c, l, s| {
         qvirt_gateway::run(c, l, s, path)
     })
 }

@@ -29,7 +29,7 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::body::Body;
 use tonic::transport::Channel;
-use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use tower::ServiceExt as _;
 
 use crate::audit::{self, Audit, Record};
@@ -38,6 +38,7 @@ use crate::descriptors::{self, Method};
 use crate::limits::{LimitError, Limiter, StreamPermit};
 use crate::roles::{self, Role};
 use crate::status::GatewayError;
+use crate::tls::ClientMap;
 
 /// The metadata key carrying the caller's principal to backends.
 pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
@@ -66,6 +67,8 @@ pub struct Shared {
     pub backends: HashMap<&'static str, Backend>,
     /// The bearer tokens.
     pub tokens: Tokens,
+    /// With mTLS: client certificates to principals.
+    pub clients: Option<ClientMap>,
     /// The internal secret presented to backends.
     pub internal_token: Option<HeaderValue>,
     /// Per-principal limits.
@@ -160,12 +163,18 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
         shared.audit.write(&record);
         status.into_http::<Body>()
     };
-    let caller = match auth::authenticate(
-        &shared.tokens,
-        transport,
-        req.headers().get(http::header::AUTHORIZATION),
-        uid,
-    ) {
+    let connection = match transport {
+        Transport::Tls => certificate_caller(shared.clients.as_ref(), &req),
+        _ => Ok(auth::socket_caller(transport, uid)),
+    };
+    let authenticated = connection.and_then(|connection| {
+        auth::authenticate(
+            &shared.tokens,
+            connection,
+            req.headers().get(http::header::AUTHORIZATION),
+        )
+    });
+    let caller = match authenticated {
         Ok(c) => c,
         Err(source) => {
             return deny(
@@ -289,6 +298,25 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             Response::from_parts(parts, Body::new(guarded))
         }
     }
+}
+
+/// With mTLS (`clients` configured), the caller the connection's verified
+/// client certificate maps to; without, `None` (tokens decide).
+fn certificate_caller<B>(
+    clients: Option<&ClientMap>,
+    req: &Request<B>,
+) -> Result<Option<Caller>, auth::AuthError> {
+    let Some(clients) = clients else {
+        return Ok(None);
+    };
+    let certs = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs);
+    let leaf = certs.as_deref().and_then(|c| c.first()).ok_or_else(|| {
+        auth::AuthError::Certificate("the connection presented no client certificate".into())
+    })?;
+    clients.caller(leaf).map(Some)
 }
 
 /// Removes the client's `x-qvirt-*` metadata and `authorization`, and adds

@@ -4,6 +4,7 @@
 //! | error | code | reason | metadata |
 //! |---|---|---|---|
 //! | no, malformed or unknown token | UNAUTHENTICATED | `UNAUTHENTICATED_TOKEN` | `method` |
+//! | mTLS client certificate unmapped or unusable | UNAUTHENTICATED | `UNAUTHENTICATED_CERTIFICATE` | `method` |
 //! | token revoked while the call ran | UNAUTHENTICATED | `TOKEN_REVOKED` | `method` |
 //! | role too low | PERMISSION_DENIED | `PERMISSION_DENIED_ROLE` | `method`, `required_role`, `role` |
 //! | unknown or internal method | UNIMPLEMENTED | `METHOD_NOT_FOUND` | `method` |
@@ -86,9 +87,13 @@ impl GatewayError {
         use qvirt_common::rpc::error;
         let message = qvirt_common::error_chain(self);
         match self {
-            GatewayError::Unauthenticated { method, .. } => error(
+            GatewayError::Unauthenticated { method, source } => error(
                 Code::Unauthenticated,
-                "UNAUTHENTICATED_TOKEN",
+                if source.is_certificate() {
+                    "UNAUTHENTICATED_CERTIFICATE"
+                } else {
+                    "UNAUTHENTICATED_TOKEN"
+                },
                 message,
                 [("method", method.clone())],
             ),
@@ -167,6 +172,14 @@ mod tests {
                 },
                 Code::Unauthenticated,
                 "UNAUTHENTICATED_TOKEN",
+            ),
+            (
+                GatewayError::Unauthenticated {
+                    method: m(),
+                    source: AuthError::UnmappedCertificate("cn:\"x\"".into()),
+                },
+                Code::Unauthenticated,
+                "UNAUTHENTICATED_CERTIFICATE",
             ),
             (
                 GatewayError::Revoked { method: m() },
