@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 pub mod measure;
 pub mod reference;
+pub mod stack;
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
