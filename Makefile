@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz
+.PHONY: all deps bench-deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz
 
 all: build
 
@@ -35,8 +35,13 @@ test: deps build-debug static-ga
 	fi
 
 ## bench: performance figures, each beside its reference measured in the same run
-bench: deps build
+## (nginx and libvirt among them: bench-deps installs those)
+bench: deps bench-deps build static-ga
 	@bash scripts/bench.sh
+
+## bench-deps: what only `make bench` needs (nginx, libvirt, python3-libvirt)
+bench-deps:
+	@bash scripts/bench-deps.sh
 
 ## static-ga: a statically linked qvirt-ga (glibc, crt-static) in its own
 ## target dir, target/static/<host>/release/qvirt-ga, checked to need no
