@@ -386,7 +386,10 @@ mod tests {
         let edited = xml.replace("</domain>", "<description>x</description></domain>");
         let xml_format = HookStdinFormat::LibvirtXml;
         let spec = filter_output(xml_format, &base, edited.as_bytes()).unwrap();
-        assert_eq!((spec.name.as_str(), spec.memory_mib, spec.agent), ("vm", 128, true));
+        assert_eq!(
+            (spec.name.as_str(), spec.memory_mib, spec.agent),
+            ("vm", 128, true)
+        );
         let error = filter_output(xml_format, &base, b"<domain").unwrap_err();
         assert!(!error.is_empty());
     }

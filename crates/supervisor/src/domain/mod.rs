@@ -623,6 +623,16 @@ impl Manager {
         changed
     }
 
+    /// `spec` within this host's `max_memory_mib` and `max_vcpus` (both
+    /// reloaded on SIGHUP).
+    pub(super) fn check_host_limits(&self, spec: &DomainSpec) -> Result<(), spec::SpecError> {
+        spec::check_host_limits(
+            spec,
+            self.inner.max_memory_mib.load(Ordering::Relaxed),
+            self.inner.max_vcpus.load(Ordering::Relaxed),
+        )
+    }
+
     /// Refuse a name whose monitor (or agent) socket path would not fit a
     /// unix socket address (`sun_path`, 108 bytes with its NUL): the start
     /// would fail binding it.
@@ -684,11 +694,7 @@ impl Manager {
         let uuid_given = !spec.uuid.is_empty();
         let allow_update = options.allow_update || !options.etag.is_empty();
         let mut spec = spec::normalize(spec, self.config().default_accel)?;
-        spec::check_host_limits(
-            &spec,
-            self.inner.max_memory_mib.load(Ordering::Relaxed),
-            self.inner.max_vcpus.load(Ordering::Relaxed),
-        )?;
+        self.check_host_limits(&spec)?;
         self.check_socket_paths(&spec.name)?;
         self.confine(&spec).await?;
         let _define = self.inner.define_lock.lock().await;

@@ -411,7 +411,7 @@ impl Manager {
             domain: name.clone(),
             message,
         })?;
-        spec::check_host_limits(&spec, self.inner.max_memory_mib, self.inner.max_vcpus)
+        self.check_host_limits(&spec)
             .map_err(|error| bad(error.to_string()))?;
         self.confine(&spec).await?;
         if spec != *current {
