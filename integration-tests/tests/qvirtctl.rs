@@ -285,6 +285,25 @@ async fn test_domains_lifecycle_events_and_errors_as_virsh() {
         ok(ctl(&url, rw, &["reset", "vm1"])),
         "Domain 'vm1' was reset\n"
     );
+    // save / restore: libvirt's managed save, the image the supervisor's.
+    assert_eq!(ok(ctl(&url, rw, &["save", "vm1"])), "Domain 'vm1' saved\n");
+    assert_eq!(
+        ok(ctl(&url, ro, &["domstate", "vm1", "--reason"])),
+        "shut off (saved)\n"
+    );
+    assert_eq!(
+        ok(ctl(&url, rw, &["restore", "vm1"])),
+        "Domain 'vm1' restored\n"
+    );
+    let info = json(&ok(ctl(&url, ro, &["--json", "dominfo", "vm1"])));
+    let _restored = QemuGuard(
+        info["pid"].as_u64().unwrap() as u32,
+        info["spec"]["uuid"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        ok(ctl(&url, ro, &["domstate", "vm1", "--reason"])),
+        "running (restored)\n"
+    );
     assert_eq!(
         ok(ctl(&url, rw, &["destroy", "vm1"])),
         "Domain 'vm1' destroyed\n"
@@ -299,6 +318,8 @@ async fn test_domains_lifecycle_events_and_errors_as_virsh() {
         "event 'lifecycle' for domain 'vm1': Started Booted",
         "event 'lifecycle' for domain 'vm1': Suspended Paused",
         "event 'lifecycle' for domain 'vm1': Resumed Unpaused",
+        "event 'lifecycle' for domain 'vm1': Stopped Saved",
+        "event 'lifecycle' for domain 'vm1': Started Restored",
     ] {
         assert!(out.contains(want), "no {want:?} in:\n{out}");
     }

@@ -27,6 +27,16 @@ pub const VIRSH: &[(&str, &str, &str)] = &[
     ("suspend", "`suspend`", "`Supervisor/SuspendDomain`"),
     ("resume", "`resume`", "`Supervisor/ResumeDomain`"),
     ("reset", "`reset`", "`Supervisor/ResetDomain`"),
+    (
+        "save",
+        "`managedsave` (`save FILE`: the supervisor keeps the image)",
+        "`Supervisor/SaveDomain`",
+    ),
+    (
+        "restore",
+        "`start` of a managed-saved domain (`restore FILE`)",
+        "`Supervisor/RestoreDomain`",
+    ),
     ("event", "`event`", "`EventBus/SubscribeDomainEvents`"),
     (
         "qemu-monitor-event",

@@ -1,8 +1,8 @@
 //! Domains: `list`, `dominfo`, `domstate`, `define`, `undefine`, and the
 //! lifecycle (`start`, `shutdown`, `reboot`, `destroy`, `suspend`,
 //! `resume`, `reset`), each one Supervisor call printed as virsh prints
-//! it. (SaveDomain / RestoreDomain, once the supervisor has them, become
-//! `save` and `restore` here, as `start` is.)
+//! it. `save` and `restore` are libvirt's managed save: the supervisor
+//! keeps the image, so neither takes a file.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, DomainStateReason,
     GetDomainRequest, ListDomainsRequest, RebootDomainRequest, ResetDomainRequest,
-    ResumeDomainRequest, ShutdownDomainRequest, ShutdownMode, StartDomainRequest,
-    SuspendDomainRequest, UndefineDomainRequest, define_domain_request,
+    RestoreDomainRequest, ResumeDomainRequest, SaveDomainRequest, ShutdownDomainRequest,
+    ShutdownMode, StartDomainRequest, SuspendDomainRequest, UndefineDomainRequest,
+    define_domain_request,
 };
 
 use crate::CtlError;
@@ -544,6 +545,36 @@ pub async fn suspend(gw: &Gateway, g: &Global, a: DomArg) -> Result<u8, CtlError
         .into_inner()
         .domain;
     done(g, d.as_ref(), &format!("Domain '{}' suspended", a.domain))
+}
+
+/// `save`: the guest's memory to the supervisor's image, then shut off
+/// (SAVED).
+pub async fn save(gw: &Gateway, g: &Global, a: DomArg) -> Result<u8, CtlError> {
+    let mut client = gw.supervisor();
+    let call = client.save_domain(SaveDomainRequest {
+        domain: a.domain.clone(),
+        ..Default::default()
+    });
+    let d = waiting(&format!("saving {}", a.domain), call)
+        .await?
+        .into_inner()
+        .domain;
+    done(g, d.as_ref(), &format!("Domain '{}' saved", a.domain))
+}
+
+/// `restore`: a saved domain back from its image.
+pub async fn restore(gw: &Gateway, g: &Global, a: StartArgs) -> Result<u8, CtlError> {
+    let mut client = gw.supervisor();
+    let call = client.restore_domain(RestoreDomainRequest {
+        domain: a.domain.clone(),
+        paused: a.paused,
+        ..Default::default()
+    });
+    let d = waiting(&format!("restoring {}", a.domain), call)
+        .await?
+        .into_inner()
+        .domain;
+    done(g, d.as_ref(), &format!("Domain '{}' restored", a.domain))
 }
 
 /// `resume`.

@@ -105,8 +105,11 @@ pub enum Command {
     Resume(domain::DomArg),
     /// Hard-reset a domain (no guest cooperation).
     Reset(domain::DomArg),
-    // save / restore: added beside the lifecycle commands in domain.rs
-    // once the supervisor has SaveDomain / RestoreDomain.
+    /// Save a running domain's memory to the supervisor's image and shut
+    /// it off (virsh's `managedsave`).
+    Save(domain::DomArg),
+    /// Start a saved domain from its image (`--paused` keeps it paused).
+    Restore(domain::StartArgs),
     /// Wait for lifecycle events and print them.
     Event(events::EventArgs),
     /// Wait for raw QMP events and print them.
@@ -173,6 +176,8 @@ async fn dispatch(gw: &conn::Gateway, g: &conn::Global, command: Command) -> Res
         C::Suspend(a) => domain::suspend(gw, g, a).await,
         C::Resume(a) => domain::resume(gw, g, a).await,
         C::Reset(a) => domain::reset(gw, g, a).await,
+        C::Save(a) => domain::save(gw, g, a).await,
+        C::Restore(a) => domain::restore(gw, g, a).await,
         C::Event(a) => events::event(gw, g, a).await,
         C::QemuMonitorEvent(a) => events::monitor_event(gw, g, a).await,
         C::QemuMonitorCommand(a) => qemu::monitor_command(gw, g, a).await,
