@@ -8,6 +8,13 @@
 //! It does not run guests (the supervisor does) and does not run inside
 //! them (`qvirt-ga` does).
 //!
+//! Modules: [`service`] (the RPCs), [`call`] (a call's target, limits and
+//! timeout rule), `ops` (Exec, ReadFile, WriteFile: calls of several agent
+//! commands), `admin` (vCPUs, passwords, SSH keys), [`convert`] (replies
+//! to messages), [`channel`], [`wire`] and [`socket`] (one connection per
+//! guest and its framing), [`locate`] (where a guest's agent is),
+//! [`config`], and `status` (errors to gRPC statuses).
+//!
 //! Entry point: [`run`], called by `main.rs` with a bound listener and the
 //! shutdown token.
 

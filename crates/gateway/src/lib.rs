@@ -4,9 +4,17 @@
 //! raw bytes, to the backend that serves it, after authenticating the
 //! caller (bearer tokens, mTLS client certificates ([`tls`]), or
 //! libvirt-style read-write and read-only unix sockets), checking the
-//! method's role ([`roles`]) and the caller's limits ([`limits`]), and before auditing it ([`audit`]). Reflection
+//! method's role ([`roles`]) and the caller's limits ([`limits`]), and
+//! before auditing it ([`audit`]). Reflection
 //! lists exactly the public services; internal services and methods are
 //! UNIMPLEMENTED here. Health follows each backend's ([`health`]).
+//!
+//! Modules: [`proxy`] (forwarding by method path), [`auth`] (tokens and
+//! socket peers), [`tls`] (server TLS and client certificates), [`roles`]
+//! (the one role table), [`limits`] (per-principal streams, rate, size),
+//! [`audit`] (the JSON-lines trail), [`health`], [`descriptors`] (the
+//! public API and reflection), [`config`], and [`status`] (the gateway's
+//! own errors).
 //!
 //! Entry point: [`run`], called by `main.rs` with the bound `listen`
 //! listener (served over TLS when the config has a `tls` section), the
