@@ -33,9 +33,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use qvirt_integration_tests::guest::{Images, guest_image, guest_images_in};
 use qvirt_integration_tests::measure::{percentile, steal_percent, steal_ticks};
 use qvirt_integration_tests::stack::{BearerChannel, GatewayStack, StackOptions, bearer_channel};
-use qvirt_integration_tests::{ChildGuard, QemuGuard, run_command, static_ga, text};
+use qvirt_integration_tests::{ChildGuard, QemuGuard, run_command, static_ga};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
@@ -235,60 +236,6 @@ fn booted_yaml(name: &str, images: &Images) -> String {
         images.vmlinux.display(),
         images.initramfs.display(),
     )
-}
-
-/// A test guest's kernel and initramfs, copied into a dir of their own.
-struct Images {
-    root: PathBuf,
-    vmlinux: PathBuf,
-    initramfs: PathBuf,
-}
-
-/// `scripts/build-test-guest.sh` with the static qvirt-ga as the agent
-/// (built as `make static-ga` builds it); `Err` if the guest's Debian
-/// packages cannot be fetched here (the script's exit status 77).
-fn build_guest() -> Result<(PathBuf, PathBuf), String> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = repo.join("target/test-guest");
-    let mut script = Command::new("bash");
-    script
-        .arg(repo.join("scripts/build-test-guest.sh"))
-        .arg(&out)
-        .arg(static_ga());
-    let result = run_command(&mut script, Duration::from_secs(900));
-    match result.status.code() {
-        Some(0) => Ok((out.join("vmlinux"), out.join("initramfs"))),
-        Some(77) => Err(text(&result.stderr).trim().to_owned()),
-        _ => panic!(
-            "build-test-guest.sh failed ({}):\n{}",
-            result.status,
-            text(&result.stderr)
-        ),
-    }
-}
-
-/// Copies of the images in `dir/name` (world-readable: qvirt's QEMU runs
-/// as qvirt-qemu; libvirt relabels what it is given, so it gets its own).
-fn copy_images(dir: &Path, name: &str, vmlinux: &Path, initramfs: &Path) -> Images {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |path: &Path, mode| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-    mode(dir, 0o755);
-    let root = dir.join(name);
-    std::fs::create_dir(&root).unwrap();
-    mode(&root, 0o755);
-    let copy = |from: &Path| {
-        let to = root.join(from.file_name().unwrap());
-        std::fs::copy(from, &to).unwrap();
-        mode(&to, 0o644);
-        to
-    };
-    Images {
-        vmlinux: copy(vmlinux),
-        initramfs: copy(initramfs),
-        root: root.clone(),
-    }
 }
 
 /// qvirt's clients: through the gateway, or direct to each backend.
@@ -705,7 +652,7 @@ async fn main() {
         .collect();
     let run = |phase: &str| picked.is_empty() || picked.iter().any(|p| p == phase);
     let guest = if run("event") || run("ping") {
-        match build_guest() {
+        match guest_image(&static_ga()) {
             Ok(g) => Some(g),
             Err(why) => {
                 println!("libvirt bench: no booted guest (event and ping phases skipped): {why}");
@@ -716,10 +663,10 @@ async fn main() {
         None
     };
     let work = tempfile::tempdir().unwrap();
-    let images = guest.as_ref().map(|(k, i)| {
+    let images = guest.as_ref().map(|image| {
         (
-            copy_images(work.path(), "lv", k, i),
-            copy_images(work.path(), "qv", k, i),
+            guest_images_in(work.path(), "lv", image),
+            guest_images_in(work.path(), "qv", image),
         )
     });
     let image_root = images

@@ -67,12 +67,18 @@ pub struct Images {
 
 /// Copy `image` into `dir/images`; see [`Images`].
 pub fn guest_images(dir: &Path, image: &Image) -> Images {
+    guest_images_in(dir, "images", image)
+}
+
+/// Copy `image` into `dir/name` (a second copy for another hypervisor,
+/// which relabels what it is given); see [`Images`].
+pub fn guest_images_in(dir: &Path, name: &str, image: &Image) -> Images {
     use std::os::unix::fs::PermissionsExt;
     let mode = |path: &Path, mode| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     mode(dir, 0o755);
-    let root = dir.join("images");
+    let root = dir.join(name);
     std::fs::create_dir(&root).unwrap();
     mode(&root, 0o755);
     let copy = |from: &Path| {

@@ -295,7 +295,10 @@ async fn test_save_and_paused_restore_of_a_firmware_guest() {
     let mode = std::fs::metadata(image).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     // Save returns after its stop hooks, as Destroy.
-    assert_eq!(hooks.take_calls(), ["fw stopped end -", "fw release end saved"]);
+    assert_eq!(
+        hooks.take_calls(),
+        ["fw stopped end -", "fw release end saved"]
+    );
     let seen = events_until(&mut events, stopped(DomainEventStoppedDetail::Saved)).await;
     assert!(
         seen.contains(&(
