@@ -151,7 +151,24 @@ case " $* " in
 *) exec poweroff -f ;;
 esac
 EOF
-chmod 755 "$root/init" "$root/sbin/shutdown"
+# guest-set-user-password runs `chpasswd [-e]` with `USER:PASSWORD` on
+# stdin; Debian's busybox has no chpasswd applet. This one does what
+# shadow's does for one line: an unknown user fails, the entry in
+# /etc/shadow gets the (given or SHA-512) crypted password.
+cat >"$root/usr/sbin/chpasswd" <<'EOF'
+#!/bin/sh
+crypted=
+[ "$1" = -e ] && crypted=1
+IFS=: read -r user pass || exit 1
+if ! grep -q "^$user:" /etc/passwd; then
+    echo "chpasswd: line 1: user '$user' does not exist" >&2
+    echo "chpasswd: error detected, changes ignored" >&2
+    exit 1
+fi
+[ -n "$crypted" ] || pass=$(mkpasswd -m sha512 "$pass") || exit 1
+sed -i "s|^$user:[^:]*:|$user:$pass:|" /etc/shadow
+EOF
+chmod 755 "$root/init" "$root/sbin/shutdown" "$root/usr/sbin/chpasswd"
 (cd "$root" && find . -print0 | "$busybox" cpio -o -0 -H newc -R 0:0 2>/dev/null) >"$image"
 chmod 644 "$image"
 mv "$image" "$out/initramfs"

@@ -9,9 +9,11 @@
 //!
 //! The guest is busybox with a root user (/etc/passwd, /etc/shadow,
 //! /root): ssh keys are read, added and removed in /root/.ssh for real
-//! (and an unknown user takes the lookup-failure path). Debian's busybox
-//! has no `chpasswd`, so `set-user-password` takes the missing-tool path
-//! on both, for root and for an unknown user alike. vCPU 1 is taken
+//! (and an unknown user takes the lookup-failure path). Passwords are set
+//! through the guest's `chpasswd` (a script doing what shadow's does for
+//! one line: Debian's busybox has no such applet) and read back from
+//! /etc/shadow with guest-file-read; an unknown user makes it fail, and
+//! both agents must then give the same error. vCPU 1 is taken
 //! offline and back through /sys/devices/system/cpu/cpu1/online (the guest
 //! has 2 vCPUs). `domfsinfo` lists nothing: the guest runs from its
 //! initramfs, with no mounted block device.
@@ -29,6 +31,8 @@ use qvirt_integration_tests::{static_ga, text, tool_path};
 
 /// Two TCG guests booting at once on 2 shared cores.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(240);
+/// A SHA-512 crypt of "Qvirt-test-2" (`mkpasswd -m sha512 -S qvirtsalt`).
+const CRYPTED: &str = "$6$qvirtsalt$nwCVoEC6m1/AHzwa.39TqHuFGtxdErb1aNxrN8hmHKiA8IKe3vcqllWeB/51JzlmKzxQz1kVcez222IWTY41b.";
 const SSH_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq1xvQ5mCdP7rT9ZzUjv0t8c9Z5y4r3xAAAAAAAAAAA qvirt@test";
 
@@ -47,6 +51,27 @@ fn seen(lv: &Libvirtd, dom: &str, args: &[&str]) -> String {
         text(&out.stderr)
     )
     .replace(dom, "DOM")
+}
+
+/// The guest's file `path`, read through libvirt with qemu-agent-command
+/// (guest-file-open, -read, -close).
+fn guest_file(lv: &Libvirtd, dom: &str, path: &str) -> String {
+    use base64::Engine;
+    let agent = |cmd: serde_json::Value| -> serde_json::Value {
+        let out = lv.virsh_ok(&["qemu-agent-command", dom, &cmd.to_string()]);
+        let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+        reply["return"].clone()
+    };
+    let handle = agent(serde_json::json!({"execute": "guest-file-open",
+        "arguments": {"path": path}}));
+    let read = agent(serde_json::json!({"execute": "guest-file-read",
+        "arguments": {"handle": handle, "count": 65536}}));
+    agent(serde_json::json!({"execute": "guest-file-close",
+        "arguments": {"handle": handle}}));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(read["buf-b64"].as_str().unwrap())
+        .unwrap();
+    text(&bytes)
 }
 
 /// `domtime`'s seconds differ per boot: only its shape is compared.
@@ -112,6 +137,7 @@ fn virsh_agent_commands_answer_the_same_with_qvirt_ga_and_qemu_ga() {
         vec!["get-user-sshkeys", "DOM", "nosuchuser"],
         vec!["set-user-password", "DOM", "root", "Qvirt-test-1"],
         vec!["set-user-password", "DOM", "nosuchuser", "Qvirt-test-1"],
+        vec!["set-user-password", "DOM", "root", CRYPTED, "--encrypted"],
         vec!["guestvcpus", "DOM"],
         vec!["guestvcpus", "DOM", "--cpulist", "1", "--disable"],
         vec!["guestvcpus", "DOM"],
@@ -155,22 +181,30 @@ fn virsh_agent_commands_answer_the_same_with_qvirt_ga_and_qemu_ga() {
     ok(0, r#"{"return":{}}"#);
     ok(3, SSH_KEY);
     ok(5, "stdout:\n\nstderr:");
-    ok(11, "online         : 0\n");
-    ok(14, "online         : 0\n");
-    ok(16, "online         : 0-1\n");
-    ok(17, "os.kernel-release");
-    ok(19, "Time: SECONDS");
+    ok(7, "");
+    ok(9, "");
+    ok(12, "online         : 0\n");
+    ok(15, "online         : 0\n");
+    ok(17, "online         : 0-1\n");
+    ok(18, "os.kernel-release");
+    ok(20, "Time: SECONDS");
     assert!(
         answers[6].contains("failed to lookup user 'nosuchuser'"),
         "{}",
         answers[6]
     );
-    // Debian's busybox has no chpasswd: both agents refuse alike.
-    for i in [7, 8] {
-        assert!(
-            answers[i].contains("cannot find 'passwd' program in PATH"),
-            "{}",
-            answers[i]
+    assert!(
+        answers[8].contains("child process has failed to set user password"),
+        "{}",
+        answers[8]
+    );
+    // The last password set is the crypted one, on both.
+    for dom in [&qv.name, &qg.name] {
+        let shadow = guest_file(&lv, dom, "/etc/shadow");
+        assert_eq!(
+            shadow,
+            format!("root:{CRYPTED}:19000:0:99999:7:::\n"),
+            "{dom}"
         );
     }
 }
