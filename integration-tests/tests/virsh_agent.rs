@@ -15,15 +15,16 @@
 //! /etc/shadow with guest-file-read; an unknown user makes it fail, and
 //! both agents must then give the same error. vCPU 1 is taken
 //! offline and back through /sys/devices/system/cpu/cpu1/online (the guest
-//! has 2 vCPUs). `domfsinfo` lists nothing: the guest runs from its
-//! initramfs, with no mounted block device.
+//! has 2 vCPUs). `domfsinfo` lists nothing and `domfsfreeze` freezes
+//! nothing: the guest runs from its initramfs, with no block device. The
+//! last command, `shutdown --mode agent`, must power both guests off.
 //!
 //! Needs libvirt (`make deps`): a libvirtd that cannot start here fails the
 //! test. Where Debian's packages for the guest cannot be fetched (the
 //! build script exits 77), the test prints that it skipped and why.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::{guest_image, guest_image_named, guest_images_in, serial};
 use qvirt_integration_tests::libvirtd::{Libvirtd, guest_xml};
@@ -150,6 +151,22 @@ fn virsh_agent_commands_answer_the_same_with_qvirt_ga_and_qemu_ga() {
         vec!["domfsinfo", "DOM"],
         vec!["domtime", "DOM"],
         vec!["qemu-agent-command", "DOM", r#"{"execute":"guest-ping"}"#],
+        vec!["domtime", "DOM", "--sync"],
+        vec!["domtime", "DOM", "--now"],
+        vec!["domhostname", "DOM", "--source", "agent"],
+        vec!["domifaddr", "DOM", "--source", "agent"],
+        vec!["domfsfreeze", "DOM"],
+        vec!["domfsthaw", "DOM"],
+        vec!["domfstrim", "DOM"],
+        vec![
+            "guestinfo",
+            "DOM",
+            "--user",
+            "--os",
+            "--timezone",
+            "--hostname",
+        ],
+        vec!["guestinfo", "DOM", "--filesystem", "--disk", "--interface"],
     ];
     let mut differ = Vec::new();
     let mut answers = Vec::new();
@@ -206,5 +223,25 @@ fn virsh_agent_commands_answer_the_same_with_qvirt_ga_and_qemu_ga() {
             format!("root:{CRYPTED}:19000:0:99999:7:::\n"),
             "{dom}"
         );
+    }
+    // Last, the agent's shutdown: the same answer, and both power off.
+    let shutdown = ["shutdown", "DOM", "--mode", "agent"];
+    let a = seen(&lv, &qv.name, &shutdown);
+    let b = seen(&lv, &qg.name, &shutdown);
+    assert_eq!(a, b, "virsh shutdown --mode agent");
+    assert!(a.starts_with("status Some(0)"), "{a}");
+    for dom in [&qv.name, &qg.name] {
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        loop {
+            let state = lv.virsh_ok(&["domstate", dom]);
+            if state.trim() == "shut off" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{dom} still {state:?} {AGENT_TIMEOUT:?} after shutdown --mode agent"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
