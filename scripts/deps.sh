@@ -8,9 +8,8 @@
 #     busybox the demo/test guest is built from, and libvirt 9
 #     (libvirt-daemon-system, libvirt-daemon-driver-qemu, libvirt-clients):
 #     the tests run virsh against qvirt-ga through a private libvirtd, which
-#     they start in its own mount namespace and stop (nothing starts by
-#     itself here; on a host where the packaged libvirtd runs as a service,
-#     the tests that need a private one refuse to share it and fail).
+#     they start in its own mount namespace, with its own config, run, state
+#     and log dirs, and stop (beside any libvirtd the host runs).
 #   - the system user QEMU runs as (qvirt-qemu: no login shell, no home,
 #     in the kvm group when there is one), as libvirt runs QEMU as
 #     libvirt-qemu.

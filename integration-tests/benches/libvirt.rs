@@ -14,12 +14,12 @@
 //!
 //! libvirt's side is `benches/libvirt/helper.py` (python3-libvirt), a
 //! client of the harness's private libvirtd (`libvirtd::Libvirtd`: its own
-//! mount namespace with its own qemu.conf and domain dir over
-//! /etc/libvirt's, so nothing in /etc changes, under a child subreaper that
-//! reaps the QEMUs it daemonizes at once, as systemd would; here PID 1
-//! reaps about once a second, and libvirt's destroy waits for that); each
-//! libvirt time is taken in Python around the API call alone.
-//! Refuses to run beside another libvirtd. Needs `bash
+//! mount namespace with its own config, run, state and log dirs over the
+//! system's, so nothing outside its temp dir changes, under a child
+//! subreaper that reaps the QEMUs it daemonizes at once, as systemd would;
+//! here PID 1 reaps about once a second, and libvirt's destroy waits for
+//! that); each libvirt time is taken in Python around the API call alone.
+//! Needs `bash
 //! scripts/bench-deps.sh` (`make bench` runs it). Phases by name:
 //! `cargo bench -p qvirt-integration-tests --bench libvirt -- lifecycle`
 //! (also `event`, `ping`); none named: all.
@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::{Images, guest_image, guest_images_in};
-use qvirt_integration_tests::libvirtd::{self, Libvirtd, QEMU, guest_xml};
+use qvirt_integration_tests::libvirtd::{Libvirtd, QEMU, guest_xml};
 use qvirt_integration_tests::measure::{percentile, steal_percent, steal_ticks};
 use qvirt_integration_tests::stack::{BearerChannel, GatewayStack, StackOptions, bearer_channel};
 use qvirt_integration_tests::{QemuGuard, run_command, static_ga};
@@ -101,7 +101,8 @@ impl Libvirt {
         let daemon = Libvirtd::start();
         let mut client = Command::new(&python)
             .arg(helper_script())
-            .args(["client", libvirtd::URI])
+            .arg("client")
+            .arg(daemon.uri())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

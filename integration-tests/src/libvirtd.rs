@@ -1,23 +1,21 @@
 //! A private libvirtd (Debian's libvirt 9, installed by `make deps`) for
 //! the tests that use libvirt as a client and for the libvirt bench:
-//! `src/libvirtd.py` runs it in its own mount namespace with its own
-//! qemu.conf, domain and hooks dirs bind-mounted over /etc/libvirt's
-//! (nothing in /etc changes), under a child subreaper that reaps the QEMUs
-//! libvirt daemonizes at once, as systemd would. It listens on the system
-//! socket (`qemu:///system`), so it refuses to start beside another
-//! libvirtd; a libvirtd that cannot start here fails the caller loudly.
+//! `src/libvirtd.py` runs it and its virtlogd in their own mount
+//! namespace with their own qemu.conf, domain and hooks dirs over
+//! /etc/libvirt's and their own /run/libvirt, /var/lib/libvirt,
+//! /var/cache/libvirt and /var/log/libvirt (nothing outside its temp dir
+//! changes, and it runs beside any other libvirtd), under a child
+//! subreaper that reaps the QEMUs libvirt daemonizes at once, as systemd
+//! would. Clients reach it at [`Libvirtd::uri`]. A libvirtd that cannot
+//! start here fails the caller loudly.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::guest::Images;
 use crate::{ChildGuard, QemuGuard, run_command, text};
 
-/// The URI of the private libvirtd.
-pub const URI: &str = "qemu:///system";
-/// The socket it listens on.
-const SOCKET: &str = "/run/libvirt/libvirt-sock";
 /// One virsh command (a start is the slowest, well under this).
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(120);
 /// The QEMU libvirt runs.
@@ -42,10 +40,6 @@ impl Libvirtd {
                 "{tool} not found: run `make deps` (it installs libvirt 9)"
             );
         }
-        assert!(
-            std::os::unix::net::UnixStream::connect(SOCKET).is_err(),
-            "another libvirtd answers on {SOCKET}: a private one will not share it"
-        );
         let dir = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/libvirtd.py");
         let daemon = ChildGuard::spawn(
@@ -57,12 +51,14 @@ impl Libvirtd {
                 .stderr(std::fs::File::create(dir.path().join("daemon.err")).unwrap()),
         );
         let mut lv = Libvirtd { daemon, dir };
+        let socket = lv.socket();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(SOCKET).is_err() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             let exited = lv.daemon.try_wait();
             assert!(
                 exited.is_none() && Instant::now() < deadline,
-                "libvirtd did not listen on {SOCKET} ({exited:?}): {}",
+                "libvirtd did not listen on {} ({exited:?}): {}",
+                socket.display(),
                 lv.log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -73,6 +69,16 @@ impl Libvirtd {
     /// Its private dir (qemu.conf, domain XML, logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The socket it listens on (its /run/libvirt/libvirt-sock).
+    fn socket(&self) -> PathBuf {
+        self.dir().join("run/libvirt-sock")
+    }
+
+    /// The URI a client connects with.
+    pub fn uri(&self) -> String {
+        format!("qemu:///system?socket={}", self.socket().display())
     }
 
     /// libvirtd's stderr and log, for failure messages.
@@ -88,7 +94,7 @@ impl Libvirtd {
     /// `virsh -c URI ARGS`, with a timeout.
     pub fn virsh<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
         let mut cmd = Command::new("/usr/bin/virsh");
-        cmd.args(["-q", "-c", URI]).args(args);
+        cmd.args(["-q", "-c", &self.uri()]).args(args);
         run_command(&mut cmd, VIRSH_TIMEOUT)
     }
 
@@ -118,7 +124,7 @@ impl Libvirtd {
         };
         self.virsh_ok(&["start", name]);
         let uuid = self.virsh_ok(&["domuuid", name]).trim().to_owned();
-        let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        let pid = std::fs::read_to_string(self.dir().join(format!("run/qemu/{name}.pid")))
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or(0);
