@@ -32,7 +32,7 @@ pub struct Libvirtd {
 
 impl Libvirtd {
     /// Starts one and waits until it listens; panics (with libvirtd's
-    /// stderr) if it cannot, or if another libvirtd answers already.
+    /// stderr and log) if it cannot.
     pub fn start() -> Libvirtd {
         for tool in ["/usr/sbin/libvirtd", "/usr/sbin/virtlogd", "/usr/bin/virsh"] {
             assert!(
