@@ -35,11 +35,11 @@ test: deps build-debug static-ga
 	fi
 
 ## bench: performance figures, each beside its reference measured in the same run
-## (nginx and libvirt among them: bench-deps installs those)
+## (nginx and python3-libvirt: bench-deps installs those)
 bench: deps bench-deps build static-ga
 	@bash scripts/bench.sh
 
-## bench-deps: what only `make bench` needs (nginx, libvirt, python3-libvirt)
+## bench-deps: what only `make bench` needs (nginx, python3-libvirt)
 bench-deps:
 	@bash scripts/bench-deps.sh
 

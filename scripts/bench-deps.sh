@@ -6,11 +6,9 @@
 #   - nginx-core: Debian's nginx with the HTTP/2 and gRPC proxy modules,
 #     the reverse proxy the gateway bench measures beside qvirt-gateway
 #     (run from a private config and prefix, never as a system service).
-#   - libvirt 9 (libvirt-daemon-system, libvirt-daemon-driver-qemu,
-#     libvirt-clients) and python3-libvirt: the libvirt bench drives a
-#     private libvirtd through its API (benches/libvirt/helper.py) beside
-#     qvirt. Nothing starts by itself here (no systemd); the bench starts
-#     libvirtd in its own mount namespace with its own config and stops it.
+#   - python3-libvirt: the libvirt bench drives a private libvirtd through
+#     its API (benches/libvirt/helper.py) beside qvirt. libvirt itself is
+#     installed by `make deps` (scripts/deps.sh): the tests need it too.
 #
 # As root it installs; otherwise it prints the exact command and fails.
 set -euo pipefail
@@ -19,7 +17,6 @@ say() { printf 'bench-deps: %s\n' "$*" >&2; }
 
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-core)
-[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 /usr/bin/python3 -c 'import libvirt, libvirt_qemu' >/dev/null 2>&1 || need+=(python3-libvirt)
 
 [ "${#need[@]}" -eq 0 ] && exit 0

@@ -8,9 +8,12 @@
 # guest needs from them is kept in OUTDIR/cache for the next run.
 #
 # Usage: scripts/build-test-guest.sh OUTDIR AGENT
-#   AGENT: a statically linked qemu-ga compatible agent (qvirt-ga from
-#   `make static-ga`); the guest runs
+#   AGENT: a qemu-ga compatible agent (qvirt-ga from `make static-ga`, or
+#   Debian's dynamically linked qemu-ga, whose libraries are copied from
+#   the host at the same paths); the guest runs
 #   `AGENT -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run`.
+# The guest has a root user (/etc/passwd, /etc/shadow, /root) as a real
+# one does, for the agent's user commands.
 # Writes OUTDIR/vmlinux and OUTDIR/initramfs, and prints one line ending
 # with the kernel package's name in parentheses. Boot with
 #   -machine q35 -accel tcg -m 128 -kernel vmlinux -initrd initramfs
@@ -89,10 +92,24 @@ busybox=$cache/busybox/bin/busybox
 root=$(mktemp -d "$out/root.XXXXXX")
 image=$(mktemp "$out/initramfs.XXXXXX")
 trap 'rm -rf "$root" "$image"' EXIT
-mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,lib/modules}
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,lib/modules,etc,var,root}
+ln -s ../run "$root/var/run"
+chmod 700 "$root/root"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\n' >"$root/etc/group"
+printf 'root:*:19000:0:99999:7:::\n' >"$root/etc/shadow"
+chmod 600 "$root/etc/shadow"
 cp "$busybox" "$root/bin/busybox"
 # Without debug info: a smaller initramfs to load.
 strip -o "$root/bin/qvirt-ga" "$agent" 2>/dev/null || cp "$agent" "$root/bin/qvirt-ga"
+# A dynamically linked agent (Debian's qemu-ga) gets its libraries at the
+# paths ldd names.
+if ldd "$agent" >/dev/null 2>&1; then
+    for lib in $(ldd "$agent" | grep -oE '/[^ ]+\.so[^ ]*'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+fi
 for m in $modules; do
     cp "$cache/modules/$m.ko" "$root/lib/modules/"
 done
@@ -134,7 +151,24 @@ case " $* " in
 *) exec poweroff -f ;;
 esac
 EOF
-chmod 755 "$root/init" "$root/sbin/shutdown"
+# guest-set-user-password runs `chpasswd [-e]` with `USER:PASSWORD` on
+# stdin; Debian's busybox has no chpasswd applet. This one does what
+# shadow's does for one line: an unknown user fails, the entry in
+# /etc/shadow gets the (given or SHA-512) crypted password.
+cat >"$root/usr/sbin/chpasswd" <<'EOF'
+#!/bin/sh
+crypted=
+[ "$1" = -e ] && crypted=1
+IFS=: read -r user pass || exit 1
+if ! grep -q "^$user:" /etc/passwd; then
+    echo "chpasswd: line 1: user '$user' does not exist" >&2
+    echo "chpasswd: error detected, changes ignored" >&2
+    exit 1
+fi
+[ -n "$crypted" ] || pass=$(mkpasswd -m sha512 "$pass") || exit 1
+sed -i "s|^$user:[^:]*:|$user:$pass:|" /etc/shadow
+EOF
+chmod 755 "$root/init" "$root/sbin/shutdown" "$root/usr/sbin/chpasswd"
 (cd "$root" && find . -print0 | "$busybox" cpio -o -0 -H newc -R 0:0 2>/dev/null) >"$image"
 chmod 644 "$image"
 mv "$image" "$out/initramfs"

@@ -4,8 +4,12 @@
 #
 #   - Debian packages: QEMU (the hypervisor the supervisor drives), qemu-utils
 #     (named explicitly: see docs/OPERATIONS.md "What make deps installs"), qemu-ga
-#     (the reference peer for agent compatibility tests), and the kernel and
-#     busybox the demo/test guest is built from.
+#     (the reference peer for agent compatibility tests), the kernel and
+#     busybox the demo/test guest is built from, and libvirt 9
+#     (libvirt-daemon-system, libvirt-daemon-driver-qemu, libvirt-clients):
+#     the tests run virsh against qvirt-ga through a private libvirtd, which
+#     they start in its own mount namespace, with its own config, run, state
+#     and log dirs, and stop (beside any libvirtd the host runs).
 #   - the system user QEMU runs as (qvirt-qemu: no login shell, no home,
 #     in the kvm group when there is one), as libvirt runs QEMU as
 #     libvirt-qemu.
@@ -46,13 +50,16 @@ check python3 python3
 check xmllint libxml2-utils
 command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 check docker-compose docker-compose
+[ -x /usr/sbin/libvirtd ] && [ -x /usr/bin/virsh ] ||
+    need_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
     # The machine image may carry a newer qemu-utils from backports that
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
-    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose)
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose
+        libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then
         say "missing: ${need_pkgs[*]}; run as root:"

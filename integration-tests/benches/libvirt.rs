@@ -12,13 +12,14 @@
 //!   its agent the static qvirt-ga): `GuestAgent/Ping` through the gateway
 //!   and agentd vs `qemuAgentCommand`.
 //!
-//! libvirt's side is `benches/libvirt/helper.py` (python3-libvirt): a
-//! private libvirtd in its own mount namespace with its own qemu.conf and
-//! domain dir over /etc/libvirt's (nothing in /etc changes), under a child
-//! subreaper that reaps the QEMUs it daemonizes at once, as systemd would
-//! (here PID 1 reaps about once a second, and libvirt's destroy waits for
+//! libvirt's side is `benches/libvirt/helper.py` (python3-libvirt), a
+//! client of the harness's private libvirtd (`libvirtd::Libvirtd`: its own
+//! mount namespace with its own config, run, state and log dirs over the
+//! system's, so nothing outside its temp dir changes, under a child
+//! subreaper that reaps the QEMUs it daemonizes at once, as systemd would;
+//! here PID 1 reaps about once a second, and libvirt's destroy waits for
 //! that); each libvirt time is taken in Python around the API call alone.
-//! Refuses to run beside another libvirtd. Needs `bash
+//! Needs `bash
 //! scripts/bench-deps.sh` (`make bench` runs it). Phases by name:
 //! `cargo bench -p qvirt-integration-tests --bench libvirt -- lifecycle`
 //! (also `event`, `ping`); none named: all.
@@ -34,9 +35,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::{Images, guest_image, guest_images_in};
+use qvirt_integration_tests::libvirtd::{Libvirtd, QEMU, guest_xml};
 use qvirt_integration_tests::measure::{percentile, steal_percent, steal_ticks};
 use qvirt_integration_tests::stack::{BearerChannel, GatewayStack, StackOptions, bearer_channel};
-use qvirt_integration_tests::{ChildGuard, QemuGuard, run_command, static_ga};
+use qvirt_integration_tests::{QemuGuard, run_command, static_ga};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
@@ -61,7 +63,6 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 /// A booted guest's agent answers within this.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
 const CMDLINE: &str = "console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check";
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 fn helper_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/libvirt/helper.py")
@@ -91,42 +92,17 @@ struct Libvirt {
     /// Domains to destroy and undefine when dropped.
     domains: Vec<String>,
     // Dropped last: libvirtd stops once the client is done with it.
-    _daemon: ChildGuard,
-    _dir: tempfile::TempDir,
+    _daemon: Libvirtd,
 }
 
 impl Libvirt {
     fn start() -> Libvirt {
-        let sock = Path::new("/run/libvirt/libvirt-sock");
-        assert!(
-            std::os::unix::net::UnixStream::connect(sock).is_err(),
-            "another libvirtd answers on {}: this bench runs its own and will not share one",
-            sock.display()
-        );
         let python = system_python();
-        let dir = tempfile::tempdir().unwrap();
-        let daemon = ChildGuard::spawn(
-            Command::new(&python)
-                .arg(helper_script())
-                .arg("daemon")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(std::fs::File::create(dir.path().join("daemon.out")).unwrap())
-                .stderr(std::fs::File::create(dir.path().join("daemon.err")).unwrap()),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "libvirtd did not listen on {}: {}",
-                sock.display(),
-                std::fs::read_to_string(dir.path().join("daemon.err")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let daemon = Libvirtd::start();
         let mut client = Command::new(&python)
             .arg(helper_script())
-            .args(["client", "qemu:///system"])
+            .arg("client")
+            .arg(daemon.uri())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -149,7 +125,6 @@ impl Libvirt {
             replies,
             domains: Vec::new(),
             _daemon: daemon,
-            _dir: dir,
         }
     }
 
@@ -211,22 +186,6 @@ fn small_xml(name: &str) -> String {
 
 fn small_yaml(name: &str) -> String {
     format!("name: {name}\nmemory_mib: 128\nvcpus: 1\nmachine: pc\naccel: tcg\n")
-}
-
-/// The test guest: its kernel and initramfs, with an agent channel.
-fn booted_xml(name: &str, images: &Images, console: &Path) -> String {
-    format!(
-        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
-         <cmdline>{CMDLINE}</cmdline></os>\
-         <devices><emulator>{QEMU}</emulator>\
-         <serial type='file'><source path='{}'/></serial>\
-         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
-         <memballoon model='none'/><controller type='usb' model='none'/></devices></domain>",
-        images.vmlinux.display(),
-        images.initramfs.display(),
-        console.display()
-    )
 }
 
 fn booted_yaml(name: &str, images: &Images) -> String {
@@ -611,7 +570,7 @@ async fn boot_guests(
     console: &Path,
 ) -> (String, String, QemuGuard) {
     let (lv_name, qv_name) = ("booted-lv".to_owned(), "booted-qv".to_owned());
-    lv.define(&booted_xml(&lv_name, images_lv, console), &lv_name);
+    lv.define(&guest_xml(&lv_name, images_lv, 1, console, None), &lv_name);
     lv.call(json!({"cmd": "start", "name": lv_name}));
     gw.define(booted_yaml(&qv_name, images_qv)).await;
     let (_, pid, uuid) = gw.start(&qv_name, false).await;

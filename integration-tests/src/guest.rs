@@ -25,7 +25,13 @@ pub struct Image {
 /// Kernel and initramfs with `agent` inside, or why the packages cannot be
 /// fetched here (the script's exit status 77); any other failure panics.
 pub fn guest_image(agent: &Path) -> Result<Image, String> {
-    let out = repo().join("target/test-guest");
+    guest_image_named("test-guest", agent)
+}
+
+/// [`guest_image`] built into `target/NAME`: a guest with another agent
+/// (Debian's qemu-ga) must not replace the one other tests boot.
+pub fn guest_image_named(name: &str, agent: &Path) -> Result<Image, String> {
+    let out = repo().join("target").join(name);
     let mut script = Command::new("bash");
     script
         .arg(repo().join("scripts/build-test-guest.sh"))

@@ -32,6 +32,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod guest;
+pub mod libvirtd;
 pub mod measure;
 pub mod pki;
 pub mod reference;
