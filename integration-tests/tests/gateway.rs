@@ -847,19 +847,25 @@ async fn test_a_client_deadline_reaches_the_backend_and_ends_the_call_there() {
     let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
     gw.wait_serving("").await;
 
-    // grpcurl's -max-time is its deadline: grpc-timeout on the wire.
+    // grpcurl's -max-time is its deadline: grpc-timeout on the wire. It
+    // runs off the runtime's workers, which serve the recording backend.
     let header = format!("authorization: Bearer {}", op.token);
-    let out = grpcurl(&[
-        "-plaintext",
-        "-max-time",
-        "3",
-        "-H",
-        &header,
-        "-d",
-        "{}",
-        &gw.addr.to_string(),
-        "qvirt.v1.Supervisor/ListDomains",
-    ]);
+    let addr = gw.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        grpcurl(&[
+            "-plaintext",
+            "-max-time",
+            "5",
+            "-H",
+            &header,
+            "-d",
+            "{}",
+            &addr,
+            "qvirt.v1.Supervisor/ListDomains",
+        ])
+    })
+    .await
+    .unwrap();
     assert_eq!(code_of(&out), "DeadlineExceeded", "{}", text(&out.stderr));
     let call = tokio::time::timeout(Duration::from_secs(20), seen.recv())
         .await
@@ -868,7 +874,7 @@ async fn test_a_client_deadline_reaches_the_backend_and_ends_the_call_there() {
     let timeout = call.timeout.expect("grpc-timeout reached the backend");
     let left = grpc_timeout(&timeout);
     assert!(
-        left > Duration::ZERO && left <= Duration::from_secs(3),
+        left > Duration::ZERO && left <= Duration::from_secs(5),
         "{timeout}"
     );
     assert_eq!(call.principal.as_deref(), Some("operator"));
