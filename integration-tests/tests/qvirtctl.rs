@@ -526,6 +526,63 @@ async fn test_guest_agent_commands_in_a_real_guest() {
         "{thawed}"
     );
 
+    // virsh's agent administration verbs, against the guest's real files.
+    assert_eq!(
+        ok(ctl(&url, ro, &["guestvcpus", "guest"])),
+        "vcpus          : 0\nonline         : 0\nofflinable     : \n"
+    );
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOrMMWvBPFxwUO1zHNgQ2CyAuvStGGi6VjoLy/Lzh7Uq qvirtctl@test";
+    let keys = dir.join("keys");
+    std::fs::write(&keys, format!("# a comment\n{key}\n\n")).unwrap();
+    let file = keys.to_str().unwrap();
+    ok(ctl(
+        &url,
+        rw,
+        &["set-user-sshkeys", "guest", "root", "--file", file],
+    ));
+    assert_eq!(
+        ok(ctl(&url, ro, &["get-user-sshkeys", "guest", "root"])),
+        format!("{key}\n")
+    );
+    ok(ctl(
+        &url,
+        rw,
+        &[
+            "set-user-sshkeys",
+            "guest",
+            "root",
+            "--file",
+            file,
+            "--remove",
+        ],
+    ));
+    assert_eq!(
+        ok(ctl(&url, ro, &["get-user-sshkeys", "guest", "root"])),
+        ""
+    );
+    let line = error_line(
+        ctl(&url, ro, &["get-user-sshkeys", "guest", "nobody-here"]),
+        "NOT_FOUND, GUEST_USER_NOT_FOUND",
+    );
+    assert!(line.contains("nobody-here"), "{line}");
+    error_line(
+        ctl(&url, ro, &["set-user-password", "guest", "root", "x"]),
+        "PERMISSION_DENIED, PERMISSION_DENIED_ROLE",
+    );
+    assert_eq!(
+        ok(ctl(
+            &url,
+            rw,
+            &["set-user-password", "guest", "root", "s3cret"]
+        )),
+        "Password set successfully for root in guest\n"
+    );
+    let shadow = ok(ctl(&url, rw, &["guest-file-read", "guest", "/etc/shadow"]));
+    assert!(
+        shadow.starts_with("root:") && !shadow.starts_with("root:*:"),
+        "{shadow}"
+    );
+
     // Shutdown through the agent, waited for.
     assert_eq!(
         ok(ctl(

@@ -65,6 +65,26 @@ pub const VIRSH: &[(&str, &str, &str)] = &[
     ),
     ("domfsthaw", "`domfsthaw`", "`GuestAgent/ThawFilesystems`"),
     (
+        "guestvcpus",
+        "`guestvcpus`",
+        "`GuestAgent/GetGuestVcpus`, `SetGuestVcpus`",
+    ),
+    (
+        "set-user-password",
+        "`set-user-password`",
+        "`GuestAgent/SetUserPassword`",
+    ),
+    (
+        "get-user-sshkeys",
+        "`get-user-sshkeys`",
+        "`GuestAgent/GetAuthorizedKeys`",
+    ),
+    (
+        "set-user-sshkeys",
+        "`set-user-sshkeys`",
+        "`GuestAgent/AddAuthorizedKeys`, `RemoveAuthorizedKeys`",
+    ),
+    (
         "guest-exec",
         "– (`qemu-agent-command` with `guest-exec`, then `guest-exec-status`)",
         "`GuestAgent/Exec`",

@@ -5,13 +5,15 @@
 //! Modules, one per command group: [`domain`] (list, dominfo, define,
 //! lifecycle), [`events`] (event, qemu-monitor-event), [`qemu`] (raw QMP
 //! and agent commands), [`guest`] (guestinfo, fsfreeze, guest-exec,
-//! files), [`misc`] (health, version, hooks, completion). Around them:
+//! files), [`admin`] (guestvcpus, passwords, SSH keys), [`misc`]
+//! (health, version, hooks, completion). Around them:
 //! [`conn`] (the gateway connection and token), [`output`] (tables, JSON,
 //! the spinner), [`error`] (the one-line error report), and [`docs`] (the
 //! virsh → qvirtctl table in docs/LIBVIRT.md).
 //!
 //! Entry point: [`run`] with a parsed [`Cli`].
 
+pub mod admin;
 pub mod conn;
 pub mod docs;
 pub mod domain;
@@ -122,6 +124,14 @@ pub enum Command {
     QemuAgentCommand(qemu::AgentCommandArgs),
     /// Show what the guest agent reports about the guest.
     Guestinfo(guest::GuestinfoArgs),
+    /// Show the guest's CPUs, or bring some online or offline.
+    Guestvcpus(admin::GuestvcpusArgs),
+    /// Set a guest user's password through the agent.
+    SetUserPassword(admin::PasswordArgs),
+    /// Show a guest user's SSH authorized keys.
+    GetUserSshkeys(admin::GetKeysArgs),
+    /// Add, replace or remove a guest user's SSH authorized keys.
+    SetUserSshkeys(admin::SetKeysArgs),
     /// Freeze the guest's filesystems.
     Domfsfreeze(guest::FsfreezeArgs),
     /// Thaw the guest's filesystems.
@@ -183,6 +193,10 @@ async fn dispatch(gw: &conn::Gateway, g: &conn::Global, command: Command) -> Res
         C::QemuMonitorCommand(a) => qemu::monitor_command(gw, g, a).await,
         C::QemuAgentCommand(a) => qemu::agent_command(gw, g, a).await,
         C::Guestinfo(a) => guest::guestinfo(gw, g, a).await,
+        C::Guestvcpus(a) => admin::guestvcpus(gw, g, a).await,
+        C::SetUserPassword(a) => admin::set_password(gw, g, a).await,
+        C::GetUserSshkeys(a) => admin::get_keys(gw, g, a).await,
+        C::SetUserSshkeys(a) => admin::set_keys(gw, g, a).await,
         C::Domfsfreeze(a) => guest::fsfreeze(gw, g, a).await,
         C::Domfsthaw(a) => guest::fsthaw(gw, g, a).await,
         C::GuestExec(a) => guest::exec(gw, g, a).await,
