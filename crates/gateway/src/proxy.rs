@@ -269,12 +269,21 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             status.into_http::<Body>()
         }
         Some(Err(e)) => {
-            let status = GatewayError::BackendUnavailable {
-                method: path,
-                service,
-                cause: qvirt_common::error_chain(&e),
-            }
-            .to_status();
+            // The backend channel enforces the caller's `grpc-timeout`
+            // too: its expiry is the caller's deadline, not an outage.
+            let err = if timed_out(&e) {
+                GatewayError::DeadlineExceeded {
+                    method: path,
+                    service,
+                }
+            } else {
+                GatewayError::BackendUnavailable {
+                    method: path,
+                    service,
+                    cause: qvirt_common::error_chain(&e),
+                }
+            };
+            let status = err.to_status();
             finish.code = Some(status.code() as i32);
             status.into_http::<Body>()
         }
@@ -298,6 +307,18 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             Response::from_parts(parts, Body::new(guarded))
         }
     }
+}
+
+/// Whether `error` is the expiry of the call's `grpc-timeout`.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// With mTLS (`clients` configured), the caller the connection's verified

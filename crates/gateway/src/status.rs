@@ -64,6 +64,14 @@ pub enum GatewayError {
         /// What failed, one line.
         cause: String,
     },
+    /// The caller's deadline passed while the backend had the call.
+    #[error("{method}: the deadline passed before {service} answered")]
+    DeadlineExceeded {
+        /// The method called.
+        method: String,
+        /// The backend's service.
+        service: &'static str,
+    },
     /// A per-principal limit.
     #[error("{method}: {source}")]
     Limit {
@@ -129,6 +137,15 @@ impl GatewayError {
             } => error(
                 Code::Unavailable,
                 "BACKEND_UNAVAILABLE",
+                message,
+                [
+                    ("method", method.clone()),
+                    ("service", (*service).to_owned()),
+                ],
+            ),
+            GatewayError::DeadlineExceeded { method, service } => error(
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
                 message,
                 [
                     ("method", method.clone()),
@@ -209,6 +226,14 @@ mod tests {
                 },
                 Code::Unavailable,
                 "BACKEND_UNAVAILABLE",
+            ),
+            (
+                GatewayError::DeadlineExceeded {
+                    method: m(),
+                    service: "qvirt.v1.Supervisor",
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
             ),
             (
                 GatewayError::Limit {
