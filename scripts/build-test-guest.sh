@@ -18,7 +18,7 @@
 # with the kernel package's name in parentheses. Boot with
 #   -machine q35 -accel tcg -m 128 -kernel vmlinux -initrd initramfs
 #   -append 'console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check'
-# (../shared/research/e2e.md says why each argument is there).
+# (integration-tests/src/guest.rs defines the test guest with them).
 #
 # Exit status: 0 built; 77 the packages cannot be fetched here (no package
 # lists or no mirror: callers may skip); anything else is a failure.

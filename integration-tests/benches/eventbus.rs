@@ -699,7 +699,7 @@ async fn main() {
             continue;
         }
         if !speed_told {
-            // The fan-out target was set on a machine like issue 4's
+            // The fan-out target was set on a machine like the
             // reference one: say how this one compares, before the runs.
             let speed = tokio::task::spawn_blocking(MachineSpeed::measure)
                 .await

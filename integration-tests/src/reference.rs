@@ -1,11 +1,10 @@
-//! How fast this machine is beside the one the issues' reference figures
-//! come from.
+//! How fast this machine is beside the reference machine the project's
+//! performance targets were set on.
 //!
-//! Issue 4 quotes real qemu-ga 7.2 measured on "a 2-vCPU machine"
-//! (`../shared/research/qga.md` §6): pipelined guest-pings from one
-//! connection, 1,000 requests per write, cost the agent 7.0 µs of CPU each
-//! (146k requests/s). Its agentd target (at most 150 µs added to a Ping) and
-//! issue 6's fan-out latency were set on machines like that one. The VMs
+//! On that 2-vCPU machine, real qemu-ga 7.2 took 7.0 µs of CPU per
+//! guest-ping (pipelined from one connection, 1,000 requests per write;
+//! 146k requests/s). The agentd target (at most 150 µs added to a Ping)
+//! and the bus's fan-out latency target were set on machines like it. The VMs
 //! this project runs on are 2-vCPU too, but their speed depends on the host
 //! and the hour: the same qemu-ga, measured the same way, has cost 3 times
 //! as much CPU here on some days.
@@ -177,7 +176,7 @@ impl MachineSpeed {
             (1.0 / f, "faster")
         };
         format!(
-            "machine speed: qemu-ga uses {:.1} µs of CPU per pipelined guest-ping here, {REFERENCE_CPU_PER_PING_US:.1} µs on issue 4's reference machine (qga.md §6): this one is {times:.1}x {word}",
+            "machine speed: qemu-ga uses {:.1} µs of CPU per pipelined guest-ping here, {REFERENCE_CPU_PER_PING_US:.1} µs on the reference machine: this one is {times:.1}x {word}",
             self.cpu_per_ping_us,
         )
     }

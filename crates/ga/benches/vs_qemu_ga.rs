@@ -1,7 +1,7 @@
 //! qvirt-ga beside the real qemu-ga 7.2, in one run, same client, same
 //! socket type (unix-listen): guest-ping round trip (median, p99), pipelined
 //! guest-ping throughput, agent CPU time per request, idle RSS. Prints each
-//! figure for both, the ratio qvirt-ga/qemu-ga, and whether issue 4's
+//! figure for both, the ratio qvirt-ga/qemu-ga, and whether the
 //! targets hold. Latency samples alternate between the agents in rounds so
 //! that machine noise hits both.
 //!
