@@ -34,7 +34,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::guest::{Images, guest_image, guest_images_in};
+use qvirt_integration_tests::guest::{GUEST_CMDLINE, Images, guest_image, guest_images_in};
 use qvirt_integration_tests::libvirtd::{Libvirtd, QEMU, guest_xml};
 use qvirt_integration_tests::measure::{percentile, steal_percent, steal_ticks};
 use qvirt_integration_tests::stack::{BearerChannel, GatewayStack, StackOptions, bearer_channel};
@@ -62,7 +62,6 @@ const PINGS_PER_ROUND: usize = 50;
 const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 /// A booted guest's agent answers within this.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(180);
-const CMDLINE: &str = "console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check";
 
 fn helper_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/libvirt/helper.py")
@@ -191,7 +190,7 @@ fn small_yaml(name: &str) -> String {
 fn booted_yaml(name: &str, images: &Images) -> String {
     format!(
         "name: {name}\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\n\
-         initrd: {}\ncmdline: {CMDLINE}\nagent: true\n",
+         initrd: {}\ncmdline: {GUEST_CMDLINE}\nagent: true\n",
         images.vmlinux.display(),
         images.initramfs.display(),
     )

@@ -100,11 +100,16 @@ pub fn guest_images_in(dir: &Path, name: &str, image: &Image) -> Images {
     }
 }
 
+/// The test guest's kernel command line: a serial console, no reboot on
+/// panic, and TCG-friendly timing (no mitigations, a fixed TSC rate).
+pub const GUEST_CMDLINE: &str =
+    "console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check";
+
 /// The definition of the test guest `name` booting `images`, with its
 /// agent and its serial console in `serial_log`.
 pub fn guest_yaml(name: &str, images: &Images, serial_log: &Path) -> String {
     format!(
-        "name: {name}\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\ncmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check\nagent: true\nserial_log: {}\n",
+        "name: {name}\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\ncmdline: {GUEST_CMDLINE}\nagent: true\nserial_log: {}\n",
         images.vmlinux.display(),
         images.initramfs.display(),
         serial_log.display()

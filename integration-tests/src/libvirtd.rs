@@ -13,15 +13,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::guest::Images;
+use crate::guest::{GUEST_CMDLINE, Images};
 use crate::{ChildGuard, QemuGuard, run_command, text};
 
 /// One virsh command (a start is the slowest, well under this).
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(120);
 /// The QEMU libvirt runs.
 pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-/// The test guest's kernel command line (as `guest::guest_yaml`'s).
-const CMDLINE: &str = "console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check";
 
 /// A running private libvirtd and its dir; dropping it stops it by pid.
 pub struct Libvirtd {
@@ -192,7 +190,7 @@ pub fn guest_xml(
     format!(
         "<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>{vcpus}</vcpu>\
          <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
-         <cmdline>{CMDLINE}</cmdline></os>\
+         <cmdline>{GUEST_CMDLINE}</cmdline></os>\
          <devices><emulator>{QEMU}</emulator>\
          <serial type='file'><source path='{}'/></serial>\
          <channel type='unix'>{source}<target type='virtio' name='org.qemu.guest_agent.0'/></channel>\

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use qvirt_integration_tests::guest::GUEST_CMDLINE;
 use qvirt_integration_tests::stack::{GatewayStack, install_guest, test_guest};
 use qvirt_integration_tests::{ChildGuard, QemuGuard, bin_path, run_command, text, workspace_root};
 
@@ -382,7 +383,7 @@ async fn test_guest_agent_commands_in_a_real_guest() {
         &spec,
         format!(
             "name: guest\nmemory_mib: 128\nmachine: q35\naccel: tcg\nkernel: {}\ninitrd: {}\n\
-             cmdline: console=ttyS0 panic=-1 mitigations=off tsc_early_khz=2600000 no_timer_check\n\
+             cmdline: {GUEST_CMDLINE}\n\
              agent: true\nserial_log: {}\n",
             vmlinux.display(),
             initramfs.display(),
