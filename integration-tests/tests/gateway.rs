@@ -883,7 +883,63 @@ async fn test_a_client_deadline_reaches_the_backend_and_ends_the_call_there() {
         .await
         .expect("the backend call ended at the deadline")
         .unwrap_err();
+
+    // A client with no timer of its own, only `grpc-timeout` on the wire,
+    // hears the gateway's answer: DEADLINE_EXCEEDED, never the CANCELLED
+    // that tonic's server gives when its own copy of the timer fires.
+    for _ in 0..5 {
+        let trailers = call_without_own_timer(&gw.addr.to_string(), &op.token, "300m").await;
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+            Some("4"),
+            "{trailers:?}"
+        );
+        let call = tokio::time::timeout(Duration::from_secs(20), seen.recv())
+            .await
+            .expect("the call reached the backend")
+            .unwrap();
+        assert_eq!(call.timeout.as_deref(), Some("300m"));
+        tokio::time::timeout(Duration::from_secs(20), call.dropped)
+            .await
+            .expect("the backend call ended at the deadline")
+            .unwrap_err();
+    }
     server.abort();
+}
+
+/// Calls ListDomains over a bare HTTP/2 stream carrying `grpc-timeout:
+/// timeout` and waits (up to 20 s, far past the deadline) for the status,
+/// from the response headers of a trailers-only answer or the trailers.
+async fn call_without_own_timer(addr: &str, token: &str, timeout: &str) -> http::HeaderMap {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!("http://{addr}/qvirt.v1.Supervisor/ListDomains"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    // One empty message: the compressed flag and a zero length.
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let answer = async {
+        let response = response.await.unwrap();
+        if response.headers().contains_key("grpc-status") {
+            return response.headers().clone();
+        }
+        let mut body = response.into_body();
+        while let Some(data) = body.data().await {
+            data.unwrap();
+        }
+        body.trailers().await.unwrap().unwrap_or_default()
+    };
+    tokio::time::timeout(Duration::from_secs(20), answer)
+        .await
+        .expect("the gateway answered after the deadline")
 }
 
 /// This process's uid, from /proc (no unsafe call needed).

@@ -12,7 +12,12 @@
 //!   open, ends the call with UNAVAILABLE naming the service.
 //! - A client that goes away drops the call here, which resets the
 //!   backend's stream at once (the backend sees the cancellation).
-//! - `grpc-timeout` travels to the backend with the other headers.
+//! - `grpc-timeout` travels to the backend with the other headers, and the
+//!   gateway ends the call itself [`DEADLINE_OFFSET`] before the caller's
+//!   deadline, with DEADLINE_EXCEEDED. tonic's server answers its own
+//!   expiry of `grpc-timeout` with CANCELLED ("Timeout expired"); ending
+//!   the call a little earlier, as Envoy's `grpc_timeout_header_offset`
+//!   does, keeps that answer from reaching callers.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,7 +25,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -45,6 +50,40 @@ pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
 
 /// gRPC's frame prefix: a compressed flag and a 4-byte length.
 const FRAME_PREFIX: usize = 5;
+
+/// How long before the caller's deadline the gateway ends a call (at most a
+/// tenth of the caller's timeout).
+pub const DEADLINE_OFFSET: Duration = Duration::from_millis(10);
+
+/// The `grpc-timeout` of `headers`: up to 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`); `None` when absent or malformed (no deadline, as
+/// tonic treats it).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get("grpc-timeout")?.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// When the gateway ends a call that arrived `now` with `headers`.
+fn deadline_of(headers: &HeaderMap, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    let timeout = grpc_timeout(headers)?;
+    Some(now + timeout.saturating_sub(DEADLINE_OFFSET.min(timeout / 10)))
+}
 
 /// A backend: the service it serves and a channel to it (connects on
 /// first use and again after a failure).
@@ -104,7 +143,9 @@ impl tower::Service<Request<axum::body::Body>> for Proxy {
     fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
         let transport = self.transport;
-        Box::pin(async move { Ok(handle(shared, transport, req.map(Body::new)).await) })
+        // Taken here, as the call arrives, not when the future first runs.
+        let deadline = deadline_of(req.headers(), tokio::time::Instant::now());
+        Box::pin(async move { Ok(handle(shared, transport, deadline, req.map(Body::new)).await) })
     }
 }
 
@@ -136,7 +177,12 @@ fn peer_of<B>(req: &Request<B>) -> (String, Option<u32>) {
     (String::new(), None)
 }
 
-async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -> Response<Body> {
+async fn handle(
+    shared: Arc<Shared>,
+    transport: Transport,
+    deadline: Option<tokio::time::Instant>,
+    req: Request<Body>,
+) -> Response<Body> {
     let started = Instant::now();
     let path = req.uri().path().to_owned();
     let Some(method) = shared.methods.get(&path).cloned() else {
@@ -254,21 +300,37 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
         .clone()
         .oneshot(Request::from_parts(parts, body));
     let revoked = caller.revoked.clone();
-    let outcome = match &revoked {
-        Some(token) => tokio::select! {
-            r = call => Some(r),
-            () = token.cancelled() => None,
-        },
-        None => Some(call.await),
+    let expired = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        r = call => Outcome::Answered(r),
+        () = async {
+            match &revoked {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        } => Outcome::Revoked,
+        () = expired => Outcome::Expired,
     };
     let mut finish = finish;
     match outcome {
-        None => {
-            let status = GatewayError::Revoked { method: path }.to_status();
+        Outcome::Revoked | Outcome::Expired => {
+            let err = match outcome {
+                Outcome::Revoked => GatewayError::Revoked { method: path },
+                _ => GatewayError::DeadlineExceeded {
+                    method: path,
+                    service,
+                },
+            };
+            let status = err.to_status();
             finish.code = Some(status.code() as i32);
             status.into_http::<Body>()
         }
-        Some(Err(e)) => {
+        Outcome::Answered(Err(e)) => {
             // The backend channel enforces the caller's `grpc-timeout`
             // too: its expiry is the caller's deadline, not an outage.
             let err = if timed_out(&e) {
@@ -287,7 +349,7 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             finish.code = Some(status.code() as i32);
             status.into_http::<Body>()
         }
-        Some(Ok(resp)) => {
+        Outcome::Answered(Ok(resp)) => {
             let (parts, mut body) = resp.into_parts();
             let trailers_only = grpc_status(&parts.headers);
             if let Some(code) = trailers_only {
@@ -307,6 +369,16 @@ async fn handle(shared: Arc<Shared>, transport: Transport, req: Request<Body>) -
             Response::from_parts(parts, Body::new(guarded))
         }
     }
+}
+
+/// How the wait for a backend's response headers ended.
+enum Outcome<T> {
+    /// The backend (or its channel) answered.
+    Answered(T),
+    /// The caller's token was revoked.
+    Revoked,
+    /// The caller's deadline, less the offset, passed.
+    Expired,
 }
 
 /// Whether `error` is the expiry of the call's `grpc-timeout`.
@@ -452,5 +524,50 @@ impl http_body::Body for Guarded {
 
     fn is_end_stream(&self) -> bool {
         self.done || (self.revoked.is_none() && self.inner.is_end_stream())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(text: &str) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-timeout", HeaderValue::from_str(text).unwrap());
+        grpc_timeout(&headers)
+    }
+
+    #[test]
+    fn test_grpc_timeout_reads_every_unit_and_refuses_the_rest() {
+        assert_eq!(timeout_of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout_of("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(timeout_of("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            timeout_of("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "5 S"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn test_deadline_comes_before_the_callers_by_the_offset_or_a_tenth() {
+        let now = tokio::time::Instant::now();
+        let mut headers = HeaderMap::new();
+        headers.insert("grpc-timeout", HeaderValue::from_static("5S"));
+        assert_eq!(
+            deadline_of(&headers, now),
+            Some(now + Duration::from_secs(5) - DEADLINE_OFFSET)
+        );
+        headers.insert("grpc-timeout", HeaderValue::from_static("20m"));
+        assert_eq!(
+            deadline_of(&headers, now),
+            Some(now + Duration::from_millis(18))
+        );
+        assert_eq!(deadline_of(&HeaderMap::new(), now), None);
     }
 }
