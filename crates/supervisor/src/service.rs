@@ -88,6 +88,62 @@ impl SupervisorService {
     }
 }
 
+/// A write request on one named domain: what each such call carries.
+trait OnDomain: Message + Send + 'static {
+    /// The domain, the request id and the host the request names.
+    fn target(&self) -> (&str, &str, &str);
+}
+
+macro_rules! on_domain {
+    ($($request:ty),* $(,)?) => {$(
+        impl OnDomain for $request {
+            fn target(&self) -> (&str, &str, &str) {
+                (&self.domain, &self.request_id, &self.host)
+            }
+        }
+    )*};
+}
+
+on_domain!(
+    UndefineDomainRequest,
+    StartDomainRequest,
+    ShutdownDomainRequest,
+    DestroyDomainRequest,
+    SaveDomainRequest,
+    RestoreDomainRequest,
+    SuspendDomainRequest,
+    ResumeDomainRequest,
+    ResetDomainRequest,
+    RebootDomainRequest,
+);
+
+impl SupervisorService {
+    /// The shape of every write on one domain: the call recorded on the
+    /// span, the host and name checked, then `act` (given the manager, the
+    /// domain's key and the request; it may refuse the request's other
+    /// fields) run once per request id.
+    async fn on_domain<R, M, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<R>,
+        act: F,
+    ) -> Reply<M>
+    where
+        R: OnDomain,
+        M: Message + Default + 'static,
+        F: FnOnce(Manager, String, &R) -> Result<Fut, Status>,
+        Fut: Future<Output = Result<M, DomainError>> + Send + 'static,
+    {
+        let request = request.into_inner();
+        let (domain, request_id, host) = request.target();
+        qvirt_common::telemetry::record_call(domain, request_id, "");
+        self.check_host(host)?;
+        let key = domain_key(domain)?;
+        let call = act(self.manager.clone(), key, &request)?;
+        self.write(method, request_id, &request, call).await
+    }
+}
+
 /// At most 256 bytes of a client's string, for messages.
 fn bounded(text: &str) -> String {
     let mut end = text.len().min(256);
@@ -235,18 +291,14 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let destroy = request.destroy;
-        let call = async move {
-            manager.undefine(&key, destroy).await?;
-            Ok(UndefineDomainResponse {})
-        };
-        self.write("UndefineDomain", &request.request_id, &request, call)
-            .await
+        self.on_domain("UndefineDomain", request, |manager, key, r| {
+            let destroy = r.destroy;
+            Ok(async move {
+                manager.undefine(&key, destroy).await?;
+                Ok(UndefineDomainResponse {})
+            })
+        })
+        .await
     }
 
     async fn list_domains(
@@ -298,174 +350,138 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<StartDomainRequest>,
     ) -> Reply<StartDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let paused = request.paused;
-        let call = async move {
-            let domain = manager.start(&key, paused).await?;
-            Ok(StartDomainResponse {
-                domain: Some(domain),
+        self.on_domain("StartDomain", request, |manager, key, r| {
+            let paused = r.paused;
+            Ok(async move {
+                let domain = manager.start(&key, paused).await?;
+                Ok(StartDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("StartDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn shutdown_domain(
         &self,
         request: Request<ShutdownDomainRequest>,
     ) -> Reply<ShutdownDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let mode = request.mode();
-        let key = domain_key(&request.domain)?;
-        let timeout = timeout(request.timeout)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.shutdown(&key, mode, timeout).await?;
-            Ok(ShutdownDomainResponse {
-                domain: Some(domain),
+        self.on_domain("ShutdownDomain", request, |manager, key, r| {
+            let mode = r.mode();
+            let timeout = timeout(r.timeout)?;
+            Ok(async move {
+                let domain = manager.shutdown(&key, mode, timeout).await?;
+                Ok(ShutdownDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("ShutdownDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn destroy_domain(
         &self,
         request: Request<DestroyDomainRequest>,
     ) -> Reply<DestroyDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let graceful = request.graceful;
-        let call = async move {
-            let domain = manager.destroy(&key, graceful).await?;
-            Ok(DestroyDomainResponse {
-                domain: Some(domain),
+        self.on_domain("DestroyDomain", request, |manager, key, r| {
+            let graceful = r.graceful;
+            Ok(async move {
+                let domain = manager.destroy(&key, graceful).await?;
+                Ok(DestroyDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("DestroyDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn save_domain(&self, request: Request<SaveDomainRequest>) -> Reply<SaveDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.save(&key).await?;
-            Ok(SaveDomainResponse {
-                domain: Some(domain),
+        self.on_domain("SaveDomain", request, |manager, key, _| {
+            Ok(async move {
+                let domain = manager.save(&key).await?;
+                Ok(SaveDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("SaveDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn restore_domain(
         &self,
         request: Request<RestoreDomainRequest>,
     ) -> Reply<RestoreDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let paused = request.paused;
-        let call = async move {
-            let domain = manager.restore(&key, paused).await?;
-            Ok(RestoreDomainResponse {
-                domain: Some(domain),
+        self.on_domain("RestoreDomain", request, |manager, key, r| {
+            let paused = r.paused;
+            Ok(async move {
+                let domain = manager.restore(&key, paused).await?;
+                Ok(RestoreDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("RestoreDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn suspend_domain(
         &self,
         request: Request<SuspendDomainRequest>,
     ) -> Reply<SuspendDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.suspend(&key).await?;
-            Ok(SuspendDomainResponse {
-                domain: Some(domain),
+        self.on_domain("SuspendDomain", request, |manager, key, _| {
+            Ok(async move {
+                let domain = manager.suspend(&key).await?;
+                Ok(SuspendDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("SuspendDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn resume_domain(
         &self,
         request: Request<ResumeDomainRequest>,
     ) -> Reply<ResumeDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.resume(&key).await?;
-            Ok(ResumeDomainResponse {
-                domain: Some(domain),
+        self.on_domain("ResumeDomain", request, |manager, key, _| {
+            Ok(async move {
+                let domain = manager.resume(&key).await?;
+                Ok(ResumeDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("ResumeDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn reset_domain(
         &self,
         request: Request<ResetDomainRequest>,
     ) -> Reply<ResetDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.reset(&key).await?;
-            Ok(ResetDomainResponse {
-                domain: Some(domain),
+        self.on_domain("ResetDomain", request, |manager, key, _| {
+            Ok(async move {
+                let domain = manager.reset(&key).await?;
+                Ok(ResetDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("ResetDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn reboot_domain(
         &self,
         request: Request<RebootDomainRequest>,
     ) -> Reply<RebootDomainResponse> {
-        let request = request.into_inner();
-        qvirt_common::telemetry::record_call(&request.domain, &request.request_id, "");
-        self.check_host(&request.host)?;
-        let mode = request.mode();
-        let key = domain_key(&request.domain)?;
-        let manager = self.manager.clone();
-        let call = async move {
-            let domain = manager.reboot(&key, mode).await?;
-            Ok(RebootDomainResponse {
-                domain: Some(domain),
+        self.on_domain("RebootDomain", request, |manager, key, r| {
+            let mode = r.mode();
+            Ok(async move {
+                let domain = manager.reboot(&key, mode).await?;
+                Ok(RebootDomainResponse {
+                    domain: Some(domain),
+                })
             })
-        };
-        self.write("RebootDomain", &request.request_id, &request, call)
-            .await
+        })
+        .await
     }
 
     async fn monitor_command(
