@@ -16,7 +16,7 @@
 //!
 //! Every file is written atomically: a temp file in the same dir, then
 //! rename over the old one, so a crash of the supervisor leaves the old or
-//! the new content, never a mix. Definitions (the state dir) are also made
+//! the new content, never a mix (the next start removes the temp file). Definitions (the state dir) are also made
 //! durable: fsync the file before the rename and the dir after it, so a
 //! power loss cannot lose a defined domain. Status files (the run dir) skip
 //! both fsyncs: they describe live QEMU processes, which a power loss or
@@ -322,7 +322,49 @@ impl Store {
         create_dir(&self.domains_dir(), 0o755)?;
         create_dir(&self.state_dir.join("logs"), 0o750)?;
         create_dir(&self.state_dir.join("serial"), 0o750)?;
-        create_dir(&self.run_dir, 0o700)
+        create_dir(&self.run_dir, 0o700)?;
+        self.sweep_temp_files();
+        Ok(())
+    }
+
+    /// Remove the temp files (`*.tmp-*`) a crash left between writing and
+    /// renaming: definitions, saved images (which can be as large as the
+    /// guest's memory) and status files. Only this supervisor uses the
+    /// dirs (it holds their lock), so none is being written now.
+    fn sweep_temp_files(&self) {
+        let mut dirs = vec![self.domains_dir(), self.save_dir()];
+        if let Ok(entries) = fs::read_dir(&self.run_dir) {
+            dirs.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let is_temp = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.contains(".tmp-"))
+                    && entry.file_type().is_ok_and(|t| t.is_file());
+                if !is_temp {
+                    continue;
+                }
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed a temp file an earlier crash left")
+                    }
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "cannot remove a temp file an earlier crash left")
+                    }
+                }
+            }
+        }
     }
 
     /// `STATE_DIR/save`, where saved images live.
@@ -698,6 +740,32 @@ mod tests {
         let loaded = store.load_all().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].spec.name, "ok");
+    }
+
+    #[test]
+    fn test_init_removes_the_temp_files_a_crash_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"), &dir.path().join("run"));
+        store.init().unwrap();
+        store.save_spec(&spec("ok"), SystemTime::now()).unwrap();
+        let (_, image) = store.create_saved_image("ok").unwrap();
+        let domains = dir.path().join("state/domains");
+        fs::write(domains.join("ok.yaml.tmp-123"), "name: ok\n").unwrap();
+        fs::create_dir_all(dir.path().join("run/ok")).unwrap();
+        let status_tmp = dir.path().join("run/ok/status.yaml.tmp-9");
+        fs::write(&status_tmp, "").unwrap();
+        let kept = dir.path().join("run/ok/status.yaml");
+        fs::write(&kept, "").unwrap();
+
+        store.init().unwrap();
+        assert!(!image.exists(), "{}", image.display());
+        assert!(!status_tmp.exists());
+        assert!(kept.exists());
+        let names: Vec<_> = fs::read_dir(&domains)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ok.yaml"]);
     }
 
     #[test]
