@@ -3,7 +3,8 @@
 //!
 //! - A firmware-only guest: save gives SHUTOFF (SAVED), the image on disk,
 //!   STOPPED (SAVED) and the stopped and release hooks; a restore with
-//!   `paused` gives PAUSED with SUSPENDED (RESTORED) and resumes; a
+//!   `paused` gives PAUSED with SUSPENDED (RESTORED) and resumes; a save
+//!   that cannot write its image resumes the guest (SAVE_CANCELED); a
 //!   restore without an image and a save of a shut-off domain are
 //!   refused with their reasons.
 //! - The test guest with its agent (Debian's kernel, busybox, qvirt-ga):
@@ -31,10 +32,10 @@ use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DestroyDomainRequest, Domain, DomainEventStartedDetail, DomainEventStoppedDetail,
-    DomainEventSuspendedDetail, DomainEventType, DomainSpec, DomainState, DomainStateReason,
-    GetDomainRequest, PingRequest, ReadFileRequest, RestoreDomainRequest, ResumeDomainRequest,
-    SaveDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
+    DestroyDomainRequest, Domain, DomainEventResumedDetail, DomainEventStartedDetail,
+    DomainEventStoppedDetail, DomainEventSuspendedDetail, DomainEventType, DomainSpec, DomainState,
+    DomainStateReason, GetDomainRequest, PingRequest, ReadFileRequest, RestoreDomainRequest,
+    ResumeDomainRequest, SaveDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
     SubscribeDomainEventsResponse, WriteFileRequest, domain_event,
 };
 use tonic::Code;
@@ -276,6 +277,31 @@ async fn test_save_and_paused_restore_of_a_firmware_guest() {
         .unwrap();
     let _qemu = QemuGuard(running.pid, uuid.clone());
     hooks.take_calls();
+
+    // A save that cannot write its image (the save dir is a file here)
+    // fails, and the guest it paused runs again (RUNNING, SAVE_CANCELED),
+    // with no stop hook run and no image left.
+    let save_dir = dir.path().join("state/save");
+    std::fs::write(&save_dir, "").unwrap();
+    // A storage failure is INTERNAL, its detail in the supervisor's log.
+    refused(save(&mut client, "fw").await, Code::Internal, "INTERNAL");
+    let kept = get(&mut client, "fw").await;
+    assert_eq!(
+        (kept.state(), kept.reason()),
+        (DomainState::Running, DomainStateReason::RunningSaveCanceled)
+    );
+    assert_eq!(kept.pid, running.pid);
+    assert!(kept.saved_image.is_empty(), "{kept:?}");
+    assert!(hooks.take_calls().is_empty());
+    events_until(
+        &mut events,
+        (
+            DomainEventType::Resumed,
+            domain_event::Detail::Resumed(DomainEventResumedDetail::Unpaused as i32),
+        ),
+    )
+    .await;
+    std::fs::remove_file(&save_dir).unwrap();
 
     let saved = save(&mut client, "fw").await.unwrap();
     assert_eq!(
