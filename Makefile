@@ -23,8 +23,11 @@ build-debug:
 	$(CARGO) build --workspace --bins
 
 ## run: build and start the whole stack on loopback; Ctrl-C stops it
+## (it prints how long after `make run` began the demo guest's agent
+## answered: RUN_T0 is taken when make reads this file, before the build)
+run: RUN_T0 := $(shell date +%s%N)
 run: deps build
-	@QVIRT_BIN_DIR=$(CURDIR)/target/release bash scripts/run.sh
+	@QVIRT_RUN_T0=$(RUN_T0) QVIRT_BIN_DIR=$(CURDIR)/target/release bash scripts/run.sh
 
 ## test: every unit and integration test, against the real binaries
 test: deps build-debug static-ga

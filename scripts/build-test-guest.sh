@@ -44,9 +44,20 @@ flock -w 600 9 || die "$out is locked by another build for 10 minutes"
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console"
 
 # The kernel package linux-image-amd64 points at, and busybox-static.
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
-    sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1) || true
-[ -n "$kpkg" ] || cannot_fetch "apt-cache knows no kernel behind linux-image-amd64 (run apt-get update)"
+# apt-cache takes ~2 s; its answer changes only when apt's package lists
+# do (apt-get update renames new lists into place, which changes the
+# directory's mtime), so it is kept beside the image with that mtime.
+lists=$(stat -c %Y /var/lib/apt/lists 2>/dev/null || echo none)
+kpkg=""
+if [ -f "$out/.kernel-package" ] && [ "$(sed -n 2p "$out/.kernel-package")" = "$lists" ]; then
+    kpkg=$(sed -n 1p "$out/.kernel-package")
+fi
+if [ -z "$kpkg" ]; then
+    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+        sed -n 's/.*Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n 1) || true
+    [ -n "$kpkg" ] || cannot_fetch "apt-cache knows no kernel behind linux-image-amd64 (run apt-get update)"
+    printf '%s\n%s\n' "$kpkg" "$lists" >"$out/.kernel-package"
+fi
 if [ ! -e "$cache/$kpkg.done" ]; then
     rm -rf "$cache"
     mkdir -p "$cache"

@@ -14,6 +14,9 @@
 #   QVIRT_DEMO          0: no demo guest (default 1)
 #   QVIRT_DEMO_IMAGE    a directory holding the demo's vmlinux and
 #                       initramfs (default: built into target/test-guest)
+#   QVIRT_RUN_T0        when the user asked (ns since the epoch; `make run`
+#                       sets it before its build check): the times printed
+#                       count from it (default: this script's start)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +26,14 @@ base="${QVIRT_PORT_BASE:-50051}"
 metrics_port="${QVIRT_METRICS_PORT:-9153}"
 want_demo="${QVIRT_DEMO:-1}"
 demo_image="${QVIRT_DEMO_IMAGE:-}"
-t0=$(date +%s%N)
+t0="${QVIRT_RUN_T0:-$(date +%s%N)}"
+case "$t0" in '' | *[!0-9]*) t0=$(date +%s%N) ;; esac
+if [ -n "${QVIRT_RUN_T0:-}" ]; then since_what="\`make run\` began"; else since_what="run.sh began"; fi
+# Seconds since t0, one decimal.
+elapsed() {
+    local ms=$((($(date +%s%N) - t0) / 1000000))
+    printf '%d.%d s' $((ms / 1000)) $((ms % 1000 / 100))
+}
 
 gw_port=$base sup_port=$((base + 1)) bus_port=$((base + 2))
 hook_port=$((base + 3)) agentd_port=$((base + 4))
@@ -172,6 +182,7 @@ for entry in "${services[@]}"; do
     fi
 done
 gateway_up=1
+stack_up=$(elapsed)
 
 # The demo guest: a tiny Linux (Debian's kernel, a busybox initramfs) whose
 # agent is the static qvirt-ga, booted under TCG with `agent: true`. The
@@ -220,8 +231,7 @@ PY
     # Until its agent answers (TCG: a few seconds).
     for _ in $(seq 240); do
         if ctl qemu-agent-command demo --timeout 2 '{"execute": "guest-ping"}' >/dev/null 2>&1; then
-            since=$((($(date +%s%N) - t0) / 1000000))
-            demo_agent=$(printf '%d.%d s' $((since / 1000)) $((since % 1000 / 100)))
+            demo_agent=$(elapsed)
             return 0
         fi
         sleep 0.25
@@ -249,7 +259,7 @@ EOF
 if [ -n "$demo_agent" ]; then
     echo
     echo "The demo guest \"demo\" is running (TCG; console in $run_show/state/serial/demo/console.log);"
-    echo "its agent (qvirt-ga) answered $demo_agent after the stack started."
+    echo "its agent (qvirt-ga) answered $demo_agent after $since_what (the services were serving at $stack_up)."
 fi
 cat <<EOF
 

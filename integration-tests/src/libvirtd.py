@@ -45,9 +45,13 @@ def daemon(workdir):
         ("cache", "/var/cache/libvirt"),
         ("log", "/var/log/libvirt"),
     )
-    for src, _ in binds:
+    for src, dst in binds:
         if src != "qemu.conf":
             os.makedirs(os.path.join(workdir, src), exist_ok=True)
+            # A mount point the package's tmpfiles.d would create at boot
+            # (/run/libvirt), missing where systemd is not PID 1: the
+            # empty directory, as tmpfiles makes it.
+            os.makedirs(dst, mode=0o755, exist_ok=True)
     conf = os.path.join(workdir, "qemu.conf")
     shutil.copyfile("/etc/libvirt/qemu.conf", conf)
     with open(conf, "a") as f:

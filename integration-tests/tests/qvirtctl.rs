@@ -231,6 +231,41 @@ async fn test_domains_lifecycle_events_and_errors_as_virsh() {
     assert!(out.contains("\nMax memory:     65536 KiB\n"), "{out}");
     assert!(out.contains(&format!("\nPID:            {pid}\n")), "{out}");
     assert!(ok(ctl(&url, ro, &["list"])).contains(" vm1    running "));
+
+    // Every read prints one JSON document with --json, for scripts (the
+    // guest agent's reads are checked in the real guest's test).
+    for args in [
+        &["list", "--all", "--name"][..],
+        &["dominfo", "vm1"],
+        &["domstate", "vm1", "--reason"],
+        &["event", "--list"],
+        &[
+            "qemu-monitor-command",
+            "vm1",
+            r#"{"execute": "query-status"}"#,
+        ],
+        &["health"],
+        &["version"],
+    ] {
+        let out = ok(ctl(&url, rw, &[&["--json"][..], args].concat()));
+        let v = json(&out);
+        assert!(v.is_object() || v.is_array(), "{args:?}: {out}");
+    }
+    // A wait past a second shows a spinner, on a terminal only. The guest
+    // (no OS) ignores the power button, so a waited shutdown waits.
+    let out = ctl_tty(&url, rw, &["shutdown", "vm1", "--timeout", "2"]);
+    let screen = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{screen}");
+    assert!(screen.contains("shutting vm1 down"), "{screen}");
+    let line = error_line(
+        ctl(&url, rw, &["shutdown", "vm1", "--timeout", "2"]),
+        "DEADLINE_EXCEEDED, TIMEOUT",
+    );
+    assert!(!line.contains("shutting vm1 down"), "{line}");
+    assert_eq!(
+        json(&ok(ctl(&url, ro, &["--json", "domstate", "vm1"]))),
+        serde_json::json!({"state": "DOMAIN_STATE_RUNNING", "reason": "DOMAIN_STATE_REASON_RUNNING_BOOTED"})
+    );
     let query = r#"{"execute": "query-status"}"#;
     let reply = json(&ok(ctl(&url, rw, &["qemu-monitor-command", "vm1", query])));
     assert_eq!(reply["return"]["status"], "running", "{reply}");
@@ -496,6 +531,43 @@ async fn test_guest_agent_commands_in_a_real_guest() {
     );
     assert!(out.status.success());
     assert_eq!(out.stdout, [1u8, 2, 3]);
+    // --json: the bytes in base64 with the read's size and end; with -o
+    // the bytes go to the file and the JSON says where.
+    let v = json(&ok(ctl(
+        &url,
+        rw,
+        &[
+            "--json",
+            "guest-file-read",
+            "guest",
+            "/tmp/data",
+            "--offset",
+            "99998",
+        ],
+    )));
+    assert_eq!(
+        v,
+        serde_json::json!({"data": "ZGU=", "eof": true, "path": "/tmp/data", "offset": 99998, "size": 2})
+    );
+    let tail = dir.join("tail.bin");
+    let v = json(&ok(ctl(
+        &url,
+        rw,
+        &[
+            "--json",
+            "guest-file-read",
+            "guest",
+            "/tmp/data",
+            "--offset",
+            "99998",
+            "-o",
+            tail.to_str().unwrap(),
+        ],
+    )));
+    assert_eq!(v["size"], 2, "{v}");
+    assert_eq!(v["output"], tail.to_str().unwrap(), "{v}");
+    assert!(v.get("data").is_none(), "{v}");
+    assert_eq!(std::fs::read(&tail).unwrap(), b"de");
 
     // guestinfo: virsh's `key : value` lines, the guest's kernel.
     let out = ok(ctl(&url, ro, &["guestinfo", "guest", "--os", "--hostname"]));
@@ -532,6 +604,10 @@ async fn test_guest_agent_commands_in_a_real_guest() {
         ok(ctl(&url, ro, &["guestvcpus", "guest"])),
         "vcpus          : 0\nonline         : 0\nofflinable     : \n"
     );
+    assert_eq!(
+        json(&ok(ctl(&url, ro, &["--json", "guestvcpus", "guest"]))),
+        serde_json::json!({"vcpus": "0", "online": "0", "offlinable": ""})
+    );
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOrMMWvBPFxwUO1zHNgQ2CyAuvStGGi6VjoLy/Lzh7Uq qvirtctl@test";
     let keys = dir.join("keys");
     std::fs::write(&keys, format!("# a comment\n{key}\n\n")).unwrap();
@@ -544,6 +620,14 @@ async fn test_guest_agent_commands_in_a_real_guest() {
     assert_eq!(
         ok(ctl(&url, ro, &["get-user-sshkeys", "guest", "root"])),
         format!("{key}\n")
+    );
+    assert_eq!(
+        json(&ok(ctl(
+            &url,
+            ro,
+            &["--json", "get-user-sshkeys", "guest", "root"]
+        ))),
+        serde_json::json!({"keys": [key]})
     );
     ok(ctl(
         &url,
@@ -577,6 +661,14 @@ async fn test_guest_agent_commands_in_a_real_guest() {
             &["set-user-password", "guest", "root", "s3cret"]
         )),
         "Password set successfully for root in guest\n"
+    );
+    assert_eq!(
+        ok(ctl(
+            &url,
+            rw,
+            &["--json", "set-user-password", "guest", "root", "s3cret"]
+        )),
+        "{}\n"
     );
     let shadow = ok(ctl(&url, rw, &["guest-file-read", "guest", "/etc/shadow"]));
     assert!(
@@ -630,8 +722,61 @@ fn test_help_completion_and_version_need_no_gateway() {
     }
     let bash = ok(run(&["completion", "bash"]));
     assert!(bash.contains("qemu-monitor-command") && bash.contains("--state-running"));
+    // bash itself completes with the script: command names, flags, the
+    // values of an enum flag.
+    for (line, want) in [
+        (
+            "qvirtctl qemu-mon",
+            "qemu-monitor-event\nqemu-monitor-command\n",
+        ),
+        ("qvirtctl list --state-r", "--state-running\n"),
+        ("qvirtctl shutdown demo --mode ", "acpi\nagent\n"),
+    ] {
+        assert_eq!(bash_complete(&bin, line), want, "{line:?}");
+    }
     assert!(ok(run(&["completion", "zsh"])).contains("#compdef qvirtctl"));
     assert!(ok(run(&["completion", "fish"])).contains("complete -c qvirtctl"));
     let version = ok(run(&["version"]));
     assert!(version.starts_with("qvirtctl "), "{version}");
+}
+
+/// What bash offers for `line` with qvirtctl's completion script loaded,
+/// one candidate a line (as a user pressing TAB at the line's end).
+fn bash_complete(bin: &Path, line: &str) -> String {
+    const SCRIPT: &str = r#"
+source <("$QVIRTCTL" completion bash)
+COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}
+read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ $COMP_LINE == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+_qvirtctl qvirtctl "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"#;
+    ok(run_command(
+        Command::new("bash")
+            .args(["--norc", "--noprofile", "-c", SCRIPT, "complete", line])
+            .env("QVIRTCTL", bin),
+        CTL_TIMEOUT,
+    ))
+}
+
+/// `qvirtctl ARGS` as a person at a terminal runs it: under a pseudo-
+/// terminal (util-linux `script`), stdout and stderr both the terminal;
+/// everything it drew, and its exit status.
+fn ctl_tty(url: &str, token: Option<&Path>, args: &[&str]) -> Output {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = vec![quote(bin_path("qvirtctl").to_str().unwrap())];
+    line.extend(["--connect", url].map(quote));
+    if let Some(t) = token {
+        line.extend(["--token-file", t.to_str().unwrap()].map(quote));
+    }
+    line.extend(args.iter().map(|a| quote(a)));
+    run_command(
+        Command::new("script")
+            .args(["-q", "-e", "-f", "-c", &line.join(" "), "/dev/null"])
+            .env_remove("QVIRT_URL")
+            .env_remove("QVIRT_TOKEN")
+            .env_remove("QVIRT_TOKEN_FILE"),
+        CTL_TIMEOUT,
+    )
 }

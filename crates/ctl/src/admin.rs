@@ -156,6 +156,9 @@ pub async fn guestvcpus(gw: &Gateway, g: &Global, a: GuestvcpusArgs) -> Result<u
                 ..Default::default()
             })
             .await?;
+        if g.json {
+            output::print_json(&serde_json::json!({}))?;
+        }
         return Ok(0);
     }
     let vcpus = gw
@@ -189,7 +192,7 @@ pub async fn guestvcpus(gw: &Gateway, g: &Global, a: GuestvcpusArgs) -> Result<u
 }
 
 /// `set-user-password`.
-pub async fn set_password(gw: &Gateway, _g: &Global, a: PasswordArgs) -> Result<u8, CtlError> {
+pub async fn set_password(gw: &Gateway, g: &Global, a: PasswordArgs) -> Result<u8, CtlError> {
     gw.agent()
         .set_user_password(SetUserPasswordRequest {
             domain: a.domain.clone(),
@@ -199,6 +202,9 @@ pub async fn set_password(gw: &Gateway, _g: &Global, a: PasswordArgs) -> Result<
             ..Default::default()
         })
         .await?;
+    if g.json {
+        return output::print_json(&serde_json::json!({})).map(|()| 0);
+    }
     out_line(&format!(
         "Password set successfully for {} in {}",
         a.user, a.domain
@@ -255,7 +261,7 @@ fn read_keys(path: &std::path::Path) -> Result<Vec<String>, CtlError> {
 }
 
 /// `set-user-sshkeys`.
-pub async fn set_keys(gw: &Gateway, _g: &Global, a: SetKeysArgs) -> Result<u8, CtlError> {
+pub async fn set_keys(gw: &Gateway, g: &Global, a: SetKeysArgs) -> Result<u8, CtlError> {
     let keys = match &a.file {
         Some(path) => read_keys(path)?,
         None if a.reset => Vec::new(),
@@ -284,6 +290,9 @@ pub async fn set_keys(gw: &Gateway, _g: &Global, a: SetKeysArgs) -> Result<u8, C
                 ..Default::default()
             })
             .await?;
+    }
+    if g.json {
+        output::print_json(&serde_json::json!({}))?;
     }
     Ok(0)
 }

@@ -132,6 +132,9 @@ fn lost(l: &EventsLost) {
 /// `event`.
 pub async fn event(gw: &Gateway, g: &Global, a: EventArgs) -> Result<u8, CtlError> {
     if a.list {
+        if g.json {
+            return output::print_json(&serde_json::json!(EVENT_TYPES)).map(|()| 0);
+        }
         for t in EVENT_TYPES {
             out_line(t)?;
         }

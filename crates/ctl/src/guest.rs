@@ -452,8 +452,11 @@ pub async fn exec(gw: &Gateway, g: &Global, a: ExecArgs) -> Result<u8, CtlError>
     })
 }
 
-/// `guest-file-read`.
-pub async fn file_read(gw: &Gateway, _g: &Global, a: FileReadArgs) -> Result<u8, CtlError> {
+/// `guest-file-read`: the bytes on stdout or into `--output`; with
+/// `--json`, `ReadFileResponse` in protobuf's JSON mapping (`data` in
+/// base64, `eof`) plus `path`, `offset` and `size`, and no `data` when
+/// the bytes went to `--output`.
+pub async fn file_read(gw: &Gateway, g: &Global, a: FileReadArgs) -> Result<u8, CtlError> {
     let reply = gw
         .agent()
         .read_file(ReadFileRequest {
@@ -465,12 +468,25 @@ pub async fn file_read(gw: &Gateway, _g: &Global, a: FileReadArgs) -> Result<u8,
         })
         .await?
         .into_inner();
-    match &a.output {
-        Some(file) => std::fs::write(file, &reply.data).map_err(|source| CtlError::Io {
+    if let Some(file) = &a.output {
+        std::fs::write(file, &reply.data).map_err(|source| CtlError::Io {
             what: format!("cannot write {}", file.display()),
             source,
-        })?,
-        None => write_out("stdout", &mut std::io::stdout().lock(), &reply.data)?,
+        })?;
+    }
+    if g.json {
+        let mut v = output::to_json("qvirt.v1.ReadFileResponse", &reply)?;
+        v["path"] = a.path.clone().into();
+        v["offset"] = a.offset.into();
+        v["size"] = reply.data.len().into();
+        if let (Some(file), Some(map)) = (&a.output, v.as_object_mut()) {
+            map.remove("data");
+            map.insert("output".into(), file.display().to_string().into());
+        }
+        return output::print_json(&v).map(|()| 0);
+    }
+    if a.output.is_none() {
+        write_out("stdout", &mut std::io::stdout().lock(), &reply.data)?;
     }
     Ok(0)
 }
