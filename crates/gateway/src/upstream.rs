@@ -12,6 +12,9 @@
 //!   new one (once; nothing of the call has been sent yet). A stream the
 //!   backend refuses (GOAWAY) fails the call with UNAVAILABLE and makes
 //!   the next call reconnect.
+//! - Calls that arrive while a connect attempt is under way wait for it
+//!   and share its outcome, so a backend that does not answer costs each
+//!   of them at most one [`CONNECT_TIMEOUT`], never a queue of them.
 //! - Dropping a call's response (or its body) resets the backend's stream
 //!   with CANCEL, so the backend sees a caller that went away.
 //! - A connection whose PING is not answered within [`KEEPALIVE_TIMEOUT`]
@@ -24,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -75,6 +78,15 @@ pub enum UpstreamError {
         /// Where.
         url: String,
     },
+    /// An attempt to connect that another call made while this one
+    /// waited failed.
+    #[error("connecting to {url} failed: {cause}")]
+    Failed {
+        /// Where.
+        url: String,
+        /// Why, as the attempt's error chain.
+        cause: String,
+    },
     /// The HTTP/2 connection or stream failed.
     #[error("HTTP/2 with {url} failed")]
     Http2 {
@@ -105,8 +117,9 @@ pub struct Upstream {
     target: Target,
     authority: Authority,
     current: std::sync::Mutex<Option<Connection>>,
-    /// Held while connecting, so concurrent calls share one attempt.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting, so concurrent calls share one attempt; holds
+    /// when the last attempt failed, and why.
+    connecting: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -156,7 +169,7 @@ impl Upstream {
             target,
             authority,
             current: std::sync::Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -178,17 +191,39 @@ impl Upstream {
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let _one = self.connecting.lock().await;
+        let asked = Instant::now();
+        let mut last = self.connecting.lock().await;
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let c = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+        // An attempt that failed while this call waited is this call's
+        // answer too: callers never queue behind one dead backend's
+        // connect timeouts one after the other.
+        if let Some((at, cause)) = last.as_ref()
+            && *at >= asked
+        {
+            return Err(UpstreamError::Failed {
+                url: self.url.clone(),
+                cause: cause.clone(),
+            });
+        }
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
             .map_err(|_| UpstreamError::ConnectTimeout {
                 url: self.url.clone(),
-            })??;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
-        Ok(c)
+            })
+            .and_then(|r| r);
+        match attempt {
+            Ok(c) => {
+                *last = None;
+                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                *last = Some((Instant::now(), qvirt_common::error_chain(&e)));
+                Err(e)
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Connection, UpstreamError> {
@@ -490,5 +525,39 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamError::Connect { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn test_callers_at_once_to_a_missing_backend_all_fail_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("none.sock");
+        let url = format!("unix:{}", path.display());
+        let u = Arc::new(Upstream::new(&url).unwrap());
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let u = Arc::clone(&u);
+                tokio::spawn(async move {
+                    let head = Request::post("/qvirt.v1.Supervisor/GetDomain")
+                        .body(())
+                        .unwrap()
+                        .into_parts()
+                        .0;
+                    u.call(head, RequestBody::Whole(Bytes::from_static(b"\0\0\0\0\0")))
+                        .await
+                        .unwrap_err()
+                })
+            })
+            .collect();
+        for call in calls {
+            let err = call.await.unwrap();
+            assert!(
+                matches!(
+                    err,
+                    UpstreamError::Connect { .. } | UpstreamError::Failed { .. }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(&url), "{err}");
+        }
     }
 }
