@@ -235,8 +235,10 @@ pub struct Nginx {
 impl Nginx {
     /// nginx proxying every method of service `NAME` to `URL`
     /// (`http://HOST:PORT`) for each `(NAME, URL)` of `routes`, over
-    /// kept-alive upstream connections, no access log; returns once it
-    /// accepts connections.
+    /// kept-alive upstream connections, no access log, no cap on the
+    /// requests of a client connection (nginx's default closes one after
+    /// 1,000, which a client calling in a loop sees as a failed call);
+    /// returns once it accepts connections.
     pub fn start(routes: &[(&str, String)]) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -257,7 +259,7 @@ impl Nginx {
              events {{ worker_connections 16384; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             \x20 http2_max_concurrent_streams 1024;\n  grpc_read_timeout 600s;\n  grpc_send_timeout 600s;\n\
+             \x20 http2_max_concurrent_streams 1024;\n  keepalive_requests 1000000;\n  grpc_read_timeout 600s;\n  grpc_send_timeout 600s;\n\
              {upstreams}  server {{\n    listen {addr} http2;\n{locations}  }}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");

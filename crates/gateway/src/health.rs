@@ -3,6 +3,7 @@
 //! every `health_poll_ms` (a backend that does not answer within that
 //! time, or answers anything but SERVING, makes its service NOT_SERVING).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
 use crate::proxy::Backend;
+use crate::upstream::UpstreamService;
 
 /// Polls `backend` until `shutdown`, mirroring its health at the gateway.
 pub async fn follow(
@@ -21,7 +23,7 @@ pub async fn follow(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut client = HealthClient::new(backend.channel.clone());
+    let mut client = HealthClient::new(UpstreamService(Arc::clone(&backend.upstream)));
     let mut last = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -47,13 +49,13 @@ pub async fn follow(
         if last != Some(serving) {
             match (&check, serving) {
                 (_, true) => {
-                    tracing::info!(service = backend.service, backend = %backend.url, "backend serving")
+                    tracing::info!(service = backend.service, backend = %backend.upstream.url(), "backend serving")
                 }
                 (Ok(Err(e)), false) => {
-                    tracing::warn!(service = backend.service, backend = %backend.url, error = %e.message(), "backend not serving")
+                    tracing::warn!(service = backend.service, backend = %backend.upstream.url(), error = %e.message(), "backend not serving")
                 }
                 _ => {
-                    tracing::warn!(service = backend.service, backend = %backend.url, "backend not serving")
+                    tracing::warn!(service = backend.service, backend = %backend.upstream.url(), "backend not serving")
                 }
             }
             last = Some(serving);

@@ -12,6 +12,7 @@
 //! Modules: [`proxy`] (forwarding by method path), [`auth`] (tokens and
 //! socket peers), [`tls`] (server TLS and client certificates), [`roles`]
 //! (the one role table), [`limits`] (per-principal streams, rate, size),
+//! [`upstream`] (the HTTP/2 connection to each backend),
 //! [`audit`] (the JSON-lines trail), [`health`], [`descriptors`] (the
 //! public API and reflection), [`config`], and [`status`] (the gateway's
 //! own errors).
@@ -31,6 +32,7 @@ pub mod proxy;
 pub mod roles;
 pub mod status;
 pub mod tls;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -82,24 +84,17 @@ pub enum GatewayRunError {
     },
 }
 
-fn backend(service: &'static str, url: &str) -> Result<Backend, ConfigError> {
-    let invalid = |e: tonic::transport::Error| ConfigError::Invalid {
-        field: "backend",
+/// The backend configured as `field`: a plaintext `http://` URL or a
+/// unix socket (the gateway does not speak TLS to its backends).
+fn backend(field: &'static str, service: &'static str, url: &str) -> Result<Backend, ConfigError> {
+    let upstream = upstream::Upstream::new(url).map_err(|e| ConfigError::Invalid {
+        field,
         value: url.to_owned(),
         reason: e.to_string(),
-    };
-    let channel = qvirt_common::config::endpoint(url)
-        .map_err(invalid)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+    })?;
     Ok(Backend {
         service,
-        url: url.to_owned(),
-        channel,
+        upstream: Arc::new(upstream),
     })
 }
 
@@ -130,12 +125,12 @@ pub async fn run(
     let methods = descriptors::methods()?;
     let internal_token = internal_header(config.internal_token_file.as_ref())?;
     let mut backends = HashMap::new();
-    for (service, url) in [
-        ("qvirt.v1.Supervisor", &config.supervisor),
-        ("qvirt.v1.EventBus", &config.eventbus),
-        ("qvirt.v1.GuestAgent", &config.agentd),
+    for (field, service, url) in [
+        ("supervisor", "qvirt.v1.Supervisor", &config.supervisor),
+        ("eventbus", "qvirt.v1.EventBus", &config.eventbus),
+        ("agentd", "qvirt.v1.GuestAgent", &config.agentd),
     ] {
-        backends.insert(service, backend(service, url)?);
+        backends.insert(service, backend(field, service, url)?);
     }
     let tls = config.tls.as_ref().map(tls::Material::load).transpose()?;
     let clients = config

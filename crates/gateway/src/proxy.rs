@@ -30,12 +30,10 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Limited};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::body::Body;
-use tonic::transport::Channel;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
-use tower::ServiceExt as _;
 
 use crate::audit::{self, Audit, Record};
 use crate::auth::{self, Caller, Tokens, Transport};
@@ -44,6 +42,7 @@ use crate::limits::{LimitError, Limiter, StreamPermit};
 use crate::roles::{self, Role};
 use crate::status::GatewayError;
 use crate::tls::ClientMap;
+use crate::upstream::{RequestBody, Upstream};
 
 /// The metadata key carrying the caller's principal to backends.
 pub const PRINCIPAL_METADATA: &str = "x-qvirt-principal";
@@ -85,16 +84,14 @@ fn deadline_of(headers: &HeaderMap, now: tokio::time::Instant) -> Option<tokio::
     Some(now + timeout.saturating_sub(DEADLINE_OFFSET.min(timeout / 10)))
 }
 
-/// A backend: the service it serves and a channel to it (connects on
+/// A backend: the service it serves and the connection to it (opened on
 /// first use and again after a failure).
 #[derive(Debug, Clone)]
 pub struct Backend {
     /// `qvirt.v1.Supervisor` etc.
     pub service: &'static str,
-    /// Where it is.
-    pub url: String,
-    /// The connection.
-    pub channel: Channel,
+    /// The connection, shared by every call.
+    pub upstream: Arc<Upstream>,
 }
 
 /// What every connection's proxy shares.
@@ -153,28 +150,81 @@ fn reply(err: &GatewayError) -> Response<Body> {
     err.to_status().into_http()
 }
 
-/// The peer as audit lines show it, and its uid on a unix socket.
-fn peer_of<B>(req: &Request<B>) -> (String, Option<u32>) {
-    if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
-        let peer = info
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        return (peer, None);
+/// Who is at the other end of a call's connection.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    Tcp(Option<std::net::SocketAddr>),
+    Unix { uid: u32, pid: Option<i32> },
+    Unknown,
+}
+
+impl Peer {
+    fn of<B>(req: &Request<B>) -> Peer {
+        if let Some(info) = req.extensions().get::<TcpConnectInfo>() {
+            return Peer::Tcp(info.remote_addr());
+        }
+        if let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+            return Peer::Tcp(info.get_ref().remote_addr());
+        }
+        match req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+        {
+            Some(cred) => Peer::Unix {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            },
+            None => Peer::Unknown,
+        }
     }
-    if let Some(cred) = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-    {
-        let uid = cred.uid();
-        let peer = match cred.pid() {
-            Some(pid) => format!("uid:{uid},pid:{pid}"),
-            None => format!("uid:{uid}"),
-        };
-        return (peer, Some(uid));
+
+    fn uid(self) -> Option<u32> {
+        match self {
+            Peer::Unix { uid, .. } => Some(uid),
+            _ => None,
+        }
     }
-    (String::new(), None)
+
+    /// As audit lines show it: `IP:PORT`, or `uid:N,pid:N` on a unix
+    /// socket.
+    fn text(self) -> String {
+        match self {
+            Peer::Tcp(Some(addr)) => addr.to_string(),
+            Peer::Unix {
+                uid,
+                pid: Some(pid),
+            } => format!("uid:{uid},pid:{pid}"),
+            Peer::Unix { uid, pid: None } => format!("uid:{uid}"),
+            Peer::Tcp(None) | Peer::Unknown => String::new(),
+        }
+    }
+}
+
+/// What an audit line needs from a call's arrival; the line itself is
+/// built only for a call that is audited (a write, or a denial).
+struct Arrival {
+    at: SystemTime,
+    started: Instant,
+    peer: Peer,
+    transport: Transport,
+}
+
+impl Arrival {
+    fn record(&self, principal: &str, method: &str) -> Record {
+        Record {
+            time: audit::rfc3339(self.at),
+            principal: principal.to_owned(),
+            peer: self.peer.text(),
+            transport: self.transport.as_str(),
+            method: method.to_owned(),
+            domain: None,
+            request_id: None,
+            status: "",
+            code: 0,
+            duration_ms: 0.0,
+        }
+    }
 }
 
 async fn handle(
@@ -183,35 +233,28 @@ async fn handle(
     deadline: Option<tokio::time::Instant>,
     req: Request<Body>,
 ) -> Response<Body> {
-    let started = Instant::now();
+    let arrival = Arrival {
+        at: SystemTime::now(),
+        started: Instant::now(),
+        peer: Peer::of(&req),
+        transport,
+    };
+    let Some(method) = shared.methods.get(req.uri().path()).cloned() else {
+        let method = req.uri().path().to_owned();
+        return reply(&GatewayError::UnknownMethod { method });
+    };
     let path = req.uri().path().to_owned();
-    let Some(method) = shared.methods.get(&path).cloned() else {
-        return reply(&GatewayError::UnknownMethod { method: path });
-    };
-    let (peer, uid) = peer_of(&req);
-    let mut record = Record {
-        time: audit::rfc3339(SystemTime::now()),
-        principal: String::new(),
-        peer,
-        transport: transport.as_str(),
-        method: path.clone(),
-        domain: None,
-        request_id: None,
-        status: "",
-        code: 0,
-        duration_ms: 0.0,
-    };
     let deny = |mut record: Record, err: GatewayError| {
         let status = err.to_status();
         record.code = status.code() as i32;
         record.status = audit::code_name(record.code);
-        record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        record.duration_ms = arrival.started.elapsed().as_secs_f64() * 1e3;
         shared.audit.write(&record);
         status.into_http::<Body>()
     };
     let connection = match transport {
         Transport::Tls => certificate_caller(shared.clients.as_ref(), &req),
-        _ => Ok(auth::socket_caller(transport, uid)),
+        _ => Ok(auth::socket_caller(transport, arrival.peer.uid())),
     };
     let authenticated = connection.and_then(|connection| {
         auth::authenticate(
@@ -224,7 +267,7 @@ async fn handle(
         Ok(c) => c,
         Err(source) => {
             return deny(
-                record,
+                arrival.record("", &path),
                 GatewayError::Unauthenticated {
                     method: path,
                     source,
@@ -232,42 +275,44 @@ async fn handle(
             );
         }
     };
-    record.principal = caller.principal.to_string();
     if caller.role < method.role {
         let err = GatewayError::PermissionDenied {
-            method: path,
+            method: path.clone(),
             required: method.role,
             principal: caller.principal.to_string(),
             role: caller.role,
         };
-        return deny(record, err);
+        return deny(arrival.record(&caller.principal, &path), err);
     }
     let limited = |source: LimitError| GatewayError::Limit {
         method: path.clone(),
         source,
     };
     if let Err(e) = shared.limiter.check_rate(&caller.principal) {
-        return deny(record, limited(e));
+        return deny(arrival.record(&caller.principal, &path), limited(e));
     }
     let permit = if method.server_streaming || method.client_streaming {
         let monitor = path == roles::MONITOR_SUBSCRIPTION;
         match shared.limiter.open_stream(&caller.principal, monitor) {
             Ok(p) => Some(p),
-            Err(e) => return deny(record, limited(e)),
+            Err(e) => return deny(arrival.record(&caller.principal, &path), limited(e)),
         }
     } else {
         None
     };
+    // Only writes are audited once they pass: reads build no line.
+    let mut record =
+        (method.role == Role::ReadWrite).then(|| arrival.record(&caller.principal, &path));
 
     let (mut parts, body) = req.into_parts();
     let body = if method.client_streaming {
-        body
+        RequestBody::Stream(body)
     } else {
         let max = shared.limiter.limits().max_request_bytes as usize + FRAME_PREFIX;
         match Limited::new(body, max).collect().await {
             Ok(collected) => {
                 let bytes = collected.to_bytes();
-                if method.role == Role::ReadWrite {
+                if let Some(record) = &mut record {
                     record.domain = method
                         .domain_field
                         .and_then(|n| descriptors::string_in_frame(&bytes, n));
@@ -275,10 +320,11 @@ async fn handle(
                         .request_id_field
                         .and_then(|n| descriptors::string_in_frame(&bytes, n));
                 }
-                Body::new(Full::new(bytes))
+                RequestBody::Whole(bytes)
             }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 let limit = shared.limiter.limits().max_request_bytes;
+                let record = record.unwrap_or_else(|| arrival.record(&caller.principal, &path));
                 return deny(record, limited(LimitError::RequestSize { limit }));
             }
             Err(_) => return reply(&GatewayError::RequestIncomplete { method: path }),
@@ -290,15 +336,12 @@ async fn handle(
     };
     let service = backend.service;
     let finish = Finish {
-        audit: (method.role == Role::ReadWrite).then(|| (Arc::clone(&shared), record, started)),
+        audit: record.map(|r| (Arc::clone(&shared), r, arrival.started)),
         code: None,
         _permit: permit,
     };
     tracing::debug!(method = %path, principal = %caller.principal, "forwarding");
-    let call = backend
-        .channel
-        .clone()
-        .oneshot(Request::from_parts(parts, body));
+    let call = backend.upstream.call(parts, body);
     let revoked = caller.revoked.clone();
     let expired = async {
         match deadline {
@@ -331,33 +374,27 @@ async fn handle(
             status.into_http::<Body>()
         }
         Outcome::Answered(Err(e)) => {
-            // The backend channel enforces the caller's `grpc-timeout`
-            // too: its expiry is the caller's deadline, not an outage.
-            let err = if timed_out(&e) {
-                GatewayError::DeadlineExceeded {
-                    method: path,
-                    service,
-                }
-            } else {
-                GatewayError::BackendUnavailable {
-                    method: path,
-                    service,
-                    cause: qvirt_common::error_chain(&e),
-                }
+            let err = GatewayError::BackendUnavailable {
+                method: path,
+                service,
+                cause: qvirt_common::error_chain(&e),
             };
             let status = err.to_status();
             finish.code = Some(status.code() as i32);
             status.into_http::<Body>()
         }
         Outcome::Answered(Ok(resp)) => {
-            let (parts, mut body) = resp.into_parts();
+            let (parts, body) = resp.into_parts();
             let trailers_only = grpc_status(&parts.headers);
-            if let Some(code) = trailers_only {
+            let body = match trailers_only {
                 // A trailers-only answer: its headers end the stream, so
                 // the client must get them with END_STREAM, as sent.
-                finish.code = Some(code);
-                body = Body::empty();
-            }
+                Some(code) => {
+                    finish.code = Some(code);
+                    Body::empty()
+                }
+                None => Body::new(body),
+            };
             let guarded = Guarded {
                 done: trailers_only.is_some(),
                 inner: body,
@@ -379,18 +416,6 @@ enum Outcome<T> {
     Revoked,
     /// The caller's deadline, less the offset, passed.
     Expired,
-}
-
-/// Whether `error` is the expiry of the call's `grpc-timeout`.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
 }
 
 /// With mTLS (`clients` configured), the caller the connection's verified

@@ -1,18 +1,22 @@
 //! The [`EventSink`] that feeds the event bus: events go into a bounded
-//! buffer at once (a guest's watcher never waits on the bus), and one task
-//! streams them to `qvirt.v1.EventIngest/Publish`, reconnecting with backoff
-//! while the bus is away. When the buffer is full the newest event is
-//! dropped and counted ([`BusPublisher::lost`]), never queued without end.
-//! A stream that ends with the bus's reply counts the events it sent that
-//! the bus did not store (`accepted` in the reply) as lost. A stream that
-//! fails counts the events it never handed to the transport as lost; those
-//! already handed over are unconfirmed ([`BusPublisher::unconfirmed`]):
-//! the bus may or may not have stored them, the reply that would say never
-//! comes. Losses are logged with the running total, at most once per
-//! [`crate::loss::WARN_EVERY`].
+//! buffer at once (a guest's watcher never waits on the bus), and one
+//! `qvirt.v1.EventIngest/Publish` stream at a time takes them from there
+//! (its request stream reads the buffer itself: no task relays them),
+//! reconnecting with backoff while the bus is away. When the buffer is
+//! full the newest event is dropped and counted ([`BusPublisher::lost`]),
+//! never queued without end. A stream that ends with the bus's reply
+//! counts the events it took that the bus did not store (`accepted` in the
+//! reply) as lost. A stream that fails leaves the events it never took in
+//! the buffer for the next one; those it took are unconfirmed
+//! ([`BusPublisher::unconfirmed`]): the bus may or may not have stored
+//! them, the reply that would say never comes. Losses are logged with the
+//! running total, at most once per [`crate::loss::WARN_EVERY`].
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
 use crate::loss::LossCounter;
 use std::time::{Duration, SystemTime};
@@ -21,9 +25,9 @@ use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::{DomainEvent, MonitorEvent, PublishRequest};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedMutexGuard, mpsc};
+use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::Endpoint;
 
 use crate::qmp::QmpEvent;
@@ -31,8 +35,6 @@ use crate::seams::{DomainRef, EventSink, Lifecycle};
 
 /// Events buffered for the bus while it is slow or away.
 pub const PUBLISH_BUFFER: usize = 4096;
-/// Events handed to one Publish stream ahead of the bus's reading.
-const STREAM_WINDOW: usize = 64;
 /// How long connecting to the bus may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect backoff: first and largest delay.
@@ -123,18 +125,43 @@ impl EventSink for BusPublisher {
     }
 }
 
+/// The request stream of one Publish call: it takes events straight from
+/// the buffer, so an event goes from the watcher to the transport with no
+/// task in between, and ends (cleanly) when `shutdown` fires. Holding the
+/// buffer's lock, it gives the buffer back when the transport drops it.
+struct Requests {
+    rx: OwnedMutexGuard<mpsc::Receiver<Event>>,
+    taken: Arc<AtomicU64>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Stream for Requests {
+    type Item = PublishRequest;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PublishRequest>> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        let event = ready!(self.rx.poll_recv(cx));
+        Poll::Ready(event.map(|event| {
+            self.taken.fetch_add(1, Ordering::Relaxed);
+            PublishRequest { event: Some(event) }
+        }))
+    }
+}
+
 /// Streams buffered events to the bus, one Publish call per connection, and
-/// reconnects when a call ends. An event taken from the buffer but not
-/// accepted by the call in progress is kept and sent first on the next one.
+/// reconnects when a call ends. Events left in the buffer go on the next
+/// call.
 async fn forward(
     endpoint: Endpoint,
     token: TokenInterceptor,
-    mut rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<Event>,
     shutdown: CancellationToken,
     counts: Arc<Counts>,
 ) {
     let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT);
-    let mut pending: Option<Event> = None;
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut backoff = BACKOFF_MIN;
     loop {
         let channel = tokio::select! {
@@ -155,51 +182,41 @@ async fn forward(
         };
         tracing::info!(uri = %endpoint.uri(), "publishing to the event bus");
         backoff = BACKOFF_MIN;
-        let (stream_tx, stream_rx) = mpsc::channel(STREAM_WINDOW);
-        // Events sent into this stream, and those the transport took.
-        let mut sent: u64 = 0;
+        // The previous call's stream gives the buffer back once its
+        // transport has dropped it.
+        let buffer = tokio::select! {
+            b = Arc::clone(&rx).lock_owned() => b,
+            () = shutdown.cancelled() => return,
+        };
+        if buffer.is_closed() && buffer.is_empty() {
+            return;
+        }
         let taken = Arc::new(AtomicU64::new(0));
-        let taking = Arc::clone(&taken);
-        let requests = tokio_stream::StreamExt::map(ReceiverStream::new(stream_rx), move |event| {
-            taking.fetch_add(1, Ordering::Relaxed);
-            PublishRequest { event: Some(event) }
-        });
+        let requests = Requests {
+            rx: buffer,
+            taken: Arc::clone(&taken),
+            shutdown: Box::pin(shutdown.clone().cancelled_owned()),
+        };
         let mut client = EventIngestClient::with_interceptor(channel, token.clone());
-        let mut call = tokio::spawn(async move { client.publish(requests).await });
-        let ended = loop {
-            let event = match pending.take() {
-                Some(e) => e,
-                None => tokio::select! {
-                    e = rx.recv() => match e {
-                        Some(e) => e,
-                        None => return,
-                    },
-                    () = shutdown.cancelled() => {
-                        // Closing the request stream ends the call cleanly.
-                        drop(stream_tx);
-                        let _ = tokio::time::timeout(CONNECT_TIMEOUT, call).await;
-                        return;
-                    }
-                    r = &mut call => break Some(r),
-                },
-            };
-            if let Err(mpsc::error::SendError(event)) = stream_tx.send(event).await {
-                pending = Some(event);
-                break None;
-            }
-            sent += 1;
+        let result = tokio::select! {
+            r = client.publish(requests) => r,
+            // The stream ends at shutdown; a bus that does not answer
+            // then is not waited for long.
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(CONNECT_TIMEOUT).await;
+            } => return,
         };
-        let result = match ended {
-            Some(r) => r,
-            None => call.await,
-        };
+        if shutdown.is_cancelled() {
+            return;
+        }
         let taken = taken.load(Ordering::Relaxed);
         // A refused caller (no or a wrong internal token) stays refused
         // until the operator fixes the config: retry slowly. Anything
         // else may be a restarting bus: retry soon, but never at once (a
         // bus that ends every stream at once would otherwise be spun on).
         let pause = match &result {
-            Ok(Err(s))
+            Err(s)
                 if matches!(
                     s.code(),
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
@@ -210,27 +227,22 @@ async fn forward(
             _ => BACKOFF_MIN,
         };
         match result {
-            Ok(Ok(reply)) => {
+            Ok(reply) => {
                 let reply = reply.into_inner();
                 tracing::info!(
                     last = reply.last_sequence,
-                    sent,
+                    sent = taken,
                     accepted = reply.accepted,
                     "event bus stream ended"
                 );
-                counts.lose(sent.saturating_sub(reply.accepted), "not stored by the bus");
+                counts.lose(
+                    taken.saturating_sub(reply.accepted),
+                    "not stored by the bus",
+                );
             }
-            failed => {
-                match failed {
-                    Ok(Err(status)) => {
-                        tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "event bus stream task failed"),
-                    Ok(Ok(_)) => {}
-                }
-                // Still queued for the stream: never left the supervisor.
-                counts.lose(sent.saturating_sub(taken), "stream failed before sending");
-                if let Some(unconfirmed) = counts.unconfirmed.add(taken.min(sent)) {
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "event bus stream failed");
+                if let Some(unconfirmed) = counts.unconfirmed.add(taken) {
                     tracing::warn!(
                         unconfirmed,
                         "events handed to a failed event bus stream are unconfirmed (running total)"
@@ -434,10 +446,8 @@ mod tests {
         for _ in 0..PUBLISH_BUFFER + extra {
             publisher.monitor_event(&domain(), &qmp_event("E"));
         }
-        // The forwarding task may hold one event of its own while it waits
-        // to send it, so at least `extra - 1` are lost.
-        assert!(publisher.lost() >= extra as u64 - 1, "{}", publisher.lost());
-        assert!(publisher.lost() <= extra as u64, "{}", publisher.lost());
+        // Nothing is taken from the buffer before a stream is open.
+        assert_eq!(publisher.lost(), extra as u64);
         shutdown.cancel();
     }
 }

@@ -276,10 +276,9 @@ impl Manager {
     }
 
     async fn on_event(&self, entry: &Entry, qmp: &QmpClient, flags: &RunFlags, event: &QmpEvent) {
-        let spec = entry.data().spec.clone();
-        self.inner
-            .events
-            .monitor_event(&self.domain_ref(&spec), event);
+        // Published first, before any state change it causes.
+        let domain = self.domain_ref(&entry.data().spec);
+        self.inner.events.monitor_event(&domain, event);
         let state = entry.data().status.state;
         let running = DomainState::Running as i32;
         let paused = DomainState::Paused as i32;
@@ -334,10 +333,10 @@ impl Manager {
                 if guest && flags.reboot_pending.swap(false, Ordering::SeqCst) {
                     // ACPI reboot: the guest powered off; reset and go on.
                     flags.shutdown_seen.store(false, Ordering::SeqCst);
-                    info!(domain = %spec.name, "guest powered off for a reboot; resetting");
+                    info!(domain = %domain.name, "guest powered off for a reboot; resetting");
                     for command in ["system_reset", "cont"] {
                         if let Err(error) = self.qmp(entry, qmp, command).await {
-                            warn!(domain = %spec.name, %error, command, "reboot step failed");
+                            warn!(domain = %domain.name, %error, command, "reboot step failed");
                         }
                     }
                     return;
@@ -361,9 +360,9 @@ impl Manager {
                 .await;
                 if guest {
                     // -no-shutdown keeps QEMU up after a guest power-off.
-                    debug!(domain = %spec.name, "guest powered off; quitting QEMU");
+                    debug!(domain = %domain.name, "guest powered off; quitting QEMU");
                     if let Err(error) = self.qmp(entry, qmp, "quit").await {
-                        debug!(domain = %spec.name, %error, "quit after guest power-off");
+                        debug!(domain = %domain.name, %error, "quit after guest power-off");
                     }
                 }
             }
