@@ -235,3 +235,34 @@ async fn test_launcher_starts_only_allowed_binaries() {
         status.message()
     );
 }
+
+/// A program that fails at once through the launcher: its own exit status
+/// and its stderr (the log descriptor the launcher passed on) come back,
+/// not a guess.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_startup_failure_reports_the_programs_status_and_output() {
+    use qvirt_supervisor::launch::{LaunchConfig, LaunchError, launch};
+    let dirs = Dirs::new();
+    let _launcher = start_launcher(&dirs.socket, &["--allow-binary", "sh"]);
+    let config = LaunchConfig {
+        binary: PathBuf::from("sh"),
+        // The monitor arguments land in $1.. and are ignored.
+        args: ["-c", "echo 'fake qemu: no such machine' >&2; exit 3", "sh"]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        run_dir: dirs.run.join("fails"),
+        log_path: dirs.state.join("fails.log"),
+        handshake_timeout: TIMEOUT,
+        credentials: None,
+        launcher: Some(dirs.socket.clone()),
+    };
+    std::fs::create_dir_all(&dirs.state).unwrap();
+    match launch(&config, Vec::new()).await {
+        Err(LaunchError::Exited { status, log_tail }) => {
+            assert_eq!(status.code(), Some(3), "{status}");
+            assert_eq!(log_tail, "fake qemu: no such machine");
+        }
+        other => panic!("expected Exited, got {other:?}"),
+    }
+}

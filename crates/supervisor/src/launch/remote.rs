@@ -17,7 +17,7 @@
 //! that goes away closes its end; QEMU runs on, and the next supervisor
 //! re-attaches by pid and monitor socket as after any restart.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -251,11 +251,9 @@ pub(super) async fn spawn(
         drop(attached);
         drop(stdio);
         drop(fds);
-        let mut line = String::new();
-        io::Read::take(BufReader::new(&stream), MAX_REPLY_BYTES)
-            .read_line(&mut line)
-            .map_err(RemoteError::Reply)?;
-        let reply: SpawnReply = serde_json::from_str(&line).map_err(|_| RemoteError::Malformed)?;
+        let line = read_reply_line(&stream).map_err(RemoteError::Reply)?;
+        let reply: SpawnReply =
+            serde_json::from_slice(&line).map_err(|_| RemoteError::Malformed)?;
         let seen = rustix::net::sockopt::socket_peercred(&stream)
             .ok()
             .and_then(|c| u32::try_from(c.pid.as_raw_nonzero().get()).ok())
@@ -284,6 +282,25 @@ pub(super) async fn spawn(
         pid,
         exit: watch_exit(stream, pid),
     })
+}
+
+/// The reply line, read a byte at a time: a buffered read could swallow
+/// the exit report that follows it when QEMU exits at once.
+fn read_reply_line(stream: &UnixStream) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if io::Read::read(&mut &*stream, &mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if byte[0] == b'\n' {
+            return Ok(line);
+        }
+        if line.len() as u64 >= MAX_REPLY_BYTES {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long"));
+        }
+        line.push(byte[0]);
+    }
 }
 
 /// An [`ExitWatch`] fed by the launcher's exit report on `stream`. If the
