@@ -509,6 +509,33 @@ mod tests {
                 "INTERNAL",
             ),
             (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::Connect {
+                        path: "/run/qvirt-vmm/vmm.sock".into(),
+                        source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                    },
+                )),
+                Code::Unavailable,
+                "QEMU_LAUNCHER_UNAVAILABLE",
+            ),
+            (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::Refused("not allowed".into()),
+                )),
+                Code::Unavailable,
+                "QEMU_SPAWN_FAILED",
+            ),
+            (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::PidNamespace {
+                        reported: 1,
+                        seen: 0,
+                    },
+                )),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
                 DomainError::hook(
                     "x",
                     HookError::Failed {
