@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps bench-deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz
+.PHONY: all deps bench-deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz images test-deploy
 
 all: build
 
@@ -36,6 +36,20 @@ test: deps build-debug static-ga
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
+	@QVIRT_BINARIES=debug bash scripts/test-deploy.sh
+
+## images: the container images, built here with no registry: static
+## release binaries (target/static) on scratch, or on a Debian rootfs made
+## with debootstrap and `docker import`ed; rebuilt only when inputs change
+images: deps
+	@bash scripts/images.sh
+
+## test-deploy: deploy/docker-compose.yml end to end (images, up, a guest,
+## supervisor restart, down -v); SKIPPED when no Docker engine answers.
+## On its own it builds the release images users get; `make test` runs it
+## on the debug binaries it already built (QVIRT_BINARIES=debug)
+test-deploy: deps static-ga
+	@bash scripts/test-deploy.sh
 
 ## bench: performance figures, each beside its reference measured in the same run
 ## (nginx and python3-libvirt: bench-deps installs those)

@@ -10,6 +10,10 @@
 #     the tests run virsh against qvirt-ga through a private libvirtd, which
 #     they start in its own mount namespace, with its own config, run, state
 #     and log dirs, and stop (beside any libvirtd the host runs).
+#   - debootstrap and docker-compose: `make images` builds the Debian root
+#     filesystem of the images that need QEMU or a shell with debootstrap,
+#     and `make test-deploy` drives deploy/docker-compose.yml (the Docker
+#     engine itself is the machine's: without one that test is skipped).
 #   - the system user QEMU runs as (qvirt-qemu: no login shell, no home,
 #     in the kvm group when there is one), as libvirt runs QEMU as
 #     libvirt-qemu.
@@ -50,6 +54,7 @@ check python3 python3
 check xmllint libxml2-utils
 command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 check docker-compose docker-compose
+check debootstrap debootstrap
 [ -x /usr/sbin/libvirtd ] && [ -x /usr/bin/virsh ] ||
     need_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 
@@ -58,7 +63,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     # The machine image may carry a newer qemu-utils from backports that
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
-    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose
+    pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose debootstrap
         libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then

@@ -130,6 +130,12 @@ pub struct Config {
     /// the hook executor in `x-qvirt-internal-token`. Absent: they refuse
     /// this supervisor's calls over TCP.
     pub internal_token_file: Option<PathBuf>,
+    /// Start QEMU through the launcher (`qvirt-vmm`) listening on this unix
+    /// socket instead of as the supervisor's child, so that QEMU outlives
+    /// the supervisor's container. The launcher must share the
+    /// supervisor's pid namespace and run dir. Absent: QEMU is the
+    /// supervisor's child (single-host installs).
+    pub launcher_socket: Option<PathBuf>,
 }
 
 /// vCPUs allowed per host CPU when `max_vcpus` is not set.
@@ -164,6 +170,7 @@ impl Default for Config {
             max_memory_mib: None,
             max_vcpus: None,
             internal_token_file: None,
+            launcher_socket: None,
         }
     }
 }
@@ -261,6 +268,13 @@ impl Config {
                     "must be an absolute path",
                 ));
             }
+        }
+        if let Some(socket) = self.launcher_socket.as_ref().filter(|s| !s.is_absolute()) {
+            return Err(invalid(
+                "launcher_socket",
+                socket.display().to_string(),
+                "must be an absolute path",
+            ));
         }
         if self.qemu_user.is_empty() {
             return Err(invalid("qemu_user", String::new(), "must not be empty"));

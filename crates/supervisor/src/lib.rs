@@ -12,7 +12,8 @@
 //! [`request_ids`] (idempotent retries of writes);
 //! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
 //! and agent service clients); [`hook_xml`] (libvirt-style domain XML
-//! for hook scripts); [`reload`] (SIGHUP).
+//! for hook scripts); [`reload`] (SIGHUP); [`vmm`] (the launcher that
+//! starts QEMU for a supervisor in another container, `qvirt-vmm`).
 //!
 //! Entry point: [`run`] (or [`run_reloadable`], which also reads the
 //! config again on SIGHUP), called by `main.rs` with a bound listener and
@@ -33,6 +34,7 @@ pub mod request_ids;
 pub mod seams;
 pub mod service;
 pub mod status;
+pub mod vmm;
 
 use std::sync::Arc;
 

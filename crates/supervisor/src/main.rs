@@ -89,6 +89,10 @@ struct Args {
     /// event bus and the hook executor. Overrides `internal_token_file`.
     #[arg(long, value_name = "FILE")]
     internal_token_file: Option<std::path::PathBuf>,
+    /// Start QEMU through the launcher (qvirt-vmm) on this unix socket.
+    /// Overrides `launcher_socket`.
+    #[arg(long, value_name = "PATH")]
+    launcher_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +145,7 @@ fn load(args: &Args) -> Result<qvirt_supervisor::Config, ConfigError> {
             &mut c.internal_token_file,
             args.internal_token_file.map(Some),
         );
+        override_with(&mut c.launcher_socket, args.launcher_socket.map(Some));
         c
     })
 }

@@ -83,7 +83,17 @@ pub fn classify(error: &DomainError) -> (Code, Cow<'static, str>) {
         },
         E::ListFull { .. } => (Code::ResourceExhausted, "LIST_TOO_LARGE"),
         E::Start { source, .. } => match **source {
-            LaunchError::Spawn { .. } => (Code::Unavailable, "QEMU_SPAWN_FAILED"),
+            LaunchError::Spawn { .. }
+            | LaunchError::Launcher(crate::launch::remote::RemoteError::Refused(_)) => {
+                (Code::Unavailable, "QEMU_SPAWN_FAILED")
+            }
+            // The launcher (a container deployment's qvirt-vmm) is down or
+            // stopped answering: retry once it is back.
+            LaunchError::Launcher(
+                crate::launch::remote::RemoteError::Connect { .. }
+                | crate::launch::remote::RemoteError::Send(_)
+                | crate::launch::remote::RemoteError::Reply(_),
+            ) => (Code::Unavailable, "QEMU_LAUNCHER_UNAVAILABLE"),
             // QEMU itself refused (its exit status and output) or never
             // greeted: the domain's definition or the host's QEMU.
             LaunchError::Exited { .. } | LaunchError::Handshake { .. } => {
@@ -495,6 +505,33 @@ mod tests {
             ),
             (
                 start(LaunchError::PrepareTask("secret panicked".into())),
+                Code::Internal,
+                "INTERNAL",
+            ),
+            (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::Connect {
+                        path: "/run/qvirt-vmm/vmm.sock".into(),
+                        source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                    },
+                )),
+                Code::Unavailable,
+                "QEMU_LAUNCHER_UNAVAILABLE",
+            ),
+            (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::Refused("not allowed".into()),
+                )),
+                Code::Unavailable,
+                "QEMU_SPAWN_FAILED",
+            ),
+            (
+                start(LaunchError::Launcher(
+                    crate::launch::remote::RemoteError::PidNamespace {
+                        reported: 1,
+                        seen: 0,
+                    },
+                )),
                 Code::Internal,
                 "INTERNAL",
             ),

@@ -60,6 +60,7 @@ fn config(dir: &Path, extra: &[&str]) -> LaunchConfig {
         log_path: dir.join("guest.log"),
         handshake_timeout: WAIT,
         credentials: None,
+        launcher: None,
     }
 }
 

@@ -143,6 +143,7 @@ impl Manager {
             log_path: paths.qemu_log.clone(),
             handshake_timeout: Duration::from_secs(self.config().start_timeout_secs),
             credentials: self.inner.qemu.clone(),
+            launcher: self.config().launcher_socket.clone(),
         };
         if let Err(failure) = self.inner.hooks.run(&spec, HookOp::Start).await {
             return Err(self

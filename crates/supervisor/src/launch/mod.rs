@@ -37,7 +37,8 @@
 
 mod identity;
 mod log;
-mod sys;
+pub mod remote;
+pub(crate) mod sys;
 
 use std::ffi::OsString;
 use std::io;
@@ -109,6 +110,9 @@ pub struct LaunchConfig {
     pub handshake_timeout: Duration,
     /// Who QEMU runs as; `None`: the supervisor's own user.
     pub credentials: Option<Credentials>,
+    /// Start QEMU through the launcher listening on this socket (see
+    /// [`remote`]) instead of as a child; `None`: spawn it directly.
+    pub launcher: Option<PathBuf>,
 }
 
 /// Errors of the launcher, named after the failed step.
@@ -201,6 +205,9 @@ pub enum LaunchError {
         #[source]
         source: IdentityError,
     },
+    /// The launcher did not start QEMU.
+    #[error("starting QEMU through the launcher")]
+    Launcher(#[source] remote::RemoteError),
     /// The task watching the child ended without an exit status.
     #[error("lost track of QEMU pid {pid}'s exit")]
     ExitLost {
@@ -454,30 +461,52 @@ pub async fn launch(
     };
     let stderr = log.file.try_clone().map_err(open_log_error)?;
 
-    let mut command = tokio::process::Command::new(&config.binary);
-    command
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.file))
-        .stderr(Stdio::from(stderr))
-        .process_group(0);
-    let mut keep: Vec<i32> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
-    keep.push(listener.as_raw_fd());
-    sys::prepare_child(&mut command, keep, config.credentials.clone());
     let spawned_at = Instant::now();
     let spawn_error = |source| LaunchError::Spawn {
         binary: config.binary.clone(),
         source,
     };
-    let child = command.spawn().map_err(spawn_error)?;
-    // Ours must go now: with it open, a QEMU that dies at startup would
-    // leave the connection below waiting forever instead of reset.
-    drop(listener);
-    drop(inherit);
-    let pid = child
-        .id()
-        .ok_or_else(|| spawn_error(io::Error::other("spawned QEMU has no pid")))?;
-    let mut exit = ExitWatch::spawn(child, pid);
+    let (pid, mut exit) = match &config.launcher {
+        None => {
+            let mut command = tokio::process::Command::new(&config.binary);
+            command
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.file))
+                .stderr(Stdio::from(stderr))
+                .process_group(0);
+            let mut keep: Vec<i32> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
+            keep.push(listener.as_raw_fd());
+            sys::prepare_child(command.as_std_mut(), keep, config.credentials.clone());
+            let child = command.spawn().map_err(spawn_error)?;
+            // Ours must go now: with it open, a QEMU that dies at startup would
+            // leave the connection below waiting forever instead of reset.
+            drop(listener);
+            drop(inherit);
+            let pid = child
+                .id()
+                .ok_or_else(|| spawn_error(io::Error::other("spawned QEMU has no pid")))?;
+            (pid, ExitWatch::spawn(child, pid))
+        }
+        Some(socket) => {
+            let mut fds = inherit;
+            fds.push(listener);
+            // The descriptors are sent and closed before this returns, as
+            // above.
+            let spawned = remote::spawn(
+                socket,
+                &config.binary,
+                &args,
+                (OwnedFd::from(log.file), OwnedFd::from(stderr)),
+                fds,
+                config.credentials.clone(),
+                config.handshake_timeout,
+            )
+            .await
+            .map_err(LaunchError::Launcher)?;
+            (spawned.pid, spawned.exit)
+        }
+    };
     let mut cancel_guard = KillIfCancelled {
         pid,
         exit: exit.clone(),
@@ -713,6 +742,7 @@ mod tests {
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: Duration::from_millis(300),
             credentials: None,
+            launcher: None,
         };
         let started = Instant::now();
         let result = launch(&config, Vec::new()).await;
@@ -759,6 +789,7 @@ mod tests {
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: Duration::from_secs(60),
             credentials: None,
+            launcher: None,
         };
         let mut start = Box::pin(launch(&config, Vec::new()));
         // Poll the launch until the child has written its pid, then drop it.
@@ -798,6 +829,7 @@ mod tests {
             log_path: dir.path().join("qemu.log"),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             credentials: None,
+            launcher: None,
         };
         match launch(&config, Vec::new()).await {
             Err(LaunchError::Spawn { binary, .. }) => assert_eq!(binary, config.binary),

@@ -1,10 +1,11 @@
 //! The few raw system calls the launcher needs: preparing the child
 //! between `fork` and `exec` (exactly the intended fds inherited, then
 //! setgroups/setgid/setuid to QEMU's user), looking users and groups up,
-//! opening tap devices, and sending signals. The only `unsafe` code of the launcher lives here.
+//! opening tap devices, sending signals, and the launcher's reaping. The only `unsafe` code of the launcher lives here.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 
 /// Who QEMU runs as: the ids the child switches to before `exec`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,22 @@ pub struct Credentials {
 /// the child drops to them (setgroups, setgid, setuid, in that order,
 /// every result checked).
 pub(crate) fn prepare_child(
-    command: &mut tokio::process::Command,
+    command: &mut std::process::Command,
+    keep: Vec<RawFd>,
+    credentials: Option<Credentials>,
+) {
+    prepare_child_remapped(command, Vec::new(), keep, credentials);
+}
+
+/// [`prepare_child`] for fds that arrive under other numbers than the ones
+/// the command line names (the launcher receives them over a socket):
+/// first each `(from, to)` in `remap` is `dup2`ed onto `to` (which then
+/// lacks `FD_CLOEXEC`), then `keep` is handled as in [`prepare_child`].
+/// Every `from` must be close-on-exec and above every `to`, so that no
+/// `dup2` replaces a descriptor a later one still reads.
+pub(crate) fn prepare_child_remapped(
+    command: &mut std::process::Command,
+    remap: Vec<(RawFd, RawFd)>,
     mut keep: Vec<RawFd>,
     credentials: Option<Credentials>,
 ) {
@@ -36,10 +52,17 @@ pub(crate) fn prepare_child(
     // data prepared here; no allocation, no locks).
     let fd_limit = open_fd_limit();
     // SAFETY: the closure runs in the forked child before `exec`. It calls
-    // only close_range/fcntl/setgroups/setgid/setuid and builds
+    // only dup2/close_range/fcntl/setgroups/setgid/setuid and builds
     // `io::Error`s from errno, all async-signal-safe.
     unsafe {
         command.pre_exec(move || {
+            for &(from, to) in &remap {
+                // SAFETY: dup2 on integer fds; `to` is replaced in this
+                // (child) process only.
+                if libc::dup2(from, to) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             let mut from: RawFd = 3;
             for &fd in &keep {
                 if fd > from {
@@ -57,6 +80,53 @@ pub(crate) fn prepare_child(
             Ok(())
         });
     }
+}
+
+/// A close-on-exec duplicate of `fd` numbered `min` or above
+/// (`F_DUPFD_CLOEXEC`).
+pub(crate) fn dup_cloexec_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on a descriptor we own; on success the new fd is ours
+    // alone and wrapped at once.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(new) })
+}
+
+/// Block until some child of this process has exited and return its pid
+/// without reaping it (`waitid(P_ALL, WEXITED | WNOWAIT)`); `Ok(None)`
+/// when the process has no children (ECHILD).
+pub(crate) fn wait_any_child_exited() -> io::Result<Option<u32>> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value; waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            // SAFETY: after a successful waitid with WEXITED the siginfo
+            // holds a SIGCHLD record, whose si_pid is set.
+            let pid = unsafe { info.si_pid() };
+            return Ok(u32::try_from(pid).ok());
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => return Ok(None),
+            _ => return Err(error),
+        }
+    }
+}
+
+/// Reap the exited child `pid` (`waitpid(pid, WNOHANG)`): its raw wait
+/// status, or `None` when it was not a zombie child of ours (any more).
+pub(crate) fn reap(pid: u32) -> Option<i32> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut status = 0;
+    // SAFETY: waitpid writes only into `status`.
+    let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (rc == pid).then_some(status)
 }
 
 /// The highest fd number + 1 a process may have (RLIMIT_NOFILE), for the
