@@ -107,6 +107,13 @@ pub struct Config {
     /// latency when busy, since one thread cannot spread a burst's
     /// deliveries over the cores. N: N workers.
     pub worker_threads: usize,
+    /// A host in a fleet: forward every stored event to the fleet's NATS
+    /// JetStream stream (docs/FLEET.md). Absent (the default): no NATS.
+    pub nats: Option<crate::nats::NatsConfig>,
+    /// A gateway's bus in a fleet: serve subscriptions from the fleet's
+    /// stream (every host's events) instead of this bus's own hub; its
+    /// EventIngest then refuses publishers. Not with `nats`.
+    pub fleet: Option<crate::nats::FleetConfig>,
 }
 
 impl Default for Config {
@@ -129,6 +136,8 @@ impl Default for Config {
             internal_token_file: None,
             internal_uids: Vec::new(),
             worker_threads: 0,
+            nats: None,
+            fleet: None,
         }
     }
 }
@@ -252,6 +261,21 @@ impl Config {
                 value: self.worker_threads.to_string(),
                 reason: format!("must be at most {MAX_WORKER_THREADS}"),
             });
+        }
+        if let Some(nats) = &self.nats {
+            nats.check()?;
+        }
+        if let Some(fleet) = &self.fleet {
+            if self.nats.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "fleet",
+                    value: "set".into(),
+                    reason:
+                        "a bus either forwards to the fleet (nats) or serves it (fleet), not both"
+                            .into(),
+                });
+            }
+            fleet.check()?;
         }
         Ok(())
     }

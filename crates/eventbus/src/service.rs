@@ -28,7 +28,9 @@ use crate::hub::{
     Envelope, Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
     SubscriptionItem,
 };
+use crate::nats::fleet::{self as fleet_mode, FleetItem, FleetStart};
 use crate::status::BusError;
+use tokio_stream::StreamExt as _;
 
 /// Metadata key in which the gateway passes the authenticated principal.
 /// Honoured only from an internal caller (one that presents the internal
@@ -154,6 +156,9 @@ impl Start {
 #[derive(Debug, Clone)]
 pub struct EventBusService {
     hub: Hub<BusEvent>,
+    /// Fleet mode: subscriptions come from the fleet's stream; the hub
+    /// only keeps their slots under the caps.
+    fleet: Option<crate::nats::fleet::Fleet>,
     epoch: Arc<str>,
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
@@ -167,11 +172,20 @@ impl EventBusService {
     pub fn new(hub: Hub<BusEvent>, epoch: String, policy: OverflowPolicy) -> Self {
         EventBusService {
             hub,
+            fleet: None,
             epoch: epoch.into(),
             policy,
             next_subscription: Arc::new(AtomicU64::new(1)),
             auth: InternalAuth::new(None, &[]),
         }
+    }
+
+    /// Serves subscriptions from the fleet's stream (its epoch replaces
+    /// this service's).
+    pub fn with_fleet(mut self, fleet: crate::nats::fleet::Fleet) -> Self {
+        self.epoch = Arc::clone(fleet.epoch());
+        self.fleet = Some(fleet);
+        self
     }
 
     /// The name of this run's sequence space.
@@ -256,6 +270,10 @@ impl EventBusService {
         if cursor.epoch != &*self.epoch {
             return Ok(Start::Restarted);
         }
+        if self.fleet.is_some() {
+            // The stream's head is read when the consumer is made.
+            return Ok(Start::After(cursor.seq));
+        }
         // Sequence numbers only grow: a cursor beyond the newest event now
         // stays beyond the one the hub reads when it registers us.
         let last = self.hub.last_seq();
@@ -278,12 +296,45 @@ impl EventBusService {
         options: SubscribeOptions,
         start: Start,
         predicate: impl Fn(&BusEvent) -> bool + Send + Sync + 'static,
+        subjects: Vec<String>,
         wrap: F,
     ) -> Result<ResponseStream<T>, BusError>
     where
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        if let Some(fleet) = &self.fleet {
+            // The hub holds the slot (caps, shutdown); the events come
+            // from the stream.
+            let slot = self.hub.subscribe(
+                SubscribeOptions {
+                    since: None,
+                    key: None,
+                    key_decides: false,
+                    ..options
+                },
+                |_| false,
+            )?;
+            let start = match start {
+                Start::Live => FleetStart::Live,
+                Start::After(seq) => FleetStart::After(seq),
+                Start::Restarted => FleetStart::Restarted,
+            };
+            let rx = fleet.subscribe(start, subjects, Arc::new(predicate), slot);
+            let service = self.clone();
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| {
+                let item = match item {
+                    FleetItem::Established { last, oldest } => {
+                        StreamItem::Established(service.established(last, oldest))
+                    }
+                    FleetItem::Lost(l) => StreamItem::Lost(l),
+                    FleetItem::Event(env) => StreamItem::Event(env),
+                    FleetItem::Failed(status) => return Some(Err(status)),
+                };
+                wrap(item).map(Ok)
+            });
+            return Ok(Box::pin(stream));
+        }
         let sub = self.hub.subscribe(options, predicate)?;
         Ok(Box::pin(SubscriptionStream {
             sub,
@@ -511,6 +562,8 @@ impl EventBusService {
         bounded("domain", &req.domain)?;
         bounded("host", &req.host)?;
         let start = self.start(&req.resume_after, req.replay_held)?;
+        let subjects =
+            fleet_mode::subject_filter(&req.host, &req.domain, None).lifecycle_subjects();
         let domain = DomainFilter::new(&req.domain);
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
@@ -524,6 +577,7 @@ impl EventBusService {
             self.options(SubscriberKind::Domain, who, start, None, false),
             start,
             predicate,
+            subjects,
             wrap,
         )?)
     }
@@ -553,6 +607,8 @@ impl EventBusService {
         // A literal name with no domain or host filter: the hub's index by
         // name is the whole test.
         let key_decides = key.is_some() && filter.domain.is_all() && req.host.is_empty();
+        let subjects =
+            fleet_mode::subject_filter(&req.host, &req.domain, key.as_deref()).monitor_subjects();
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
             BusEvent::Monitor(m) => {
@@ -571,6 +627,7 @@ impl EventBusService {
             ),
             start,
             predicate,
+            subjects,
             wrap,
         )?)
     }

@@ -1,0 +1,284 @@
+//! Fleet subscriptions: two gateway-side `qvirt-eventbus` (`fleet:`)
+//! serve the events two hosts' buses forwarded to one 3-node JetStream
+//! cluster (R3 stream). Cursors are the stream's: resuming at the other
+//! gateway gives no gap and no duplicate; the bus's filters apply.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::{Service, internal};
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
+use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
+use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
+use qvirt_proto::v1::{
+    DomainEvent, DomainEventType, MonitorEvent, MonitorEventFilterFlag, PublishRequest,
+    SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
+};
+use tonic::transport::Channel;
+
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service {
+    let config = format!(
+        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: 3\n  outbox_dir: {}\n",
+        nats.urls().join(", "),
+        outbox.display()
+    );
+    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    svc
+}
+
+async fn gateway_bus(nats: &Nats, url_index: usize) -> (Service, EventBusClient<Channel>) {
+    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
+    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    let client = EventBusClient::connect(svc.url()).await.unwrap();
+    (svc, client)
+}
+
+fn monitor(domain: &str, event: &str, n: u32) -> Event {
+    Event::MonitorEvent(MonitorEvent {
+        domain_name: domain.into(),
+        event: event.into(),
+        details_json: format!("{{\"n\":{n}}}"),
+        ..Default::default()
+    })
+}
+
+fn lifecycle(domain: &str) -> Event {
+    Event::DomainEvent(DomainEvent {
+        domain_name: domain.into(),
+        r#type: DomainEventType::Started as i32,
+        ..Default::default()
+    })
+}
+
+async fn publish(bus: &Service, events: Vec<Event>) {
+    let mut ingest = EventIngestClient::connect(bus.url()).await.unwrap();
+    let n = events.len() as u64;
+    let reqs: Vec<PublishRequest> = events
+        .into_iter()
+        .map(|e| PublishRequest { event: Some(e) })
+        .collect();
+    let reply = ingest
+        .publish(internal(tokio_stream::iter(reqs)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, n);
+}
+
+/// The next `n` monitor events of a subscription (failing on anything
+/// else after SubscriptionEstablished), as (host, domain, event, n,
+/// cursor).
+async fn monitor_events(
+    stream: &mut tonic::Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse>,
+    n: usize,
+) -> Vec<(String, String, String, u64, String)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("stream open");
+        match msg.kind.unwrap() {
+            MonitorKind::Established(_) => {}
+            MonitorKind::Event(e) => {
+                let v: serde_json::Value = serde_json::from_str(&e.details_json).unwrap();
+                out.push((
+                    e.host,
+                    e.domain_name,
+                    e.event,
+                    v["n"].as_u64().unwrap(),
+                    e.cursor,
+                ));
+            }
+            MonitorKind::Lost(l) => panic!("unexpected loss {l:?}"),
+        }
+    }
+    out
+}
+
+/// Nothing more arrives within a short while (the stream has nothing
+/// else matching).
+async fn assert_quiet(
+    stream: &mut tonic::Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse>,
+) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+        panic!("unexpected message {m:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_resume_at_another_gateway_without_gap_or_duplicate() {
+    let nats = Nats::cluster3();
+    let (o1, o2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let h1 = host_bus(&nats, "h1", o1.path()).await;
+    let h2 = host_bus(&nats, "h2", o2.path()).await;
+    let (_g1, mut c1) = gateway_bus(&nats, 0).await;
+    let (_g2, mut c2) = gateway_bus(&nats, 1).await;
+
+    // 40 events from each host, interleaved in batches.
+    for batch in 0..4u32 {
+        let events = |host: u32| {
+            (0..10)
+                .map(|i| {
+                    let n = host * 1000 + batch * 10 + i;
+                    if i % 5 == 4 {
+                        lifecycle("web.1")
+                    } else {
+                        monitor(if i % 2 == 0 { "web.1" } else { "db" }, "BLOCK_IO_ERROR", n)
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        publish(&h1, events(1)).await;
+        publish(&h2, events(2)).await;
+    }
+    // Everything held, at gateway 1: 32 monitor events per host.
+    let mut all = c1
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            replay_held: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = monitor_events(&mut all, 64).await;
+    assert_quiet(&mut all).await;
+    for host in ["h1", "h2"] {
+        let mine: Vec<u64> = got.iter().filter(|e| e.0 == host).map(|e| e.3).collect();
+        let mut sorted = mine.clone();
+        sorted.sort_unstable();
+        assert_eq!(mine, sorted, "{host}'s events in its bus's order");
+        assert_eq!(mine.len(), 32);
+    }
+    // Cursors are the stream's sequence numbers: strictly increasing.
+    let seq = |c: &str| c.rsplit('.').next().unwrap().parse::<u64>().unwrap();
+    assert!(got.windows(2).all(|w| seq(&w[0].4) < seq(&w[1].4)));
+
+    // Resume at gateway 2 after the 20th: exactly the 44 after it.
+    let mut resumed = c2
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            resume_after: got[19].4.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest = monitor_events(&mut resumed, 44).await;
+    assert_eq!(rest, got[20..]);
+    assert_quiet(&mut resumed).await;
+
+    // Live events arrive at both, with the same cursors.
+    publish(&h2, vec![monitor("db", "BLOCK_IO_ERROR", 9999)]).await;
+    let a = monitor_events(&mut all, 1).await;
+    let b = monitor_events(&mut resumed, 1).await;
+    assert_eq!(a, b);
+    assert_eq!((a[0].0.as_str(), a[0].3), ("h2", 9999));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_fleet_filters_are_the_bus_filters() {
+    let nats = Nats::cluster3();
+    let (o1, o2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let h1 = host_bus(&nats, "h1", o1.path()).await;
+    let h2 = host_bus(&nats, "h2", o2.path()).await;
+    let (_g1, mut c1) = gateway_bus(&nats, 2).await;
+    let sub = |req: SubscribeMonitorEventsRequest| {
+        let mut c = c1.clone();
+        async move { c.subscribe_monitor_events(req).await.unwrap().into_inner() }
+    };
+    // Live subscriptions, set up before the events.
+    let mut nocase = sub(SubscribeMonitorEventsRequest {
+        event: "block_io_error".into(),
+        flags: vec![MonitorEventFilterFlag::Nocase as i32],
+        ..Default::default()
+    })
+    .await;
+    let mut regex_h2 = sub(SubscribeMonitorEventsRequest {
+        event: "^(STOP|RESUME)$".into(),
+        flags: vec![MonitorEventFilterFlag::Regex as i32],
+        host: "h2".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut literal_domain = sub(SubscribeMonitorEventsRequest {
+        event: "STOP".into(),
+        domain: "a b".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut lifecycle_sub = c1
+        .subscribe_domain_events(SubscribeDomainEventsRequest {
+            domain: "a b".into(),
+            host: "h1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Each stream's first message says it is active.
+    for s in [&mut nocase, &mut regex_h2, &mut literal_domain] {
+        let m = tokio::time::timeout(MESSAGE_TIMEOUT, s.message())
+            .await
+            .unwrap();
+        assert!(matches!(
+            m.unwrap().unwrap().kind,
+            Some(MonitorKind::Established(_))
+        ));
+    }
+    let m = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle_sub.message())
+        .await
+        .unwrap();
+    assert!(matches!(
+        m.unwrap().unwrap().kind,
+        Some(DomainKind::Established(_))
+    ));
+
+    publish(
+        &h1,
+        vec![
+            monitor("a b", "STOP", 1),
+            monitor("a b", "Block_IO_Error", 2),
+            lifecycle("a b"),
+            monitor("c", "RESUME", 3),
+        ],
+    )
+    .await;
+    publish(
+        &h2,
+        vec![
+            monitor("a b", "STOP", 4),
+            monitor("c", "RESUME", 5),
+            monitor("c", "BLOCK_IO_ERROR", 6),
+            lifecycle("a b"),
+        ],
+    )
+    .await;
+    let ns =
+        |v: Vec<(String, String, String, u64, String)>| v.iter().map(|e| e.3).collect::<Vec<_>>();
+    let got = ns(monitor_events(&mut nocase, 2).await);
+    assert_eq!(got.len(), 2);
+    assert!(got.contains(&2) && got.contains(&6), "{got:?}");
+    assert_eq!(ns(monitor_events(&mut regex_h2, 2).await), [4, 5]);
+    let got = ns(monitor_events(&mut literal_domain, 2).await);
+    assert!(got.contains(&1) && got.contains(&4), "{got:?}");
+    let m = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle_sub.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(DomainKind::Event(e)) = m.kind else {
+        panic!("{m:?}")
+    };
+    assert_eq!((e.host.as_str(), e.domain_name.as_str()), ("h1", "a b"));
+    for s in [&mut nocase, &mut regex_h2, &mut literal_domain] {
+        assert_quiet(s).await;
+    }
+}
