@@ -14,8 +14,8 @@ use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
 use qvirt_proto::v1::{
-    DomainEvent, DomainEventType, MonitorEvent, MonitorEventFilterFlag, PublishRequest,
-    SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
+    DomainEvent, DomainEventType, EventsLostReason, MonitorEvent, MonitorEventFilterFlag,
+    PublishRequest, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
 };
 use tonic::transport::Channel;
 
@@ -281,4 +281,177 @@ async fn test_fleet_filters_are_the_bus_filters() {
     for s in [&mut nocase, &mut regex_h2, &mut literal_domain] {
         assert_quiet(s).await;
     }
+}
+
+/// What a subscription delivered: events by their `n`, and losses.
+#[derive(Debug, PartialEq)]
+enum Got {
+    Event(u64),
+    Lost(EventsLostReason, u64),
+}
+
+/// Reads a monitor subscription until `done` says it has enough.
+async fn collect(
+    stream: &mut tonic::Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse>,
+    done: impl Fn(&[Got]) -> bool,
+) -> Vec<Got> {
+    let mut out = Vec::new();
+    while !done(&out) {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} messages: {out:?}", out.len()))
+            .unwrap()
+            .expect("stream open");
+        match msg.kind.unwrap() {
+            MonitorKind::Established(_) => {}
+            MonitorKind::Event(e) => {
+                let v: serde_json::Value = serde_json::from_str(&e.details_json).unwrap();
+                out.push(Got::Event(v["n"].as_u64().unwrap()));
+            }
+            MonitorKind::Lost(l) => out.push(Got::Lost(l.reason(), l.count)),
+        }
+    }
+    out
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("qvirt_eventbus_nats_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_hosts_outbox_loss_reaches_fleet_subscribers() {
+    let mut nats = Nats::single();
+    let outbox = tempfile::tempdir().unwrap();
+    let port = qvirt_integration_tests::free_port();
+    let config = format!(
+        "metrics_listen: 127.0.0.1:{port}\nnats:\n  urls: [{}]\n  host: h1\n  \
+         outbox_dir: {}\n  outbox_max_bytes: 1048576\n",
+        nats.urls()[0],
+        outbox.path().display()
+    );
+    let mut h1 = Service::start_with_config("qvirt-eventbus", &config, &[]);
+    h1.wait_serving("qvirt.v1.EventBus").await;
+    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    publish(&h1, (0..5).map(|n| monitor("vm", "STOP", n)).collect()).await;
+    let mut first = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            replay_held: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = monitor_events(&mut first, 5).await;
+    let cursor = got[4].4.clone();
+    drop(first);
+
+    // The broker goes away; the host's outbox (1 MiB) overflows.
+    nats.nodes[0].stop(libc::SIGKILL);
+    let pad = "p".repeat(8 * 1024);
+    for batch in 0..6u32 {
+        let events = (0..50)
+            .map(|i| {
+                let n = 100 + batch * 50 + i;
+                Event::MonitorEvent(MonitorEvent {
+                    domain_name: "vm".into(),
+                    event: "STOP".into(),
+                    details_json: format!("{{\"n\":{n},\"pad\":\"{pad}\"}}"),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        publish(&h1, events).await;
+    }
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    while metric(port, "outbox_records") + metric(port, "lost_total") < 300 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lost = metric(port, "lost_total");
+    assert!(lost > 0);
+    nats.nodes[0].start();
+    nats.wait_ready();
+    // Once the outbox has drained, the marker is in the stream.
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    while metric(port, "outbox_records") > 0 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish(
+        &h1,
+        (1000..1003).map(|n| monitor("vm", "STOP", n)).collect(),
+    )
+    .await;
+
+    // Resuming after event 5 (any gateway would do): the events the
+    // outbox kept, one loss marker with the host's count, the rest.
+    let mut resumed = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            resume_after: cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = collect(&mut resumed, |g| g.last() == Some(&Got::Event(1002))).await;
+    let kept = 300 - lost;
+    let mut want: Vec<Got> = (100..100 + kept).map(Got::Event).collect();
+    want.push(Got::Lost(EventsLostReason::OutboxFull, lost));
+    want.extend((1000..1003).map(Got::Event));
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
+    let mut nats = Nats::cluster3();
+    let outbox = tempfile::tempdir().unwrap();
+    let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let mut live = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let addrs: Vec<async_nats::ServerAddr> =
+        nats.urls().iter().map(|u| u.parse().unwrap()).collect();
+    let js = async_nats::jetstream::new(async_nats::connect(addrs).await.unwrap());
+    const TOTAL: u32 = 2000;
+    for batch in 0..TOTAL / 100 {
+        publish(
+            &h1,
+            (batch * 100..(batch + 1) * 100)
+                .map(|n| monitor("vm", "STOP", n))
+                .collect(),
+        )
+        .await;
+        if batch == 5 {
+            // Kill the stream's leader while events are in flight.
+            let mut stream = js.get_stream("QVIRT_EVENTS").await.unwrap();
+            let info = stream.info().await.unwrap();
+            let leader = info
+                .cluster
+                .clone()
+                .and_then(|c| c.leader)
+                .expect("a leader");
+            let node = nats.nodes.iter_mut().find(|n| n.name == leader).unwrap();
+            node.stop(libc::SIGKILL);
+        }
+    }
+    let got = collect(&mut live, |g| g.len() >= TOTAL as usize).await;
+    let want: Vec<Got> = (0..u64::from(TOTAL)).map(Got::Event).collect();
+    assert_eq!(got, want);
+    // And the stream itself holds each once.
+    let mut stream = js.get_stream("QVIRT_EVENTS").await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        u64::from(TOTAL)
+    );
 }

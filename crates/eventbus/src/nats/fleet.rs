@@ -36,6 +36,13 @@ use crate::status::BusError;
 /// response stream.
 pub const CHANNEL: usize = 64;
 
+/// The most events one pull brings (the consumer's `max_batch`).
+pub const PULL_BATCH: i64 = 64;
+
+/// How long one pull waits (the consumer's `max_expires`); heartbeats
+/// come at half of it.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 /// How long creating a consumer may take before it is tried again (a
 /// consumer placed on a dead peer hangs until the API timeout).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -243,6 +250,12 @@ impl Fleet {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from,
             },
+            // Pulls of at most 64 events (what a subscription may hold
+            // besides its channel), expiring after 5 s: heartbeats every
+            // 2.5 s, so a consumer lost with its server is made again
+            // after about 5 s rather than 30.
+            max_batch: PULL_BATCH,
+            max_expires: PULL_EXPIRES,
             ..Default::default()
         };
         let mut attempt = 0;

@@ -381,9 +381,10 @@ impl Loop {
         if dropped.count > 0 {
             self.merge_loss(dropped);
         }
-        self.report_loss();
         let (subject, payload) = encode(&self.host, env);
         let id = format!("{}:{}:{}", self.host, self.epoch, env.seq);
+        // A loss marker owed goes first, if it and this event fit.
+        self.report_loss(Outbox::record_len(&id, &subject, &payload));
         let stored = if self.loss.count > 0 {
             // Still owing a marker: nothing may overtake it.
             false
@@ -414,11 +415,16 @@ impl Loop {
         }
     }
 
-    /// Writes the loss marker once the outbox is back under half its
-    /// cap (so a marker is not followed at once by another loss; until
-    /// then no event may overtake it: they are dropped and counted too).
-    fn report_loss(&mut self) {
-        if self.loss.count == 0 || self.outbox.bytes() > self.config.outbox_max_bytes / 2 {
+    /// Writes the loss marker owed, if there is room for it and for
+    /// `then` bytes after it (the event at hand; 0 after an ack, when the
+    /// outbox must also be back under half its cap, so a marker is not
+    /// followed at once by another loss). Until it is written no event
+    /// may overtake it: they are dropped and counted too.
+    fn report_loss(&mut self, then: u64) {
+        if self.loss.count == 0 {
+            return;
+        }
+        if then == 0 && self.outbox.bytes() > self.config.outbox_max_bytes / 2 {
             return;
         }
         let lost = EventsLost {
@@ -428,10 +434,15 @@ impl Loop {
             last_sequence: self.loss.last,
         };
         let id = format!("{}:{}:lost:{}", self.host, self.epoch, self.loss.first);
-        match self
+        let subject = subject::lost(&self.host);
+        let marker = lost.encode_to_vec();
+        if !self
             .outbox
-            .append(&id, &subject::lost(&self.host), &lost.encode_to_vec(), true)
+            .fits(&[Outbox::record_len(&id, &subject, &marker), then])
         {
+            return;
+        }
+        match self.outbox.append(&id, &subject, &marker, true) {
             Ok(_) => {
                 tracing::warn!(
                     count = self.loss.count,
@@ -506,7 +517,7 @@ impl Loop {
                     tracing::error!(error = %e, "outbox: cannot drop acknowledged segments");
                 }
                 self.succeeded();
-                self.report_loss();
+                self.report_loss(0);
                 self.update_gauges();
             }
             Err(e) => {

@@ -469,6 +469,17 @@ impl Outbox {
         Ok(())
     }
 
+    /// Whether records of `sizes` bytes ([`Outbox::record_len`]) would
+    /// all fit under the cap now.
+    pub fn fits(&self, sizes: &[u64]) -> bool {
+        self.bytes + sizes.iter().sum::<u64>() <= self.max_bytes
+    }
+
+    /// The bytes a record takes in a segment.
+    pub fn record_len(id: &str, subject: &str, payload: &[u8]) -> u64 {
+        (HEADER + id.len() + subject.len() + payload.len()) as u64
+    }
+
     /// Records not yet acknowledged.
     pub fn pending(&self) -> u64 {
         self.next_index - self.acked
