@@ -23,8 +23,9 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service {
     let config = format!(
-        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: 3\n  outbox_dir: {}\n",
+        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
         nats.urls().join(", "),
+        nats.nodes.len(),
         outbox.display()
     );
     let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
@@ -38,6 +39,27 @@ async fn gateway_bus(nats: &Nats, url_index: usize) -> (Service, EventBusClient<
     svc.wait_serving("qvirt.v1.EventBus").await;
     let client = EventBusClient::connect(svc.url()).await.unwrap();
     (svc, client)
+}
+
+/// Waits until a fleet bus has found the stream: a subscription is
+/// accepted rather than UNAVAILABLE.
+async fn wait_fleet_ready(client: &EventBusClient<Channel>) {
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        let mut c = client.clone();
+        match c
+            .subscribe_domain_events(SubscribeDomainEventsRequest::default())
+            .within()
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                assert!(std::time::Instant::now() < deadline, "{e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn monitor(domain: &str, event: &str, n: u32) -> Event {
@@ -121,7 +143,9 @@ async fn test_resume_at_another_gateway_without_gap_or_duplicate() {
     let h1 = host_bus(&nats, "h1", o1.path()).await;
     let h2 = host_bus(&nats, "h2", o2.path()).await;
     let (_g1, mut c1) = gateway_bus(&nats, 0).await;
+    wait_fleet_ready(&c1).await;
     let (_g2, mut c2) = gateway_bus(&nats, 1).await;
+    wait_fleet_ready(&c2).await;
 
     // 40 events from each host, interleaved in batches.
     for batch in 0..4u32 {
@@ -190,6 +214,7 @@ async fn test_fleet_filters_are_the_bus_filters() {
     let h1 = host_bus(&nats, "h1", o1.path()).await;
     let h2 = host_bus(&nats, "h2", o2.path()).await;
     let (_g1, mut c1) = gateway_bus(&nats, 2).await;
+    wait_fleet_ready(&c1).await;
     let sub = |req: SubscribeMonitorEventsRequest| {
         let mut c = c1.clone();
         async move { c.subscribe_monitor_events(req).await.unwrap().into_inner() }
@@ -340,6 +365,7 @@ async fn test_a_hosts_outbox_loss_reaches_fleet_subscribers() {
     let mut h1 = Service::start_with_config("qvirt-eventbus", &config, &[]);
     h1.wait_serving("qvirt.v1.EventBus").await;
     let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    wait_fleet_ready(&gw).await;
     publish(&h1, (0..5).map(|n| monitor("vm", "STOP", n)).collect()).await;
     let mut first = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {
@@ -415,6 +441,7 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
     let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    wait_fleet_ready(&gw).await;
     let mut live = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
         .await
@@ -454,4 +481,156 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
         stream.info().await.unwrap().state.messages,
         u64::from(TOTAL)
     );
+}
+
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_gateway_in_front_of_a_fleet_bus_keeps_roles_and_caps() {
+    let nats = Nats::single();
+    let outbox = tempfile::tempdir().unwrap();
+    let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    let config = format!(
+        "fleet:\n  urls: [{}]\nmax_monitor_subscriptions_per_principal: 2\n",
+        nats.urls()[0]
+    );
+    let mut fleet_bus = Service::start_with_config("qvirt-eventbus", &config, &[]);
+    fleet_bus.wait_serving("qvirt.v1.EventBus").await;
+    wait_fleet_ready(&EventBusClient::connect(fleet_bus.url()).await.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let viewer = qvirt_integration_tests::token_new("viewer", "read-only");
+    let operator = qvirt_integration_tests::token_new("operator", "read-write");
+    let dead = format!("http://127.0.0.1:{}", qvirt_integration_tests::free_port());
+    let yaml = format!(
+        "supervisor: {dead}\neventbus: {}\nagentd: {dead}\ninternal_token_file: {}\n\
+         health_poll_ms: 200\ntokens:\n{}{}",
+        fleet_bus.url(),
+        qvirt_integration_tests::write_internal_token(dir.path()).display(),
+        viewer.entry,
+        operator.entry
+    );
+    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+    gw.wait_serving("qvirt.v1.EventBus").await;
+    let mut client = EventBusClient::connect(gw.url()).await.unwrap();
+
+    // Raw monitor events need read-write, as on one host.
+    let denied = client
+        .subscribe_monitor_events(bearer(
+            SubscribeMonitorEventsRequest::default(),
+            &viewer.token,
+        ))
+        .await
+        .expect_err("a viewer is refused");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    // Lifecycle events are for readers.
+    let mut lifecycle_sub = client
+        .subscribe_domain_events(bearer(
+            SubscribeDomainEventsRequest::default(),
+            &viewer.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // The bus's per-principal cap (2) counts the principal the gateway
+    // vouches for.
+    let mut subs = Vec::new();
+    for _ in 0..2 {
+        let mut s = client
+            .subscribe_monitor_events(bearer(
+                SubscribeMonitorEventsRequest::default(),
+                &operator.token,
+            ))
+            .within()
+            .await
+            .unwrap()
+            .into_inner();
+        let m = tokio::time::timeout(MESSAGE_TIMEOUT, s.message())
+            .await
+            .unwrap();
+        assert!(matches!(
+            m.unwrap().unwrap().kind,
+            Some(MonitorKind::Established(_))
+        ));
+        subs.push(s);
+    }
+    let third = client
+        .subscribe_monitor_events(bearer(
+            SubscribeMonitorEventsRequest::default(),
+            &operator.token,
+        ))
+        .await
+        .expect_err("past the cap");
+    assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third}");
+    assert!(third.message().contains("operator"), "{third}");
+
+    publish(&h1, vec![lifecycle("vm"), monitor("vm", "STOP", 7)]).await;
+    let got = monitor_events(&mut subs[0], 1).await;
+    assert_eq!((got[0].0.as_str(), got[0].3), ("h1", 7));
+    loop {
+        let m = tokio::time::timeout(MESSAGE_TIMEOUT, lifecycle_sub.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(DomainKind::Event(e)) = m.kind {
+            assert_eq!((e.host.as_str(), e.domain_name.as_str()), ("h1", "vm"));
+            assert!(e.cursor.starts_with("1.js"), "{}", e.cursor);
+            break;
+        }
+    }
+}
+
+/// A call's future with [`MESSAGE_TIMEOUT`]: a hang fails the test.
+trait Within: std::future::Future + Sized {
+    async fn within(self) -> Self::Output {
+        tokio::time::timeout(MESSAGE_TIMEOUT, self)
+            .await
+            .expect("an answer in time")
+    }
+}
+
+impl<F: std::future::Future> Within for F {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_fleet_bus_serves_before_the_stream_exists() {
+    let nats = Nats::single();
+    // No host has made the stream yet: the gateway's bus serves, and
+    // says the fleet's events are not available.
+    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let refused = gw
+        .subscribe_domain_events(SubscribeDomainEventsRequest::default())
+        .within()
+        .await
+        .expect_err("no stream yet");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert_eq!(
+        qvirt_common::rpc::reason_of(&refused).as_deref(),
+        Some("FLEET_UNAVAILABLE")
+    );
+    // A host comes up and makes it; the gateway's bus finds it.
+    let outbox = tempfile::tempdir().unwrap();
+    let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    let mut sub = loop {
+        match gw
+            .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+            .within()
+            .await
+        {
+            Ok(s) => break s.into_inner(),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first = sub.message().within().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(MonitorKind::Established(_))));
+    publish(&h1, vec![monitor("vm", "STOP", 1)]).await;
+    let got = monitor_events(&mut sub, 1).await;
+    assert_eq!(got[0].3, 1);
 }

@@ -147,10 +147,18 @@ pub async fn run(
     if let Some(fleet) = &config.fleet {
         // A gateway's bus: subscriptions from the fleet's stream, nothing
         // published here (EventIngest is not served).
-        let Some(fleet) = nats::fleet::Fleet::connect(fleet, &shutdown).await else {
-            return Ok(());
-        };
-        service = service.with_fleet(fleet);
+        // Serving starts at once; subscriptions are UNAVAILABLE until the
+        // stream is found.
+        let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+        tokio::spawn({
+            let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
+            async move {
+                if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
+                    let _ = cell.set(fleet);
+                }
+            }
+        });
+        service = service.with_fleet(cell);
         services = services.with(server::BusServer::new(service));
     } else {
         services = services

@@ -158,7 +158,9 @@ pub struct EventBusService {
     hub: Hub<BusEvent>,
     /// Fleet mode: subscriptions come from the fleet's stream; the hub
     /// only keeps their slots under the caps.
-    fleet: Option<crate::nats::fleet::Fleet>,
+    /// Set once the stream is found (until then subscriptions are
+    /// UNAVAILABLE).
+    fleet: Option<Arc<std::sync::OnceLock<crate::nats::fleet::Fleet>>>,
     epoch: Arc<str>,
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
@@ -180,17 +182,34 @@ impl EventBusService {
         }
     }
 
-    /// Serves subscriptions from the fleet's stream (its epoch replaces
-    /// this service's).
-    pub fn with_fleet(mut self, fleet: crate::nats::fleet::Fleet) -> Self {
-        self.epoch = Arc::clone(fleet.epoch());
+    /// Serves subscriptions from the fleet's stream once `fleet` is set
+    /// (its epoch replaces this service's); until then they are
+    /// UNAVAILABLE.
+    pub fn with_fleet(
+        mut self,
+        fleet: Arc<std::sync::OnceLock<crate::nats::fleet::Fleet>>,
+    ) -> Self {
         self.fleet = Some(fleet);
         self
     }
 
+    /// In fleet mode, the fleet once its stream is known: UNAVAILABLE
+    /// before.
+    fn fleet_ready(&self) -> Result<Option<&crate::nats::fleet::Fleet>, BusError> {
+        match &self.fleet {
+            None => Ok(None),
+            Some(cell) => cell.get().map(Some).ok_or_else(|| {
+                BusError::Fleet("the fleet's event stream is not reachable yet".into())
+            }),
+        }
+    }
+
     /// The name of this run's sequence space.
     pub fn epoch(&self) -> &Arc<str> {
-        &self.epoch
+        match self.fleet.as_ref().and_then(|cell| cell.get()) {
+            Some(fleet) => fleet.epoch(),
+            None => &self.epoch,
+        }
     }
 
     /// Who may name a principal ([`PRINCIPAL_METADATA`]): `auth`'s
@@ -246,9 +265,9 @@ impl EventBusService {
         SubscriptionEstablished {
             last_sequence,
             oldest_sequence,
-            epoch: self.epoch.to_string(),
-            subscription_id: format!("{}-{id}", self.epoch),
-            last_cursor: cursor::format(&self.epoch, last_sequence),
+            epoch: self.epoch().to_string(),
+            subscription_id: format!("{}-{id}", self.epoch()),
+            last_cursor: cursor::format(self.epoch(), last_sequence),
         }
     }
 
@@ -267,7 +286,7 @@ impl EventBusService {
             return Err(BusError::ReplayWithCursor);
         }
         let cursor = cursor::parse(resume_after).map_err(BusError::Cursor)?;
-        if cursor.epoch != &*self.epoch {
+        if cursor.epoch != &**self.epoch() {
             return Ok(Start::Restarted);
         }
         if self.fleet.is_some() {
@@ -303,7 +322,7 @@ impl EventBusService {
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
-        if let Some(fleet) = &self.fleet {
+        if let Some(fleet) = self.fleet_ready()? {
             // The hub holds the slot (caps, shutdown); the events come
             // from the stream.
             let slot = self.hub.subscribe(
@@ -489,7 +508,7 @@ impl EventBus for EventBusService {
         request: Request<SubscribeDomainEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeDomainEventsResponse>>, Status> {
         use subscribe_domain_events_response::Kind;
-        let epoch = Arc::clone(&self.epoch);
+        let epoch = Arc::clone(self.epoch());
         let stream = self.domain_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
@@ -506,7 +525,7 @@ impl EventBus for EventBusService {
         request: Request<SubscribeMonitorEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
         use subscribe_monitor_events_response::Kind;
-        let epoch = Arc::clone(&self.epoch);
+        let epoch = Arc::clone(self.epoch());
         let stream = self.monitor_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
@@ -557,6 +576,7 @@ impl EventBusService {
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        self.fleet_ready()?;
         let who = self.principal(&request);
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
@@ -593,6 +613,7 @@ impl EventBusService {
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        self.fleet_ready()?;
         let who = self.principal(&request);
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
