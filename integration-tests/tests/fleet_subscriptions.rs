@@ -634,3 +634,29 @@ async fn test_a_fleet_bus_serves_before_the_stream_exists() {
     let got = monitor_events(&mut sub, 1).await;
     assert_eq!(got[0].3, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
+    let mut nats = Nats::single();
+    let outbox = tempfile::tempdir().unwrap();
+    let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    wait_fleet_ready(&gw).await;
+    let mut live = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+        .within()
+        .await
+        .unwrap()
+        .into_inner();
+    publish(&h1, vec![monitor("vm", "STOP", 1)]).await;
+    assert_eq!(collect(&mut live, |g| !g.is_empty()).await, [Got::Event(1)]);
+    nats.nodes[0].stop(libc::SIGKILL);
+    publish(&h1, vec![monitor("vm", "STOP", 2)]).await;
+    nats.nodes[0].start();
+    nats.wait_ready();
+    publish(&h1, vec![monitor("vm", "STOP", 3)]).await;
+    assert_eq!(
+        collect(&mut live, |g| g.len() >= 2).await,
+        [Got::Event(2), Got::Event(3)]
+    );
+}
