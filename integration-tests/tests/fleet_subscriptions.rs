@@ -447,6 +447,8 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
         .await
         .unwrap()
         .into_inner();
+    let first = live.message().within().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(MonitorKind::Established(_))));
     let addrs: Vec<async_nats::ServerAddr> =
         nats.urls().iter().map(|u| u.parse().unwrap()).collect();
     let js = async_nats::jetstream::new(async_nats::connect(addrs).await.unwrap());
@@ -648,6 +650,9 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
         .await
         .unwrap()
         .into_inner();
+    // Events after SubscriptionEstablished are the subscription's.
+    let first = live.message().within().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(MonitorKind::Established(_))));
     publish(&h1, vec![monitor("vm", "STOP", 1)]).await;
     assert_eq!(collect(&mut live, |g| !g.is_empty()).await, [Got::Event(1)]);
     nats.nodes[0].stop(libc::SIGKILL);

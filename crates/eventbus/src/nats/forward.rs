@@ -8,8 +8,8 @@
 //!   and counts it.
 //! - The forwarder runs on its own thread (file writes never stall the
 //!   bus's workers). It appends each event to the outbox, then publishes
-//!   from the outbox with up to [`WINDOW`] publishes in flight, awaiting
-//!   the acks in order. On any failure it resends everything from the
+//!   from the outbox, one publish in flight ([`WINDOW`] says why),
+//!   awaiting the acks in order. On any failure it resends everything from the
 //!   first unacknowledged record (go-back-N): one loop and in-order acks
 //!   keep the stream in the bus's order, and the message id
 //!   (`HOST:EPOCH:SEQ`, kept in the outbox record) makes a resent
@@ -38,9 +38,16 @@ use super::{NatsConfig, subject};
 use crate::hub::{Envelope, Hub};
 use crate::service::BusEvent;
 
-/// Publishes in flight at once (the note on failover measured 64 in
-/// flight with go-back-N as exactly-once and in order).
-pub const WINDOW: usize = 64;
+/// Publishes in flight at once: one. With more, a failover can reorder
+/// the stream: publishes written to a connection that dies are lost,
+/// while later ones still in the client's buffer are sent after it
+/// reconnects and stored first; going back then stores the lost ones
+/// after them (seen with 64 in flight when the stream leader the client
+/// was connected to was killed: a block of 32 events moved). With one,
+/// an event is sent only once the one before it is stored, so the
+/// stream keeps the bus's order; the cost is one round trip per event
+/// (docs/FLEET.md).
+pub const WINDOW: usize = 1;
 
 /// Events the hub may have handed over that the forwarder has not yet
 /// written to the outbox.
