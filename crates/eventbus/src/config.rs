@@ -107,6 +107,13 @@ pub struct Config {
     /// latency when busy, since one thread cannot spread a burst's
     /// deliveries over the cores. N: N workers.
     pub worker_threads: usize,
+    /// A host in a fleet: forward every stored event to the fleet's NATS
+    /// JetStream stream (docs/FLEET.md). Absent (the default): no NATS.
+    pub nats: Option<crate::nats::NatsConfig>,
+    /// A gateway's bus in a fleet: serve subscriptions from the fleet's
+    /// stream (every host's events) instead of this bus's own hub; its
+    /// EventIngest then refuses publishers. Not with `nats`.
+    pub fleet: Option<crate::nats::FleetConfig>,
 }
 
 impl Default for Config {
@@ -129,6 +136,8 @@ impl Default for Config {
             internal_token_file: None,
             internal_uids: Vec::new(),
             worker_threads: 0,
+            nats: None,
+            fleet: None,
         }
     }
 }
@@ -253,6 +262,21 @@ impl Config {
                 reason: format!("must be at most {MAX_WORKER_THREADS}"),
             });
         }
+        if let Some(nats) = &self.nats {
+            nats.check()?;
+        }
+        if let Some(fleet) = &self.fleet {
+            if self.nats.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "fleet",
+                    value: "set".into(),
+                    reason:
+                        "a bus either forwards to the fleet (nats) or serves it (fleet), not both"
+                            .into(),
+                });
+            }
+            fleet.check()?;
+        }
         Ok(())
     }
 }
@@ -347,5 +371,51 @@ mod tests {
             };
             assert_eq!(c.validate().is_ok(), ok, "{value}");
         }
+    }
+
+    fn parsed(yaml: &str) -> Result<Config, ConfigError> {
+        let c: Config = qvirt_common::config::parse(std::path::Path::new("bus.yaml"), yaml)?;
+        c.validate().map(|()| c)
+    }
+
+    fn field_of(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { field, .. }) => field.to_owned(),
+            Err(other) => format!("other: {other}"),
+            Ok(_) => "ok".to_owned(),
+        }
+    }
+
+    #[test]
+    fn test_nats_and_fleet_sections() {
+        let c = parsed("nats:\n  outbox_dir: /tmp/o\n  host: h1\n  replicas: 3\n").unwrap();
+        let nats = c.nats.unwrap();
+        assert_eq!((nats.replicas, nats.stream.as_str()), (3, "QVIRT_EVENTS"));
+        assert_eq!(nats.urls, ["nats://127.0.0.1:4222"]);
+        assert_eq!(nats.host_id(), "h1");
+        let c = parsed("fleet: {}\n").unwrap();
+        assert_eq!(c.fleet.unwrap().broker().stream, "QVIRT_EVENTS");
+        for (yaml, field) in [
+            ("nats: {}\n", "nats.outbox_dir"),
+            ("nats: {outbox_dir: /o, replicas: 0}\n", "nats.replicas"),
+            ("nats: {outbox_dir: /o, replicas: 6}\n", "nats.replicas"),
+            ("nats: {outbox_dir: /o, urls: []}\n", "nats.urls"),
+            ("nats: {outbox_dir: /o, urls: ['http://[x']}\n", "nats.urls"),
+            ("nats: {outbox_dir: /o, stream: 'a.b'}\n", "nats.stream"),
+            (
+                "nats: {outbox_dir: /o, outbox_max_bytes: 1000}\n",
+                "nats.outbox_max_bytes",
+            ),
+            ("nats: {outbox_dir: /o, host: \"a\\nb\"}\n", "nats.host"),
+            ("fleet: {stream: 'x y'}\n", "fleet.stream"),
+            ("nats: {outbox_dir: /o}\nfleet: {}\n", "fleet"),
+        ] {
+            assert_eq!(field_of(parsed(yaml)), field, "{yaml}");
+        }
+        // Unknown keys inside the sections are refused too.
+        assert!(matches!(
+            parsed("nats: {outbox_dir: /o, replica: 3}\n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -21,6 +21,8 @@
 //! - [`inflight`]: a byte bound on what a stream has handed to HTTP/2.
 //! - [`coalesce`]: gathers the writes of streams woken together into one.
 //! - [`metrics`]: the optional Prometheus text endpoint.
+//! - [`nats`]: the fleet: forwarding to NATS JetStream (`nats:`), and
+//!   subscriptions served from it (`fleet:`).
 //! - [`config`]: the config file; [`status`]: errors to gRPC statuses.
 
 pub mod coalesce;
@@ -31,6 +33,7 @@ pub mod hub;
 pub mod inflight;
 pub mod ingest;
 pub mod metrics;
+pub mod nats;
 pub mod server;
 pub mod service;
 pub mod status;
@@ -58,6 +61,9 @@ pub enum RunError {
     /// This run's epoch cannot be carried in a cursor (a bug).
     #[error("epoch {0:?} cannot be carried in a cursor")]
     Epoch(String),
+    /// The NATS forwarder could not start (its outbox).
+    #[error("cannot forward events to NATS")]
+    Forward(#[from] nats::forward::ForwardError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -97,12 +103,30 @@ pub async fn run(
         initial_stream_window_size: Some(config::STREAM_WINDOW_BYTES),
         ..config.serve_options()
     };
+    // The forwarder outlives the server by its drain: it gets its own
+    // token, cancelled once serving has stopped.
+    let forward_stop = CancellationToken::new();
+    let forwarder = match &config.nats {
+        Some(nats) => Some(nats::forward::Forwarder::start(
+            nats,
+            &hub,
+            &epoch,
+            forward_stop.clone(),
+        )?),
+        None => None,
+    };
     tracing::info!(%epoch, ring = config.ring_capacity, queue = config.queue_capacity, "event bus ready");
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Metrics { addr, source })?;
-        tokio::spawn(metrics::serve(listener, hub.clone(), shutdown.clone()));
+        let stats = forwarder.as_ref().map(|f| f.stats.clone());
+        tokio::spawn(metrics::serve(
+            listener,
+            hub.clone(),
+            stats,
+            shutdown.clone(),
+        ));
     }
     tokio::spawn(trim_memory(hub.clone(), shutdown.clone()));
     // On shutdown every subscription stream ends at once (UNAVAILABLE), so
@@ -117,15 +141,44 @@ pub async fn run(
     let ingest = EventIngestService::new(hub.clone(), &epoch, shutdown.clone())
         .with_internal_auth(auth.clone())
         .with_max_event_bytes(config.max_event_bytes);
-    let service =
+    let mut service =
         EventBusService::new(hub.clone(), epoch, config.policy()).with_internal_auth(auth);
-    let services = Services::new()
-        .options(options)
-        .with(server::BusServer::new(service))
-        .with(EventIngestServer::new(ingest));
+    let mut services = Services::new().options(options);
+    if let Some(fleet) = &config.fleet {
+        // A gateway's bus: subscriptions from the fleet's stream, nothing
+        // published here (EventIngest is not served).
+        // Serving starts at once; subscriptions are UNAVAILABLE until the
+        // stream is found.
+        let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+        tokio::spawn({
+            let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
+            async move {
+                if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
+                    let _ = cell.set(fleet);
+                }
+            }
+        });
+        service = service.with_fleet(cell);
+        services = services.with(server::BusServer::new(service));
+    } else {
+        services = services
+            .with(server::BusServer::new(service))
+            .with(EventIngestServer::new(ingest));
+    }
     let result =
         serve::serve_wrapped(listener, services, shutdown, coalesce::GatherWrites::here()).await;
     hub.close();
+    forward_stop.cancel();
+    if let Some(f) = forwarder {
+        // The forwarder writes what it holds to the outbox and gets what
+        // it can acknowledged within its own grace.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), f.finished())
+            .await
+            .is_err()
+        {
+            tracing::warn!("nats forwarder did not stop in time");
+        }
+    }
     Ok(result?)
 }
 

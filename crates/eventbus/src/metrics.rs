@@ -14,8 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::Ordering;
+
 use crate::BusEvent;
 use crate::hub::{Hub, HubStats};
+use crate::nats::forward::ForwardStats;
 
 /// The most request bytes read before answering.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -99,14 +102,75 @@ pub const MAX_CONNECTIONS: usize = 16;
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
-/// Serves `/metrics` for `hub` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, hub: Hub<BusEvent>, shutdown: CancellationToken) {
-    serve_limited(listener, hub, shutdown, MAX_CONNECTIONS).await;
+/// Renders the forwarder's counters (a bus with `nats:`).
+pub fn render_forward(stats: &ForwardStats) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP qvirt_eventbus_nats_{name} {help}");
+        let _ = writeln!(out, "# TYPE qvirt_eventbus_nats_{name} {kind}");
+        let _ = writeln!(out, "qvirt_eventbus_nats_{name} {value}");
+    };
+    let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    metric(
+        "acked_total",
+        "counter",
+        "Events JetStream acknowledged.",
+        get(&stats.acked),
+    );
+    metric(
+        "duplicates_total",
+        "counter",
+        "Of those, events JetStream had already stored (sent again).",
+        get(&stats.duplicates),
+    );
+    metric(
+        "lost_total",
+        "counter",
+        "Events dropped before reaching the outbox.",
+        get(&stats.lost),
+    );
+    metric(
+        "retries_total",
+        "counter",
+        "Publish failures that made the forwarder go back.",
+        get(&stats.retries),
+    );
+    metric(
+        "outbox_records",
+        "gauge",
+        "Events in the outbox not yet acknowledged.",
+        get(&stats.pending),
+    );
+    metric(
+        "outbox_bytes",
+        "gauge",
+        "Bytes the outbox takes on disk.",
+        get(&stats.outbox_bytes),
+    );
+    metric(
+        "stream_ready",
+        "gauge",
+        "1 once the stream was found or created.",
+        u64::from(stats.stream_ready.load(Ordering::Relaxed)),
+    );
+    out
+}
+
+/// Serves `/metrics` for `hub` (and the forwarder's `forward` counters)
+/// on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Hub<BusEvent>,
+    forward: Option<Arc<ForwardStats>>,
+    shutdown: CancellationToken,
+) {
+    serve_limited(listener, hub, forward, shutdown, MAX_CONNECTIONS).await;
 }
 
 async fn serve_limited(
     listener: TcpListener,
     hub: Hub<BusEvent>,
+    forward: Option<Arc<ForwardStats>>,
     shutdown: CancellationToken,
     limit: usize,
 ) {
@@ -139,8 +203,9 @@ async fn serve_limited(
             continue;
         };
         let hub = hub.clone();
+        let forward = forward.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &hub).await {
+            if let Err(e) = answer(conn, &hub, forward.as_deref()).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
             drop(permit);
@@ -148,7 +213,11 @@ async fn serve_limited(
     }
 }
 
-async fn answer(mut conn: TcpStream, hub: &Hub<BusEvent>) -> std::io::Result<()> {
+async fn answer(
+    mut conn: TcpStream,
+    hub: &Hub<BusEvent>,
+    forward: Option<&ForwardStats>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let read = async {
         let mut chunk = [0u8; 1024];
@@ -166,7 +235,11 @@ async fn answer(mut conn: TcpStream, hub: &Hub<BusEvent>) -> std::io::Result<()>
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", render(&hub.stats()))
+        let mut body = render(&hub.stats());
+        if let Some(f) = forward {
+            body.push_str(&render_forward(f));
+        }
+        ("200 OK", body)
     } else {
         (
             "404 Not Found",
@@ -216,7 +289,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let hub = Hub::new(HubConfig::default()).expect("hub");
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve_limited(listener, hub, shutdown.clone(), 2));
+        tokio::spawn(serve_limited(listener, hub, None, shutdown.clone(), 2));
         assert!(get(addr).await.starts_with("HTTP/1.1 200 OK\r\n"));
         // Two connections that never send a request hold both slots.
         let mut idle = Vec::new();

@@ -28,7 +28,9 @@ use crate::hub::{
     Envelope, Hub, LossReason, OverflowPolicy, SubscribeOptions, SubscriberKind, Subscription,
     SubscriptionItem,
 };
+use crate::nats::fleet::{self as fleet_mode, FleetItem, FleetStart};
 use crate::status::BusError;
+use tokio_stream::StreamExt as _;
 
 /// Metadata key in which the gateway passes the authenticated principal.
 /// Honoured only from an internal caller (one that presents the internal
@@ -154,6 +156,11 @@ impl Start {
 #[derive(Debug, Clone)]
 pub struct EventBusService {
     hub: Hub<BusEvent>,
+    /// Fleet mode: subscriptions come from the fleet's stream; the hub
+    /// only keeps their slots under the caps.
+    /// Set once the stream is found (until then subscriptions are
+    /// UNAVAILABLE).
+    fleet: Option<Arc<std::sync::OnceLock<crate::nats::fleet::Fleet>>>,
     epoch: Arc<str>,
     policy: OverflowPolicy,
     next_subscription: Arc<AtomicU64>,
@@ -167,6 +174,7 @@ impl EventBusService {
     pub fn new(hub: Hub<BusEvent>, epoch: String, policy: OverflowPolicy) -> Self {
         EventBusService {
             hub,
+            fleet: None,
             epoch: epoch.into(),
             policy,
             next_subscription: Arc::new(AtomicU64::new(1)),
@@ -174,9 +182,34 @@ impl EventBusService {
         }
     }
 
+    /// Serves subscriptions from the fleet's stream once `fleet` is set
+    /// (its epoch replaces this service's); until then they are
+    /// UNAVAILABLE.
+    pub fn with_fleet(
+        mut self,
+        fleet: Arc<std::sync::OnceLock<crate::nats::fleet::Fleet>>,
+    ) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// In fleet mode, the fleet once its stream is known: UNAVAILABLE
+    /// before.
+    fn fleet_ready(&self) -> Result<Option<&crate::nats::fleet::Fleet>, BusError> {
+        match &self.fleet {
+            None => Ok(None),
+            Some(cell) => cell.get().map(Some).ok_or_else(|| {
+                BusError::Fleet("the fleet's event stream is not reachable yet".into())
+            }),
+        }
+    }
+
     /// The name of this run's sequence space.
     pub fn epoch(&self) -> &Arc<str> {
-        &self.epoch
+        match self.fleet.as_ref().and_then(|cell| cell.get()) {
+            Some(fleet) => fleet.epoch(),
+            None => &self.epoch,
+        }
     }
 
     /// Who may name a principal ([`PRINCIPAL_METADATA`]): `auth`'s
@@ -232,9 +265,9 @@ impl EventBusService {
         SubscriptionEstablished {
             last_sequence,
             oldest_sequence,
-            epoch: self.epoch.to_string(),
-            subscription_id: format!("{}-{id}", self.epoch),
-            last_cursor: cursor::format(&self.epoch, last_sequence),
+            epoch: self.epoch().to_string(),
+            subscription_id: format!("{}-{id}", self.epoch()),
+            last_cursor: cursor::format(self.epoch(), last_sequence),
         }
     }
 
@@ -253,8 +286,12 @@ impl EventBusService {
             return Err(BusError::ReplayWithCursor);
         }
         let cursor = cursor::parse(resume_after).map_err(BusError::Cursor)?;
-        if cursor.epoch != &*self.epoch {
+        if cursor.epoch != &**self.epoch() {
             return Ok(Start::Restarted);
+        }
+        if self.fleet.is_some() {
+            // The stream's head is read when the consumer is made.
+            return Ok(Start::After(cursor.seq));
         }
         // Sequence numbers only grow: a cursor beyond the newest event now
         // stays beyond the one the hub reads when it registers us.
@@ -278,12 +315,45 @@ impl EventBusService {
         options: SubscribeOptions,
         start: Start,
         predicate: impl Fn(&BusEvent) -> bool + Send + Sync + 'static,
+        subjects: Vec<String>,
         wrap: F,
     ) -> Result<ResponseStream<T>, BusError>
     where
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        if let Some(fleet) = self.fleet_ready()? {
+            // The hub holds the slot (caps, shutdown); the events come
+            // from the stream.
+            let slot = self.hub.subscribe(
+                SubscribeOptions {
+                    since: None,
+                    key: None,
+                    key_decides: false,
+                    ..options
+                },
+                |_| false,
+            )?;
+            let start = match start {
+                Start::Live => FleetStart::Live,
+                Start::After(seq) => FleetStart::After(seq),
+                Start::Restarted => FleetStart::Restarted,
+            };
+            let rx = fleet.subscribe(start, subjects, Arc::new(predicate), slot);
+            let service = self.clone();
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| {
+                let item = match item {
+                    FleetItem::Established { last, oldest } => {
+                        StreamItem::Established(service.established(last, oldest))
+                    }
+                    FleetItem::Lost(l) => StreamItem::Lost(l),
+                    FleetItem::Event(env) => StreamItem::Event(env),
+                    FleetItem::Failed(status) => return Some(Err(status)),
+                };
+                wrap(item).map(Ok)
+            });
+            return Ok(Box::pin(stream));
+        }
         let sub = self.hub.subscribe(options, predicate)?;
         Ok(Box::pin(SubscriptionStream {
             sub,
@@ -438,7 +508,7 @@ impl EventBus for EventBusService {
         request: Request<SubscribeDomainEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeDomainEventsResponse>>, Status> {
         use subscribe_domain_events_response::Kind;
-        let epoch = Arc::clone(&self.epoch);
+        let epoch = Arc::clone(self.epoch());
         let stream = self.domain_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
@@ -455,7 +525,7 @@ impl EventBus for EventBusService {
         request: Request<SubscribeMonitorEventsRequest>,
     ) -> Result<Response<ResponseStream<SubscribeMonitorEventsResponse>>, Status> {
         use subscribe_monitor_events_response::Kind;
-        let epoch = Arc::clone(&self.epoch);
+        let epoch = Arc::clone(self.epoch());
         let stream = self.monitor_subscription(request, move |item| {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
@@ -506,11 +576,14 @@ impl EventBusService {
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        self.fleet_ready()?;
         let who = self.principal(&request);
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
         bounded("host", &req.host)?;
         let start = self.start(&req.resume_after, req.replay_held)?;
+        let subjects =
+            fleet_mode::subject_filter(&req.host, &req.domain, None).lifecycle_subjects();
         let domain = DomainFilter::new(&req.domain);
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
@@ -524,6 +597,7 @@ impl EventBusService {
             self.options(SubscriberKind::Domain, who, start, None, false),
             start,
             predicate,
+            subjects,
             wrap,
         )?)
     }
@@ -539,6 +613,7 @@ impl EventBusService {
         T: Send + Unpin + 'static,
         F: Fn(StreamItem) -> Option<T> + Send + Unpin + 'static,
     {
+        self.fleet_ready()?;
         let who = self.principal(&request);
         let req = request.into_inner();
         bounded("domain", &req.domain)?;
@@ -553,6 +628,8 @@ impl EventBusService {
         // A literal name with no domain or host filter: the hub's index by
         // name is the whole test.
         let key_decides = key.is_some() && filter.domain.is_all() && req.host.is_empty();
+        let subjects =
+            fleet_mode::subject_filter(&req.host, &req.domain, key.as_deref()).monitor_subjects();
         let host = req.host;
         let predicate = move |e: &BusEvent| match e {
             BusEvent::Monitor(m) => {
@@ -571,6 +648,7 @@ impl EventBusService {
             ),
             start,
             predicate,
+            subjects,
             wrap,
         )?)
     }

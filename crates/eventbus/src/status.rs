@@ -77,6 +77,10 @@ pub enum BusError {
     /// Reading the Publish stream failed (the status tonic reported).
     #[error("{}", .0.message())]
     PublishStream(Status),
+    /// The fleet's stream cannot be read (NATS unreachable, no leader):
+    /// what failed, the cause logged.
+    #[error("fleet events: {0}")]
+    Fleet(String),
 }
 
 impl BusError {
@@ -154,6 +158,9 @@ impl BusError {
             BusError::PublishStream(status) => {
                 rpc::error(status.code(), REASON_PUBLISH_STREAM_FAILED, message, [])
             }
+            BusError::Fleet(_) => {
+                rpc::error(Code::Unavailable, REASON_FLEET_UNAVAILABLE, message, [])
+            }
         }
     }
 }
@@ -188,6 +195,8 @@ pub const REASON_INVALID_EVENT: &str = "INVALID_EVENT";
 pub const REASON_EVENT_TOO_LARGE: &str = "EVENT_TOO_LARGE";
 /// INVALID_ARGUMENT: a subscription request that is not protobuf.
 pub const REASON_UNDECODABLE_REQUEST: &str = "UNDECODABLE_REQUEST";
+/// UNAVAILABLE: the fleet's stream cannot be read now; try again.
+pub const REASON_FLEET_UNAVAILABLE: &str = "FLEET_UNAVAILABLE";
 /// The Publish stream broke (its code as tonic reported it).
 pub const REASON_PUBLISH_STREAM_FAILED: &str = "PUBLISH_STREAM_FAILED";
 

@@ -101,6 +101,7 @@ pub struct HubStats {
 type Predicate<E> = Arc<dyn Fn(&E) -> bool + Send + Sync>;
 type SizeFn<E> = Box<dyn Fn(&E) -> usize + Send + Sync>;
 type KeyFn<E> = Box<dyn for<'a> Fn(&'a E) -> Option<&'a str> + Send + Sync>;
+type TapFn<E> = Box<dyn Fn(&Arc<Envelope<E>>) + Send + Sync>;
 
 /// One queued event, with how many events were dropped just before it.
 struct Delivery<E> {
@@ -305,6 +306,8 @@ struct Inner<E> {
     config: HubConfig,
     size_fn: Option<SizeFn<E>>,
     key_fn: Option<KeyFn<E>>,
+    /// Sees every stored event, in sequence order, under the lock.
+    tap: std::sync::OnceLock<TapFn<E>>,
     state: Mutex<State<E>>,
     counters: Counters,
 }
@@ -385,10 +388,19 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
                 config,
                 size_fn,
                 key_fn,
+                tap: std::sync::OnceLock::new(),
                 state: Mutex::new(state),
                 counters: Counters::default(),
             }),
         })
+    }
+
+    /// Hands every event stored from now on to `tap`, in sequence order:
+    /// it runs under the hub's lock, so it must not wait (a bounded
+    /// channel's `try_send` at most). Only the first tap set counts
+    /// (`false` if one was set already).
+    pub fn set_tap(&self, tap: impl Fn(&Arc<Envelope<E>>) + Send + Sync + 'static) -> bool {
+        self.inner.tap.set(Box::new(tap)).is_ok()
     }
 
     /// The hub's settings.
@@ -406,6 +418,9 @@ impl<E: Clone + Send + Sync + 'static> Hub<E> {
         let seq = st.next_seq;
         st.next_seq += 1;
         let env = Arc::new(Envelope::new(seq, event));
+        if let Some(tap) = inner.tap.get() {
+            tap(&env);
+        }
 
         st.ring.push_back(Slot {
             env: Arc::clone(&env),

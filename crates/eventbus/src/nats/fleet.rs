@@ -1,0 +1,364 @@
+//! The gateway side of the fleet: subscriptions served from the fleet's
+//! JetStream stream instead of a local hub (a bus with `fleet:`).
+//!
+//! Each subscription gets its own ordered consumer, filtered by subject
+//! (host, domain by name, monitor event by literal name: see
+//! [`super::subject`]); the bus's own filters then decide, exactly as on
+//! one host (the same predicate). The cursor is `1.EPOCH.SEQ` with SEQ the
+//! stream sequence and EPOCH named after the stream's creation time, so
+//! every gateway issues and understands the same cursors: a client that
+//! resumes at another gateway gets no gap and no duplicate, and a cursor
+//! of a stream that was deleted and made again is told apart (BUS_RESTARTED).
+//!
+//! A slow subscriber is not dropped from: its consumer is simply read no
+//! faster than the client reads (the stream holds the history), so memory
+//! stays bounded by the channel and the consumer's batch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt as _;
+use prost::Message as _;
+use qvirt_proto::v1::publish_request::Event as PublishedEvent;
+use qvirt_proto::v1::{EventsLost, EventsLostReason, PublishRequest};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{FleetConfig, subject};
+use crate::cursor;
+use crate::hub::{Envelope, Subscription};
+use crate::service::BusEvent;
+use crate::status::BusError;
+
+/// Messages buffered per subscription between its consumer and its
+/// response stream.
+pub const CHANNEL: usize = 64;
+
+/// The most events one pull brings (the consumer's `max_batch`).
+pub const PULL_BATCH: i64 = 64;
+
+/// How long one pull waits (the consumer's `max_expires`); heartbeats
+/// come at half of it.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// How long creating a consumer may take before it is tried again (a
+/// consumer placed on a dead peer hangs until the API timeout).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many times a consumer is tried before the subscription fails.
+const CREATE_ATTEMPTS: u32 = 4;
+
+/// The fleet's stream, as one gateway-side bus sees it.
+#[derive(Clone)]
+pub struct Fleet {
+    js: jetstream::Context,
+    stream: String,
+    epoch: Arc<str>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("stream", &self.stream)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The epoch of a stream created `created_nanos` after the Unix epoch:
+/// `js` and that number in hex.
+pub fn epoch_of(created_nanos: i128) -> String {
+    format!("js{:x}", created_nanos.max(0))
+}
+
+/// Where a fleet subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetStart {
+    /// After the newest event now.
+    Live,
+    /// After this stream sequence (0: everything held).
+    After(u64),
+    /// After a cursor of another stream: BUS_RESTARTED, then everything
+    /// held.
+    Restarted,
+}
+
+/// What a fleet subscription's task hands to its response stream.
+#[derive(Debug)]
+pub enum FleetItem {
+    /// The subscription is active: the newest and oldest sequence held.
+    Established {
+        /// The newest event's sequence when it was set up.
+        last: u64,
+        /// The oldest held.
+        oldest: u64,
+    },
+    /// A loss marker.
+    Lost(EventsLost),
+    /// A matching event at its stream sequence.
+    Event(Arc<Envelope<BusEvent>>),
+    /// The end: an error.
+    Failed(Status),
+}
+
+impl Fleet {
+    /// Connects to the broker and waits for the stream (a gateway may
+    /// start before any host has made it), trying again every second
+    /// until `shutdown`; `None` if it fired first.
+    pub async fn connect(config: &FleetConfig, shutdown: &CancellationToken) -> Option<Fleet> {
+        let broker = config.broker();
+        let client = tokio::select! {
+            c = super::connect(&broker.urls, "qvirt-eventbus fleet", true) => c,
+            () = shutdown.cancelled() => return None,
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "fleet: cannot create a NATS client");
+                return None;
+            }
+        };
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(client);
+        let mut warned = false;
+        loop {
+            match js.get_stream(&broker.stream).await {
+                Ok(mut s) => match s.info().await {
+                    Ok(info) => {
+                        let epoch = epoch_of(info.created.unix_timestamp_nanos());
+                        tracing::info!(stream = %broker.stream, %epoch, "fleet: serving subscriptions from the stream");
+                        return Some(Fleet {
+                            js,
+                            stream: broker.stream,
+                            epoch: epoch.into(),
+                        });
+                    }
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %e, "fleet: waiting for the stream");
+                    }
+                    Err(_) => {}
+                },
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(stream = %broker.stream, error = %e, "fleet: waiting for the stream (NATS, or a host to create it)");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The epoch every cursor of this stream carries.
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
+    }
+
+    /// Starts a subscription: a task that reads an ordered consumer on
+    /// `subjects` from `start`, keeps the events `predicate` accepts, and
+    /// hands them on. It ends when the receiver is dropped or `slot` (the
+    /// subscription's place under the caps) ends.
+    pub fn subscribe(
+        &self,
+        start: FleetStart,
+        subjects: Vec<String>,
+        predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
+        slot: Subscription<BusEvent>,
+    ) -> mpsc::Receiver<FleetItem> {
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let failed = fleet.feed(start, subjects, predicate, slot, &tx).await;
+            if let Err(status) = failed {
+                let _ = tx.send(FleetItem::Failed(status)).await;
+            }
+        });
+        rx
+    }
+
+    async fn feed(
+        &self,
+        start: FleetStart,
+        subjects: Vec<String>,
+        predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
+        mut slot: Subscription<BusEvent>,
+        tx: &mpsc::Sender<FleetItem>,
+    ) -> Result<(), Status> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            tracing::warn!(error = %e, "fleet: {what}");
+            Status::from(BusError::Fleet(what.to_owned()))
+        };
+        let mut stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| unavailable("the stream is not reachable", &e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| unavailable("the stream is not reachable", &e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if epoch_of(info.created.unix_timestamp_nanos()) != *self.epoch {
+            // The stream was made again under this gateway: its cursors
+            // would mean other events.
+            return Err(unavailable(
+                "the stream was recreated; restart this bus",
+                &"epoch",
+            ));
+        }
+        // The first sequence to deliver, and what is lost before it.
+        let mut lost = Vec::new();
+        let from = match start {
+            FleetStart::Live => last + 1,
+            FleetStart::After(seq) if seq > last => {
+                return Err(BusError::CursorBeyondHead {
+                    seq,
+                    last,
+                    last_cursor: cursor::format(&self.epoch, last),
+                }
+                .into());
+            }
+            FleetStart::After(seq) => seq + 1,
+            FleetStart::Restarted => {
+                lost.push(EventsLost {
+                    reason: EventsLostReason::BusRestarted as i32,
+                    ..Default::default()
+                });
+                1
+            }
+        };
+        // An empty stream reports first = last + 1 (1 when new).
+        let oldest = first.max(1);
+        if from < oldest && start != FleetStart::Restarted {
+            let count = oldest - from;
+            lost.push(EventsLost {
+                reason: EventsLostReason::ReplayExpired as i32,
+                count,
+                first_sequence: from,
+                last_sequence: oldest - 1,
+            });
+        }
+        let from = from.max(oldest);
+        let config = consumer::pull::OrderedConfig {
+            filter_subjects: subjects,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            // Pulls of at most 64 events (what a subscription may hold
+            // besides its channel), expiring after 5 s: heartbeats every
+            // 2.5 s, so a consumer lost with its server is made again
+            // after about 5 s rather than 30.
+            max_batch: PULL_BATCH,
+            max_expires: PULL_EXPIRES,
+            ..Default::default()
+        };
+        let mut attempt = 0;
+        let consumer = loop {
+            attempt += 1;
+            match tokio::time::timeout(CREATE_TIMEOUT, stream.create_consumer(config.clone())).await
+            {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) if attempt >= CREATE_ATTEMPTS => {
+                    return Err(unavailable("cannot create a consumer", &e));
+                }
+                Err(_) if attempt >= CREATE_ATTEMPTS => {
+                    return Err(unavailable("cannot create a consumer", &"timed out"));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("cannot read the stream", &e))?;
+        let send = |item| tx.send(item);
+        if send(FleetItem::Established { last, oldest }).await.is_err() {
+            return Ok(());
+        }
+        for l in lost {
+            if send(FleetItem::Lost(l)).await.is_err() {
+                return Ok(());
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                m = messages.next() => m,
+                // The slot ends when the bus shuts down.
+                end = slot.recv() => match end {
+                    Err(e) => return Err(BusError::from(e).into()),
+                    Ok(_) => continue,
+                },
+                () = tx.closed() => return Ok(()),
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    // The ordered consumer recreates itself; report and go on.
+                    tracing::debug!(error = %e, "fleet: consumer hiccup");
+                    continue;
+                }
+                None => return Err(unavailable("the consumer ended", &"closed")),
+            };
+            let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            let item = if subject::is_lost(&message.subject) {
+                match EventsLost::decode(message.payload.clone()) {
+                    Ok(host_loss) => FleetItem::Lost(EventsLost {
+                        reason: EventsLostReason::OutboxFull as i32,
+                        count: host_loss.count,
+                        first_sequence: 0,
+                        last_sequence: 0,
+                    }),
+                    Err(_) => continue,
+                }
+            } else {
+                let Some(event) = decode(&message.payload) else {
+                    tracing::debug!(seq, subject = %message.subject, "fleet: skipping a message that is not an event");
+                    continue;
+                };
+                if !predicate(&event) {
+                    continue;
+                }
+                FleetItem::Event(Arc::new(Envelope::new(seq, event)))
+            };
+            if send(item).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A forwarded event from its payload.
+pub fn decode(payload: &[u8]) -> Option<BusEvent> {
+    let req = PublishRequest::decode(payload).ok()?;
+    Some(match req.event? {
+        PublishedEvent::DomainEvent(e) => BusEvent::Domain(e),
+        PublishedEvent::MonitorEvent(e) => BusEvent::Monitor(e),
+    })
+}
+
+/// Subject filters for a subscription's host, domain and monitor event:
+/// a domain filter that is a UUID cannot be put in a subject (events are
+/// filed by name), so it is left to the bus's filter.
+pub fn subject_filter<'a>(
+    host: &'a str,
+    domain: &'a str,
+    event: Option<&'a str>,
+) -> subject::SubjectFilter<'a> {
+    let is_uuid = domain.len() == 36
+        && domain.bytes().enumerate().all(|(i, b)| {
+            matches!(i, 8 | 13 | 18 | 23) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit())
+        });
+    subject::SubjectFilter {
+        host: (!host.is_empty()).then_some(host),
+        domain: (!domain.is_empty() && !is_uuid).then_some(domain),
+        event,
+    }
+}
