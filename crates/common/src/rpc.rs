@@ -46,6 +46,41 @@ pub fn request_timeout(
     }
 }
 
+/// A `grpc-timeout` header's value: at most 8 digits and a unit (`H`,
+/// `M`, `S`, `m`, `u`, `n`), as gRPC over HTTP/2 defines it; `None` when
+/// malformed (no deadline, as tonic treats it).
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let unit_at = value.len().checked_sub(1)?;
+    if !value.is_char_boundary(unit_at) {
+        return None;
+    }
+    let (digits, unit) = value.split_at(unit_at);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long a service gives itself of a caller's `timeout`: a tenth of it,
+/// at most `margin`, less, so that its own answer (not the caller's
+/// timer, nor tonic's CANCELLED "Timeout expired") ends the call.
+pub fn within_deadline(
+    timeout: std::time::Duration,
+    margin: std::time::Duration,
+) -> std::time::Duration {
+    timeout - (timeout / 10).min(margin)
+}
+
 /// A status with `code`, `message`, and an ErrorInfo with `reason` and
 /// `metadata` (empty values are left out).
 pub fn error<'a>(
@@ -115,6 +150,38 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_grpc_timeout_reads_every_unit_and_refuses_the_rest() {
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "5 S", "5é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn test_within_deadline_keeps_a_tenth_at_most_the_margin() {
+        use std::time::Duration;
+        let margin = Duration::from_millis(10);
+        assert_eq!(
+            within_deadline(Duration::from_secs(5), margin),
+            Duration::from_millis(4990)
+        );
+        assert_eq!(
+            within_deadline(Duration::from_millis(20), margin),
+            Duration::from_millis(18)
+        );
+        assert_eq!(within_deadline(Duration::ZERO, margin), Duration::ZERO);
+    }
 
     #[test]
     fn test_error_carries_reason_domain_and_metadata() {

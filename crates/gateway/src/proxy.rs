@@ -54,34 +54,15 @@ const FRAME_PREFIX: usize = 5;
 /// tenth of the caller's timeout).
 pub const DEADLINE_OFFSET: Duration = Duration::from_millis(10);
 
-/// The `grpc-timeout` of `headers`: up to 8 digits and a unit (`H`, `M`,
-/// `S`, `m`, `u`, `n`); `None` when absent or malformed (no deadline, as
-/// tonic treats it).
+/// The `grpc-timeout` of `headers`, if valid.
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get("grpc-timeout")?.to_str().ok()?;
-    if text.len() < 2 || text.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = text.split_at(text.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    qvirt_common::rpc::parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// When the gateway ends a call that arrived `now` with `headers`.
 fn deadline_of(headers: &HeaderMap, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
     let timeout = grpc_timeout(headers)?;
-    Some(now + timeout.saturating_sub(DEADLINE_OFFSET.min(timeout / 10)))
+    Some(now + qvirt_common::rpc::within_deadline(timeout, DEADLINE_OFFSET))
 }
 
 /// A backend: the service it serves and the connection to it (opened on
@@ -555,29 +536,6 @@ impl http_body::Body for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn timeout_of(text: &str) -> Option<Duration> {
-        let mut headers = HeaderMap::new();
-        headers.insert("grpc-timeout", HeaderValue::from_str(text).unwrap());
-        grpc_timeout(&headers)
-    }
-
-    #[test]
-    fn test_grpc_timeout_reads_every_unit_and_refuses_the_rest() {
-        assert_eq!(timeout_of("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(timeout_of("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(timeout_of("300m"), Some(Duration::from_millis(300)));
-        assert_eq!(timeout_of("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(
-            timeout_of("99999999n"),
-            Some(Duration::from_nanos(99_999_999))
-        );
-        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "5 S"] {
-            assert_eq!(timeout_of(bad), None, "{bad:?}");
-        }
-        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
-    }
 
     #[test]
     fn test_deadline_comes_before_the_callers_by_the_offset_or_a_tenth() {

@@ -296,31 +296,12 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 /// `None` without a (valid) header.
 pub fn call_deadline(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
     let timeout = grpc_timeout(metadata)?;
-    let margin = (timeout / 10).min(DEADLINE_MARGIN);
-    Some(received + (timeout - margin))
+    Some(received + qvirt_common::rpc::within_deadline(timeout, DEADLINE_MARGIN))
 }
 
-/// Parses `grpc-timeout`: at most 8 digits and a unit (H, M, S, m, u, n).
+/// The call's `grpc-timeout`, if valid.
 fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let unit_at = value.len().checked_sub(1)?;
-    if !value.is_char_boundary(unit_at) {
-        return None;
-    }
-    let (digits, unit) = value.split_at(unit_at);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    qvirt_common::rpc::parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// Sleeps until `deadline`; forever without one.
