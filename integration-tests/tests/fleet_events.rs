@@ -270,8 +270,11 @@ async fn test_a_full_outbox_is_counted_in_loss_markers() {
     nats.nodes[0].start();
     nats.wait_ready();
     wait_metric(port, "outbox_records", 0).await;
-    // Events after the loss follow the marker.
+    // Events after the loss follow the marker; the stream's count is read
+    // once JetStream has acknowledged all ten.
+    let acked = metric(port, "acked_total");
     publish(&bus, 310, 320, "after").await;
+    wait_metric(port, "acked_total", acked + 10).await;
     let js = js(&nats).await;
     let info = js
         .get_stream(STREAM)

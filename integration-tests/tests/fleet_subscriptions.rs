@@ -19,7 +19,9 @@ use qvirt_proto::v1::{
 };
 use tonic::transport::Channel;
 
-const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one message or call; a stream leader's loss (a 4-9 s election,
+/// then the consumer made again) on 2 loaded cores needs its share.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service {
     let config = format!(
@@ -36,7 +38,8 @@ async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service 
 async fn gateway_bus(nats: &Nats, url_index: usize) -> (Service, EventBusClient<Channel>) {
     let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
     let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-    svc.wait_serving("qvirt.v1.EventBus").await;
+    // The server, not yet its EventBus: that waits for the stream.
+    svc.wait_serving("").await;
     let client = EventBusClient::connect(svc.url()).await.unwrap();
     (svc, client)
 }
@@ -463,13 +466,19 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
         .await;
         if batch == 5 {
             // Kill the stream's leader while events are in flight.
-            let mut stream = js.get_stream("QVIRT_EVENTS").await.unwrap();
-            let info = stream.info().await.unwrap();
-            let leader = info
-                .cluster
-                .clone()
-                .and_then(|c| c.leader)
-                .expect("a leader");
+            // One stream info can show no leader (e.g. while a replica
+            // catches up): ask until one is named.
+            let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+            let leader = loop {
+                if let Ok(mut stream) = js.get_stream("QVIRT_EVENTS").await
+                    && let Ok(info) = stream.info().await
+                    && let Some(leader) = info.cluster.clone().and_then(|c| c.leader)
+                {
+                    break leader;
+                }
+                assert!(std::time::Instant::now() < deadline, "no stream leader");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             let node = nats.nodes.iter_mut().find(|n| n.name == leader).unwrap();
             node.stop(libc::SIGKILL);
         }
@@ -477,12 +486,19 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
     let got = collect(&mut live, |g| g.len() >= TOTAL as usize).await;
     let want: Vec<Got> = (0..u64::from(TOTAL)).map(Got::Event).collect();
     assert_eq!(got, want);
-    // And the stream itself holds each once.
-    let mut stream = js.get_stream("QVIRT_EVENTS").await.unwrap();
-    assert_eq!(
-        stream.info().await.unwrap().state.messages,
-        u64::from(TOTAL)
-    );
+    // And the stream itself holds each once (asked until a leader
+    // answers).
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    let stored = loop {
+        if let Ok(mut stream) = js.get_stream("QVIRT_EVENTS").await
+            && let Ok(info) = stream.info().await
+        {
+            break info.state.messages;
+        }
+        assert!(std::time::Instant::now() < deadline, "no stream info");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stored, u64::from(TOTAL));
 }
 
 fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
@@ -604,7 +620,7 @@ async fn test_a_fleet_bus_serves_before_the_stream_exists() {
     let nats = Nats::single();
     // No host has made the stream yet: the gateway's bus serves, and
     // says the fleet's events are not available.
-    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
     let refused = gw
         .subscribe_domain_events(SubscribeDomainEventsRequest::default())
         .within()
@@ -615,9 +631,16 @@ async fn test_a_fleet_bus_serves_before_the_stream_exists() {
         qvirt_common::rpc::reason_of(&refused).as_deref(),
         Some("FLEET_UNAVAILABLE")
     );
+    // Its health says so too (a gateway in front shows EventBus
+    // NOT_SERVING).
+    assert_eq!(
+        bus.health("qvirt.v1.EventBus").await,
+        Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing)
+    );
     // A host comes up and makes it; the gateway's bus finds it.
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    bus.wait_serving("qvirt.v1.EventBus").await;
     let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
     let mut sub = loop {
         match gw

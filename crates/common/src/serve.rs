@@ -224,7 +224,12 @@ pub struct Services {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     options: ServeOptions,
+    gates: Vec<(&'static str, Gate)>,
 }
+
+/// A service's readiness: it resolves to `true` once the service can
+/// answer (to `false` if it never will, e.g. at shutdown).
+type Gate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 impl Services {
     /// An empty set.
@@ -255,6 +260,18 @@ impl Services {
         self
     }
 
+    /// Reports service `name` NOT_SERVING until `ready` resolves to
+    /// `true`, then SERVING (for a service that serves at once but whose
+    /// calls fail until something outside it is found).
+    pub fn not_serving_until(
+        mut self,
+        name: &'static str,
+        ready: impl std::future::Future<Output = bool> + Send + 'static,
+    ) -> Self {
+        self.gates.push((name, Box::pin(ready)));
+        self
+    }
+
     /// The fully-qualified names of the services added so far.
     pub fn names(&self) -> &[&'static str] {
         &self.names
@@ -264,13 +281,30 @@ impl Services {
     /// health reporter (every service already marked SERVING).
     pub async fn finish(self) -> Result<(Routes, HealthReporter), ServeError> {
         let Services {
-            mut routes, names, ..
+            mut routes,
+            names,
+            gates,
+            ..
         } = self;
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in &names {
-            reporter
-                .set_service_status(*name, ServingStatus::Serving)
-                .await;
+            let gated = gates.iter().any(|(g, _)| g == name);
+            let status = if gated {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            reporter.set_service_status(*name, status).await;
+        }
+        for (name, ready) in gates {
+            let reporter = reporter.clone();
+            tokio::spawn(async move {
+                if ready.await {
+                    reporter
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+            });
         }
         let files = descriptors_for(qvirt_proto::FILE_DESCRIPTOR_SET, &names)?;
         let listed = names

@@ -149,17 +149,26 @@ pub async fn run(
         // published here (EventIngest is not served).
         // Serving starts at once; subscriptions are UNAVAILABLE until the
         // stream is found.
+        // Health says NOT_SERVING for EventBus until then.
         let cell = std::sync::Arc::new(std::sync::OnceLock::new());
+        let (found, ready) = tokio::sync::oneshot::channel();
         tokio::spawn({
             let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
             async move {
                 if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
                     let _ = cell.set(fleet);
+                    let _ = found.send(());
                 }
             }
         });
         service = service.with_fleet(cell);
-        services = services.with(server::BusServer::new(service));
+        let stopping = shutdown.clone();
+        services = services
+            .with(server::BusServer::new(service))
+            .not_serving_until(
+                <server::BusServer as tonic::server::NamedService>::NAME,
+                async move { ready.await.is_ok() && !stopping.is_cancelled() },
+            );
     } else {
         services = services
             .with(server::BusServer::new(service))
