@@ -321,6 +321,31 @@ pub async fn define_yaml(
         .ok_or_else(|| tonic::Status::internal("DefineDomain returned no domain"))
 }
 
+/// The JSON lines of the gateway's audit file once `done` holds for them,
+/// waiting up to 20 s: the gateway writes a call's line as the call ends,
+/// from a task of its own, so it may land after the client has its answer.
+pub async fn audit_lines_until(
+    path: &Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if done(&lines) {
+            return lines;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "audit file after 20 s: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Text of an output stream, for assertions and messages.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::pki::{self, Ca, CertFiles};
 use qvirt_integration_tests::{
-    Service, Token, code_of, free_port, grpcurl, start_supervisor, text, token_new,
-    write_internal_token,
+    Service, Token, audit_lines_until, code_of, free_port, grpcurl, start_supervisor, text,
+    token_new, write_internal_token,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
@@ -249,21 +249,9 @@ async fn subscribe_domain(
     stream
 }
 
-/// The audit file's lines as JSON, waiting until `want` lines are there.
+/// The audit file's lines as JSON, once `want` lines are there.
 async fn audit_lines(path: &Path, want: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if lines.len() >= want {
-            return lines;
-        }
-        assert!(Instant::now() < deadline, "audit file: {text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    audit_lines_until(path, |lines| lines.len() >= want).await
 }
 
 const ALL_CALLS: [(&str, &str); 4] = [

@@ -3,14 +3,14 @@
 //! with real grpcurl (`-cacert -cert -key`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
 use qvirt_integration_tests::pki::{self, Ca, CertFiles};
 use qvirt_integration_tests::{
-    Service, Token, bin_path, code_of, free_port, grpcurl, run, start_supervisor, text, token_new,
-    write_internal_token,
+    Service, Token, audit_lines_until, bin_path, code_of, free_port, grpcurl, run,
+    start_supervisor, text, token_new, write_internal_token,
 };
 
 /// Backends, a CA with server and client certificates, and a gateway
@@ -142,15 +142,6 @@ fn define(name: &str) -> String {
     format!(r#"{{"spec_yaml": "name: {name}\naccel: tcg\n"}}"#)
 }
 
-/// The audit file's lines as JSON.
-fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn test_mtls_certificates_decide_the_role_and_a_token_only_lowers_it() {
     let s = TlsStack::start(true).await;
@@ -195,8 +186,7 @@ async fn test_mtls_certificates_decide_the_role_and_a_token_only_lowers_it() {
     assert!(text(&out.stdout).contains("by-rw"), "{}", text(&out.stdout));
 
     // Audit lines say tls and name the certificate's principal.
-    let lines = audit_lines(&s.audit);
-    let has = |principal: &str, status: &str| {
+    let has = |lines: &[serde_json::Value], principal: &str, status: &str| {
         lines.iter().any(|l| {
             l["transport"] == "tls"
                 && l["principal"] == principal
@@ -204,9 +194,12 @@ async fn test_mtls_certificates_decide_the_role_and_a_token_only_lowers_it() {
                 && l["status"] == status
         })
     };
-    assert!(has("cert-rw", "OK"), "{lines:?}");
-    assert!(has("cert-ro", "PERMISSION_DENIED"), "{lines:?}");
-    assert!(has("operator", "PERMISSION_DENIED"), "{lines:?}");
+    audit_lines_until(&s.audit, |lines| {
+        has(lines, "cert-rw", "OK")
+            && has(lines, "cert-ro", "PERMISSION_DENIED")
+            && has(lines, "operator", "PERMISSION_DENIED")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,13 +276,12 @@ async fn test_tls_without_client_ca_authenticates_by_token_and_refuses_plaintext
     );
     let out = s.grpcurl(None, Some(&s.operator.token), &define("over-tls"), DEFINE);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let lines = audit_lines(&s.audit);
-    assert!(
+    audit_lines_until(&s.audit, |lines| {
         lines
             .iter()
-            .any(|l| l["transport"] == "tls" && l["principal"] == "operator"),
-        "{lines:?}"
-    );
+            .any(|l| l["transport"] == "tls" && l["principal"] == "operator")
+    })
+    .await;
 }
 
 #[test]
