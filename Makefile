@@ -7,7 +7,7 @@ export PATH := $(TOOLS):$(PATH)
 # Where integration tests find the binaries (`make test` builds them first).
 export QVIRT_BIN_DIR ?= $(CURDIR)/target/debug
 
-.PHONY: all deps bench-deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz images test-deploy
+.PHONY: all deps bench-deps build build-debug run test bench lint fmt clean static-ga proto-baseline fuzz images test-deploy test-fleet
 
 all: build
 
@@ -37,6 +37,7 @@ test: deps build-debug static-ga
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
 	@QVIRT_BINARIES=debug bash scripts/test-deploy.sh
+	@QVIRT_BINARIES=debug bash scripts/test-fleet.sh
 
 ## images: the container images, built here with no registry: static
 ## release binaries (target/static) on scratch, or on a Debian rootfs made
@@ -50,6 +51,13 @@ images: deps
 ## on the debug binaries it already built (QVIRT_BINARIES=debug)
 test-deploy: deps static-ga
 	@bash scripts/test-deploy.sh
+
+## test-fleet: deploy/fleet/docker-compose.yml (3 NATS, 3 hosts, 2
+## gateways) through its scenarios (integration-tests/tests/fleet_deploy.rs);
+## SKIPPED when no Docker engine answers. Like test-deploy: release images
+## on its own, the debug binaries under `make test`
+test-fleet: deps static-ga
+	@bash scripts/test-fleet.sh
 
 ## bench: performance figures, each beside its reference measured in the same run
 ## (nginx and python3-libvirt: bench-deps installs those)

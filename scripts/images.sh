@@ -8,9 +8,14 @@
 #                     target/deploy/rootfs/, keyed by its inputs.
 #   qvirt-vmm, qvirt-supervisor, qvirt-hookexec   FROM qvirt-debian:KEY
 #   qvirt-eventbus, qvirt-agentd, qvirt-gateway   FROM scratch
+#   qvirt-host    FROM qvirt-debian:KEY: a whole fleet host in one container
+#                 (supervisor, eventbus, hookexec, agentd and their init,
+#                 deploy/fleet/qvirt-host-init; see docs/FLEET.md)
+#   qvirt-nats    FROM scratch: the pinned nats-server of .tools/bin
 #
-# Each image holds its service's binary and qvirtctl (its health check) in
-# /usr/local/bin. The binaries (QVIRT_BINARIES):
+# Each image holds its service's binaries and qvirtctl (its health check)
+# in /usr/local/bin (qvirt-nats: nats-server alone). The binaries
+# (QVIRT_BINARIES):
 #   release (default)  the workspace's release binaries, statically linked
 #                      (glibc, crt-static), built on the host with --locked
 #                      into target/static (the tree `make static-ga` uses);
@@ -26,7 +31,8 @@
 # Environment (all optional):
 #   QVIRT_BINARIES     release | debug (see above)
 #   QVIRT_SKIP_BUILD=1 use the binaries as they are (no cargo build)
-#   QVIRT_IMAGES       which images, by service name (default: all six)
+#   QVIRT_IMAGES       which images, by name without `qvirt-` (default:
+#                      all eight)
 #   DEBIAN_SUITE       the rootfs's suite (default: this host's Debian
 #                      codename, else bookworm)
 #   DEBIAN_MIRROR      debootstrap's mirror (default: debootstrap's own)
@@ -130,13 +136,27 @@ is_static() {
     esac
 }
 
+nats_server="$here/.tools/bin/nats-server"
 # Lay out an image's files under DIR as they go into the image: the
 # binaries in usr/local/bin, and for a dynamically linked binary on
 # scratch the libraries it loads, at the paths ldd names.
 layout() {
-    local dir=$1 kind=$2 bin=$3 b lib
+    local dir=$1 kind=$2 b lib
+    shift 2
     mkdir -p "$dir/usr/local/bin"
-    for b in "$bin" qvirtctl; do
+    for b in "$@"; do
+        case "$b" in
+        nats-server)
+            [ -x "$nats_server" ] || die "no $nats_server: run \`make deps\`"
+            is_static "$nats_server" || die "$nats_server is dynamically linked"
+            cp "$nats_server" "$dir/usr/local/bin/nats-server"
+            continue
+            ;;
+        qvirt-host-init)
+            install -m 0755 "$here/deploy/fleet/qvirt-host-init" "$dir/usr/local/bin/"
+            continue
+            ;;
+        esac
         strip --strip-debug -o "$dir/usr/local/bin/$b" "$bin_dir/$b"
         if ! is_static "$bin_dir/$b"; then
             [ "$mode" = debug ] || die "$bin_dir/$b is dynamically linked"
@@ -164,8 +184,14 @@ docker image ls --format '{{.Repository}}:{{.Tag}}' qvirt-debian | grep -vx "$ba
 declare -A kind=(
     [vmm]=debian [supervisor]=debian [hookexec]=debian
     [eventbus]=scratch [agentd]=scratch [gateway]=scratch
+    [host]=debian [nats]=scratch
 )
-wanted=${QVIRT_IMAGES:-vmm supervisor hookexec eventbus agentd gateway}
+# name -> what goes into usr/local/bin (default: qvirt-NAME and qvirtctl)
+declare -A contents=(
+    [host]="qvirt-host-init qvirt-supervisor qvirt-eventbus qvirt-hookexec qvirt-agentd qvirtctl"
+    [nats]="nats-server"
+)
+wanted=${QVIRT_IMAGES:-vmm supervisor hookexec eventbus agentd gateway host nats}
 built=0 kept=0
 for name in $wanted; do
     k=${kind[$name]:-}
@@ -173,7 +199,8 @@ for name in $wanted; do
     dockerfile="$here/deploy/build/Dockerfile.$k"
     ctx="$cache/ctx/$name"
     rm -rf "$ctx" && mkdir -p "$ctx"
-    layout "$ctx" "$k" "qvirt-$name"
+    # shellcheck disable=SC2086 # a list of names
+    layout "$ctx" "$k" ${contents[$name]:-qvirt-$name qvirtctl}
     from=""
     [ "$k" = debian ] && from=$base_id
     tag=$({

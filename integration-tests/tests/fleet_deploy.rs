@@ -1,0 +1,497 @@
+//! The fleet deployment, deploy/fleet/docker-compose.yml, for real: 3 NATS
+//! servers (R3 stream), 3 qvirt hosts, 2 gateways, each scenario asserting
+//! what a client sees through the gateways.
+//!
+//! These tests run only against a compose project that
+//! scripts/test-fleet.sh (`make test-fleet`) brought up, in the order it
+//! gives; it passes the project in the environment (`QVIRT_FLEET_*`).
+//! nextest's default run leaves this binary out (.config/nextest.toml) and
+//! each test is `#[ignore]`d for `cargo test`; run by hand without that
+//! environment, every test fails (it never passes without a fleet).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use qvirt_integration_tests::{COMMAND_TIMEOUT, run, text};
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
+use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
+use qvirt_proto::v1::{
+    MonitorEvent, PublishRequest, SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// Bound on one message of a subscription: a stream leader's election
+/// (4-9 s), a consumer made again after two missed heartbeats, on 2
+/// loaded cores.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bound on the fleet getting back to health after a scenario's damage.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The hosts of the compose file.
+const HOSTS: [&str; 3] = ["host1", "host2", "host3"];
+
+/// The compose project under test, from scripts/test-fleet.sh.
+struct Fleet {
+    project: String,
+    /// The gateways' published URLs (gw1, gw2).
+    gateways: [String; 2],
+    token_rw: String,
+    internal_token: String,
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests run against the fleet that \
+             scripts/test-fleet.sh (`make test-fleet`) brings up"
+        )
+    })
+}
+
+fn read_secret(dir: &std::path::Path, name: &str) -> String {
+    let path = dir.join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+fn fleet() -> Fleet {
+    let config = PathBuf::from(env("QVIRT_FLEET_CONFIG"));
+    Fleet {
+        project: env("QVIRT_FLEET_PROJECT"),
+        gateways: [env("QVIRT_FLEET_GW1"), env("QVIRT_FLEET_GW2")],
+        token_rw: read_secret(&config, "token-rw"),
+        internal_token: read_secret(&config, "internal-token"),
+    }
+}
+
+/// `docker ARGS`, which must succeed; its stdout.
+fn docker(args: &[&str]) -> String {
+    let out = run(std::path::Path::new("docker"), args, COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout).trim().to_owned()
+}
+
+impl Fleet {
+    /// The container of a compose service.
+    fn container(&self, service: &str) -> String {
+        let id = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", self.project),
+            "--filter",
+            &format!("label=com.docker.compose.service={service}"),
+        ]);
+        assert!(
+            !id.is_empty() && !id.contains('\n'),
+            "service {service}: {id:?}"
+        );
+        id
+    }
+
+    /// A service's address on the fleet network, as this machine reaches
+    /// it (the hosts' buses and the NATS servers publish no port).
+    fn address(&self, service: &str) -> String {
+        let id = self.container(service);
+        let ip = docker(&[
+            "inspect",
+            "-f",
+            &format!(
+                "{{{{(index .NetworkSettings.Networks \"{}_fleet\").IPAddress}}}}",
+                self.project
+            ),
+            &id,
+        ]);
+        assert!(
+            !ip.is_empty(),
+            "{service} has no address on the fleet network"
+        );
+        ip
+    }
+
+    fn health(&self, service: &str) -> String {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+            &self.container(service),
+        ])
+    }
+
+    /// Waits until every service of the project is healthy (or, without a
+    /// health check, running).
+    async fn wait_healthy(&self, services: &[&str]) {
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        for s in services {
+            loop {
+                let h = self.health(s);
+                if h == "healthy" || h == "running" && !self.has_healthcheck(s) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{s} is {h}, not healthy");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    fn has_healthcheck(&self, service: &str) -> bool {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{if .State.Health}}yes{{end}}",
+            &self.container(service),
+        ]) == "yes"
+    }
+
+    /// A channel to a gateway whose dead peer shows within seconds (HTTP/2
+    /// pings): a killed container sends no reset.
+    async fn gateway(&self, i: usize) -> Channel {
+        Endpoint::from_shared(self.gateways[i].clone())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("gateway {}: {e}", self.gateways[i]))
+    }
+
+    /// A request carrying a gateway bearer token.
+    fn bearer<T>(&self, message: T, token: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    }
+
+    /// Publishes `count` monitor events `event` (details `{"n": N}`, N from
+    /// `from`) at `host`'s own bus, as its supervisor does: the internal
+    /// plane, the real forwarding path to the stream.
+    async fn publish(&self, host: &str, domain: &str, event: &str, from: u64, count: u64) {
+        let url = format!("http://{}:50053", self.address(host));
+        let mut ingest = EventIngestClient::connect(url).await.unwrap();
+        let reqs: Vec<PublishRequest> = (from..from + count)
+            .map(|n| PublishRequest {
+                event: Some(Event::MonitorEvent(MonitorEvent {
+                    domain_name: domain.into(),
+                    event: event.into(),
+                    details_json: format!("{{\"n\":{n}}}"),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        let mut request = tonic::Request::new(tokio_stream::iter(reqs));
+        request.metadata_mut().insert(
+            "x-qvirt-internal-token",
+            self.internal_token.parse().unwrap(),
+        );
+        let reply = ingest.publish(request).await.unwrap().into_inner();
+        assert_eq!(reply.accepted, count, "{host}'s bus took every event");
+    }
+
+    /// The JetStream cluster, reached at the servers' own addresses.
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let urls: Vec<async_nats::ServerAddr> = ["nats1", "nats2", "nats3"]
+            .iter()
+            .filter(|s| self.health(s) == "running")
+            .map(|s| format!("nats://{}:4222", self.address(s)).parse().unwrap())
+            .collect();
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(urls)
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+    }
+}
+
+/// A monitor-event subscription through a gateway, read-write token;
+/// returns once it is established.
+async fn subscribe_monitor(
+    fleet: &Fleet,
+    gateway: usize,
+    req: SubscribeMonitorEventsRequest,
+) -> tonic::Streaming<SubscribeMonitorEventsResponse> {
+    let mut client = EventBusClient::new(fleet.gateway(gateway).await);
+    let mut stream = client
+        .subscribe_monitor_events(fleet.bearer(req, &fleet.token_rw))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .expect("established in time")
+        .unwrap()
+        .expect("stream open");
+    assert!(
+        matches!(first.kind, Some(MonitorKind::Established(_))),
+        "{first:?}"
+    );
+    stream
+}
+
+/// What one subscriber received, per host: the events' `n` in arrival
+/// order, and the last cursor.
+#[derive(Default, Debug)]
+struct Received {
+    by_host: BTreeMap<String, Vec<u64>>,
+    total: usize,
+    last_cursor: String,
+}
+
+impl Received {
+    fn take(&mut self, msg: SubscribeMonitorEventsResponse) {
+        match msg.kind {
+            Some(MonitorKind::Event(e)) => {
+                let v: serde_json::Value = serde_json::from_str(&e.details_json).unwrap();
+                self.by_host
+                    .entry(e.host)
+                    .or_default()
+                    .push(v["n"].as_u64().unwrap());
+                self.total += 1;
+                self.last_cursor = e.cursor;
+            }
+            Some(MonitorKind::Lost(l)) => panic!("events lost: {l:?}"),
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+
+    /// Every host's events exactly once and in its order: `0..count`.
+    fn assert_exactly(&self, who: &str, per_host: &BTreeMap<String, u64>) {
+        for (host, count) in per_host {
+            let got = self.by_host.get(host).cloned().unwrap_or_default();
+            let want: Vec<u64> = (0..*count).collect();
+            if got != want {
+                let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                panic!(
+                    "{who}: {host}'s events: {} received, {} sent; first difference at \
+                     {first_bad:?}",
+                    got.len(),
+                    count
+                );
+            }
+        }
+        assert_eq!(
+            self.by_host.len(),
+            per_host.len(),
+            "{who}: events of other hosts"
+        );
+    }
+}
+
+/// Reads `stream` until `total` events arrived.
+async fn read_until(
+    who: &str,
+    stream: &mut tonic::Streaming<SubscribeMonitorEventsResponse>,
+    received: &mut Received,
+    total: usize,
+) {
+    while received.total < total {
+        let msg = tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{who}: stalled after {} events", received.total))
+            .unwrap_or_else(|e| panic!("{who}: stream failed after {}: {e}", received.total))
+            .unwrap_or_else(|| panic!("{who}: stream ended after {}", received.total));
+        received.take(msg);
+    }
+}
+
+/// The name of the server leading the event stream.
+async fn stream_leader(fleet: &Fleet) -> String {
+    let js = fleet.jetstream().await;
+    let mut stream = js.get_stream("QVIRT_EVENTS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("the stream has a leader")
+}
+
+/// Waits until all three servers hold the stream, current.
+async fn wait_stream_current(fleet: &Fleet) {
+    let deadline = Instant::now() + RECOVERY_TIMEOUT;
+    loop {
+        let state = async {
+            let js = fleet.jetstream().await;
+            let mut stream = js.get_stream("QVIRT_EVENTS").await.ok()?;
+            let info = stream.info().await.ok()?;
+            let cluster = info.cluster.as_ref()?;
+            let current = cluster.replicas.iter().filter(|r| r.current).count();
+            Some((cluster.leader.is_some(), current))
+        };
+        let state = tokio::time::timeout(Duration::from_secs(10), state)
+            .await
+            .ok()
+            .flatten();
+        if state == Some((true, 2)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream is not current on 3 servers: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Scenario 3: one NATS server (the stream's leader) is killed during a
+/// burst of 10,000 events from the three hosts; a subscriber at each
+/// gateway sees every event exactly once, in each host's order. Then the
+/// server comes back and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s3_nats_server_killed_during_a_burst() {
+    let fleet = fleet();
+    const EVENT: &str = "QVIRT_TEST_BURST";
+    const TOTAL: u64 = 10_000;
+    wait_stream_current(&fleet).await;
+    let per_host: BTreeMap<String, u64> = HOSTS
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.to_string(), TOTAL / 3 + u64::from(i == 0) * (TOTAL % 3)))
+        .collect();
+    let req = SubscribeMonitorEventsRequest {
+        event: EVENT.into(),
+        ..Default::default()
+    };
+    let mut subs = [
+        subscribe_monitor(&fleet, 0, req.clone()).await,
+        subscribe_monitor(&fleet, 1, req).await,
+    ];
+    let mut got = [Received::default(), Received::default()];
+
+    // A first tenth, seen by both, so the kill lands mid-burst.
+    for (host, count) in &per_host {
+        fleet.publish(host, "burst", EVENT, 0, count / 10).await;
+    }
+    let first: u64 = per_host.values().map(|c| c / 10).sum();
+    for (i, (s, r)) in subs.iter_mut().zip(got.iter_mut()).enumerate() {
+        read_until(&format!("gw{}", i + 1), s, r, first as usize).await;
+    }
+
+    // The rest from all hosts at once, and the stream's leader killed
+    // while the hosts forward it.
+    let leader = stream_leader(&fleet).await;
+    let publishers: Vec<_> = per_host
+        .iter()
+        .map(|(host, count)| {
+            let (host, count) = (host.clone(), *count);
+            let fleet = self::fleet();
+            tokio::spawn(async move {
+                fleet
+                    .publish(&host, "burst", EVENT, count / 10, count - count / 10)
+                    .await;
+            })
+        })
+        .collect();
+    docker(&["kill", &fleet.container(&leader)]);
+    eprintln!("killed {leader}, the stream's leader, during the burst");
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for (i, (s, r)) in subs.iter_mut().zip(got.iter_mut()).enumerate() {
+        read_until(&format!("gw{}", i + 1), s, r, TOTAL as usize).await;
+        r.assert_exactly(&format!("gw{}", i + 1), &per_host);
+    }
+    // Nothing more: one more event per host arrives next, not a repeat.
+    for host in HOSTS {
+        fleet.publish(host, "burst", EVENT, per_host[host], 1).await;
+    }
+    let per_host: BTreeMap<String, u64> = per_host.into_iter().map(|(h, c)| (h, c + 1)).collect();
+    for (i, (s, r)) in subs.iter_mut().zip(got.iter_mut()).enumerate() {
+        read_until(&format!("gw{}", i + 1), s, r, TOTAL as usize + 3).await;
+        r.assert_exactly(&format!("gw{}", i + 1), &per_host);
+    }
+
+    docker(&["start", &fleet.container(&leader)]);
+    wait_stream_current(&fleet).await;
+}
+
+/// Scenario 5: a gateway (and its bus) is killed while a client streams
+/// events through it; the client resumes at the other gateway with its
+/// last cursor: no gap, no duplicate. Then the gateway comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s5_gateway_killed_client_resumes_at_the_other() {
+    let fleet = fleet();
+    const EVENT: &str = "QVIRT_TEST_RESUME";
+    const PER_HOST: u64 = 600;
+    const CHUNK: u64 = 50;
+    let per_host: BTreeMap<String, u64> = HOSTS.iter().map(|h| (h.to_string(), PER_HOST)).collect();
+    let req = SubscribeMonitorEventsRequest {
+        event: EVENT.into(),
+        ..Default::default()
+    };
+    let mut stream = subscribe_monitor(&fleet, 0, req.clone()).await;
+
+    // The hosts publish in chunks, on and on, while the client reads.
+    let publishers: Vec<_> = HOSTS
+        .iter()
+        .map(|host| {
+            let host = host.to_string();
+            let fleet = self::fleet();
+            tokio::spawn(async move {
+                for from in (0..PER_HOST).step_by(CHUNK as usize) {
+                    fleet.publish(&host, "resume", EVENT, from, CHUNK).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .collect();
+
+    let mut got = Received::default();
+    read_until("gw1", &mut stream, &mut got, 300).await;
+    let killed_at = got.total;
+    docker(&["kill", &fleet.container("gw1"), &fleet.container("gw1-bus")]);
+    // The stream through gw1 ends (an error, or the HTTP/2 pings going
+    // unanswered): what arrived before that still counts.
+    loop {
+        match tokio::time::timeout(MESSAGE_TIMEOUT, stream.message()).await {
+            Ok(Ok(Some(msg))) => got.take(msg),
+            Ok(Ok(None)) | Ok(Err(_)) => break,
+            Err(_) => panic!("the stream through the killed gateway neither ended nor failed"),
+        }
+    }
+    eprintln!(
+        "gw1 killed after {killed_at} events; its stream ended after {}",
+        got.total
+    );
+    let cursor = got.last_cursor.clone();
+    assert!(!cursor.is_empty());
+    let mut stream = subscribe_monitor(
+        &fleet,
+        1,
+        SubscribeMonitorEventsRequest {
+            resume_after: cursor,
+            ..req
+        },
+    )
+    .await;
+    for p in publishers {
+        p.await.unwrap();
+    }
+    read_until("gw2", &mut stream, &mut got, 3 * PER_HOST as usize).await;
+    got.assert_exactly("gw1 then gw2", &per_host);
+    if let Ok(m) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+        panic!("more than was sent: {m:?}");
+    }
+
+    docker(&[
+        "start",
+        &fleet.container("gw1-bus"),
+        &fleet.container("gw1"),
+    ]);
+    fleet.wait_healthy(&["gw1-bus", "gw1"]).await;
+}

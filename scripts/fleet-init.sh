@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Prepares the host files of the fleet deployment, deploy/fleet/
+# (docs/FLEET.md, "The fleet in containers"):
+#   CONFIG_DIR/internal-token      the internal plane's shared secret (0600)
+#   CONFIG_DIR/gateway.yaml        the gateways' tokens (hashes only)
+#   CONFIG_DIR/token-rw, token-ro  a read-write and a read-only bearer token
+#   CONFIG_DIR/gateway-bus.yaml    the fleet bus beside each gateway
+#   CONFIG_DIR/HOST/*.yaml         one dir per host: eventbus, hookexec,
+#                                  supervisor and agentd configs
+#   CONFIG_DIR/hooks/              empty: the hosts' hook scripts
+#   IMAGES_DIR/                    kernels, initrds and disks for guests
+# Secret and tokens are made as scripts/deploy-init.sh makes them (it is
+# run for them, so run `make images` first). Existing files are kept:
+# run it again safely, e.g. after adding a host to QVIRT_FLEET_HOSTS.
+#
+# Usage: scripts/fleet-init.sh [CONFIG_DIR [IMAGES_DIR]]
+#   (defaults: deploy/fleet/config and deploy/fleet/images, what
+#   deploy/fleet/docker-compose.yml mounts unless QVIRT_CONFIG_DIR and
+#   QVIRT_IMAGES_DIR say otherwise)
+# Environment:
+#   QVIRT_FLEET_HOSTS  the hosts (default "host1 host2 host3"): each one's
+#                      id, compose service and DNS name
+#   QVIRT_FLEET_NATS   the NATS servers (default
+#                      "nats://nats1:4222 nats://nats2:4222 nats://nats3:4222")
+#   QVIRT_FLEET_REPLICAS  stream and bucket replicas (default 3)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+config=${1:-$here/deploy/fleet/config}
+images=${2:-$here/deploy/fleet/images}
+hosts=${QVIRT_FLEET_HOSTS:-host1 host2 host3}
+nats=${QVIRT_FLEET_NATS:-nats://nats1:4222 nats://nats2:4222 nats://nats3:4222}
+replicas=${QVIRT_FLEET_REPLICAS:-3}
+say() { printf 'fleet-init: %s\n' "$*" >&2; }
+
+bash "$here/scripts/deploy-init.sh" "$config" "$images" 2>/dev/null ||
+    { say "deploy-init.sh failed (run \`make images\` first)"; exit 1; }
+umask 077
+mkdir -p "$config/hooks"
+chmod 0755 "$config/hooks"
+urls="[$(echo "$nats" | sed 's/ \+/, /g')]"
+
+# Writes FILE from stdin unless it exists.
+keep_or_write() {
+    if [ -s "$1" ]; then
+        cat >/dev/null
+    else
+        cat >"$1"
+        say "made $1"
+    fi
+}
+
+keep_or_write "$config/gateway-bus.yaml" <<EOF
+# The fleet bus beside each gateway: it holds no events and serves every
+# subscription from the stream.
+listen: 0.0.0.0:50053
+log_format: json
+internal_token_file: /etc/qvirt/internal-token
+fleet:
+  urls: $urls
+EOF
+
+for h in $hosts; do
+    case "$h" in *[!A-Za-z0-9-]* | "" | -*) say "host id $h: use letters, digits and '-'"; exit 2 ;; esac
+    mkdir -p "$config/$h"
+    keep_or_write "$config/$h/eventbus.yaml" <<EOF
+# $h's event bus: serves the host's supervisor and forwards every event
+# to the fleet's stream (outbox in the state volume).
+listen: 0.0.0.0:50053
+log_format: json
+internal_token_file: /etc/qvirt/internal-token
+nats:
+  urls: $urls
+  replicas: $replicas
+  host: $h
+  outbox_dir: /var/lib/qvirt/eventbus/outbox
+EOF
+    keep_or_write "$config/$h/hookexec.yaml" <<EOF
+listen: 127.0.0.1:50054
+log_format: json
+hooks_dir: /etc/qvirt/hooks
+internal_token_file: /etc/qvirt/internal-token
+EOF
+    keep_or_write "$config/$h/agentd.yaml" <<EOF
+listen: 0.0.0.0:50055
+log_format: json
+supervisor: http://127.0.0.1:50052
+EOF
+    keep_or_write "$config/$h/supervisor.yaml" <<EOF
+# $h's supervisor: QEMU runs as its child in this container.
+listen: 0.0.0.0:50052
+log_format: json
+node_name: $h
+state_dir: /var/lib/qvirt
+run_dir: /run/qvirt
+image_roots: [/var/lib/qvirt-images]
+eventbus: http://127.0.0.1:50053
+hookexec: http://127.0.0.1:50054
+agentd: http://127.0.0.1:50055
+internal_token_file: /etc/qvirt/internal-token
+EOF
+done
+say "ready: docker-compose -f deploy/fleet/docker-compose.yml up -d"

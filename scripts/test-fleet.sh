@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# `make test-fleet`: the fleet deployment, deploy/fleet/docker-compose.yml,
+# for real: 3 NATS servers (a JetStream cluster, R3), 3 qvirt hosts (QEMU
+# under TCG, the test guest), 2 gateways. Builds the images (`make
+# images`) and the test guest, brings the fleet up under a project name
+# of its own with each gateway on a free loopback port, waits until every
+# container is healthy, then runs the scenarios of
+# integration-tests/tests/fleet_deploy.rs one after the other against that
+# one project (each asserts what a client sees through the gateways, and
+# leaves the fleet whole for the next):
+#   s3  a NATS server (the stream's leader) killed during a burst of
+#       10,000 events: each gateway's subscriber gets every event once,
+#       in each host's order;
+#   s5  a gateway killed under a streaming client: it resumes at the
+#       other gateway with its cursor, no gap, no duplicate.
+# Then `docker-compose down -v` must leave nothing of the project.
+# Without a Docker engine it prints SKIPPED and why, and exits 0. Whatever
+# happens, the project's containers, networks and volumes are removed.
+#
+# Environment: QVIRT_BINARIES, QVIRT_SKIP_BUILD (see scripts/images.sh);
+# `make test` runs this with QVIRT_BINARIES=debug after test-deploy,
+# sharing its images and caches. QVIRT_FLEET_SCENARIOS: which scenarios
+# (default: all that run today, in order).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+say() { printf 'test-fleet: %s\n' "$*" >&2; }
+skip() { echo "test-fleet: SKIPPED: $*"; exit 0; }
+
+command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
+docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
+command -v docker-compose >/dev/null 2>&1 || skip "docker-compose is missing (make deps installs it)"
+
+# The scenarios, in the order they run. Scenarios 1, 2, 4 and 6 (guests
+# spread by placement, fleet-wide events with hosts, a host cut off, a
+# host killed) wait on the registry and the gateway's fleet routing.
+scenarios=${QVIRT_FLEET_SCENARIOS:-s3 s5}
+
+t0=$(date +%s)
+passed=0 step=""
+ok() { passed=$((passed + 1)); say "ok: $*"; }
+fail() {
+    say "FAILED: $*"
+    exit 1
+}
+deadline() {
+    local secs=$1 what=$2
+    shift 2
+    local end=$(($(date +%s) + secs))
+    until "$@" >"$work/last.out" 2>&1; do
+        [ "$(date +%s)" -lt "$end" ] || fail "$what within ${secs}s: $(tail -n 5 "$work/last.out")"
+        sleep 1
+    done
+}
+
+# --- images, the test guest, the scenario driver -------------------------------
+step=images
+bash scripts/images.sh >/dev/null
+t_images=$(($(date +%s) - t0))
+make -s static-ga >/dev/null
+triple=$(rustc -vV | sed -n 's/^host: //p')
+guest_out="$here/target/test-guest"
+rc=0
+bash scripts/build-test-guest.sh "$guest_out" "$here/target/static/$triple/release/qvirt-ga" >/dev/null || rc=$?
+[ "$rc" -eq 77 ] && skip "the test guest cannot be built here (its Debian packages cannot be fetched)"
+[ "$rc" -eq 0 ] || fail "building the test guest"
+step="building the scenario driver"
+driver=(cargo nextest run --locked -p qvirt-integration-tests --test fleet_deploy)
+"${driver[@]}" --no-run >/dev/null 2>&1 || "${driver[@]}" --no-run || fail "building fleet_deploy"
+driver+=(--ignore-default-filter --run-ignored only --test-threads 1)
+
+# --- a fleet of its own ----------------------------------------------------------
+work=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-fleet.XXXXXX")
+project="qvirtfleet$$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
+compose() { docker-compose -p "$project" -f "$here/deploy/fleet/docker-compose.yml" "$@"; }
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ "$rc" -ne 0 ] && [ -n "$step" ]; then
+        say "failed during: $step; the services' last log lines:"
+        compose logs --no-color --tail 15 2>&1 | sed 's/^/  /' >&2 || true
+    fi
+    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
+    docker ps -aq --filter "label=com.docker.compose.project=$project" | xargs -r docker rm -f >/dev/null 2>&1 || true
+    docker network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker network rm >/dev/null 2>&1 || true
+    docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm -f >/dev/null 2>&1 || true
+    rm -rf "$work"
+    [ "$rc" -ne 0 ] && echo "test-fleet: $passed passed, 1 failed"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+gw1_port=$(free_port)
+gw2_port=$(free_port)
+chmod 0755 "$work"
+bash scripts/fleet-init.sh "$work/config" "$work/images" 2>"$work/init.log" ||
+    fail "fleet-init: $(cat "$work/init.log")"
+install -m 0644 "$guest_out/vmlinux" "$guest_out/initramfs" "$work/images/"
+export QVIRT_CONFIG_DIR="$work/config" QVIRT_IMAGES_DIR="$work/images"
+export QVIRT_GW1_PUBLISH="127.0.0.1:$gw1_port" QVIRT_GW2_PUBLISH="127.0.0.1:$gw2_port"
+
+step="docker-compose up"
+t_up0=$(date +%s)
+compose up -d >"$work/up.log" 2>&1 || fail "docker-compose up: $(tail -n 5 "$work/up.log")"
+services=10
+all_healthy() {
+    local ids id status n=0
+    ids=$(compose ps -q)
+    for id in $ids; do
+        status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id")
+        case "$status" in healthy | running) ;; *) echo "$id: $status"; return 1 ;; esac
+        n=$((n + 1))
+    done
+    [ "$n" -eq "$services" ] || { echo "$n containers"; return 1; }
+}
+deadline 300 "all $services containers healthy" all_healthy
+ok "docker-compose up: $services containers healthy in $(($(date +%s) - t_up0))s"
+
+published=$(for id in $(compose ps -q); do docker port "$id"; done | sort -u | tr '\n' ' ')
+want=$(printf '50051/tcp -> 127.0.0.1:%s\n' "$gw1_port" "$gw2_port" | sort -u | tr '\n' ' ')
+[ "$published" = "$want" ] || fail "published ports: $published (want $want)"
+ok "only the two gateways are published ($published)"
+
+# --- the scenarios ------------------------------------------------------------------
+export QVIRT_FLEET_PROJECT="$project" QVIRT_FLEET_CONFIG="$work/config"
+export QVIRT_FLEET_GW1="http://127.0.0.1:$gw1_port" QVIRT_FLEET_GW2="http://127.0.0.1:$gw2_port"
+export QVIRT_FLEET_IMAGES=/var/lib/qvirt-images
+for s in $scenarios; do
+    step="scenario $s"
+    t_s=$(date +%s)
+    "${driver[@]}" -E "test(/^test_${s}_/)" >"$work/$s.log" 2>&1 || {
+        sed 's/^/  /' "$work/$s.log" | tail -n 60 >&2
+        fail "scenario $s"
+    }
+    grep -q '1 test run: 1 passed\|1 passed' "$work/$s.log" || {
+        cat "$work/$s.log" >&2
+        fail "scenario $s ran no test"
+    }
+    ok "scenario $s: $(grep -m1 -o 'test_[a-z0-9_]*' "$work/$s.log") in $(($(date +%s) - t_s))s"
+done
+
+# --- down -v ------------------------------------------------------------------------
+step="docker-compose down"
+compose down -v --timeout 20 >"$work/down.log" 2>&1 || fail "docker-compose down -v: $(tail -n 5 "$work/down.log")"
+left=$(
+    docker ps -aq --filter "label=com.docker.compose.project=$project"
+    docker network ls -q --filter "label=com.docker.compose.project=$project"
+    docker volume ls -q --filter "label=com.docker.compose.project=$project"
+)
+[ -z "$left" ] || fail "left behind by down -v: $left"
+ok "docker-compose down -v left no container, network or volume"
+step=""
+
+say "timings: images ${t_images}s (${QVIRT_BINARIES:-release} binaries), whole run $(($(date +%s) - t0))s"
+echo "test-fleet: $passed passed, 0 failed"
