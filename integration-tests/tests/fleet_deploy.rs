@@ -14,13 +14,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use qvirt_integration_tests::guest::GUEST_CMDLINE;
 use qvirt_integration_tests::{COMMAND_TIMEOUT, run, text};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
+use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    MonitorEvent, PublishRequest, SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse,
+    DefineDomainRequest, Domain, DomainEventType, DomainState, ListDomainsRequest, MonitorEvent,
+    MonitorEventFilterFlag, PingRequest, PublishRequest, ResumeDomainRequest, StartDomainRequest,
+    SubscribeDomainEventsRequest, SubscribeDomainEventsResponse, SubscribeMonitorEventsRequest,
+    SubscribeMonitorEventsResponse, SuspendDomainRequest, define_domain_request,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -41,6 +48,7 @@ struct Fleet {
     /// The gateways' published URLs (gw1, gw2).
     gateways: [String; 2],
     token_rw: String,
+    token_ro: String,
     internal_token: String,
 }
 
@@ -67,6 +75,7 @@ fn fleet() -> Fleet {
         project: env("QVIRT_FLEET_PROJECT"),
         gateways: [env("QVIRT_FLEET_GW1"), env("QVIRT_FLEET_GW2")],
         token_rw: read_secret(&config, "token-rw"),
+        token_ro: read_secret(&config, "token-ro"),
         internal_token: read_secret(&config, "internal-token"),
     }
 }
@@ -317,6 +326,291 @@ async fn stream_leader(fleet: &Fleet) -> String {
         .as_ref()
         .and_then(|c| c.leader.clone())
         .expect("the stream has a leader")
+}
+
+/// The guests of scenario 1, the test guest booting from the images dir
+/// every host mounts.
+const GUESTS: [&str; 6] = [
+    "fleet-g1", "fleet-g2", "fleet-g3", "fleet-g4", "fleet-g5", "fleet-g6",
+];
+
+/// Bound on the guests' agents answering: six TCG guests booting at once
+/// on two loaded cores.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn guest_yaml(name: &str) -> String {
+    format!(
+        "name: {name}\nmemory_mib: 128\nvcpus: 1\nmachine: q35\naccel: tcg\n\
+         kernel: /var/lib/qvirt-images/vmlinux\ninitrd: /var/lib/qvirt-images/initramfs\n\
+         cmdline: \"{GUEST_CMDLINE}\"\nagent: true\n"
+    )
+}
+
+impl Fleet {
+    async fn supervisor(&self, gateway: usize) -> SupervisorClient<Channel> {
+        SupervisorClient::new(self.gateway(gateway).await)
+    }
+
+    /// Every domain as `ListDomains` at a gateway pages them out.
+    async fn list(&self, gateway: usize) -> Vec<Domain> {
+        let mut client = self.supervisor(gateway).await;
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = ListDomainsRequest {
+                page_token: page_token.clone(),
+                ..Default::default()
+            };
+            let reply = client
+                .list_domains(self.bearer(req, &self.token_ro))
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(reply.domains);
+            if reply.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = reply.next_page_token;
+        }
+    }
+
+    /// The hosts of scenario 1's guests, by name, as a gateway lists them.
+    async fn guest_hosts(&self, gateway: usize) -> BTreeMap<String, String> {
+        self.list(gateway)
+            .await
+            .into_iter()
+            .filter_map(|d| {
+                let name = d.spec.as_ref()?.name.clone();
+                GUESTS.contains(&name.as_str()).then_some((name, d.host))
+            })
+            .collect()
+    }
+}
+
+/// Scenario 1: six guests defined without a host spread over the three
+/// hosts; either gateway lists all six with their hosts; started, each
+/// guest's agent answers through a gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s1_guests_spread_over_the_hosts() {
+    let fleet = fleet();
+    let mut gw1 = fleet.supervisor(0).await;
+    for name in GUESTS {
+        let req = DefineDomainRequest {
+            source: Some(define_domain_request::Source::SpecYaml(guest_yaml(name))),
+            ..Default::default()
+        };
+        let domain = gw1
+            .define_domain(fleet.bearer(req, &fleet.token_rw))
+            .await
+            .unwrap_or_else(|e| panic!("define {name}: {e}"))
+            .into_inner()
+            .domain
+            .unwrap();
+        assert!(
+            HOSTS.contains(&domain.host.as_str()),
+            "{name}: {}",
+            domain.host
+        );
+    }
+    // Both gateways list the six, each on its host; two per host (the
+    // hosts are alike: placement by most free memory alternates).
+    let hosts = fleet.guest_hosts(0).await;
+    assert_eq!(hosts.len(), GUESTS.len(), "{hosts:?}");
+    assert_eq!(fleet.guest_hosts(1).await, hosts);
+    for host in HOSTS {
+        let n = hosts.values().filter(|h| *h == host).count();
+        assert_eq!(n, 2, "{host} holds {n} of the six: {hosts:?}");
+    }
+
+    let mut gw2 = fleet.supervisor(1).await;
+    for name in GUESTS {
+        let req = StartDomainRequest {
+            domain: name.into(),
+            ..Default::default()
+        };
+        gw2.start_domain(fleet.bearer(req, &fleet.token_rw))
+            .await
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    }
+    // Each agent answers, asked at one gateway or the other.
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    for (i, name) in GUESTS.iter().enumerate() {
+        let mut agent = GuestAgentClient::new(fleet.gateway(i % 2).await);
+        loop {
+            let req = PingRequest {
+                domain: name.to_string(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            };
+            match agent.ping(fleet.bearer(req, &fleet.token_rw)).await {
+                Ok(_) => break,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "{name}'s agent (on {}): {e}",
+                    hosts[*name]
+                ),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    for d in fleet.list(1).await {
+        let name = d.spec.as_ref().unwrap().name.clone();
+        if GUESTS.contains(&name.as_str()) {
+            assert_eq!(d.state(), DomainState::Running, "{name}");
+        }
+    }
+}
+
+/// Scenario 2: guests on every host suspended and resumed while one
+/// subscriber per gateway watches monitor events (REGEX filter,
+/// read-write token) and one domain events (read-only token): every event
+/// arrives once, with its host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s2_events_of_every_host_once_with_their_host() {
+    let fleet = fleet();
+    let hosts = fleet.guest_hosts(0).await;
+    assert_eq!(hosts.len(), GUESTS.len(), "scenario 1 defines the guests");
+    let mut monitor = Vec::new();
+    let mut domain = Vec::new();
+    for gw in 0..2 {
+        monitor.push(
+            subscribe_monitor(
+                &fleet,
+                gw,
+                SubscribeMonitorEventsRequest {
+                    event: "^(STOP|RESUME)$".into(),
+                    flags: vec![MonitorEventFilterFlag::Regex as i32],
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+        domain.push(subscribe_domain(&fleet, gw, &fleet.token_ro).await);
+    }
+
+    // Each guest suspended and resumed, every other one at each gateway.
+    for (i, name) in GUESTS.iter().enumerate() {
+        let mut client = fleet.supervisor(i % 2).await;
+        let req = SuspendDomainRequest {
+            domain: name.to_string(),
+            ..Default::default()
+        };
+        client
+            .suspend_domain(fleet.bearer(req, &fleet.token_rw))
+            .await
+            .unwrap_or_else(|e| panic!("suspend {name}: {e}"));
+        let req = ResumeDomainRequest {
+            domain: name.to_string(),
+            ..Default::default()
+        };
+        client
+            .resume_domain(fleet.bearer(req, &fleet.token_rw))
+            .await
+            .unwrap_or_else(|e| panic!("resume {name}: {e}"));
+    }
+
+    // Per subscriber: (domain, host, what) of each event, in order.
+    let want: Vec<(String, String, &str)> = GUESTS
+        .iter()
+        .flat_map(|g| {
+            let h = hosts[*g].clone();
+            [
+                (g.to_string(), h.clone(), "stop"),
+                (g.to_string(), h, "resume"),
+            ]
+        })
+        .collect();
+    for (gw, stream) in monitor.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let msg = next(stream, &format!("monitor events at gw{}", gw + 1)).await;
+            match msg.kind {
+                Some(MonitorKind::Event(e)) if GUESTS.contains(&e.domain_name.as_str()) => {
+                    let what = if e.event == "STOP" { "stop" } else { "resume" };
+                    got.push((e.domain_name, e.host, what));
+                }
+                Some(MonitorKind::Event(_)) => {}
+                other => panic!("gw{}: {other:?}", gw + 1),
+            }
+        }
+        assert_eq!(sorted_by_guest(got), want, "monitor events at gw{}", gw + 1);
+    }
+    for (gw, stream) in domain.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let msg = next(stream, &format!("domain events at gw{}", gw + 1)).await;
+            match msg.kind {
+                Some(DomainKind::Event(e)) if GUESTS.contains(&e.domain_name.as_str()) => {
+                    let what = match e.r#type() {
+                        DomainEventType::Suspended => "stop",
+                        DomainEventType::Resumed => "resume",
+                        other => panic!("gw{}: {} {other:?}", gw + 1, e.domain_name),
+                    };
+                    got.push((e.domain_name, e.host, what));
+                }
+                Some(DomainKind::Event(_)) => {}
+                other => panic!("gw{}: {other:?}", gw + 1),
+            }
+        }
+        assert_eq!(sorted_by_guest(got), want, "domain events at gw{}", gw + 1);
+    }
+    // Once: nothing more of these guests follows.
+    for stream in &mut monitor {
+        if let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+        {
+            panic!("a repeated event: {m:?}");
+        }
+    }
+    for stream in &mut domain {
+        if let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(2), stream.message()).await
+        {
+            panic!("a repeated event: {m:?}");
+        }
+    }
+}
+
+/// Events grouped by guest (keeping each guest's order): guests on
+/// different hosts have no order between them.
+fn sorted_by_guest(mut v: Vec<(String, String, &str)>) -> Vec<(String, String, &str)> {
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A domain-event subscription through a gateway with `token`; returns
+/// once it is established.
+async fn subscribe_domain(
+    fleet: &Fleet,
+    gateway: usize,
+    token: &str,
+) -> tonic::Streaming<SubscribeDomainEventsResponse> {
+    let mut client = EventBusClient::new(fleet.gateway(gateway).await);
+    let mut stream = client
+        .subscribe_domain_events(fleet.bearer(SubscribeDomainEventsRequest::default(), token))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream, "domain events").await;
+    assert!(
+        matches!(first.kind, Some(DomainKind::Established(_))),
+        "{first:?}"
+    );
+    stream
+}
+
+/// The next message of a stream, within [`MESSAGE_TIMEOUT`].
+async fn next<T>(stream: &mut tonic::Streaming<T>, what: &str) -> T {
+    tokio::time::timeout(MESSAGE_TIMEOUT, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing in time"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .unwrap_or_else(|| panic!("{what}: the stream ended"))
 }
 
 /// Waits until all three servers hold the stream, current.
