@@ -4,9 +4,13 @@
 //! published (on loopback), the backends on an internal network, and the
 //! supervisor in the launcher's pid namespace.
 //!
-//! This validates the file with the real docker-compose, which needs no
-//! container engine. Bringing the stack up is scripts/test-deploy.sh
-//! (`make test-deploy`).
+//! The fleet's `deploy/fleet/docker-compose.yml` likewise: 3 NATS servers
+//! in one JetStream cluster, 3 hosts each with a state volume of its own,
+//! 2 gateways each beside a fleet bus, only the gateways published.
+//!
+//! This validates the files with the real docker-compose, which needs no
+//! container engine. Bringing them up is scripts/test-deploy.sh (`make
+//! test-deploy`) and scripts/test-fleet.sh (`make test-fleet`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,7 +20,11 @@ use qvirt_integration_tests::{COMMAND_TIMEOUT, run, text, tool_path, workspace_r
 use serde_yaml::Value;
 
 fn compose_config() -> Value {
-    let file = workspace_root().join("deploy/docker-compose.yml");
+    compose_config_of("deploy/docker-compose.yml")
+}
+
+fn compose_config_of(path: &str) -> Value {
+    let file = workspace_root().join(path);
     // The bind-mounted paths need not exist for `config`.
     let out = run(
         &tool_path("docker-compose"),
@@ -114,4 +122,83 @@ fn test_compose_file_runs_every_service_and_publishes_only_the_gateway() {
             assert_eq!(networks, ["backend"], "{name}");
         }
     }
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+#[test]
+fn test_fleet_compose_file_runs_three_nats_three_hosts_two_gateways() {
+    let config = compose_config_of("deploy/fleet/docker-compose.yml");
+    let services = config["services"].as_mapping().unwrap();
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "nats1", "nats2", "nats3", "host1", "host2", "host3", "gw1", "gw1-bus", "gw2",
+            "gw2-bus"
+        ])
+    );
+    assert_eq!(config["networks"]["fleet"]["internal"], Value::Bool(true));
+    let mut state_volumes = BTreeSet::new();
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        let command = strings(&svc["command"]);
+        let networks: Vec<&str> = svc["networks"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .filter_map(Value::as_str)
+            .collect();
+        let ports = svc.get("ports").and_then(Value::as_sequence);
+        if name.starts_with("gw") && !name.ends_with("-bus") {
+            let published = serde_yaml::to_string(ports.unwrap()).unwrap();
+            assert!(published.contains("127.0.0.1"), "{name}: {published}");
+            assert_eq!(networks, ["fleet", "public"], "{name}");
+            let bus = format!("http://{name}-bus:50053");
+            assert_eq!(
+                command[command.iter().position(|a| *a == "--eventbus").unwrap() + 1],
+                bus,
+                "{name} uses the fleet bus beside it"
+            );
+        } else {
+            assert!(ports.is_none(), "{name} must not publish a port");
+            assert_eq!(networks, ["fleet"], "{name}");
+        }
+        if name.starts_with("nats") {
+            assert_eq!(command[0], "nats-server");
+            let arg = |flag: &str| command[command.iter().position(|a| *a == flag).unwrap() + 1];
+            assert_eq!(arg("--name"), name);
+            assert_eq!(arg("--cluster_name"), "qvirt");
+            assert!(command.contains(&"--jetstream"), "{name}");
+            assert_eq!(
+                arg("--routes"),
+                "nats://nats1:6222,nats://nats2:6222,nats://nats3:6222"
+            );
+        }
+        if name.starts_with("host") {
+            assert_eq!(command, ["qvirt-host-init"]);
+            assert_eq!(svc["hostname"].as_str(), Some(name));
+            let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
+            assert!(
+                volumes.contains(&format!("/config/{name}")),
+                "{name} mounts its own config dir: {volumes}"
+            );
+            for v in strings(&svc["volumes"]) {
+                let mut parts = v.split(':');
+                let (source, target) = (parts.next().unwrap(), parts.next().unwrap());
+                if target == "/var/lib/qvirt" {
+                    state_volumes.insert(source.to_owned());
+                }
+            }
+            let check = strings(&svc["healthcheck"]["test"]).join(" ");
+            assert!(check.contains("qvirtctl"), "{name}: {check}");
+        }
+    }
+    assert_eq!(state_volumes.len(), 3, "one state volume per host");
 }
