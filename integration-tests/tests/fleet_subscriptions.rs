@@ -443,7 +443,7 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
     let mut nats = Nats::cluster3();
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
-    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
     wait_fleet_ready(&gw).await;
     let mut live = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
@@ -665,7 +665,7 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
     let mut nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
-    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
     wait_fleet_ready(&gw).await;
     let mut live = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
@@ -679,9 +679,21 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
     publish(&h1, vec![monitor("vm", "STOP", 1)]).await;
     assert_eq!(collect(&mut live, |g| !g.is_empty()).await, [Got::Event(1)]);
     nats.nodes[0].stop(libc::SIGKILL);
+    // While the broker is away, the gateway's bus says EventBus is not
+    // serving (a gateway in front shows it too).
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        let status = bus.health("qvirt.v1.EventBus").await;
+        if status == Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     publish(&h1, vec![monitor("vm", "STOP", 2)]).await;
     nats.nodes[0].start();
     nats.wait_ready();
+    bus.wait_serving("qvirt.v1.EventBus").await;
     publish(&h1, vec![monitor("vm", "STOP", 3)]).await;
     assert_eq!(
         collect(&mut live, |g| g.len() >= 2).await,
