@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::nats::{Nats, fleet_bus as gateway_bus, host_bus};
 use qvirt_integration_tests::{Service, internal};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
@@ -22,27 +22,6 @@ use tonic::transport::Channel;
 /// Bound on one message or call; a stream leader's loss (a 4-9 s election,
 /// then the consumer made again) on 2 loaded cores needs its share.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service {
-    let config = format!(
-        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
-        nats.urls().join(", "),
-        nats.nodes.len(),
-        outbox.display()
-    );
-    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-    svc.wait_serving("qvirt.v1.EventBus").await;
-    svc
-}
-
-async fn gateway_bus(nats: &Nats, url_index: usize) -> (Service, EventBusClient<Channel>) {
-    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
-    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-    // The server, not yet its EventBus: that waits for the stream.
-    svc.wait_serving("").await;
-    let client = EventBusClient::connect(svc.url()).await.unwrap();
-    (svc, client)
-}
 
 /// Waits until a fleet bus has found the stream: a subscription is
 /// accepted rather than UNAVAILABLE.
@@ -443,7 +422,7 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
     let mut nats = Nats::cluster3();
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
-    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
+    let (_g, mut gw) = gateway_bus(&nats, 0).await;
     wait_fleet_ready(&gw).await;
     let mut live = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
