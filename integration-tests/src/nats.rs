@@ -249,22 +249,6 @@ impl Drop for Nats {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_meta_leader_known() {
-        assert!(meta_leader_known(r#"{"config":{}}"#));
-        assert!(meta_leader_known(
-            r#"{"meta_cluster":{"name":"q","leader":"n2","cluster_size": 3}}"#
-        ));
-        assert!(!meta_leader_known(
-            r#"{"meta_cluster":{"name":"q","leader":"","cluster_size": 3}}"#
-        ));
-    }
-}
-
 /// A host's `qvirt-eventbus` forwarding to `nats` as host `host` (stream
 /// replicas: one per node), its outbox in `outbox`; waits until it serves.
 pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crate::Service {
@@ -296,4 +280,20 @@ pub async fn fleet_bus(
         .await
         .unwrap();
     (svc, client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_meta_leader_known() {
+        assert!(meta_leader_known(r#"{"config":{}}"#));
+        assert!(meta_leader_known(
+            r#"{"meta_cluster":{"name":"q","leader":"n2","cluster_size": 3}}"#
+        ));
+        assert!(!meta_leader_known(
+            r#"{"meta_cluster":{"name":"q","leader":"","cluster_size": 3}}"#
+        ));
+    }
 }
