@@ -691,7 +691,9 @@ async fn test_s3_nats_server_killed_during_a_burst() {
         })
         .collect();
     docker(&["kill", &fleet.container(&leader)]);
-    eprintln!("killed {leader}, the stream's leader, during the burst");
+    eprintln!(
+        "fleet-note: killed {leader}, the stream's leader, with {first} of {TOTAL} events delivered"
+    );
     for p in publishers {
         p.await.unwrap();
     }
@@ -759,7 +761,7 @@ async fn test_s5_gateway_killed_client_resumes_at_the_other() {
         }
     }
     eprintln!(
-        "gw1 killed after {killed_at} events; its stream ended after {}",
+        "fleet-note: gw1 killed after {killed_at} events; its stream ended after {}",
         got.total
     );
     let cursor = got.last_cursor.clone();
