@@ -18,7 +18,12 @@
 #       10,000 events: each gateway's subscriber gets every event once,
 #       in each host's order;
 #   s5  a gateway killed under a streaming client: it resumes at the
-#       other gateway with its cursor, no gap, no duplicate.
+#       other gateway with its cursor, no gap, no duplicate;
+#   s4  a host cut off the network for 20 s while its guests change
+#       state: unreachable within the heartbeat TTL (listing, host event),
+#       then the events of the cut, once, in order, and current domains;
+#   s6  a host's container killed: its domains stale, the others' guests
+#       unaffected; started again, the fleet list is current.
 # Then `docker-compose down -v` must leave nothing of the project.
 # Without a Docker engine it prints SKIPPED and why, and exits 0. Whatever
 # happens, the project's containers, networks and volumes are removed.
@@ -38,11 +43,10 @@ command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
 docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
 command -v docker-compose >/dev/null 2>&1 || skip "docker-compose is missing (make deps installs it)"
 
-# The scenarios, in the order they run. Not run yet: s1 and s2 (written)
-# wait on the gateway's fleet routing (placement, fleet-wide ListDomains,
-# calls routed to a domain's host); s4 (a host cut off the network) and
-# s6 (a host's container killed) on the registry too (heartbeats,
-# host_unreachable, host events).
+# The scenarios, in the order they run. Not run yet (written): s1, s2, s4
+# and s6 wait on the supervisors' registry (heartbeats, domains mirrored)
+# and the gateway's fleet routing (placement, fleet-wide ListDomains,
+# calls routed to a domain's host, host events).
 scenarios=${QVIRT_FLEET_SCENARIOS:-s3 s5}
 
 t0=$(date +%s)

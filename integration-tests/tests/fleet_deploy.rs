@@ -24,10 +24,11 @@ use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, Domain, DomainEventType, DomainState, ListDomainsRequest, MonitorEvent,
-    MonitorEventFilterFlag, PingRequest, PublishRequest, ResumeDomainRequest, StartDomainRequest,
-    SubscribeDomainEventsRequest, SubscribeDomainEventsResponse, SubscribeMonitorEventsRequest,
-    SubscribeMonitorEventsResponse, SuspendDomainRequest, define_domain_request,
+    DefineDomainRequest, Domain, DomainEventType, DomainState, HostEvent, HostEventType,
+    ListDomainsRequest, MonitorEvent, MonitorEventFilterFlag, PingRequest, PublishRequest,
+    ResumeDomainRequest, StartDomainRequest, SubscribeDomainEventsRequest,
+    SubscribeDomainEventsResponse, SubscribeMonitorEventsRequest, SubscribeMonitorEventsResponse,
+    SuspendDomainRequest, define_domain_request,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -790,4 +791,261 @@ async fn test_s5_gateway_killed_client_resumes_at_the_other() {
         &fleet.container("gw1"),
     ]);
     fleet.wait_healthy(&["gw1-bus", "gw1"]).await;
+}
+
+/// The heartbeat TTL of the hosts' records (supervisor `fleet:`
+/// `heartbeat_ttl_secs`, as scripts/fleet-init.sh writes it).
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+/// How long after a heartbeat stops a host must show unreachable: the
+/// bucket's `max_age` (the TTL) after its last put, plus the server's
+/// expiry sweep and the watch's delivery on loaded cores.
+const UNREACHABLE_WITHIN: Duration = Duration::from_secs(2 * HEARTBEAT_TTL.as_secs() + 15);
+
+impl Fleet {
+    /// `qvirtctl ARGS` inside a host's container, at its own supervisor
+    /// (not through a gateway: what a host does while cut off).
+    fn ctl_on_host(&self, host: &str, args: &[&str]) -> String {
+        let container = self.container(host);
+        let mut all = vec![
+            "exec",
+            &container,
+            "qvirtctl",
+            "--connect",
+            "http://127.0.0.1:50052",
+        ];
+        all.extend_from_slice(args);
+        docker(&all)
+    }
+
+    /// Scenario 1's guests as a gateway lists them: name -> (host, state,
+    /// host_unreachable).
+    async fn guests(&self, gateway: usize) -> BTreeMap<String, (String, DomainState, bool)> {
+        self.list(gateway)
+            .await
+            .into_iter()
+            .filter_map(|d| {
+                let name = d.spec.as_ref()?.name.clone();
+                GUESTS
+                    .contains(&name.as_str())
+                    .then(|| (name, (d.host.clone(), d.state(), d.host_unreachable)))
+            })
+            .collect()
+    }
+
+    /// Waits until `ok` holds for what gateway `gateway` lists, within
+    /// `timeout`; returns that listing.
+    async fn wait_guests(
+        &self,
+        gateway: usize,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&BTreeMap<String, (String, DomainState, bool)>) -> bool,
+    ) -> BTreeMap<String, (String, DomainState, bool)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.guests(gateway).await;
+            if ok(&now) {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {timeout:?}: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// The next host event of a domain-event stream, skipping domain events.
+async fn next_host_event(
+    stream: &mut tonic::Streaming<SubscribeDomainEventsResponse>,
+    what: &str,
+) -> HostEvent {
+    loop {
+        match next(stream, what).await.kind {
+            Some(DomainKind::HostEvent(h)) => return h,
+            Some(DomainKind::Event(_)) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
+/// Scenario 4: a host cut off the network for 20 s while its guests run
+/// and change state: it shows unreachable within the heartbeat TTL (its
+/// domains listed with `host_unreachable`, a host event), the other hosts
+/// not; reconnected, the events of the cut arrive, each once and in
+/// order, and its domains are current again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s4_host_cut_off_the_network() {
+    let fleet = fleet();
+    const HOST: &str = "host2";
+    let before = fleet.guests(0).await;
+    let mine: Vec<String> = before
+        .iter()
+        .filter(|(_, (h, _, _))| h == HOST)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        2,
+        "scenario 1 put two guests on {HOST}: {before:?}"
+    );
+    let mut monitor = subscribe_monitor(
+        &fleet,
+        0,
+        SubscribeMonitorEventsRequest {
+            event: "^(STOP|RESUME)$".into(),
+            flags: vec![MonitorEventFilterFlag::Regex as i32],
+            host: HOST.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut hosts = subscribe_domain(&fleet, 1, &fleet.token_ro).await;
+
+    let network = format!("{}_fleet", fleet.project);
+    let container = fleet.container(HOST);
+    docker(&["network", "disconnect", &network, &container]);
+    let cut = Instant::now();
+    // The guests run on and change state, at the host's own supervisor.
+    fleet.ctl_on_host(HOST, &["suspend", &mine[0]]);
+    fleet.ctl_on_host(HOST, &["suspend", &mine[1]]);
+    fleet.ctl_on_host(HOST, &["resume", &mine[1]]);
+
+    let seen = fleet
+        .wait_guests(0, "the cut host unreachable", UNREACHABLE_WITHIN, |g| {
+            g.values().all(|(h, _, u)| *u == (h == HOST))
+        })
+        .await;
+    // What the gateways knew last: both running.
+    for name in &mine {
+        assert_eq!(seen[name].1, DomainState::Running, "{name}: {seen:?}");
+    }
+    let event = next_host_event(&mut hosts, "host events at gw2").await;
+    assert_eq!(
+        (event.host.as_str(), event.r#type()),
+        (HOST, HostEventType::Unreachable)
+    );
+    eprintln!(
+        "fleet-note: {HOST} cut off; unreachable {:.1} s later (heartbeat TTL {} s)",
+        cut.elapsed().as_secs_f64(),
+        HEARTBEAT_TTL.as_secs()
+    );
+
+    // 20 s of cut in all, then back on the network under its name.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(cut.elapsed())).await;
+    docker(&["network", "connect", "--alias", HOST, &network, &container]);
+
+    let event = next_host_event(&mut hosts, "host events at gw2").await;
+    assert_eq!(
+        (event.host.as_str(), event.r#type()),
+        (HOST, HostEventType::Reachable)
+    );
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match next(&mut monitor, "the cut's monitor events").await.kind {
+            Some(MonitorKind::Event(e)) => got.push((e.domain_name, e.host, e.event)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let want = [
+        (mine[0].clone(), HOST.to_owned(), "STOP".to_owned()),
+        (mine[1].clone(), HOST.to_owned(), "STOP".to_owned()),
+        (mine[1].clone(), HOST.to_owned(), "RESUME".to_owned()),
+    ];
+    assert_eq!(got, want);
+    if let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(2), monitor.message()).await {
+        panic!("a repeated event: {m:?}");
+    }
+    let first = mine[0].clone();
+    fleet
+        .wait_guests(1, "the host's domains current", RECOVERY_TIMEOUT, |g| {
+            g.values().all(|(_, _, u)| !u) && g[&first].1 == DomainState::Paused
+        })
+        .await;
+    // Whole again for the next scenario.
+    let mut client = fleet.supervisor(0).await;
+    let req = ResumeDomainRequest {
+        domain: first,
+        ..Default::default()
+    };
+    client
+        .resume_domain(fleet.bearer(req, &fleet.token_rw))
+        .await
+        .unwrap();
+}
+
+/// Scenario 6: a host's container killed: its domains show stale
+/// (`host_unreachable`, last known state), the other hosts' guests answer
+/// as before; started again, its supervisor recovers and the fleet list
+/// is current (the guests shut off: their QEMU died with the container).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
+async fn test_s6_host_container_killed_and_restarted() {
+    let fleet = fleet();
+    const HOST: &str = "host3";
+    let before = fleet.guests(0).await;
+    let (mine, others): (Vec<_>, Vec<_>) = before.iter().partition(|(_, (h, _, _))| h == HOST);
+    assert_eq!(mine.len(), 2, "{before:?}");
+    let container = fleet.container(HOST);
+    docker(&["kill", &container]);
+    let killed = Instant::now();
+    let seen = fleet
+        .wait_guests(
+            1,
+            "the killed host's domains stale",
+            UNREACHABLE_WITHIN,
+            |g| g.values().all(|(h, _, u)| *u == (h == HOST)),
+        )
+        .await;
+    eprintln!(
+        "fleet-note: {HOST} killed; its domains stale {:.1} s later (heartbeat TTL {} s)",
+        killed.elapsed().as_secs_f64(),
+        HEARTBEAT_TTL.as_secs()
+    );
+    for (name, _) in &mine {
+        assert_eq!(
+            seen[*name].1,
+            DomainState::Running,
+            "last known state of {name}"
+        );
+    }
+    // The other hosts' guests are unaffected: running, agents answer.
+    let mut agent = GuestAgentClient::new(fleet.gateway(0).await);
+    for (name, (_, state, _)) in &others {
+        assert_eq!(seen[*name].1, *state, "{name}");
+        let req = PingRequest {
+            domain: name.to_string(),
+            ..Default::default()
+        };
+        agent
+            .ping(fleet.bearer(req, &fleet.token_rw))
+            .await
+            .unwrap_or_else(|e| panic!("{name}'s agent: {e}"));
+    }
+    // A call for a domain of the dead host says so.
+    let mut client = fleet.supervisor(0).await;
+    let req = SuspendDomainRequest {
+        domain: mine[0].0.clone(),
+        ..Default::default()
+    };
+    let err = client
+        .suspend_domain(fleet.bearer(req, &fleet.token_rw))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+
+    docker(&["start", &container]);
+    fleet.wait_healthy(&[HOST]).await;
+    let now = fleet
+        .wait_guests(0, "the fleet list current", RECOVERY_TIMEOUT, |g| {
+            g.values().all(|(_, _, u)| !u)
+                && g.iter()
+                    .filter(|(_, (h, _, _))| h == HOST)
+                    .all(|(_, (_, s, _))| *s == DomainState::Shutoff)
+        })
+        .await;
+    assert_eq!(fleet.guests(1).await, now, "both gateways list the same");
 }
