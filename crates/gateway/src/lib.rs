@@ -26,6 +26,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod descriptors;
+pub mod fleet;
 pub mod health;
 pub mod limits;
 pub mod proxy;
