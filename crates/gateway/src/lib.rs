@@ -145,6 +145,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         methods,
         backends,
+        fleet: None,
         tokens: Tokens::new(&config.tokens),
         clients,
         internal_token,

@@ -25,6 +25,7 @@
 //! | no live host to place a define on | UNAVAILABLE | `NO_HOST_AVAILABLE` | |
 //! | the registry is not reachable | UNAVAILABLE | `FLEET_UNAVAILABLE` | |
 //! | a bad ListDomains argument | INVALID_ARGUMENT | `INVALID_ARGUMENT` (its field) | |
+//! | a public method that names no domain (none today) | UNIMPLEMENTED | `NOT_ROUTABLE` | |
 //! | a request it cannot read to route (compressed) | INVALID_ARGUMENT | `REQUEST_UNREADABLE` | |
 
 use tonic::{Code, Status};
@@ -168,6 +169,7 @@ fn fleet_status(method: &str, err: &FleetError) -> Status {
             [((*field).to_owned(), message.clone())],
             [m()],
         ),
+        FleetError::NotRoutable => error(Code::Unimplemented, "NOT_ROUTABLE", message, [m()]),
         FleetError::Unreadable => {
             invalid_argument("REQUEST_UNREADABLE", message.clone(), [], [m()])
         }
