@@ -233,7 +233,7 @@ impl Fleet {
                 match placed {
                     Some(h) => route::route(&index, &domain, &h).map(|d| match d {
                         route::Decision::Host(_) => Target::Host(h),
-                        route::Decision::Stale(e) => Target::Stale(e.clone()),
+                        route::Decision::Stale(e) => Target::Stale(Box::new(e.clone())),
                     }),
                     None => route::route(&index, &domain, &host).map(Target::from),
                 }
@@ -248,7 +248,7 @@ impl Fleet {
                 placed: None,
             }),
             Target::Stale(e) if path == GET_DOMAIN => {
-                let mut domain = e.domain;
+                let mut domain = e.domain.clone();
                 mark_stale(&mut domain, true);
                 let answer = GetDomainResponse {
                     domain: Some(domain),
@@ -361,14 +361,14 @@ impl Fleet {
 /// the decision).
 enum Target {
     Host(String),
-    Stale(index::Entry),
+    Stale(Box<index::Entry>),
 }
 
 impl From<route::Decision<'_>> for Target {
     fn from(d: route::Decision<'_>) -> Target {
         match d {
             route::Decision::Host(h) => Target::Host(h.to_owned()),
-            route::Decision::Stale(e) => Target::Stale(e.clone()),
+            route::Decision::Stale(e) => Target::Stale(Box::new(e.clone())),
         }
     }
 }
