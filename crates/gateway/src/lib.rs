@@ -131,8 +131,13 @@ pub async fn run(
         ("eventbus", "qvirt.v1.EventBus", &config.eventbus),
         ("agentd", "qvirt.v1.GuestAgent", &config.agentd),
     ] {
-        backends.insert(service, backend(field, service, url)?);
+        // In fleet mode the hosts' records name the supervisors and
+        // agent services.
+        if config.fleet.is_none() || service == "qvirt.v1.EventBus" {
+            backends.insert(service, backend(field, service, url)?);
+        }
     }
+    let fleet = config.fleet.as_ref().map(|_| fleet::Fleet::new());
     let tls = config.tls.as_ref().map(tls::Material::load).transpose()?;
     let clients = config
         .tls
@@ -145,7 +150,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         methods,
         backends,
-        fleet: None,
+        fleet: fleet.as_ref().map(|(f, _)| Arc::clone(f)),
         tokens: Tokens::new(&config.tokens),
         clients,
         internal_token,
@@ -158,6 +163,22 @@ pub async fn run(
         .set_service_status("", ServingStatus::Serving)
         .await;
     let poll = Duration::from_millis(config.health_poll_ms);
+    if let (Some((fleet, updater)), Some(f)) = (fleet, &config.fleet) {
+        for service in fleet::ROUTED_SERVICES {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        let (snapshots, connected) = fleet::view::start(&f.urls, shutdown.clone()).await;
+        tokio::spawn(fleet::follow(
+            fleet,
+            updater,
+            snapshots,
+            connected,
+            reporter.clone(),
+            shutdown.clone(),
+        ));
+    }
     for backend in shared.backends.values() {
         reporter
             .set_service_status(backend.service, ServingStatus::NotServing)

@@ -55,18 +55,20 @@ pub struct Index {
 }
 
 impl Index {
-    /// The index of `snapshot`.
-    pub fn build(snapshot: &Snapshot) -> Index {
+    /// The index of `snapshot`; `connected`: whether the view follows
+    /// the buckets now.
+    pub fn build(snapshot: &Snapshot, connected: bool) -> Index {
         let mut hosts: BTreeMap<String, Host> = snapshot
             .hosts
             .iter()
-            .map(|(id, (record, live))| {
+            .map(|(id, entry)| {
+                let record = &entry.record;
                 (
                     id.clone(),
                     Host {
                         supervisor_url: record.supervisor_url.clone(),
                         agentd_url: record.agentd_url.clone(),
-                        live: *live,
+                        live: entry.live,
                         memory_bytes: record.memory_bytes,
                         guest_memory_bytes: record.guest_memory_bytes,
                         domains: record.domains,
@@ -99,7 +101,7 @@ impl Index {
         Index {
             hosts,
             entries,
-            connected: snapshot.connected,
+            connected,
             by_name,
             by_uuid,
         }
@@ -160,7 +162,7 @@ pub(crate) mod tests {
 
     use qvirt_proto::v1::{DomainSpec, DomainState};
 
-    use super::super::snapshot::HostRecord;
+    use super::super::snapshot::{HostEntry, HostRecord};
     use super::*;
 
     /// A domain record as a supervisor mirrors it.
@@ -195,19 +197,25 @@ pub(crate) mod tests {
     /// A snapshot of `hosts` (id, live, memory MiB, guest MiB) and
     /// `domains`.
     pub fn snapshot(hosts: &[(&str, bool, u64, u64)], domains: &[Domain]) -> Snapshot {
-        let mut s = Snapshot {
-            connected: true,
-            ..Default::default()
-        };
+        let mut h = std::collections::BTreeMap::new();
         for &(id, live, mem, guest) in hosts {
             let n = domains.iter().filter(|d| d.host == id).count() as u32;
-            s.hosts.insert(id.into(), (record(id, mem, guest, n), live));
+            let entry = HostEntry {
+                record: record(id, mem, guest, n),
+                live,
+                revision: 1,
+            };
+            h.insert(id.to_owned(), entry);
         }
-        for d in domains {
-            let uuid = d.spec.as_ref().unwrap().uuid.clone();
-            s.domains.insert((d.host.clone(), uuid), d.clone());
+        let mut d = std::collections::BTreeMap::new();
+        for dom in domains {
+            let uuid = dom.spec.as_ref().unwrap().uuid.clone();
+            d.insert((dom.host.clone(), uuid), dom.clone());
         }
-        s
+        Snapshot {
+            hosts: std::sync::Arc::new(h),
+            domains: std::sync::Arc::new(d),
+        }
     }
 
     pub const U1: &str = "6b1e2f7a-0c1d-4e5f-8a9b-0c1d2e3f4a5b";
@@ -224,7 +232,7 @@ pub(crate) mod tests {
                 domain("h2", "db", U3, DomainState::Shutoff, 128),
             ],
         );
-        let index = Index::build(&s);
+        let index = Index::build(&s, true);
         let hosts = |key: &str| {
             index
                 .lookup(key)
@@ -248,10 +256,11 @@ pub(crate) mod tests {
 
     #[test]
     fn test_a_host_known_only_by_its_domains_is_not_live() {
-        let mut s = snapshot(&[("h1", true, 1024, 0)], &[]);
-        let d = domain("gone", "old", U1, DomainState::Running, 128);
-        s.domains.insert(("gone".into(), U1.into()), d);
-        let index = Index::build(&s);
+        let s = snapshot(
+            &[("h1", true, 1024, 0)],
+            &[domain("gone", "old", U1, DomainState::Running, 128)],
+        );
+        let index = Index::build(&s, true);
         let gone = &index.hosts["gone"];
         assert!(!gone.live);
         assert!(gone.supervisor_url.is_empty());

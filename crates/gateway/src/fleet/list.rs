@@ -182,14 +182,17 @@ mod tests {
             ));
         }
         domains.push(domain("h3", "db", &uuid(200), Running, 128));
-        Index::build(&snapshot(
-            &[
-                ("h1", true, 4096, 0),
-                ("h2", true, 4096, 0),
-                ("h3", false, 4096, 0),
-            ],
-            &domains,
-        ))
+        Index::build(
+            &snapshot(
+                &[
+                    ("h1", true, 4096, 0),
+                    ("h2", true, 4096, 0),
+                    ("h3", false, 4096, 0),
+                ],
+                &domains,
+            ),
+            true,
+        )
     }
 
     fn names(r: &ListDomainsResponse) -> Vec<String> {
@@ -345,7 +348,7 @@ mod tests {
         for i in 1..3 {
             domains.push(domain("h1", &format!("vm-{i}"), &uuid(i), Shutoff, 128));
         }
-        let changed = Index::build(&snapshot(&[("h1", true, 4096, 0)], &domains));
+        let changed = Index::build(&snapshot(&[("h1", true, 4096, 0)], &domains), true);
         let next = list(
             &changed,
             &ListDomainsRequest {

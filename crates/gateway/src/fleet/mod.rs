@@ -9,6 +9,7 @@ pub mod list;
 pub mod place;
 pub mod route;
 pub mod snapshot;
+pub mod view;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,9 @@ use qvirt_proto::v1::{
     DefineDomainRequest, DomainSpec, GetDomainResponse, ListDomainsRequest, define_domain_request,
 };
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 pub use index::Index;
 pub use snapshot::Snapshot;
@@ -172,8 +176,8 @@ impl Fleet {
 
     /// Takes a new snapshot: indexes it, forgets placements it shows and
     /// connections no live host names any more.
-    pub fn update(&self, updater: &Updater, snapshot: &Snapshot) {
-        let index = Index::build(snapshot);
+    pub fn update(&self, updater: &Updater, snapshot: &Snapshot, connected: bool) {
+        let index = Index::build(snapshot, connected);
         place::prune(&mut lock(&self.pending), &index, Instant::now());
         let wanted: HashSet<&str> = index
             .hosts
@@ -357,6 +361,52 @@ impl Fleet {
     }
 }
 
+/// Keeps `fleet` on the view's snapshots (`snapshots`, `connected`) and
+/// the health of the services it routes (`qvirt.v1.Supervisor`,
+/// `qvirt.v1.GuestAgent`: SERVING while the view is connected and some
+/// host lives) until `shutdown`.
+pub async fn follow(
+    fleet: Arc<Fleet>,
+    updater: Updater,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut connected: watch::Receiver<bool>,
+    reporter: HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut was = None;
+    loop {
+        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+        let up = *connected.borrow_and_update();
+        fleet.update(&updater, &snapshot, up);
+        let serving = Fleet::serving(&fleet.index());
+        if was != Some(serving) {
+            let live = fleet.index().hosts.values().filter(|h| h.live).count();
+            if serving {
+                tracing::info!(live_hosts = live, "fleet: serving");
+            } else {
+                tracing::warn!(connected = up, live_hosts = live, "fleet: not serving");
+            }
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for service in ROUTED_SERVICES {
+                reporter.set_service_status(service, status).await;
+            }
+            was = Some(serving);
+        }
+        tokio::select! {
+            r = snapshots.changed() => if r.is_err() { return },
+            r = connected.changed() => if r.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The services a fleet gateway routes to hosts.
+pub const ROUTED_SERVICES: [&str; 2] = ["qvirt.v1.Supervisor", "qvirt.v1.GuestAgent"];
+
 /// Where a routed call goes (owned, so no borrow of the index outlives
 /// the decision).
 enum Target {
@@ -426,8 +476,13 @@ mod tests {
                 domain("h3", "db", U3, Running, 128),
             ],
         );
-        s.hosts.get_mut("h2").unwrap().0.agentd_url.clear();
-        fleet.update(&updater, &s);
+        Arc::make_mut(&mut s.hosts)
+            .get_mut("h2")
+            .unwrap()
+            .record
+            .agentd_url
+            .clear();
+        fleet.update(&updater, &s, true);
         // The updater is dropped: the last index stays.
         fleet
     }

@@ -140,37 +140,43 @@ mod tests {
     #[test]
     fn test_placement_prefers_free_memory_then_fewer_domains_then_id() {
         // h1: 4096 - 1024 free; h2: 8192 - 4096; h3 most free but dead.
-        let index = Index::build(&snapshot(
-            &[
-                ("h1", true, 4096, 1024),
-                ("h2", true, 8192, 4096),
-                ("h3", false, 65536, 0),
-            ],
-            &[],
-        ));
+        let index = Index::build(
+            &snapshot(
+                &[
+                    ("h1", true, 4096, 1024),
+                    ("h2", true, 8192, 4096),
+                    ("h3", false, 65536, 0),
+                ],
+                &[],
+            ),
+            true,
+        );
         assert_eq!(place(&index, &[]).unwrap(), "h2");
         // What this gateway placed counts: h2 now has 3072 free.
         assert_eq!(place(&index, &[placed("a", "h2", 1024)]).unwrap(), "h1");
         // Equal free memory: fewer domains wins, then the smaller id.
-        let tie = Index::build(&snapshot(
-            &[
-                ("b", true, 4096, 0),
-                ("a", true, 4096, 0),
-                ("c", true, 4096, 0),
-            ],
-            &[domain("a", "x", U1, Shutoff, 0)],
-        ));
+        let tie = Index::build(
+            &snapshot(
+                &[
+                    ("b", true, 4096, 0),
+                    ("a", true, 4096, 0),
+                    ("c", true, 4096, 0),
+                ],
+                &[domain("a", "x", U1, Shutoff, 0)],
+            ),
+            true,
+        );
         assert_eq!(place(&tie, &[]).unwrap(), "b");
-        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]));
+        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true);
         assert_eq!(place(&dead, &[]), None);
     }
 
     #[test]
     fn test_defines_spread_as_placements_accumulate() {
-        let index = Index::build(&snapshot(
-            &[("h1", true, 4096, 0), ("h2", true, 4096, 0)],
-            &[],
-        ));
+        let index = Index::build(
+            &snapshot(&[("h1", true, 4096, 0), ("h2", true, 4096, 0)], &[]),
+            true,
+        );
         let mut pending = Vec::new();
         let mut hosts = Vec::new();
         for i in 0..4 {
@@ -189,24 +195,27 @@ mod tests {
 
     #[test]
     fn test_an_existing_name_or_a_given_host_decides() {
-        let index = Index::build(&snapshot(
-            &[
-                ("h1", true, 1024, 0),
-                ("h2", true, 8192, 0),
-                ("h3", false, 8192, 0),
-            ],
-            &[
-                domain("h1", "web", U1, Shutoff, 128),
-                domain("h1", "db", U2, Shutoff, 128),
-                domain(
-                    "h2",
-                    "db",
-                    "00000000-0000-4000-8000-000000000001",
-                    Shutoff,
-                    128,
-                ),
-            ],
-        ));
+        let index = Index::build(
+            &snapshot(
+                &[
+                    ("h1", true, 1024, 0),
+                    ("h2", true, 8192, 0),
+                    ("h3", false, 8192, 0),
+                ],
+                &[
+                    domain("h1", "web", U1, Shutoff, 128),
+                    domain("h1", "db", U2, Shutoff, 128),
+                    domain(
+                        "h2",
+                        "db",
+                        "00000000-0000-4000-8000-000000000001",
+                        Shutoff,
+                        128,
+                    ),
+                ],
+            ),
+            true,
+        );
         let t = define_target(&index, &[], Some("web"), "").unwrap();
         assert_eq!((t.host.as_str(), t.placed), ("h1", false));
         let t = define_target(&index, &[], Some("web"), "h2").unwrap();
@@ -223,7 +232,7 @@ mod tests {
             define_target(&index, &[], Some("x"), "h9"),
             Err(FleetError::HostNotFound { .. })
         ));
-        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]));
+        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true);
         assert!(matches!(
             define_target(&dead, &[], None, ""),
             Err(FleetError::NoHostAvailable)
@@ -232,10 +241,13 @@ mod tests {
 
     #[test]
     fn test_prune_forgets_what_the_view_shows_and_what_is_old() {
-        let index = Index::build(&snapshot(
-            &[("h1", true, 4096, 0)],
-            &[domain("h1", "shown", U1, Shutoff, 128)],
-        ));
+        let index = Index::build(
+            &snapshot(
+                &[("h1", true, 4096, 0)],
+                &[domain("h1", "shown", U1, Shutoff, 128)],
+            ),
+            true,
+        );
         let now = Instant::now();
         let mut pending = vec![placed("shown", "h1", 1), placed("waiting", "h1", 1)];
         prune(&mut pending, &index, now);

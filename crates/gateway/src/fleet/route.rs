@@ -75,18 +75,21 @@ mod tests {
     use super::*;
 
     fn index() -> Index {
-        Index::build(&snapshot(
-            &[
-                ("h1", true, 4096, 0),
-                ("h2", true, 4096, 0),
-                ("h3", false, 4096, 0),
-            ],
-            &[
-                domain("h1", "web", U1, Shutoff, 128),
-                domain("h2", "web", U2, Running, 128),
-                domain("h3", "db", U3, Running, 128),
-            ],
-        ))
+        Index::build(
+            &snapshot(
+                &[
+                    ("h1", true, 4096, 0),
+                    ("h2", true, 4096, 0),
+                    ("h3", false, 4096, 0),
+                ],
+                &[
+                    domain("h1", "web", U1, Shutoff, 128),
+                    domain("h2", "web", U2, Running, 128),
+                    domain("h3", "db", U3, Running, 128),
+                ],
+            ),
+            true,
+        )
     }
 
     fn host(d: Result<Decision<'_>, FleetError>) -> String {

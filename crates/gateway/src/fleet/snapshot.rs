@@ -1,6 +1,7 @@
 //! Stand-in for the registry's snapshot until `qvirt-registry` lands.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use qvirt_proto::v1::Domain;
 
@@ -21,13 +22,22 @@ pub struct HostRecord {
     pub domains: u32,
 }
 
+/// One host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostEntry {
+    /// Its last record.
+    pub record: HostRecord,
+    /// Whether its heartbeat is live.
+    pub live: bool,
+    /// The KV revision of its key's last change.
+    pub revision: u64,
+}
+
 /// What the view holds.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Whether the view is connected.
-    pub connected: bool,
-    /// host id -> (record, live).
-    pub hosts: BTreeMap<String, (HostRecord, bool)>,
+    /// host id -> entry.
+    pub hosts: Arc<BTreeMap<String, HostEntry>>,
     /// (host id, uuid) -> domain.
-    pub domains: BTreeMap<(String, String), Domain>,
+    pub domains: Arc<BTreeMap<(String, String), Domain>>,
 }
