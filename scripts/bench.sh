@@ -9,6 +9,7 @@ cargo bench -p qvirt-integration-tests --bench supervisor
 cargo bench -p qvirt-integration-tests --bench gateway
 cargo bench -p qvirt-integration-tests --bench libvirt
 cargo bench -p qvirt-integration-tests --bench cli
+cargo bench -p qvirt-integration-tests --bench fleet
 cargo bench -p qvirt-eventbus
 cargo bench -p qvirt-agentd --bench ping
 cargo bench -p qvirt-ga --bench vs_qemu_ga

@@ -249,6 +249,39 @@ impl Drop for Nats {
     }
 }
 
+/// A host's `qvirt-eventbus` forwarding to `nats` as host `host` (stream
+/// replicas: one per node), its outbox in `outbox`; waits until it serves.
+pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crate::Service {
+    let config = format!(
+        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
+        nats.urls().join(", "),
+        nats.nodes.len(),
+        outbox.display()
+    );
+    let mut svc = crate::Service::start_with_config("qvirt-eventbus", &config, &[]);
+    svc.wait_serving("qvirt.v1.EventBus").await;
+    svc
+}
+
+/// A gateway-side `qvirt-eventbus` (`fleet:`) on node `url_index` of
+/// `nats`, and a client of it. Waits for the server only: its EventBus
+/// waits for the stream.
+pub async fn fleet_bus(
+    nats: &Nats,
+    url_index: usize,
+) -> (
+    crate::Service,
+    qvirt_proto::v1::event_bus_client::EventBusClient<tonic::transport::Channel>,
+) {
+    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
+    let mut svc = crate::Service::start_with_config("qvirt-eventbus", &config, &[]);
+    svc.wait_serving("").await;
+    let client = qvirt_proto::v1::event_bus_client::EventBusClient::connect(svc.url())
+        .await
+        .unwrap();
+    (svc, client)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::nats::{Nats, fleet_bus as gateway_bus, host_bus};
 use qvirt_integration_tests::{Service, internal};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
@@ -22,27 +22,6 @@ use tonic::transport::Channel;
 /// Bound on one message or call; a stream leader's loss (a 4-9 s election,
 /// then the consumer made again) on 2 loaded cores needs its share.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> Service {
-    let config = format!(
-        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
-        nats.urls().join(", "),
-        nats.nodes.len(),
-        outbox.display()
-    );
-    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-    svc.wait_serving("qvirt.v1.EventBus").await;
-    svc
-}
-
-async fn gateway_bus(nats: &Nats, url_index: usize) -> (Service, EventBusClient<Channel>) {
-    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
-    let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
-    // The server, not yet its EventBus: that waits for the stream.
-    svc.wait_serving("").await;
-    let client = EventBusClient::connect(svc.url()).await.unwrap();
-    (svc, client)
-}
 
 /// Waits until a fleet bus has found the stream: a subscription is
 /// accepted rather than UNAVAILABLE.
@@ -665,7 +644,7 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
     let mut nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
-    let (_g, mut gw) = gateway_bus(&nats, 0).await;
+    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
     wait_fleet_ready(&gw).await;
     let mut live = gw
         .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
@@ -679,9 +658,21 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
     publish(&h1, vec![monitor("vm", "STOP", 1)]).await;
     assert_eq!(collect(&mut live, |g| !g.is_empty()).await, [Got::Event(1)]);
     nats.nodes[0].stop(libc::SIGKILL);
+    // While the broker is away, the gateway's bus says EventBus is not
+    // serving (a gateway in front shows it too).
+    let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        let status = bus.health("qvirt.v1.EventBus").await;
+        if status == Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     publish(&h1, vec![monitor("vm", "STOP", 2)]).await;
     nats.nodes[0].start();
     nats.wait_ready();
+    bus.wait_serving("qvirt.v1.EventBus").await;
     publish(&h1, vec![monitor("vm", "STOP", 3)]).await;
     assert_eq!(
         collect(&mut live, |g| g.len() >= 2).await,

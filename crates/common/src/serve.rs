@@ -227,9 +227,9 @@ pub struct Services {
     gates: Vec<(&'static str, Gate)>,
 }
 
-/// A service's readiness: it resolves to `true` once the service can
-/// answer (to `false` if it never will, e.g. at shutdown).
-type Gate = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+/// A service's readiness, as it changes: `true` while the service can
+/// answer.
+type Gate = tokio::sync::watch::Receiver<bool>;
 
 impl Services {
     /// An empty set.
@@ -260,15 +260,12 @@ impl Services {
         self
     }
 
-    /// Reports service `name` NOT_SERVING until `ready` resolves to
-    /// `true`, then SERVING (for a service that serves at once but whose
-    /// calls fail until something outside it is found).
-    pub fn not_serving_until(
-        mut self,
-        name: &'static str,
-        ready: impl std::future::Future<Output = bool> + Send + 'static,
-    ) -> Self {
-        self.gates.push((name, Box::pin(ready)));
+    /// Reports service `name` SERVING while `ready` holds `true` and
+    /// NOT_SERVING while it holds `false` (for a service that serves at
+    /// once but whose calls fail while something outside it is missing).
+    /// When the sender is dropped the last value stays.
+    pub fn health_follows(mut self, name: &'static str, ready: Gate) -> Self {
+        self.gates.push((name, ready));
         self
     }
 
@@ -288,21 +285,27 @@ impl Services {
         } = self;
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in &names {
-            let gated = gates.iter().any(|(g, _)| g == name);
-            let status = if gated {
-                ServingStatus::NotServing
-            } else {
+            let serving = gates
+                .iter()
+                .find(|(g, _)| g == name)
+                .is_none_or(|(_, ready)| *ready.borrow());
+            let status = if serving {
                 ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
             };
             reporter.set_service_status(*name, status).await;
         }
-        for (name, ready) in gates {
+        for (name, mut ready) in gates {
             let reporter = reporter.clone();
             tokio::spawn(async move {
-                if ready.await {
-                    reporter
-                        .set_service_status(name, ServingStatus::Serving)
-                        .await;
+                while ready.changed().await.is_ok() {
+                    let status = if *ready.borrow_and_update() {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    reporter.set_service_status(name, status).await;
                 }
             });
         }

@@ -148,26 +148,26 @@ pub async fn run(
         // A gateway's bus: subscriptions from the fleet's stream, nothing
         // published here (EventIngest is not served).
         // Serving starts at once; subscriptions are UNAVAILABLE until the
-        // stream is found.
-        // Health says NOT_SERVING for EventBus until then.
+        // stream is found. Health says NOT_SERVING for EventBus until
+        // then, and again whenever the broker connection is down.
         let cell = std::sync::Arc::new(std::sync::OnceLock::new());
-        let (found, ready) = tokio::sync::oneshot::channel();
+        let (ready, health) = tokio::sync::watch::channel(false);
         tokio::spawn({
             let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
             async move {
                 if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
+                    let client = fleet.client();
                     let _ = cell.set(fleet);
-                    let _ = found.send(());
+                    nats::follow_connection(&client, &ready, &shutdown).await;
                 }
             }
         });
         service = service.with_fleet(cell);
-        let stopping = shutdown.clone();
         services = services
             .with(server::BusServer::new(service))
-            .not_serving_until(
+            .health_follows(
                 <server::BusServer as tonic::server::NamedService>::NAME,
-                async move { ready.await.is_ok() && !stopping.is_cancelled() },
+                health,
             );
     } else {
         services = services

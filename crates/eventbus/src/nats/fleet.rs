@@ -155,6 +155,11 @@ impl Fleet {
         }
     }
 
+    /// The broker connection.
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// The epoch every cursor of this stream carries.
     pub fn epoch(&self) -> &Arc<str> {
         &self.epoch

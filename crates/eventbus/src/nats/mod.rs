@@ -287,3 +287,24 @@ pub async fn connect(
     }
     options.connect(addrs).await
 }
+
+/// How often a bus looks at its broker connection for its health.
+pub const CONNECTION_POLL: Duration = Duration::from_secs(1);
+
+/// Keeps `ready` equal to "`client` is connected", looking every
+/// [`CONNECTION_POLL`], until `shutdown` (then `false`).
+pub async fn follow_connection(
+    client: &async_nats::Client,
+    ready: &tokio::sync::watch::Sender<bool>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let up = client.connection_state() == async_nats::connection::State::Connected;
+        ready.send_if_modified(|was| std::mem::replace(was, up) != up);
+        tokio::select! {
+            () = tokio::time::sleep(CONNECTION_POLL) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    ready.send_replace(false);
+}

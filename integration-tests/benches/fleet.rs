@@ -1,0 +1,439 @@
+//! `make bench`: events through the fleet path beside what users would
+//! pick instead, measured in the same run on a real 3-node JetStream
+//! cluster (R3 stream) on loopback:
+//!
+//! - qmp: a QMP event of a real QEMU guest (stop/cont through the
+//!   supervisor) to a subscriber at a gateway in front of a fleet bus
+//!   (host bus -> outbox -> JetStream -> ordered consumer -> fleet bus ->
+//!   gateway), beside the same event at a single-host gateway in front of
+//!   the host's own bus: both subscribers see the same events, so the
+//!   two paths are timed from the same command;
+//! - hop: one event published into the host bus (EventIngest, a
+//!   long-lived stream as the supervisor keeps) to the subscriber at the
+//!   fleet gateway, interleaved with a bare JetStream publish to the same
+//!   stream read by an ordered pull consumer with the fleet bus's own
+//!   settings (async-nats, the same client library): goal, qvirt's
+//!   fleet path at most 1.5x the bare hop (median);
+//! - rate: events/s sustained from the host bus to the fleet subscriber
+//!   with loss counted, beside a bare publisher that waits for each ack
+//!   (one in flight, as the host's forwarder does).
+//!
+//! Numbers are for this machine at this moment: read the ratios. Phases
+//! can be picked by name: `cargo bench -p qvirt-integration-tests --bench
+//! fleet -- hop` (also `qmp`, `rate`); none named: all.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use futures_util::StreamExt as _;
+use qvirt_integration_tests::measure::percentile;
+use qvirt_integration_tests::nats::{Nats, fleet_bus};
+use qvirt_integration_tests::stack::{
+    BearerChannel, GatewayStack, StackOptions, bearer_channel, token_new,
+};
+use qvirt_integration_tests::{Service, define_yaml, internal, kill_domain_qemu};
+use qvirt_proto::v1::event_bus_client::EventBusClient;
+use qvirt_proto::v1::event_ingest_client::EventIngestClient;
+use qvirt_proto::v1::publish_request::Event;
+use qvirt_proto::v1::subscribe_monitor_events_response::Kind;
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DestroyDomainRequest, MonitorCommandRequest, MonitorEvent, PublishRequest, StartDomainRequest,
+    SubscribeMonitorEventsRequest,
+};
+use tokio::sync::mpsc;
+
+/// stop/cont round trips in the qmp phase.
+const QMP_RUNS: usize = 40;
+/// Samples per side in the hop phase.
+const HOP_RUNS: usize = 300;
+/// Events in the rate phase, per side.
+const RATE_EVENTS: u64 = 10_000;
+/// Bound on any one wait.
+const WAIT: Duration = Duration::from_secs(60);
+/// The stream the host bus makes.
+const STREAM: &str = "QVIRT_EVENTS";
+
+fn now_ns() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+/// `name n=.. min .. median .. p99 .. max ..` in µs.
+fn line(name: &str, samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let median = percentile(samples, 0.5);
+    println!(
+        "  {name:<48} n={:<4} min {:>8.1} µs  median {:>8.1} µs  p99 {:>8.1} µs  max {:>8.1} µs",
+        samples.len(),
+        us(samples[0]),
+        us(median),
+        us(percentile(samples, 0.99)),
+        us(samples[samples.len() - 1]),
+    );
+    median
+}
+
+struct Fleet {
+    _nats: Nats,
+    stack: GatewayStack,
+    _fleet_bus: Service,
+    fleet_gw: Service,
+    js: jetstream::Context,
+    _outbox: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let nats = Nats::cluster3();
+        nats.wait_ready();
+        let outbox = tempfile::tempdir().unwrap();
+        let bus_yaml = format!(
+            "nats:\n  urls: [{}]\n  host: h1\n  replicas: 3\n  outbox_dir: {}\n",
+            nats.urls().join(", "),
+            outbox.path().display()
+        );
+        let stack = GatewayStack::start_with(&StackOptions {
+            bus_yaml,
+            supervisor_args: vec!["--node-name".into(), "h1".into()],
+            ..Default::default()
+        })
+        .await;
+        let (mut fleet_bus, _) = fleet_bus(&nats, 1).await;
+        fleet_bus.wait_serving("qvirt.v1.EventBus").await;
+        let rw = token_new("operator", "read-write");
+        let yaml = format!(
+            "supervisor: {}\neventbus: {}\nagentd: {}\ninternal_token_file: {}\nhealth_poll_ms: 200\ntokens:\n{}",
+            stack.sup.url(),
+            fleet_bus.url(),
+            stack.agentd.url(),
+            stack.dir.path().join("internal-token").display(),
+            rw.entry
+        );
+        let mut fleet_gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+        fleet_gw.wait_serving("qvirt.v1.EventBus").await;
+        // Both gateways take the same token (the fleet one's was made
+        // anew): use the stack's for the single-host gateway, this for
+        // the fleet one.
+        std::fs::write(stack.dir.path().join("token-fleet"), &rw.token).unwrap();
+        let client = async_nats::connect(nats.urls()[2].as_str()).await.unwrap();
+        let js = jetstream::new(client);
+        Fleet {
+            _nats: nats,
+            stack,
+            _fleet_bus: fleet_bus,
+            fleet_gw,
+            js,
+            _outbox: outbox,
+        }
+    }
+
+    async fn single_channel(&self) -> BearerChannel {
+        bearer_channel(&self.stack.gw.url(), Some(self.stack.bearer())).await
+    }
+
+    async fn fleet_channel(&self) -> BearerChannel {
+        let token = std::fs::read_to_string(self.stack.dir.path().join("token-fleet")).unwrap();
+        bearer_channel(
+            &self.fleet_gw.url(),
+            Some(qvirt_integration_tests::stack::bearer_value(token.trim())),
+        )
+        .await
+    }
+}
+
+/// A subscription's events as (event name, details, arrival) on a channel,
+/// read by a task of its own so that arrival times are not skewed by the
+/// other subscription.
+async fn watch(
+    channel: BearerChannel,
+    request: SubscribeMonitorEventsRequest,
+) -> mpsc::UnboundedReceiver<(String, String, Instant)> {
+    let mut client = EventBusClient::new(channel);
+    let mut stream = tokio::time::timeout(WAIT, client.subscribe_monitor_events(request))
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(Kind::Established(_))));
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = stream.message().await {
+            let sent = match m.kind {
+                Some(Kind::Event(e)) => tx.send((e.event, e.details_json, Instant::now())),
+                Some(Kind::Lost(l)) => panic!("events lost: {l:?}"),
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_named(
+    rx: &mut mpsc::UnboundedReceiver<(String, String, Instant)>,
+    name: &str,
+) -> (String, Instant) {
+    loop {
+        let (event, details, at) = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {name} within {WAIT:?}"))
+            .unwrap();
+        if event == name {
+            return (details, at);
+        }
+    }
+}
+
+async fn qmp(f: &Fleet) {
+    // Commands go to the supervisor itself: only the events' paths differ.
+    let mut sup = SupervisorClient::connect(f.stack.sup.url()).await.unwrap();
+    define_yaml(&mut sup, "name: lat\nmemory_mib: 128\naccel: tcg\n".into())
+        .await
+        .unwrap();
+    let request = SubscribeMonitorEventsRequest {
+        domain: "lat".into(),
+        ..Default::default()
+    };
+    let mut single = watch(f.single_channel().await, request.clone()).await;
+    let mut fleet = watch(f.fleet_channel().await, request).await;
+    let started = sup
+        .start_domain(StartDomainRequest {
+            domain: "lat".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    struct Guard(u32, String);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            kill_domain_qemu(self.0, &self.1);
+        }
+    }
+    let _guest = Guard(started.pid, started.spec.unwrap().uuid);
+    next_named(&mut single, "RESUME").await;
+    next_named(&mut fleet, "RESUME").await;
+    let (mut s, mut fl) = (Vec::new(), Vec::new());
+    for _ in 0..QMP_RUNS {
+        for (command, event) in [("stop", "STOP"), ("cont", "RESUME")] {
+            let t0 = Instant::now();
+            sup.monitor_command(MonitorCommandRequest {
+                domain: "lat".into(),
+                command_json: format!("{{\"execute\": \"{command}\"}}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            s.push(next_named(&mut single, event).await.1 - t0);
+            fl.push(next_named(&mut fleet, event).await.1 - t0);
+        }
+    }
+    sup.destroy_domain(DestroyDomainRequest {
+        domain: "lat".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    println!("\nqmp: MonitorCommand stop/cont to the event at a gateway's subscriber");
+    let single = line("single host (gateway -> host bus)", &mut s);
+    let fleet = line("fleet (gateway -> fleet bus -> JetStream R3)", &mut fl);
+    println!(
+        "  fleet / single host: {:.2}x (median)",
+        fleet.as_secs_f64() / single.as_secs_f64()
+    );
+}
+
+/// A long-lived EventIngest stream into the host bus, as the supervisor
+/// keeps one.
+fn ingest(url: String) -> mpsc::UnboundedSender<PublishRequest> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut client = EventIngestClient::connect(url).await.unwrap();
+        let reply = client
+            .publish(internal(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            ))
+            .await;
+        reply.unwrap();
+    });
+    tx
+}
+
+fn bench_event(name: &str, details: String) -> PublishRequest {
+    PublishRequest {
+        event: Some(Event::MonitorEvent(MonitorEvent {
+            domain_name: "bench".into(),
+            event: name.into(),
+            details_json: details,
+            ..Default::default()
+        })),
+    }
+}
+
+/// An ordered pull consumer of the bare subjects with the fleet bus's
+/// settings (pulls of 64, expiring after 5 s), from the stream's end.
+async fn bare_consumer(js: &jetstream::Context) -> jetstream::consumer::pull::Ordered {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subjects: vec!["qvirt.events.bare.>".into()],
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            max_batch: 64,
+            max_expires: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    consumer.messages().await.unwrap()
+}
+
+async fn hop(f: &Fleet) {
+    let request = SubscribeMonitorEventsRequest {
+        domain: "bench".into(),
+        event: "HOP".into(),
+        host: "h1".into(),
+        ..Default::default()
+    };
+    let mut fleet = watch(f.fleet_channel().await, request).await;
+    let publish = ingest(f.stack.bus.url());
+    let mut bare = Box::pin(bare_consumer(&f.js).await);
+    // Warm both paths up.
+    for i in 0..20 {
+        publish.send(bench_event("HOP", i.to_string())).unwrap();
+        next_named(&mut fleet, "HOP").await;
+        f.js.publish("qvirt.events.bare.b.monitor.HOP", "w".into())
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, bare.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for i in 0..HOP_RUNS {
+        let t0 = Instant::now();
+        publish
+            .send(bench_event("HOP", format!("{}", now_ns())))
+            .unwrap();
+        let (_, at) = next_named(&mut fleet, "HOP").await;
+        ours.push(at - t0);
+
+        let t0 = Instant::now();
+        let ack =
+            f.js.publish("qvirt.events.bare.b.monitor.HOP", i.to_string().into())
+                .await
+                .unwrap();
+        tokio::time::timeout(WAIT, bare.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        theirs.push(t0.elapsed());
+        ack.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    println!("\nhop: one event into a host, out at a fleet subscriber (interleaved)");
+    let q = line("qvirt (host bus -> R3 -> fleet bus -> gateway)", &mut ours);
+    let b = line("bare JetStream (publish -> ordered consumer)", &mut theirs);
+    println!(
+        "  qvirt / bare: {:.2}x (median; goal at most 1.5x)",
+        q.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+async fn rate(f: &Fleet) {
+    let request = SubscribeMonitorEventsRequest {
+        domain: "bench".into(),
+        event: "RATE".into(),
+        host: "h1".into(),
+        ..Default::default()
+    };
+    let mut fleet = watch(f.fleet_channel().await, request).await;
+    let publish = ingest(f.stack.bus.url());
+    let t0 = Instant::now();
+    for i in 0..RATE_EVENTS {
+        publish.send(bench_event("RATE", i.to_string())).unwrap();
+    }
+    let mut expected = 0u64;
+    while expected < RATE_EVENTS {
+        let (details, _) = next_named(&mut fleet, "RATE").await;
+        assert_eq!(
+            details,
+            expected.to_string(),
+            "an event missing or out of order"
+        );
+        expected += 1;
+    }
+    let ours = RATE_EVENTS as f64 / t0.elapsed().as_secs_f64();
+
+    let mut bare = Box::pin(bare_consumer(&f.js).await);
+    let t0 = Instant::now();
+    let reader = tokio::spawn(async move {
+        for _ in 0..RATE_EVENTS {
+            tokio::time::timeout(WAIT, bare.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    });
+    for i in 0..RATE_EVENTS {
+        f.js.publish("qvirt.events.bare.b.monitor.RATE", i.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    reader.await.unwrap();
+    let theirs = RATE_EVENTS as f64 / t0.elapsed().as_secs_f64();
+    println!("\nrate: {RATE_EVENTS} events published flat out, all read at a fleet subscriber");
+    println!(
+        "  {:<48} {ours:>8.0} events/s, 0 lost, in order",
+        "qvirt (host bus -> fleet gateway)"
+    );
+    println!(
+        "  {:<48} {theirs:>8.0} events/s",
+        "bare JetStream (one publish in flight)"
+    );
+    println!("  qvirt / bare: {:.2}x", ours / theirs);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let f = Fleet::start().await;
+        println!("fleet: 3 nats-server (JetStream, R3 stream), one host, two gateways, loopback");
+        if run("qmp") {
+            qmp(&f).await;
+        }
+        if run("hop") {
+            hop(&f).await;
+        }
+        if run("rate") {
+            rate(&f).await;
+        }
+    });
+}
