@@ -4,6 +4,7 @@
 //! of the view, read by every call until the next.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use qvirt_proto::v1::Domain;
 
@@ -46,38 +47,26 @@ pub struct Index {
     /// Every host: those with a record, and those known only by domains
     /// (not live).
     pub hosts: BTreeMap<String, Host>,
-    /// Every domain, sorted by (name, host).
-    pub entries: Vec<Entry>,
     /// Whether the view is connected to the broker.
     pub connected: bool,
+    domains: Arc<Domains>,
+}
+
+/// The domains of a snapshot, indexed: shared by the indexes of
+/// snapshots with the same domains (a heartbeat changes only hosts).
+#[derive(Debug, Default)]
+pub struct Domains {
+    /// What they were built from.
+    source: Arc<BTreeMap<(String, String), Domain>>,
+    /// Every domain, sorted by (name, host).
+    entries: Vec<Entry>,
     by_name: HashMap<String, Vec<usize>>,
     by_uuid: HashMap<String, Vec<usize>>,
 }
 
-impl Index {
-    /// The index of `snapshot`; `connected`: whether the view follows
-    /// the buckets now.
-    pub fn build(snapshot: &Snapshot, connected: bool) -> Index {
-        let mut hosts: BTreeMap<String, Host> = snapshot
-            .hosts
-            .iter()
-            .map(|(id, entry)| {
-                let record = &entry.record;
-                (
-                    id.clone(),
-                    Host {
-                        supervisor_url: record.supervisor_url.clone(),
-                        agentd_url: record.agentd_url.clone(),
-                        live: entry.live,
-                        memory_bytes: record.memory_bytes,
-                        guest_memory_bytes: record.guest_memory_bytes,
-                        domains: record.domains,
-                    },
-                )
-            })
-            .collect();
-        let mut entries: Vec<Entry> = snapshot
-            .domains
+impl Domains {
+    fn build(source: &Arc<BTreeMap<(String, String), Domain>>) -> Domains {
+        let mut entries: Vec<Entry> = source
             .iter()
             .map(|((host, uuid), domain)| Entry {
                 name: domain
@@ -96,24 +85,68 @@ impl Index {
         for (i, e) in entries.iter().enumerate() {
             by_name.entry(e.name.clone()).or_default().push(i);
             by_uuid.entry(e.uuid.clone()).or_default().push(i);
-            hosts.entry(e.host.clone()).or_default();
         }
-        Index {
-            hosts,
+        Domains {
+            source: Arc::clone(source),
             entries,
-            connected,
             by_name,
             by_uuid,
         }
     }
+}
+
+impl Index {
+    /// The index of `snapshot`; `connected`: whether the view follows
+    /// the buckets now. The domains of `previous` are reused when the
+    /// snapshot's are the same map.
+    pub fn build(snapshot: &Snapshot, connected: bool, previous: Option<&Index>) -> Index {
+        let domains = match previous {
+            Some(p) if Arc::ptr_eq(&p.domains.source, &snapshot.domains) => Arc::clone(&p.domains),
+            _ => Arc::new(Domains::build(&snapshot.domains)),
+        };
+        let mut hosts: BTreeMap<String, Host> = snapshot
+            .hosts
+            .iter()
+            .map(|(id, entry)| {
+                let record = &entry.record;
+                (
+                    id.clone(),
+                    Host {
+                        supervisor_url: record.supervisor_url.clone(),
+                        agentd_url: record.agentd_url.clone(),
+                        live: entry.live,
+                        memory_bytes: record.memory_bytes,
+                        guest_memory_bytes: record.guest_memory_bytes,
+                        domains: record.domains,
+                    },
+                )
+            })
+            .collect();
+        for e in &domains.entries {
+            if !hosts.contains_key(&e.host) {
+                hosts.insert(e.host.clone(), Host::default());
+            }
+        }
+        Index {
+            hosts,
+            connected,
+            domains,
+        }
+    }
+
+    /// Every domain, sorted by (name, host).
+    pub fn entries(&self) -> &[Entry] {
+        &self.domains.entries
+    }
 
     /// The domains named `name`, one per host at most, in host order.
     pub fn named(&self, name: &str) -> impl Iterator<Item = &Entry> {
-        self.by_name
+        let d = &self.domains;
+        d.by_name
             .get(name)
             .into_iter()
             .flatten()
-            .map(|&i| &self.entries[i])
+            .map(|&i| &d.entries[i])
     }
 
     /// The domains `key` (a name or a UUID) names: on each host, the
@@ -127,8 +160,9 @@ impl Index {
         }
         if is_uuid(key) {
             let lower = key.to_ascii_lowercase();
-            for &i in self.by_uuid.get(&lower).into_iter().flatten() {
-                let e = &self.entries[i];
+            let d = &self.domains;
+            for &i in d.by_uuid.get(&lower).into_iter().flatten() {
+                let e = &d.entries[i];
                 found.insert(&e.host, e);
             }
         }
@@ -232,7 +266,7 @@ pub(crate) mod tests {
                 domain("h2", "db", U3, DomainState::Shutoff, 128),
             ],
         );
-        let index = Index::build(&s, true);
+        let index = Index::build(&s, true, None);
         let hosts = |key: &str| {
             index
                 .lookup(key)
@@ -247,7 +281,7 @@ pub(crate) mod tests {
         assert_eq!(index.lookup_on("h2", "web").unwrap().uuid, U2);
         assert!(index.lookup_on("h1", "db").is_none());
         let names: Vec<_> = index
-            .entries
+            .entries()
             .iter()
             .map(|e| (e.name.as_str(), e.host.as_str()))
             .collect();
@@ -260,11 +294,28 @@ pub(crate) mod tests {
             &[("h1", true, 1024, 0)],
             &[domain("gone", "old", U1, DomainState::Running, 128)],
         );
-        let index = Index::build(&s, true);
+        let index = Index::build(&s, true, None);
         let gone = &index.hosts["gone"];
         assert!(!gone.live);
         assert!(gone.supervisor_url.is_empty());
         assert!(index.any_live());
+    }
+
+    #[test]
+    fn test_a_heartbeat_reuses_the_domains_index() {
+        let s = snapshot(
+            &[("h1", true, 1024, 0)],
+            &[domain("h1", "web", U1, DomainState::Running, 128)],
+        );
+        let first = Index::build(&s, true, None);
+        let mut beat = s.clone();
+        Arc::make_mut(&mut beat.hosts).get_mut("h1").unwrap().live = false;
+        let second = Index::build(&beat, true, Some(&first));
+        assert!(Arc::ptr_eq(&first.domains, &second.domains));
+        assert!(!second.hosts["h1"].live);
+        let changed = snapshot(&[("h1", true, 1024, 0)], &[]);
+        let third = Index::build(&changed, true, Some(&second));
+        assert!(third.entries().is_empty());
     }
 
     #[test]

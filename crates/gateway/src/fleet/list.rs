@@ -52,7 +52,7 @@ pub fn list(
         token => {
             let (name, host) = parse_page_token(token, filter)?;
             index
-                .entries
+                .entries()
                 .partition_point(|e| (e.name.as_str(), e.host.as_str()) <= (&name, &host))
         }
     };
@@ -65,7 +65,7 @@ pub fn list(
     let mut bytes = 0;
     let mut last = None;
     let mut more = false;
-    for e in index.entries[start..].iter().filter(wanted) {
+    for e in index.entries()[start..].iter().filter(wanted) {
         if domains.len() == size {
             more = true;
             break;
@@ -192,6 +192,7 @@ mod tests {
                 &domains,
             ),
             true,
+            None,
         )
     }
 
@@ -348,7 +349,7 @@ mod tests {
         for i in 1..3 {
             domains.push(domain("h1", &format!("vm-{i}"), &uuid(i), Shutoff, 128));
         }
-        let changed = Index::build(&snapshot(&[("h1", true, 4096, 0)], &domains), true);
+        let changed = Index::build(&snapshot(&[("h1", true, 4096, 0)], &domains), true, None);
         let next = list(
             &changed,
             &ListDomainsRequest {

@@ -177,7 +177,7 @@ impl Fleet {
     /// Takes a new snapshot: indexes it, forgets placements it shows and
     /// connections no live host names any more.
     pub fn update(&self, updater: &Updater, snapshot: &Snapshot, connected: bool) {
-        let index = Index::build(snapshot, connected);
+        let index = Index::build(snapshot, connected, Some(&self.index()));
         place::prune(&mut lock(&self.pending), &index, Instant::now());
         let wanted: HashSet<&str> = index
             .hosts

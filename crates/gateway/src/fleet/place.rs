@@ -150,6 +150,7 @@ mod tests {
                 &[],
             ),
             true,
+            None,
         );
         assert_eq!(place(&index, &[]).unwrap(), "h2");
         // What this gateway placed counts: h2 now has 3072 free.
@@ -165,9 +166,10 @@ mod tests {
                 &[domain("a", "x", U1, Shutoff, 0)],
             ),
             true,
+            None,
         );
         assert_eq!(place(&tie, &[]).unwrap(), "b");
-        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true);
+        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true, None);
         assert_eq!(place(&dead, &[]), None);
     }
 
@@ -176,6 +178,7 @@ mod tests {
         let index = Index::build(
             &snapshot(&[("h1", true, 4096, 0), ("h2", true, 4096, 0)], &[]),
             true,
+            None,
         );
         let mut pending = Vec::new();
         let mut hosts = Vec::new();
@@ -215,6 +218,7 @@ mod tests {
                 ],
             ),
             true,
+            None,
         );
         let t = define_target(&index, &[], Some("web"), "").unwrap();
         assert_eq!((t.host.as_str(), t.placed), ("h1", false));
@@ -232,7 +236,7 @@ mod tests {
             define_target(&index, &[], Some("x"), "h9"),
             Err(FleetError::HostNotFound { .. })
         ));
-        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true);
+        let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true, None);
         assert!(matches!(
             define_target(&dead, &[], None, ""),
             Err(FleetError::NoHostAvailable)
@@ -247,6 +251,7 @@ mod tests {
                 &[domain("h1", "shown", U1, Shutoff, 128)],
             ),
             true,
+            None,
         );
         let now = Instant::now();
         let mut pending = vec![placed("shown", "h1", 1), placed("waiting", "h1", 1)];

@@ -89,6 +89,7 @@ mod tests {
                 ],
             ),
             true,
+            None,
         )
     }
 
