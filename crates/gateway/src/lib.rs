@@ -14,8 +14,9 @@
 //! (the one role table), [`limits`] (per-principal streams, rate, size),
 //! [`upstream`] (the HTTP/2 connection to each backend),
 //! [`audit`] (the JSON-lines trail), [`health`], [`descriptors`] (the
-//! public API and reflection), [`config`], and [`status`] (the gateway's
-//! own errors).
+//! public API and reflection), [`fleet`] (fleet mode: routing by the
+//! registry, fleet-wide ListDomains, placement), [`config`], and
+//! [`status`] (the gateway's own errors).
 //!
 //! Entry point: [`run`], called by `main.rs` with the bound `listen`
 //! listener (served over TLS when the config has a `tls` section), the

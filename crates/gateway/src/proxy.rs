@@ -7,6 +7,10 @@
 //! request message of a call is read whole (to bound its size, and, for
 //! audited calls, to read `domain` and `request_id` from its raw bytes).
 //!
+//! - In fleet mode ([`crate::fleet`]) a Supervisor or GuestAgent call is
+//!   sent to its domain's host, found from the request's `domain` and
+//!   `host` read from the raw bytes, or answered by the gateway
+//!   (ListDomains and DefineDomain requests are decoded for that).
 //! - Backend statuses, messages and details reach the client unchanged.
 //! - An unreachable backend, or one that dies while a call or stream is
 //!   open, ends the call with UNAVAILABLE naming the service.
