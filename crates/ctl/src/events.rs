@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use qvirt_proto::v1::{
-    DomainEvent, DomainEventType, EventsLost, MonitorEvent, MonitorEventFilterFlag,
-    SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest, domain_event,
-    subscribe_domain_events_response, subscribe_monitor_events_response,
+    DomainEvent, DomainEventType, EventsLost, HostEvent, HostEventType, MonitorEvent,
+    MonitorEventFilterFlag, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
+    domain_event, subscribe_domain_events_response, subscribe_monitor_events_response,
 };
 
 use crate::CtlError;
@@ -187,12 +187,38 @@ pub async fn event(gw: &Gateway, g: &Global, a: EventArgs) -> Result<u8, CtlErro
                     lost(&l);
                     Ok(false)
                 }
+                // A fleet host's liveness: printed, but not the lifecycle
+                // event asked for, so it neither counts nor ends the wait.
+                Some(Kind::HostEvent(h)) => {
+                    if g.json {
+                        output::print_json_line(&output::to_json("qvirt.v1.HostEvent", &h)?)?;
+                    } else {
+                        let line = host_line(&h);
+                        if a.timestamp {
+                            out_line(&format!("{}: {line}", output::now()))?;
+                        } else {
+                            out_line(&line)?;
+                        }
+                    }
+                    Ok(false)
+                }
                 Some(Kind::Established(_)) | None => Ok(false),
             }
         },
     )
     .await?;
     finish(g, end, count)
+}
+
+/// A virsh-like line for a fleet host event:
+/// `event 'host' for host 'node-a': Unreachable`.
+pub fn host_line(e: &HostEvent) -> String {
+    let what = match HostEventType::try_from(e.r#type) {
+        Ok(HostEventType::Unreachable) => "Unreachable",
+        Ok(HostEventType::Reachable) => "Reachable",
+        _ => "Unknown",
+    };
+    format!("event 'host' for host '{}': {what}", e.host)
 }
 
 /// virsh's line for a lifecycle event:
@@ -402,5 +428,11 @@ mod tests {
             monitor_line(&m, false, None),
             "event STOP at 17.000042 for domain 'demo': {}"
         );
+        let h = HostEvent {
+            host: "node-a".into(),
+            r#type: HostEventType::Unreachable as i32,
+            time: None,
+        };
+        assert_eq!(host_line(&h), "event 'host' for host 'node-a': Unreachable");
     }
 }

@@ -546,6 +546,8 @@ impl Manager {
                 .as_ref()
                 .map(|saved| saved.image.display().to_string())
                 .unwrap_or_default(),
+            // Only a fleet gateway sets it.
+            host_unreachable: false,
         }
     }
 

@@ -1,0 +1,178 @@
+//! The two buckets: their names and settings, and opening them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+
+use crate::RegistryError;
+
+/// The bucket of host records (`qvirt.v1.HostRecord`), one key per host.
+pub const HOSTS_BUCKET: &str = "QVIRT_HOSTS";
+
+/// The bucket of domain records (`qvirt.v1.Domain`), one key per domain.
+pub const DOMAINS_BUCKET: &str = "QVIRT_DOMAINS";
+
+/// The default heartbeat TTL: the hosts bucket's `max_age`. A host puts
+/// its record every third of it.
+pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+/// The TTLs a host may configure: from 1 s (JetStream's smallest marker
+/// TTL) to an hour.
+pub const HEARTBEAT_TTL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
+/// The largest value either bucket takes (a Domain record with a large
+/// spec stays far below it).
+pub const MAX_VALUE_BYTES: i32 = 1 << 20;
+
+/// How long one attempt to bind or create a bucket may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many attempts [`open_buckets`] makes (the first R3 bucket right
+/// after a cluster forms can time out).
+const ATTEMPTS: u32 = 6;
+
+/// Both buckets, bound.
+#[derive(Clone)]
+pub struct Buckets {
+    /// `QVIRT_HOSTS`.
+    pub hosts: kv::Store,
+    /// `QVIRT_DOMAINS`.
+    pub domains: kv::Store,
+}
+
+impl std::fmt::Debug for Buckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buckets").finish_non_exhaustive()
+    }
+}
+
+/// The hosts bucket's settings: `max_age` = `ttl`, one value per key,
+/// and limit markers, so an expired key shows up in a watch as a Purge.
+pub fn hosts_config(replicas: usize, ttl: Duration) -> kv::Config {
+    kv::Config {
+        bucket: HOSTS_BUCKET.to_owned(),
+        description: "qvirt fleet hosts: heartbeat records".to_owned(),
+        history: 1,
+        max_age: ttl,
+        max_value_size: MAX_VALUE_BYTES,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        // The marker of an expired key lives one more TTL: long enough for
+        // every watcher to see it, and then the key is gone.
+        limit_markers: Some(ttl.max(Duration::from_secs(1))),
+        ..Default::default()
+    }
+}
+
+/// The domains bucket's settings: no TTL, one value per key.
+pub fn domains_config(replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: DOMAINS_BUCKET.to_owned(),
+        description: "qvirt fleet domains: each domain as its supervisor returns it".to_owned(),
+        history: 1,
+        max_value_size: MAX_VALUE_BYTES,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// Binds both buckets, creating those that do not exist yet
+/// (`replicas`, heartbeat `ttl`), trying a few times. A bucket that
+/// exists is used as it is.
+pub async fn open_buckets(
+    js: &jetstream::Context,
+    replicas: usize,
+    ttl: Duration,
+) -> Result<Buckets, RegistryError> {
+    let hosts = open_or_create(js, hosts_config(replicas, ttl)).await?;
+    let domains = open_or_create(js, domains_config(replicas)).await?;
+    Ok(Buckets { hosts, domains })
+}
+
+/// Binds both buckets, which must exist (one try each).
+pub async fn bind_buckets(js: &jetstream::Context) -> Result<Buckets, RegistryError> {
+    let bind = |name: &'static str| async move {
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, js.get_key_value(name)).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(e)) => Err(RegistryError::Bucket {
+                bucket: name,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(RegistryError::Bucket {
+                bucket: name,
+                reason: "timed out".to_owned(),
+            }),
+        }
+    };
+    Ok(Buckets {
+        hosts: bind(HOSTS_BUCKET).await?,
+        domains: bind(DOMAINS_BUCKET).await?,
+    })
+}
+
+async fn open_or_create(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, RegistryError> {
+    let bucket = if config.bucket == HOSTS_BUCKET {
+        HOSTS_BUCKET
+    } else {
+        DOMAINS_BUCKET
+    };
+    let mut backoff = Duration::from_millis(200);
+    let mut last = String::new();
+    for attempt in 1..=ATTEMPTS {
+        if let Ok(Ok(store)) = tokio::time::timeout(ATTEMPT_TIMEOUT, js.get_key_value(bucket)).await
+        {
+            return Ok(store);
+        }
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, js.create_key_value(config.clone())).await {
+            Ok(Ok(store)) => {
+                tracing::info!(
+                    bucket,
+                    replicas = config.num_replicas,
+                    "registry: created the bucket"
+                );
+                return Ok(store);
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".to_owned(),
+        }
+        tracing::debug!(bucket, attempt, error = %last, "registry: cannot open the bucket yet");
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+    Err(RegistryError::Bucket {
+        bucket,
+        reason: last,
+    })
+}
+
+/// A client connected to `urls` (`nats://HOST:PORT`, any one of a
+/// cluster is enough). It returns at once and keeps trying in the
+/// background while the broker is away, reconnecting after 0, 100 ms,
+/// 200 ms, ... up to 2 s.
+pub async fn connect(urls: &[String], name: &str) -> Result<async_nats::Client, RegistryError> {
+    let addrs: Vec<async_nats::ServerAddr> = urls
+        .iter()
+        .map(|u| {
+            u.parse().map_err(|_| RegistryError::Url {
+                url: u.chars().take(200).collect(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((attempts as u64 * 100).min(2000))
+        })
+        .retry_on_initial_connect()
+        .connect(addrs)
+        .await
+        .map_err(|e| RegistryError::Connect(e.to_string()))
+}
