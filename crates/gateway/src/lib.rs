@@ -68,6 +68,9 @@ pub enum GatewayRunError {
     /// The descriptor set does not match the role table.
     #[error(transparent)]
     Descriptors(#[from] descriptors::DescriptorError),
+    /// The fleet registry's client cannot be set up.
+    #[error("fleet registry")]
+    Registry(#[from] qvirt_registry::RegistryError),
     /// The audit file cannot be opened.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
@@ -170,7 +173,7 @@ pub async fn run(
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        let (snapshots, connected) = fleet::view::start(&f.urls, shutdown.clone()).await;
+        let (snapshots, connected) = fleet::view::start(&f.urls, shutdown.clone()).await?;
         tokio::spawn(fleet::follow(
             fleet,
             updater,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use qvirt_proto::v1::Domain;
 
-use super::snapshot::Snapshot;
+use qvirt_registry::Snapshot;
 
 /// One host as the index knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -196,7 +196,8 @@ pub(crate) mod tests {
 
     use qvirt_proto::v1::{DomainSpec, DomainState};
 
-    use super::super::snapshot::{HostEntry, HostRecord};
+    use qvirt_proto::v1::HostRecord;
+    use qvirt_registry::HostEntry;
     use super::*;
 
     /// A domain record as a supervisor mirrors it.
@@ -215,7 +216,6 @@ pub(crate) mod tests {
     }
 
     /// A host record.
-    #[allow(clippy::needless_update)]
     pub fn record(host: &str, memory_mib: u64, guest_mib: u64, domains: u32) -> HostRecord {
         HostRecord {
             host: host.into(),

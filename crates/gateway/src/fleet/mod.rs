@@ -1,6 +1,6 @@
 //! Fleet mode: a gateway in front of many hosts, configured with a
-//! `fleet:` section. The registry's view ([`snapshot`]) is indexed once
-//! per change ([`index`]); calls that name a domain are routed to its
+//! `fleet:` section. The registry's view ([`view`]) is indexed once per
+//! change ([`index`]); calls that name a domain are routed to its
 //! host by it ([`route`]), ListDomains is answered from it ([`list`]),
 //! and defines are placed by it ([`place`]).
 
@@ -8,7 +8,6 @@ pub mod index;
 pub mod list;
 pub mod place;
 pub mod route;
-pub mod snapshot;
 pub mod view;
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +25,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use index::Index;
-pub use snapshot::Snapshot;
+pub use qvirt_registry::Snapshot;
 
 use crate::descriptors::{self, Method};
 use crate::proxy::Backend;
@@ -95,15 +94,6 @@ pub enum FleetError {
     Unreadable,
 }
 
-/// Marks `domain` as of a host without live heartbeat.
-pub fn mark_stale(domain: &mut qvirt_proto::v1::Domain, stale: bool) {
-    let _ = (domain, stale);
-}
-
-/// Whether `domain` is marked as of a host without live heartbeat.
-pub fn is_stale(domain: &qvirt_proto::v1::Domain) -> bool {
-    domain.host == "h3"
-}
 
 /// The gRPC path of the methods a fleet gateway treats apart.
 pub const LIST_DOMAINS: &str = "/qvirt.v1.Supervisor/ListDomains";
@@ -253,7 +243,7 @@ impl Fleet {
             }),
             Target::Stale(e) if path == GET_DOMAIN => {
                 let mut domain = e.domain.clone();
-                mark_stale(&mut domain, true);
+                domain.host_unreachable = true;
                 let answer = GetDomainResponse {
                     domain: Some(domain),
                 };
@@ -586,7 +576,7 @@ mod tests {
         };
         let got = GetDomainResponse::decode(got).unwrap().domain.unwrap();
         assert_eq!(got.host, "h3");
-        assert!(is_stale(&got));
+        assert!(got.host_unreachable);
         let mut compressed = get.clone();
         compressed[0] = 1;
         assert_eq!(
