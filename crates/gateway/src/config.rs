@@ -100,7 +100,7 @@ impl Default for Config {
 }
 
 /// The most `fleet.urls`.
-pub const MAX_FLEET_URLS: usize = 64;
+pub const MAX_FLEET_URLS: usize = 16;
 
 /// `fleet:`: a gateway in front of many hosts.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -116,7 +116,7 @@ impl FleetConfig {
             return Err(invalid(
                 "fleet.urls",
                 self.urls.join(","),
-                "must list 1 to 64 NATS servers (nats://HOST:PORT)",
+                "must list 1 to 16 NATS servers (nats://HOST:PORT)",
             ));
         }
         for url in &self.urls {
