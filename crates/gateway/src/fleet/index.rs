@@ -62,6 +62,8 @@ pub struct Domains {
     entries: Vec<Entry>,
     by_name: HashMap<String, Vec<usize>>,
     by_uuid: HashMap<String, Vec<usize>>,
+    /// Per host: the memory of its domains and their count.
+    per_host: HashMap<String, (u64, u32)>,
 }
 
 impl Domains {
@@ -82,15 +84,21 @@ impl Domains {
         entries.sort_by(|a, b| (&a.name, &a.host).cmp(&(&b.name, &b.host)));
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_uuid: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut per_host: HashMap<String, (u64, u32)> = HashMap::new();
         for (i, e) in entries.iter().enumerate() {
             by_name.entry(e.name.clone()).or_default().push(i);
             by_uuid.entry(e.uuid.clone()).or_default().push(i);
+            let mib = e.domain.spec.as_ref().map_or(0, |s| s.memory_mib);
+            let sum = per_host.entry(e.host.clone()).or_default();
+            sum.0 = sum.0.saturating_add(mib.saturating_mul(1 << 20));
+            sum.1 = sum.1.saturating_add(1);
         }
         Domains {
             source: Arc::clone(source),
             entries,
             by_name,
             by_uuid,
+            per_host,
         }
     }
 }
@@ -109,6 +117,9 @@ impl Index {
             .iter()
             .map(|(id, entry)| {
                 let record = &entry.record;
+                // The domains bucket changes with every define; a host's
+                // record only with its next heartbeat: the larger counts.
+                let (bytes, count) = domains.per_host.get(id).copied().unwrap_or_default();
                 (
                     id.clone(),
                     Host {
@@ -116,8 +127,8 @@ impl Index {
                         agentd_url: record.agentd_url.clone(),
                         live: entry.live,
                         memory_bytes: record.memory_bytes,
-                        guest_memory_bytes: record.guest_memory_bytes,
-                        domains: record.domains,
+                        guest_memory_bytes: record.guest_memory_bytes.max(bytes),
+                        domains: record.domains.max(count),
                     },
                 )
             })
@@ -196,9 +207,9 @@ pub(crate) mod tests {
 
     use qvirt_proto::v1::{DomainSpec, DomainState};
 
+    use super::*;
     use qvirt_proto::v1::HostRecord;
     use qvirt_registry::HostEntry;
-    use super::*;
 
     /// A domain record as a supervisor mirrors it.
     pub fn domain(host: &str, name: &str, uuid: &str, state: DomainState, mib: u64) -> Domain {
@@ -316,6 +327,27 @@ pub(crate) mod tests {
         let changed = snapshot(&[("h1", true, 1024, 0)], &[]);
         let third = Index::build(&changed, true, Some(&second));
         assert!(third.entries().is_empty());
+    }
+
+    #[test]
+    fn test_domains_the_view_shows_count_before_the_next_heartbeat() {
+        // h1's record (0 MiB of guests, 0 domains) predates its two domains.
+        let mut s = snapshot(
+            &[("h1", true, 4096, 0)],
+            &[
+                domain("h1", "a", U1, DomainState::Shutoff, 512),
+                domain("h1", "b", U2, DomainState::Shutoff, 256),
+            ],
+        );
+        Arc::make_mut(&mut s.hosts)
+            .get_mut("h1")
+            .unwrap()
+            .record
+            .domains = 0;
+        let index = Index::build(&s, true, None);
+        let h1 = &index.hosts["h1"];
+        assert_eq!(h1.guest_memory_bytes, 768 << 20);
+        assert_eq!(h1.domains, 2);
     }
 
     #[test]

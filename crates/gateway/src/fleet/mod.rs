@@ -94,7 +94,6 @@ pub enum FleetError {
     Unreadable,
 }
 
-
 /// The gRPC path of the methods a fleet gateway treats apart.
 pub const LIST_DOMAINS: &str = "/qvirt.v1.Supervisor/ListDomains";
 /// Answered from the view for a domain whose host has no heartbeat.
