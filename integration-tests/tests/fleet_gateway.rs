@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use qvirt_common::rpc::reason_of;
 use qvirt_integration_tests::nats::Nats;
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
-use qvirt_integration_tests::{Service, free_port, token_new, write_internal_token};
+use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest,
@@ -340,6 +340,39 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(reason_of(&err).as_deref(), Some("HOST_UNREACHABLE"));
+    // grpcurl (through reflection) sees the same, errors with reasons.
+    let addr = fleet.gws[1].addr.to_string();
+    let auth = format!("authorization: Bearer {}", fleet.token);
+    let out = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &auth,
+        "-d",
+        "{\"host\": \"h2\"}",
+        &addr,
+        "qvirt.v1.Supervisor/ListDomains",
+    ]);
+    let listing = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        listing.matches("\"hostUnreachable\": true").count(),
+        3,
+        "{listing}"
+    );
+    let out = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &auth,
+        "-d",
+        &format!("{{\"domain\": \"{}\"}}", on_h2[0]),
+        &addr,
+        "qvirt.v1.Supervisor/StartDomain",
+    ]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("Unavailable") && err.contains("HOST_UNREACHABLE"),
+        "{err}"
+    );
     // New defines go to the live host.
     assert_eq!(define(&mut c1, "after", "").await.host, "h1");
     drop(h2);
