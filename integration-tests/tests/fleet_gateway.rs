@@ -15,10 +15,11 @@ use qvirt_common::rpc::reason_of;
 use qvirt_integration_tests::nats::Nats;
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
 use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
+use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest,
-    ListDomainsRequest, StartDomainRequest, define_domain_request,
+    ListDomainsRequest, PingRequest, StartDomainRequest, define_domain_request,
 };
 use tonic::Code;
 
@@ -30,6 +31,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 struct Host {
     sup: Service,
     id: &'static str,
+    /// h1 only: its agent service (h2 advertises none).
+    _agentd: Option<Service>,
 }
 
 struct Fleet {
@@ -42,12 +45,16 @@ struct Fleet {
 
 async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agentd_addr = (id == "h1").then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let agentd_url = agentd_addr
+        .map(|a| format!("  agentd_url: http://{a}\n"))
+        .unwrap_or_default();
     let config = dir.join(format!("{id}.yaml"));
     std::fs::write(
         &config,
         format!(
             "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n  \
-             heartbeat_ttl_secs: {TTL_SECS}\n",
+             heartbeat_ttl_secs: {TTL_SECS}\n{agentd_url}",
             nats.urls().join(", ")
         ),
     )
@@ -67,7 +74,19 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
         ],
     );
     sup.wait_serving("qvirt.v1.Supervisor").await;
-    Host { sup, id }
+    let agentd = match agentd_addr {
+        Some(a) => {
+            let mut agentd = Service::start_at("qvirt-agentd", a, &["--supervisor", &sup.url()]);
+            agentd.wait_serving("qvirt.v1.GuestAgent").await;
+            Some(agentd)
+        }
+        None => None,
+    };
+    Host {
+        sup,
+        id,
+        _agentd: agentd,
+    }
 }
 
 async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Service {
@@ -385,10 +404,10 @@ async fn test_a_call_reaches_the_host_of_its_domain() {
     define(&mut c0, "runner", "h2").await;
     define(&mut c0, "idle", "h1").await;
     // Defined through gateway 0, started through gateway 1 once its view
-    // shows the domain.
+    // shows the domains.
     fleet
-        .until(1, "listing runner", |c| async move {
-            listed(c).await.iter().any(|(n, _, _)| n == "runner")
+        .until(1, "listing runner and idle", |c| async move {
+            listed(c).await.len() == 2
         })
         .await;
     let mut c1 = fleet.client(1).await;
@@ -417,6 +436,24 @@ async fn test_a_call_reaches_the_host_of_its_domain() {
     assert_eq!(
         (got.host.as_str(), got.state),
         ("h2", DomainState::Running as i32)
+    );
+    // Agent calls go to the agent service of the domain's host: h1's
+    // answers for its domain (defined without `agent`, which it learnt
+    // from h1's supervisor), h2 advertises none.
+    let channel = bearer_channel(&fleet.gws[1].url(), Some(bearer_value(&fleet.token))).await;
+    let mut agent = GuestAgentClient::new(channel);
+    let ping = |domain: &str| PingRequest {
+        domain: domain.into(),
+        ..Default::default()
+    };
+    let err = agent.ping(ping("idle")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(reason_of(&err).as_deref(), Some("AGENT_NOT_CONFIGURED"));
+    let err = agent.ping(ping("runner")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        reason_of(&err).as_deref(),
+        Some("AGENT_SERVICE_NOT_CONFIGURED")
     );
     // The registry shows it running too.
     fleet
