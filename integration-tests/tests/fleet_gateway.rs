@@ -22,6 +22,7 @@ use qvirt_proto::v1::{
     ListDomainsRequest, PingRequest, StartDomainRequest, define_domain_request,
 };
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The hosts' heartbeat TTL: short, so an expiry is seen quickly.
 const TTL_SECS: u64 = 3;
@@ -394,6 +395,27 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
     );
     // New defines go to the live host.
     assert_eq!(define(&mut c1, "after", "").await.host, "h1");
+
+    // With no live host the gateways stop serving the hosts' services,
+    // and a define has nowhere to go.
+    fleet.hosts[0].sup.signal(libc::SIGKILL);
+    let deadline = Instant::now() + SETTLE;
+    for gw in &fleet.gws {
+        while gw.health("qvirt.v1.Supervisor").await != Ok(ServingStatus::NotServing) {
+            assert!(Instant::now() < deadline, "{}", gw.stderr());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(gw.health("").await, Ok(ServingStatus::Serving));
+    }
+    let err = c1
+        .define_domain(DefineDomainRequest {
+            source: spec("nowhere"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason_of(&err).as_deref(), Some("NO_HOST_AVAILABLE"));
     drop(h2);
 }
 
