@@ -275,7 +275,9 @@ impl Fleet {
         };
         let name = spec.as_ref().map(|s| s.name.as_str());
         let mut pending = lock(&self.pending);
-        let target = place::define_target(index, &pending, name, &request.host).map_err(fail)?;
+        let uuid = spec.as_ref().map_or("", |s| s.uuid.as_str());
+        let target =
+            place::define_target(index, &pending, name, uuid, &request.host).map_err(fail)?;
         let backend = self.backend(index, method.service, &target.host, path)?;
         let placed = match (&spec, target.placed && !request.validate_only) {
             (Some(spec), true) => {

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use super::FleetError;
-use super::index::Index;
+use super::index::{Index, is_uuid};
 use super::route::bounded;
 
 /// How long a placement is counted while the view does not show it (a
@@ -41,12 +41,14 @@ pub struct Target {
     pub placed: bool,
 }
 
-/// The host a define of `name` (when the request's spec could be read)
-/// goes to; `host` is the request's, empty when not given.
+/// The host a define of `name` (when the request's spec could be read;
+/// `uuid` its UUID, empty when none) goes to; `host` is the request's,
+/// empty when not given.
 pub fn define_target(
     index: &Index,
     pending: &[Placed],
     name: Option<&str>,
+    uuid: &str,
     host: &str,
 ) -> Result<Target, FleetError> {
     let live = |id: &str| index.hosts.get(id).is_some_and(|h| h.live);
@@ -82,6 +84,12 @@ pub fn define_target(
         }
         if let Some(p) = pending.iter().find(|p| p.name == name) {
             return chosen(&p.host);
+        }
+    }
+    if is_uuid(uuid) {
+        let lower = uuid.to_ascii_lowercase();
+        if let Some(e) = index.lookup(uuid).into_iter().find(|e| e.uuid == lower) {
+            return chosen(&e.host);
         }
     }
     place(index, pending)
@@ -184,14 +192,14 @@ mod tests {
         let mut hosts = Vec::new();
         for i in 0..4 {
             let name = format!("vm{i}");
-            let t = define_target(&index, &pending, Some(&name), "").unwrap();
+            let t = define_target(&index, &pending, Some(&name), "", "").unwrap();
             assert!(t.placed);
             pending.push(placed(&name, &t.host, 512));
             hosts.push(t.host);
         }
         assert_eq!(hosts, ["h1", "h2", "h1", "h2"]);
         // A second define of a name just placed goes where the first went.
-        let again = define_target(&index, &pending, Some("vm1"), "").unwrap();
+        let again = define_target(&index, &pending, Some("vm1"), "", "").unwrap();
         assert_eq!(again.host, "h2");
         assert!(!again.placed);
     }
@@ -220,25 +228,28 @@ mod tests {
             true,
             None,
         );
-        let t = define_target(&index, &[], Some("web"), "").unwrap();
+        let t = define_target(&index, &[], Some("web"), "", "").unwrap();
         assert_eq!((t.host.as_str(), t.placed), ("h1", false));
-        let t = define_target(&index, &[], Some("web"), "h2").unwrap();
+        let t = define_target(&index, &[], Some("web"), "", "h2").unwrap();
         assert_eq!(t.host, "h2");
         assert!(matches!(
-            define_target(&index, &[], Some("db"), ""),
+            define_target(&index, &[], Some("db"), "", ""),
             Err(FleetError::DomainAmbiguous { hosts, .. }) if hosts == ["h1", "h2"]
         ));
         assert!(matches!(
-            define_target(&index, &[], Some("x"), "h3"),
+            define_target(&index, &[], Some("x"), "", "h3"),
             Err(FleetError::HostUnreachable { .. })
         ));
         assert!(matches!(
-            define_target(&index, &[], Some("x"), "h9"),
+            define_target(&index, &[], Some("x"), "", "h9"),
             Err(FleetError::HostNotFound { .. })
         ));
+        // A UUID some host has decides when the name is new.
+        let t = define_target(&index, &[], Some("renamed"), &U1.to_uppercase(), "").unwrap();
+        assert_eq!(t.host, "h1");
         let dead = Index::build(&snapshot(&[("h1", false, 4096, 0)], &[]), true, None);
         assert!(matches!(
-            define_target(&dead, &[], None, ""),
+            define_target(&dead, &[], None, "", ""),
             Err(FleetError::NoHostAvailable)
         ));
     }
