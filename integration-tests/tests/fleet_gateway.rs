@@ -1,26 +1,34 @@
 //! Two gateways in front of two hosts, all real: one nats-server, two
-//! `qvirt-supervisor`s with `fleet:` (hosts h1 and h2: their own node
-//! names, state dirs and ports, heartbeats and domains in the registry),
-//! and two `qvirt-gateway`s with `fleet:`. Driven through the gateways as
+//! `qvirt-supervisor`s (hosts h1 and h2: their own node names, state dirs
+//! and ports), each with a registrar that stands for the supervisor's
+//! fleet side (its heartbeat, and its domains mirrored into the
+//! registry, as the registry design says), and two `qvirt-gateway`s with
+//! `fleet:`. Driven through the gateways as
 //! a user would: defines spread over the hosts, either gateway lists the
 //! whole fleet, calls reach the domain's host, a name on both hosts needs
 //! `host`, and a host whose heartbeat expires is shown unreachable.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use qvirt_common::rpc::reason_of;
 use qvirt_integration_tests::nats::Nats;
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
-use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
+use qvirt_integration_tests::{
+    Service, free_port, grpcurl, internal_channel, text, token_new, write_internal_token,
+};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest,
+    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest, HostRecord,
     ListDomainsRequest, PingRequest, StartDomainRequest, define_domain_request,
 };
+use qvirt_registry::{domain_key, host_key, open_buckets};
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -34,6 +42,81 @@ struct Host {
     id: &'static str,
     /// h1 only: its agent service (h2 advertises none).
     _agentd: Option<Service>,
+    /// Stops the host's registrar.
+    registrar: CancellationToken,
+}
+
+impl Host {
+    /// The host dies: its supervisor and its heartbeat stop.
+    fn kill(&self) {
+        self.registrar.cancel();
+        self.sup.signal(libc::SIGKILL);
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.registrar.cancel();
+    }
+}
+
+/// Stands for a supervisor's fleet side: puts the host's record (TTL
+/// `TTL_SECS`) every second and mirrors the supervisor's domains (as its
+/// GetDomain returns them) into the registry every 100 ms, deleting those
+/// it no longer has, until `stop`.
+async fn registrar(nats: Vec<String>, record: HostRecord, sup: String, stop: CancellationToken) {
+    let client = qvirt_registry::connect(&nats, "registrar").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let buckets = open_buckets(&js, 1, Duration::from_secs(TTL_SECS))
+        .await
+        .unwrap();
+    let mut sup = SupervisorClient::new(internal_channel(sup).await);
+    let mut mirrored: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut beat = Instant::now() - Duration::from_secs(1);
+    while !stop.is_cancelled() {
+        let Ok(list) = sup.list_domains(ListDomainsRequest::default()).await else {
+            break;
+        };
+        let domains = list.into_inner().domains;
+        let mut now = BTreeMap::new();
+        for d in &domains {
+            let key = domain_key(&record.host, &d.spec.as_ref().unwrap().uuid);
+            now.insert(key, d.encode_to_vec());
+        }
+        for (key, value) in &now {
+            if mirrored.get(key) != Some(value) {
+                buckets
+                    .domains
+                    .put(key, value.clone().into())
+                    .await
+                    .unwrap();
+            }
+        }
+        for key in mirrored.keys().filter(|k| !now.contains_key(*k)) {
+            buckets.domains.delete(key).await.unwrap();
+        }
+        mirrored = now;
+        if beat.elapsed() >= Duration::from_secs(1) {
+            let r = HostRecord {
+                domains: domains.len() as u32,
+                guest_memory_bytes: domains
+                    .iter()
+                    .map(|d| d.spec.as_ref().unwrap().memory_mib << 20)
+                    .sum(),
+                ..record.clone()
+            };
+            buckets
+                .hosts
+                .put(host_key(&r.host), r.encode_to_vec().into())
+                .await
+                .unwrap();
+            beat = Instant::now();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
 }
 
 struct Fleet {
@@ -47,19 +130,8 @@ struct Fleet {
 async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agentd_addr = (id == "h1").then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-    let agentd_url = agentd_addr
-        .map(|a| format!("  agentd_url: http://{a}\n"))
-        .unwrap_or_default();
     let config = dir.join(format!("{id}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n  \
-             heartbeat_ttl_secs: {TTL_SECS}\n{agentd_url}",
-            nats.urls().join(", ")
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("node_name: {id}\n")).unwrap();
     let state = dir.join(format!("{id}-state"));
     let run = dir.join(format!("{id}-run"));
     let mut sup = Service::start_at(
@@ -83,10 +155,22 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
         }
         None => None,
     };
+    let record = HostRecord {
+        host: id.into(),
+        supervisor_url: sup.url(),
+        agentd_url: agentd_addr
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_default(),
+        memory_bytes: 8 << 30,
+        ..Default::default()
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(registrar(nats.urls(), record, sup.url(), stop.clone()));
     Host {
         sup,
         id,
         _agentd: agentd,
+        registrar: stop,
     }
 }
 
@@ -325,7 +409,7 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
     let mut fleet = fleet;
     let h2 = fleet.hosts.remove(1);
     assert_eq!(h2.id, "h2");
-    h2.sup.signal(libc::SIGKILL);
+    h2.kill();
     let on_h2: Vec<String> = want
         .iter()
         .filter(|(n, h, _)| h == "h2" && n != "twin")
@@ -398,7 +482,7 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
 
     // With no live host the gateways stop serving the hosts' services,
     // and a define has nowhere to go.
-    fleet.hosts[0].sup.signal(libc::SIGKILL);
+    fleet.hosts[0].kill();
     let deadline = Instant::now() + SETTLE;
     for gw in &fleet.gws {
         while gw.health("qvirt.v1.Supervisor").await != Ok(ServingStatus::NotServing) {
