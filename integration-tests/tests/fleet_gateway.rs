@@ -63,7 +63,7 @@ impl Drop for Host {
 /// Stands for a supervisor's fleet side: puts the host's record (TTL
 /// `TTL_SECS`) every second and mirrors the supervisor's domains (as its
 /// GetDomain returns them) into the registry every 100 ms, deleting those
-/// it no longer has, until `stop`.
+/// it no longer has, until `stop`; it rides out a broker outage.
 async fn registrar(nats: Vec<String>, record: HostRecord, sup: String, stop: CancellationToken) {
     let client = qvirt_registry::connect(&nats, "registrar").await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -83,19 +83,17 @@ async fn registrar(nats: Vec<String>, record: HostRecord, sup: String, stop: Can
             let key = domain_key(&record.host, &d.spec.as_ref().unwrap().uuid);
             now.insert(key, d.encode_to_vec());
         }
+        let mut ok = true;
         for (key, value) in &now {
             if mirrored.get(key) != Some(value) {
-                buckets
-                    .domains
-                    .put(key, value.clone().into())
-                    .await
-                    .unwrap();
+                ok &= buckets.domains.put(key, value.clone().into()).await.is_ok();
             }
         }
         for key in mirrored.keys().filter(|k| !now.contains_key(*k)) {
-            buckets.domains.delete(key).await.unwrap();
+            ok &= buckets.domains.delete(key).await.is_ok();
         }
-        mirrored = now;
+        // After a failure everything is put again on the next round.
+        mirrored = if ok { now } else { BTreeMap::new() };
         if beat.elapsed() >= Duration::from_secs(1) {
             let r = HostRecord {
                 domains: domains.len() as u32,
@@ -105,12 +103,14 @@ async fn registrar(nats: Vec<String>, record: HostRecord, sup: String, stop: Can
                     .sum(),
                 ..record.clone()
             };
-            buckets
+            if buckets
                 .hosts
                 .put(host_key(&r.host), r.encode_to_vec().into())
                 .await
-                .unwrap();
-            beat = Instant::now();
+                .is_ok()
+            {
+                beat = Instant::now();
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -123,7 +123,7 @@ struct Fleet {
     hosts: Vec<Host>,
     gws: Vec<Service>,
     token: String,
-    _nats: Nats,
+    nats: Nats,
     _dir: tempfile::TempDir,
 }
 
@@ -205,7 +205,7 @@ impl Fleet {
             hosts,
             gws,
             token: token.token,
-            _nats: nats,
+            nats,
             _dir: dir,
         };
         // Both hosts live at both gateways before anything is placed.
@@ -582,4 +582,40 @@ async fn test_a_call_reaches_the_host_of_its_domain() {
     .await
     .unwrap();
     drop(fleet.hosts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_broker_outage_keeps_the_last_fleet_and_stops_serving() {
+    let mut fleet = Fleet::start().await;
+    let mut c0 = fleet.client(0).await;
+    define(&mut c0, "steady", "h1").await;
+    let want = [("steady".to_owned(), "h1".to_owned(), false)];
+    fleet.until_listed(0, &want).await;
+
+    fleet.nats.nodes[0].stop(libc::SIGKILL);
+    let deadline = Instant::now() + SETTLE;
+    while fleet.gws[0].health("qvirt.v1.Supervisor").await != Ok(ServingStatus::NotServing) {
+        assert!(Instant::now() < deadline, "{}", fleet.gws[0].stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Calls still go by the last fleet the gateway saw, and its listing
+    // is that fleet.
+    let got = c0
+        .get_domain(GetDomainRequest {
+            domain: "steady".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert_eq!(got.host, "h1");
+    assert!(!got.host_unreachable);
+    assert_eq!(listed(fleet.client(0).await).await, want);
+
+    fleet.nats.nodes[0].start();
+    fleet.nats.wait_ready();
+    fleet.gws[0].wait_serving("qvirt.v1.Supervisor").await;
+    fleet.until_listed(0, &want).await;
 }
