@@ -156,6 +156,10 @@ pub async fn run(
             let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
             async move {
                 if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
+                    // The registry's view: its host liveness changes
+                    // become host events in the stream.
+                    let view = qvirt_registry::View::start(fleet.client(), shutdown.clone());
+                    fleet.publish_host_events(&view, shutdown.clone());
                     let _ = cell.set(fleet);
                     let _ = found.send(());
                 }
