@@ -164,8 +164,16 @@ impl Registry {
         if std::mem::replace(warned, false) {
             tracing::info!("fleet: registry reachable again");
         }
-        tracing::info!(host = %self.host, "fleet: registered; heartbeat every {:?}", self.ttl / 3);
-        let mut heartbeat = tokio::time::interval(self.ttl / 3);
+        // A bucket made by another host with a shorter TTL sets the pace.
+        let ttl = match buckets.hosts.status().await.map(|s| s.max_age()) {
+            Ok(age) if !age.is_zero() && age < self.ttl => {
+                tracing::warn!(bucket_ttl = ?age, configured = ?self.ttl, "fleet: the hosts bucket has a shorter TTL than configured; heartbeating by the bucket's");
+                age
+            }
+            _ => self.ttl,
+        };
+        tracing::info!(host = %self.host, "fleet: registered; heartbeat every {:?}", ttl / 3);
+        let mut heartbeat = tokio::time::interval(ttl / 3);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
         let mut tick = tokio::time::interval(TICK);
