@@ -1,34 +1,26 @@
 //! Two gateways in front of two hosts, all real: one nats-server, two
-//! `qvirt-supervisor`s (hosts h1 and h2: their own node names, state dirs
-//! and ports), each with a registrar that stands for the supervisor's
-//! fleet side (its heartbeat, and its domains mirrored into the
-//! registry, as the registry design says), and two `qvirt-gateway`s with
-//! `fleet:`. Driven through the gateways as
+//! `qvirt-supervisor`s with `fleet:` (hosts h1 and h2: their own node
+//! names, state dirs and ports, heartbeats and domains in the registry),
+//! and two `qvirt-gateway`s with `fleet:`. Driven through the gateways as
 //! a user would: defines spread over the hosts, either gateway lists the
 //! whole fleet, calls reach the domain's host, a name on both hosts needs
 //! `host`, and a host whose heartbeat expires is shown unreachable.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use qvirt_common::rpc::reason_of;
 use qvirt_integration_tests::nats::Nats;
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
-use qvirt_integration_tests::{
-    Service, free_port, grpcurl, internal_channel, text, token_new, write_internal_token,
-};
+use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
-    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest, HostRecord,
+    DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest,
     ListDomainsRequest, PingRequest, StartDomainRequest, define_domain_request,
 };
-use qvirt_registry::{domain_key, host_key, open_buckets};
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -42,80 +34,12 @@ struct Host {
     id: &'static str,
     /// h1 only: its agent service (h2 advertises none).
     _agentd: Option<Service>,
-    /// Stops the host's registrar.
-    registrar: CancellationToken,
 }
 
 impl Host {
-    /// The host dies: its supervisor and its heartbeat stop.
+    /// The host dies: its supervisor (and so its heartbeat) stops.
     fn kill(&self) {
-        self.registrar.cancel();
         self.sup.signal(libc::SIGKILL);
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.registrar.cancel();
-    }
-}
-
-/// Stands for a supervisor's fleet side: puts the host's record (TTL
-/// `TTL_SECS`) every second and mirrors the supervisor's domains (as its
-/// GetDomain returns them) into the registry every 100 ms, deleting those
-/// it no longer has, until `stop`; it rides out a broker outage.
-async fn registrar(nats: Vec<String>, record: HostRecord, sup: String, stop: CancellationToken) {
-    let client = qvirt_registry::connect(&nats, "registrar").await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let buckets = open_buckets(&js, 1, Duration::from_secs(TTL_SECS))
-        .await
-        .unwrap();
-    let mut sup = SupervisorClient::new(internal_channel(sup).await);
-    let mut mirrored: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut beat = Instant::now() - Duration::from_secs(1);
-    while !stop.is_cancelled() {
-        let Ok(list) = sup.list_domains(ListDomainsRequest::default()).await else {
-            break;
-        };
-        let domains = list.into_inner().domains;
-        let mut now = BTreeMap::new();
-        for d in &domains {
-            let key = domain_key(&record.host, &d.spec.as_ref().unwrap().uuid);
-            now.insert(key, d.encode_to_vec());
-        }
-        let mut ok = true;
-        for (key, value) in &now {
-            if mirrored.get(key) != Some(value) {
-                ok &= buckets.domains.put(key, value.clone().into()).await.is_ok();
-            }
-        }
-        for key in mirrored.keys().filter(|k| !now.contains_key(*k)) {
-            ok &= buckets.domains.delete(key).await.is_ok();
-        }
-        // After a failure everything is put again on the next round.
-        mirrored = if ok { now } else { BTreeMap::new() };
-        if beat.elapsed() >= Duration::from_secs(1) {
-            let r = HostRecord {
-                domains: domains.len() as u32,
-                guest_memory_bytes: domains
-                    .iter()
-                    .map(|d| d.spec.as_ref().unwrap().memory_mib << 20)
-                    .sum(),
-                ..record.clone()
-            };
-            if buckets
-                .hosts
-                .put(host_key(&r.host), r.encode_to_vec().into())
-                .await
-                .is_ok()
-            {
-                beat = Instant::now();
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            () = stop.cancelled() => {}
-        }
     }
 }
 
@@ -131,7 +55,18 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agentd_addr = (id == "h1").then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
     let config = dir.join(format!("{id}.yaml"));
-    std::fs::write(&config, format!("node_name: {id}\n")).unwrap();
+    let agentd_url = agentd_addr
+        .map(|a| format!("  agentd_url: http://{a}\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        &config,
+        format!(
+            "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n  \
+             heartbeat_ttl_secs: {TTL_SECS}\n{agentd_url}",
+            nats.urls().join(", ")
+        ),
+    )
+    .unwrap();
     let state = dir.join(format!("{id}-state"));
     let run = dir.join(format!("{id}-run"));
     let mut sup = Service::start_at(
@@ -155,22 +90,10 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
         }
         None => None,
     };
-    let record = HostRecord {
-        host: id.into(),
-        supervisor_url: sup.url(),
-        agentd_url: agentd_addr
-            .map(|a| format!("http://{a}"))
-            .unwrap_or_default(),
-        memory_bytes: 8 << 30,
-        ..Default::default()
-    };
-    let stop = CancellationToken::new();
-    tokio::spawn(registrar(nats.urls(), record, sup.url(), stop.clone()));
     Host {
         sup,
         id,
         _agentd: agentd,
-        registrar: stop,
     }
 }
 
