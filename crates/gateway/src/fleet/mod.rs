@@ -152,11 +152,6 @@ impl Fleet {
         Arc::clone(&self.index.borrow())
     }
 
-    /// A receiver of every new index.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Index>> {
-        self.index.clone()
-    }
-
     /// Whether the fleet can serve `qvirt.v1.Supervisor` and
     /// `qvirt.v1.GuestAgent`: the view is connected and some host lives.
     pub fn serving(index: &Index) -> bool {
