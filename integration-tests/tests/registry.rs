@@ -228,3 +228,34 @@ async fn test_view_rebuilds_after_broker_outage() {
     assert_eq!((back.host.as_str(), back.live), ("h1", true));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn test_r3_buckets_right_after_the_cluster_forms() {
+    // The first R3 bucket of a new cluster can time out: open_buckets
+    // tries again. Expiry markers work on R3 as on one node.
+    let nats = Nats::cluster3();
+    let client = client(&nats).await;
+    let js = jetstream::new(client.clone());
+    let b = open_buckets(&js, 3, TTL).await.unwrap();
+    let hosts = js
+        .get_stream("KV_QVIRT_HOSTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!((hosts.num_replicas, hosts.max_age), (3, TTL));
+    let shutdown = CancellationToken::new();
+    let view = View::start(client.clone(), shutdown.clone());
+    let mut changes = view.host_changes();
+    until_connected(&view, true).await;
+    put_host(&b, &record("h1", 0)).await;
+    let joined = next_change(&mut changes).await;
+    assert_eq!((joined.host.as_str(), joined.live), ("h1", true));
+    let gone = next_change(&mut changes).await;
+    assert_eq!((gone.host.as_str(), gone.live), ("h1", false));
+    assert!(!view.snapshot().host_live("h1"));
+    shutdown.cancel();
+}

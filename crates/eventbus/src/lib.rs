@@ -157,6 +157,10 @@ pub async fn run(
             async move {
                 if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
                     let client = fleet.client();
+                    // The registry's view: its host liveness changes
+                    // become host events in the stream.
+                    let view = qvirt_registry::View::start(client.clone(), shutdown.clone());
+                    fleet.publish_host_events(&view, shutdown.clone());
                     let _ = cell.set(fleet);
                     nats::follow_connection(&client, &ready, &shutdown).await;
                 }

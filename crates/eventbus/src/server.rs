@@ -117,6 +117,7 @@ fn monitor_bytes(epoch: &str, item: StreamItem) -> Option<Bytes> {
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
         StreamItem::Lost(l) => Kind::Lost(l),
+        StreamItem::Host(_) => return None,
         StreamItem::Event(env) => {
             // Only monitor events reach these subscribers, so this is the
             // one wire form of the envelope.
@@ -139,6 +140,7 @@ fn domain_bytes(epoch: &str, item: StreamItem) -> Option<Bytes> {
     let kind = match item {
         StreamItem::Established(e) => Kind::Established(e),
         StreamItem::Lost(l) => Kind::Lost(l),
+        StreamItem::Host(h) => Kind::HostEvent(h),
         StreamItem::Event(env) => {
             if !matches!(env.event, BusEvent::Domain(_)) {
                 return None;

@@ -348,6 +348,7 @@ impl EventBusService {
                     }
                     FleetItem::Lost(l) => StreamItem::Lost(l),
                     FleetItem::Event(env) => StreamItem::Event(env),
+                    FleetItem::Host(h) => StreamItem::Host(h),
                     FleetItem::Failed(status) => return Some(Err(status)),
                 };
                 wrap(item).map(Ok)
@@ -485,6 +486,8 @@ pub enum StreamItem {
     Event(Arc<Envelope<BusEvent>>),
     /// A loss marker.
     Lost(EventsLost),
+    /// A fleet host's liveness (fleet buses, domain subscriptions only).
+    Host(qvirt_proto::v1::HostEvent),
 }
 
 pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -513,6 +516,7 @@ impl EventBus for EventBusService {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
+                StreamItem::Host(h) => Kind::HostEvent(h),
                 StreamItem::Event(env) => Kind::Event(domain_event(&epoch, &env)?),
             };
             Some(SubscribeDomainEventsResponse { kind: Some(kind) })
@@ -530,6 +534,7 @@ impl EventBus for EventBusService {
             let kind = match item {
                 StreamItem::Established(e) => Kind::Established(e),
                 StreamItem::Lost(l) => Kind::Lost(l),
+                StreamItem::Host(_) => return None,
                 StreamItem::Event(env) => Kind::Event(monitor_event(&epoch, &env)?),
             };
             Some(SubscribeMonitorEventsResponse { kind: Some(kind) })
@@ -712,6 +717,7 @@ mod tests {
                 l.first_sequence,
                 l.last_sequence
             ),
+            StreamItem::Host(h) => format!("host {} {:?}", h.host, h.r#type()),
         }
     }
 

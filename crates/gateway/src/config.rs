@@ -64,6 +64,10 @@ pub struct Config {
     pub ro_socket: Option<SocketConfig>,
     /// Per-principal limits.
     pub limits: Limits,
+    /// Fleet mode: the hosts' supervisors and agent services come from the
+    /// fleet registry on these NATS servers (`supervisor` and `agentd`
+    /// are then unused; `eventbus` is the fleet bus beside the gateway).
+    pub fleet: Option<FleetConfig>,
     /// Runtime threads. 0 (the default): one worker per core; 1: the
     /// whole gateway on one thread (no cross-thread wake-ups: less CPU and
     /// latency per call, but one core's worth of forwarding); N: N
@@ -89,8 +93,46 @@ impl Default for Config {
             rw_socket: None,
             ro_socket: None,
             limits: Limits::default(),
+            fleet: None,
             worker_threads: 0,
         }
+    }
+}
+
+/// The most `fleet.urls`.
+pub const MAX_FLEET_URLS: usize = 16;
+
+/// `fleet:`: a gateway in front of many hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The NATS servers holding the fleet registry (`nats://HOST:PORT`).
+    pub urls: Vec<String>,
+}
+
+impl FleetConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.urls.is_empty() || self.urls.len() > MAX_FLEET_URLS {
+            return Err(invalid(
+                "fleet.urls",
+                self.urls.join(","),
+                "must list 1 to 16 NATS servers (nats://HOST:PORT)",
+            ));
+        }
+        for url in &self.urls {
+            let ok = ["nats://", "tls://"]
+                .iter()
+                .filter_map(|scheme| url.strip_prefix(scheme))
+                .any(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+            if !ok {
+                return Err(invalid(
+                    "fleet.urls",
+                    url.clone(),
+                    "expected nats://HOST:PORT (or tls://HOST:PORT)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +297,9 @@ impl Config {
         check_endpoint("eventbus", &self.eventbus)?;
         check_endpoint("agentd", &self.agentd)?;
         check_tokens(&self.tokens)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.check()?;
+        }
         self.check_listen()?;
         if !HEALTH_POLL_MS_RANGE.contains(&self.health_poll_ms) {
             return Err(invalid(
@@ -488,6 +533,26 @@ mod tests {
         };
         let err = many.check().unwrap_err();
         assert!(err.to_string().contains("worker_threads"), "{err}");
+    }
+
+    #[test]
+    fn test_fleet_section_needs_nats_urls() {
+        let parse = |yaml: &str| {
+            qvirt_common::config::parse::<Config>(std::path::Path::new("g.yaml"), yaml)
+                .and_then(|c| c.validate().map(|()| c))
+        };
+        let c = parse("fleet:\n  urls: [nats://n1:4222, nats://n2:4222]\n").unwrap();
+        assert_eq!(c.fleet.unwrap().urls.len(), 2);
+        assert!(parse("").unwrap().fleet.is_none());
+        for bad in [
+            "fleet: {}\n",
+            "fleet: {urls: [http://n1:4222]}\n",
+            "fleet: {urls: ['nats://']}\n",
+            "fleet: {urls: [nats://n1:4222], stream: x}\n",
+        ] {
+            let line = qvirt_common::error_chain(&parse(bad).unwrap_err());
+            assert!(line.contains("fleet"), "{bad}: {line}");
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! What the gateway knows of the public API, from the embedded descriptor
 //! set: the files its reflection describes (public services only, their
 //! internal methods removed), and per public method its streaming shape
-//! and where its request keeps `domain` and `request_id` (for audit lines,
-//! read from the raw bytes without decoding the message).
+//! and where its request keeps `domain`, `host` and `request_id` (for
+//! audit lines and a fleet gateway's routing, read from the raw bytes
+//! without decoding the message).
 
 use std::collections::HashMap;
 
@@ -27,6 +28,9 @@ pub struct Method {
     pub domain_field: Option<u32>,
     /// Field number of a top-level string `request_id` in the request.
     pub request_id_field: Option<u32>,
+    /// Field number of a top-level string `host` in the request (the
+    /// host a fleet gateway routes a domain's call to).
+    pub host_field: Option<u32>,
 }
 
 /// The descriptor set does not hold what the role table names (a build
@@ -84,6 +88,7 @@ pub fn methods() -> Result<HashMap<String, Method>, DescriptorError> {
                 server_streaming: m.server_streaming(),
                 domain_field: string_field(input, "domain"),
                 request_id_field: string_field(input, "request_id"),
+                host_field: string_field(input, "host"),
             },
         );
     }
@@ -131,6 +136,48 @@ pub fn reflection_files() -> Result<FileDescriptorSet, DescriptorError> {
         })
         .collect();
     Ok(FileDescriptorSet { file })
+}
+
+/// The values of the top-level string fields `numbers` in the gRPC-framed,
+/// uncompressed protobuf message `frame`: `None` when the frame is
+/// compressed or malformed (so a router never guesses), else for each
+/// number its value (empty when absent, as protobuf reads it; the last
+/// occurrence wins).
+pub fn strings_in_frame<const N: usize>(frame: &[u8], numbers: [u32; N]) -> Option<[String; N]> {
+    let (head, msg) = frame.split_first_chunk::<5>()?;
+    let [compressed, a, b, c, d] = *head;
+    if compressed != 0 {
+        return None;
+    }
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+    let mut buf = msg.get(..len)?;
+    if msg.len() != len {
+        return None;
+    }
+    let mut found: [String; N] = std::array::from_fn(|_| String::new());
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let (field, wire) = (key >> 3, key & 7);
+        match wire {
+            0 => {
+                varint(&mut buf)?;
+            }
+            1 => buf = buf.get(8..)?,
+            5 => buf = buf.get(4..)?,
+            2 => {
+                let n = usize::try_from(varint(&mut buf)?).ok()?;
+                let value = buf.get(..n)?;
+                for (slot, wanted) in found.iter_mut().zip(numbers) {
+                    if field == u64::from(wanted) {
+                        *slot = std::str::from_utf8(value).ok()?.to_owned();
+                    }
+                }
+                buf = &buf[n..];
+            }
+            _ => return None,
+        }
+    }
+    Some(found)
 }
 
 /// The string value of top-level field `number` in the gRPC-framed,
@@ -257,5 +304,61 @@ mod tests {
             }
             let _ = string_in_frame(&f, field);
         }
+    }
+
+    #[test]
+    fn test_strings_in_frame_reads_domain_and_host_or_refuses() {
+        let methods = methods().unwrap();
+        let method = &methods["/qvirt.v1.Supervisor/StartDomain"];
+        let fields = [method.domain_field.unwrap(), method.host_field.unwrap()];
+        let frame = |msg: Vec<u8>| {
+            let mut frame = vec![0];
+            frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&msg);
+            frame
+        };
+        let with_host = frame(
+            StartDomainRequest {
+                domain: "vm".into(),
+                host: "h2".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            strings_in_frame(&with_host, fields),
+            Some(["vm".to_owned(), "h2".to_owned()])
+        );
+        let without = frame(
+            StartDomainRequest {
+                domain: "vm".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            strings_in_frame(&without, fields),
+            Some(["vm".to_owned(), String::new()])
+        );
+        assert_eq!(
+            strings_in_frame(&frame(Vec::new()), fields),
+            Some([String::new(), String::new()])
+        );
+        let mut compressed = with_host.clone();
+        compressed[0] = 1;
+        assert_eq!(strings_in_frame(&compressed, fields), None);
+        assert_eq!(
+            strings_in_frame(&with_host[..with_host.len() - 1], fields),
+            None
+        );
+        let mut longer = with_host.clone();
+        longer.push(0);
+        assert_eq!(strings_in_frame(&longer, fields), None);
+        assert!(methods["/qvirt.v1.GuestAgent/Exec"].host_field.is_some());
+        assert!(
+            methods["/qvirt.v1.Supervisor/ListDomains"]
+                .domain_field
+                .is_none()
+        );
     }
 }

@@ -14,8 +14,9 @@
 //! (the one role table), [`limits`] (per-principal streams, rate, size),
 //! [`upstream`] (the HTTP/2 connection to each backend),
 //! [`audit`] (the JSON-lines trail), [`health`], [`descriptors`] (the
-//! public API and reflection), [`config`], and [`status`] (the gateway's
-//! own errors).
+//! public API and reflection), [`fleet`] (fleet mode: routing by the
+//! registry, fleet-wide ListDomains, placement), [`config`], and
+//! [`status`] (the gateway's own errors).
 //!
 //! Entry point: [`run`], called by `main.rs` with the bound `listen`
 //! listener (served over TLS when the config has a `tls` section), the
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod descriptors;
+pub mod fleet;
 pub mod health;
 pub mod limits;
 pub mod proxy;
@@ -66,6 +68,9 @@ pub enum GatewayRunError {
     /// The descriptor set does not match the role table.
     #[error(transparent)]
     Descriptors(#[from] descriptors::DescriptorError),
+    /// The fleet registry's client cannot be set up.
+    #[error("fleet registry")]
+    Registry(#[from] qvirt_registry::RegistryError),
     /// The audit file cannot be opened.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
@@ -130,8 +135,13 @@ pub async fn run(
         ("eventbus", "qvirt.v1.EventBus", &config.eventbus),
         ("agentd", "qvirt.v1.GuestAgent", &config.agentd),
     ] {
-        backends.insert(service, backend(field, service, url)?);
+        // In fleet mode the hosts' records name the supervisors and
+        // agent services.
+        if config.fleet.is_none() || service == "qvirt.v1.EventBus" {
+            backends.insert(service, backend(field, service, url)?);
+        }
     }
+    let fleet = config.fleet.as_ref().map(|_| fleet::Fleet::new());
     let tls = config.tls.as_ref().map(tls::Material::load).transpose()?;
     let clients = config
         .tls
@@ -144,6 +154,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         methods,
         backends,
+        fleet: fleet.as_ref().map(|(f, _)| Arc::clone(f)),
         tokens: Tokens::new(&config.tokens),
         clients,
         internal_token,
@@ -156,6 +167,22 @@ pub async fn run(
         .set_service_status("", ServingStatus::Serving)
         .await;
     let poll = Duration::from_millis(config.health_poll_ms);
+    if let (Some((fleet, updater)), Some(f)) = (fleet, &config.fleet) {
+        for service in fleet::ROUTED_SERVICES {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        let (snapshots, connected) = fleet::view::start(&f.urls, shutdown.clone()).await?;
+        tokio::spawn(fleet::follow(
+            fleet,
+            updater,
+            snapshots,
+            connected,
+            reporter.clone(),
+            shutdown.clone(),
+        ));
+    }
     for backend in shared.backends.values() {
         reporter
             .set_service_status(backend.service, ServingStatus::NotServing)

@@ -33,6 +33,10 @@ struct Args {
     /// Append audit lines here. Overrides `audit_file`.
     #[arg(long, value_name = "FILE")]
     audit_file: Option<PathBuf>,
+    /// A NATS server of the fleet registry (repeat for several): fleet
+    /// mode. Overrides `fleet.urls`.
+    #[arg(long = "fleet-url", value_name = "URL")]
+    fleet_urls: Vec<String>,
     /// Allow a plaintext TCP `listen` beyond loopback (development only).
     /// Sets `plaintext`.
     #[arg(long)]
@@ -76,6 +80,11 @@ fn main() -> ExitCode {
         );
         override_with(&mut c.audit_file, args.audit_file.map(Some));
         c.plaintext |= args.plaintext;
+        if !args.fleet_urls.is_empty() {
+            c.fleet = Some(qvirt_gateway::config::FleetConfig {
+                urls: args.fleet_urls,
+            });
+        }
         c
     });
     let options = qvirt_common::service::MainOptions {

@@ -7,6 +7,10 @@
 //! request message of a call is read whole (to bound its size, and, for
 //! audited calls, to read `domain` and `request_id` from its raw bytes).
 //!
+//! - In fleet mode ([`crate::fleet`]) a Supervisor or GuestAgent call is
+//!   sent to its domain's host, found from the request's `domain` and
+//!   `host` read from the raw bytes, or answered by the gateway
+//!   (ListDomains and DefineDomain requests are decoded for that).
 //! - Backend statuses, messages and details reach the client unchanged.
 //! - An unreachable backend, or one that dies while a call or stream is
 //!   open, ends the call with UNAVAILABLE naming the service.
@@ -38,6 +42,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 use crate::audit::{self, Audit, Record};
 use crate::auth::{self, Caller, Tokens, Transport};
 use crate::descriptors::{self, Method};
+use crate::fleet::{Dispatch, Fleet};
 use crate::limits::{LimitError, Limiter, StreamPermit};
 use crate::roles::{self, Role};
 use crate::status::GatewayError;
@@ -80,8 +85,10 @@ pub struct Backend {
 pub struct Shared {
     /// Every public method by path.
     pub methods: HashMap<String, Method>,
-    /// Backends by service name.
+    /// Backends by service name (in fleet mode only the event bus).
     pub backends: HashMap<&'static str, Backend>,
+    /// Fleet mode: the hosts' backends, chosen per call.
+    pub fleet: Option<Arc<Fleet>>,
     /// The bearer tokens.
     pub tokens: Tokens,
     /// With mTLS: client certificates to principals.
@@ -129,6 +136,35 @@ impl tower::Service<Request<axum::body::Body>> for Proxy {
 
 fn reply(err: &GatewayError) -> Response<Body> {
     err.to_status().into_http()
+}
+
+const EVENT_BUS: &str = "qvirt.v1.EventBus";
+
+/// A unary answer the gateway gives itself: `message` (encoded) in one
+/// uncompressed frame, then an OK status.
+fn answer(message: Bytes) -> Response<Body> {
+    let mut frame = Vec::with_capacity(FRAME_PREFIX + message.len());
+    frame.push(0);
+    frame.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    frame.extend_from_slice(&message);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let frames = [
+        Ok::<_, Infallible>(Frame::data(Bytes::from(frame))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut response = Response::new(Body::new(http_body_util::StreamBody::new(
+        tokio_stream::iter(frames),
+    )));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
 /// Who is at the other end of a call's connection.
@@ -312,14 +348,52 @@ async fn handle(
         }
     };
     rewrite_metadata(&mut parts.headers, &caller, shared.internal_token.as_ref());
-    let Some(backend) = shared.backends.get(method.service) else {
-        return reply(&GatewayError::UnknownMethod { method: path });
-    };
-    let service = backend.service;
-    let finish = Finish {
+    let mut finish = Finish {
         audit: record.map(|r| (Arc::clone(&shared), r, arrival.started)),
         code: None,
         _permit: permit,
+    };
+    let routed = match (&shared.fleet, &body) {
+        (Some(fleet), RequestBody::Whole(bytes)) if method.service != EVENT_BUS => {
+            match fleet.dispatch(&method, &path, bytes) {
+                Ok(Dispatch::Forward {
+                    backend,
+                    host,
+                    placed,
+                }) => Some((backend, placed.map(|name| (Arc::clone(fleet), name, host)))),
+                Ok(Dispatch::Answer(message)) => {
+                    finish.code = Some(tonic::Code::Ok as i32);
+                    return answer(message);
+                }
+                Err(err) => {
+                    let status = err.to_status();
+                    finish.code = Some(status.code() as i32);
+                    return status.into_http::<Body>();
+                }
+            }
+        }
+        _ => None,
+    };
+    let (backend, placed) = match routed {
+        Some((backend, placed)) => (backend, placed),
+        None => match shared.backends.get(method.service) {
+            Some(b) => (b.clone(), None),
+            None => {
+                let err = GatewayError::UnknownMethod { method: path };
+                let status = err.to_status();
+                finish.code = Some(status.code() as i32);
+                return status.into_http::<Body>();
+            }
+        },
+    };
+    let service = backend.service;
+    // A placed define that fails is no longer counted on its host.
+    let unplace = |code: i32| {
+        if code != tonic::Code::Ok as i32
+            && let Some((fleet, name, host)) = &placed
+        {
+            fleet.unplace(name, host);
+        }
     };
     tracing::debug!(method = %path, principal = %caller.principal, "forwarding");
     let call = backend.upstream.call(parts, body);
@@ -340,7 +414,6 @@ async fn handle(
         } => Outcome::Revoked,
         () = expired => Outcome::Expired,
     };
-    let mut finish = finish;
     match outcome {
         Outcome::Revoked | Outcome::Expired => {
             let err = match outcome {
@@ -352,6 +425,7 @@ async fn handle(
             };
             let status = err.to_status();
             finish.code = Some(status.code() as i32);
+            unplace(status.code() as i32);
             status.into_http::<Body>()
         }
         Outcome::Answered(Err(e)) => {
@@ -362,6 +436,7 @@ async fn handle(
             };
             let status = err.to_status();
             finish.code = Some(status.code() as i32);
+            unplace(status.code() as i32);
             status.into_http::<Body>()
         }
         Outcome::Answered(Ok(resp)) => {
@@ -372,6 +447,7 @@ async fn handle(
                 // the client must get them with END_STREAM, as sent.
                 Some(code) => {
                     finish.code = Some(code);
+                    unplace(code);
                     Body::empty()
                 }
                 None => Body::new(body),

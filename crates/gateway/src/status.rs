@@ -11,10 +11,27 @@
 //! | backend down or gone mid-call | UNAVAILABLE | `BACKEND_UNAVAILABLE` | `method`, `service` |
 //! | a per-principal limit | RESOURCE_EXHAUSTED | `LIMIT_EXCEEDED` | `method`, `limit` |
 //! | the client's request body broke off | CANCELLED | `REQUEST_INCOMPLETE` | `method` |
+//!
+//! A fleet gateway's own answers ([`FleetError`]), each also with `method`:
+//!
+//! | error | code | reason | metadata |
+//! |---|---|---|---|
+//! | no domain named | INVALID_ARGUMENT | `INVALID_ARGUMENT` (field `domain`) | |
+//! | no host has the domain | NOT_FOUND | `DOMAIN_NOT_FOUND` | `domain` |
+//! | several hosts have the name, no `host` given | INVALID_ARGUMENT | `DOMAIN_AMBIGUOUS` (field `host`) | `domain`, `hosts` (comma-separated) |
+//! | `host` unknown to the registry | NOT_FOUND | `HOST_NOT_FOUND` | `host` |
+//! | the host has no live heartbeat | UNAVAILABLE | `HOST_UNREACHABLE` | `host` |
+//! | the host advertises no agent service | FAILED_PRECONDITION | `AGENT_SERVICE_NOT_CONFIGURED` | `host` |
+//! | no live host to place a define on | UNAVAILABLE | `NO_HOST_AVAILABLE` | |
+//! | the registry is not reachable | UNAVAILABLE | `FLEET_UNAVAILABLE` | |
+//! | a bad ListDomains argument | INVALID_ARGUMENT | `INVALID_ARGUMENT` (its field) | |
+//! | a public method that names no domain (none today) | UNIMPLEMENTED | `NOT_ROUTABLE` | |
+//! | a request it cannot read to route (compressed) | INVALID_ARGUMENT | `REQUEST_UNREADABLE` | |
 
 use tonic::{Code, Status};
 
 use crate::auth::AuthError;
+use crate::fleet::FleetError;
 use crate::limits::LimitError;
 use crate::roles::Role;
 
@@ -87,6 +104,76 @@ pub enum GatewayError {
         /// The method called.
         method: String,
     },
+    /// A fleet gateway answered itself (routing, the registry).
+    #[error("{source}")]
+    Fleet {
+        /// The method called.
+        method: String,
+        /// Why.
+        #[source]
+        source: FleetError,
+    },
+}
+
+/// The status of a fleet gateway's own answer to `method`.
+fn fleet_status(method: &str, err: &FleetError) -> Status {
+    use qvirt_common::rpc::{error, invalid_argument};
+    let message = err.to_string();
+    let m = || ("method", method.to_owned());
+    match err {
+        FleetError::DomainRequired => invalid_argument(
+            "INVALID_ARGUMENT",
+            message.clone(),
+            [("domain".to_owned(), message)],
+            [m()],
+        ),
+        FleetError::DomainNotFound { domain } => error(
+            Code::NotFound,
+            "DOMAIN_NOT_FOUND",
+            message,
+            [m(), ("domain", domain.clone())],
+        ),
+        FleetError::DomainAmbiguous { domain, hosts } => invalid_argument(
+            "DOMAIN_AMBIGUOUS",
+            message.clone(),
+            [("host".to_owned(), message)],
+            [m(), ("domain", domain.clone()), ("hosts", hosts.join(","))],
+        ),
+        FleetError::HostNotFound { host } => error(
+            Code::NotFound,
+            "HOST_NOT_FOUND",
+            message,
+            [m(), ("host", host.clone())],
+        ),
+        FleetError::HostUnreachable { host } => error(
+            Code::Unavailable,
+            "HOST_UNREACHABLE",
+            message,
+            [m(), ("host", host.clone())],
+        ),
+        FleetError::NoAgentService { host } => error(
+            Code::FailedPrecondition,
+            "AGENT_SERVICE_NOT_CONFIGURED",
+            message,
+            [m(), ("host", host.clone())],
+        ),
+        FleetError::NoHostAvailable => {
+            error(Code::Unavailable, "NO_HOST_AVAILABLE", message, [m()])
+        }
+        FleetError::RegistryUnavailable => {
+            error(Code::Unavailable, "FLEET_UNAVAILABLE", message, [m()])
+        }
+        FleetError::InvalidArgument { field, message } => invalid_argument(
+            "INVALID_ARGUMENT",
+            message.clone(),
+            [((*field).to_owned(), message.clone())],
+            [m()],
+        ),
+        FleetError::NotRoutable => error(Code::Unimplemented, "NOT_ROUTABLE", message, [m()]),
+        FleetError::Unreadable => {
+            invalid_argument("REQUEST_UNREADABLE", message.clone(), [], [m()])
+        }
+    }
 }
 
 impl GatewayError {
@@ -167,6 +254,7 @@ impl GatewayError {
                 message,
                 [("method", method.clone())],
             ),
+            GatewayError::Fleet { method, source } => fleet_status(method, source),
         }
     }
 }
@@ -249,6 +337,70 @@ mod tests {
                 "REQUEST_INCOMPLETE",
             ),
         ];
+        let fleet = |source| GatewayError::Fleet {
+            method: m(),
+            source,
+        };
+        let cases = cases.into_iter().chain([
+            (
+                fleet(FleetError::DomainRequired),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                fleet(FleetError::DomainNotFound {
+                    domain: "vm".into(),
+                }),
+                Code::NotFound,
+                "DOMAIN_NOT_FOUND",
+            ),
+            (
+                fleet(FleetError::DomainAmbiguous {
+                    domain: "vm".into(),
+                    hosts: vec!["h1".into(), "h2".into()],
+                }),
+                Code::InvalidArgument,
+                "DOMAIN_AMBIGUOUS",
+            ),
+            (
+                fleet(FleetError::HostNotFound { host: "h9".into() }),
+                Code::NotFound,
+                "HOST_NOT_FOUND",
+            ),
+            (
+                fleet(FleetError::HostUnreachable { host: "h1".into() }),
+                Code::Unavailable,
+                "HOST_UNREACHABLE",
+            ),
+            (
+                fleet(FleetError::NoAgentService { host: "h1".into() }),
+                Code::FailedPrecondition,
+                "AGENT_SERVICE_NOT_CONFIGURED",
+            ),
+            (
+                fleet(FleetError::NoHostAvailable),
+                Code::Unavailable,
+                "NO_HOST_AVAILABLE",
+            ),
+            (
+                fleet(FleetError::RegistryUnavailable),
+                Code::Unavailable,
+                "FLEET_UNAVAILABLE",
+            ),
+            (
+                fleet(FleetError::InvalidArgument {
+                    field: "page_size",
+                    message: "page_size must not be negative".into(),
+                }),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                fleet(FleetError::Unreadable),
+                Code::InvalidArgument,
+                "REQUEST_UNREADABLE",
+            ),
+        ]);
         for (err, code, reason) in cases {
             let status = err.to_status();
             assert_eq!(status.code(), code, "{err}");
@@ -259,6 +411,25 @@ mod tests {
                 Some(m().as_str())
             );
         }
+        let ambiguous = GatewayError::Fleet {
+            method: m(),
+            source: FleetError::DomainAmbiguous {
+                domain: "vm".into(),
+                hosts: vec!["h1".into(), "h2".into()],
+            },
+        }
+        .to_status();
+        assert!(
+            ambiguous.message().contains("\"h1\", \"h2\""),
+            "{}",
+            ambiguous.message()
+        );
+        let info = ambiguous.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(
+            info.metadata.get("hosts").map(String::as_str),
+            Some("h1,h2")
+        );
+        assert_eq!(qvirt_common::rpc::violated_fields(&ambiguous), ["host"]);
         let denied = GatewayError::PermissionDenied {
             method: m(),
             required: Role::ReadWrite,

@@ -466,3 +466,122 @@ impl Watcher {
         self.snapshot.send_replace(self.current.snapshot());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::key::{domain_key, host_key};
+
+    fn entry(key: String, value: Vec<u8>, revision: u64, operation: kv::Operation) -> kv::Entry {
+        kv::Entry {
+            bucket: String::new(),
+            key,
+            value: value.into(),
+            revision,
+            delta: 0,
+            created: async_nats::datetime::now(),
+            operation,
+            seen_current: true,
+        }
+    }
+
+    fn host(h: &str, revision: u64, operation: kv::Operation) -> kv::Entry {
+        let record = HostRecord {
+            host: h.into(),
+            ..Default::default()
+        };
+        entry(host_key(h), record.encode_to_vec(), revision, operation)
+    }
+
+    #[test]
+    fn test_host_liveness_changes_once_per_transition() {
+        let mut s = State::default();
+        let change = |live, revision| {
+            Some(HostChange {
+                host: "h.1".into(),
+                live,
+                revision,
+            })
+        };
+        assert_eq!(
+            s.apply_host(&host("h.1", 1, kv::Operation::Put)),
+            change(true, 1)
+        );
+        // Heartbeats are no changes.
+        assert_eq!(s.apply_host(&host("h.1", 2, kv::Operation::Put)), None);
+        assert_eq!(
+            s.apply_host(&entry(host_key("h.1"), vec![], 3, kv::Operation::Purge)),
+            change(false, 3)
+        );
+        assert!(!s.hosts["h.1"].live);
+        assert_eq!(s.hosts["h.1"].record.host, "h.1", "last record kept");
+        assert_eq!(
+            s.apply_host(&entry(host_key("h.1"), vec![], 4, kv::Operation::Delete)),
+            None
+        );
+        assert_eq!(
+            s.apply_host(&host("h.1", 5, kv::Operation::Put)),
+            change(true, 5)
+        );
+        // Keys that are not host keys, values that are not records.
+        assert_eq!(
+            s.apply_host(&host("x", 6, kv::Operation::Put)),
+            change_of("x", 6)
+        );
+        assert_eq!(
+            s.apply_host(&entry("a.b".into(), vec![], 7, kv::Operation::Put)),
+            None
+        );
+        assert_eq!(
+            s.apply_host(&entry(
+                host_key("y"),
+                vec![0xff, 0xff],
+                8,
+                kv::Operation::Put
+            )),
+            None
+        );
+        assert!(!s.hosts.contains_key("y"));
+    }
+
+    fn change_of(host: &str, revision: u64) -> Option<HostChange> {
+        Some(HostChange {
+            host: host.into(),
+            live: true,
+            revision,
+        })
+    }
+
+    #[test]
+    fn test_domains_by_host_and_implied_hosts() {
+        let mut s = State::default();
+        let d = |h: &str, u: &str| Domain {
+            host: h.into(),
+            etag: u.into(),
+            ..Default::default()
+        };
+        for (h, u) in [("a", "u1"), ("a", "u2"), ("b", "u1")] {
+            s.apply_domain(&entry(
+                domain_key(h, u),
+                d(h, u).encode_to_vec(),
+                1,
+                kv::Operation::Put,
+            ));
+        }
+        s.apply_domain(&entry(
+            domain_key("a", "u2"),
+            vec![],
+            2,
+            kv::Operation::Delete,
+        ));
+        let snap = s.snapshot();
+        let of_a: Vec<&str> = snap.domains_of("a").map(|d| d.etag.as_str()).collect();
+        assert_eq!(of_a, ["u1"]);
+        assert_eq!(snap.domains_of("b").count(), 1);
+        assert_eq!(snap.domains_of("c").count(), 0);
+        // Hosts known only from their domains are not live.
+        assert!(snap.hosts.contains_key("a") && !snap.host_live("a"));
+        assert_eq!(snap.live_hosts().count(), 0);
+    }
+}

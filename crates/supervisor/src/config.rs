@@ -136,6 +136,108 @@ pub struct Config {
     /// supervisor's pid namespace and run dir. Absent: QEMU is the
     /// supervisor's child (single-host installs).
     pub launcher_socket: Option<PathBuf>,
+    /// Membership of a fleet: heartbeat and mirror this host's domains into
+    /// the fleet registry (NATS JetStream KV). Absent: no NATS at all.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The `fleet:` section: where the registry is and how this host is
+/// reached (docs/FLEET.md, "Registry").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The NATS servers, `nats://HOST:PORT` (any one of a cluster is
+    /// enough).
+    pub urls: Vec<String>,
+    /// Replicas of the registry's buckets when this supervisor creates
+    /// them (1 to 5).
+    pub replicas: usize,
+    /// How gateways reach this supervisor, `http://HOST:PORT`. Required.
+    pub supervisor_url: String,
+    /// How gateways reach this host's agent service. Absent: none.
+    pub agentd_url: Option<String>,
+    /// The hosts bucket's `max_age` when this supervisor creates it; the
+    /// heartbeat is put every third of it (3 to 3600).
+    pub heartbeat_ttl_secs: u64,
+}
+
+/// The most `fleet.urls`.
+pub const MAX_FLEET_URLS: usize = 16;
+
+/// The values `fleet.heartbeat_ttl_secs` may take.
+pub const HEARTBEAT_TTL_SECS_RANGE: std::ops::RangeInclusive<u64> = 3..=3600;
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            urls: Vec::new(),
+            replicas: 1,
+            supervisor_url: String::new(),
+            agentd_url: None,
+            heartbeat_ttl_secs: qvirt_registry::DEFAULT_HEARTBEAT_TTL.as_secs(),
+        }
+    }
+}
+
+impl FleetConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, value: String, reason: String| ConfigError::Invalid {
+            field,
+            value: value.chars().take(200).collect(),
+            reason,
+        };
+        if self.urls.is_empty() || self.urls.len() > MAX_FLEET_URLS {
+            return Err(invalid(
+                "fleet.urls",
+                self.urls.len().to_string(),
+                format!("must name 1 to {MAX_FLEET_URLS} servers"),
+            ));
+        }
+        if let Some(url) = self
+            .urls
+            .iter()
+            .find(|u| u.parse::<async_nats::ServerAddr>().is_err())
+        {
+            return Err(invalid(
+                "fleet.urls",
+                url.clone(),
+                "expected nats://HOST:PORT".into(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(invalid(
+                "fleet.replicas",
+                self.replicas.to_string(),
+                "must be 1 to 5".into(),
+            ));
+        }
+        for (field, url) in [
+            ("fleet.supervisor_url", Some(&self.supervisor_url)),
+            ("fleet.agentd_url", self.agentd_url.as_ref()),
+        ] {
+            let Some(url) = url else { continue };
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    field,
+                    url.clone(),
+                    "must be an http:// or https:// URL that gateways can reach".into(),
+                ));
+            }
+            qvirt_common::config::check_endpoint(field, url)?;
+        }
+        if !HEARTBEAT_TTL_SECS_RANGE.contains(&self.heartbeat_ttl_secs) {
+            return Err(invalid(
+                "fleet.heartbeat_ttl_secs",
+                self.heartbeat_ttl_secs.to_string(),
+                format!(
+                    "must be {} to {}",
+                    HEARTBEAT_TTL_SECS_RANGE.start(),
+                    HEARTBEAT_TTL_SECS_RANGE.end()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// vCPUs allowed per host CPU when `max_vcpus` is not set.
@@ -171,6 +273,7 @@ impl Default for Config {
             max_vcpus: None,
             internal_token_file: None,
             launcher_socket: None,
+            fleet: None,
         }
     }
 }
@@ -244,6 +347,9 @@ impl Config {
         }
         if let Some(url) = &self.agentd {
             qvirt_common::config::check_endpoint("agentd", url)?;
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.check()?;
         }
         qvirt_common::internal_auth::InternalToken::load_optional(
             self.internal_token_file.as_ref(),
@@ -414,6 +520,48 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("qemu_user"));
+    }
+
+    #[test]
+    fn test_fleet_section_is_checked() {
+        let c: Config = qvirt_common::config::parse(
+            Path::new("s.yaml"),
+            "fleet:\n  urls: [nats://n1:4222]\n  supervisor_url: http://h1:50052\n",
+        )
+        .unwrap();
+        let fleet = c.fleet.clone().unwrap();
+        assert_eq!((fleet.replicas, fleet.heartbeat_ttl_secs), (1, 15));
+        assert!(c.validate().is_ok());
+        for (yaml, field) in [
+            ("fleet:\n  supervisor_url: http://h1:1\n", "fleet.urls"),
+            ("fleet:\n  urls: [nats://a:1]\n", "fleet.supervisor_url"),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: unix:/s\n",
+                "fleet.supervisor_url",
+            ),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  replicas: 7\n",
+                "fleet.replicas",
+            ),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  heartbeat_ttl_secs: 1\n",
+                "fleet.heartbeat_ttl_secs",
+            ),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  agentd_url: h:2\n",
+                "fleet.agentd_url",
+            ),
+        ] {
+            let c: Config = qvirt_common::config::parse(Path::new("s.yaml"), yaml).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{yaml}: {err}");
+        }
+        let err = qvirt_common::config::parse::<Config>(
+            Path::new("s.yaml"),
+            "fleet:\n  urls: [nats://a:1]\n  ttl: 3\n",
+        )
+        .unwrap_err();
+        assert!(qvirt_common::error_chain(&err).contains("unknown field `ttl`"));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! [`publisher`], [`hooks`] and [`agent`] (the event bus, hook executor
 //! and agent service clients); [`hook_xml`] (libvirt-style domain XML
 //! for hook scripts); [`reload`] (SIGHUP); [`vmm`] (the launcher that
-//! starts QEMU for a supervisor in another container, `qvirt-vmm`).
+//! starts QEMU for a supervisor in another container, `qvirt-vmm`);
+//! [`fleet`] (heartbeat and domain mirror in the fleet registry).
 //!
 //! Entry point: [`run`] (or [`run_reloadable`], which also reads the
 //! config again on SIGHUP), called by `main.rs` with a bound listener and
@@ -22,6 +23,7 @@
 pub mod agent;
 pub mod config;
 pub mod domain;
+pub mod fleet;
 pub mod hook_xml;
 pub mod hooks;
 pub mod launch;
@@ -191,9 +193,19 @@ pub async fn run_reloadable(
         }
         None => Arc::new(LogEvents),
     };
+    let fleet = config.fleet.clone();
+    let fleet_config = config.clone();
     let manager = Manager::open(config, events, Arc::clone(&hooks), agent)
         .await
         .map_err(RunError::Open)?;
+    if let Some(fleet) = fleet {
+        fleet::spawn(
+            &fleet_config,
+            fleet,
+            manager.clone(),
+            shutdown.child_token(),
+        );
+    }
     reload::Reload {
         hooks: Arc::clone(&hooks),
         executor,

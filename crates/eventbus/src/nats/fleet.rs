@@ -10,6 +10,12 @@
 //! resumes at another gateway gets no gap and no duplicate, and a cursor
 //! of a stream that was deleted and made again is told apart (BUS_RESTARTED).
 //!
+//! Host events: the bus also watches the fleet registry
+//! ([`qvirt_registry::View`]) and publishes a `HostEvent` into the stream
+//! when a host's heartbeat expires or comes back, its message id named
+//! after the KV revision of the change, so every gateway's bus publishes
+//! the same change once; domain subscriptions deliver them.
+//!
 //! A slow subscriber is not dropped from: its consumer is simply read no
 //! faster than the client reads (the stream holds the history), so memory
 //! stays bounded by the channel and the consumer's batch.
@@ -21,7 +27,8 @@ use async_nats::jetstream::{self, consumer};
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use qvirt_proto::v1::publish_request::Event as PublishedEvent;
-use qvirt_proto::v1::{EventsLost, EventsLostReason, PublishRequest};
+use qvirt_proto::v1::{EventsLost, EventsLostReason, HostEvent, HostEventType, PublishRequest};
+use qvirt_registry::{HostChange, View};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -99,6 +106,8 @@ pub enum FleetItem {
     Lost(EventsLost),
     /// A matching event at its stream sequence.
     Event(Arc<Envelope<BusEvent>>),
+    /// A host of the subscription's became unreachable or reachable.
+    Host(HostEvent),
     /// The end: an error.
     Failed(Status),
 }
@@ -153,6 +162,38 @@ impl Fleet {
                 () = shutdown.cancelled() => return None,
             }
         }
+    }
+
+    /// Publishes a `HostEvent` into the stream for every host liveness
+    /// change `view` reports, until `shutdown`. Its message id names the
+    /// change by its KV revision, so the same change published by every
+    /// gateway's bus is stored once.
+    pub fn publish_host_events(&self, view: &View, shutdown: CancellationToken) {
+        let mut changes = view.host_changes();
+        let js = self.js.clone();
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    c = changes.recv() => c,
+                    () = shutdown.cancelled() => return,
+                };
+                match change {
+                    Ok(change) => {
+                        tokio::select! {
+                            () = publish_host_event(&js, &change) => {}
+                            () = shutdown.cancelled() => return,
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "fleet: host events missed (this bus fell behind; another gateway's bus publishes them too)"
+                        );
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// The broker connection.
@@ -313,7 +354,13 @@ impl Fleet {
             let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
                 continue;
             };
-            let item = if subject::is_lost(&message.subject) {
+            let item = if subject::is_host_event(&message.subject) {
+                // The consumer's subjects name only the hosts covered.
+                match HostEvent::decode(message.payload.clone()) {
+                    Ok(h) => FleetItem::Host(h),
+                    Err(_) => continue,
+                }
+            } else if subject::is_lost(&message.subject) {
                 match EventsLost::decode(message.payload.clone()) {
                     Ok(host_loss) => FleetItem::Lost(EventsLost {
                         reason: EventsLostReason::OutboxFull as i32,
@@ -337,6 +384,62 @@ impl Fleet {
                 return Ok(());
             }
         }
+    }
+}
+
+/// How many times a host event is tried before it is left to the other
+/// gateways' buses.
+const HOST_EVENT_ATTEMPTS: u32 = 5;
+
+/// The `Nats-Msg-Id` of a host liveness change: the same on every bus.
+pub fn host_event_id(change: &HostChange) -> String {
+    let what = if change.live {
+        "reachable"
+    } else {
+        "unreachable"
+    };
+    format!("host:{}:{what}:{}", change.host, change.revision)
+}
+
+async fn publish_host_event(js: &jetstream::Context, change: &HostChange) {
+    let event = HostEvent {
+        host: change.host.clone(),
+        r#type: if change.live {
+            HostEventType::Reachable
+        } else {
+            HostEventType::Unreachable
+        } as i32,
+        time: Some(std::time::SystemTime::now().into()),
+    };
+    let id = host_event_id(change);
+    let subject = subject::host_event(&change.host);
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1..=HOST_EVENT_ATTEMPTS {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(event.encode_to_vec().into())
+            .message_id(&id);
+        let sent = async {
+            let ack = js
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(CREATE_TIMEOUT, sent).await {
+            Ok(Ok(ack)) => {
+                tracing::info!(host = %change.host, live = change.live, duplicate = ack.duplicate, "fleet: host event");
+                return;
+            }
+            Ok(Err(e)) if attempt == HOST_EVENT_ATTEMPTS => {
+                tracing::warn!(%id, error = %e, "fleet: cannot publish a host event");
+            }
+            Err(_) if attempt == HOST_EVENT_ATTEMPTS => {
+                tracing::warn!(%id, "fleet: cannot publish a host event: timed out");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
     }
 }
 

@@ -33,6 +33,9 @@ pub const MONITOR: &str = "monitor";
 /// The kind token of a loss marker.
 pub const LOST: &str = "lost";
 
+/// The last token of a host's liveness event.
+pub const HOST_EVENT: &str = "host";
+
 /// `name` as one subject token (see the module docs).
 pub fn token(name: &str) -> String {
     if name.is_empty() {
@@ -107,6 +110,18 @@ pub fn lost(host: &str) -> String {
     format!("{PREFIX}.{}.{HOST_LEVEL}.{LOST}", token(host))
 }
 
+/// The subject of a host's liveness event (a `HostEvent`, published by
+/// the fleet buses beside the gateways from the registry's heartbeats).
+pub fn host_event(host: &str) -> String {
+    format!("{PREFIX}.{}.{HOST_LEVEL}.{HOST_EVENT}", token(host))
+}
+
+/// Whether `subject` is a host's liveness event.
+pub fn is_host_event(subject: &str) -> bool {
+    let mut parts = subject.rsplitn(3, '.');
+    parts.next() == Some(HOST_EVENT) && parts.next() == Some(HOST_LEVEL)
+}
+
 /// What a fleet subscription asks the broker for; `None` fields match
 /// every value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -133,6 +148,8 @@ impl SubjectFilter<'_> {
         vec![
             format!("{PREFIX}.{host}.{domain}.{LIFECYCLE}"),
             format!("{PREFIX}.{host}.{HOST_LEVEL}.{LOST}"),
+            // A domain filter does not exclude host events.
+            format!("{PREFIX}.{host}.{HOST_LEVEL}.{HOST_EVENT}"),
         ]
     }
 
@@ -205,8 +222,16 @@ mod tests {
         );
         assert_eq!(
             SubjectFilter::default().lifecycle_subjects(),
-            ["qvirt.events.*.*.lifecycle", "qvirt.events.*.%.lost"]
+            [
+                "qvirt.events.*.*.lifecycle",
+                "qvirt.events.*.%.lost",
+                "qvirt.events.*.%.host"
+            ]
         );
+        assert_eq!(host_event("web.1"), "qvirt.events.web%2E1.%.host");
+        assert!(is_host_event(&host_event("x.y")));
+        assert!(!is_host_event(&lifecycle("x", "%")));
+        assert!(!is_lost(&host_event("x")));
     }
 
     proptest! {

@@ -247,7 +247,7 @@ impl Manager {
             save_us = (began.elapsed() - continued).as_micros(),
             "start timings"
         );
-        entry.notify();
+        self.changed(&entry);
         let (started, suspended) = if restored {
             (
                 DomainEventStartedDetail::Restored,

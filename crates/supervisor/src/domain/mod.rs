@@ -235,6 +235,9 @@ const RECORD_OVERHEAD_BYTES: usize = 2 * MAX_SOCKET_PATH_BYTES + 256;
 /// How many guests `Manager::open` re-attaches at once.
 const RECONNECT_PARALLEL: usize = 8;
 
+/// What [`Manager::on_change`] calls with a changed domain's UUID.
+pub type ChangeHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Shared state behind [`Manager`].
 struct Inner {
     config: Config,
@@ -257,6 +260,9 @@ struct Inner {
     tasks: TaskTracker,
     /// Stops the watchers (supervisor shutdown: QEMUs keep running).
     stop: CancellationToken,
+    /// Told the UUID of every domain whose record changed (the fleet
+    /// registry's mirror); unset outside a fleet.
+    changes: std::sync::OnceLock<ChangeHook>,
 }
 
 /// The table of domains and their operations. Cheap to clone.
@@ -326,6 +332,7 @@ impl Manager {
                 define_lock: tokio::sync::Mutex::new(()),
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
+                changes: std::sync::OnceLock::new(),
             }),
         };
         let mut entries = Vec::new();
@@ -401,6 +408,28 @@ impl Manager {
         let vcpus = config.max_vcpus();
         self.inner.max_memory_mib.store(memory, Ordering::Relaxed);
         self.inner.max_vcpus.store(vcpus, Ordering::Relaxed);
+    }
+
+    /// Calls `changed` with the UUID of every domain whose record (what
+    /// [`Manager::get`] returns) may have changed: defined, undefined,
+    /// every state change. It is called under the domain's lock and must
+    /// not block. Only the first call takes effect.
+    pub fn on_change(&self, changed: ChangeHook) {
+        let _ = self.inner.changes.set(changed);
+    }
+
+    /// Tells the change hook about domain `uuid`.
+    fn mark(&self, uuid: &str) {
+        if let Some(changed) = self.inner.changes.get() {
+            changed(uuid);
+        }
+    }
+
+    /// Wakes the waiters on `entry` and tells the change hook.
+    fn changed(&self, entry: &Entry) {
+        entry.notify();
+        let uuid = entry.data().spec.uuid.clone();
+        self.mark(&uuid);
     }
 
     /// This supervisor's node name (`host` of its domains).
@@ -516,6 +545,7 @@ impl Manager {
 
     fn emit(&self, spec: &DomainSpec, event: Lifecycle) {
         self.inner.events.lifecycle(&self.domain_ref(spec), event);
+        self.mark(&spec.uuid);
     }
 
     /// The API record of a domain.
@@ -597,7 +627,7 @@ impl Manager {
     ) -> bool {
         let (name, status, changed) = Self::set_state(entry, state, reason);
         self.save_status(name, status).await;
-        entry.notify();
+        self.changed(entry);
         changed
     }
 
@@ -621,7 +651,7 @@ impl Manager {
             (data.spec.name.clone(), data.status.clone(), changed)
         };
         self.save_status(name, status).await;
-        entry.notify();
+        self.changed(entry);
         changed
     }
 
@@ -773,7 +803,7 @@ impl Manager {
                 self.record(&data)
             };
             self.emit(&spec, Lifecycle::Defined(DomainEventDefinedDetail::Updated));
-            entry.notify();
+            self.changed(&entry);
             return Ok(domain);
         }
         let saved = spec.clone();

@@ -271,7 +271,7 @@ impl Manager {
             Ok(_) => {}
             Err(error) => warn!(domain = %name, %error, "query-status after reconnect failed"),
         }
-        entry.notify();
+        self.changed(entry);
         Some((qmp, conn.events))
     }
 
@@ -413,7 +413,7 @@ impl Manager {
             // Under the lock that publishes SHUTOFF, as every transition.
             self.emit(&spec, Lifecycle::Stopped(detail));
         }
-        entry.notify();
+        self.changed(entry);
         self.run_stop_hooks(&spec, reason).await;
     }
 }

@@ -1,0 +1,266 @@
+//! A real `qvirt-supervisor` with `fleet:` against a real nats-server and
+//! real QEMU (TCG): it mirrors each domain into `QVIRT_DOMAINS` exactly as
+//! GetDomain returns it (same etag) on define, start, suspend and undefine,
+//! heartbeats a sane `HostRecord` into `QVIRT_HOSTS` whose key expires
+//! once the supervisor is killed, and after a broker outage during which
+//! domains changed and the supervisor restarted, brings the bucket up to
+//! date (a domain undefined meanwhile is deleted). Read back with async-nats directly.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use prost::Message as _;
+use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::{QemuGuard, Service, define_yaml, tool_path};
+use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use qvirt_proto::v1::{
+    DestroyDomainRequest, Domain, DomainState, GetDomainRequest, HostRecord, StartDomainRequest,
+    SuspendDomainRequest, UndefineDomainRequest,
+};
+use qvirt_registry::{DOMAINS_BUCKET, HOSTS_BUCKET, domain_key, host_key};
+use tonic::transport::Channel;
+
+/// Bound on every wait for the registry to follow.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A host id that needs escaping in keys.
+const HOST: &str = "fleet.host-1";
+
+async fn supervisor(nats: &Nats, dir: &Path) -> Service {
+    let yaml = format!(
+        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  supervisor_url: http://10.0.0.1:50052\n  \
+         agentd_url: http://10.0.0.1:50055\n  heartbeat_ttl_secs: 3\n",
+        nats.urls().join(", ")
+    );
+    let (state, run) = (dir.join("state"), dir.join("run"));
+    let args = [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let mut svc = Service::start_with_config("qvirt-supervisor", &yaml, &args);
+    svc.wait_serving("qvirt.v1.Supervisor").await;
+    svc
+}
+
+/// Both buckets, read directly (waiting for the supervisor to make them).
+async fn buckets(nats: &Nats) -> (kv::Store, kv::Store) {
+    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            if let (Ok(h), Ok(d)) = (
+                js.get_key_value(HOSTS_BUCKET).await,
+                js.get_key_value(DOMAINS_BUCKET).await,
+            ) {
+                return (h, d);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.expect("the supervisor creates the buckets")
+}
+
+async fn stored(domains: &kv::Store, uuid: &str) -> Option<Domain> {
+    let value = domains.get(domain_key(HOST, uuid)).await.ok()??;
+    Some(Domain::decode(value).unwrap())
+}
+
+async fn get(client: &mut SupervisorClient<Channel>, uuid: &str) -> Domain {
+    client
+        .get_domain(GetDomainRequest {
+            domain: uuid.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap()
+}
+
+/// Waits until the bucket holds exactly what GetDomain returns for
+/// `uuid`, in `state`.
+async fn until_mirrored(
+    client: &mut SupervisorClient<Channel>,
+    domains: &kv::Store,
+    uuid: &str,
+    state: DomainState,
+) {
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            let want = get(client, uuid).await;
+            if want.state == state as i32 && stored(domains, uuid).await.as_ref() == Some(&want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    done.unwrap_or_else(|_| {
+        panic!("the registry does not show {uuid} {state:?} as GetDomain does within {WAIT:?}")
+    });
+}
+
+async fn until_gone(store: &kv::Store, key: &str) {
+    let done = tokio::time::timeout(WAIT, async {
+        while store.get(key).await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    done.unwrap_or_else(|_| panic!("{key} still in the registry after {WAIT:?}"));
+}
+
+async fn heartbeat(hosts: &kv::Store) -> HostRecord {
+    let value = hosts
+        .get(host_key(HOST))
+        .await
+        .unwrap()
+        .expect("a heartbeat");
+    HostRecord::decode(value).unwrap()
+}
+
+async fn start(client: &mut SupervisorClient<Channel>, uuid: &str) -> QemuGuard {
+    let d = client
+        .start_domain(StartDomainRequest {
+            domain: uuid.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    QemuGuard(d.pid, uuid.to_owned())
+}
+
+async fn define(client: &mut SupervisorClient<Channel>, name: &str) -> String {
+    let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
+    define_yaml(client, yaml).await.unwrap().spec.unwrap().uuid
+}
+
+async fn undefine(client: &mut SupervisorClient<Channel>, uuid: &str) {
+    client
+        .undefine_domain(UndefineDomainRequest {
+            domain: uuid.into(),
+            destroy: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_supervisor_mirrors_domains_and_heartbeats() {
+    tool_path("qemu-system-x86_64");
+    let nats = Nats::single();
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&nats, dir.path()).await;
+    let (hosts, domains) = buckets(&nats).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+
+    let uuid = define(&mut client, "fr1").await;
+    until_mirrored(&mut client, &domains, &uuid, DomainState::Shutoff).await;
+    let _qemu = start(&mut client, &uuid).await;
+    until_mirrored(&mut client, &domains, &uuid, DomainState::Running).await;
+    client
+        .suspend_domain(SuspendDomainRequest {
+            domain: uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    until_mirrored(&mut client, &domains, &uuid, DomainState::Paused).await;
+    let other = define(&mut client, "fr2").await;
+    until_mirrored(&mut client, &domains, &other, DomainState::Shutoff).await;
+
+    // The heartbeat: what gateways place and route by.
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = heartbeat(&hosts).await;
+            if r.domains == 2 && r.running_domains == 1 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let r = done.expect("a heartbeat counting both domains");
+    assert_eq!(r.host, HOST);
+    assert_eq!(r.supervisor_url, "http://10.0.0.1:50052");
+    assert_eq!(r.agentd_url, "http://10.0.0.1:50055");
+    assert!(!r.version.is_empty());
+    assert!(r.cpus >= 1);
+    assert!(r.memory_bytes > 0 && r.memory_available_bytes > 0);
+    assert!(r.memory_available_bytes <= r.memory_bytes);
+    assert_eq!(r.guest_memory_bytes, 2 * (128 << 20));
+    let (start, beat) = (r.start_time.unwrap(), r.heartbeat_time.unwrap());
+    assert!((start.seconds, start.nanos) <= (beat.seconds, beat.nanos));
+
+    // Undefine deletes the key.
+    undefine(&mut client, &uuid).await;
+    until_gone(&domains, &domain_key(HOST, &uuid)).await;
+    client
+        .destroy_domain(DestroyDomainRequest {
+            domain: other.clone(),
+            ..Default::default()
+        })
+        .await
+        .ok();
+
+    // A supervisor that dies stops heartbeating: its key expires (its
+    // domains stay, as last known).
+    sup.signal(libc::SIGKILL);
+    until_gone(&hosts, &host_key(HOST)).await;
+    assert!(stored(&domains, &other).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_supervisor_reconciles_after_broker_outage() {
+    tool_path("qemu-system-x86_64");
+    let mut nats = Nats::single();
+    let dir = tempfile::tempdir().unwrap();
+    let sup = supervisor(&nats, dir.path()).await;
+    let (_, domains) = buckets(&nats).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let kept = define(&mut client, "kept").await;
+    let dropped = define(&mut client, "dropped").await;
+    until_mirrored(&mut client, &domains, &kept, DomainState::Shutoff).await;
+    until_mirrored(&mut client, &domains, &dropped, DomainState::Shutoff).await;
+
+    // The broker goes away; calls go on as if nothing happened.
+    nats.nodes[0].stop(libc::SIGTERM);
+    let _qemu = start(&mut client, &kept).await;
+    undefine(&mut client, &dropped).await;
+    let fresh = define(&mut client, "fresh").await;
+    // The supervisor restarts meanwhile (what it had not mirrored yet is
+    // only in its domains now), and starts without the broker.
+    sup.signal(libc::SIGKILL);
+    drop(sup);
+    let sup = supervisor(&nats, dir.path()).await;
+    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    nats.nodes[0].start();
+    nats.wait_ready();
+
+    // Back: the bucket is current.
+    let (hosts, domains) = buckets(&nats).await;
+    until_mirrored(&mut client, &domains, &kept, DomainState::Running).await;
+    until_mirrored(&mut client, &domains, &fresh, DomainState::Shutoff).await;
+    until_gone(&domains, &domain_key(HOST, &dropped)).await;
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Some(_)) = hosts.get(host_key(HOST)).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    done.expect("the heartbeat resumes");
+    undefine(&mut client, &kept).await;
+}
