@@ -162,14 +162,20 @@ impl Fleet {
     /// connections no live host names any more.
     pub fn update(&self, updater: &Updater, snapshot: &Snapshot, connected: bool) {
         let index = Index::build(snapshot, connected, Some(&self.index()));
-        place::prune(&mut lock(&self.pending), &index, Instant::now());
-        let wanted: HashSet<&str> = index
-            .hosts
-            .values()
-            .filter(|h| h.live)
-            .flat_map(|h| [h.supervisor_url.as_str(), h.agentd_url.as_str()])
-            .collect();
-        lock(&self.upstreams).retain(|url, _| wanted.contains(url.as_str()));
+        {
+            let wanted: HashSet<&str> = index
+                .hosts
+                .values()
+                .filter(|h| h.live)
+                .flat_map(|h| [h.supervisor_url.as_str(), h.agentd_url.as_str()])
+                .collect();
+            lock(&self.upstreams).retain(|url, _| wanted.contains(url.as_str()));
+        }
+        // Pruned and published under one hold of the pending lock, which
+        // a define places under: it always sees a placement either in
+        // the pending list or in the index, never in neither.
+        let mut pending = lock(&self.pending);
+        place::prune(&mut pending, &index, Instant::now());
         updater.index.send_replace(Arc::new(index));
     }
 
@@ -195,7 +201,7 @@ impl Fleet {
                 let answer = list::list(&index, &request).map_err(fail)?;
                 return Ok(Dispatch::Answer(answer.encode_to_vec().into()));
             }
-            DEFINE_DOMAIN => return self.define(&index, method, path, frame),
+            DEFINE_DOMAIN => return self.define(method, path, frame),
             _ => {}
         }
         let Some(domain_field) = method.domain_field else {
@@ -249,13 +255,7 @@ impl Fleet {
         }
     }
 
-    fn define(
-        &self,
-        index: &Index,
-        method: &Method,
-        path: &str,
-        frame: &[u8],
-    ) -> Result<Dispatch, GatewayError> {
+    fn define(&self, method: &Method, path: &str, frame: &[u8]) -> Result<Dispatch, GatewayError> {
         let fail = |source| GatewayError::Fleet {
             method: path.to_owned(),
             source,
@@ -270,6 +270,10 @@ impl Fleet {
         };
         let name = spec.as_ref().map(|s| s.name.as_str());
         let mut pending = lock(&self.pending);
+        // The index the pending list was last pruned with (see `update`),
+        // not the one this call started with.
+        let current = self.index();
+        let index: &Index = &current;
         let uuid = spec.as_ref().map_or("", |s| s.uuid.as_str());
         let target =
             place::define_target(index, &pending, name, uuid, &request.host).map_err(fail)?;
