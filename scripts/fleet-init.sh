@@ -50,6 +50,17 @@ keep_or_write() {
     fi
 }
 
+# The gateways' own config is deploy-init's token file plus the registry.
+if ! grep -q '^fleet:' "$config/gateway.yaml"; then
+    {
+        echo "# Fleet mode: the hosts' supervisors and agent services from the"
+        echo "# registry (the fleet bus beside each gateway is its --eventbus)."
+        echo "fleet:"
+        echo "  urls: $urls"
+    } >>"$config/gateway.yaml"
+    say "added the fleet section to $config/gateway.yaml"
+fi
+
 keep_or_write "$config/gateway-bus.yaml" <<EOF
 # The fleet bus beside each gateway: it holds no events and serves every
 # subscription from the stream.
@@ -98,6 +109,14 @@ eventbus: http://127.0.0.1:50053
 hookexec: http://127.0.0.1:50054
 agentd: http://127.0.0.1:50055
 internal_token_file: /etc/qvirt/internal-token
+# The fleet registry: this host's record (heartbeat every ttl/3) and its
+# domains, mirrored for the gateways.
+fleet:
+  urls: $urls
+  replicas: $replicas
+  supervisor_url: http://$h:50052
+  agentd_url: http://$h:50055
+  heartbeat_ttl_secs: 15
 EOF
 done
 say "ready: docker-compose -f deploy/fleet/docker-compose.yml up -d"

@@ -6,8 +6,8 @@
 # of its own with each gateway on a free loopback port, waits until every
 # container is healthy, then runs the scenarios of
 # integration-tests/tests/fleet_deploy.rs one after the other against that
-# one project (each asserts what a client sees through the gateways, and
-# leaves the fleet whole for the next):
+# one project, in this order (each asserts what a client sees through the
+# gateways, and leaves the fleet whole for the next):
 #   s1  six guests defined without a host spread over the three hosts;
 #       both gateways list them with their hosts; started, each guest's
 #       agent answers through a gateway;
@@ -43,11 +43,9 @@ command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
 docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
 command -v docker-compose >/dev/null 2>&1 || skip "docker-compose is missing (make deps installs it)"
 
-# The scenarios, in the order they run. Not run yet (written): s1, s2, s4
-# and s6 wait on the supervisors' registry (heartbeats, domains mirrored)
-# and the gateway's fleet routing (placement, fleet-wide ListDomains,
-# calls routed to a domain's host, host events).
-scenarios=${QVIRT_FLEET_SCENARIOS:-s3 s5}
+# The scenarios, in the order they run: the guests of s1 serve s2, s4 and
+# s6; the damage comes last, the worst (a host's guests lost) at the end.
+scenarios=${QVIRT_FLEET_SCENARIOS:-s1 s2 s3 s5 s4 s6}
 
 t0=$(date +%s)
 passed=0 step=""
