@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use qvirt_integration_tests::measure::percentile;
-use qvirt_integration_tests::nats::{Nats, fleet_bus};
+use qvirt_integration_tests::nats::{Nats, fleet_bus, fleet_supervisor};
 use qvirt_integration_tests::stack::{
     BearerChannel, GatewayStack, StackOptions, bearer_channel, token_new,
 };
@@ -423,31 +423,9 @@ async fn rate(f: &Fleet) {
 
 async fn list(f: &Fleet) {
     let dir = tempfile::tempdir().unwrap();
-    let urls = f.nats.urls().join(", ");
     let mut sups = Vec::new();
     for h in 1..=LIST_HOSTS {
-        let addr =
-            std::net::SocketAddr::from(([127, 0, 0, 1], qvirt_integration_tests::free_port()));
-        let yaml = format!(
-            "node_name: lh{h}\nfleet:\n  urls: [{urls}]\n  replicas: 3\n  supervisor_url: http://{addr}\n"
-        );
-        let config = dir.path().join(format!("lh{h}.yaml"));
-        std::fs::write(&config, yaml).unwrap();
-        let state = dir.path().join(format!("lh{h}-state"));
-        let run = dir.path().join(format!("lh{h}-run"));
-        let mut sup = Service::start_at(
-            "qvirt-supervisor",
-            addr,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--run-dir",
-                run.to_str().unwrap(),
-            ],
-        );
-        sup.wait_serving("qvirt.v1.Supervisor").await;
+        let sup = fleet_supervisor(&f.nats, dir.path(), &format!("lh{h}"), "  replicas: 3\n").await;
         let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
         for i in 0..LIST_PER_HOST {
             define_yaml(&mut client, format!("name: lh{h}-{i:03}\naccel: tcg\n"))
@@ -460,7 +438,8 @@ async fn list(f: &Fleet) {
     let gw_dir = dir.path().join("gw");
     std::fs::create_dir(&gw_dir).unwrap();
     let yaml = format!(
-        "fleet:\n  urls: [{urls}]\neventbus: http://127.0.0.1:{}\ninternal_token_file: {}\ntokens:\n{}",
+        "fleet:\n  urls: [{}]\neventbus: http://127.0.0.1:{}\ninternal_token_file: {}\ntokens:\n{}",
+        f.nats.urls().join(", "),
         qvirt_integration_tests::free_port(),
         qvirt_integration_tests::write_internal_token(&gw_dir).display(),
         rw.entry
