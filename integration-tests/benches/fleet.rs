@@ -16,11 +16,15 @@
 //!   fleet path at most 1.5x the bare hop (median);
 //! - rate: events/s sustained from the host bus to the fleet subscriber
 //!   with loss counted, beside a bare publisher that waits for each ack
-//!   (one in flight, as the host's forwarder does).
+//!   (one in flight, as the host's forwarder does);
+//! - list: `ListDomains` of 300 domains on 3 hosts (3 supervisors with
+//!   `fleet:`) at a fleet gateway, answered from its registry view,
+//!   beside what a client without the fleet does: ask the 3 supervisors
+//!   one after the other and merge (interleaved rounds).
 //!
 //! Numbers are for this machine at this moment: read the ratios. Phases
 //! can be picked by name: `cargo bench -p qvirt-integration-tests --bench
-//! fleet -- hop` (also `qmp`, `rate`); none named: all.
+//! fleet -- hop` (also `qmp`, `rate`, `list`); none named: all.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use qvirt_integration_tests::measure::percentile;
-use qvirt_integration_tests::nats::{Nats, fleet_bus};
+use qvirt_integration_tests::nats::{Nats, fleet_bus, fleet_supervisor};
 use qvirt_integration_tests::stack::{
     BearerChannel, GatewayStack, StackOptions, bearer_channel, token_new,
 };
@@ -50,6 +54,11 @@ const QMP_RUNS: usize = 40;
 const HOP_RUNS: usize = 300;
 /// Events in the rate phase, per side.
 const RATE_EVENTS: u64 = 10_000;
+/// Domains per host in the list phase, and hosts.
+const LIST_PER_HOST: usize = 100;
+const LIST_HOSTS: usize = 3;
+/// Rounds of the list phase.
+const LIST_RUNS: usize = 40;
 /// Bound on any one wait.
 const WAIT: Duration = Duration::from_secs(60);
 /// The stream the host bus makes.
@@ -82,7 +91,7 @@ fn line(name: &str, samples: &mut [Duration]) -> Duration {
 }
 
 struct Fleet {
-    _nats: Nats,
+    nats: Nats,
     stack: GatewayStack,
     _fleet_bus: Service,
     fleet_gw: Service,
@@ -126,7 +135,7 @@ impl Fleet {
         let client = async_nats::connect(nats.urls()[2].as_str()).await.unwrap();
         let js = jetstream::new(client);
         Fleet {
-            _nats: nats,
+            nats,
             stack,
             _fleet_bus: fleet_bus,
             fleet_gw,
@@ -412,6 +421,99 @@ async fn rate(f: &Fleet) {
     println!("  qvirt / bare: {:.2}x", ours / theirs);
 }
 
+async fn list(f: &Fleet) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sups = Vec::new();
+    for h in 1..=LIST_HOSTS {
+        let sup = fleet_supervisor(&f.nats, dir.path(), &format!("lh{h}"), "  replicas: 3\n").await;
+        let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+        for i in 0..LIST_PER_HOST {
+            define_yaml(&mut client, format!("name: lh{h}-{i:03}\naccel: tcg\n"))
+                .await
+                .unwrap();
+        }
+        sups.push((sup, client));
+    }
+    let rw = token_new("operator", "read-write");
+    let gw_dir = dir.path().join("gw");
+    std::fs::create_dir(&gw_dir).unwrap();
+    let yaml = format!(
+        "fleet:\n  urls: [{}]\neventbus: http://127.0.0.1:{}\ninternal_token_file: {}\ntokens:\n{}",
+        f.nats.urls().join(", "),
+        qvirt_integration_tests::free_port(),
+        qvirt_integration_tests::write_internal_token(&gw_dir).display(),
+        rw.entry
+    );
+    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+    gw.wait_serving("qvirt.v1.Supervisor").await;
+    let mut fleet = SupervisorClient::new(
+        bearer_channel(
+            &gw.url(),
+            Some(qvirt_integration_tests::stack::bearer_value(&rw.token)),
+        )
+        .await,
+    );
+    let whole = qvirt_proto::v1::ListDomainsRequest {
+        page_size: 1000,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = fleet
+            .list_domains(whole.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .domains
+            .len();
+        if n == LIST_HOSTS * LIST_PER_HOST {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fleet lists {n} domains");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..LIST_RUNS {
+        let t0 = Instant::now();
+        let got = fleet
+            .list_domains(whole.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        ours.push(t0.elapsed());
+        assert_eq!(got.domains.len(), LIST_HOSTS * LIST_PER_HOST);
+
+        let t0 = Instant::now();
+        let mut all = Vec::new();
+        for (_, client) in &mut sups {
+            all.extend(
+                client
+                    .list_domains(whole.clone())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .domains,
+            );
+        }
+        all.sort_by(|a, b| {
+            let name = |d: &qvirt_proto::v1::Domain| d.spec.as_ref().map(|s| s.name.clone());
+            name(a).cmp(&name(b))
+        });
+        theirs.push(t0.elapsed());
+        assert_eq!(all.len(), LIST_HOSTS * LIST_PER_HOST);
+    }
+    println!(
+        "\nlist: ListDomains of {} domains on {LIST_HOSTS} hosts (interleaved)",
+        LIST_HOSTS * LIST_PER_HOST
+    );
+    let q = line("fleet gateway (from its registry view)", &mut ours);
+    let b = line("each host's supervisor in turn, merged", &mut theirs);
+    println!(
+        "  fleet / per host: {:.2}x (median)",
+        q.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -434,6 +536,9 @@ fn main() {
         }
         if run("rate") {
             rate(&f).await;
+        }
+        if run("list") {
+            list(&f).await;
         }
     });
 }

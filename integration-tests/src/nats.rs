@@ -263,6 +263,45 @@ pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crat
     svc
 }
 
+/// A `qvirt-supervisor` as fleet host `id` of `nats`: its config, state
+/// and run dirs under `dir` (`ID.yaml`, `ID-state`, `ID-run`), its
+/// `fleet:` section advertising its own loopback address, plus
+/// `fleet_extra` (more keys of that section, each line indented two
+/// spaces). Waits until it serves.
+pub async fn fleet_supervisor(
+    nats: &Nats,
+    dir: &std::path::Path,
+    id: &str,
+    fleet_extra: &str,
+) -> crate::Service {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.join(format!("{id}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n{fleet_extra}",
+            nats.urls().join(", ")
+        ),
+    )
+    .unwrap();
+    let state = dir.join(format!("{id}-state"));
+    let run = dir.join(format!("{id}-run"));
+    let mut sup = crate::Service::start_at(
+        "qvirt-supervisor",
+        addr,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+    sup
+}
+
 /// A gateway-side `qvirt-eventbus` (`fleet:`) on node `url_index` of
 /// `nats`, and a client of it. Waits for the server only: its EventBus
 /// waits for the stream.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qvirt_common::rpc::reason_of;
-use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::nats::{Nats, fleet_supervisor};
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
 use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
@@ -52,36 +52,12 @@ struct Fleet {
 }
 
 async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let agentd_addr = (id == "h1").then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
-    let config = dir.join(format!("{id}.yaml"));
     let agentd_url = agentd_addr
         .map(|a| format!("  agentd_url: http://{a}\n"))
         .unwrap_or_default();
-    std::fs::write(
-        &config,
-        format!(
-            "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n  \
-             heartbeat_ttl_secs: {TTL_SECS}\n{agentd_url}",
-            nats.urls().join(", ")
-        ),
-    )
-    .unwrap();
-    let state = dir.join(format!("{id}-state"));
-    let run = dir.join(format!("{id}-run"));
-    let mut sup = Service::start_at(
-        "qvirt-supervisor",
-        addr,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let extra = format!("  heartbeat_ttl_secs: {TTL_SECS}\n{agentd_url}");
+    let sup = fleet_supervisor(nats, dir, id, &extra).await;
     let agentd = match agentd_addr {
         Some(a) => {
             let mut agentd = Service::start_at("qvirt-agentd", a, &["--supervisor", &sup.url()]);

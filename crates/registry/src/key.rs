@@ -47,29 +47,46 @@ fn plain(b: u8) -> bool {
 }
 
 fn escape(s: &str) -> String {
+    escape_with(s, ESCAPE)
+}
+
+fn unescape(token: &str) -> Option<String> {
+    unescape_with(token, ESCAPE)
+}
+
+/// `s` as one token of a KV key or NATS subject, with `esc` as the escape
+/// character: ASCII letters, digits, `_` and `-` stand for themselves,
+/// every other byte becomes `esc` and two upper-case hex digits, and the
+/// empty string is `esc` followed by `-`. One-to-one. Keys use `=`, event
+/// subjects `%`.
+pub fn escape_with(s: &str, esc: u8) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 1);
     if s.is_empty() {
-        return "=-".to_owned();
+        out.push(char::from(esc));
+        out.push('-');
+        return out;
     }
-    let mut out = String::with_capacity(s.len());
     for &b in s.as_bytes() {
         if plain(b) {
             out.push(char::from(b));
         } else {
-            out.push(char::from(ESCAPE));
-            out.push_str(&format!("{b:02X}"));
+            let _ = write!(out, "{}{b:02X}", char::from(esc));
         }
     }
     out
 }
 
-fn unescape(token: &str) -> Option<String> {
-    if token == "=-" {
+/// The string [`escape_with`] made `token` from with `esc`; `None` for a
+/// token it never makes (only the canonical form decodes).
+pub fn unescape_with(token: &str, esc: u8) -> Option<String> {
+    let bytes = token.as_bytes();
+    if bytes == [esc, b'-'] {
         return Some(String::new());
     }
     if token.is_empty() {
         return None;
     }
-    let bytes = token.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -77,7 +94,7 @@ fn unescape(token: &str) -> Option<String> {
         if plain(b) {
             out.push(b);
             i += 1;
-        } else if b == ESCAPE {
+        } else if b == esc {
             let hex = bytes.get(i + 1..i + 3)?;
             if !hex
                 .iter()

@@ -17,8 +17,6 @@
 //! from a subscription only narrow what the broker sends; the bus's own
 //! filters still decide (a filter by UUID cannot be put in a subject).
 
-use std::fmt::Write as _;
-
 /// The prefix of every event subject; the stream captures
 /// `qvirt.events.>`.
 pub const PREFIX: &str = "qvirt.events";
@@ -38,56 +36,13 @@ pub const HOST_EVENT: &str = "host";
 
 /// `name` as one subject token (see the module docs).
 pub fn token(name: &str) -> String {
-    if name.is_empty() {
-        return "%-".to_owned();
-    }
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    qvirt_registry::key::escape_with(name, b'%')
 }
 
 /// The name a [`token`] stands for, or `None` for a token [`token`]
 /// never makes.
 pub fn untoken(token: &str) -> Option<String> {
-    if token == "%-" {
-        return Some(String::new());
-    }
-    if token.is_empty() {
-        return None;
-    }
-    let bytes = token.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = token.get(i + 1..i + 3)?;
-            if !hex
-                .bytes()
-                .all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(&h))
-            {
-                return None;
-            }
-            let v = u8::from_str_radix(hex, 16).ok()?;
-            if v.is_ascii_alphanumeric() || v == b'-' || v == b'_' {
-                return None;
-            }
-            out.push(v);
-            i += 3;
-        } else if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-            out.push(b);
-            i += 1;
-        } else {
-            return None;
-        }
-    }
-    String::from_utf8(out).ok()
+    qvirt_registry::key::unescape_with(token, b'%')
 }
 
 /// The subject of a lifecycle event of `domain` on `host`.
