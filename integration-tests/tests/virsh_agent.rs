@@ -224,12 +224,23 @@ fn virsh_agent_commands_answer_the_same_with_qvirt_ga_and_qemu_ga() {
             "{dom}"
         );
     }
-    // Last, the agent's shutdown: the same answer, and both power off.
+    // Last, the agent's shutdown: success, and both power off. libvirt
+    // races here: guest-shutdown has no reply, and libvirt reports
+    // success when QEMU's SHUTDOWN event reaches it first, but "End of
+    // file from agent socket" when the agent's socket closes first (seen
+    // with the reference qemu-ga on a loaded machine). So qemu-ga's
+    // answer is one of the two, and qvirt-ga's must be the good one.
     let shutdown = ["shutdown", "DOM", "--mode", "agent"];
     let a = seen(&lv, &qv.name, &shutdown);
     let b = seen(&lv, &qg.name, &shutdown);
-    assert_eq!(a, b, "virsh shutdown --mode agent");
-    assert!(a.starts_with("status Some(0)"), "{a}");
+    assert_eq!(
+        a, "status Some(0)\nstdout:\n\nstderr:\n",
+        "virsh shutdown --mode agent"
+    );
+    assert!(
+        b == a || b.contains("error: internal error: End of file from agent socket"),
+        "virsh shutdown --mode agent with qemu-ga: {b}"
+    );
     for dom in [&qv.name, &qg.name] {
         let deadline = Instant::now() + AGENT_TIMEOUT;
         loop {
