@@ -24,31 +24,12 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-say() { printf 'test-deploy: %s\n' "$*" >&2; }
-skip() { echo "test-deploy: SKIPPED: $*"; exit 0; }
-
-command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
-docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
-command -v docker-compose >/dev/null 2>&1 || skip "docker-compose is missing (make deps installs it)"
+NAME=test-deploy
+# shellcheck source=scripts/compose-test-lib.sh
+. "$here/scripts/compose-test-lib.sh"
+require_docker
 
 t0=$(date +%s)
-passed=0 failed=0 step=""
-ok() { passed=$((passed + 1)); say "ok: $*"; }
-fail() {
-    failed=$((failed + 1))
-    say "FAILED: $*"
-    exit 1
-}
-# A command with a bound (seconds), its output kept for the error.
-deadline() {
-    local secs=$1 what=$2
-    shift 2
-    local end=$(($(date +%s) + secs))
-    until "$@" >"$work/last.out" 2>&1; do
-        [ "$(date +%s)" -lt "$end" ] || fail "$what within ${secs}s: $(tail -n 5 "$work/last.out")"
-        sleep 1
-    done
-}
 
 triple=$(rustc -vV | sed -n 's/^host: //p')
 static="$here/target/static/$triple/release"
@@ -70,27 +51,7 @@ bash scripts/build-test-guest.sh "$guest_out" "$static/qvirt-ga" >/dev/null || r
 [ "$rc" -eq 0 ] || fail "building the test guest"
 
 # --- a deployment of its own --------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-deploy.XXXXXX")
-project="qvirttest$$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
-compose() { docker-compose -p "$project" -f "$here/deploy/docker-compose.yml" "$@"; }
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [ "$rc" -ne 0 ] && [ -n "$step" ]; then
-        say "failed during: $step; the services' last log lines:"
-        compose logs --no-color --tail 15 2>&1 | sed 's/^/  /' >&2 || true
-    fi
-    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
-    # Belt and braces: whatever still carries the project's label.
-    docker ps -aq --filter "label=com.docker.compose.project=$project" | xargs -r docker rm -f >/dev/null 2>&1 || true
-    docker network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker network rm >/dev/null 2>&1 || true
-    docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm -f >/dev/null 2>&1 || true
-    rm -rf "$work"
-    [ "$rc" -ne 0 ] && echo "test-deploy: $passed passed, 1 failed"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+compose_project qvirt-deploy "$here/deploy/docker-compose.yml"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p "$work/hooks"

@@ -36,33 +36,16 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
-say() { printf 'test-fleet: %s\n' "$*" >&2; }
-skip() { echo "test-fleet: SKIPPED: $*"; exit 0; }
-
-command -v docker >/dev/null 2>&1 || skip "no docker client on PATH"
-docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
-command -v docker-compose >/dev/null 2>&1 || skip "docker-compose is missing (make deps installs it)"
+NAME=test-fleet
+# shellcheck source=scripts/compose-test-lib.sh
+. "$here/scripts/compose-test-lib.sh"
+require_docker
 
 # The scenarios, in the order they run: the guests of s1 serve s2, s4 and
 # s6; the damage comes last, the worst (a host's guests lost) at the end.
 scenarios=${QVIRT_FLEET_SCENARIOS:-s1 s2 s3 s5 s4 s6}
 
 t0=$(date +%s)
-passed=0 step=""
-ok() { passed=$((passed + 1)); say "ok: $*"; }
-fail() {
-    say "FAILED: $*"
-    exit 1
-}
-deadline() {
-    local secs=$1 what=$2
-    shift 2
-    local end=$(($(date +%s) + secs))
-    until "$@" >"$work/last.out" 2>&1; do
-        [ "$(date +%s)" -lt "$end" ] || fail "$what within ${secs}s: $(tail -n 5 "$work/last.out")"
-        sleep 1
-    done
-}
 
 # --- images, the test guest, the scenario driver -------------------------------
 step=images
@@ -95,26 +78,7 @@ fi
 "${driver_build[@]}" >/dev/null 2>&1 || "${driver_build[@]}" || fail "building fleet_deploy"
 
 # --- a fleet of its own ----------------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-fleet.XXXXXX")
-project="qvirtfleet$$$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
-compose() { docker-compose -p "$project" -f "$here/deploy/fleet/docker-compose.yml" "$@"; }
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [ "$rc" -ne 0 ] && [ -n "$step" ]; then
-        say "failed during: $step; the services' last log lines:"
-        compose logs --no-color --tail 15 2>&1 | sed 's/^/  /' >&2 || true
-    fi
-    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
-    docker ps -aq --filter "label=com.docker.compose.project=$project" | xargs -r docker rm -f >/dev/null 2>&1 || true
-    docker network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker network rm >/dev/null 2>&1 || true
-    docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm -f >/dev/null 2>&1 || true
-    rm -rf "$work"
-    [ "$rc" -ne 0 ] && echo "test-fleet: $passed passed, 1 failed"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+compose_project qvirt-fleet "$here/deploy/fleet/docker-compose.yml"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 gw1_port=$(free_port)
