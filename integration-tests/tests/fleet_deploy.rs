@@ -415,7 +415,16 @@ async fn test_s1_guests_spread_over_the_hosts() {
         );
     }
     // Both gateways list the six, each on its host; two per host (the
-    // hosts are alike: placement by most free memory alternates).
+    // hosts are alike: placement by most free memory alternates). A
+    // listing comes from the registry, which a host updates just after
+    // it answers: wait for the last define to show.
+    for gateway in [0, 1] {
+        fleet
+            .wait_guests(gateway, "all six listed", MESSAGE_TIMEOUT, |g| {
+                g.len() == GUESTS.len()
+            })
+            .await;
+    }
     let hosts = fleet.guest_hosts(0).await;
     assert_eq!(hosts.len(), GUESTS.len(), "{hosts:?}");
     assert_eq!(fleet.guest_hosts(1).await, hosts);
@@ -458,12 +467,14 @@ async fn test_s1_guests_spread_over_the_hosts() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
-    for d in fleet.list(1).await {
-        let name = d.spec.as_ref().unwrap().name.clone();
-        if GUESTS.contains(&name.as_str()) {
-            assert_eq!(d.state(), DomainState::Running, "{name}");
-        }
-    }
+    fleet
+        .wait_guests(
+            1,
+            "all six running at the other gateway",
+            MESSAGE_TIMEOUT,
+            |g| g.len() == GUESTS.len() && g.values().all(|(_, s, _)| *s == DomainState::Running),
+        )
+        .await;
 }
 
 /// Scenario 2: guests on every host suspended and resumed while one
@@ -1047,5 +1058,13 @@ async fn test_s6_host_container_killed_and_restarted() {
                     .all(|(_, (_, s, _))| *s == DomainState::Shutoff)
         })
         .await;
-    assert_eq!(fleet.guests(1).await, now, "both gateways list the same");
+    // Both gateways list the same (each follows the registry on its own).
+    fleet
+        .wait_guests(
+            1,
+            "the other gateway listing the same",
+            MESSAGE_TIMEOUT,
+            |g| *g == now,
+        )
+        .await;
 }
