@@ -86,7 +86,7 @@ impl Locator {
         Ok(Locator {
             agents,
             supervisor,
-            local_host: local_host_name(),
+            local_host: qvirt_common::config::host_name(),
         })
     }
 
@@ -177,16 +177,6 @@ impl Locator {
     }
 }
 
-/// This machine's host name, as the supervisor's default node name: the
-/// kernel's host name, or "localhost" if it cannot be read.
-fn local_host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
 fn looks_like_uuid(s: &str) -> bool {
     s.len() == 36
         && s.bytes().enumerate().all(|(i, b)| match i {
@@ -236,7 +226,7 @@ mod tests {
     async fn test_static_entries_are_on_this_host() {
         let l = locator();
         let t = Duration::from_secs(1);
-        let here = local_host_name();
+        let here = qvirt_common::config::host_name();
         assert_eq!(
             l.locate("web1", &here, t).await.unwrap(),
             PathBuf::from("/run/web1.sock")

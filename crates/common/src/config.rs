@@ -141,6 +141,16 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// This machine's host name (the kernel's), or `localhost` if it has
+/// none: the default node name of a supervisor and host id of a bus.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// Longest unix socket path a client can dial: `sun_path` holds 108 bytes
 /// with the terminating NUL.
 pub const MAX_UNIX_SOCKET_PATH_BYTES: usize = 107;

@@ -297,11 +297,7 @@ impl Config {
         if !self.node_name.is_empty() {
             return self.node_name.clone();
         }
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".to_owned())
+        qvirt_common::config::host_name()
     }
 
     /// The dirs a definition's images may be in: `image_roots`, or

@@ -119,7 +119,7 @@ impl Fleet {
     pub async fn connect(config: &FleetConfig, shutdown: &CancellationToken) -> Option<Fleet> {
         let broker = config.broker();
         let client = tokio::select! {
-            c = super::connect(&broker.urls, "qvirt-eventbus fleet", true) => c,
+            c = qvirt_registry::connect(&broker.urls, "qvirt-eventbus fleet") => c,
             () = shutdown.cancelled() => return None,
         };
         let client = match client {

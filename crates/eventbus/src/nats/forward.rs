@@ -246,10 +246,9 @@ impl Loop {
         mut rx: mpsc::Receiver<Arc<Envelope<BusEvent>>>,
         shutdown: CancellationToken,
     ) {
-        let client = match super::connect(
+        let client = match qvirt_registry::connect(
             &self.config.urls,
             &format!("qvirt-eventbus {}", self.host),
-            true,
         )
         .await
         {

@@ -163,7 +163,7 @@ impl NatsConfig {
     /// The host id: `host`, else the machine's host name.
     pub fn host_id(&self) -> String {
         if self.host.is_empty() {
-            hostname()
+            qvirt_common::config::host_name()
         } else {
             self.host.clone()
         }
@@ -254,38 +254,6 @@ impl FleetConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         self.broker().check("fleet")
     }
-}
-
-/// The machine's host name (`localhost` if it has none).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
-/// A client connected to `urls`; with `retry`, it returns at once and
-/// keeps trying in the background (a host's bus must start while the
-/// broker is away).
-pub async fn connect(
-    urls: &[String],
-    name: &str,
-    retry: bool,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
-    let addrs: Vec<async_nats::ServerAddr> = urls.iter().filter_map(|u| u.parse().ok()).collect();
-    let mut options = async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|attempts| {
-            // 0, 100 ms, 200 ms, ... up to 2 s: a broker that comes back
-            // is found quickly, and a dead one is not hammered.
-            Duration::from_millis((attempts as u64 * 100).min(2000))
-        });
-    if retry {
-        options = options.retry_on_initial_connect();
-    }
-    options.connect(addrs).await
 }
 
 /// How often a bus looks at its broker connection for its health.
