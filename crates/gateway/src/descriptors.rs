@@ -181,39 +181,12 @@ pub fn strings_in_frame<const N: usize>(frame: &[u8], numbers: [u32; N]) -> Opti
 }
 
 /// The string value of top-level field `number` in the gRPC-framed,
-/// uncompressed protobuf message `frame` (5-byte prefix, then the
-/// message), if present and UTF-8; the last occurrence wins, as in
-/// protobuf. Nothing else is decoded.
+/// uncompressed protobuf message `frame`, as [`strings_in_frame`] reads
+/// it; `None` when absent or empty, or when the frame is compressed or
+/// malformed.
 pub fn string_in_frame(frame: &[u8], number: u32) -> Option<String> {
-    let (head, msg) = frame.split_first_chunk::<5>()?;
-    let [compressed, a, b, c, d] = *head;
-    if compressed != 0 {
-        return None;
-    }
-    let len = u32::from_be_bytes([a, b, c, d]) as usize;
-    let mut buf = msg.get(..len)?;
-    let mut found = None;
-    while !buf.is_empty() {
-        let key = varint(&mut buf)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                varint(&mut buf)?;
-            }
-            1 => buf = buf.get(8..)?,
-            5 => buf = buf.get(4..)?,
-            2 => {
-                let n = usize::try_from(varint(&mut buf)?).ok()?;
-                let value = buf.get(..n)?;
-                if field == u64::from(number) {
-                    found = std::str::from_utf8(value).ok().map(str::to_owned);
-                }
-                buf = &buf[n..];
-            }
-            _ => return found,
-        }
-    }
-    found
+    let [value] = strings_in_frame(frame, [number])?;
+    (!value.is_empty()).then_some(value)
 }
 
 fn varint(buf: &mut &[u8]) -> Option<u64> {
