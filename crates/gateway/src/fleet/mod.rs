@@ -218,7 +218,7 @@ impl Fleet {
             String::new()
         };
         let decided = match route::route(&index, &domain, &host) {
-            Err(FleetError::DomainNotFound { .. }) if host.is_empty() => {
+            Err(not_found @ FleetError::DomainNotFound { .. }) if host.is_empty() => {
                 // Defined through this gateway, not in the view yet.
                 let placed = lock(&self.pending)
                     .iter()
@@ -229,7 +229,7 @@ impl Fleet {
                         route::Decision::Host(_) => Target::Host(h),
                         route::Decision::Stale(e) => Target::Stale(Box::new(e.clone())),
                     }),
-                    None => route::route(&index, &domain, &host).map(Target::from),
+                    None => Err(not_found),
                 }
             }
             other => other.map(Target::from),
