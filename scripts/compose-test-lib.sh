@@ -12,6 +12,8 @@
 #                    docker-compose on it; on exit everything carrying the
 #                    project's label is removed, with the services' last
 #                    log lines when a step ($step) failed
+#   compose_down_leaves_nothing   `down -v`, then a check (counted) that
+#                    no container, network or volume of the project is left
 # shellcheck shell=bash
 
 say() { printf '%s: %s\n' "$NAME" "$*" >&2; }
@@ -66,4 +68,18 @@ compose_cleanup() {
     rm -rf "$work"
     [ "$rc" -ne 0 ] && echo "$NAME: $passed passed, 1 failed"
     exit "$rc"
+}
+
+compose_down_leaves_nothing() {
+    step="docker-compose down"
+    compose down -v --timeout 20 >"$work/down.log" 2>&1 || fail "docker-compose down -v: $(tail -n 5 "$work/down.log")"
+    local left
+    left=$(
+        docker ps -aq --filter "label=com.docker.compose.project=$project"
+        docker network ls -q --filter "label=com.docker.compose.project=$project"
+        docker volume ls -q --filter "label=com.docker.compose.project=$project"
+    )
+    [ -z "$left" ] || fail "left behind by down -v: $left"
+    ok "docker-compose down -v left no container, network or volume"
+    step=""
 }

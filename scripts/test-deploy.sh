@@ -176,16 +176,7 @@ ctl undefine deploy-guest >/dev/null || fail "undefine"
 ok "destroyed and undefined by the new supervisor"
 
 # --- down -v ------------------------------------------------------------------------
-step="docker-compose down"
-compose down -v --timeout 20 >"$work/down.log" 2>&1 || fail "docker-compose down -v: $(tail -n 5 "$work/down.log")"
-left=$(
-    docker ps -aq --filter "label=com.docker.compose.project=$project"
-    docker network ls -q --filter "label=com.docker.compose.project=$project"
-    docker volume ls -q --filter "label=com.docker.compose.project=$project"
-)
-[ -z "$left" ] || fail "left behind by down -v: $left"
-ok "docker-compose down -v left no container, network or volume"
-step=""
+compose_down_leaves_nothing
 
 say "timings: images ${t_images}s (${QVIRT_BINARIES:-release} binaries, incl. their build), whole run $(($(date +%s) - t0))s"
 echo "test-deploy: $passed passed, 0 failed"
