@@ -95,6 +95,9 @@ struct Fleet {
     stack: GatewayStack,
     fleet_bus: Service,
     fleet_gw: Service,
+    /// The fleet gateway's read-write token (the stack's gateway has its
+    /// own).
+    fleet_token: String,
     js: jetstream::Context,
     _outbox: tempfile::TempDir,
 }
@@ -128,10 +131,6 @@ impl Fleet {
         );
         let mut fleet_gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
         fleet_gw.wait_serving("qvirt.v1.EventBus").await;
-        // Both gateways take the same token (the fleet one's was made
-        // anew): use the stack's for the single-host gateway, this for
-        // the fleet one.
-        std::fs::write(stack.dir.path().join("token-fleet"), &rw.token).unwrap();
         let client = async_nats::connect(nats.urls()[2].as_str()).await.unwrap();
         let js = jetstream::new(client);
         Fleet {
@@ -139,6 +138,7 @@ impl Fleet {
             stack,
             fleet_bus,
             fleet_gw,
+            fleet_token: rw.token,
             js,
             _outbox: outbox,
         }
@@ -149,10 +149,11 @@ impl Fleet {
     }
 
     async fn fleet_channel(&self) -> BearerChannel {
-        let token = std::fs::read_to_string(self.stack.dir.path().join("token-fleet")).unwrap();
         bearer_channel(
             &self.fleet_gw.url(),
-            Some(qvirt_integration_tests::stack::bearer_value(token.trim())),
+            Some(qvirt_integration_tests::stack::bearer_value(
+                &self.fleet_token,
+            )),
         )
         .await
     }
