@@ -679,3 +679,48 @@ async fn test_a_live_fleet_subscription_rides_out_a_broker_restart() {
         [Got::Event(2), Got::Event(3)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_broker_restart_before_the_first_event_replays_no_history() {
+    let mut nats = Nats::single();
+    let outbox = tempfile::tempdir().unwrap();
+    let h1 = host_bus(&nats, "h1", outbox.path()).await;
+    let (mut bus, mut gw) = gateway_bus(&nats, 0).await;
+    wait_fleet_ready(&gw).await;
+    // History the live subscription must never see.
+    publish(
+        &h1,
+        vec![monitor("vm", "STOP", 1), monitor("vm", "STOP", 2)],
+    )
+    .await;
+    let mut history = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest {
+            replay_held: true,
+            ..Default::default()
+        })
+        .within()
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        collect(&mut history, |g| g.len() >= 2).await,
+        [Got::Event(1), Got::Event(2)]
+    );
+    let mut live = gw
+        .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
+        .within()
+        .await
+        .unwrap()
+        .into_inner();
+    let first = live.message().within().await.unwrap().unwrap();
+    assert!(matches!(first.kind, Some(MonitorKind::Established(_))));
+    // The broker goes away before the subscription's first event: its
+    // consumer is made again having delivered nothing.
+    nats.nodes[0].stop(libc::SIGKILL);
+    nats.nodes[0].start();
+    nats.wait_ready();
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    publish(&h1, vec![monitor("vm", "STOP", 3)]).await;
+    assert_eq!(collect(&mut live, |g| !g.is_empty()).await, [Got::Event(3)]);
+    assert_quiet(&mut live).await;
+}

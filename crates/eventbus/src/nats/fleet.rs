@@ -291,6 +291,8 @@ impl Fleet {
             });
         }
         let from = from.max(oldest);
+        // The first stream sequence this subscription may hand on.
+        let mut next_seq = from;
         let config = consumer::pull::OrderedConfig {
             filter_subjects: subjects,
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -354,6 +356,14 @@ impl Fleet {
             let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
                 continue;
             };
+            // async-nats remakes an ordered consumer that has delivered
+            // nothing yet with DeliverPolicy::All, not from our start:
+            // after such a reset the stream's history comes again.
+            // Only what follows the last sequence handed on counts.
+            if seq < next_seq {
+                continue;
+            }
+            next_seq = seq + 1;
             let item = if subject::is_host_event(&message.subject) {
                 // The consumer's subjects name only the hosts covered.
                 match HostEvent::decode(message.payload.clone()) {
