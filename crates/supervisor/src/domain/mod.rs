@@ -899,6 +899,9 @@ impl Manager {
         let spec = entry.data().spec.clone();
         let name = spec.name.clone();
         self.store_io(move |store| store.remove(&name)).await?;
+        // What was moved to the trash is deleted once this has answered.
+        let store = self.inner.store.clone();
+        drop(tokio::task::spawn_blocking(move || store.empty_trash()));
         entry.removed.store(true, Ordering::SeqCst);
         self.domains().remove(&spec.name);
         self.emit(
