@@ -339,9 +339,9 @@ impl EventBusService {
                 Start::After(seq) => FleetStart::After(seq),
                 Start::Restarted => FleetStart::Restarted,
             };
-            let rx = fleet.subscribe(start, subjects, Arc::new(predicate), slot);
+            let items = fleet.subscribe(start, subjects, Arc::new(predicate), slot);
             let service = self.clone();
-            let stream = tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(move |item| {
+            let stream = items.filter_map(move |item| {
                 let item = match item {
                     FleetItem::Established { last, oldest } => {
                         StreamItem::Established(service.established(last, oldest))

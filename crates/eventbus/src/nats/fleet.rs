@@ -18,18 +18,18 @@
 //!
 //! A slow subscriber is not dropped from: its consumer is simply read no
 //! faster than the client reads (the stream holds the history), so memory
-//! stays bounded by the channel and the consumer's batch.
+//! stays bounded by the consumer's batch and the HTTP/2 stream's window.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
-use futures_util::StreamExt as _;
+use futures_util::{Stream, StreamExt as _};
 use prost::Message as _;
 use qvirt_proto::v1::publish_request::Event as PublishedEvent;
 use qvirt_proto::v1::{EventsLost, EventsLostReason, HostEvent, HostEventType, PublishRequest};
 use qvirt_registry::{HostChange, View};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -38,10 +38,6 @@ use crate::cursor;
 use crate::hub::{Envelope, Subscription};
 use crate::service::BusEvent;
 use crate::status::BusError;
-
-/// Messages buffered per subscription between its consumer and its
-/// response stream.
-pub const CHANNEL: usize = 64;
 
 /// The most events one pull brings (the consumer's `max_batch`).
 pub const PULL_BATCH: i64 = 64;
@@ -206,40 +202,69 @@ impl Fleet {
         &self.epoch
     }
 
-    /// Starts a subscription: a task that reads an ordered consumer on
-    /// `subjects` from `start`, keeps the events `predicate` accepts, and
-    /// hands them on. It ends when the receiver is dropped or `slot` (the
-    /// subscription's place under the caps) ends.
+    /// A subscription: the stream of what an ordered consumer on
+    /// `subjects` delivers from `start`, of which the events `predicate`
+    /// accepts. The response stream polls it directly, as it polls a hub
+    /// subscription on one host: no task or channel between the consumer
+    /// and the client, so an event costs no extra wake-up. It ends with
+    /// [`FleetItem::Failed`] when the consumer cannot be made or read, or
+    /// `slot` (the subscription's place under the caps) ends.
     pub fn subscribe(
         &self,
         start: FleetStart,
         subjects: Vec<String>,
         predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
         slot: Subscription<BusEvent>,
-    ) -> mpsc::Receiver<FleetItem> {
-        let (tx, rx) = mpsc::channel(CHANNEL);
-        let fleet = self.clone();
-        tokio::spawn(async move {
-            let failed = fleet.feed(start, subjects, predicate, slot, &tx).await;
-            if let Err(status) = failed {
-                let _ = tx.send(FleetItem::Failed(status)).await;
+    ) -> impl Stream<Item = FleetItem> + Send + 'static {
+        let opening = Feed::Opening(Box::new(Opening {
+            fleet: self.clone(),
+            start,
+            subjects,
+            predicate,
+            slot,
+        }));
+        futures_util::stream::unfold(opening, |mut feed| async move {
+            loop {
+                feed = match feed {
+                    Feed::Done => return None,
+                    Feed::Opening(opening) => {
+                        let Opening {
+                            fleet,
+                            start,
+                            subjects,
+                            predicate,
+                            slot,
+                        } = *opening;
+                        match fleet.open(start, subjects).await {
+                            Ok((queued, messages, next_seq)) => Feed::Open(Box::new(Open {
+                                queued,
+                                messages,
+                                next_seq,
+                                predicate,
+                                slot,
+                            })),
+                            Err(status) => return Some((FleetItem::Failed(status), Feed::Done)),
+                        }
+                    }
+                    Feed::Open(mut open) => {
+                        return Some(match open.next().await {
+                            Ok(item) => (item, Feed::Open(open)),
+                            Err(status) => (FleetItem::Failed(status), Feed::Done),
+                        });
+                    }
+                };
             }
-        });
-        rx
+        })
     }
 
-    async fn feed(
+    /// Makes the consumer of a subscription; returns what to hand on
+    /// first (`Established`, loss markers), the consumer's messages and
+    /// the first stream sequence that may be handed on.
+    async fn open(
         &self,
         start: FleetStart,
         subjects: Vec<String>,
-        predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
-        mut slot: Subscription<BusEvent>,
-        tx: &mpsc::Sender<FleetItem>,
-    ) -> Result<(), Status> {
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            tracing::warn!(error = %e, "fleet: {what}");
-            Status::from(BusError::Fleet(what.to_owned()))
-        };
+    ) -> Result<(VecDeque<FleetItem>, consumer::pull::Ordered, u64), Status> {
         let mut stream = self
             .js
             .get_stream(&self.stream)
@@ -259,7 +284,10 @@ impl Fleet {
             ));
         }
         // The first sequence to deliver, and what is lost before it.
-        let mut lost = Vec::new();
+        let mut queued = VecDeque::from([FleetItem::Established {
+            last,
+            oldest: first.max(1),
+        }]);
         let from = match start {
             FleetStart::Live => last + 1,
             FleetStart::After(seq) if seq > last => {
@@ -272,10 +300,10 @@ impl Fleet {
             }
             FleetStart::After(seq) => seq + 1,
             FleetStart::Restarted => {
-                lost.push(EventsLost {
+                queued.push_back(FleetItem::Lost(EventsLost {
                     reason: EventsLostReason::BusRestarted as i32,
                     ..Default::default()
-                });
+                }));
                 1
             }
         };
@@ -283,25 +311,23 @@ impl Fleet {
         let oldest = first.max(1);
         if from < oldest && start != FleetStart::Restarted {
             let count = oldest - from;
-            lost.push(EventsLost {
+            queued.push_back(FleetItem::Lost(EventsLost {
                 reason: EventsLostReason::ReplayExpired as i32,
                 count,
                 first_sequence: from,
                 last_sequence: oldest - 1,
-            });
+            }));
         }
         let from = from.max(oldest);
-        // The first stream sequence this subscription may hand on.
-        let mut next_seq = from;
         let config = consumer::pull::OrderedConfig {
             filter_subjects: subjects,
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from,
             },
             // Pulls of at most 64 events (what a subscription may hold
-            // besides its channel), expiring after 5 s: heartbeats every
-            // 2.5 s, so a consumer lost with its server is made again
-            // after about 5 s rather than 30.
+            // besides what its HTTP/2 stream buffers), expiring after
+            // 5 s: heartbeats every 2.5 s, so a consumer lost with its
+            // server is made again after about 5 s rather than 30.
             max_batch: PULL_BATCH,
             max_expires: PULL_EXPIRES,
             ..Default::default()
@@ -321,28 +347,58 @@ impl Fleet {
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         };
-        let mut messages = consumer
+        let messages = consumer
             .messages()
             .await
             .map_err(|e| unavailable("cannot read the stream", &e))?;
-        let send = |item| tx.send(item);
-        if send(FleetItem::Established { last, oldest }).await.is_err() {
-            return Ok(());
-        }
-        for l in lost {
-            if send(FleetItem::Lost(l)).await.is_err() {
-                return Ok(());
-            }
+        Ok((queued, messages, from))
+    }
+}
+
+/// A fleet subscription's state between two items.
+enum Feed {
+    /// Its consumer is still to be made.
+    Opening(Box<Opening>),
+    /// Reading its consumer.
+    Open(Box<Open>),
+    /// Ended.
+    Done,
+}
+
+/// A fleet subscription whose consumer is still to be made.
+struct Opening {
+    fleet: Fleet,
+    start: FleetStart,
+    subjects: Vec<String>,
+    predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
+    slot: Subscription<BusEvent>,
+}
+
+/// An open fleet subscription.
+struct Open {
+    /// Items due before the next message (`Established`, loss markers).
+    queued: VecDeque<FleetItem>,
+    messages: consumer::pull::Ordered,
+    /// The first stream sequence this subscription may hand on.
+    next_seq: u64,
+    predicate: Arc<dyn Fn(&BusEvent) -> bool + Send + Sync>,
+    slot: Subscription<BusEvent>,
+}
+
+impl Open {
+    /// The next item to hand on.
+    async fn next(&mut self) -> Result<FleetItem, Status> {
+        if let Some(item) = self.queued.pop_front() {
+            return Ok(item);
         }
         loop {
             let next = tokio::select! {
-                m = messages.next() => m,
+                m = self.messages.next() => m,
                 // The slot ends when the bus shuts down.
-                end = slot.recv() => match end {
+                end = self.slot.recv() => match end {
                     Err(e) => return Err(BusError::from(e).into()),
                     Ok(_) => continue,
                 },
-                () = tx.closed() => return Ok(()),
             };
             let message = match next {
                 Some(Ok(m)) => m,
@@ -360,41 +416,41 @@ impl Fleet {
             // nothing yet with DeliverPolicy::All, not from our start:
             // after such a reset the stream's history comes again.
             // Only what follows the last sequence handed on counts.
-            if seq < next_seq {
+            if seq < self.next_seq {
                 continue;
             }
-            next_seq = seq + 1;
-            let item = if subject::is_host_event(&message.subject) {
+            self.next_seq = seq + 1;
+            if subject::is_host_event(&message.subject) {
                 // The consumer's subjects name only the hosts covered.
-                match HostEvent::decode(message.payload.clone()) {
-                    Ok(h) => FleetItem::Host(h),
-                    Err(_) => continue,
+                if let Ok(h) = HostEvent::decode(message.payload.clone()) {
+                    return Ok(FleetItem::Host(h));
                 }
             } else if subject::is_lost(&message.subject) {
-                match EventsLost::decode(message.payload.clone()) {
-                    Ok(host_loss) => FleetItem::Lost(EventsLost {
+                if let Ok(host_loss) = EventsLost::decode(message.payload.clone()) {
+                    return Ok(FleetItem::Lost(EventsLost {
                         reason: EventsLostReason::OutboxFull as i32,
                         count: host_loss.count,
                         first_sequence: 0,
                         last_sequence: 0,
-                    }),
-                    Err(_) => continue,
+                    }));
                 }
             } else {
                 let Some(event) = decode(&message.payload) else {
                     tracing::debug!(seq, subject = %message.subject, "fleet: skipping a message that is not an event");
                     continue;
                 };
-                if !predicate(&event) {
-                    continue;
+                if (self.predicate)(&event) {
+                    return Ok(FleetItem::Event(Arc::new(Envelope::new(seq, event))));
                 }
-                FleetItem::Event(Arc::new(Envelope::new(seq, event)))
-            };
-            if send(item).await.is_err() {
-                return Ok(());
             }
         }
     }
+}
+
+/// UNAVAILABLE for a fleet failure, logged.
+fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Status {
+    tracing::warn!(error = %e, "fleet: {what}");
+    Status::from(BusError::Fleet(what.to_owned()))
 }
 
 /// How many times a host event is tried before it is left to the other
