@@ -50,8 +50,6 @@ use tokio::sync::mpsc;
 
 /// stop/cont round trips in the qmp phase.
 const QMP_RUNS: usize = 40;
-/// Samples per side in the hop phase.
-const HOP_RUNS: usize = 300;
 /// Events in the rate phase, per side.
 const RATE_EVENTS: u64 = 10_000;
 /// Domains per host in the list phase, and hosts.
@@ -131,6 +129,7 @@ impl Fleet {
         );
         let mut fleet_gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
         fleet_gw.wait_serving("qvirt.v1.EventBus").await;
+
         let client = async_nats::connect(nats.urls()[2].as_str()).await.unwrap();
         let js = jetstream::new(client);
         Fleet {
@@ -310,90 +309,120 @@ async fn bare_consumer(js: &jetstream::Context) -> jetstream::consumer::pull::Or
     consumer.messages().await.unwrap()
 }
 
+/// Rounds of the hop phase (after 2 to warm up), and events per path per
+/// round.
+const HOP_ROUNDS: usize = 12;
+const HOP_PER_ROUND: usize = 25;
+
 async fn hop(f: &Fleet) {
-    let request = SubscribeMonitorEventsRequest {
+    // Each path gets events of its own name, so each measured event
+    // reaches one subscriber only: the others' deliveries would otherwise
+    // share the two cores with the one timed.
+    let watched = |event: &str, host: &str| SubscribeMonitorEventsRequest {
         domain: "bench".into(),
-        event: "HOP".into(),
-        host: "h1".into(),
+        event: event.into(),
+        host: host.into(),
         ..Default::default()
     };
-    let mut fleet = watch(f.fleet_channel().await, request.clone()).await;
-    // The same events read at the fleet bus itself, to show the
-    // gateway's share.
+    let mut fleet = watch(f.fleet_channel().await, watched("HOP", "h1")).await;
+    // At the fleet bus itself, to show the gateway's share.
     let bus = bearer_channel(&f.fleet_bus.url(), None).await;
-    let mut at_bus = watch(bus, request.clone()).await;
-    // And at the host's own bus, where the event enters.
+    let mut at_bus = watch(bus, watched("HOPB", "h1")).await;
+    // And at the host's own bus, where the event enters. (Locally the
+    // events carry no host: the bus names its host only in what it
+    // forwards.)
     let host = bearer_channel(&f.stack.bus.url(), None).await;
-    // (Locally the events carry no host: the bus names its host only in
-    // what it forwards.)
-    let local = SubscribeMonitorEventsRequest {
-        host: String::new(),
-        ..request
-    };
-    let mut at_host = watch(host, local).await;
+    let mut at_host = watch(host, watched("HOPH", "")).await;
     let publish = ingest(f.stack.bus.url());
     let mut bare = Box::pin(bare_consumer(&f.js).await);
-    // Warm both paths up.
-    for i in 0..20 {
-        publish.send(bench_event("HOP", i.to_string())).unwrap();
-        next_named(&mut fleet, "HOP").await;
-        next_named(&mut at_bus, "HOP").await;
-        next_named(&mut at_host, "HOP").await;
-        f.js.publish("qvirt.events.bare.b.monitor.HOP", "w".into())
-            .await
-            .unwrap();
-        tokio::time::timeout(WAIT, bare.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+    // Per path, per round: the samples.
+    const PATHS: usize = 4;
+    let mut rounds: Vec<[Vec<Duration>; PATHS]> = Vec::new();
+    for round in 0..HOP_ROUNDS + 2 {
+        let mut this: [Vec<Duration>; PATHS] = Default::default();
+        for i in 0..HOP_PER_ROUND {
+            // Rotate which path goes first.
+            for k in 0..PATHS {
+                let path = (i + k) % PATHS;
+                let (name, rx) = match path {
+                    0 => ("HOP", &mut fleet),
+                    1 => ("HOPB", &mut at_bus),
+                    2 => ("HOPH", &mut at_host),
+                    _ => {
+                        let t0 = Instant::now();
+                        let ack =
+                            f.js.publish("qvirt.events.bare.b.monitor.HOP", i.to_string().into())
+                                .await
+                                .unwrap();
+                        tokio::time::timeout(WAIT, bare.next())
+                            .await
+                            .unwrap()
+                            .unwrap()
+                            .unwrap();
+                        this[path].push(t0.elapsed());
+                        ack.await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        continue;
+                    }
+                };
+                let t0 = Instant::now();
+                publish
+                    .send(bench_event(name, format!("{}", now_ns())))
+                    .unwrap();
+                let (_, at) = next_named(rx, name).await;
+                this[path].push(at - t0);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        if round >= 2 {
+            rounds.push(this);
+        }
     }
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let (mut bus_only, mut host_only) = (Vec::new(), Vec::new());
-    for i in 0..HOP_RUNS {
-        let t0 = Instant::now();
-        publish
-            .send(bench_event("HOP", format!("{}", now_ns())))
-            .unwrap();
-        let (_, at) = next_named(&mut fleet, "HOP").await;
-        ours.push(at - t0);
-        bus_only.push(next_named(&mut at_bus, "HOP").await.1 - t0);
-        host_only.push(next_named(&mut at_host, "HOP").await.1 - t0);
-
-        let t0 = Instant::now();
-        let ack =
-            f.js.publish("qvirt.events.bare.b.monitor.HOP", i.to_string().into())
-                .await
-                .unwrap();
-        tokio::time::timeout(WAIT, bare.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        theirs.push(t0.elapsed());
-        ack.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let mut all: [Vec<Duration>; PATHS] = Default::default();
+    for r in &rounds {
+        for (p, samples) in r.iter().enumerate() {
+            all[p].extend_from_slice(samples);
+        }
     }
-    // Per event, what the fleet adds to its delivery at the host: from
-    // the host bus's own subscriber to the fleet gateway's.
-    let mut added: Vec<Duration> = ours
-        .iter()
-        .zip(&host_only)
-        .map(|(fleet, local)| fleet.saturating_sub(*local))
-        .collect();
-    println!("\nhop: one event into a host, out at a fleet subscriber (interleaved)");
-    let q = line("qvirt (host bus -> R3 -> fleet bus -> gateway)", &mut ours);
-    line("  the same at the fleet bus (no gateway)", &mut bus_only);
-    line(
-        "  the same at the host's bus (local delivery)",
-        &mut host_only,
-    );
-    let a = line("  added to the host's local delivery", &mut added);
-    let b = line("bare JetStream (publish -> ordered consumer)", &mut theirs);
     println!(
-        "  qvirt / bare: {:.2}x end to end, {:.2}x what the fleet adds (medians; goal at most 1.5x)",
-        q.as_secs_f64() / b.as_secs_f64(),
-        a.as_secs_f64() / b.as_secs_f64()
+        "\nhop: one event into a host, out at a fleet subscriber ({HOP_ROUNDS} interleaved rounds of {HOP_PER_ROUND} per path)"
+    );
+    let q = line(
+        "qvirt (host bus -> R3 -> fleet bus -> gateway)",
+        &mut all[0],
+    );
+    line("  the same at the fleet bus (no gateway)", &mut all[1]);
+    let local = line("  the same at the host's bus (local delivery)", &mut all[2]);
+    let b = line("bare JetStream (publish -> ordered consumer)", &mut all[3]);
+    // Per round: the ratio of medians.
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        percentile(&v, 0.5).as_secs_f64()
+    };
+    let spread = |path: usize| {
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .map(|r| median(&r[path]) / median(&r[3]))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        (
+            ratios[0],
+            percentile(&ratios, 0.5),
+            ratios[ratios.len() - 1],
+        )
+    };
+    let (lo, mid, hi) = spread(0);
+    println!(
+        "  qvirt / bare, per round: min {lo:.2} / median {mid:.2} / max {hi:.2} (goal: at most 1.5)"
+    );
+    let (lo, mid, hi) = spread(1);
+    println!("  at the fleet bus / bare, per round: min {lo:.2} / median {mid:.2} / max {hi:.2}");
+    let added = q.saturating_sub(local);
+    println!(
+        "  what the fleet adds to the host's local delivery (median minus median): {:.1} µs, {:.2}x the bare hop",
+        added.as_secs_f64() * 1e6,
+        added.as_secs_f64() / b.as_secs_f64()
     );
 }
 
