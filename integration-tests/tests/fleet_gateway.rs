@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use qvirt_common::rpc::reason_of;
 use qvirt_integration_tests::nats::{Nats, fleet_supervisor};
 use qvirt_integration_tests::stack::{BearerChannel, bearer_channel, bearer_value};
-use qvirt_integration_tests::{Service, free_port, grpcurl, text, token_new, write_internal_token};
+use qvirt_integration_tests::{
+    Service, bin_path, free_port, grpcurl, run_command, text, token_new, write_internal_token,
+};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
@@ -146,6 +148,31 @@ impl Fleet {
         }
     }
 
+    /// `qvirtctl ARGS` at gateway `gw` with the read-write token: its
+    /// stdout (it must succeed).
+    fn qvirtctl(&self, gw: usize, args: &[&str]) -> String {
+        let token = self._dir.path().join("ctl-token");
+        std::fs::write(&token, &self.token).unwrap();
+        let out = run_command(
+            std::process::Command::new(bin_path("qvirtctl"))
+                .env_remove("QVIRT_URL")
+                .env_remove("QVIRT_TOKEN")
+                .env_remove("QVIRT_TOKEN_FILE")
+                .arg("--connect")
+                .arg(self.gws[gw].url())
+                .arg("--token-file")
+                .arg(&token)
+                .args(args),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "qvirtctl {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
     async fn client(&self, gw: usize) -> SupervisorClient<BearerChannel> {
         let channel = bearer_channel(&self.gws[gw].url(), Some(bearer_value(&self.token))).await;
         SupervisorClient::new(channel)
@@ -187,6 +214,21 @@ async fn define(c: &mut SupervisorClient<BearerChannel>, name: &str, host: &str)
     .into_inner()
     .domain
     .unwrap()
+}
+
+/// A qvirtctl table's rows, split on runs of spaces (a state such as
+/// "shut off" is one cell: cells are at least two spaces apart).
+fn table_rows(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('-'))
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
 }
 
 /// Every domain a gateway lists, as `name@host` (walking the pages).
@@ -245,6 +287,32 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
     for gw in 0..2 {
         fleet.until_listed(gw, &want).await;
     }
+    // qvirtctl shows each domain's host once the list spans hosts, and
+    // lists one host's alone.
+    let rows = table_rows(&fleet.qvirtctl(0, &["list", "--all"]));
+    assert_eq!(rows[0], ["Name", "State", "UUID", "Host"], "{rows:?}");
+    let shown: Vec<(String, String)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].clone(), r[r.len() - 1].clone()))
+        .collect();
+    let placed_all: Vec<(String, String)> = want
+        .iter()
+        .map(|(n, h, _)| (n.clone(), h.clone()))
+        .collect();
+    assert_eq!(shown, placed_all);
+    let rows = table_rows(&fleet.qvirtctl(1, &["list", "--all", "--host", "h1"]));
+    let names: Vec<&str> = rows[1..].iter().map(|r| r[0].as_str()).collect();
+    let on_h1: Vec<&str> = want
+        .iter()
+        .filter(|(_, h, _)| h == "h1")
+        .map(|(n, _, _)| n.as_str())
+        .collect();
+    assert_eq!(names, on_h1, "{rows:?}");
+    assert_eq!(
+        rows[0],
+        ["Name", "State", "UUID"],
+        "one host: no Host column"
+    );
 
     // A name on both hosts needs `host`.
     let mut c1 = fleet.client(1).await;
@@ -321,6 +389,18 @@ async fn test_two_gateways_route_list_and_place_over_two_hosts() {
             .collect();
         fleet.until_listed(gw, &want).await;
     }
+    // qvirtctl marks the states it can only report as last known.
+    let listing = fleet.qvirtctl(0, &["list", "--all"]);
+    for row in &table_rows(&listing)[1..] {
+        let unreachable = row.join(" ").contains("(host unreachable)");
+        assert_eq!(unreachable, row[row.len() - 1] == "h2", "{listing}");
+    }
+    let info = fleet.qvirtctl(1, &["dominfo", &on_h2[0]]);
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Host reachable:") && l.trim_end().ends_with("no")),
+        "{info}"
+    );
     let stale = c1
         .get_domain(GetDomainRequest {
             domain: on_h2[0].clone(),

@@ -66,6 +66,10 @@ pub struct ListArgs {
     /// Print only the UUIDs.
     #[arg(long)]
     pub uuid: bool,
+    /// Only the domains of this host (a fleet gateway; on one host, its
+    /// own name or nothing).
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
 }
 
 /// `domstate`.
@@ -262,6 +266,7 @@ pub async fn list(gw: &Gateway, g: &Global, a: ListArgs) -> Result<u8, CtlError>
                 states: states.clone(),
                 page_size: 1000,
                 page_token: page_token.clone(),
+                host: a.host.clone().unwrap_or_default(),
                 ..Default::default()
             })
             .await?
@@ -285,18 +290,37 @@ pub async fn list(gw: &Gateway, g: &Global, a: ListArgs) -> Result<u8, CtlError>
         }
         return Ok(0);
     }
+    print!("{}", list_table(&domains));
+    Ok(0)
+}
+
+/// `list`'s table: a Host column once the domains are on more than one
+/// host (a fleet gateway's answer), and the state of a domain whose host
+/// does not answer marked so (it is the last one the host reported).
+fn list_table(domains: &[Domain]) -> String {
+    let mut hosts: Vec<&str> = domains.iter().map(|d| d.host.as_str()).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let fleet = hosts.len() > 1 || domains.iter().any(|d| d.host_unreachable);
     let rows: Vec<Vec<String>> = domains
         .iter()
         .map(|d| {
-            vec![
-                name_of(d).to_owned(),
-                state_name(d.state).to_owned(),
-                uuid_of(d).to_owned(),
-            ]
+            let mut state = state_name(d.state).to_owned();
+            if d.host_unreachable {
+                state.push_str(" (host unreachable)");
+            }
+            let mut row = vec![name_of(d).to_owned(), state, uuid_of(d).to_owned()];
+            if fleet {
+                row.push(d.host.clone());
+            }
+            row
         })
         .collect();
-    print!("{}", table(&["Name", "State", "UUID"], &rows));
-    Ok(0)
+    if fleet {
+        table(&["Name", "State", "UUID", "Host"], &rows)
+    } else {
+        table(&["Name", "State", "UUID"], &rows)
+    }
 }
 
 async fn get(gw: &Gateway, domain: &str) -> Result<Domain, CtlError> {
@@ -324,6 +348,7 @@ pub async fn dominfo(gw: &Gateway, g: &Global, a: DomArg) -> Result<u8, CtlError
         ("Name", spec.name.clone()),
         ("UUID", spec.uuid.clone()),
         ("Host", d.host.clone()),
+        ("Host reachable", yes(!d.host_unreachable)),
         ("OS Type", "hvm".to_owned()),
         ("State", state_name(d.state).to_owned()),
         ("Reason", reason_name(d.reason).to_owned()),
