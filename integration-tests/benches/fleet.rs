@@ -294,19 +294,29 @@ fn bench_event(name: &str, details: String) -> PublishRequest {
 
 /// An ordered pull consumer of the bare subjects with the fleet bus's
 /// settings (pulls of 64, expiring after 5 s), from the stream's end.
+/// Right after the cluster forms, making a consumer can time out while
+/// the stream's replicas settle: it is tried again, as the fleet bus
+/// does, for up to [`WAIT`].
 async fn bare_consumer(js: &jetstream::Context) -> jetstream::consumer::pull::Ordered {
+    let deadline = Instant::now() + WAIT;
     let stream = js.get_stream(STREAM).await.unwrap();
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subjects: vec!["qvirt.events.bare.>".into()],
-            deliver_policy: jetstream::consumer::DeliverPolicy::New,
-            max_batch: 64,
-            max_expires: Duration::from_secs(5),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    consumer.messages().await.unwrap()
+    let config = jetstream::consumer::pull::OrderedConfig {
+        filter_subjects: vec!["qvirt.events.bare.>".into()],
+        deliver_policy: jetstream::consumer::DeliverPolicy::New,
+        max_batch: 64,
+        max_expires: Duration::from_secs(5),
+        ..Default::default()
+    };
+    loop {
+        match stream.create_consumer(config.clone()).await {
+            Ok(consumer) => return consumer.messages().await.unwrap(),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("bare consumer not made yet ({e}); trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("no bare consumer within {WAIT:?}: {e}"),
+        }
+    }
 }
 
 /// Rounds of the hop phase (after 2 to warm up), and events per path per

@@ -88,7 +88,7 @@ pub enum FleetStart {
     Restarted,
 }
 
-/// What a fleet subscription's task hands to its response stream.
+/// What a fleet subscription's stream yields to its response stream.
 #[derive(Debug)]
 pub enum FleetItem {
     /// The subscription is active: the newest and oldest sequence held.
