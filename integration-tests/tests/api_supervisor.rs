@@ -57,8 +57,15 @@ impl Sup {
 
     /// Stop this supervisor (SIGTERM) and start another on the same dirs.
     async fn restart(&mut self) {
+        self.restart_then(|_| ()).await;
+    }
+
+    /// [`Sup::restart`], with `between` done to the state dir while no
+    /// supervisor runs.
+    async fn restart_then(&mut self, between: impl FnOnce(&Path)) {
         let status = self.svc.terminate();
         assert!(status.success(), "{status}");
+        between(&self.state);
         self.svc = Self::spawn(&self.state, &self.run).await;
         self.client = SupervisorClient::connect(self.svc.url()).await.unwrap();
     }
@@ -216,6 +223,48 @@ async fn test_a_define_retried_across_a_restart_is_replayed() {
     };
     let reused = sup.define(other).await.unwrap_err();
     assert_eq!(reason_of(&reused).as_deref(), Some("REQUEST_ID_REUSED"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_define_whose_record_a_crash_lost_is_still_replayed() {
+    let mut sup = Sup::start().await;
+    let request = DefineDomainRequest {
+        request_id: "define-lost".into(),
+        ..yaml_request(&yaml("lost"))
+    };
+    let first = sup.define(request.clone()).await.unwrap();
+    // A crash between the definition and the id's own record: the
+    // record never reached the state dir.
+    sup.restart_then(|state| {
+        let records = state.join("requests");
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&records).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+            removed += 1;
+        }
+        assert_eq!(removed, 1, "the define's record");
+    })
+    .await;
+    // The retry gets the first answer (its generated UUID), not
+    // ALREADY_EXISTS.
+    let again = sup.define(request).await.unwrap();
+    assert_eq!(again.spec, first.spec);
+    // The id with another spec is still a reuse.
+    let other = DefineDomainRequest {
+        request_id: "define-lost".into(),
+        ..yaml_request(&yaml("lost2"))
+    };
+    let reused = sup.define(other).await.unwrap_err();
+    assert_eq!(reason_of(&reused).as_deref(), Some("REQUEST_ID_REUSED"));
+    // Another id, or none, for the same name: refused as before.
+    for id in ["define-other", ""] {
+        let plain = DefineDomainRequest {
+            request_id: id.into(),
+            ..yaml_request(&yaml("lost"))
+        };
+        let err = sup.define(plain).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{id:?}: {err:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

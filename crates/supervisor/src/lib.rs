@@ -225,6 +225,22 @@ pub async fn run_reloadable(
             })?
             .map_err(|e| RunError::Open(DomainError::Store(e)))?
     };
+    // Defines whose own record a crash prevented: their definition files
+    // name the call, and the answer is the domain as loaded.
+    for (mark, name, at) in manager.take_request_marks() {
+        if let Ok(domain) = manager.get(&name) {
+            let answer = qvirt_proto::v1::DefineDomainResponse {
+                domain: Some(domain),
+            };
+            requests.adopt(
+                "DefineDomain",
+                &mark.id,
+                mark.fingerprint,
+                at,
+                request_ids::Outcome::of(&Ok::<_, tonic::Status>(answer)),
+            );
+        }
+    }
     let services =
         Services::new()
             .options(options)

@@ -10,8 +10,11 @@
 //! (DefineDomain, UndefineDomain) are also kept in `STATE_DIR/requests/`,
 //! one small file per id written atomically, and loaded at start, so a
 //! retry across a supervisor restart is still answered from the record.
-//! A crash between the write itself and its record leaves the write
-//! without a record: the retry then runs again.
+//! A crash between a Define and its record leaves the request id and
+//! fingerprint in the definition file itself (a comment line), so the
+//! retry after the restart is answered from the domain as loaded; a
+//! crash between an Undefine and its record makes the retry run again
+//! (NOT_FOUND).
 //!
 //! The cache key is (method, request id); the fingerprint is a digest of
 //! the request message as the supervisor decoded and re-encoded it
@@ -339,6 +342,46 @@ impl RequestIds {
             }
         }
         Ok(ids)
+    }
+
+    /// Remembers `outcome` as the answer of `method` with `request_id`
+    /// and `fingerprint` made at `at`, unless that id is remembered
+    /// already or `at` is past the window: for a write whose own record
+    /// a crash prevented (its answer rebuilt from what it wrote). Not
+    /// written to the state dir: the write itself is the record.
+    pub fn adopt(
+        &self,
+        method: &'static str,
+        request_id: &str,
+        fingerprint: u128,
+        at: SystemTime,
+        outcome: Outcome,
+    ) {
+        let now = SystemTime::now();
+        if expired(at, now) {
+            return;
+        }
+        let key: Key = (method, request_id.to_owned());
+        let mut table = self.table();
+        if table.slots.contains_key(&key) {
+            return;
+        }
+        let seq = table.next_seq;
+        table.next_seq += 1;
+        let size = outcome.size();
+        table.bytes += size;
+        table.order.push_back((seq, key.clone()));
+        table.slots.insert(
+            key,
+            Slot {
+                seq,
+                fingerprint,
+                at,
+                outcome: watch::channel(Some(outcome)).0,
+                size,
+            },
+        );
+        self.evict(&mut table, now);
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {

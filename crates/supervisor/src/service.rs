@@ -261,10 +261,17 @@ impl Supervisor for SupervisorService {
         };
         qvirt_common::telemetry::record_call(&spec.name, &request.request_id, "");
         let manager = self.manager.clone();
+        let mark = (!request.request_id.is_empty() && !request.validate_only).then(|| {
+            crate::domain::store::RequestMark {
+                id: request.request_id.clone(),
+                fingerprint: request_ids::digest(&[&request.encode_to_vec()]),
+            }
+        });
         let options = DefineOptions {
             allow_update: request.allow_update,
             etag: request.etag.clone(),
             validate_only: request.validate_only,
+            request: mark,
         };
         let call = async move {
             let domain = manager

@@ -263,6 +263,10 @@ struct Inner {
     /// Told the UUID of every domain whose record changed (the fleet
     /// registry's mirror); unset outside a fleet.
     changes: std::sync::OnceLock<ChangeHook>,
+    /// The DefineDomain calls with request ids that wrote the loaded
+    /// definitions, with the domains' names and when they were written
+    /// ([`Manager::take_request_marks`]).
+    marks: Mutex<Vec<(store::RequestMark, String, SystemTime)>>,
 }
 
 /// The table of domains and their operations. Cheap to clone.
@@ -333,11 +337,20 @@ impl Manager {
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 changes: std::sync::OnceLock::new(),
+                marks: Mutex::new(Vec::new()),
             }),
         };
         let mut entries = Vec::new();
         for item in loaded {
             let name = item.spec.name.clone();
+            if let Some(mark) = item.request.clone() {
+                manager
+                    .inner
+                    .marks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((mark, name.clone(), item.update_time));
+            }
             // Kept (it may run), but said: it was stored under older rules.
             if let Err(error) = spec::normalize(item.spec.clone(), manager.config().default_accel) {
                 tracing::warn!(domain = %name, %error, "stored definition breaks a current rule; kept as it is (redefine it to change it)");
@@ -372,6 +385,19 @@ impl Manager {
             Self::joined(Some(done));
         }
         Ok(manager)
+    }
+
+    /// The DefineDomain calls with request ids that wrote the loaded
+    /// definitions: (call, domain name, when written). Taken once, at
+    /// start, to answer their retries.
+    pub fn take_request_marks(&self) -> Vec<(store::RequestMark, String, SystemTime)> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .marks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Log a reconnect task that panicked.
@@ -794,7 +820,8 @@ impl Manager {
             }
             let saved = spec.clone();
             let create_time = entry.data().create_time;
-            self.store_io(move |store| store.save_spec(&saved, create_time))
+            let request = options.request.clone();
+            self.store_io(move |store| store.save_spec_by(&saved, create_time, request.as_ref()))
                 .await?;
             let domain = {
                 let mut data = entry.data();
@@ -825,8 +852,9 @@ impl Manager {
             }));
         }
         let saved_status = status.clone();
+        let request = options.request;
         self.store_io(move |store| {
-            store.save_spec(&saved, now)?;
+            store.save_spec_by(&saved, now, request.as_ref())?;
             // Without its status the new domain is not defined: take the
             // definition back, so a restart does not find half of it.
             store.save_status(&saved.name, &saved_status).inspect_err(|_| {
@@ -1099,6 +1127,9 @@ pub struct DefineOptions {
     pub etag: String,
     /// Check everything, write nothing, publish nothing.
     pub validate_only: bool,
+    /// The call's request id and fingerprint, kept in the definition file
+    /// (see [`store::RequestMark`]).
+    pub request: Option<store::RequestMark>,
 }
 
 /// When [`Manager::transition_and_emit`] emits its event.

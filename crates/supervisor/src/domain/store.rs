@@ -71,6 +71,34 @@ const CREATE_TIME_PREFIX: &str = "# qvirt create_time_ms: ";
 /// (still read).
 const OLD_CREATE_TIME_PREFIX: &str = "# qvirt defined_at_ms: ";
 
+/// The comment of a definition file written by a DefineDomain call with
+/// a request id: its fingerprint (32 hex digits) and the id. It lets a
+/// retry after a crash that came between the definition and the id's own
+/// record (`STATE_DIR/requests/`) be answered, not refused.
+const REQUEST_PREFIX: &str = "# qvirt define_request: ";
+
+/// The DefineDomain call a definition file was written by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestMark {
+    /// Its request id (printable ASCII, at most 128 bytes).
+    pub id: String,
+    /// Its fingerprint (`request_ids::digest` of the request).
+    pub fingerprint: u128,
+}
+
+/// The request comment of a definition file, if present.
+fn request_of(text: &str) -> Option<RequestMark> {
+    let rest = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(REQUEST_PREFIX))?;
+    let (fingerprint, id) = rest.split_once(' ')?;
+    Some(RequestMark {
+        id: id.to_owned(),
+        fingerprint: u128::from_str_radix(fingerprint, 16).ok()?,
+    })
+}
+
 /// The `create_time` comment of a definition file, if present.
 fn create_time_of(text: &str) -> Option<SystemTime> {
     let line = text.lines().next()?;
@@ -221,6 +249,8 @@ pub struct Loaded {
     pub update_time: SystemTime,
     /// Its saved image, if any.
     pub saved: Option<Saved>,
+    /// The DefineDomain call with a request id that wrote it, if any.
+    pub request: Option<RequestMark>,
 }
 
 /// A saved image of a domain (SaveDomain) and the definition it was
@@ -577,6 +607,17 @@ impl Store {
     /// Persist a definition; `create_time` goes in a leading comment line
     /// (YAML ignores it), so it survives updates, which replace the file.
     pub fn save_spec(&self, spec: &DomainSpec, create_time: SystemTime) -> Result<(), StoreError> {
+        self.save_spec_by(spec, create_time, None)
+    }
+
+    /// [`Store::save_spec`], recording the DefineDomain call `request`
+    /// that wrote it.
+    pub fn save_spec_by(
+        &self,
+        spec: &DomainSpec,
+        create_time: SystemTime,
+        request: Option<&RequestMark>,
+    ) -> Result<(), StoreError> {
         let text = spec.to_yaml().map_err(|source| StoreError::Encode {
             what: "domain spec",
             source,
@@ -585,7 +626,10 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let text = format!("{CREATE_TIME_PREFIX}{ms}\n{text}");
+        let request = request
+            .map(|r| format!("{REQUEST_PREFIX}{:032x} {}\n", r.fingerprint, r.id))
+            .unwrap_or_default();
+        let text = format!("{CREATE_TIME_PREFIX}{ms}\n{request}{text}");
         write_atomic(&self.spec_path(&spec.name), text.as_bytes())
     }
 
@@ -714,6 +758,7 @@ impl Store {
             }
             let read = fs::read_to_string(&path).map_err(|e| e.to_string());
             let recorded_create_time = read.as_ref().ok().and_then(|t| create_time_of(t));
+            let request = read.as_ref().ok().and_then(|t| request_of(t));
             let spec = read.and_then(|t| DomainSpec::from_yaml(&t).map_err(|e| e.to_string()));
             let spec = match spec {
                 Ok(spec) if spec.name == stem => spec,
@@ -742,6 +787,7 @@ impl Store {
                 create_time,
                 update_time,
                 saved,
+                request,
             });
         }
         loaded.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));

@@ -788,6 +788,7 @@ async fn test_validate_only_checks_everything_and_changes_nothing() {
             allow_update,
             etag: etag.to_owned(),
             validate_only: true,
+            request: None,
         };
         (spec(yaml), options)
     };
