@@ -173,6 +173,36 @@ struct Table {
     doomed: Vec<PathBuf>,
 }
 
+impl Table {
+    /// Remembers `key` (in place of an older slot of it) as made at `at`,
+    /// with its answer if known; returns the slot's `seq`. The bounds are
+    /// the caller's to apply ([`RequestIds::evict`]).
+    fn insert(
+        &mut self,
+        key: Key,
+        fingerprint: u128,
+        at: SystemTime,
+        outcome: Option<Outcome>,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let size = outcome.as_ref().map_or(0, Outcome::size);
+        self.bytes += size;
+        self.order.push_back((seq, key.clone()));
+        let slot = Slot {
+            seq,
+            fingerprint,
+            at,
+            outcome: watch::channel(outcome).0,
+            size,
+        };
+        if let Some(old) = self.slots.insert(key, slot) {
+            self.bytes -= old.size;
+        }
+        seq
+    }
+}
+
 /// The remembered request ids; see the module docs.
 #[derive(Debug)]
 pub struct RequestIds {
@@ -320,21 +350,7 @@ impl RequestIds {
         {
             let mut table = ids.table();
             for (key, fingerprint, at, outcome) in records {
-                let seq = table.next_seq;
-                table.next_seq += 1;
-                let size = outcome.size();
-                table.bytes += size;
-                table.order.push_back((seq, key.clone()));
-                table.slots.insert(
-                    key,
-                    Slot {
-                        seq,
-                        fingerprint,
-                        at,
-                        outcome: watch::channel(Some(outcome)).0,
-                        size,
-                    },
-                );
+                table.insert(key, fingerprint, at, Some(outcome));
             }
             ids.evict(&mut table, now);
             for path in std::mem::take(&mut table.doomed) {
@@ -366,21 +382,7 @@ impl RequestIds {
         if table.slots.contains_key(&key) {
             return;
         }
-        let seq = table.next_seq;
-        table.next_seq += 1;
-        let size = outcome.size();
-        table.bytes += size;
-        table.order.push_back((seq, key.clone()));
-        table.slots.insert(
-            key,
-            Slot {
-                seq,
-                fingerprint,
-                at,
-                outcome: watch::channel(Some(outcome)).0,
-                size,
-            },
-        );
+        table.insert(key, fingerprint, at, Some(outcome));
         self.evict(&mut table, now);
     }
 
@@ -436,22 +438,7 @@ impl RequestIds {
             }
             return Ok(Claim::Replay(slot.outcome.subscribe()));
         }
-        let seq = table.next_seq;
-        table.next_seq += 1;
-        if let Some(old) = table.slots.remove(&key) {
-            table.bytes -= old.size;
-        }
-        table.order.push_back((seq, key.clone()));
-        table.slots.insert(
-            key.clone(),
-            Slot {
-                seq,
-                fingerprint,
-                at: now,
-                outcome: watch::channel(None).0,
-                size: 0,
-            },
-        );
+        let seq = table.insert(key.clone(), fingerprint, now, None);
         self.evict(&mut table, now);
         Ok(Claim::Run(Ticket {
             ids: Arc::clone(self),
