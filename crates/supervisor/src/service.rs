@@ -53,12 +53,13 @@ impl SupervisorService {
     }
 
     /// Run the write `call` of `method` once per request id (see
-    /// [`crate::request_ids`]); without an id, just run it.
+    /// [`crate::request_ids`]); without an id, just run it. `fingerprint`
+    /// gives the request's ([`fingerprint`]), asked only with an id.
     async fn write<M, F>(
         &self,
         method: &'static str,
         request_id: &str,
-        request: &impl Message,
+        fingerprint: impl FnOnce() -> u128,
         call: F,
     ) -> Reply<M>
     where
@@ -69,8 +70,7 @@ impl SupervisorService {
             return detached(call).await.map(Response::new);
         }
         request_ids::check_request_id(request_id)?;
-        let fingerprint = request_ids::digest(&[&request.encode_to_vec()]);
-        match self.requests.claim(method, request_id, fingerprint)? {
+        match self.requests.claim(method, request_id, fingerprint())? {
             Claim::Replay(outcome) => request_ids::replay(outcome).await.map(Response::new),
             Claim::Run(ticket) => {
                 // The outcome is recorded even when the caller is gone.
@@ -140,8 +140,15 @@ impl SupervisorService {
         self.check_host(host)?;
         let key = domain_key(domain)?;
         let call = act(self.manager.clone(), key, &request)?;
-        self.write(method, request_id, &request, call).await
+        self.write(method, request_id, || fingerprint(&request), call)
+            .await
     }
+}
+
+/// A request's fingerprint for [`crate::request_ids`]: the digest of the
+/// message as decoded and encoded again.
+fn fingerprint(request: &impl Message) -> u128 {
+    request_ids::digest(&[&request.encode_to_vec()])
 }
 
 /// At most 256 bytes of a client's string, for messages.
@@ -261,12 +268,14 @@ impl Supervisor for SupervisorService {
         };
         qvirt_common::telemetry::record_call(&spec.name, &request.request_id, "");
         let manager = self.manager.clone();
-        let mark = (!request.request_id.is_empty() && !request.validate_only).then(|| {
-            crate::domain::store::RequestMark {
+        // Computed once: the definition file keeps it too.
+        let digest = (!request.request_id.is_empty()).then(|| fingerprint(&request));
+        let mark = digest
+            .filter(|_| !request.validate_only)
+            .map(|fingerprint| crate::domain::store::RequestMark {
                 id: request.request_id.clone(),
-                fingerprint: request_ids::digest(&[&request.encode_to_vec()]),
-            }
-        });
+                fingerprint,
+            });
         let options = DefineOptions {
             allow_update: request.allow_update,
             etag: request.etag.clone(),
@@ -290,8 +299,13 @@ impl Supervisor for SupervisorService {
             // Nothing happens, so there is nothing to replay.
             return detached(call).await.map(Response::new);
         }
-        self.write("DefineDomain", &request.request_id, &request, call)
-            .await
+        self.write(
+            "DefineDomain",
+            &request.request_id,
+            || digest.unwrap_or_else(|| fingerprint(&request)),
+            call,
+        )
+        .await
     }
 
     async fn undefine_domain(
