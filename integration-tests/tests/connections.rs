@@ -1,7 +1,8 @@
-//! How every service treats hostile connections (the shared serve helper),
-//! through the real `qvirt-eventbus` binary: out of file descriptors it
-//! pauses instead of spinning, and a connection that sends nothing is
-//! closed after the preface timeout.
+//! How every service treats hostile connections, through the real
+//! binaries: out of file descriptors the bus (the shared serve helper)
+//! pauses instead of spinning; the bus and the gateway (its own HTTP/2
+//! server) close a connection that sends nothing after the preface
+//! timeout and announce their stream cap.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Read;
@@ -97,10 +98,28 @@ async fn test_out_of_file_descriptors_the_server_pauses_and_recovers() {
     }
 }
 
+/// The bus (tonic's server, as every backend) and the gateway (its own
+/// server) with `args`, serving.
+async fn servers(args: &[&str]) -> Vec<(Service, &'static str, &'static str)> {
+    let mut bus = Service::start("qvirt-eventbus", args);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    // Its backends need not answer: the whole server ("") still serves.
+    let mut gw = Service::start("qvirt-gateway", args);
+    gw.wait_serving("").await;
+    vec![
+        (bus, "qvirt-eventbus", "qvirt.v1.EventBus"),
+        (gw, "qvirt-gateway", ""),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_a_connection_that_sends_nothing_is_closed_after_the_preface_timeout() {
-    let mut svc = Service::start("qvirt-eventbus", &["--preface-timeout-ms", "500"]);
-    svc.wait_serving("qvirt.v1.EventBus").await;
+    for (svc, name, health) in servers(&["--preface-timeout-ms", "500"]).await {
+        silent_connection_is_closed(svc, name, health).await;
+    }
+}
+
+async fn silent_connection_is_closed(svc: Service, name: &str, health: &str) {
     let silent = std::thread::spawn({
         let addr = svc.addr;
         move || {
@@ -119,16 +138,20 @@ async fn test_a_connection_that_sends_nothing_is_closed_after_the_preface_timeou
     let read = silent.join().unwrap();
     assert!(
         read.is_ok(),
-        "the connection was still open after {WAIT:?}: {read:?}"
+        "{name}: the connection was still open after {WAIT:?}: {read:?}"
     );
     // A client that speaks HTTP/2 is served as before.
-    svc.health("qvirt.v1.EventBus").await.unwrap();
+    svc.health(health).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn test_the_server_caps_concurrent_streams_per_connection() {
-    let mut svc = Service::start("qvirt-eventbus", &[]);
-    svc.wait_serving("qvirt.v1.EventBus").await;
+    for (svc, name, _) in servers(&[]).await {
+        stream_cap_is_announced(&svc, name);
+    }
+}
+
+fn stream_cap_is_announced(svc: &Service, name: &str) {
     let addr = svc.addr;
     let settings = std::thread::spawn(move || {
         use std::io::Write;
@@ -160,5 +183,5 @@ async fn test_the_server_caps_concurrent_streams_per_connection() {
     // SETTINGS_MAX_CONCURRENT_STREAMS (0x3); without it a client may open
     // streams without end.
     let max = settings.iter().find(|(id, _)| *id == 0x3).map(|(_, v)| *v);
-    assert_eq!(max, Some(1024), "{settings:?}");
+    assert_eq!(max, Some(1024), "{name}: {settings:?}");
 }

@@ -1351,3 +1351,40 @@ async fn test_monitor_events_of_a_real_guest_stream_through_the_gateway() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_sigterm_ends_open_streams_then_the_gateway_exits_and_removes_its_sockets() {
+    let mut s = Stack::start("", "").await;
+    let mut tcp = EventBusClient::new(s.channel().await);
+    let mut over_tcp = subscribe_domain(&mut tcp, &s.operator.token).await;
+    let mut unix = EventBusClient::new(unix_channel(&s.rw_sock).await);
+    let mut over_unix = subscribe_domain(&mut unix, &s.operator.token).await;
+    let (rw_sock, ro_sock) = (s.rw_sock.clone(), s.ro_sock.clone());
+    assert!(rw_sock.exists() && ro_sock.exists());
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = s.gw.terminate();
+        (s, status)
+    });
+    // Each open stream ends (GOAWAY, then the grace period at most)
+    // rather than hanging.
+    for stream in [&mut over_tcp, &mut over_unix] {
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream ended after SIGTERM");
+        assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    }
+    let (s, status) = status.await.unwrap();
+    assert!(status.success(), "{status:?}; stderr:\n{}", s.gw.stderr());
+    assert!(s.gw.stderr().contains("stopped"), "{}", s.gw.stderr());
+    for sock in [&rw_sock, &ro_sock] {
+        assert!(!sock.exists(), "{} left behind", sock.display());
+    }
+}

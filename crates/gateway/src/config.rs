@@ -68,10 +68,11 @@ pub struct Config {
     /// fleet registry on these NATS servers (`supervisor` and `agentd`
     /// are then unused; `eventbus` is the fleet bus beside the gateway).
     pub fleet: Option<FleetConfig>,
-    /// Runtime threads. 0 (the default): one worker per core; 1: the
-    /// whole gateway on one thread (no cross-thread wake-ups: less CPU and
-    /// latency per call, but one core's worth of forwarding); N: N
-    /// workers.
+    /// Connection threads (0, the default: one per core). Each accepts
+    /// plaintext TCP and unix-socket connections and serves them and
+    /// their calls alone, over backend connections of its own
+    /// ([`crate::serve`]). The TLS listener and the gateway's own tasks
+    /// run on a runtime of as many workers.
     pub worker_threads: usize,
 }
 

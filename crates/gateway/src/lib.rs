@@ -32,6 +32,7 @@ pub mod health;
 pub mod limits;
 pub mod proxy;
 pub mod roles;
+pub mod serve;
 pub mod status;
 pub mod tls;
 pub mod upstream;
@@ -78,6 +79,9 @@ pub enum GatewayRunError {
     /// certificate).
     #[error("cannot set up TLS")]
     Tls(#[source] tonic::transport::Error),
+    /// The connection threads could not be started or failed.
+    #[error("cannot serve on the connection threads")]
+    Threads(#[source] std::io::Error),
     /// A unix socket could not be given its mode or owner.
     #[error("cannot set up the unix socket {path}")]
     Socket {
@@ -208,13 +212,12 @@ pub async fn run(
     }
     let v1 = v1.build_v1().map_err(ServeError::Reflection)?;
     let v1alpha = v1alpha.build_v1alpha().map_err(ServeError::Reflection)?;
-    let routes = |transport| {
-        let router = Routes::new(health.clone())
+    let router = |transport| {
+        Routes::new(health.clone())
             .add_service(v1.clone())
             .add_service(v1alpha.clone())
             .into_axum_router()
-            .fallback_service(Proxy::new(Arc::clone(&shared), transport));
-        Routes::from(router)
+            .fallback_service(Proxy::new(Arc::clone(&shared), transport))
     };
 
     let options = config.serve_options();
@@ -263,23 +266,37 @@ pub async fn run(
     tokio::spawn(idle);
 
     let mut servers = tokio::task::JoinSet::new();
+    let mut plain = Vec::new();
     for (l, transport, tls_config) in listeners {
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mtls = transport == Transport::Tls && shared.clients.is_some();
+        tracing::info!(listen = %addr, transport = transport.as_str(), mtls, services = ?roles::PUBLIC_SERVICES, "serving");
+        let Some(tls_config) = tls_config else {
+            let proxy = Proxy::new(Arc::clone(&shared), transport);
+            plain.push((l, serve::Handler::new(proxy, router(transport))));
+            continue;
+        };
         let mut server = Server::builder()
             .http2_keepalive_interval(Some(options.keepalive_interval))
             .http2_keepalive_timeout(Some(options.keepalive_timeout))
-            .max_concurrent_streams(options.max_concurrent_streams);
-        if let Some(c) = tls_config {
-            server = server.tls_config(c).map_err(GatewayRunError::Tls)?;
-        }
-        let mtls = transport == Transport::Tls && shared.clients.is_some();
-        tracing::info!(listen = %addr, transport = transport.as_str(), mtls, services = ?roles::PUBLIC_SERVICES, "serving");
-        servers.spawn(serve_listener(
+            .max_concurrent_streams(options.max_concurrent_streams)
+            .tls_config(tls_config)
+            .map_err(GatewayRunError::Tls)?;
+        let serving = serve_listener(
             l,
-            server.add_routes(routes(transport)),
+            server.add_routes(Routes::from(router(transport))),
             options.clone(),
             shutdown.clone(),
-        ));
+        );
+        servers.spawn(async move { serving.await.map_err(GatewayRunError::from) });
+    }
+    if !plain.is_empty() {
+        let threads = match config.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let serving = serve::serve(plain, threads, options.clone(), shutdown.clone());
+        servers.spawn(async move { serving.await.map_err(GatewayRunError::Threads) });
     }
     let stopping = {
         let reporter = reporter.clone();
@@ -299,7 +316,7 @@ pub async fn run(
         match done {
             Ok(Err(e)) if result.is_ok() => {
                 shutdown.cancel();
-                result = Err(e.into());
+                result = Err(e);
             }
             Err(e) if result.is_ok() => {
                 shutdown.cancel();

@@ -114,6 +114,18 @@ impl Proxy {
     pub fn new(shared: Arc<Shared>, transport: Transport) -> Self {
         Proxy { shared, transport }
     }
+
+    /// Whether `path` is a public method's (the rest is unknown here).
+    pub fn serves(&self, path: &str) -> bool {
+        self.shared.methods.contains_key(path)
+    }
+
+    /// Handles one call: authenticated, checked and forwarded, or refused.
+    /// The caller's deadline counts from now.
+    pub fn handle(&self, req: Request<Body>) -> impl Future<Output = Response<Body>> + use<> {
+        let deadline = deadline_of(req.headers(), tokio::time::Instant::now());
+        handle(Arc::clone(&self.shared), self.transport, deadline, req)
+    }
 }
 
 impl tower::Service<Request<axum::body::Body>> for Proxy {
@@ -126,11 +138,10 @@ impl tower::Service<Request<axum::body::Body>> for Proxy {
     }
 
     fn call(&mut self, req: Request<axum::body::Body>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
-        let transport = self.transport;
-        // Taken here, as the call arrives, not when the future first runs.
-        let deadline = deadline_of(req.headers(), tokio::time::Instant::now());
-        Box::pin(async move { Ok(handle(shared, transport, deadline, req.map(Body::new)).await) })
+        // The deadline is taken here, as the call arrives, not when the
+        // future first runs.
+        let handled = self.handle(req.map(Body::new));
+        Box::pin(async move { Ok(handled.await) })
     }
 }
 

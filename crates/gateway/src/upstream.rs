@@ -1,6 +1,9 @@
-//! The gateway's connection to one backend: a single HTTP/2 connection
-//! (the `h2` crate, driven by a task of its own), opened on first use and
-//! again after it fails, with keepalive PINGs.
+//! The gateway's connections to one backend: an HTTP/2 connection per
+//! thread that calls it (the `h2` crate, driven by a task of its own on
+//! that thread's runtime), opened on first use and again after it fails,
+//! with keepalive PINGs. A connection thread of [`crate::serve`] thus
+//! forwards its calls over a connection of its own, and no call's I/O
+//! wakes another thread.
 //!
 //! A call opens its stream from the task that serves the caller's stream,
 //! and reads the backend's answer there too: the only other task on the
@@ -27,6 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -111,12 +115,12 @@ struct Connection {
     closed: Arc<AtomicBool>,
 }
 
-/// A backend's connection, shared by every call to it.
+/// A backend's connections, one per calling thread.
 pub struct Upstream {
     url: String,
     target: Target,
     authority: Authority,
-    current: std::sync::Mutex<Option<Connection>>,
+    current: std::sync::Mutex<Vec<(ThreadId, Connection)>>,
     /// Held while connecting, so concurrent calls share one attempt; holds
     /// when the last attempt failed, and why.
     connecting: tokio::sync::Mutex<Option<(Instant, String)>>,
@@ -168,7 +172,7 @@ impl Upstream {
             url: url.to_owned(),
             target,
             authority,
-            current: std::sync::Mutex::new(None),
+            current: std::sync::Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(None),
         })
     }
@@ -178,15 +182,25 @@ impl Upstream {
         &self.url
     }
 
+    /// This thread's open connection.
     fn live(&self) -> Option<Connection> {
+        let me = std::thread::current().id();
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         current
-            .as_ref()
-            .filter(|c| !c.closed.load(Ordering::Acquire))
-            .cloned()
+            .iter()
+            .find(|(t, c)| *t == me && !c.closed.load(Ordering::Acquire))
+            .map(|(_, c)| c.clone())
     }
 
-    /// The open connection, or a new one.
+    /// Makes `c` this thread's connection.
+    fn keep(&self, c: Connection) {
+        let me = std::thread::current().id();
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.retain(|(t, _)| *t != me);
+        current.push((me, c));
+    }
+
+    /// This thread's open connection, or a new one.
     async fn connection(&self) -> Result<Connection, UpstreamError> {
         if let Some(c) = self.live() {
             return Ok(c);
@@ -216,7 +230,7 @@ impl Upstream {
         match attempt {
             Ok(c) => {
                 *last = None;
-                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                self.keep(c.clone());
                 Ok(c)
             }
             Err(e) => {
@@ -408,13 +422,25 @@ async fn pipe(mut body: tonic::body::Body, mut stream: h2::SendStream<Bytes>) {
     }
 }
 
-/// A backend's response body: its DATA frames (their window given back
-/// as they are passed on), then its trailers.
+/// A received HTTP/2 body (a backend's response, or a client's request):
+/// its DATA frames (their window given back as they are passed on), then
+/// its trailers.
 #[derive(Debug)]
 pub struct Incoming {
     recv: h2::RecvStream,
     data_done: bool,
     _pipe: Option<AbortOnDrop>,
+}
+
+impl Incoming {
+    /// The body of a stream received from a client (no request piped).
+    pub fn from_recv(recv: h2::RecvStream) -> Self {
+        Incoming {
+            recv,
+            data_done: false,
+            _pipe: None,
+        }
+    }
 }
 
 impl http_body::Body for Incoming {
