@@ -480,6 +480,8 @@ pub(super) fn guest_files(
             source,
         }
     };
+    // A domain's first start makes its run dir (define does not).
+    store::create_dir(&paths.run_dir, 0o700)?;
     let agent = if spec.agent {
         Some(
             launch::bind_listener(&paths.agent_socket).map_err(failed(format!(

@@ -355,7 +355,12 @@ impl Manager {
             if let Err(error) = spec::normalize(item.spec.clone(), manager.config().default_accel) {
                 tracing::warn!(domain = %name, %error, "stored definition breaks a current rule; kept as it is (redefine it to change it)");
             }
-            let mut status = item.status.unwrap_or_default();
+            let mut status = item.status.unwrap_or_else(|| Status {
+                // Defined and never started since: shut off since its
+                // definition.
+                state_change_time_ms: Some(millis(item.create_time)),
+                ..Status::default()
+            });
             if status.state == 0 {
                 status.state = DomainState::Shutoff as i32;
                 status.reason = DomainStateReason::ShutoffUnknown as i32;
@@ -851,19 +856,11 @@ impl Manager {
                 saved: None,
             }));
         }
-        let saved_status = status.clone();
         let request = options.request;
-        self.store_io(move |store| {
-            store.save_spec_by(&saved, now, request.as_ref())?;
-            // Without its status the new domain is not defined: take the
-            // definition back, so a restart does not find half of it.
-            store.save_status(&saved.name, &saved_status).inspect_err(|_| {
-                if let Err(error) = store.remove(&saved.name) {
-                    tracing::warn!(domain = %saved.name, error = %qvirt_common::error_chain(&error), "cannot remove a half-stored definition");
-                }
-            })
-        })
-        .await?;
+        // The definition alone: a domain that never ran has no run dir
+        // and no status file (start makes them), and loads as shut off.
+        self.store_io(move |store| store.save_spec_by(&saved, now, request.as_ref()))
+            .await?;
         let entry = Entry::new(Data {
             spec: spec.clone(),
             status,

@@ -10,8 +10,9 @@
 //!   `NAME.yaml`, the definition it was saved with (a `DomainSpec`, after
 //!   a comment line recording when), written after the image: a record
 //!   without its image is never seen.
-//! - `RUN_DIR/NAME/` (mode 0700): `status.yaml` (state, reason, pid, process
-//!   identity, socket paths, times, files given to QEMU's user),
+//! - `RUN_DIR/NAME/` (mode 0700, made by the domain's first start: a
+//!   domain that never ran has none): `status.yaml` (state, reason, pid,
+//!   process identity, socket paths, times, files given to QEMU's user),
 //!   `monitor.sock`, `agent.sock`.
 //! - `STATE_DIR/trash/` and `RUN_DIR/`[`RUN_TRASH_NAME`] (mode 0700): what
 //!   an undefine moved away, deleted after it has answered (and at start).

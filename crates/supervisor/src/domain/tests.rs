@@ -683,20 +683,21 @@ async fn test_memory_and_vcpus_are_checked_against_the_host_limits() {
 }
 
 #[tokio::test]
-async fn test_a_define_whose_status_cannot_be_written_leaves_no_definition() {
+async fn test_a_domain_that_never_ran_has_no_run_dir_and_reloads_shut_off_since_defined() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(&dir).await;
-    // RUN_DIR/a is a file: the status file cannot be written.
-    std::fs::write(dir.path().join("run/a"), b"").unwrap();
-    assert!(m.define(spec("name: a"), false).await.is_err());
-    assert!(matches!(m.get("a"), Err(DomainError::NotFound(_))));
-    let left: Vec<_> = std::fs::read_dir(dir.path().join("state/domains"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    let defined = m.define(spec("name: a"), false).await.unwrap();
+    // Define writes the definition only: start makes the run dir.
+    assert!(!dir.path().join("run/a").exists());
     m.close().await;
-    assert!(open(&dir).await.list(&[]).is_empty());
+    let m = open(&dir).await;
+    let d = m.get("a").unwrap();
+    assert_eq!(d.state(), DomainState::Shutoff);
+    assert_eq!(d.reason(), DomainStateReason::ShutoffUnknown);
+    assert!(defined.state_change_time.is_some());
+    assert_eq!(d.state_change_time, defined.state_change_time);
+    assert_eq!(d.state_change_time, d.create_time);
+    m.close().await;
 }
 
 /// Counts lifecycle events.
