@@ -172,27 +172,21 @@ async fn thread(
     let tracker = TaskTracker::new();
     let mut accepting = Vec::new();
     for (listener, handler) in listeners {
-        let (tracker, options, shutdown) = (tracker.clone(), options.clone(), shutdown.clone());
+        let serving = Serving {
+            handler,
+            tracker: tracker.clone(),
+            options: options.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let preface = options.preface_timeout;
         let accept: Pin<Box<dyn Future<Output = ()>>> = match listener {
             Shared::Tcp(l) => {
                 let l = tokio::net::TcpListener::from_std(l)?;
-                Box::pin(accept(
-                    Incoming::new(l, options.preface_timeout),
-                    handler,
-                    tracker,
-                    options,
-                    shutdown,
-                ))
+                Box::pin(accept(Incoming::new(l, preface), serving))
             }
             Shared::Unix(l) => {
                 let l = tokio::net::UnixListener::from_std(l)?;
-                Box::pin(accept(
-                    Incoming::new(l, options.preface_timeout),
-                    handler,
-                    tracker,
-                    options,
-                    shutdown,
-                ))
+                Box::pin(accept(Incoming::new(l, preface), serving))
             }
         };
         accepting.push(accept);
@@ -208,17 +202,26 @@ async fn thread(
     Ok(())
 }
 
-async fn accept<S, IO>(
-    mut incoming: S,
+/// What a listener's accept loop hands each of its connections.
+struct Serving {
     handler: Handler,
     tracker: TaskTracker,
     options: ServeOptions,
     shutdown: CancellationToken,
-) where
+}
+
+async fn accept<S, IO>(mut incoming: S, serving: Serving)
+where
     S: futures_util::Stream<Item = std::io::Result<IO>> + Unpin,
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
 {
+    let Serving {
+        handler,
+        tracker,
+        options,
+        shutdown,
+    } = serving;
     loop {
         let io = tokio::select! {
             next = incoming.next() => match next {
