@@ -118,22 +118,25 @@ pub async fn serve(
     let mut done = Vec::new();
     let mut result = Ok(());
     for i in 0..threads.max(1) {
-        let mine = shared
-            .iter()
-            .map(|(l, h)| Ok((l.try_clone()?, h.clone())))
-            .collect::<std::io::Result<Vec<_>>>()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let options = options.clone();
         let stop = shutdown.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("gateway-conn-{i}"))
-            .spawn(move || {
-                let outcome = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .and_then(|rt| rt.block_on(thread(mine, options, stop)));
-                let _ = tx.send(outcome);
+        let spawned = shared
+            .iter()
+            .map(|(l, h)| Ok((l.try_clone()?, h.clone())))
+            .collect::<std::io::Result<Vec<_>>>()
+            .and_then(|mine| {
+                std::thread::Builder::new()
+                    .name(format!("gateway-conn-{i}"))
+                    .spawn(move || {
+                        let outcome = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .and_then(|rt| rt.block_on(thread(mine, options, stop)));
+                        let _ = tx.send(outcome);
+                    })
             });
+        // Threads already serving are stopped, and waited for, below.
         match spawned {
             Ok(_) => done.push(rx),
             Err(e) => {
