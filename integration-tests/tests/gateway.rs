@@ -1353,7 +1353,7 @@ async fn test_monitor_events_of_a_real_guest_stream_through_the_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn test_sigterm_ends_open_streams_then_the_gateway_exits_and_removes_its_sockets() {
+async fn test_sigterm_refuses_new_connections_ends_open_streams_and_removes_the_sockets() {
     let mut s = Stack::start("", "").await;
     let mut tcp = EventBusClient::new(s.channel().await);
     let mut over_tcp = subscribe_domain(&mut tcp, &s.operator.token).await;
@@ -1362,6 +1362,25 @@ async fn test_sigterm_ends_open_streams_then_the_gateway_exits_and_removes_its_s
     let (rw_sock, ro_sock) = (s.rw_sock.clone(), s.ro_sock.clone());
     assert!(rw_sock.exists() && ro_sock.exists());
 
+    // New connections are refused at once, while the open streams still
+    // have their grace period: a client is never left hanging on a port
+    // nobody serves any more.
+    s.gw.signal(libc::SIGTERM);
+    let addr = s.gw.addr;
+    let refused = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "the gateway's port still took connections 3 s after SIGTERM"
+    );
+    // (SIGTERM again, as `terminate` sends it, changes nothing.)
     let status = tokio::task::spawn_blocking(move || {
         let status = s.gw.terminate();
         (s, status)

@@ -23,12 +23,13 @@
 //!   for [`SHUTDOWN_GRACE`]; then its thread stops.
 
 use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
@@ -43,12 +44,14 @@ use tonic::transport::server::Connected;
 use crate::proxy::Proxy;
 use crate::upstream;
 
-/// Flow-control windows offered to clients, as for backends: a server
-/// stream to a client on loopback is never held back by the window.
+/// Flow-control windows offered to clients unless the serve options set
+/// them, as for backends: a server stream to a client on loopback is
+/// never held back by the window.
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
-/// The most of a response buffered per stream for a slow client.
-const MAX_SEND_BUFFER: usize = 1 << 20;
+/// The most of a response buffered per stream for a slow client (as
+/// hyper's server).
+const MAX_SEND_BUFFER: usize = 400 << 10;
 /// The most header bytes accepted from a client.
 const MAX_HEADER_LIST: u32 = 16 << 10;
 
@@ -121,6 +124,7 @@ pub async fn serve(
         let (tx, rx) = tokio::sync::oneshot::channel();
         let options = options.clone();
         let stop = shutdown.clone();
+        let failed = shutdown.clone();
         let spawned = shared
             .iter()
             .map(|(l, h)| Ok((l.try_clone()?, h.clone())))
@@ -133,6 +137,11 @@ pub async fn serve(
                             .enable_all()
                             .build()
                             .and_then(|rt| rt.block_on(thread(mine, options, stop)));
+                        if outcome.is_err() {
+                            // The gateway stops rather than serve on
+                            // fewer threads than it was asked for.
+                            failed.cancel();
+                        }
                         let _ = tx.send(outcome);
                     })
             });
@@ -146,6 +155,10 @@ pub async fn serve(
             }
         }
     }
+    // Each thread has its own copies: closing these lets a listener go
+    // away as soon as the threads stop accepting, so that a client
+    // connecting during the grace period is refused, not left hanging.
+    drop(shared);
     for rx in done {
         let outcome = rx
             .await
@@ -259,8 +272,12 @@ async fn connection<IO, I>(
 {
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(options.max_concurrent_streams)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_window_size(options.initial_stream_window_size.unwrap_or(STREAM_WINDOW))
+        .initial_connection_window_size(
+            options
+                .initial_connection_window_size
+                .unwrap_or(CONNECTION_WINDOW),
+        )
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .handshake::<_, Bytes>(io);
@@ -286,7 +303,14 @@ async fn connection<IO, I>(
         tokio::select! {
             accepted = conn.accept() => match accepted {
                 Some(Ok((req, respond))) => {
-                    calls.push(call(req, respond, info.clone(), handler.clone()));
+                    // A call that panics ends alone (its stream is
+                    // reset), as when each call was a task of its own.
+                    let call = AssertUnwindSafe(call(req, respond, info.clone(), handler.clone()));
+                    calls.push(call.catch_unwind().map(|outcome| {
+                        if outcome.is_err() {
+                            tracing::error!("a call panicked; its stream was reset");
+                        }
+                    }));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "client connection failed");

@@ -15,9 +15,11 @@
 //!   new one (once; nothing of the call has been sent yet). A stream the
 //!   backend refuses (GOAWAY) fails the call with UNAVAILABLE and makes
 //!   the next call reconnect.
-//! - Calls that arrive while a connect attempt is under way wait for it
-//!   and share its outcome, so a backend that does not answer costs each
-//!   of them at most one [`CONNECT_TIMEOUT`], never a queue of them.
+//! - Calls on one thread that arrive while its connect attempt is under
+//!   way wait for it and share its outcome, and a call on any thread
+//!   that waited while an attempt failed gets that failure, so a backend
+//!   that does not answer costs each call at most one
+//!   [`CONNECT_TIMEOUT`], never a queue of them.
 //! - Dropping a call's response (or its body) resets the backend's stream
 //!   with CANCEL, so the backend sees a caller that went away.
 //! - A connection whose PING is not answered within [`KEEPALIVE_TIMEOUT`]
@@ -115,15 +117,24 @@ struct Connection {
     closed: Arc<AtomicBool>,
 }
 
+/// One calling thread's connection to the backend.
+struct Slot {
+    thread: ThreadId,
+    /// Its open connection, if any.
+    current: Option<Connection>,
+    /// Held while the thread connects, so that its calls share one
+    /// attempt.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
 /// A backend's connections, one per calling thread.
 pub struct Upstream {
     url: String,
     target: Target,
     authority: Authority,
-    current: std::sync::Mutex<Vec<(ThreadId, Connection)>>,
-    /// Held while connecting, so concurrent calls share one attempt; holds
-    /// when the last attempt failed, and why.
-    connecting: tokio::sync::Mutex<Option<(Instant, String)>>,
+    slots: std::sync::Mutex<Vec<Slot>>,
+    /// When an attempt to connect (on any thread) last failed, and why.
+    failed: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -172,8 +183,8 @@ impl Upstream {
             url: url.to_owned(),
             target,
             authority,
-            current: std::sync::Mutex::new(Vec::new()),
-            connecting: tokio::sync::Mutex::new(None),
+            slots: std::sync::Mutex::new(Vec::new()),
+            failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -182,22 +193,32 @@ impl Upstream {
         &self.url
     }
 
-    /// This thread's open connection.
-    fn live(&self) -> Option<Connection> {
+    /// Runs `f` on this thread's slot, made if missing.
+    fn with_slot<T>(&self, f: impl FnOnce(&mut Slot) -> T) -> T {
         let me = std::thread::current().id();
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current
-            .iter()
-            .find(|(t, c)| *t == me && !c.closed.load(Ordering::Acquire))
-            .map(|(_, c)| c.clone())
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let at = match slots.iter().position(|s| s.thread == me) {
+            Some(at) => at,
+            None => {
+                slots.push(Slot {
+                    thread: me,
+                    current: None,
+                    connecting: Arc::default(),
+                });
+                slots.len() - 1
+            }
+        };
+        f(&mut slots[at])
     }
 
-    /// Makes `c` this thread's connection.
-    fn keep(&self, c: Connection) {
-        let me = std::thread::current().id();
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.retain(|(t, _)| *t != me);
-        current.push((me, c));
+    /// This thread's open connection.
+    fn live(&self) -> Option<Connection> {
+        self.with_slot(|s| {
+            s.current
+                .as_ref()
+                .filter(|c| !c.closed.load(Ordering::Acquire))
+                .cloned()
+        })
     }
 
     /// This thread's open connection, or a new one.
@@ -206,19 +227,25 @@ impl Upstream {
             return Ok(c);
         }
         let asked = Instant::now();
-        let mut last = self.connecting.lock().await;
+        let connecting = self.with_slot(|s| Arc::clone(&s.connecting));
+        let _attempt = connecting.lock().await;
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        // An attempt that failed while this call waited is this call's
-        // answer too: callers never queue behind one dead backend's
-        // connect timeouts one after the other.
-        if let Some((at, cause)) = last.as_ref()
-            && *at >= asked
+        // An attempt that failed while this call waited, on this thread or
+        // another, is this call's answer too: callers never queue behind
+        // one dead backend's connect timeouts one after the other.
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((at, cause)) = failed
+            && at >= asked
         {
             return Err(UpstreamError::Failed {
                 url: self.url.clone(),
-                cause: cause.clone(),
+                cause,
             });
         }
         let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
@@ -229,12 +256,12 @@ impl Upstream {
             .and_then(|r| r);
         match attempt {
             Ok(c) => {
-                *last = None;
-                self.keep(c.clone());
+                self.with_slot(|s| s.current = Some(c.clone()));
                 Ok(c)
             }
             Err(e) => {
-                *last = Some((Instant::now(), qvirt_common::error_chain(&e)));
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), qvirt_common::error_chain(&e)));
                 Err(e)
             }
         }
