@@ -326,6 +326,17 @@ fn test_plaintext_beyond_loopback_and_bad_tls_files_stop_the_gateway_at_start() 
         assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains(field), "{}", text(&out.stderr));
     }
+    // A key that is not the certificate's: the gateway stops before it
+    // serves, saying so.
+    let other = ca.server("other");
+    let mismatched = CertFiles {
+        cert: server.cert.clone(),
+        key: other.key.clone(),
+    };
+    let out = start(&pki::gateway_tls_yaml(&mismatched, None, &[]), &[]);
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot set up TLS"), "{stderr}");
     // mTLS with an entry naming two certificate names.
     let yaml = pki::gateway_tls_yaml(&server, Some(&ca.cert), &[("x", "read-only", "cn", "x")])
         .replace("cn: \"x\"", "cn: x, dns: x.test");

@@ -69,9 +69,9 @@ pub struct Config {
     /// are then unused; `eventbus` is the fleet bus beside the gateway).
     pub fleet: Option<FleetConfig>,
     /// Connection threads (0, the default: one per core). Each accepts
-    /// plaintext TCP and unix-socket connections and serves them and
-    /// their calls alone, over backend connections of its own
-    /// ([`crate::serve`]). The TLS listener and the gateway's own tasks
+    /// connections on every listener and serves them and their calls
+    /// alone, over backend connections of its own ([`crate::serve`]).
+    /// The gateway's own tasks (health polls, the fleet view, reloads)
     /// run on a runtime of as many workers.
     pub worker_threads: usize,
 }

@@ -42,14 +42,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qvirt_common::accept::Incoming;
 use qvirt_common::cli::ServiceConfig as _;
 use qvirt_common::config::{ConfigError, ListenAddr};
 use qvirt_common::internal_auth::{InternalToken, TOKEN_METADATA};
-use qvirt_common::serve::{Listener, SHUTDOWN_GRACE, ServeError, ServeOptions};
+use qvirt_common::serve::{Listener, ServeError};
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use config::Config;
@@ -78,7 +76,7 @@ pub enum GatewayRunError {
     /// The TLS files are unusable (e.g. the key does not match the
     /// certificate).
     #[error("cannot set up TLS")]
-    Tls(#[source] tonic::transport::Error),
+    Tls(#[source] tls::TlsSetupError),
     /// The connection threads could not be started or failed.
     #[error("cannot serve on the connection threads")]
     Threads(#[source] std::io::Error),
@@ -221,21 +219,18 @@ pub async fn run(
     };
 
     let options = config.serve_options();
-    let tls_config = tls
+    // A key that does not match its certificate fails here, before
+    // anything is served.
+    let acceptor = tls
         .as_ref()
-        .map(|m| m.server_config(options.preface_timeout));
-    let main_transport = match (&tls_config, &listener) {
-        (Some(_), Listener::Tcp(_)) => Transport::Tls,
-        _ => Transport::Tcp,
+        .map(tls::Material::acceptor)
+        .transpose()
+        .map_err(GatewayRunError::Tls)?;
+    let main_transport = match &acceptor {
+        Some(_) => Transport::Tls,
+        None => Transport::Tcp,
     };
-    if let Some(c) = &tls_config {
-        // A key that does not match its certificate fails here, before
-        // any socket is bound.
-        Server::builder()
-            .tls_config(c.clone())
-            .map_err(GatewayRunError::Tls)?;
-    }
-    let mut listeners = vec![(listener, main_transport, tls_config)];
+    let mut listeners = vec![(listener, main_transport, acceptor)];
     for (socket, transport, default_mode) in [
         (&config.rw_socket, Transport::UnixRw, 0o600),
         (&config.ro_socket, Transport::UnixRo, 0o666),
@@ -265,39 +260,19 @@ pub async fn run(
     };
     tokio::spawn(idle);
 
-    let mut servers = tokio::task::JoinSet::new();
-    let mut plain = Vec::new();
-    for (l, transport, tls_config) in listeners {
+    let mut endpoints = Vec::new();
+    for (l, transport, acceptor) in listeners {
         let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let mtls = transport == Transport::Tls && shared.clients.is_some();
         tracing::info!(listen = %addr, transport = transport.as_str(), mtls, services = ?roles::PUBLIC_SERVICES, "serving");
-        let Some(tls_config) = tls_config else {
-            let proxy = Proxy::new(Arc::clone(&shared), transport);
-            plain.push((l, serve::Handler::new(proxy, router(transport))));
-            continue;
-        };
-        let mut server = Server::builder()
-            .http2_keepalive_interval(Some(options.keepalive_interval))
-            .http2_keepalive_timeout(Some(options.keepalive_timeout))
-            .max_concurrent_streams(options.max_concurrent_streams)
-            .tls_config(tls_config)
-            .map_err(GatewayRunError::Tls)?;
-        let serving = serve_listener(
-            l,
-            server.add_routes(Routes::from(router(transport))),
-            options.clone(),
-            shutdown.clone(),
-        );
-        servers.spawn(async move { serving.await.map_err(GatewayRunError::from) });
+        let proxy = Proxy::new(Arc::clone(&shared), transport);
+        endpoints.push((l, acceptor, serve::Handler::new(proxy, router(transport))));
     }
-    if !plain.is_empty() {
-        let threads = match config.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
-        let serving = serve::serve(plain, threads, options.clone(), shutdown.clone());
-        servers.spawn(async move { serving.await.map_err(GatewayRunError::Threads) });
-    }
+    let threads = match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let serving = serve::serve(endpoints, threads, options, shutdown.clone());
     let stopping = {
         let reporter = reporter.clone();
         let shutdown = shutdown.clone();
@@ -311,76 +286,12 @@ pub async fn run(
         }
     };
     tokio::spawn(stopping);
-    let mut result = Ok(());
-    while let Some(done) = servers.join_next().await {
-        match done {
-            Ok(Err(e)) if result.is_ok() => {
-                shutdown.cancel();
-                result = Err(e);
-            }
-            Err(e) if result.is_ok() => {
-                shutdown.cancel();
-                result = Err(GatewayRunError::Socket {
-                    path: "listener task".into(),
-                    source: std::io::Error::other(e.to_string()),
-                });
-            }
-            _ => {}
-        }
+    let result = serving.await.map_err(GatewayRunError::Threads);
+    if result.is_err() {
+        shutdown.cancel();
     }
     tracing::info!("stopped");
     result
-}
-
-async fn serve_listener(
-    listener: Listener,
-    server: tonic::transport::server::Router,
-    options: ServeOptions,
-    shutdown: CancellationToken,
-) -> Result<(), ServeError> {
-    let stop = shutdown.clone().cancelled_owned();
-    let grace = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    let (serving, path) = match listener {
-        Listener::Tcp(l) => (
-            futures_serve(
-                server
-                    .serve_with_incoming_shutdown(Incoming::new(l, options.preface_timeout), stop),
-            ),
-            None,
-        ),
-        Listener::Unix(l, path) => (
-            futures_serve(
-                server
-                    .serve_with_incoming_shutdown(Incoming::new(l, options.preface_timeout), stop),
-            ),
-            Some(path),
-        ),
-    };
-    let result = tokio::select! {
-        r = serving => r.map_err(ServeError::Transport),
-        () = grace => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "calls still running after the grace period; stopping anyway");
-            Ok(())
-        }
-    };
-    if let Some(path) = path {
-        // Best effort: the socket file is ours and useless now.
-        let _ = std::fs::remove_file(path);
-    }
-    result
-}
-
-type ServeFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
->;
-
-fn futures_serve(
-    f: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
-) -> ServeFuture {
-    Box::pin(f)
 }
 
 /// Binds a unix socket with its configured mode, owner and group, never

@@ -1,18 +1,20 @@
-//! The gateway's own HTTP/2 server for plaintext TCP and unix-socket
-//! callers, built the way nginx serves: a fixed set of connection threads,
+//! The gateway's own HTTP/2 server for every listener (TCP, TLS, unix
+//! sockets), built the way nginx serves: a fixed set of connection threads,
 //! each a single-threaded runtime that accepts on every listener itself
 //! and serves each of its connections as one task. A call is read, checked,
 //! forwarded and answered on the thread that accepted its connection, and
 //! that thread also holds its own connection to each backend
 //! ([`crate::upstream`]), so nothing on a call's path wakes another thread.
 //!
-//! tonic's server (still used for TLS) runs every call as a task of its
-//! own on a work-stealing runtime, behind hyper's and tonic's service
+//! tonic's server (which the gateway used before) runs every call as a
+//! task of its own on a work-stealing runtime, behind hyper's and tonic's service
 //! layers: measured in the same runs, that cost about 25 µs more per
 //! forwarded unary call than this (PERFORMANCE.md).
 //!
 //! - Public methods go straight to the [`Proxy`]; anything else (health,
-//!   reflection, an unknown path) to the router that tonic's server uses.
+//!   reflection, an unknown path) to tonic's router.
+//! - TLS (rustls, [`crate::tls`]): the handshake, then the HTTP/2
+//!   preface, each due within the preface timeout.
 //! - HTTP/2: the same stream cap as every qvirt server, keepalive PINGs
 //!   (a client that does not answer one in time is dropped), the preface
 //!   deadline of [`qvirt_common::accept`], bounded header lists and send
@@ -33,7 +35,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
-use qvirt_common::accept::Incoming;
+use qvirt_common::accept::{Incoming, PrefaceDeadline};
 use qvirt_common::serve::{Listener, SHUTDOWN_GRACE, ServeOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,7 @@ use tonic::body::Body;
 use tonic::transport::server::Connected;
 
 use crate::proxy::Proxy;
+use crate::tls::TlsAcceptor;
 use crate::upstream;
 
 /// Flow-control windows offered to clients unless the serve options set
@@ -84,14 +87,14 @@ impl Handler {
 
 /// A listener in a form every connection thread can accept on.
 enum Shared {
-    Tcp(std::net::TcpListener),
+    Tcp(std::net::TcpListener, Option<TlsAcceptor>),
     Unix(std::os::unix::net::UnixListener),
 }
 
 impl Shared {
     fn try_clone(&self) -> std::io::Result<Shared> {
         Ok(match self {
-            Shared::Tcp(l) => Shared::Tcp(l.try_clone()?),
+            Shared::Tcp(l, tls) => Shared::Tcp(l.try_clone()?, tls.clone()),
             Shared::Unix(l) => Shared::Unix(l.try_clone()?),
         })
     }
@@ -101,16 +104,16 @@ impl Shared {
 /// fires and their connections have ended (or [`SHUTDOWN_GRACE`] has
 /// passed); then removes the unix sockets' files.
 pub async fn serve(
-    listeners: Vec<(Listener, Handler)>,
+    listeners: Vec<(Listener, Option<TlsAcceptor>, Handler)>,
     threads: usize,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut shared = Vec::new();
     let mut paths = Vec::new();
-    for (listener, handler) in listeners {
+    for (listener, tls, handler) in listeners {
         let l = match listener {
-            Listener::Tcp(l) => Shared::Tcp(l.into_std()?),
+            Listener::Tcp(l) => Shared::Tcp(l.into_std()?, tls),
             Listener::Unix(l, path) => {
                 paths.push(path);
                 Shared::Unix(l.into_std()?)
@@ -196,13 +199,13 @@ async fn thread(
         };
         let preface = options.preface_timeout;
         let accept: Pin<Box<dyn Future<Output = ()>>> = match listener {
-            Shared::Tcp(l) => {
+            Shared::Tcp(l, tls) => {
                 let l = tokio::net::TcpListener::from_std(l)?;
-                Box::pin(accept(Incoming::new(l, preface), serving))
+                Box::pin(accept(Incoming::new(l, preface), serving, tls))
             }
             Shared::Unix(l) => {
                 let l = tokio::net::UnixListener::from_std(l)?;
-                Box::pin(accept(Incoming::new(l, preface), serving))
+                Box::pin(accept(Incoming::new(l, preface), serving, None))
             }
         };
         accepting.push(accept);
@@ -226,7 +229,9 @@ struct Serving {
     shutdown: CancellationToken,
 }
 
-async fn accept<S, IO>(mut incoming: S, serving: Serving)
+/// Accepts connections (with `tls`, each completes its handshake within
+/// the preface timeout) and serves each as a task of its own.
+async fn accept<S, IO>(mut incoming: S, serving: Serving, tls: Option<TlsAcceptor>)
 where
     S: futures_util::Stream<Item = std::io::Result<IO>> + Unpin,
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -247,14 +252,30 @@ where
             },
             () = shutdown.cancelled() => return,
         };
-        let info = io.connect_info();
-        tracker.spawn(connection(
-            io,
-            info,
-            handler.clone(),
-            options.clone(),
-            shutdown.clone(),
-        ));
+        let (handler, options, shutdown) = (handler.clone(), options.clone(), shutdown.clone());
+        let Some(acceptor) = tls.clone() else {
+            let info = io.connect_info();
+            tracker.spawn(connection(io, info, handler, options, shutdown));
+            continue;
+        };
+        tracker.spawn(async move {
+            let timeout = options.preface_timeout;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(?timeout, "TLS handshake took too long");
+                    return;
+                }
+            };
+            // The HTTP/2 preface is due within the timeout too.
+            let io = PrefaceDeadline::new(tls, timeout);
+            let info = io.connect_info();
+            connection(io, info, handler, options, shutdown).await;
+        });
     }
 }
 

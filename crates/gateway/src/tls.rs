@@ -1,4 +1,5 @@
-//! TLS on the `listen` port (rustls, through tonic's server TLS) and mTLS:
+//! TLS on the `listen` port (rustls, accepted on the connection threads
+//! of [`crate::serve`]) and mTLS:
 //! the PEM files of the `tls` section, read bounded and checked before the
 //! gateway binds ([`Material`]), and the mapping from a verified client
 //! certificate's subject CN or subject alternative names (DNS, URI, email)
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use qvirt_common::config::ConfigError;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+pub use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
 use crate::auth::{AuthError, Caller};
@@ -113,24 +115,44 @@ impl Material {
         })
     }
 
-    /// tonic's server TLS settings; a handshake must end within
-    /// `handshake_timeout`.
-    pub fn server_config(
-        &self,
-        handshake_timeout: std::time::Duration,
-    ) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .timeout(handshake_timeout);
-        if let Some(ca) = &self.client_ca_pem {
-            config = config
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(false);
-        }
-        config
+    /// The TLS acceptor for the `listen` port: HTTP/2 by ALPN, and with
+    /// `client_ca_file` a client certificate chaining to it required.
+    /// Fails on a key that does not match its certificate.
+    pub fn acceptor(&self) -> Result<TlsAcceptor, TlsSetupError> {
+        use tokio_rustls::rustls::server::WebPkiClientVerifier;
+        use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsSetupError(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| TlsSetupError(e.to_string()))?;
+        let builder = ServerConfig::builder();
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| TlsSetupError(e.to_string()))?;
+                    roots.add(cert).map_err(|e| TlsSetupError(e.to_string()))?;
+                }
+                let verifier = WebPkiClientVerifier::builder(roots.into())
+                    .build()
+                    .map_err(|e| TlsSetupError(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsSetupError(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }
+
+/// The TLS files do not make a usable server configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsSetupError(String);
 
 /// The names a client certificate carries.
 #[derive(Debug, Default, PartialEq, Eq)]
