@@ -24,6 +24,10 @@ pub struct MainOptions {
     /// The service listens for SIGHUP itself and logs what it reloaded:
     /// the shared "config changes need a restart" line is not logged.
     pub reloads_on_hangup: bool,
+    /// The main runtime runs on one thread whatever `worker_threads`
+    /// says: the service serves its callers on threads of its own and
+    /// uses the key for those.
+    pub serves_on_own_threads: bool,
 }
 
 /// Runs a service: `bin` names the program in error lines, `config` is the
@@ -57,7 +61,12 @@ where
         Err(e) => return fail(bin, &e, EXIT_USAGE),
     };
     crate::telemetry::init(config.log_format());
-    let mut builder = match config.worker_threads() {
+    let threads = if options.serves_on_own_threads {
+        1
+    } else {
+        config.worker_threads()
+    };
+    let mut builder = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();

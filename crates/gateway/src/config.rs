@@ -72,7 +72,7 @@ pub struct Config {
     /// connections on every listener and serves them and their calls
     /// alone, over backend connections of its own ([`crate::serve`]).
     /// The gateway's own tasks (health polls, the fleet view, reloads)
-    /// run on a runtime of as many workers.
+    /// run on one more thread.
     pub worker_threads: usize,
 }
 

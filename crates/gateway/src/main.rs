@@ -89,6 +89,9 @@ fn main() -> ExitCode {
     });
     let options = qvirt_common::service::MainOptions {
         reloads_on_hangup: true,
+        // Callers are served on the connection threads (`worker_threads`
+        // of them); the main runtime keeps the gateway's own tasks.
+        serves_on_own_threads: true,
     };
     qvirt_common::service::main_with("qvirt-gateway", config, options, move |c, l, s| {
         qvirt_gateway::run(c, l, s, path)
