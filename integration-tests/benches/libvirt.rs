@@ -7,7 +7,10 @@
 //!   MiB, 1 vCPU, machine `pc`, no disk or NIC, on both);
 //! - suspend issued → the `STOP` monitor event received: by a
 //!   `SubscribeMonitorEvents` subscriber of the gateway (suspend issued
-//!   through the gateway too) vs a `qemuMonitorEventRegister` callback;
+//!   through the gateway too) vs a `qemuMonitorEventRegister` callback,
+//!   and each split at QEMU's own timestamp of the event (wall clock, as
+//!   both clients' are): the way there (the call, and QEMU stopping the
+//!   vCPUs) and the way back (the event's delivery);
 //! - guest-ping to the agent of a booted guest (the project's test guest,
 //!   its agent the static qvirt-ga): `GuestAgent/Ping` through the gateway
 //!   and agentd vs `qemuAgentCommand`.
@@ -32,7 +35,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_integration_tests::guest::{GUEST_CMDLINE, Images, guest_image, guest_images_in};
 use qvirt_integration_tests::libvirtd::{Libvirtd, QEMU, guest_xml};
@@ -423,17 +426,20 @@ async fn events(
         assert!(matches!(first.kind, Some(Kind::Established(_))));
         subs.push(s);
     }
-    let mut rounds = Vec::new();
+    // Per round and side: the whole time, and its two parts split at
+    // QEMU's own (wall clock) timestamp of the STOP event.
+    let (mut rounds, mut to_qemu, mut from_qemu) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..EVENT_ROUNDS + 1 {
-        let mut this = [0.0; 3];
+        let (mut this, mut this_to, mut this_from) = ([0.0; 3], [0.0; 3], [0.0; 3]);
         for side in order(r) {
             let mut samples = Vec::new();
             for _ in 0..EVENTS_PER_ROUND {
-                let d = match side {
+                let (d, to, from) = match side {
                     Side::Libvirt => {
-                        let d = lv.timed("stop_event", lv_name);
+                        let reply = lv.call(json!({"cmd": "stop_event", "name": lv_name}));
                         lv.call(json!({"cmd": "resume", "name": lv_name}));
-                        d
+                        let f = |k: &str| reply[k].as_f64().unwrap();
+                        (f("s"), f("to_qemu"), f("from_qemu"))
                     }
                     Side::Gateway | Side::Direct => {
                         let i = (side == Side::Direct) as usize;
@@ -443,12 +449,15 @@ async fn events(
                             &mut *direct
                         };
                         let sub = &mut subs[i];
+                        let wall = SystemTime::now();
                         let t = Instant::now();
                         let event = async {
                             loop {
                                 let m = sub.message().await.unwrap().unwrap();
                                 match m.kind {
-                                    Some(Kind::Event(e)) if e.event == "STOP" => break t.elapsed(),
+                                    Some(Kind::Event(e)) if e.event == "STOP" => {
+                                        break (t.elapsed(), SystemTime::now(), e);
+                                    }
                                     Some(Kind::Lost(l)) => panic!("{} events lost", l.count),
                                     _ => {}
                                 }
@@ -458,8 +467,12 @@ async fn events(
                             domain: qv_name.into(),
                             ..Default::default()
                         });
-                        let (reply, d) = tokio::join!(suspend, event);
+                        let (reply, (d, at, e)) = tokio::join!(suspend, event);
                         reply.unwrap();
+                        let secs =
+                            |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+                        let qemu =
+                            e.timestamp_seconds as f64 + e.timestamp_microseconds as f64 / 1e6;
                         // The other side's subscriber has the same event:
                         // taken now, it is not a next sample's.
                         let other = &mut subs[1 - i];
@@ -478,16 +491,21 @@ async fn events(
                             })
                             .await
                             .unwrap();
-                        d
+                        (d.as_secs_f64(), qemu - secs(wall), secs(at) - qemu)
                     }
                 };
-                samples.push(d.as_secs_f64());
+                samples.push((d, to, from));
             }
-            this[side as usize] = median(samples);
+            let s = side as usize;
+            this[s] = median(samples.iter().map(|x| x.0).collect());
+            this_to[s] = median(samples.iter().map(|x| x.1).collect());
+            this_from[s] = median(samples.iter().map(|x| x.2).collect());
         }
         // Round 0 warms up.
         if r > 0 {
             rounds.push(this);
+            to_qemu.push(this_to);
+            from_qemu.push(this_from);
         }
     }
     println!(
@@ -498,6 +516,8 @@ async fn events(
     );
     header("");
     row("suspend → STOP", &rounds, "<= 0.8", 1e3, "ms");
+    row("  issued → QEMU's timestamp", &to_qemu, "", 1e3, "ms");
+    row("  QEMU's timestamp → received", &from_qemu, "", 1e3, "ms");
 }
 
 async fn pings(lv: &mut Libvirt, gw: &mut Qvirt, direct: &mut Qvirt, lv_name: &str, qv_name: &str) {

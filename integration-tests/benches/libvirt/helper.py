@@ -13,7 +13,8 @@ private libvirtd the harness runs (integration-tests/src/libvirtd.rs):
         resume {name}; state {name};
         stop_event {name}: suspend, timed to the STOP event's arrival at a
           qemuMonitorEventRegister callback (libvirt's event loop on its
-          own thread);
+          own thread), split at QEMU's timestamp of the event (wall
+          clock): "to_qemu" and "from_qemu";
         agent_ping {name, n}: n guest-pings by qemuAgentCommand, each
           timed ("samples");
         wait_agent {name, timeout}: guest-pings until one answers.
@@ -42,13 +43,16 @@ def client(uri):
     stops = {}
     lock = threading.Lock()
 
-    def on_event(_conn, dom, event, _secs, _micros, _details, _opaque):
+    def on_event(_conn, dom, event, secs, micros, _details, _opaque):
         now = time.perf_counter()
+        wall = time.time()
         if event == "STOP":
             with lock:
                 w = stops.get(dom.name())
             if w is not None and "at" not in w:
                 w["at"] = now
+                w["wall"] = wall
+                w["qemu"] = secs + micros / 1e6
                 w["done"].set()
 
     libvirt_qemu.qemuMonitorEventRegister(conn, None, "STOP", on_event, None, 0)
@@ -81,13 +85,18 @@ def client(uri):
             w = {"done": threading.Event()}
             with lock:
                 stops[dom.name()] = w
+            wall = time.time()
             t = time.perf_counter()
             dom.suspend()
             if not w["done"].wait(10):
                 raise RuntimeError("no STOP event within 10 s")
             with lock:
                 del stops[dom.name()]
-            return {"s": w["at"] - t}
+            return {
+                "s": w["at"] - t,
+                "to_qemu": w["qemu"] - wall,
+                "from_qemu": w["wall"] - w["qemu"],
+            }
         if cmd == "agent_ping":
             samples = []
             for _ in range(req["n"]):
