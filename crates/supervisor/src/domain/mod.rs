@@ -811,6 +811,7 @@ impl Manager {
                     value: spec.name,
                 });
             }
+            let yaml = spec::stored_yaml(&spec)?;
             if options.validate_only {
                 let data = entry.data();
                 let would = Data {
@@ -823,11 +824,13 @@ impl Manager {
                 };
                 return Ok(self.record(&would));
             }
-            let saved = spec.clone();
+            let name = spec.name.clone();
             let create_time = entry.data().create_time;
             let request = options.request.clone();
-            self.store_io(move |store| store.save_spec_by(&saved, create_time, request.as_ref()))
-                .await?;
+            self.store_io(move |store| {
+                store.save_spec_yaml(&name, &yaml, create_time, request.as_ref())
+            })
+            .await?;
             let domain = {
                 let mut data = entry.data();
                 data.spec = spec.clone();
@@ -838,7 +841,7 @@ impl Manager {
             self.changed(&entry);
             return Ok(domain);
         }
-        let saved = spec.clone();
+        let yaml = spec::stored_yaml(&spec)?;
         let now = SystemTime::now();
         let status = Status {
             state: DomainState::Shutoff as i32,
@@ -859,7 +862,8 @@ impl Manager {
         let request = options.request;
         // The definition alone: a domain that never ran has no run dir
         // and no status file (start makes them), and loads as shut off.
-        self.store_io(move |store| store.save_spec_by(&saved, now, request.as_ref()))
+        let name = spec.name.clone();
+        self.store_io(move |store| store.save_spec_yaml(&name, &yaml, now, request.as_ref()))
             .await?;
         let entry = Entry::new(Data {
             spec: spec.clone(),

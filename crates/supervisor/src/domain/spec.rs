@@ -215,9 +215,7 @@ fn check_metadata(spec: &DomainSpec) -> Result<(), SpecError> {
 
 /// Refuse a normalized definition larger than [`MAX_DEFINITION_BYTES`]
 /// once encoded (every field may be within its own bound and the whole
-/// still too large to store and list), or one whose stored YAML would not
-/// load again within the YAML bounds (escapes can make it longer than its
-/// protobuf form).
+/// still too large to store and list).
 pub fn check_definition_size(spec: &DomainSpec) -> Result<(), SpecError> {
     let size = prost::Message::encoded_len(spec);
     if size > MAX_DEFINITION_BYTES {
@@ -226,22 +224,29 @@ pub fn check_definition_size(spec: &DomainSpec) -> Result<(), SpecError> {
             format!("the definition is {size} bytes encoded, at most {MAX_DEFINITION_BYTES}"),
         ));
     }
-    let reloads = spec
-        .to_yaml()
-        .map_err(|e| qvirt_proto::yaml::error_text(&e))
-        .and_then(|text| {
-            if text.len() > MAX_STORED_YAML_BYTES {
-                return Err(format!(
-                    "is {} bytes, at most {MAX_STORED_YAML_BYTES}",
-                    text.len()
-                ));
-            }
-            DomainSpec::from_yaml(&text).map_err(|e| qvirt_proto::yaml::error_text(&e))
-        });
-    if let Err(reason) = reloads {
-        return Err(bad("spec", format!("the definition as YAML {reason}")));
-    }
     Ok(())
+}
+
+/// The definition file's YAML for a normalized `spec`, or why it cannot
+/// be stored: one whose YAML would not load again within the YAML bounds
+/// (escapes can make it longer than its protobuf form) is refused, so
+/// every stored definition loads after a restart.
+pub fn stored_yaml(spec: &DomainSpec) -> Result<String, SpecError> {
+    let text = spec
+        .to_yaml()
+        .map_err(|e| qvirt_proto::yaml::error_text(&e));
+    let reloads = text.and_then(|text| {
+        if text.len() > MAX_STORED_YAML_BYTES {
+            return Err(format!(
+                "is {} bytes, at most {MAX_STORED_YAML_BYTES}",
+                text.len()
+            ));
+        }
+        DomainSpec::from_own_yaml(&text)
+            .map(|_| text)
+            .map_err(|e| qvirt_proto::yaml::error_text(&e))
+    });
+    reloads.map_err(|reason| bad("spec", format!("the definition as YAML {reason}")))
 }
 
 /// Whether `text` is a UUID in canonical 8-4-4-4-12 form (any case).
@@ -691,15 +696,14 @@ mod tests {
             MAX_DISKS
         ];
         let spec = normalize(widest, DefaultAccel::Tcg).unwrap();
-        assert_eq!(
-            DomainSpec::from_yaml(&spec.to_yaml().unwrap()).unwrap(),
-            spec
-        );
+        let text = stored_yaml(&spec).unwrap();
+        assert!(text.len() >= qvirt_proto::yaml::WALK_FREE_BYTES, "walked");
+        assert_eq!(DomainSpec::from_yaml(&text).unwrap(), spec);
         // Control characters are escaped 4 to 1 in YAML: small encoded,
         // too long as a file.
         let mut escaped = parse("name: a");
         escaped.extra_args = vec!["\u{1}".repeat(4000); 6];
-        let err = normalize(escaped, DefaultAccel::Tcg).unwrap_err();
+        let err = stored_yaml(&normalize(escaped, DefaultAccel::Tcg).unwrap()).unwrap_err();
         assert_eq!(err.field, "spec");
         assert!(err.reason.contains("as YAML is"), "{err}");
     }

@@ -608,21 +608,23 @@ impl Store {
     /// Persist a definition; `create_time` goes in a leading comment line
     /// (YAML ignores it), so it survives updates, which replace the file.
     pub fn save_spec(&self, spec: &DomainSpec, create_time: SystemTime) -> Result<(), StoreError> {
-        self.save_spec_by(spec, create_time, None)
-    }
-
-    /// [`Store::save_spec`], recording the DefineDomain call `request`
-    /// that wrote it.
-    pub fn save_spec_by(
-        &self,
-        spec: &DomainSpec,
-        create_time: SystemTime,
-        request: Option<&RequestMark>,
-    ) -> Result<(), StoreError> {
         let text = spec.to_yaml().map_err(|source| StoreError::Encode {
             what: "domain spec",
             source,
         })?;
+        self.save_spec_yaml(&spec.name, &text, create_time, None)
+    }
+
+    /// [`Store::save_spec`] of domain `name` whose spec is already `yaml`
+    /// (its [`DomainSpec::to_yaml`]), recording the DefineDomain call
+    /// `request` that wrote it.
+    pub fn save_spec_yaml(
+        &self,
+        name: &str,
+        yaml: &str,
+        create_time: SystemTime,
+        request: Option<&RequestMark>,
+    ) -> Result<(), StoreError> {
         let ms = create_time
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -630,8 +632,8 @@ impl Store {
         let request = request
             .map(|r| format!("{REQUEST_PREFIX}{:032x} {}\n", r.fingerprint, r.id))
             .unwrap_or_default();
-        let text = format!("{CREATE_TIME_PREFIX}{ms}\n{request}{text}");
-        write_atomic(&self.spec_path(&spec.name), text.as_bytes())
+        let text = format!("{CREATE_TIME_PREFIX}{ms}\n{request}{yaml}");
+        write_atomic(&self.spec_path(name), text.as_bytes())
     }
 
     /// Remove a definition, its saved image and the domain's run dir:
