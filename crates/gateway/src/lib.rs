@@ -240,9 +240,14 @@ pub async fn run(
         }
     }
 
+    // Listening before anything serves: a SIGHUP that arrives once a
+    // client can see the gateway serving is never missed (this runtime
+    // may not run the task before the connection threads answer).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tokio::spawn(reload_on_hangup(
         Arc::clone(&shared),
         config_path,
+        hup,
         shutdown.clone(),
     ));
     let idle = {
@@ -387,8 +392,13 @@ fn lookup_id(db: &Path, name: &str) -> std::io::Result<u32> {
 /// Reloads the tokens from the config file on each SIGHUP, and says which
 /// other keys changed in the file since start (those need a restart). A
 /// file that does not load keeps the current tokens (and says why).
-async fn reload_on_hangup(shared: Arc<Shared>, path: Option<PathBuf>, shutdown: CancellationToken) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+async fn reload_on_hangup(
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    shutdown: CancellationToken,
+) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP: tokens will not reload");
