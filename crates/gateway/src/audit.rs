@@ -87,6 +87,19 @@ impl Audit {
         Ok(Audit { file: Some(tx) })
     }
 
+    /// Writes `record` once the calling task's turn is over: a call's
+    /// line (a write to the log and a wake-up of the audit thread) then
+    /// follows its answer onto the wire instead of delaying it, since the
+    /// connection's task writes the answer out before it yields. Outside
+    /// a runtime, or when the runtime goes away first, at once.
+    pub fn write_after_turn(&self, record: Record) {
+        let line = Deferred(Some((self.clone(), record)));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move { drop(line) })),
+            Err(_) => drop(line),
+        }
+    }
+
     /// Writes `record`.
     pub fn write(&self, record: &Record) {
         let Ok(line) = serde_json::to_string(record) else {
@@ -97,6 +110,18 @@ impl Audit {
             && tx.try_send(line + "\n").is_err()
         {
             tracing::warn!("audit queue full: the line above is missing from the audit file");
+        }
+    }
+}
+
+/// An audit line written when dropped: by the task that carries it, or
+/// with that task when its runtime drops it unrun.
+struct Deferred(Option<(Audit, Record)>);
+
+impl Drop for Deferred {
+    fn drop(&mut self) {
+        if let Some((audit, record)) = self.0.take() {
+            audit.write(&record);
         }
     }
 }
@@ -198,20 +223,69 @@ mod tests {
         };
         audit.write(&record);
         drop(audit);
+        wait_lines(&path, 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("earlier\n"));
+        let line: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(line["domain"], "vm1");
+        assert_eq!(line["principal"], "alice");
+        assert!(line.get("request_id").is_none());
+    }
+
+    fn record(principal: &str) -> Record {
+        Record {
+            time: rfc3339(SystemTime::now()),
+            principal: principal.into(),
+            peer: "127.0.0.1:1".into(),
+            transport: "tcp",
+            method: "/qvirt.v1.Supervisor/StartDomain".into(),
+            domain: Some("vm1".into()),
+            request_id: None,
+            status: "OK",
+            code: 0,
+            duration_ms: 1.5,
+        }
+    }
+
+    /// Waits (bounded) until `path` holds `n` lines.
+    fn wait_lines(path: &Path, n: usize) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let text = std::fs::read_to_string(&path).unwrap();
-            if text.lines().count() == 2 {
-                assert!(text.starts_with("earlier\n"));
-                let line: serde_json::Value =
-                    serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
-                assert_eq!(line["domain"], "vm1");
-                assert_eq!(line["principal"], "alice");
-                assert!(line.get("request_id").is_none());
-                break;
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() == n {
+                return;
             }
             assert!(std::time::Instant::now() < deadline, "{text}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// A line deferred past the turn is written once the turn ends, and
+    /// still once when the runtime goes away before it could run.
+    #[test]
+    fn test_a_deferred_line_is_written_after_the_turn_or_with_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::open(Some(&path)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            audit.write_after_turn(record("ran"));
+            // Nothing yet: the line waits for this task to yield.
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+            tokio::task::yield_now().await;
+        });
+        wait_lines(&path, 1);
+        rt.block_on(async { audit.write_after_turn(record("dropped")) });
+        drop(rt);
+        drop(audit);
+        wait_lines(&path, 2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"ran\"") && text.contains("\"dropped\""),
+            "{text}"
+        );
     }
 }

@@ -277,7 +277,7 @@ async fn handle(
         record.code = status.code() as i32;
         record.status = audit::code_name(record.code);
         record.duration_ms = arrival.started.elapsed().as_secs_f64() * 1e3;
-        shared.audit.write(&record);
+        shared.audit.write_after_turn(record);
         status.into_http::<Body>()
     };
     let connection = match transport {
@@ -543,7 +543,7 @@ impl Drop for Finish {
             record.code = self.code.unwrap_or(tonic::Code::Cancelled as i32);
             record.status = audit::code_name(record.code);
             record.duration_ms = started.elapsed().as_secs_f64() * 1e3;
-            shared.audit.write(&record);
+            shared.audit.write_after_turn(record);
         }
     }
 }
