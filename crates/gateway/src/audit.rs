@@ -209,19 +209,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         std::fs::write(&path, "earlier\n").unwrap();
         let audit = Audit::open(Some(&path)).unwrap();
-        let record = Record {
-            time: rfc3339(SystemTime::now()),
-            principal: "alice".into(),
-            peer: "127.0.0.1:1".into(),
-            transport: "tcp",
-            method: "/qvirt.v1.Supervisor/StartDomain".into(),
-            domain: Some("vm1".into()),
-            request_id: None,
-            status: "OK",
-            code: 0,
-            duration_ms: 1.5,
-        };
-        audit.write(&record);
+        audit.write(&record("alice"));
         drop(audit);
         wait_lines(&path, 2);
         let text = std::fs::read_to_string(&path).unwrap();
