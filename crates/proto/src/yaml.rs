@@ -81,7 +81,8 @@ impl DomainSpec {
 
 /// Below this length a document [`DomainSpec::to_yaml`] wrote cannot
 /// reach [`MAX_EXPANDED_NODES`] (nor [`MAX_EXPANDED_BYTES`]): at two bytes
-/// a node it holds at most half as many.
+/// a node it holds at most half as many, and even at one a byte it would
+/// stay within the bound.
 pub const WALK_FREE_BYTES: usize = MAX_EXPANDED_NODES;
 
 /// What a document holds once its aliases are expanded, counted by a walk
