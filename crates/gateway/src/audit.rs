@@ -100,8 +100,9 @@ impl Audit {
         }
     }
 
-    /// Writes `record`.
-    pub fn write(&self, record: &Record) {
+    /// Writes `record` at once (callers use
+    /// [`Audit::write_after_turn`]).
+    fn write(&self, record: &Record) {
         let Ok(line) = serde_json::to_string(record) else {
             return;
         };
