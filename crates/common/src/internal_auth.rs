@@ -1,11 +1,13 @@
 //! The internal plane's authentication: one shared secret for the
 //! deployment, and peer credentials on unix sockets.
 //!
-//! A server's internal methods (the bus's `EventIngest`, the hook
-//! executor's methods) call [`InternalAuth::check`] first. It accepts a
-//! caller that (a) presents the secret in [`TOKEN_METADATA`] (compared in
-//! constant time), or (b) is connected over a unix socket as uid 0, as the
-//! server's own uid, or as a uid listed in the service's `internal_uids`.
+//! A backend serves its public services (which users reach through the
+//! gateway) wrapped in [`InternalAuth::only`], and its internal methods
+//! (the bus's `EventIngest`, the hook executor's) call
+//! [`InternalAuth::check`] first. Both accept a caller that (a) presents
+//! the secret in [`TOKEN_METADATA`] (compared in constant time), or (b) is
+//! connected over a unix socket as uid 0, as the server's own uid, or as a
+//! uid listed in the service's `internal_uids`.
 //! Anyone else gets UNAUTHENTICATED with the ErrorInfo reason
 //! [`REASON_INTERNAL_CALLER_REQUIRED`], and with no secret configured every
 //! TCP caller does: secure by default.
@@ -16,13 +18,18 @@
 //! must hold at least [`MIN_TOKEN_BYTES`] bytes of printable text and must
 //! not be readable by every user.
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::Ready;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use tonic::metadata::AsciiMetadataValue;
+use tonic::server::NamedService;
 use tonic::service::Interceptor;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
@@ -222,39 +229,58 @@ impl InternalAuth {
     /// UNAUTHENTICATED (reason [`REASON_INTERNAL_CALLER_REQUIRED`]) saying
     /// how to get in.
     pub fn check<T>(&self, request: &Request<T>, method: &str) -> Result<InternalCaller, Status> {
-        let presented = request.metadata().get(TOKEN_METADATA);
+        let presented = request.metadata().get(TOKEN_METADATA).map(|v| v.as_bytes());
+        let uid = peer_uid(request.extensions().get::<UdsConnectInfo>());
+        self.decide(presented, uid)
+            .map_err(|why| self.refusal(&format!("{method} is internal"), method, &why))
+    }
+
+    /// The caller, from the secret it `presented` and its unix-socket peer
+    /// `uid`; otherwise why it is refused.
+    fn decide(&self, presented: Option<&[u8]>, uid: Option<u32>) -> Result<InternalCaller, String> {
         if let (Some(token), Some(got)) = (&self.token, presented)
-            && token.matches(got.as_bytes())
+            && token.matches(got)
         {
             return Ok(InternalCaller::Token);
         }
-        let peer_uid = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid());
-        if let Some(uid) = peer_uid
+        if let Some(uid) = uid
             && self.uids.contains(&uid)
         {
             return Ok(InternalCaller::UnixPeer(uid));
         }
-        let uids = self.uid_list();
-        let why = match (&self.token, presented, peer_uid) {
-            (_, _, Some(uid)) if presented.is_none() => {
-                format!("uid {uid} is not an internal uid ({uids})")
+        Err(match (&self.token, presented, uid) {
+            (_, None, Some(uid)) => {
+                format!("uid {uid} is not an internal uid ({})", self.uid_list())
             }
             (None, _, _) => "this server has no internal token configured".to_owned(),
             (Some(_), Some(_), _) => format!("the {TOKEN_METADATA} presented is wrong"),
             (Some(_), None, _) => format!("no {TOKEN_METADATA} presented"),
-        };
-        Err(crate::rpc::error(
+        })
+    }
+
+    /// The UNAUTHENTICATED status refusing `method`: `what` leads its
+    /// message, `why` ends it.
+    fn refusal(&self, what: &str, method: &str, why: &str) -> Status {
+        crate::rpc::error(
             tonic::Code::Unauthenticated,
             REASON_INTERNAL_CALLER_REQUIRED,
             format!(
-                "{method} is internal: present the internal token or connect over the unix socket as uid {uids} ({why})"
+                "{what}: present the internal token or connect over the unix socket as uid {} ({why})",
+                self.uid_list()
             ),
             [("method", method.to_owned())],
-        ))
+        )
+    }
+
+    /// `service` (a generated tonic server) served to internal callers
+    /// only: a backend's public service, which outside callers reach
+    /// through the gateway. Every method is checked before the service
+    /// sees the call, so a method added later is covered too.
+    pub fn only<S>(&self, service: S) -> InternalOnly<S> {
+        InternalOnly {
+            inner: service,
+            auth: self.clone(),
+        }
     }
 
     /// Whether the caller would pass [`check`](Self::check).
@@ -267,6 +293,58 @@ fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no
     // memory of ours.
     unsafe { libc::geteuid() }
+}
+
+/// The uid of a unix-socket peer, from its connection info.
+fn peer_uid(info: Option<&UdsConnectInfo>) -> Option<u32> {
+    info.and_then(|info| info.peer_cred).map(|cred| cred.uid())
+}
+
+/// A tonic service that only internal callers reach (see
+/// [`InternalAuth::only`]); anyone else gets UNAUTHENTICATED without the
+/// call reaching it.
+#[derive(Debug, Clone)]
+pub struct InternalOnly<S> {
+    inner: S,
+    auth: InternalAuth,
+}
+
+impl<S: NamedService> NamedService for InternalOnly<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for InternalOnly<S>
+where
+    S: tower_service::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, Ready<Result<Self::Response, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let presented = request.headers().get(TOKEN_METADATA).map(|v| v.as_bytes());
+        let uid = peer_uid(request.extensions().get::<UdsConnectInfo>());
+        match self.auth.decide(presented, uid) {
+            Ok(_) => Either::Left(self.inner.call(request)),
+            Err(why) => {
+                // `/package.Service/Method`
+                let method = request.uri().path().trim_start_matches('/');
+                let what = format!(
+                    "{method} is served here to internal callers only (clients call it through the gateway)"
+                );
+                let status = self.auth.refusal(&what, method, &why);
+                Either::Right(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +438,71 @@ mod tests {
         let none = InternalAuth::new(None, &[]);
         let with = token.interceptor().call(Request::new(())).unwrap();
         assert!(none.check(&with, "Publish").is_err());
+    }
+
+    /// A stand-in for a generated server: answers 200 and counts calls.
+    #[derive(Clone)]
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl NamedService for Counted {
+        const NAME: &'static str = "test.Counted";
+    }
+
+    impl tower_service::Service<http::Request<()>> for Counted {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::ready(Ok(http::Response::new(tonic::body::Body::empty())))
+        }
+    }
+
+    #[tokio::test]
+    async fn test_only_lets_internal_callers_reach_the_service() {
+        use tower_service::Service as _;
+
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let auth = InternalAuth::new(Some(InternalToken::from_text(GOOD).unwrap()), &[]);
+        let mut svc = auth.only(Counted(Arc::clone(&calls)));
+        assert_eq!(
+            <InternalOnly<Counted> as NamedService>::NAME,
+            "test.Counted"
+        );
+        let request = |token: Option<&str>| {
+            let mut b = http::Request::builder().uri("/test.Counted/Write");
+            if let Some(t) = token {
+                b = b.header(TOKEN_METADATA, t);
+            }
+            b.body(()).unwrap()
+        };
+
+        for token in [None, Some("0123456789abcdef0123456789abcdeX")] {
+            let refused = svc.call(request(token)).await.unwrap();
+            let status = Status::from_header_map(refused.headers()).unwrap();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
+            assert!(
+                status.message().starts_with(
+                    "test.Counted/Write is served here to internal callers only (clients call it through the gateway): "
+                ),
+                "{}",
+                status.message()
+            );
+            assert_eq!(
+                crate::rpc::reason_of(&status).as_deref(),
+                Some(REASON_INTERNAL_CALLER_REQUIRED)
+            );
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        let served = svc.call(request(Some(GOOD))).await.unwrap();
+        assert!(Status::from_header_map(served.headers()).is_none());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
