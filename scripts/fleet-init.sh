@@ -96,6 +96,7 @@ EOF
 listen: 0.0.0.0:50055
 log_format: json
 supervisor: http://127.0.0.1:50052
+internal_token_file: /etc/qvirt/internal-token
 EOF
     keep_or_write "$config/$h/supervisor.yaml" <<EOF
 # $h's supervisor: QEMU runs as its child in this container.

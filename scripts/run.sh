@@ -63,8 +63,9 @@ mkdir -p "$run_dir/hooks"
 # not. Removed on exit.
 images=$(mktemp -d "${TMPDIR:-/tmp}/qvirt-images.XXXXXX")
 chmod 0755 "$images"
-# The internal plane's shared secret (EventIngest, the hook executor): a fresh
-# random one per run, readable by this user only.
+# The internal plane's shared secret: every backend serves only callers
+# that present it (the gateway, and the backends calling each other). A
+# fresh random one per run, readable by this user only.
 token="$run_dir/internal-token"
 rm -f "$token"
 (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$token")
@@ -72,7 +73,7 @@ services=(
     "qvirt-eventbus $bus_port --metrics-listen 127.0.0.1:$metrics_port --internal-token-file $token"
     "qvirt-hookexec $hook_port --hooks-dir $run_dir/hooks --internal-token-file $token"
     "qvirt-supervisor $sup_port --state-dir $run_dir/state --run-dir $run_dir/run --image-root $images --eventbus http://127.0.0.1:$bus_port --hookexec http://127.0.0.1:$hook_port --agentd http://127.0.0.1:$agentd_port --internal-token-file $token"
-    "qvirt-agentd $agentd_port --supervisor http://127.0.0.1:$sup_port"
+    "qvirt-agentd $agentd_port --supervisor http://127.0.0.1:$sup_port --internal-token-file $token"
     "qvirt-gateway $gw_port --config $run_dir/gateway.yaml"
 )
 

@@ -28,8 +28,8 @@ use qvirt_eventbus::hub::{Caps, Hub, HubConfig, SubscribeOptions, SubscriptionIt
 use qvirt_integration_tests::measure::{Spread, cpu_ns, percentile};
 use qvirt_integration_tests::reference::MachineSpeed;
 use qvirt_integration_tests::{
-    ChildGuard, Service, define_yaml, internal, kill_domain_qemu, rss_kib, start_supervisor,
-    tool_path,
+    ChildGuard, InternalChannel, Service, define_yaml, internal, internal_channel,
+    kill_domain_qemu, rss_kib, start_supervisor, tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
@@ -81,7 +81,7 @@ fn now_ns() -> u64 {
 }
 
 async fn subscribe(
-    client: &mut EventBusClient<Channel>,
+    client: &mut EventBusClient<InternalChannel>,
     filter: &str,
 ) -> tonic::Streaming<qvirt_proto::v1::SubscribeMonitorEventsResponse> {
     let mut s = client
@@ -102,7 +102,7 @@ async fn subscribe(
 async fn grpc_throughput(url: &str) -> (f64, u64) {
     // Publisher and subscriber on their own connections, as the supervisor
     // and a client would be.
-    let mut sub_client = EventBusClient::connect(url.to_owned()).await.unwrap();
+    let mut sub_client = EventBusClient::new(internal_channel(url.to_owned()).await);
     let mut client = EventIngestClient::connect(url.to_owned()).await.unwrap();
     let mut sub = subscribe(&mut sub_client, "").await;
     let reader = tokio::spawn(async move {
@@ -426,7 +426,7 @@ async fn idle_rss(svc: &Service) -> (u64, u64, u64, Duration) {
     let mut client = None;
     for i in 0..IDLE_SUBSCRIPTIONS {
         if i % STREAMS_PER_CONNECTION == 0 {
-            client = Some(EventBusClient::connect(svc.url()).await.unwrap());
+            client = Some(EventBusClient::new(internal_channel(svc.url()).await));
         }
         streams.push(subscribe(client.as_mut().unwrap(), "IDLE").await);
     }
@@ -530,14 +530,14 @@ async fn qmp_latency() -> QmpLatency {
         &extra,
     )
     .await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     define_yaml(
         &mut client,
         "name: lat\nmemory_mib: 128\naccel: tcg\n".into(),
     )
     .await
     .unwrap();
-    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut events = EventBusClient::new(internal_channel(bus.url()).await);
     let mut sub = events
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {
             domain: "lat".into(),

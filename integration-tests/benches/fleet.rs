@@ -34,9 +34,9 @@ use futures_util::StreamExt as _;
 use qvirt_integration_tests::measure::percentile;
 use qvirt_integration_tests::nats::{Nats, fleet_bus, fleet_supervisor};
 use qvirt_integration_tests::stack::{
-    BearerChannel, GatewayStack, StackOptions, bearer_channel, token_new,
+    BearerChannel, GatewayStack, StackOptions, backend_channel, bearer_channel, token_new,
 };
-use qvirt_integration_tests::{Service, define_yaml, internal, kill_domain_qemu};
+use qvirt_integration_tests::{Service, define_yaml, internal, internal_channel, kill_domain_qemu};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
@@ -206,7 +206,7 @@ async fn next_named(
 
 async fn qmp(f: &Fleet) {
     // Commands go to the supervisor itself: only the events' paths differ.
-    let mut sup = SupervisorClient::connect(f.stack.sup.url()).await.unwrap();
+    let mut sup = SupervisorClient::new(internal_channel(f.stack.sup.url()).await);
     define_yaml(&mut sup, "name: lat\nmemory_mib: 128\naccel: tcg\n".into())
         .await
         .unwrap();
@@ -336,12 +336,12 @@ async fn hop(f: &Fleet) {
     };
     let mut fleet = watch(f.fleet_channel().await, watched("HOP", "h1")).await;
     // At the fleet bus itself, to show the gateway's share.
-    let bus = bearer_channel(&f.fleet_bus.url(), None).await;
+    let bus = backend_channel(&f.fleet_bus.url()).await;
     let mut at_bus = watch(bus, watched("HOPB", "h1")).await;
     // And at the host's own bus, where the event enters. (Locally the
     // events carry no host: the bus names its host only in what it
     // forwards.)
-    let host = bearer_channel(&f.stack.bus.url(), None).await;
+    let host = backend_channel(&f.stack.bus.url()).await;
     let mut at_host = watch(host, watched("HOPH", "")).await;
     let publish = ingest(f.stack.bus.url());
     let mut bare = Box::pin(bare_consumer(&f.js).await);
@@ -498,7 +498,7 @@ async fn list(f: &Fleet) {
     let mut sups = Vec::new();
     for h in 1..=LIST_HOSTS {
         let sup = fleet_supervisor(&f.nats, dir.path(), &format!("lh{h}"), "  replicas: 3\n").await;
-        let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+        let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
         for i in 0..LIST_PER_HOST {
             define_yaml(&mut client, format!("name: lh{h}-{i:03}\naccel: tcg\n"))
                 .await

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::measure::{cpu_ns, percentile, steal_percent, steal_ticks};
 use qvirt_integration_tests::stack::{
-    BearerChannel, GatewayStack, Nginx, StackOptions, bearer_channel,
+    BearerChannel, GatewayStack, Nginx, StackOptions, backend_channel, bearer_channel,
 };
-use qvirt_integration_tests::{define_yaml, internal, rss_kib};
+use qvirt_integration_tests::{define_yaml, internal, internal_channel, rss_kib};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
@@ -108,8 +108,9 @@ impl Bench {
     /// Where a path's client connects, and with which token.
     async fn channel(&self, via: Via, backend: &str) -> BearerChannel {
         match via {
-            Via::Direct => bearer_channel(backend, None).await,
-            Via::Nginx => bearer_channel(&self.nginx.url(), None).await,
+            Via::Direct => backend_channel(backend).await,
+            // nginx passes the internal token on, as it would have to.
+            Via::Nginx => backend_channel(&self.nginx.url()).await,
             Via::Gateway => bearer_channel(&self.stack.gw.url(), Some(self.stack.bearer())).await,
         }
     }
@@ -447,7 +448,7 @@ async fn main() {
         ("qvirt.v1.Supervisor", stack.sup.url()),
         ("qvirt.v1.EventBus", stack.bus.url()),
     ]);
-    let mut sup = SupervisorClient::connect(stack.sup.url()).await.unwrap();
+    let mut sup = SupervisorClient::new(internal_channel(stack.sup.url()).await);
     define_yaml(&mut sup, BENCH_DOMAIN.into()).await.unwrap();
     let b = Bench { stack, nginx };
     println!(

@@ -40,7 +40,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use qvirt_integration_tests::guest::{GUEST_CMDLINE, Images, guest_image, guest_images_in};
 use qvirt_integration_tests::libvirtd::{Libvirtd, QEMU, guest_xml};
 use qvirt_integration_tests::measure::{percentile, steal_percent, steal_ticks};
-use qvirt_integration_tests::stack::{BearerChannel, GatewayStack, StackOptions, bearer_channel};
+use qvirt_integration_tests::stack::{
+    BearerChannel, GatewayStack, StackOptions, backend_channel, bearer_channel,
+};
 use qvirt_integration_tests::{QemuGuard, run_command, static_ga};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
@@ -212,7 +214,7 @@ impl Qvirt {
             if through_gateway {
                 bearer_channel(&stack.gw.url(), Some(stack.bearer())).await
             } else {
-                bearer_channel(&url, None).await
+                backend_channel(&url).await
             }
         };
         let agent = Some(GuestAgentClient::new(connect(stack.agentd.url()).await));

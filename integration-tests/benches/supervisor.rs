@@ -16,10 +16,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{ChildGuard, define_yaml, rss_kib, start_supervisor, tool_path};
+use qvirt_integration_tests::{
+    ChildGuard, InternalChannel, define_yaml, internal_channel, rss_kib, start_supervisor,
+    tool_path,
+};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{DestroyDomainRequest, StartDomainRequest, UndefineDomainRequest};
-use tonic::transport::Channel;
 
 const RUNS: usize = 31;
 const GUESTS: usize = 20;
@@ -121,12 +123,12 @@ fn bare_spawn(argv: &[String], dir: &Path, i: usize) -> (Duration, Duration) {
     (to_greeting, to_running)
 }
 
-async fn define(client: &mut SupervisorClient<Channel>, name: &str) {
+async fn define(client: &mut SupervisorClient<InternalChannel>, name: &str) {
     let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
     define_yaml(client, yaml).await.unwrap();
 }
 
-async fn start(client: &mut SupervisorClient<Channel>, name: &str) -> Duration {
+async fn start(client: &mut SupervisorClient<InternalChannel>, name: &str) -> Duration {
     let t = Instant::now();
     client
         .start_domain(StartDomainRequest {
@@ -139,7 +141,7 @@ async fn start(client: &mut SupervisorClient<Channel>, name: &str) -> Duration {
     t.elapsed()
 }
 
-async fn destroy(client: &mut SupervisorClient<Channel>, name: &str) {
+async fn destroy(client: &mut SupervisorClient<InternalChannel>, name: &str) {
     client
         .destroy_domain(DestroyDomainRequest {
             domain: name.into(),
@@ -167,7 +169,7 @@ async fn main() {
     };
     let (state, run) = (dir.path().join("state"), run_tmp.path().join("run"));
     let sup = start_supervisor(&state, &run, None, &["--start-timeout-secs", "60"]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
 
     // Start RPC to a running guest (no OS here: the vCPUs run firmware),
     // interleaved with the bare reference so both see the same load.

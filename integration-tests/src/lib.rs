@@ -56,7 +56,12 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// The services that serve or call internal methods: [`Service::start`]
 /// hands each the shared internal token file, unless the test passes its
 /// own `--internal-token-file`.
-pub const INTERNAL_PLANE: [&str; 3] = ["qvirt-eventbus", "qvirt-hookexec", "qvirt-supervisor"];
+pub const INTERNAL_PLANE: [&str; 4] = [
+    "qvirt-agentd",
+    "qvirt-eventbus",
+    "qvirt-hookexec",
+    "qvirt-supervisor",
+];
 
 /// The internal plane's shared secret for this test process: 64 random
 /// hex digits.
@@ -115,13 +120,19 @@ fn present_internal_token(
 }
 
 /// Connects to `url`; every call on the channel presents the internal
-/// token (e.g. `HookExecutorClient::new(internal_channel(url).await)`).
+/// token, as a backend's internal callers (the gateway, the supervisor)
+/// do (e.g. `SupervisorClient::new(internal_channel(url).await)`).
 pub async fn internal_channel(url: String) -> InternalChannel {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .unwrap()
         .connect()
         .await
         .unwrap();
+    with_internal_token(channel)
+}
+
+/// `channel`, with the internal token presented on every call.
+pub fn with_internal_token(channel: tonic::transport::Channel) -> InternalChannel {
     let present: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
         present_internal_token;
     tonic::service::interceptor::InterceptedService::new(channel, present)
@@ -262,6 +273,15 @@ pub fn grpcurl<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run(&tool_path("grpcurl"), args, COMMAND_TIMEOUT)
 }
 
+/// The real grpcurl with `args`, presenting the internal token as a
+/// backend's internal callers do (backends serve no one else).
+pub fn grpcurl_internal<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    let header = format!("x-qvirt-internal-token: {}", internal_token());
+    let mut all: Vec<&OsStr> = vec![OsStr::new("-H"), OsStr::new(&header)];
+    all.extend(args.iter().map(AsRef::as_ref));
+    grpcurl(&all)
+}
+
 /// Resident memory of process `pid` in KiB (`VmRSS`); panics if the
 /// process is gone, so a dead service never reads as a small one.
 pub fn rss_kib(pid: u32) -> u64 {
@@ -303,10 +323,16 @@ impl Drop for QemuGuard {
 }
 
 /// Defines a domain from its YAML spec (not replacing one) and returns it.
-pub async fn define_yaml(
-    client: &mut qvirt_proto::v1::supervisor_client::SupervisorClient<tonic::transport::Channel>,
+pub async fn define_yaml<T>(
+    client: &mut qvirt_proto::v1::supervisor_client::SupervisorClient<T>,
     yaml: String,
-) -> Result<qvirt_proto::v1::Domain, tonic::Status> {
+) -> Result<qvirt_proto::v1::Domain, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     use qvirt_proto::v1::{DefineDomainRequest, define_domain_request};
     let reply = client
         .define_domain(DefineDomainRequest {

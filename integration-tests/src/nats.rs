@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{ChildGuard, free_port, tool_path};
+use crate::{ChildGuard, InternalChannel, free_port, internal_channel, tool_path};
 
 /// How long a node (or a cluster) may take to have JetStream ready: a
 /// full-cluster restart on existing stores elects its meta leader in
@@ -310,14 +310,13 @@ pub async fn fleet_bus(
     url_index: usize,
 ) -> (
     crate::Service,
-    qvirt_proto::v1::event_bus_client::EventBusClient<tonic::transport::Channel>,
+    qvirt_proto::v1::event_bus_client::EventBusClient<InternalChannel>,
 ) {
     let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
     let mut svc = crate::Service::start_with_config("qvirt-eventbus", &config, &[]);
     svc.wait_serving("").await;
-    let client = qvirt_proto::v1::event_bus_client::EventBusClient::connect(svc.url())
-        .await
-        .unwrap();
+    let client =
+        qvirt_proto::v1::event_bus_client::EventBusClient::new(internal_channel(svc.url()).await);
     (svc, client)
 }
 

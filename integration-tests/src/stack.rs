@@ -183,21 +183,30 @@ pub fn bearer_value(token: &str) -> MetadataValue<Ascii> {
     format!("Bearer {token}").parse().unwrap()
 }
 
-/// Adds `authorization` to every call when it holds a value; a client
-/// type the same with and without a token, so one bench loop drives the
-/// direct, proxied and gateway paths alike.
+/// Adds `authorization` (a client of the gateway) or the internal token
+/// (an internal caller of a backend) to every call when it holds one; a
+/// client type the same either way, so one bench loop drives the direct,
+/// proxied and gateway paths alike.
 #[derive(Clone, Default)]
-pub struct Bearer(pub Option<MetadataValue<Ascii>>);
+pub struct Bearer {
+    authorization: Option<MetadataValue<Ascii>>,
+    internal: Option<MetadataValue<Ascii>>,
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
+        if let Some(value) = &self.authorization {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
+        }
+        if let Some(value) = &self.internal {
+            request
+                .metadata_mut()
+                .insert("x-qvirt-internal-token", value.clone());
         }
         Ok(request)
     }
@@ -210,6 +219,26 @@ pub type BearerChannel =
 /// Connects to `url` (its own HTTP/2 connection), presenting `token` if
 /// given.
 pub async fn bearer_channel(url: &str, token: Option<MetadataValue<Ascii>>) -> BearerChannel {
+    let bearer = Bearer {
+        authorization: token,
+        internal: None,
+    };
+    connect_with(url, bearer).await
+}
+
+/// Connects to backend `url` as an internal caller (the internal token on
+/// every call), with the same client type as [`bearer_channel`]: the
+/// benches' direct and nginx paths, which reach a backend without the
+/// gateway.
+pub async fn backend_channel(url: &str) -> BearerChannel {
+    let bearer = Bearer {
+        authorization: None,
+        internal: Some(crate::internal_token().parse().unwrap()),
+    };
+    connect_with(url, bearer).await
+}
+
+async fn connect_with(url: &str, bearer: Bearer) -> BearerChannel {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .tcp_nodelay(true)
@@ -217,7 +246,7 @@ pub async fn bearer_channel(url: &str, token: Option<MetadataValue<Ascii>>) -> B
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    tonic::service::interceptor::InterceptedService::new(channel, Bearer(token))
+    tonic::service::interceptor::InterceptedService::new(channel, bearer)
 }
 
 /// A private nginx, started from a config written to its own temp prefix

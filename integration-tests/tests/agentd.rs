@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qvirt_integration_tests::scratch_guest::ScratchGuest;
-use qvirt_integration_tests::{ChildGuard, Service, grpcurl, run, text, tool_path};
+use qvirt_integration_tests::{
+    ChildGuard, InternalChannel, Service, grpcurl_internal, internal_channel, run, text, tool_path,
+};
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::{
     AddAuthorizedKeysRequest, CommandRequest, ExecRequest, FileWriteMode, FsFreezeState,
@@ -21,7 +23,6 @@ use qvirt_proto::v1::{
     WriteFileRequest, guest_exec_status,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// How long an agent may take to listen on its socket.
 const AGENT_READY: Duration = Duration::from_secs(20);
@@ -155,7 +156,7 @@ impl Agent {
 struct Setup {
     agent: Agent,
     agentd: Service,
-    client: GuestAgentClient<Channel>,
+    client: GuestAgentClient<InternalChannel>,
     _dir: tempfile::TempDir,
 }
 
@@ -181,7 +182,7 @@ async fn setup_with(
     );
     let mut agentd = Service::start_with_config("qvirt-agentd", &yaml, &[]);
     agentd.wait_serving("qvirt.v1.GuestAgent").await;
-    let client = GuestAgentClient::connect(agentd.url()).await.unwrap();
+    let client = GuestAgentClient::new(internal_channel(agentd.url()).await);
     Setup {
         agent,
         agentd,
@@ -812,7 +813,7 @@ async fn test_error_reasons_through_grpcurl_with_a_real_supervisor() {
     let dir = tempfile::tempdir().unwrap();
     let (state, run) = (dir.path().join("state"), dir.path().join("run"));
     let sup = qvirt_integration_tests::start_supervisor(&state, &run, None, &[]).await;
-    let mut supervisor = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut supervisor = SupervisorClient::new(internal_channel(sup.url()).await);
     for yaml in [
         "name: off\nmemory_mib: 64\nagent: true\n",
         "name: bare\nmemory_mib: 64\n",
@@ -882,7 +883,7 @@ async fn test_error_reasons_through_grpcurl_with_a_real_supervisor() {
         ),
     ];
     for (body, code, reason, domain, field) in cases {
-        let out = grpcurl(&[
+        let out = grpcurl_internal(&[
             "-plaintext",
             "-format-error",
             "-d",

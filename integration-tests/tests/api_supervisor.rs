@@ -14,14 +14,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use qvirt_common::rpc::{reason_of, violated_fields};
-use qvirt_integration_tests::{QemuGuard, Service, grpcurl, start_supervisor, text, tool_path};
+use qvirt_integration_tests::{
+    InternalChannel, QemuGuard, Service, grpcurl_internal, internal_channel, start_supervisor,
+    text, tool_path,
+};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DefineDomainRequest, DestroyDomainRequest, Domain, DomainState, GetDomainRequest,
     ListDomainsRequest, StartDomainRequest, UndefineDomainRequest, define_domain_request,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 const NODE: &str = "api-node";
 
@@ -31,7 +33,7 @@ struct Sup {
     state: PathBuf,
     run: PathBuf,
     svc: Service,
-    client: SupervisorClient<Channel>,
+    client: SupervisorClient<InternalChannel>,
 }
 
 impl Sup {
@@ -41,7 +43,7 @@ impl Sup {
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let (state, run) = (tmp.path().join("state"), tmp.path().join("run"));
         let svc = Self::spawn(&state, &run).await;
-        let client = SupervisorClient::connect(svc.url()).await.unwrap();
+        let client = SupervisorClient::new(internal_channel(svc.url()).await);
         Sup {
             _tmp: tmp,
             state,
@@ -67,7 +69,7 @@ impl Sup {
         assert!(status.success(), "{status}");
         between(&self.state);
         self.svc = Self::spawn(&self.state, &self.run).await;
-        self.client = SupervisorClient::connect(self.svc.url()).await.unwrap();
+        self.client = SupervisorClient::new(internal_channel(self.svc.url()).await);
     }
 
     fn addr(&self) -> String {
@@ -76,7 +78,7 @@ impl Sup {
 
     /// grpcurl `method` with JSON `body`: (success, stdout + stderr).
     fn grpcurl(&self, method: &str, body: &str) -> (bool, String) {
-        let out = grpcurl(&[
+        let out = grpcurl_internal(&[
             "-plaintext",
             "-d",
             body,

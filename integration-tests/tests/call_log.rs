@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, grpcurl, text};
+use qvirt_integration_tests::{Service, grpcurl_internal, text};
 
 /// The `rpc done` JSON line of the call to `method`, once it is logged.
 async fn done_line(svc: &mut Service, method: &str) -> serde_json::Value {
@@ -42,7 +42,7 @@ async fn test_a_calls_log_line_carries_its_method_domain_and_code() {
         ],
     );
     supervisor.wait_serving("").await;
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"domain": "ghost-vm", "request_id": "r-42"}"#,
@@ -64,7 +64,7 @@ async fn test_a_calls_log_line_carries_its_method_domain_and_code() {
 
     let mut agentd = Service::start("qvirt-agentd", &["--log-format", "json"]);
     agentd.wait_serving("").await;
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"domain": "ghost-vm"}"#,

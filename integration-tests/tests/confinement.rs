@@ -18,7 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    QemuGuard, Service, define_yaml, grpcurl, run_command, start_supervisor, text, tool_path,
+    InternalChannel, QemuGuard, Service, define_yaml, grpcurl_internal, internal_channel,
+    run_command, start_supervisor, text, tool_path,
 };
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
@@ -26,7 +27,6 @@ use qvirt_proto::v1::{
     StartDomainRequest, UndefineDomainRequest,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Bound on waiting for a state the supervisor reports.
 const STATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -87,7 +87,7 @@ fn proc_status(pid: u32, field: &str) -> String {
         .to_owned()
 }
 
-async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> Domain {
+async fn get(client: &mut SupervisorClient<InternalChannel>, name: &str) -> Domain {
     client
         .get_domain(GetDomainRequest {
             domain: name.to_owned(),
@@ -101,7 +101,7 @@ async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> Domain {
 }
 
 async fn start(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     name: &str,
 ) -> Result<Domain, tonic::Status> {
     client
@@ -116,7 +116,7 @@ async fn start(
 
 /// Poll GetDomain until `state`, with a deadline.
 async fn wait_state(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     sup: &Service,
     name: &str,
     state: DomainState,
@@ -147,7 +147,7 @@ fn owner(path: &Path) -> (u32, u32, u32) {
 /// `mode`) in the default image root, defined and started: the disk's
 /// path, the running domain, and a guard that kills its QEMU.
 async fn start_with_disk(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     dirs: &Dirs,
     name: &str,
     file: &str,
@@ -173,7 +173,7 @@ async fn test_exec_migration_runs_nothing_and_kills_the_sandboxed_qemu() {
     let (qemu_uid, qemu_gid) = qemu_ids();
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
 
     // A root-owned read-write disk in the default image root.
     let (disk, d, _guard) =
@@ -204,7 +204,7 @@ async fn test_exec_migration_runs_nothing_and_kills_the_sandboxed_qemu() {
     let addr = sup.addr.to_string();
     // QEMU dies during the command: the reply is an error (UNAVAILABLE,
     // monitor closed), whatever it is the file must not appear.
-    let reply = grpcurl(&[
+    let reply = grpcurl_internal(&[
         "-plaintext",
         "-d",
         &request,
@@ -247,7 +247,7 @@ fn serde_json_text(text: &str) -> String {
 async fn test_paths_outside_the_roots_are_refused_and_left_untouched() {
     let dirs = Dirs::new();
     let mut sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
 
     // Host files a definition must not reach.
     let victim = dirs.tmp.path().join("victim.db");
@@ -313,7 +313,7 @@ async fn test_paths_outside_the_roots_are_refused_and_left_untouched() {
     let other_root = dirs.tmp.path().join("other-images");
     let other = other_root.to_str().unwrap();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &["--image-root", other]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let err = start(&mut client, "moved").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
@@ -364,7 +364,7 @@ async fn test_qemu_inherits_no_fd_of_the_supervisor() {
         fds(sup.pid()).iter().any(|(_, t)| *t == marker_text),
         "the supervisor did not inherit the marker fd"
     );
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let serial = dirs.state.join("serial/leak/console.log");
     let spec = format!(
         "name: leak\nmemory_mib: 64\naccel: tcg\nagent: true\nserial_log: {}\n",
@@ -422,7 +422,7 @@ async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
     let (qemu_uid, _) = qemu_ids();
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let (disk, d, _guard) =
         start_with_disk(&mut client, &dirs, "orphan", "data.img", 4096, 0o640).await;
     let uuid = d.spec.clone().unwrap().uuid;
@@ -443,7 +443,7 @@ async fn test_disk_owner_is_restored_by_the_next_supervisor_after_a_kill() {
     // The next supervisor finds the QEMU gone and gives the disk back
     // before it serves.
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     assert_eq!(owner(&disk), (0, 0, 0o640));
     let d = get(&mut client, "orphan").await;
     assert_eq!(
@@ -460,7 +460,7 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
     let (qemu_uid, _) = qemu_ids();
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let (disk, _d, _guard) =
         start_with_disk(&mut client, &dirs, "kept", "kept.img", 4096, 0o640).await;
     assert_eq!(owner(&disk).0, qemu_uid);
@@ -509,7 +509,7 @@ async fn test_undefine_keeps_a_domain_whose_disk_could_not_be_given_back() {
 async fn test_tap_nic_is_opened_by_the_supervisor_for_the_unprivileged_qemu() {
     let dirs = Dirs::new();
     let sup = start_supervisor(&dirs.state, &dirs.run, None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     // A name no other test uses; the tap lives as long as its fds.
     let ifname = format!("qvt{:x}", std::process::id() & 0xff_ffff);
     let spec = format!(

@@ -86,6 +86,22 @@ fn test_compose_file_runs_every_service_and_publishes_only_the_gateway() {
         assert_eq!(command[0], format!("qvirt-{name}"), "{name}: {command:?}");
         let listen = command[command.iter().position(|a| *a == "--listen").unwrap() + 1];
         let port = listen.rsplit(':').next().unwrap();
+        // Every backend serves (and the gateway calls) with the internal
+        // secret: a backend without it would refuse every caller.
+        let token = command
+            .iter()
+            .position(|a| *a == "--internal-token-file")
+            .map(|i| command[i + 1]);
+        assert_eq!(
+            token,
+            Some("/etc/qvirt/internal-token"),
+            "{name}: {command:?}"
+        );
+        let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
+        assert!(
+            volumes.contains("internal-token:/etc/qvirt/internal-token:ro"),
+            "{name}: {volumes}"
+        );
 
         let check: Vec<&str> = svc["healthcheck"]["test"]
             .as_sequence()

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use qvirt_common::rpc::{reason_of, violated_fields};
 use qvirt_integration_tests::{
-    ChildGuard, Service, bin_path, grpcurl, internal, internal_token, rss_kib, text,
+    ChildGuard, InternalChannel, Service, bin_path, grpcurl, grpcurl_internal, internal,
+    internal_token, rss_kib, text, with_internal_token,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
@@ -49,7 +50,7 @@ fn monitor(domain: &str, event: &str, details: &str) -> MonitorEvent {
 /// reach) and its internal `EventIngest` (`client.ingest`).
 #[derive(Clone)]
 struct Client {
-    events: EventBusClient<Channel>,
+    events: EventBusClient<InternalChannel>,
     ingest: EventIngestClient<Channel>,
 }
 
@@ -65,14 +66,14 @@ impl Client {
 
     fn new(channel: Channel) -> Self {
         Client {
-            events: EventBusClient::new(channel.clone()),
+            events: EventBusClient::new(with_internal_token(channel.clone())),
             ingest: EventIngestClient::new(channel),
         }
     }
 }
 
 impl std::ops::Deref for Client {
-    type Target = EventBusClient<Channel>;
+    type Target = EventBusClient<InternalChannel>;
 
     fn deref(&self) -> &Self::Target {
         &self.events
@@ -301,7 +302,7 @@ async fn test_invalid_and_pathological_filters() {
     assert_eq!(violated_fields(&err), ["event"]);
 
     // The same through grpcurl, as an operator would see it.
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"event": "(", "flags": ["MONITOR_EVENT_FILTER_FLAG_REGEX"]}"#,
@@ -550,7 +551,7 @@ async fn test_bad_cursors_get_an_explicit_answer() {
     assert_eq!(reason_of(&err).as_deref(), Some("CURSOR_BEYOND_HEAD"));
     // The same malformed cursor through grpcurl, as an operator sees it:
     // the details name the reason, the domain and the field.
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"resume_after": "bogus"}"#,
@@ -1127,20 +1128,40 @@ fn refused_for(result: Result<Streaming<SubscribeMonitorEventsResponse>, tonic::
     }
 }
 
+/// A subscription from `url` on a connection presenting no token of its
+/// own (only what `req` carries): a caller outside the internal plane.
+async fn subscribe_uninvited(
+    url: &str,
+    req: tonic::Request<SubscribeMonitorEventsRequest>,
+) -> tonic::Status {
+    let mut raw = EventBusClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    match raw.subscribe_monitor_events(req).await {
+        Ok(_) => panic!("a subscription without the internal token was served"),
+        Err(e) => e,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn test_principal_metadata_is_honoured_only_with_the_internal_token() {
-    let (_svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
+    let (svc, mut client) = bus("max_monitor_subscriptions_per_principal: 1\n").await;
     let token = Some(internal_token());
-    // Without the token the principal metadata is ignored: both count as
-    // the peer, so the second is refused whatever principal it claims.
-    let _peer = try_subscribe(&mut client, as_principal("alice", None))
-        .await
-        .unwrap();
-    let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", None)).await);
-    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
-    // A wrong token is no token.
-    let msg = refused_for(try_subscribe(&mut client, as_principal("mallory", Some("guess"))).await);
-    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
+    // Without the token, or with a wrong one, a caller is refused whatever
+    // principal it claims, and takes no slot.
+    for guess in [None, Some("0123456789abcdef".repeat(4))] {
+        let refused =
+            subscribe_uninvited(&svc.url(), as_principal("alice", guess.as_deref())).await;
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+        assert!(
+            refused.message().contains("through the gateway"),
+            "{refused}"
+        );
+    }
     // With the token, the gateway's principals have slots of their own.
     let _alice = try_subscribe(&mut client, as_principal("alice", token))
         .await
@@ -1150,6 +1171,11 @@ async fn test_principal_metadata_is_honoured_only_with_the_internal_token() {
         .unwrap();
     let msg = refused_for(try_subscribe(&mut client, as_principal("alice", token)).await);
     assert!(msg.contains("\"alice\""), "{msg}");
+    // An internal caller naming no principal counts as its peer.
+    let plain = || tonic::Request::new(SubscribeMonitorEventsRequest::default());
+    let _peer = try_subscribe(&mut client, plain()).await.unwrap();
+    let msg = refused_for(try_subscribe(&mut client, plain()).await);
+    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
 }
 
 /// A client connecting from `local` (any of 127.0.0.0/8).
@@ -1169,7 +1195,8 @@ async fn client_from(url: &str, local: std::net::Ipv4Addr) -> Client {
 async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
     let (svc, _client) =
         bus("max_monitor_subscriptions: 4\nmax_monitor_subscriptions_per_principal: 1\n").await;
-    // Two direct callers from two addresses take the direct half.
+    // Internal callers naming no principal (not the gateway's callers),
+    // from three addresses: two take the half left to them.
     let mut direct = Vec::new();
     for last in 2..=4 {
         let ip = std::net::Ipv4Addr::new(127, 0, 0, last);
@@ -1199,20 +1226,20 @@ async fn test_direct_callers_leave_half_the_total_to_the_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn test_principal_metadata_is_ignored_without_a_configured_token() {
+async fn test_without_a_configured_token_every_tcp_subscriber_is_refused() {
     let mut svc = Service::start_without_internal_token(
         "qvirt-eventbus",
         "max_monitor_subscriptions_per_principal: 1\n",
         &[],
     );
     svc.wait_serving("qvirt.v1.EventBus").await;
-    let mut client = Client::connect(svc.url()).await;
-    let _first = try_subscribe(&mut client, as_principal("alice", Some("")))
-        .await
-        .unwrap();
-    let msg =
-        refused_for(try_subscribe(&mut client, as_principal("bob", Some(internal_token()))).await);
-    assert!(msg.contains("\"peer:127.0.0.1\""), "{msg}");
+    let refused =
+        subscribe_uninvited(&svc.url(), as_principal("alice", Some(internal_token()))).await;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(
+        refused.message().contains("no internal token configured"),
+        "{refused}"
+    );
 }
 
 /// Events in the shared-connection test, each with a ~1 KiB payload: about

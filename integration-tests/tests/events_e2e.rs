@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{QemuGuard, Service, define_yaml, start_supervisor, tool_path};
+use qvirt_integration_tests::{
+    InternalChannel, QemuGuard, Service, define_yaml, internal_channel, start_supervisor, tool_path,
+};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind as DomainKind;
 use qvirt_proto::v1::subscribe_monitor_events_response::Kind as MonitorKind;
@@ -33,7 +35,7 @@ async fn supervisor(dir: &std::path::Path, bus_url: &str) -> Service {
 /// Defines domain `name` (TCG, no OS) and starts it running; returns its
 /// UUID and the guard that kills its QEMU if the test stops half-way.
 async fn define_and_start(
-    client: &mut SupervisorClient<tonic::transport::Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     name: &str,
 ) -> (String, QemuGuard) {
     let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
@@ -61,7 +63,7 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
     let dirs = tempfile::tempdir().unwrap();
     let sup = supervisor(dirs.path(), &bus.url()).await;
 
-    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut events = EventBusClient::new(internal_channel(bus.url()).await);
     let mut monitor = events
         .subscribe_monitor_events(SubscribeMonitorEventsRequest {
             domain: "e2e".into(),
@@ -94,7 +96,7 @@ async fn test_suspend_and_resume_reach_bus_subscribers() {
         assert!(matches!(first, Some(MonitorKind::Established(_))));
     }
 
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let (uuid, _guard) = define_and_start(&mut client, "e2e").await;
     client
         .suspend_domain(SuspendDomainRequest {
@@ -180,12 +182,12 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     let bus_addr = bus.addr;
     let dirs = tempfile::tempdir().unwrap();
     let sup = supervisor(dirs.path(), &bus.url()).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let (_, _guard) = define_and_start(&mut client, "again").await;
 
     // Where a subscriber got to on the first bus: after the start's events.
     let (first_epoch, cursor) = {
-        let mut c = EventBusClient::connect(bus.url()).await.unwrap();
+        let mut c = EventBusClient::new(internal_channel(bus.url()).await);
         let mut s = c
             .subscribe_monitor_events(SubscribeMonitorEventsRequest::default())
             .await
@@ -205,7 +207,7 @@ async fn test_supervisor_republishes_to_a_restarted_bus() {
     drop(bus);
     let mut bus = Service::start_at("qvirt-eventbus", bus_addr, &[]);
     bus.wait_serving("qvirt.v1.EventBus").await;
-    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut events = EventBusClient::new(internal_channel(bus.url()).await);
     // Resuming after the first bus's cursor: the new bus says plainly
     // that the history it named is gone.
     let mut monitor = events
@@ -285,7 +287,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
     bus.wait_serving("qvirt.v1.EventBus").await;
     let dirs = tempfile::tempdir().unwrap();
     let sup = supervisor(dirs.path(), &bus.url()).await;
-    let mut events = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut events = EventBusClient::new(internal_channel(bus.url()).await);
     let mut lifecycle = events
         .subscribe_domain_events(SubscribeDomainEventsRequest {
             domain: "ev".into(),
@@ -294,7 +296,7 @@ async fn test_failed_start_is_stopped_failed_and_a_host_quit_is_shutdown_host() 
         .await
         .unwrap()
         .into_inner();
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
 
     // QEMU refuses an option: the start fails, STOPPED (FAILED) follows.
     let define = |extra: &str, update: bool| DefineDomainRequest {

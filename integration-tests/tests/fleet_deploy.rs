@@ -815,7 +815,8 @@ const UNREACHABLE_WITHIN: Duration = Duration::from_secs(2 * HEARTBEAT_TTL.as_se
 
 impl Fleet {
     /// `qvirtctl ARGS` inside a host's container, at its own supervisor
-    /// (not through a gateway: what a host does while cut off).
+    /// (not through a gateway: what a host does while cut off), with the
+    /// internal secret every backend asks of its callers.
     fn ctl_on_host(&self, host: &str, args: &[&str]) -> String {
         let container = self.container(host);
         let mut all = vec![
@@ -824,6 +825,8 @@ impl Fleet {
             "qvirtctl",
             "--connect",
             "http://127.0.0.1:50052",
+            "--internal-token-file",
+            "/etc/qvirt/internal-token",
         ];
         all.extend_from_slice(args);
         docker(&all)

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use prost::Message as _;
-use qvirt_integration_tests::Service;
 use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::{Service, internal_channel};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::publish_request::Event;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind;
@@ -42,7 +42,7 @@ async fn subscribe(
     bus: &Service,
     request: SubscribeDomainEventsRequest,
 ) -> Streaming<SubscribeDomainEventsResponse> {
-    let mut client = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut client = EventBusClient::new(internal_channel(bus.url()).await);
     let mut s = client
         .subscribe_domain_events(request)
         .await

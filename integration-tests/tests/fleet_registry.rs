@@ -13,14 +13,15 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use prost::Message as _;
 use qvirt_integration_tests::nats::Nats;
-use qvirt_integration_tests::{QemuGuard, Service, define_yaml, tool_path};
+use qvirt_integration_tests::{
+    InternalChannel, QemuGuard, Service, define_yaml, internal_channel, tool_path,
+};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DestroyDomainRequest, Domain, DomainState, GetDomainRequest, HostRecord, StartDomainRequest,
     SuspendDomainRequest, UndefineDomainRequest,
 };
 use qvirt_registry::{DOMAINS_BUCKET, HOSTS_BUCKET, domain_key, host_key};
-use tonic::transport::Channel;
 
 /// Bound on every wait for the registry to follow.
 const WAIT: Duration = Duration::from_secs(30);
@@ -70,7 +71,7 @@ async fn stored(domains: &kv::Store, uuid: &str) -> Option<Domain> {
     Some(Domain::decode(value).unwrap())
 }
 
-async fn get(client: &mut SupervisorClient<Channel>, uuid: &str) -> Domain {
+async fn get(client: &mut SupervisorClient<InternalChannel>, uuid: &str) -> Domain {
     client
         .get_domain(GetDomainRequest {
             domain: uuid.into(),
@@ -86,7 +87,7 @@ async fn get(client: &mut SupervisorClient<Channel>, uuid: &str) -> Domain {
 /// Waits until the bucket holds exactly what GetDomain returns for
 /// `uuid`, in `state`.
 async fn until_mirrored(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     domains: &kv::Store,
     uuid: &str,
     state: DomainState,
@@ -125,7 +126,7 @@ async fn heartbeat(hosts: &kv::Store) -> HostRecord {
     HostRecord::decode(value).unwrap()
 }
 
-async fn start(client: &mut SupervisorClient<Channel>, uuid: &str) -> QemuGuard {
+async fn start(client: &mut SupervisorClient<InternalChannel>, uuid: &str) -> QemuGuard {
     let d = client
         .start_domain(StartDomainRequest {
             domain: uuid.into(),
@@ -139,12 +140,12 @@ async fn start(client: &mut SupervisorClient<Channel>, uuid: &str) -> QemuGuard 
     QemuGuard(d.pid, uuid.to_owned())
 }
 
-async fn define(client: &mut SupervisorClient<Channel>, name: &str) -> String {
+async fn define(client: &mut SupervisorClient<InternalChannel>, name: &str) -> String {
     let yaml = format!("name: {name}\nmemory_mib: 128\naccel: tcg\n");
     define_yaml(client, yaml).await.unwrap().spec.unwrap().uuid
 }
 
-async fn undefine(client: &mut SupervisorClient<Channel>, uuid: &str) {
+async fn undefine(client: &mut SupervisorClient<InternalChannel>, uuid: &str) {
     client
         .undefine_domain(UndefineDomainRequest {
             domain: uuid.into(),
@@ -162,7 +163,7 @@ async fn test_supervisor_mirrors_domains_and_heartbeats() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(&nats, dir.path()).await;
     let (hosts, domains) = buckets(&nats).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
 
     let uuid = define(&mut client, "fr1").await;
     until_mirrored(&mut client, &domains, &uuid, DomainState::Shutoff).await;
@@ -227,7 +228,7 @@ async fn test_supervisor_reconciles_after_broker_outage() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(&nats, dir.path()).await;
     let (_, domains) = buckets(&nats).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let kept = define(&mut client, "kept").await;
     let dropped = define(&mut client, "dropped").await;
     until_mirrored(&mut client, &domains, &kept, DomainState::Shutoff).await;
@@ -243,7 +244,7 @@ async fn test_supervisor_reconciles_after_broker_outage() {
     sup.signal(libc::SIGKILL);
     drop(sup);
     let sup = supervisor(&nats, dir.path()).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     nats.nodes[0].start();
     nats.wait_ready();
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use qvirt_integration_tests::nats::{Nats, fleet_bus as gateway_bus, host_bus};
-use qvirt_integration_tests::{Service, internal};
+use qvirt_integration_tests::{InternalChannel, Service, internal, internal_channel};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::event_ingest_client::EventIngestClient;
 use qvirt_proto::v1::publish_request::Event;
@@ -17,7 +17,6 @@ use qvirt_proto::v1::{
     DomainEvent, DomainEventType, EventsLostReason, MonitorEvent, MonitorEventFilterFlag,
     PublishRequest, SubscribeDomainEventsRequest, SubscribeMonitorEventsRequest,
 };
-use tonic::transport::Channel;
 
 /// Bound on one message or call; a stream leader's loss (a 4-9 s election,
 /// then the consumer made again) on 2 loaded cores needs its share.
@@ -25,7 +24,7 @@ const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Waits until a fleet bus has found the stream: a subscription is
 /// accepted rather than UNAVAILABLE.
-async fn wait_fleet_ready(client: &EventBusClient<Channel>) {
+async fn wait_fleet_ready(client: &EventBusClient<InternalChannel>) {
     let deadline = std::time::Instant::now() + MESSAGE_TIMEOUT;
     loop {
         let mut c = client.clone();
@@ -499,7 +498,10 @@ async fn test_a_gateway_in_front_of_a_fleet_bus_keeps_roles_and_caps() {
     );
     let mut fleet_bus = Service::start_with_config("qvirt-eventbus", &config, &[]);
     fleet_bus.wait_serving("qvirt.v1.EventBus").await;
-    wait_fleet_ready(&EventBusClient::connect(fleet_bus.url()).await.unwrap()).await;
+    wait_fleet_ready(&EventBusClient::new(
+        internal_channel(fleet_bus.url()).await,
+    ))
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let viewer = qvirt_integration_tests::token_new("viewer", "read-only");
     let operator = qvirt_integration_tests::token_new("operator", "read-write");

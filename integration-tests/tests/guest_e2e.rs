@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::{guest_image, guest_images, guest_yaml, serial};
 use qvirt_integration_tests::{
-    QemuGuard, Service, define_yaml, free_port, start_supervisor, static_ga, text,
+    QemuGuard, Service, define_yaml, free_port, internal_channel, start_supervisor, static_ga, text,
 };
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
@@ -104,8 +104,8 @@ async fn test_static_qvirt_ga_in_a_real_guest_through_supervisor_and_agentd() {
     .await;
     let mut agentd = Service::start_at("qvirt-agentd", agentd_addr, &["--supervisor", &sup.url()]);
     agentd.wait_serving("qvirt.v1.GuestAgent").await;
-    let mut supervisor = SupervisorClient::connect(sup.url()).await.unwrap();
-    let mut agent = GuestAgentClient::connect(agentd.url()).await.unwrap();
+    let mut supervisor = SupervisorClient::new(internal_channel(sup.url()).await);
+    let mut agent = GuestAgentClient::new(internal_channel(agentd.url()).await);
 
     // The domain's own serial dir.
     let serial_log = state.join("serial/guest/console.log");

@@ -1,7 +1,8 @@
 //! The internal plane refuses callers that are not part of it: the real
-//! bus and hook executor, called with the real grpcurl, without the
-//! internal token, with a wrong one, with the right one, and over a unix
-//! socket.
+//! backends (supervisor, bus, agent service, hook executor), called with
+//! the real grpcurl, without the internal token, with a wrong one, with
+//! the right one, and over a unix socket. Their public services too:
+//! users reach those through the gateway only.
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -12,8 +13,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    COMMAND_TIMEOUT, ChildGuard, Service, bin_path, grpcurl, internal_token, run_command, text,
-    tool_path,
+    COMMAND_TIMEOUT, ChildGuard, Service, bin_path, grpcurl, internal_channel, internal_token,
+    run_command, text, tool_path,
 };
 use qvirt_proto::v1::SubscribeDomainEventsRequest;
 use qvirt_proto::v1::event_bus_client::EventBusClient;
@@ -59,7 +60,7 @@ async fn test_publish_needs_the_internal_token_over_tcp() {
     // The harness gives the bus the shared token file.
     let mut bus = Service::start("qvirt-eventbus", &[]);
     bus.wait_serving("qvirt.v1.EventBus").await;
-    let mut client = EventBusClient::connect(bus.url()).await.unwrap();
+    let mut client = EventBusClient::new(internal_channel(bus.url()).await);
     let mut events = client
         .subscribe_domain_events(SubscribeDomainEventsRequest::default())
         .await
@@ -122,6 +123,125 @@ async fn test_publish_without_a_configured_token_refuses_every_tcp_caller() {
         "{}",
         bus.stderr()
     );
+}
+
+/// grpcurl's refusal of public `method` (`package.Service/Method`) at a
+/// backend: UNAUTHENTICATED, pointing at the gateway.
+fn assert_backend_refused(out: &Output, method: &str) {
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{method} was served");
+    assert!(stderr.contains("Unauthenticated"), "{method}: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{method} is served here to internal callers only (clients call it through the gateway)"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"INTERNAL_CALLER_REQUIRED\""), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_backends_serve_public_services_to_internal_callers_only() {
+    let dirs = tempfile::tempdir().unwrap();
+    let (state, run) = (dirs.path().join("state"), dirs.path().join("run"));
+    let mut sup = Service::start(
+        "qvirt-supervisor",
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+        ],
+    );
+    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let mut bus = Service::start("qvirt-eventbus", &[]);
+    bus.wait_serving("qvirt.v1.EventBus").await;
+    let mut agentd = Service::start("qvirt-agentd", &["--supervisor", &sup.url()]);
+    agentd.wait_serving("qvirt.v1.GuestAgent").await;
+    let (sup_addr, bus_addr, agentd_addr) = (
+        sup.addr.to_string(),
+        bus.addr.to_string(),
+        agentd.addr.to_string(),
+    );
+    let define = r#"{"spec": {"name": "sneaky", "memory_mib": 64}}"#;
+    let wrong = token_header(&"0123456789abcdef".repeat(4));
+    let calls = [
+        (&sup_addr, "qvirt.v1.Supervisor/ListDomains", "{}"),
+        (&sup_addr, "qvirt.v1.Supervisor/DefineDomain", define),
+        (
+            &sup_addr,
+            "qvirt.v1.Supervisor/MonitorCommand",
+            r#"{"domain": "x", "command_json": "{}"}"#,
+        ),
+        (&bus_addr, "qvirt.v1.EventBus/SubscribeMonitorEvents", "{}"),
+        (&bus_addr, "qvirt.v1.EventBus/SubscribeDomainEvents", "{}"),
+        (
+            &agentd_addr,
+            "qvirt.v1.GuestAgent/Ping",
+            r#"{"domain": "ghost"}"#,
+        ),
+        (
+            &agentd_addr,
+            "qvirt.v1.GuestAgent/Exec",
+            r#"{"domain": "ghost", "path": "/bin/true"}"#,
+        ),
+    ];
+    for (addr, method, data) in calls {
+        assert_backend_refused(&call(&[addr], method, data, &[]), method);
+        assert_backend_refused(
+            &call(&[addr], method, data, std::slice::from_ref(&wrong)),
+            method,
+        );
+    }
+
+    // Health and reflection stay open: probes and `grpcurl list` work
+    // without the token.
+    for (addr, service) in [
+        (&sup_addr, "qvirt.v1.Supervisor"),
+        (&bus_addr, "qvirt.v1.EventBus"),
+        (&agentd_addr, "qvirt.v1.GuestAgent"),
+    ] {
+        let listed = grpcurl(&["-plaintext", addr.as_str(), "list"]);
+        assert!(listed.status.success(), "{}", text(&listed.stderr));
+        assert!(text(&listed.stdout).lines().any(|l| l == service));
+        let health = call(
+            &[addr],
+            "grpc.health.v1.Health/Check",
+            &format!(r#"{{"service": "{service}"}}"#),
+            &[],
+        );
+        assert!(
+            text(&health.stdout).contains("SERVING"),
+            "{}",
+            text(&health.stderr)
+        );
+    }
+
+    // With the token: the refused define stored nothing.
+    let token = token_header(internal_token());
+    let listed = call(
+        &[&sup_addr],
+        "qvirt.v1.Supervisor/ListDomains",
+        "{}",
+        std::slice::from_ref(&token),
+    );
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    assert!(
+        !text(&listed.stdout).contains("sneaky"),
+        "{}",
+        text(&listed.stdout)
+    );
+    // And agentd, past its own check, asks the supervisor with the token:
+    // an unknown domain is NOT_FOUND there, not a refusal.
+    let ping = call(
+        &[&agentd_addr],
+        "qvirt.v1.GuestAgent/Ping",
+        r#"{"domain": "ghost"}"#,
+        &[token],
+    );
+    let stderr = text(&ping.stderr);
+    assert!(stderr.contains("NotFound"), "{stderr}");
+    assert!(!stderr.contains("Unauthenticated"), "{stderr}");
 }
 
 /// A hooks dir whose `qemu` hook writes `marker` into `out`.
@@ -254,6 +374,8 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
 
     let bus_sock = dir.path().join("bus.sock");
     let _bus = start_on_unix("qvirt-eventbus", &bus_sock, &[]).await;
+    let agentd_sock = dir.path().join("agentd.sock");
+    let _agentd = start_on_unix("qvirt-agentd", &agentd_sock, &[]).await;
     let exec_sock = dir.path().join("exec.sock");
     let _exec = start_on_unix(
         "qvirt-hookexec",
@@ -261,7 +383,7 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
         &["--hooks-dir", hooks.to_str().unwrap()],
     )
     .await;
-    for sock in [&bus_sock, &exec_sock] {
+    for sock in [&bus_sock, &exec_sock, &agentd_sock] {
         fs::set_permissions(sock, fs::Permissions::from_mode(0o777)).unwrap();
     }
 
@@ -272,6 +394,14 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
     assert!(ran.status.success(), "{}", text(&ran.stderr));
     assert!(out.join("marker").exists());
     fs::remove_file(out.join("marker")).unwrap();
+    // A public service too: past the check, the unknown domain is NOT_FOUND.
+    let ping = r#"{"domain": "ghost"}"#;
+    let pinged = unix_call(&agentd_sock, "qvirt.v1.GuestAgent/Ping", ping, None);
+    assert!(
+        text(&pinged.stderr).contains("NotFound"),
+        "{}",
+        text(&pinged.stderr)
+    );
 
     // Another user (nobody) is not an internal uid.
     let nobody = 65534;
@@ -294,6 +424,9 @@ async fn test_unix_socket_peers_are_trusted_by_uid() {
         !out.join("marker").exists(),
         "a refused RunHook ran the hook"
     );
+    let refused = unix_call(&agentd_sock, "qvirt.v1.GuestAgent/Ping", ping, Some(nobody));
+    assert_backend_refused(&refused, "qvirt.v1.GuestAgent/Ping");
+    assert!(text(&refused.stderr).contains("uid 65534 is not an internal uid"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

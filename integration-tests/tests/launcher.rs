@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    ChildGuard, QemuGuard, Service, bin_path, define_yaml, start_supervisor, tool_path,
+    ChildGuard, InternalChannel, QemuGuard, Service, bin_path, define_yaml, internal_channel,
+    start_supervisor, tool_path,
 };
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
@@ -23,7 +24,6 @@ use qvirt_proto::v1::{
     StartDomainRequest,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -64,7 +64,7 @@ fn start_launcher(socket: &Path, extra: &[&str]) -> ChildGuard {
     guard
 }
 
-async fn supervisor(dirs: &Dirs) -> (Service, SupervisorClient<Channel>) {
+async fn supervisor(dirs: &Dirs) -> (Service, SupervisorClient<InternalChannel>) {
     let socket = dirs.socket.to_str().unwrap();
     let svc = start_supervisor(
         &dirs.state,
@@ -73,7 +73,7 @@ async fn supervisor(dirs: &Dirs) -> (Service, SupervisorClient<Channel>) {
         &["--launcher-socket", socket, "--start-timeout-secs", "60"],
     )
     .await;
-    let client = SupervisorClient::connect(svc.url()).await.unwrap();
+    let client = SupervisorClient::new(internal_channel(svc.url()).await);
     (svc, client)
 }
 
@@ -89,7 +89,10 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> qvirt_proto::v1::Domain {
+async fn get(
+    client: &mut SupervisorClient<InternalChannel>,
+    name: &str,
+) -> qvirt_proto::v1::Domain {
     client
         .get_domain(GetDomainRequest {
             domain: name.into(),
@@ -102,7 +105,11 @@ async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> qvirt_proto:
         .unwrap()
 }
 
-async fn wait_state(client: &mut SupervisorClient<Channel>, name: &str, state: DomainState) {
+async fn wait_state(
+    client: &mut SupervisorClient<InternalChannel>,
+    name: &str,
+    state: DomainState,
+) {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let d = get(client, name).await;
@@ -119,7 +126,7 @@ async fn wait_state(client: &mut SupervisorClient<Channel>, name: &str, state: D
 }
 
 async fn start(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     name: &str,
 ) -> Result<qvirt_proto::v1::Domain, tonic::Status> {
     client

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::GUEST_CMDLINE;
 use qvirt_integration_tests::stack::{GatewayStack, install_guest, test_guest};
-use qvirt_integration_tests::{ChildGuard, QemuGuard, bin_path, run_command, text, workspace_root};
+use qvirt_integration_tests::{
+    ChildGuard, QemuGuard, bin_path, run_command, text, workspace_root, write_internal_token,
+};
 
 /// One qvirtctl call (starting a TCG guest included).
 const CTL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -28,6 +30,7 @@ fn qvirtctl(url: &str, token: Option<&Path>, args: &[&str]) -> Command {
     cmd.env_remove("QVIRT_URL")
         .env_remove("QVIRT_TOKEN")
         .env_remove("QVIRT_TOKEN_FILE")
+        .env_remove("QVIRT_INTERNAL_TOKEN_FILE")
         .arg("--connect")
         .arg(url);
     if let Some(t) = token {
@@ -130,6 +133,25 @@ async fn test_domains_lifecycle_events_and_errors_as_virsh() {
         out,
         format!("Domain 'vm1' defined from {}\n", file.display())
     );
+    // At the supervisor itself, past the gateway: only as an internal
+    // caller (a host cut off from its gateways), with the internal secret.
+    let sup = stack.sup.url();
+    let refused = ctl(&sup, rw, &["list", "--all"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("served here to internal callers only"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = write_internal_token(secret_dir.path());
+    let secret = secret.to_str().unwrap();
+    let listed = ok(ctl(
+        &sup,
+        None,
+        &["--internal-token-file", secret, "list", "--all"],
+    ));
+    assert!(listed.contains("vm1"), "{listed}");
     let mut child = qvirtctl(&url, rw, &["define", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

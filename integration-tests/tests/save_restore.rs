@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::guest::{guest_image, guest_images, guest_yaml, serial};
 use qvirt_integration_tests::{
-    QemuGuard, Service, define_yaml, free_port, runs_domain, start_supervisor, static_ga, tool_path,
+    InternalChannel, QemuGuard, Service, define_yaml, free_port, internal_channel, runs_domain,
+    start_supervisor, static_ga, tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
@@ -39,7 +40,6 @@ use qvirt_proto::v1::{
     SubscribeDomainEventsResponse, WriteFileRequest, domain_event,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Bound on one RPC or event (saves and boots under TCG on 2 shared cores).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -113,7 +113,7 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_TIMEOUT:?}"))
 }
 
-async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> Domain {
+async fn get(client: &mut SupervisorClient<InternalChannel>, name: &str) -> Domain {
     let request = GetDomainRequest {
         domain: name.into(),
         ..Default::default()
@@ -126,7 +126,10 @@ async fn get(client: &mut SupervisorClient<Channel>, name: &str) -> Domain {
         .unwrap()
 }
 
-async fn save(client: &mut SupervisorClient<Channel>, name: &str) -> Result<Domain, tonic::Status> {
+async fn save(
+    client: &mut SupervisorClient<InternalChannel>,
+    name: &str,
+) -> Result<Domain, tonic::Status> {
     let request = SaveDomainRequest {
         domain: name.into(),
         ..Default::default()
@@ -137,7 +140,7 @@ async fn save(client: &mut SupervisorClient<Channel>, name: &str) -> Result<Doma
 }
 
 async fn restore(
-    client: &mut SupervisorClient<Channel>,
+    client: &mut SupervisorClient<InternalChannel>,
     name: &str,
     paused: bool,
 ) -> Result<Domain, tonic::Status> {
@@ -169,7 +172,7 @@ fn refused<T: std::fmt::Debug>(
 
 /// Lifecycle events of `domain` from the bus at `url`.
 async fn lifecycle(url: String, domain: &str) -> tonic::Streaming<SubscribeDomainEventsResponse> {
-    let mut bus = EventBusClient::connect(url).await.unwrap();
+    let mut bus = EventBusClient::new(internal_channel(url).await);
     let request = SubscribeDomainEventsRequest {
         domain: domain.into(),
         ..Default::default()
@@ -245,7 +248,7 @@ async fn test_save_and_paused_restore_of_a_firmware_guest() {
         &extra,
     )
     .await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     let mut events = lifecycle(bus.url(), "fw").await;
 
     let defined = define_yaml(&mut client, "name: fw\nmemory_mib: 64\naccel: tcg\n".into())
@@ -375,7 +378,7 @@ async fn test_save_and_paused_restore_of_a_firmware_guest() {
 }
 
 /// Ping the guest's agent until it answers.
-async fn wait_agent(agent: &mut GuestAgentClient<Channel>, serial_log: &Path) {
+async fn wait_agent(agent: &mut GuestAgentClient<InternalChannel>, serial_log: &Path) {
     let deadline = Instant::now() + AGENT_TIMEOUT;
     loop {
         let ping = agent.ping(PingRequest {
@@ -437,8 +440,8 @@ async fn test_a_restored_guest_keeps_its_memory_and_the_restore_hook_filters() {
     let mut sup = start_supervisor(&state, &run, Some(sup_addr), &extra).await;
     let mut agentd = Service::start_at("qvirt-agentd", agentd_addr, &["--supervisor", &sup.url()]);
     agentd.wait_serving("qvirt.v1.GuestAgent").await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
-    let mut agent = GuestAgentClient::connect(agentd.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
+    let mut agent = GuestAgentClient::new(internal_channel(agentd.url()).await);
     let mut events = lifecycle(bus.url(), "guest").await;
 
     let serial_log = state.join("serial/guest/console.log");
@@ -490,9 +493,7 @@ async fn test_a_restored_guest_keeps_its_memory_and_the_restore_hook_filters() {
     sup.terminate();
     drop(sup);
     let _sup = start_supervisor(&state, &run, Some(sup_addr), &extra).await;
-    let mut client = SupervisorClient::connect(format!("http://{sup_addr}"))
-        .await
-        .unwrap();
+    let mut client = SupervisorClient::new(internal_channel(format!("http://{sup_addr}")).await);
     let found = get(&mut client, "guest").await;
     assert_eq!(
         (found.state(), found.reason(), found.saved_image.as_str()),

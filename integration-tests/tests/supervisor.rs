@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    Service, define_yaml, grpcurl, kill_domain_qemu, start_supervisor, text, tool_path,
+    InternalChannel, Service, define_yaml, grpcurl_internal, internal_channel, kill_domain_qemu,
+    start_supervisor, text, tool_path,
 };
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
@@ -29,7 +30,6 @@ use qvirt_proto::v1::{
     SuspendDomainRequest, UndefineDomainRequest,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Bound on waiting for a state the supervisor reports.
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,7 +63,7 @@ impl Drop for Tracked {
 /// A supervisor over state and run dirs that outlive it (for restarts).
 struct Sup {
     svc: Service,
-    client: SupervisorClient<Channel>,
+    client: SupervisorClient<InternalChannel>,
 }
 
 /// The dirs a test's supervisors share.
@@ -104,7 +104,7 @@ impl Sup {
         ];
         args.extend_from_slice(extra);
         let svc = start_supervisor(&dirs.state, &dirs.run, addr, &args).await;
-        let client = SupervisorClient::connect(svc.url()).await.unwrap();
+        let client = SupervisorClient::new(internal_channel(svc.url()).await);
         Sup { svc, client }
     }
 
@@ -328,7 +328,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
 
     // The raw monitor command through grpcurl, as an operator would.
     let addr = sup.svc.addr.to_string();
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"domain":"vm1","command_json":"{\"execute\":\"query-status\",\"id\":\"mine\"}"}"#,
@@ -358,7 +358,7 @@ async fn test_define_start_suspend_resume_monitor_destroy_undefine() {
 
     // A shutdown request a guest without an OS ignores: DEADLINE_EXCEEDED,
     // and the guest is left running.
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         r#"{"domain":"vm1","timeout":"0.3s"}"#,
@@ -1090,7 +1090,7 @@ async fn test_monitor_reply_over_16_mib_fails_only_that_command() {
     let mut sup = Sup::start(&dirs).await;
     let addr = sup.svc.addr.to_string();
     let call = |method: &str, body: &str| {
-        grpcurl(&[
+        grpcurl_internal(&[
             "-plaintext",
             "-d",
             body,

@@ -25,14 +25,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qvirt_integration_tests::{Service, define_yaml, free_port, start_supervisor, tool_path};
+use qvirt_integration_tests::{
+    InternalChannel, Service, define_yaml, free_port, internal_channel, start_supervisor, tool_path,
+};
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
 use qvirt_proto::v1::{
     DestroyDomainRequest, Domain, DomainSpec, DomainState, DomainStateReason, GetDomainRequest,
     StartDomainRequest,
 };
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Bound on waiting for a state or a hook call.
 const WAIT: Duration = Duration::from_secs(30);
@@ -207,14 +208,14 @@ impl World {
         let mut args = vec!["--start-timeout-secs", "60", "--hookexec", hookexec_url];
         args.extend_from_slice(extra);
         let svc = start_supervisor(&self.path("state"), &self.path("run"), None, &args).await;
-        let client = SupervisorClient::connect(svc.url()).await.unwrap();
+        let client = SupervisorClient::new(internal_channel(svc.url()).await);
         Sup { svc, client }
     }
 }
 
 struct Sup {
     svc: Service,
-    client: SupervisorClient<Channel>,
+    client: SupervisorClient<InternalChannel>,
 }
 
 impl Sup {

@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
-    ChildGuard, QemuGuard, bin_path, define_yaml, grpcurl, rss_kib, start_supervisor, text,
-    tool_path,
+    ChildGuard, QemuGuard, bin_path, define_yaml, grpcurl, grpcurl_internal, internal_channel,
+    rss_kib, start_supervisor, text, tool_path,
 };
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::subscribe_domain_events_response::Kind;
@@ -34,7 +34,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// grpcurl `method` on the supervisor at `addr` with JSON `body`; returns
 /// (success, stdout, stderr).
 fn call(addr: &str, method: &str, body: &str) -> (bool, String, String) {
-    let out = grpcurl(&[
+    let out = grpcurl_internal(&[
         "-plaintext",
         "-d",
         body,
@@ -87,7 +87,7 @@ async fn test_alias_bomb_is_invalid_argument_without_memory_growth() {
 async fn test_list_domains_stays_under_the_client_message_limit() {
     let dirs = tempfile::tempdir().unwrap();
     let sup = start_supervisor(&dirs.path().join("s"), &dirs.path().join("r"), None, &[]).await;
-    let mut client = SupervisorClient::connect(sup.url()).await.unwrap();
+    let mut client = SupervisorClient::new(internal_channel(sup.url()).await);
     // Definitions near the per-definition bound: 7 arguments of 4 KiB.
     let mut defined = 0;
     let refused = loop {

@@ -24,16 +24,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qvirt_agentd::channel::{AgentChannel, ChannelSettings};
-use qvirt_integration_tests::ChildGuard;
 use qvirt_integration_tests::measure::{
     Spread, Unit, cpu_ns, sched_runs, steal_percent, steal_ticks,
 };
 use qvirt_integration_tests::reference::{MachineSpeed, connect_synced, spawn_qemu_ga};
+use qvirt_integration_tests::{
+    ChildGuard, InternalChannel, with_internal_token, write_internal_token,
+};
 use qvirt_proto::v1::PingRequest;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 const WARMUP: usize = 200;
 const ROUNDS: usize = 40;
@@ -60,7 +62,7 @@ fn agentd(
     sock: &Path,
     workers: usize,
     unix: bool,
-) -> (ChildGuard, GuestAgentClient<Channel>) {
+) -> (ChildGuard, GuestAgentClient<InternalChannel>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -81,6 +83,8 @@ fn agentd(
             .args(["--listen", &listen])
             .args(["--worker-threads", &workers.to_string()])
             .args(["--idle-close-secs", "0"])
+            .arg("--internal-token-file")
+            .arg(write_internal_token_in(dir, &format!("{workers}-{unix}")))
             .stdin(Stdio::null())
             .stderr(Stdio::null()),
     );
@@ -102,7 +106,7 @@ fn agentd(
             } else {
                 endpoint.connect().await
             };
-            match channel.map(GuestAgentClient::new) {
+            match channel.map(|c| GuestAgentClient::new(with_internal_token(c))) {
                 Ok(c) => break c,
                 Err(e) => {
                     assert!(Instant::now() < deadline, "agentd did not listen: {e}");
@@ -112,6 +116,13 @@ fn agentd(
         }
     });
     (child, client)
+}
+
+/// The internal token file of one agentd run, in its own dir under `dir`.
+fn write_internal_token_in(dir: &Path, run: &str) -> PathBuf {
+    let own = dir.join(format!("token-{run}"));
+    std::fs::create_dir_all(&own).unwrap();
+    write_internal_token(&own)
 }
 
 /// A synced raw connection to qemu-ga.

@@ -70,6 +70,17 @@ pub struct Config {
     /// by side and found no consistent difference on this 2-core VM); N: N
     /// workers.
     pub worker_threads: usize,
+    /// A file holding the internal plane's shared secret (at least 32
+    /// bytes, not readable by every user). The agent service serves
+    /// `qvirt.v1.GuestAgent` only to callers that present it in
+    /// `x-qvirt-internal-token` (the gateway, the supervisor) or to
+    /// `internal_uids` peers on a unix socket, and presents it to the
+    /// supervisor. Absent (the default): every TCP caller is refused, and
+    /// so are this service's calls to a supervisor over TCP.
+    pub internal_token_file: Option<PathBuf>,
+    /// Unix-socket peers (by uid) served without the token, besides uid 0
+    /// and the agent service's own uid.
+    pub internal_uids: Vec<u32>,
 }
 
 impl Default for Config {
@@ -89,6 +100,8 @@ impl Default for Config {
             queue_depth: 64,
             idle_close_secs: 60,
             worker_threads: 0,
+            internal_token_file: None,
+            internal_uids: Vec::new(),
         }
     }
 }
@@ -170,6 +183,9 @@ impl Config {
         if let Some(url) = &self.supervisor {
             qvirt_common::config::check_endpoint("supervisor", url)?;
         }
+        qvirt_common::internal_auth::InternalToken::load_optional(
+            self.internal_token_file.as_ref(),
+        )?;
         Ok(())
     }
 }

@@ -33,6 +33,7 @@ pub mod wire;
 use std::time::Duration;
 
 use qvirt_common::cli::ServiceConfig as _;
+use qvirt_common::internal_auth::{InternalAuth, InternalToken, TokenInterceptor};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::guest_agent_server::GuestAgentServer;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,10 @@ pub enum RunError {
     /// The supervisor endpoint is unusable.
     #[error("invalid supervisor endpoint")]
     Supervisor(#[source] tonic::transport::Error),
+    /// The internal token file is unusable (it was fine when the config
+    /// was checked).
+    #[error("internal token")]
+    InternalToken(#[source] qvirt_common::config::ConfigError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -62,8 +67,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let options = config.serve_options();
-    let locator = locate::Locator::new(config.agents.clone(), config.supervisor.as_deref())
-        .map_err(RunError::Supervisor)?;
+    let token = InternalToken::load_optional(config.internal_token_file.as_ref())
+        .map_err(RunError::InternalToken)?;
+    let auth = InternalAuth::new(token.clone(), &config.internal_uids);
+    auth.log_policy("GuestAgent/*");
+    let locator = locate::Locator::new(
+        config.agents.clone(),
+        config.supervisor.as_deref(),
+        TokenInterceptor::new(token.as_ref()),
+    )
+    .map_err(RunError::Supervisor)?;
     let channels = channel::Channels::new(
         channel::ChannelSettings {
             sync_timeout: Duration::from_millis(config.sync_timeout_ms),
@@ -95,6 +108,6 @@ pub async fn run(
     let server = GuestAgentServer::new(GuestAgentService::new(locator, channels, limits))
         .max_decoding_message_size(request_limit)
         .max_encoding_message_size(response_limit);
-    let services = Services::new().options(options).with(server);
+    let services = Services::new().options(options).with(auth.only(server));
     Ok(serve::serve(listener, services, shutdown).await?)
 }

@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::GetDomainRequest;
 use qvirt_proto::v1::supervisor_client::SupervisorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Why a domain's agent socket is not known.
@@ -62,24 +64,26 @@ pub enum LocateError {
 #[derive(Debug, Clone)]
 pub struct Locator {
     agents: BTreeMap<String, PathBuf>,
-    supervisor: Option<SupervisorClient<Channel>>,
+    supervisor: Option<SupervisorClient<InterceptedService<Channel, TokenInterceptor>>>,
     /// This machine's host name: the host of the static entries.
     local_host: String,
 }
 
 impl Locator {
     /// A locator over the static map and, if given, the supervisor at
-    /// `supervisor` (connected lazily, on first use).
+    /// `supervisor` (connected lazily, on first use), presenting the
+    /// internal `token` to it.
     pub fn new(
         agents: BTreeMap<String, PathBuf>,
         supervisor: Option<&str>,
+        token: TokenInterceptor,
     ) -> Result<Self, tonic::transport::Error> {
         let supervisor = match supervisor {
             Some(url) => {
                 let channel = Endpoint::from_shared(url.to_owned())?
                     .connect_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                Some(SupervisorClient::new(channel))
+                Some(SupervisorClient::with_interceptor(channel, token))
             }
             None => None,
         };
@@ -198,7 +202,7 @@ mod tests {
             "6f9619ff-8b86-d011-b42d-00c04fc964ff".to_owned(),
             PathBuf::from("/run/uuid.sock"),
         );
-        Locator::new(agents, None).unwrap()
+        Locator::new(agents, None, TokenInterceptor::new(None)).unwrap()
     }
 
     #[tokio::test]
@@ -249,7 +253,12 @@ mod tests {
                 held.push(s);
             }
         });
-        let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
+        let l = Locator::new(
+            BTreeMap::new(),
+            Some(&format!("http://{addr}")),
+            TokenInterceptor::new(None),
+        )
+        .unwrap();
         let t = Duration::from_millis(300);
         let err = tokio::time::timeout(Duration::from_secs(10), l.locate("vm", "", t))
             .await
@@ -265,7 +274,12 @@ mod tests {
     #[tokio::test]
     async fn test_unreachable_supervisor_is_a_supervisor_error() {
         // Port 1 on loopback: nothing listens there.
-        let l = Locator::new(BTreeMap::new(), Some("http://127.0.0.1:1")).unwrap();
+        let l = Locator::new(
+            BTreeMap::new(),
+            Some("http://127.0.0.1:1"),
+            TokenInterceptor::new(None),
+        )
+        .unwrap();
         let err = l
             .locate("vm", "", Duration::from_secs(2))
             .await
@@ -337,13 +351,23 @@ mod tests {
         let task = tokio::spawn(server);
         let mut agents = BTreeMap::new();
         agents.insert("run".to_owned(), PathBuf::from("/static/wins.sock"));
-        let l = Locator::new(agents, Some(&format!("http://{addr}"))).unwrap();
+        let l = Locator::new(
+            agents,
+            Some(&format!("http://{addr}")),
+            TokenInterceptor::new(None),
+        )
+        .unwrap();
         let t = Duration::from_secs(5);
         assert_eq!(
             l.locate("run", "", t).await.unwrap(),
             PathBuf::from("/static/wins.sock")
         );
-        let l = Locator::new(BTreeMap::new(), Some(&format!("http://{addr}"))).unwrap();
+        let l = Locator::new(
+            BTreeMap::new(),
+            Some(&format!("http://{addr}")),
+            TokenInterceptor::new(None),
+        )
+        .unwrap();
         assert_eq!(
             l.locate("run", "", t).await.unwrap(),
             PathBuf::from("/run/qvirt/run/agent.sock")

@@ -35,6 +35,11 @@ struct Args {
     /// `worker_threads`.
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
+    /// File holding the internal plane's shared secret, required of TCP
+    /// callers and presented to the supervisor. Overrides
+    /// `internal_token_file`.
+    #[arg(long, value_name = "FILE")]
+    internal_token_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +51,10 @@ fn main() -> ExitCode {
         override_with(&mut c.max_file_bytes, args.max_file_bytes);
         override_with(&mut c.idle_close_secs, args.idle_close_secs);
         override_with(&mut c.worker_threads, args.worker_threads);
+        override_with(
+            &mut c.internal_token_file,
+            args.internal_token_file.map(Some),
+        );
         c
     });
     qvirt_common::service::main("qvirt-agentd", config, qvirt_agentd::run)

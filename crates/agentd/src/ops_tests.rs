@@ -25,7 +25,12 @@ fn service(
     let (path, log) = fake_agent(dir, script);
     let agents: BTreeMap<String, std::path::PathBuf> = [("vm".to_owned(), path)].into();
     let svc = GuestAgentService::new(
-        Locator::new(agents, None).unwrap(),
+        Locator::new(
+            agents,
+            None,
+            qvirt_common::internal_auth::TokenInterceptor::new(None),
+        )
+        .unwrap(),
         Channels::new(settings(), CancellationToken::new()),
         Limits {
             default_timeout: Duration::from_secs(10),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qvirt_common::internal_auth::{InternalToken, TokenInterceptor};
 use qvirt_proto::v1::event_bus_client::EventBusClient;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::hook_executor_client::HookExecutorClient;
@@ -41,21 +42,36 @@ pub struct Global {
     /// A file holding the bearer token (QVIRT_TOKEN holds one directly).
     #[arg(long, env = "QVIRT_TOKEN_FILE", value_name = "FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// A file holding the deployment's internal secret: call a backend
+    /// (e.g. a host's own supervisor, http://127.0.0.1:50052) directly, as
+    /// the gateway does, when no gateway can be reached. Not needed for
+    /// the gateway.
+    #[arg(
+        long,
+        env = "QVIRT_INTERNAL_TOKEN_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub internal_token_file: Option<PathBuf>,
     /// Print results as JSON (events: one object per line).
     #[arg(long, global = true)]
     pub json: bool,
 }
 
-/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+/// Adds `authorization: Bearer TOKEN` to every call when there is a
+/// token, and the internal secret when there is one.
 #[derive(Debug, Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
+pub struct Auth {
+    bearer: Option<MetadataValue<Ascii>>,
+    internal: TokenInterceptor,
+}
 
 impl Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.bearer {
             req.metadata_mut().insert("authorization", v.clone());
         }
-        Ok(req)
+        self.internal.call(req)
     }
 }
 
@@ -74,7 +90,12 @@ pub struct Gateway {
 impl Gateway {
     /// Reads the token and connects to the gateway `global` names.
     pub async fn connect(global: &Global) -> Result<Gateway, CtlError> {
-        let auth = Auth(token(global)?);
+        let internal = InternalToken::load_optional(global.internal_token_file.as_ref())
+            .map_err(|e| CtlError::Usage(qvirt_common::error_chain(&e)))?;
+        let auth = Auth {
+            bearer: token(global)?,
+            internal: TokenInterceptor::new(internal.as_ref()),
+        };
         let url = normalize_url(&global.connect);
         let endpoint = qvirt_common::config::endpoint(&url)
             .map_err(|_| {

@@ -90,13 +90,15 @@ pub struct Config {
     /// `/metrics`). Absent: no metrics endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// A file holding the internal plane's shared secret (at least 32
-    /// bytes, not readable by every user). Publish accepts a caller that
-    /// presents it in `x-qvirt-internal-token`, and only such a caller (or
-    /// an `internal_uids` peer) may name the principal counted by the
-    /// per-principal caps in `x-qvirt-principal`. Absent (the default):
-    /// Publish refuses every TCP caller. When set, half of each total
-    /// subscription cap is kept for principals an internal caller (the
-    /// gateway) vouches for.
+    /// bytes, not readable by every user). The bus serves `EventBus` and
+    /// `EventIngest` only to callers that present it in
+    /// `x-qvirt-internal-token` (the gateway, the supervisor) or to
+    /// `internal_uids` peers on a unix socket; such a caller names the
+    /// principal counted by the per-principal caps in `x-qvirt-principal`.
+    /// Absent (the default): every TCP caller is refused. When set, half
+    /// of each total subscription cap is kept for the principals an
+    /// internal caller (the gateway) names; subscriptions naming none take
+    /// only the other half.
     pub internal_token_file: Option<PathBuf>,
     /// Unix-socket peers (by uid) accepted as internal callers without the
     /// token, besides uid 0 and the bus's own uid.

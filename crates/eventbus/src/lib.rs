@@ -89,7 +89,7 @@ pub async fn run(
     let token = InternalToken::load_optional(config.internal_token_file.as_ref())
         .map_err(RunError::InternalToken)?;
     let auth = InternalAuth::new(token, &config.internal_uids);
-    auth.log_policy("EventIngest/Publish, x-qvirt-principal");
+    auth.log_policy("EventBus/*, EventIngest/Publish, x-qvirt-principal");
     let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
     let epoch = new_epoch();
     if !cursor::valid_epoch(&epoch) {
@@ -141,6 +141,7 @@ pub async fn run(
     let ingest = EventIngestService::new(hub.clone(), &epoch, shutdown.clone())
         .with_internal_auth(auth.clone())
         .with_max_event_bytes(config.max_event_bytes);
+    let guard = auth.clone();
     let mut service =
         EventBusService::new(hub.clone(), epoch, config.policy()).with_internal_auth(auth);
     let mut services = Services::new().options(options);
@@ -168,14 +169,14 @@ pub async fn run(
         });
         service = service.with_fleet(cell);
         services = services
-            .with(server::BusServer::new(service))
+            .with(guard.only(server::BusServer::new(service)))
             .health_follows(
                 <server::BusServer as tonic::server::NamedService>::NAME,
                 health,
             );
     } else {
         services = services
-            .with(server::BusServer::new(service))
+            .with(guard.only(server::BusServer::new(service)))
             .with(EventIngestServer::new(ingest));
     }
     let result =

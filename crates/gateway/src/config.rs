@@ -47,7 +47,8 @@ pub struct Config {
     pub agentd: String,
     /// A file holding the internal plane's shared secret, presented to
     /// every backend with the caller's principal (`x-qvirt-principal`).
-    /// Without it the backends see the gateway as an anonymous caller.
+    /// Without it the backends refuse the gateway's calls, unless they
+    /// serve it on a unix socket as one of their internal uids.
     pub internal_token_file: Option<PathBuf>,
     /// Bearer tokens, as SHA-256 hashes (`qvirt-gateway token new` prints
     /// an entry). Reloaded from the config file on SIGHUP.

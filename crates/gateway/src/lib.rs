@@ -108,7 +108,7 @@ fn backend(field: &'static str, service: &'static str, url: &str) -> Result<Back
 fn internal_header(path: Option<&PathBuf>) -> Result<Option<http::HeaderValue>, ConfigError> {
     let Some(token) = InternalToken::load_optional(path)? else {
         tracing::warn!(
-            "no internal_token_file: backends see the gateway as an anonymous caller and ignore the principals it names"
+            "no internal_token_file: backends refuse the gateway's calls unless they reach it over a unix socket as one of their internal uids"
         );
         return Ok(None);
     };

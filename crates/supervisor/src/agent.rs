@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
+use qvirt_common::internal_auth::TokenInterceptor;
 use qvirt_proto::v1::guest_agent_client::GuestAgentClient;
 use qvirt_proto::v1::{GuestShutdownMode, ShutdownRequest};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::seams::{AgentError, AgentFuture, AgentPower, GuestPower};
@@ -17,17 +19,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Calls the agent service; see the module docs.
 #[derive(Debug, Clone)]
 pub struct AgentService {
-    client: GuestAgentClient<Channel>,
+    client: GuestAgentClient<InterceptedService<Channel, TokenInterceptor>>,
     call_timeout: Duration,
 }
 
 impl AgentService {
     /// A client of the agent service at `endpoint`, connecting on first
-    /// use; each call is bounded by `call_timeout`.
-    pub fn new(endpoint: Endpoint, call_timeout: Duration) -> Self {
+    /// use, presenting the internal `token`; each call is bounded by
+    /// `call_timeout`.
+    pub fn new(endpoint: Endpoint, call_timeout: Duration, token: TokenInterceptor) -> Self {
         let channel = endpoint.connect_timeout(CONNECT_TIMEOUT).connect_lazy();
         AgentService {
-            client: GuestAgentClient::new(channel),
+            client: GuestAgentClient::with_interceptor(channel, token),
             call_timeout,
         }
     }

@@ -126,10 +126,17 @@ pub struct Config {
     /// 1024. A larger `vcpus` is refused at define.
     pub max_vcpus: Option<u32>,
     /// A file holding the internal plane's shared secret (at least 32
-    /// bytes, not readable by every user), presented to the event bus and
-    /// the hook executor in `x-qvirt-internal-token`. Absent: they refuse
-    /// this supervisor's calls over TCP.
+    /// bytes, not readable by every user). The supervisor presents it to
+    /// the event bus, the hook executor and the agent service in
+    /// `x-qvirt-internal-token`, and serves `qvirt.v1.Supervisor` only to
+    /// callers that present it (the gateway, the agent service) or to
+    /// `internal_uids` peers on a unix socket. Absent: those services
+    /// refuse this supervisor's calls over TCP, and it refuses every TCP
+    /// caller.
     pub internal_token_file: Option<PathBuf>,
+    /// Unix-socket peers (by uid) served without the token, besides uid 0
+    /// and the supervisor's own uid.
+    pub internal_uids: Vec<u32>,
     /// Start QEMU through the launcher (`qvirt-vmm`) listening on this unix
     /// socket instead of as the supervisor's child, so that QEMU outlives
     /// the supervisor's container. The launcher must share the
@@ -272,6 +279,7 @@ impl Default for Config {
             max_memory_mib: None,
             max_vcpus: None,
             internal_token_file: None,
+            internal_uids: Vec::new(),
             launcher_socket: None,
             fleet: None,
         }

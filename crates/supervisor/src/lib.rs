@@ -41,7 +41,7 @@ pub mod vmm;
 use std::sync::Arc;
 
 use qvirt_common::cli::ServiceConfig as _;
-use qvirt_common::internal_auth::{InternalToken, TokenInterceptor};
+use qvirt_common::internal_auth::{InternalAuth, InternalToken, TokenInterceptor};
 use qvirt_common::serve::{self, Listener, ServeError, Services};
 use qvirt_proto::v1::supervisor_server::SupervisorServer;
 use tokio_util::sync::CancellationToken;
@@ -139,11 +139,15 @@ pub async fn run_reloadable(
         })??;
     let token = InternalToken::load_optional(config.internal_token_file.as_ref())
         .map_err(RunError::InternalToken)?;
-    if token.is_none() && (config.eventbus.is_some() || config.hookexec.is_some()) {
+    if token.is_none()
+        && (config.eventbus.is_some() || config.hookexec.is_some() || config.agentd.is_some())
+    {
         tracing::warn!(
-            "no internal_token_file: the event bus and the hook executor will refuse this supervisor's calls"
+            "no internal_token_file: the event bus, the hook executor and the agent service will refuse this supervisor's calls"
         );
     }
+    let auth = InternalAuth::new(token.clone(), &config.internal_uids);
+    auth.log_policy("Supervisor/*");
     let token = TokenInterceptor::new(token.as_ref());
     let executor = match &config.hookexec {
         Some(url) => {
@@ -172,7 +176,10 @@ pub async fn run_reloadable(
                     source,
                 })?;
             let timeout = std::time::Duration::from_secs(config.command_timeout_secs);
-            Some(Arc::new(agent::AgentService::new(endpoint, timeout)) as Arc<dyn GuestPower>)
+            Some(
+                Arc::new(agent::AgentService::new(endpoint, timeout, token.clone()))
+                    as Arc<dyn GuestPower>,
+            )
         }
         None => None,
     };
@@ -241,13 +248,12 @@ pub async fn run_reloadable(
             );
         }
     }
-    let services =
-        Services::new()
-            .options(options)
-            .with(SupervisorServer::new(SupervisorService::new(
-                manager.clone(),
-                requests,
-            )));
+    let services = Services::new()
+        .options(options)
+        .with(auth.only(SupervisorServer::new(SupervisorService::new(
+            manager.clone(),
+            requests,
+        ))));
     let served = serve::serve(listener, services, shutdown).await;
     manager.close().await;
     hooks.daemon(DaemonHookOp::Shutdown).await;

@@ -86,7 +86,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_vcpus: Option<u32>,
     /// File holding the internal plane's shared secret, presented to the
-    /// event bus and the hook executor. Overrides `internal_token_file`.
+    /// event bus, the hook executor and the agent service, and required of
+    /// TCP callers. Overrides `internal_token_file`.
     #[arg(long, value_name = "FILE")]
     internal_token_file: Option<std::path::PathBuf>,
     /// Start QEMU through the launcher (qvirt-vmm) on this unix socket.
