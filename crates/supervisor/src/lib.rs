@@ -223,14 +223,21 @@ pub async fn run_reloadable(
     .spawn(hup, shutdown.clone());
     let requests = {
         let state_dir = manager.state_dir().to_owned();
-        tokio::task::spawn_blocking(move || request_ids::RequestIds::load(&state_dir))
-            .await
-            .map_err(|e| {
-                RunError::Open(DomainError::Internal(format!(
-                    "request id task failed: {e}"
-                )))
-            })?
-            .map_err(|e| RunError::Open(DomainError::Store(e)))?
+        let defined: std::collections::HashSet<String> = manager
+            .list(&[])
+            .into_iter()
+            .filter_map(|d| d.spec.map(|s| s.uuid))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            request_ids::RequestIds::load(&state_dir, |uuid| defined.contains(uuid))
+        })
+        .await
+        .map_err(|e| {
+            RunError::Open(DomainError::Internal(format!(
+                "request id task failed: {e}"
+            )))
+        })?
+        .map_err(|e| RunError::Open(DomainError::Store(e)))?
     };
     // Defines whose own record a crash prevented: their definition files
     // name the call, and the answer is the domain as loaded.

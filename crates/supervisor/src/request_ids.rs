@@ -12,9 +12,11 @@
 //! retry across a supervisor restart is still answered from the record.
 //! A crash between a Define and its record leaves the request id and
 //! fingerprint in the definition file itself (a comment line), so the
-//! retry after the restart is answered from the domain as loaded; a
-//! crash between an Undefine and its record makes the retry run again
-//! (NOT_FOUND).
+//! retry after the restart is answered from the domain as loaded. An
+//! Undefine writes its record ([`Promise`]) before it removes anything,
+//! valid only while no domain with its UUID is defined: loaded after a
+//! crash, the record answers the retry if the domain is gone, and is
+//! dropped (the retry runs again) if the crash came before the removal.
 //!
 //! The cache key is (method, request id); the fingerprint is a digest of
 //! the request message as the supervisor decoded and re-encoded it
@@ -237,6 +239,10 @@ struct Record {
     /// The error, when it failed.
     #[serde(default)]
     error: Option<RecordError>,
+    /// The record stands only while no domain with this UUID is defined:
+    /// a [`Promise`], written before the call removed the domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unless_defined: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -277,11 +283,17 @@ impl Record {
             at_ms: millis(at),
             response,
             error,
+            unless_defined: None,
         }
     }
 
-    /// Key, fingerprint, time and outcome, if the record is well-formed.
-    fn parts(self) -> Option<(Key, u128, SystemTime, Outcome)> {
+    /// Key, fingerprint, time and outcome, if the record is well-formed
+    /// and stands (see `unless_defined`) when `is_defined` tells which
+    /// UUIDs are defined.
+    fn parts(self, is_defined: &dyn Fn(&str) -> bool) -> Option<(Key, u128, SystemTime, Outcome)> {
+        if self.unless_defined.as_deref().is_some_and(is_defined) {
+            return None;
+        }
         let method = PERSISTED.into_iter().find(|m| *m == self.method)?;
         check_request_id(&self.request_id).ok()?;
         let fingerprint = u128::from_str_radix(&self.fingerprint, 16).ok()?;
@@ -307,8 +319,13 @@ impl RequestIds {
 
     /// The request ids of the state dir `state_dir`: creates
     /// `STATE_DIR/requests`, reads the records there, and removes those
-    /// past the window or the bounds. Blocks (file I/O).
-    pub fn load(state_dir: &Path) -> Result<RequestIds, StoreError> {
+    /// past the window or the bounds, and the promises of calls that did
+    /// not happen (`is_defined` says which domain UUIDs are defined).
+    /// Blocks (file I/O).
+    pub fn load(
+        state_dir: &Path,
+        is_defined: impl Fn(&str) -> bool,
+    ) -> Result<RequestIds, StoreError> {
         let dir = state_dir.join(DIR_NAME);
         store::create_dir(&dir, 0o700)?;
         let entries = std::fs::read_dir(&dir).map_err(|source| StoreError::ReadDir {
@@ -328,13 +345,14 @@ impl RequestIds {
                 .then(|| std::fs::read(&path).ok())
                 .flatten()
                 .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).ok())
-                .and_then(Record::parts)
+                .and_then(|record| record.parts(&is_defined))
                 .filter(|(key, _, at, _)| {
                     Self::record_path(&dir, key) == path && !expired(*at, now)
                 });
             match parsed {
                 Some(parts) => records.push(parts),
-                // Expired, foreign or a left-over temp file.
+                // Expired, foreign, a broken promise or a left-over temp
+                // file.
                 None => {
                     if let Err(error) = std::fs::remove_file(&path) {
                         tracing::warn!(path = %path.display(), %error, "cannot remove a request id record");
@@ -384,6 +402,26 @@ impl RequestIds {
         }
         table.insert(key, fingerprint, at, Some(outcome));
         self.evict(&mut table, now);
+    }
+
+    /// The record of `method` with `request_id` and `fingerprint`
+    /// answered with `outcome`, to write before the call's effect (see
+    /// [`Promise`]); none for a method not persisted.
+    pub fn promise(
+        &self,
+        method: &'static str,
+        request_id: &str,
+        fingerprint: u128,
+        outcome: &Outcome,
+    ) -> Option<Promise> {
+        if !PERSISTED.contains(&method) || request_id.is_empty() {
+            return None;
+        }
+        let key: Key = (method, request_id.to_owned());
+        Some(Promise {
+            path: Self::record_path(&self.dir, &key),
+            record: Record::new(&key, fingerprint, SystemTime::now(), outcome),
+        })
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -448,6 +486,33 @@ impl RequestIds {
             at: now,
             finished: false,
         }))
+    }
+}
+
+/// A call's record written before its effect, for a call whose effect
+/// removes a domain (UndefineDomain): it stands only while that domain
+/// is not defined, so a crash after the removal and before the call's
+/// own record still answers the retry, and a crash before the removal
+/// leaves no false answer. The call's own record (its real outcome)
+/// replaces it when the call ends.
+#[derive(Debug)]
+pub struct Promise {
+    path: PathBuf,
+    record: Record,
+}
+
+impl Promise {
+    /// Writes the record, standing while the domain `uuid` is not
+    /// defined. Blocks (file I/O). Not fsynced: the removal it comes
+    /// before is not either (a power loss can bring the domain back, and
+    /// then this record does not stand), and the call's own record is.
+    pub fn write(mut self, uuid: &str) -> Result<(), StoreError> {
+        self.record.unless_defined = Some(uuid.to_owned());
+        let bytes = serde_json::to_vec(&self.record).map_err(|e| StoreError::Write {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        store::write_atomic_volatile(&self.path, &bytes)
     }
 }
 
@@ -573,7 +638,7 @@ mod tests {
     #[tokio::test]
     async fn test_a_retry_gets_the_first_answer_and_another_request_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
         let first = run_once(&ids, "StartDomain", "a", 1, response("one")).await;
         let again = run_once(&ids, "StartDomain", "a", 1, response("two")).await;
         assert_eq!(first.unwrap(), again.unwrap());
@@ -599,7 +664,7 @@ mod tests {
     #[tokio::test]
     async fn test_a_retry_waits_for_the_first_call() {
         let dir = tempfile::tempdir().unwrap();
-        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
         let Claim::Run(ticket) = ids.claim("StartDomain", "w", 7).unwrap() else {
             panic!("first call must run");
         };
@@ -620,7 +685,7 @@ mod tests {
     async fn test_persisted_ids_survive_a_reload_and_others_do_not() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+            let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
             run_once(&ids, "DefineDomain", "d", 3, response("def"))
                 .await
                 .unwrap();
@@ -628,7 +693,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
         let again = run_once(&ids, "DefineDomain", "d", 3, response("other")).await;
         assert_eq!(again.unwrap().domain.unwrap().host, "def");
         let fresh = run_once(&ids, "StartDomain", "s", 3, response("again")).await;
@@ -636,9 +701,68 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn test_an_undefine_promise_stands_only_once_its_domain_is_gone() {
+        use qvirt_proto::v1::UndefineDomainResponse;
+        let dir = tempfile::tempdir().unwrap();
+        let done = Outcome::of(&Ok::<_, Status>(UndefineDomainResponse {}));
+        let promise = |ids: &RequestIds| ids.promise("UndefineDomain", "u", 5, &done);
+        let records = || {
+            std::fs::read_dir(dir.path().join(DIR_NAME))
+                .unwrap()
+                .count()
+        };
+        let ids = RequestIds::load(dir.path(), |_| false).unwrap();
+        assert!(ids.promise("StartDomain", "s", 5, &done).is_none());
+        assert!(ids.promise("UndefineDomain", "", 5, &done).is_none());
+
+        // A crash before the removal: the domain is still defined at the
+        // next start, so the promise is dropped and the retry runs.
+        promise(&ids).unwrap().write("uuid-1").unwrap();
+        assert_eq!(records(), 1);
+        let ids = Arc::new(RequestIds::load(dir.path(), |u| u == "uuid-1").unwrap());
+        assert_eq!(records(), 0);
+        assert!(matches!(
+            ids.claim("UndefineDomain", "u", 5).unwrap(),
+            Claim::Run(_)
+        ));
+
+        // A crash after it: the domain is gone, the retry gets the answer,
+        // and another request with the id is refused.
+        promise(&ids).unwrap().write("uuid-1").unwrap();
+        let ids = Arc::new(RequestIds::load(dir.path(), |u| u == "uuid-2").unwrap());
+        let Claim::Replay(outcome) = ids.claim("UndefineDomain", "u", 5).unwrap() else {
+            panic!("the promise must answer the retry");
+        };
+        replay::<UndefineDomainResponse>(outcome).await.unwrap();
+        assert!(matches!(
+            ids.claim("UndefineDomain", "u", 6),
+            Err(DomainError::RequestIdReused { .. })
+        ));
+
+        // The call's own record replaces the promise: it stands whatever
+        // is defined.
+        let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
+        let failed = Err::<UndefineDomainResponse, _>(Status::internal("disk"));
+        let Claim::Run(ticket) = ids.claim("UndefineDomain", "v", 1).unwrap() else {
+            panic!("first call must run");
+        };
+        ids.promise("UndefineDomain", "v", 1, &done)
+            .unwrap()
+            .write("uuid-3")
+            .unwrap();
+        ticket.finish(Outcome::of(&failed)).await;
+        let ids = Arc::new(RequestIds::load(dir.path(), |u| u == "uuid-3").unwrap());
+        let Claim::Replay(outcome) = ids.claim("UndefineDomain", "v", 1).unwrap() else {
+            panic!("the call's record must stand");
+        };
+        let err = replay::<UndefineDomainResponse>(outcome).await.unwrap_err();
+        assert_eq!(err.message(), "disk");
+    }
+
+    #[tokio::test]
     async fn test_the_oldest_ids_are_forgotten_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let ids = Arc::new(RequestIds::load(dir.path()).unwrap());
+        let ids = Arc::new(RequestIds::load(dir.path(), |_| false).unwrap());
         for i in 0..=MAX_IDS {
             run_once(&ids, "ResetDomain", &i.to_string(), 1, response("r"))
                 .await

@@ -312,10 +312,23 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
+        let requests = Arc::clone(&self.requests);
         self.on_domain("UndefineDomain", request, |manager, key, r| {
             let destroy = r.destroy;
+            // Its record, written before the removal: a crash between the
+            // removal and the record still answers the retry.
+            let promise = (!r.request_id.is_empty())
+                .then(|| {
+                    requests.promise(
+                        "UndefineDomain",
+                        &r.request_id,
+                        fingerprint(r),
+                        &Outcome::of(&Ok::<_, Status>(UndefineDomainResponse {})),
+                    )
+                })
+                .flatten();
             Ok(async move {
-                manager.undefine(&key, destroy).await?;
+                manager.undefine(&key, destroy, promise).await?;
                 Ok(UndefineDomainResponse {})
             })
         })

@@ -880,7 +880,14 @@ impl Manager {
     }
 
     /// Remove a definition; a running domain is refused unless `destroy`.
-    pub async fn undefine(&self, key: &str, destroy: bool) -> Result<(), DomainError> {
+    /// `promise` (the call's record, when it has a request id) is written
+    /// just before the files are removed.
+    pub async fn undefine(
+        &self,
+        key: &str,
+        destroy: bool,
+        promise: Option<crate::request_ids::Promise>,
+    ) -> Result<(), DomainError> {
         let _define = self.inner.define_lock.lock().await;
         let entry = self.find(key)?;
         let _op = entry.lock_op().await?;
@@ -926,8 +933,14 @@ impl Manager {
             });
         }
         let spec = entry.data().spec.clone();
-        let name = spec.name.clone();
-        self.store_io(move |store| store.remove(&name)).await?;
+        let (name, uuid) = (spec.name.clone(), spec.uuid.clone());
+        self.store_io(move |store| {
+            if let Some(promise) = promise {
+                promise.write(&uuid)?;
+            }
+            store.remove(&name)
+        })
+        .await?;
         // What was moved to the trash is deleted once this has answered.
         let store = self.inner.store.clone();
         drop(tokio::task::spawn_blocking(move || store.empty_trash()));

@@ -84,7 +84,7 @@ async fn test_definitions_survive_a_reopen_and_undefine_removes_them() {
         .collect();
     assert_eq!(names, ["a", "b"]);
     assert_eq!(m.get("b").unwrap().spec.unwrap().vcpus, 2);
-    m.undefine("a", false).await.unwrap();
+    m.undefine("a", false, None).await.unwrap();
     assert!(!dir.path().join("state/domains/a.yaml").exists());
     let m = open(&dir).await;
     assert_eq!(m.list(&[]).len(), 1);
@@ -280,7 +280,7 @@ async fn test_unreachable_monitor_leaves_the_domain_detached_not_killed() {
         Err(DomainError::Detached(_))
     ));
     assert!(matches!(
-        m.undefine("held", false).await,
+        m.undefine("held", false, None).await,
         Err(DomainError::WrongState { .. })
     ));
     assert!(matches!(
@@ -609,7 +609,7 @@ async fn test_a_stored_uuid_shaped_name_never_shadows_another_domain() {
     let m = open(&dir).await;
     assert_eq!(m.list(&[]).len(), 2, "the legacy definition is kept");
     // The key is ambiguous: refused, and neither domain goes.
-    match m.undefine(&b_uuid, false).await {
+    match m.undefine(&b_uuid, false, None).await {
         Err(e @ DomainError::Ambiguous { .. }) => {
             let text = e.to_string();
             assert!(
@@ -623,7 +623,7 @@ async fn test_a_stored_uuid_shaped_name_never_shadows_another_domain() {
     // Each stays reachable without ambiguity.
     assert_eq!(m.get("b").unwrap().spec.unwrap().uuid, b_uuid);
     assert_eq!(m.get(&legacy.uuid).unwrap().spec.unwrap().name, b_uuid);
-    m.undefine(&legacy.uuid, false).await.unwrap();
+    m.undefine(&legacy.uuid, false, None).await.unwrap();
     assert_eq!(m.get(&b_uuid).unwrap().spec.unwrap().name, "b");
 }
 
