@@ -223,11 +223,7 @@ pub async fn run_reloadable(
     .spawn(hup, shutdown.clone());
     let requests = {
         let state_dir = manager.state_dir().to_owned();
-        let defined: std::collections::HashSet<String> = manager
-            .list(&[])
-            .into_iter()
-            .filter_map(|d| d.spec.map(|s| s.uuid))
-            .collect();
+        let defined = manager.uuids();
         tokio::task::spawn_blocking(move || {
             request_ids::RequestIds::load(&state_dir, |uuid| defined.contains(uuid))
         })

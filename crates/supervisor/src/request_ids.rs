@@ -572,6 +572,11 @@ impl Drop for Ticket {
         if self.finished {
             return;
         }
+        // The call's task died: a promise it wrote must not answer a
+        // retry after a restart (a rare path; one unlink).
+        if PERSISTED.contains(&self.key.0) {
+            let _ = std::fs::remove_file(RequestIds::record_path(&self.ids.dir, &self.key));
+        }
         let mut table = self.ids.table();
         if table
             .slots
@@ -757,6 +762,19 @@ mod tests {
         };
         let err = replay::<UndefineDomainResponse>(outcome).await.unwrap_err();
         assert_eq!(err.message(), "disk");
+
+        // A call whose task died leaves no promise behind.
+        let Claim::Run(ticket) = ids.claim("UndefineDomain", "w", 1).unwrap() else {
+            panic!("first call must run");
+        };
+        let before = records();
+        ids.promise("UndefineDomain", "w", 1, &done)
+            .unwrap()
+            .write("uuid-4")
+            .unwrap();
+        assert_eq!(records(), before + 1);
+        drop(ticket);
+        assert_eq!(records(), before);
     }
 
     #[tokio::test]

@@ -935,8 +935,11 @@ impl Manager {
         let spec = entry.data().spec.clone();
         let (name, uuid) = (spec.name.clone(), spec.uuid.clone());
         self.store_io(move |store| {
-            if let Some(promise) = promise {
-                promise.write(&uuid)?;
+            // Without it a retry after a crash can answer NOT_FOUND; not a
+            // reason to refuse the undefine (a full disk is when one is
+            // needed most).
+            if let Some(Err(error)) = promise.map(|p| p.write(&uuid)) {
+                tracing::warn!(error = %qvirt_common::error_chain(&error), domain = %name, "cannot record the undefine's request id before the removal");
             }
             store.remove(&name)
         })
@@ -951,6 +954,14 @@ impl Manager {
             Lifecycle::Undefined(DomainEventUndefinedDetail::Removed),
         );
         Ok(())
+    }
+
+    /// The UUIDs of every defined domain.
+    pub fn uuids(&self) -> std::collections::HashSet<String> {
+        self.domains()
+            .values()
+            .map(|e| e.data().spec.uuid.clone())
+            .collect()
     }
 
     /// Every domain, sorted by name, optionally only in `states`.
