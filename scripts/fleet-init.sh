@@ -92,6 +92,12 @@ log_format: json
 hooks_dir: /etc/qvirt/hooks
 internal_token_file: /etc/qvirt/internal-token
 EOF
+    # A host's agent service serves only holders of the internal secret:
+    # an agentd.yaml from before it did would refuse the gateways.
+    if [ -s "$config/$h/agentd.yaml" ] && ! grep -q '^internal_token_file:' "$config/$h/agentd.yaml"; then
+        echo "internal_token_file: /etc/qvirt/internal-token" >>"$config/$h/agentd.yaml"
+        say "added internal_token_file to $config/$h/agentd.yaml"
+    fi
     keep_or_write "$config/$h/agentd.yaml" <<EOF
 listen: 0.0.0.0:50055
 log_format: json

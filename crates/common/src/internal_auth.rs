@@ -149,8 +149,16 @@ pub fn same_secret(want: &[u8], got: &[u8]) -> bool {
 
 /// Adds [`TOKEN_METADATA`] to every call when a secret is configured
 /// (without one it adds nothing, and internal servers refuse the calls).
-#[derive(Debug, Clone)]
+/// Its `Debug` never shows the secret.
+#[derive(Clone)]
 pub struct TokenInterceptor(Option<AsciiMetadataValue>);
+
+impl fmt::Debug for TokenInterceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = if self.0.is_some() { "(..)" } else { "(none)" };
+        write!(f, "TokenInterceptor{shown}")
+    }
+}
 
 impl TokenInterceptor {
     /// An interceptor presenting `token`, if any.
@@ -400,6 +408,7 @@ mod tests {
     fn test_debug_hides_the_secret() {
         let t = InternalToken::from_text(GOOD).unwrap();
         assert!(!format!("{t:?}").contains(GOOD));
+        assert!(!format!("{:?}", t.interceptor()).contains(GOOD));
     }
 
     #[test]

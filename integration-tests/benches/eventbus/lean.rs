@@ -136,6 +136,11 @@ pub async fn subscribe(client: &h2::client::SendRequest<Bytes>, filter: &str) ->
     let request = http::Request::post("http://bus/qvirt.v1.EventBus/SubscribeMonitorEvents")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
+        // The bus serves internal callers only.
+        .header(
+            "x-qvirt-internal-token",
+            qvirt_integration_tests::internal_token(),
+        )
         .body(())
         .unwrap();
     let mut client = client.clone().ready().await.unwrap();
