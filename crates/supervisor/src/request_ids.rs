@@ -287,6 +287,15 @@ impl Record {
         }
     }
 
+    /// Writes the record to `path` atomically, and with `durable` fsynced.
+    fn save(&self, path: &Path, durable: bool) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| StoreError::Write {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        store::write_replace(path, &bytes, durable)
+    }
+
     /// Key, fingerprint, time and outcome, if the record is well-formed
     /// and stands (see `unless_defined`) when `is_defined` tells which
     /// UUIDs are defined.
@@ -508,11 +517,7 @@ impl Promise {
     /// then this record does not stand), and the call's own record is.
     pub fn write(mut self, uuid: &str) -> Result<(), StoreError> {
         self.record.unless_defined = Some(uuid.to_owned());
-        let bytes = serde_json::to_vec(&self.record).map_err(|e| StoreError::Write {
-            path: self.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        store::write_atomic_volatile(&self.path, &bytes)
+        self.record.save(&self.path, false)
     }
 }
 
@@ -535,16 +540,10 @@ impl Ticket {
             for path in doomed {
                 let _ = std::fs::remove_file(path);
             }
-            let Some(record) = record else {
-                return Ok(());
-            };
-            let bytes = serde_json::to_vec(&record).map_err(std::io::Error::other);
-            bytes
-                .map_err(|source| StoreError::Write {
-                    path: path.clone(),
-                    source,
-                })
-                .and_then(|bytes| store::write_atomic(&path, &bytes))
+            match record {
+                Some(record) => record.save(&path, true),
+                None => Ok(()),
+            }
         })
         .await;
         match write {

@@ -309,15 +309,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     write_replace(path, data, true)
 }
 
-/// Write `data` to `path` atomically (temp file, rename) without an
-/// fsync: it survives a crash of this process, not a power loss.
-pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    write_replace(path, data, false)
-}
-
 /// Write `data` to `path` atomically: temp file in the same dir, rename;
-/// with `durable`, fsync the file before the rename and the dir after.
-fn write_replace(path: &Path, data: &[u8], durable: bool) -> Result<(), StoreError> {
+/// with `durable`, fsync the file before the rename and the dir after
+/// (without, it survives a crash of this process, not a power loss).
+pub fn write_replace(path: &Path, data: &[u8], durable: bool) -> Result<(), StoreError> {
     let err = |source| StoreError::Write {
         path: path.to_owned(),
         source,
