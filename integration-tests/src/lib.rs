@@ -106,17 +106,14 @@ pub fn internal<T>(message: T) -> tonic::Request<T> {
 /// A channel whose every call presents the internal token.
 pub type InternalChannel = tonic::service::interceptor::InterceptedService<
     tonic::transport::Channel,
-    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    qvirt_common::internal_auth::TokenInterceptor,
 >;
 
-/// Adds the internal token to a call's metadata.
-fn present_internal_token(
-    mut request: tonic::Request<()>,
-) -> Result<tonic::Request<()>, tonic::Status> {
-    request
-        .metadata_mut()
-        .insert("x-qvirt-internal-token", internal_token().parse().unwrap());
-    Ok(request)
+/// The services' own client interceptor, presenting [`internal_token`].
+pub fn internal_interceptor() -> qvirt_common::internal_auth::TokenInterceptor {
+    qvirt_common::internal_auth::InternalToken::from_text(internal_token())
+        .unwrap()
+        .interceptor()
 }
 
 /// Connects to `url`; every call on the channel presents the internal
@@ -133,9 +130,7 @@ pub async fn internal_channel(url: String) -> InternalChannel {
 
 /// `channel`, with the internal token presented on every call.
 pub fn with_internal_token(channel: tonic::transport::Channel) -> InternalChannel {
-    let present: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
-        present_internal_token;
-    tonic::service::interceptor::InterceptedService::new(channel, present)
+    tonic::service::interceptor::InterceptedService::new(channel, internal_interceptor())
 }
 
 /// The workspace root (the parent of this crate).
@@ -276,7 +271,11 @@ pub fn grpcurl<S: AsRef<OsStr>>(args: &[S]) -> Output {
 /// The real grpcurl with `args`, presenting the internal token as a
 /// backend's internal callers do (backends serve no one else).
 pub fn grpcurl_internal<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let header = format!("x-qvirt-internal-token: {}", internal_token());
+    let header = format!(
+        "{}: {}",
+        qvirt_common::internal_auth::TOKEN_METADATA,
+        internal_token()
+    );
     let mut all: Vec<&OsStr> = vec![OsStr::new("-H"), OsStr::new(&header)];
     all.extend(args.iter().map(AsRef::as_ref));
     grpcurl(&all)

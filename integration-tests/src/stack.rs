@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use qvirt_common::internal_auth::TokenInterceptor;
 use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::{Service, free_port, start_supervisor, static_ga, write_internal_token};
@@ -187,10 +188,10 @@ pub fn bearer_value(token: &str) -> MetadataValue<Ascii> {
 /// (an internal caller of a backend) to every call when it holds one; a
 /// client type the same either way, so one bench loop drives the direct,
 /// proxied and gateway paths alike.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Bearer {
     authorization: Option<MetadataValue<Ascii>>,
-    internal: Option<MetadataValue<Ascii>>,
+    internal: TokenInterceptor,
 }
 
 impl tonic::service::Interceptor for Bearer {
@@ -203,12 +204,7 @@ impl tonic::service::Interceptor for Bearer {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
-        if let Some(value) = &self.internal {
-            request
-                .metadata_mut()
-                .insert("x-qvirt-internal-token", value.clone());
-        }
-        Ok(request)
+        self.internal.call(request)
     }
 }
 
@@ -221,7 +217,7 @@ pub type BearerChannel =
 pub async fn bearer_channel(url: &str, token: Option<MetadataValue<Ascii>>) -> BearerChannel {
     let bearer = Bearer {
         authorization: token,
-        internal: None,
+        internal: TokenInterceptor::new(None),
     };
     connect_with(url, bearer).await
 }
@@ -233,7 +229,7 @@ pub async fn bearer_channel(url: &str, token: Option<MetadataValue<Ascii>>) -> B
 pub async fn backend_channel(url: &str) -> BearerChannel {
     let bearer = Bearer {
         authorization: None,
-        internal: Some(crate::internal_token().parse().unwrap()),
+        internal: crate::internal_interceptor(),
     };
     connect_with(url, bearer).await
 }

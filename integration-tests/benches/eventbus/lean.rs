@@ -138,7 +138,7 @@ pub async fn subscribe(client: &h2::client::SendRequest<Bytes>, filter: &str) ->
         .header("te", "trailers")
         // The bus serves internal callers only.
         .header(
-            "x-qvirt-internal-token",
+            qvirt_common::internal_auth::TOKEN_METADATA,
             qvirt_integration_tests::internal_token(),
         )
         .body(())
