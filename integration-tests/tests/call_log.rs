@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qvirt_integration_tests::{Service, grpcurl_internal, text};
+use qvirt_integration_tests::{Service, grpcurl_internal, start_supervisor, text};
 
 /// The `rpc done` JSON line of the call to `method`, once it is logged.
 async fn done_line(svc: &mut Service, method: &str) -> serde_json::Value {
@@ -30,18 +30,7 @@ async fn done_line(svc: &mut Service, method: &str) -> serde_json::Value {
 async fn test_a_calls_log_line_carries_its_method_domain_and_code() {
     let dir = tempfile::tempdir().unwrap();
     let (state, run) = (dir.path().join("state"), dir.path().join("run"));
-    let mut supervisor = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--log-format",
-            "json",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
-    );
-    supervisor.wait_serving("").await;
+    let mut supervisor = start_supervisor(&state, &run, None, &["--log-format", "json"]).await;
     let out = grpcurl_internal(&[
         "-plaintext",
         "-d",

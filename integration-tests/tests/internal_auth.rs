@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use qvirt_integration_tests::{
     COMMAND_TIMEOUT, ChildGuard, Service, bin_path, grpcurl, internal_channel, internal_token,
-    run_command, text, tool_path,
+    run_command, start_supervisor, text, tool_path,
 };
 use qvirt_proto::v1::SubscribeDomainEventsRequest;
 use qvirt_proto::v1::event_bus_client::EventBusClient;
@@ -144,16 +144,7 @@ fn assert_backend_refused(out: &Output, method: &str) {
 async fn test_backends_serve_public_services_to_internal_callers_only() {
     let dirs = tempfile::tempdir().unwrap();
     let (state, run) = (dirs.path().join("state"), dirs.path().join("run"));
-    let mut sup = Service::start(
-        "qvirt-supervisor",
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--run-dir",
-            run.to_str().unwrap(),
-        ],
-    );
-    sup.wait_serving("qvirt.v1.Supervisor").await;
+    let sup = start_supervisor(&state, &run, None, &[]).await;
     let mut bus = Service::start("qvirt-eventbus", &[]);
     bus.wait_serving("qvirt.v1.EventBus").await;
     let mut agentd = Service::start("qvirt-agentd", &["--supervisor", &sup.url()]);
