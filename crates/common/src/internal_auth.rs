@@ -68,62 +68,14 @@ impl fmt::Debug for InternalToken {
 }
 
 impl InternalToken {
-    /// Reads the secret from `path`: surrounding whitespace (a trailing
-    /// newline) is dropped; the rest must be at least [`MIN_TOKEN_BYTES`]
-    /// printable ASCII bytes without spaces, using at least
-    /// [`MIN_DISTINCT_BYTES`] distinct ones, and the file must not be
-    /// readable or writable by every user.
+    /// Reads the secret from `path` ([`read_secret_file`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let invalid = |reason: String| ConfigError::Invalid {
-            field: TOKEN_FILE_FIELD,
-            value: path.display().to_string(),
-            reason,
-        };
-        let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| invalid(format!("cannot stat: {e}")))?;
-        if !meta.is_file() {
-            return Err(invalid("is not a regular file".into()));
-        }
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o006 != 0 {
-            return Err(invalid(format!(
-                "is readable or writable by every user (mode {mode:04o}): chmod o-rw it (0600 or 0640)"
-            )));
-        }
-        let mut text = String::new();
-        file.take(MAX_TOKEN_FILE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| invalid(format!("cannot read as text: {e}")))?;
-        if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
-            return Err(invalid(format!(
-                "is longer than {MAX_TOKEN_FILE_BYTES} bytes"
-            )));
-        }
-        Self::from_text(text.trim()).map_err(invalid)
+        read_secret_file(path, TOKEN_FILE_FIELD).map(|text| InternalToken(text.into()))
     }
 
     /// The secret `text`, checked as [`load`](Self::load) checks a file's.
     pub fn from_text(text: &str) -> Result<Self, String> {
-        if text.len() < MIN_TOKEN_BYTES {
-            return Err(format!(
-                "holds {} bytes, at least {MIN_TOKEN_BYTES} are needed (e.g. `openssl rand -hex 32`)",
-                text.len()
-            ));
-        }
-        if !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(
-                "must be printable ASCII without spaces (it is sent as gRPC metadata)".into(),
-            );
-        }
-        let mut seen = [false; 256];
-        text.bytes().for_each(|b| seen[usize::from(b)] = true);
-        if seen.iter().filter(|s| **s).count() < MIN_DISTINCT_BYTES {
-            return Err(format!(
-                "uses fewer than {MIN_DISTINCT_BYTES} distinct characters: not a secret"
-            ));
-        }
+        check_secret(text)?;
         Ok(InternalToken(text.into()))
     }
 
@@ -140,6 +92,67 @@ impl InternalToken {
     fn matches(&self, got: &[u8]) -> bool {
         same_secret(self.0.as_bytes(), got)
     }
+}
+
+/// Reads a secret from `path` (the value of config key `field`):
+/// surrounding whitespace (a trailing newline) is dropped; the rest must
+/// pass [`check_secret`], and the file must not be readable or writable
+/// by every user. The internal token and the fleet's NATS token are read
+/// with it.
+pub fn read_secret_file(path: &Path, field: &'static str) -> Result<String, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field,
+        value: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| invalid(format!("cannot stat: {e}")))?;
+    if !meta.is_file() {
+        return Err(invalid("is not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o006 != 0 {
+        return Err(invalid(format!(
+            "is readable or writable by every user (mode {mode:04o}): chmod o-rw it (0600 or 0640)"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| invalid(format!("cannot read as text: {e}")))?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(invalid(format!(
+            "is longer than {MAX_TOKEN_FILE_BYTES} bytes"
+        )));
+    }
+    let text = text.trim();
+    check_secret(text).map_err(invalid)?;
+    Ok(text.to_owned())
+}
+
+/// Checks that `text` can be a shared secret: at least
+/// [`MIN_TOKEN_BYTES`] printable ASCII bytes without spaces, using at
+/// least [`MIN_DISTINCT_BYTES`] distinct ones.
+pub fn check_secret(text: &str) -> Result<(), String> {
+    if text.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "holds {} bytes, at least {MIN_TOKEN_BYTES} are needed (e.g. `openssl rand -hex 32`)",
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces (it is sent as gRPC metadata)".into());
+    }
+    let mut seen = [false; 256];
+    text.bytes().for_each(|b| seen[usize::from(b)] = true);
+    if seen.iter().filter(|s| **s).count() < MIN_DISTINCT_BYTES {
+        return Err(format!(
+            "uses fewer than {MIN_DISTINCT_BYTES} distinct characters: not a secret"
+        ));
+    }
+    Ok(())
 }
 
 /// Compares two secrets in time that depends only on their lengths.

@@ -411,6 +411,11 @@ mod tests {
             ("nats: {outbox_dir: /o, host: \"a\\nb\"}\n", "nats.host"),
             ("fleet: {stream: 'x y'}\n", "fleet.stream"),
             ("nats: {outbox_dir: /o}\nfleet: {}\n", "fleet"),
+            (
+                "nats: {outbox_dir: /o, token_file: /nonexistent/t}\n",
+                "nats.token_file",
+            ),
+            ("fleet: {token_file: /nonexistent/t}\n", "fleet.token_file"),
         ] {
             assert_eq!(field_of(parsed(yaml)), field, "{yaml}");
         }

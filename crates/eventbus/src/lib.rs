@@ -54,10 +54,10 @@ pub enum RunError {
     /// The hub settings are unusable.
     #[error("invalid event bus settings")]
     Hub(#[from] hub::HubConfigError),
-    /// The internal token file is unusable (it was fine when the config
-    /// was checked).
+    /// The internal or the NATS token file is unusable (it was fine when
+    /// the config was checked).
     #[error(transparent)]
-    InternalToken(qvirt_common::config::ConfigError),
+    Secret(qvirt_common::config::ConfigError),
     /// This run's epoch cannot be carried in a cursor (a bug).
     #[error("epoch {0:?} cannot be carried in a cursor")]
     Epoch(String),
@@ -87,7 +87,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let token = InternalToken::load_optional(config.internal_token_file.as_ref())
-        .map_err(RunError::InternalToken)?;
+        .map_err(RunError::Secret)?;
     let auth = InternalAuth::new(token, &config.internal_uids);
     auth.log_policy("EventBus/*, EventIngest/Publish, x-qvirt-principal");
     let hub = hub::Hub::with_size_and_key_fn(config.hub(), BusEvent::weight, BusEvent::key)?;
@@ -153,10 +153,13 @@ pub async fn run(
         // then, and again whenever the broker connection is down.
         let cell = std::sync::Arc::new(std::sync::OnceLock::new());
         let (ready, health) = tokio::sync::watch::channel(false);
+        let nats_token = fleet.broker().token("fleet").map_err(RunError::Secret)?;
         tokio::spawn({
             let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
             async move {
-                if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &shutdown).await {
+                if let Some(fleet) =
+                    nats::fleet::Fleet::connect(&fleet, nats_token.as_ref(), &shutdown).await
+                {
                     let client = fleet.client();
                     // The registry's view: its host liveness changes
                     // become host events in the stream.

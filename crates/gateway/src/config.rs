@@ -110,7 +110,13 @@ pub const MAX_FLEET_URLS: usize = 16;
 pub struct FleetConfig {
     /// The NATS servers holding the fleet registry (`nats://HOST:PORT`).
     pub urls: Vec<String>,
+    /// A file holding the token the NATS servers ask of clients (their
+    /// `authorization { token }`). Absent: connect without one.
+    pub token_file: Option<PathBuf>,
 }
+
+/// The config key naming the NATS token file.
+pub const FLEET_TOKEN_FIELD: &str = "fleet.token_file";
 
 impl FleetConfig {
     fn check(&self) -> Result<(), ConfigError> {
@@ -134,6 +140,7 @@ impl FleetConfig {
                 ));
             }
         }
+        qvirt_registry::NatsToken::load_optional(self.token_file.as_deref(), FLEET_TOKEN_FIELD)?;
         Ok(())
     }
 }
@@ -555,6 +562,10 @@ mod tests {
             let line = qvirt_common::error_chain(&parse(bad).unwrap_err());
             assert!(line.contains("fleet"), "{bad}: {line}");
         }
+        let line = qvirt_common::error_chain(
+            &parse("fleet: {urls: [nats://n1:4222], token_file: /nonexistent/t}\n").unwrap_err(),
+        );
+        assert!(line.contains("fleet.token_file"), "{line}");
     }
 
     #[test]

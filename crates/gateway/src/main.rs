@@ -81,9 +81,7 @@ fn main() -> ExitCode {
         override_with(&mut c.audit_file, args.audit_file.map(Some));
         c.plaintext |= args.plaintext;
         if !args.fleet_urls.is_empty() {
-            c.fleet = Some(qvirt_gateway::config::FleetConfig {
-                urls: args.fleet_urls,
-            });
+            c.fleet.get_or_insert_with(Default::default).urls = args.fleet_urls;
         }
         c
     });

@@ -1,8 +1,12 @@
 //! The two buckets: their names and settings, and opening them.
 
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use qvirt_common::config::ConfigError;
 
 use crate::RegistryError;
 
@@ -152,11 +156,44 @@ async fn open_or_create(
     })
 }
 
+/// The secret the fleet's NATS servers ask of clients (their
+/// `authorization { token: ... }`), read from the file a service's
+/// `token_file` names. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsToken(Arc<str>);
+
+impl fmt::Debug for NatsToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NatsToken(..)")
+    }
+}
+
+impl NatsToken {
+    /// Reads the token from `path`, the value of config key `field`, with
+    /// the internal secret's rules
+    /// ([`read_secret_file`](qvirt_common::internal_auth::read_secret_file)).
+    pub fn load(path: &Path, field: &'static str) -> Result<Self, ConfigError> {
+        qvirt_common::internal_auth::read_secret_file(path, field).map(|t| NatsToken(t.into()))
+    }
+
+    /// Loads the token when a file is configured.
+    pub fn load_optional(
+        path: Option<&Path>,
+        field: &'static str,
+    ) -> Result<Option<Self>, ConfigError> {
+        path.map(|p| Self::load(p, field)).transpose()
+    }
+}
+
 /// A client connected to `urls` (`nats://HOST:PORT`, any one of a
-/// cluster is enough). It returns at once and keeps trying in the
-/// background while the broker is away, reconnecting after 0, 100 ms,
-/// 200 ms, ... up to 2 s.
-pub async fn connect(urls: &[String], name: &str) -> Result<async_nats::Client, RegistryError> {
+/// cluster is enough), presenting `token` when the servers want one. It
+/// returns at once and keeps trying in the background while the broker
+/// is away, reconnecting after 0, 100 ms, 200 ms, ... up to 2 s.
+pub async fn connect(
+    urls: &[String],
+    name: &str,
+    token: Option<&NatsToken>,
+) -> Result<async_nats::Client, RegistryError> {
     let addrs: Vec<async_nats::ServerAddr> = urls
         .iter()
         .map(|u| {
@@ -165,8 +202,29 @@ pub async fn connect(urls: &[String], name: &str) -> Result<async_nats::Client, 
             })
         })
         .collect::<Result<_, _>>()?;
-    async_nats::ConnectOptions::new()
+    let options = match token {
+        Some(t) => async_nats::ConnectOptions::with_token(t.0.to_string()),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let who = name.to_owned();
+    options
         .name(name)
+        .event_callback(move |event| {
+            let who = who.clone();
+            async move {
+                // A refused token or a server's complaint would otherwise
+                // show only as a broker that never comes.
+                match event {
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(client = %who, error = %e, "NATS server error");
+                    }
+                    async_nats::Event::ClientError(e) => {
+                        tracing::warn!(client = %who, error = %e, "NATS client error");
+                    }
+                    other => tracing::debug!(client = %who, event = %other, "NATS connection"),
+                }
+            }
+        })
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64 * 100).min(2000))

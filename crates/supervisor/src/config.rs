@@ -166,7 +166,13 @@ pub struct FleetConfig {
     /// The hosts bucket's `max_age` when this supervisor creates it; the
     /// heartbeat is put every third of it (3 to 3600).
     pub heartbeat_ttl_secs: u64,
+    /// A file holding the token the NATS servers ask of clients (their
+    /// `authorization { token }`). Absent: connect without one.
+    pub token_file: Option<PathBuf>,
 }
+
+/// The config key naming the NATS token file.
+pub const FLEET_TOKEN_FIELD: &str = "fleet.token_file";
 
 /// The most `fleet.urls`.
 pub const MAX_FLEET_URLS: usize = 16;
@@ -182,6 +188,7 @@ impl Default for FleetConfig {
             supervisor_url: String::new(),
             agentd_url: None,
             heartbeat_ttl_secs: qvirt_registry::DEFAULT_HEARTBEAT_TTL.as_secs(),
+            token_file: None,
         }
     }
 }
@@ -243,6 +250,7 @@ impl FleetConfig {
                 ),
             ));
         }
+        qvirt_registry::NatsToken::load_optional(self.token_file.as_deref(), FLEET_TOKEN_FIELD)?;
         Ok(())
     }
 }
@@ -554,6 +562,10 @@ mod tests {
             (
                 "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  agentd_url: h:2\n",
                 "fleet.agentd_url",
+            ),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  token_file: /nonexistent/t\n",
+                "fleet.token_file",
             ),
         ] {
             let c: Config = qvirt_common::config::parse(Path::new("s.yaml"), yaml).unwrap();

@@ -21,7 +21,7 @@ use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use qvirt_proto::v1::HostRecord;
-use qvirt_registry::{Buckets, domain_key, domain_prefix, host_key, parse_domain_key};
+use qvirt_registry::{Buckets, NatsToken, domain_key, domain_prefix, host_key, parse_domain_key};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +68,13 @@ impl Dirty {
 }
 
 /// Starts the registry task for `manager` until `shutdown`.
-pub fn spawn(config: &Config, fleet: FleetConfig, manager: Manager, shutdown: CancellationToken) {
+pub fn spawn(
+    config: &Config,
+    fleet: FleetConfig,
+    token: Option<NatsToken>,
+    manager: Manager,
+    shutdown: CancellationToken,
+) {
     let dirty = Arc::new(Dirty::default());
     {
         let dirty = Arc::clone(&dirty);
@@ -80,6 +86,7 @@ pub fn spawn(config: &Config, fleet: FleetConfig, manager: Manager, shutdown: Ca
         max_memory_mib: config.max_memory_mib,
         started: SystemTime::now(),
         fleet,
+        token,
         manager,
         dirty,
     };
@@ -88,6 +95,7 @@ pub fn spawn(config: &Config, fleet: FleetConfig, manager: Manager, shutdown: Ca
 
 struct Registry {
     fleet: FleetConfig,
+    token: Option<NatsToken>,
     host: String,
     ttl: Duration,
     max_memory_mib: Option<u64>,
@@ -106,7 +114,7 @@ enum Stop {
 impl Registry {
     async fn run(self, shutdown: CancellationToken) {
         let client = tokio::select! {
-            c = qvirt_registry::connect(&self.fleet.urls, "qvirt-supervisor") => c,
+            c = qvirt_registry::connect(&self.fleet.urls, "qvirt-supervisor", self.token.as_ref()) => c,
             () = shutdown.cancelled() => return,
         };
         let client = match client {

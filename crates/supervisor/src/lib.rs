@@ -59,10 +59,10 @@ pub enum RunError {
     /// Another supervisor holds the state dir (or the lock failed).
     #[error(transparent)]
     Lock(#[from] lock::LockError),
-    /// The internal token file is unusable (it was fine when the config
-    /// was checked).
+    /// The internal or the NATS token file is unusable (it was fine when
+    /// the config was checked).
     #[error(transparent)]
-    InternalToken(qvirt_common::config::ConfigError),
+    Secret(qvirt_common::config::ConfigError),
     /// Loading the state dir (or re-attaching to guests) failed.
     #[error("opening the domain store")]
     Open(#[source] DomainError),
@@ -138,7 +138,7 @@ pub async fn run_reloadable(
             })
         })??;
     let token = InternalToken::load_optional(config.internal_token_file.as_ref())
-        .map_err(RunError::InternalToken)?;
+        .map_err(RunError::Secret)?;
     if token.is_none()
         && (config.eventbus.is_some() || config.hookexec.is_some() || config.agentd.is_some())
     {
@@ -206,9 +206,15 @@ pub async fn run_reloadable(
         .await
         .map_err(RunError::Open)?;
     if let Some(fleet) = fleet {
+        let nats_token = qvirt_registry::NatsToken::load_optional(
+            fleet.token_file.as_deref(),
+            config::FLEET_TOKEN_FIELD,
+        )
+        .map_err(RunError::Secret)?;
         fleet::spawn(
             &fleet_config,
             fleet,
+            nats_token,
             manager.clone(),
             shutdown.child_token(),
         );

@@ -71,6 +71,10 @@ pub enum ForwardError {
     /// Its thread could not be started.
     #[error("cannot start the forwarder thread")]
     Thread(#[source] std::io::Error),
+    /// The NATS token file is unusable (it was fine when the config was
+    /// checked).
+    #[error(transparent)]
+    Token(#[from] qvirt_common::config::ConfigError),
 }
 
 /// Counters of the forwarder, for metrics and tests.
@@ -136,6 +140,7 @@ impl Forwarder {
         epoch: &str,
         shutdown: CancellationToken,
     ) -> Result<Forwarder, ForwardError> {
+        let token = config.broker().token("nats")?;
         let dir = config.outbox_dir.clone().unwrap_or_default();
         let outbox = Outbox::open(&dir, config.outbox_max_bytes)?;
         let stats = Arc::new(ForwardStats::default());
@@ -149,6 +154,7 @@ impl Forwarder {
         let host = config.host_id();
         let state = Loop {
             config: config.clone(),
+            token,
             host: host.clone(),
             epoch: epoch.to_owned(),
             outbox,
@@ -209,6 +215,7 @@ struct Inflight {
 }
 
 struct Loop {
+    token: Option<qvirt_registry::NatsToken>,
     config: NatsConfig,
     host: String,
     epoch: String,
@@ -249,6 +256,7 @@ impl Loop {
         let client = match qvirt_registry::connect(
             &self.config.urls,
             &format!("qvirt-eventbus {}", self.host),
+            self.token.as_ref(),
         )
         .await
         {

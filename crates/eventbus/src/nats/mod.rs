@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qvirt_common::config::ConfigError;
+use qvirt_registry::NatsToken;
 use serde::{Deserialize, Serialize};
 
 pub mod fleet;
@@ -43,6 +44,9 @@ pub struct Broker {
     pub urls: Vec<String>,
     /// The JetStream stream that holds the fleet's events.
     pub stream: String,
+    /// A file holding the token the servers ask of clients (their
+    /// `authorization { token }`). Absent: connect without one.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Broker {
@@ -50,11 +54,22 @@ impl Default for Broker {
         Broker {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
             stream: DEFAULT_STREAM.to_owned(),
+            token_file: None,
         }
     }
 }
 
 impl Broker {
+    /// The token, read from `token_file` if one is set; `section` is the
+    /// config section (`nats` or `fleet`) errors name.
+    pub fn token(&self, section: &'static str) -> Result<Option<NatsToken>, ConfigError> {
+        let field = match section {
+            "nats" => "nats.token_file",
+            _ => "fleet.token_file",
+        };
+        NatsToken::load_optional(self.token_file.as_deref(), field)
+    }
+
     fn check(&self, section: &'static str) -> Result<(), ConfigError> {
         let field = |name: &'static str| match section {
             "nats" => match name {
@@ -95,6 +110,7 @@ impl Broker {
                 reason: "must be 1 to 64 letters, digits, '-' or '_'".into(),
             });
         }
+        self.token(section)?;
         Ok(())
     }
 }
@@ -108,6 +124,8 @@ pub struct NatsConfig {
     pub urls: Vec<String>,
     /// The stream (created at start if missing).
     pub stream: String,
+    /// A file holding the servers' client token. Absent: none.
+    pub token_file: Option<PathBuf>,
     /// Its replicas when the bus creates it (1, or 3 on a 3-server
     /// cluster; at most 5).
     pub replicas: usize,
@@ -137,6 +155,7 @@ impl Default for NatsConfig {
         NatsConfig {
             urls: broker.urls,
             stream: broker.stream,
+            token_file: None,
             replicas: 1,
             host: String::new(),
             outbox_dir: None,
@@ -157,6 +176,7 @@ impl NatsConfig {
         Broker {
             urls: self.urls.clone(),
             stream: self.stream.clone(),
+            token_file: self.token_file.clone(),
         }
     }
 
@@ -230,6 +250,8 @@ pub struct FleetConfig {
     pub urls: Vec<String>,
     /// The stream the hosts forward to.
     pub stream: String,
+    /// A file holding the servers' client token. Absent: none.
+    pub token_file: Option<PathBuf>,
 }
 
 impl FleetConfig {
@@ -247,6 +269,7 @@ impl FleetConfig {
             } else {
                 self.stream.clone()
             },
+            token_file: self.token_file.clone(),
         }
     }
 
