@@ -106,8 +106,9 @@ impl Fleet {
         nats.wait_ready();
         let outbox = tempfile::tempdir().unwrap();
         let bus_yaml = format!(
-            "nats:\n  urls: [{}]\n  host: h1\n  replicas: 3\n  outbox_dir: {}\n",
+            "nats:\n  urls: [{}]\n  token_file: {}\n  host: h1\n  replicas: 3\n  outbox_dir: {}\n",
             nats.urls().join(", "),
+            nats.token_file().display(),
             outbox.path().display()
         );
         let stack = GatewayStack::start_with(&StackOptions {
@@ -130,7 +131,7 @@ impl Fleet {
         let mut fleet_gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
         fleet_gw.wait_serving("qvirt.v1.EventBus").await;
 
-        let client = async_nats::connect(nats.urls()[2].as_str()).await.unwrap();
+        let client = nats.client_of(2).await;
         let js = jetstream::new(client);
         Fleet {
             nats,
@@ -510,8 +511,10 @@ async fn list(f: &Fleet) {
     let gw_dir = dir.path().join("gw");
     std::fs::create_dir(&gw_dir).unwrap();
     let yaml = format!(
-        "fleet:\n  urls: [{}]\neventbus: http://127.0.0.1:{}\ninternal_token_file: {}\ntokens:\n{}",
+        "fleet:\n  urls: [{}]\n  token_file: {}\neventbus: http://127.0.0.1:{}\n\
+         internal_token_file: {}\ntokens:\n{}",
         f.nats.urls().join(", "),
+        f.nats.token_file().display(),
         qvirt_integration_tests::free_port(),
         qvirt_integration_tests::write_internal_token(&gw_dir).display(),
         rw.entry

@@ -67,29 +67,37 @@ pub const INTERNAL_PLANE: [&str; 4] = [
 /// hex digits.
 pub fn internal_token() -> &'static str {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TOKEN.get_or_init(|| {
-        let mut bytes = [0u8; 32];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open("/dev/urandom").unwrap(),
-            &mut bytes,
-        )
+    TOKEN.get_or_init(random_secret)
+}
+
+/// 64 random hex digits.
+pub fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `secret` and a newline to a new file `path` with mode 0600.
+pub fn write_secret(path: &Path, secret: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
         .unwrap();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    })
+    std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).unwrap();
 }
 
 /// Writes [`internal_token`] to `dir/internal-token` with mode 0600 and
 /// returns its path.
 pub fn write_internal_token(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("internal-token");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, format!("{}\n", internal_token()).as_bytes()).unwrap();
+    write_secret(&path, internal_token());
     path
 }
 

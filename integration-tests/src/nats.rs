@@ -2,6 +2,10 @@
 //! cluster on loopback, each node on its own ports with its own config
 //! file and store dir in a temp dir, stopped by pid.
 //!
+//! Like the fleet deployment's servers, every node asks clients for a
+//! token ([`Nats::token_file`], [`Nats::client`]) and its routes for a
+//! user and password, so every fleet test runs with NATS auth on.
+//!
 //! The server is the pinned `nats-server` that `make deps` puts in
 //! `.tools/bin` ([`crate::tool_path`]). A node can be stopped (SIGTERM or
 //! SIGKILL) and started again on the same ports and store, for broker
@@ -144,6 +148,8 @@ impl Drop for NatsNode {
 pub struct Nats {
     /// The nodes.
     pub nodes: Vec<NatsNode>,
+    token: String,
+    token_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -171,17 +177,21 @@ impl Nats {
                 child: None,
             })
             .collect();
+        let token = crate::random_secret();
+        let token_file = dir.path().join("nats-token");
+        crate::write_secret(&token_file, &token);
+        let route_password = crate::random_secret();
         let routes: Vec<String> = nodes
             .iter()
             .filter_map(|node| node.cluster_port)
-            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .map(|p| format!("nats://route:{route_password}@127.0.0.1:{p}"))
             .collect();
         for node in &nodes {
             std::fs::create_dir_all(node.dir.join("store")).unwrap();
             let mut conf = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  \
-                 max_file_store: 1GB\n}}\n",
+                 max_file_store: 1GB\n}}\nauthorization {{\n  token: \"{token}\"\n}}\n",
                 name = node.name,
                 port = node.port,
                 http = node.http_port,
@@ -194,6 +204,7 @@ impl Nats {
                     .collect();
                 conf.push_str(&format!(
                     "cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{cluster}\n  \
+                     authorization {{\n    user: route\n    password: \"{route_password}\"\n  }}\n  \
                      routes: [{}]\n}}\n",
                     others
                         .iter()
@@ -207,9 +218,40 @@ impl Nats {
         for node in &mut nodes {
             node.start();
         }
-        let nats = Nats { nodes, _dir: dir };
+        let nats = Nats {
+            nodes,
+            token,
+            token_file,
+            _dir: dir,
+        };
         nats.wait_ready();
         nats
+    }
+
+    /// The file holding the token the nodes ask of clients (mode 0600),
+    /// as the services' `token_file` takes it.
+    pub fn token_file(&self) -> &std::path::Path {
+        &self.token_file
+    }
+
+    /// A client of every node, presenting the token; waits for the first
+    /// connection.
+    pub async fn client(&self) -> async_nats::Client {
+        self.client_to(&self.urls()).await
+    }
+
+    /// A client of node `index` alone, presenting the token.
+    pub async fn client_of(&self, index: usize) -> async_nats::Client {
+        self.client_to(&[self.nodes[index].url()]).await
+    }
+
+    async fn client_to(&self, urls: &[String]) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
+        async_nats::ConnectOptions::with_token(self.token.clone())
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addrs)
+            .await
+            .unwrap()
     }
 
     /// Every node's client URL, comma-separated (as the services'
@@ -253,8 +295,9 @@ impl Drop for Nats {
 /// replicas: one per node), its outbox in `outbox`; waits until it serves.
 pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crate::Service {
     let config = format!(
-        "nats:\n  urls: [{}]\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
+        "nats:\n  urls: [{}]\n  token_file: {}\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
         nats.urls().join(", "),
+        nats.token_file().display(),
         nats.nodes.len(),
         outbox.display()
     );
@@ -279,8 +322,10 @@ pub async fn fleet_supervisor(
     std::fs::write(
         &config,
         format!(
-            "node_name: {id}\nfleet:\n  urls: [{}]\n  supervisor_url: http://{addr}\n{fleet_extra}",
-            nats.urls().join(", ")
+            "node_name: {id}\nfleet:\n  urls: [{}]\n  token_file: {}\n  supervisor_url: http://{addr}\n\
+             {fleet_extra}",
+            nats.urls().join(", "),
+            nats.token_file().display()
         ),
     )
     .unwrap();
@@ -312,7 +357,11 @@ pub async fn fleet_bus(
     crate::Service,
     qvirt_proto::v1::event_bus_client::EventBusClient<InternalChannel>,
 ) {
-    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[url_index]);
+    let config = format!(
+        "fleet:\n  urls: [{}]\n  token_file: {}\n",
+        nats.urls()[url_index],
+        nats.token_file().display()
+    );
     let mut svc = crate::Service::start_with_config("qvirt-eventbus", &config, &[]);
     svc.wait_serving("").await;
     let client =

@@ -22,11 +22,12 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 
 const STREAM: &str = "QVIRT_EVENTS";
 
-fn bus_config(urls: &[String], outbox: &Path, max_bytes: u64, metrics: u16) -> String {
+fn bus_config(nats: &Nats, outbox: &Path, max_bytes: u64, metrics: u16) -> String {
     format!(
-        "metrics_listen: 127.0.0.1:{metrics}\nnats:\n  urls: [{}]\n  host: h1\n  \
-         outbox_dir: {}\n  outbox_max_bytes: {max_bytes}\n",
-        urls.join(", "),
+        "metrics_listen: 127.0.0.1:{metrics}\nnats:\n  urls: [{}]\n  token_file: {}\n  \
+         host: h1\n  outbox_dir: {}\n  outbox_max_bytes: {max_bytes}\n",
+        nats.urls().join(", "),
+        nats.token_file().display(),
         outbox.display()
     )
 }
@@ -87,7 +88,7 @@ enum Stored {
 }
 
 async fn js(nats: &Nats) -> jetstream::Context {
-    let client = async_nats::connect(nats.urls().join(",")).await.unwrap();
+    let client = nats.client().await;
     jetstream::new(client)
 }
 
@@ -190,7 +191,7 @@ async fn test_events_reach_the_stream_once_in_order_with_escaped_subjects() {
     let nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let port = free_port();
-    let bus = start_bus(&bus_config(&nats.urls(), outbox.path(), 64 << 20, port)).await;
+    let bus = start_bus(&bus_config(&nats, outbox.path(), 64 << 20, port)).await;
     publish(&bus, 0, 300, "x").await;
     let js = js(&nats).await;
     let stored = stream_messages(&js, 300).await;
@@ -223,7 +224,7 @@ async fn test_outbox_drains_in_order_after_the_broker_comes_back() {
     let mut nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let port = free_port();
-    let bus = start_bus(&bus_config(&nats.urls(), outbox.path(), 64 << 20, port)).await;
+    let bus = start_bus(&bus_config(&nats, outbox.path(), 64 << 20, port)).await;
     publish(&bus, 0, 50, "x").await;
     wait_metric(port, "acked_total", 50).await;
     // The broker crashes while the host keeps producing events.
@@ -249,7 +250,7 @@ async fn test_a_full_outbox_is_counted_in_loss_markers() {
     let mut nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let port = free_port();
-    let bus = start_bus(&bus_config(&nats.urls(), outbox.path(), 1 << 20, port)).await;
+    let bus = start_bus(&bus_config(&nats, outbox.path(), 1 << 20, port)).await;
     publish(&bus, 0, 10, "x").await;
     wait_metric(port, "acked_total", 10).await;
     nats.nodes[0].stop(libc::SIGKILL);
@@ -319,7 +320,7 @@ async fn test_bus_restart_resends_without_duplicates() {
     let nats = Nats::single();
     let outbox = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = bus_config(&nats.urls(), outbox.path(), 64 << 20, port);
+    let config = bus_config(&nats, outbox.path(), 64 << 20, port);
     let mut bus = start_bus(&config).await;
     publish(&bus, 0, 40, "x").await;
     wait_metric(port, "acked_total", 40).await;

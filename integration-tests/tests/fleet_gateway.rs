@@ -77,9 +77,10 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
 
 async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Service {
     let yaml = format!(
-        "fleet:\n  urls: [{}]\neventbus: http://127.0.0.1:{}\ninternal_token_file: {}\n\
-         health_poll_ms: 200\ntokens:\n{entry}",
+        "fleet:\n  urls: [{}]\n  token_file: {}\neventbus: http://127.0.0.1:{}\n\
+         internal_token_file: {}\nhealth_poll_ms: 200\ntokens:\n{entry}",
         nats.urls().join(", "),
+        nats.token_file().display(),
         free_port(),
         write_internal_token(&dir.join(format!("gw{n}"))).display(),
     );

@@ -30,7 +30,11 @@ const WAIT: Duration = Duration::from_secs(30);
 const HOST: &str = "fleet host.1";
 
 async fn fleet_bus(nats: &Nats) -> Service {
-    let config = format!("fleet:\n  urls: [{}]\n", nats.urls()[0]);
+    let config = format!(
+        "fleet:\n  urls: [{}]\n  token_file: {}\n",
+        nats.urls()[0],
+        nats.token_file().display()
+    );
     let mut svc = Service::start_with_config("qvirt-eventbus", &config, &[]);
     svc.wait_serving("qvirt.v1.EventBus").await;
     // Its registry view has read the buckets: changes from now on count.
@@ -77,7 +81,7 @@ async fn expect_host_event(s: &mut Streaming<SubscribeDomainEventsResponse>, wan
 #[tokio::test(flavor = "multi_thread")]
 async fn test_host_events_once_per_change_at_every_gateway_bus() {
     let nats = Nats::single();
-    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let client = nats.client().await;
     let js = jetstream::new(client);
     // What the hosts' buses and supervisors would have made.
     let mut events = js

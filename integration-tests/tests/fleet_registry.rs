@@ -31,9 +31,11 @@ const HOST: &str = "fleet.host-1";
 
 async fn supervisor(nats: &Nats, dir: &Path) -> Service {
     let yaml = format!(
-        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  supervisor_url: http://10.0.0.1:50052\n  \
-         agentd_url: http://10.0.0.1:50055\n  heartbeat_ttl_secs: 3\n",
-        nats.urls().join(", ")
+        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n  \
+         supervisor_url: http://10.0.0.1:50052\n  agentd_url: http://10.0.0.1:50055\n  \
+         heartbeat_ttl_secs: 3\n",
+        nats.urls().join(", "),
+        nats.token_file().display()
     );
     let (state, run) = (dir.join("state"), dir.join("run"));
     let args = [
@@ -49,7 +51,7 @@ async fn supervisor(nats: &Nats, dir: &Path) -> Service {
 
 /// Both buckets, read directly (waiting for the supervisor to make them).
 async fn buckets(nats: &Nats) -> (kv::Store, kv::Store) {
-    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let client = nats.client().await;
     let js = jetstream::new(client);
     let found = tokio::time::timeout(WAIT, async {
         loop {
@@ -154,6 +156,49 @@ async fn undefine(client: &mut SupervisorClient<InternalChannel>, uuid: &str) {
         })
         .await
         .unwrap();
+}
+
+/// The fleet's NATS asks every client for its token: a client without
+/// one is refused at connect, and a supervisor holding the wrong one says
+/// why in its log and never registers (a rogue client can neither read
+/// the registry nor announce a host of its own).
+#[tokio::test(flavor = "multi_thread")]
+async fn test_nats_refuses_clients_without_the_fleet_token() {
+    let nats = Nats::single();
+    let refused = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats.urls()[0].as_str())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation,
+        "{refused}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong-token");
+    qvirt_integration_tests::write_secret(&wrong, &qvirt_integration_tests::random_secret());
+    let yaml = format!(
+        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n  \
+         supervisor_url: http://10.0.0.1:50052\n",
+        nats.urls()[0],
+        wrong.display()
+    );
+    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+    let args = [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ];
+    let mut svc = Service::start_with_config("qvirt-supervisor", &yaml, &args);
+    svc.wait_serving("qvirt.v1.Supervisor").await;
+    svc.wait_log("authorization violation", WAIT).await;
+    // The broker itself saw the refusal, and no bucket was made.
+    let js = jetstream::new(nats.client().await);
+    assert!(js.get_key_value(HOSTS_BUCKET).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -338,9 +338,10 @@ async fn test_a_hosts_outbox_loss_reaches_fleet_subscribers() {
     let outbox = tempfile::tempdir().unwrap();
     let port = qvirt_integration_tests::free_port();
     let config = format!(
-        "metrics_listen: 127.0.0.1:{port}\nnats:\n  urls: [{}]\n  host: h1\n  \
-         outbox_dir: {}\n  outbox_max_bytes: 1048576\n",
+        "metrics_listen: 127.0.0.1:{port}\nnats:\n  urls: [{}]\n  token_file: {}\n  \
+         host: h1\n  outbox_dir: {}\n  outbox_max_bytes: 1048576\n",
         nats.urls()[0],
+        nats.token_file().display(),
         outbox.path().display()
     );
     let mut h1 = Service::start_with_config("qvirt-eventbus", &config, &[]);
@@ -430,9 +431,7 @@ async fn test_stream_leader_loss_keeps_exactly_once_in_order() {
         .into_inner();
     let first = live.message().within().await.unwrap().unwrap();
     assert!(matches!(first.kind, Some(MonitorKind::Established(_))));
-    let addrs: Vec<async_nats::ServerAddr> =
-        nats.urls().iter().map(|u| u.parse().unwrap()).collect();
-    let js = async_nats::jetstream::new(async_nats::connect(addrs).await.unwrap());
+    let js = async_nats::jetstream::new(nats.client().await);
     const TOTAL: u32 = 2000;
     for batch in 0..TOTAL / 100 {
         publish(
@@ -493,8 +492,9 @@ async fn test_a_gateway_in_front_of_a_fleet_bus_keeps_roles_and_caps() {
     let outbox = tempfile::tempdir().unwrap();
     let h1 = host_bus(&nats, "h1", outbox.path()).await;
     let config = format!(
-        "fleet:\n  urls: [{}]\nmax_monitor_subscriptions_per_principal: 2\n",
-        nats.urls()[0]
+        "fleet:\n  urls: [{}]\n  token_file: {}\nmax_monitor_subscriptions_per_principal: 2\n",
+        nats.urls()[0],
+        nats.token_file().display()
     );
     let mut fleet_bus = Service::start_with_config("qvirt-eventbus", &config, &[]);
     fleet_bus.wait_serving("qvirt.v1.EventBus").await;

@@ -26,7 +26,8 @@ const UUID_A: &str = "0b9f6a2e-1c1d-4b8e-9a57-3f1f6d7c2a10";
 const UUID_B: &str = "7d3c1f00-5a4b-4c2d-8e1f-000000000002";
 
 async fn client(nats: &Nats) -> async_nats::Client {
-    qvirt_registry::connect(&nats.urls(), "registry test")
+    let token = qvirt_registry::NatsToken::load(nats.token_file(), "token_file").unwrap();
+    qvirt_registry::connect(&nats.urls(), "registry test", Some(&token))
         .await
         .unwrap()
 }
