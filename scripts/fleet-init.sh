@@ -2,6 +2,10 @@
 # Prepares the host files of the fleet deployment, deploy/fleet/
 # (docs/FLEET.md, "The fleet in containers"):
 #   CONFIG_DIR/internal-token      the internal plane's shared secret (0600)
+#   CONFIG_DIR/nats-token          the token every NATS client presents (0600)
+#   CONFIG_DIR/nats.conf           the NATS servers' config: JetStream, the
+#                                  cluster, the client token and the routes'
+#                                  password (0600)
 #   CONFIG_DIR/gateway.yaml        the gateways' tokens (hashes only)
 #   CONFIG_DIR/token-rw, token-ro  a read-write and a read-only bearer token
 #   CONFIG_DIR/gateway-bus.yaml    the fleet bus beside each gateway
@@ -39,6 +43,7 @@ umask 077
 mkdir -p "$config/hooks"
 chmod 0755 "$config/hooks"
 urls="[$(echo "$nats" | sed 's/ \+/, /g')]"
+secret() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 
 # Writes FILE from stdin unless it exists.
 keep_or_write() {
@@ -50,6 +55,60 @@ keep_or_write() {
     fi
 }
 
+# NATS: clients present nats-token; the servers' routes to each other a
+# password of their own, known only to nats.conf. Without them anyone on
+# the fleet network could read every event, or announce a host of its own
+# and be sent the internal secret by the gateways.
+if [ ! -s "$config/nats-token" ]; then
+    secret >"$config/nats-token"
+    say "made $config/nats-token"
+fi
+if [ ! -s "$config/nats.conf" ]; then
+    token=$(cat "$config/nats-token")
+    route_pw=$(secret)
+    routes=$(for u in $nats; do
+        hp=${u#nats://}
+        printf '"nats://route:%s@%s:6222", ' "$route_pw" "${hp%:*}"
+    done | sed 's/, $//')
+    cat >"$config/nats.conf" <<EOF
+# The fleet's NATS servers (each started with --name; made by
+# scripts/fleet-init.sh). Secret: keep it 0600.
+port: 4222
+http_port: 8222
+jetstream {
+  store_dir: /data
+}
+authorization {
+  token: "$token"
+}
+cluster {
+  name: qvirt
+  listen: 0.0.0.0:6222
+  authorization {
+    user: route
+    password: "$route_pw"
+  }
+  routes: [$routes]
+}
+EOF
+    say "made $config/nats.conf"
+fi
+
+# Configs from before NATS asked for a token: add it to their nats: or
+# fleet: section, after its urls.
+add_nats_token() {
+    [ -s "$1" ] || return 0
+    grep -q '^  token_file:' "$1" && return 0
+    sed -i '/^\(fleet\|nats\):/,/^[^ ]/ s|^  urls: .*|&\n  token_file: /etc/qvirt/nats-token|' "$1"
+    say "added token_file to $1"
+}
+add_nats_token "$config/gateway.yaml"
+add_nats_token "$config/gateway-bus.yaml"
+for h in $hosts; do
+    add_nats_token "$config/$h/eventbus.yaml"
+    add_nats_token "$config/$h/supervisor.yaml"
+done
+
 # The gateways' own config is deploy-init's token file plus the registry.
 if ! grep -q '^fleet:' "$config/gateway.yaml"; then
     {
@@ -57,6 +116,7 @@ if ! grep -q '^fleet:' "$config/gateway.yaml"; then
         echo "# registry (the fleet bus beside each gateway is its --eventbus)."
         echo "fleet:"
         echo "  urls: $urls"
+        echo "  token_file: /etc/qvirt/nats-token"
     } >>"$config/gateway.yaml"
     say "added the fleet section to $config/gateway.yaml"
 fi
@@ -69,6 +129,7 @@ log_format: json
 internal_token_file: /etc/qvirt/internal-token
 fleet:
   urls: $urls
+  token_file: /etc/qvirt/nats-token
 EOF
 
 for h in $hosts; do
@@ -82,6 +143,7 @@ log_format: json
 internal_token_file: /etc/qvirt/internal-token
 nats:
   urls: $urls
+  token_file: /etc/qvirt/nats-token
   replicas: $replicas
   host: $h
   outbox_dir: /var/lib/qvirt/eventbus/outbox
@@ -120,6 +182,7 @@ internal_token_file: /etc/qvirt/internal-token
 # domains, mirrored for the gateways.
 fleet:
   urls: $urls
+  token_file: /etc/qvirt/nats-token
   replicas: $replicas
   supervisor_url: http://$h:50052
   agentd_url: http://$h:50055

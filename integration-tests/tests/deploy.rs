@@ -186,21 +186,33 @@ fn test_fleet_compose_file_runs_three_nats_three_hosts_two_gateways() {
             assert!(ports.is_none(), "{name} must not publish a port");
             assert_eq!(networks, ["fleet"], "{name}");
         }
+        let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
         if name.starts_with("nats") {
-            assert_eq!(command[0], "nats-server");
-            let arg = |flag: &str| command[command.iter().position(|a| *a == flag).unwrap() + 1];
-            assert_eq!(arg("--name"), name);
-            assert_eq!(arg("--cluster_name"), "qvirt");
-            assert!(command.contains(&"--jetstream"), "{name}");
+            // Cluster, JetStream and auth come from fleet-init's nats.conf
+            // (secrets are not put on a command line).
             assert_eq!(
-                arg("--routes"),
-                "nats://nats1:6222,nats://nats2:6222,nats://nats3:6222"
+                command,
+                [
+                    "nats-server",
+                    "--config",
+                    "/etc/nats/nats.conf",
+                    "--name",
+                    name
+                ]
+            );
+            assert!(
+                volumes.contains("/nats.conf:/etc/nats/nats.conf:ro"),
+                "{name}: {volumes}"
+            );
+        } else {
+            assert!(
+                volumes.contains("/nats-token:/etc/qvirt/nats-token:ro"),
+                "{name} presents the NATS token: {volumes}"
             );
         }
         if name.starts_with("host") {
             assert_eq!(command, ["qvirt-host-init"]);
             assert_eq!(svc["hostname"].as_str(), Some(name));
-            let volumes = serde_yaml::to_string(&svc["volumes"]).unwrap();
             assert!(
                 volumes.contains(&format!("/config/{name}")),
                 "{name} mounts its own config dir: {volumes}"

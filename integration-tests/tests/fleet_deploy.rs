@@ -51,6 +51,7 @@ struct Fleet {
     token_rw: String,
     token_ro: String,
     internal_token: String,
+    nats_token: String,
 }
 
 fn env(name: &str) -> String {
@@ -78,6 +79,7 @@ fn fleet() -> Fleet {
         token_rw: read_secret(&config, "token-rw"),
         token_ro: read_secret(&config, "token-ro"),
         internal_token: read_secret(&config, "internal-token"),
+        nats_token: read_secret(&config, "nats-token"),
     }
 }
 
@@ -211,14 +213,20 @@ impl Fleet {
         assert_eq!(reply.accepted, count, "{host}'s bus took every event");
     }
 
-    /// The JetStream cluster, reached at the servers' own addresses.
-    async fn jetstream(&self) -> async_nats::jetstream::Context {
-        let urls: Vec<async_nats::ServerAddr> = ["nats1", "nats2", "nats3"]
+    /// The running NATS servers' client addresses.
+    fn nats_addrs(&self) -> Vec<async_nats::ServerAddr> {
+        ["nats1", "nats2", "nats3"]
             .iter()
             .filter(|s| self.health(s) == "running")
             .map(|s| format!("nats://{}:4222", self.address(s)).parse().unwrap())
-            .collect();
-        let client = async_nats::ConnectOptions::new()
+            .collect()
+    }
+
+    /// The JetStream cluster, reached at the servers' own addresses with
+    /// the fleet's NATS token.
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let urls = self.nats_addrs();
+        let client = async_nats::ConnectOptions::with_token(self.nats_token.clone())
             .connection_timeout(Duration::from_secs(5))
             .connect(urls)
             .await
@@ -395,6 +403,21 @@ impl Fleet {
 #[ignore = "runs against the fleet scripts/test-fleet.sh brings up"]
 async fn test_s1_guests_spread_over_the_hosts() {
     let fleet = fleet();
+    // Every NATS server refuses a client without the fleet's token: no
+    // one else on the fleet network reads the events or the registry.
+    for addr in fleet.nats_addrs() {
+        let refused = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(addr.clone())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            async_nats::ConnectErrorKind::AuthorizationViolation,
+            "{addr:?}: {refused}"
+        );
+    }
     let mut gw1 = fleet.supervisor(0).await;
     for name in GUESTS {
         let req = DefineDomainRequest {
