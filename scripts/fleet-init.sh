@@ -66,15 +66,15 @@ fi
 if [ ! -s "$config/nats.conf" ]; then
     token=$(cat "$config/nats-token")
     route_pw=$(secret)
+    # Each server's routes listen on 6222 of the host its client URL names.
     routes=$(for u in $nats; do
-        hp=${u#nats://}
+        hp=${u#*://}
         printf '"nats://route:%s@%s:6222", ' "$route_pw" "${hp%:*}"
     done | sed 's/, $//')
     cat >"$config/nats.conf" <<EOF
 # The fleet's NATS servers (each started with --name; made by
 # scripts/fleet-init.sh). Secret: keep it 0600.
 port: 4222
-http_port: 8222
 jetstream {
   store_dir: /data
 }
@@ -93,14 +93,20 @@ cluster {
 EOF
     say "made $config/nats.conf"
 fi
+grep -qF "token: \"$(cat "$config/nats-token")\"" "$config/nats.conf" ||
+    say "warning: $config/nats.conf does not hold the token of $config/nats-token: clients will be refused (remove nats.conf to make it again)"
 
 # Configs from before NATS asked for a token: add it to their nats: or
 # fleet: section, after its urls.
 add_nats_token() {
-    [ -s "$1" ] || return 0
+    [ -s "$1" ] && grep -q '^\(fleet\|nats\):' "$1" || return 0
     grep -q '^  token_file:' "$1" && return 0
     sed -i '/^\(fleet\|nats\):/,/^[^ ]/ s|^  urls: .*|&\n  token_file: /etc/qvirt/nats-token|' "$1"
-    say "added token_file to $1"
+    if grep -q '^  token_file:' "$1"; then
+        say "added token_file to $1"
+    else
+        say "warning: $1 has no token_file and no '  urls: [...]' line to add it after: add it by hand"
+    fi
 }
 add_nats_token "$config/gateway.yaml"
 add_nats_token "$config/gateway-bus.yaml"

@@ -143,7 +143,7 @@ pub fn check_secret(text: &str) -> Result<(), String> {
         ));
     }
     if !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("must be printable ASCII without spaces (it is sent as gRPC metadata)".into());
+        return Err("must be printable ASCII without spaces (it is sent in a header)".into());
     }
     let mut seen = [false; 256];
     text.bytes().for_each(|b| seen[usize::from(b)] = true);

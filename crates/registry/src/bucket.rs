@@ -206,25 +206,10 @@ pub async fn connect(
         Some(t) => async_nats::ConnectOptions::with_token(t.0.to_string()),
         None => async_nats::ConnectOptions::new(),
     };
-    let who = name.to_owned();
+    // async-nats logs a refused token itself ("authorization
+    // violation", at error) on every attempt.
     options
         .name(name)
-        .event_callback(move |event| {
-            let who = who.clone();
-            async move {
-                // A refused token or a server's complaint would otherwise
-                // show only as a broker that never comes.
-                match event {
-                    async_nats::Event::ServerError(e) => {
-                        tracing::warn!(client = %who, error = %e, "NATS server error");
-                    }
-                    async_nats::Event::ClientError(e) => {
-                        tracing::warn!(client = %who, error = %e, "NATS client error");
-                    }
-                    other => tracing::debug!(client = %who, event = %other, "NATS connection"),
-                }
-            }
-        })
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64 * 100).min(2000))
