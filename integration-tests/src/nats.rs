@@ -291,6 +291,22 @@ impl Drop for Nats {
     }
 }
 
+/// Asserts that the NATS server at `addr` refuses a client that presents
+/// no token (AuthorizationViolation at connect).
+pub async fn assert_refused_without_token(addr: async_nats::ServerAddr) {
+    let refused = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addr.clone())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation,
+        "{addr:?}: {refused}"
+    );
+}
+
 /// A host's `qvirt-eventbus` forwarding to `nats` as host `host` (stream
 /// replicas: one per node), its outbox in `outbox`; waits until it serves.
 pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crate::Service {

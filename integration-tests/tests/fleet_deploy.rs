@@ -406,17 +406,7 @@ async fn test_s1_guests_spread_over_the_hosts() {
     // Every NATS server refuses a client without the fleet's token: no
     // one else on the fleet network reads the events or the registry.
     for addr in fleet.nats_addrs() {
-        let refused = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addr.clone())
-            .await
-            .map(|_| ())
-            .unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            async_nats::ConnectErrorKind::AuthorizationViolation,
-            "{addr:?}: {refused}"
-        );
+        qvirt_integration_tests::nats::assert_refused_without_token(addr).await;
     }
     let mut gw1 = fleet.supervisor(0).await;
     for name in GUESTS {

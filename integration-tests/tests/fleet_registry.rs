@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use prost::Message as _;
-use qvirt_integration_tests::nats::Nats;
+use qvirt_integration_tests::nats::{Nats, assert_refused_without_token};
 use qvirt_integration_tests::{
     InternalChannel, QemuGuard, Service, define_yaml, internal_channel, tool_path,
 };
@@ -30,12 +30,17 @@ const WAIT: Duration = Duration::from_secs(30);
 const HOST: &str = "fleet.host-1";
 
 async fn supervisor(nats: &Nats, dir: &Path) -> Service {
+    supervisor_with_token(nats, dir, nats.token_file()).await
+}
+
+/// The fleet host [`HOST`], presenting the token in `token_file`.
+async fn supervisor_with_token(nats: &Nats, dir: &Path, token_file: &Path) -> Service {
     let yaml = format!(
         "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n  \
          supervisor_url: http://10.0.0.1:50052\n  agentd_url: http://10.0.0.1:50055\n  \
          heartbeat_ttl_secs: 3\n",
         nats.urls().join(", "),
-        nats.token_file().display()
+        token_file.display()
     );
     let (state, run) = (dir.join("state"), dir.join("run"));
     let args = [
@@ -165,36 +170,12 @@ async fn undefine(client: &mut SupervisorClient<InternalChannel>, uuid: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn test_nats_refuses_clients_without_the_fleet_token() {
     let nats = Nats::single();
-    let refused = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(nats.urls()[0].as_str())
-        .await
-        .map(|_| ())
-        .unwrap_err();
-    assert_eq!(
-        refused.kind(),
-        async_nats::ConnectErrorKind::AuthorizationViolation,
-        "{refused}"
-    );
+    assert_refused_without_token(nats.urls()[0].parse().unwrap()).await;
 
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("wrong-token");
     qvirt_integration_tests::write_secret(&wrong, &qvirt_integration_tests::random_secret());
-    let yaml = format!(
-        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n  \
-         supervisor_url: http://10.0.0.1:50052\n",
-        nats.urls()[0],
-        wrong.display()
-    );
-    let (state, run) = (dir.path().join("state"), dir.path().join("run"));
-    let args = [
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-    ];
-    let mut svc = Service::start_with_config("qvirt-supervisor", &yaml, &args);
-    svc.wait_serving("qvirt.v1.Supervisor").await;
+    let mut svc = supervisor_with_token(&nats, dir.path(), &wrong).await;
     svc.wait_log("authorization violation", WAIT).await;
     // The broker itself saw the refusal, and no bucket was made.
     let js = jetstream::new(nats.client().await);
