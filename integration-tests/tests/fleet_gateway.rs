@@ -75,16 +75,33 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
     }
 }
 
+/// Fleet gateway `n`: the first has its `fleet:` in its config file,
+/// the others get it from `--fleet-url` and `--fleet-token-file`.
 async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Service {
-    let yaml = format!(
-        "fleet:\n  urls: [{}]\n  token_file: {}\neventbus: http://127.0.0.1:{}\n\
-         internal_token_file: {}\nhealth_poll_ms: 200\ntokens:\n{entry}",
+    let fleet_yaml = format!(
+        "fleet:\n  urls: [{}]\n  token_file: {}\n",
         nats.urls().join(", "),
         nats.token_file().display(),
+    );
+    let mut flags: Vec<String> = Vec::new();
+    if n > 0 {
+        for url in nats.urls() {
+            flags.extend(["--fleet-url".into(), url]);
+        }
+        flags.extend([
+            "--fleet-token-file".into(),
+            nats.token_file().display().to_string(),
+        ]);
+    }
+    let yaml = format!(
+        "{}eventbus: http://127.0.0.1:{}\n\
+         internal_token_file: {}\nhealth_poll_ms: 200\ntokens:\n{entry}",
+        if n == 0 { fleet_yaml.as_str() } else { "" },
         free_port(),
         write_internal_token(&dir.join(format!("gw{n}"))).display(),
     );
-    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut gw = Service::start_with_config("qvirt-gateway", &yaml, &flags);
     gw.wait_serving("qvirt.v1.Supervisor").await;
     gw
 }

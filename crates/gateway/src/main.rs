@@ -37,6 +37,10 @@ struct Args {
     /// mode. Overrides `fleet.urls`.
     #[arg(long = "fleet-url", value_name = "URL")]
     fleet_urls: Vec<String>,
+    /// The file holding the fleet NATS servers' client token. Overrides
+    /// `fleet.token_file`.
+    #[arg(long, value_name = "FILE")]
+    fleet_token_file: Option<PathBuf>,
     /// Allow a plaintext TCP `listen` beyond loopback (development only).
     /// Sets `plaintext`.
     #[arg(long)]
@@ -82,6 +86,10 @@ fn main() -> ExitCode {
         c.plaintext |= args.plaintext;
         if !args.fleet_urls.is_empty() {
             c.fleet.get_or_insert_with(Default::default).urls = args.fleet_urls;
+        }
+        if let Some(file) = args.fleet_token_file {
+            // Without URLs from either place, the check says fleet.urls.
+            c.fleet.get_or_insert_with(Default::default).token_file = Some(file);
         }
         c
     });
