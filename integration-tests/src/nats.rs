@@ -150,23 +150,42 @@ pub struct Nats {
     pub nodes: Vec<NatsNode>,
     token: String,
     token_file: PathBuf,
+    ca_file: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Nats {
     /// One JetStream node, ready.
     pub fn single() -> Nats {
-        Self::start(1)
+        Self::start(1, false)
+    }
+
+    /// One JetStream node that speaks TLS only, with a certificate for
+    /// 127.0.0.1 from a CA of its own ([`Nats::ca_file`]).
+    pub fn single_tls() -> Nats {
+        Self::start(1, true)
     }
 
     /// A 3-node JetStream cluster on loopback, ready (a meta leader known
     /// to every node).
     pub fn cluster3() -> Nats {
-        Self::start(3)
+        Self::start(3, false)
     }
 
-    fn start(n: usize) -> Nats {
+    fn start(n: usize, tls: bool) -> Nats {
         let dir = tempfile::tempdir().unwrap();
+        let (ca_file, tls_conf) = if tls {
+            let ca = crate::pki::Ca::new(dir.path(), "nats");
+            let server = ca.server("nats-server");
+            let conf = format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+                server.cert.display(),
+                server.key.display()
+            );
+            (Some(ca.cert.clone()), conf)
+        } else {
+            (None, String::new())
+        };
         let mut nodes: Vec<NatsNode> = (1..=n)
             .map(|i| NatsNode {
                 name: format!("n{i}"),
@@ -191,7 +210,7 @@ impl Nats {
             let mut conf = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
                  jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  \
-                 max_file_store: 1GB\n}}\nauthorization {{\n  token: \"{token}\"\n}}\n",
+                 max_file_store: 1GB\n}}\nauthorization {{\n  token: \"{token}\"\n}}\n{tls_conf}",
                 name = node.name,
                 port = node.port,
                 http = node.http_port,
@@ -222,6 +241,7 @@ impl Nats {
             nodes,
             token,
             token_file,
+            ca_file,
             _dir: dir,
         };
         nats.wait_ready();
@@ -234,8 +254,24 @@ impl Nats {
         &self.token_file
     }
 
-    /// A client of every node, presenting the token; waits for the first
-    /// connection.
+    /// The CA of a TLS node's certificate ([`Nats::single_tls`]).
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// The lines a service's `nats:` or `fleet:` section needs to reach
+    /// these nodes besides its `urls` (`token_file`, and `ca_file` for
+    /// TLS), each indented two spaces.
+    pub fn access_yaml(&self) -> String {
+        let mut yaml = format!("  token_file: {}\n", self.token_file.display());
+        if let Some(ca) = &self.ca_file {
+            yaml.push_str(&format!("  ca_file: {}\n", ca.display()));
+        }
+        yaml
+    }
+
+    /// A client of every node, presenting the token (and trusting the CA
+    /// of TLS nodes); waits for the first connection.
     pub async fn client(&self) -> async_nats::Client {
         self.client_to(&self.urls()).await
     }
@@ -247,11 +283,12 @@ impl Nats {
 
     async fn client_to(&self, urls: &[String]) -> async_nats::Client {
         let addrs: Vec<async_nats::ServerAddr> = urls.iter().map(|u| u.parse().unwrap()).collect();
-        async_nats::ConnectOptions::with_token(self.token.clone())
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addrs)
-            .await
-            .unwrap()
+        let mut options = async_nats::ConnectOptions::with_token(self.token.clone())
+            .connection_timeout(Duration::from_secs(5));
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        options.connect(addrs).await.unwrap()
     }
 
     /// Every node's client URL, comma-separated (as the services'
@@ -311,9 +348,9 @@ pub async fn assert_refused_without_token(addr: async_nats::ServerAddr) {
 /// replicas: one per node), its outbox in `outbox`; waits until it serves.
 pub async fn host_bus(nats: &Nats, host: &str, outbox: &std::path::Path) -> crate::Service {
     let config = format!(
-        "nats:\n  urls: [{}]\n  token_file: {}\n  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
+        "nats:\n  urls: [{}]\n{}  host: {host}\n  replicas: {}\n  outbox_dir: {}\n",
         nats.urls().join(", "),
-        nats.token_file().display(),
+        nats.access_yaml(),
         nats.nodes.len(),
         outbox.display()
     );
@@ -338,10 +375,10 @@ pub async fn fleet_supervisor(
     std::fs::write(
         &config,
         format!(
-            "node_name: {id}\nfleet:\n  urls: [{}]\n  token_file: {}\n  supervisor_url: http://{addr}\n\
+            "node_name: {id}\nfleet:\n  urls: [{}]\n{}  supervisor_url: http://{addr}\n\
              {fleet_extra}",
             nats.urls().join(", "),
-            nats.token_file().display()
+            nats.access_yaml()
         ),
     )
     .unwrap();
@@ -374,9 +411,9 @@ pub async fn fleet_bus(
     qvirt_proto::v1::event_bus_client::EventBusClient<InternalChannel>,
 ) {
     let config = format!(
-        "fleet:\n  urls: [{}]\n  token_file: {}\n",
+        "fleet:\n  urls: [{}]\n{}",
         nats.urls()[url_index],
-        nats.token_file().display()
+        nats.access_yaml()
     );
     let mut svc = crate::Service::start_with_config("qvirt-eventbus", &config, &[]);
     svc.wait_serving("").await;

@@ -33,10 +33,15 @@ async fn supervisor(nats: &Nats, dir: &Path) -> Service {
     supervisor_with_token(nats, dir, nats.token_file()).await
 }
 
-/// The fleet host [`HOST`], presenting the token in `token_file`.
+/// The fleet host [`HOST`], presenting the token in `token_file` (and
+/// trusting the CA of a TLS `nats`).
 async fn supervisor_with_token(nats: &Nats, dir: &Path, token_file: &Path) -> Service {
+    let ca = nats
+        .ca_file()
+        .map(|ca| format!("  ca_file: {}\n", ca.display()))
+        .unwrap_or_default();
     let yaml = format!(
-        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n  \
+        "node_name: {HOST}\nfleet:\n  urls: [{}]\n  token_file: {}\n{ca}  \
          supervisor_url: http://10.0.0.1:50052\n  agentd_url: http://10.0.0.1:50055\n  \
          heartbeat_ttl_secs: 3\n",
         nats.urls().join(", "),
@@ -180,6 +185,36 @@ async fn test_nats_refuses_clients_without_the_fleet_token() {
     // The broker itself saw the refusal, and no bucket was made.
     let js = jetstream::new(nats.client().await);
     assert!(js.get_key_value(HOSTS_BUCKET).await.is_err());
+}
+
+/// With `ca_file` a host reaches NATS over TLS only: a supervisor
+/// trusting the servers' CA heartbeats into the registry; a client that
+/// does not trust it gets no connection, token or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_fleet_host_over_tls() {
+    let nats = Nats::single_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let _sup = supervisor(&nats, dir.path()).await;
+    let (hosts, _) = buckets(&nats).await;
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Some(_)) = hosts.get(host_key(HOST)).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.expect("the host's heartbeat in the registry");
+    assert_eq!(heartbeat(&hosts).await.host, HOST);
+
+    let token = std::fs::read_to_string(nats.token_file()).unwrap();
+    let untrusted = async_nats::ConnectOptions::with_token(token.trim().to_owned())
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats.urls()[0].as_str())
+        .await;
+    assert!(untrusted.is_err(), "a client without the CA connected");
 }
 
 #[tokio::test(flavor = "multi_thread")]

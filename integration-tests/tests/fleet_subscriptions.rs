@@ -598,7 +598,9 @@ impl<F: std::future::Future> Within for F {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_fleet_bus_serves_before_the_stream_exists() {
-    let nats = Nats::single();
+    // Over TLS: the host's bus and the gateway's reach the broker with
+    // `ca_file` (Nats::access_yaml).
+    let nats = Nats::single_tls();
     // No host has made the stream yet: the gateway's bus serves, and
     // says the fleet's events are not available.
     let (mut bus, mut gw) = gateway_bus(&nats, 0).await;

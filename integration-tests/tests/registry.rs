@@ -26,8 +26,9 @@ const UUID_A: &str = "0b9f6a2e-1c1d-4b8e-9a57-3f1f6d7c2a10";
 const UUID_B: &str = "7d3c1f00-5a4b-4c2d-8e1f-000000000002";
 
 async fn client(nats: &Nats) -> async_nats::Client {
-    let token = qvirt_registry::NatsToken::load(nats.token_file(), "token_file").unwrap();
-    qvirt_registry::connect(&nats.urls(), "registry test", Some(&token))
+    let access =
+        qvirt_registry::NatsAccess::load("fleet", Some(nats.token_file()), nats.ca_file()).unwrap();
+    qvirt_registry::connect(&nats.urls(), "registry test", &access)
         .await
         .unwrap()
 }

@@ -15,6 +15,8 @@
 //! - [`internal_auth`]: the internal plane's shared secret: loading it,
 //!   checking callers of internal methods, and the client interceptor that
 //!   presents it.
+//! - [`pem`]: PEM files a config names (TLS certificates, CA bundles),
+//!   read bounded and checked.
 //! - [`qapi`]: a caller's raw QAPI command (MonitorCommand, the agent's raw
 //!   Command), checked in one place.
 //! - [`rpc`]: statuses with `google.rpc.ErrorInfo` reasons and `BadRequest`
@@ -29,6 +31,7 @@ pub mod accept;
 pub mod cli;
 pub mod config;
 pub mod internal_auth;
+pub mod pem;
 pub mod qapi;
 pub mod rpc;
 pub mod serve;

@@ -416,6 +416,11 @@ mod tests {
                 "nats.token_file",
             ),
             ("fleet: {token_file: /nonexistent/t}\n", "fleet.token_file"),
+            ("fleet: {ca_file: /nonexistent/c}\n", "fleet.ca_file"),
+            (
+                "nats: {outbox_dir: /o, ca_file: /nonexistent/c}\n",
+                "nats.ca_file",
+            ),
         ] {
             assert_eq!(field_of(parsed(yaml)), field, "{yaml}");
         }

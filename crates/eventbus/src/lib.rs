@@ -54,8 +54,8 @@ pub enum RunError {
     /// The hub settings are unusable.
     #[error("invalid event bus settings")]
     Hub(#[from] hub::HubConfigError),
-    /// The internal or the NATS token file is unusable (it was fine when
-    /// the config was checked).
+    /// The internal token, the NATS token or the NATS CA file is unusable
+    /// (it was fine when the config was checked).
     #[error(transparent)]
     Secret(qvirt_common::config::ConfigError),
     /// This run's epoch cannot be carried in a cursor (a bug).
@@ -153,13 +153,11 @@ pub async fn run(
         // then, and again whenever the broker connection is down.
         let cell = std::sync::Arc::new(std::sync::OnceLock::new());
         let (ready, health) = tokio::sync::watch::channel(false);
-        let nats_token = fleet.broker().token("fleet").map_err(RunError::Secret)?;
+        let access = fleet.broker().access("fleet").map_err(RunError::Secret)?;
         tokio::spawn({
             let (cell, fleet, shutdown) = (cell.clone(), fleet.clone(), shutdown.clone());
             async move {
-                if let Some(fleet) =
-                    nats::fleet::Fleet::connect(&fleet, nats_token.as_ref(), &shutdown).await
-                {
+                if let Some(fleet) = nats::fleet::Fleet::connect(&fleet, &access, &shutdown).await {
                     let client = fleet.client();
                     // The registry's view: its host liveness changes
                     // become host events in the stream.

@@ -113,12 +113,21 @@ pub struct FleetConfig {
     /// A file holding the token the NATS servers ask of clients (their
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) the NATS servers' certificates chain to: connect with
+    /// TLS. Absent: plain TCP.
+    pub ca_file: Option<PathBuf>,
 }
 
-/// The config key naming the NATS token file.
-pub const FLEET_TOKEN_FIELD: &str = "fleet.token_file";
-
 impl FleetConfig {
+    /// The token and CA it names, read and checked.
+    pub fn access(&self) -> Result<qvirt_registry::NatsAccess, ConfigError> {
+        qvirt_registry::NatsAccess::load(
+            "fleet",
+            self.token_file.as_deref(),
+            self.ca_file.as_deref(),
+        )
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.urls.is_empty() || self.urls.len() > MAX_FLEET_URLS {
             return Err(invalid(
@@ -140,7 +149,7 @@ impl FleetConfig {
                 ));
             }
         }
-        qvirt_registry::NatsToken::load_optional(self.token_file.as_deref(), FLEET_TOKEN_FIELD)?;
+        self.access()?;
         Ok(())
     }
 }
@@ -160,7 +169,7 @@ pub struct TokenEntry {
 
 /// The longest file `tls` reads (a certificate chain, a key, a CA
 /// bundle), bytes.
-pub const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
+pub use qvirt_common::pem::MAX_PEM_FILE_BYTES;
 
 /// The most `tls.clients` entries.
 pub const MAX_TLS_CLIENTS: usize = 4096;
@@ -566,6 +575,10 @@ mod tests {
             &parse("fleet: {urls: [nats://n1:4222], token_file: /nonexistent/t}\n").unwrap_err(),
         );
         assert!(line.contains("fleet.token_file"), "{line}");
+        let line = qvirt_common::error_chain(
+            &parse("fleet: {urls: [nats://n1:4222], ca_file: /nonexistent/c}\n").unwrap_err(),
+        );
+        assert!(line.contains("fleet.ca_file"), "{line}");
     }
 
     #[test]

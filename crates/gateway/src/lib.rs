@@ -175,12 +175,8 @@ pub async fn run(
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        let token = qvirt_registry::NatsToken::load_optional(
-            f.token_file.as_deref(),
-            config::FLEET_TOKEN_FIELD,
-        )?;
-        let (snapshots, connected) =
-            fleet::view::start(&f.urls, token.as_ref(), shutdown.clone()).await?;
+        let access = f.access()?;
+        let (snapshots, connected) = fleet::view::start(&f.urls, &access, shutdown.clone()).await?;
         tokio::spawn(fleet::follow(
             fleet,
             updater,

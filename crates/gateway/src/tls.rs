@@ -10,20 +10,17 @@
 //! verified certificate that no `clients` entry names is UNAUTHENTICATED,
 //! call by call, with reason `UNAUTHENTICATED_CERTIFICATE`.
 
-use std::io::Read as _;
-use std::path::Path;
 use std::sync::Arc;
 
 use qvirt_common::config::ConfigError;
+use qvirt_common::pem::{load_certificates, read_bounded};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 pub use tokio_rustls::TlsAcceptor;
 use x509_parser::extensions::GeneralName;
 
 use crate::auth::{AuthError, Caller};
-use crate::config::{
-    CertNameKind, ClientCertEntry, MAX_CERT_NAME_LEN, MAX_PEM_FILE_BYTES, TlsConfig,
-};
+use crate::config::{CertNameKind, ClientCertEntry, MAX_CERT_NAME_LEN, TlsConfig};
 use crate::roles::Role;
 
 /// The most names (subject CNs plus subject alternative names) a client
@@ -47,67 +44,21 @@ impl std::fmt::Debug for Material {
     }
 }
 
-fn invalid(field: &'static str, path: &Path, reason: String) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        value: path.display().to_string(),
-        reason,
-    }
-}
-
-/// Reads `path`, refusing files larger than [`MAX_PEM_FILE_BYTES`].
-fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let file = std::fs::File::open(path).map_err(|e| invalid(field, path, e.to_string()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| invalid(field, path, e.to_string()))?;
-    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
-        return Err(invalid(
-            field,
-            path,
-            format!("larger than {MAX_PEM_FILE_BYTES} bytes"),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Checks that `pem` holds at least one certificate and that each parses.
-fn check_certificates(field: &'static str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
-    let mut n = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| invalid(field, path, format!("bad PEM: {e}")))?;
-        x509_parser::parse_x509_certificate(&cert)
-            .map_err(|e| invalid(field, path, format!("certificate {n}: {e}")))?;
-        n += 1;
-    }
-    if n == 0 {
-        return Err(invalid(field, path, "no CERTIFICATE in the file".into()));
-    }
-    Ok(())
-}
-
 impl Material {
     /// Reads and checks the files `tls` names.
     pub fn load(tls: &TlsConfig) -> Result<Material, ConfigError> {
-        let cert_pem = read_bounded("tls.cert_file", &tls.cert_file)?;
-        check_certificates("tls.cert_file", &tls.cert_file, &cert_pem)?;
+        let cert_pem = load_certificates("tls.cert_file", &tls.cert_file)?;
         let key_pem = read_bounded("tls.key_file", &tls.key_file)?;
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            invalid(
-                "tls.key_file",
-                &tls.key_file,
-                format!("no private key: {e}"),
-            )
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ConfigError::Invalid {
+            field: "tls.key_file",
+            value: tls.key_file.display().to_string(),
+            reason: format!("no private key: {e}"),
         })?;
-        let client_ca_pem = match &tls.client_ca_file {
-            Some(path) => {
-                let pem = read_bounded("tls.client_ca_file", path)?;
-                check_certificates("tls.client_ca_file", path, &pem)?;
-                Some(pem)
-            }
-            None => None,
-        };
+        let client_ca_pem = tls
+            .client_ca_file
+            .as_deref()
+            .map(|path| load_certificates("tls.client_ca_file", path))
+            .transpose()?;
         Ok(Material {
             cert_pem,
             key_pem,

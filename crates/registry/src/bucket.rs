@@ -1,7 +1,7 @@
 //! The two buckets: their names and settings, and opening them.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,10 +157,9 @@ async fn open_or_create(
 }
 
 /// The secret the fleet's NATS servers ask of clients (their
-/// `authorization { token: ... }`), read from the file a service's
-/// `token_file` names. Its `Debug` never shows it.
+/// `authorization { token: ... }`). Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct NatsToken(Arc<str>);
+struct NatsToken(Arc<str>);
 
 impl fmt::Debug for NatsToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -168,31 +167,53 @@ impl fmt::Debug for NatsToken {
     }
 }
 
-impl NatsToken {
-    /// Reads the token from `path`, the value of config key `field`, with
-    /// the internal secret's rules
-    /// ([`read_secret_file`](qvirt_common::internal_auth::read_secret_file)).
-    pub fn load(path: &Path, field: &'static str) -> Result<Self, ConfigError> {
-        qvirt_common::internal_auth::read_secret_file(path, field).map(|t| NatsToken(t.into()))
-    }
+/// What a service shows the fleet's NATS servers besides their URLs,
+/// from its `nats:` or `fleet:` section: the token they ask of clients
+/// (`token_file`) and the CA their certificates chain to (`ca_file`;
+/// with one, the connection must be TLS). Its `Debug` hides the token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsAccess {
+    token: Option<NatsToken>,
+    ca_file: Option<PathBuf>,
+}
 
-    /// Loads the token when a file is configured.
-    pub fn load_optional(
-        path: Option<&Path>,
-        field: &'static str,
-    ) -> Result<Option<Self>, ConfigError> {
-        path.map(|p| Self::load(p, field)).transpose()
+impl NatsAccess {
+    /// Reads and checks the files of section `section` (`nats` or
+    /// `fleet`, for the fields errors name): the token with the internal
+    /// secret's rules
+    /// ([`read_secret_file`](qvirt_common::internal_auth::read_secret_file)),
+    /// the CA as a bundle of certificates that parse.
+    pub fn load(
+        section: &'static str,
+        token_file: Option<&Path>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let (token_field, ca_field) = match section {
+            "nats" => ("nats.token_file", "nats.ca_file"),
+            _ => ("fleet.token_file", "fleet.ca_file"),
+        };
+        let token = token_file
+            .map(|p| qvirt_common::internal_auth::read_secret_file(p, token_field))
+            .transpose()?
+            .map(|t| NatsToken(t.into()));
+        if let Some(path) = ca_file {
+            qvirt_common::pem::load_certificates(ca_field, path)?;
+        }
+        Ok(NatsAccess {
+            token,
+            ca_file: ca_file.map(Path::to_owned),
+        })
     }
 }
 
 /// A client connected to `urls` (`nats://HOST:PORT`, any one of a
-/// cluster is enough), presenting `token` when the servers want one. It
+/// cluster is enough), presenting `access` (over TLS when it has a CA). It
 /// returns at once and keeps trying in the background while the broker
 /// is away, reconnecting after 0, 100 ms, 200 ms, ... up to 2 s.
 pub async fn connect(
     urls: &[String],
     name: &str,
-    token: Option<&NatsToken>,
+    access: &NatsAccess,
 ) -> Result<async_nats::Client, RegistryError> {
     let addrs: Vec<async_nats::ServerAddr> = urls
         .iter()
@@ -202,10 +223,13 @@ pub async fn connect(
             })
         })
         .collect::<Result<_, _>>()?;
-    let options = match token {
+    let mut options = match &access.token {
         Some(t) => async_nats::ConnectOptions::with_token(t.0.to_string()),
         None => async_nats::ConnectOptions::new(),
     };
+    if let Some(ca) = &access.ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
     // async-nats logs a refused token itself ("authorization
     // violation", at error) on every attempt.
     options

@@ -17,7 +17,7 @@ pub mod key;
 pub mod view;
 
 pub use bucket::{
-    Buckets, DEFAULT_HEARTBEAT_TTL, DOMAINS_BUCKET, HEARTBEAT_TTL_RANGE, HOSTS_BUCKET, NatsToken,
+    Buckets, DEFAULT_HEARTBEAT_TTL, DOMAINS_BUCKET, HEARTBEAT_TTL_RANGE, HOSTS_BUCKET, NatsAccess,
     bind_buckets, connect, open_buckets,
 };
 pub use key::{domain_key, domain_prefix, host_key, parse_domain_key, parse_host_key};

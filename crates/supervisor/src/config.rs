@@ -169,10 +169,10 @@ pub struct FleetConfig {
     /// A file holding the token the NATS servers ask of clients (their
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) the NATS servers' certificates chain to: connect with
+    /// TLS. Absent: plain TCP.
+    pub ca_file: Option<PathBuf>,
 }
-
-/// The config key naming the NATS token file.
-pub const FLEET_TOKEN_FIELD: &str = "fleet.token_file";
 
 /// The most `fleet.urls`.
 pub const MAX_FLEET_URLS: usize = 16;
@@ -189,11 +189,21 @@ impl Default for FleetConfig {
             agentd_url: None,
             heartbeat_ttl_secs: qvirt_registry::DEFAULT_HEARTBEAT_TTL.as_secs(),
             token_file: None,
+            ca_file: None,
         }
     }
 }
 
 impl FleetConfig {
+    /// The token and CA it names, read and checked.
+    pub fn access(&self) -> Result<qvirt_registry::NatsAccess, ConfigError> {
+        qvirt_registry::NatsAccess::load(
+            "fleet",
+            self.token_file.as_deref(),
+            self.ca_file.as_deref(),
+        )
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         let invalid = |field: &'static str, value: String, reason: String| ConfigError::Invalid {
             field,
@@ -250,7 +260,7 @@ impl FleetConfig {
                 ),
             ));
         }
-        qvirt_registry::NatsToken::load_optional(self.token_file.as_deref(), FLEET_TOKEN_FIELD)?;
+        self.access()?;
         Ok(())
     }
 }
@@ -566,6 +576,10 @@ mod tests {
             (
                 "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  token_file: /nonexistent/t\n",
                 "fleet.token_file",
+            ),
+            (
+                "fleet:\n  urls: [nats://a:1]\n  supervisor_url: http://h:1\n  ca_file: /nonexistent/c\n",
+                "fleet.ca_file",
             ),
         ] {
             let c: Config = qvirt_common::config::parse(Path::new("s.yaml"), yaml).unwrap();

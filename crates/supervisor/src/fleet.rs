@@ -21,7 +21,7 @@ use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use prost::Message as _;
 use qvirt_proto::v1::HostRecord;
-use qvirt_registry::{Buckets, NatsToken, domain_key, domain_prefix, host_key, parse_domain_key};
+use qvirt_registry::{Buckets, NatsAccess, domain_key, domain_prefix, host_key, parse_domain_key};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +71,7 @@ impl Dirty {
 pub fn spawn(
     config: &Config,
     fleet: FleetConfig,
-    token: Option<NatsToken>,
+    access: NatsAccess,
     manager: Manager,
     shutdown: CancellationToken,
 ) {
@@ -86,7 +86,7 @@ pub fn spawn(
         max_memory_mib: config.max_memory_mib,
         started: SystemTime::now(),
         fleet,
-        token,
+        access,
         manager,
         dirty,
     };
@@ -95,7 +95,7 @@ pub fn spawn(
 
 struct Registry {
     fleet: FleetConfig,
-    token: Option<NatsToken>,
+    access: NatsAccess,
     host: String,
     ttl: Duration,
     max_memory_mib: Option<u64>,
@@ -114,7 +114,7 @@ enum Stop {
 impl Registry {
     async fn run(self, shutdown: CancellationToken) {
         let client = tokio::select! {
-            c = qvirt_registry::connect(&self.fleet.urls, "qvirt-supervisor", self.token.as_ref()) => c,
+            c = qvirt_registry::connect(&self.fleet.urls, "qvirt-supervisor", &self.access) => c,
             () = shutdown.cancelled() => return,
         };
         let client = match client {

@@ -59,8 +59,8 @@ pub enum RunError {
     /// Another supervisor holds the state dir (or the lock failed).
     #[error(transparent)]
     Lock(#[from] lock::LockError),
-    /// The internal or the NATS token file is unusable (it was fine when
-    /// the config was checked).
+    /// The internal token, the NATS token or the NATS CA file is unusable
+    /// (it was fine when the config was checked).
     #[error(transparent)]
     Secret(qvirt_common::config::ConfigError),
     /// Loading the state dir (or re-attaching to guests) failed.
@@ -206,15 +206,11 @@ pub async fn run_reloadable(
         .await
         .map_err(RunError::Open)?;
     if let Some(fleet) = fleet {
-        let nats_token = qvirt_registry::NatsToken::load_optional(
-            fleet.token_file.as_deref(),
-            config::FLEET_TOKEN_FIELD,
-        )
-        .map_err(RunError::Secret)?;
+        let access = fleet.access().map_err(RunError::Secret)?;
         fleet::spawn(
             &fleet_config,
             fleet,
-            nats_token,
+            access,
             manager.clone(),
             shutdown.child_token(),
         );

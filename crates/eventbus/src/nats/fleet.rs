@@ -109,17 +109,17 @@ pub enum FleetItem {
 }
 
 impl Fleet {
-    /// Connects to the broker (presenting `token`) and waits for the stream (a gateway may
+    /// Connects to the broker (presenting `access`) and waits for the stream (a gateway may
     /// start before any host has made it), trying again every second
     /// until `shutdown`; `None` if it fired first.
     pub async fn connect(
         config: &FleetConfig,
-        token: Option<&qvirt_registry::NatsToken>,
+        access: &qvirt_registry::NatsAccess,
         shutdown: &CancellationToken,
     ) -> Option<Fleet> {
         let broker = config.broker();
         let client = tokio::select! {
-            c = qvirt_registry::connect(&broker.urls, "qvirt-eventbus fleet", token) => c,
+            c = qvirt_registry::connect(&broker.urls, "qvirt-eventbus fleet", access) => c,
             () = shutdown.cancelled() => return None,
         };
         let client = match client {

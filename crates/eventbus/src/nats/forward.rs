@@ -71,8 +71,8 @@ pub enum ForwardError {
     /// Its thread could not be started.
     #[error("cannot start the forwarder thread")]
     Thread(#[source] std::io::Error),
-    /// The NATS token file is unusable (it was fine when the config was
-    /// checked).
+    /// The NATS token or CA file is unusable (it was fine when the config
+    /// was checked).
     #[error(transparent)]
     Token(#[from] qvirt_common::config::ConfigError),
 }
@@ -140,7 +140,7 @@ impl Forwarder {
         epoch: &str,
         shutdown: CancellationToken,
     ) -> Result<Forwarder, ForwardError> {
-        let token = config.broker().token("nats")?;
+        let access = config.broker().access("nats")?;
         let dir = config.outbox_dir.clone().unwrap_or_default();
         let outbox = Outbox::open(&dir, config.outbox_max_bytes)?;
         let stats = Arc::new(ForwardStats::default());
@@ -154,7 +154,7 @@ impl Forwarder {
         let host = config.host_id();
         let state = Loop {
             config: config.clone(),
-            token,
+            access,
             host: host.clone(),
             epoch: epoch.to_owned(),
             outbox,
@@ -215,7 +215,7 @@ struct Inflight {
 }
 
 struct Loop {
-    token: Option<qvirt_registry::NatsToken>,
+    access: qvirt_registry::NatsAccess,
     config: NatsConfig,
     host: String,
     epoch: String,
@@ -256,7 +256,7 @@ impl Loop {
         let client = match qvirt_registry::connect(
             &self.config.urls,
             &format!("qvirt-eventbus {}", self.host),
-            self.token.as_ref(),
+            &self.access,
         )
         .await
         {

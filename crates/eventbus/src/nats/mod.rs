@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qvirt_common::config::ConfigError;
-use qvirt_registry::NatsToken;
+use qvirt_registry::NatsAccess;
 use serde::{Deserialize, Serialize};
 
 pub mod fleet;
@@ -47,6 +47,9 @@ pub struct Broker {
     /// A file holding the token the servers ask of clients (their
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) the servers' certificates chain to: connect with TLS.
+    /// Absent: plain TCP.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for Broker {
@@ -55,19 +58,16 @@ impl Default for Broker {
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
             stream: DEFAULT_STREAM.to_owned(),
             token_file: None,
+            ca_file: None,
         }
     }
 }
 
 impl Broker {
-    /// The token, read from `token_file` if one is set; `section` is the
+    /// The token and CA it names, read and checked; `section` is the
     /// config section (`nats` or `fleet`) errors name.
-    pub fn token(&self, section: &'static str) -> Result<Option<NatsToken>, ConfigError> {
-        let field = match section {
-            "nats" => "nats.token_file",
-            _ => "fleet.token_file",
-        };
-        NatsToken::load_optional(self.token_file.as_deref(), field)
+    pub fn access(&self, section: &'static str) -> Result<NatsAccess, ConfigError> {
+        NatsAccess::load(section, self.token_file.as_deref(), self.ca_file.as_deref())
     }
 
     fn check(&self, section: &'static str) -> Result<(), ConfigError> {
@@ -110,7 +110,7 @@ impl Broker {
                 reason: "must be 1 to 64 letters, digits, '-' or '_'".into(),
             });
         }
-        self.token(section)?;
+        self.access(section)?;
         Ok(())
     }
 }
@@ -126,6 +126,8 @@ pub struct NatsConfig {
     pub stream: String,
     /// A file holding the servers' client token. Absent: none.
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) of the servers' certificates: TLS. Absent: none.
+    pub ca_file: Option<PathBuf>,
     /// Its replicas when the bus creates it (1, or 3 on a 3-server
     /// cluster; at most 5).
     pub replicas: usize,
@@ -156,6 +158,7 @@ impl Default for NatsConfig {
             urls: broker.urls,
             stream: broker.stream,
             token_file: None,
+            ca_file: None,
             replicas: 1,
             host: String::new(),
             outbox_dir: None,
@@ -177,6 +180,7 @@ impl NatsConfig {
             urls: self.urls.clone(),
             stream: self.stream.clone(),
             token_file: self.token_file.clone(),
+            ca_file: self.ca_file.clone(),
         }
     }
 
@@ -252,6 +256,8 @@ pub struct FleetConfig {
     pub stream: String,
     /// A file holding the servers' client token. Absent: none.
     pub token_file: Option<PathBuf>,
+    /// The CA (PEM) of the servers' certificates: TLS. Absent: none.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl FleetConfig {
@@ -270,6 +276,7 @@ impl FleetConfig {
                 self.stream.clone()
             },
             token_file: self.token_file.clone(),
+            ca_file: self.ca_file.clone(),
         }
     }
 

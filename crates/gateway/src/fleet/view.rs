@@ -3,20 +3,19 @@
 
 use std::sync::Arc;
 
-use qvirt_registry::{NatsToken, RegistryError, Snapshot, View};
+use qvirt_registry::{NatsAccess, RegistryError, Snapshot, View};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Starts the view on `urls`, presenting `token` when the servers want
-/// one (the client keeps reconnecting in the
+/// Starts the view on `urls`, presenting `access` (the client keeps reconnecting in the
 /// background, so a broker that is away now is found later) and returns
 /// its snapshots and whether it is connected, until `shutdown`.
 pub async fn start(
     urls: &[String],
-    token: Option<&NatsToken>,
+    access: &NatsAccess,
     shutdown: CancellationToken,
 ) -> Result<(watch::Receiver<Arc<Snapshot>>, watch::Receiver<bool>), RegistryError> {
-    let client = qvirt_registry::connect(urls, "qvirt-gateway", token).await?;
+    let client = qvirt_registry::connect(urls, "qvirt-gateway", access).await?;
     let view = View::start(client, shutdown);
     Ok((view.changed(), view.connected_changes()))
 }
