@@ -76,12 +76,13 @@ async fn start_host(nats: &Nats, dir: &Path, id: &'static str) -> Host {
 }
 
 /// Fleet gateway `n`: the first has its `fleet:` in its config file,
-/// the others get it from `--fleet-url` and `--fleet-token-file`.
+/// the others get it from `--fleet-url`, `--fleet-token-file` and
+/// `--fleet-ca-file`.
 async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Service {
     let fleet_yaml = format!(
-        "fleet:\n  urls: [{}]\n  token_file: {}\n",
+        "fleet:\n  urls: [{}]\n{}",
         nats.urls().join(", "),
-        nats.token_file().display(),
+        nats.access_yaml(),
     );
     let mut flags: Vec<String> = Vec::new();
     if n > 0 {
@@ -92,6 +93,9 @@ async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Servic
             "--fleet-token-file".into(),
             nats.token_file().display().to_string(),
         ]);
+        if let Some(ca) = nats.ca_file() {
+            flags.extend(["--fleet-ca-file".into(), ca.display().to_string()]);
+        }
     }
     let yaml = format!(
         "{}eventbus: http://127.0.0.1:{}\n\
@@ -108,7 +112,8 @@ async fn start_gateway(nats: &Nats, dir: &Path, n: usize, entry: &str) -> Servic
 
 impl Fleet {
     async fn start() -> Fleet {
-        let nats = Nats::single();
+        // Over TLS: the hosts and both gateways trust the servers' CA.
+        let nats = Nats::single_tls();
         let dir = tempfile::tempdir().unwrap();
         let mut hosts = Vec::new();
         for id in ["h1", "h2"] {

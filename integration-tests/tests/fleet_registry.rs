@@ -208,13 +208,24 @@ async fn test_a_fleet_host_over_tls() {
     found.expect("the host's heartbeat in the registry");
     assert_eq!(heartbeat(&hosts).await.host, HOST);
 
-    let token = std::fs::read_to_string(nats.token_file()).unwrap();
-    let untrusted = async_nats::ConnectOptions::with_token(token.trim().to_owned())
-        .require_tls(true)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(nats.urls()[0].as_str())
-        .await;
-    assert!(untrusted.is_err(), "a client without the CA connected");
+    // A client trusting another CA (a server posing as the fleet's) is
+    // refused by its own side of the handshake, token or not.
+    let connect = |nats: &Nats, ca: &Path| {
+        let token = std::fs::read_to_string(nats.token_file()).unwrap();
+        async_nats::ConnectOptions::with_token(token.trim().to_owned())
+            .add_root_certificates(ca.to_owned())
+            .require_tls(true)
+            .connection_timeout(Duration::from_secs(5))
+            .connect(nats.urls()[0].clone())
+    };
+    let other = qvirt_integration_tests::pki::Ca::new(dir.path(), "other");
+    let untrusted = connect(&nats, &other.cert).await;
+    assert!(untrusted.is_err(), "a client trusting another CA connected");
+    // And with a CA, a server that offers no TLS is refused (its own
+    // token presented).
+    let plain = Nats::single();
+    let refused = connect(&plain, nats.ca_file().unwrap()).await;
+    assert!(refused.is_err(), "a TLS client connected without TLS");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -21,10 +21,16 @@ fn invalid(field: &'static str, path: &Path, reason: String) -> ConfigError {
     }
 }
 
-/// Reads `path` (the value of config key `field`), refusing files larger
-/// than [`MAX_PEM_FILE_BYTES`].
+/// Reads `path` (the value of config key `field`), refusing anything but
+/// a regular file and files larger than [`MAX_PEM_FILE_BYTES`].
 pub fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     let file = std::fs::File::open(path).map_err(|e| invalid(field, path, e.to_string()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| invalid(field, path, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(invalid(field, path, "is not a regular file".into()));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_PEM_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -51,6 +57,24 @@ pub fn check_certificates(field: &'static str, path: &Path, pem: &[u8]) -> Resul
     }
     if n == 0 {
         return Err(invalid(field, path, "no CERTIFICATE in the file".into()));
+    }
+    Ok(())
+}
+
+/// Refuses a file every user may write (`path`, config key `field`): a
+/// CA bundle that anyone can replace decides whom a service trusts.
+pub fn check_not_world_writable(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| invalid(field, path, e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 {
+        return Err(invalid(
+            field,
+            path,
+            format!("is writable by every user (mode {:04o})", mode & 0o777),
+        ));
     }
     Ok(())
 }

@@ -114,7 +114,8 @@ pub struct FleetConfig {
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
     /// The CA (PEM) the NATS servers' certificates chain to: connect with
-    /// TLS. Absent: plain TCP.
+    /// TLS, trusting it alone. Absent: TLS only for a `tls://` URL or a
+    /// server that asks for it, trusting the system's roots.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -137,11 +138,7 @@ impl FleetConfig {
             ));
         }
         for url in &self.urls {
-            let ok = ["nats://", "tls://"]
-                .iter()
-                .filter_map(|scheme| url.strip_prefix(scheme))
-                .any(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
-            if !ok {
+            if !qvirt_registry::valid_url(url) {
                 return Err(invalid(
                     "fleet.urls",
                     url.clone(),

@@ -41,6 +41,10 @@ struct Args {
     /// `fleet.token_file`.
     #[arg(long, value_name = "FILE")]
     fleet_token_file: Option<PathBuf>,
+    /// The CA of the fleet NATS servers' certificates (TLS). Overrides
+    /// `fleet.ca_file`.
+    #[arg(long, value_name = "FILE")]
+    fleet_ca_file: Option<PathBuf>,
     /// Allow a plaintext TCP `listen` beyond loopback (development only).
     /// Sets `plaintext`.
     #[arg(long)]
@@ -87,9 +91,12 @@ fn main() -> ExitCode {
         if !args.fleet_urls.is_empty() {
             c.fleet.get_or_insert_with(Default::default).urls = args.fleet_urls;
         }
+        // Without URLs from either place, the check says fleet.urls.
         if let Some(file) = args.fleet_token_file {
-            // Without URLs from either place, the check says fleet.urls.
             c.fleet.get_or_insert_with(Default::default).token_file = Some(file);
+        }
+        if let Some(file) = args.fleet_ca_file {
+            c.fleet.get_or_insert_with(Default::default).ca_file = Some(file);
         }
         c
     });

@@ -197,6 +197,8 @@ impl NatsAccess {
             .transpose()?
             .map(|t| NatsToken(t.into()));
         if let Some(path) = ca_file {
+            // async-nats reads it again at each connection attempt.
+            qvirt_common::pem::check_not_world_writable(ca_field, path)?;
             qvirt_common::pem::load_certificates(ca_field, path)?;
         }
         Ok(NatsAccess {
@@ -204,6 +206,19 @@ impl NatsAccess {
             ca_file: ca_file.map(Path::to_owned),
         })
     }
+}
+
+/// Whether `url` names a NATS server the way the services take one:
+/// `nats://HOST:PORT` or `tls://HOST:PORT`. WebSocket URLs are refused:
+/// the client is built without WebSocket support and would send the
+/// token over plain TCP to them.
+pub fn valid_url(url: &str) -> bool {
+    let host = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"));
+    host.is_some_and(|h| !h.is_empty() && !h.starts_with(':'))
+        && !url.contains(char::is_whitespace)
+        && url.parse::<async_nats::ServerAddr>().is_ok()
 }
 
 /// A client connected to `urls` (`nats://HOST:PORT`, any one of a
@@ -242,4 +257,28 @@ pub async fn connect(
         .connect(addrs)
         .await
         .map_err(|e| RegistryError::Connect(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_valid_url_takes_nats_and_tls_only() {
+        for ok in ["nats://n1:4222", "tls://10.0.0.1:4222", "nats://[::1]:4222"] {
+            assert!(valid_url(ok), "{ok}");
+        }
+        for bad in [
+            "ws://n1:8080",
+            "wss://n1:443",
+            "http://n1:4222",
+            "n1:4222",
+            "nats://n1 :4222",
+            "nats://",
+            "tls://:4222",
+            "",
+        ] {
+            assert!(!valid_url(bad), "{bad}");
+        }
+    }
 }

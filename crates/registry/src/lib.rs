@@ -18,7 +18,7 @@ pub mod view;
 
 pub use bucket::{
     Buckets, DEFAULT_HEARTBEAT_TTL, DOMAINS_BUCKET, HEARTBEAT_TTL_RANGE, HOSTS_BUCKET, NatsAccess,
-    bind_buckets, connect, open_buckets,
+    bind_buckets, connect, open_buckets, valid_url,
 };
 pub use key::{domain_key, domain_prefix, host_key, parse_domain_key, parse_host_key};
 pub use view::{HostChange, HostEntry, Snapshot, View};

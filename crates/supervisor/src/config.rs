@@ -170,7 +170,8 @@ pub struct FleetConfig {
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
     /// The CA (PEM) the NATS servers' certificates chain to: connect with
-    /// TLS. Absent: plain TCP.
+    /// TLS, trusting it alone. Absent: TLS only for a `tls://` URL or a
+    /// server that asks for it, trusting the system's roots.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -217,11 +218,7 @@ impl FleetConfig {
                 format!("must name 1 to {MAX_FLEET_URLS} servers"),
             ));
         }
-        if let Some(url) = self
-            .urls
-            .iter()
-            .find(|u| u.parse::<async_nats::ServerAddr>().is_err())
-        {
+        if let Some(url) = self.urls.iter().find(|u| !qvirt_registry::valid_url(u)) {
             return Err(invalid(
                 "fleet.urls",
                 url.clone(),

@@ -74,7 +74,7 @@ pub enum ForwardError {
     /// The NATS token or CA file is unusable (it was fine when the config
     /// was checked).
     #[error(transparent)]
-    Token(#[from] qvirt_common::config::ConfigError),
+    Access(#[from] qvirt_common::config::ConfigError),
 }
 
 /// Counters of the forwarder, for metrics and tests.

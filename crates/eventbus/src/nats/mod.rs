@@ -47,8 +47,9 @@ pub struct Broker {
     /// A file holding the token the servers ask of clients (their
     /// `authorization { token }`). Absent: connect without one.
     pub token_file: Option<PathBuf>,
-    /// The CA (PEM) the servers' certificates chain to: connect with TLS.
-    /// Absent: plain TCP.
+    /// The CA (PEM) the servers' certificates chain to: connect with TLS,
+    /// trusting it alone. Absent: TLS only for a `tls://` URL or a server
+    /// that asks for it, trusting the system's roots.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -89,7 +90,7 @@ impl Broker {
             });
         }
         for url in &self.urls {
-            if url.parse::<async_nats::ServerAddr>().is_err() {
+            if !qvirt_registry::valid_url(url) {
                 return Err(ConfigError::Invalid {
                     field: field("urls"),
                     value: url.chars().take(200).collect(),
@@ -126,7 +127,7 @@ pub struct NatsConfig {
     pub stream: String,
     /// A file holding the servers' client token. Absent: none.
     pub token_file: Option<PathBuf>,
-    /// The CA (PEM) of the servers' certificates: TLS. Absent: none.
+    /// The CA (PEM) of the servers' certificates: TLS (see [`Broker`]).
     pub ca_file: Option<PathBuf>,
     /// Its replicas when the bus creates it (1, or 3 on a 3-server
     /// cluster; at most 5).
