@@ -129,6 +129,21 @@ async fn until_gone(store: &kv::Store, key: &str) {
     done.unwrap_or_else(|_| panic!("{key} still in the registry after {WAIT:?}"));
 }
 
+/// Waits (up to [`WAIT`]) until [`HOST`]'s record is in the hosts
+/// bucket; `what` names the wait in its panic.
+async fn until_heartbeat(hosts: &kv::Store, what: &str) {
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Some(_)) = hosts.get(host_key(HOST)).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"));
+}
+
 async fn heartbeat(hosts: &kv::Store) -> HostRecord {
     let value = hosts
         .get(host_key(HOST))
@@ -196,16 +211,7 @@ async fn test_a_fleet_host_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let _sup = supervisor(&nats, dir.path()).await;
     let (hosts, _) = buckets(&nats).await;
-    let found = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Some(_)) = hosts.get(host_key(HOST)).await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    found.expect("the host's heartbeat in the registry");
+    until_heartbeat(&hosts, "the host's heartbeat in the registry").await;
     assert_eq!(heartbeat(&hosts).await.host, HOST);
 
     // A client trusting another CA (a server posing as the fleet's) is
@@ -325,15 +331,6 @@ async fn test_supervisor_reconciles_after_broker_outage() {
     until_mirrored(&mut client, &domains, &kept, DomainState::Running).await;
     until_mirrored(&mut client, &domains, &fresh, DomainState::Shutoff).await;
     until_gone(&domains, &domain_key(HOST, &dropped)).await;
-    let done = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Some(_)) = hosts.get(host_key(HOST)).await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    done.expect("the heartbeat resumes");
+    until_heartbeat(&hosts, "the heartbeat resumes").await;
     undefine(&mut client, &kept).await;
 }
