@@ -109,9 +109,9 @@ pub enum FleetItem {
 }
 
 impl Fleet {
-    /// Connects to the broker (presenting `access`) and waits for the stream (a gateway may
-    /// start before any host has made it), trying again every second
-    /// until `shutdown`; `None` if it fired first.
+    /// Connects to the broker (presenting `access`) and waits for the
+    /// stream (a gateway may start before any host has made it), trying
+    /// again every second until `shutdown`; `None` if it fired first.
     pub async fn connect(
         config: &FleetConfig,
         access: &qvirt_registry::NatsAccess,

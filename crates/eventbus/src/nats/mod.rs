@@ -257,7 +257,7 @@ pub struct FleetConfig {
     pub stream: String,
     /// A file holding the servers' client token. Absent: none.
     pub token_file: Option<PathBuf>,
-    /// The CA (PEM) of the servers' certificates: TLS. Absent: none.
+    /// The CA (PEM) of the servers' certificates: TLS (see [`Broker`]).
     pub ca_file: Option<PathBuf>,
 }
 
