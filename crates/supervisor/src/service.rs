@@ -120,8 +120,9 @@ on_domain!(
 impl SupervisorService {
     /// The shape of every write on one domain: the call recorded on the
     /// span, the host and name checked, then `act` (given the manager, the
-    /// domain's key and the request; it may refuse the request's other
-    /// fields) run once per request id.
+    /// domain's key, the request and, when it has a request id, its
+    /// fingerprint; it may refuse the request's other fields) run once per
+    /// request id.
     async fn on_domain<R, M, F, Fut>(
         &self,
         method: &'static str,
@@ -131,7 +132,7 @@ impl SupervisorService {
     where
         R: OnDomain,
         M: Message + Default + 'static,
-        F: FnOnce(Manager, String, &R) -> Result<Fut, Status>,
+        F: FnOnce(Manager, String, &R, Option<u128>) -> Result<Fut, Status>,
         Fut: Future<Output = Result<M, DomainError>> + Send + 'static,
     {
         let request = request.into_inner();
@@ -139,9 +140,16 @@ impl SupervisorService {
         qvirt_common::telemetry::record_call(domain, request_id, "");
         self.check_host(host)?;
         let key = domain_key(domain)?;
-        let call = act(self.manager.clone(), key, &request)?;
-        self.write(method, request_id, || fingerprint(&request), call)
-            .await
+        // Computed once, for the call's record and for `act`.
+        let digest = (!request_id.is_empty()).then(|| fingerprint(&request));
+        let call = act(self.manager.clone(), key, &request, digest)?;
+        self.write(
+            method,
+            request_id,
+            || digest.unwrap_or_else(|| fingerprint(&request)),
+            call,
+        )
+        .await
     }
 }
 
@@ -313,20 +321,18 @@ impl Supervisor for SupervisorService {
         request: Request<UndefineDomainRequest>,
     ) -> Reply<UndefineDomainResponse> {
         let requests = Arc::clone(&self.requests);
-        self.on_domain("UndefineDomain", request, |manager, key, r| {
+        self.on_domain("UndefineDomain", request, |manager, key, r, digest| {
             let destroy = r.destroy;
             // Its record, written before the removal: a crash between the
             // removal and the record still answers the retry.
-            let promise = (!r.request_id.is_empty())
-                .then(|| {
-                    requests.promise(
-                        "UndefineDomain",
-                        &r.request_id,
-                        fingerprint(r),
-                        &Outcome::of(&Ok::<_, Status>(UndefineDomainResponse {})),
-                    )
-                })
-                .flatten();
+            let promise = digest.and_then(|digest| {
+                requests.promise(
+                    "UndefineDomain",
+                    &r.request_id,
+                    digest,
+                    &Outcome::of(&Ok::<_, Status>(UndefineDomainResponse {})),
+                )
+            });
             Ok(async move {
                 manager.undefine(&key, destroy, promise).await?;
                 Ok(UndefineDomainResponse {})
@@ -384,7 +390,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<StartDomainRequest>,
     ) -> Reply<StartDomainResponse> {
-        self.on_domain("StartDomain", request, |manager, key, r| {
+        self.on_domain("StartDomain", request, |manager, key, r, _| {
             let paused = r.paused;
             Ok(async move {
                 let domain = manager.start(&key, paused).await?;
@@ -400,7 +406,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<ShutdownDomainRequest>,
     ) -> Reply<ShutdownDomainResponse> {
-        self.on_domain("ShutdownDomain", request, |manager, key, r| {
+        self.on_domain("ShutdownDomain", request, |manager, key, r, _| {
             let mode = r.mode();
             let timeout = timeout(r.timeout)?;
             Ok(async move {
@@ -417,7 +423,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<DestroyDomainRequest>,
     ) -> Reply<DestroyDomainResponse> {
-        self.on_domain("DestroyDomain", request, |manager, key, r| {
+        self.on_domain("DestroyDomain", request, |manager, key, r, _| {
             let graceful = r.graceful;
             Ok(async move {
                 let domain = manager.destroy(&key, graceful).await?;
@@ -430,7 +436,7 @@ impl Supervisor for SupervisorService {
     }
 
     async fn save_domain(&self, request: Request<SaveDomainRequest>) -> Reply<SaveDomainResponse> {
-        self.on_domain("SaveDomain", request, |manager, key, _| {
+        self.on_domain("SaveDomain", request, |manager, key, _, _| {
             Ok(async move {
                 let domain = manager.save(&key).await?;
                 Ok(SaveDomainResponse {
@@ -445,7 +451,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<RestoreDomainRequest>,
     ) -> Reply<RestoreDomainResponse> {
-        self.on_domain("RestoreDomain", request, |manager, key, r| {
+        self.on_domain("RestoreDomain", request, |manager, key, r, _| {
             let paused = r.paused;
             Ok(async move {
                 let domain = manager.restore(&key, paused).await?;
@@ -461,7 +467,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<SuspendDomainRequest>,
     ) -> Reply<SuspendDomainResponse> {
-        self.on_domain("SuspendDomain", request, |manager, key, _| {
+        self.on_domain("SuspendDomain", request, |manager, key, _, _| {
             Ok(async move {
                 let domain = manager.suspend(&key).await?;
                 Ok(SuspendDomainResponse {
@@ -476,7 +482,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<ResumeDomainRequest>,
     ) -> Reply<ResumeDomainResponse> {
-        self.on_domain("ResumeDomain", request, |manager, key, _| {
+        self.on_domain("ResumeDomain", request, |manager, key, _, _| {
             Ok(async move {
                 let domain = manager.resume(&key).await?;
                 Ok(ResumeDomainResponse {
@@ -491,7 +497,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<ResetDomainRequest>,
     ) -> Reply<ResetDomainResponse> {
-        self.on_domain("ResetDomain", request, |manager, key, _| {
+        self.on_domain("ResetDomain", request, |manager, key, _, _| {
             Ok(async move {
                 let domain = manager.reset(&key).await?;
                 Ok(ResetDomainResponse {
@@ -506,7 +512,7 @@ impl Supervisor for SupervisorService {
         &self,
         request: Request<RebootDomainRequest>,
     ) -> Reply<RebootDomainResponse> {
-        self.on_domain("RebootDomain", request, |manager, key, r| {
+        self.on_domain("RebootDomain", request, |manager, key, r, _| {
             let mode = r.mode();
             Ok(async move {
                 let domain = manager.reboot(&key, mode).await?;
