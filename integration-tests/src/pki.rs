@@ -33,6 +33,16 @@ fn write(path: PathBuf, text: &str) -> PathBuf {
     path
 }
 
+/// A private key file, which only its owner may read (the gateway
+/// refuses one that every user may).
+fn write_key(path: PathBuf, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = write(path, text);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    path
+}
+
 impl Ca {
     /// A fresh CA named `name`, its files under `dir`.
     pub fn new(dir: &Path, name: &str) -> Ca {
@@ -70,7 +80,7 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).expect("a certificate");
         CertFiles {
             cert: write(self.dir.join(format!("{file}.pem")), &cert.pem()),
-            key: write(
+            key: write_key(
                 self.dir.join(format!("{file}-key.pem")),
                 &key.serialize_pem(),
             ),

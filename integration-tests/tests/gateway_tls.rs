@@ -326,6 +326,34 @@ fn test_plaintext_beyond_loopback_and_bad_tls_files_stop_the_gateway_at_start() 
         assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains(field), "{}", text(&out.stderr));
     }
+    // A private key every user may read, a client CA every user may
+    // write: refused, naming the file and the fix.
+    use std::os::unix::fs::PermissionsExt as _;
+    let open_key = dir.path().join("open-key.pem");
+    std::fs::copy(&server.key, &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = CertFiles {
+        cert: server.cert.clone(),
+        key: open_key,
+    };
+    let out = start(&pki::gateway_tls_yaml(&open, None, &[]), &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("tls.key_file") && stderr.contains("chmod o-rw"),
+        "{stderr}"
+    );
+    let open_ca = dir.path().join("open-ca.pem");
+    std::fs::copy(&ca.cert, &open_ca).unwrap();
+    std::fs::set_permissions(&open_ca, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let yaml = pki::gateway_tls_yaml(&server, Some(&open_ca), &[("x", "read-only", "cn", "x")]);
+    let out = start(&yaml, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("tls.client_ca_file") && stderr.contains("writable by every user"),
+        "{stderr}"
+    );
     // A key that is not the certificate's: the gateway stops before it
     // serves, saying so.
     let other = ca.server("other");

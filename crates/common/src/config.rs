@@ -62,6 +62,66 @@ pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, Con
     parse(path, &text)
 }
 
+/// What other users (neither the owner nor the group) may do with a file
+/// a config names, checked by [`read_named_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OthersMay {
+    /// Read it (certificates): refused if every user may write it, as
+    /// anyone could put other content in it.
+    Read,
+    /// Nothing (secrets, private keys): refused if every user may read or
+    /// write it; `chmod o-rw` (0600 or 0640) is the fix.
+    Nothing,
+}
+
+/// Reads the file at `path`, the value of config key `field`: a regular
+/// file of at most `max_bytes`, with a mode that gives other users no
+/// more than `others` allows. One `fstat` of the open file answers the
+/// checks, so they hold for the bytes read.
+pub fn read_named_file(
+    field: &'static str,
+    path: &Path,
+    max_bytes: u64,
+    others: OthersMay,
+) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let invalid = |reason: String| ConfigError::Invalid {
+        field,
+        value: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| invalid(format!("cannot stat: {e}")))?;
+    if !meta.is_file() {
+        return Err(invalid("is not a regular file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    match others {
+        OthersMay::Read if mode & 0o002 != 0 => {
+            return Err(invalid(format!(
+                "is writable by every user (mode {mode:04o}): chmod o-w it"
+            )));
+        }
+        OthersMay::Nothing if mode & 0o006 != 0 => {
+            return Err(invalid(format!(
+                "is readable or writable by every user (mode {mode:04o}): chmod o-rw it (0600 or 0640)"
+            )));
+        }
+        _ => {}
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| invalid(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(invalid(format!("is larger than {max_bytes} bytes")));
+    }
+    Ok(bytes)
+}
+
 /// Parses YAML config text; `path` only names the source in errors.
 pub fn parse<T: DeserializeOwned + Default>(path: &Path, text: &str) -> Result<T, ConfigError> {
     if text.trim().is_empty() {

@@ -21,8 +21,6 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Ready;
-use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -100,33 +98,18 @@ impl InternalToken {
 /// by every user. The internal token and the fleet's NATS token are read
 /// with it.
 pub fn read_secret_file(path: &Path, field: &'static str) -> Result<String, ConfigError> {
+    let bytes = crate::config::read_named_file(
+        field,
+        path,
+        MAX_TOKEN_FILE_BYTES,
+        crate::config::OthersMay::Nothing,
+    )?;
     let invalid = |reason: String| ConfigError::Invalid {
         field,
         value: path.display().to_string(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| invalid(format!("cannot stat: {e}")))?;
-    if !meta.is_file() {
-        return Err(invalid("is not a regular file".into()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o006 != 0 {
-        return Err(invalid(format!(
-            "is readable or writable by every user (mode {mode:04o}): chmod o-rw it (0600 or 0640)"
-        )));
-    }
-    let mut text = String::new();
-    file.take(MAX_TOKEN_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| invalid(format!("cannot read as text: {e}")))?;
-    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
-        return Err(invalid(format!(
-            "is longer than {MAX_TOKEN_FILE_BYTES} bytes"
-        )));
-    }
+    let text = String::from_utf8(bytes).map_err(|e| invalid(format!("is not text: {e}")))?;
     let text = text.trim();
     check_secret(text).map_err(invalid)?;
     Ok(text.to_owned())

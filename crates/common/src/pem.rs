@@ -2,13 +2,12 @@
 //! certificates that parse, before a service relies on them (the
 //! gateway's TLS files, the CA of the fleet's NATS servers).
 
-use std::io::Read as _;
 use std::path::Path;
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, OthersMay, read_named_file};
 
 /// The largest PEM file read, in bytes.
 pub const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
@@ -21,28 +20,10 @@ fn invalid(field: &'static str, path: &Path, reason: String) -> ConfigError {
     }
 }
 
-/// Reads `path` (the value of config key `field`), refusing anything but
-/// a regular file and files larger than [`MAX_PEM_FILE_BYTES`].
-pub fn read_bounded(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let file = std::fs::File::open(path).map_err(|e| invalid(field, path, e.to_string()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| invalid(field, path, e.to_string()))?;
-    if !meta.is_file() {
-        return Err(invalid(field, path, "is not a regular file".into()));
-    }
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| invalid(field, path, e.to_string()))?;
-    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
-        return Err(invalid(
-            field,
-            path,
-            format!("larger than {MAX_PEM_FILE_BYTES} bytes"),
-        ));
-    }
-    Ok(bytes)
+/// Reads a private key file (config key `field`): at most
+/// [`MAX_PEM_FILE_BYTES`], and refused if every user may read or write it.
+pub fn read_private_key(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    read_named_file(field, path, MAX_PEM_FILE_BYTES, OthersMay::Nothing)
 }
 
 /// Checks that `pem` (read from `path`, config key `field`) holds at
@@ -61,27 +42,96 @@ pub fn check_certificates(field: &'static str, path: &Path, pem: &[u8]) -> Resul
     Ok(())
 }
 
-/// Refuses a file every user may write (`path`, config key `field`): a
-/// CA bundle that anyone can replace decides whom a service trusts.
-pub fn check_not_world_writable(field: &'static str, path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| invalid(field, path, e.to_string()))?
-        .permissions()
-        .mode();
-    if mode & 0o002 != 0 {
-        return Err(invalid(
-            field,
-            path,
-            format!("is writable by every user (mode {:04o})", mode & 0o777),
-        ));
-    }
-    Ok(())
-}
-
-/// Reads and checks a file of certificates (a CA bundle).
+/// Reads and checks a file of certificates (a server's, or a CA bundle
+/// that decides whom a service trusts): one every user may write is
+/// refused, as anyone could put other certificates in it.
 pub fn load_certificates(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let pem = read_bounded(field, path)?;
+    let pem = read_named_file(field, path, MAX_PEM_FILE_BYTES, OthersMay::Read)?;
     check_certificates(field, path, &pem)?;
     Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// A self-signed certificate, PEM.
+    fn certificate() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(vec!["ca.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    }
+
+    fn file(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn refused(result: Result<Vec<u8>, ConfigError>, reason: &str) {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("tls.ca") && err.contains(reason), "{err}");
+    }
+
+    #[test]
+    fn test_certificates_load_from_a_file_only_its_owner_may_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = certificate();
+        for mode in [0o644, 0o600, 0o664] {
+            let path = file(dir.path(), "ok.pem", pem.as_bytes(), mode);
+            assert_eq!(load_certificates("tls.ca", &path).unwrap(), pem.as_bytes());
+        }
+        let open = file(dir.path(), "open.pem", pem.as_bytes(), 0o666);
+        refused(
+            load_certificates("tls.ca", &open),
+            "writable by every user (mode 0666)",
+        );
+    }
+
+    #[test]
+    fn test_a_private_key_every_user_may_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o600, 0o640] {
+            let path = file(dir.path(), "key.pem", b"KEY", mode);
+            assert_eq!(read_private_key("tls.ca", &path).unwrap(), b"KEY");
+        }
+        for mode in [0o644, 0o602] {
+            let path = file(dir.path(), "key.pem", b"KEY", mode);
+            refused(
+                read_private_key("tls.ca", &path),
+                "readable or writable by every user",
+            );
+        }
+    }
+
+    #[test]
+    fn test_what_is_no_bounded_file_of_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        refused(
+            load_certificates("tls.ca", dir.path()),
+            "not a regular file",
+        );
+        refused(
+            load_certificates("tls.ca", &dir.path().join("absent")),
+            "No such file",
+        );
+        let big = vec![b'a'; MAX_PEM_FILE_BYTES as usize + 1];
+        refused(
+            load_certificates("tls.ca", &file(dir.path(), "big", &big, 0o644)),
+            "larger than 1048576 bytes",
+        );
+        let empty = file(dir.path(), "none.pem", b"no certificate here\n", 0o644);
+        refused(load_certificates("tls.ca", &empty), "no CERTIFICATE");
+        let torn = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let torn = file(dir.path(), "torn.pem", torn.as_bytes(), 0o644);
+        refused(load_certificates("tls.ca", &torn), "certificate 0");
+    }
 }

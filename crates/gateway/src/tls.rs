@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use qvirt_common::config::ConfigError;
-use qvirt_common::pem::{load_certificates, read_bounded};
+use qvirt_common::pem::{load_certificates, read_private_key};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 pub use tokio_rustls::TlsAcceptor;
@@ -48,7 +48,7 @@ impl Material {
     /// Reads and checks the files `tls` names.
     pub fn load(tls: &TlsConfig) -> Result<Material, ConfigError> {
         let cert_pem = load_certificates("tls.cert_file", &tls.cert_file)?;
-        let key_pem = read_bounded("tls.key_file", &tls.key_file)?;
+        let key_pem = read_private_key("tls.key_file", &tls.key_file)?;
         PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ConfigError::Invalid {
             field: "tls.key_file",
             value: tls.key_file.display().to_string(),

