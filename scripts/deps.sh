@@ -66,6 +66,9 @@ check xmllint libxml2-utils
 command -v pip3 >/dev/null 2>&1 || command -v pip >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 check docker-compose docker-compose
 check debootstrap debootstrap
+# The shells qvirtctl's completion scripts are tested in (bash is there).
+check zsh zsh
+check fish fish
 [ -x /usr/sbin/libvirtd ] && [ -x /usr/bin/virsh ] ||
     need_pkgs+=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
 
@@ -75,7 +78,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     # conflicts with the release's QEMU; asking for qemu-utils from the
     # release itself keeps the two in step (it may downgrade qemu-utils).
     pkgs=(qemu-system-x86 "qemu-utils${codename:+/$codename}" qemu-guest-agent python3 python3-pip libxml2-utils docker-compose debootstrap
-        libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+        zsh fish libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
     cmd=(apt-get install -y -q --no-install-recommends --allow-downgrades "${pkgs[@]}")
     if [ "$(id -u)" -ne 0 ]; then
         say "missing: ${need_pkgs[*]}; run as root:"

@@ -756,8 +756,46 @@ fn test_help_completion_and_version_need_no_gateway() {
     ] {
         assert_eq!(bash_complete(&bin, line), want, "{line:?}");
     }
-    assert!(ok(run(&["completion", "zsh"])).contains("#compdef qvirtctl"));
-    assert!(ok(run(&["completion", "fish"])).contains("complete -c qvirtctl"));
+    // fish completes with its script too (candidate, tab, description);
+    // zsh loads its script into compsys for qvirtctl, without a word on
+    // stderr.
+    for (line, want) in [
+        (
+            "qvirtctl qemu-mon",
+            "qemu-monitor-command\tSend a QMP command to a domain's monitor\n\
+             qemu-monitor-event\tWait for raw QMP events and print them\n",
+        ),
+        (
+            "qvirtctl list --state-r",
+            "--state-running\tOnly running domains\n",
+        ),
+        (
+            "qvirtctl shutdown demo --mode ",
+            "acpi\tThe ACPI power button\nagent\tThe guest agent (`guest-shutdown`)\n",
+        ),
+    ] {
+        let out = run_command(
+            Command::new("fish")
+                .args(["--no-config", "-c"])
+                .arg("\"$QVIRTCTL\" completion fish | source; complete -C \"$argv[1]\"")
+                .args([line])
+                .env("QVIRTCTL", &bin),
+            CTL_TIMEOUT,
+        );
+        assert_eq!(ok(out), want, "fish, {line:?}");
+    }
+    let out = run_command(
+        Command::new("zsh")
+            .args(["-f", "-c"])
+            .arg(
+                "autoload -Uz compinit && compinit -u -D && \
+                 source <(\"$QVIRTCTL\" completion zsh) && print -r -- $_comps[qvirtctl]",
+            )
+            .env("QVIRTCTL", &bin),
+        CTL_TIMEOUT,
+    );
+    assert_eq!(text(&out.stderr), "", "zsh's stderr");
+    assert_eq!(ok(out), "_qvirtctl\n");
     let version = ok(run(&["version"]));
     assert!(version.starts_with("qvirtctl "), "{version}");
 }
