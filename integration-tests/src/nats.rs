@@ -172,19 +172,32 @@ impl Nats {
         Self::start(3, false)
     }
 
+    /// [`Nats::cluster3`] speaking TLS only, to clients and on the routes
+    /// between its nodes, as docs/FLEET.md configures it: each node
+    /// presents a certificate from a CA of its own ([`Nats::ca_file`]) and
+    /// checks its route peers' against the same CA.
+    pub fn cluster3_tls() -> Nats {
+        Self::start(3, true)
+    }
+
     fn start(n: usize, tls: bool) -> Nats {
         let dir = tempfile::tempdir().unwrap();
-        let (ca_file, tls_conf) = if tls {
+        let (ca_file, tls_conf, route_tls) = if tls {
             let ca = crate::pki::Ca::new(dir.path(), "nats");
-            let server = ca.server("nats-server");
-            let conf = format!(
-                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
-                server.cert.display(),
-                server.key.display()
+            let node = ca.peer("nats-server");
+            let files = format!(
+                "cert_file: \"{}\"\n    key_file: \"{}\"\n",
+                node.cert.display(),
+                node.key.display()
             );
-            (Some(ca.cert.clone()), conf)
+            let conf = format!("tls {{\n    {files}}}\n");
+            let route = format!(
+                "  tls {{\n    {files}    ca_file: \"{}\"\n    verify: true\n  }}\n",
+                ca.cert.display()
+            );
+            (Some(ca.cert.clone()), conf, route)
         } else {
-            (None, String::new())
+            (None, String::new(), String::new())
         };
         let mut nodes: Vec<NatsNode> = (1..=n)
             .map(|i| NatsNode {
@@ -224,7 +237,7 @@ impl Nats {
                 conf.push_str(&format!(
                     "cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{cluster}\n  \
                      authorization {{\n    user: route\n    password: \"{route_password}\"\n  }}\n  \
-                     routes: [{}]\n}}\n",
+                     routes: [{}]\n{route_tls}}}\n",
                     others
                         .iter()
                         .map(|r| format!("\"{r}\""))
@@ -289,6 +302,19 @@ impl Nats {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         options.connect(addrs).await.unwrap()
+    }
+
+    /// What node `index`'s route port says to a peer that connects in
+    /// plaintext and waits: its `INFO` line, or nothing within 5 s (a
+    /// port that waits for a TLS handshake first).
+    pub fn route_greeting(&self, index: usize) -> String {
+        use std::io::BufRead as _;
+        let port = self.nodes[index].cluster_port.expect("a cluster node");
+        let conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(conn).read_line(&mut line);
+        line
     }
 
     /// Every node's client URL, comma-separated (as the services'

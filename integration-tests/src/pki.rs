@@ -69,13 +69,13 @@ impl Ca {
         file: &str,
         cn: &str,
         sans: Vec<SanType>,
-        usage: ExtendedKeyUsagePurpose,
+        usages: Vec<ExtendedKeyUsagePurpose>,
     ) -> CertFiles {
         let key = KeyPair::generate().expect("a key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         params.subject_alt_names = sans;
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer).expect("a certificate");
         CertFiles {
@@ -89,17 +89,40 @@ impl Ca {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self, file: &str) -> CertFiles {
-        let sans = vec![
+        self.issue(
+            file,
+            "localhost",
+            Self::loopback(),
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// A certificate for `localhost` and 127.0.0.1 that serves and also
+    /// dials as a client: what a NATS server presents on the routes of a
+    /// cluster, where each side of a route checks the other's.
+    pub fn peer(&self, file: &str) -> CertFiles {
+        self.issue(
+            file,
+            "localhost",
+            Self::loopback(),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn loopback() -> Vec<SanType> {
+        vec![
             SanType::DnsName("localhost".try_into().expect("a DNS name")),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ];
-        self.issue(file, "localhost", sans, ExtendedKeyUsagePurpose::ServerAuth)
+        ]
     }
 
     /// A client certificate with subject CN `cn` and these subject
     /// alternative names.
     pub fn client(&self, file: &str, cn: &str, sans: Vec<SanType>) -> CertFiles {
-        self.issue(file, cn, sans, ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(file, cn, sans, vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 }
 

@@ -119,7 +119,21 @@ async fn assert_quiet(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_resume_at_another_gateway_without_gap_or_duplicate() {
-    let nats = Nats::cluster3();
+    // Over TLS, to the clients and on the routes that replicate the
+    // stream between the nodes (FLEET.md's configuration): a peer that
+    // speaks plaintext to a route port gets no INFO, and the node says
+    // why.
+    let nats = Nats::cluster3_tls();
+    assert_eq!(nats.route_greeting(0), "", "a route port spoke plaintext");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !nats.nodes[0].log().contains("TLS route handshake error") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS handshake error logged: {}",
+            nats.nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (o1, o2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let h1 = host_bus(&nats, "h1", o1.path()).await;
     let h2 = host_bus(&nats, "h2", o2.path()).await;
