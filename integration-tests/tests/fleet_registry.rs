@@ -36,8 +36,17 @@ async fn supervisor(nats: &Nats, dir: &Path) -> Service {
 /// The fleet host [`HOST`], presenting the token in `token_file` (and
 /// trusting the CA of a TLS `nats`).
 async fn supervisor_with_token(nats: &Nats, dir: &Path, token_file: &Path) -> Service {
-    let ca = nats
-        .ca_file()
+    supervisor_trusting(nats, dir, token_file, nats.ca_file()).await
+}
+
+/// [`supervisor_with_token`] with `ca_file` its CA file.
+async fn supervisor_trusting(
+    nats: &Nats,
+    dir: &Path,
+    token_file: &Path,
+    ca_file: Option<&Path>,
+) -> Service {
+    let ca = ca_file
         .map(|ca| format!("  ca_file: {}\n", ca.display()))
         .unwrap_or_default();
     let yaml = format!(
@@ -232,6 +241,42 @@ async fn test_a_fleet_host_over_tls() {
     let plain = Nats::single();
     let refused = connect(&plain, nats.ca_file().unwrap()).await;
     assert!(refused.is_err(), "a TLS client connected without TLS");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn test_a_fleet_host_keeps_trusting_the_ca_it_checked_at_start() {
+    let mut nats = Nats::single_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("fleet-ca.pem");
+    std::fs::copy(nats.ca_file().unwrap(), &ca).unwrap();
+    let _sup = supervisor_trusting(&nats, dir.path(), nats.token_file(), Some(&ca)).await;
+    let (hosts, _) = buckets(&nats).await;
+    until_heartbeat(&hosts, "the host's heartbeat in the registry").await;
+    // The file changes under the running service (here: another CA's
+    // certificate), then the server restarts: the reconnection still
+    // trusts the CA checked at start, not what the file holds now. (The
+    // record's expiry marker, which the server writes itself, is no
+    // heartbeat.)
+    let other = qvirt_integration_tests::pki::Ca::new(dir.path(), "other");
+    std::fs::copy(&other.cert, &ca).unwrap();
+    nats.nodes[0].stop(libc::SIGTERM);
+    let restarted = std::time::SystemTime::now();
+    nats.nodes[0].start();
+    nats.wait_ready();
+    let (hosts, _) = buckets(&nats).await;
+    let beat = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Some(e)) = hosts.entry(host_key(HOST)).await
+                && e.operation == kv::Operation::Put
+                && std::time::SystemTime::from(e.created) > restarted
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    beat.unwrap_or_else(|_| panic!("no heartbeat after the server's restart within {WAIT:?}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
 //! The two buckets: their names and settings, and opening them.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,11 +171,32 @@ impl fmt::Debug for NatsToken {
 /// from its `nats:` or `fleet:` section: the token they ask of clients
 /// (`token_file`) and the CA their certificates chain to (`ca_file`;
 /// with one, the connection must be TLS). Its `Debug` hides the token.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct NatsAccess {
     token: Option<NatsToken>,
-    ca_file: Option<PathBuf>,
+    ca: Option<Arc<PinnedCa>>,
 }
+
+/// The CA bundle as it was checked at start, in a sealed memory file
+/// that only this process holds. async-nats reads its CA from a path at
+/// every connection attempt; given `/proc/self/fd/N` of this file, every
+/// connection and reconnection trusts what was checked, whatever the
+/// operator's file holds later. (Handing it a prebuilt rustls config
+/// instead would make it read the system's certificate store at every
+/// attempt, and fail the connection on any error there.) A client
+/// outlives the [`NatsAccess`] it was made with, so each pinned bundle
+/// stays open for the life of the process, one per distinct content
+/// ([`PINNED`]).
+#[derive(Debug)]
+struct PinnedCa {
+    /// Never closed: the path names it.
+    _file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+/// Every bundle pinned so far, with its bytes: loading the same CA again
+/// (a config checked, then used) reuses its file.
+static PINNED: std::sync::Mutex<Vec<(Vec<u8>, Arc<PinnedCa>)>> = std::sync::Mutex::new(Vec::new());
 
 impl NatsAccess {
     /// Reads and checks the files of section `section` (`nats` or
@@ -196,16 +217,45 @@ impl NatsAccess {
             .map(|p| qvirt_common::internal_auth::read_secret_file(p, token_field))
             .transpose()?
             .map(|t| NatsToken(t.into()));
-        if let Some(path) = ca_file {
-            // async-nats reads it again at each connection attempt: the
-            // check refuses a file anyone could replace meanwhile.
-            qvirt_common::pem::load_certificates(ca_field, path)?;
-        }
-        Ok(NatsAccess {
-            token,
-            ca_file: ca_file.map(Path::to_owned),
-        })
+        let ca = ca_file.map(|path| pin(ca_field, path)).transpose()?;
+        Ok(NatsAccess { token, ca })
     }
+}
+
+/// Reads and checks the CA bundle at `path` (config key `field`) and
+/// pins it ([`PinnedCa`]).
+fn pin(field: &'static str, path: &Path) -> Result<Arc<PinnedCa>, ConfigError> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    let pem = qvirt_common::pem::load_certificates(field, path)?;
+    let mut pinned = PINNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, ca)) = pinned.iter().find(|(bytes, _)| *bytes == pem) {
+        return Ok(Arc::clone(ca));
+    }
+    let failed = |e: std::io::Error| ConfigError::Invalid {
+        field,
+        value: path.display().to_string(),
+        reason: format!("cannot keep a copy in memory: {e}"),
+    };
+    let fd = rustix::fs::memfd_create(
+        c"qvirt-nats-ca",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(|e| failed(e.into()))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&pem).map_err(failed)?;
+    rustix::fs::fcntl_add_seals(
+        &file,
+        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )
+    .map_err(|e| failed(e.into()))?;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd()).into();
+    let ca = Arc::new(PinnedCa { _file: file, path });
+    pinned.push((pem, Arc::clone(&ca)));
+    Ok(ca)
 }
 
 /// Whether `url` names a NATS server the way the services take one:
@@ -242,8 +292,10 @@ pub async fn connect(
         Some(t) => async_nats::ConnectOptions::with_token(t.0.to_string()),
         None => async_nats::ConnectOptions::new(),
     };
-    if let Some(ca) = &access.ca_file {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    if let Some(ca) = &access.ca {
+        options = options
+            .add_root_certificates(ca.path.clone())
+            .require_tls(true);
     }
     // async-nats logs a refused token itself ("authorization
     // violation", at error) on every attempt.
