@@ -82,7 +82,7 @@ mod tests {
     }
 
     #[test]
-    fn test_certificates_load_from_a_file_only_its_owner_may_write() {
+    fn test_certificates_load_unless_every_user_may_write_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let pem = certificate();
         for mode in [0o644, 0o600, 0o664] {
