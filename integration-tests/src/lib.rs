@@ -518,12 +518,14 @@ pub fn code_of(out: &Output) -> String {
 }
 
 /// How [`Service::start_in`] launches a service.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Launch {
     /// RLIMIT_NOFILE, soft and hard.
     nofile: Option<u64>,
     /// No shared internal token file.
     no_token: bool,
+    /// Environment variables set for it.
+    env: Vec<(String, String)>,
 }
 
 /// A qvirt service process started by a test.
@@ -582,6 +584,17 @@ impl Service {
     /// As [`Service::start`], with `yaml` written to `config.yaml` in the
     /// service's temp dir and passed with `--config`.
     pub fn start_with_config(name: &str, yaml: &str, extra: &[&str]) -> Service {
+        Self::start_with_config_env(name, yaml, extra, &[])
+    }
+
+    /// As [`Service::start_with_config`], with environment variables
+    /// `env` set for the service.
+    pub fn start_with_config_env(
+        name: &str,
+        yaml: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Service {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -589,7 +602,14 @@ impl Service {
         let mut args = vec!["--config", config.as_str()];
         args.extend_from_slice(extra);
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::start_in(dir, addr, name, &args, Launch::default())
+        let launch = Launch {
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Launch::default()
+        };
+        Self::start_in(dir, addr, name, &args, launch)
     }
 
     /// As [`Service::start_with_config`], but without the shared internal
@@ -642,6 +662,7 @@ impl Service {
         cmd.args(extra)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
+            .envs(launch.env)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
