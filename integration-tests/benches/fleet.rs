@@ -96,9 +96,18 @@ struct Fleet {
     /// The fleet gateway's read-write token (the stack's gateway has its
     /// own).
     fleet_token: String,
-    js: jetstream::Context,
+    /// The bare path's publisher, on the server the host bus uses, and
+    /// its consumer, on the fleet bus's: each bare message crosses the
+    /// cluster as qvirt's events do.
+    js_pub: jetstream::Context,
+    js_sub: jetstream::Context,
     _outbox: tempfile::TempDir,
 }
+
+/// The server (index into the cluster) the host bus and the bare
+/// publisher use, and the one the fleet bus and the bare consumer use.
+const PUBLISH_NODE: usize = 0;
+const CONSUME_NODE: usize = 1;
 
 impl Fleet {
     async fn start() -> Fleet {
@@ -107,7 +116,7 @@ impl Fleet {
         let outbox = tempfile::tempdir().unwrap();
         let bus_yaml = format!(
             "nats:\n  urls: [{}]\n  token_file: {}\n  host: h1\n  replicas: 3\n  outbox_dir: {}\n",
-            nats.urls().join(", "),
+            nats.urls()[PUBLISH_NODE],
             nats.token_file().display(),
             outbox.path().display()
         );
@@ -117,7 +126,7 @@ impl Fleet {
             ..Default::default()
         })
         .await;
-        let (mut fleet_bus, _) = fleet_bus(&nats, 1).await;
+        let (mut fleet_bus, _) = fleet_bus(&nats, CONSUME_NODE).await;
         fleet_bus.wait_serving("qvirt.v1.EventBus").await;
         let rw = token_new("operator", "read-write");
         let yaml = format!(
@@ -131,15 +140,16 @@ impl Fleet {
         let mut fleet_gw = Service::start_with_config("qvirt-gateway", &yaml, &[]);
         fleet_gw.wait_serving("qvirt.v1.EventBus").await;
 
-        let client = nats.client_of(2).await;
-        let js = jetstream::new(client);
+        let js_pub = jetstream::new(nats.client_of(PUBLISH_NODE).await);
+        let js_sub = jetstream::new(nats.client_of(CONSUME_NODE).await);
         Fleet {
             nats,
             stack,
             fleet_bus,
             fleet_gw,
             fleet_token: rw.token,
-            js,
+            js_pub,
+            js_sub,
             _outbox: outbox,
         }
     }
@@ -345,7 +355,7 @@ async fn hop(f: &Fleet) {
     let host = backend_channel(&f.stack.bus.url()).await;
     let mut at_host = watch(host, watched("HOPH", "")).await;
     let publish = ingest(f.stack.bus.url());
-    let mut bare = Box::pin(bare_consumer(&f.js).await);
+    let mut bare = Box::pin(bare_consumer(&f.js_sub).await);
     // Per path, per round: the samples.
     const PATHS: usize = 4;
     let mut rounds: Vec<[Vec<Duration>; PATHS]> = Vec::new();
@@ -361,10 +371,11 @@ async fn hop(f: &Fleet) {
                     2 => ("HOPH", &mut at_host),
                     _ => {
                         let t0 = Instant::now();
-                        let ack =
-                            f.js.publish("qvirt.events.bare.b.monitor.HOP", i.to_string().into())
-                                .await
-                                .unwrap();
+                        let ack = f
+                            .js_pub
+                            .publish("qvirt.events.bare.b.monitor.HOP", i.to_string().into())
+                            .await
+                            .unwrap();
                         tokio::time::timeout(WAIT, bare.next())
                             .await
                             .unwrap()
@@ -462,7 +473,7 @@ async fn rate(f: &Fleet) {
     }
     let ours = RATE_EVENTS as f64 / t0.elapsed().as_secs_f64();
 
-    let mut bare = Box::pin(bare_consumer(&f.js).await);
+    let mut bare = Box::pin(bare_consumer(&f.js_sub).await);
     let t0 = Instant::now();
     let reader = tokio::spawn(async move {
         for _ in 0..RATE_EVENTS {
@@ -474,7 +485,8 @@ async fn rate(f: &Fleet) {
         }
     });
     for i in 0..RATE_EVENTS {
-        f.js.publish("qvirt.events.bare.b.monitor.RATE", i.to_string().into())
+        f.js_pub
+            .publish("qvirt.events.bare.b.monitor.RATE", i.to_string().into())
             .await
             .unwrap()
             .await
