@@ -48,6 +48,18 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// [`ConfigError::Invalid`] for the file at `path`, the value of
+    /// config key `field`.
+    pub fn invalid_file(field: &'static str, path: &Path, reason: String) -> Self {
+        ConfigError::Invalid {
+            field,
+            value: path.display().to_string(),
+            reason,
+        }
+    }
+}
+
 /// Loads a service config: `T::default()` when `path` is `None`, else the
 /// YAML file at `path` (missing fields take their defaults; unknown fields
 /// are an error). An empty file is the same as no file.
@@ -86,11 +98,7 @@ pub fn read_named_file(
 ) -> Result<Vec<u8>, ConfigError> {
     use std::io::Read as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let invalid = |reason: String| ConfigError::Invalid {
-        field,
-        value: path.display().to_string(),
-        reason,
-    };
+    let invalid = |reason: String| ConfigError::invalid_file(field, path, reason);
     let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot open: {e}")))?;
     let meta = file
         .metadata()

@@ -104,11 +104,7 @@ pub fn read_secret_file(path: &Path, field: &'static str) -> Result<String, Conf
         MAX_TOKEN_FILE_BYTES,
         crate::config::OthersMay::Nothing,
     )?;
-    let invalid = |reason: String| ConfigError::Invalid {
-        field,
-        value: path.display().to_string(),
-        reason,
-    };
+    let invalid = |reason: String| ConfigError::invalid_file(field, path, reason);
     let text = String::from_utf8(bytes).map_err(|e| invalid(format!("is not text: {e}")))?;
     let text = text.trim();
     check_secret(text).map_err(invalid)?;

@@ -12,14 +12,6 @@ use crate::config::{ConfigError, OthersMay, read_named_file};
 /// The largest PEM file read, in bytes.
 pub const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
 
-fn invalid(field: &'static str, path: &Path, reason: String) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        value: path.display().to_string(),
-        reason,
-    }
-}
-
 /// Reads a private key file (config key `field`): at most
 /// [`MAX_PEM_FILE_BYTES`], and refused if every user may read or write it.
 pub fn read_private_key(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -31,13 +23,18 @@ pub fn read_private_key(field: &'static str, path: &Path) -> Result<Vec<u8>, Con
 pub fn check_certificates(field: &'static str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
     let mut n = 0;
     for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| invalid(field, path, format!("bad PEM: {e}")))?;
+        let cert =
+            cert.map_err(|e| ConfigError::invalid_file(field, path, format!("bad PEM: {e}")))?;
         x509_parser::parse_x509_certificate(&cert)
-            .map_err(|e| invalid(field, path, format!("certificate {n}: {e}")))?;
+            .map_err(|e| ConfigError::invalid_file(field, path, format!("certificate {n}: {e}")))?;
         n += 1;
     }
     if n == 0 {
-        return Err(invalid(field, path, "no CERTIFICATE in the file".into()));
+        return Err(ConfigError::invalid_file(
+            field,
+            path,
+            "no CERTIFICATE in the file".into(),
+        ));
     }
     Ok(())
 }

@@ -49,10 +49,12 @@ impl Material {
     pub fn load(tls: &TlsConfig) -> Result<Material, ConfigError> {
         let cert_pem = load_certificates("tls.cert_file", &tls.cert_file)?;
         let key_pem = read_private_key("tls.key_file", &tls.key_file)?;
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ConfigError::Invalid {
-            field: "tls.key_file",
-            value: tls.key_file.display().to_string(),
-            reason: format!("no private key: {e}"),
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            ConfigError::invalid_file(
+                "tls.key_file",
+                &tls.key_file,
+                format!("no private key: {e}"),
+            )
         })?;
         let client_ca_pem = tls
             .client_ca_file

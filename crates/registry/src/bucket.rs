@@ -235,10 +235,8 @@ fn pin(field: &'static str, path: &Path) -> Result<Arc<PinnedCa>, ConfigError> {
     if let Some((_, ca)) = pinned.iter().find(|(bytes, _)| *bytes == pem) {
         return Ok(Arc::clone(ca));
     }
-    let failed = |e: std::io::Error| ConfigError::Invalid {
-        field,
-        value: path.display().to_string(),
-        reason: format!("cannot keep a copy in memory: {e}"),
+    let failed = |e: std::io::Error| {
+        ConfigError::invalid_file(field, path, format!("cannot keep a copy in memory: {e}"))
     };
     let fd = rustix::fs::memfd_create(
         c"qvirt-nats-ca",

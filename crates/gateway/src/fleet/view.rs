@@ -7,9 +7,10 @@ use qvirt_registry::{NatsAccess, RegistryError, Snapshot, View};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Starts the view on `urls`, presenting `access` (the client keeps reconnecting in the
-/// background, so a broker that is away now is found later) and returns
-/// its snapshots and whether it is connected, until `shutdown`.
+/// Starts the view on `urls`, presenting `access` (the client keeps
+/// reconnecting in the background, so a broker that is away now is found
+/// later) and returns its snapshots and whether it is connected, until
+/// `shutdown`.
 pub async fn start(
     urls: &[String],
     access: &NatsAccess,
